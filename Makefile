@@ -1,0 +1,28 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Each builds its own venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install test demo clean
+
+install: $(VENV)/.installed
+
+# torch is pinned exactly: a bare `torch` pulls a multi-GB CUDA build on these machines; lmms-eval goes in with
+# --no-deps because its metadata drags in torchvision and an unpinned torch (see ../shared/reference/stack-notes.md).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,75 @@
+"""The one public entry point: `apply(model, method, budget)` returns an undoable handle."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+
+from .engine import Policy, Trace
+from .engine.patch import Pruner
+from .models import ModelInfo
+
+#: method name -> "module:factory"; a factory takes (ModelInfo, budget, **options) and returns a Policy.
+METHODS = {
+    "none": "visiondrop.api:unpruned",
+    "visiondrop": "visiondrop.api:visiondrop",
+}
+
+
+def unpruned(info: ModelInfo, budget: float | None = None) -> Policy:
+    """The unpruned model, run through the engine's own layer loop."""
+    if budget is not None and budget != info.n_visual:
+        raise ValueError(f"method 'none' keeps all {info.n_visual} visual tokens; got budget={budget}")
+    return Policy()
+
+
+def visiondrop(info: ModelInfo, budget: float | None = None, schedule: dict | None = None) -> Policy:
+    """VisionDrop from a budget (average visual tokens per decoder layer) or an explicit schedule."""
+    from .policy import Schedule, VisionDrop, schedule_for_budget
+
+    if (budget is None) == (schedule is None):
+        raise ValueError("VisionDrop needs exactly one of budget= or schedule=")
+    if schedule is not None:
+        return VisionDrop(Schedule.parse(schedule), info)
+    if budget >= info.n_visual:
+        return unpruned(info, info.n_visual)
+    return VisionDrop(schedule_for_budget(budget, info), info)
+
+
+def build_policy(model: nn.Module, method: str, budget: float | None = None, **options: Any) -> Policy:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    module, factory = METHODS[method].split(":")
+    return getattr(importlib.import_module(module), factory)(ModelInfo.of(model), budget, **options)
+
+
+class Handle:
+    """A method applied to a model. Use as a context manager, or call `remove()`."""
+
+    def __init__(self, model: nn.Module, policy: Policy):
+        self.policy = policy
+        self._pruner = Pruner(model, policy)
+
+    @property
+    def trace(self) -> Trace:
+        """What the last forward pass with images did (see `visiondrop.engine.Trace`)."""
+        return self._pruner.trace
+
+    def remove(self) -> None:
+        self._pruner.remove()
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def apply(model: nn.Module, method: str = "visiondrop", budget: float | None = None, **options: Any) -> Handle:
+    """Apply a visual-token reduction method to a loaded LLaVA model.
+
+    budget: average number of visual tokens per decoder layer (the papers' "# Tokens"). Method options
+    (e.g. VisionDrop's `schedule=`) are passed as keywords.
+    """
+    return Handle(model, build_policy(model, method, budget, **options))

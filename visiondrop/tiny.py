@@ -1,0 +1,194 @@
+"""Tiny, randomly initialised LLaVA-1.5 checkpoints built offline.
+
+The model keeps the real layer structure of ``llava-hf/llava-1.5-7b-hf`` (24-layer
+CLIP ViT-L/14-336 tower with 577 positions, 32-layer Llama decoder, 2-layer GELU
+projector, vision_feature_layer=-2) at a tiny width, so that pruning code sees the
+same shapes, layer counts and token layout as the real model while running in seconds on CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoProcessor,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
+
+_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+_CORPUS = [
+    _SYSTEM,
+    "USER: What is this? ASSISTANT: This is a photo of a red square on a blue background.",
+    "USER: Is there a cat in the image? Answer the question using a single word or phrase. ASSISTANT: No",
+    "USER: Is there a dog in the picture? ASSISTANT: Yes",
+    "USER: What color is the circle? ASSISTANT: The circle is green.",
+    "USER: What colour is the car? ASSISTANT: White",
+    "USER: How many people are there? ASSISTANT: There are two people.",
+    "USER: How many apples are on the table? ASSISTANT: Three",
+    "USER: What shape is the sign? ASSISTANT: It is a triangle.",
+    "USER: Describe the image in detail. ASSISTANT: The image shows a yellow circle, "
+    "a black rectangle and an orange triangle in front of a gray wall.",
+    "yes no maybe one two three four five six seven eight nine ten zero",
+    "red green blue yellow orange purple pink brown black white gray",
+    "circle square rectangle triangle star line dot oval",
+    "Who is holding the umbrella? Where is the man standing? Which side is the tree on?",
+    "left right top bottom above below next to behind in front of the",
+]
+_CHAT_TEMPLATE = (  # llava-1.5 ("USER: <image>\n... ASSISTANT:") format
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        # Full byte alphabet so that any input text is encodable without <unk>.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+def build_tiny_llava(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    text_layers: int = 32,
+    vision_layers: int = 24,
+    hidden: int = 64,
+    vision_hidden: int = 64,
+    heads: int = 4,
+    vocab_size: int = 512,
+    init_std: float = 0.2,
+) -> Path:
+    """Build, save and return the path of a tiny random LLaVA-1.5 (model, tokenizer, processor)."""
+    out_dir = Path(out_dir)
+    tokenizer = _build_tokenizer(vocab_size)
+    # The PIL backend needs no torchvision; it saves as "CLIPImageProcessor", so AutoProcessor
+    # picks the torchvision backend where that is installed, as for the real checkpoint.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token
+        chat_template=_CHAT_TEMPLATE,
+    )
+
+    vision_config = CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        num_hidden_layers=vision_layers,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_attention_heads=heads,
+        hidden_act="quick_gelu",
+        projection_dim=vision_hidden,
+        initializer_range=init_std,
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        num_hidden_layers=text_layers,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        initializer_range=init_std,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    # Stored in float16 like the real checkpoint: halves the folder (~4.5 MB); load_tiny_llava upcasts.
+    model.to(torch.float16).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_tiny_llava(
+    path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Load a folder written by :func:`build_tiny_llava`; the model is returned in eval mode."""
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, attn_implementation=attn_implementation, dtype=dtype
+    ).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+def demo_image(seed: int, size: tuple[int, int] = (336, 336)) -> Image.Image:
+    """Deterministic synthetic RGB image (width, height) = ``size``: random shapes on a random background."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    image = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 7))):
+        x0, x1 = sorted(int(v) for v in rng.integers(0, width, 2))
+        y0, y1 = sorted(int(v) for v in rng.integers(0, height, 2))
+        box = (x0, y0, max(x1, x0 + 8), max(y1, y0 + 8))  # keep shapes visible at any size
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.ellipse(box, fill=fill)
+    return image
