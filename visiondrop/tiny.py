@@ -71,7 +71,7 @@ def _build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", bos)]
@@ -99,7 +99,11 @@ def build_tiny_llava(
     vocab_size: int = 512,
     init_std: float = 0.2,
 ) -> Path:
-    """Build, save and return the path of a tiny random LLaVA-1.5 (model, tokenizer, processor)."""
+    """Build, save and return the path of a tiny random LLaVA-1.5 (model, tokenizer, processor).
+
+    ``vocab_size`` is the BPE training target; the model's vocabulary is the trained tokenizer's size.
+    ``init_std`` is larger than the usual 0.02 so that random logits are far from uniform.
+    """
     out_dir = Path(out_dir)
     tokenizer = _build_tokenizer(vocab_size)
     # The PIL backend needs no torchvision; it saves as "CLIPImageProcessor", so AutoProcessor
@@ -128,7 +132,7 @@ def build_tiny_llava(
         intermediate_size=2 * vision_hidden,
         num_attention_heads=heads,
         hidden_act="quick_gelu",
-        projection_dim=vision_hidden,
+        # CLIP scales attention/MLP init by width; this only widens patch and position embeddings.
         initializer_range=init_std,
     )
     text_config = LlamaConfig(

@@ -1,0 +1,22 @@
+import os
+
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[var] = "1"
+os.environ["WANDB_MODE"] = "offline"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from parity import PARITY  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def parity_model():
+    """The tiny full-depth LLaVA-1.5 the official implementations ran on (float32, SDPA)."""
+    from transformers import LlavaForConditionalGeneration
+
+    if not PARITY.exists():
+        pytest.fail(f"parity fixtures not found at {PARITY}: clone the project with ../shared beside it "
+                    "or set VISIONDROP_SHARED")
+    return LlavaForConditionalGeneration.from_pretrained(PARITY / "visiondrop" / "hf_model",
+                                                         dtype=torch.float32).eval()
