@@ -20,3 +20,18 @@ def parity_model():
                     "or set VISIONDROP_SHARED")
     return LlavaForConditionalGeneration.from_pretrained(PARITY / "visiondrop" / "hf_model",
                                                          dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny full-depth LLaVA-1.5 (CLIP 24 layers at 336/14, Llama 32 layers) saved like a user's checkpoint."""
+    from visiondrop.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "llava", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from visiondrop.tiny import load_tiny_llava
+
+    return load_tiny_llava(tiny_dir)

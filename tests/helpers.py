@@ -1,0 +1,42 @@
+"""Small helpers shared by the tests."""
+from __future__ import annotations
+
+import torch
+
+from visiondrop.tiny import demo_image
+
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the human's questions.")
+
+
+def prompt(question: str, image: bool = True) -> str:
+    return f"{SYSTEM} USER: {'<image>' + chr(10) if image else ''}{question} ASSISTANT:"
+
+
+def inputs(processor, questions: list[str], images: list | None = None) -> dict:
+    """Left-padded batch; images default to one demo image per question."""
+    images = [demo_image(i) for i in range(len(questions))] if images is None else images
+    text = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
+    present = [img for img in images if img is not None]
+    return dict(processor(text=text, images=present or None, padding=True, return_tensors="pt"))
+
+
+def greedy(model, batch: dict, new_tokens: int = 8, **kwargs) -> torch.Tensor:
+    out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+class LayerCounter:
+    """Counts the tokens entering each decoder layer with forward pre-hooks, independently of the trace."""
+
+    def __init__(self, model):
+        self.lengths: list[int] = []
+        self._hooks = [layer.register_forward_pre_hook(self._record)
+                       for layer in model.model.language_model.layers]
+
+    def _record(self, module, args):
+        self.lengths.append(args[0].shape[1])
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()

@@ -1,0 +1,123 @@
+"""The engine and VisionDrop on a tiny full-depth LLaVA-1.5: identities, counts, caches, batches, backends."""
+import pytest
+import torch
+
+import visiondrop
+from helpers import LayerCounter, greedy, inputs
+from visiondrop.tiny import demo_image, load_tiny_llava
+
+QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
+
+
+def test_none_and_full_budget_equal_unpatched(tiny):
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:1])
+    with torch.no_grad():
+        reference_logits = model(**batch).logits
+    reference = greedy(model, batch)
+    for method, budget in [("none", None), ("visiondrop", 576)]:
+        with visiondrop.apply(model, method, budget) as handle, torch.no_grad():
+            assert torch.equal(greedy(model, batch), reference)
+            torch.testing.assert_close(model(**batch).logits, reference_logits, atol=1e-5, rtol=1e-5)
+            assert handle.trace.tokens_per_layer == [[576] * 32]
+
+
+def test_remove_restores_bit_identical_outputs(tiny_dir):
+    model, processor = load_tiny_llava(tiny_dir)
+    batch = inputs(processor, QUESTIONS[:1])
+    with torch.no_grad():
+        before = model(**batch).logits
+    state = dict(model.model.__dict__), dict(model.model.language_model.__dict__)
+    handle = visiondrop.apply(model, "visiondrop", budget=64)
+    with torch.no_grad():
+        assert not torch.equal(model(**batch).logits[:, -1], before[:, -1])
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    assert (dict(model.model.__dict__), dict(model.model.language_model.__dict__)) == state
+    with visiondrop.apply(model, "visiondrop", budget=32):  # can be applied again afterwards
+        pass
+
+
+@pytest.mark.parametrize("budget,segments", [(32, [48, 35, 26, 19]), (64, [96, 70, 52, 38]),
+                                             (128, [192, 140, 104, 76]), (192, [288, 210, 156, 114])])
+def test_measured_tokens_per_layer_follow_schedule(tiny, budget, segments):
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:1])
+    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
+    counter = LayerCounter(model)
+    try:
+        with visiondrop.apply(model, "visiondrop", budget=budget) as handle, torch.no_grad():
+            model(**batch)
+    finally:
+        counter.close()
+    measured = [n - n_text for n in counter.lengths]
+    assert measured == [n for n in segments for _ in range(8)]
+    assert sum(measured) / len(measured) == budget
+    assert handle.trace.tokens_per_layer == [measured]
+    assert handle.trace.mean_tokens == [budget]
+
+
+def test_generation_with_cache_equals_without(tiny):
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:2])
+    with visiondrop.apply(model, "visiondrop", budget=64):
+        cached = greedy(model, batch, new_tokens=10)
+        uncached = greedy(model, batch, new_tokens=10, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("method,budget", [("none", None), ("visiondrop", 64), ("visiondrop", 32)])
+def test_batch_equals_each_prompt_alone(tiny, method, budget):
+    model, processor = tiny
+    images = [demo_image(0), None, demo_image(2)]  # a text-only sample in the middle passes untouched
+    batch = inputs(processor, QUESTIONS, images)
+    assert batch["attention_mask"].min() == 0, "prompts must differ in length to test padding"
+    with visiondrop.apply(model, method, budget) as handle:
+        together = greedy(model, batch)
+        counts = handle.trace.tokens_per_layer
+        alone = [greedy(model, inputs(processor, [q], [img]))[0] for q, img in zip(QUESTIONS, images)]
+    unpatched_text_only = greedy(model, inputs(processor, QUESTIONS[1:2], [None]))[0]
+    assert torch.equal(together, torch.stack(alone))
+    assert torch.equal(alone[1], unpatched_text_only)
+    assert counts[1] == [0] * 32 and counts[0] == counts[2]
+
+
+def test_selection_ignores_the_question(tiny):
+    model, processor = tiny
+    image = demo_image(5)
+    kept = []
+    with visiondrop.apply(model, "visiondrop", budget=64) as handle, torch.no_grad():
+        for question in ["What is in the image?", "How many red shapes are on the left side of the picture?"]:
+            model(**inputs(processor, [question], [image]))
+            kept.append([k.tolist() for k in handle.trace.kept[0]])
+    assert kept[0] == kept[1]
+    assert len(kept[0]) == 4 and len(kept[0][0]) == 83  # encoder: 84 dominant incl. CLS -> 83 patches
+
+
+def test_sdpa_and_eager_give_the_same_tokens(tiny_dir):
+    results = []
+    for impl in ("sdpa", "eager"):
+        model, processor = load_tiny_llava(tiny_dir, attn_implementation=impl)
+        batch = inputs(processor, QUESTIONS, [demo_image(0), demo_image(1), demo_image(2)])
+        with visiondrop.apply(model, "visiondrop", budget=64) as handle:
+            results.append((greedy(model, batch), [[k.tolist() for k in s] for s in handle.trace.kept]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+
+
+def test_clear_errors(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="unknown method 'fastvv'.*visiondrop"):
+        visiondrop.apply(model, "fastvv", budget=64)
+    with pytest.raises(ValueError, match="cannot reach budget 500.*between 1 and 384"):
+        visiondrop.apply(model, "visiondrop", budget=500)
+    with pytest.raises(ValueError, match="exactly one of budget= or schedule="):
+        visiondrop.apply(model, "visiondrop")
+    with pytest.raises(ValueError, match="malformed VisionDrop schedule"):
+        visiondrop.apply(model, "visiondrop", schedule={"encoder": [42], "layers": [8], "decoder": [[30, 5]]})
+    with pytest.raises(TypeError, match="unsupported model type LlamaForCausalLM"):
+        from transformers import LlamaForCausalLM
+        visiondrop.apply(LlamaForCausalLM(model.config.text_config), "visiondrop", budget=64)
+    with visiondrop.apply(model, "none"), pytest.raises(RuntimeError, match="already applied"):
+        visiondrop.apply(model, "visiondrop", budget=64)
