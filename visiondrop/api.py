@@ -14,6 +14,11 @@ from .models import ModelInfo
 METHODS = {
     "none": "visiondrop.api:unpruned",
     "visiondrop": "visiondrop.api:visiondrop",
+    "fastv": "baselines.fastv:policy",
+    "pyramiddrop": "baselines.pyramiddrop:policy",
+    "sparsevlm": "baselines.sparsevlm:policy",
+    "visionzip": "baselines.visionzip:policy",
+    "random": "baselines.random_drop:policy",
 }
 
 

@@ -101,25 +101,30 @@ def apply_selections(run: Running, selections: dict[int, tuple[Tensor, Tensor | 
     return Running(hidden, mask, pos, vis_start, torch.tensor(counts, device=device), origins)
 
 
-def _cut(policy: Policy, run: Running, layer_idx: int, layers: nn.ModuleList, prev_hidden: Tensor | None,
-         rope: tuple[Tensor, Tensor], original_visual: Tensor, scratch: dict) -> tuple[Running, list[Tensor]]:
-    """Ask the policy for a selection per group of samples with equal visual counts, then rebuild."""
-    selections = {}
+def _groups(run: Running, layer_idx: int, layers: nn.ModuleList, prev_hidden: Tensor | None,
+            rope: tuple[Tensor, Tensor], original_visual: Tensor, scratch: dict):
+    """The samples with an image, grouped by their current visual-token count, as policies see them."""
     for n in sorted(set(run.vis_len.tolist()) - {0}):
         rows = (run.vis_len == n).nonzero()[:, 0]
-        cut = DecoderCut(
+        yield DecoderCut(
             layer_idx=layer_idx, layers=layers, hidden=run.hidden[rows],
             prev_hidden=None if prev_hidden is None else prev_hidden[rows], mask=run.mask[rows],
             cos=rope[0][rows], sin=rope[1][rows],
             visual=run.vis_start[rows].unsqueeze(1) + torch.arange(n, device=rows.device),
-            original_visual=original_visual[rows], scratch=scratch,
+            original_visual=original_visual[rows], samples=rows.tolist(), scratch=scratch,
         )
+
+
+def _cut(policy: Policy, run: Running, groups, trace: Trace, name: str) -> Running:
+    """Ask the policy for a selection per group, record it, and rebuild the batch."""
+    selections = {}
+    for cut in groups:
         sel: Selection = policy.select_decoder(cut)
-        for g, b in enumerate(rows.tolist()):
+        for g, b in enumerate(cut.samples):
             selections[b] = (sel.keep[g], None if sel.merged is None else sel.merged[g])
-    kept = [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
-            for b in range(run.hidden.shape[0])]
-    return apply_selections(run, selections, policy.renumber_positions), kept
+    trace.add_cut(name, [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
+                         for b in range(run.hidden.shape[0])], selections)
+    return apply_selections(run, selections, policy.renumber_positions)
 
 
 def prefill(lm: nn.Module, policy: Policy, run: Running, cache: DynamicCache | None, trace: Trace,
@@ -132,11 +137,13 @@ def prefill(lm: nn.Module, policy: Policy, run: Running, cache: DynamicCache | N
     segments: list[Segment] = []
     rope = lm.rotary_emb(run.hidden, run.pos)
     prev_hidden = None
+    for cut in _groups(run, 0, layers, None, rope, original_visual, scratch):
+        policy.prepare(cut)
     for i, layer in enumerate(layers):
         cut_here = i in cut_layers and bool(run.vis_len.any())
         if cut_here:
-            run, kept = _cut(policy, run, i, layers, prev_hidden, rope, original_visual, scratch)
-            trace.add_cut(f"layer {i}", kept)
+            groups = _groups(run, i, layers, prev_hidden, rope, original_visual, scratch)
+            run = _cut(policy, run, groups, trace, f"layer {i}")
         if cut_here or not segments:
             rope = lm.rotary_emb(run.hidden, run.pos)
             mask4d = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype)

@@ -47,7 +47,8 @@ class DecoderCut:
     Sequences are left-padded: `mask` marks real tokens, `visual` holds the sequence indices of the current
     visual block, which is contiguous. `prev_hidden` is what entered layer `layer_idx - 1` (same tokens), for
     methods that score with the layer that has just run. `original_visual` is each sample's visual-token
-    count before any reduction.
+    count before any reduction; `samples` are the group's rows in the batch, and `scratch` is a dict that lives
+    for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample).
     """
 
     layer_idx: int
@@ -59,6 +60,7 @@ class DecoderCut:
     sin: Tensor
     visual: Tensor
     original_visual: Tensor
+    samples: list[int]
     scratch: dict = field(default_factory=dict)
 
     @property
@@ -100,6 +102,9 @@ class Policy:
     encoder_layer: int | None = None
     #: Decoder layers (0-based) before which the policy cuts.
     cut_layers: tuple[int, ...] = ()
+
+    def prepare(self, cut: DecoderCut) -> None:
+        """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""
 
     def select_encoder(self, view: EncoderView) -> Selection:
         raise NotImplementedError(f"{self.name} has no encoder stage")
