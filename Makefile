@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test demo clean
+.PHONY: install test demo table1 clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,16 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Every method at the budgets it can reach, on the tiny model and the local benchmark (CPU, minutes).
+demo: install
+	$(PY) scripts/run.py experiment=demo
+	$(PY) scripts/make_table.py --model tiny-llava-1.5 --out results/demo --name demo
+
+# The paper's Table 1 on LLaVA-1.5-7B (GPU, hub access or local data; see README).
+table1: install
+	$(PY) scripts/run.py experiment=table1
+	$(PY) scripts/make_table.py --model llava-1.5-7b --out results --name table1
 
 clean:
 	rm -rf $(VENV)

@@ -43,10 +43,15 @@ def visiondrop(info: ModelInfo, budget: float | None = None, schedule: dict | No
 
 
 def build_policy(model: nn.Module, method: str, budget: float | None = None, **options: Any) -> Policy:
+    return policy_for(ModelInfo.of(model), method, budget, **options)
+
+
+def policy_for(info: ModelInfo, method: str, budget: float | None = None, **options: Any) -> Policy:
+    """The policy of `method` at `budget` for a model described by `info` (raises ValueError if unreachable)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     module, factory = METHODS[method].split(":")
-    return getattr(importlib.import_module(module), factory)(ModelInfo.of(model), budget, **options)
+    return getattr(importlib.import_module(module), factory)(info, budget, **options)
 
 
 class Handle:

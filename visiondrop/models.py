@@ -20,7 +20,10 @@ class ModelInfo:
         kind = type(model).__name__
         if kind not in SUPPORTED:
             raise TypeError(f"unsupported model type {kind}; supported: {', '.join(SUPPORTED)}")
-        config = model.config
+        return cls.from_config(model.config)
+
+    @classmethod
+    def from_config(cls, config) -> "ModelInfo":
         vision = config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         cls_kept = config.vision_feature_select_strategy == "full"

@@ -1,0 +1,94 @@
+"""VisionZip's policy: keep the tokens CLS attends to most in one vision layer, merge the rest, leave the LLM alone.
+
+As the official code (github.com/dvlab-research/VisionZip 3151f6d, `visionzip(model, dominant, contextual)`) does
+it on LLaVA-1.5:
+- one cut, on the vision layer LLaVA projects (CLIP layer 22, `hidden_states[-2]`); no decoder cut, so every
+  decoder layer sees the same D + C visual tokens and the budget ("# Tokens") is simply D + C;
+- dominant tokens: CLS always, plus the D - 1 patches with the highest CLS-row attention of that layer, summed over
+  heads (`dominant` counts CLS); they enter the LLM as [CLS, patches in raster order];
+- contextual tokens: the remaining tokens are merged into C tokens on that layer's head-averaged keys
+  (`engine.select.contextual_merge`: uniform-stride anchors, argmax cosine assignment, anchor + mean of members)
+  and appended after the dominant ones;
+- CLS is projected and kept even though llava-hf's "default" feature strategy drops it (the official code keeps it).
+The selection depends on the image only: the same image gives the same tokens for every question.
+
+Budgets (methods.md 5(f)): 192 -> 162+30, 128 -> 108+20, 64 -> 54+10 (the official LLaVA-1.5 splits), 32 -> 27+5;
+any other whole budget T splits the same way, dominant = round(T * 54/64), contextual = T - dominant.
+
+Options (keywords of `visiondrop.apply` beside `budget`):
+- `dominant`, `contextual`: an explicit split, as the official `visionzip(model, dominant=54, contextual=10)` call.
+  They replace the budget's split; `budget` may be left out, and must equal their sum if given. The official
+  function's own defaults (191 + 30) are not a paper setting and are not used.
+Quirks of the official code that do not arise here: it needs every CLIP layer's attention maps (`output_attentions`,
+eager attention) where the engine recomputes layer 22's CLS row alone; its list-of-images path silently skips
+compression; LLaVA-NeXT is out of scope of the engine.
+"""
+from __future__ import annotations
+
+import torch
+
+from visiondrop.api import unpruned
+from visiondrop.engine import EncoderView, Policy, Selection, complement, contextual_merge, topk_in_order
+from visiondrop.models import ModelInfo
+
+#: The official LLaVA-1.5 splits keep 54 of every 64 tokens as dominant (54+10, 108+20, 162+30).
+DOMINANT_SHARE = 54 / 64
+MIN_BUDGET = 2  # CLS plus one patch
+
+
+def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Selection:
+    """CLS + the top (dominant - 1) patches by head-summed CLS attention, then `contextual` merged tokens.
+
+    The encoder stage shared by VisionZip and VisionDrop. Kept order: [CLS, patches ascending]; the merged tokens
+    come from the other tokens, on the layer's keys averaged over heads.
+    """
+    scores = view.cls_attention[:, :, 1:].sum(1)  # CLS query over the patch keys, summed over heads
+    patches = topk_in_order(scores, dominant - 1) + 1
+    keep = torch.cat([patches.new_zeros(patches.shape[0], 1), patches], dim=1)  # CLS first
+    rest = complement(keep, view.hidden.shape[1])
+    return Selection(keep, contextual_merge(view.hidden, view.keys.mean(1), rest, contextual))
+
+
+def split_budget(budget: float, info: ModelInfo) -> tuple[int, int]:
+    """(dominant incl. CLS, contextual) for a budget: no decoder cut, so the budget is the token count itself."""
+    if budget != int(budget) or not MIN_BUDGET <= budget < info.n_visual:
+        raise ValueError(f"VisionZip cannot reach budget {budget}: whole budgets from {MIN_BUDGET} to "
+                         f"{info.n_visual - 1} average visual tokens are reachable (or {info.n_visual} for the "
+                         "unpruned model)")
+    dominant = round(budget * DOMINANT_SHARE)
+    return dominant, int(budget) - dominant
+
+
+class VisionZip(Policy):
+    name = "visionzip"
+
+    def __init__(self, dominant: int, contextual: int, info: ModelInfo):
+        # The merged tokens must fit the image's placeholder slots (576 on llava-hf 1.5, which drops CLS).
+        if dominant < 1 or contextual < 0 or dominant + contextual > info.n_visual:
+            raise ValueError(f"VisionZip needs dominant >= 1 (CLS included), contextual >= 0 and dominant + "
+                             f"contextual <= {info.n_visual}; got dominant={dominant}, contextual={contextual}")
+        self.dominant, self.contextual = dominant, contextual
+        self.encoder_layer = info.vision_layer
+
+    def select_encoder(self, view: EncoderView) -> Selection:
+        return encoder_selection(view, self.dominant, self.contextual)
+
+    def describe(self) -> dict:
+        return {"method": self.name, "encoder_layer": self.encoder_layer, "dominant": self.dominant,
+                "contextual": self.contextual, "equivalent_tokens": self.dominant + self.contextual}
+
+
+def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = None,
+           contextual: int | None = None) -> Policy:
+    """VisionZip from a budget (average visual tokens per decoder layer) or an explicit dominant/contextual split."""
+    if dominant is None and contextual is None:
+        if budget is None:
+            raise ValueError("VisionZip needs budget= or dominant= and contextual=")
+        if budget >= info.n_visual:
+            return unpruned(info, info.n_visual)
+        return VisionZip(*split_budget(budget, info), info)
+    if dominant is None or contextual is None:
+        raise ValueError("VisionZip needs both dominant= and contextual= (or budget= alone)")
+    if budget is not None and budget != dominant + contextual:
+        raise ValueError(f"budget={budget} disagrees with dominant + contextual = {dominant + contextual}")
+    return VisionZip(dominant, contextual, info)

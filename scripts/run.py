@@ -1,0 +1,5 @@
+"""Run one job (or a sweep with -m): see configs/config.yaml."""
+from visiondrop.harness.app import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""FastV: parity with the official run (../shared/reference/parity/fastv), scoring by hand, counts, batches, cache."""
+import pytest
+import torch
+
+import visiondrop
+from baselines.fastv import FastV, keep_for_budget
+from helpers import LayerCounter, greedy, inputs
+from parity import assert_matches_official, load_case, parity_inputs
+from visiondrop.api import Handle, build_policy
+from visiondrop.engine import DecoderCut
+from visiondrop.engine.replay import Replay
+from visiondrop.models import ModelInfo
+from visiondrop.tiny import demo_image
+
+QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
+LLAVA_7B = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
+
+
+@pytest.mark.parametrize("options", [{"budget": 192}, {"keep": 166}], ids=["budget", "keep"])
+def test_fastv_192_matches_official(parity_model, options):
+    official, logits = load_case("fastv", "fastv192")
+    with visiondrop.apply(parity_model, "fastv", **options) as handle:
+        scored = []
+        score = handle.policy.scores
+        handle.policy.scores = lambda cut: scored.append(score(cut)) or scored[-1]
+        assert_matches_official(parity_model, parity_inputs(), official, logits, handle)
+        assert handle.trace.cuts == ["layer 2"]
+        assert handle.trace.kept[0][0].tolist() == official["cut"]["kept_indices_sorted"]
+        assert handle.policy.describe()["equivalent_tokens"] == official["equivalent_tokens_mean_over_layers"]
+    torch.testing.assert_close(scored[0][0], logits["cut_scores"], atol=1e-7, rtol=1e-5)
+
+
+class CraftedCut(DecoderCut):
+    """A cut whose attention probabilities are given: [G, H, L, L] over the whole sequence; records the calls."""
+
+    def __init__(self, probs: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor):
+        g, _, length, _ = probs.shape
+        hidden = torch.zeros(g, length, 1)
+        super().__init__(layer_idx=2, layers=None, hidden=hidden, prev_hidden=hidden + 1, mask=mask, cos=None,
+                         sin=None, visual=visual, original_visual=torch.full((g,), visual.shape[1]),
+                         samples=list(range(g)))
+        self.probs, self.calls = probs, []
+
+    def attention(self, layer_idx, queries, hidden=None, keys=None):
+        self.calls.append((layer_idx, queries, hidden))
+        return self.probs.gather(2, queries[:, None, :, None].expand(-1, self.probs.shape[1], -1, self.probs.shape[3]))
+
+
+def crafted_cut() -> CraftedCut:
+    """One sample, 2 heads, 6 tokens: [text, v0, v1, v2, v3, text]; rows are queries."""
+    probs = torch.zeros(1, 2, 6, 6)
+    probs[0, 0, 5] = torch.tensor([.1, .4, .1, .2, .0, .2])  # last token, head 0
+    probs[0, 1, 5] = torch.tensor([.1, .0, .1, .2, .4, .2])  # last token, head 1: v0 and v3 tie on the mean
+    probs[0, :, 4] = torch.tensor([.0, .0, .9, .0, .1, .0])  # another query row, only "all_queries" sees it
+    return CraftedCut(probs, torch.ones(1, 6, dtype=torch.bool), torch.arange(1, 5).unsqueeze(0))
+
+
+def test_last_token_scoring_by_hand():
+    cut = crafted_cut()
+    policy = FastV(LLAVA_7B, k=2, keep=2, scoring="last_token")
+    torch.testing.assert_close(policy.scores(cut), torch.tensor([[.2, .1, .2, .2]]))  # head mean, visual columns
+    layer, queries, hidden = cut.calls[0]
+    assert layer == 1 and queries.tolist() == [[5]] and hidden is cut.prev_hidden  # layer K-1, last prompt row
+    cut.probs[0, :, 5, 3] = .25  # v2 now ranks first, v0 second: kept in original order
+    assert policy.select_decoder(cut).keep.tolist() == [[0, 2]]
+
+
+def test_all_queries_scoring_by_hand_ignores_padding():
+    cut = crafted_cut()
+    policy = FastV(LLAVA_7B, k=3, keep=1, scoring="all_queries")
+    expected = torch.tensor([[.2, 1.1, .2, .3]]) / 2 / 6  # summed over heads and the 6 query rows, then averaged
+    torch.testing.assert_close(policy.scores(cut), expected)
+    assert cut.calls[0][0] == 2 and policy.select_decoder(cut).keep.tolist() == [[1]]
+    cut.mask[0, 0] = False  # a padding row is not a query: the mean runs over the 5 real rows
+    cut.probs[0, :, 0] = 1.0
+    torch.testing.assert_close(policy.scores(cut), expected * 6 / 5)
+
+
+@pytest.mark.parametrize("budget,k,keep", [(192, 2, 166), (128, 2, 98), (64, 2, 30), (36, 2, 0),
+                                           (192, 3, 152), (128, 3, 82), (64, 3, 11)])
+def test_budget_to_keep(budget, k, keep):
+    assert keep_for_budget(budget, LLAVA_7B, k) == keep
+
+
+@pytest.mark.parametrize("budget,keep", [(192, 166), (128, 98), (64, 30)])
+def test_measured_tokens_per_layer_follow_schedule(tiny, budget, keep):
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:1])
+    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
+    counter = LayerCounter(model)
+    try:
+        with visiondrop.apply(model, "fastv", budget=budget) as handle, torch.no_grad():
+            model(**batch)
+    finally:
+        counter.close()
+    measured = [n - n_text for n in counter.lengths]
+    assert measured == [576] * 2 + [keep] * 30
+    assert handle.trace.tokens_per_layer == [measured]
+    assert abs(handle.trace.mean_tokens[0] - budget) < 0.5
+    assert handle.policy.describe()["equivalent_tokens"] == handle.trace.mean_tokens[0]
+
+
+@pytest.mark.parametrize("scoring", ["last_token", "all_queries"])
+def test_batch_equals_each_prompt_alone(tiny, scoring):
+    model, processor = tiny
+    images = [demo_image(0), None, demo_image(2)]  # a text-only sample in the middle passes untouched
+    batch = inputs(processor, QUESTIONS, images)
+    assert batch["attention_mask"].min() == 0, "prompts must differ in length to test padding"
+    with visiondrop.apply(model, "fastv", 64, scoring=scoring) as handle:
+        together = greedy(model, batch)
+        kept = handle.trace.kept
+        alone = []
+        for q, img in zip(QUESTIONS, images):
+            alone.append(greedy(model, inputs(processor, [q], [img]))[0])
+            assert [k.tolist() for k in handle.trace.kept[0]] == [k.tolist() for k in kept[len(alone) - 1]]
+    assert torch.equal(together, torch.stack(alone))
+    assert handle.trace.tokens_per_layer[0] == [576] * 2 + [30] * 30
+
+
+def test_generation_with_cache_equals_replay_without(tiny):
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:2])
+    handle = visiondrop.apply(model, "fastv", budget=64)
+    try:
+        cached = greedy(model, batch, new_tokens=10)
+    finally:
+        handle.remove()
+    with Handle(model, Replay(handle.policy, handle.trace)):
+        uncached = greedy(model, batch, new_tokens=10, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_question_changes_the_kept_set(tiny):
+    model, processor = tiny
+    image = demo_image(5)
+    kept = []
+    with visiondrop.apply(model, "fastv", budget=64) as handle, torch.no_grad():
+        for question in ["What is in the image?", "How many red shapes are on the left side of the picture?"]:
+            model(**inputs(processor, [question], [image]))
+            kept.append(handle.trace.kept[0][0].tolist())
+    assert len(kept[0]) == len(kept[1]) == 30 and kept[0] != kept[1]
+
+
+def test_full_budget_is_unpruned_and_clear_errors(tiny):
+    model, _ = tiny
+    assert build_policy(model, "fastv", 576).cut_layers == ()
+    with pytest.raises(ValueError, match="cannot reach budget 32.*smallest reachable budget is 36"):
+        visiondrop.apply(model, "fastv", budget=32)
+    with pytest.raises(ValueError, match="k=3 cannot reach budget 50.*smallest reachable budget is 54"):
+        visiondrop.apply(model, "fastv", budget=50, k=3)
+    with pytest.raises(ValueError, match="1 <= k < 32"):
+        visiondrop.apply(model, "fastv", budget=64, k=0)
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        visiondrop.apply(model, "fastv", budget=64, scoring="first_token")
+    with pytest.raises(ValueError, match="keep must be between 0 and 576"):
+        visiondrop.apply(model, "fastv", keep=600)
+    with pytest.raises(ValueError, match="budget= or keep="):
+        visiondrop.apply(model, "fastv")

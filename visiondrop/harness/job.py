@@ -1,0 +1,147 @@
+"""One job: a (model, method, budget) evaluated on its benchmarks, one stored record per benchmark."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..api import policy_for
+from ..models import ModelInfo
+from .store import ResultStore
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
+TASKS = Path(__file__).resolve().parent / "tasks"
+
+
+@dataclass
+class Budget:
+    tokens: float | None  # average visual tokens per decoder layer; None: the full model
+    ratio: float | None  # the same as a fraction of the model's visual tokens
+
+    @classmethod
+    def resolve(cls, cfg: DictConfig) -> "Budget":
+        n_visual = cfg.model.n_visual
+        if cfg.method.name == "none":
+            return cls(None, 1.0)
+        if cfg.budget.ratio is not None:
+            if not 0 < cfg.budget.ratio <= 1:
+                raise ValueError(f"budget.ratio must be in (0, 1], got {cfg.budget.ratio}")
+            return cls(round(cfg.budget.ratio * n_visual, 2), cfg.budget.ratio)
+        if cfg.budget.tokens is None:
+            return cls(None, 1.0)
+        return cls(float(cfg.budget.tokens), cfg.budget.tokens / n_visual)
+
+
+def project_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+def model_path(cfg: DictConfig) -> str:
+    """The checkpoint to load; the tiny demo model is built (seeded, offline) on first use."""
+    if cfg.model.pretrained:
+        return str(cfg.model.pretrained)
+    from ..tiny import build_tiny_llava
+
+    path = project_path(cfg.results_dir).parent / "models" / cfg.model.name
+    if not (path / "config.json").exists():
+        build_tiny_llava(path, seed=0)
+    return str(path)
+
+
+def versions() -> dict:
+    packages = ("torch", "transformers", "lmms_eval", "visiondrop-harness")
+    found = {}
+    for p in packages:
+        try:
+            found[p] = version(p)
+        except Exception:  # a missing package is recorded as such, never fatal
+            found[p] = None
+    try:
+        found["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                             text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        found["git_commit"] = None
+    return found
+
+
+def pending_benchmarks(cfg: DictConfig, store: ResultStore, budget: Budget) -> list[DictConfig]:
+    todo = []
+    for bench in cfg.benchmarks:
+        if store.has(cfg.model.name, cfg.method.name, budget.tokens, bench.name) and not cfg.force:
+            log.info("skip %s / %s / %s / %s: record exists (force=true re-runs it)", cfg.model.name,
+                     cfg.method.name, budget.tokens, bench.name)
+        else:
+            todo.append(bench)
+    return todo
+
+
+class Unreachable(Exception):
+    """This method cannot run at this budget (or with these options) on this model."""
+
+
+def check_reachable(cfg: DictConfig, path: str, budget: Budget) -> dict:
+    """Resolve the policy from the checkpoint's config alone, so unreachable budgets are caught before loading."""
+    from transformers import AutoConfig
+
+    info = ModelInfo.from_config(AutoConfig.from_pretrained(path))
+    try:
+        return policy_for(info, cfg.method.name, budget.tokens, **cfg.method.options).describe()
+    except ValueError as err:
+        raise Unreachable(str(err)) from None
+
+
+def run_job(cfg: DictConfig, wandb_run=None) -> list[dict]:
+    """Evaluate the benchmarks whose records are missing; returns the records written."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from .lmms_model import PrunedLlava
+
+    store = ResultStore(project_path(cfg.results_dir))
+    budget = Budget.resolve(cfg)
+    todo = pending_benchmarks(cfg, store, budget)
+    if not todo:
+        return []
+    path = model_path(cfg)
+    schedule = check_reachable(cfg, path, budget)
+    model = PrunedLlava(pretrained=path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
+                        dtype=cfg.model.dtype, device=cfg.model.device,
+                        attn_implementation=cfg.model.attn_implementation,
+                        image_aspect_ratio=cfg.model.image_aspect_ratio, conv_template=cfg.model.conv_template,
+                        **cfg.method.options)
+    include = [str(TASKS)] + [str(project_path(b.include_path)) for b in todo if b.get("include_path")]
+    task_manager = TaskManager(include_path=include)
+    written = []
+    for bench in todo:
+        start = time.perf_counter()
+        results = simple_evaluate(model=model, tasks=[bench.task], task_manager=task_manager, limit=cfg.limit,
+                                  bootstrap_iters=0, datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"))
+        task_results = results["results"][bench.task]
+        score = task_results.get(f"{bench.metric},none")
+        if score is None:
+            raise KeyError(f"{bench.task} reported no metric {bench.metric!r}; it reported "
+                           f"{sorted(task_results)}: fix `metric` in the benchmarks config")
+        info = model.run_info
+        record = {
+            "model": cfg.model.name, "method": cfg.method.name, "budget": budget.tokens,
+            "retention_ratio": budget.ratio, "benchmark": bench.name, "task": bench.task, "metric": bench.metric,
+            "convention": bench.get("convention"), "score": score * bench.get("scale", 100),
+            "metrics": task_results, "equivalent_tokens": schedule.get("equivalent_tokens", budget.tokens),
+            "measured_tokens": info.get("measured_tokens_mean"), "schedule": schedule,
+            "tflops": None, "samples": info.get("samples"), "wall_time_s": time.perf_counter() - start,
+            "run_info": info, "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        store.write(record)
+        written.append(record)
+        if wandb_run is not None:
+            wandb_run.log({f"{bench.name}/score": record["score"], f"{bench.name}/measured_tokens":
+                           record["measured_tokens"]})
+    return written
