@@ -61,14 +61,14 @@ def test_last_token_scoring_by_hand():
     torch.testing.assert_close(policy.scores(cut), torch.tensor([[.2, .1, .2, .2]]))  # head mean, visual columns
     layer, queries, hidden = cut.calls[0]
     assert layer == 1 and queries.tolist() == [[5]] and hidden is cut.prev_hidden  # layer K-1, last prompt row
-    cut.probs[0, :, 5, 3] = .25  # v2 now ranks first, v0 second: kept in original order
+    cut.probs[0, :, 5, 3], cut.probs[0, 1, 5, 4] = .25, .3  # v2 now ranks first, v0 second: kept in order
     assert policy.select_decoder(cut).keep.tolist() == [[0, 2]]
 
 
 def test_all_queries_scoring_by_hand_ignores_padding():
     cut = crafted_cut()
     policy = FastV(LLAVA_7B, k=3, keep=1, scoring="all_queries")
-    expected = torch.tensor([[.2, 1.1, .2, .3]]) / 2 / 6  # summed over heads and the 6 query rows, then averaged
+    expected = torch.tensor([[.2, 1.0, .2, .3]]) / 6  # mean over the 6 query rows and the heads
     torch.testing.assert_close(policy.scores(cut), expected)
     assert cut.calls[0][0] == 2 and policy.select_decoder(cut).keep.tolist() == [[1]]
     cut.mask[0, 0] = False  # a padding row is not a query: the mean runs over the 5 real rows
@@ -108,12 +108,13 @@ def test_batch_equals_each_prompt_alone(tiny, scoring):
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test padding"
     with visiondrop.apply(model, "fastv", 64, scoring=scoring) as handle:
         together = greedy(model, batch)
-        kept = handle.trace.kept
-        alone = []
+        kept_together = [s[0].tolist() for s in handle.trace.kept if s]
+        alone, kept_alone = [], []
         for q, img in zip(QUESTIONS, images):
             alone.append(greedy(model, inputs(processor, [q], [img]))[0])
-            assert [k.tolist() for k in handle.trace.kept[0]] == [k.tolist() for k in kept[len(alone) - 1]]
+            kept_alone += [handle.trace.kept[0][0].tolist()] if img is not None else []
     assert torch.equal(together, torch.stack(alone))
+    assert kept_together == kept_alone and len(kept_alone) == 2
     assert handle.trace.tokens_per_layer[0] == [576] * 2 + [30] * 30
 
 

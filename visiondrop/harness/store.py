@@ -37,8 +37,8 @@ class ResultStore:
         return [json.loads(p.read_text()) for p in sorted(self.root.glob("*/*/*/*.json"))]
 
     def frame(self) -> pd.DataFrame:
-        """One row per record: the identifying columns, the score, and the token accounting."""
-        rows = [{k: r.get(k) for k in ("model", "method", "budget", "benchmark", "score", "metric",
+        """One row per record: the identifying columns, the score, its convention and the token accounting."""
+        rows = [{k: r.get(k) for k in ("model", "method", "budget", "benchmark", "score", "metric", "convention",
                                         "equivalent_tokens", "measured_tokens", "tflops", "samples")}
                 for r in self.records()]
         return pd.DataFrame(rows)

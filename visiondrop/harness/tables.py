@@ -31,7 +31,7 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
     ours["Method"] = ours.method.map(PAPER_NAMES).fillna(ours.method)
     ours["budget"] = pd.to_numeric(ours.budget, errors="coerce")
     benchmarks = list(dict.fromkeys(ours.benchmark))
-    wide = ours.pivot_table(index=["Method", "budget"], columns="benchmark", values="score", dropna=False)
+    wide = ours.groupby(["Method", "budget", "benchmark"], dropna=False).score.mean().unstack("benchmark")
     wide = wide.reindex(columns=benchmarks)
     tokens = ours.groupby(["Method", "budget"], dropna=False).measured_tokens.mean()
 
