@@ -25,28 +25,14 @@ compression; LLaVA-NeXT is out of scope of the engine.
 """
 from __future__ import annotations
 
-import torch
-
 from visiondrop.api import unpruned
-from visiondrop.engine import EncoderView, Policy, Selection, complement, contextual_merge, topk_in_order
+from visiondrop.engine import EncoderView, Policy, Selection
 from visiondrop.models import ModelInfo
+from visiondrop.policy import encoder_selection
 
 #: The official LLaVA-1.5 splits keep 54 of every 64 tokens as dominant (54+10, 108+20, 162+30).
 DOMINANT_SHARE = 54 / 64
 MIN_BUDGET = 2  # CLS plus one patch
-
-
-def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Selection:
-    """CLS + the top (dominant - 1) patches by head-summed CLS attention, then `contextual` merged tokens.
-
-    The encoder stage shared by VisionZip and VisionDrop. Kept order: [CLS, patches ascending]; the merged tokens
-    come from the other tokens, on the layer's keys averaged over heads.
-    """
-    scores = view.cls_attention[:, :, 1:].sum(1)  # CLS query over the patch keys, summed over heads
-    patches = topk_in_order(scores, dominant - 1) + 1
-    keep = torch.cat([patches.new_zeros(patches.shape[0], 1), patches], dim=1)  # CLS first
-    rest = complement(keep, view.hidden.shape[1])
-    return Selection(keep, contextual_merge(view.hidden, view.keys.mean(1), rest, contextual))
 
 
 def split_budget(budget: float, info: ModelInfo) -> tuple[int, int]:

@@ -68,6 +68,19 @@ def schedule_for_budget(budget: float, info: ModelInfo) -> Schedule:
     return Schedule(encoder, cuts)
 
 
+def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Selection:
+    """CLS + the top (dominant - 1) patches by head-summed CLS attention, then `contextual` merged tokens.
+
+    The encoder stage shared by VisionZip and VisionDrop. Kept order: [CLS, patches ascending]; the merged tokens
+    come from the other tokens, on the layer's keys averaged over heads.
+    """
+    scores = view.cls_attention[:, :, 1:].sum(1)  # CLS query over the patch keys, summed over heads
+    patches = topk_in_order(scores, dominant - 1) + 1
+    keep = torch.cat([patches.new_zeros(patches.shape[0], 1), patches], dim=1)  # CLS first
+    rest = complement(keep, view.hidden.shape[1])
+    return Selection(keep, contextual_merge(view.hidden, view.keys.mean(1), rest, contextual))
+
+
 class VisionDrop(Policy):
     name = "visiondrop"
 
@@ -78,12 +91,7 @@ class VisionDrop(Policy):
         self._stages = dict(schedule.cuts)
 
     def select_encoder(self, view: EncoderView) -> Selection:
-        stage = self.schedule.encoder
-        scores = view.cls_attention[:, :, 1:].sum(1)  # CLS row over the patch keys, summed over heads
-        patches = topk_in_order(scores, stage.dominant - 1) + 1
-        keep = torch.cat([patches.new_zeros(patches.shape[0], 1), patches], dim=1)  # CLS first
-        rest = complement(keep, view.hidden.shape[1])
-        return Selection(keep, contextual_merge(view.hidden, view.keys.mean(1), rest, stage.contextual))
+        return encoder_selection(view, self.schedule.encoder.dominant, self.schedule.encoder.contextual)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         stage = self._stages[cut.layer_idx]
