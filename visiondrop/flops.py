@@ -35,10 +35,12 @@ Assumptions written down:
   the CLS query and all keys of its vision layer and the CLS logits; a decoder cut on N tokens projects the keys
   of all N tokens, the queries of the scoring rows and their logits against all keys, where the rows are the n
   visual tokens (VisionDrop), the last prompt token (FastV, PyramidDrop; all N for FastV scoring="all_queries"),
-  the text tokens (SparseVLM raters; an upper bound) or none (random); merging costs one similarity and one
-  member sum per (member, merged token) pair, on head-averaged keys (VisionDrop, VisionZip) or hidden states
-  (SparseVLM recycling). The official VisionDrop code also projects q and v of every token at each cut: counting
-  that would add 0.014 T at budget 64 (2.10 T), which the harness does not compute.
+  the text tokens (SparseVLM raters, plus its rater choice, visual rows x text: upper bounds) or none (random);
+  contextual merging (VisionDrop, VisionZip) costs one similarity on head-averaged keys and one member sum per
+  (member, merged token) pair; SparseVLM's recycling clusters with elementwise distances (no matrix product,
+  about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of every token
+  at each cut where the engine projects k of every token and q of the visual rows: counting the official way
+  would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
 """
 from __future__ import annotations
 
@@ -131,8 +133,8 @@ class Breakdown:
     def table(self) -> str:
         names = {"vision": "vision encoder", "projector": "projector", "decoder": "decoder layers",
                  "lm_head": "LM head", "overhead": "method overhead"}
-        rows = [f"{'component':<16} {'TFLOPs':>9}"] + [f"{names[k]:<16} {v / 1e12:>9.4f}" for k, v in asdict(self).items()]
-        return "\n".join(rows)
+        rows = [f"{names[k]:<16} {v / 1e12:>9.4f}" for k, v in asdict(self).items()]
+        return "\n".join([f"{'component':<16} {'TFLOPs':>9}", *rows])
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
     projector (default: all visual tokens); overhead: the method's own FLOPs (`overhead_flops`).
     """
     if len(tokens_per_layer) != dims.n_layers:
-        raise ValueError(f"need one visual-token count per decoder layer ({dims.n_layers}), got {len(tokens_per_layer)}")
+        raise ValueError(f"need one visual-token count per decoder layer ({dims.n_layers}), "
+                         f"got {len(tokens_per_layer)}")
     crops = dims.crops if n_crops is None else n_crops
     projected = dims.visual_per_crop * crops if projected_tokens is None else projected_tokens
     other = text_tokens + dims.extra_tokens
@@ -193,16 +196,22 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
     )
 
 
-#: decoder-cut scoring query rows and merge metric per method (module docstring, "Overhead counted").
-_SCORING_ROWS = {"visiondrop": "visual", "fastv": "last", "pyramiddrop": "last", "sparsevlm": "text"}
-_MERGE_METRIC = {"sparsevlm": "hidden"}  # others merge on head-averaged keys
+#: per method: the query rows scoring a decoder cut, and whether leftovers are merged by `contextual_merge`.
+_RECIPES = {"none": (None, False), "random": (None, False), "visionzip": (None, True), "visiondrop": ("visual", True),
+            "fastv": ("last", False), "pyramiddrop": ("last", False), "sparsevlm": ("text", False)}
 
 
 def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: int, all_queries: bool = False) -> float:
-    """FLOPs of a method's own scoring and merging at its `cuts` (all_queries: FastV's paper scoring)."""
+    """FLOPs of the matrix products of a method's own scoring and merging at its `cuts`, as the engine computes
+    them (module docstring). all_queries: FastV's paper scoring, every prompt row as a query."""
+    if method not in _RECIPES:
+        raise ValueError(f"no overhead recipe for method {method!r}; known: {', '.join(_RECIPES)}")
+    rows, merges = _RECIPES[method]
+    rows = "all" if all_queries else rows
     q_dim, kv_dim, d = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim, dims.hidden
-    rows = "all" if all_queries else _SCORING_ROWS.get(method)
     macs = 0
+    if method == "sparsevlm" and cuts:  # rater choice: visual rows against the text (all of it: an upper bound)
+        macs += cuts[0].before * text_tokens * d
     for cut in cuts:
         if cut.layer is None:  # CLS query, keys of all tokens, CLS logits; merge on head-averaged keys
             dv = dims.vision_hidden
@@ -213,8 +222,9 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             queries = {"visual": cut.before, "last": 1, "text": text_tokens, "all": n, None: 0}[rows]
             if rows is not None:
                 macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim
-            metric, width = (d if _MERGE_METRIC.get(method) == "hidden" else dims.head_dim), d
-        macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it
+            metric, width = dims.head_dim, d
+        if merges:
+            macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it
     return 2.0 * macs
 
 
@@ -273,12 +283,20 @@ def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
 @functools.lru_cache(maxsize=4)
 def _proxy(n_layers: int, vision_layers: int) -> tuple[torch.nn.Module, dict]:
     """A tiny random LLaVA-1.5 of the given depths and its inputs (one demo image); built once per process."""
+    from transformers.utils import logging
+
     from .tiny import build_tiny_llava, demo_image, load_tiny_llava
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_llava(Path(tmp) / "proxy", seed=0, text_layers=n_layers, vision_layers=vision_layers,
-                                hidden=32, vision_hidden=32)
-        model, processor = load_tiny_llava(path)
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a FLOPs printout should not carry save/load progress bars
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = build_tiny_llava(Path(tmp) / "proxy", seed=0, text_layers=n_layers, vision_layers=vision_layers,
+                                    hidden=32, vision_hidden=32)
+            model, processor = load_tiny_llava(path)
+    finally:
+        if bars:
+            logging.enable_progress_bar()
     return model, dict(processor(images=demo_image(0), text=_PROXY_PROMPT, return_tensors="pt"))
 
 
@@ -286,7 +304,15 @@ _measured: dict[tuple, Schedule] = {}
 
 
 def schedule(dims: Dims, method: str, budget: float | None = None, **options: Any) -> Schedule:
-    """The schedule of `method` at `budget` on a model of these dims (measured on the proxy; NeXT: analytic)."""
+    """The schedule of `method` at `budget` on a model of these dims: measured on the proxy (LLaVA-NeXT: analytic).
+
+    Method "none" needs no measurement: every layer sees all visual tokens.
+    """
+    if method == "none":
+        if budget is not None and budget != dims.n_visual or options:
+            raise ValueError(f"method 'none' keeps all {dims.n_visual} visual tokens and takes no options; "
+                             f"got budget={budget} {options or ''}")
+        return Schedule((dims.n_visual,) * dims.n_layers, dims.n_visual, (), dims.crops)
     if dims.crops > 1:
         return _next_schedule(dims, method, budget, **options)
     if (dims.vision_tokens, dims.visual_per_crop) != (577, 576):
@@ -299,20 +325,18 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
 
 
 def _next_schedule(dims: Dims, method: str, budget: float | None, **options: Any) -> Schedule:
-    """LLaVA-NeXT, nominal crops: none, or VisionDrop per methods.md 1(f) (ratio-based decoder segments)."""
+    """LLaVA-NeXT at its nominal crops, VisionDrop per methods.md 1(f): per-crop encoder stage of the budget/crops
+    schedule, then decoder segments of n0 x (35, 26, 19)/48 tokens (the ratio version of the official schedule)."""
     from .models import ModelInfo
     from .policy import OFFICIAL_32, schedule_for_budget
 
-    full = Schedule((dims.n_visual,) * dims.n_layers, dims.n_visual, (), dims.crops)
-    if method not in ("none", "visiondrop") or options:
+    if method != "visiondrop" or options:
         raise NotImplementedError(f"LLaVA-NeXT has no engine support yet: FLOPs are computed analytically for "
                                   f"methods 'none' and 'visiondrop' (no options) only, not {method!r} {options or ''}")
-    if budget is None or budget >= dims.n_visual:
-        if method == "visiondrop" and budget is None:
-            raise ValueError("VisionDrop needs a budget")
-        return full
-    if method == "none":
-        raise ValueError(f"method 'none' keeps all {dims.n_visual} visual tokens; got budget={budget}")
+    if budget is None:
+        raise ValueError("VisionDrop needs a budget")
+    if budget >= dims.n_visual:
+        return schedule(dims, "none")
     info = ModelInfo(n_visual=dims.visual_per_crop, n_layers=dims.n_layers, vision_layer=dims.vision_layers - 2,
                      cls_kept=dims.visual_per_crop == dims.vision_tokens)  # one crop, LLaVA's layer -2
     try:
@@ -324,7 +348,7 @@ def _next_schedule(dims: Dims, method: str, budget: float | None, **options: Any
     counts, n, first = [], n0, OFFICIAL_32.encoder.total
     stages = {info.relative_layer(layer): stage for layer, stage in OFFICIAL_32.cuts}
     for layer in range(dims.n_layers):
-        if layer in stages:  # n0 x (35, 26, 19)/48, contextual share as in the official 32-token schedule
+        if layer in stages:  # contextual share as in the official 32-token schedule
             after = round(n0 * stages[layer].total / first)
             merged = round(after * stages[layer].contextual / stages[layer].total)
             cuts.append(Cut(layer, n, after - merged, merged))

@@ -1,0 +1,122 @@
+"""FLOPs: the paper's four points, the formula against torch's FLOP counter on a real forward, overhead, the CLI."""
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+
+from helpers import inputs
+from visiondrop.api import METHODS
+from visiondrop.flops import (PRESETS, Dims, flop_counter, main, measure_schedule, method_flops, overhead_flops,
+                              prefill_flops, schedule)
+
+ROOT = Path(__file__).resolve().parents[1]
+VD64 = (96,) * 8 + (70,) * 8 + (52,) * 8 + (38,) * 8  # methods.md 1(f)
+
+
+@pytest.mark.parametrize("model, method, budget, paper, tolerance", [
+    ("llava-1.5-7b", "none", None, 9.06, 0.01),
+    ("llava-1.5-7b", "visiondrop", 64, 2.11, 0.02),
+    ("llava-next-7b", "none", None, 46.25, 0.01),
+    ("llava-next-7b", "visiondrop", 320, 7.70, 0.03),
+])
+def test_reproduces_the_paper(model, method, budget, paper, tolerance):
+    total = method_flops(model, method, budget).total / 1e12
+    assert abs(total - paper) <= tolerance * paper, f"{model} {method} {budget}: {total:.3f} T vs paper {paper} T"
+
+
+def test_schedules_are_measured_or_derived():
+    vd = schedule(PRESETS["llava-1.5-7b"], "visiondrop", 64)  # measured on the proxy
+    assert vd.tokens_per_layer == VD64 and vd.projected == 96
+    assert [(c.layer, c.kept, c.merged) for c in vd.cuts] == [(None, 84, 12), (8, 60, 10), (16, 44, 8), (24, 32, 6)]
+    nxt = schedule(PRESETS["llava-next-7b"], "visiondrop", 320)
+    assert nxt.tokens_per_layer == tuple(n for n in (480, 350, 260, 190) for _ in range(8))
+    assert (nxt.projected, nxt.crops, len(nxt.cuts)) == (480, 5, 5 + 3)
+    full = schedule(PRESETS["llava-1.5-7b"], "none")
+    assert full.tokens_per_layer == (576,) * 32 and full.projected == 576 and not full.cuts
+
+
+def test_lm_head_and_attention_convention():
+    """LM head on every prefill position of the last layer; attention over the full square (2 n^2 d MACs)."""
+    dims = PRESETS["llava-1.5-7b"]
+    one, two = (prefill_flops(dims, [576] * 32, text) for text in (0, 1))
+    d, m, n = dims.hidden, dims.intermediate, 576
+    assert two.lm_head - one.lm_head == 2 * d * dims.vocab
+    assert two.decoder - one.decoder == 32 * 2 * ((4 * d * d + 3 * d * m) + 2 * ((n + 1) ** 2 - n ** 2) * d)
+
+
+def test_from_config_reads_llava_and_llava_next():
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14)
+    assert Dims.from_config(LlavaConfig(text_config=text, vision_config=vision)) == PRESETS["llava-1.5-7b"]
+    # the preset's 49 extra tokens are a calibration of the paper's NeXT accounting, not a config field
+    nxt = Dims.from_config(LlavaNextConfig(text_config=text, vision_config=vision))
+    assert nxt == replace(PRESETS["llava-next-7b"], extra_tokens=0) and nxt.n_visual == 2880
+
+
+@pytest.mark.parametrize("method, budget", [("none", None), ("visiondrop", 64)])
+def test_formula_matches_torch_flop_counter(tiny, method, budget):
+    """The formula, fed the measured counts and the real text length, gives what FlopCounterMode counts."""
+    model, processor = tiny
+    batch = inputs(processor, ["What is in the image?"])
+    with flop_counter() as counter:
+        sched = measure_schedule(model, batch, method, budget)
+    dims = Dims.from_config(model.config)
+    text = batch["input_ids"].shape[1] - dims.n_visual
+    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected,
+                            overhead=overhead_flops(dims, method, sched.cuts, text))
+    measured = counter.get_total_flops()
+    assert formula.total == pytest.approx(measured, rel=0.02)
+    modules = {name.rsplit(".", 1)[-1]: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
+    for part, module in (("vision", "vision_tower"), ("projector", "multi_modal_projector"), ("lm_head", "lm_head")):
+        assert getattr(formula, part) == pytest.approx(modules[module], rel=0.02), part
+    assert sched.tokens_per_layer == ((576,) * 32 if method == "none" else VD64)
+    assert (formula.overhead > 0) == (method != "none")
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+def test_overhead_is_small(method):
+    module = METHODS[method].split(":")[0]
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not written yet")
+    result = method_flops("llava-1.5-7b", method, 64)
+    assert 0 <= result.overhead < 0.05 * result.decoder
+    assert (result.overhead == 0) == (method == "random")
+
+
+def test_next_overhead_is_small():
+    result = method_flops("llava-next-7b", "visiondrop", 320)
+    assert 0 < result.overhead < 0.05 * result.decoder
+
+
+def test_errors():
+    with pytest.raises(NotImplementedError, match="LLaVA-NeXT"):
+        method_flops("llava-next-7b", "fastv", 320)
+    with pytest.raises(ValueError, match="cannot reach"):
+        method_flops("llava-1.5-7b", "visiondrop", 500)
+    with pytest.raises(ValueError, match="per-crop budget"):
+        method_flops("llava-next-7b", "visiondrop", 2500)
+    with pytest.raises(ValueError, match="keeps all"):
+        method_flops("llava-1.5-7b", "none", 64)
+
+
+def test_cli_prints_the_total_last():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "visiondrop.flops", "--model", "llava-1.5-7b", "--method", "none"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[-1] == "total 9.06 TFLOPs"
+    assert any(line.startswith("vision encoder") for line in lines)
+
+
+def test_cli_pruned(capsys):
+    main(["--model", "llava-1.5-7b", "--method", "visiondrop", "--budget", "64"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "total 2.09 TFLOPs"
+    assert "96 x8, 70 x8, 52 x8, 38 x8" in "\n".join(lines)

@@ -1,0 +1,235 @@
+"""SparseVLM v1.5: parity with the official run, its rules on crafted tensors, and its behaviour on a tiny LLaVA."""
+import pytest
+import torch
+
+import visiondrop
+from baselines.sparsevlm import SparseVLM, cluster_and_merge, policy, tokens_per_layer
+from helpers import LayerCounter, greedy, inputs
+from parity import assert_matches_official, load_case, parity_inputs
+from visiondrop.api import Handle
+from visiondrop.engine import DecoderCut
+from visiondrop.engine.replay import Replay
+from visiondrop.models import ModelInfo
+from visiondrop.tiny import demo_image
+
+QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
+INFO = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
+
+
+def runs(*pairs: tuple[int, int]) -> list[int]:
+    return [n for n, times in pairs for _ in range(times)]
+
+
+# -- parity with the official code (../shared/reference/parity/sparsevlm) -----------------------------------------
+
+@pytest.mark.parametrize("noise", ["global_rng", "seed_option"])
+def test_sparsevlm_192_matches_official(parity_model, noise):
+    """The official run seeded torch with manual_seed(0) right before generate; `seed=0` draws the same noise."""
+    official, logits = load_case("sparsevlm", "sparsevlm192")
+    options = {"seed": 0} if noise == "seed_option" else {}
+    with visiondrop.apply(parity_model, "sparsevlm", budget=192, **options) as handle:
+        recorded, scores = [], handle.policy.scores
+        handle.policy.scores = lambda cut: recorded.append(scores(cut)) or recorded[-1]
+        if noise == "global_rng":
+            torch.manual_seed(0)
+        assert_matches_official(parity_model, parity_inputs(), official, logits, handle)
+        assert handle.trace.cuts == ["layer 3", "layer 7", "layer 16"]
+        for s, cut in enumerate(official["cuts"]):
+            torch.testing.assert_close(recorded[s][0], logits[f"cut{s}_scores"], rtol=1e-4, atol=1e-9)
+            assert handle.trace.kept[0][s].tolist() == cut["kept_original_indices_sorted"]
+            # stage-local keeps also pin which merged tokens of earlier cuts survived
+            assert handle.trace.selections[s][0][0].tolist() == cut["kept_stage_local_sorted"]
+            assert handle.trace.selections[s][0][1].shape[0] == cut["recycle"]["cluster_num"]
+        description = handle.policy.describe()
+    assert description["tokens_per_layer"] == official["visual_tokens_per_layer"]
+    assert description["equivalent_tokens"] == official["equivalent_tokens_sparsevlm_own_convention"]["value"]
+    assert description["mean_tokens_entering_layers"] == official["equivalent_tokens_mean_over_layers"] == 206.5
+
+
+def test_clustering_noise_decides_later_cuts_on_this_model(parity_model):
+    """As the fixture notes: another seed keeps the same first cut but recycles (and so keeps) differently later."""
+    official, _ = load_case("sparsevlm", "sparsevlm192")
+    with visiondrop.apply(parity_model, "sparsevlm", budget=192, seed=1) as handle, torch.no_grad():
+        parity_model(**parity_inputs())
+    kept = [selections[0][0].tolist() for selections in handle.trace.selections]
+    assert kept[0] == official["cuts"][0]["kept_stage_local_sorted"]
+    assert kept[1] != official["cuts"][1]["kept_stage_local_sorted"]
+    assert handle.trace.tokens_per_layer == [official["visual_tokens_per_layer"]]
+
+
+# -- rules on crafted tensors ---------------------------------------------------------------------------------------
+
+class FakeCut(DecoderCut):
+    """A cut whose attention rows come from a given [G, H, L, L] tensor, recording how it was asked."""
+
+    def attention(self, layer_idx, queries, hidden=None, keys=None):
+        self.calls.append((layer_idx, queries.tolist(), hidden is self.prev_hidden))
+        return torch.stack([self.probs[g][:, queries[g]] for g in range(len(queries))])
+
+
+def fake_cut(hidden: torch.Tensor, visual: list[list[int]], layer_idx: int = 3, probs=None) -> FakeCut:
+    batch, length, _ = hidden.shape
+    cut = FakeCut(layer_idx=layer_idx, layers=None, hidden=hidden, prev_hidden=hidden + 1000.0,
+                  mask=torch.ones(batch, length, dtype=torch.bool), cos=None, sin=None,
+                  visual=torch.tensor(visual), original_visual=torch.tensor([len(visual[0])] * batch),
+                  samples=list(range(batch)), scratch={})
+    cut.probs, cut.calls = probs, []
+    return cut
+
+
+def test_raters_are_text_tokens_above_mean_relevance_on_raw_dot_products():
+    # prefix token 0, visual tokens 1-2, text tokens 3-6. Visual . text: [3.2, 2, 0, 0] and [0, 0, 1, -1];
+    # softmax over text, mean over the two visual rows: r = [0.459, 0.207, 0.282, 0.051], mean 0.25 -> raters 0, 2.
+    # (With 1/sqrt(D) scaling text token 1 would pass too: the official code does not scale.)
+    hidden = torch.tensor([[[5.0, 5.0], [1.0, 0.0], [0.0, 1.0], [3.2, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, -1.0]]])
+    cut = fake_cut(hidden, [[1, 2]], layer_idx=0)
+    SparseVLM(INFO, (2,), (1,), True, seed=None).prepare(cut)
+    raters, generator = cut.scratch[0]
+    assert raters.tolist() == [0, 2] and generator is None  # relative to the first token after the image
+
+
+def test_single_text_token_rates_alone():
+    cut = fake_cut(torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]]), [[0, 1]], layer_idx=0)
+    SparseVLM(INFO, (2,), (1,), True, seed=3).prepare(cut)
+    assert cut.scratch[0][0].tolist() == [0] and isinstance(cut.scratch[0][1], torch.Generator)
+    with pytest.raises(ValueError, match="needs text after the image"):
+        SparseVLM(INFO, (2,), (1,), True, seed=None).prepare(fake_cut(torch.ones(1, 3, 2), [[1, 2]], layer_idx=0))
+
+
+def test_scores_use_the_previous_layer_rater_rows_mean_over_heads_then_raters():
+    # Two samples of one group: visual block 1..3, text 4..6; raters [0, 2] (rows 4, 6) and [1] (row 5).
+    length = 7
+    probs = torch.full((2, 2, length, length), 9.0)  # rows that are not raters must not matter
+    probs[0, 0, 4, 1:4] = torch.tensor([0.1, 0.2, 0.3])
+    probs[0, 1, 4, 1:4] = torch.tensor([0.3, 0.0, 0.1])  # head mean of row 4: [0.2, 0.1, 0.2]
+    probs[0, :, 6, 1:4] = torch.tensor([0.0, 0.5, 0.4])  # row 6: [0.0, 0.5, 0.4]
+    probs[1, 0, 5, 1:4] = torch.tensor([0.6, 0.2, 0.0])
+    probs[1, 1, 5, 1:4] = torch.tensor([0.2, 0.0, 0.4])  # row 5: [0.4, 0.1, 0.2]
+    cut = fake_cut(torch.zeros(2, length, 4), [[1, 2, 3], [1, 2, 3]], layer_idx=7, probs=probs)
+    cut.scratch.update({0: (torch.tensor([0, 2]), None), 1: (torch.tensor([1]), None)})
+    scores = SparseVLM(INFO, (6,), (2,), True, seed=None).scores(cut)
+    torch.testing.assert_close(scores, torch.tensor([[0.1, 0.3, 0.3], [0.4, 0.1, 0.2]]))
+    assert cut.calls == [(6, [[4, 6], [5, 5]], True)]  # layer that just ran, its input, padded rater rows
+
+
+def test_selection_keeps_top_k_in_order_and_recycles_the_best_pruned():
+    # 12 visual tokens at 0..11, text at 12; one rater. Keep 4 -> 8 pruned -> top int(2.4)+1 = 3 -> one cluster.
+    length, n = 13, 12
+    scores = torch.tensor([0.5, 9.0, 0.1, 8.0, 4.0, 0.2, 7.0, 3.0, 0.3, 6.0, 0.4, 2.0])
+    probs = torch.zeros(1, 1, length, length)
+    probs[0, 0, 12, :n] = scores
+    hidden = torch.randn(1, length, 5)
+    cut = fake_cut(hidden, [list(range(n))], probs=probs)
+    cut.scratch[0] = (torch.tensor([0]), None)
+    sel = SparseVLM(INFO, (2,), (4,), True, seed=None).select_decoder(cut)
+    assert sel.keep.tolist() == [[1, 3, 6, 9]]  # top 4 by score, in sequence order
+    expected = hidden[0, [4, 7, 11]].sum(0) / (3 + 1e-6)  # the 3 best pruned tokens of the layer OUTPUT
+    torch.testing.assert_close(sel.merged, expected.view(1, 1, -1))
+    # K >= n keeps n - 1; without recycling nothing is merged
+    assert SparseVLM(INFO, (2,), (50,), True, seed=None).select_decoder(cut).keep.shape[1] == n - 1
+    assert SparseVLM(INFO, (2,), (4,), False, seed=None).select_decoder(cut).merged is None
+
+
+def test_dpc_knn_by_hand():
+    # 1-D points 0, 0.1, 0.3 | 5, 5.2; 2 clusters, densities exp(-(0 + d_nn^2)/2) tie in pairs, noise breaks ties.
+    x = torch.tensor([[0.0], [0.1], [0.3], [5.0], [5.2]])
+    merged = cluster_and_merge(x, 2, torch.tensor([0.5, 0.0, 0.0, 0.9, 0.1]))
+    # centres: token 0 (densest, delta = max distance) then token 3 (delta 4.9); 1, 2 -> centre 0, 4 -> centre 3
+    torch.testing.assert_close(merged, torch.tensor([[0.4 / (3 + 1e-6)], [10.2 / (2 + 1e-6)]]))
+
+
+def test_dpc_knn_noise_decides_centres_when_densities_tie():
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0]])  # equal densities: the noise alone orders the peaks
+    torch.testing.assert_close(cluster_and_merge(x, 2, torch.tensor([1.0, 0.0, 0.0, 0.5])),
+                               torch.tensor([[0.5], [10.5]]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(cluster_and_merge(x, 2, torch.tensor([0.0, 0.0, 1.0, 0.5])),
+                               torch.tensor([[10.5], [0.5]]), rtol=1e-5, atol=0)
+
+
+# -- the tiny LLaVA ------------------------------------------------------------------------------------------------
+
+SCHEDULES = {  # visual tokens entering the 32 layers; SparseVLM's own count averages what each layer outputs
+    192: (runs((576, 3), (309, 4), (204, 9), (113, 16)), 192.03125),
+    128: (runs((576, 3), (312, 4), (117, 9), (39, 16)), 128.625),
+    96: (runs((576, 3), (249, 4), (55, 9), (27, 16)), 96.9375),
+    64: (runs((576, 3), (82, 4), (32, 9), (18, 16)), 64.8125),
+}
+
+
+@pytest.mark.parametrize("budget", sorted(SCHEDULES))
+def test_measured_tokens_per_layer_follow_schedule(tiny, budget):
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:1])
+    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
+    counter = LayerCounter(model)
+    try:
+        with visiondrop.apply(model, "sparsevlm", budget=budget, seed=0) as handle, torch.no_grad():
+            model(**batch)
+    finally:
+        counter.close()
+    expected, equivalent = SCHEDULES[budget]
+    assert [n - n_text for n in counter.lengths] == expected
+    assert handle.trace.tokens_per_layer == [expected]
+    assert handle.policy.describe()["equivalent_tokens"] == equivalent
+    assert handle.trace.mean_tokens == [sum(expected) / 32] == [handle.policy.describe()["mean_tokens_entering_layers"]]
+
+
+def test_options_recycle_keep_lists_layers():
+    assert tokens_per_layer(576, 32, (2, 6, 15), (300, 200, 110), False) == runs((576, 3), (300, 4), (200, 9), (110, 16))
+    p = policy(INFO, keep_lists=[100, 50], layers=[1, 20], recycle=False)
+    assert p.cut_layers == (2, 21)
+    assert p.describe()["tokens_per_layer"] == runs((576, 2), (100, 19), (50, 11))
+    assert policy(INFO, 576).name == "none"
+
+
+def test_batch_equals_each_prompt_alone(tiny):
+    model, processor = tiny
+    images = [demo_image(0), None, demo_image(2)]  # a text-only sample in the middle passes untouched
+    batch = inputs(processor, QUESTIONS, images)
+    assert batch["attention_mask"].min() == 0, "prompts must differ in length to test padding"
+    with visiondrop.apply(model, "sparsevlm", budget=64, seed=0) as handle:
+        together = greedy(model, batch)
+        counts, kept = handle.trace.tokens_per_layer, handle.trace.kept
+        alone = []
+        for q, img in zip(QUESTIONS, images):
+            alone.append(greedy(model, inputs(processor, [q], [img]))[0])
+            if img is not None:
+                assert [k.tolist() for k in handle.trace.kept[0]] == [k.tolist() for k in kept[len(alone) - 1]]
+    assert torch.equal(together, torch.stack(alone))
+    assert counts[1] == [0] * 32 and counts[0] == counts[2] == SCHEDULES[64][0]
+
+
+def test_generation_with_cache_equals_without_under_replay(tiny):
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:2])
+    with visiondrop.apply(model, "sparsevlm", budget=128) as handle:
+        cached = greedy(model, batch, new_tokens=10)
+    with Handle(model, Replay(handle.policy, handle.trace)):
+        uncached = greedy(model, batch, new_tokens=10, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_the_question_changes_raters_and_kept_tokens(tiny):
+    model, processor = tiny
+    image = demo_image(5)
+    kept = []
+    with visiondrop.apply(model, "sparsevlm", budget=64, seed=0) as handle, torch.no_grad():
+        for question in ["What is in the image?", "How many red shapes are on the left side of the picture?"]:
+            model(**inputs(processor, [question], [image]))
+            kept.append([k.tolist() for k in handle.trace.kept[0]])
+    assert kept[0][0] != kept[1][0]
+
+
+def test_unsupported_budgets_and_bad_options(tiny):
+    model, _ = tiny
+    for budget in (32, 100):
+        with pytest.raises(ValueError, match=f"only for budgets 64, 96, 128, 192.*got {budget}"):
+            visiondrop.apply(model, "sparsevlm", budget=budget)
+    with pytest.raises(ValueError, match="needs budget= or keep_lists="):
+        visiondrop.apply(model, "sparsevlm")
+    with pytest.raises(ValueError, match="one keep count >= 0 per pruning layer"):
+        visiondrop.apply(model, "sparsevlm", keep_lists=[300, 200])
+    with pytest.raises(ValueError, match="layers must increase"):
+        visiondrop.apply(model, "sparsevlm", budget=192, layers=[6, 2, 15])
+    with pytest.raises(ValueError, match="layers must increase"):
+        visiondrop.apply(model, "sparsevlm", keep_lists=[10], layers=[31])
