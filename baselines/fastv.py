@@ -6,6 +6,8 @@ As the official code does it (github.com/pkunlp-icler/FastV d165972, llava-hf va
 - the top `keep` image tokens stay in their original order; nothing is merged;
 - kept tokens keep their ORIGINAL position ids (gaps remain) and decode positions continue from the full prompt
   length in every layer; the cut happens once, in the prefill, so every decode step sees the same kept set.
+  Generating without a KV cache re-runs the prompt at every step and so re-ranks with the newest token as the
+  query, which is what the official code does without a cache (its dynamic mode); `Replay` holds the set fixed.
 
 Budget: the papers' "# Tokens" is the mean visual-token count over the decoder layers (methods.md 0.1, 2(f)), so
 budget T keeps n_keep = round((n_layers*T - K*N0) / (n_layers - K)) tokens after the cut (576 tokens, 32 layers,

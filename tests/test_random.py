@@ -1,0 +1,88 @@
+"""The random control: exact counts in every layer, seeded kept sets, text independence, batches, cache."""
+import pytest
+import torch
+
+import visiondrop
+from baselines.random_drop import random_keep
+from helpers import LayerCounter, greedy, inputs
+from visiondrop.api import Handle, build_policy
+from visiondrop.engine.replay import Replay
+from visiondrop.tiny import demo_image
+
+QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
+
+
+def test_random_keep_is_seeded_sorted_and_distinct():
+    kept = random_keep(576, 64, seed=0)
+    assert kept.tolist() == sorted(set(kept.tolist())) and len(kept) == 64 and 0 <= kept.min() <= kept.max() < 576
+    assert torch.equal(kept, random_keep(576, 64, seed=0))
+    assert not torch.equal(kept, random_keep(576, 64, seed=1))
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64, 32])
+def test_measured_tokens_per_layer_equal_budget(tiny, budget):
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:1])
+    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
+    counter = LayerCounter(model)
+    try:
+        with visiondrop.apply(model, "random", budget=budget) as handle, torch.no_grad():
+            model(**batch)
+    finally:
+        counter.close()
+    measured = [n - n_text for n in counter.lengths]
+    assert measured == [budget] * 32
+    assert handle.trace.tokens_per_layer == [measured]
+    assert handle.trace.cuts == ["layer 0"]
+    assert handle.trace.kept[0][0].tolist() == random_keep(576, budget, seed=0).tolist()
+    assert handle.policy.describe()["equivalent_tokens"] == budget
+
+
+def kept_set(model, processor, question: str, **options) -> list[int]:
+    with visiondrop.apply(model, "random", budget=64, **options) as handle, torch.no_grad():
+        model(**inputs(processor, [question], [demo_image(5)]))
+    return handle.trace.kept[0][0].tolist()
+
+
+def test_seed_decides_the_kept_set_and_the_question_does_not(tiny):
+    model, processor = tiny
+    first = kept_set(model, processor, "What is in the image?")
+    assert kept_set(model, processor, "How many red shapes are on the left side of the picture?") == first
+    assert kept_set(model, processor, "What is in the image?", seed=0) == first
+    assert kept_set(model, processor, "What is in the image?", seed=7) != first
+
+
+def test_batch_equals_each_prompt_alone(tiny):
+    model, processor = tiny
+    images = [demo_image(0), None, demo_image(2)]  # a text-only sample in the middle passes untouched
+    batch = inputs(processor, QUESTIONS, images)
+    assert batch["attention_mask"].min() == 0, "prompts must differ in length to test padding"
+    with visiondrop.apply(model, "random", 64) as handle:
+        together = greedy(model, batch)
+        counts = handle.trace.tokens_per_layer
+        alone = [greedy(model, inputs(processor, [q], [img]))[0] for q, img in zip(QUESTIONS, images)]
+    assert torch.equal(together, torch.stack(alone))
+    assert counts == [[64] * 32, [0] * 32, [64] * 32]
+
+
+def test_generation_with_cache_equals_replay_without(tiny):
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:2])
+    handle = visiondrop.apply(model, "random", budget=64)
+    try:
+        cached = greedy(model, batch, new_tokens=6)
+    finally:
+        handle.remove()
+    with Handle(model, Replay(handle.policy, handle.trace)):
+        uncached = greedy(model, batch, new_tokens=6, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_full_budget_is_unpruned_and_clear_errors(tiny):
+    model, _ = tiny
+    assert build_policy(model, "random", 576).cut_layers == ()
+    for budget in (0, 0.5, 64.5):
+        with pytest.raises(ValueError, match="integers from 1 to 575"):
+            visiondrop.apply(model, "random", budget=budget)
+    with pytest.raises(ValueError, match="needs a budget"):
+        visiondrop.apply(model, "random")
