@@ -13,7 +13,7 @@ As the official code does it (github.com/Cooperx521/PyramidDrop 6444f30, `pdrop_
 Budget: the papers' "# Tokens" is the mean visual-token count over the decoder layers (methods.md 0.1, 3(f)).
 A budget T is turned into lambda by solving T = N0 * sum_s(len_s * lambda**s) / n_layers over the stage
 lengths len_s (bisection, the mean is increasing in lambda); the kept counts are then the official truncated
-ones, so the equivalent tokens in `describe()` are slightly below T (64 -> lambda 0.1916, 576/110/21/4 tokens,
+ones, so the equivalent tokens in `describe()` are slightly below T (64 -> lambda ~0.1916, 576/110/21/4 tokens,
 63.875). The first stage keeps all N0 tokens, so budgets below layer_list[0] * N0 / n_layers are out of reach
 (36 for [2, 8, 16], 144 for [8, 16, 24]).
 
@@ -28,10 +28,15 @@ Options (keywords of `visiondrop.apply` beside `budget`):
 Official quirks (methods.md 3(g)): ratios relative to N0 with int truncation and the next layer's projections
 are reproduced; batch size 1 and right padding are not needed here (each sample is scored on its own row, so a
 batch gives what each prompt gives alone). Under generation without a KV cache the official query index stays
-on the last *prompt* token (its recorded prompt_len), so every step re-selects the prefill's set; here the query
-is the last token of the sequence given, so replay the prefill's selections (engine `Replay`) for that case.
+on the last *prompt* token (prompt_len recorded at input preparation), so by causality every step re-selects
+the prefill's set; here the query is the last token of the sequence given (a generated token on those steps),
+so replay the prefill's selections (engine `Replay`) to get the official behaviour there.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
 
 from visiondrop.api import unpruned
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
@@ -45,7 +50,7 @@ def stage_counts(n0: int, ratio: float, n_stages: int) -> list[int]:
     return [int(n0 * ratio**s) for s in range(n_stages + 1)]
 
 
-def mean_tokens(counts: list[int] | list[float], layers: tuple[int, ...], n_layers: int) -> float:
+def mean_tokens(counts: Sequence[float], layers: tuple[int, ...], n_layers: int) -> float:
     """Mean visual tokens over the decoder layers when stage s covers layers[s-1] .. layers[s] - 1."""
     bounds = (0, *layers, n_layers)
     return sum(c * (end - begin) for c, begin, end in zip(counts, bounds, bounds[1:])) / n_layers
@@ -73,13 +78,17 @@ class PyramidDrop(Policy):
         self.info, self.ratio = info, ratio
         self.cut_layers = layers
 
+    def scores(self, cut: DecoderCut) -> Tensor:
+        """Importance [G, n] of the current visual tokens: the last token's row in the layer about to run."""
+        probs = cut.attention(cut.layer_idx, cut.last_token())[:, :, 0]  # [G, H, L]
+        return probs.mean(1).gather(1, cut.visual)
+
     def select_decoder(self, cut: DecoderCut) -> Selection:
         stage = self.cut_layers.index(cut.layer_idx) + 1
-        keep = {stage_counts(n0, self.ratio, stage)[stage] for n0 in cut.original_visual.tolist()}
+        keep = {stage_counts(n0, self.ratio, stage)[-1] for n0 in cut.original_visual.tolist()}
         if len(keep) > 1:  # a Selection keeps equally many tokens per sample of a group
             raise NotImplementedError("PyramidDrop needs the samples of a batch to have equally many image tokens")
-        probs = cut.attention(cut.layer_idx, cut.last_token())[:, :, 0]  # [G, H, L], the layer about to run
-        return Selection(topk_in_order(probs.mean(1).gather(1, cut.visual), keep.pop()))
+        return Selection(topk_in_order(self.scores(cut), keep.pop()))
 
     def describe(self) -> dict:
         counts = stage_counts(self.info.n_visual, self.ratio, len(self.cut_layers))
@@ -96,8 +105,9 @@ def policy(info: ModelInfo, budget: float | None = None, layer_list: list[int] |
         raise ValueError(f"PyramidDrop layer_list must be increasing layers between 1 and 31 (of a 32-layer "
                          f"decoder), got {layer_list!r}")
     layers = tuple(info.relative_layer(layer) for layer in reference)
-    if list(layers) != sorted(set(layers)) or layers[0] < 1:
-        raise ValueError(f"layer_list {reference} collapses on this {info.n_layers}-layer decoder: {list(layers)}")
+    if list(layers) != sorted(set(layers)) or not 1 <= layers[0] <= layers[-1] < info.n_layers:
+        raise ValueError(f"PyramidDrop layer_list {reference} maps to {list(layers)} on this {info.n_layers}-layer "
+                         "decoder: the boundaries must stay distinct and between 1 and n_layers - 1")
     if ratio is None:
         if budget is None:
             raise ValueError("PyramidDrop needs budget= or ratio=")
