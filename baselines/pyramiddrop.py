@@ -85,10 +85,8 @@ class PyramidDrop(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         stage = self.cut_layers.index(cut.layer_idx) + 1
-        keep = {stage_counts(n0, self.ratio, stage)[-1] for n0 in cut.original_visual.tolist()}
-        if len(keep) > 1:  # a Selection keeps equally many tokens per sample of a group
-            raise NotImplementedError("PyramidDrop needs the samples of a batch to have equally many image tokens")
-        return Selection(topk_in_order(self.scores(cut), keep.pop()))
+        keep = stage_counts(int(cut.original_visual[0]), self.ratio, stage)[-1]  # a group shares its N0
+        return Selection(topk_in_order(self.scores(cut), keep))
 
     def describe(self) -> dict:
         counts = stage_counts(self.info.n_visual, self.ratio, len(self.cut_layers))

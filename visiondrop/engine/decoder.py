@@ -103,9 +103,10 @@ def apply_selections(run: Running, selections: dict[int, tuple[Tensor, Tensor | 
 
 def _groups(run: Running, layer_idx: int, layers: nn.ModuleList, prev_hidden: Tensor | None,
             rope: tuple[Tensor, Tensor], original_visual: Tensor, scratch: dict):
-    """The samples with an image, grouped by their current visual-token count, as policies see them."""
-    for n in sorted(set(run.vis_len.tolist()) - {0}):
-        rows = (run.vis_len == n).nonzero()[:, 0]
+    """The samples with an image, grouped by current and original visual-token counts, as policies see them."""
+    pairs = {(n, n0) for n, n0 in zip(run.vis_len.tolist(), original_visual.tolist()) if n}
+    for n, n0 in sorted(pairs):
+        rows = ((run.vis_len == n) & (original_visual == n0)).nonzero()[:, 0]
         yield DecoderCut(
             layer_idx=layer_idx, layers=layers, hidden=run.hidden[rows],
             prev_hidden=None if prev_hidden is None else prev_hidden[rows], mask=run.mask[rows],
