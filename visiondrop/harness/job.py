@@ -15,9 +15,10 @@ from ..api import policy_for
 from ..models import ModelInfo
 from .store import ResultStore
 
+from . import TASKS_DIR
+
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
-TASKS = Path(__file__).resolve().parent / "tasks"
 
 
 @dataclass
@@ -98,6 +99,20 @@ def check_reachable(cfg: DictConfig, path: str, budget: Budget) -> dict:
         raise Unreachable(str(err)) from None
 
 
+def run_tflops(config, cfg: DictConfig, budget: Budget, text_tokens: float | None) -> float | None:
+    """Prefill TFLOPs of one average sample of the run (paper convention, measured text length)."""
+    from ..flops import Dims, method_flops
+
+    if text_tokens is None:
+        return None  # no sample with an image
+    try:
+        return method_flops(Dims.from_config(config), cfg.method.name, budget.tokens, round(text_tokens),
+                            **cfg.method.options).total / 1e12
+    except NotImplementedError as err:  # e.g. a baseline on LLaVA-NeXT, which the FLOPs model does not cover
+        log.warning("no FLOPs for this run: %s", err)
+        return None
+
+
 def run_job(cfg: DictConfig, wandb_run=None) -> list[dict]:
     """Evaluate the benchmarks whose records are missing; returns the records written."""
     from lmms_eval.evaluator import simple_evaluate
@@ -117,10 +132,11 @@ def run_job(cfg: DictConfig, wandb_run=None) -> list[dict]:
                         attn_implementation=cfg.model.attn_implementation,
                         image_aspect_ratio=cfg.model.image_aspect_ratio, conv_template=cfg.model.conv_template,
                         **cfg.method.options)
-    include = [str(TASKS)] + [str(project_path(b.include_path)) for b in todo if b.get("include_path")]
+    include = [str(TASKS_DIR)] + [str(project_path(b.include_path)) for b in todo if b.get("include_path")]
     task_manager = TaskManager(include_path=include)
     written = []
     for bench in todo:
+        model.reset_measurements()
         start = time.perf_counter()
         results = simple_evaluate(model=model, tasks=[bench.task], task_manager=task_manager, limit=cfg.limit,
                                   bootstrap_iters=0, datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"))
@@ -136,7 +152,8 @@ def run_job(cfg: DictConfig, wandb_run=None) -> list[dict]:
             "convention": bench.get("convention"), "score": score * bench.get("scale", 100),
             "metrics": task_results, "equivalent_tokens": schedule.get("equivalent_tokens", budget.tokens),
             "measured_tokens": info.get("measured_tokens_mean"), "schedule": schedule,
-            "tflops": None, "samples": info.get("samples"), "wall_time_s": time.perf_counter() - start,
+            "tflops": run_tflops(model.model.config, cfg, budget, info.get("text_tokens_mean")),
+            "samples": info.get("samples"), "wall_time_s": time.perf_counter() - start,
             "run_info": info, "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
         }
         store.write(record)
