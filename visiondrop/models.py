@@ -5,15 +5,22 @@ from dataclasses import dataclass
 
 from torch import nn
 
-SUPPORTED = ("LlavaForConditionalGeneration",)
+SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    n_visual: int  # visual tokens per image entering the decoder, unpruned
+    """n_visual is the nominal visual-token count of one image: the budgets' reference ("# Tokens" out of it).
+
+    LLaVA-1.5: 576, every image. LLaVA-NeXT (anyres): `crops` crops of `n_visual / crops` patches, 2880 for the
+    v1.6 grids; a sample's actual count varies with its grid, and policies scale their counts to it.
+    """
+
+    n_visual: int
     n_layers: int  # decoder layers
     vision_layer: int  # 0-based vision-tower layer whose output LLaVA projects
     cls_kept: bool  # whether the model's own visual tokens include CLS
+    crops: int = 1  # vision-tower crops per image, nominal
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelInfo":
@@ -25,17 +32,20 @@ class ModelInfo:
     @classmethod
     def from_config(cls, config) -> "ModelInfo":
         vision = config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
         cls_kept = config.vision_feature_select_strategy == "full"
         layer = config.vision_feature_layer
         if not isinstance(layer, int):
             raise ValueError("models that concatenate several vision_feature_layers are not supported")
-        return cls(
-            n_visual=patches + int(cls_kept),
-            n_layers=config.text_config.num_hidden_layers,
-            vision_layer=layer % (vision.num_hidden_layers + 1) - 1,
-            cls_kept=cls_kept,
-        )
+        per_crop = (vision.image_size // vision.patch_size) ** 2 + int(cls_kept)
+        crops = 1
+        if getattr(config, "image_grid_pinpoints", None):  # anyres: the base image plus the largest grid
+            crops += max(h * w for h, w in config.image_grid_pinpoints) // vision.image_size ** 2
+        return cls(n_visual=per_crop * crops, n_layers=config.text_config.num_hidden_layers,
+                   vision_layer=layer % (vision.num_hidden_layers + 1) - 1, cls_kept=cls_kept, crops=crops)
+
+    @property
+    def per_crop(self) -> int:
+        return self.n_visual // self.crops
 
     def relative_layer(self, layer: int, reference_layers: int = 32) -> int:
         """Map a cut layer given for a 32-layer decoder (LLaVA-7B) onto this decoder by relative depth."""

@@ -1,12 +1,14 @@
 """The encoder-side cut: reduce a vision tower layer's output before the projector.
 
 The CLS attention row and the keys of that one layer are recomputed from its own projections (captured with a
-forward pre-hook), so the tower keeps its SDPA attention.
+forward pre-hook), so the tower keeps its SDPA attention. LLaVA-NeXT images are reduced crop by crop and
+arranged as the official VisionDrop/VisionZip code does (see `arrange_anyres`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from .attention import _rows
 from .policy import EncoderView, Policy
@@ -48,26 +50,89 @@ def encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int) 
 
 
 def reduce_images(llava: nn.Module, policy: Policy, pixel_values: Tensor, vision_feature_layer: int,
-                  select_strategy: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Project only the tokens an encoder-side policy keeps.
+                  select_strategy: str, image_sizes: Tensor | None = None,
+                  ) -> tuple[list[Tensor], list[int], list[Tensor]]:
+    """Project only the tokens an encoder-side policy keeps, image by image.
 
-    Returns (features [N, S, D] zero-padded to the S placeholder slots the unpatched model fills per image,
-    valid [N] the number of real rows, origins [N, S] original visual indices, -1 for CLS and merged tokens).
+    Returns, per image: features zero-padded to the placeholder slots the unpatched model fills, the number of
+    real rows, and their original indices in the image's own visual-token order (-1 for CLS and merged tokens).
     """
+    anyres = hasattr(llava, "pack_image_features")
+    if anyres and select_strategy != "default":
+        raise NotImplementedError("encoder-side pruning of LLaVA-NeXT supports vision_feature_select_strategy "
+                                  "'default' only")
+    crops = [1] * pixel_values.shape[0]
+    if anyres:
+        crops = [image_size_to_num_patches(size, llava.config.image_grid_pinpoints, llava.config.vision_config.image_size)
+                 for size in image_sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, crops)])
     view = encoder_view(llava.vision_tower, pixel_values, feature_layer_index(llava.vision_tower,
                                                                               vision_feature_layer))
     sel = policy.select_encoder(view)
     tokens = _rows(view.hidden, sel.keep)
-    n_merged = 0
     if sel.merged is not None:
-        tokens, n_merged = torch.cat([tokens, sel.merged], dim=1), sel.merged.shape[1]
-    features = llava.multi_modal_projector(tokens)
+        tokens = torch.cat([tokens, sel.merged], dim=1)
+    features = llava.multi_modal_projector(tokens)  # [crops, kept + merged, D]
     cls_offset = 1 if select_strategy == "default" else 0  # "default" drops CLS from the model's visual tokens
-    slots = view.hidden.shape[1] - cls_offset
-    n, valid = features.shape[:2]
-    if valid > slots:
-        raise ValueError(f"{policy.name} keeps {valid} tokens per image but the model has {slots} image slots")
-    origins = torch.cat([sel.keep - cls_offset, sel.keep.new_full((n, n_merged), -1)], dim=1).clamp(min=-1)
-    padded = features.new_zeros(n, slots, features.shape[-1])
-    padded[:, :valid] = features
-    return padded, torch.full((n,), valid, device=features.device), origins
+    n_merged = tokens.shape[1] - sel.keep.shape[1]
+    padded, valid, origins = [], [], []
+    for i, (feats, keep) in enumerate(zip(features.split(crops), sel.keep.split(crops))):
+        if anyres:
+            feats, orig, slots = arrange_anyres(llava, feats, keep, n_merged, image_sizes[i])
+        else:
+            orig = torch.cat([keep[0] - cls_offset, keep.new_full((n_merged,), -1)]).clamp(min=-1)
+            feats, slots = feats[0], view.hidden.shape[1] - cls_offset
+        if feats.shape[0] > slots:
+            raise ValueError(f"{policy.name} keeps {feats.shape[0]} tokens for an image with {slots} image slots")
+        padded.append(torch.cat([feats, feats.new_zeros(slots - feats.shape[0], feats.shape[1])]))
+        valid.append(feats.shape[0])
+        origins.append(orig)
+    return padded, valid, origins
+
+
+def arrange_anyres(llava: nn.Module, feats: Tensor, keep: Tensor, n_merged: int, image_size: Tensor,
+                   ) -> tuple[Tensor, Tensor, int]:
+    """Lay out the reduced crops of one LLaVA-NeXT image as the official code does (methods.md 1(g) quirk 9).
+
+    The base crop's tokens come first as they are ([CLS, dominant, contextual]); then the sub-crops' dominant
+    patches in the raster order of the whole grid, their CLS tokens, and their contextual tokens. No image-newline
+    tokens and no unpadding. Returns (tokens, original indices in HF's packed order, placeholder slots).
+    feats: [crops, k + n_merged, D]; keep: [crops, k] tower indices (0 = CLS).
+    """
+    side = llava.config.vision_config.image_size // llava.config.vision_config.patch_size
+    position, slots = packed_positions(llava, feats.shape[0], image_size, side * side)
+    patch = keep - 1  # -1 for CLS
+    crop = torch.arange(feats.shape[0], device=keep.device).unsqueeze(1)
+    origin = torch.where(patch >= 0, position.to(keep.device)[crop * side * side + patch.clamp(min=0)], -1)
+    k = keep.shape[1]
+    tokens, origins = [feats[0]], [torch.cat([origin[0], origin.new_full((n_merged,), -1)])]
+    if feats.shape[0] > 1:
+        _, cols = get_anyres_image_grid_shape(image_size, llava.config.image_grid_pinpoints,
+                                                 llava.config.vision_config.image_size)
+        sub, sub_patch, sub_origin = feats[1:, :k], patch[1:], origin[1:]
+        grid_row, grid_col = (crop[1:] - 1) // cols, (crop[1:] - 1) % cols
+        y, x = sub_patch.clamp(min=0) // side, sub_patch.clamp(min=0) % side
+        raster = (grid_row * side + y) * (cols * side) + grid_col * side + x
+        is_patch = sub_patch >= 0
+        order = raster[is_patch].argsort()
+        tokens += [sub[is_patch][order], sub[~is_patch], feats[1:, k:].flatten(0, 1)]
+        origins += [sub_origin[is_patch][order], sub_origin[~is_patch],
+                    origin.new_full(((feats.shape[0] - 1) * n_merged,), -1)]
+    return torch.cat(tokens), torch.cat(origins), slots
+
+
+def packed_positions(llava: nn.Module, n_crops: int, image_size: Tensor, per_crop: int) -> tuple[Tensor, int]:
+    """Where each crop patch lands in HF's packed visual sequence (unpadded grid plus newlines), -1 if cut away.
+
+    Found by packing the patches' own indices with transformers' `pack_image_features`, so the layout is never
+    re-derived here. Returns (positions [n_crops * per_crop], length of the packed sequence).
+    """
+    ids = torch.arange(n_crops * per_crop, dtype=torch.float32).view(n_crops, per_crop, 1)
+    packed, _ = llava.pack_image_features([ids], image_size.view(1, 2).cpu(), "default",
+                                          image_newline=torch.tensor([-1.0]))
+    order = packed[0][:, 0].long()
+    real = order >= 0
+    position = torch.full((n_crops * per_crop,), -1, dtype=torch.long)
+    position[order[real]] = real.nonzero()[:, 0]
+    return position, order.numel()

@@ -31,7 +31,7 @@ class Pruner:
         self.lm = self.llava.language_model
         self.trace = Trace()
         self._visual: Tensor | None = None  # image-token mask of the forward in flight
-        self._encoded: tuple[Tensor, Tensor] | None = None  # (valid rows, origins) of the last encoded images
+        self._encoded: tuple[list, list] | None = None  # (valid rows, origins) per image of the last encoding
         self._segments: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> segments
         if getattr(self.llava, "_visiondrop_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model: remove() it first")
@@ -67,14 +67,19 @@ class Pruner:
         else:
             self._visual = None
 
-    def _image_features(self, pixel_values: Tensor, vision_feature_layer=None, vision_feature_select_strategy=None,
-                        **kwargs) -> BaseModelOutputWithPooling:
+    def _image_features(self, pixel_values: Tensor, *args, **kwargs) -> BaseModelOutputWithPooling:
+        # LlavaNextModel passes image_sizes positionally, LlavaModel passes keywords
+        names = ("image_sizes",) * hasattr(self.llava, "pack_image_features") + (
+            "vision_feature_layer", "vision_feature_select_strategy")
+        kwargs.update(zip(names, args))
         config = self.model.config
-        layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        features, valid, origins = reduce_images(self.llava, self.policy, pixel_values, layer, strategy)
+        layer = kwargs.get("vision_feature_layer")
+        layer = config.vision_feature_layer if layer is None else layer
+        strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        features, valid, origins = reduce_images(self.llava, self.policy, pixel_values, layer, strategy,
+                                                 kwargs.get("image_sizes"))
         self._encoded = (valid, origins)
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=list(features))
+        return BaseModelOutputWithPooling(last_hidden_state=features[0], pooler_output=features)
 
     def _language_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                           inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
@@ -113,10 +118,11 @@ class Pruner:
         if self._encoded is None or len(self._encoded[0]) != len(samples):
             raise RuntimeError("the image features of this forward were not produced by the applied method")
         valid, origins = self._encoded
-        selections = {b: (torch.arange(int(valid[i]), device=valid.device), None) for i, b in enumerate(samples)}
+        device = run.hidden.device
+        selections = {b: (torch.arange(valid[i], device=device), None) for i, b in enumerate(samples)}
         run = decoder.apply_selections(run, selections, renumber=True)
         for i, b in enumerate(samples):
-            run.origins[b] = origins[i, : int(valid[i])]
+            run.origins[b] = origins[i].to(device)
         trace.add_cut("encoder", [run.origins[b] if b in selections else run.origins[b][:0]
                                   for b in range(len(run.origins))])
         return run
