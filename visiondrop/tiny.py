@@ -1,9 +1,10 @@
-"""Tiny, randomly initialised LLaVA-1.5 checkpoints built offline.
+"""Tiny, randomly initialised LLaVA-1.5 and LLaVA-NeXT (1.6) checkpoints built offline.
 
-The model keeps the real layer structure of ``llava-hf/llava-1.5-7b-hf`` (24-layer
-CLIP ViT-L/14-336 tower with 577 positions, 32-layer Llama decoder, 2-layer GELU
-projector, vision_feature_layer=-2) at a tiny width, so that pruning code sees the
-same shapes, layer counts and token layout as the real model while running in seconds on CPU.
+The models keep the real layer structure of ``llava-hf/llava-1.5-7b-hf`` and
+``llava-hf/llava-v1.6-vicuna-7b-hf`` (24-layer CLIP ViT-L/14-336 tower with 577 positions,
+32-layer Llama decoder, 2-layer GELU projector, vision_feature_layer=-2; for NeXT also the
+AnyRes grid pinpoints and the learned ``image_newline``) at a tiny width, so that pruning code
+sees the same shapes, layer counts and token layout as the real model while running in seconds on CPU.
 """
 
 from __future__ import annotations
@@ -15,18 +16,25 @@ import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoConfig,
     AutoProcessor,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
+# llava-v1.6 AnyRes candidate resolutions, (height, width).
+NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 _SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -87,6 +95,112 @@ def _build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
+def _vision_config(layers: int, width: int, heads: int, init_std: float) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        num_hidden_layers=layers,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_attention_heads=heads,
+        hidden_act="quick_gelu",
+        # CLIP scales attention/MLP init by width; this only widens patch and position embeddings.
+        initializer_range=init_std,
+    )
+
+
+def _text_config(tokenizer, layers: int, width: int, heads: int, init_std: float) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        num_hidden_layers=layers,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        initializer_range=init_std,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _common_config_kwargs(tokenizer) -> dict:
+    """Settings shared by the LlavaConfig and LlavaNextConfig of the real checkpoints."""
+    return dict(
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _processor_kwargs(tokenizer) -> dict:
+    return dict(
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token
+        chat_template=_CHAT_TEMPLATE,
+    )
+
+
+def _build(
+    out_dir: str | Path,
+    kind: str,
+    *,
+    seed: int,
+    text_layers: int,
+    vision_layers: int,
+    hidden: int,
+    vision_hidden: int,
+    heads: int,
+    vocab_size: int,
+    init_std: float,
+) -> Path:
+    out_dir = Path(out_dir)
+    tokenizer = _build_tokenizer(vocab_size)
+    # The PIL backends need no torchvision. They save under the torchvision class name
+    # ("CLIPImageProcessor" / "LlavaNextImageProcessor"), so AutoProcessor picks the torchvision
+    # backend where that is installed, as for the real checkpoints, and the PIL one otherwise.
+    image_kwargs = dict(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    config_kwargs = dict(
+        vision_config=_vision_config(vision_layers, vision_hidden, heads, init_std),
+        text_config=_text_config(tokenizer, text_layers, hidden, heads, init_std),
+        **_common_config_kwargs(tokenizer),
+    )
+    if kind == "llava":
+        image_processor = CLIPImageProcessorPil(**image_kwargs)
+        processor = LlavaProcessor(image_processor=image_processor, **_processor_kwargs(tokenizer))
+        model_class, config = LlavaForConditionalGeneration, LlavaConfig(**config_kwargs)
+    elif kind == "llava_next":
+        image_processor = LlavaNextImageProcessorPil(
+            **image_kwargs, image_grid_pinpoints=NEXT_GRID_PINPOINTS, do_pad=True
+        )
+        processor = LlavaNextProcessor(image_processor=image_processor, **_processor_kwargs(tokenizer))
+        model_class = LlavaNextForConditionalGeneration
+        config = LlavaNextConfig(**config_kwargs, image_grid_pinpoints=NEXT_GRID_PINPOINTS)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    # Stored in float16 like the real checkpoint: halves the folder (~4.5 MB); load_tiny_llava upcasts.
+    model.to(torch.float16).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def build_tiny_llava(
     out_dir: str | Path,
     *,
@@ -104,76 +218,50 @@ def build_tiny_llava(
     ``vocab_size`` is the BPE training target; the model's vocabulary is the trained tokenizer's size.
     ``init_std`` is larger than the usual 0.02 so that random logits are far from uniform.
     """
-    out_dir = Path(out_dir)
-    tokenizer = _build_tokenizer(vocab_size)
-    # The PIL backend needs no torchvision; it saves as "CLIPImageProcessor", so AutoProcessor
-    # picks the torchvision backend where that is installed, as for the real checkpoint.
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        do_center_crop=True,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token
-        chat_template=_CHAT_TEMPLATE,
+    return _build(
+        out_dir, "llava", seed=seed, text_layers=text_layers, vision_layers=vision_layers, hidden=hidden,
+        vision_hidden=vision_hidden, heads=heads, vocab_size=vocab_size, init_std=init_std,
     )
 
-    vision_config = CLIPVisionConfig(
-        image_size=336,
-        patch_size=14,
-        num_hidden_layers=vision_layers,
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_attention_heads=heads,
-        hidden_act="quick_gelu",
-        # CLIP scales attention/MLP init by width; this only widens patch and position embeddings.
-        initializer_range=init_std,
-    )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        num_hidden_layers=text_layers,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=4096,
-        initializer_range=init_std,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=576,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+
+def build_tiny_llava_next(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    text_layers: int = 32,
+    vision_layers: int = 24,
+    hidden: int = 64,
+    vision_hidden: int = 64,
+    heads: int = 4,
+    vocab_size: int = 512,
+    init_std: float = 0.2,
+) -> Path:
+    """Build, save and return the path of a tiny random LLaVA-NeXT (llava-v1.6-vicuna-7b-hf layout).
+
+    Same tower, decoder, tokenizer and knobs as :func:`build_tiny_llava`, plus the AnyRes image
+    processor (base 336x336 view + up to 4 crops of 336x336 chosen from ``NEXT_GRID_PINPOINTS``)
+    and the model's ``image_newline`` parameter.
+    """
+    return _build(
+        out_dir, "llava_next", seed=seed, text_layers=text_layers, vision_layers=vision_layers, hidden=hidden,
+        vision_hidden=vision_hidden, heads=heads, vocab_size=vocab_size, init_std=init_std,
     )
 
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    # Stored in float16 like the real checkpoint: halves the folder (~4.5 MB); load_tiny_llava upcasts.
-    model.to(torch.float16).save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+
+_MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 
 
 def load_tiny_llava(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load a folder written by :func:`build_tiny_llava`; the model is returned in eval mode."""
-    model = LlavaForConditionalGeneration.from_pretrained(
+) -> tuple[
+    LlavaForConditionalGeneration | LlavaNextForConditionalGeneration, LlavaProcessor | LlavaNextProcessor
+]:
+    """Load a folder written by :func:`build_tiny_llava` or :func:`build_tiny_llava_next`.
+
+    The model class follows the saved config's ``model_type``; the model is returned in eval mode.
+    """
+    model_class = _MODEL_CLASSES[AutoConfig.from_pretrained(path).model_type]
+    model = model_class.from_pretrained(
         path, attn_implementation=attn_implementation, dtype=dtype
     ).eval()
     processor = AutoProcessor.from_pretrained(path)

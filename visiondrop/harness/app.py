@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 
 import hydra
@@ -50,5 +52,16 @@ def main(cfg: DictConfig) -> None:
         run.finish()
 
 
-if __name__ == "__main__":
+def quote_budget_choices(argv: list[str]) -> list[str]:
+    """Hydra reads `budget=64` as an int, but config-group choices must be strings: quote numeric choices."""
+    numeric = re.compile(r"^(budget=)([\d.]+(?:,[\d.]+)*)$")
+    return [numeric.sub(lambda m: m[1] + ",".join(f"'{v}'" for v in m[2].split(",")), arg) for arg in argv]
+
+
+def cli() -> None:
+    sys.argv = quote_budget_choices(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()
