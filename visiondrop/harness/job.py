@@ -1,14 +1,17 @@
 """One job: a (model, method, budget) evaluated on its benchmarks, one stored record per benchmark."""
 from __future__ import annotations
 
+import glob
 import logging
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ..api import policy_for
@@ -99,6 +102,34 @@ def check_reachable(cfg: DictConfig, path: str, budget: Budget) -> dict:
         raise Unreachable(str(err)) from None
 
 
+def local_task(bench: DictConfig, task_manager, folder: Path) -> str:
+    """A task that `include:`s the stock one and reads local data (`data` of the benchmark config) instead.
+
+    Checks the local files first, so a wrong path fails at once with the file named rather than deep in `datasets`.
+    """
+    data = OmegaConf.to_container(bench.data, resolve=True)
+    kwargs = data.get("dataset_kwargs", {})
+    files = kwargs.get("data_files", {})
+    if not isinstance(files, dict):
+        raise ValueError(f"benchmark {bench.name}: data.dataset_kwargs.data_files must map the task's split names "
+                         f"to files, e.g. {{testdev: /data/gqa/*.parquet}}")
+    for split, patterns in files.items():
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        for item in patterns:
+            if not glob.glob(str(project_path(item))):
+                raise FileNotFoundError(f"benchmark {bench.name}: no local data matches {item!r} (set "
+                                        "`data.dataset_kwargs.data_files` of this benchmark to existing files)")
+        files[split] = [str(project_path(p)) for p in patterns]  # the generated YAML lives elsewhere
+    if files:
+        data["dataset_kwargs"] = {**kwargs, "data_files": files}
+    if bench.task not in task_manager.task_index:
+        raise ValueError(f"benchmark {bench.name}: lmms-eval has no task {bench.task!r}")
+    name = f"{bench.task}_local"
+    spec = {"include": task_manager.task_index[bench.task]["yaml_path"], "task": name, **data}
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return name
+
+
 def run_tflops(config, cfg: DictConfig, budget: Budget, text_tokens: float | None) -> float | None:
     """Prefill TFLOPs of one average sample of the run (paper convention, measured text length)."""
     from ..flops import Dims, method_flops
@@ -134,13 +165,18 @@ def run_job(cfg: DictConfig, wandb_run=None) -> list[dict]:
                         **cfg.method.options)
     include = [str(TASKS_DIR)] + [str(project_path(b.include_path)) for b in todo if b.get("include_path")]
     task_manager = TaskManager(include_path=include)
+    overrides = Path(tempfile.mkdtemp(prefix="visiondrop_tasks_"))
+    tasks = {b.name: local_task(b, task_manager, overrides) if b.get("data") else b.task for b in todo}
+    if any(b.get("data") for b in todo):
+        task_manager = TaskManager(include_path=include + [str(overrides)])
     written = []
     for bench in todo:
         model.reset_measurements()
         start = time.perf_counter()
-        results = simple_evaluate(model=model, tasks=[bench.task], task_manager=task_manager, limit=cfg.limit,
-                                  bootstrap_iters=0, datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"))
-        task_results = results["results"][bench.task]
+        results = simple_evaluate(model=model, tasks=[tasks[bench.name]], task_manager=task_manager,
+                                  limit=cfg.limit, bootstrap_iters=0,
+                                  datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"))
+        task_results = results["results"][tasks[bench.name]]
         score = task_results.get(f"{bench.metric},none")
         if score is None:
             raise KeyError(f"{bench.task} reported no metric {bench.metric!r}; it reported "
