@@ -55,12 +55,14 @@ OFFICIAL_32 = Schedule(Stage(42, 6), ((8, Stage(30, 5)), (16, Stage(22, 4)), (24
 def schedule_for_budget(budget: float, info: ModelInfo) -> Schedule:
     """The official 32-token schedule scaled by budget/32 (exact for 64/128/192 on LLaVA-1.5, methods.md 1(f)).
 
+    Counts are per crop: on LLaVA-NeXT the encoder stage runs on every crop with budget/crops (640/320/160 ->
+    168+24, 84+12, 42+6 per crop) and the decoder cuts scale with the sample's actual crops (see `VisionDrop`).
     The first decoder segment carries 1.5x the budget, so budgets above 2/3 of the visual tokens are out of reach.
     """
-    scale = budget / 32
+    scale = budget / info.crops / 32
     encoder = Stage(round(OFFICIAL_32.encoder.dominant * scale), round(OFFICIAL_32.encoder.contextual * scale))
     max_budget = int(info.n_visual * 32 / OFFICIAL_32.encoder.total)
-    if encoder.dominant < 1 or encoder.total > info.n_visual + (not info.cls_kept):
+    if encoder.dominant < 1 or encoder.total > info.per_crop + (not info.cls_kept):
         raise ValueError(f"VisionDrop cannot reach budget {budget}: budgets between 1 and {max_budget} average "
                          f"visual tokens are reachable (or {info.n_visual} for the unpruned model)")
     cuts = tuple((info.relative_layer(layer), Stage(round(s.dominant * scale), round(s.contextual * scale)))
@@ -85,25 +87,35 @@ class VisionDrop(Policy):
     name = "visiondrop"
 
     def __init__(self, schedule: Schedule, info: ModelInfo):
-        self.schedule = schedule
+        self.schedule, self.info = schedule, info
         self.encoder_layer = info.vision_layer if schedule.encoder else None
         self.cut_layers = tuple(layer for layer, _ in schedule.cuts)
         self._stages = dict(schedule.cuts)
+        # Decoder counts are given for one reference unit of decoder input: one crop's encoder output, or one
+        # crop's patches without an encoder stage. A sample with more (NeXT grids) scales them: methods.md 1(f).
+        self._unit = schedule.encoder.total if schedule.encoder else info.per_crop
 
     def select_encoder(self, view: EncoderView) -> Selection:
         return encoder_selection(view, self.schedule.encoder.dominant, self.schedule.encoder.contextual)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
+        units = int(cut.original_visual[0]) / self._unit  # a group shares its original count
         stage = self._stages[cut.layer_idx]
+        dominant, contextual = round(stage.dominant * units), round(stage.contextual * units)
         keys = cut.keys(cut.layer_idx)
         probs = cut.attention(cut.layer_idx, cut.visual, keys=keys).mean(1)  # [G, n_queries, L]
         scores = probs.gather(2, cut.visual.unsqueeze(1).expand(-1, cut.n_visual, -1)).mean(1)  # [G, n]
-        keep = topk_in_order(scores, stage.dominant)
+        keep = topk_in_order(scores, dominant)
         rest = complement(keep, cut.n_visual)
         metric = cut.visual_rows(keys.mean(1))
-        return Selection(keep, contextual_merge(cut.visual_rows(cut.hidden), metric, rest, stage.contextual))
+        return Selection(keep, contextual_merge(cut.visual_rows(cut.hidden), metric, rest, contextual))
 
     def describe(self) -> dict:
         s = self.schedule
+        counts, n = [], self._unit
+        for layer in range(self.info.n_layers):
+            n = self._stages[layer].total if layer in self._stages else n
+            counts.append(n * self.info.crops)  # nominal: every crop of the largest grid
         return {"method": self.name, "encoder": None if s.encoder is None else [s.encoder.dominant, s.encoder.contextual],
-                "layers": list(self.cut_layers), "decoder": [[st.dominant, st.contextual] for _, st in s.cuts]}
+                "layers": list(self.cut_layers), "decoder": [[st.dominant, st.contextual] for _, st in s.cuts],
+                "equivalent_tokens": sum(counts) / len(counts)}
