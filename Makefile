@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test demo table1 clean
+.PHONY: install test demo table1 table2 clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ demo: install
 table1: install
 	$(PY) scripts/run.py experiment=table1
 	$(PY) scripts/make_table.py --model llava-1.5-7b --out results --name table1
+
+# The paper's Table 2: FLOPs, latency and memory of random-weight LLaVA architectures, full and every method. GPU:
+# LLaVA-1.5-7B and LLaVA-NeXT-7B at full width in bf16; CPU: LLaVA-1.5 at reduced width, same depths (minutes).
+table2: install
+	$(PY) -m visiondrop.latency
 
 clean:
 	rm -rf $(VENV)
