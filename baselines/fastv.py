@@ -63,7 +63,7 @@ class FastV(Policy):
         return probs.mean(1).gather(1, cut.visual)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
-        return Selection(topk_in_order(self.scores(cut), self.keep))
+        return Selection(topk_in_order(self.scores(cut), cut.scaled(self.keep, self.info.n_visual)))
 
     def describe(self) -> dict:
         n0, layers = self.info.n_visual, self.info.n_layers

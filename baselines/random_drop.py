@@ -33,7 +33,7 @@ class RandomDrop(Policy):
         self.info, self.keep, self.seed = info, keep, seed
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
-        index = random_keep(cut.n_visual, self.keep, self.seed).to(cut.visual.device)
+        index = random_keep(cut.n_visual, cut.scaled(self.keep, self.info.n_visual), self.seed).to(cut.visual.device)
         return Selection(index.expand(len(cut.samples), -1))
 
     def describe(self) -> dict:

@@ -119,7 +119,8 @@ class SparseVLM(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         scores = self.scores(cut)
-        keep = topk_in_order(scores, min(self._keep[cut.layer_idx], cut.n_visual - 1))
+        # keep lists are for a 576-token image; a NeXT sample scales them to its own count (a documented guess)
+        keep = topk_in_order(scores, min(cut.scaled(self._keep[cut.layer_idx], OFFICIAL_N_VISUAL), cut.n_visual - 1))
         if not self.recycle:
             return Selection(keep)
         pruned = complement(keep, cut.n_visual)
@@ -139,7 +140,9 @@ class SparseVLM(Policy):
         return torch.rand((1, x.shape[0]), generator=generator, dtype=x.dtype)[0].to(x.device)
 
     def describe(self) -> dict:
-        counts = tokens_per_layer(self.info.n_visual, self.info.n_layers, self.layers, self.keep_lists, self.recycle)
+        scale = self.info.n_visual // OFFICIAL_N_VISUAL  # NeXT: the keep lists scale with the (nominal) image
+        keep = tuple(k * scale for k in self.keep_lists)
+        counts = tokens_per_layer(self.info.n_visual, self.info.n_layers, self.layers, keep, self.recycle)
         output_counts = counts[1:] + counts[-1:]  # what each layer outputs: the next layer's input, last unchanged
         return {"method": self.name, "layers": list(self.layers), "keep_lists": list(self.keep_lists),
                 "recycle": self.recycle, "seed": self.seed, "tokens_per_layer": counts,
@@ -158,13 +161,12 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
             raise ValueError("SparseVLM needs budget= or keep_lists=")
         if budget >= info.n_visual:
             return unpruned(info, info.n_visual)
-        if budget not in KEEP_LISTS:
-            raise ValueError(f"SparseVLM has official keep lists only for budgets {', '.join(map(str, KEEP_LISTS))} "
-                             f"(or {info.n_visual} for the unpruned model), got {budget}; pass keep_lists= otherwise")
-        if info.n_visual != OFFICIAL_N_VISUAL:
-            raise ValueError(f"SparseVLM's keep lists are for {OFFICIAL_N_VISUAL} visual tokens, this model has "
-                             f"{info.n_visual}: pass keep_lists=")
-        keep_lists = KEEP_LISTS[budget]
+        reference = budget * OFFICIAL_N_VISUAL / info.n_visual  # NeXT: 640/320 of 2880 -> the 128/64 lists
+        if reference not in KEEP_LISTS:
+            allowed = ", ".join(f"{b * info.n_visual / OFFICIAL_N_VISUAL:g}" for b in KEEP_LISTS)
+            raise ValueError(f"SparseVLM has official keep lists only for budgets {allowed} (or {info.n_visual} for "
+                             f"the unpruned model), got {budget}; pass keep_lists= otherwise")
+        keep_lists = KEEP_LISTS[reference]
     keep_lists = tuple(keep_lists)
     if len(keep_lists) != len(layers) or not all(isinstance(k, int) and k >= 0 for k in keep_lists):
         raise ValueError(f"SparseVLM needs one keep count >= 0 per pruning layer {list(layers)}, got {list(keep_lists)}")

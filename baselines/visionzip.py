@@ -36,13 +36,17 @@ MIN_BUDGET = 2  # CLS plus one patch
 
 
 def split_budget(budget: float, info: ModelInfo) -> tuple[int, int]:
-    """(dominant incl. CLS, contextual) for a budget: no decoder cut, so the budget is the token count itself."""
-    if budget != int(budget) or not MIN_BUDGET <= budget < info.n_visual:
-        raise ValueError(f"VisionZip cannot reach budget {budget}: whole budgets from {MIN_BUDGET} to "
-                         f"{info.n_visual - 1} average visual tokens are reachable (or {info.n_visual} for the "
-                         "unpruned model)")
-    dominant = round(budget * DOMINANT_SHARE)
-    return dominant, int(budget) - dominant
+    """(dominant incl. CLS, contextual) per crop: no decoder cut, so the budget is the token count itself.
+
+    LLaVA-NeXT runs the split on every crop with budget / crops (640/320/160 -> 108+20, 54+10, 27+5 per crop).
+    """
+    per_crop = budget / info.crops
+    if per_crop != int(per_crop) or not MIN_BUDGET <= per_crop < info.per_crop:
+        raise ValueError(f"VisionZip cannot reach budget {budget}: whole budgets per crop from {MIN_BUDGET} to "
+                         f"{info.per_crop - 1} are reachable ({info.crops} crop(s) per image; or {info.n_visual} "
+                         "for the unpruned model)")
+    dominant = round(per_crop * DOMINANT_SHARE)
+    return dominant, int(per_crop) - dominant
 
 
 class VisionZip(Policy):
@@ -50,10 +54,10 @@ class VisionZip(Policy):
 
     def __init__(self, dominant: int, contextual: int, info: ModelInfo):
         # The merged tokens must fit the image's placeholder slots (576 on llava-hf 1.5, which drops CLS).
-        if dominant < 1 or contextual < 0 or dominant + contextual > info.n_visual:
+        if dominant < 1 or contextual < 0 or dominant + contextual > info.per_crop:
             raise ValueError(f"VisionZip needs dominant >= 1 (CLS included), contextual >= 0 and dominant + "
-                             f"contextual <= {info.n_visual}; got dominant={dominant}, contextual={contextual}")
-        self.dominant, self.contextual = dominant, contextual
+                             f"contextual <= {info.per_crop}; got dominant={dominant}, contextual={contextual}")
+        self.dominant, self.contextual, self.crops = dominant, contextual, info.crops
         self.encoder_layer = info.vision_layer
 
     def select_encoder(self, view: EncoderView) -> Selection:
@@ -61,7 +65,8 @@ class VisionZip(Policy):
 
     def describe(self) -> dict:
         return {"method": self.name, "encoder_layer": self.encoder_layer, "dominant": self.dominant,
-                "contextual": self.contextual, "equivalent_tokens": self.dominant + self.contextual}
+                "contextual": self.contextual,
+                "equivalent_tokens": (self.dominant + self.contextual) * self.crops}  # NeXT: nominal crops
 
 
 def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = None,
@@ -75,6 +80,7 @@ def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = 
         return VisionZip(*split_budget(budget, info), info)
     if dominant is None or contextual is None:
         raise ValueError("VisionZip needs both dominant= and contextual= (or budget= alone)")
-    if budget is not None and budget != dominant + contextual:
-        raise ValueError(f"budget={budget} disagrees with dominant + contextual = {dominant + contextual}")
+    if budget is not None and budget != (dominant + contextual) * info.crops:
+        raise ValueError(f"budget={budget} disagrees with (dominant + contextual) x crops = "
+                         f"{(dominant + contextual) * info.crops}")
     return VisionZip(dominant, contextual, info)
