@@ -25,7 +25,7 @@ compression; LLaVA-NeXT is out of scope of the engine.
 """
 from __future__ import annotations
 
-from visiondrop.api import unpruned
+from visiondrop.api import newline_choice, unpruned
 from visiondrop.engine import EncoderView, Policy, Selection
 from visiondrop.models import ModelInfo
 from visiondrop.policy import encoder_selection
@@ -70,17 +70,23 @@ class VisionZip(Policy):
 
 
 def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = None,
-           contextual: int | None = None) -> Policy:
-    """VisionZip from a budget (average visual tokens per decoder layer) or an explicit dominant/contextual split."""
+           contextual: int | None = None, newlines: str = "drop") -> Policy:
+    """VisionZip from a budget (average visual tokens per decoder layer) or an explicit dominant/contextual split.
+
+    newlines (LLaVA-NeXT): "drop" (official layout) or "keep", as for VisionDrop (`visiondrop.api.visiondrop`).
+    """
+    keep_newlines = newline_choice(newlines)
     if dominant is None and contextual is None:
         if budget is None:
             raise ValueError("VisionZip needs budget= or dominant= and contextual=")
         if budget >= info.n_visual:
             return unpruned(info, info.n_visual)
-        return VisionZip(*split_budget(budget, info), info)
+        dominant, contextual = split_budget(budget, info)
     if dominant is None or contextual is None:
         raise ValueError("VisionZip needs both dominant= and contextual= (or budget= alone)")
     if budget is not None and budget != (dominant + contextual) * info.crops:
         raise ValueError(f"budget={budget} disagrees with (dominant + contextual) x crops = "
                          f"{(dominant + contextual) * info.crops}")
-    return VisionZip(dominant, contextual, info)
+    zipper = VisionZip(dominant, contextual, info)
+    zipper.keep_newlines = keep_newlines
+    return zipper

@@ -29,17 +29,29 @@ def unpruned(info: ModelInfo, budget: float | None = None) -> Policy:
     return Policy()
 
 
-def visiondrop(info: ModelInfo, budget: float | None = None, schedule: dict | None = None) -> Policy:
-    """VisionDrop from a budget (average visual tokens per decoder layer) or an explicit schedule."""
+def visiondrop(info: ModelInfo, budget: float | None = None, schedule: dict | None = None,
+               newlines: str = "drop") -> Policy:
+    """VisionDrop from a budget (average visual tokens per decoder layer) or an explicit schedule.
+
+    newlines (LLaVA-NeXT): "drop" the image-newline tokens and the unpadding, as the official code (default), or
+    "keep" transformers' layout for the kept patches (see `engine.encoder.arrange_anyres`).
+    """
     from .policy import Schedule, VisionDrop, schedule_for_budget
 
     if (budget is None) == (schedule is None):
         raise ValueError("VisionDrop needs exactly one of budget= or schedule=")
-    if schedule is not None:
-        return VisionDrop(Schedule.parse(schedule), info)
-    if budget >= info.n_visual:
+    if schedule is None and budget >= info.n_visual:
         return unpruned(info, info.n_visual)
-    return VisionDrop(schedule_for_budget(budget, info), info)
+    policy = VisionDrop(Schedule.parse(schedule) if schedule is not None else schedule_for_budget(budget, info), info)
+    policy.keep_newlines = newline_choice(newlines)
+    return policy
+
+
+def newline_choice(newlines: str) -> bool:
+    """The `newlines` option of the encoder-side methods on LLaVA-NeXT: True to keep them."""
+    if newlines not in ("drop", "keep"):
+        raise ValueError(f"newlines must be 'drop' (official layout) or 'keep', got {newlines!r}")
+    return newlines == "keep"
 
 
 def build_policy(model: nn.Module, method: str, budget: float | None = None, **options: Any) -> Policy:

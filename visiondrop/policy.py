@@ -77,6 +77,8 @@ def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Sele
     come from the other tokens, on the layer's keys averaged over heads.
     """
     scores = view.cls_attention[:, :, 1:].sum(1)  # CLS query over the patch keys, summed over heads
+    if view.valid is not None:
+        scores = scores.masked_fill(~view.valid[:, 1:], float("-inf"))
     patches = topk_in_order(scores, dominant - 1) + 1
     keep = torch.cat([patches.new_zeros(patches.shape[0], 1), patches], dim=1)  # CLS first
     rest = complement(keep, view.hidden.shape[1])
@@ -99,9 +101,8 @@ class VisionDrop(Policy):
         return encoder_selection(view, self.schedule.encoder.dominant, self.schedule.encoder.contextual)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
-        units = int(cut.original_visual[0]) / self._unit  # a group shares its original count
         stage = self._stages[cut.layer_idx]
-        dominant, contextual = round(stage.dominant * units), round(stage.contextual * units)
+        dominant, contextual = cut.scaled(stage.dominant, self._unit), cut.scaled(stage.contextual, self._unit)
         keys = cut.keys(cut.layer_idx)
         probs = cut.attention(cut.layer_idx, cut.visual, keys=keys).mean(1)  # [G, n_queries, L]
         scores = probs.gather(2, cut.visual.unsqueeze(1).expand(-1, cut.n_visual, -1)).mean(1)  # [G, n]

@@ -69,6 +69,8 @@ def reduce_images(llava: nn.Module, policy: Policy, pixel_values: Tensor, vision
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, crops)])
     view = encoder_view(llava.vision_tower, pixel_values, feature_layer_index(llava.vision_tower,
                                                                               vision_feature_layer))
+    if anyres and policy.keep_newlines:  # spend the budget on patches that survive unpadding
+        view.valid = torch.cat([_unpadded(llava, n, size, view.hidden.shape[1]) for n, size in zip(crops, image_sizes)])
     sel = policy.select_encoder(view)
     tokens = _rows(view.hidden, sel.keep)
     if sel.merged is not None:
@@ -79,7 +81,7 @@ def reduce_images(llava: nn.Module, policy: Policy, pixel_values: Tensor, vision
     padded, valid, origins = [], [], []
     for i, (feats, keep) in enumerate(zip(features.split(crops), sel.keep.split(crops))):
         if anyres:
-            feats, orig, slots = arrange_anyres(llava, feats, keep, n_merged, image_sizes[i])
+            feats, orig, slots = arrange_anyres(llava, feats, keep, n_merged, image_sizes[i], policy.keep_newlines)
         else:
             orig = torch.cat([keep[0] - cls_offset, keep.new_full((n_merged,), -1)]).clamp(min=-1)
             feats, slots = feats[0], view.hidden.shape[1] - cls_offset
@@ -92,16 +94,19 @@ def reduce_images(llava: nn.Module, policy: Policy, pixel_values: Tensor, vision
 
 
 def arrange_anyres(llava: nn.Module, feats: Tensor, keep: Tensor, n_merged: int, image_size: Tensor,
-                   ) -> tuple[Tensor, Tensor, int]:
+                   keep_newlines: bool = False) -> tuple[Tensor, Tensor, int]:
     """Lay out the reduced crops of one LLaVA-NeXT image as the official code does (methods.md 1(g) quirk 9).
 
     The base crop's tokens come first as they are ([CLS, dominant, contextual]); then the sub-crops' dominant
-    patches in the raster order of the whole grid, their CLS tokens, and their contextual tokens. No image-newline
-    tokens and no unpadding. Returns (tokens, original indices in HF's packed order, placeholder slots).
+    patches in the raster order of the whole grid, their CLS tokens, and their contextual tokens. By default, as
+    the official code: no image-newline tokens and no unpadding. With `keep_newlines`, the sub-crops' dominant
+    patches follow transformers' own layout instead: patches in the padding that unpadding removes are dropped,
+    and the model's image-newline token closes every grid row that keeps a patch.
+    Returns (tokens, original indices in HF's packed order, placeholder slots).
     feats: [crops, k + n_merged, D]; keep: [crops, k] tower indices (0 = CLS).
     """
     side = llava.config.vision_config.image_size // llava.config.vision_config.patch_size
-    position, slots = packed_positions(llava, feats.shape[0], image_size, side * side)
+    position, slots, newline_at = packed_positions(llava, feats.shape[0], image_size, side * side)
     patch = keep - 1  # -1 for CLS
     crop = torch.arange(feats.shape[0], device=keep.device).unsqueeze(1)
     origin = torch.where(patch >= 0, position.to(keep.device)[crop * side * side + patch.clamp(min=0)], -1)
@@ -115,18 +120,49 @@ def arrange_anyres(llava: nn.Module, feats: Tensor, keep: Tensor, n_merged: int,
         y, x = sub_patch.clamp(min=0) // side, sub_patch.clamp(min=0) % side
         raster = (grid_row * side + y) * (cols * side) + grid_col * side + x
         is_patch = sub_patch >= 0
-        order = raster[is_patch].argsort()
-        tokens += [sub[is_patch][order], sub[~is_patch], feats[1:, k:].flatten(0, 1)]
-        origins += [sub_origin[is_patch][order], sub_origin[~is_patch],
-                    origin.new_full(((feats.shape[0] - 1) * n_merged,), -1)]
+        if keep_newlines:
+            is_patch &= sub_origin >= 0  # unpadding removes these patches
+            dominant, dominant_origin = _with_newlines(sub[is_patch], sub_origin[is_patch], newline_at.to(keep.device),
+                                                       llava.image_newline)
+        else:
+            order = raster[is_patch].argsort()
+            dominant, dominant_origin = sub[is_patch][order], sub_origin[is_patch][order]
+        is_cls = sub_patch < 0
+        tokens += [dominant, sub[is_cls], feats[1:, k:].flatten(0, 1)]
+        origins += [dominant_origin, sub_origin[is_cls], origin.new_full(((feats.shape[0] - 1) * n_merged,), -1)]
     return torch.cat(tokens), torch.cat(origins), slots
 
 
-def packed_positions(llava: nn.Module, n_crops: int, image_size: Tensor, per_crop: int) -> tuple[Tensor, int]:
+def _unpadded(llava: nn.Module, n_crops: int, image_size: Tensor, tokens: int) -> Tensor:
+    """[n_crops, tokens] True for CLS and the patches that transformers' unpadding keeps."""
+    position = packed_positions(llava, n_crops, image_size, tokens - 1)[0].view(n_crops, tokens - 1)
+    valid = torch.cat([torch.ones(n_crops, 1, dtype=torch.bool), position >= 0], dim=1)
+    return valid.to(image_size.device)
+
+
+def _with_newlines(tokens: Tensor, origins: Tensor, newline_at: Tensor, newline: Tensor) -> tuple[Tensor, Tensor]:
+    """Tokens in packed order, each grid row that keeps one closed by the image-newline token (origin: its slot)."""
+    order = origins.argsort()
+    tokens, origins = tokens[order], origins[order]
+    row = torch.searchsorted(newline_at, origins)  # the newline that closes each token's row
+    last_of_row = torch.ones_like(row, dtype=torch.bool)
+    last_of_row[:-1] = row[1:] != row[:-1]
+    slot = torch.arange(len(tokens), device=tokens.device) + torch.cumsum(last_of_row, 0) - last_of_row.long()
+    out = tokens.new_empty(len(tokens) + int(last_of_row.sum()), tokens.shape[1])
+    out_origins = origins.new_empty(out.shape[0])
+    out[slot], out_origins[slot] = tokens, origins
+    out[slot[last_of_row] + 1] = newline.to(tokens.dtype)
+    out_origins[slot[last_of_row] + 1] = newline_at[row[last_of_row]]
+    return out, out_origins
+
+
+def packed_positions(llava: nn.Module, n_crops: int, image_size: Tensor, per_crop: int,
+                     ) -> tuple[Tensor, int, Tensor]:
     """Where each crop patch lands in HF's packed visual sequence (unpadded grid plus newlines), -1 if cut away.
 
     Found by packing the patches' own indices with transformers' `pack_image_features`, so the layout is never
-    re-derived here. Returns (positions [n_crops * per_crop], length of the packed sequence).
+    re-derived here. Returns (positions [n_crops * per_crop], length of the packed sequence, positions of the
+    image-newline tokens).
     """
     ids = torch.arange(n_crops * per_crop, dtype=torch.float32).view(n_crops, per_crop, 1)
     packed, _ = llava.pack_image_features([ids], image_size.view(1, 2).cpu(), "default",
@@ -135,4 +171,4 @@ def packed_positions(llava: nn.Module, n_crops: int, image_size: Tensor, per_cro
     real = order >= 0
     position = torch.full((n_crops * per_crop,), -1, dtype=torch.long)
     position[order[real]] = real.nonzero()[:, 0]
-    return position, order.numel()
+    return position, order.numel(), (~real).nonzero()[:, 0]

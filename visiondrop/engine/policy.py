@@ -32,12 +32,15 @@ class EncoderView:
     Token 0 is CLS; tokens 1.. are the patches in raster order.
     hidden: [N, T, D] the layer's output (the features LLaVA would project);
     cls_attention: [N, H, T] attention probabilities of the CLS query in that layer;
-    keys: [N, H, T, hd] that layer's keys (before scaling).
+    keys: [N, H, T, hd] that layer's keys (before scaling);
+    valid: [N, T] False for tokens the model's own layout discards (LLaVA-NeXT padding, when the policy keeps
+    that layout), or None: a policy should not spend its budget on them.
     """
 
     hidden: Tensor
     cls_attention: Tensor
     keys: Tensor
+    valid: Tensor | None = None
 
 
 @dataclass
@@ -87,6 +90,14 @@ class DecoderCut:
         hidden = self.hidden if hidden is None else hidden
         return decoder_keys(self.layers[layer_idx], hidden, self.cos, self.sin)
 
+    def scaled(self, count: float, nominal: int) -> int:
+        """`count` tokens out of a nominal `nominal`, scaled to this group's own original visual count.
+
+        The identity on LLaVA-1.5 (every image has the nominal 576); on LLaVA-NeXT a sample's count follows its
+        anyres grid, and counts are kept as fractions of it.
+        """
+        return round(count * int(self.original_visual[0]) / nominal)  # a group shares its original count
+
     def last_token(self) -> Tensor:
         """Sequence index [G, 1] of the last prompt token (sequences are left-padded)."""
         return torch.full((self.hidden.shape[0], 1), self.hidden.shape[1] - 1, device=self.hidden.device)
@@ -102,6 +113,9 @@ class Policy:
     encoder_layer: int | None = None
     #: Decoder layers (0-based) before which the policy cuts.
     cut_layers: tuple[int, ...] = ()
+    #: LLaVA-NeXT encoder stage: keep transformers' unpadded layout and image-newline tokens for the sub-crops'
+    #: kept patches (False: the official VisionDrop/VisionZip layout, which drops both).
+    keep_newlines: bool = False
 
     def prepare(self, cut: DecoderCut) -> None:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""

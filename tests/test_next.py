@@ -1,0 +1,107 @@
+"""Every method on a tiny LLaVA-NeXT, with images of different aspect ratios (different crop grids) in one batch."""
+import pytest
+import torch
+
+import visiondrop
+from helpers import LayerCounter, prompt
+from visiondrop.api import Handle
+from visiondrop.engine.replay import Replay
+from visiondrop.tiny import demo_image
+
+QUESTIONS = ["What is in the image?", "Is there a red square in the picture? Answer yes or no."]
+IMAGES = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]  # 3 crops (1752 tokens) and 5 crops (2438)
+CROPS = [3, 5]
+METHODS = [("visiondrop", 320, {}), ("visiondrop", 160, {"newlines": "keep"}), ("visionzip", 320, {}),
+           ("fastv", 320, {}), ("pyramiddrop", 320, {}), ("sparsevlm", 320, {"seed": 0}), ("random", 320, {})]
+
+
+def batch(processor, questions=QUESTIONS, images=IMAGES):
+    return dict(processor(text=[prompt(q) for q in questions], images=images, padding=True, return_tensors="pt"))
+
+
+def greedy(model, inputs, **kwargs):
+    return model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, **kwargs)[:, -5:]
+
+
+def test_none_equals_unpatched(tiny_next):
+    model, processor = tiny_next
+    inputs = batch(processor)
+    reference = greedy(model, inputs)
+    with visiondrop.apply(model, "none") as handle:
+        assert torch.equal(greedy(model, inputs), reference)
+        assert [t[0] for t in handle.trace.tokens_per_layer] == [1752, 2438]
+
+
+@pytest.mark.parametrize("method,budget,options", METHODS)
+def test_batch_of_grids_equals_each_alone_and_cache_is_consistent(tiny_next, method, budget, options):
+    model, processor = tiny_next
+    inputs = batch(processor)
+    with visiondrop.apply(model, method, budget, **options) as handle:
+        together = greedy(model, inputs)
+        policy, trace = handle.policy, handle.trace
+        alone = [greedy(model, batch(processor, [q], [img]))[0] for q, img in zip(QUESTIONS, IMAGES)]
+    assert torch.equal(together, torch.stack(alone))
+    with Handle(model, Replay(policy, trace)):
+        assert torch.equal(greedy(model, inputs, use_cache=False), together)
+
+
+def measured(model, processor, image, method, budget, **options):
+    inputs = batch(processor, QUESTIONS[:1], [image])
+    n_text = int((inputs["input_ids"] != model.config.image_token_id).sum())
+    counter = LayerCounter(model)
+    try:
+        with visiondrop.apply(model, method, budget, **options) as handle, torch.no_grad():
+            model(**inputs)
+    finally:
+        counter.close()
+    counts = [n - n_text for n in counter.lengths]
+    assert handle.trace.tokens_per_layer == [counts]
+    return counts, handle
+
+
+@pytest.mark.parametrize("image,crops,n0", [(IMAGES[0], 3, 1752), (IMAGES[1], 5, 2438)])
+def test_counts_follow_each_samples_own_grid(tiny_next, image, crops, n0):
+    model, processor = tiny_next
+    runs = lambda counts: [counts[0], counts[8], counts[16], counts[24]]  # noqa: E731
+    counts, _ = measured(model, processor, image, "visiondrop", 320)  # per crop 84+12, then x 70/96, 52/96, 38/96
+    assert runs(counts) == [96 * crops, 70 * crops, 52 * crops, 38 * crops]
+    counts, _ = measured(model, processor, image, "visionzip", 640)  # 108+20 per crop, no decoder cut
+    assert set(counts) == {128 * crops}
+    counts, _ = measured(model, processor, image, "fastv", 320)  # 149 of 2880 kept after layer 2, as a fraction
+    assert counts[:2] == [n0, n0] and set(counts[2:]) == {round(149 * n0 / 2880)}
+    counts, handle = measured(model, processor, image, "pyramiddrop", 320)  # int(N0 * lambda^s), actual N0
+    ratio = handle.policy.describe()["ratio"]
+    assert [counts[0], counts[2], counts[8], counts[16]] == [n0] + [int(n0 * ratio ** s) for s in (1, 2, 3)]
+
+
+def test_encoder_stage_is_text_independent_and_reports_the_samples_own_indices(tiny_next):
+    model, processor = tiny_next
+    for method in ("visiondrop", "visionzip"):
+        kept = []
+        for question in QUESTIONS:
+            with visiondrop.apply(model, method, 320) as handle, torch.no_grad():
+                model(**batch(processor, [question], IMAGES[1:]))
+            kept.append([k.tolist() for k in handle.trace.kept[0]])
+        assert kept[0] == kept[1]
+        assert all(0 <= i < 2438 for cut in kept[0] for i in cut)
+
+
+def test_newlines_option_keeps_the_models_layout(tiny_next):
+    model, processor = tiny_next
+    image = IMAGES[1]
+    dropped, _ = measured(model, processor, image, "visiondrop", 320)
+    kept, handle = measured(model, processor, image, "visiondrop", 320, newlines="keep")
+    assert dropped[0] == 480 and kept[0] > 480  # the image-newline tokens of the rows with kept patches
+    encoder_kept = handle.trace.kept[0][0]
+    assert torch.equal(encoder_kept, encoder_kept.sort().values)  # transformers' packed order
+    with pytest.raises(ValueError, match="newlines must be"):
+        visiondrop.apply(model, "visiondrop", 320, newlines="maybe")
+
+
+def test_unreachable_next_budgets(tiny_next):
+    model, _ = tiny_next
+    for method, floor in (("fastv", "180"), ("pyramiddrop", "180")):
+        with pytest.raises(ValueError, match=f"smallest reachable budget is {floor}"):
+            visiondrop.apply(model, method, 160)
+    with pytest.raises(ValueError, match="only for budgets 320, 480, 640, 960"):
+        visiondrop.apply(model, "sparsevlm", 160)
