@@ -1,4 +1,6 @@
 """FastV: parity with the official run (../shared/reference/parity/fastv), scoring by hand, counts, batches, cache."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -55,6 +57,9 @@ class CraftedCut(DecoderCut):
         return self.probs.gather(2, queries[:, None, :, None].expand(-1, self.probs.shape[1], -1, self.probs.shape[3]))
 
 
+CRAFTED = replace(LLAVA_7B, n_visual=4)  # the crafted image has 4 visual tokens
+
+
 def crafted_cut() -> CraftedCut:
     """One sample, 2 heads, 6 tokens: [text, v0, v1, v2, v3, text]; rows are queries."""
     probs = torch.zeros(1, 2, 6, 6)
@@ -66,7 +71,7 @@ def crafted_cut() -> CraftedCut:
 
 def test_last_token_scoring_by_hand():
     cut = crafted_cut()
-    policy = FastV(LLAVA_7B, k=2, keep=2, scoring="last_token")
+    policy = FastV(CRAFTED, k=2, keep=2, scoring="last_token")
     torch.testing.assert_close(policy.scores(cut), torch.tensor([[.2, .1, .2, .2]]))  # head mean, visual columns
     layer, queries, hidden = cut.calls[0]
     assert layer == 1 and queries.tolist() == [[5]] and hidden is cut.prev_hidden  # layer K-1, last prompt row
@@ -76,7 +81,7 @@ def test_last_token_scoring_by_hand():
 
 def test_all_queries_scoring_by_hand_ignores_padding():
     cut = crafted_cut()
-    policy = FastV(LLAVA_7B, k=3, keep=1, scoring="all_queries")
+    policy = FastV(CRAFTED, k=3, keep=1, scoring="all_queries")
     expected = torch.tensor([[.2, 1.0, .2, .3]]) / 6  # mean over the 6 query rows and the heads
     torch.testing.assert_close(policy.scores(cut), expected)
     assert cut.calls[0][0] == 2 and policy.select_decoder(cut).keep.tolist() == [[1]]

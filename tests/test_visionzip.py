@@ -140,9 +140,9 @@ def test_budgets_and_options():
     assert build(dominant=100, contextual=0).describe()["equivalent_tokens"] == 100
     assert build(budget=64, dominant=60, contextual=4).describe()["dominant"] == 60
     for budget in (1, 0, 64.5):
-        with pytest.raises(ValueError, match=f"cannot reach budget {budget}: whole budgets from 2 to 575"):
+        with pytest.raises(ValueError, match=f"cannot reach budget {budget}: whole budgets per crop from 2 to 575"):
             build(budget=budget)
-    with pytest.raises(ValueError, match="budget=64 disagrees with dominant \\+ contextual = 70"):
+    with pytest.raises(ValueError, match="budget=64 disagrees with \\(dominant \\+ contextual\\) x crops = 70"):
         build(budget=64, dominant=60, contextual=10)
     with pytest.raises(ValueError, match="both dominant= and contextual="):
         build(budget=64, dominant=54)
