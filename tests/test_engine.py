@@ -121,3 +121,29 @@ def test_clear_errors(tiny):
         visiondrop.apply(LlamaForCausalLM(model.config.text_config), "visiondrop", budget=64)
     with visiondrop.apply(model, "none"), pytest.raises(RuntimeError, match="already applied"):
         visiondrop.apply(model, "visiondrop", budget=64)
+
+
+def test_generated_image_token_id_is_plain_text(tiny):
+    """A (random) model may emit the image token id while decoding: it carries no image and must not re-prune."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, processor = tiny
+
+    class ForceImageTokenFirst(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == start:
+                scores[:, :] = -float("inf")
+                scores[:, model.config.image_token_id] = 0
+            return scores
+
+    batch = inputs(processor, QUESTIONS[:2])
+    start = batch["input_ids"].shape[1]
+    forced = LogitsProcessorList([ForceImageTokenFirst()])
+    reference = greedy(model, batch, logits_processor=forced)
+    assert (reference[:, 0] == model.config.image_token_id).all()
+    with visiondrop.apply(model, "none"):
+        assert torch.equal(greedy(model, batch, logits_processor=forced), reference)
+    with visiondrop.apply(model, "visiondrop", budget=64) as handle:
+        pruned = greedy(model, batch, logits_processor=forced)
+        assert (pruned[:, 0] == model.config.image_token_id).all() and pruned.shape == reference.shape
+        assert handle.trace.tokens_per_layer == [[96] * 8 + [70] * 8 + [52] * 8 + [38] * 8] * 2  # the prefill's

@@ -56,6 +56,10 @@ class Pruner:
 
     # -- the patched pieces --------------------------------------------------------------------------------
     def _note_image_tokens(self, module, args, kwargs) -> None:
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+            self._visual = None  # no image in this forward, whatever token ids it holds (decode steps)
+            return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         image_id = self.model.config.image_token_id
         if input_ids is not None:

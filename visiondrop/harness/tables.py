@@ -36,7 +36,8 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
     tokens = ours.groupby(["Method", "budget"], dropna=False).measured_tokens.mean()
 
     full = wide[wide.index.get_level_values("budget").isna()]
-    relative = wide.div(full.iloc[0]) * 100 if len(full) else wide * float("nan")
+    reference = full.iloc[0].where(full.iloc[0] != 0) if len(full) else wide.iloc[0] * float("nan")
+    relative = wide.div(reference) * 100  # undefined (missing) where our full model scores 0
     table = pd.DataFrame(index=wide.index)
     table["measured tokens"] = tokens.reindex(wide.index)
     paper = paper_scores(paper_csv, model) if paper_csv else pd.DataFrame(columns=["method", "budget", "benchmark",
@@ -68,7 +69,8 @@ def write_table(table: pd.DataFrame, note: str, out_dir: str | Path, name: str =
     flat["# Tokens"] = flat["# Tokens"].map(lambda b: "full" if pd.isna(b) else f"{b:g}")
     csv, md = out_dir / f"{name}.csv", out_dir / f"{name}.md"
     flat.to_csv(csv, index=False)
-    md.write_text(f"# {name}\n\n{flat.to_markdown(index=False, floatfmt='.2f', missingval='—')}\n\n"
+    cells = flat.astype(object).where(flat.notna(), None)  # tabulate marks None, not NaN, as missing
+    md.write_text(f"# {name}\n\n{cells.to_markdown(index=False, floatfmt='.2f', missingval='—')}\n\n"
                   f"Missing cells are marked —. Columns: {note}.\n")
     return md, csv
 
@@ -90,7 +92,7 @@ def plot_scores(table: pd.DataFrame, out_png: str | Path) -> Path:
         full = table[table.index.get_level_values("budget").isna()][column]
         if len(full):
             ax.axhline(full.iloc[0], color="gray", linestyle="--", label="full")
-        ax.set(title=column, xlabel="visual tokens (avg per layer)", xscale="log")
+        ax.set(title=column, xlabel="visual tokens (avg per layer)")
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
