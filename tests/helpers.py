@@ -40,3 +40,29 @@ class LayerCounter:
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
+
+
+def measure_counts(model, batch: dict, method: str, budget=None, **options):
+    """Visual tokens entering each decoder layer of a one-sample batch, counted with pre-hooks (not the trace)."""
+    import visiondrop
+
+    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
+    counter = LayerCounter(model)
+    try:
+        with visiondrop.apply(model, method, budget, **options) as handle, torch.no_grad():
+            model(**batch)
+    finally:
+        counter.close()
+    return [n - n_text for n in counter.lengths], handle
+
+
+def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens: int = 6, **options):
+    """Greedy tokens with the KV cache, and without it while replaying the cached run's prefill decisions."""
+    import visiondrop
+    from visiondrop.api import Handle
+    from visiondrop.engine.replay import Replay
+
+    with visiondrop.apply(model, method, budget, **options) as handle:
+        cached = greedy(model, batch, new_tokens)
+    with Handle(model, Replay(handle.policy, handle.trace)):
+        return cached, greedy(model, batch, new_tokens, use_cache=False)

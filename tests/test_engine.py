@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import LayerCounter, greedy, inputs
+from helpers import greedy, inputs, measure_counts
 from visiondrop.tiny import demo_image, load_tiny_llava
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
@@ -43,15 +43,7 @@ def test_remove_restores_bit_identical_outputs(tiny_dir):
                                              (128, [192, 140, 104, 76]), (192, [288, 210, 156, 114])])
 def test_measured_tokens_per_layer_follow_schedule(tiny, budget, segments):
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:1])
-    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
-    counter = LayerCounter(model)
-    try:
-        with visiondrop.apply(model, "visiondrop", budget=budget) as handle, torch.no_grad():
-            model(**batch)
-    finally:
-        counter.close()
-    measured = [n - n_text for n in counter.lengths]
+    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "visiondrop", budget)
     assert measured == [n for n in segments for _ in range(8)]
     assert sum(measured) / len(measured) == budget
     assert handle.trace.tokens_per_layer == [measured]

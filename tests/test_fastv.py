@@ -6,11 +6,10 @@ import torch
 
 import visiondrop
 from baselines.fastv import FastV, keep_for_budget
-from helpers import LayerCounter, greedy, inputs
+from helpers import cached_and_replayed, greedy, inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
-from visiondrop.api import Handle, build_policy
+from visiondrop.api import build_policy
 from visiondrop.engine import DecoderCut
-from visiondrop.engine.replay import Replay
 from visiondrop.models import ModelInfo
 from visiondrop.tiny import demo_image
 
@@ -99,15 +98,7 @@ def test_budget_to_keep(budget, k, keep):
 @pytest.mark.parametrize("budget,keep", [(192, 166), (128, 98), (64, 30)])
 def test_measured_tokens_per_layer_follow_schedule(tiny, budget, keep):
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:1])
-    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
-    counter = LayerCounter(model)
-    try:
-        with visiondrop.apply(model, "fastv", budget=budget) as handle, torch.no_grad():
-            model(**batch)
-    finally:
-        counter.close()
-    measured = [n - n_text for n in counter.lengths]
+    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "fastv", budget)
     assert measured == [576] * 2 + [keep] * 30
     assert handle.trace.tokens_per_layer == [measured]
     assert abs(handle.trace.mean_tokens[0] - budget) < 0.5
@@ -134,15 +125,8 @@ def test_batch_equals_each_prompt_alone(tiny, scoring):
 
 def test_generation_with_cache_equals_replay_without(tiny):
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:2])
-    handle = visiondrop.apply(model, "fastv", budget=64)
-    try:
-        cached = greedy(model, batch, new_tokens=6)
-    finally:
-        handle.remove()
-    with Handle(model, Replay(handle.policy, handle.trace)):
-        uncached = greedy(model, batch, new_tokens=6, use_cache=False)
-    assert torch.equal(cached, uncached)
+    cached, replayed = cached_and_replayed(model, inputs(processor, QUESTIONS[:2]), "fastv", 64)
+    assert torch.equal(cached, replayed)
 
 
 def test_question_changes_the_kept_set(tiny):

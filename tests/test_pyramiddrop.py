@@ -5,11 +5,9 @@ import torch
 import visiondrop
 from baselines.pyramiddrop import PyramidDrop
 from baselines.pyramiddrop import policy as pyramiddrop_policy
-from helpers import LayerCounter, greedy, inputs
+from helpers import cached_and_replayed, greedy, inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
-from visiondrop.api import Handle
 from visiondrop.engine import DecoderCut
-from visiondrop.engine.replay import Replay
 from visiondrop.models import ModelInfo
 from visiondrop.tiny import demo_image
 
@@ -80,15 +78,7 @@ def expected_counts(describe: dict, n_layers: int = 32) -> list[int]:
 ])
 def test_measured_tokens_per_layer_follow_schedule(tiny, options, segments):
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:1])
-    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
-    counter = LayerCounter(model)
-    try:
-        with visiondrop.apply(model, "pyramiddrop", **options) as handle, torch.no_grad():
-            model(**batch)
-    finally:
-        counter.close()
-    measured = [n - n_text for n in counter.lengths]
+    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "pyramiddrop", **options)
     describe = handle.policy.describe()
     assert describe["keep_counts"] == segments
     assert measured == expected_counts(describe)
@@ -117,12 +107,8 @@ def test_batch_equals_each_prompt_alone(tiny):
 
 def test_generation_with_cache_equals_replayed_without(tiny):
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:2])
-    with visiondrop.apply(model, "pyramiddrop", budget=64) as handle:
-        cached = greedy(model, batch, new_tokens=6)
-    with Handle(model, Replay(handle.policy, handle.trace)):
-        uncached = greedy(model, batch, new_tokens=6, use_cache=False)
-    assert torch.equal(cached, uncached)
+    cached, replayed = cached_and_replayed(model, inputs(processor, QUESTIONS[:2]), "pyramiddrop", 64)
+    assert torch.equal(cached, replayed)
 
 
 def test_selection_depends_on_the_question(tiny):

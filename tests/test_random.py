@@ -4,9 +4,8 @@ import torch
 
 import visiondrop
 from baselines.random_drop import random_keep
-from helpers import LayerCounter, greedy, inputs
-from visiondrop.api import Handle, build_policy
-from visiondrop.engine.replay import Replay
+from helpers import cached_and_replayed, greedy, inputs, measure_counts
+from visiondrop.api import build_policy
 from visiondrop.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
@@ -22,15 +21,7 @@ def test_random_keep_is_seeded_sorted_and_distinct():
 @pytest.mark.parametrize("budget", [192, 128, 64, 32])
 def test_measured_tokens_per_layer_equal_budget(tiny, budget):
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:1])
-    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
-    counter = LayerCounter(model)
-    try:
-        with visiondrop.apply(model, "random", budget=budget) as handle, torch.no_grad():
-            model(**batch)
-    finally:
-        counter.close()
-    measured = [n - n_text for n in counter.lengths]
+    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "random", budget)
     assert measured == [budget] * 32
     assert handle.trace.tokens_per_layer == [measured]
     assert handle.trace.cuts == ["layer 0"]
@@ -67,15 +58,8 @@ def test_batch_equals_each_prompt_alone(tiny):
 
 def test_generation_with_cache_equals_replay_without(tiny):
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:2])
-    handle = visiondrop.apply(model, "random", budget=64)
-    try:
-        cached = greedy(model, batch, new_tokens=6)
-    finally:
-        handle.remove()
-    with Handle(model, Replay(handle.policy, handle.trace)):
-        uncached = greedy(model, batch, new_tokens=6, use_cache=False)
-    assert torch.equal(cached, uncached)
+    cached, replayed = cached_and_replayed(model, inputs(processor, QUESTIONS[:2]), "random", 64)
+    assert torch.equal(cached, replayed)
 
 
 def test_full_budget_is_unpruned_and_clear_errors(tiny):

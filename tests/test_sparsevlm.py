@@ -4,11 +4,9 @@ import torch
 
 import visiondrop
 from baselines.sparsevlm import SparseVLM, cluster_and_merge, policy, tokens_per_layer
-from helpers import LayerCounter, greedy, inputs
+from helpers import cached_and_replayed, greedy, inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
-from visiondrop.api import Handle
 from visiondrop.engine import DecoderCut
-from visiondrop.engine.replay import Replay
 from visiondrop.models import ModelInfo
 from visiondrop.tiny import demo_image
 
@@ -159,16 +157,9 @@ SCHEDULES = {  # visual tokens entering the 32 layers; SparseVLM's own count ave
 @pytest.mark.parametrize("budget", sorted(SCHEDULES))
 def test_measured_tokens_per_layer_follow_schedule(tiny, budget):
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:1])
-    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
-    counter = LayerCounter(model)
-    try:
-        with visiondrop.apply(model, "sparsevlm", budget=budget, seed=0) as handle, torch.no_grad():
-            model(**batch)
-    finally:
-        counter.close()
+    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "sparsevlm", budget, seed=0)
     expected, equivalent = SCHEDULES[budget]
-    assert [n - n_text for n in counter.lengths] == expected
+    assert measured == expected
     assert handle.trace.tokens_per_layer == [expected]
     assert handle.policy.describe()["equivalent_tokens"] == equivalent
     assert handle.trace.mean_tokens == [sum(expected) / 32] == [handle.policy.describe()["mean_tokens_entering_layers"]]
@@ -201,12 +192,8 @@ def test_batch_equals_each_prompt_alone(tiny):
 
 def test_generation_with_cache_equals_without_under_replay(tiny):
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:2])
-    with visiondrop.apply(model, "sparsevlm", budget=128) as handle:
-        cached = greedy(model, batch, new_tokens=10)
-    with Handle(model, Replay(handle.policy, handle.trace)):
-        uncached = greedy(model, batch, new_tokens=10, use_cache=False)
-    assert torch.equal(cached, uncached)
+    cached, replayed = cached_and_replayed(model, inputs(processor, QUESTIONS[:2]), "sparsevlm", 128, new_tokens=10)
+    assert torch.equal(cached, replayed)
 
 
 def test_the_question_changes_raters_and_kept_tokens(tiny):

@@ -6,12 +6,10 @@ import visiondrop
 from visiondrop.policy import encoder_selection
 from baselines.visionzip import split_budget
 from baselines.visionzip import policy as visionzip_policy
-from helpers import LayerCounter, greedy, inputs
+from helpers import cached_and_replayed, greedy, inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
-from visiondrop.api import Handle
 from visiondrop.engine import EncoderView
 from visiondrop.engine.encoder import encoder_view
-from visiondrop.engine.replay import Replay
 from visiondrop.models import ModelInfo
 from visiondrop.tiny import demo_image
 
@@ -83,15 +81,8 @@ def test_budget_split(budget, split):
 @pytest.mark.parametrize("budget", [192, 128, 64, 32])
 def test_measured_tokens_per_layer_equal_budget(tiny, budget):
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:1])
-    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
-    counter = LayerCounter(model)
-    try:
-        with visiondrop.apply(model, "visionzip", budget=budget) as handle, torch.no_grad():
-            model(**batch)
-    finally:
-        counter.close()
-    assert [n - n_text for n in counter.lengths] == [budget] * 32
+    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "visionzip", budget)
+    assert measured == [budget] * 32
     assert handle.trace.tokens_per_layer == [[budget] * 32]
     dominant, contextual = split_budget(budget, LLAVA15)
     assert len(handle.trace.kept[0][0]) == dominant - 1  # CLS and merged tokens are not original patches
@@ -115,11 +106,8 @@ def test_batch_equals_each_prompt_alone(tiny):
 def test_generation_with_cache_equals_without(tiny):
     """No decoder cut, so Replay only re-runs the encoder stage (the same as VisionZip itself): trivial but kept."""
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:2])
-    with visiondrop.apply(model, "visionzip", budget=64) as handle:
-        cached = greedy(model, batch, new_tokens=6)
-    with Handle(model, Replay(handle.policy, handle.trace)):
-        assert torch.equal(greedy(model, batch, new_tokens=6, use_cache=False), cached)
+    cached, replayed = cached_and_replayed(model, inputs(processor, QUESTIONS[:2]), "visionzip", 64)
+    assert torch.equal(cached, replayed)
 
 
 def test_selection_never_depends_on_the_question(tiny):
