@@ -90,14 +90,21 @@ def test_overhead_is_small(method):
     assert (result.overhead == 0) == (method == "random")
 
 
+def test_next_baselines_are_measured_on_a_next_proxy():
+    full = method_flops("llava-next-7b", "none").total
+    fastv = method_flops("llava-next-7b", "fastv", 320)  # keeps 149/2880 of the 2928 tokens (newlines included)
+    keep = round(149 * 2928 / 2880)
+    expected = prefill_flops(replace(PRESETS["llava-next-7b"], extra_tokens=1), [2928] * 2 + [keep] * 30, 63)
+    assert fastv.total - fastv.overhead == pytest.approx(expected.total, rel=1e-9)
+    assert method_flops("llava-next-7b", "visionzip", 320).total < method_flops("llava-next-7b", "visionzip", 640).total < full
+
+
 def test_next_overhead_is_small():
     result = method_flops("llava-next-7b", "visiondrop", 320)
     assert 0 < result.overhead < 0.05 * result.decoder
 
 
 def test_errors():
-    with pytest.raises(NotImplementedError, match="LLaVA-NeXT"):
-        method_flops("llava-next-7b", "fastv", 320)
     with pytest.raises(ValueError, match="cannot reach"):
         method_flops("llava-1.5-7b", "visiondrop", 500)
     with pytest.raises(ValueError, match="per-crop budget"):

@@ -28,9 +28,12 @@ Assumptions written down:
   tokens of a square 2x2 grid, plus one; methods.md 7 and open question 6).
 - Per-layer visual counts are MEASURED: the method runs on a tiny random LLaVA-1.5 proxy with the same depths and
   576 visual tokens (`visiondrop.tiny`, width 32) and its trace is read. All methods' schedules are fixed by the
-  budget, so the proxy's weights do not change them. LLaVA-NeXT has no engine support yet: its counts are
-  computed for `none` and `visiondrop` only (methods.md 1(f): per-crop encoder stage of the budget/5 schedule,
-  then decoder segments n0 x (1, 35/48, 26/48, 19/48)); other methods raise NotImplementedError.
+  budget, so the proxy's weights do not change them. LLaVA-NeXT: VisionDrop's counts are analytic, at the
+  nominal 2880 (methods.md 1(f): per-crop encoder stage of the budget/5 schedule, then decoder segments
+  n0 x (1, 35/48, 26/48, 19/48)), the comparison the paper's 7.70 T asks for; the other methods are measured on
+  a tiny LLaVA-NeXT proxy with a square 672-pixel image (5 crops: 2880 patches plus 48 image-newline tokens).
+  Decoder-side methods see (and prune) the newline tokens, so those count as visual tokens there and leave the
+  preset's 49 extra tokens as 1; encoder-side methods drop them (official layout) and keep the 49.
 - Overhead counted (the harness's computation, not the official codes'): an encoder stage recomputes, per crop,
   the CLS query and all keys of its vision layer and the CLS logits; a decoder cut on N tokens projects the keys
   of all N tokens, the queries of the scoring rows and their logits against all keys, where the rows are the n
@@ -163,6 +166,7 @@ class Schedule:
     projected: int
     cuts: tuple[Cut, ...] = ()
     crops: int = 1
+    newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")
 
 
 def _decoder_layer_macs(dims: Dims, n: int) -> int:
@@ -281,30 +285,33 @@ def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _proxy(n_layers: int, vision_layers: int) -> tuple[torch.nn.Module, dict]:
-    """A tiny random LLaVA-1.5 of the given depths and its inputs (one demo image); built once per process."""
+def _proxy(n_layers: int, vision_layers: int, anyres: bool = False) -> tuple[torch.nn.Module, dict]:
+    """A tiny random LLaVA-1.5 (or LLaVA-NeXT with a square 672-pixel image: 5 crops, the nominal 2880 patches
+    plus 48 image-newline tokens) of the given depths and its inputs; built once per process."""
     from transformers.utils import logging
 
-    from .tiny import build_tiny_llava, demo_image, load_tiny_llava
+    from .tiny import build_tiny_llava, build_tiny_llava_next, demo_image, load_tiny_llava
 
     bars = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # a FLOPs printout should not carry save/load progress bars
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            path = build_tiny_llava(Path(tmp) / "proxy", seed=0, text_layers=n_layers, vision_layers=vision_layers,
-                                    hidden=32, vision_hidden=32)
+            build = build_tiny_llava_next if anyres else build_tiny_llava
+            path = build(Path(tmp) / "proxy", seed=0, text_layers=n_layers, vision_layers=vision_layers,
+                         hidden=32, vision_hidden=32)
             model, processor = load_tiny_llava(path)
     finally:
         if bars:
             logging.enable_progress_bar()
-    return model, dict(processor(images=demo_image(0), text=_PROXY_PROMPT, return_tensors="pt"))
+    image = demo_image(0, (672, 672) if anyres else (336, 336))
+    return model, dict(processor(images=image, text=_PROXY_PROMPT, return_tensors="pt"))
 
 
 _measured: dict[tuple, Schedule] = {}
 
 
 def schedule(dims: Dims, method: str, budget: float | None = None, **options: Any) -> Schedule:
-    """The schedule of `method` at `budget` on a model of these dims: measured on the proxy (LLaVA-NeXT: analytic).
+    """The schedule of `method` at `budget` on a model of these dims: measured on a proxy (NeXT VisionDrop: analytic).
 
     Method "none" needs no measurement: every layer sees all visual tokens.
     """
@@ -313,26 +320,29 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
             raise ValueError(f"method 'none' keeps all {dims.n_visual} visual tokens and takes no options; "
                              f"got budget={budget} {options or ''}")
         return Schedule((dims.n_visual,) * dims.n_layers, dims.n_visual, (), dims.crops)
-    if dims.crops > 1:
-        return _next_schedule(dims, method, budget, **options)
-    if (dims.vision_tokens, dims.visual_per_crop) != (577, 576):
-        raise NotImplementedError("the proxy model has 577 vision tokens and 576 visual tokens (LLaVA-1.5 at "
-                                  f"336/14); cannot measure a model with {dims.vision_tokens} / {dims.visual_per_crop}")
-    key = (dims.n_layers, dims.vision_layers, method, budget, repr(sorted(options.items())))
+    if dims.crops > 1 and method == "visiondrop" and not options:
+        return _next_schedule(dims, method, budget)
+    if (dims.vision_tokens, dims.visual_per_crop, dims.crops) not in ((577, 576, 1), (577, 576, 5)):
+        raise NotImplementedError("the proxy models have 577 vision tokens and 576 visual tokens per crop, 1 crop "
+                                  "(LLaVA-1.5) or 5 (LLaVA-NeXT); cannot measure a model with "
+                                  f"{dims.vision_tokens} / {dims.visual_per_crop} / {dims.crops}")
+    key = (dims.n_layers, dims.vision_layers, dims.crops, method, budget, repr(sorted(options.items())))
     if key not in _measured:
-        _measured[key] = measure_schedule(*_proxy(dims.n_layers, dims.vision_layers), method, budget, **options)
+        model, inputs = _proxy(dims.n_layers, dims.vision_layers, dims.crops > 1)
+        sched = measure_schedule(model, inputs, method, budget, **options)
+        placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        encoder_side = any(c.layer is None for c in sched.cuts)  # these drop the newline tokens (official layout)
+        newlines = 0 if encoder_side else placeholders - dims.n_visual
+        _measured[key] = replace(sched, crops=dims.crops, newlines=newlines)
     return _measured[key]
 
 
-def _next_schedule(dims: Dims, method: str, budget: float | None, **options: Any) -> Schedule:
+def _next_schedule(dims: Dims, method: str, budget: float | None) -> Schedule:
     """LLaVA-NeXT at its nominal crops, VisionDrop per methods.md 1(f): per-crop encoder stage of the budget/crops
     schedule, then decoder segments of n0 x (35, 26, 19)/48 tokens (the ratio version of the official schedule)."""
     from .models import ModelInfo
     from .policy import OFFICIAL_32, schedule_for_budget
 
-    if method != "visiondrop" or options:
-        raise NotImplementedError(f"LLaVA-NeXT has no engine support yet: FLOPs are computed analytically for "
-                                  f"methods 'none' and 'visiondrop' (no options) only, not {method!r} {options or ''}")
     if budget is None:
         raise ValueError("VisionDrop needs a budget")
     if budget >= dims.n_visual:
@@ -362,6 +372,7 @@ def method_flops(model: str | Dims, method: str = "none", budget: float | None =
     """Prefill FLOPs of `method` at `budget` on a preset name or Dims, with `text_tokens` non-visual tokens."""
     dims = PRESETS[model] if isinstance(model, str) else model
     sched = schedule(dims, method, budget, **options)
+    dims = replace(dims, extra_tokens=max(0, dims.extra_tokens - sched.newlines))  # measured, not extra
     overhead = overhead_flops(dims, method, sched.cuts, text_tokens,
                               all_queries=method == "fastv" and options.get("scoring") == "all_queries")
     return prefill_flops(dims, sched.tokens_per_layer, text_tokens, sched.crops, sched.projected, overhead)
