@@ -73,7 +73,7 @@ def cluster_and_merge(x: Tensor, n_clust: int, noise: Tensor) -> Tensor:
 
     noise [n] is the uniform draw that breaks density ties (scaled by 1e-6 here).
     """
-    dist = (x.unsqueeze(1) - x.unsqueeze(0)).norm(dim=-1) / x.shape[-1] ** 0.5
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / x.shape[-1] ** 0.5
     nearest = dist.topk(n_clust, dim=-1, largest=False).values  # includes the token itself
     density = (-(nearest ** 2).mean(-1)).exp() + noise * 1e-6
     denser = density.unsqueeze(0) > density.unsqueeze(1)  # [i, j]: j is denser than i
