@@ -10,7 +10,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
-def _rows(x: Tensor, index: Tensor) -> Tensor:
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x: [B, L, ...], index: [B, Q] -> [B, Q, ...]."""
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
@@ -39,8 +39,8 @@ def decoder_attention(
     """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    q = _heads(attn.q_proj(_rows(x, queries)), attn.head_dim)
-    q = apply_rotary_pos_emb(q, q, _rows(cos, queries), _rows(sin, queries))[0]
+    q = _heads(attn.q_proj(gather_rows(x, queries)), attn.head_dim)
+    q = apply_rotary_pos_emb(q, q, gather_rows(cos, queries), gather_rows(sin, queries))[0]
     k = decoder_keys(layer, hidden, cos, sin) if keys is None else keys
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q @ k.transpose(-1, -2)) * attn.scaling

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
-from .attention import _rows
+from .attention import gather_rows
 from .policy import EncoderView, Policy
 
 
@@ -72,7 +72,7 @@ def reduce_images(llava: nn.Module, policy: Policy, pixel_values: Tensor, vision
     if anyres and policy.keep_newlines:  # spend the budget on patches that survive unpadding
         view.valid = torch.cat([_unpadded(llava, n, size, view.hidden.shape[1]) for n, size in zip(crops, image_sizes)])
     sel = policy.select_encoder(view)
-    tokens = _rows(view.hidden, sel.keep)
+    tokens = gather_rows(view.hidden, sel.keep)
     if sel.merged is not None:
         tokens = torch.cat([tokens, sel.merged], dim=1)
     features = llava.multi_modal_projector(tokens)  # [crops, kept + merged, D]

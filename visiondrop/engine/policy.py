@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .attention import _rows, decoder_attention, decoder_keys
+from .attention import gather_rows, decoder_attention, decoder_keys
 
 
 @dataclass
@@ -72,7 +72,7 @@ class DecoderCut:
 
     def visual_rows(self, x: Tensor) -> Tensor:
         """x: [G, L, ...] -> the visual tokens' rows [G, n, ...]."""
-        return _rows(x, self.visual)
+        return gather_rows(x, self.visual)
 
     def attention(
         self, layer_idx: int, queries: Tensor, hidden: Tensor | None = None, keys: Tensor | None = None
