@@ -38,8 +38,15 @@ def tiny(tiny_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_next(tmp_path_factory):
-    """A tiny full-depth LLaVA-NeXT (anyres, v1.6 grids) and its processor."""
-    from visiondrop.tiny import build_tiny_llava_next, load_tiny_llava
+def tiny_next_dir(tmp_path_factory):
+    """A tiny full-depth LLaVA-NeXT (anyres, v1.6 grids) saved like a user's checkpoint."""
+    from visiondrop.tiny import build_tiny_llava_next
 
-    return load_tiny_llava(build_tiny_llava_next(tmp_path_factory.mktemp("tiny_next") / "llava_next", seed=0))
+    return build_tiny_llava_next(tmp_path_factory.mktemp("tiny_next") / "llava_next", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_next(tiny_next_dir):
+    from visiondrop.tiny import load_tiny_llava
+
+    return load_tiny_llava(tiny_next_dir)

@@ -91,3 +91,13 @@ def test_malformed_config_is_reported_by_hydra(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "Could not find 'method/fastvv'" in out.stderr and "visiondrop" in out.stderr
+
+
+def test_next_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_next_dir):
+    cfg = config(tmp_path, "model=llava_next_7b", f"model.pretrained={tiny_next_dir}", "model.device=cpu",
+                 "model.dtype=float32", "method=visiondrop", "budget.ratio=0.111111111")
+    [record] = job.run_job(cfg)
+    assert record["budget"] == 320.0 and record["model"] == "llava-next-7b"
+    # each sample keeps the same share of its own grid's tokens: measured below the nominal 320 for small grids
+    assert 0 < record["measured_tokens"] <= 320 and record["tflops"] > 0
+    assert record["run_info"]["image_aspect_ratio"] == "none"
