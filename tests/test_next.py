@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import LayerCounter, prompt
+from helpers import measure_counts, prompt
 from visiondrop.api import Handle
 from visiondrop.engine.replay import Replay
 from visiondrop.tiny import demo_image
@@ -46,15 +46,7 @@ def test_batch_of_grids_equals_each_alone_and_cache_is_consistent(tiny_next, met
 
 
 def measured(model, processor, image, method, budget, **options):
-    inputs = batch(processor, QUESTIONS[:1], [image])
-    n_text = int((inputs["input_ids"] != model.config.image_token_id).sum())
-    counter = LayerCounter(model)
-    try:
-        with visiondrop.apply(model, method, budget, **options) as handle, torch.no_grad():
-            model(**inputs)
-    finally:
-        counter.close()
-    counts = [n - n_text for n in counter.lengths]
+    counts, handle = measure_counts(model, batch(processor, QUESTIONS[:1], [image]), method, budget, **options)
     assert handle.trace.tokens_per_layer == [counts]
     return counts, handle
 
