@@ -27,7 +27,7 @@ test: install
 # Every method at the budgets it can reach, on the tiny model and the local benchmark (CPU, minutes).
 demo: install
 	$(PY) scripts/run.py experiment=demo
-	$(PY) scripts/make_table.py --model tiny-llava-1.5 --out results/demo --name demo
+	$(PY) scripts/make_table.py --model demo-llava-1.5 --out results/demo --name demo
 
 # The paper's Table 1 on LLaVA-1.5-7B (GPU, hub access or local data; see README).
 table1: install

@@ -33,7 +33,7 @@ def test_cli_writes_results(tiny_dir, tmp_path):
     assert done.returncode == 0 and results, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads(results[0].read_text())
     assert "exact_match,none" in record["results"]["visiondrop_demo"]
-    assert record["n-samples"]["visiondrop_demo"] == {"original": 24, "effective": 4}
+    assert record["n-samples"]["visiondrop_demo"] == {"original": 160, "effective": 4}  # the shipped test split
     samples = [json.loads(line) for line in next((tmp_path / "out").rglob("*_samples_*.jsonl")).open()]
     assert len(samples) == 4 and all(isinstance(s["filtered_resps"], str) for s in samples)
 

@@ -50,8 +50,9 @@ def project_path(path: str | Path) -> Path:
 
 def model_path(cfg: DictConfig) -> str:
     """The checkpoint to load; the tiny demo model is built (seeded, offline) on first use."""
-    if cfg.model.pretrained:
-        return str(cfg.model.pretrained)
+    if cfg.model.pretrained:  # a folder (relative to the project root) or a hub id
+        local = project_path(cfg.model.pretrained)
+        return str(local) if local.exists() else str(cfg.model.pretrained)
     from ..tiny import build_tiny_llava
 
     path = project_path(cfg.results_dir).parent / "models" / cfg.model.name
