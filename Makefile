@@ -11,13 +11,13 @@ export WANDB_MODE ?= offline
 
 install: $(VENV)/.installed
 
-# torch is pinned exactly: a bare `torch` pulls a multi-GB CUDA build on these machines; lmms-eval goes in with
-# --no-deps because its metadata drags in torchvision and an unpinned torch (see ../shared/reference/stack-notes.md).
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins the tested stack. torch above all: a bare `torch` pulls a multi-GB CUDA build on these machines.
+# lmms-eval goes in with --no-deps: its metadata drags in torchvision and an unpinned torch (../shared/reference/stack-notes.md).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $@
 
