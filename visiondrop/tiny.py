@@ -153,14 +153,14 @@ def _build(
     out_dir: str | Path,
     kind: str,
     *,
-    seed: int,
-    text_layers: int,
-    vision_layers: int,
-    hidden: int,
-    vision_hidden: int,
-    heads: int,
-    vocab_size: int,
-    init_std: float,
+    seed: int = 0,
+    text_layers: int = 32,
+    vision_layers: int = 24,
+    hidden: int = 64,
+    vision_hidden: int = 64,
+    heads: int = 4,
+    vocab_size: int = 512,
+    init_std: float = 0.2,
 ) -> Path:
     out_dir = Path(out_dir)
     tokenizer = _build_tokenizer(vocab_size)
@@ -201,51 +201,24 @@ def _build(
     return out_dir
 
 
-def build_tiny_llava(
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    text_layers: int = 32,
-    vision_layers: int = 24,
-    hidden: int = 64,
-    vision_hidden: int = 64,
-    heads: int = 4,
-    vocab_size: int = 512,
-    init_std: float = 0.2,
-) -> Path:
+def build_tiny_llava(out_dir: str | Path, **knobs) -> Path:
     """Build, save and return the path of a tiny random LLaVA-1.5 (model, tokenizer, processor).
 
-    ``vocab_size`` is the BPE training target; the model's vocabulary is the trained tokenizer's size.
+    knobs (keywords, see `_build`: seed, text_layers, vision_layers, hidden, vision_hidden, heads, vocab_size,
+    init_std): ``vocab_size`` is the BPE training target; the model's vocabulary is the trained tokenizer's size.
     ``init_std`` is larger than the usual 0.02 so that random logits are far from uniform.
     """
-    return _build(
-        out_dir, "llava", seed=seed, text_layers=text_layers, vision_layers=vision_layers, hidden=hidden,
-        vision_hidden=vision_hidden, heads=heads, vocab_size=vocab_size, init_std=init_std,
-    )
+    return _build(out_dir, "llava", **knobs)
 
 
-def build_tiny_llava_next(
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    text_layers: int = 32,
-    vision_layers: int = 24,
-    hidden: int = 64,
-    vision_hidden: int = 64,
-    heads: int = 4,
-    vocab_size: int = 512,
-    init_std: float = 0.2,
-) -> Path:
+def build_tiny_llava_next(out_dir: str | Path, **knobs) -> Path:
     """Build, save and return the path of a tiny random LLaVA-NeXT (llava-v1.6-vicuna-7b-hf layout).
 
     Same tower, decoder, tokenizer and knobs as :func:`build_tiny_llava`, plus the AnyRes image
     processor (base 336x336 view + up to 4 crops of 336x336 chosen from ``NEXT_GRID_PINPOINTS``)
     and the model's ``image_newline`` parameter.
     """
-    return _build(
-        out_dir, "llava_next", seed=seed, text_layers=text_layers, vision_layers=vision_layers, hidden=hidden,
-        vision_hidden=vision_hidden, heads=heads, vocab_size=vocab_size, init_std=init_std,
-    )
+    return _build(out_dir, "llava_next", **knobs)
 
 
 _MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
