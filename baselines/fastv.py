@@ -11,11 +11,13 @@ As the official code does it (github.com/pkunlp-icler/FastV d165972, llava-hf va
 
 Budget: the papers' "# Tokens" is the mean visual-token count over the decoder layers (methods.md 0.1, 2(f)), so
 budget T keeps n_keep = round((n_layers*T - K*N0) / (n_layers - K)) tokens after the cut (576 tokens, 32 layers,
-K=2: 192 -> 166, 128 -> 98, 64 -> 30). Budgets below K*N0/n_layers (36 here) are out of reach.
+K=2: 192 -> 166, 128 -> 98, 64 -> 30). Budgets below K*N0/n_layers (36 here; 144 on a 4-layer decoder, where
+K maps to 1) are out of reach.
 
 Options (keywords of `visiondrop.apply` beside `budget`):
-- `k` (default 2): the cut layer K, an absolute decoder-layer index as in the official `fastv_k` (not rescaled
-  by depth); scoring uses layer K-1, so 1 <= k < n_layers.
+- `k` (default 2): the cut layer K as in the official `fastv_k`, given for a 32-layer decoder and mapped to
+  other depths by relative depth (`ModelInfo.relative_layers`: K=2 stays 2 on LLaVA-7B, becomes 1 on a 4-layer
+  decoder); scoring uses layer K-1, so 1 <= k <= 31.
 - `keep`: the number of image tokens kept after the cut, overriding the budget conversion (e.g. the official
   `fastv_r` convention, keep = round(N0*(1-R)), or papers that keep exactly T tokens after layer K).
 - `scoring`: "last_token" (default, the official code) or "all_queries" (the paper: the mean attention a token
@@ -76,8 +78,7 @@ def policy(info: ModelInfo, budget: float | None = None, k: int = 2, keep: int |
     """FastV from a budget (average visual tokens per decoder layer) or an explicit `keep` count."""
     if scoring not in SCORINGS:
         raise ValueError(f"FastV scoring must be one of {SCORINGS}, got {scoring!r}")
-    if not 1 <= k < info.n_layers:
-        raise ValueError(f"FastV needs 1 <= k < {info.n_layers} (it scores with layer k-1), got k={k}")
+    (k,) = info.relative_layers([k], "FastV k (it scores with layer k-1)")
     if keep is None:
         if budget is None:
             raise ValueError("FastV needs budget= or keep=")

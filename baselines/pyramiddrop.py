@@ -18,8 +18,9 @@ ones, so the equivalent tokens in `describe()` are slightly below T (64 -> lambd
 (36 for [2, 8, 16], 144 for [8, 16, 24]).
 
 Options (keywords of `visiondrop.apply` beside `budget`):
-- `layer_list` (default [2, 8, 16]): the boundary layers, given for a 32-layer decoder (mapped to other depths
-  by relative depth); 1 <= l < 32, increasing. The official code's default is [8, 16, 24] with lambda 0.5
+- `layer_list` (default [2, 8, 16]): the boundary layers, given for a 32-layer decoder and mapped to other
+  depths by relative depth, kept distinct (`ModelInfo.relative_layers`: [1, 2, 3] on a 4-layer decoder);
+  1 <= l < 32, increasing. The official code's default is [8, 16, 24] with lambda 0.5
   (270 tokens), which cannot go below 144; the PDrop author recommends [2, 8, 16] with lambda solved for the
   budget (issue Cooperx521/PyramidDrop#29), hence the default here. `layer_list=[8, 16, 24]` is the official one.
 - `ratio`: lambda itself, overriding the budget conversion (the official `image_token_ratio_list` is
@@ -98,14 +99,7 @@ class PyramidDrop(Policy):
 def policy(info: ModelInfo, budget: float | None = None, layer_list: list[int] | tuple[int, ...] = DEFAULT_LAYERS,
            ratio: float | None = None) -> Policy:
     """PyramidDrop from a budget (average visual tokens per decoder layer) or an explicit `ratio` (lambda)."""
-    reference = list(layer_list)
-    if not reference or reference != sorted(set(reference)) or not 1 <= reference[0] <= reference[-1] < 32:
-        raise ValueError(f"PyramidDrop layer_list must be increasing layers between 1 and 31 (of a 32-layer "
-                         f"decoder), got {layer_list!r}")
-    layers = tuple(info.relative_layer(layer) for layer in reference)
-    if list(layers) != sorted(set(layers)) or not 1 <= layers[0] <= layers[-1] < info.n_layers:
-        raise ValueError(f"PyramidDrop layer_list {reference} maps to {list(layers)} on this {info.n_layers}-layer "
-                         "decoder: the boundaries must stay distinct and between 1 and n_layers - 1")
+    layers = info.relative_layers(list(layer_list), "PyramidDrop layer_list")
     if ratio is None:
         if budget is None:
             raise ValueError("PyramidDrop needs budget= or ratio=")

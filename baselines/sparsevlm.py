@@ -25,8 +25,8 @@ higher (206.5 for 192) and are recorded as "mean_tokens_entering_layers".
 
 Options (keywords of `visiondrop.apply` beside `budget`):
 - `keep_lists`: explicit [K1, K2, ...], one per pruning layer, overriding the budget table;
-- `layers` (default [2, 6, 15], by relative depth on other decoders): the layers at whose output it prunes, given
-  as this model's own layer indices;
+- `layers` (default [2, 6, 15]): the layers at whose output it prunes, given for a 32-layer decoder and mapped
+  to other depths by relative depth, kept distinct (`ModelInfo.relative_layers`: [0, 1, 2] on 4 layers);
 - `recycle` (default True): False drops the pruned tokens without clustering (the paper's no-recycling ablation);
 - `seed` (default None: the global RNG, as the official code): an int draws each sample's clustering noise from a
   private CPU generator seeded with it at every forward, so outcomes do not depend on the batch or on earlier
@@ -153,9 +153,7 @@ class SparseVLM(Policy):
 def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] | None = None,
            layers: list[int] | None = None, recycle: bool = True, seed: int | None = None) -> Policy:
     """SparseVLM v1.5 from a budget (one of the official keep lists) or explicit `keep_lists`."""
-    layers = tuple(info.relative_layer(layer) for layer in LAYERS) if layers is None else tuple(layers)
-    if list(layers) != sorted(set(layers)) or not all(0 <= layer < info.n_layers - 1 for layer in layers):
-        raise ValueError(f"SparseVLM layers must increase within 0..{info.n_layers - 2}, got {list(layers)}")
+    layers = info.relative_layers(LAYERS if layers is None else list(layers), "SparseVLM layers", lowest=0, spare=1)
     if keep_lists is None:
         if budget is None:
             raise ValueError("SparseVLM needs budget= or keep_lists=")

@@ -21,7 +21,9 @@ Options (keywords of `visiondrop.apply` beside `budget`):
   function's own defaults (191 + 30) are not a paper setting and are not used.
 Quirks of the official code that do not arise here: it needs every CLIP layer's attention maps (`output_attentions`,
 eager attention) where the engine recomputes layer 22's CLS row alone; its list-of-images path silently skips
-compression; LLaVA-NeXT is out of scope of the engine.
+compression.
+On LLaVA-NeXT the split runs on every crop (`split_budget`), crops laid out as the official code does
+(`engine.encoder`, option `newlines`).
 """
 from __future__ import annotations
 

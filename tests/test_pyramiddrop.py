@@ -129,8 +129,10 @@ def test_budgets_and_options():
     assert pyramiddrop_policy(INFO, budget=192, layer_list=[8, 16, 24]).describe()["keep_counts"] == [576, 145, 36, 9]
     shallow = ModelInfo(n_visual=576, n_layers=16, vision_layer=22, cls_kept=False)
     assert pyramiddrop_policy(shallow, budget=64).cut_layers == (1, 4, 8)  # relative depth
-    with pytest.raises(ValueError, match=r"maps to \[0, 1, 2\] on this 4-layer decoder"):
-        pyramiddrop_policy(ModelInfo(n_visual=576, n_layers=4, vision_layer=22, cls_kept=False), budget=128)
+    four = ModelInfo(n_visual=576, n_layers=4, vision_layer=22, cls_kept=False)
+    assert pyramiddrop_policy(four, budget=192).cut_layers == (1, 2, 3)  # 0.25, 1, 2 kept distinct
+    with pytest.raises(ValueError, match=r"cannot reach budget 128.*smallest reachable budget is 144"):
+        pyramiddrop_policy(four, budget=128)
     with pytest.raises(ValueError, match="cannot reach budget 32.*smallest reachable budget is 36"):
         pyramiddrop_policy(INFO, budget=32)
     with pytest.raises(ValueError, match=r"layer_list \[8, 16, 24\] cannot reach budget 128.*is 144"):
@@ -140,5 +142,5 @@ def test_budgets_and_options():
     with pytest.raises(ValueError, match="must be between 0 and 1"):
         pyramiddrop_policy(INFO, ratio=1.5)
     for bad in ([8, 2, 16], [0, 8, 16], [2, 8, 32], []):
-        with pytest.raises(ValueError, match="layer_list must be increasing"):
+        with pytest.raises(ValueError, match="layer_list must be one or more increasing"):
             pyramiddrop_policy(INFO, budget=64, layer_list=bad)

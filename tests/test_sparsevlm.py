@@ -216,7 +216,7 @@ def test_unsupported_budgets_and_bad_options(tiny):
         visiondrop.apply(model, "sparsevlm")
     with pytest.raises(ValueError, match="one keep count >= 0 per pruning layer"):
         visiondrop.apply(model, "sparsevlm", keep_lists=[300, 200])
-    with pytest.raises(ValueError, match="layers must increase"):
+    with pytest.raises(ValueError, match="SparseVLM layers must be one or more increasing"):
         visiondrop.apply(model, "sparsevlm", budget=192, layers=[6, 2, 15])
-    with pytest.raises(ValueError, match="layers must increase"):
+    with pytest.raises(ValueError, match="SparseVLM layers must be one or more increasing"):
         visiondrop.apply(model, "sparsevlm", keep_lists=[10], layers=[31])

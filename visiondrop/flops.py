@@ -356,7 +356,8 @@ def _next_schedule(dims: Dims, method: str, budget: float | None) -> Schedule:
     n0 = enc.total * dims.crops
     cuts = [Cut(None, dims.vision_tokens, enc.dominant, enc.contextual)] * dims.crops
     counts, n, first = [], n0, OFFICIAL_32.encoder.total
-    stages = {info.relative_layer(layer): stage for layer, stage in OFFICIAL_32.cuts}
+    layers = info.relative_layers([layer for layer, _ in OFFICIAL_32.cuts], "VisionDrop decoder cuts")
+    stages = dict(zip(layers, (stage for _, stage in OFFICIAL_32.cuts)))
     for layer in range(dims.n_layers):
         if layer in stages:  # contextual share as in the official 32-token schedule
             after = round(n0 * stages[layer].total / first)

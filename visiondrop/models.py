@@ -1,6 +1,7 @@
 """What the policies need to know about a supported model, read from its config."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -47,6 +48,25 @@ class ModelInfo:
     def per_crop(self) -> int:
         return self.n_visual // self.crops
 
-    def relative_layer(self, layer: int, reference_layers: int = 32) -> int:
-        """Map a cut layer given for a 32-layer decoder (LLaVA-7B) onto this decoder by relative depth."""
-        return round(layer * self.n_layers / reference_layers)
+    def relative_layers(self, layers: Sequence[int], what: str, lowest: int = 1, spare: int = 0,
+                        reference_layers: int = 32) -> tuple[int, ...]:
+        """Map increasing cut layers given for a 32-layer decoder (LLaVA-7B) onto this decoder by relative depth.
+
+        `what` names the option in errors; a method cuts from layer `lowest` on and leaves its last `spare` layers
+        uncut. Each layer goes to round(layer * n_layers / 32); where a shallow decoder rounds neighbours together
+        (or below `lowest`), a cut moves to the next free layer, so the cuts stay distinct and ordered ([2, 8, 16]
+        -> [1, 2, 3] on 4 layers). The identity on 32 layers. Every method's schedule goes through this; the
+        mapped layers are in its `describe()` and in the run's trace.
+        """
+        top = reference_layers - 1 - spare
+        if not layers or list(layers) != sorted(set(layers)) or not all(lowest <= layer <= top for layer in layers):
+            raise ValueError(f"{what} must be one or more increasing layers from {lowest} to {top} (of a "
+                             f"{reference_layers}-layer decoder, mapped by relative depth), got {list(layers)}")
+        mapped, previous = [], lowest - 1
+        for layer in layers:
+            previous = max(round(layer * self.n_layers / reference_layers), previous + 1)
+            mapped.append(previous)
+        if mapped and mapped[-1] > self.n_layers - 1 - spare:
+            raise ValueError(f"{what} {list(layers)} do not fit this {self.n_layers}-layer decoder: {len(mapped)} "
+                             f"distinct cuts from layer {lowest} on need {lowest + len(mapped) + spare} layers")
+        return tuple(mapped)

@@ -3,7 +3,8 @@
 As the official code (github.com/Ruixxxx/VisionDrop f7a9444) does it:
 - encoder stage on the vision layer LLaVA projects (CLIP layer 22): CLS is always kept, plus the patches with the
   highest head-summed CLS attention; the rest is merged into contextual tokens on that layer's head-averaged keys;
-- decoder cuts before layers 8, 16, 24 (relative depth on other decoders): each visual token is scored by the
+- decoder cuts before layers 8, 16, 24 (mapped to other depths by relative depth, `ModelInfo.relative_layers`:
+  1, 2, 3 on a 4-layer decoder): each visual token is scored by the
   attention it receives from the visual tokens (visual queries, causal mask, mean over heads and over query
   rows, masked zeros included), using the next layer's own norm and q/k projections; the top tokens stay in
   order and the rest are merged on that layer's head-averaged post-RoPE keys; positions are renumbered.
@@ -65,8 +66,9 @@ def schedule_for_budget(budget: float, info: ModelInfo) -> Schedule:
     if encoder.dominant < 1 or encoder.total > info.per_crop + (not info.cls_kept):
         raise ValueError(f"VisionDrop cannot reach budget {budget}: budgets between 1 and {max_budget} average "
                          f"visual tokens are reachable (or {info.n_visual} for the unpruned model)")
-    cuts = tuple((info.relative_layer(layer), Stage(round(s.dominant * scale), round(s.contextual * scale)))
-                 for layer, s in OFFICIAL_32.cuts)
+    layers = info.relative_layers([layer for layer, _ in OFFICIAL_32.cuts], "VisionDrop decoder cuts")
+    cuts = tuple((layer, Stage(round(s.dominant * scale), round(s.contextual * scale)))
+                 for layer, (_, s) in zip(layers, OFFICIAL_32.cuts))
     return Schedule(encoder, cuts)
 
 
