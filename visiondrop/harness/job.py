@@ -166,36 +166,37 @@ def run_job(cfg: DictConfig, wandb_run=None) -> list[dict]:
                         **cfg.method.options)
     include = [str(TASKS_DIR)] + [str(project_path(b.include_path)) for b in todo if b.get("include_path")]
     task_manager = TaskManager(include_path=include)
-    overrides = Path(tempfile.mkdtemp(prefix="visiondrop_tasks_"))
-    tasks = {b.name: local_task(b, task_manager, overrides) if b.get("data") else b.task for b in todo}
-    if any(b.get("data") for b in todo):
-        task_manager = TaskManager(include_path=include + [str(overrides)])
-    written = []
-    for bench in todo:
-        model.reset_measurements()
-        start = time.perf_counter()
-        results = simple_evaluate(model=model, tasks=[tasks[bench.name]], task_manager=task_manager,
-                                  limit=cfg.limit, bootstrap_iters=0,
-                                  datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"))
-        task_results = results["results"][tasks[bench.name]]
-        score = task_results.get(f"{bench.metric},none")
-        if score is None:
-            raise KeyError(f"{bench.task} reported no metric {bench.metric!r}; it reported "
-                           f"{sorted(task_results)}: fix `metric` in the benchmarks config")
-        info = model.run_info
-        record = {
-            "model": cfg.model.name, "method": cfg.method.name, "budget": budget.tokens,
-            "retention_ratio": budget.ratio, "benchmark": bench.name, "task": bench.task, "metric": bench.metric,
-            "convention": bench.get("convention"), "score": score * bench.get("scale", 100),
-            "metrics": task_results, "equivalent_tokens": schedule.get("equivalent_tokens", budget.tokens),
-            "measured_tokens": info.get("measured_tokens_mean"), "schedule": schedule,
-            "tflops": run_tflops(model.model.config, cfg, budget, info.get("text_tokens_mean")),
-            "samples": info.get("samples"), "wall_time_s": time.perf_counter() - start,
-            "run_info": info, "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
-        }
-        store.write(record)
-        written.append(record)
-        if wandb_run is not None:
-            wandb_run.log({f"{bench.name}/score": record["score"], f"{bench.name}/measured_tokens":
-                           record["measured_tokens"]})
-    return written
+    with tempfile.TemporaryDirectory(prefix="visiondrop_tasks_") as tmp:  # local-data task overrides
+        overrides = Path(tmp)
+        tasks = {b.name: local_task(b, task_manager, overrides) if b.get("data") else b.task for b in todo}
+        if any(b.get("data") for b in todo):
+            task_manager = TaskManager(include_path=include + [str(overrides)])
+        written = []
+        for bench in todo:
+            model.reset_measurements()
+            start = time.perf_counter()
+            results = simple_evaluate(model=model, tasks=[tasks[bench.name]], task_manager=task_manager,
+                                      limit=cfg.limit, bootstrap_iters=0,
+                                      datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"))
+            task_results = results["results"][tasks[bench.name]]
+            score = task_results.get(f"{bench.metric},none")
+            if score is None:
+                raise KeyError(f"{bench.task} reported no metric {bench.metric!r}; it reported "
+                               f"{sorted(task_results)}: fix `metric` in the benchmarks config")
+            info = model.run_info
+            record = {
+                "model": cfg.model.name, "method": cfg.method.name, "budget": budget.tokens,
+                "retention_ratio": budget.ratio, "benchmark": bench.name, "task": bench.task, "metric": bench.metric,
+                "convention": bench.get("convention"), "score": score * bench.get("scale", 100),
+                "metrics": task_results, "equivalent_tokens": schedule.get("equivalent_tokens", budget.tokens),
+                "measured_tokens": info.get("measured_tokens_mean"), "schedule": schedule,
+                "tflops": run_tflops(model.model.config, cfg, budget, info.get("text_tokens_mean")),
+                "samples": info.get("samples"), "wall_time_s": time.perf_counter() - start,
+                "run_info": info, "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
+            }
+            store.write(record)
+            written.append(record)
+            if wandb_run is not None:
+                wandb_run.log({f"{bench.name}/score": record["score"], f"{bench.name}/measured_tokens":
+                               record["measured_tokens"]})
+        return written
