@@ -1,4 +1,4 @@
-"""Train the demo LLaVA-1.5 model on the synthetic shapes benchmark (CPU, one thread) and save it.
+"""Train the demo LLaVA-1.5 model on the synthetic shapes benchmark (2-core CPU, about 40 minutes) and save it.
 
     python scripts/train_demo_model.py --out visiondrop/harness/assets/demo_model
 """
@@ -21,7 +21,7 @@ from visiondrop.demo_training import Recipe, train  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="visiondrop/harness/assets/demo_model")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tower-state", default=None, help="keep/reuse the stage-1 tower in this file")
     parser.add_argument("--tower-only", action="store_true", help="run stage 1 only (needs --tower-state)")
     for f in dataclasses.fields(Recipe):

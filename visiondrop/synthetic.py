@@ -4,8 +4,9 @@ A scene puts 3 to 6 objects (circle, square or triangle; one of six colours) int
 random offset and size; about 40% are small (16-26 px, one to four 14-px patches), so that dropping a few patches
 can lose them. Questions have one-word answers of three kinds:
 
-- existence (POPE-style, "Is there a red circle in the image?"): answers balanced yes/no; most negatives are
-  adversarial (the colour or the shape is in the scene, on another object);
+- existence (POPE-style, "Is there a red object in the image?"): answers balanced yes/no; most negatives are
+  adversarial (a colour next on the hue wheel to one in the scene: orange beside red or yellow); a scene that
+  shows all six colours (about 1 in 60) is asked about an absent (colour, shape) pair instead;
 - colour at a named position ("What color is the object in the top left?");
 - shape at a named position ("What shape is the object in the center?").
 
@@ -27,6 +28,7 @@ GRID = SIZE // PATCH  # 24 x 24 = 576 patch tokens
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (240, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
 COLOUR_NAMES = tuple(COLOURS)
+HUE_WHEEL = ("red", "orange", "yellow", "green", "blue", "purple")  # neighbours are the hard negatives
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
              "bottom left", "bottom middle", "bottom right")  # the 3x3 cells in raster order
@@ -102,18 +104,24 @@ def make_question(scene: Scene, kind: str, rng: random.Random) -> dict:
     it is about a small object, and `targets`: the indices of the objects the answer rests on (none for "no")."""
     objs = scene.objects
     if kind == "yes":
-        obj = rng.choice(objs)
-        targets = [k for k, o in enumerate(objs) if (o.colour, o.shape) == (obj.colour, obj.shape)]
-        return {"question": f"Is there a {obj.colour} {obj.shape} in the image?", "answer": "yes",
-                "category": "existence", "small": obj.small, "targets": targets}
+        colour = rng.choice(objs).colour
+        targets = [k for k, o in enumerate(objs) if o.colour == colour]
+        return {"question": f"Is there a {colour} object in the image?", "answer": "yes", "category": "existence",
+                "small": all(objs[k].small for k in targets), "targets": targets}
     if kind == "no":
-        present = {(o.colour, o.shape) for o in objs}
-        absent = [(c, s) for c in COLOUR_NAMES for s in SHAPES if (c, s) not in present]
-        # POPE-style adversarial negatives: the colour or the shape is in the scene, on another object.
-        adversarial = [(c, s) for c, s in absent if any(c == o.colour or s == o.shape for o in objs)]
-        colour, shape = rng.choice(adversarial if adversarial and rng.random() < 0.8 else absent)
-        return {"question": f"Is there a {colour} {shape} in the image?", "answer": "no",
-                "category": "existence", "small": False, "targets": []}
+        present = {o.colour for o in objs}
+        absent = [c for c in COLOUR_NAMES if c not in present]
+        if not absent:
+            pairs = {(o.colour, o.shape) for o in objs}
+            colour, shape = rng.choice([(c, s) for c in COLOUR_NAMES for s in SHAPES if (c, s) not in pairs])
+            return {"question": f"Is there a {colour} {shape} in the image?", "answer": "no",
+                    "category": "existence", "small": False, "targets": []}
+        # POPE-style adversarial negatives: a colour beside one in the scene on the hue wheel.
+        n = len(HUE_WHEEL)
+        adversarial = [c for c in absent if {HUE_WHEEL[(HUE_WHEEL.index(c) + d) % n] for d in (-1, 1)} & present]
+        colour = rng.choice(adversarial if adversarial and rng.random() < 0.8 else absent)
+        return {"question": f"Is there a {colour} object in the image?", "answer": "no", "category": "existence",
+                "small": False, "targets": []}
     index = rng.randrange(len(objs))
     obj = objs[index]
     where = POSITIONS[obj.cell]
