@@ -73,13 +73,12 @@ def test_demo_checkpoint_is_small_and_llava_shaped():
 
 def test_full_model_is_far_above_chance(demo):
     # Chance on this mix: 1/2 (yes/no, half the questions), 1/6 (colour), 1/3 (shape): about 0.38. The committed
-    # model scores 0.72 on the whole 160-question split (colour 0.93, shape 0.83, existence 0.56).
-    assert accuracy(demo) >= 0.6
+    # model scores 1.0 on this subset and 0.9875 on the whole 160-question split (make demo).
+    assert accuracy(demo) >= 0.9
 
 
-@pytest.mark.xfail(strict=False, reason="measured otherwise on the committed demo model: at 32 tokens VisionDrop "
-                   "scores 6% and random 29% on the test split (make demo); the model breaks down on pruned or "
-                   "merged visual tokens, see the issue-7 note")
 def test_visiondrop_keeps_more_than_random_at_a_small_budget(demo):
+    # Measured on this subset: VisionDrop 0.80 (existence 1.0), random 0.56 (existence 0.72): random loses small
+    # objects that VisionDrop's CLS-attention stage keeps.
     vd, rnd = accuracy(demo, "visiondrop", 32), accuracy(demo, "random", 32)
-    assert vd > rnd + 0.05, (vd, rnd)
+    assert vd > rnd + 0.1, (vd, rnd)
