@@ -63,6 +63,21 @@ def test_interrupted_sweep_resumes_with_only_the_missing_jobs(tmp_path, tiny_dir
     assert len(job.run_job(forced)) == 1
 
 
+def test_a_replaced_checkpoint_is_evaluated_again(tmp_path, tiny_dir):
+    import shutil
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_dir, checkpoint)
+    cfg = config(tmp_path, f"model.pretrained={checkpoint}", "method=visionzip", "budget='64'")
+    first = job.run_job(cfg)
+    assert len(first) == 1 and first[0]["checkpoint"] == job.checkpoint_fingerprint(str(checkpoint))
+    assert job.run_job(cfg) == []  # same checkpoint: the record stands
+    (checkpoint / "notes.txt").write_text("retrained")
+    again = job.run_job(cfg)
+    assert len(again) == 1 and again[0]["checkpoint"] != first[0]["checkpoint"]
+    assert job.checkpoint_fingerprint("llava-hf/llava-1.5-7b-hf") is None  # hub ids: the name alone
+
+
 def test_unreachable_budget_and_missing_data_fail_clearly(tmp_path, tiny_dir):
     with pytest.raises(job.Unreachable, match="smallest reachable budget is 36"):
         job.run_job(config(tmp_path, f"model.pretrained={tiny_dir}", "method=fastv", "budget='32'"))

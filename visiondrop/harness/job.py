@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
+import os
 import subprocess
 import tempfile
 import time
@@ -77,14 +80,38 @@ def versions() -> dict:
     return found
 
 
-def pending_benchmarks(cfg: DictConfig, store: ResultStore, budget: Budget) -> list[DictConfig]:
+def checkpoint_fingerprint(path: str) -> str | None:
+    """A short hash of a local checkpoint folder (file names, sizes, and the contents of files up to 64 MiB, the
+    first and last MiB of larger ones); None for a hub id. Records carry it, so that a checkpoint replaced under
+    the same model name is evaluated again instead of reusing the old records."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(folder)}:{size}".encode())
+        with open(file, "rb") as f:
+            if size <= 64 * 2**20:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(2**20))
+                f.seek(-(2**20), os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def pending_benchmarks(cfg: DictConfig, store: ResultStore, budget: Budget, checkpoint: str | None) -> list[DictConfig]:
     todo = []
     for bench in cfg.benchmarks:
-        if store.has(cfg.model.name, cfg.method.name, budget.tokens, bench.name) and not cfg.force:
-            log.info("skip %s / %s / %s / %s: record exists (force=true re-runs it)", cfg.model.name,
-                     cfg.method.name, budget.tokens, bench.name)
-        else:
+        where = (cfg.model.name, cfg.method.name, budget.tokens, bench.name)
+        if cfg.force or not store.has(*where):
             todo.append(bench)
+        elif json.loads(store.path(*where).read_text()).get("checkpoint") != checkpoint:
+            log.info("re-run %s / %s / %s / %s: its record comes from another checkpoint", *where)
+            todo.append(bench)
+        else:
+            log.info("skip %s / %s / %s / %s: record exists (force=true re-runs it)", *where)
     return todo
 
 
@@ -154,10 +181,11 @@ def run_job(cfg: DictConfig, wandb_run=None) -> list[dict]:
 
     store = ResultStore(project_path(cfg.results_dir))
     budget = Budget.resolve(cfg)
-    todo = pending_benchmarks(cfg, store, budget)
+    path = model_path(cfg)
+    checkpoint = checkpoint_fingerprint(path)
+    todo = pending_benchmarks(cfg, store, budget, checkpoint)
     if not todo:
         return []
-    path = model_path(cfg)
     schedule = check_reachable(cfg, path, budget)
     model = PrunedLlava(pretrained=path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
                         dtype=cfg.model.dtype, device=cfg.model.device,
@@ -185,7 +213,7 @@ def run_job(cfg: DictConfig, wandb_run=None) -> list[dict]:
                                f"{sorted(task_results)}: fix `metric` in the benchmarks config")
             info = model.run_info
             record = {
-                "model": cfg.model.name, "method": cfg.method.name, "budget": budget.tokens,
+                "model": cfg.model.name, "checkpoint": checkpoint, "method": cfg.method.name, "budget": budget.tokens,
                 "retention_ratio": budget.ratio, "benchmark": bench.name, "task": bench.task, "metric": bench.metric,
                 "convention": bench.get("convention"), "score": score * bench.get("scale", 100),
                 "metrics": task_results, "equivalent_tokens": schedule.get("equivalent_tokens", budget.tokens),
