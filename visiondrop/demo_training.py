@@ -37,6 +37,7 @@ from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditional
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from . import synthetic as syn
+from .engine.select import contextual_merge
 from .harness.prompting import vicuna_v1_prompt
 from .tiny import _build_tokenizer, _common_config_kwargs, _processor_kwargs, _text_config, _vision_config
 
@@ -239,7 +240,9 @@ class Prompter:
         self.image_id = self.tok.convert_tokens_to_ids("<image>")
 
     def prompt_ids(self, question: str, n_image_tokens: int = syn.GRID * syn.GRID) -> list[int]:
-        ids = self.tok(vicuna_v1_prompt(question + POST_PROMPT, True))["input_ids"]
+        return self._expand(self.tok(vicuna_v1_prompt(question + POST_PROMPT, True))["input_ids"], n_image_tokens)
+
+    def _expand(self, ids: list[int], n_image_tokens: int) -> list[int]:
         out = []
         for t in ids:
             out += [t] * n_image_tokens if t == self.image_id else [t]
@@ -247,11 +250,10 @@ class Prompter:
 
     def example(self, question: str, answer: str, n_image_tokens: int = syn.GRID * syn.GRID):
         """(prompt ids, answer ids + EOS)."""
-        prompt = self.prompt_ids(question, n_image_tokens)
-        full = self.tok(vicuna_v1_prompt(question + POST_PROMPT, True) + " " + answer)["input_ids"]
-        prompt_short = self.tok(vicuna_v1_prompt(question + POST_PROMPT, True))["input_ids"]
-        assert full[: len(prompt_short)] == prompt_short
-        return prompt, full[len(prompt_short):] + [self.tok.eos_token_id]
+        text = vicuna_v1_prompt(question + POST_PROMPT, True)
+        short, full = self.tok(text)["input_ids"], self.tok(text + " " + answer)["input_ids"]
+        assert full[: len(short)] == short
+        return self._expand(short, n_image_tokens), full[len(short):] + [self.tok.eos_token_id]
 
 
 def lm_logits_at(model, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
@@ -299,8 +301,6 @@ def training_view(scene: syn.Scene, feats: torch.Tensor, rng: random.Random, r: 
     however many visual tokens a method leaves: `min_keep` to 575 patches, drawn at random or objects first (a
     scorer that finds them), always with one patch of every object (so every answer still rests on something
     seen), then 0 to 8 tokens merged from the dropped ones by the VisionZip/VisionDrop rule."""
-    from .engine.select import contextual_merge
-
     n = len(feats)
     if rng.random() < r.full_views:
         return View(feats, np.arange(n))
