@@ -7,19 +7,39 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test demo table1 table2 clean
+.PHONY: install lock test test-latest demo table1 table2 clean
+
+# The two packages pyproject.toml cannot pin: torch (a CPU or CUDA build of one version, chosen by the machine) and
+# lmms-eval (installed with --no-deps: its metadata drags in torchvision and an unpinned torch, stack-notes.md).
+TORCH_VERSION := 2.13.0
+LMMS_EVAL_VERSION := 0.7.3
+LOCK := requirements.lock
 
 install: $(VENV)/.installed
 
-# constraints.txt pins the tested stack. torch above all: a bare `torch` pulls a multi-GB CUDA build on these machines.
-# lmms-eval goes in with --no-deps: its metadata drags in torchvision and an unpinned torch (../shared/reference/stack-notes.md).
-$(VENV)/.installed: pyproject.toml constraints.txt
+# Installs exactly the locked set. torch first, with its own dependencies, so that a GPU machine gets the CUDA build
+# of the locked version and the nvidia-* libraries it pins; then every locked distribution without resolving.
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
+	$(PY) -m pip install -q -c $(LOCK) pip setuptools
+	$(PY) -m pip install -q -c $(LOCK) torch
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m visiondrop.stack check $(LOCK)
 	touch $@
+
+# Regenerates the lock deliberately: a clean environment from pyproject.toml's ranges and the two pins above,
+# frozen whole (every distribution, pip and setuptools included). Run the suite on it before committing it.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip setuptools
+	.venv-lock/bin/pip install -q torch==$(TORCH_VERSION)
+	.venv-lock/bin/pip install -q '.[dev]'
+	.venv-lock/bin/pip install -q --no-deps lmms-eval==$(LMMS_EVAL_VERSION)
+	.venv-lock/bin/python -m visiondrop.stack freeze > $(LOCK)
+	rm -rf .venv-lock
 
 test: install
 	$(PY) -m pytest -q tests

@@ -9,6 +9,7 @@ from torch import nn
 from .engine import Policy, Trace
 from .engine.patch import Pruner
 from .models import ModelInfo
+from .stack import check_transformers
 
 #: method name -> "module:factory"; a factory takes (ModelInfo, budget, **options) and returns a Policy.
 METHODS = {
@@ -70,6 +71,7 @@ class Handle:
     """A method applied to a model. Use as a context manager, or call `remove()`."""
 
     def __init__(self, model: nn.Module, policy: Policy):
+        check_transformers()  # the engine relies on transformers internals: refuse an untested release
         self.policy = policy
         self._pruner = Pruner(model, policy)
 

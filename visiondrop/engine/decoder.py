@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
 from .attention import causal_mask
+from .compat import cache_kwargs
 from .policy import DecoderCut, Policy, Selection
 from .trace import Trace
 
@@ -153,7 +154,7 @@ def prefill(lm: nn.Module, policy: Policy, run: Running, cache: DynamicCache | N
         trace.add_layer(run.vis_len)
         prev_hidden = run.hidden
         run.hidden = layer(run.hidden, attention_mask=mask4d, position_embeddings=rope,
-                           past_key_values=cache, use_cache=cache is not None)
+                           use_cache=cache is not None, **cache_kwargs(cache))
     return lm.norm(run.hidden), segments
 
 
@@ -175,6 +176,6 @@ def decode(lm: nn.Module, hidden: Tensor, attention_mask: Tensor | None, cache: 
         mask4d = causal_mask(lm.config, kv_mask, q_len, hidden.dtype)
         for i in seg.layers:
             hidden = lm.layers[i](hidden, attention_mask=mask4d, position_embeddings=rope,
-                                  past_key_values=cache, use_cache=True)
+                                  use_cache=True, **cache_kwargs(cache))
         seg.mask, seg.next_pos = kv_mask, seg.next_pos + q_len
     return lm.norm(hidden)

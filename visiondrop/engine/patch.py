@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 
 from . import decoder
+from .compat import cache_kwargs, pop_cache
 from .encoder import reduce_images
 from .policy import Policy
 from .trace import Trace
@@ -85,8 +86,9 @@ class Pruner:
         self._encoded = (valid, origins)
         return BaseModelOutputWithPooling(last_hidden_state=features[0], pooler_output=features)
 
-    def _language_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                          inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+    def _language_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                          use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        past_key_values = pop_cache(kwargs)
         visual, self._visual = self._visual, None
         if inputs_embeds is None:
             inputs_embeds = self.lm.embed_tokens(input_ids)
@@ -95,10 +97,10 @@ class Pruner:
             return self._prefill(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, visual)
         if segments is not None:
             hidden = decoder.decode(self.lm, inputs_embeds, attention_mask, past_key_values, segments)
-            return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+            return BaseModelOutputWithPast(last_hidden_state=hidden, **cache_kwargs(past_key_values))
         return type(self.lm).forward(self.lm, attention_mask=attention_mask, position_ids=position_ids,
-                                     past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                     use_cache=use_cache, **kwargs)
+                                     inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                     **cache_kwargs(past_key_values), **kwargs)
 
     def _prefill(self, embeds, attention_mask, position_ids, cache, use_cache, visual) -> BaseModelOutputWithPast:
         if cache is not None and cache.get_seq_length() > 0:
@@ -114,7 +116,7 @@ class Pruner:
         self.trace = trace
         if use_cache:
             self._segments[cache] = segments
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **cache_kwargs(cache if use_cache else None))
 
     def _drop_empty_slots(self, run: decoder.Running, trace: Trace) -> decoder.Running:
         """Remove the placeholder rows the encoder stage left empty, before the first decoder layer."""

@@ -1,0 +1,90 @@
+"""FastV (arXiv 2403.06764): one cut inside the decoder, scored by the attention the image receives.
+
+As the official code does it (github.com/pkunlp-icler/FastV d165972, llava-hf variant with KV cache):
+- all tokens run through decoder layers 0..K-1; before layer K the image tokens are ranked by the attention
+  probabilities of layer K-1, averaged over heads, in the row of the LAST prompt token, over the image columns;
+- the top `keep` image tokens stay in their original order; nothing is merged;
+- kept tokens keep their ORIGINAL position ids (gaps remain) and decode positions continue from the full prompt
+  length in every layer; the cut happens once, in the prefill, so every decode step sees the same kept set.
+  Generating without a KV cache re-runs the prompt at every step and so re-ranks with the newest token as the
+  query, which is what the official code does without a cache (its dynamic mode); `Replay` holds the set fixed.
+
+Budget: the papers' "# Tokens" is the mean visual-token count over the decoder layers (methods.md 0.1, 2(f)), so
+budget T keeps n_keep = round((n_layers*T - K*N0) / (n_layers - K)) tokens after the cut (576 tokens, 32 layers,
+K=2: 192 -> 166, 128 -> 98, 64 -> 30). Budgets below K*N0/n_layers (36 here; 144 on a 4-layer decoder, where
+K maps to 1) are out of reach.
+
+Options (keywords of `visiondrop.apply` beside `budget`):
+- `k` (default 2): the cut layer K as in the official `fastv_k`, given for a 32-layer decoder and mapped to
+  other depths by relative depth (`ModelInfo.relative_layers`: K=2 stays 2 on LLaVA-7B, becomes 1 on a 4-layer
+  decoder); scoring uses layer K-1, so 1 <= k <= 31.
+- `keep`: the number of image tokens kept after the cut, overriding the budget conversion (e.g. the official
+  `fastv_r` convention, keep = round(N0*(1-R)), or papers that keep exactly T tokens after layer K).
+- `scoring`: "last_token" (default, the official code) or "all_queries" (the paper: the mean attention a token
+  receives from all query rows of the prompt, causally masked zeros included, padding rows left out).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from visiondrop.api import unpruned
+from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
+from visiondrop.models import ModelInfo
+
+SCORINGS = ("last_token", "all_queries")
+
+
+def keep_for_budget(budget: float, info: ModelInfo, k: int) -> int:
+    """Image tokens kept after layer k so that the mean over all decoder layers is `budget`."""
+    floor = k * info.n_visual / info.n_layers
+    if budget < floor:
+        raise ValueError(f"FastV with k={k} cannot reach budget {budget}: the first {k} layers keep all "
+                         f"{info.n_visual} visual tokens, so the smallest reachable budget is {floor:g}")
+    return round((info.n_layers * budget - k * info.n_visual) / (info.n_layers - k))
+
+
+class FastV(Policy):
+    name = "fastv"
+    renumber_positions = False  # the official code keeps the kept tokens' original position ids
+
+    def __init__(self, info: ModelInfo, k: int, keep: int, scoring: str):
+        self.info, self.k, self.keep, self.scoring = info, k, keep, scoring
+        self.cut_layers = (k,)
+
+    def scores(self, cut: DecoderCut) -> Tensor:
+        """Importance [G, n] of the current visual tokens, from layer K-1's attention (mean over heads)."""
+        if self.scoring == "last_token":
+            probs = cut.attention(self.k - 1, cut.last_token(), hidden=cut.prev_hidden)[:, :, 0]  # [G, H, L]
+        else:
+            length = cut.hidden.shape[1]
+            queries = torch.arange(length, device=cut.hidden.device).expand(cut.hidden.shape[0], -1)
+            rows = cut.attention(self.k - 1, queries, hidden=cut.prev_hidden)  # [G, H, L, L]
+            real = cut.mask.unsqueeze(1).unsqueeze(-1).to(rows.dtype)  # padding rows are not queries
+            probs = (rows * real).sum(2) / cut.mask.sum(1).view(-1, 1, 1).to(rows.dtype)
+        return probs.mean(1).gather(1, cut.visual)
+
+    def select_decoder(self, cut: DecoderCut) -> Selection:
+        return Selection(topk_in_order(self.scores(cut), cut.scaled(self.keep, self.info.n_visual)))
+
+    def describe(self) -> dict:
+        n0, layers = self.info.n_visual, self.info.n_layers
+        return {"method": self.name, "k": self.k, "keep": self.keep, "scoring": self.scoring,
+                "equivalent_tokens": (self.k * n0 + (layers - self.k) * self.keep) / layers}
+
+
+def policy(info: ModelInfo, budget: float | None = None, k: int = 2, keep: int | None = None,
+           scoring: str = "last_token") -> Policy:
+    """FastV from a budget (average visual tokens per decoder layer) or an explicit `keep` count."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"FastV scoring must be one of {SCORINGS}, got {scoring!r}")
+    (k,) = info.relative_layers([k], "FastV k (it scores with layer k-1)")
+    if keep is None:
+        if budget is None:
+            raise ValueError("FastV needs budget= or keep=")
+        if budget >= info.n_visual:
+            return unpruned(info, info.n_visual)
+        keep = keep_for_budget(budget, info, k)
+    elif not 0 <= keep <= info.n_visual:
+        raise ValueError(f"FastV keep must be between 0 and {info.n_visual}, got {keep}")
+    return FastV(info, k, keep, scoring)

@@ -1,0 +1,64 @@
+"""The few attention rows a policy needs, recomputed from a layer's own projections.
+
+The main pass keeps SDPA / FlashAttention; scoring never switches the model to `output_attentions=True`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x: [B, L, ...], index: [B, Q] -> [B, Q, ...]."""
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def _heads(x: Tensor, head_dim: int) -> Tensor:
+    """[B, L, H*hd] -> [B, H, L, hd]."""
+    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+
+
+def decoder_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Post-RoPE keys of a decoder layer for the hidden states entering it: [B, H_kv, L, hd]."""
+    attn = layer.self_attn
+    k = _heads(attn.k_proj(layer.input_layernorm(hidden)), attn.head_dim)
+    return apply_rotary_pos_emb(k, k, cos, sin)[1]
+
+
+def decoder_attention(
+    layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, queries: Tensor,
+    keys: Tensor | None = None,
+) -> Tensor:
+    """Causal attention probabilities of the `queries` rows of a decoder layer, computed as the layer would.
+
+    hidden: [B, L, D] entering the layer; cos/sin: [B, L, hd]; mask: [B, L] real-token mask;
+    queries: [B, Q] sequence indices; keys: this layer's post-RoPE keys if already computed. Returns [B, H, Q, L]; the softmax runs in float32 and is cast back to
+    the hidden dtype, as the official implementations do.
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    q = _heads(attn.q_proj(gather_rows(x, queries)), attn.head_dim)
+    q = apply_rotary_pos_emb(q, q, gather_rows(cos, queries), gather_rows(sin, queries))[0]
+    k = decoder_keys(layer, hidden, cos, sin) if keys is None else keys
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q @ k.transpose(-1, -2)) * attn.scaling
+    key_pos = torch.arange(hidden.shape[1], device=hidden.device)
+    allowed = (key_pos.view(1, 1, -1) <= queries.unsqueeze(-1)) & mask.unsqueeze(1)  # [B, Q, L]
+    logits = logits.masked_fill(~allowed.unsqueeze(1), torch.finfo(logits.dtype).min)
+    return logits.softmax(dim=-1, dtype=torch.float32).to(hidden.dtype)
+
+
+def causal_mask(config, mask: Tensor, q_len: int, dtype: torch.dtype) -> Tensor | None:
+    """The 4-D (or 2-D, or None) mask the model's attention implementation expects, from a 2-D key mask.
+
+    mask: [B, kv] marks real tokens among the keys; the last `q_len` keys are the queries. Built by the same
+    transformers function the unpatched model uses, so SDPA keeps its `is_causal` fast path when it can.
+    """
+    build = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
+    kv_len = mask.shape[1]
+    return build(
+        batch_size=mask.shape[0], q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len, kv_offset=0,
+        mask_function=causal_mask_function, attention_mask=mask, dtype=dtype, device=mask.device,
+    )

@@ -1,0 +1,26 @@
+"""The one place that knows how the installed transformers names the KV cache.
+
+transformers 5.24 renamed the cache argument of its models and decoder layers, and the field of their outputs,
+from `past_key_values` to `cache`. The engine reads and passes the cache only through these helpers, so both
+releases run the same code. (The tested range itself is checked in `visiondrop.stack`.)
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(cache: Cache | None) -> dict[str, Any]:
+    """The keyword that hands `cache` to a model, a decoder layer or a model output under this release."""
+    return {CACHE_ARG: cache}
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Cache | None:
+    """Take the cache out of a forward's keywords, under either name (callers may still use the old one)."""
+    new, old = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    return new if new is not None else old

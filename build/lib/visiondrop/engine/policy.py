@@ -1,0 +1,131 @@
+"""What a method states (its policy) and what the engine shows it at each cut.
+
+A policy says where it cuts, how it scores, how many tokens it keeps and whether it merges the rest. It never
+touches masks, caches or positions: the engine does, the same way for every method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .attention import gather_rows, decoder_attention, decoder_keys
+
+
+@dataclass
+class Selection:
+    """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
+
+    keep: [G, k] indices into the current visual block, in the order they will appear;
+    merged: [G, c, D] tokens appended right after the kept ones (None: no merging).
+    """
+
+    keep: Tensor
+    merged: Tensor | None = None
+
+
+@dataclass
+class EncoderView:
+    """One vision-tower layer as an encoder-side policy sees it, for a batch of images (or crops).
+
+    Token 0 is CLS; tokens 1.. are the patches in raster order.
+    hidden: [N, T, D] the layer's output (the features LLaVA would project);
+    cls_attention: [N, H, T] attention probabilities of the CLS query in that layer;
+    keys: [N, H, T, hd] that layer's keys (before scaling);
+    valid: [N, T] False for tokens the model's own layout discards (LLaVA-NeXT padding, when the policy keeps
+    that layout), or None: a policy should not spend its budget on them.
+    """
+
+    hidden: Tensor
+    cls_attention: Tensor
+    keys: Tensor
+    valid: Tensor | None = None
+
+
+@dataclass
+class DecoderCut:
+    """The state entering decoder layer `layer_idx`, for a group of samples with equally many visual tokens.
+
+    Sequences are left-padded: `mask` marks real tokens, `visual` holds the sequence indices of the current
+    visual block, which is contiguous. `prev_hidden` is what entered layer `layer_idx - 1` (same tokens), for
+    methods that score with the layer that has just run. `original_visual` is each sample's visual-token
+    count before any reduction; `samples` are the group's rows in the batch, and `scratch` is a dict that lives
+    for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample).
+    """
+
+    layer_idx: int
+    layers: nn.ModuleList
+    hidden: Tensor
+    prev_hidden: Tensor | None
+    mask: Tensor
+    cos: Tensor
+    sin: Tensor
+    visual: Tensor
+    original_visual: Tensor
+    samples: list[int]
+    scratch: dict = field(default_factory=dict)
+
+    @property
+    def n_visual(self) -> int:
+        return self.visual.shape[1]
+
+    def visual_rows(self, x: Tensor) -> Tensor:
+        """x: [G, L, ...] -> the visual tokens' rows [G, n, ...]."""
+        return gather_rows(x, self.visual)
+
+    def attention(
+        self, layer_idx: int, queries: Tensor, hidden: Tensor | None = None, keys: Tensor | None = None
+    ) -> Tensor:
+        """Attention probabilities [G, H, Q, L] of decoder layer `layer_idx` for the query rows `queries` [G, Q].
+
+        `hidden` defaults to what enters the cut layer; pass `prev_hidden` to score with the previous layer.
+        `keys` reuses keys from `self.keys` for the same layer and hidden states.
+        """
+        hidden = self.hidden if hidden is None else hidden
+        return decoder_attention(self.layers[layer_idx], hidden, self.cos, self.sin, self.mask, queries, keys)
+
+    def keys(self, layer_idx: int, hidden: Tensor | None = None) -> Tensor:
+        """Post-RoPE keys [G, H_kv, L, hd] of decoder layer `layer_idx`."""
+        hidden = self.hidden if hidden is None else hidden
+        return decoder_keys(self.layers[layer_idx], hidden, self.cos, self.sin)
+
+    def scaled(self, count: float, nominal: int) -> int:
+        """`count` tokens out of a nominal `nominal`, scaled to this group's own original visual count.
+
+        The identity on LLaVA-1.5 (every image has the nominal 576); on LLaVA-NeXT a sample's count follows its
+        anyres grid, and counts are kept as fractions of it.
+        """
+        return round(count * int(self.original_visual[0]) / nominal)  # a group shares its original count
+
+    def last_token(self) -> Tensor:
+        """Sequence index [G, 1] of the last prompt token (sequences are left-padded)."""
+        return torch.full((self.hidden.shape[0], 1), self.hidden.shape[1] - 1, device=self.hidden.device)
+
+
+class Policy:
+    """Base class of a method's policy. The defaults describe the unpruned model."""
+
+    name: str = "none"
+    #: True: positions are renumbered contiguously after a cut; False: tokens keep their original positions.
+    renumber_positions: bool = True
+    #: Vision-tower layer (0-based) whose output an encoder-side stage reduces; None: no encoder stage.
+    encoder_layer: int | None = None
+    #: Decoder layers (0-based) before which the policy cuts.
+    cut_layers: tuple[int, ...] = ()
+    #: LLaVA-NeXT encoder stage: keep transformers' unpadded layout and image-newline tokens for the sub-crops'
+    #: kept patches (False: the official VisionDrop/VisionZip layout, which drops both).
+    keep_newlines: bool = False
+
+    def prepare(self, cut: DecoderCut) -> None:
+        """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""
+
+    def select_encoder(self, view: EncoderView) -> Selection:
+        raise NotImplementedError(f"{self.name} has no encoder stage")
+
+    def select_decoder(self, cut: DecoderCut) -> Selection:
+        raise NotImplementedError(f"{self.name} has no decoder cuts")
+
+    def describe(self) -> dict:
+        """The resolved schedule, for records and logs."""
+        return {"method": self.name}

@@ -1,0 +1,32 @@
+"""Play back the decoder-cut decisions of a recorded forward pass, whatever the text that follows.
+
+Text-guided methods re-score when the prompt grows (as it does in generation without a KV cache); replaying the
+prefill's selections holds the kept sets fixed, which is what the cached decode steps see. Also handy for
+analysis: apply one run's selections to another input with the same image.
+"""
+from __future__ import annotations
+
+import torch
+
+from .policy import DecoderCut, EncoderView, Policy, Selection
+from .trace import Trace
+
+
+class Replay(Policy):
+    def __init__(self, policy: Policy, trace: Trace):
+        self.name = f"replay({policy.name})"
+        self.renumber_positions = policy.renumber_positions
+        self.encoder_layer = policy.encoder_layer
+        self.cut_layers = policy.cut_layers
+        self.keep_newlines = policy.keep_newlines
+        self._policy = policy
+        self._selections = dict(zip(policy.cut_layers, trace.selections))
+
+    def select_encoder(self, view: EncoderView) -> Selection:
+        return self._policy.select_encoder(view)  # text never reaches the vision tower
+
+    def select_decoder(self, cut: DecoderCut) -> Selection:
+        recorded = [self._selections[cut.layer_idx][b] for b in cut.samples]
+        merged = [m for _, m in recorded]
+        return Selection(torch.stack([k for k, _ in recorded]),
+                         None if merged[0] is None else torch.stack(merged))

@@ -1,0 +1,51 @@
+"""Selection primitives shared by every policy: order-preserving top-k and contextual merging."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def topk_in_order(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k highest scores per row, returned in ascending (sequence) order.
+
+    The official codes gather kept tokens with a boolean mask or sort the top-k indices, so the kept
+    tokens keep their relative order; this is that rule. scores: [B, N] -> [B, k].
+    """
+    k = min(k, scores.shape[-1])
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def complement(index: Tensor, n: int) -> Tensor:
+    """The indices in [0, n) not in `index`, ascending, per row. index: [B, k] -> [B, n - k]."""
+    keep = torch.ones(index.shape[0], n, dtype=torch.bool, device=index.device)
+    keep.scatter_(1, index, False)
+    return keep.nonzero()[:, 1].view(index.shape[0], n - index.shape[1])
+
+
+def contextual_merge(hidden: Tensor, metric: Tensor, remaining: Tensor, n_contextual: int) -> Tensor:
+    """Merge the remaining (non-dominant) tokens into `n_contextual` tokens (VisionZip / VisionDrop rule).
+
+    Anchors are taken at a uniform stride over the remaining tokens (in their current order); every other
+    remaining token joins the anchor with the highest cosine similarity of `metric`; a contextual token is
+    its anchor's hidden vector plus the mean of its members (just the anchor when it has none).
+
+    hidden: [B, N, D] vectors to merge; metric: [B, N, M] similarity features;
+    remaining: [B, R] indices of the tokens to merge, ascending. Returns [B, C, D], C = min(n_contextual, R).
+    """
+    n_rem = remaining.shape[1]
+    if n_contextual <= 0 or n_rem == 0:
+        return hidden.new_zeros(hidden.shape[0], 0, hidden.shape[-1])
+    gather = lambda x, idx: x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+    rem_hidden, rem_metric = gather(hidden, remaining), gather(metric, remaining)
+    rem_metric = rem_metric / rem_metric.norm(dim=-1, keepdim=True)
+
+    step = max(1, n_rem // n_contextual)
+    anchor_pos = torch.arange(0, n_rem, step, device=hidden.device)[:n_contextual]
+    is_member = torch.ones(n_rem, dtype=torch.bool, device=hidden.device)
+    is_member[anchor_pos] = False
+
+    similarity = rem_metric[:, is_member] @ rem_metric[:, anchor_pos].transpose(1, 2)  # [B, members, C]
+    assign = torch.zeros_like(similarity).scatter_(2, similarity.argmax(dim=2, keepdim=True), 1.0)
+    counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)  # [B, C, 1]
+    members_mean = assign.transpose(1, 2).to(rem_hidden.dtype) @ rem_hidden[:, is_member] / counts.to(rem_hidden.dtype)
+    return rem_hidden[:, anchor_pos] + members_mean

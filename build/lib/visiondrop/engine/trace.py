@@ -1,0 +1,55 @@
+"""What the last forward pass did to the visual tokens, per sample."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Trace:
+    """Per sample: visual tokens entering each decoder layer, and the original indices kept at each cut.
+
+    Original indices count from 0 in the model's own visual-token order (for llava-hf 1.5: the 576 patches in
+    raster order). Tokens that are not original visual tokens (a kept CLS token, merged tokens) are not listed
+    in `kept` but are counted in `tokens_per_layer`.
+    """
+
+    cuts: list[str] = field(default_factory=list)
+    tokens_per_layer: list[list[int]] = field(default_factory=list)
+    kept: list[list[Tensor]] = field(default_factory=list)
+    #: per decoder cut, what the policy returned: sample -> (keep, merged); `Replay` plays it back.
+    selections: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, batch_size: int) -> "Trace":
+        return cls(tokens_per_layer=[[] for _ in range(batch_size)], kept=[[] for _ in range(batch_size)])
+
+    def add_cut(self, name: str, kept: list[Tensor], selections: dict | None = None) -> None:
+        """kept: one tensor of original indices (-1 for non-original tokens) per sample."""
+        self.cuts.append(name)
+        if selections is not None:
+            self.selections.append(selections)
+        for sample, k in zip(self.kept, kept):
+            sample.append(k[k >= 0].cpu())
+
+    def add_layer(self, visual_counts: Tensor) -> None:
+        for sample, n in zip(self.tokens_per_layer, visual_counts.tolist()):
+            sample.append(n)
+
+    @property
+    def mean_tokens(self) -> list[float]:
+        """The measured "# Tokens" of each sample: mean visual tokens over the decoder layers."""
+        return [sum(t) / len(t) if t else 0.0 for t in self.tokens_per_layer]
+
+    def to_dict(self) -> dict:
+        return {
+            "cuts": self.cuts,
+            "tokens_per_layer": self.tokens_per_layer,
+            "kept": [[k.tolist() for k in sample] for sample in self.kept],
+        }
+
+
+def empty_index(device: torch.device | None = None) -> Tensor:
+    return torch.empty(0, dtype=torch.long, device=device)

@@ -1,0 +1,422 @@
+"""Prefill FLOPs of a LLaVA model under a visual-token reduction method, in the VisionDrop paper's convention.
+
+    python -m visiondrop.flops --model llava-1.5-7b --method visiondrop --budget 64    # last line: total 2.09 TFLOPs
+    method_flops("llava-1.5-7b", "visiondrop", 64).total                                 # 2.09e12
+
+Convention (shared/reference/methods.md section 7): FLOPs = 2 x multiply-accumulates of every matrix product of
+ONE prefill forward, i.e. what `torch.utils.flop_counter.FlopCounterMode` reports for `model(**inputs)`
+(see `flop_counter`; tests/test_flops.py checks the formula against it on a real forward, full and pruned):
+- vision: the patch-embedding convolution and ALL tower layers (q, k, v, o, fc1, fc2, and the attention
+  matmuls over the full T x T square) on the 577 tokens of every crop; LLaVA reads the penultimate layer, but the
+  HF and the official code both run the whole tower;
+- projector: its two linears on the tokens actually projected: all visual tokens, or only the kept and merged
+  ones for an encoder-side method (VisionDrop, VisionZip reduce before the projector);
+- decoder: per layer, on the N = n_l + text + extra tokens it processes: q, k, v, o, gate, up, down, and the
+  attention matmuls Q K^T and A V, 2 N^2 d MACs over the FULL N x N square (no causal halving: torch's counter
+  counts the SDPA kernels that way, and so must the paper, since halving it misses 9.06 T);
+- LM head on every prefill position of the last layer (a plain forward computes all logits);
+- overhead: the method's own scoring and merging, as this harness's engine computes them (`overhead_flops`).
+Norms, activations, softmax, RoPE and embedding lookups are not matrix products and are not counted.
+
+Assumptions written down:
+- "text tokens" are all non-visual prompt tokens (system prompt, question, template); the paper's numbers need
+  63 for LLaVA-1.5-7B (9.06 T full, 2.11 T VisionDrop-64). Pass the measured length for a real run.
+- Presets hold the dimensions of llava-hf/llava-1.5-7b-hf and llava-v1.6-vicuna-7b-hf (vocab 32064, +0.2% on the
+  head versus Vicuna's 32000). llava-next-7b is counted nominally: 5 crops (base + 2x2 grid) of 577 tokens,
+  2880 visual tokens, and 49 `extra_tokens` no method prunes: the paper's 46.25 T full and 7.70 T VisionDrop-320
+  both need 2992 = 2880 + 112 prefill tokens, i.e. 49 tokens beyond the 63 text (plausibly the 48 image-newline
+  tokens of a square 2x2 grid, plus one; methods.md 7 and open question 6).
+- Per-layer visual counts are MEASURED: the method runs on a tiny random LLaVA-1.5 proxy with the same depths and
+  576 visual tokens (`visiondrop.tiny`, width 32) and its trace is read. All methods' schedules are fixed by the
+  budget, so the proxy's weights do not change them. LLaVA-NeXT: VisionDrop's counts are analytic, at the
+  nominal 2880 (methods.md 1(f): per-crop encoder stage of the budget/5 schedule, then decoder segments
+  n0 x (1, 35/48, 26/48, 19/48)), the comparison the paper's 7.70 T asks for; the other methods are measured on
+  a tiny LLaVA-NeXT proxy with a square 672-pixel image (5 crops: 2880 patches plus 48 image-newline tokens).
+  Decoder-side methods see (and prune) the newline tokens, so those count as visual tokens there and leave the
+  preset's 49 extra tokens as 1; encoder-side methods drop them (official layout) and keep the 49.
+- Overhead counted (the harness's computation, not the official codes'): an encoder stage recomputes, per crop,
+  the CLS query and all keys of its vision layer and the CLS logits; a decoder cut on N tokens projects the keys
+  of all N tokens, the queries of the scoring rows and their logits against all keys, where the rows are the n
+  visual tokens (VisionDrop), the last prompt token (FastV, PyramidDrop; all N for FastV scoring="all_queries"),
+  the text tokens (SparseVLM raters, plus its rater choice, visual rows x text: upper bounds) or none (random);
+  contextual merging (VisionDrop, VisionZip) costs one similarity on head-averaged keys and one member sum per
+  (member, merged token) pair; SparseVLM's recycling clusters with elementwise distances (no matrix product,
+  about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of every token
+  at each cut where the engine projects k of every token and q of the visual rows: counting the official way
+  would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+TEXT_TOKENS = 63  # the paper's text length (methods.md 7)
+_PROXY_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the human's questions. USER: <image>\n"
+                 "What is in the image? ASSISTANT:")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the FLOPs depend on."""
+
+    hidden: int  # decoder width d
+    intermediate: int  # decoder MLP width m (SwiGLU: gate, up, down)
+    n_layers: int
+    vocab: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int  # all of them run
+    vision_heads: int
+    vision_tokens: int  # per crop, CLS included (577)
+    patch_size: int
+    projector_in: int  # projector: projector_in -> hidden -> hidden
+    visual_per_crop: int  # visual tokens per crop entering the decoder, unpruned (576)
+    crops: int = 1  # nominal crops per image
+    extra_tokens: int = 0  # non-visual tokens beside the text that no method prunes
+
+    @property
+    def n_visual(self) -> int:
+        return self.visual_per_crop * self.crops
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Dims":
+        """From a transformers LlavaConfig or LlavaNextConfig (nominal crops: base + the largest anyres grid)."""
+        text, vision = config.text_config, config.vision_config
+        feature_layer = config.vision_feature_layer
+        patches = (vision.image_size // vision.patch_size) ** 2
+        grid = getattr(config, "image_grid_pinpoints", None) or []
+        return cls(
+            hidden=text.hidden_size, intermediate=text.intermediate_size, n_layers=text.num_hidden_layers,
+            vocab=text.vocab_size, n_heads=text.num_attention_heads,
+            n_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            vision_hidden=vision.hidden_size, vision_intermediate=vision.intermediate_size,
+            vision_layers=vision.num_hidden_layers, vision_heads=vision.num_attention_heads,
+            vision_tokens=patches + 1, patch_size=vision.patch_size,
+            projector_in=vision.hidden_size * (1 if isinstance(feature_layer, int) else len(feature_layer)),
+            visual_per_crop=patches + int(config.vision_feature_select_strategy == "full"),
+            crops=1 + max((h // vision.image_size) * (w // vision.image_size) for h, w in grid) if grid else 1,
+        )
+
+
+LLAVA_15_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, vocab=32064, n_heads=32, n_kv_heads=32,
+                   head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
+                   vision_tokens=577, patch_size=14, projector_in=1024, visual_per_crop=576)
+PRESETS = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49)}
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Prefill FLOPs by component."""
+
+    vision: float
+    projector: float
+    decoder: float
+    lm_head: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.vision + self.projector + self.decoder + self.lm_head + self.overhead
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "total": self.total}
+
+    def table(self) -> str:
+        names = {"vision": "vision encoder", "projector": "projector", "decoder": "decoder layers",
+                 "lm_head": "LM head", "overhead": "method overhead"}
+        rows = [f"{names[k]:<16} {v / 1e12:>9.4f}" for k, v in asdict(self).items()]
+        return "\n".join([f"{'component':<16} {'TFLOPs':>9}", *rows])
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One reduction: `layer` None is an encoder stage (one per crop), else the decoder layer it precedes.
+
+    `before` tokens go in; `kept` of them stay and `merged` new tokens are made from the others.
+    """
+
+    layer: int | None
+    before: int
+    kept: int
+    merged: int
+
+    @property
+    def members(self) -> int:
+        """Tokens folded into the merged ones (neither kept nor serving as a merge anchor)."""
+        return self.before - self.kept - self.merged
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What a method does to one image: visual tokens entering each decoder layer, tokens projected, cuts."""
+
+    tokens_per_layer: tuple[int, ...]
+    projected: int
+    cuts: tuple[Cut, ...] = ()
+    crops: int = 1
+    newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")
+
+
+def _decoder_layer_macs(dims: Dims, n: int) -> int:
+    q_dim, kv_dim = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
+    linears = 2 * dims.hidden * q_dim + 2 * dims.hidden * kv_dim + 3 * dims.hidden * dims.intermediate
+    return n * linears + 2 * n * n * q_dim  # Q K^T and A V over the full square
+
+
+def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int, n_crops: int | None = None,
+                  projected_tokens: int | None = None, overhead: float = 0.0) -> Breakdown:
+    """FLOPs of one prefill: `tokens_per_layer` visual tokens entering each decoder layer, `text_tokens` others.
+
+    n_crops: vision-tower passes (default: the model's nominal crops); projected_tokens: tokens through the
+    projector (default: all visual tokens); overhead: the method's own FLOPs (`overhead_flops`).
+    """
+    if len(tokens_per_layer) != dims.n_layers:
+        raise ValueError(f"need one visual-token count per decoder layer ({dims.n_layers}), "
+                         f"got {len(tokens_per_layer)}")
+    crops = dims.crops if n_crops is None else n_crops
+    projected = dims.visual_per_crop * crops if projected_tokens is None else projected_tokens
+    other = text_tokens + dims.extra_tokens
+    t, dv = dims.vision_tokens, dims.vision_hidden
+    patch_embed = (t - 1) * 3 * dims.patch_size ** 2 * dv
+    vision_layer = 4 * t * dv * dv + 2 * t * dv * dims.vision_intermediate + 2 * t * t * dv
+    return Breakdown(
+        vision=2.0 * crops * (patch_embed + dims.vision_layers * vision_layer),
+        projector=2.0 * projected * (dims.projector_in * dims.hidden + dims.hidden * dims.hidden),
+        decoder=2.0 * sum(_decoder_layer_macs(dims, n + other) for n in tokens_per_layer),
+        lm_head=2.0 * (tokens_per_layer[-1] + other) * dims.hidden * dims.vocab,
+        overhead=float(overhead),
+    )
+
+
+#: per method: the query rows scoring a decoder cut, and whether leftovers are merged by `contextual_merge`.
+_RECIPES = {"none": (None, False), "random": (None, False), "visionzip": (None, True), "visiondrop": ("visual", True),
+            "fastv": ("last", False), "pyramiddrop": ("last", False), "sparsevlm": ("text", False)}
+
+
+def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: int, all_queries: bool = False) -> float:
+    """FLOPs of the matrix products of a method's own scoring and merging at its `cuts`, as the engine computes
+    them (module docstring). all_queries: FastV's paper scoring, every prompt row as a query."""
+    if method not in _RECIPES:
+        raise ValueError(f"no overhead recipe for method {method!r}; known: {', '.join(_RECIPES)}")
+    rows, merges = _RECIPES[method]
+    rows = "all" if all_queries else rows
+    q_dim, kv_dim, d = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim, dims.hidden
+    macs = 0
+    if method == "sparsevlm" and cuts:  # rater choice: visual rows against the text (all of it: an upper bound)
+        macs += cuts[0].before * text_tokens * d
+    for cut in cuts:
+        if cut.layer is None:  # CLS query, keys of all tokens, CLS logits; merge on head-averaged keys
+            dv = dims.vision_hidden
+            macs += dv * dv * (1 + cut.before) + cut.before * dv
+            metric, width = dv // dims.vision_heads, dv
+        else:
+            n = cut.before + text_tokens + dims.extra_tokens
+            queries = {"visual": cut.before, "last": 1, "text": text_tokens, "all": n, None: 0}[rows]
+            if rows is not None:
+                macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim
+            metric, width = dims.head_dim, d
+        if merges:
+            macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it
+    return 2.0 * macs
+
+
+def flop_counter(**kwargs: Any) -> FlopCounterMode:
+    """torch's FlopCounterMode, also counting the CPU SDPA kernel (it counts 0 there otherwise) as it counts the
+    GPU ones: Q K^T and A V over the full square, whatever the mask."""
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    mapping = {} if cpu_sdpa is None else {cpu_sdpa: _sdpa_flops}
+    kwargs.setdefault("display", False)
+    return FlopCounterMode(custom_mapping={**mapping, **kwargs.pop("custom_mapping", {})}, **kwargs)
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: float | None = None,
+                     **options: Any) -> Schedule:
+    """Apply `method` to `model`, run one forward on `inputs` (one image), and read what it did."""
+    from .api import apply
+
+    cuts: list[Cut] = []
+    with apply(model, method, budget, **options) as handle, torch.no_grad():
+        _record_cuts(handle.policy, cuts)
+        model(**inputs)
+        counts = tuple(handle.trace.tokens_per_layer[0])
+    encoder = [c for c in cuts if c.layer is None]  # an encoder stage projects only what it keeps and merges
+    projected = sum(c.kept + c.merged for c in encoder) if encoder else _n_visual(model)
+    return Schedule(counts, projected, tuple(cuts))
+
+
+def _n_visual(model: torch.nn.Module) -> int:
+    from .models import ModelInfo
+
+    return ModelInfo.of(model).n_visual
+
+
+def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
+    """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample)."""
+    select_encoder, select_decoder = policy.select_encoder, policy.select_decoder
+    merged = lambda sel: 0 if sel.merged is None else sel.merged.shape[1]  # noqa: E731
+
+    def encoder(view):
+        sel = select_encoder(view)
+        cuts.append(Cut(None, view.hidden.shape[1], sel.keep.shape[1], merged(sel)))
+        return sel
+
+    def decoder(cut):
+        sel = select_decoder(cut)
+        cuts.append(Cut(cut.layer_idx, cut.n_visual, sel.keep.shape[1], merged(sel)))
+        return sel
+
+    policy.select_encoder, policy.select_decoder = encoder, decoder
+
+
+@functools.lru_cache(maxsize=4)
+def _proxy(n_layers: int, vision_layers: int, anyres: bool = False) -> tuple[torch.nn.Module, dict]:
+    """A tiny random LLaVA-1.5 (or LLaVA-NeXT with a square 672-pixel image: 5 crops, the nominal 2880 patches
+    plus 48 image-newline tokens) of the given depths and its inputs; built once per process."""
+    from transformers.utils import logging
+
+    from .tiny import build_tiny_llava, build_tiny_llava_next, demo_image, load_tiny_llava
+
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a FLOPs printout should not carry save/load progress bars
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            build = build_tiny_llava_next if anyres else build_tiny_llava
+            path = build(Path(tmp) / "proxy", seed=0, text_layers=n_layers, vision_layers=vision_layers,
+                         hidden=32, vision_hidden=32)
+            model, processor = load_tiny_llava(path)
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+    image = demo_image(0, (672, 672) if anyres else (336, 336))
+    return model, dict(processor(images=image, text=_PROXY_PROMPT, return_tensors="pt"))
+
+
+_measured: dict[tuple, Schedule] = {}
+
+
+def schedule(dims: Dims, method: str, budget: float | None = None, **options: Any) -> Schedule:
+    """The schedule of `method` at `budget` on a model of these dims: measured on a proxy (NeXT VisionDrop: analytic).
+
+    Method "none" needs no measurement: every layer sees all visual tokens.
+    """
+    if method == "none":
+        if budget is not None and budget != dims.n_visual or options:
+            raise ValueError(f"method 'none' keeps all {dims.n_visual} visual tokens and takes no options; "
+                             f"got budget={budget} {options or ''}")
+        return Schedule((dims.n_visual,) * dims.n_layers, dims.n_visual, (), dims.crops)
+    if dims.crops > 1 and method == "visiondrop" and not options:
+        return _next_schedule(dims, method, budget)
+    if (dims.vision_tokens, dims.visual_per_crop, dims.crops) not in ((577, 576, 1), (577, 576, 5)):
+        raise NotImplementedError("the proxy models have 577 vision tokens and 576 visual tokens per crop, 1 crop "
+                                  "(LLaVA-1.5) or 5 (LLaVA-NeXT); cannot measure a model with "
+                                  f"{dims.vision_tokens} / {dims.visual_per_crop} / {dims.crops}")
+    key = (dims.n_layers, dims.vision_layers, dims.crops, method, budget, repr(sorted(options.items())))
+    if key not in _measured:
+        model, inputs = _proxy(dims.n_layers, dims.vision_layers, dims.crops > 1)
+        sched = measure_schedule(model, inputs, method, budget, **options)
+        placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        encoder_side = any(c.layer is None for c in sched.cuts)  # these drop the newline tokens (official layout)
+        newlines = 0 if encoder_side else placeholders - dims.n_visual
+        _measured[key] = replace(sched, crops=dims.crops, newlines=newlines)
+    return _measured[key]
+
+
+def _next_schedule(dims: Dims, method: str, budget: float | None) -> Schedule:
+    """LLaVA-NeXT at its nominal crops, VisionDrop per methods.md 1(f): per-crop encoder stage of the budget/crops
+    schedule, then decoder segments of n0 x (35, 26, 19)/48 tokens (the ratio version of the official schedule)."""
+    from .models import ModelInfo
+    from .policy import OFFICIAL_32, schedule_for_budget
+
+    if budget is None:
+        raise ValueError("VisionDrop needs a budget")
+    if budget >= dims.n_visual:
+        return schedule(dims, "none")
+    info = ModelInfo(n_visual=dims.visual_per_crop, n_layers=dims.n_layers, vision_layer=dims.vision_layers - 2,
+                     cls_kept=dims.visual_per_crop == dims.vision_tokens)  # one crop, LLaVA's layer -2
+    try:
+        enc = schedule_for_budget(budget / dims.crops, info).encoder
+    except ValueError as err:
+        raise ValueError(f"VisionDrop on {dims.crops} crops needs a per-crop budget it can reach: {err}") from None
+    n0 = enc.total * dims.crops
+    cuts = [Cut(None, dims.vision_tokens, enc.dominant, enc.contextual)] * dims.crops
+    counts, n, first = [], n0, OFFICIAL_32.encoder.total
+    layers = info.relative_layers([layer for layer, _ in OFFICIAL_32.cuts], "VisionDrop decoder cuts")
+    stages = dict(zip(layers, (stage for _, stage in OFFICIAL_32.cuts)))
+    for layer in range(dims.n_layers):
+        if layer in stages:  # contextual share as in the official 32-token schedule
+            after = round(n0 * stages[layer].total / first)
+            merged = round(after * stages[layer].contextual / stages[layer].total)
+            cuts.append(Cut(layer, n, after - merged, merged))
+            n = after
+        counts.append(n)
+    return Schedule(tuple(counts), n0, tuple(cuts), dims.crops)
+
+
+def method_flops(model: str | Dims, method: str = "none", budget: float | None = None,
+                 text_tokens: int = TEXT_TOKENS, **options: Any) -> Breakdown:
+    """Prefill FLOPs of `method` at `budget` on a preset name or Dims, with `text_tokens` non-visual tokens."""
+    dims = PRESETS[model] if isinstance(model, str) else model
+    sched = schedule(dims, method, budget, **options)
+    dims = replace(dims, extra_tokens=max(0, dims.extra_tokens - sched.newlines))  # measured, not extra
+    overhead = overhead_flops(dims, method, sched.cuts, text_tokens,
+                              all_queries=method == "fastv" and options.get("scoring") == "all_queries")
+    return prefill_flops(dims, sched.tokens_per_layer, text_tokens, sched.crops, sched.projected, overhead)
+
+
+def _runs(counts: Sequence[int]) -> str:
+    runs: list[list[int]] = []
+    for n in counts:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    return ", ".join(f"{n} x{k}" for n, k in runs)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from .api import METHODS
+
+    parser = argparse.ArgumentParser(prog="python -m visiondrop.flops", description="Prefill FLOPs of a method "
+                                     "in the VisionDrop paper's convention (2 x MACs, full prefill forward).")
+    parser.add_argument("--model", choices=sorted(PRESETS), default="llava-1.5-7b")
+    parser.add_argument("--method", choices=list(METHODS), default="none")
+    parser.add_argument("--budget", type=float, help="average visual tokens per decoder layer (not for 'none')")
+    parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS,
+                        help=f"non-visual prompt tokens (default: the paper's {TEXT_TOKENS})")
+    args = parser.parse_args(argv)
+    if args.method != "none" and args.budget is None:
+        parser.error(f"method {args.method!r} needs --budget")
+    budget = None if args.budget is None else int(args.budget) if args.budget.is_integer() else args.budget
+    dims = PRESETS[args.model]
+    try:
+        sched = schedule(dims, args.method, budget)
+        result = method_flops(dims, args.method, budget, args.text_tokens)
+    except (ValueError, NotImplementedError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"{args.model}, method {args.method}" + ("" if budget is None else f", budget {budget}")
+          + f", {args.text_tokens} text tokens" + (f" + {dims.extra_tokens} other" if dims.extra_tokens else ""))
+    mean = sum(sched.tokens_per_layer) / len(sched.tokens_per_layer)
+    print(f"visual tokens per decoder layer: {_runs(sched.tokens_per_layer)} (mean {mean:.2f}); "
+          f"{sched.projected} of {dims.n_visual} projected; {sched.crops} vision crop(s)")
+    print(result.table())
+    print(f"total {result.total / 1e12:.2f} TFLOPs")
+
+
+if __name__ == "__main__":
+    main()

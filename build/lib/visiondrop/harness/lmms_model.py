@@ -1,0 +1,323 @@
+"""lmms-eval plugin model `pruned_llava`: a Hugging Face LLaVA checkpoint with a token-reduction method applied.
+
+    python -m lmms_eval --model pruned_llava \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=visiondrop,budget=64 --tasks pope --output_path out
+
+Registered through the entry-point group `lmms_eval.models` (visiondrop/harness/manifest.py); no fork of lmms-eval.
+Model args (`--model_args k=v,...`, or keywords of `PrunedLlava(...)` for `simple_evaluate(model=instance)`):
+- pretrained: local folder or hub id of a LlavaForConditionalGeneration (LlavaNext loads, but only method "none"
+  runs on it until the engine supports NeXT);
+- method (default "none") and budget (average visual tokens per decoder layer; "full"/None = the method's own
+  setting), passed to `visiondrop.apply`; any other key=value is a method option (`k=3`, `layer_list=[8,16,24]`,
+  `schedule={"encoder":[42,6],...}`: values are read as JSON or Python literals, else kept as strings);
+- dtype (bfloat16 on cuda, float32 on cpu; "auto" = the checkpoint's), device (cuda if available, else cpu),
+  attn_implementation (sdpa), batch_size (left-padded batches; results equal those of batch size 1; set it with
+  lmms-eval's own `--batch_size`, which the CLI always passes and which would clash with a model arg);
+- image_aspect_ratio: "pad" (LLaVA-1.5 eval: expand to a square with the CLIP mean colour; the default for 1.5)
+  or "none" (the processor's own resize and centre crop; the default for NeXT);
+- conv_template: "vicuna_v1" (LLaVA eval prompt with the system sentence; default) or "llava_hf" (chat template).
+
+`run_info` records the method, its resolved schedule, the preprocessing and the measured "# Tokens" (mean over
+evaluated samples with an image of the trace's mean visual tokens per decoder layer).
+"""
+from __future__ import annotations
+
+import ast
+import gc
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.model import lmms
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+import visiondrop
+from visiondrop.models import SUPPORTED
+
+from .prompting import ASPECT_RATIOS, CONV_TEMPLATES, build_prompt, expand_to_square, mean_colour
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_MAX_NEW_TOKENS = 128  # LLaVA's model_vqa_loader default, for tasks that do not say
+
+
+class PrunedLlava(lmms):
+    def __init__(self, pretrained: str, method: str = "none", budget: float | str | None = None,
+                 dtype: str | torch.dtype | None = None, device: str | None = None,
+                 attn_implementation: str = "sdpa", batch_size: int | str = 1, image_aspect_ratio: str | None = None,
+                 conv_template: str = "vicuna_v1", max_batch_size: int | None = None, **options: Any) -> None:
+        super().__init__()
+        del max_batch_size  # lmms-eval passes it for batch_size=auto, which this model does not offer
+        self._batch_size = _positive_int(batch_size, "batch_size")
+        if conv_template not in CONV_TEMPLATES:
+            raise ValueError(f"unknown conv_template {conv_template!r}; available: {', '.join(CONV_TEMPLATES)}")
+        self._device = self._setup_device(device)
+        self._dtype = _resolve_dtype(dtype, self._device)
+
+        config = AutoConfig.from_pretrained(pretrained)
+        is_next = config.model_type == "llava_next"
+        model_cls = LlavaNextForConditionalGeneration if is_next else LlavaForConditionalGeneration
+        self._model = model_cls.from_pretrained(pretrained, dtype=self._dtype,
+                                                attn_implementation=attn_implementation).to(self._device).eval()
+        self.processor = AutoProcessor.from_pretrained(pretrained)
+        self.processor.tokenizer.padding_side = "left"  # batches end together: generation and continuations align
+
+        self.image_aspect_ratio = image_aspect_ratio or ("none" if is_next else "pad")
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"unknown image_aspect_ratio {self.image_aspect_ratio!r}; available: "
+                             f"{', '.join(ASPECT_RATIOS)}")
+        self._background = mean_colour(self.processor.image_processor.image_mean)
+        self.conv_template = conv_template
+        self.pretrained = pretrained
+
+        self.method, self.budget = method, _parse_budget(budget)
+        self.options = {key: _parse_value(value) for key, value in options.items()}
+        # "none" on a model the engine does not support yet (NeXT) runs the plain model; anything else goes
+        # through apply, which names what is unsupported.
+        unsupported_none = method == "none" and type(self._model).__name__ not in SUPPORTED and not self.options
+        self.handle = None if unsupported_none else visiondrop.apply(self._model, method, self.budget, **self.options)
+        self.reset_measurements()
+
+    # -- what lmms-eval and the harness read -------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def config(self):  # simple_evaluate names the run after config._name_or_path when given an instance
+        return self._model.config
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def run_info(self) -> dict:
+        """The method, its resolved schedule, the preprocessing, and what was measured since the last reset.
+
+        samples: model inputs evaluated (requests: a multiple-choice doc counts once per choice);
+        measured_tokens_mean: over those with an image, the trace's mean visual tokens per decoder layer.
+        """
+        return {
+            "pretrained": str(self.pretrained),
+            "method": self.method,
+            "budget": self.budget,
+            "options": self.options,
+            "policy": self.handle.policy.describe() if self.handle else {"method": "none"},
+            "image_aspect_ratio": self.image_aspect_ratio,
+            "conv_template": self.conv_template,
+            "dtype": str(self._dtype).removeprefix("torch."),
+            "measured_tokens_mean": self._token_sum / self._image_samples if self._image_samples else None,
+            "text_tokens_mean": self._text_sum / self._image_samples if self._image_samples else None,
+            "samples": self._samples,
+            "samples_with_image": self._image_samples,
+        }
+
+    def reset_measurements(self) -> None:
+        """Start counting afresh, e.g. before evaluating this instance on another task."""
+        self._samples = self._image_samples = 0
+        self._token_sum = self._text_sum = 0.0
+
+    def clean(self) -> None:
+        """Keep the model: lmms-eval's default deletes it after each evaluation; one instance may serve many tasks."""
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        results: list[str] = [""] * len(requests)
+        tokenizer = self.processor.tokenizer
+        with tqdm(total=len(requests), desc="pruned_llava generate", disable=self.rank != 0) as bar:
+            for indices in self._batches(requests, key=lambda args: json.dumps(args[1], sort_keys=True, default=str)):
+                args = [requests[i].args for i in indices]
+                settings, until = _generation_settings(args[0][1], tokenizer)
+                images = [self._image(*a[2:6]) for a in args]
+                prompts = [self._prompt(a[0], image is not None) for a, image in zip(args, images)]
+                batch = self._encode(prompts, images)
+                with torch.inference_mode():
+                    out = self._model.generate(**batch, **settings)
+                self._record(images, batch)
+                texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                for i, text in zip(indices, texts):
+                    results[i] = _cut_at_stop(text, until).strip()
+                bar.update(len(indices))
+        return results
+
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Per request: (negative log-likelihood of the continuation summed over its tokens, whether it is greedy).
+
+        lmms-eval 0.7.3 turns a bare tuple into a string, so each pair travels in `GenerationResult.text`.
+        """
+        results: list[GenerationResult] = [None] * len(requests)  # type: ignore[list-item]
+        tokenizer = self.processor.tokenizer
+        with tqdm(total=len(requests), desc="pruned_llava loglikelihood", disable=self.rank != 0) as bar:
+            for indices in self._batches(requests, key=lambda args: None):
+                prompts, continuations, images = [], [], []
+                for i in indices:
+                    context, target, *where = requests[i].args  # (ctx, cont) for unconditional mutual-info requests
+                    image = self._image(*where[:4]) if where else None
+                    if callable(target):
+                        target = target(self.task_dict[where[2]][where[3]][where[1]])
+                    prompts.append(self._prompt(context, image is not None))
+                    continuations.append(str(target))
+                    images.append(image)
+                full = [p + t for p, t in zip(prompts, continuations)]
+                # As lmms-eval's own LLaVA models: the continuation is what the full prompt adds after the context.
+                lengths = [len(tokenizer(f).input_ids) - len(tokenizer(p).input_ids) for p, f in zip(prompts, full)]
+                keep = max(lengths) + 1
+                batch = self._encode(full, images)
+                with torch.inference_mode():
+                    logits = self._model(**batch, logits_to_keep=keep).logits.float()
+                self._record(images, batch)
+                # Left padding (and pruning only before the text) keeps every continuation at the right end.
+                logprobs = logits[:, :-1].log_softmax(-1)
+                ids = batch["input_ids"]
+                targets = ids[:, ids.shape[1] - keep + 1:]
+                for row, (i, n) in enumerate(zip(indices, lengths)):
+                    lp, tgt = logprobs[row, keep - 1 - n:], targets[row, keep - 1 - n:]
+                    nll = -float(lp.gather(-1, tgt[:, None]).sum())
+                    results[i] = GenerationResult(text=(nll, bool((lp.argmax(-1) == tgt).all())))
+                bar.update(len(indices))
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError("pruned_llava does not run multi-round tasks (generate_until_multi_round): the "
+                                  "engine prunes one image prefill per sample; use single-round tasks")
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _setup_device(self, device: str | None) -> torch.device:
+        """Single process, or one rank of lmms-eval's data-parallel `accelerate launch` (one GPU per rank)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator()
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            if device in (None, "cuda"):
+                return self.accelerator.device
+        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def _batches(self, requests: list[Instance], key: Callable[[tuple], Any]) -> Iterator[list[int]]:
+        """Indices of requests in batches that share `key` (generation settings), longest contexts first."""
+        groups: dict[Any, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(key(request.args), []).append(i)
+        for indices in groups.values():
+            indices.sort(key=lambda i: -len(str(requests[i].args[0])))
+            for start in range(0, len(indices), self._batch_size):
+                yield indices[start:start + self._batch_size]
+
+    def _image(self, doc_to_visual: Callable | None, doc_id: int, task: str, split: str) -> Image.Image | None:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if callable(doc_to_visual) else None
+        visuals = [v for v in (visuals or []) if v is not None]
+        if not visuals:
+            return None
+        if len(visuals) > 1 or not isinstance(visuals[0], Image.Image):
+            raise ValueError(f"pruned_llava takes one image per sample (LLaVA); {task} doc {doc_id} gave "
+                             f"{len(visuals)} visual(s) of type {type(visuals[0]).__name__}")
+        return visuals[0].convert("RGB")
+
+    def _prompt(self, context: str, has_image: bool) -> str:
+        return build_prompt(self.processor, context, has_image, self.conv_template)
+
+    def _encode(self, prompts: list[str], images: list[Image.Image | None]) -> dict:
+        present = [self._preprocess(image) for image in images if image is not None]
+        batch = self.processor(text=prompts, images=present or None, padding=True, return_tensors="pt")
+        return batch.to(self._device, self._model.dtype)  # casts only the floating tensors (pixel_values)
+
+    def _preprocess(self, image: Image.Image) -> Image.Image:
+        return expand_to_square(image, self._background) if self.image_aspect_ratio == "pad" else image
+
+    def _record(self, images: list[Image.Image | None], batch: dict) -> None:
+        """Add the measured visual tokens per decoder layer of this batch's samples with an image."""
+        self._samples += len(images)
+        rows = [row for row, image in enumerate(images) if image is not None]
+        if not rows:
+            return  # a text-only forward leaves the trace of an earlier batch in place
+        if self.handle is not None:
+            tokens = self.handle.trace.mean_tokens
+        else:
+            tokens = (batch["input_ids"] == self._model.config.image_token_id).sum(1).tolist()
+        self._token_sum += sum(float(tokens[row]) for row in rows)
+        text = batch["attention_mask"].sum(1) - (batch["input_ids"] == self._model.config.image_token_id).sum(1)
+        self._text_sum += float(text[rows].sum())  # non-visual prompt tokens, for the FLOPs of the run
+        self._image_samples += len(rows)
+
+
+def _generation_settings(gen_kwargs: dict, tokenizer: Any) -> tuple[dict, list[str]]:
+    """generate() keywords from a task's generation_kwargs: greedy unless temperature > 0 (as LLaVA's eval)."""
+    until = gen_kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    if int(gen_kwargs.get("num_beams") or 1) != 1:
+        raise ValueError("pruned_llava does not support beam search (num_beams > 1): the pruned KV cache "
+                         "cannot be reordered between beams")
+    temperature = float(gen_kwargs.get("temperature") or 0)
+    settings: dict[str, Any] = {
+        "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+        "do_sample": temperature > 0,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    }
+    if temperature > 0:
+        settings.update(temperature=temperature, top_p=gen_kwargs.get("top_p"))
+    if until:
+        settings.update(stop_strings=until, tokenizer=tokenizer)
+    return settings, until
+
+
+def _cut_at_stop(text: str, until: list[str]) -> str:
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+def _parse_budget(budget: float | str | None) -> float | int | None:
+    if budget is None or (isinstance(budget, str) and budget.strip().lower() in ("", "full", "none", "null")):
+        return None
+    value = float(budget)
+    return int(value) if value.is_integer() else value
+
+
+def _parse_value(value: Any) -> Any:
+    """A method option from `--model_args`: JSON or a Python literal where it parses as one, else the string."""
+    if not isinstance(value, str):
+        return value
+    if value.strip().lower() in ("none", "null"):
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(value)
+        except (ValueError, SyntaxError, TypeError):
+            pass
+    return value
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> str | torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; available: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _positive_int(value: int | str, name: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
