@@ -14,23 +14,39 @@ As the official code does it (github.com/Gumpest/SparseVLMs, branch v1.5 @734d90
 - positions are renumbered contiguously; in decoding every layer uses its own cache length as position (the
   engine's per-segment positions do exactly that).
 The density-peak order depends on `torch.rand((1, n))` * 1e-6 drawn once per cut from the global torch RNG: where
-the true densities underflow (as on tiny models) that noise alone picks the cluster centres, so unseeded runs vary,
-as the official ones do. `torch.manual_seed(s)` right before `generate` reproduces an official run seeded alike.
+the true densities underflow (as on tiny models) that noise alone picks the cluster centres, so the official runs
+vary from run to run and with the other samples of a batch. Here each sample draws from its own generator seeded
+with `seed` (default 0) at every forward, so answers are reproducible and independent of the batch; `seed="global"`
+draws from the global RNG as the official code, and `torch.manual_seed(s)` right before `generate` then
+reproduces an official run seeded alike (`seed=0` gives the same draws as `torch.manual_seed(0)` for one prompt).
 
-Budgets: the official keep lists for layers (2, 6, 15) on LLaVA-1.5 (576 visual tokens): 192 -> [300, 200, 110],
-128 -> [303, 110, 36], 96 -> [238, 48, 26] (main branch), 64 -> [66, 30, 17]; other budgets are refused.
-`describe()["equivalent_tokens"]` is SparseVLM's own count (mean over layers of the visual tokens each layer
-OUTPUTS, what its code prints: 192.03 for 192); the tokens ENTERING each layer, which the trace measures, average
-higher (206.5 for 192) and are recorded as "mean_tokens_entering_layers".
+Budgets: the official keep lists for layers (2, 6, 15) on LLaVA-1.5-7B (576 visual tokens, 32 layers): 192 ->
+[300, 200, 110], 128 -> [303, 110, 36], 96 -> [238, 48, 26] (main branch), 64 -> [66, 30, 17]; other budgets are
+refused. `describe()["equivalent_tokens"]` is SparseVLM's own count (mean over layers of the visual tokens each
+layer OUTPUTS, what its code prints: 192.03 for 192); the tokens ENTERING each layer, which the trace measures,
+average higher and are recorded as "mean_tokens_entering_layers": 206.5 at 192, 145.41 at 128, 114.09 at 96,
+82.25 at 64 (ratios 1.076, 1.136, 1.188, 1.285 to the budget).
+The rule on every model and depth is that of LLaVA-1.5-7B: a budget B feeds each sample's layers, on average,
+the tokens the official lists feed LLaVA-1.5-7B at B, as a fraction of the image (ratio_B * B * n / N0 for a
+sample of n visual tokens out of the model's nominal N0; `schedule`). The keep lists are the official ones scaled
+by one common factor, the factor (nearest to n / 576) whose schedule, recycled clusters and rounding included,
+brings the mean entering tokens closest to that target: exactly the official lists on LLaVA-1.5-7B, close to
+n / 576 times them on a 32-layer LLaVA-NeXT, much shorter lists on shallow decoders, where the first cut comes
+after a larger share of the layers. A NeXT sample's lists follow its own count. Where the fewest tokens the
+schedule can feed (keep lists of 1) already exceed the target, the budget is refused, naming the smallest
+reachable one (on a 4-layer decoder the first layer alone, with all 576 tokens, averages 144: only 192 is left).
 
 Options (keywords of `visiondrop.apply` beside `budget`):
-- `keep_lists`: explicit [K1, K2, ...], one per pruning layer, overriding the budget table;
+- `keep_lists`: explicit [K1, K2, ...], one per pruning layer, used as given instead of the budget's schedule
+  (counts for a 576-token image: a NeXT sample scales them to its own count);
 - `layers` (default [2, 6, 15]): the layers at whose output it prunes, given for a 32-layer decoder and mapped
-  to other depths by relative depth, kept distinct (`ModelInfo.relative_layers`: [0, 1, 2] on 4 layers);
-- `recycle` (default True): False drops the pruned tokens without clustering (the paper's no-recycling ablation);
-- `seed` (default None: the global RNG, as the official code): an int draws each sample's clustering noise from a
-  private CPU generator seeded with it at every forward, so outcomes do not depend on the batch or on earlier
-  calls (`seed=0` gives the same draws as `torch.manual_seed(0)` for a single prompt).
+  to other depths by relative depth, kept distinct (`ModelInfo.relative_layers`: [0, 1, 2] on 4 layers); with a
+  budget, the keep lists are solved for these layers by the rule above;
+- `recycle` (default True): False drops the pruned tokens without clustering (the paper's no-recycling ablation;
+  a budget then targets what the official lists feed LLaVA-1.5-7B without recycling);
+- `seed` (default 0): an int draws each sample's clustering noise from a private CPU generator seeded with it at
+  every forward, so outcomes do not depend on the batch or on earlier calls; "global" draws from the global torch
+  RNG on the tokens' device, as the official code (for parity runs seeded with `torch.manual_seed`).
 Not reproduced, with no effect on the outputs: the official batch-size-1 limit and its full attention matrices in
 every layer (only the rater rows are computed here, so SDPA / FlashAttention stay on).
 """
@@ -46,6 +62,8 @@ from visiondrop.models import ModelInfo
 LAYERS = (2, 6, 15)
 KEEP_LISTS = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
 OFFICIAL_N_VISUAL = 576
+OFFICIAL_N_LAYERS = 32
+SEEDS = "an int (each sample's own generator, the default 0) or 'global' (the global torch RNG, as official)"
 
 
 def n_candidates(n_pruned: int) -> int:
@@ -68,6 +86,62 @@ def tokens_per_layer(n_visual: int, n_layers: int, layers: tuple[int, ...], keep
     return counts
 
 
+def official_mean(reference: int, recycle: bool) -> float:
+    """Mean visual tokens entering the layers of LLaVA-1.5-7B with the official keep lists of budget `reference`."""
+    counts = tokens_per_layer(OFFICIAL_N_VISUAL, OFFICIAL_N_LAYERS, LAYERS, KEEP_LISTS[reference], recycle)
+    return sum(counts) / len(counts)
+
+
+class Unreachable(ValueError):
+    """The fewest tokens a schedule can feed exceed the budget's target on this model (`floor`: that mean)."""
+
+    def __init__(self, message: str, floor: float):
+        super().__init__(message)
+        self.floor = floor
+
+
+def schedule(reference: int, n: int, n_layers: int, layers: tuple[int, ...], recycle: bool) -> tuple[int, ...]:
+    """Keep lists for one image of `n` visual tokens on an `n_layers`-layer decoder pruning after `layers`.
+
+    The target is the official schedule's mean entering tokens at `reference` (a LLaVA-1.5 budget) as a fraction
+    of the image: official_mean(reference) * n / 576. The lists are the official ones times one factor s
+    (rounded, at least 1): the mean is non-decreasing in s, so bisection finds the values of s whose mean is
+    closest to the target, and of those the one nearest to n / 576 is taken (the official lists themselves on
+    LLaVA-1.5-7B). Raises `Unreachable` where even lists of 1 feed more than the target.
+    """
+    official, target, s0 = KEEP_LISTS[reference], official_mean(reference, recycle) * n / OFFICIAL_N_VISUAL, \
+        n / OFFICIAL_N_VISUAL
+
+    def keeps(s: float) -> tuple[int, ...]:
+        return tuple(max(1, int(s * k + 0.5)) for k in official)
+
+    def mean(s: float) -> float:
+        counts = tokens_per_layer(n, n_layers, layers, keeps(s), recycle)
+        return sum(counts) / n_layers
+
+    floor = mean(0.0)
+    if floor > target:
+        raise Unreachable(f"fewest mean entering tokens {floor:g} > target {target:g}", floor)
+
+    def first_at_least(value: float) -> float:  # the smallest s (to 1e-12) with mean(s) >= value
+        lo, hi = 0.0, n / min(official) + 1.0  # keeps >= n at hi: nothing pruned, the mean is n
+        if mean(lo) >= value:
+            return lo
+        while hi - lo > 1e-12 * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if mean(mid) >= value else (mid, hi)
+        return hi
+
+    above = first_at_least(target)
+    below = max(first_at_least(target) - 1e-9, 0.0)  # the step just under the target (mean(below) < target)
+    best = min((mean(above), mean(below)), key=lambda m: (abs(m - target), -m))
+    start = first_at_least(best)  # the values of s with mean == best: [start, end)
+    end = first_at_least(best + 1e-9)
+    if mean(end) == best:  # the largest schedule (nothing pruned) is this mean: no upper end
+        return keeps(max(start, s0))
+    return keeps(min(max(start, s0), end - 1e-9) if end - 1e-9 >= start else start)
+
+
 def cluster_and_merge(x: Tensor, n_clust: int, noise: Tensor) -> Tensor:
     """DPC-kNN on x [n, D] into `n_clust` tokens [n_clust, D] (centre order), as the official `cluster_and_merge`.
 
@@ -88,11 +162,25 @@ def cluster_and_merge(x: Tensor, n_clust: int, noise: Tensor) -> Tensor:
 class SparseVLM(Policy):
     name = "sparsevlm"
 
-    def __init__(self, info: ModelInfo, layers: tuple[int, ...], keep_lists: tuple[int, ...], recycle: bool,
-                 seed: int | None):
-        self.info, self.layers, self.keep_lists, self.recycle, self.seed = info, layers, keep_lists, recycle, seed
+    def __init__(self, info: ModelInfo, layers: tuple[int, ...], keep_lists: tuple[int, ...] | None, recycle: bool,
+                 seed: int | str = 0, reference: int | None = None):
+        """keep_lists: explicit lists (for a 576-token image, scaled to a sample's count), or None with
+        `reference`, the LLaVA-1.5 budget whose rule (`schedule`) gives each sample's lists."""
+        if (keep_lists is None) == (reference is None):
+            raise ValueError("SparseVLM needs exactly one of keep_lists and reference")
+        self.info, self.layers, self.recycle, self.seed, self.reference = info, layers, recycle, seed, reference
+        self.explicit = None if keep_lists is None else tuple(keep_lists)
         self.cut_layers = tuple(layer + 1 for layer in layers)  # pruning a layer's output = cutting before the next
-        self._keep = dict(zip(self.cut_layers, keep_lists))
+        self._schedules: dict[int, tuple[int, ...]] = {}
+        self.keep_lists = self.lists_for(info.n_visual)  # the nominal image's (official ones on LLaVA-1.5-7B)
+
+    def lists_for(self, n: int) -> tuple[int, ...]:
+        """The keep lists for an image of `n` visual tokens (cached per count)."""
+        if self.explicit is not None:
+            return tuple(round(k * n / OFFICIAL_N_VISUAL) for k in self.explicit)
+        if n not in self._schedules:
+            self._schedules[n] = schedule(self.reference, n, self.info.n_layers, self.layers, self.recycle)
+        return self._schedules[n]
 
     def prepare(self, cut: DecoderCut) -> None:
         """Choose each sample's raters on the decoder input embeddings (and start its noise generator)."""
@@ -105,7 +193,7 @@ class SparseVLM(Policy):
             raters = (relevance > relevance.mean()).nonzero()[:, 0]
             if raters.numel() == 0:  # all tokens equally relevant (e.g. a single one): the official mean is NaN
                 raters = torch.arange(text.shape[0], device=text.device)
-            generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+            generator = None if self.seed == "global" else torch.Generator().manual_seed(self.seed)
             cut.scratch[b] = (raters, generator)
 
     def scores(self, cut: DecoderCut) -> Tensor:
@@ -119,8 +207,8 @@ class SparseVLM(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         scores = self.scores(cut)
-        # keep lists are for a 576-token image; a NeXT sample scales them to its own count (a documented guess)
-        keep = topk_in_order(scores, min(cut.scaled(self._keep[cut.layer_idx], OFFICIAL_N_VISUAL), cut.n_visual - 1))
+        lists = self.lists_for(int(cut.original_visual[0]))  # a group shares its original count
+        keep = topk_in_order(scores, min(lists[self.cut_layers.index(cut.layer_idx)], cut.n_visual - 1))
         if not self.recycle:
             return Selection(keep)
         pruned = complement(keep, cut.n_visual)
@@ -140,32 +228,60 @@ class SparseVLM(Policy):
         return torch.rand((1, x.shape[0]), generator=generator, dtype=x.dtype)[0].to(x.device)
 
     def describe(self) -> dict:
-        scale = self.info.n_visual // OFFICIAL_N_VISUAL  # NeXT: the keep lists scale with the (nominal) image
-        keep = tuple(k * scale for k in self.keep_lists)
-        counts = tokens_per_layer(self.info.n_visual, self.info.n_layers, self.layers, keep, self.recycle)
+        """The schedule of a nominal image (LLaVA-NeXT samples follow their own counts, `lists_for`)."""
+        counts = tokens_per_layer(self.info.n_visual, self.info.n_layers, self.layers, self.keep_lists, self.recycle)
         output_counts = counts[1:] + counts[-1:]  # what each layer outputs: the next layer's input, last unchanged
-        return {"method": self.name, "layers": list(self.layers), "keep_lists": list(self.keep_lists),
-                "recycle": self.recycle, "seed": self.seed, "tokens_per_layer": counts,
-                "equivalent_tokens": sum(output_counts) / len(counts),
-                "mean_tokens_entering_layers": sum(counts) / len(counts)}
+        described = {"method": self.name, "layers": list(self.layers), "keep_lists": list(self.keep_lists),
+                     "recycle": self.recycle, "seed": self.seed, "tokens_per_layer": counts,
+                     "equivalent_tokens": sum(output_counts) / len(counts),
+                     "mean_tokens_entering_layers": sum(counts) / len(counts)}
+        if self.reference is not None:
+            described["official_keep_lists"] = list(KEEP_LISTS[self.reference])
+            described["target_mean_tokens_entering_layers"] = (official_mean(self.reference, self.recycle)
+                                                               * self.info.n_visual / OFFICIAL_N_VISUAL)
+        return described
 
 
 def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] | None = None,
-           layers: list[int] | None = None, recycle: bool = True, seed: int | None = None) -> Policy:
-    """SparseVLM v1.5 from a budget (one of the official keep lists) or explicit `keep_lists`."""
+           layers: list[int] | None = None, recycle: bool = True, seed: int | str = 0) -> Policy:
+    """SparseVLM v1.5 from a budget (one of the official keep lists, by the rule of the docstring) or `keep_lists`."""
+    if seed != "global" and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"SparseVLM seed must be {SEEDS}, got {seed!r}")
     layers = info.relative_layers(LAYERS if layers is None else list(layers), "SparseVLM layers", lowest=0, spare=1)
-    if keep_lists is None:
-        if budget is None:
-            raise ValueError("SparseVLM needs budget= or keep_lists=")
-        if budget >= info.n_visual:
-            return unpruned(info, info.n_visual)
-        reference = budget * OFFICIAL_N_VISUAL / info.n_visual  # NeXT: 640/320 of 2880 -> the 128/64 lists
-        if reference not in KEEP_LISTS:
-            allowed = ", ".join(f"{b * info.n_visual / OFFICIAL_N_VISUAL:g}" for b in KEEP_LISTS)
-            raise ValueError(f"SparseVLM has official keep lists only for budgets {allowed} (or {info.n_visual} for "
-                             f"the unpruned model), got {budget}; pass keep_lists= otherwise")
-        keep_lists = KEEP_LISTS[reference]
-    keep_lists = tuple(keep_lists)
-    if len(keep_lists) != len(layers) or not all(isinstance(k, int) and k >= 0 for k in keep_lists):
-        raise ValueError(f"SparseVLM needs one keep count >= 0 per pruning layer {list(layers)}, got {list(keep_lists)}")
-    return SparseVLM(info, layers, keep_lists, recycle, seed)
+    if keep_lists is not None:
+        keep_lists = tuple(keep_lists)
+        if len(keep_lists) != len(layers) or not all(isinstance(k, int) and k >= 0 for k in keep_lists):
+            raise ValueError(f"SparseVLM needs one keep count >= 0 per pruning layer {list(layers)}, "
+                             f"got {list(keep_lists)}")
+        return SparseVLM(info, layers, keep_lists, recycle, seed)
+    if budget is None:
+        raise ValueError("SparseVLM needs budget= or keep_lists=")
+    if budget >= info.n_visual:
+        return unpruned(info, info.n_visual)
+    if len(layers) != len(LAYERS):
+        raise ValueError(f"SparseVLM needs one keep count per pruning layer: its budgets have {len(LAYERS)}, got "
+                         f"layers {list(layers)}; pass keep_lists= for another number of layers")
+    reference = budget * OFFICIAL_N_VISUAL / info.n_visual  # NeXT: 640/320 of 2880 -> the 128/64 lists
+    scaled = lambda b: b * info.n_visual / OFFICIAL_N_VISUAL  # noqa: E731
+    if reference not in KEEP_LISTS:
+        allowed = ", ".join(f"{scaled(b):g}" for b in KEEP_LISTS)
+        raise ValueError(f"SparseVLM has official keep lists only for budgets {allowed} (or {info.n_visual} for "
+                         f"the unpruned model), got {budget}; pass keep_lists= otherwise")
+    try:
+        return SparseVLM(info, layers, None, recycle, seed, reference=int(reference))
+    except Unreachable as error:
+        reachable = []
+        for b in sorted(KEEP_LISTS):
+            try:
+                schedule(b, info.n_visual, info.n_layers, layers, recycle)
+                reachable.append(b)
+            except Unreachable:
+                pass
+        smallest = (f"the smallest reachable budget is {scaled(reachable[0]):g}" if reachable else
+                    f"none of its budgets ({', '.join(f'{scaled(b):g}' for b in sorted(KEEP_LISTS))}) is reachable")
+        ratio = official_mean(int(reference), recycle) / reference
+        raise ValueError(
+            f"SparseVLM cannot reach budget {budget:g} on this {info.n_layers}-layer decoder pruning after layers "
+            f"{list(layers)}: at {budget:g} its official keep lists feed LLaVA-1.5-7B's layers {ratio:.3f} x the "
+            f"budget on average ({ratio * budget:g} of {info.n_visual} visual tokens), but the fewest it can feed "
+            f"here is {error.floor:g} (the layers before the first cut see all tokens); {smallest}") from None

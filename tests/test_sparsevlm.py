@@ -3,12 +3,13 @@ import pytest
 import torch
 
 import visiondrop
-from baselines.sparsevlm import SparseVLM, cluster_and_merge, policy, tokens_per_layer
-from helpers import cached_and_replayed, greedy, inputs, measure_counts
+from baselines.sparsevlm import (KEEP_LISTS, LAYERS, SparseVLM, cluster_and_merge, official_mean, policy, schedule,
+                                 tokens_per_layer)
+from helpers import cached_and_replayed, greedy, inputs, measure_counts, prompt
 from parity import assert_matches_official, load_case, parity_inputs
 from visiondrop.engine import DecoderCut
 from visiondrop.models import ModelInfo
-from visiondrop.tiny import demo_image
+from visiondrop.tiny import build_tiny_llava, demo_image, load_tiny_llava
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 INFO = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
@@ -24,7 +25,7 @@ def runs(*pairs: tuple[int, int]) -> list[int]:
 def test_sparsevlm_192_matches_official(parity_model, noise):
     """The official run seeded torch with manual_seed(0) right before generate; `seed=0` draws the same noise."""
     official, logits = load_case("sparsevlm", "sparsevlm192")
-    options = {"seed": 0} if noise == "seed_option" else {}
+    options = {"seed": 0} if noise == "seed_option" else {"seed": "global"}
     with visiondrop.apply(parity_model, "sparsevlm", budget=192, **options) as handle:
         recorded, scores = [], handle.policy.scores
         handle.policy.scores = lambda cut: recorded.append(scores(cut)) or recorded[-1]
@@ -81,7 +82,7 @@ def test_raters_are_text_tokens_above_mean_relevance_on_raw_dot_products():
     # (With 1/sqrt(D) scaling text token 1 would pass too: the official code does not scale.)
     hidden = torch.tensor([[[5.0, 5.0], [1.0, 0.0], [0.0, 1.0], [3.2, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, -1.0]]])
     cut = fake_cut(hidden, [[1, 2]], layer_idx=0)
-    SparseVLM(INFO, (2,), (1,), True, seed=None).prepare(cut)
+    SparseVLM(INFO, (2,), (1,), True, seed="global").prepare(cut)
     raters, generator = cut.scratch[0]
     assert raters.tolist() == [0, 2] and generator is None  # relative to the first token after the image
 
@@ -91,7 +92,7 @@ def test_single_text_token_rates_alone():
     SparseVLM(INFO, (2,), (1,), True, seed=3).prepare(cut)
     assert cut.scratch[0][0].tolist() == [0] and isinstance(cut.scratch[0][1], torch.Generator)
     with pytest.raises(ValueError, match="needs text after the image"):
-        SparseVLM(INFO, (2,), (1,), True, seed=None).prepare(fake_cut(torch.ones(1, 3, 2), [[1, 2]], layer_idx=0))
+        SparseVLM(INFO, (2,), (1,), True, seed="global").prepare(fake_cut(torch.ones(1, 3, 2), [[1, 2]], layer_idx=0))
 
 
 def test_scores_use_the_previous_layer_rater_rows_mean_over_heads_then_raters():
@@ -105,7 +106,7 @@ def test_scores_use_the_previous_layer_rater_rows_mean_over_heads_then_raters():
     probs[1, 1, 5, 1:4] = torch.tensor([0.2, 0.0, 0.4])  # row 5: [0.4, 0.1, 0.2]
     cut = fake_cut(torch.zeros(2, length, 4), [[1, 2, 3], [1, 2, 3]], layer_idx=7, probs=probs)
     cut.scratch.update({0: (torch.tensor([0, 2]), None), 1: (torch.tensor([1]), None)})
-    scores = SparseVLM(INFO, (6,), (2,), True, seed=None).scores(cut)
+    scores = SparseVLM(INFO, (6,), (2,), True, seed="global").scores(cut)
     torch.testing.assert_close(scores, torch.tensor([[0.1, 0.3, 0.3], [0.4, 0.1, 0.2]]))
     assert cut.calls == [(6, [[4, 6], [5, 5]], True)]  # layer that just ran, its input, padded rater rows
 
@@ -119,13 +120,13 @@ def test_selection_keeps_top_k_in_order_and_recycles_the_best_pruned():
     hidden = torch.randn(1, length, 5)
     cut = fake_cut(hidden, [list(range(n))], probs=probs)
     cut.scratch[0] = (torch.tensor([0]), None)
-    sel = SparseVLM(INFO, (2,), (4,), True, seed=None).select_decoder(cut)
+    sel = SparseVLM(INFO, (2,), (4,), True, seed="global").select_decoder(cut)
     assert sel.keep.tolist() == [[1, 3, 6, 9]]  # top 4 by score, in sequence order
     expected = hidden[0, [4, 7, 11]].sum(0) / (3 + 1e-6)  # the 3 best pruned tokens of the layer OUTPUT
     torch.testing.assert_close(sel.merged, expected.view(1, 1, -1))
     # K >= n keeps n - 1; without recycling nothing is merged
-    assert SparseVLM(INFO, (2,), (50,), True, seed=None).select_decoder(cut).keep.shape[1] == n - 1
-    assert SparseVLM(INFO, (2,), (4,), False, seed=None).select_decoder(cut).merged is None
+    assert SparseVLM(INFO, (2,), (50,), True, seed="global").select_decoder(cut).keep.shape[1] == n - 1
+    assert SparseVLM(INFO, (2,), (4,), False, seed="global").select_decoder(cut).merged is None
 
 
 def test_dpc_knn_by_hand():
@@ -220,3 +221,79 @@ def test_unsupported_budgets_and_bad_options(tiny):
         visiondrop.apply(model, "sparsevlm", budget=192, layers=[6, 2, 15])
     with pytest.raises(ValueError, match="SparseVLM layers must be one or more increasing"):
         visiondrop.apply(model, "sparsevlm", keep_lists=[10], layers=[31])
+
+
+def test_seed_defaults_to_each_samples_own_generator_and_global_is_explicit(tiny):
+    model, _ = tiny
+    with visiondrop.apply(model, "sparsevlm", budget=64) as handle:
+        assert handle.policy.seed == 0 and handle.policy.describe()["seed"] == 0
+    with visiondrop.apply(model, "sparsevlm", budget=64, seed="global") as handle:
+        assert handle.policy.seed == "global"
+    for seed in (None, "0", 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an int .* or 'global'"):
+            visiondrop.apply(model, "sparsevlm", budget=64, seed=seed)
+
+
+# -- one rule for a budget on every model and depth -------------------------------------------------------------------
+
+#: mean visual tokens entering LLaVA-1.5-7B's layers with the official lists, over the budget
+RATIOS = {192: 206.5 / 192, 128: 145.40625 / 128, 96: 114.09375 / 96, 64: 82.25 / 64}
+
+
+def test_official_lists_and_ratios_on_llava15_7b():
+    assert {b: official_mean(b, True) / b for b in KEEP_LISTS} == RATIOS
+    for budget, lists in KEEP_LISTS.items():
+        for recycle in (True, False):
+            assert schedule(budget, 576, 32, LAYERS, recycle) == lists
+            assert policy(INFO, budget, recycle=recycle).keep_lists == lists
+
+
+@pytest.mark.parametrize("n_layers", [6, 8, 16, 24, 40, 48, 80])
+@pytest.mark.parametrize("n", [576, 1176, 2176, 2340, 2928])
+def test_schedule_keeps_the_llava15_ratio_at_any_depth_and_image_size(n_layers, n):
+    info = ModelInfo(n_visual=576, n_layers=n_layers, vision_layer=22, cls_kept=False)
+    layers = info.relative_layers(LAYERS, "x", lowest=0, spare=1)
+    reached = 0
+    for budget in KEEP_LISTS:
+        try:
+            lists = schedule(budget, n, n_layers, layers, True)
+        except ValueError:
+            continue
+        counts = tokens_per_layer(n, n_layers, layers, lists, True)
+        assert sum(counts) / n_layers / (budget * n / 576) == pytest.approx(RATIOS[budget], rel=0.03)
+        reached += 1
+    assert reached >= 3  # 6 and 12 layers lose 64 only
+
+
+NEXT_IMAGES = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]  # 3 crops (1752 tokens) and 5 crops (2438)
+
+
+@pytest.mark.parametrize("budget", [960, 640, 480, 320])  # the 192 / 128 / 96 / 64 lists of a nominal 2880
+def test_next_measured_tokens_follow_the_llava15_ratio(tiny_next, budget):
+    model, processor = tiny_next
+    for image, n0 in zip(NEXT_IMAGES, (1752, 2438)):
+        batch = dict(processor(text=[prompt(QUESTIONS[0])], images=[image], return_tensors="pt"))
+        counts, handle = measure_counts(model, batch, "sparsevlm", budget)
+        assert counts[0] == n0 and len(counts) == 32 and handle.trace.tokens_per_layer == [counts]
+        measured = sum(counts) / len(counts)
+        assert measured / (budget * n0 / 2880) == pytest.approx(RATIOS[budget // 5], rel=0.03)
+
+
+@pytest.fixture(scope="module")
+def shallow(tmp_path_factory):
+    """A tiny LLaVA-1.5 with the demo model's 4-layer decoder (pruning after layers 0, 1, 2)."""
+    return load_tiny_llava(build_tiny_llava(tmp_path_factory.mktemp("shallow") / "llava", seed=0, text_layers=4))
+
+
+def test_four_layer_decoder_keeps_the_ratio_at_192_and_refuses_the_rest(shallow):
+    model, processor = shallow
+    counts, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "sparsevlm", 192)
+    assert counts == [576, 128, 78, 44] and handle.policy.keep_lists == (114, 76, 42)
+    assert sum(counts) / 4 / 192 == pytest.approx(RATIOS[192], rel=0.03)  # 206.5, as on LLaVA-1.5-7B
+    for budget in (128, 96, 64):  # targets 145.4, 114.1, 82.25: the first layer alone averages 144
+        with pytest.raises(ValueError, match=f"cannot reach budget {budget} on this 4-layer decoder.* fewest it can "
+                                             "feed here is 149.75.*smallest reachable budget is 192"):
+            visiondrop.apply(model, "sparsevlm", budget)
+    # explicit lists stay available, as given
+    counts, _ = measure_counts(model, inputs(processor, QUESTIONS[:1]), "sparsevlm", keep_lists=[66, 30, 17])
+    assert counts == [576, 82, 32, 18]  # as on LLaVA-1.5-7B, one layer each
