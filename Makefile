@@ -44,6 +44,23 @@ lock:
 test: install
 	$(PY) -m pytest -q tests
 
+# The canary (not CI): the newest release of every dependency, torch excepted (a newer torch is a multi-GB CUDA
+# download on the project machines), in .venv-latest; runs the engine, parity and plugin tests there and prints
+# the versions it used. A failure here is news about the next release, not about the locked stack.
+LATEST := .venv-latest
+CANARY_TESTS := tests/test_engine.py tests/test_selection.py tests/test_parity_visiondrop.py tests/test_fastv.py \
+	tests/test_pyramiddrop.py tests/test_sparsevlm.py tests/test_visionzip.py tests/test_next.py tests/test_lmms_plugin.py
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip setuptools packaging
+	$(LATEST)/bin/pip install -q torch==$(TORCH_VERSION)
+	$(LATEST)/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager torch==$(TORCH_VERSION) $$($(LATEST)/bin/python -m visiondrop.stack names)
+	$(LATEST)/bin/pip install -q --upgrade --no-deps lmms-eval
+	@echo "== test-latest: the newest releases ==" && $(LATEST)/bin/python -m visiondrop.stack versions
+	VISIONDROP_ALLOW_UNTESTED_STACK=1 $(LATEST)/bin/python -m pytest -q -p no:cacheprovider $(CANARY_TESTS)
+
 # Every method at the budgets it can reach, on the tiny model and the local benchmark (CPU, minutes).
 demo: install
 	$(PY) scripts/run.py experiment=demo
@@ -60,4 +77,4 @@ table2: install
 	$(PY) -m visiondrop.latency
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)

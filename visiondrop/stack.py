@@ -8,6 +8,7 @@ package's own requirements (pyproject.toml), and checked when a method is applie
     python -m visiondrop.stack freeze          # print the lock of the current environment
     python -m visiondrop.stack check LOCK      # exit 1 unless the environment is exactly LOCK
     python -m visiondrop.stack versions        # the versions that matter, one per line
+    python -m visiondrop.stack names           # every dependency (extras included) by name, torch excepted
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ def tested_transformers() -> Requirement:
     raise RuntimeError(f"{DISTRIBUTION} declares no transformers requirement; reinstall it (make install)")
 
 
+def installed_transformers() -> str:
+    return metadata.version("transformers")
+
+
 def check_transformers(version: str | None = None) -> None:
     """Refuse a transformers release outside the tested range, unless the user opted out."""
-    version = version or metadata.version("transformers")
+    version = version or installed_transformers()
     requirement = tested_transformers()
     if Version(version) in requirement.specifier or os.environ.get(ALLOW_UNTESTED) == "1":
         return
@@ -102,11 +107,19 @@ def versions() -> str:
     return "\n".join(f"{name} {present.get(name, '-')}" for name in REPORTED)
 
 
+def names() -> list[str]:
+    """Every distribution this package requires, extras included, without versions (for `make test-latest`)."""
+    found = {canonicalize_name(Requirement(line).name) for line in metadata.requires(DISTRIBUTION) or []}
+    return sorted(found - {DISTRIBUTION, "torch"})
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["freeze"]:
         print(freeze(), end="")
     elif argv[:1] == ["versions"]:
         print(versions())
+    elif argv[:1] == ["names"]:
+        print(" ".join(names()))
     elif argv[:1] == ["check"] and len(argv) == 2:
         problems = check(argv[1])
         for problem in problems:
