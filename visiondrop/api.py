@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import inspect
+import math
+import numbers
+from typing import Any, Callable
 
 from torch import nn
 
@@ -60,11 +63,48 @@ def build_policy(model: nn.Module, method: str, budget: float | None = None, **o
 
 
 def policy_for(info: ModelInfo, method: str, budget: float | None = None, **options: Any) -> Policy:
-    """The policy of `method` at `budget` for a model described by `info` (raises ValueError if unreachable)."""
+    """The policy of `method` at `budget` for a model described by `info`.
+
+    Raises ValueError if the budget is unreachable, TypeError for a budget that is not a number or an unknown option.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    module, factory = METHODS[method].split(":")
-    return getattr(importlib.import_module(module), factory)(info, budget, **options)
+    module, name = METHODS[method].split(":")
+    factory = getattr(importlib.import_module(module), name)
+    check_budget(budget)
+    check_options(method, factory, options)
+    return factory(info, budget, **options)
+
+
+def check_budget(budget: Any) -> None:
+    """Refuse a budget no method can use here, before a factory fails on it with a Python internal."""
+    if budget is None:  # methods that take an explicit schedule (or none) instead
+        return
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        hint = ""
+        if isinstance(budget, str):
+            try:
+                hint = f": pass the number {float(budget):g}, not a string"
+            except ValueError:
+                pass
+        raise TypeError(f"budget must be a number (average visual tokens per decoder layer), got "
+                        f"{type(budget).__name__} {budget!r}{hint}")
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a finite number of visual tokens above 0, got {budget} "
+                         "(method='none' runs the unpruned model)")
+
+
+def check_options(method: str, factory: Callable[..., Policy], options: dict[str, Any]) -> None:
+    """Name the method's valid options (read from its factory's signature) when a given one is not among them."""
+    params = list(inspect.signature(factory).parameters.values())[2:]  # after (info, budget)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    valid = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - {p.name for p in valid})
+    if unknown:
+        listed = ", ".join(f"{p.name}={p.default!r}" for p in valid) or "none"
+        raise TypeError(f"method {method!r} has no option {', '.join(map(repr, unknown))}; its options (with "
+                        f"defaults) are: {listed}")
 
 
 class Handle:

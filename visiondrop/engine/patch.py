@@ -2,9 +2,12 @@
 
 Three patches, all on the instance (never on the class, so other models are untouched):
 - `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder stage;
-- a forward pre-hook on the multimodal model notes where the image tokens are in `input_ids`;
+- a forward pre-hook on the multimodal model notes where the image tokens are in `input_ids`, and one on the
+  whole model refuses `labels=` when the method shortens the sequence;
 - the language model's `forward` is replaced by the engine's layer loop whenever a forward holds image tokens
   (or decodes after one); text-only forwards go to the original.
+A KV cache that a pruned prefill filled also gets its `reorder_cache` wrapped, so beam search reorders the
+engine's per-row bookkeeping with the cache's rows.
 """
 from __future__ import annotations
 
@@ -32,7 +35,10 @@ class Pruner:
         self.lm = self.llava.language_model
         self.trace = Trace()
         self._visual: Tensor | None = None  # image-token mask of the forward in flight
-        self._encoded: tuple[list, list] | None = None  # (valid rows, origins) per image of the last encoding
+        # id(features) -> (weak ref, valid rows, origins) per image of the last encoding, and the images of the
+        # forward in flight as (valid rows, origins)
+        self._encoded: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        self._images: list[tuple[int, Tensor]] | None = None
         self._segments: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> segments
         if getattr(self.llava, "_visiondrop_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model: remove() it first")
@@ -41,7 +47,8 @@ class Pruner:
     # -- installation --------------------------------------------------------------------------------------
     def _install(self) -> None:
         self.llava._visiondrop_pruner = self
-        self._hook = self.llava.register_forward_pre_hook(self._note_image_tokens, with_kwargs=True)
+        self._hooks = [self.llava.register_forward_pre_hook(self._note_image_tokens, with_kwargs=True),
+                       self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True)]
         self.lm.forward = _delegate(self.lm.forward, self._language_forward)
         if self.policy.encoder_layer is not None:
             self.llava.get_image_features = _delegate(self.llava.get_image_features, self._image_features)
@@ -50,14 +57,27 @@ class Pruner:
         """Restore the model exactly: drop the instance attributes and the hook."""
         if getattr(self.llava, "_visiondrop_pruner", None) is not self:
             return
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         for module, name in ((self.lm, "forward"), (self.llava, "get_image_features")):
             module.__dict__.pop(name, None)
         del self.llava._visiondrop_pruner
 
     # -- the patched pieces --------------------------------------------------------------------------------
+    def _refuse_labels(self, module, args, kwargs) -> None:
+        prunes = self.policy.encoder_layer is not None or bool(self.policy.cut_layers)
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        images = kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+        if kwargs.get("labels") is not None and prunes and images:
+            raise ValueError(
+                f"labels= is not supported with visual-token pruning: {self.policy.name} removes visual tokens inside "
+                "the model, so its logits are shorter than the labels. Compute the loss from the logits yourself "
+                "(each row ends with the text after the image, left-padded), or remove() the method to train")
+
     def _note_image_tokens(self, module, args, kwargs) -> None:
         encoded = kwargs.get("mm_encoder_outputs") or {}
+        # generate() encodes the images before the first forward, then repeats them per returned sequence or beam
+        self._images = None if encoded.get("image") is None else self._own_images(encoded["image"].pooler_output)
         if kwargs.get("pixel_values") is None and encoded.get("image") is None:
             self._visual = None  # no image in this forward, whatever token ids it holds (decode steps)
             return
@@ -83,8 +103,20 @@ class Pruner:
         strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         features, valid, origins = reduce_images(self.llava, self.policy, pixel_values, layer, strategy,
                                                  kwargs.get("image_sizes"))
-        self._encoded = (valid, origins)
+        self._encoded = {id(f): (weakref.ref(f), v, o) for f, v, o in zip(features, valid, origins)}
+        self._images = list(zip(valid, origins))
         return BaseModelOutputWithPooling(last_hidden_state=features[0], pooler_output=features)
+
+    def _own_images(self, features: list[Tensor]) -> list[tuple[int, Tensor]] | None:
+        """The bookkeeping of pre-encoded features, found by identity (repeats are the same tensors); None if any
+        of them did not come from this method's last encoding."""
+        images = []
+        for f in features:
+            ref, valid, origins = self._encoded.get(id(f), (None, 0, None))
+            if ref is None or ref() is not f:
+                return None
+            images.append((valid, origins))
+        return images
 
     def _language_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                           use_cache=None, **kwargs) -> BaseModelOutputWithPast:
@@ -93,6 +125,14 @@ class Pruner:
         if inputs_embeds is None:
             inputs_embeds = self.lm.embed_tokens(input_ids)
         segments = self._segments.get(past_key_values) if past_key_values is not None else None
+        if (segments is not None or (visual is not None and visual.any())) and any(
+                kwargs.get(f"output_{k}", getattr(self.lm.config, f"output_{k}", False))
+                for k in ("attentions", "hidden_states")):
+            # the layers see different token sets after each cut: no per-layer tensors a caller could line up
+            raise ValueError(
+                f"output_attentions / output_hidden_states are not supported with visual-token pruning "
+                f"({self.policy.name}): the handle's trace records the tokens each layer kept (handle.trace); "
+                "remove() the method for the model's own attentions and hidden states")
         if visual is not None and visual.any():
             return self._prefill(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, visual)
         if segments is not None:
@@ -116,19 +156,34 @@ class Pruner:
         self.trace = trace
         if use_cache:
             self._segments[cache] = segments
+            self._follow_reorders(cache)
         return BaseModelOutputWithPast(last_hidden_state=hidden, **cache_kwargs(cache if use_cache else None))
+
+    def _follow_reorders(self, cache: DynamicCache) -> None:
+        """Beam search reorders the cache's rows between steps: reorder the segments' per-row bookkeeping too."""
+        if "reorder_cache" in cache.__dict__:
+            return
+        reorder = cache.reorder_cache
+
+        def reorder_cache(beam_idx: Tensor) -> None:
+            reorder(beam_idx)
+            for seg in self._segments.get(cache, []):
+                rows = beam_idx.to(seg.mask.device)
+                seg.mask, seg.next_pos = seg.mask[rows], seg.next_pos[rows]
+
+        cache.reorder_cache = reorder_cache
 
     def _drop_empty_slots(self, run: decoder.Running, trace: Trace) -> decoder.Running:
         """Remove the placeholder rows the encoder stage left empty, before the first decoder layer."""
         samples = run.vis_len.nonzero()[:, 0].tolist()
-        if self._encoded is None or len(self._encoded[0]) != len(samples):
+        images, self._images = self._images, None
+        if images is None or len(images) != len(samples):
             raise RuntimeError("the image features of this forward were not produced by the applied method")
-        valid, origins = self._encoded
         device = run.hidden.device
-        selections = {b: (torch.arange(valid[i], device=device), None) for i, b in enumerate(samples)}
+        selections = {b: (torch.arange(images[i][0], device=device), None) for i, b in enumerate(samples)}
         run = decoder.apply_selections(run, selections, renumber=True)
         for i, b in enumerate(samples):
-            run.origins[b] = origins[i].to(device)
+            run.origins[b] = images[i][1].to(device)
         trace.add_cut("encoder", [run.origins[b] if b in selections else run.origins[b][:0]
                                   for b in range(len(run.origins))])
         return run
