@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import greedy, inputs
+from helpers import greedy, inputs, prompt
 from visiondrop.api import policy_for
 from visiondrop.engine.compat import CACHE_ARG, cache_kwargs
 from visiondrop.models import ModelInfo
@@ -42,6 +42,19 @@ def test_sampling_several_sequences_equals_the_repeated_batch(tiny, method, budg
         assert handle.trace.tokens_per_layer == counts
     assert several.shape[0] == 4 and torch.equal(several, written_out)
     assert not torch.equal(several[0], several[1]), "the two sequences of a prompt should differ when sampling"
+
+
+@pytest.mark.parametrize("method,budget,options", [("visiondrop", 320, {}), ("visiondrop", 160, {"newlines": "keep"}),
+                                                    ("visionzip", 320, {})])
+def test_sampling_several_sequences_on_next_grids(tiny_next, method, budget, options):
+    """LLaVA-NeXT, two grids (3 and 5 crops) in one batch: each repeat keeps its own image's reduced layout."""
+    model, processor = tiny_next
+    images = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]
+    batch = dict(processor(text=[prompt(q) for q in QUESTIONS], images=images, padding=True, return_tensors="pt"))
+    with visiondrop.apply(model, method, budget, **options):
+        several = sample(model, batch, seed=1, new_tokens=4, num_return_sequences=2)
+        written_out = sample(model, repeated(batch, 2), seed=1, new_tokens=4)
+    assert several.shape[0] == 4 and torch.equal(several, written_out)
 
 
 def test_sampling_several_sequences_of_top1_equal_greedy_alone(tiny):
