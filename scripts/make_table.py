@@ -1,10 +1,11 @@
-"""Build the paper-style table (Markdown + CSV) and the score-versus-budget plot from the result records.
+"""Build the paper-style table (Markdown + CSV) and the score-versus-tokens plot from the result records.
 
     python scripts/make_table.py --model llava-1.5-7b --out results --name table1
+
+Paths are taken from the working directory.
 """
 import argparse
 
-from visiondrop.harness.job import project_path
 from visiondrop.harness.store import ResultStore
 from visiondrop.harness.tables import build_table, plot_scores, write_table
 
@@ -17,12 +18,15 @@ def main() -> None:
     parser.add_argument("--out", default="results")
     parser.add_argument("--name", default="table1")
     args = parser.parse_args()
-    records = ResultStore(project_path(args.records)).frame()
+    records = ResultStore(args.records).frame()
     if records.empty:
         raise SystemExit(f"no records under {args.records}: run scripts/run.py first")
-    table, note = build_table(records, project_path(args.paper), args.model)
-    md, csv = write_table(table, note, project_path(args.out), args.name)
-    png = plot_scores(table, project_path(args.out) / f"{args.name}.png")
+    try:
+        table, note = build_table(records, args.paper, args.model)
+    except ValueError as err:  # e.g. no records for this model: the message names the models that have some
+        raise SystemExit(str(err)) from None
+    md, csv = write_table(table, note, args.out, args.name)
+    png = plot_scores(table, f"{args.out}/{args.name}.png")
     print(md.read_text())
     print(f"written: {md}, {csv}, {png}")
 

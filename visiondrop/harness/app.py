@@ -1,67 +1,71 @@
-"""The Hydra app: compose (model, method, budget, benchmarks), run the job, log it to wandb.
+"""The Hydra app: compose (model, method, budget, benchmarks), run the job, log it to wandb, say how it ended.
 
-    python scripts/run.py method=visiondrop budget=64            # one job
+    python scripts/run.py method=visiondrop budget=64            # one job (budget=N is budget.tokens=N)
     python scripts/run.py -m method=fastv,visiondrop budget=192,64  # a sweep; finished jobs are skipped
+
+Configs are read from ./configs (or --config-dir) and relative paths are taken from the working directory.
+A job that fails makes the command exit 1; a sweep runs all its jobs first and ends with a summary.
 """
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from .job import Budget, Unreachable, project_path, run_job
+from . import outcomes
+from .job import Unreachable, evaluate, job_label, plan_job
+from .outcomes import Outcome
 
 log = logging.getLogger(__name__)
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 
 
-def _wandb_run(cfg: DictConfig):
-    os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)  # set before import: offline makes no network call
-    import wandb
-
-    hydra_cfg = HydraConfig.get()
-    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None
-    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, group=group,
-                      name=f"{cfg.model.name}/{cfg.method.name}/{cfg.budget.tokens}",
-                      dir=str(project_path(cfg.results_dir).parent), config=OmegaConf.to_container(cfg, resolve=True),
-                      reinit="finish_previous")
+def configs_dir() -> str | None:
+    """./configs of the working directory; None leaves it to --config-dir."""
+    folder = Path.cwd() / "configs"
+    return str(folder) if (folder / "config.yaml").exists() else None
 
 
-@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="config")
-def main(cfg: DictConfig) -> None:
-    """One job. A failure is logged and recorded in wandb, and never stops the rest of a sweep."""
-    budget = Budget.resolve(cfg)
-    label = f"{cfg.model.name} / {cfg.method.name} / budget {budget.tokens or 'full'}"
-    run = _wandb_run(cfg)
+def run(cfg: DictConfig) -> Outcome:
+    """One job; every failure becomes an outcome (logged), so a sweep goes on with the other jobs."""
+    label = cfg.model.name
     try:
-        records = run_job(cfg, run)
-        log.info("%s: %d benchmark record(s) written", label, len(records))
-    except Unreachable as err:  # e.g. FastV below 36 tokens: skip, and say why
-        log.warning("%s: skipped: %s", label, err)
-        run.summary["skipped"] = str(err)
+        label = job_label(cfg)
+        plan = plan_job(cfg)
+        if not plan.todo:
+            return Outcome(label, "done", records=[str(p) for p in plan.done])
+        from .dashboard import job_run
+
+        with job_run(cfg, label) as log_record:
+            records = evaluate(cfg, plan, log_record)
+        return Outcome(label, "ran", records=[str(p) for p in plan.done] + [r["path"] for r in records])
+    except Unreachable as err:  # e.g. FastV below 36 tokens: skipped, and why
+        return Outcome(label, "unreachable", reason=str(err))
     except Exception as err:  # noqa: BLE001 - one failed job must not kill a sweep
-        log.exception("%s: FAILED: %s", label, err)
-        run.summary["failed"] = repr(err)
-    finally:
-        run.finish()
+        log.exception("%s: FAILED", label)
+        return Outcome(label, "failed", reason=f"{type(err).__name__}: {err}")
 
 
-def quote_budget_choices(argv: list[str]) -> list[str]:
-    """Hydra reads `budget=64` as an int, but config-group choices must be strings: quote numeric choices."""
-    numeric = re.compile(r"^(budget=)([\d.]+(?:,[\d.]+)*)$")
-    return [numeric.sub(lambda m: m[1] + ",".join(f"'{v}'" for v in m[2].split(",")), arg) for arg in argv]
+def main(cfg: DictConfig) -> None:
+    outcome = run(cfg)
+    outcome.write(HydraConfig.get().runtime.output_dir)
+    outcomes.SEEN.append(outcome)
+    (log.error if outcome.status == "failed" else log.info)("%s", outcomes.summary([outcome]).split("\n", 1)[1])
+
+
+def budget_arguments(argv: list[str]) -> list[str]:
+    """`budget=64` / `budget=192,64` mean tokens: rewrite them to `budget.tokens=...`, so any number works (the
+    files in configs/budget/ are named presets, and Hydra would look for `budget/50`)."""
+    return [re.sub(r"^budget=([\d.]+(?:,[\d.]+)*)$", r"budget.tokens=\1", arg) for arg in argv]
 
 
 def cli() -> None:
-    sys.argv = quote_budget_choices(sys.argv)
-    main()
-
-
-if __name__ == "__main__":
-    cli()
+    """scripts/run.py: exits 1 if a job failed (the sweep's other jobs still run)."""
+    sys.argv = budget_arguments(sys.argv)
+    outcomes.SEEN.clear()
+    hydra.main(version_base="1.3", config_path=configs_dir(), config_name="config")(main)()
+    sys.exit(outcomes.exit_status())

@@ -2,29 +2,26 @@
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import logging
-import os
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
-from importlib.metadata import version
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ..api import policy_for
 from ..models import ModelInfo
+from . import TASKS_DIR
+from .identity import (SEEDS, checkpoint_fingerprint, code_version, identity_key, options_label, resolved_options,
+                       run_identity)
 from .store import ResultStore
 
-from . import TASKS_DIR
-
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -45,17 +42,37 @@ class Budget:
             return cls(None, 1.0)
         return cls(float(cfg.budget.tokens), cfg.budget.tokens / n_visual)
 
+    def label(self, n_visual: int) -> str:
+        """The budget as tokens and as a ratio, e.g. "64 tokens (ratio 0.111)" or "full (576 tokens)"."""
+        return f"full ({n_visual} tokens)" if self.tokens is None else f"{self.tokens:g} tokens (ratio {self.ratio:.3f})"
+
+
+def job_label(cfg: DictConfig) -> str:
+    """The job as logs, the sweep summary and wandb name it: model / method[options] / budget [/ limit]."""
+    options = options_label(OmegaConf.to_container(cfg.method.options, resolve=True))
+    parts = [cfg.model.name, cfg.method.name + (f"[{options}]" if options else ""),
+             Budget.resolve(cfg).label(cfg.model.n_visual)]
+    return " / ".join(parts + ([f"limit {cfg.limit} (partial)"] if cfg.limit is not None else []))
+
 
 def project_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else ROOT / path
+    """Relative paths are taken from the working directory (the checkout you run in), never from the package."""
+    return Path(path).expanduser().absolute()
 
 
 def model_path(cfg: DictConfig) -> str:
-    """The checkpoint to load; the tiny demo model is built (seeded, offline) on first use."""
-    if cfg.model.pretrained:  # a folder (relative to the project root) or a hub id
-        local = project_path(cfg.model.pretrained)
-        return str(local) if local.exists() else str(cfg.model.pretrained)
+    """The checkpoint to load: a local folder or a hub id; the tiny demo model is built (seeded, offline) on use."""
+    if cfg.model.pretrained:
+        given = str(cfg.model.pretrained)
+        local = project_path(given)
+        if local.exists():
+            return str(local)
+        # a hub id is "org/name"; anything else that looks like a path must exist
+        if given.startswith((".", "/", "~")) or given.count("/") != 1:
+            raise FileNotFoundError(f"model.pretrained: no checkpoint folder at {local} (relative paths are taken "
+                                    f"from the working directory, {Path.cwd()}); give an existing folder or a "
+                                    "Hugging Face hub id such as llava-hf/llava-1.5-7b-hf")
+        return given
     from ..tiny import build_tiny_llava
 
     path = project_path(cfg.results_dir).parent / "models" / cfg.model.name
@@ -65,69 +82,64 @@ def model_path(cfg: DictConfig) -> str:
 
 
 def versions() -> dict:
-    packages = ("torch", "transformers", "lmms_eval", "visiondrop-harness")
-    found = {}
-    for p in packages:
-        try:
-            found[p] = version(p)
-        except Exception:  # a missing package is recorded as such, never fatal
-            found[p] = None
+    """The library versions and code hash of the identity, plus the git commit of the code that ran (informative)."""
+    found = code_version()
     try:
-        found["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                             text=True, check=True).stdout.strip()
+        found["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                             capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         found["git_commit"] = None
     return found
-
-
-def checkpoint_fingerprint(path: str) -> str | None:
-    """A short hash of a local checkpoint folder (file names, sizes, and the contents of files up to 64 MiB, the
-    first and last MiB of larger ones); None for a hub id. Records carry it, so that a checkpoint replaced under
-    the same model name is evaluated again instead of reusing the old records."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(folder)}:{size}".encode())
-        with open(file, "rb") as f:
-            if size <= 64 * 2**20:
-                digest.update(f.read())
-            else:
-                digest.update(f.read(2**20))
-                f.seek(-(2**20), os.SEEK_END)
-                digest.update(f.read())
-    return digest.hexdigest()[:16]
-
-
-def pending_benchmarks(cfg: DictConfig, store: ResultStore, budget: Budget, checkpoint: str | None) -> list[DictConfig]:
-    todo = []
-    for bench in cfg.benchmarks:
-        where = (cfg.model.name, cfg.method.name, budget.tokens, bench.name)
-        if cfg.force or not store.has(*where):
-            todo.append(bench)
-        elif json.loads(store.path(*where).read_text()).get("checkpoint") != checkpoint:
-            log.info("re-run %s / %s / %s / %s: its record comes from another checkpoint", *where)
-            todo.append(bench)
-        else:
-            log.info("skip %s / %s / %s / %s: record exists (force=true re-runs it)", *where)
-    return todo
 
 
 class Unreachable(Exception):
     """This method cannot run at this budget (or with these options) on this model."""
 
 
-def check_reachable(cfg: DictConfig, path: str, budget: Budget) -> dict:
-    """Resolve the policy from the checkpoint's config alone, so unreachable budgets are caught before loading."""
+def resolve_schedule(cfg: DictConfig, path: str, budget: Budget) -> dict:
+    """The policy's resolved schedule from the checkpoint's config alone, so unreachable budgets are caught before
+    loading. A wrong option name is the caller's mistake, not an unreachable budget: policy_for's error stands."""
     from transformers import AutoConfig
 
     info = ModelInfo.from_config(AutoConfig.from_pretrained(path))
+    options = dict(cfg.method.options)
     try:
-        return policy_for(info, cfg.method.name, budget.tokens, **cfg.method.options).describe()
+        return policy_for(info, cfg.method.name, budget.tokens, **options).describe()
     except ValueError as err:
+        if set(options) - set(resolved_options(cfg.method.name, {})):
+            raise
         raise Unreachable(str(err)) from None
+
+
+@dataclass
+class Plan:
+    """What a job will do: the resolved budget, checkpoint and schedule, and per benchmark its identity."""
+    budget: Budget
+    path: str
+    options: dict
+    schedule: dict
+    todo: list[tuple[DictConfig, dict]]  # (benchmark, identity) without a record
+    done: list[Path]  # the records of the benchmarks already evaluated
+
+
+def plan_job(cfg: DictConfig) -> Plan:
+    """Resolve everything that identifies the job's records; raises Unreachable for a budget the method cannot reach."""
+    store = ResultStore(project_path(cfg.results_dir))
+    budget = Budget.resolve(cfg)
+    path = model_path(cfg)
+    schedule = resolve_schedule(cfg, path, budget)
+    options = resolved_options(cfg.method.name, OmegaConf.to_container(cfg.method.options, resolve=True))
+    checkpoint = checkpoint_fingerprint(path) or path  # a hub id: the name alone
+    todo, done = [], []
+    for bench in cfg.benchmarks:
+        identity = run_identity(cfg, checkpoint, options, schedule, bench)
+        record = store.path(identity, identity_key(identity))
+        if record.exists() and not cfg.force:
+            log.info("skip %s: an identical record exists, %s (force=true re-runs it)", bench.name, record)
+            done.append(record)
+        else:
+            todo.append((bench, identity))
+    return Plan(budget, path, options, schedule, todo, done)
 
 
 def local_task(bench: DictConfig, task_manager, folder: Path) -> str:
@@ -172,22 +184,17 @@ def run_tflops(config, cfg: DictConfig, budget: Budget, text_tokens: float | Non
         return None
 
 
-def run_job(cfg: DictConfig, wandb_run=None) -> list[dict]:
-    """Evaluate the benchmarks whose records are missing; returns the records written."""
+def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]], None] | None = None
+             ) -> list[dict]:
+    """Evaluate the planned benchmarks and store one record each; `on_record(record, samples)` sees each as written."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     from .lmms_model import PrunedLlava
 
     store = ResultStore(project_path(cfg.results_dir))
-    budget = Budget.resolve(cfg)
-    path = model_path(cfg)
-    checkpoint = checkpoint_fingerprint(path)
-    todo = pending_benchmarks(cfg, store, budget, checkpoint)
-    if not todo:
-        return []
-    schedule = check_reachable(cfg, path, budget)
-    model = PrunedLlava(pretrained=path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
+    budget, todo = plan.budget, [bench for bench, _ in plan.todo]
+    model = PrunedLlava(pretrained=plan.path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
                         dtype=cfg.model.dtype, device=cfg.model.device,
                         attn_implementation=cfg.model.attn_implementation,
                         image_aspect_ratio=cfg.model.image_aspect_ratio, conv_template=cfg.model.conv_template,
@@ -200,31 +207,53 @@ def run_job(cfg: DictConfig, wandb_run=None) -> list[dict]:
         if any(b.get("data") for b in todo):
             task_manager = TaskManager(include_path=include + [str(overrides)])
         written = []
-        for bench in todo:
+        for bench, identity in plan.todo:
             model.reset_measurements()
             start = time.perf_counter()
-            results = simple_evaluate(model=model, tasks=[tasks[bench.name]], task_manager=task_manager,
-                                      limit=cfg.limit, bootstrap_iters=0,
-                                      datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"))
-            task_results = results["results"][tasks[bench.name]]
+            task = tasks[bench.name]
+            results = simple_evaluate(model=model, tasks=[task], task_manager=task_manager, limit=cfg.limit,
+                                      bootstrap_iters=0, datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"),
+                                      **SEEDS)
+            wall = time.perf_counter() - start
+            task_results = results["results"][task]
             score = task_results.get(f"{bench.metric},none")
             if score is None:
                 raise KeyError(f"{bench.task} reported no metric {bench.metric!r}; it reported "
                                f"{sorted(task_results)}: fix `metric` in the benchmarks config")
-            info = model.run_info
+            info, docs = model.run_info, results["n-samples"][task]
             record = {
-                "model": cfg.model.name, "checkpoint": checkpoint, "method": cfg.method.name, "budget": budget.tokens,
-                "retention_ratio": budget.ratio, "benchmark": bench.name, "task": bench.task, "metric": bench.metric,
+                "key": identity_key(identity), "created": datetime.now(timezone.utc).isoformat(),
+                "model": cfg.model.name, "checkpoint": identity["checkpoint"], "method": cfg.method.name,
+                "options": plan.options, "budget": budget.tokens, "retention_ratio": budget.ratio,
+                "benchmark": bench.name, "task": bench.task, "metric": bench.metric,
                 "convention": bench.get("convention"), "score": score * bench.get("scale", 100),
-                "metrics": task_results, "equivalent_tokens": schedule.get("equivalent_tokens", budget.tokens),
-                "measured_tokens": info.get("measured_tokens_mean"), "schedule": schedule,
+                "metrics": task_results, "equivalent_tokens": plan.schedule.get("equivalent_tokens", budget.tokens),
+                "measured_tokens": info.get("measured_tokens_mean"), "schedule": plan.schedule,
                 "tflops": run_tflops(model.model.config, cfg, budget, info.get("text_tokens_mean")),
-                "samples": info.get("samples"), "wall_time_s": time.perf_counter() - start,
-                "run_info": info, "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True),
+                # docs: questions evaluated of the split's docs_total; samples: model inputs (choices count each)
+                "docs": docs["effective"], "docs_total": docs["original"], "limit": cfg.limit,
+                "partial": docs["effective"] < docs["original"], "samples": info.get("samples"),
+                "wall_time_s": wall, "throughput_docs_per_s": docs["effective"] / wall,
+                "run_info": info, "versions": versions(), "identity": identity,
+                "config": OmegaConf.to_container(cfg, resolve=True),
             }
-            store.write(record)
+            samples = [_answer(s, bench.metric) for s in results.get("samples", {}).get(task, [])]
+            record["path"] = str(store.write(record, samples))
             written.append(record)
-            if wandb_run is not None:
-                wandb_run.log({f"{bench.name}/score": record["score"], f"{bench.name}/measured_tokens":
-                               record["measured_tokens"]})
+            if on_record is not None:
+                on_record(record, samples)
         return written
+
+
+def run_job(cfg: DictConfig) -> list[dict]:
+    """Plan and evaluate one job without a dashboard; returns the records written."""
+    plan = plan_job(cfg)
+    return evaluate(cfg, plan) if plan.todo else []
+
+
+def _answer(sample: dict, metric: str) -> dict:
+    """One evaluated question as stored and shown: its id, the reference, the model's answer and its score."""
+    response = sample.get("filtered_resps")
+    return {"doc_id": sample.get("doc_id"), "target": str(sample.get("target")),
+            "response": response[0] if isinstance(response, list) and len(response) == 1 else str(response),
+            metric: sample.get(metric)}

@@ -1,12 +1,25 @@
-"""One JSON record per (model, method, budget, benchmark), written atomically; existing records mean "done"."""
+"""One JSON record per run identity, written atomically; a record with the job's key means "done".
+
+Layout: `<root>/<model>/<method>/<benchmark>/<key>.json` (and `<key>.samples.jsonl`, the per-sample answers).
+Records of the first layout, `<root>/<model>/<method>/<budget>/<benchmark>.json` keyed by budget only, stay
+readable: they have no key, so no job ever skips because of one, and they count as partial when they had a limit.
+"""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
+
+from .identity import options_label
+
+COLUMNS = ("model", "method", "variant", "budget", "retention_ratio", "benchmark", "score", "metric", "convention",
+           "equivalent_tokens", "measured_tokens", "tflops", "samples", "docs", "partial", "schedule", "created",
+           "path")
 
 
 def budget_label(tokens: float | None) -> str:
@@ -17,28 +30,46 @@ class ResultStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def path(self, model: str, method: str, budget: float | None, benchmark: str) -> Path:
-        return self.root / model / method / budget_label(budget) / f"{benchmark}.json"
+    def path(self, identity: dict, key: str) -> Path:
+        return self.root / identity["model"] / identity["method"] / identity["benchmark"]["name"] / f"{key}.json"
 
-    def has(self, model: str, method: str, budget: float | None, benchmark: str) -> bool:
-        return self.path(model, method, budget, benchmark).exists()
-
-    def write(self, record: dict) -> Path:
-        """Write via a temporary file and an atomic rename, so a killed job never leaves half a record."""
-        path = self.path(record["model"], record["method"], record["budget"], record["benchmark"])
+    def write(self, record: dict, samples: list[dict] | None = None) -> Path:
+        """Write via temporary files and atomic renames (answers first), so a killed job never leaves half a record."""
+        path = self.path(record["identity"], record["key"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, default=str)
-        os.replace(tmp, path)
+        if samples is not None:
+            _atomic(path.with_suffix(".samples.jsonl"), "".join(json.dumps(s, default=str) + "\n" for s in samples))
+        _atomic(path, json.dumps(record, indent=1, default=str))
         return path
 
     def records(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*/*/*/*.json"))]
+        return read_records(sorted(self.root.glob("*/*/*/*.json")))
 
     def frame(self) -> pd.DataFrame:
-        """One row per record: the identifying columns, the score, its convention and the token accounting."""
-        rows = [{k: r.get(k) for k in ("model", "method", "budget", "benchmark", "score", "metric", "convention",
-                                        "equivalent_tokens", "measured_tokens", "tflops", "samples")}
-                for r in self.records()]
-        return pd.DataFrame(rows)
+        return records_frame(self.records())
+
+
+def read_records(paths: Iterable[str | Path]) -> list[dict]:
+    return [_normalised(json.loads(Path(p).read_text()), Path(p)) for p in paths]
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per record: what identifies it in a table, the score, its convention and the token accounting."""
+    return pd.DataFrame([{k: r.get(k) for k in COLUMNS} for r in records], columns=list(COLUMNS))
+
+
+def _atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _normalised(record: dict, path: Path) -> dict:
+    """The fields tables read, for records of either layout; the options set by hand as a label, the schedule as a row key."""
+    config = record.get("config") or {}
+    given = (config.get("method") or {}).get("options")
+    created = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat()
+    return {**record, "path": str(path), "created": record.get("created", created),
+            "partial": record.get("partial", config.get("limit") is not None),
+            "variant": options_label(given), "schedule": json.dumps(record.get("schedule"), sort_keys=True)}

@@ -1,14 +1,21 @@
-"""Paper-style tables and plots from the result records, side by side with the paper's numbers."""
+"""Paper-style tables and plots from the result records, side by side with the paper's numbers.
+
+A row is a method (with any options set by hand) at a resolved schedule, labelled with its nominal budget: a ratio
+and a token budget that resolve to the same schedule are one row. Per cell the full evaluation wins over a partial one
+(`limit`), then the newest; partial cells are flagged and every cell says how many questions it scored.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 # our method ids -> the names the paper's tables use
 PAPER_NAMES = {"none": "Vanilla", "visiondrop": "VisionDrop", "fastv": "FastV", "pyramiddrop": "PDrop",
                "sparsevlm": "SparseVLM", "visionzip": "VisionZip", "random": "Random"}
 PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B"}
+MARKERS = "osD^vPX*h<>"
 
 
 def paper_scores(paper_csv: str | Path, model: str) -> pd.DataFrame:
@@ -20,38 +27,70 @@ def paper_scores(paper_csv: str | Path, model: str) -> pd.DataFrame:
     return paper[["method", "budget", "benchmark", "value"]]
 
 
-def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str) -> tuple[pd.DataFrame, str]:
-    """Rows method x budget; per benchmark our score, the paper's, and the difference; Avg relative to our full row.
+def _nominal(budgets: pd.Series) -> float:
+    """The row's label among the budgets its records were asked with: the roundest (64 before 63.94)."""
+    values = pd.to_numeric(budgets, errors="coerce").dropna()
+    return float("nan") if values.empty else min(values, key=lambda b: (abs(b - round(b)), b))
 
-    Returns the table and a note naming each column's metric convention.
-    """
+
+def select_cells(records: pd.DataFrame, model: str) -> pd.DataFrame:
+    """The record shown per (Method, budget, benchmark): full before partial, then the newest."""
     ours = records[records.model == model].copy()
     if ours.empty:
-        raise ValueError(f"no records for model {model!r}")
-    ours["Method"] = ours.method.map(PAPER_NAMES).fillna(ours.method)
-    ours["budget"] = pd.to_numeric(ours.budget, errors="coerce")
-    benchmarks = list(dict.fromkeys(ours.benchmark))
-    wide = ours.groupby(["Method", "budget", "benchmark"], dropna=False).score.mean().unstack("benchmark")
-    wide = wide.reindex(columns=benchmarks)
-    tokens = ours.groupby(["Method", "budget"], dropna=False).measured_tokens.mean()
+        models = sorted(set(records.model.dropna()))
+        raise ValueError(f"no records for model {model!r}; models with records: {', '.join(models) or 'none'}")
+    variant = ours.variant.fillna("")
+    ours["Method"] = ours.method.map(PAPER_NAMES).fillna(ours.method) + variant.map(lambda v: f" ({v})" if v else "")
+    ours["budget"] = ours.groupby(["Method", "schedule"], dropna=False).budget.transform(_nominal)
+    ours["partial"] = ours.partial.fillna(False).astype(bool)
+    ours = ours.sort_values(["partial", "created"], ascending=[True, False])
+    return ours.drop_duplicates(["Method", "budget", "benchmark"])
 
-    full = wide[wide.index.get_level_values("budget").isna()]
+
+def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str) -> tuple[pd.DataFrame, str]:
+    """Rows method x budget; per benchmark our score, the questions it scored (n), the paper's and the difference;
+    Avg relative to our full row; the benchmarks evaluated partially. Returns the table and a note on the columns.
+    """
+    cells = select_cells(records, model)
+    benchmarks = list(dict.fromkeys(cells.benchmark))
+    by_row = cells.set_index(["Method", "budget", "benchmark"])
+    wide = by_row.score.unstack("benchmark").reindex(columns=benchmarks)
+    counts = by_row.docs.unstack("benchmark").reindex(index=wide.index, columns=benchmarks)
+    table = pd.DataFrame(index=wide.index)
+    table["measured tokens"] = cells.groupby(["Method", "budget"], dropna=False).measured_tokens.mean()
+
+    full = wide[wide.index.get_level_values("budget").isna() & (wide.index.get_level_values("Method") == "Vanilla")]
     reference = full.iloc[0].where(full.iloc[0] != 0) if len(full) else wide.iloc[0] * float("nan")
     relative = wide.div(reference) * 100  # undefined (missing) where our full model scores 0
-    table = pd.DataFrame(index=wide.index)
-    table["measured tokens"] = tokens.reindex(wide.index)
     paper = paper_scores(paper_csv, model) if paper_csv else pd.DataFrame(columns=["method", "budget", "benchmark",
                                                                                    "value"])
     for bench in benchmarks + ["Avg"]:
         table[bench] = relative.mean(axis=1, skipna=False) if bench == "Avg" else wide[bench]
-        cells = paper[paper.benchmark == bench].set_index(["method", "budget"]).value
-        table[f"{bench} paper"] = [_lookup(cells, m, b) for m, b in table.index]
+        if bench != "Avg":
+            table[f"{bench} n"] = counts[bench]
+        values = paper[paper.benchmark == bench].set_index(["method", "budget"]).value
+        table[f"{bench} paper"] = [_lookup(values, m, b) for m, b in table.index]
         table[f"{bench} diff"] = table[bench] - table[f"{bench} paper"]
-    conventions = ours.drop_duplicates("benchmark").set_index("benchmark").get("convention")
+    partial = cells[cells.partial].groupby(["Method", "budget"], dropna=False).benchmark.agg(", ".join)
+    table["partial"] = partial.reindex(table.index).fillna("")
+
+    conventions = cells.drop_duplicates("benchmark").set_index("benchmark").get("convention")
     note = "; ".join(f"{b}: {conventions[b]}" for b in benchmarks if conventions is not None
                      and pd.notna(conventions.get(b)))
-    note += "; Avg: mean of the columns relative to our own full-model row (%)"
+    note += ("; n: questions scored; partial: benchmarks evaluated on a subset (limit=), not comparable with full "
+             "runs; Avg: mean of the columns relative to our own full-model row (%)")
+    if not len(full):
+        note += (f". Avg is empty: there is no full-model record for {model}; run "
+                 f"`python scripts/run.py {_model_override(model)} method=none` on the same benchmarks")
     return table.sort_index(level=["Method", "budget"], ascending=[True, False]), note
+
+
+def _model_override(model: str) -> str:
+    """`model=<config>` for the config in ./configs/model that has this name, else `model.name=<name>`."""
+    for path in sorted(Path("configs/model").glob("*.yaml")):
+        if (yaml.safe_load(path.read_text()) or {}).get("name") == model:
+            return f"model={path.stem}"
+    return f"model.name={model}"
 
 
 def _lookup(cells: pd.Series, method: str, budget: float) -> float:
@@ -62,11 +101,17 @@ def _lookup(cells: pd.Series, method: str, budget: float) -> float:
     return float("nan")
 
 
+def flat_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with Method and "# Tokens" (the nominal budget, "full") as columns, as written and logged."""
+    flat = table.reset_index().rename(columns={"budget": "# Tokens"})
+    flat["# Tokens"] = flat["# Tokens"].map(lambda b: "full" if pd.isna(b) else f"{b:g}")
+    return flat
+
+
 def write_table(table: pd.DataFrame, note: str, out_dir: str | Path, name: str = "table1") -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    flat = table.reset_index().rename(columns={"budget": "# Tokens"})
-    flat["# Tokens"] = flat["# Tokens"].map(lambda b: "full" if pd.isna(b) else f"{b:g}")
+    flat = flat_table(table)
     csv, md = out_dir / f"{name}.csv", out_dir / f"{name}.md"
     flat.to_csv(csv, index=False)
     cells = flat.astype(object).where(flat.notna(), None)  # tabulate marks None, not NaN, as missing
@@ -75,25 +120,52 @@ def write_table(table: pd.DataFrame, note: str, out_dir: str | Path, name: str =
     return md, csv
 
 
+def score_columns(table: pd.DataFrame) -> list[str]:
+    """The benchmark columns and Avg (not n, paper, diff, tokens or partial)."""
+    return [c for c in table.columns if not c.endswith((" paper", " diff", " n"))
+            and c not in ("measured tokens", "partial")]
+
+
+def curve_points(table: pd.DataFrame, column: str) -> list[tuple[str, pd.DataFrame]]:
+    """Per method of the pruned rows: x (measured tokens, else the nominal budget), y, label (the nominal budget) and
+    whether the cell is partial, sorted by x."""
+    pruned = table[table.index.get_level_values("budget").notna()]
+    points = pd.DataFrame({"x": pruned["measured tokens"].fillna(pd.Series(pruned.index.get_level_values("budget"),
+                                                                             index=pruned.index)),
+                           "y": pruned[column],
+                           "label": [f"{b:g}" for b in pruned.index.get_level_values("budget")],
+                           "partial": pruned.partial.map(bool) if column == "Avg" else
+                           pruned.partial.map(lambda p: column in p.split(", "))}, index=pruned.index).dropna(subset="y")
+    return [(method, rows.droplevel("Method").sort_values("x")) for method, rows in points.groupby(level="Method")]
+
+
 def plot_scores(table: pd.DataFrame, out_png: str | Path) -> Path:
-    """Score versus budget, one line per method, one panel per benchmark (and Avg)."""
+    """Score versus measured visual tokens, one line per method, one panel per benchmark (and Avg); each point
+    labelled with its nominal budget, hollow where partial; the full model as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [c for c in table.columns if not c.endswith((" paper", " diff")) and c != "measured tokens"]
-    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
-    pruned = table[table.index.get_level_values("budget").notna()]
+    columns = score_columns(table)
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.6), squeeze=False)
+    methods = sorted(set(table.index.get_level_values("Method")))
     for ax, column in zip(axes[0], columns):
-        for method, rows in pruned[column].groupby(level="Method"):
-            series = rows.droplevel("Method").sort_index()
-            ax.plot(series.index, series.values, marker="o", label=method)
-        full = table[table.index.get_level_values("budget").isna()][column]
+        for method, rows in curve_points(table, column):
+            i = methods.index(method)
+            line, = ax.plot(rows.x, rows.y, marker=MARKERS[i % len(MARKERS)], markersize=9 - i % 4, alpha=0.8,
+                            label=method)
+            ax.scatter(rows.x[rows.partial], rows.y[rows.partial], s=120, facecolors="white",
+                       edgecolors=line.get_color(), zorder=3)
+            for x, y, label in zip(rows.x, rows.y, rows.label):
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4 + 6 * (i % 3)), fontsize=7,
+                            color=line.get_color())
+        full = table[table.index.get_level_values("budget").isna()][column].dropna()
         if len(full):
-            ax.axhline(full.iloc[0], color="gray", linestyle="--", label="full")
-        ax.set(title=column, xlabel="visual tokens (avg per layer)")
-    axes[0][0].legend(fontsize="small")
+            ax.axhline(full.iloc[0], color="gray", linestyle="--", label="full model")
+        ax.set(title=column, xlabel="measured visual tokens (mean per decoder layer)",
+               ylabel="% of the full model's score" if column == "Avg" else "score (%)")
+    axes[0][0].legend(fontsize="small", title="hollow: partial", title_fontsize="x-small")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)

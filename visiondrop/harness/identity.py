@@ -1,0 +1,95 @@
+"""Run identity: everything that can change a record's number, and the key records are stored and found under.
+
+A job is skipped only when a record with the same key exists, so a quick look (`limit=`), other method options,
+preprocessing, dtype, a replaced checkpoint or edited code never stand in for the run asked for. The budget itself is
+not part of it: the resolved schedule is, so a ratio and a token budget that resolve to the same schedule are one run.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import baselines
+import visiondrop
+from visiondrop.api import METHODS
+
+#: lmms-eval's seeds, passed explicitly so that they are part of the identity rather than a library default.
+SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
+#: harness modules that only present or schedule results: editing them must not invalidate every record.
+PRESENTATION = {"app.py", "dashboard.py", "outcomes.py", "store.py", "tables.py"}
+
+
+def resolved_options(method: str, options: dict) -> dict:
+    """The method's keyword options with the factory's defaults filled in (unknown keys kept for policy_for to name)."""
+    module, name = METHODS[method].split(":")
+    params = list(inspect.signature(getattr(importlib.import_module(module), name)).parameters.values())[2:]
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **options}
+
+
+def checkpoint_fingerprint(path: str) -> str | None:
+    """A short hash of a local checkpoint folder (file names, sizes, and the contents of files up to 64 MiB, the
+    first and last MiB of larger ones); None for a hub id."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(folder)}:{size}".encode())
+        with open(file, "rb") as f:
+            if size <= 64 * 2**20:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(2**20))
+                f.seek(-(2**20), os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def code_version() -> dict:
+    """A hash of the code that scores (engine, methods, plugin, tasks) and the versions of the libraries under it."""
+    digest = hashlib.sha256()
+    for package in (visiondrop, baselines):
+        root = Path(package.__file__).parent
+        for file in sorted(root.rglob("*")):
+            if file.suffix in (".py", ".yaml", ".parquet") and not (file.parent.name == "harness"
+                                                                    and file.name in PRESENTATION):
+                digest.update(f"{file.relative_to(root.parent)}".encode() + file.read_bytes())
+    found = {"code": digest.hexdigest()[:16]}
+    for package in ("torch", "transformers", "lmms_eval"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def run_identity(cfg: DictConfig, checkpoint: str, options: dict, schedule: dict, bench: DictConfig) -> dict:
+    """Everything that can change the number of `bench` in this job."""
+    model = cfg.model
+    benchmark = {k: v for k, v in OmegaConf.to_container(bench, resolve=True).items() if k != "convention"}
+    return {
+        "model": model.name, "checkpoint": checkpoint, "method": cfg.method.name, "options": options,
+        "schedule": schedule, "benchmark": benchmark, "limit": cfg.limit,
+        "preprocessing": {"image_aspect_ratio": model.image_aspect_ratio, "conv_template": model.conv_template},
+        "dtype": model.dtype, "attn_implementation": model.attn_implementation, "device": model.device,
+        "seeds": SEEDS, "versions": code_version(),
+    }
+
+
+def identity_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def options_label(options: dict[str, Any] | None) -> str:
+    """Explicitly set method options as a short label, e.g. "k=3" (empty for the defaults)."""
+    return ",".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted((options or {}).items()))
