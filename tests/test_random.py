@@ -65,8 +65,10 @@ def test_generation_with_cache_equals_replay_without(tiny):
 def test_full_budget_is_unpruned_and_clear_errors(tiny):
     model, _ = tiny
     assert build_policy(model, "random", 576).cut_layers == ()
-    for budget in (0, 0.5, 64.5):
+    for budget in (0.5, 64.5):
         with pytest.raises(ValueError, match="integers from 1 to 575"):
             visiondrop.apply(model, "random", budget=budget)
+    with pytest.raises(ValueError, match="budget must be a finite number of visual tokens above 0, got 0"):
+        visiondrop.apply(model, "random", budget=0)  # refused by visiondrop.api before the method
     with pytest.raises(ValueError, match="needs a budget"):
         visiondrop.apply(model, "random")
