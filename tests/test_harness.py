@@ -216,6 +216,11 @@ def test_sweep_summary_exit_status_and_wandb_dashboards(tmp_path, monkeypatch):
     assert run_cli(monkeypatch, f"model.pretrained={DEMO_MODEL}", "limit=2", "budget=50") == 0
 
 
+def test_configs_come_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "no configs/config.yaml in" in run_cli(monkeypatch, "method=none")
+
+
 def test_malformed_config_is_reported_by_hydra(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "run.py"), "method=fastvv", f"results_dir={tmp_path}"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -66,6 +66,9 @@ def budget_arguments(argv: list[str]) -> list[str]:
 def cli() -> None:
     """scripts/run.py: exits 1 if a job failed (the sweep's other jobs still run)."""
     sys.argv = budget_arguments(sys.argv)
+    configs = configs_dir()
+    if configs is None and not any(a.startswith(("--config-dir", "-cd")) for a in sys.argv):
+        sys.exit(f"no configs/config.yaml in {Path.cwd()}: run from the project root, or pass --config-dir")
     outcomes.SEEN.clear()
-    hydra.main(version_base="1.3", config_path=configs_dir(), config_name="config")(main)()
+    hydra.main(version_base="1.3", config_path=configs, config_name="config")(main)()
     sys.exit(outcomes.exit_status())

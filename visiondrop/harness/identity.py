@@ -13,7 +13,6 @@ import json
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -89,7 +88,3 @@ def run_identity(cfg: DictConfig, checkpoint: str, options: dict, schedule: dict
 def identity_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-
-def options_label(options: dict[str, Any] | None) -> str:
-    """Explicitly set method options as a short label, e.g. "k=3" (empty for the defaults)."""
-    return ",".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted((options or {}).items()))

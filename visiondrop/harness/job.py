@@ -17,9 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..api import policy_for
 from ..models import ModelInfo
 from . import TASKS_DIR
-from .identity import (SEEDS, checkpoint_fingerprint, code_version, identity_key, options_label, resolved_options,
-                       run_identity)
-from .store import ResultStore
+from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, resolved_options, run_identity
+from .store import ResultStore, options_label
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,9 @@ class Budget:
 
     def label(self, n_visual: int) -> str:
         """The budget as tokens and as a ratio, e.g. "64 tokens (ratio 0.111)" or "full (576 tokens)"."""
-        return f"full ({n_visual} tokens)" if self.tokens is None else f"{self.tokens:g} tokens (ratio {self.ratio:.3f})"
+        if self.tokens is None:
+            return f"full ({n_visual} tokens)"
+        return f"{self.tokens:g} tokens (ratio {self.ratio:.3f})"
 
 
 def job_label(cfg: DictConfig) -> str:

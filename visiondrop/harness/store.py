@@ -15,15 +15,14 @@ from typing import Iterable
 
 import pandas as pd
 
-from .identity import options_label
-
 COLUMNS = ("model", "method", "variant", "budget", "retention_ratio", "benchmark", "score", "metric", "convention",
            "equivalent_tokens", "measured_tokens", "tflops", "samples", "docs", "partial", "schedule", "created",
            "path")
 
 
-def budget_label(tokens: float | None) -> str:
-    return "full" if tokens is None else f"{tokens:g}"
+def options_label(options: dict | None) -> str:
+    """Method options as a short label, e.g. "k=3" (empty for none)."""
+    return ",".join(f"{k}={json.dumps(v, default=str)}" for k, v in sorted((options or {}).items()))
 
 
 class ResultStore:
@@ -66,7 +65,8 @@ def _atomic(path: Path, text: str) -> None:
 
 
 def _normalised(record: dict, path: Path) -> dict:
-    """The fields tables read, for records of either layout; the options set by hand as a label, the schedule as a row key."""
+    """The fields tables read, for records of either layout: the options set by hand as a label (variant), the
+    schedule as a row key."""
     config = record.get("config") or {}
     given = (config.get("method") or {}).get("options")
     created = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat()

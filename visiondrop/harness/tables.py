@@ -68,9 +68,10 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
         table[bench] = relative.mean(axis=1, skipna=False) if bench == "Avg" else wide[bench]
         if bench != "Avg":
             table[f"{bench} n"] = counts[bench]
-        values = paper[paper.benchmark == bench].set_index(["method", "budget"]).value
-        table[f"{bench} paper"] = [_lookup(values, m, b) for m, b in table.index]
-        table[f"{bench} diff"] = table[bench] - table[f"{bench} paper"]
+        if len(paper):  # the paper's columns only where it has numbers for this model
+            values = paper[paper.benchmark == bench].set_index(["method", "budget"]).value
+            table[f"{bench} paper"] = [_lookup(values, m, b) for m, b in table.index]
+            table[f"{bench} diff"] = table[bench] - table[f"{bench} paper"]
     partial = cells[cells.partial].groupby(["Method", "budget"], dropna=False).benchmark.agg(", ".join)
     table["partial"] = partial.reindex(table.index).fillna("")
 
@@ -82,7 +83,12 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
     if not len(full):
         note += (f". Avg is empty: there is no full-model record for {model}; run "
                  f"`python scripts/run.py {_model_override(model)} method=none` on the same benchmarks")
-    return table.sort_index(level=["Method", "budget"], ascending=[True, False]), note
+    return table.iloc[sorted(range(len(table)), key=lambda i: _row_order(*table.index[i]))], note
+
+
+def _row_order(method: str, budget: float) -> tuple:
+    """The full model first, then each method from its largest budget down."""
+    return method != "Vanilla", method, -budget if pd.notna(budget) else -float("inf")
 
 
 def _model_override(model: str) -> str:
@@ -130,43 +136,48 @@ def curve_points(table: pd.DataFrame, column: str) -> list[tuple[str, pd.DataFra
     """Per method of the pruned rows: x (measured tokens, else the nominal budget), y, label (the nominal budget) and
     whether the cell is partial, sorted by x."""
     pruned = table[table.index.get_level_values("budget").notna()]
-    points = pd.DataFrame({"x": pruned["measured tokens"].fillna(pd.Series(pruned.index.get_level_values("budget"),
-                                                                             index=pruned.index)),
-                           "y": pruned[column],
-                           "label": [f"{b:g}" for b in pruned.index.get_level_values("budget")],
-                           "partial": pruned.partial.map(bool) if column == "Avg" else
-                           pruned.partial.map(lambda p: column in p.split(", "))}, index=pruned.index).dropna(subset="y")
+    budgets = pd.Series(pruned.index.get_level_values("budget"), index=pruned.index)
+    partial = pruned.partial.map(bool if column == "Avg" else lambda p: column in p.split(", "))
+    points = pd.DataFrame({"x": pruned["measured tokens"].fillna(budgets), "y": pruned[column],
+                           "label": budgets.map("{:g}".format), "partial": partial}).dropna(subset="y")
     return [(method, rows.droplevel("Method").sort_values("x")) for method, rows in points.groupby(level="Method")]
 
 
 def plot_scores(table: pd.DataFrame, out_png: str | Path) -> Path:
     """Score versus measured visual tokens, one line per method, one panel per benchmark (and Avg); each point
-    labelled with its nominal budget, hollow where partial; the full model as a dashed line."""
+    labelled with its nominal budget, hollow where partial; the full model as a dashed line. Markers differ in shape
+    and size (smaller on top) and hollow ones are see-through, so points at the same place stay visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     columns = score_columns(table)
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.6), squeeze=False)
-    methods = sorted(set(table.index.get_level_values("Method")))
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 4), squeeze=False, layout="constrained")
+    methods = sorted(set(table.index.get_level_values("Method")) - {"Vanilla"})
+    style = {m: dict(color=f"C{i}", marker=MARKERS[i % len(MARKERS)], markersize=11 - 2 * (i % 4), zorder=2 + i)
+             for i, m in enumerate(methods)}
     for ax, column in zip(axes[0], columns):
         for method, rows in curve_points(table, column):
-            i = methods.index(method)
-            line, = ax.plot(rows.x, rows.y, marker=MARKERS[i % len(MARKERS)], markersize=9 - i % 4, alpha=0.8,
-                            label=method)
-            ax.scatter(rows.x[rows.partial], rows.y[rows.partial], s=120, facecolors="white",
-                       edgecolors=line.get_color(), zorder=3)
+            ax.plot(rows.x, rows.y, color=style[method]["color"], alpha=0.6, zorder=1)
+            for partial, points in rows.groupby("partial"):
+                ax.plot(points.x, points.y, linestyle="none", markeredgewidth=1.5,
+                        markerfacecolor="none" if partial else style[method]["color"], **style[method])
             for x, y, label in zip(rows.x, rows.y, rows.label):
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4 + 6 * (i % 3)), fontsize=7,
-                            color=line.get_color())
+                lift = 5 + 8 * (methods.index(method) % 3)  # labels of nearby points of other methods apart
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, lift), fontsize=7,
+                            color=style[method]["color"])
         full = table[table.index.get_level_values("budget").isna()][column].dropna()
         if len(full):
-            ax.axhline(full.iloc[0], color="gray", linestyle="--", label="full model")
+            ax.axhline(full.iloc[0], color="gray", linestyle="--")
         ax.set(title=column, xlabel="measured visual tokens (mean per decoder layer)",
                ylabel="% of the full model's score" if column == "Avg" else "score (%)")
-    axes[0][0].legend(fontsize="small", title="hollow: partial", title_fontsize="x-small")
-    fig.tight_layout()
+    handles = [Line2D([], [], label=m, **{k: v for k, v in style[m].items() if k != "zorder"}) for m in methods]
+    handles += [Line2D([], [], color="gray", linestyle="--", label="full model"),
+                Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="none",
+                       label="partial (limit)")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize="small")
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return Path(out_png)
