@@ -51,6 +51,7 @@ def run(cfg: DictConfig) -> Outcome:
 
 
 def main(cfg: DictConfig) -> None:
+    """Hydra's task function: run the job and leave its outcome where the sweep summary reads it."""
     outcome = run(cfg)
     outcome.write(HydraConfig.get().runtime.output_dir)
     outcomes.SEEN.append(outcome)

@@ -66,9 +66,9 @@ def job_run(cfg: DictConfig, label: str) -> Iterator[Callable[[dict, list[dict]]
     run.finish()
 
 
-def sweep_run(cfg: DictConfig, group: str, record_paths: list[str]):
+def sweep_run(cfg: DictConfig, group: str, record_paths: list[str]) -> None:
     """The sweep's summary run: per model, the results table (wandb.Table), one accuracy-versus-measured-tokens
-    line chart per benchmark and Avg, and the matplotlib figure. Returns the finished run."""
+    line chart per benchmark and Avg, and the matplotlib figure."""
     import wandb
 
     frame = records_frame(read_records(record_paths))
@@ -88,5 +88,4 @@ def sweep_run(cfg: DictConfig, group: str, record_paths: list[str]):
         png = plot_scores(table, Path(run.dir) / f"{model}.png")
         run.log({f"{model}/plot": wandb.Image(str(png))})
     run.finish()
-    return run
 
