@@ -68,6 +68,8 @@ def test_a_partial_run_never_stands_in_for_the_full_one(tmp_path):
     other = config(tmp_path, data, f"model.pretrained={DEMO_MODEL}", "budget.tokens=64", "limit=null",
                    "+method.options.newlines=keep")
     assert len(job.plan_job(other).todo) == 1
+    small_demo_data(tmp_path, rows=7)  # the local data replaced under the same name
+    assert len(job.plan_job(full).todo) == 1
 
     table, note = build_table(ResultStore(tmp_path / "runs").frame(), None, "demo-llava-1.5")
     assert list(table.index) == [("VisionDrop", 64.0)]  # one row: the full record, not the partial one

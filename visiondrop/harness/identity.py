@@ -6,6 +6,7 @@ not part of it: the resolved schedule is, so a ratio and a token budget that res
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib
 import inspect
@@ -13,6 +14,7 @@ import json
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,17 +37,30 @@ def resolved_options(method: str, options: dict) -> dict:
 
 
 def checkpoint_fingerprint(path: str) -> str | None:
-    """A short hash of a local checkpoint folder (file names, sizes, and the contents of files up to 64 MiB, the
-    first and last MiB of larger ones); None for a hub id."""
+    """A short hash of a local checkpoint folder's files; None for a hub id."""
     folder = Path(path)
-    if not folder.is_dir():
+    return files_fingerprint(folder, folder.rglob("*")) if folder.is_dir() else None
+
+
+def data_fingerprint(bench: DictConfig) -> str | None:
+    """A short hash of the local data files a benchmark's `data` override points at (None without local files)."""
+    files = ((bench.get("data") or {}).get("dataset_kwargs") or {}).get("data_files")
+    if not isinstance(files, (dict, DictConfig)):
         return None
+    patterns = [p for v in files.values() for p in ([v] if isinstance(v, str) else v)]
+    matched = [Path(f) for p in patterns for f in glob.glob(str(Path(p).expanduser().absolute()))]
+    return files_fingerprint(Path("/"), matched, whole=2**21)  # datasets can be large: ends of files only
+
+
+def files_fingerprint(root: Path, files: Iterable[Path], whole: int = 64 * 2**20) -> str:
+    """File names (relative to root), sizes, and the contents of files up to `whole` bytes, the first and last MiB
+    of larger ones: it changes when a file is replaced."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for file in sorted(p for p in files if p.is_file()):
         size = file.stat().st_size
-        digest.update(f"{file.relative_to(folder)}:{size}".encode())
+        digest.update(f"{file.relative_to(root)}:{size}".encode())
         with open(file, "rb") as f:
-            if size <= 64 * 2**20:
+            if size <= whole:
                 digest.update(f.read())
             else:
                 digest.update(f.read(2**20))
@@ -81,7 +96,7 @@ def run_identity(cfg: DictConfig, checkpoint: str, options: dict, schedule: dict
         "schedule": schedule, "benchmark": benchmark, "limit": cfg.limit,
         "preprocessing": {"image_aspect_ratio": model.image_aspect_ratio, "conv_template": model.conv_template},
         "dtype": model.dtype, "attn_implementation": model.attn_implementation, "device": model.device,
-        "seeds": SEEDS, "versions": code_version(),
+        "local_data": data_fingerprint(bench), "seeds": SEEDS, "versions": code_version(),
     }
 
 
