@@ -109,21 +109,22 @@ def schedule(reference: int, n: int, n_layers: int, layers: tuple[int, ...], rec
     closest to the target, and of those the one nearest to n / 576 is taken (the official lists themselves on
     LLaVA-1.5-7B). Raises `Unreachable` where even lists of 1 feed more than the target.
     """
-    official, target, s0 = KEEP_LISTS[reference], official_mean(reference, recycle) * n / OFFICIAL_N_VISUAL, \
-        n / OFFICIAL_N_VISUAL
+    official = KEEP_LISTS[reference]
+    target = official_mean(reference, recycle) * n / OFFICIAL_N_VISUAL
+    proportional = n / OFFICIAL_N_VISUAL
 
     def keeps(s: float) -> tuple[int, ...]:
         return tuple(max(1, int(s * k + 0.5)) for k in official)
 
     def mean(s: float) -> float:
-        counts = tokens_per_layer(n, n_layers, layers, keeps(s), recycle)
-        return sum(counts) / n_layers
+        return sum(tokens_per_layer(n, n_layers, layers, keeps(s), recycle)) / n_layers
 
     floor = mean(0.0)
     if floor > target:
         raise Unreachable(f"fewest mean entering tokens {floor:g} > target {target:g}", floor)
 
-    def first_at_least(value: float) -> float:  # the smallest s (to 1e-12) with mean(s) >= value
+    def first_at_least(value: float) -> float:
+        """The smallest s (to 1e-12 relative) with mean(s) >= value; mean is a right-continuous step function."""
         lo, hi = 0.0, n / min(official) + 1.0  # keeps >= n at hi: nothing pruned, the mean is n
         if mean(lo) >= value:
             return lo
@@ -132,14 +133,13 @@ def schedule(reference: int, n: int, n_layers: int, layers: tuple[int, ...], rec
             lo, hi = (lo, mid) if mean(mid) >= value else (mid, hi)
         return hi
 
-    above = first_at_least(target)
-    below = max(first_at_least(target) - 1e-9, 0.0)  # the step just under the target (mean(below) < target)
-    best = min((mean(above), mean(below)), key=lambda m: (abs(m - target), -m))
-    start = first_at_least(best)  # the values of s with mean == best: [start, end)
-    end = first_at_least(best + 1e-9)
-    if mean(end) == best:  # the largest schedule (nothing pruned) is this mean: no upper end
-        return keeps(max(start, s0))
-    return keeps(min(max(start, s0), end - 1e-9) if end - 1e-9 >= start else start)
+    # steps of s are >= 1e-6 apart (breakpoints (j + 1/2) / k): 1e-9 steps back across exactly one breakpoint
+    reach = first_at_least(target)
+    nearest = min(mean(reach), mean(max(reach - 1e-9, 0.0)), key=lambda m: (abs(m - target), -m))
+    start, end = first_at_least(nearest), first_at_least(nearest + 1e-9)  # mean(s) == nearest on [start, end)
+    if mean(end) == nearest:  # nothing is pruned beyond start: no upper end
+        return keeps(max(start, proportional))
+    return keeps(max(start, min(proportional, end - 1e-9)))
 
 
 def cluster_and_merge(x: Tensor, n_clust: int, noise: Tensor) -> Tensor:
