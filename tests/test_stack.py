@@ -35,7 +35,7 @@ def test_environment_is_exactly_the_lock():
 
 
 def test_check_names_every_difference(tmp_path):
-    pins = stack.read_lock(str(LOCK))
+    pins = stack.installed()  # the environment itself, then three differences
     pins["filelock"] = "4.3.1"
     del pins["pandas"]
     pins["not-installed-anywhere"] = "1.0"
