@@ -54,6 +54,10 @@ def exit_status() -> int:
 class SweepSummary(Callback):
     """Hydra callback: at the end of a multirun, log the summary, keep it beside the jobs, build the dashboard."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        for stale in Path(config.hydra.sweep.dir).glob("*/outcome.json"):  # a sweep folder used before
+            stale.unlink()
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         SEEN[:] = read_outcomes(sweep_dir)
