@@ -24,8 +24,11 @@ from visiondrop.api import METHODS
 
 #: lmms-eval's seeds, passed explicitly so that they are part of the identity rather than a library default.
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
-#: harness modules that only present or schedule results: editing them must not invalidate every record.
-PRESENTATION = {"app.py", "dashboard.py", "outcomes.py", "store.py", "tables.py"}
+#: modules that do not score (they present, schedule, time, or make models and data that are fingerprinted
+#: themselves): editing them must not invalidate every record.
+NOT_SCORING = {"visiondrop/harness/app.py", "visiondrop/harness/dashboard.py", "visiondrop/harness/outcomes.py",
+               "visiondrop/harness/store.py", "visiondrop/harness/tables.py", "visiondrop/latency.py",
+               "visiondrop/demo_training.py", "visiondrop/synthetic.py", "visiondrop/tiny.py"}
 
 
 def resolved_options(method: str, options: dict) -> dict:
@@ -75,9 +78,9 @@ def code_version() -> dict:
     for package in (visiondrop, baselines):
         root = Path(package.__file__).parent
         for file in sorted(root.rglob("*")):
-            if file.suffix in (".py", ".yaml", ".parquet") and not (file.parent.name == "harness"
-                                                                    and file.name in PRESENTATION):
-                digest.update(f"{file.relative_to(root.parent)}".encode() + file.read_bytes())
+            name = file.relative_to(root.parent).as_posix()
+            if file.suffix in (".py", ".yaml", ".parquet") and name not in NOT_SCORING:
+                digest.update(name.encode() + file.read_bytes())
     found = {"code": digest.hexdigest()[:16]}
     for package in ("torch", "transformers", "lmms_eval"):
         try:
