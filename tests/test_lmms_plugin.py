@@ -62,12 +62,13 @@ DOCS = [{"image": demo_image(0, (400, 300)), "question": "What is in the image?"
         {"image": demo_image(3, (200, 336)), "question": "How many shapes?"}]
 
 
-def _requests(kind: str) -> list[Instance]:
+def _requests(kind: str, **gen_kwargs) -> list[Instance]:
     def visual(doc):
         return [] if doc["image"] is None else [doc["image"]]
 
     def request(i, doc):
-        second = {"max_new_tokens": 4, "until": ["\n\n"], "temperature": 0} if kind == "generate_until" else " yes"
+        generation = {"max_new_tokens": 4, "until": ["\n\n"], "temperature": 0, **gen_kwargs}
+        second = generation if kind == "generate_until" else " yes"
         return Instance(request_type=kind, arguments=(doc["question"], second, visual, i, "demo", "test"), idx=0,
                         metadata={"task": "demo", "doc_id": i, "repeats": 1})
 
@@ -89,6 +90,15 @@ def test_batch_of_three_equals_batch_of_one(tiny_dir):
     assert nll_1 == pytest.approx(nll_3, abs=1e-4) and all(n > 0 for n in nll_1)
     assert info_1["samples"] == info_3["samples"] == 2 * len(DOCS)
     assert info_1["measured_tokens_mean"] == info_3["measured_tokens_mean"] == 64
+
+
+def test_beam_search_batch_equals_alone(tiny_dir):
+    answers = []
+    for batch_size in (1, 3):
+        lm = PrunedLlava(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=batch_size)
+        lm.task_dict = {"demo": {"test": DOCS}}
+        answers.append(lm.generate_until(_requests("generate_until", num_beams=3)))
+    assert answers[0] == answers[1] and all(isinstance(a, str) for a in answers[0])
 
 
 def test_expand_to_square_pads_with_the_mean_colour():

@@ -259,9 +259,6 @@ def _generation_settings(gen_kwargs: dict, tokenizer: Any) -> tuple[dict, list[s
     """generate() keywords from a task's generation_kwargs: greedy unless temperature > 0 (as LLaVA's eval)."""
     until = gen_kwargs.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
-    if int(gen_kwargs.get("num_beams") or 1) != 1:
-        raise ValueError("pruned_llava does not support beam search (num_beams > 1): the pruned KV cache "
-                         "cannot be reordered between beams")
     temperature = float(gen_kwargs.get("temperature") or 0)
     settings: dict[str, Any] = {
         "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
@@ -270,6 +267,8 @@ def _generation_settings(gen_kwargs: dict, tokenizer: Any) -> tuple[dict, list[s
     }
     if temperature > 0:
         settings.update(temperature=temperature, top_p=gen_kwargs.get("top_p"))
+    if int(gen_kwargs.get("num_beams") or 1) > 1:  # the engine reorders its pruned cache bookkeeping with the beams
+        settings["num_beams"] = int(gen_kwargs["num_beams"])
     if until:
         settings.update(stop_strings=until, tokenizer=tokenizer)
     return settings, until
