@@ -33,13 +33,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from . import synthetic as syn
 from .engine.select import contextual_merge
 from .harness.prompting import vicuna_v1_prompt
-from .tiny import _build_tokenizer, _common_config_kwargs, _processor_kwargs, _text_config, _vision_config
+from .families import Shape
+from .families.llava import LLAVA
+from .tiny import build_tokenizer, token_ids
 
 POST_PROMPT = "\nAnswer the question using a single word or phrase."  # the visiondrop_demo task's post_prompt
 
@@ -76,17 +78,12 @@ class Recipe:
 
 
 def build_model(r: Recipe) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    tokenizer = _build_tokenizer(r.vocab_size)
-    config = LlavaConfig(
-        vision_config=_vision_config(r.vision_layers, r.vision_width, r.vision_heads, 0.02),
-        text_config=_text_config(tokenizer, r.text_layers, r.text_width, r.text_heads, 0.02),
-        **_common_config_kwargs(tokenizer),
-    )
-    config.vision_config.intermediate_size = r.vision_mlp
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                            do_center_crop=True, image_mean=OPENAI_CLIP_MEAN,
-                                            image_std=OPENAI_CLIP_STD)
-    processor = LlavaProcessor(image_processor=image_processor, **_processor_kwargs(tokenizer))
+    tokenizer = build_tokenizer(r.vocab_size)
+    shape = Shape(hidden=r.text_width, intermediate=2 * r.text_width, layers=r.text_layers, heads=r.text_heads,
+                  vision_hidden=r.vision_width, vision_intermediate=r.vision_mlp, vision_layers=r.vision_layers,
+                  vision_heads=r.vision_heads)
+    config = LLAVA.build_config(shape, token_ids(tokenizer))
+    processor = LLAVA.build_processor(tokenizer)
     torch.manual_seed(r.seed)
     model = LlavaForConditionalGeneration(config)
     embeddings = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower).embeddings

@@ -91,23 +91,10 @@ class Dims:
 
     @classmethod
     def from_config(cls, config: Any) -> "Dims":
-        """From a transformers LlavaConfig or LlavaNextConfig (nominal crops: base + the largest anyres grid)."""
-        text, vision = config.text_config, config.vision_config
-        feature_layer = config.vision_feature_layer
-        patches = (vision.image_size // vision.patch_size) ** 2
-        grid = getattr(config, "image_grid_pinpoints", None) or []
-        return cls(
-            hidden=text.hidden_size, intermediate=text.intermediate_size, n_layers=text.num_hidden_layers,
-            vocab=text.vocab_size, n_heads=text.num_attention_heads,
-            n_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            vision_hidden=vision.hidden_size, vision_intermediate=vision.intermediate_size,
-            vision_layers=vision.num_hidden_layers, vision_heads=vision.num_attention_heads,
-            vision_tokens=patches + 1, patch_size=vision.patch_size,
-            projector_in=vision.hidden_size * (1 if isinstance(feature_layer, int) else len(feature_layer)),
-            visual_per_crop=patches + int(config.vision_feature_select_strategy == "full"),
-            crops=1 + max((h // vision.image_size) * (w // vision.image_size) for h, w in grid) if grid else 1,
-        )
+        """From a transformers config of a supported family (its adapter reads it: `Family.flops_dims`)."""
+        from .families import family_for
+
+        return family_for(config).flops_dims(config)
 
 
 LLAVA_15_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, vocab=32064, n_heads=32, n_kv_heads=32,

@@ -45,6 +45,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .families import Shape, TokenIds, family_for
+from .families.llava import LLAVA
+from .families.llava_next import LLAVA_NEXT
 from .flops import TEXT_TOKENS, Dims, method_flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,56 +57,35 @@ PAPER_NAMES = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B"}
 PAPER_METHODS = {"none": "Vanilla", "visiondrop": "VisionDrop"}
 DEFAULT_METHODS = ("none", "visiondrop", "fastv", "pyramiddrop", "sparsevlm", "visionzip")
 DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,)}
-NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6
 NEXT_IMAGE = (672, 672)  # best fit: the 2x2 grid, so base + 4 crops
 TEXT_BEFORE_IMAGE = 35  # BOS + Vicuna system prompt + "USER:" precede the image in LLaVA's template
 
 
-@dataclass(frozen=True)
-class Width:
-    hidden: int
-    heads: int
-    intermediate: int
-    vision_hidden: int
-    vision_heads: int
-    vision_intermediate: int
-
-
 #: "reduced" = full / 8 with head dims 64; "tiny" only keeps tests fast. Depths never change.
-WIDTHS = {"full": Width(4096, 32, 11008, 1024, 16, 4096), "reduced": Width(512, 8, 1376, 128, 2, 512),
-          "tiny": Width(64, 2, 172, 32, 1, 128)}
+WIDTHS = {
+    "full": Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vision_hidden=1024, vision_intermediate=4096,
+                  vision_layers=24, vision_heads=16),
+    "reduced": Shape(hidden=512, intermediate=1376, layers=32, heads=8, vision_hidden=128, vision_intermediate=512,
+                     vision_layers=24, vision_heads=2),
+    "tiny": Shape(hidden=64, intermediate=172, layers=32, heads=2, vision_hidden=32, vision_intermediate=128,
+                  vision_layers=24, vision_heads=1),
+}
+MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT}
+LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001)  # the llava-hf checkpoints' vocabulary
 
 
 def build_config(model: str = "llava-1.5-7b", width: str = "full"):
-    """The LlavaConfig of llava-hf/llava-1.5-7b-hf (or LlavaNextConfig of llava-v1.6-vicuna-7b-hf) at `width`."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
-
-    w = WIDTHS[width]
-    vision = CLIPVisionConfig(hidden_size=w.vision_hidden, intermediate_size=w.vision_intermediate,
-                              num_hidden_layers=24, num_attention_heads=w.vision_heads, image_size=336, patch_size=14,
-                              hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5)
-    text = LlamaConfig(hidden_size=w.hidden, intermediate_size=w.intermediate, num_hidden_layers=32,
-                       num_attention_heads=w.heads, num_key_value_heads=w.heads, vocab_size=32064,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=32001)
-    common = dict(vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
-                  vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=32001)
-    if model == "llava-1.5-7b":
-        return LlavaConfig(**common, image_seq_length=576)
-    if model == "llava-next-7b":
-        return LlavaNextConfig(**common, image_grid_pinpoints=NEXT_PINPOINTS)
-    raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    """The config of llava-hf/llava-1.5-7b-hf (or llava-v1.6-vicuna-7b-hf) at `width`, built by its family."""
+    if model not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    return MODEL_FAMILIES[model].build_config(WIDTHS[width], LLAVA_HF_IDS, norm_eps=1e-5)
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype, attn: str = "sdpa") -> nn.Module:
     """Random weights, created on `device` in `dtype` (a 7B model never passes through host memory)."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
-    cls = LlavaNextForConditionalGeneration if type(config).__name__ == "LlavaNextConfig" \
-        else LlavaForConditionalGeneration
     torch.manual_seed(0)
     with torch.device(device):
-        model = cls._from_config(config, dtype=dtype, attn_implementation=attn)
+        model = family_for(config).model_class._from_config(config, dtype=dtype, attn_implementation=attn)
     return model.eval()
 
 

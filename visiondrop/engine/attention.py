@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..families.base import Family, Rotate
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -20,28 +21,33 @@ def _heads(x: Tensor, head_dim: int) -> Tensor:
     return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
 
 
-def decoder_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Post-RoPE keys of a decoder layer for the hidden states entering it: [B, H_kv, L, hd]."""
+def decoder_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, rotate: Rotate = Family.rotate,
+                 ) -> Tensor:
+    """Post-RoPE keys of a decoder layer for the hidden states entering it: [B, H_kv, L, hd].
+
+    rotate: the model family's RoPE (`Family.rotate`).
+    """
     attn = layer.self_attn
     k = _heads(attn.k_proj(layer.input_layernorm(hidden)), attn.head_dim)
-    return apply_rotary_pos_emb(k, k, cos, sin)[1]
+    return rotate(k, cos, sin)
 
 
 def decoder_attention(
     layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, queries: Tensor,
-    keys: Tensor | None = None,
+    keys: Tensor | None = None, rotate: Rotate = Family.rotate,
 ) -> Tensor:
     """Causal attention probabilities of the `queries` rows of a decoder layer, computed as the layer would.
 
     hidden: [B, L, D] entering the layer; cos/sin: [B, L, hd]; mask: [B, L] real-token mask;
-    queries: [B, Q] sequence indices; keys: this layer's post-RoPE keys if already computed. Returns [B, H, Q, L]; the softmax runs in float32 and is cast back to
-    the hidden dtype, as the official implementations do.
+    queries: [B, Q] sequence indices; keys: this layer's post-RoPE keys if already computed; rotate: the model
+    family's RoPE. Returns [B, H, Q, L]; the softmax runs in float32 and is cast back to the hidden dtype, as the
+    official implementations do.
     """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
     q = _heads(attn.q_proj(gather_rows(x, queries)), attn.head_dim)
-    q = apply_rotary_pos_emb(q, q, gather_rows(cos, queries), gather_rows(sin, queries))[0]
-    k = decoder_keys(layer, hidden, cos, sin) if keys is None else keys
+    q = rotate(q, gather_rows(cos, queries), gather_rows(sin, queries))
+    k = decoder_keys(layer, hidden, cos, sin, rotate) if keys is None else keys
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q @ k.transpose(-1, -2)) * attn.scaling
     key_pos = torch.arange(hidden.shape[1], device=hidden.device)

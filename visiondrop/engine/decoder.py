@@ -4,7 +4,8 @@ Sequences are left-padded. After a cut each sample's tokens are re-packed (prefi
 tokens, suffix) and left-padded again. Every layer caches exactly the tokens it processed, so the KV caches of
 different segments have different lengths; a `Segment` remembers, for the layers that share one token set, which
 cached rows are real tokens and which position the next token takes, so decode steps stay consistent with
-whatever the prefill did.
+whatever the prefill did. Everything about the host (its layers, positions, rotary embeddings) comes from its
+family adapter; positions are opaque tensors [..., B, L] gathered along their last axis.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
+from ..families.base import Family
 from .attention import causal_mask
 from .compat import cache_kwargs
 from .policy import DecoderCut, Policy, Selection
@@ -26,7 +28,7 @@ class Segment:
 
     layers: list[int]
     mask: Tensor  # [B, kv] real tokens among the cached rows
-    next_pos: Tensor  # [B] position id of the next token
+    next_pos: Tensor  # [..., B] position of the next token
 
 
 @dataclass
@@ -35,39 +37,39 @@ class Running:
 
     hidden: Tensor  # [B, L, D]
     mask: Tensor  # [B, L] bool, real tokens (left padding)
-    pos: Tensor  # [B, L] position ids
+    pos: Tensor  # [..., B, L] positions
     vis_start: Tensor  # [B] sequence index of the visual block
     vis_len: Tensor  # [B] visual tokens (0: no image)
     origins: list[Tensor]  # per sample [vis_len]: original visual index, or -1 for tokens the method made
 
 
-def start(hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, visual: Tensor) -> Running:
+def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+          visual: Tensor) -> Running:
     """Initial state from the language model's inputs and the image-token mask [B, L]."""
-    batch, length = visual.shape
+    length = visual.shape[1]
     mask = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
     n_real = mask.sum(1)
     left_padded = torch.arange(length, device=mask.device) >= (length - n_real).unsqueeze(1)
     if not torch.equal(mask, left_padded):
         raise ValueError("visual-token pruning needs left-padded batches: set tokenizer.padding_side = 'left'")
-    if position_ids is None:
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
     vis_len = visual.sum(1)
     vis_start = torch.where(vis_len > 0, visual.long().argmax(1), 0)
     spans = torch.arange(length, device=visual.device).unsqueeze(0) - vis_start.unsqueeze(1)
     if not torch.equal(visual, (spans >= 0) & (spans < vis_len.unsqueeze(1))):
         raise ValueError("each sample may hold at most one image, as one contiguous block of image tokens")
     origins = [torch.arange(n, device=visual.device) for n in vis_len.tolist()]
-    return Running(hidden, mask, position_ids.expand(batch, -1), vis_start, vis_len, origins)
+    return Running(hidden, mask, family.positions(mask, position_ids), vis_start, vis_len, origins)
 
 
-def apply_selections(run: Running, selections: dict[int, tuple[Tensor, Tensor | None]], renumber: bool) -> Running:
+def apply_selections(family: Family, run: Running, selections: dict[int, tuple[Tensor, Tensor | None]],
+                     renumber: bool) -> Running:
     """Rebuild the batch after a cut. selections: sample -> (keep [k], merged [c, D] or None)."""
     length = run.hidden.shape[1]
     device = run.hidden.device
     index, sources, positions, starts, counts, origins = [], [], [], [], [], []
     for b in range(run.hidden.shape[0]):
         first = length - int(run.mask[b].sum())
-        source, pos = run.hidden[b], run.pos[b]
+        source, pos = run.hidden[b], run.pos.select(-2, b)
         if b not in selections:
             index.append(torch.arange(first, length, device=device))
             starts.append(int(run.vis_start[b]) - first)
@@ -89,7 +91,7 @@ def apply_selections(run: Running, selections: dict[int, tuple[Tensor, Tensor | 
             counts.append(keep.shape[0] + n_merged)
             origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)]))
         sources.append(source)
-        positions.append(pos[first] + torch.arange(len(index[-1]), device=device) if renumber else pos[index[-1]])
+        positions.append(family.renumbered(pos[..., first], len(index[-1])) if renumber else pos[..., index[-1]])
 
     new_length = max(len(i) for i in index)
     pads = [new_length - len(i) for i in index]
@@ -97,12 +99,12 @@ def apply_selections(run: Running, selections: dict[int, tuple[Tensor, Tensor | 
         torch.cat([s.new_zeros(p, s.shape[-1]), s[i]]) for s, i, p in zip(sources, index, pads)
     ])
     mask = torch.arange(new_length, device=device).unsqueeze(0) >= torch.tensor(pads, device=device).unsqueeze(1)
-    pos = torch.stack([torch.cat([q.new_zeros(p), q]) for q, p in zip(positions, pads)])
+    pos = torch.stack([torch.cat([q.new_zeros(*q.shape[:-1], p), q], -1) for q, p in zip(positions, pads)], -2)
     vis_start = torch.tensor(starts, device=device) + torch.tensor(pads, device=device)
     return Running(hidden, mask, pos, vis_start, torch.tensor(counts, device=device), origins)
 
 
-def _groups(run: Running, layer_idx: int, layers: nn.ModuleList, prev_hidden: Tensor | None,
+def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList, prev_hidden: Tensor | None,
             rope: tuple[Tensor, Tensor], original_visual: Tensor, scratch: dict):
     """The samples with an image, grouped by current and original visual-token counts, as policies see them."""
     pairs = {(n, n0) for n, n0 in zip(run.vis_len.tolist(), original_visual.tolist()) if n}
@@ -113,11 +115,11 @@ def _groups(run: Running, layer_idx: int, layers: nn.ModuleList, prev_hidden: Te
             prev_hidden=None if prev_hidden is None else prev_hidden[rows], mask=run.mask[rows],
             cos=rope[0][rows], sin=rope[1][rows],
             visual=run.vis_start[rows].unsqueeze(1) + torch.arange(n, device=rows.device),
-            original_visual=original_visual[rows], samples=rows.tolist(), scratch=scratch,
+            original_visual=original_visual[rows], samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
         )
 
 
-def _cut(policy: Policy, run: Running, groups, trace: Trace, name: str) -> Running:
+def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, name: str) -> Running:
     """Ask the policy for a selection per group, record it, and rebuild the batch."""
     selections = {}
     for cut in groups:
@@ -126,56 +128,55 @@ def _cut(policy: Policy, run: Running, groups, trace: Trace, name: str) -> Runni
             selections[b] = (sel.keep[g], None if sel.merged is None else sel.merged[g])
     trace.add_cut(name, [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
                          for b in range(run.hidden.shape[0])], selections)
-    return apply_selections(run, selections, policy.renumber_positions)
+    return apply_selections(family, run, selections, policy.renumber_positions)
 
 
-def prefill(lm: nn.Module, policy: Policy, run: Running, cache: DynamicCache | None, trace: Trace,
+def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: DynamicCache | None, trace: Trace,
             ) -> tuple[Tensor, list[Segment]]:
     """Run every decoder layer, cutting where the policy says. Returns the final hidden states and the segments."""
-    layers = lm.layers[: lm.config.num_hidden_layers]
+    layers = family.decoder_layers(lm)
     cut_layers = set(policy.cut_layers)
     original_visual = run.vis_len.clone()
     scratch: dict = {}
     segments: list[Segment] = []
-    rope = lm.rotary_emb(run.hidden, run.pos)
+    rope = family.rotary(lm, run.hidden, run.pos)
     prev_hidden = None
-    for cut in _groups(run, 0, layers, None, rope, original_visual, scratch):
+    for cut in _groups(family, run, 0, layers, None, rope, original_visual, scratch):
         policy.prepare(cut)
     for i, layer in enumerate(layers):
         cut_here = i in cut_layers and bool(run.vis_len.any())
         if cut_here:
-            groups = _groups(run, i, layers, prev_hidden, rope, original_visual, scratch)
-            run = _cut(policy, run, groups, trace, f"layer {i}")
+            groups = _groups(family, run, i, layers, prev_hidden, rope, original_visual, scratch)
+            run = _cut(family, policy, run, groups, trace, f"layer {i}")
         if cut_here or not segments:
-            rope = lm.rotary_emb(run.hidden, run.pos)
+            rope = family.rotary(lm, run.hidden, run.pos)
             mask4d = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype)
-            segments.append(Segment([], run.mask, run.pos[:, -1] + 1))
+            segments.append(Segment([], run.mask, family.next_position(run.pos)))
         segments[-1].layers.append(i)
         trace.add_layer(run.vis_len)
         prev_hidden = run.hidden
         run.hidden = layer(run.hidden, attention_mask=mask4d, position_embeddings=rope,
                            use_cache=cache is not None, **cache_kwargs(cache))
-    return lm.norm(run.hidden), segments
+    return family.final_norm(lm)(run.hidden), segments
 
 
-def decode(lm: nn.Module, hidden: Tensor, attention_mask: Tensor | None, cache: DynamicCache,
+def decode(family: Family, lm: nn.Module, hidden: Tensor, attention_mask: Tensor | None, cache: DynamicCache,
            segments: list[Segment]) -> Tensor:
     """One decode forward of q new tokens after a pruned prefill: per segment, its own positions and mask."""
     batch, q_len, _ = hidden.shape
+    layers = family.decoder_layers(lm)
     new = torch.ones(batch, q_len, dtype=torch.bool, device=hidden.device)
     if attention_mask is not None:
         new = attention_mask[:, -q_len:].bool()
-    steps = torch.arange(q_len, device=hidden.device)
     for seg in segments:
         if cache.get_seq_length(seg.layers[0]) != seg.mask.shape[1]:
             raise RuntimeError("the KV cache no longer matches the pruned prefill (reordered or reused cache?); "
                                "only greedy/sampling decoding on the cache of the last prefill is supported")
         kv_mask = torch.cat([seg.mask, new], dim=1)
-        pos = seg.next_pos.unsqueeze(1) + steps
-        rope = lm.rotary_emb(hidden, pos)
+        rope = family.rotary(lm, hidden, family.continued(seg.next_pos, q_len))
         mask4d = causal_mask(lm.config, kv_mask, q_len, hidden.dtype)
         for i in seg.layers:
-            hidden = lm.layers[i](hidden, attention_mask=mask4d, position_embeddings=rope,
+            hidden = layers[i](hidden, attention_mask=mask4d, position_embeddings=rope,
                                   use_cache=True, **cache_kwargs(cache))
         seg.mask, seg.next_pos = kv_mask, seg.next_pos + q_len
-    return lm.norm(hidden)
+    return family.final_norm(lm)(hidden)

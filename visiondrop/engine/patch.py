@@ -1,9 +1,10 @@
-"""Install a policy on a loaded LLaVA model, and take it off again without a trace.
+"""Install a policy on a loaded model of a supported family, and take it off again without a trace.
 
-Three patches, all on the instance (never on the class, so other models are untouched):
+Three patches, all on the instance (never on the class, so other models are untouched), at the places the
+model's family adapter names:
 - `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder stage;
-- a forward pre-hook on the multimodal model notes where the image tokens are in `input_ids`, and one on the
-  whole model refuses `labels=` when the method shortens the sequence;
+- a forward pre-hook on the multimodal model notes where the image tokens are, and one on the whole model
+  refuses `labels=` when the method shortens the sequence;
 - the language model's `forward` is replaced by the engine's layer loop whenever a forward holds image tokens
   (or decodes after one); text-only forwards go to the original.
 A KV cache that a pruned prefill filled also gets its `reorder_cache` wrapped, so beam search reorders the
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 
+from ..families import family_of
 from . import decoder
 from .compat import cache_kwargs, pop_cache
 from .encoder import reduce_images
@@ -27,12 +29,13 @@ from .trace import Trace
 
 
 class Pruner:
-    """Runs `policy` inside `model` (a LlavaForConditionalGeneration) until `remove()`."""
+    """Runs `policy` inside `model` (of a family in `visiondrop.families`) until `remove()`."""
 
     def __init__(self, model: nn.Module, policy: Policy):
         self.model, self.policy = model, policy
-        self.llava = model.model
-        self.lm = self.llava.language_model
+        self.family = family_of(model)
+        self.multimodal = self.family.multimodal(model)
+        self.lm = self.family.language_model(model)
         self.trace = Trace()
         self._visual: Tensor | None = None  # image-token mask of the forward in flight
         # id(features) -> (weak ref, valid rows, origins) per image of the last encoding, and the images of the
@@ -40,35 +43,33 @@ class Pruner:
         self._encoded: dict[int, tuple[weakref.ref, int, Tensor]] = {}
         self._images: list[tuple[int, Tensor]] | None = None
         self._segments: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> segments
-        if getattr(self.llava, "_visiondrop_pruner", None) is not None:
+        if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model: remove() it first")
         self._install()
 
     # -- installation --------------------------------------------------------------------------------------
     def _install(self) -> None:
-        self.llava._visiondrop_pruner = self
-        self._hooks = [self.llava.register_forward_pre_hook(self._note_image_tokens, with_kwargs=True),
+        self.multimodal._visiondrop_pruner = self
+        self._hooks = [self.multimodal.register_forward_pre_hook(self._note_image_tokens, with_kwargs=True),
                        self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True)]
         self.lm.forward = _delegate(self.lm.forward, self._language_forward)
         if self.policy.encoder_layer is not None:
-            self.llava.get_image_features = _delegate(self.llava.get_image_features, self._image_features)
+            self.multimodal.get_image_features = _delegate(self.multimodal.get_image_features, self._image_features)
 
     def remove(self) -> None:
         """Restore the model exactly: drop the instance attributes and the hook."""
-        if getattr(self.llava, "_visiondrop_pruner", None) is not self:
+        if getattr(self.multimodal, "_visiondrop_pruner", None) is not self:
             return
         for hook in self._hooks:
             hook.remove()
-        for module, name in ((self.lm, "forward"), (self.llava, "get_image_features")):
+        for module, name in ((self.lm, "forward"), (self.multimodal, "get_image_features")):
             module.__dict__.pop(name, None)
-        del self.llava._visiondrop_pruner
+        del self.multimodal._visiondrop_pruner
 
     # -- the patched pieces --------------------------------------------------------------------------------
     def _refuse_labels(self, module, args, kwargs) -> None:
         prunes = self.policy.encoder_layer is not None or bool(self.policy.cut_layers)
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        images = kwargs.get("pixel_values") is not None or encoded.get("image") is not None
-        if kwargs.get("labels") is not None and prunes and images:
+        if kwargs.get("labels") is not None and prunes and self.family.has_images(kwargs):
             raise ValueError(
                 f"labels= is not supported with visual-token pruning: {self.policy.name} removes visual tokens inside "
                 "the model, so its logits are shorter than the labels. Compute the loss from the logits yourself "
@@ -78,31 +79,14 @@ class Pruner:
         encoded = kwargs.get("mm_encoder_outputs") or {}
         # generate() encodes the images before the first forward, then repeats them per returned sequence or beam
         self._images = None if encoded.get("image") is None else self._own_images(encoded["image"].pooler_output)
-        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+        if not self.family.has_images(kwargs):
             self._visual = None  # no image in this forward, whatever token ids it holds (decode steps)
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        image_id = self.model.config.image_token_id
-        if input_ids is not None:
-            self._visual = input_ids == image_id
-        elif kwargs.get("inputs_embeds") is not None:
-            embeds = kwargs["inputs_embeds"]
-            image_embed = self.llava.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
-            self._visual = (embeds == image_embed).all(-1)
-        else:
-            self._visual = None
+        self._visual = self.family.image_token_mask(self.model, input_ids, kwargs.get("inputs_embeds"))
 
     def _image_features(self, pixel_values: Tensor, *args, **kwargs) -> BaseModelOutputWithPooling:
-        # LlavaNextModel passes image_sizes positionally, LlavaModel passes keywords
-        names = ("image_sizes",) * hasattr(self.llava, "pack_image_features") + (
-            "vision_feature_layer", "vision_feature_select_strategy")
-        kwargs.update(zip(names, args))
-        config = self.model.config
-        layer = kwargs.get("vision_feature_layer")
-        layer = config.vision_feature_layer if layer is None else layer
-        strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
-        features, valid, origins = reduce_images(self.llava, self.policy, pixel_values, layer, strategy,
-                                                 kwargs.get("image_sizes"))
+        features, valid, origins = reduce_images(self.model, self.family, self.policy, pixel_values, args, kwargs)
         self._encoded = {id(f): (weakref.ref(f), v, o) for f, v, o in zip(features, valid, origins)}
         self._images = list(zip(valid, origins))
         return BaseModelOutputWithPooling(last_hidden_state=features[0], pooler_output=features)
@@ -123,7 +107,7 @@ class Pruner:
         past_key_values = pop_cache(kwargs)
         visual, self._visual = self._visual, None
         if inputs_embeds is None:
-            inputs_embeds = self.lm.embed_tokens(input_ids)
+            inputs_embeds = self.lm.get_input_embeddings()(input_ids)
         segments = self._segments.get(past_key_values) if past_key_values is not None else None
         if (segments is not None or (visual is not None and visual.any())) and any(
                 kwargs.get(f"output_{k}", getattr(self.lm.config, f"output_{k}", False))
@@ -136,7 +120,7 @@ class Pruner:
         if visual is not None and visual.any():
             return self._prefill(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, visual)
         if segments is not None:
-            hidden = decoder.decode(self.lm, inputs_embeds, attention_mask, past_key_values, segments)
+            hidden = decoder.decode(self.family, self.lm, inputs_embeds, attention_mask, past_key_values, segments)
             return BaseModelOutputWithPast(last_hidden_state=hidden, **cache_kwargs(past_key_values))
         return type(self.lm).forward(self.lm, attention_mask=attention_mask, position_ids=position_ids,
                                      inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -148,11 +132,11 @@ class Pruner:
         use_cache = self.lm.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.lm.config)
-        run = decoder.start(embeds, attention_mask, position_ids, visual)
+        run = decoder.start(self.family, embeds, attention_mask, position_ids, visual)
         trace = Trace.start(embeds.shape[0])
         if self.policy.encoder_layer is not None:
             run = self._drop_empty_slots(run, trace)
-        hidden, segments = decoder.prefill(self.lm, self.policy, run, cache if use_cache else None, trace)
+        hidden, segments = decoder.prefill(self.family, self.lm, self.policy, run, cache if use_cache else None, trace)
         self.trace = trace
         if use_cache:
             self._segments[cache] = segments
@@ -169,7 +153,7 @@ class Pruner:
             reorder(beam_idx)
             for seg in self._segments.get(cache, []):
                 rows = beam_idx.to(seg.mask.device)
-                seg.mask, seg.next_pos = seg.mask[rows], seg.next_pos[rows]
+                seg.mask, seg.next_pos = seg.mask[rows], seg.next_pos[..., rows]
 
         cache.reorder_cache = reorder_cache
 
@@ -181,7 +165,7 @@ class Pruner:
             raise RuntimeError("the image features of this forward were not produced by the applied method")
         device = run.hidden.device
         selections = {b: (torch.arange(images[i][0], device=device), None) for i, b in enumerate(samples)}
-        run = decoder.apply_selections(run, selections, renumber=True)
+        run = decoder.apply_selections(self.family, run, selections, renumber=True)
         for i, b in enumerate(samples):
             run.origins[b] = images[i][1].to(device)
         trace.add_cut("encoder", [run.origins[b] if b in selections else run.origins[b][:0]

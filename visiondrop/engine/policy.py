@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..families.base import Family, Rotate
 from .attention import gather_rows, decoder_attention, decoder_keys
 
 
@@ -51,7 +52,8 @@ class DecoderCut:
     visual block, which is contiguous. `prev_hidden` is what entered layer `layer_idx - 1` (same tokens), for
     methods that score with the layer that has just run. `original_visual` is each sample's visual-token
     count before any reduction; `samples` are the group's rows in the batch, and `scratch` is a dict that lives
-    for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample).
+    for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample). `cos`/`sin`
+    are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     """
 
     layer_idx: int
@@ -65,6 +67,7 @@ class DecoderCut:
     original_visual: Tensor
     samples: list[int]
     scratch: dict = field(default_factory=dict)
+    rotate: Rotate = Family.rotate
 
     @property
     def n_visual(self) -> int:
@@ -83,12 +86,13 @@ class DecoderCut:
         `keys` reuses keys from `self.keys` for the same layer and hidden states.
         """
         hidden = self.hidden if hidden is None else hidden
-        return decoder_attention(self.layers[layer_idx], hidden, self.cos, self.sin, self.mask, queries, keys)
+        return decoder_attention(self.layers[layer_idx], hidden, self.cos, self.sin, self.mask, queries, keys,
+                                 self.rotate)
 
     def keys(self, layer_idx: int, hidden: Tensor | None = None) -> Tensor:
         """Post-RoPE keys [G, H_kv, L, hd] of decoder layer `layer_idx`."""
         hidden = self.hidden if hidden is None else hidden
-        return decoder_keys(self.layers[layer_idx], hidden, self.cos, self.sin)
+        return decoder_keys(self.layers[layer_idx], hidden, self.cos, self.sin, self.rotate)
 
     def scaled(self, count: float, nominal: int) -> int:
         """`count` tokens out of a nominal `nominal`, scaled to this group's own original visual count.

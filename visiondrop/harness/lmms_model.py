@@ -5,17 +5,19 @@
 
 Registered through the entry-point group `lmms_eval.models` (visiondrop/harness/manifest.py); no fork of lmms-eval.
 Model args (`--model_args k=v,...`, or keywords of `PrunedLlava(...)` for `simple_evaluate(model=instance)`):
-- pretrained: local folder or hub id of a LlavaForConditionalGeneration (LlavaNext loads, but only method "none"
-  runs on it until the engine supports NeXT);
+- pretrained: local folder or hub id of a checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT:
+  `visiondrop.families`);
 - method (default "none") and budget (average visual tokens per decoder layer; "full"/None = the method's own
   setting), passed to `visiondrop.apply`; any other key=value is a method option (`k=3`, `layer_list=[8,16,24]`,
   `schedule={"encoder":[42,6],...}`: values are read as JSON or Python literals, else kept as strings);
 - dtype (bfloat16 on cuda, float32 on cpu; "auto" = the checkpoint's), device (cuda if available, else cpu),
   attn_implementation (sdpa), batch_size (left-padded batches; results equal those of batch size 1; set it with
   lmms-eval's own `--batch_size`, which the CLI always passes and which would clash with a model arg);
-- image_aspect_ratio: "pad" (LLaVA-1.5 eval: expand to a square with the CLIP mean colour; the default for 1.5)
-  or "none" (the processor's own resize and centre crop; the default for NeXT);
-- conv_template: "vicuna_v1" (LLaVA eval prompt with the system sentence; default) or "llava_hf" (chat template).
+- image_aspect_ratio: "pad" (LLaVA-1.5 eval: expand to a square with the CLIP mean colour) or "none" (the
+  processor's own resize and crop); the default is the family's (`Family.image_aspect_ratio`: "pad" for 1.5,
+  "none" for NeXT);
+- conv_template: "vicuna_v1" (LLaVA eval prompt with the system sentence) or "llava_hf" (chat template); the
+  default is the family's (`Family.conv_template`: "vicuna_v1" for both LLaVA families).
 
 `run_info` records the method, its resolved schedule, the preprocessing and the measured "# Tokens" (mean over
 evaluated samples with an image of the trace's mean visual tokens per decoder layer).
@@ -33,10 +35,10 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor
 
 import visiondrop
-from visiondrop.models import SUPPORTED
+from visiondrop.families import family_for
 
 from .prompting import ASPECT_RATIOS, CONV_TEMPLATES, build_prompt, expand_to_square, mean_colour
 
@@ -48,37 +50,32 @@ class PrunedLlava(lmms):
     def __init__(self, pretrained: str, method: str = "none", budget: float | str | None = None,
                  dtype: str | torch.dtype | None = None, device: str | None = None,
                  attn_implementation: str = "sdpa", batch_size: int | str = 1, image_aspect_ratio: str | None = None,
-                 conv_template: str = "vicuna_v1", max_batch_size: int | None = None, **options: Any) -> None:
+                 conv_template: str | None = None, max_batch_size: int | None = None, **options: Any) -> None:
         super().__init__()
         del max_batch_size  # lmms-eval passes it for batch_size=auto, which this model does not offer
         self._batch_size = _positive_int(batch_size, "batch_size")
-        if conv_template not in CONV_TEMPLATES:
-            raise ValueError(f"unknown conv_template {conv_template!r}; available: {', '.join(CONV_TEMPLATES)}")
+        family = family_for(AutoConfig.from_pretrained(pretrained))
+        self.conv_template = conv_template or family.conv_template
+        if self.conv_template not in CONV_TEMPLATES:
+            raise ValueError(f"unknown conv_template {self.conv_template!r}; available: {', '.join(CONV_TEMPLATES)}")
         self._device = self._setup_device(device)
         self._dtype = _resolve_dtype(dtype, self._device)
 
-        config = AutoConfig.from_pretrained(pretrained)
-        is_next = config.model_type == "llava_next"
-        model_cls = LlavaNextForConditionalGeneration if is_next else LlavaForConditionalGeneration
-        self._model = model_cls.from_pretrained(pretrained, dtype=self._dtype,
-                                                attn_implementation=attn_implementation).to(self._device).eval()
+        self._model = family.model_class.from_pretrained(
+            pretrained, dtype=self._dtype, attn_implementation=attn_implementation).to(self._device).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained)
         self.processor.tokenizer.padding_side = "left"  # batches end together: generation and continuations align
 
-        self.image_aspect_ratio = image_aspect_ratio or ("none" if is_next else "pad")
+        self.image_aspect_ratio = image_aspect_ratio or family.image_aspect_ratio
         if self.image_aspect_ratio not in ASPECT_RATIOS:
             raise ValueError(f"unknown image_aspect_ratio {self.image_aspect_ratio!r}; available: "
                              f"{', '.join(ASPECT_RATIOS)}")
         self._background = mean_colour(self.processor.image_processor.image_mean)
-        self.conv_template = conv_template
         self.pretrained = pretrained
 
         self.method, self.budget = method, _parse_budget(budget)
         self.options = {key: _parse_value(value) for key, value in options.items()}
-        # "none" on a model the engine does not support yet (NeXT) runs the plain model; anything else goes
-        # through apply, which names what is unsupported.
-        unsupported_none = method == "none" and type(self._model).__name__ not in SUPPORTED and not self.options
-        self.handle = None if unsupported_none else visiondrop.apply(self._model, method, self.budget, **self.options)
+        self.handle = visiondrop.apply(self._model, method, self.budget, **self.options)
         self.reset_measurements()
 
     # -- what lmms-eval and the harness read -------------------------------------------------------------------
@@ -114,7 +111,7 @@ class PrunedLlava(lmms):
             "method": self.method,
             "budget": self.budget,
             "options": self.options,
-            "policy": self.handle.policy.describe() if self.handle else {"method": "none"},
+            "policy": self.handle.policy.describe(),
             "image_aspect_ratio": self.image_aspect_ratio,
             "conv_template": self.conv_template,
             "dtype": str(self._dtype).removeprefix("torch."),
@@ -245,10 +242,7 @@ class PrunedLlava(lmms):
         rows = [row for row, image in enumerate(images) if image is not None]
         if not rows:
             return  # a text-only forward leaves the trace of an earlier batch in place
-        if self.handle is not None:
-            tokens = self.handle.trace.mean_tokens
-        else:
-            tokens = (batch["input_ids"] == self._model.config.image_token_id).sum(1).tolist()
+        tokens = self.handle.trace.mean_tokens
         self._token_sum += sum(float(tokens[row]) for row in rows)
         text = batch["attention_mask"].sum(1) - (batch["input_ids"] == self._model.config.image_token_id).sum(1)
         self._text_sum += float(text[rows].sum())  # non-visual prompt tokens, for the FLOPs of the run

@@ -1,0 +1,44 @@
+"""Model-family adapters: one module per host family (`base.Family` is the interface), and the registry.
+
+Adapters are imported on first lookup: the engine imports `base`, and the adapters import the engine.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+
+from .base import Family, Images, ModelInfo, Shape, TokenIds
+
+#: config.model_type -> "module:adapter"
+FAMILIES = {
+    "llava": "visiondrop.families.llava:LLAVA",
+    "llava_next": "visiondrop.families.llava_next:LLAVA_NEXT",
+}
+
+
+def _load(spec: str) -> Family:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def family_for(config: Any) -> Family:
+    """The adapter of a transformers config (by its model_type)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise TypeError(f"unsupported model type {model_type!r}; supported: {', '.join(FAMILIES)}")
+    return _load(FAMILIES[model_type])
+
+
+def family_of(model: nn.Module) -> Family:
+    """The adapter of a loaded model (by its class)."""
+    families = [_load(spec) for spec in FAMILIES.values()]
+    for family in families:
+        if type(model) is family.model_class:
+            return family
+    raise TypeError(f"unsupported model type {type(model).__name__}; supported: "
+                    f"{', '.join(f.model_class.__name__ for f in families)}")
+
+
+__all__ = ["FAMILIES", "Family", "Images", "ModelInfo", "Shape", "TokenIds", "family_for", "family_of"]

@@ -1,0 +1,232 @@
+"""The model-family adapter: everything the engine, the FLOPs count, the harness and the tests know about a host.
+
+A family (LLaVA-1.5, LLaVA-NeXT; later Qwen2.5-VL, Video-LLaVA) says where a loaded model keeps its parts, how
+its image tokens are marked, how positions are built, cut and continued, how its vision tower shows one layer to
+an encoder-side policy, how an image's crops (or a video's frames) are laid out, and how to build its config,
+processor and FLOPs dimensions. The engine and the policies only call these methods.
+
+Positions are opaque to the engine: a tensor whose last two axes are (batch, sequence), [B, L] for 1-D RoPE or
+[3, B, L] for M-RoPE; the engine only gathers and pads them along the sequence axis. This module imports nothing
+from the engine, so that the engine can import it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import rotate_half
+
+if TYPE_CHECKING:
+    from ..engine.policy import EncoderView
+    from ..flops import Dims
+
+#: RoPE on queries or keys: (x [B, H, L, hd], cos [B, L, hd], sin [B, L, hd]) -> rotated x
+Rotate = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """n_visual is the nominal visual-token count of one image: the budgets' reference ("# Tokens" out of it).
+
+    LLaVA-1.5: 576, every image. LLaVA-NeXT (anyres): `crops` crops of `n_visual / crops` patches, 2880 for the
+    v1.6 grids; a sample's actual count varies with its grid, and policies scale their counts to it. Produced by
+    the model's family (`Family.model_info`).
+    """
+
+    n_visual: int
+    n_layers: int  # decoder layers
+    vision_layer: int  # 0-based vision-tower layer whose output the model projects
+    cls_kept: bool  # whether the model's own visual tokens include CLS
+    crops: int = 1  # vision-tower crops per image, nominal
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelInfo":
+        """The info of a loaded model; TypeError if no family supports it."""
+        from . import family_of
+
+        return family_of(model).model_info(model.config)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelInfo":
+        from . import family_for
+
+        return family_for(config).model_info(config)
+
+    @property
+    def per_crop(self) -> int:
+        return self.n_visual // self.crops
+
+    def relative_layers(self, layers: Sequence[int], what: str, lowest: int = 1, spare: int = 0,
+                        reference_layers: int = 32) -> tuple[int, ...]:
+        """Map increasing cut layers given for a 32-layer decoder (LLaVA-7B) onto this decoder by relative depth.
+
+        `what` names the option in errors; a method cuts from layer `lowest` on and leaves its last `spare` layers
+        uncut. Each layer goes to round(layer * n_layers / 32); where a shallow decoder rounds neighbours together
+        (or below `lowest`), a cut moves to the next free layer, so the cuts stay distinct and ordered ([2, 8, 16]
+        -> [1, 2, 3] on 4 layers). The identity on 32 layers. Every method's schedule goes through this; the
+        mapped layers are in its `describe()` and in the run's trace.
+        """
+        top = reference_layers - 1 - spare
+        if not layers or list(layers) != sorted(set(layers)) or not all(lowest <= layer <= top for layer in layers):
+            raise ValueError(f"{what} must be one or more increasing layers from {lowest} to {top} (of a "
+                             f"{reference_layers}-layer decoder, mapped by relative depth), got {list(layers)}")
+        mapped, previous = [], lowest - 1
+        for layer in layers:
+            previous = max(round(layer * self.n_layers / reference_layers), previous + 1)
+            mapped.append(previous)
+        if mapped and mapped[-1] > self.n_layers - 1 - spare:
+            raise ValueError(f"{what} {list(layers)} do not fit this {self.n_layers}-layer decoder: {len(mapped)} "
+                             f"distinct cuts from layer {lowest} on need {lowest + len(mapped) + spare} layers")
+        return tuple(mapped)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Widths and depths of a model to build: the decoder's, then the vision tower's."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The vocabulary size and special token ids a built config carries."""
+
+    vocab: int
+    image: int
+    bos: int
+    eos: int
+    pad: int
+
+
+@dataclass
+class Images:
+    """The images of one image-feature call, split as the family's vision tower takes them.
+
+    pixels: [N, ...] every crop (or frame) of every image, one batch for the tower; crops: how many belong to
+    each image, in order; sizes: each image's (height, width) where the layout depends on it (anyres), else None.
+    """
+
+    pixels: Tensor
+    crops: list[int]
+    feature_layer: int
+    select_strategy: str
+    sizes: Tensor | None = None
+
+
+class Family:
+    """The adapter of one model family. Subclasses implement every method that raises NotImplementedError."""
+
+    model_class: type[nn.Module]  # the transformers class this family loads
+    image_aspect_ratio: str  # the evaluation plugin's default preprocessing (harness.prompting)
+    conv_template: str  # the evaluation plugin's default prompt (harness.prompting)
+
+    # -- where a loaded model keeps its parts ------------------------------------------------------------------
+    def multimodal(self, model: nn.Module) -> nn.Module:
+        """The module whose forward receives input_ids and images, and whose `get_image_features` encodes them."""
+        raise NotImplementedError
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def decoder_layers(self, lm: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def final_norm(self, lm: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    # -- facts read from a config ------------------------------------------------------------------------------
+    def model_info(self, config: Any) -> ModelInfo:
+        raise NotImplementedError
+
+    def flops_dims(self, config: Any) -> "Dims":
+        raise NotImplementedError
+
+    # -- the visual tokens of a forward ------------------------------------------------------------------------
+    def has_images(self, kwargs: dict[str, Any]) -> bool:
+        """Whether a forward's keywords carry images (pixels, or features `generate()` encoded beforehand)."""
+        raise NotImplementedError
+
+    def image_token_mask(self, model: nn.Module, input_ids: Tensor | None,
+                         inputs_embeds: Tensor | None) -> Tensor | None:
+        """[B, L] True at the image tokens of a forward's inputs, or None if they cannot be told."""
+        raise NotImplementedError
+
+    # -- positions -----------------------------------------------------------------------------------------------
+    def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:
+        """The prompt's positions [..., B, L] from its real-token mask [B, L] and the ids the model was given."""
+        raise NotImplementedError
+
+    def renumbered(self, first: Tensor, length: int) -> Tensor:
+        """Positions [..., length] of a sample renumbered after a cut, from its first token's position [...]."""
+        raise NotImplementedError
+
+    def next_position(self, positions: Tensor) -> Tensor:
+        """The position [..., B] the token after a prompt with `positions` [..., B, L] takes."""
+        raise NotImplementedError
+
+    def continued(self, next_position: Tensor, steps: int) -> Tensor:
+        """Positions [..., B, steps] of `steps` new tokens in decode, the first at `next_position` [..., B]."""
+        raise NotImplementedError
+
+    def rotary(self, lm: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """The rotary embeddings (cos, sin), each [B, L, head_dim], the decoder layers take for `positions`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """RoPE on queries or keys x [B, H, L, hd] with their rows of (cos, sin) [B, L, hd], as the attention does.
+
+        transformers' rotate-half form, shared by the Llama and Qwen2 decoders (whose rotary embedding already
+        folds M-RoPE's sections into cos/sin); a family whose attention rotates otherwise overrides it.
+        """
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return (x * cos) + (rotate_half(x) * sin)
+
+    # -- the encoder stage -------------------------------------------------------------------------------------
+    def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
+        """The images of a `get_image_features(pixel_values, *args, **kwargs)` call, with the model's defaults."""
+        raise NotImplementedError
+
+    def encoder_view(self, model: nn.Module, images: Images) -> "EncoderView":
+        """Run the vision tower on every crop and show the feature layer to an encoder-side policy.
+
+        Token 0 of the view's importance row is CLS where the tower has one; a tower without CLS gives the mean
+        attention each token receives instead. Frames of a video are crops of one sample.
+        """
+        raise NotImplementedError
+
+    def valid_tokens(self, model: nn.Module, images: Images, tokens: int) -> Tensor | None:
+        """[N, tokens] False for tower tokens the model's own layout discards (NeXT's padding), or None."""
+        return None
+
+    def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
+                tokens: int, keep_newlines: bool) -> tuple[Tensor, Tensor, int]:
+        """Arrange the projected tokens of image `image` as the model's visual block.
+
+        feats: [crops, kept + n_merged, D]; keep: [crops, kept] indices among the `tokens` tokens of a crop's
+        view. Returns (tokens, their original
+        indices in the model's visual-token order, -1 for tokens that are none; placeholder slots of the image).
+        """
+        raise NotImplementedError
+
+    # -- building (tests, latency benchmark, demo) ----------------------------------------------------------------
+    def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
+        """The family's transformers config at `shape`, with the real checkpoints' layout otherwise."""
+        raise NotImplementedError
+
+    def build_processor(self, tokenizer: Any) -> Any:
+        """The family's processor around `tokenizer`, set up as the real checkpoints' (offline, no torchvision)."""
+        raise NotImplementedError
+

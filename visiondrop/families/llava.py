@@ -1,0 +1,223 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): a CLIP tower, a 2-layer GELU projector, a Llama decoder, 1-D RoPE."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from ..engine.policy import EncoderView
+from ..flops import Dims
+from .base import Family, Images, ModelInfo, Shape, TokenIds
+
+IMAGE_SIZE, PATCH_SIZE = 336, 14  # CLIP ViT-L/14-336, the tower of every LLaVA-1.5 and 1.6 checkpoint
+CHAT_TEMPLATE = (  # llava-1.5 ("USER: <image>\n... ASSISTANT:") format
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def tower_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    try:  # CLIPVisionModel wraps a CLIPVisionTransformer; llava-hf builds the transformer directly
+        return getattr(vision_tower, "vision_model", vision_tower).encoder.layers
+    except AttributeError:
+        raise TypeError(f"encoder-side pruning needs a CLIP-style vision tower, got {type(vision_tower).__name__}")
+
+
+def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> int:
+    """0-based index of the tower layer whose output is `hidden_states[vision_feature_layer]`."""
+    if not isinstance(vision_feature_layer, int):
+        raise ValueError("encoder-side pruning needs a single vision_feature_layer, not a list")
+    return vision_feature_layer % (len(tower_layers(vision_tower)) + 1) - 1
+
+
+def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int) -> EncoderView:
+    """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys.
+
+    The CLS row and the keys are recomputed from the layer's own projections (its input captured with a forward
+    pre-hook), so the tower keeps its SDPA attention.
+    """
+    attn = tower_layers(vision_tower)[layer_idx].self_attn
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    finally:
+        hook.remove()
+    x = captured["x"]
+    heads = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)  # noqa: E731
+    keys = heads(attn.k_proj(x))
+    cls_query = heads(attn.q_proj(x[:, :1]))
+    cls_attention = ((cls_query @ keys.transpose(-1, -2)) * attn.scale).softmax(-1, dtype=torch.float32)
+    return EncoderView(out.hidden_states[layer_idx + 1], cls_attention[:, :, 0].to(x.dtype), keys)
+
+
+class Llava(Family):
+    model_class = LlavaForConditionalGeneration
+    config_class = LlavaConfig
+    image_aspect_ratio = "pad"  # LLaVA-1.5's evaluation expands images to a square
+    conv_template = "vicuna_v1"
+    #: `get_image_features`' positional arguments after pixel_values
+    image_feature_args: tuple[str, ...] = ("vision_feature_layer", "vision_feature_select_strategy")
+
+    # -- parts ---------------------------------------------------------------------------------------------------
+    def multimodal(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def decoder_layers(self, lm: nn.Module) -> nn.ModuleList:
+        return lm.layers[: lm.config.num_hidden_layers]
+
+    def final_norm(self, lm: nn.Module) -> nn.Module:
+        return lm.norm
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        return model.model.multi_modal_projector
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.vision_tower
+
+    # -- config facts --------------------------------------------------------------------------------------------
+    def nominal_crops(self, config: Any) -> int:
+        """Vision-tower crops of one image (the budgets' reference)."""
+        return 1
+
+    def model_info(self, config: Any) -> ModelInfo:
+        vision = config.vision_config
+        cls_kept = config.vision_feature_select_strategy == "full"
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError("models that concatenate several vision_feature_layers are not supported")
+        per_crop = (vision.image_size // vision.patch_size) ** 2 + int(cls_kept)
+        crops = self.nominal_crops(config)
+        return ModelInfo(n_visual=per_crop * crops, n_layers=config.text_config.num_hidden_layers,
+                         vision_layer=layer % (vision.num_hidden_layers + 1) - 1, cls_kept=cls_kept, crops=crops)
+
+    def flops_dims(self, config: Any) -> Dims:
+        text, vision = config.text_config, config.vision_config
+        feature_layer = config.vision_feature_layer
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return Dims(
+            hidden=text.hidden_size, intermediate=text.intermediate_size, n_layers=text.num_hidden_layers,
+            vocab=text.vocab_size, n_heads=text.num_attention_heads,
+            n_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            vision_hidden=vision.hidden_size, vision_intermediate=vision.intermediate_size,
+            vision_layers=vision.num_hidden_layers, vision_heads=vision.num_attention_heads,
+            vision_tokens=patches + 1, patch_size=vision.patch_size,
+            projector_in=vision.hidden_size * (1 if isinstance(feature_layer, int) else len(feature_layer)),
+            visual_per_crop=patches + int(config.vision_feature_select_strategy == "full"),
+            crops=self.nominal_crops(config),
+        )
+
+    # -- visual tokens and positions -----------------------------------------------------------------------------
+    def has_images(self, kwargs: dict[str, Any]) -> bool:
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+
+    def image_token_mask(self, model: nn.Module, input_ids: Tensor | None,
+                         inputs_embeds: Tensor | None) -> Tensor | None:
+        image_id = model.config.image_token_id
+        if input_ids is not None:
+            return input_ids == image_id
+        if inputs_embeds is not None:
+            image_embed = model.get_input_embeddings()(torch.tensor(image_id, device=inputs_embeds.device))
+            return (inputs_embeds == image_embed).all(-1)
+        return None
+
+    def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:
+        if position_ids is None:
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return position_ids.expand(mask.shape[0], -1)
+
+    def renumbered(self, first: Tensor, length: int) -> Tensor:
+        return first + torch.arange(length, device=first.device)
+
+    def next_position(self, positions: Tensor) -> Tensor:
+        return positions[..., -1] + 1
+
+    def continued(self, next_position: Tensor, steps: int) -> Tensor:
+        return next_position.unsqueeze(-1) + torch.arange(steps, device=next_position.device)
+
+    def rotary(self, lm: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return lm.rotary_emb(hidden, positions)
+
+    # -- encoder stage -------------------------------------------------------------------------------------------
+    def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
+        kwargs = {**kwargs, **dict(zip(self.image_feature_args, args))}
+        layer = kwargs.get("vision_feature_layer")
+        layer = model.config.vision_feature_layer if layer is None else layer
+        strategy = kwargs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
+        return Images(pixel_values, [1] * pixel_values.shape[0], layer, strategy, kwargs.get("image_sizes"))
+
+    def encoder_view(self, model: nn.Module, images: Images) -> EncoderView:
+        tower = self.vision_tower(model)
+        return clip_encoder_view(tower, images.pixels, feature_layer_index(tower, images.feature_layer))
+
+    def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
+                tokens: int, keep_newlines: bool) -> tuple[Tensor, Tensor, int]:
+        cls_offset = 1 if images.select_strategy == "default" else 0  # "default" drops CLS from the visual tokens
+        origins = torch.cat([keep[0] - cls_offset, keep.new_full((n_merged,), -1)]).clamp(min=-1)
+        return feats[0], origins, tokens - cls_offset
+
+    # -- building ------------------------------------------------------------------------------------------------
+    def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
+        """llava-hf's layout (CLIP ViT at 336/14, vision_feature_layer=-2, 2-layer GELU projector, Llama)."""
+        vision = CLIPVisionConfig(
+            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_hidden_layers=shape.vision_layers,
+            hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+            num_attention_heads=shape.vision_heads, hidden_act="quick_gelu",
+            initializer_range=init_std,  # CLIP scales attention/MLP init by width; this widens the embeddings
+        )
+        text = LlamaConfig(
+            vocab_size=ids.vocab, num_hidden_layers=shape.layers, hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
+            max_position_embeddings=4096, initializer_range=init_std, rms_norm_eps=norm_eps,
+            bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad,
+        )
+        return self.config_class(
+            vision_config=vision, text_config=text, image_token_index=ids.image,
+            image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, vision_feature_layer=-2,
+            vision_feature_select_strategy="default", projector_hidden_act="gelu",
+            bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad, **self.extra_config(),
+        )
+
+    def extra_config(self) -> dict[str, Any]:
+        """Config fields of this family beyond LLaVA-1.5's."""
+        return {}
+
+    def build_processor(self, tokenizer: Any) -> Any:
+        # The PIL backends need no torchvision. They save under the torchvision class name, so AutoProcessor picks
+        # the torchvision backend where that is installed, as for the real checkpoints, and the PIL one otherwise.
+        return LlavaProcessor(image_processor=CLIPImageProcessorPil(**self.image_processor_kwargs()),
+                              **self.processor_kwargs(tokenizer))
+
+    def image_processor_kwargs(self) -> dict[str, Any]:
+        return dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                    do_center_crop=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+
+    def processor_kwargs(self, tokenizer: Any) -> dict[str, Any]:
+        return dict(tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+                    num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)  # 1: the CLS token
+
+
+LLAVA = Llava()
