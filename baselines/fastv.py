@@ -28,11 +28,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from visiondrop.api import unpruned
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
+from visiondrop.methods import Method, Overhead
 from visiondrop.models import ModelInfo
 
 SCORINGS = ("last_token", "all_queries")
+DEFAULT_K = 2
+
+
+def smallest_budget(info: ModelInfo, k: int = DEFAULT_K) -> float:
+    """The first k layers (k mapped by relative depth) keep all the visual tokens."""
+    (k,) = info.relative_layers([k], "FastV k (it scores with layer k-1)")
+    return k * info.n_visual / info.n_layers
 
 
 def keep_for_budget(budget: float, info: ModelInfo, k: int) -> int:
@@ -73,7 +80,7 @@ class FastV(Policy):
                 "equivalent_tokens": (self.k * n0 + (layers - self.k) * self.keep) / layers}
 
 
-def policy(info: ModelInfo, budget: float | None = None, k: int = 2, keep: int | None = None,
+def policy(info: ModelInfo, budget: float | None = None, k: int = DEFAULT_K, keep: int | None = None,
            scoring: str = "last_token") -> Policy:
     """FastV from a budget (average visual tokens per decoder layer) or an explicit `keep` count."""
     if scoring not in SCORINGS:
@@ -82,9 +89,11 @@ def policy(info: ModelInfo, budget: float | None = None, k: int = 2, keep: int |
     if keep is None:
         if budget is None:
             raise ValueError("FastV needs budget= or keep=")
-        if budget >= info.n_visual:
-            return unpruned(info, info.n_visual)
         keep = keep_for_budget(budget, info, k)
     elif not 0 <= keep <= info.n_visual:
         raise ValueError(f"FastV keep must be between 0 and {info.n_visual}, got {keep}")
     return FastV(info, k, keep, scoring)
+
+
+METHOD = Method("fastv", "FastV", policy, smallest_budget, replaces_budget=("keep",),
+                overhead=lambda scoring="last_token", **_: Overhead(rows="all" if scoring == "all_queries" else "last"))

@@ -39,8 +39,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from visiondrop.api import unpruned
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
+from visiondrop.methods import Method, Overhead
 from visiondrop.models import ModelInfo
 
 DEFAULT_LAYERS = (2, 8, 16)
@@ -55,6 +55,12 @@ def mean_tokens(counts: Sequence[float], layers: tuple[int, ...], n_layers: int)
     """Mean visual tokens over the decoder layers when stage s covers layers[s-1] .. layers[s] - 1."""
     bounds = (0, *layers, n_layers)
     return sum(c * (end - begin) for c, begin, end in zip(counts, bounds, bounds[1:])) / n_layers
+
+
+def smallest_budget(info: ModelInfo, layer_list: Sequence[int] = DEFAULT_LAYERS) -> float:
+    """The layers before the first cut (mapped by relative depth) keep all the visual tokens."""
+    layers = info.relative_layers(list(layer_list), "PyramidDrop layer_list")
+    return layers[0] * info.n_visual / info.n_layers
 
 
 def ratio_for_budget(budget: float, info: ModelInfo, layers: tuple[int, ...]) -> float:
@@ -103,9 +109,11 @@ def policy(info: ModelInfo, budget: float | None = None, layer_list: list[int] |
     if ratio is None:
         if budget is None:
             raise ValueError("PyramidDrop needs budget= or ratio=")
-        if budget >= info.n_visual:
-            return unpruned(info, info.n_visual)
         ratio = ratio_for_budget(budget, info, layers)
     elif not 0 <= ratio <= 1:
         raise ValueError(f"PyramidDrop ratio (lambda) must be between 0 and 1, got {ratio}")
     return PyramidDrop(info, layers, ratio)
+
+
+METHOD = Method("pyramiddrop", "PDrop", policy, smallest_budget, replaces_budget=("ratio",),
+                overhead=lambda **_: Overhead(rows="last"))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from visiondrop.api import unpruned
 from visiondrop.engine import DecoderCut, Policy, Selection
+from visiondrop.methods import Method
 from visiondrop.models import ModelInfo
 
 
@@ -45,10 +45,11 @@ def policy(info: ModelInfo, budget: float | None = None, seed: int = 0) -> Polic
     """Random dropping to `budget` visual tokens in every decoder layer."""
     if budget is None:
         raise ValueError("the random control needs a budget")
-    if budget >= info.n_visual:
-        return unpruned(info, info.n_visual)
     if budget < 1 or budget != int(budget):
         raise ValueError(f"the random control keeps exactly `budget` tokens in every layer: reachable budgets are "
                          f"the integers from 1 to {info.n_visual - 1} (or {info.n_visual} for the unpruned model), "
                          f"got {budget}")
     return RandomDrop(info, int(budget), seed)
+
+
+METHOD = Method("random", "Random", policy, smallest_budget=lambda info: 1)

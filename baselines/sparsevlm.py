@@ -55,8 +55,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from visiondrop.api import unpruned
 from visiondrop.engine import DecoderCut, Policy, Selection, complement, topk_in_order
+from visiondrop.methods import Method, Overhead
 from visiondrop.models import ModelInfo
 
 LAYERS = (2, 6, 15)
@@ -242,6 +242,23 @@ class SparseVLM(Policy):
         return described
 
 
+def reachable_budgets(info: ModelInfo, layers: tuple[int, ...], recycle: bool) -> list[float]:
+    """The budgets (official ones, scaled to the model's visual tokens) whose schedule this model can feed."""
+    reachable = []
+    for b in sorted(KEEP_LISTS):
+        try:
+            schedule(b, info.n_visual, info.n_layers, layers, recycle)
+            reachable.append(b * info.n_visual / OFFICIAL_N_VISUAL)
+        except Unreachable:
+            pass
+    return reachable
+
+
+def smallest_budget(info: ModelInfo) -> float:
+    layers = info.relative_layers(LAYERS, "SparseVLM layers", lowest=0, spare=1)
+    return min(reachable_budgets(info, layers, True), default=info.n_visual)
+
+
 def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] | None = None,
            layers: list[int] | None = None, recycle: bool = True, seed: int | str = 0) -> Policy:
     """SparseVLM v1.5 from a budget (one of the official keep lists, by the rule of the docstring) or `keep_lists`."""
@@ -256,8 +273,6 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
         return SparseVLM(info, layers, keep_lists, recycle, seed)
     if budget is None:
         raise ValueError("SparseVLM needs budget= or keep_lists=")
-    if budget >= info.n_visual:
-        return unpruned(info, info.n_visual)
     if len(layers) != len(LAYERS):
         raise ValueError(f"SparseVLM needs one keep count per pruning layer: its budgets have {len(LAYERS)}, got "
                          f"layers {list(layers)}; pass keep_lists= for another number of layers")
@@ -270,14 +285,8 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
     try:
         return SparseVLM(info, layers, None, recycle, seed, reference=int(reference))
     except Unreachable as error:
-        reachable = []
-        for b in sorted(KEEP_LISTS):
-            try:
-                schedule(b, info.n_visual, info.n_layers, layers, recycle)
-                reachable.append(b)
-            except Unreachable:
-                pass
-        smallest = (f"the smallest reachable budget is {scaled(reachable[0]):g}" if reachable else
+        reachable = reachable_budgets(info, layers, recycle)
+        smallest = (f"the smallest reachable budget is {reachable[0]:g}" if reachable else
                     f"none of its budgets ({', '.join(f'{scaled(b):g}' for b in sorted(KEEP_LISTS))}) is reachable")
         ratio = official_mean(int(reference), recycle) / reference
         raise ValueError(
@@ -285,3 +294,8 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
             f"{list(layers)}: at {budget:g} its official keep lists feed LLaVA-1.5-7B's layers {ratio:.3f} x the "
             f"budget on average ({ratio * budget:g} of {info.n_visual} visual tokens), but the fewest it can feed "
             f"here is {error.floor:g} (the layers before the first cut see all tokens); {smallest}") from None
+
+
+METHOD = Method("sparsevlm", "SparseVLM", policy, smallest_budget, replaces_budget=("keep_lists",),
+                overhead=lambda **_: Overhead(rows="text", rater_choice=True),
+                example_budget=192)  # where its clustering noise decides clusters: the batch test then checks `seed`

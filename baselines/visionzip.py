@@ -27,14 +27,18 @@ On LLaVA-NeXT the split runs on every crop (`split_budget`), crops laid out as t
 """
 from __future__ import annotations
 
-from visiondrop.api import newline_choice, unpruned
 from visiondrop.engine import EncoderView, Policy, Selection
+from visiondrop.methods import Method, Overhead
+from visiondrop.methods.shared import encoder_selection, newline_choice
 from visiondrop.models import ModelInfo
-from visiondrop.policy import encoder_selection
 
 #: The official LLaVA-1.5 splits keep 54 of every 64 tokens as dominant (54+10, 108+20, 162+30).
 DOMINANT_SHARE = 54 / 64
 MIN_BUDGET = 2  # CLS plus one patch
+
+
+def smallest_budget(info: ModelInfo) -> float:
+    return MIN_BUDGET * info.crops
 
 
 def split_budget(budget: float, info: ModelInfo) -> tuple[int, int]:
@@ -45,8 +49,8 @@ def split_budget(budget: float, info: ModelInfo) -> tuple[int, int]:
     per_crop = budget / info.crops
     if per_crop != int(per_crop) or not MIN_BUDGET <= per_crop < info.per_crop:
         raise ValueError(f"VisionZip cannot reach budget {budget}: whole budgets per crop from {MIN_BUDGET} to "
-                         f"{info.per_crop - 1} are reachable ({info.crops} crop(s) per image; or {info.n_visual} "
-                         "for the unpruned model)")
+                         f"{info.per_crop - 1} are reachable ({info.crops} crop(s) per image, so the smallest "
+                         f"reachable budget is {smallest_budget(info):g}; or {info.n_visual} for the unpruned model)")
     dominant = round(per_crop * DOMINANT_SHARE)
     return dominant, int(per_crop) - dominant
 
@@ -75,14 +79,12 @@ def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = 
            contextual: int | None = None, newlines: str = "drop") -> Policy:
     """VisionZip from a budget (average visual tokens per decoder layer) or an explicit dominant/contextual split.
 
-    newlines (LLaVA-NeXT): "drop" (official layout) or "keep", as for VisionDrop (`visiondrop.api.visiondrop`).
+    newlines (LLaVA-NeXT): "drop" (official layout) or "keep" (`methods.shared.newline_choice`).
     """
     keep_newlines = newline_choice(newlines)
     if dominant is None and contextual is None:
         if budget is None:
             raise ValueError("VisionZip needs budget= or dominant= and contextual=")
-        if budget >= info.n_visual:
-            return unpruned(info, info.n_visual)
         dominant, contextual = split_budget(budget, info)
     if dominant is None or contextual is None:
         raise ValueError("VisionZip needs both dominant= and contextual= (or budget= alone)")
@@ -92,3 +94,7 @@ def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = 
     zipper = VisionZip(dominant, contextual, info)
     zipper.keep_newlines = keep_newlines
     return zipper
+
+
+METHOD = Method("visionzip", "VisionZip", policy, smallest_budget, replaces_budget=("dominant", "contextual"),
+                overhead=lambda **_: Overhead(merges=True))

@@ -4,7 +4,7 @@ import torch
 from visiondrop.engine import DecoderCut, EncoderView, complement, contextual_merge, topk_in_order
 from visiondrop.engine.attention import decoder_attention
 from visiondrop.models import ModelInfo
-from visiondrop.policy import Schedule, Stage, VisionDrop
+from visiondrop.methods.visiondrop import Schedule, Stage, VisionDrop
 
 
 def test_topk_keeps_sequence_order_and_complement():

@@ -34,16 +34,16 @@ Assumptions written down:
   a tiny LLaVA-NeXT proxy with a square 672-pixel image (5 crops: 2880 patches plus 48 image-newline tokens).
   Decoder-side methods see (and prune) the newline tokens, so those count as visual tokens there and leave the
   preset's 49 extra tokens as 1; encoder-side methods drop them (official layout) and keep the 49.
-- Overhead counted (the harness's computation, not the official codes'): an encoder stage recomputes, per crop,
-  the CLS query and all keys of its vision layer and the CLS logits; a decoder cut on N tokens projects the keys
-  of all N tokens, the queries of the scoring rows and their logits against all keys, where the rows are the n
-  visual tokens (VisionDrop), the last prompt token (FastV, PyramidDrop; all N for FastV scoring="all_queries"),
-  the text tokens (SparseVLM raters, plus its rater choice, visual rows x text: upper bounds) or none (random);
-  contextual merging (VisionDrop, VisionZip) costs one similarity on head-averaged keys and one member sum per
-  (member, merged token) pair; SparseVLM's recycling clusters with elementwise distances (no matrix product,
-  about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of every token
-  at each cut where the engine projects k of every token and q of the visual rows: counting the official way
-  would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
+- Overhead counted (the harness's computation, not the official codes'): an encoder stage recomputes, per crop, the
+  CLS query and all keys of its vision layer and the CLS logits; a decoder cut on N tokens projects the keys of all
+  N tokens, the queries of the scoring rows and their logits against all keys, where the rows (each method's
+  `methods.Overhead`) are the n visual tokens (VisionDrop), the last prompt token (FastV, PyramidDrop; all N for
+  FastV scoring="all_queries"), the text tokens (SparseVLM raters, plus its rater choice, visual rows x text: upper
+  bounds) or none (random); contextual merging (VisionDrop, VisionZip) costs one similarity on head-averaged keys
+  and one member sum per (member, merged token) pair; SparseVLM's recycling clusters with elementwise distances (no
+  matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of
+  every token at each cut where the engine projects k of every token and q of the visual rows: counting the official
+  way would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ class Cut:
 
 
 @dataclass(frozen=True)
-class Schedule:
+class TokenCounts:
     """What a method does to one image: visual tokens entering each decoder layer, tokens projected, cuts."""
 
     tokens_per_layer: tuple[int, ...]
@@ -187,21 +187,15 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
     )
 
 
-#: per method: the query rows scoring a decoder cut, and whether leftovers are merged by `contextual_merge`.
-_RECIPES = {"none": (None, False), "random": (None, False), "visionzip": (None, True), "visiondrop": ("visual", True),
-            "fastv": ("last", False), "pyramiddrop": ("last", False), "sparsevlm": ("text", False)}
-
-
-def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: int, all_queries: bool = False) -> float:
+def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: int, **options: Any) -> float:
     """FLOPs of the matrix products of a method's own scoring and merging at its `cuts`, as the engine computes
-    them (module docstring). all_queries: FastV's paper scoring, every prompt row as a query."""
-    if method not in _RECIPES:
-        raise ValueError(f"no overhead recipe for method {method!r}; known: {', '.join(_RECIPES)}")
-    rows, merges = _RECIPES[method]
-    rows = "all" if all_queries else rows
+    them (module docstring), by the method's recipe for these options (`methods.Overhead`)."""
+    from .methods import method as registered
+
+    recipe = registered(method).overhead(**options)
     q_dim, kv_dim, d = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim, dims.hidden
     macs = 0
-    if method == "sparsevlm" and cuts:  # rater choice: visual rows against the text (all of it: an upper bound)
+    if recipe.rater_choice and cuts:  # visual rows against the text (all of it: an upper bound)
         macs += cuts[0].before * text_tokens * d
     for cut in cuts:
         if cut.layer is None:  # CLS query, keys of all tokens, CLS logits; merge on head-averaged keys
@@ -210,11 +204,11 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             metric, width = dv // dims.vision_heads, dv
         else:
             n = cut.before + text_tokens + dims.extra_tokens
-            queries = {"visual": cut.before, "last": 1, "text": text_tokens, "all": n, None: 0}[rows]
-            if rows is not None:
+            if recipe.rows is not None:
+                queries = {"visual": cut.before, "last": 1, "text": text_tokens, "all": n}[recipe.rows]
                 macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim
             metric, width = dims.head_dim, d
-        if merges:
+        if recipe.merges:
             macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it
     return 2.0 * macs
 
@@ -233,7 +227,7 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 
 
 def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: float | None = None,
-                     **options: Any) -> Schedule:
+                     **options: Any) -> TokenCounts:
     """Apply `method` to `model`, run one forward on `inputs` (one image), and read what it did."""
     from .api import apply
 
@@ -244,7 +238,7 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
         counts = tuple(handle.trace.tokens_per_layer[0])
     encoder = [c for c in cuts if c.layer is None]  # an encoder stage projects only what it keeps and merges
     projected = sum(c.kept + c.merged for c in encoder) if encoder else _n_visual(model)
-    return Schedule(counts, projected, tuple(cuts))
+    return TokenCounts(counts, projected, tuple(cuts))
 
 
 def _n_visual(model: torch.nn.Module) -> int:
@@ -294,21 +288,27 @@ def _proxy(n_layers: int, vision_layers: int, anyres: bool = False) -> tuple[tor
     return model, dict(processor(images=image, text=_PROXY_PROMPT, return_tensors="pt"))
 
 
-_measured: dict[tuple, Schedule] = {}
+_measured: dict[tuple, TokenCounts] = {}
 
 
-def schedule(dims: Dims, method: str, budget: float | None = None, **options: Any) -> Schedule:
-    """The schedule of `method` at `budget` on a model of these dims: measured on a proxy (NeXT VisionDrop: analytic).
+def schedule(dims: Dims, method: str, budget: float | None = None, **options: Any) -> TokenCounts:
+    """The schedule of `method` at `budget` on a model of these dims: measured on a proxy, or on a multi-crop model
+    the method's own nominal counts where it states them (`Method.nominal_counts`: VisionDrop on LLaVA-NeXT).
 
     Method "none" needs no measurement: every layer sees all visual tokens.
     """
+    from .methods import method as registered
+
     if method == "none":
         if budget is not None and budget != dims.n_visual or options:
             raise ValueError(f"method 'none' keeps all {dims.n_visual} visual tokens and takes no options; "
                              f"got budget={budget} {options or ''}")
-        return Schedule((dims.n_visual,) * dims.n_layers, dims.n_visual, (), dims.crops)
-    if dims.crops > 1 and method == "visiondrop" and not options:
-        return _next_schedule(dims, method, budget)
+        return TokenCounts((dims.n_visual,) * dims.n_layers, dims.n_visual, (), dims.crops)
+    nominal = registered(method).nominal_counts
+    if dims.crops > 1 and nominal is not None and not options:
+        if budget is None:
+            raise ValueError(f"{registered(method).title} needs a budget")
+        return schedule(dims, "none") if budget >= dims.n_visual else nominal(dims, budget)
     if (dims.vision_tokens, dims.visual_per_crop, dims.crops) not in ((577, 576, 1), (577, 576, 5)):
         raise NotImplementedError("the proxy models have 577 vision tokens and 576 visual tokens per crop, 1 crop "
                                   "(LLaVA-1.5) or 5 (LLaVA-NeXT); cannot measure a model with "
@@ -324,45 +324,13 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
     return _measured[key]
 
 
-def _next_schedule(dims: Dims, method: str, budget: float | None) -> Schedule:
-    """LLaVA-NeXT at its nominal crops, VisionDrop per methods.md 1(f): per-crop encoder stage of the budget/crops
-    schedule, then decoder segments of n0 x (35, 26, 19)/48 tokens (the ratio version of the official schedule)."""
-    from .models import ModelInfo
-    from .policy import OFFICIAL_32, schedule_for_budget
-
-    if budget is None:
-        raise ValueError("VisionDrop needs a budget")
-    if budget >= dims.n_visual:
-        return schedule(dims, "none")
-    info = ModelInfo(n_visual=dims.visual_per_crop, n_layers=dims.n_layers, vision_layer=dims.vision_layers - 2,
-                     cls_kept=dims.visual_per_crop == dims.vision_tokens)  # one crop, LLaVA's layer -2
-    try:
-        enc = schedule_for_budget(budget / dims.crops, info).encoder
-    except ValueError as err:
-        raise ValueError(f"VisionDrop on {dims.crops} crops needs a per-crop budget it can reach: {err}") from None
-    n0 = enc.total * dims.crops
-    cuts = [Cut(None, dims.vision_tokens, enc.dominant, enc.contextual)] * dims.crops
-    counts, n, first = [], n0, OFFICIAL_32.encoder.total
-    layers = info.relative_layers([layer for layer, _ in OFFICIAL_32.cuts], "VisionDrop decoder cuts")
-    stages = dict(zip(layers, (stage for _, stage in OFFICIAL_32.cuts)))
-    for layer in range(dims.n_layers):
-        if layer in stages:  # contextual share as in the official 32-token schedule
-            after = round(n0 * stages[layer].total / first)
-            merged = round(after * stages[layer].contextual / stages[layer].total)
-            cuts.append(Cut(layer, n, after - merged, merged))
-            n = after
-        counts.append(n)
-    return Schedule(tuple(counts), n0, tuple(cuts), dims.crops)
-
-
 def method_flops(model: str | Dims, method: str = "none", budget: float | None = None,
                  text_tokens: int = TEXT_TOKENS, **options: Any) -> Breakdown:
     """Prefill FLOPs of `method` at `budget` on a preset name or Dims, with `text_tokens` non-visual tokens."""
     dims = PRESETS[model] if isinstance(model, str) else model
     sched = schedule(dims, method, budget, **options)
     dims = replace(dims, extra_tokens=max(0, dims.extra_tokens - sched.newlines))  # measured, not extra
-    overhead = overhead_flops(dims, method, sched.cuts, text_tokens,
-                              all_queries=method == "fastv" and options.get("scoring") == "all_queries")
+    overhead = overhead_flops(dims, method, sched.cuts, text_tokens, **options)
     return prefill_flops(dims, sched.tokens_per_layer, text_tokens, sched.crops, sched.projected, overhead)
 
 
@@ -377,7 +345,7 @@ def _runs(counts: Sequence[int]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from .api import METHODS
+    from .methods import METHODS
 
     parser = argparse.ArgumentParser(prog="python -m visiondrop.flops", description="Prefill FLOPs of a method "
                                      "in the VisionDrop paper's convention (2 x MACs, full prefill forward).")

@@ -49,13 +49,13 @@ from .families import Shape, TokenIds, family_for
 from .families.llava import LLAVA
 from .families.llava_next import LLAVA_NEXT
 from .flops import TEXT_TOKENS, Dims, method_flops
+from .harness.tables import PAPER_MODELS, method_title
+from .methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CSV = ROOT / "results" / "paper" / "paper_tables.csv"
 MODELS = ("llava-1.5-7b", "llava-next-7b")
-PAPER_NAMES = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B"}
-PAPER_METHODS = {"none": "Vanilla", "visiondrop": "VisionDrop"}
-DEFAULT_METHODS = ("none", "visiondrop", "fastv", "pyramiddrop", "sparsevlm", "visionzip")
+DEFAULT_METHODS = tuple(METHODS)  # every registered method
 DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,)}
 NEXT_IMAGE = (672, 672)  # best fit: the 2x2 grid, so base + 4 crops
 TEXT_BEFORE_IMAGE = 35  # BOS + Vicuna system prompt + "USER:" precede the image in LLaVA's template
@@ -428,7 +428,7 @@ def render(title: str, rows: list[Row], model: str, device: torch.device, width:
     checks = []
     for r in rows:
         budget = n_visual if r.budget is None else r.budget
-        ref = paper.get((PAPER_NAMES.get(model, ""), PAPER_METHODS.get(r.method, ""), float(budget)), {})
+        ref = paper.get((PAPER_MODELS.get(model, ""), method_title(r.method), float(budget)), {})
         ratio = full.tflops / r.tflops if full.tflops and r.tflops else None
         ok = r.status == "ok" and full.status == "ok"
         speedup = full.prefill_ms / r.prefill_ms if ok else None

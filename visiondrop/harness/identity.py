@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib
-import inspect
 import json
 import os
 from importlib.metadata import PackageNotFoundError, version
@@ -20,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import baselines
 import visiondrop
-from visiondrop.api import METHODS
+from visiondrop.methods import method
 
 #: lmms-eval's seeds, passed explicitly so that they are part of the identity rather than a library default.
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
@@ -31,12 +29,9 @@ NOT_SCORING = {"visiondrop/harness/app.py", "visiondrop/harness/dashboard.py", "
                "visiondrop/demo_training.py", "visiondrop/synthetic.py", "visiondrop/tiny.py"}
 
 
-def resolved_options(method: str, options: dict) -> dict:
-    """The method's keyword options with the factory's defaults filled in (unknown keys kept for policy_for to name)."""
-    module, name = METHODS[method].split(":")
-    params = list(inspect.signature(getattr(importlib.import_module(module), name)).parameters.values())[2:]
-    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    return {**defaults, **options}
+def resolved_options(name: str, options: dict) -> dict:
+    """The method's keyword options with its defaults filled in (unknown keys kept for policy_for to name)."""
+    return method(name).resolved_options(options)
 
 
 def checkpoint_fingerprint(path: str) -> str | None:

@@ -14,7 +14,7 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ..api import policy_for
+from ..methods import policy_for
 from ..models import ModelInfo
 from . import TASKS_DIR
 from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, resolved_options, run_identity

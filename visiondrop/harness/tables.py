@@ -11,11 +11,15 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-# our method ids -> the names the paper's tables use
-PAPER_NAMES = {"none": "Vanilla", "visiondrop": "VisionDrop", "fastv": "FastV", "pyramiddrop": "PDrop",
-               "sparsevlm": "SparseVLM", "visionzip": "VisionZip", "random": "Random"}
 PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B"}
 MARKERS = "osD^vPX*h<>"
+
+
+def method_title(name: str) -> str:
+    """The name the paper's tables use for a method; a method no longer registered keeps its id."""
+    from ..methods import METHODS, method
+
+    return method(name).title if name in METHODS else name
 
 
 def paper_scores(paper_csv: str | Path, model: str) -> pd.DataFrame:
@@ -40,7 +44,7 @@ def select_cells(records: pd.DataFrame, model: str) -> pd.DataFrame:
         models = sorted(set(records.model.dropna()))
         raise ValueError(f"no records for model {model!r}; models with records: {', '.join(models) or 'none'}")
     variant = ours.variant.fillna("")
-    ours["Method"] = ours.method.map(PAPER_NAMES).fillna(ours.method) + variant.map(lambda v: f" ({v})" if v else "")
+    ours["Method"] = ours.method.map(method_title) + variant.map(lambda v: f" ({v})" if v else "")
     ours["budget"] = ours.groupby(["Method", "schedule"], dropna=False).budget.transform(_nominal)
     ours["partial"] = ours.partial.fillna(False).astype(bool)
     ours = ours.sort_values(["partial", "created"], ascending=[True, False])

@@ -12,11 +12,15 @@ As the official code (github.com/Ruixxxx/VisionDrop f7a9444) does it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from ..engine import DecoderCut, EncoderView, Policy, Selection, complement, contextual_merge, topk_in_order
+from ..models import ModelInfo
+from . import Method, Overhead
+from .shared import encoder_selection, newline_choice
 
-from .engine import DecoderCut, EncoderView, Policy, Selection, complement, contextual_merge, topk_in_order
-from .models import ModelInfo
+if TYPE_CHECKING:
+    from ..flops import Dims, TokenCounts
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,11 @@ class Schedule:
 OFFICIAL_32 = Schedule(Stage(42, 6), ((8, Stage(30, 5)), (16, Stage(22, 4)), (24, Stage(16, 3))))
 
 
+def smallest_budget(info: ModelInfo) -> float:
+    """One token per crop (a budget below rounds the encoder stage to no patch at all)."""
+    return info.crops
+
+
 def schedule_for_budget(budget: float, info: ModelInfo) -> Schedule:
     """The official 32-token schedule scaled by budget/32 (exact for 64/128/192 on LLaVA-1.5, methods.md 1(f)).
 
@@ -64,27 +73,13 @@ def schedule_for_budget(budget: float, info: ModelInfo) -> Schedule:
     encoder = Stage(round(OFFICIAL_32.encoder.dominant * scale), round(OFFICIAL_32.encoder.contextual * scale))
     max_budget = int(info.n_visual * 32 / OFFICIAL_32.encoder.total)
     if encoder.dominant < 1 or encoder.total > info.per_crop + (not info.cls_kept):
-        raise ValueError(f"VisionDrop cannot reach budget {budget}: budgets between 1 and {max_budget} average "
-                         f"visual tokens are reachable (or {info.n_visual} for the unpruned model)")
+        raise ValueError(f"VisionDrop cannot reach budget {budget}: budgets between {smallest_budget(info):g} and "
+                         f"{max_budget} average visual tokens are reachable (or {info.n_visual} for the unpruned "
+                         "model)")
     layers = info.relative_layers([layer for layer, _ in OFFICIAL_32.cuts], "VisionDrop decoder cuts")
     cuts = tuple((layer, Stage(round(s.dominant * scale), round(s.contextual * scale)))
                  for layer, (_, s) in zip(layers, OFFICIAL_32.cuts))
     return Schedule(encoder, cuts)
-
-
-def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Selection:
-    """CLS + the top (dominant - 1) patches by head-summed CLS attention, then `contextual` merged tokens.
-
-    The encoder stage shared by VisionZip and VisionDrop. Kept order: [CLS, patches ascending]; the merged tokens
-    come from the other tokens, on the layer's keys averaged over heads.
-    """
-    scores = view.cls_attention[:, :, 1:].sum(1)  # CLS query over the patch keys, summed over heads
-    if view.valid is not None:
-        scores = scores.masked_fill(~view.valid[:, 1:], float("-inf"))
-    patches = topk_in_order(scores, dominant - 1) + 1
-    keep = torch.cat([patches.new_zeros(patches.shape[0], 1), patches], dim=1)  # CLS first
-    rest = complement(keep, view.hidden.shape[1])
-    return Selection(keep, contextual_merge(view.hidden, view.keys.mean(1), rest, contextual))
 
 
 class VisionDrop(Policy):
@@ -122,3 +117,49 @@ class VisionDrop(Policy):
         return {"method": self.name, "encoder": None if s.encoder is None else [s.encoder.dominant, s.encoder.contextual],
                 "layers": list(self.cut_layers), "decoder": [[st.dominant, st.contextual] for _, st in s.cuts],
                 "equivalent_tokens": sum(counts) / len(counts)}
+
+
+def policy(info: ModelInfo, budget: float | None = None, schedule: dict | None = None,
+           newlines: str = "drop") -> Policy:
+    """VisionDrop from a budget (average visual tokens per decoder layer) or an explicit schedule.
+
+    newlines (LLaVA-NeXT): "drop" the image-newline tokens and the unpadding, as the official code (default), or
+    "keep" transformers' layout for the kept patches (`methods.shared.newline_choice`).
+    """
+    if (budget is None) == (schedule is None):
+        raise ValueError("VisionDrop needs exactly one of budget= or schedule=")
+    dropper = VisionDrop(Schedule.parse(schedule) if schedule is not None else schedule_for_budget(budget, info), info)
+    dropper.keep_newlines = newline_choice(newlines)
+    return dropper
+
+
+def nominal_counts(dims: Dims, budget: float) -> TokenCounts:
+    """The FLOPs count's schedule on a multi-crop model (LLaVA-NeXT) at its nominal crops, per methods.md 1(f), the
+    comparison the paper's numbers ask for: a per-crop encoder stage of the budget/crops schedule, then decoder
+    segments of n0 x (35, 26, 19)/48 tokens (the ratio version of the official schedule)."""
+    from ..flops import Cut, TokenCounts
+
+    info = ModelInfo(n_visual=dims.visual_per_crop, n_layers=dims.n_layers, vision_layer=dims.vision_layers - 2,
+                     cls_kept=dims.visual_per_crop == dims.vision_tokens)  # one crop, LLaVA's layer -2
+    try:
+        enc = schedule_for_budget(budget / dims.crops, info).encoder
+    except ValueError as err:
+        raise ValueError(f"VisionDrop on {dims.crops} crops needs a per-crop budget it can reach: {err}") from None
+    n0 = enc.total * dims.crops
+    cuts = [Cut(None, dims.vision_tokens, enc.dominant, enc.contextual)] * dims.crops
+    counts, n, first = [], n0, OFFICIAL_32.encoder.total
+    layers = info.relative_layers([layer for layer, _ in OFFICIAL_32.cuts], "VisionDrop decoder cuts")
+    stages = dict(zip(layers, (stage for _, stage in OFFICIAL_32.cuts)))
+    for layer in range(dims.n_layers):
+        if layer in stages:  # contextual share as in the official 32-token schedule
+            after = round(n0 * stages[layer].total / first)
+            merged = round(after * stages[layer].contextual / stages[layer].total)
+            cuts.append(Cut(layer, n, after - merged, merged))
+            n = after
+        counts.append(n)
+    return TokenCounts(tuple(counts), n0, tuple(cuts), dims.crops)
+
+
+METHOD = Method("visiondrop", "VisionDrop", policy, smallest_budget,
+                overhead=lambda **_: Overhead(rows="visual", merges=True), replaces_budget=("schedule",),
+                nominal_counts=nominal_counts)

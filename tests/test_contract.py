@@ -1,0 +1,163 @@
+"""The contract every registered method keeps, on the tiny LLaVA-1.5 (and the tiny LLaVA-NeXT where it is cheap).
+
+Methods come from the registry, each at the budget it declares (`Method.example_budget`) with its default options, so
+a new method is tested here without editing this file. The per-method files test what is the method's own.
+"""
+import re
+
+import pytest
+import torch
+
+import visiondrop
+from helpers import cached_and_replayed, greedy, inputs, measure_counts, prompt
+from visiondrop.methods import METHODS, method, policy_for
+from visiondrop.models import ModelInfo
+from visiondrop.tiny import demo_image, load_tiny_llava
+
+QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?",
+             "How many shapes are there?"]
+IMAGES = [demo_image(0), None, demo_image(2), demo_image(1)]  # a text-only sample in the middle passes untouched
+TEXT_ONLY = 1
+NEXT_IMAGES = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]  # 3 crops (1752 tokens) and 5 crops (2438)
+NEW_TOKENS = 4
+
+
+def example_budget(name: str, info: ModelInfo) -> float:
+    """The method's declared budget, scaled from a 576-token LLaVA-1.5 to this model's visual tokens."""
+    return method(name).example_budget * info.n_visual / 576
+
+
+def run(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens [B, T] and the logits of every step [B, T, V] (as many steps for every sample)."""
+    out = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def kept(trace, sample: int) -> list[list[int]]:
+    return [k.tolist() for k in trace.kept[sample]]
+
+
+STOCK = {}  # family -> (model, a left-padded batch, its first sample alone, the stock model's outputs)
+
+
+@pytest.fixture(params=["llava", "llava_next"])
+def family(request, tiny, tiny_next):
+    """Two images of different sizes (on LLaVA-NeXT, different crop grids) with the stock model's greedy tokens on
+    the batch and logits on the first alone, computed once per family."""
+    if request.param not in STOCK:
+        model, processor = tiny if request.param == "llava" else tiny_next
+        images = [demo_image(0), demo_image(1)] if request.param == "llava" else NEXT_IMAGES
+        batch = dict(processor(text=[prompt(q) for q in QUESTIONS[:2]], images=images, padding=True,
+                               return_tensors="pt"))
+        single = dict(processor(text=[prompt(QUESTIONS[0])], images=images[:1], return_tensors="pt"))
+        with torch.no_grad():
+            stock = greedy(model, batch, NEW_TOKENS), model(**single).logits
+        STOCK[request.param] = model, batch, single, stock
+    return STOCK[request.param]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_full_budget_is_the_stock_model(family, name):
+    model, batch, single, (reference, reference_logits) = family
+    info = ModelInfo.of(model)
+    originals = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    with visiondrop.apply(model, name, None if name == "none" else info.n_visual) as handle, torch.no_grad():
+        assert handle.policy.describe() == {"method": "none"}
+        assert torch.equal(greedy(model, batch, NEW_TOKENS), reference)
+        assert handle.trace.tokens_per_layer == [[n] * info.n_layers for n in originals]
+        torch.testing.assert_close(model(**single).logits, reference_logits, atol=1e-5, rtol=1e-5)
+    if name != "none":  # above all the visual tokens too
+        assert policy_for(info, name, info.n_visual + 24).describe() == {"method": "none"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_batch_equals_each_sample_alone(tiny, name):
+    """Deterministic, and independent of the batch (left padding, a text-only sample) with the default options."""
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS, IMAGES)
+    singles = [inputs(processor, [q], [img]) for q, img in zip(QUESTIONS, IMAGES)]
+    assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
+    stock_text_only = run(model, singles[TEXT_ONLY])
+    with visiondrop.apply(model, name, example_budget(name, ModelInfo.of(model))) as handle:
+        tokens, logits = run(model, batch)
+        trace = handle.trace
+        alone = []
+        for single in singles:
+            alone.append(run(model, single))
+            alone_trace = handle.trace
+            if single.get("pixel_values") is not None:  # the trace tells the last forward with an image
+                i = len(alone) - 1
+                assert kept(trace, i) == kept(alone_trace, 0), f"{name}: sample {i} keeps other tokens in the batch"
+                assert trace.tokens_per_layer[i] == alone_trace.tokens_per_layer[0]
+        again = run(model, singles[0])
+    assert all(torch.equal(a, b) for a, b in zip(again, alone[0])), f"{name}: a second run differs"
+    for i, (alone_tokens, alone_logits) in enumerate(alone):
+        # float noise of batched kernels stays near 1e-5 (VisionZip's batched vision tower: 1.06e-4 on one logit)
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f"{name}: sample {i} in the batch vs alone: {m}")
+        assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: sample {i} generates other tokens in the batch"
+    assert trace.tokens_per_layer[TEXT_ONLY] == [0] * len(trace.tokens_per_layer[0])
+    assert torch.equal(alone[TEXT_ONLY][0], stock_text_only[0]), f"{name}: a text-only sample is not left untouched"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_generation_with_cache_equals_replay_without(tiny, name):
+    """Decode steps on the pruned cache give what re-running the prompt with the prefill's decisions gives."""
+    model, processor = tiny
+    budget = example_budget(name, ModelInfo.of(model))
+    cached, replayed = cached_and_replayed(model, inputs(processor, QUESTIONS[:2]), name, budget, new_tokens=10)
+    assert torch.equal(cached, replayed)
+
+
+def described_mean(described: dict, n_visual: int) -> float:
+    """The mean visual tokens entering the decoder layers that a description states: the equivalent tokens, unless
+    the method's own convention counts something else (SparseVLM: what the layers output) and states this apart."""
+    return described.get("mean_tokens_entering_layers", described.get("equivalent_tokens", n_visual))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_counts_measured_with_hooks_match_describe(tiny, name):
+    model, processor = tiny
+    info = ModelInfo.of(model)
+    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), name, example_budget(name, info))
+    assert len(measured) == info.n_layers
+    assert handle.trace.tokens_per_layer == [measured]
+    assert sum(measured) / len(measured) == described_mean(handle.policy.describe(), info.n_visual)
+
+
+@pytest.fixture(scope="module")
+def fresh(tiny_dir):
+    """A model of its own: the test compares its attributes before and after."""
+    return load_tiny_llava(tiny_dir)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_remove_restores_bit_identical_outputs(fresh, name):
+    model, processor = fresh
+    batch = inputs(processor, QUESTIONS[:1])
+    with torch.no_grad():
+        before = model(**batch).logits
+    state = dict(model.model.__dict__), dict(model.model.language_model.__dict__)
+    budget = example_budget(name, ModelInfo.of(model))
+    handle = visiondrop.apply(model, name, budget)
+    if name != "none":
+        with torch.no_grad():
+            assert not torch.equal(model(**batch).logits[:, -1], before[:, -1])
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    assert (dict(model.model.__dict__), dict(model.model.language_model.__dict__)) == state
+    with visiondrop.apply(model, name, budget):  # can be applied again afterwards
+        pass
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unreachable_budget_names_the_smallest_reachable(family, name):
+    model = family[0]
+    info = ModelInfo.of(model)
+    smallest = method(name).smallest_budget(info)
+    assert policy_for(info, name, smallest) is not None
+    with pytest.raises(ValueError, match=rf"(?<![\d.]){re.escape(f'{smallest:g}')}(?![\d.])"):
+        visiondrop.apply(model, name, smallest / 4)
+    assert getattr(model.model, "_visiondrop_pruner", None) is None

@@ -1,0 +1,140 @@
+"""The methods: what each states about itself (`Method`), the registry, and the policy of a method at a budget.
+
+A method is one module holding `METHOD = Method(...)`: its policy factory (whose keyword options, with their
+defaults, are the method's options), display name, smallest reachable budget, FLOPs overhead recipe and the budget
+the contract tests run it at; its policy (an `engine.Policy`) states its schedule and its scoring. Registering it
+is one line in `METHODS`. The FLOPs count, the tables, the latency benchmark and the harness ask the method;
+nothing else keeps per-method tables.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import numbers
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..engine import Policy
+from ..models import ModelInfo
+
+if TYPE_CHECKING:
+    from ..flops import Dims, TokenCounts
+
+#: method name -> the module that defines its `METHOD`
+METHODS = {
+    "none": "visiondrop.methods.none",
+    "visiondrop": "visiondrop.methods.visiondrop",
+    "fastv": "baselines.fastv",
+    "pyramiddrop": "baselines.pyramiddrop",
+    "sparsevlm": "baselines.sparsevlm",
+    "visionzip": "baselines.visionzip",
+    "random": "baselines.random_drop",
+}
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """The matrix products of a method's own scoring and merging, as the FLOPs count charges them
+    (`visiondrop.flops.overhead_flops`; an encoder stage's CLS row and keys are charged to every method that has one).
+
+    rows: the query rows that score a decoder cut: "visual" (every visual token), "last" (the last prompt token),
+    "text" (the text tokens), "all" (every prompt token), or None (no attention rows);
+    merges: leftovers merged into contextual tokens (`engine.contextual_merge`);
+    rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters).
+    """
+
+    rows: str | None = None
+    merges: bool = False
+    rater_choice: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything the rest of the code asks about one method."""
+
+    name: str
+    #: as the papers' tables name it
+    title: str
+    #: (info, budget, **options) -> Policy. Its keyword options, with defaults, are the method's options. It is
+    #: called for budgets below all the visual tokens only, or with options that replace the budget.
+    build: Callable[..., Policy]
+    #: the smallest budget reachable with the default options on a model: a smaller one is refused, naming it
+    smallest_budget: Callable[[ModelInfo], float]
+    #: (**options) -> its FLOPs overhead recipe
+    overhead: Callable[..., Overhead] = lambda **_: Overhead()
+    #: options that, given, replace the budget (e.g. FastV's `keep`): a budget of all the visual tokens then does
+    #: not mean the unpruned model
+    replaces_budget: tuple[str, ...] = ()
+    #: a budget of a 576-token LLaVA-1.5 it reaches with its defaults on a 32-layer decoder (scaled to other
+    #: models' visual tokens): the one the contract tests (tests/test_contract.py) run it at
+    example_budget: float = 64
+    #: (dims, budget) -> the FLOPs count's schedule on a multi-crop model at its nominal crops, where one measured
+    #: proxy image would not give the paper's comparison; None: measured
+    nominal_counts: Callable[[Dims, float], TokenCounts] | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's keyword options and their defaults (`inspect.Parameter.empty` where there is none)."""
+        params = list(inspect.signature(self.build).parameters.values())[2:]  # after (info, budget)
+        return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    def resolved_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """`options` with the defaults filled in (unknown keys kept, for `policy_for` to name)."""
+        defaults = {k: v for k, v in self.options.items() if v is not inspect.Parameter.empty}
+        return {**defaults, **options}
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Name the valid options (with defaults) when a given one is not among them."""
+        valid = self.options
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            listed = ", ".join(f"{name}={default!r}" for name, default in valid.items()) or "none"
+            raise TypeError(f"method {self.name!r} has no option {', '.join(map(repr, unknown))}; its options (with "
+                            f"defaults) are: {listed}")
+
+
+@functools.cache
+def method(name: str) -> Method:
+    """The registered method `name`."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return importlib.import_module(METHODS[name]).METHOD
+
+
+def unpruned() -> Policy:
+    """The unpruned model, run through the engine's own layer loop."""
+    return Policy()
+
+
+def policy_for(info: ModelInfo, name: str, budget: float | None = None, **options: Any) -> Policy:
+    """The policy of method `name` at `budget` for a model described by `info`.
+
+    Raises ValueError if the budget is unreachable, TypeError for a budget that is not a number or an unknown option.
+    """
+    chosen = method(name)
+    check_budget(budget)
+    chosen.check_options(options)
+    replaced = any(options.get(option) is not None for option in chosen.replaces_budget)
+    if name != "none" and budget is not None and budget >= info.n_visual and not replaced:
+        return unpruned()  # every method keeps all the tokens at a budget of all of them
+    return chosen.build(info, budget, **options)
+
+
+def check_budget(budget: Any) -> None:
+    """Refuse a budget no method can use here, before a factory fails on it with a Python internal."""
+    if budget is None:  # methods that take an explicit schedule (or none) instead
+        return
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        hint = ""
+        if isinstance(budget, str):
+            try:
+                hint = f": pass the number {float(budget):g}, not a string"
+            except ValueError:
+                pass
+        raise TypeError(f"budget must be a number (average visual tokens per decoder layer), got "
+                        f"{type(budget).__name__} {budget!r}{hint}")
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a finite number of visual tokens above 0, got {budget} "
+                         "(method='none' runs the unpruned model)")

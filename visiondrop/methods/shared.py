@@ -1,0 +1,32 @@
+"""Pieces several methods share: the CLS-attention encoder stage (VisionDrop, VisionZip) and its LLaVA-NeXT layout."""
+from __future__ import annotations
+
+import torch
+
+from ..engine import EncoderView, Selection, complement, contextual_merge, topk_in_order
+
+
+def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Selection:
+    """CLS + the top (dominant - 1) patches by head-summed CLS attention, then `contextual` merged tokens.
+
+    Kept order: [CLS, patches ascending]; the merged tokens come from the other tokens, on the layer's keys
+    averaged over heads.
+    """
+    scores = view.cls_attention[:, :, 1:].sum(1)  # CLS query over the patch keys, summed over heads
+    if view.valid is not None:
+        scores = scores.masked_fill(~view.valid[:, 1:], float("-inf"))
+    patches = topk_in_order(scores, dominant - 1) + 1
+    keep = torch.cat([patches.new_zeros(patches.shape[0], 1), patches], dim=1)  # CLS first
+    rest = complement(keep, view.hidden.shape[1])
+    return Selection(keep, contextual_merge(view.hidden, view.keys.mean(1), rest, contextual))
+
+
+def newline_choice(newlines: str) -> bool:
+    """The `newlines` option of the encoder-side methods on LLaVA-NeXT: True to keep them.
+
+    "drop": the image-newline tokens and the unpadding go, as the official VisionDrop and VisionZip code do (default);
+    "keep": transformers' layout for the kept patches (see `engine.encoder`).
+    """
+    if newlines not in ("drop", "keep"):
+        raise ValueError(f"newlines must be 'drop' (official layout) or 'keep', got {newlines!r}")
+    return newlines == "keep"
