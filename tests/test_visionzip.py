@@ -10,7 +10,7 @@ from baselines.visionzip import policy as visionzip_policy
 from helpers import inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
 from visiondrop.engine import EncoderView
-from visiondrop.engine.encoder import encoder_view
+from visiondrop.families.llava import clip_encoder_view as encoder_view
 from visiondrop.models import ModelInfo
 from visiondrop.tiny import demo_image
 
