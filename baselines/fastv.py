@@ -36,9 +36,9 @@ SCORINGS = ("last_token", "all_queries")
 DEFAULT_K = 2
 
 
-def smallest_budget(info: ModelInfo, k: int = DEFAULT_K) -> float:
-    """The first k layers (k mapped by relative depth) keep all the visual tokens."""
-    (k,) = info.relative_layers([k], "FastV k (it scores with layer k-1)")
+def smallest_budget(info: ModelInfo) -> float:
+    """With the default k: the first k layers (k mapped by relative depth) keep all the visual tokens."""
+    (k,) = info.relative_layers([DEFAULT_K], "FastV k (it scores with layer k-1)")
     return k * info.n_visual / info.n_layers
 
 

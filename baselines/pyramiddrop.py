@@ -57,9 +57,10 @@ def mean_tokens(counts: Sequence[float], layers: tuple[int, ...], n_layers: int)
     return sum(c * (end - begin) for c, begin, end in zip(counts, bounds, bounds[1:])) / n_layers
 
 
-def smallest_budget(info: ModelInfo, layer_list: Sequence[int] = DEFAULT_LAYERS) -> float:
-    """The layers before the first cut (mapped by relative depth) keep all the visual tokens."""
-    layers = info.relative_layers(list(layer_list), "PyramidDrop layer_list")
+def smallest_budget(info: ModelInfo) -> float:
+    """With the default layer_list: the layers before the first cut (mapped by relative depth) keep all the visual
+    tokens."""
+    layers = info.relative_layers(list(DEFAULT_LAYERS), "PyramidDrop layer_list")
     return layers[0] * info.n_visual / info.n_layers
 
 

@@ -255,6 +255,7 @@ def reachable_budgets(info: ModelInfo, layers: tuple[int, ...], recycle: bool) -
 
 
 def smallest_budget(info: ModelInfo) -> float:
+    """With the default layers and recycling (the unpruned model's budget where none is reachable)."""
     layers = info.relative_layers(LAYERS, "SparseVLM layers", lowest=0, spare=1)
     return min(reachable_budgets(info, layers, True), default=info.n_visual)
 
@@ -298,4 +299,4 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
 
 METHOD = Method("sparsevlm", "SparseVLM", policy, smallest_budget, replaces_budget=("keep_lists",),
                 overhead=lambda **_: Overhead(rows="text", rater_choice=True),
-                example_budget=192)  # where its clustering noise decides clusters: the batch test then checks `seed`
+                example_budget=192)  # there the clustering noise decides the tiny model's clusters: a test of `seed`
