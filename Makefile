@@ -39,7 +39,7 @@ lock:
 	.venv-lock/bin/pip install -q '.[dev]'
 	.venv-lock/bin/pip install -q --no-deps lmms-eval==$(LMMS_EVAL_VERSION)
 	.venv-lock/bin/python -m visiondrop.stack freeze > $(LOCK)
-	rm -rf .venv-lock
+	rm -rf .venv-lock build
 
 test: install
 	$(PY) -m pytest -q tests
@@ -74,7 +74,7 @@ table1: install
 # The paper's Table 2: FLOPs, latency and memory of random-weight LLaVA architectures, full and every method. GPU:
 # LLaVA-1.5-7B and LLaVA-NeXT-7B at full width in bf16; CPU: LLaVA-1.5 at reduced width, same depths (minutes).
 table2: install
-	$(PY) -m visiondrop.latency
+	$(PY) -m visiondrop.efficiency.latency
 
 clean:
 	rm -rf $(VENV) $(LATEST)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
 from visiondrop.methods import Method, Overhead
-from visiondrop.models import ModelInfo
+from visiondrop.families import ModelInfo
 
 SCORINGS = ("last_token", "all_queries")
 DEFAULT_K = 2

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
 from visiondrop.methods import Method, Overhead
-from visiondrop.models import ModelInfo
+from visiondrop.families import ModelInfo
 
 DEFAULT_LAYERS = (2, 8, 16)
 

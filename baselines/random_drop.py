@@ -16,7 +16,7 @@ from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.methods import Method
-from visiondrop.models import ModelInfo
+from visiondrop.families import ModelInfo
 
 
 def random_keep(n: int, keep: int, seed: int) -> Tensor:

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from visiondrop.demo_training import Recipe, train  # noqa: E402
+from visiondrop.demo.training import Recipe, train  # noqa: E402
 
 
 def main() -> None:

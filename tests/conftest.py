@@ -25,14 +25,14 @@ def parity_model():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny full-depth LLaVA-1.5 (CLIP 24 layers at 336/14, Llama 32 layers) saved like a user's checkpoint."""
-    from visiondrop.tiny import build_tiny_llava
+    from visiondrop.testing.tiny import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "llava", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    from visiondrop.tiny import load_tiny_llava
+    from visiondrop.testing.tiny import load_tiny_llava
 
     return load_tiny_llava(tiny_dir)
 
@@ -40,13 +40,13 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def tiny_next_dir(tmp_path_factory):
     """A tiny full-depth LLaVA-NeXT (anyres, v1.6 grids) saved like a user's checkpoint."""
-    from visiondrop.tiny import build_tiny_llava_next
+    from visiondrop.testing.tiny import build_tiny_llava_next
 
     return build_tiny_llava_next(tmp_path_factory.mktemp("tiny_next") / "llava_next", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_next(tiny_next_dir):
-    from visiondrop.tiny import load_tiny_llava
+    from visiondrop.testing.tiny import load_tiny_llava
 
     return load_tiny_llava(tiny_next_dir)

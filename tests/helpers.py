@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from visiondrop.tiny import demo_image
+from visiondrop.testing.tiny import demo_image
 
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the human's questions.")

@@ -11,8 +11,8 @@ import torch
 import visiondrop
 from helpers import cached_and_replayed, greedy, inputs, measure_counts, prompt
 from visiondrop.methods import METHODS, method, policy_for
-from visiondrop.models import ModelInfo
-from visiondrop.tiny import demo_image, load_tiny_llava
+from visiondrop.families import ModelInfo
+from visiondrop.testing.tiny import demo_image, load_tiny_llava
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?",
              "How many shapes are there?"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import visiondrop
-from visiondrop import synthetic as syn
+from visiondrop.demo import synthetic as syn
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "visiondrop" / "harness" / "assets" / "demo_model"
@@ -53,7 +53,7 @@ def demo():
 
 
 def accuracy(demo, method="none", budget=None):
-    from visiondrop.demo_training import evaluate
+    from visiondrop.demo.training import evaluate
 
     model, processor, rows = demo
     if method == "none":

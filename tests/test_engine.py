@@ -5,7 +5,7 @@ import torch
 
 import visiondrop
 from helpers import greedy, inputs, measure_counts
-from visiondrop.tiny import demo_image, load_tiny_llava
+from visiondrop.testing.tiny import demo_image, load_tiny_llava
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 

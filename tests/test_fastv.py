@@ -9,8 +9,8 @@ from baselines.fastv import FastV, keep_for_budget
 from helpers import greedy, inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
 from visiondrop.engine import DecoderCut
-from visiondrop.models import ModelInfo
-from visiondrop.tiny import demo_image
+from visiondrop.families import ModelInfo
+from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 LLAVA_7B = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)

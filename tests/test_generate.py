@@ -8,8 +8,8 @@ import visiondrop
 from helpers import greedy, inputs, prompt
 from visiondrop.api import policy_for
 from visiondrop.engine.compat import CACHE_ARG, cache_kwargs
-from visiondrop.models import ModelInfo
-from visiondrop.tiny import demo_image
+from visiondrop.families import ModelInfo
+from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no."]
 METHODS = [("none", None), ("visiondrop", 64), ("visionzip", 64), ("fastv", 64), ("pyramiddrop", 64),

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import torch
 
-from visiondrop.flops import Dims, method_flops
-from visiondrop.latency import benchmark, build_config, main, make_inputs
+from visiondrop.efficiency.flops import Dims, method_flops
+from visiondrop.efficiency.latency import benchmark, build_config, main, make_inputs
 
 COLUMNS = ["method", "budget", "avg visual tokens", "TFLOPs", "FLOPs ratio", "prefill ms", "prefill speedup",
            "speedup / FLOPs ratio", "overhead % prefill", "decode ms/token", "e2e ms (2 tok)", "e2e speedup",

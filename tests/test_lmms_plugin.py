@@ -14,7 +14,7 @@ from PIL import Image
 from visiondrop.harness import TASKS_DIR
 from visiondrop.harness.lmms_model import PrunedLlava, _parse_value
 from visiondrop.harness.prompting import expand_to_square, mean_colour, vicuna_v1_prompt
-from visiondrop.tiny import demo_image
+from visiondrop.testing.tiny import demo_image
 
 RUN_INFO_KEYS = {"method", "budget", "policy", "image_aspect_ratio", "conv_template", "measured_tokens_mean",
                  "samples"}

@@ -6,7 +6,7 @@ import visiondrop
 from helpers import measure_counts, prompt
 from visiondrop.api import Handle
 from visiondrop.engine.replay import Replay
-from visiondrop.tiny import demo_image
+from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red square in the picture? Answer yes or no."]
 IMAGES = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]  # 3 crops (1752 tokens) and 5 crops (2438)

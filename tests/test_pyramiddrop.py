@@ -8,8 +8,8 @@ from baselines.pyramiddrop import policy as pyramiddrop_policy
 from helpers import inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
 from visiondrop.engine import DecoderCut
-from visiondrop.models import ModelInfo
-from visiondrop.tiny import demo_image
+from visiondrop.families import ModelInfo
+from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 INFO = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)

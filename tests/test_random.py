@@ -5,7 +5,7 @@ import torch
 import visiondrop
 from baselines.random_drop import random_keep
 from helpers import inputs, measure_counts
-from visiondrop.tiny import demo_image
+from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 

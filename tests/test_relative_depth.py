@@ -4,8 +4,8 @@ from dataclasses import replace
 import pytest
 
 from helpers import inputs, measure_counts
-from visiondrop.models import ModelInfo
-from visiondrop.tiny import build_tiny_llava, load_tiny_llava
+from visiondrop.families import ModelInfo
+from visiondrop.testing.tiny import build_tiny_llava, load_tiny_llava
 
 FOUR = ModelInfo(n_visual=576, n_layers=4, vision_layer=22, cls_kept=False)
 

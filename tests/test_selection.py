@@ -3,7 +3,7 @@ import torch
 
 from visiondrop.engine import DecoderCut, EncoderView, complement, contextual_merge, topk_in_order
 from visiondrop.engine.attention import decoder_attention
-from visiondrop.models import ModelInfo
+from visiondrop.families import ModelInfo
 from visiondrop.methods.visiondrop import Schedule, Stage, VisionDrop
 
 
@@ -78,7 +78,7 @@ def test_visiondrop_decoder_score_is_mean_over_heads_and_visual_queries():
 
 def test_partial_attention_rows_equal_the_layers_own_attention(tiny_dir):
     """The rows recomputed from q/k projections equal what the eager layer computes, under left padding."""
-    from visiondrop.tiny import load_tiny_llava
+    from visiondrop.testing.tiny import load_tiny_llava
 
     model, _ = load_tiny_llava(tiny_dir, attn_implementation="eager")
     lm = model.model.language_model

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from visiondrop.tiny import build_tiny_llava, demo_image, load_tiny_llava
+from visiondrop.testing.tiny import build_tiny_llava, demo_image, load_tiny_llava
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 

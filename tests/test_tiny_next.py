@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-from visiondrop.tiny import NEXT_GRID_PINPOINTS, build_tiny_llava_next, demo_image, load_tiny_llava
+from visiondrop.testing.tiny import NEXT_GRID_PINPOINTS, build_tiny_llava_next, demo_image, load_tiny_llava
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 

@@ -8,7 +8,7 @@ from torch import nn
 from .engine import Policy, Trace
 from .engine.patch import Pruner
 from .methods import METHODS, policy_for
-from .models import ModelInfo
+from .families import ModelInfo
 from .stack import check_transformers
 
 __all__ = ["METHODS", "Handle", "apply", "build_policy", "policy_for"]

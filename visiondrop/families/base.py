@@ -20,7 +20,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 if TYPE_CHECKING:
     from ..engine.policy import EncoderView
-    from ..flops import Dims
+    from ..efficiency.flops import Dims
 
 #: RoPE on queries or keys: (x [B, H, L, hd], cos [B, L, hd], sin [B, L, hd]) -> rotated x
 Rotate = Callable[[Tensor, Tensor, Tensor], Tensor]

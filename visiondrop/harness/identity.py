@@ -25,8 +25,8 @@ SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234,
 #: modules that do not score (they present, schedule, time, or make models and data that are fingerprinted
 #: themselves): editing them must not invalidate every record.
 NOT_SCORING = {"visiondrop/harness/app.py", "visiondrop/harness/dashboard.py", "visiondrop/harness/outcomes.py",
-               "visiondrop/harness/store.py", "visiondrop/harness/tables.py", "visiondrop/latency.py",
-               "visiondrop/demo_training.py", "visiondrop/synthetic.py", "visiondrop/tiny.py"}
+               "visiondrop/harness/store.py", "visiondrop/harness/tables.py", "visiondrop/efficiency/latency.py",
+               "visiondrop/demo/training.py", "visiondrop/demo/synthetic.py", "visiondrop/testing/tiny.py"}
 
 
 def resolved_options(name: str, options: dict) -> dict:

@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ..methods import policy_for
-from ..models import ModelInfo
+from ..families import ModelInfo
 from . import TASKS_DIR
 from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, resolved_options, run_identity
 from .store import ResultStore, options_label
@@ -74,7 +74,7 @@ def model_path(cfg: DictConfig) -> str:
                                     f"from the working directory, {Path.cwd()}); give an existing folder or a "
                                     "Hugging Face hub id such as llava-hf/llava-1.5-7b-hf")
         return given
-    from ..tiny import build_tiny_llava
+    from ..testing.tiny import build_tiny_llava
 
     path = project_path(cfg.results_dir).parent / "models" / cfg.model.name
     if not (path / "config.json").exists():
@@ -173,7 +173,7 @@ def local_task(bench: DictConfig, task_manager, folder: Path) -> str:
 
 def run_tflops(config, cfg: DictConfig, budget: Budget, text_tokens: float | None) -> float | None:
     """Prefill TFLOPs of one average sample of the run (paper convention, measured text length)."""
-    from ..flops import Dims, method_flops
+    from ..efficiency.flops import Dims, method_flops
 
     if text_tokens is None:
         return None  # no sample with an image

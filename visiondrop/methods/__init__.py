@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..engine import Policy
-from ..models import ModelInfo
+from ..families import ModelInfo
 
 if TYPE_CHECKING:
-    from ..flops import Dims, TokenCounts
+    from ..efficiency.flops import Dims, TokenCounts
 
 #: method name -> the module that defines its `METHOD`
 METHODS = {
@@ -37,7 +37,7 @@ METHODS = {
 @dataclass(frozen=True)
 class Overhead:
     """The matrix products of a method's own scoring and merging, as the FLOPs count charges them
-    (`visiondrop.flops.overhead_flops`; an encoder stage's CLS row and keys are charged to every method that has one).
+    (`visiondrop.efficiency.flops.overhead_flops`; an encoder stage's CLS row and keys are charged to every method that has one).
 
     rows: the query rows that score a decoder cut: "visual" (every visual token), "last" (the last prompt token),
     "text" (the text tokens), "all" (every prompt token), or None (no attention rows);

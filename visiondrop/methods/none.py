@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..engine import Policy
-from ..models import ModelInfo
+from ..families import ModelInfo
 from . import Method, unpruned
 
 

@@ -1,4 +1,4 @@
-"""Data of the `visiondrop_demo` task: the test split of the synthetic shapes benchmark (visiondrop/synthetic.py).
+"""Data of the `visiondrop_demo` task: the test split of the synthetic shapes benchmark (visiondrop/demo/synthetic.py).
 
 160 scenes, one question each, cycling existence-yes / existence-no (mostly adversarial) / colour at a named
 position / shape at a named position; one-word answers scored by exact match. The train split (used only by
@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from visiondrop import synthetic
+from visiondrop.demo import synthetic
 
 DATA_FILE = Path(__file__).parent / "demo.parquet"
 N_QUESTIONS = 160

@@ -1,7 +1,7 @@
 """Latency and memory benchmark (the paper's Table 2): random-weight LLaVA architectures, or any checkpoint.
 
     make table2                                                   # GPU: both 7B models at full width; CPU: below
-    python -m visiondrop.latency --model llava-1.5-7b --width reduced --methods none visiondrop --budgets 64
+    python -m visiondrop.efficiency.latency --model llava-1.5-7b --width reduced --methods none visiondrop --budgets 64
     benchmark("llava-1.5-7b", width="reduced", methods=["none", "visiondrop"], budgets=[64]).markdown
 
 Speed does not depend on weight values, so the architectures are built from configs written here (no download)
@@ -45,15 +45,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .families import Shape, TokenIds, family_for
-from .families.llava import LLAVA
-from .families.llava_next import LLAVA_NEXT
+from ..families import Shape, TokenIds, family_for
+from ..families.llava import LLAVA
+from ..families.llava_next import LLAVA_NEXT
 from .flops import TEXT_TOKENS, Dims, method_flops
-from .harness.tables import PAPER_MODELS, method_title
-from .methods import METHODS
+from ..harness.tables import PAPER_MODELS, method_title
+from ..methods import METHODS
 
-ROOT = Path(__file__).resolve().parents[1]
-PAPER_CSV = ROOT / "results" / "paper" / "paper_tables.csv"
+PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
 MODELS = ("llava-1.5-7b", "llava-next-7b")
 DEFAULT_METHODS = tuple(METHODS)  # every registered method
 DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,)}
@@ -254,7 +253,7 @@ def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | No
     """One round of one (method, budget): prefill, generate 1 and `new_tokens` tokens, peak memory, and the
     measured visual tokens per layer. "none" is the stock model; otherwise the method is applied for the round
     and removed after it. Raises what `apply` raises."""
-    from .api import apply
+    from ..api import apply
 
     device = inputs["input_ids"].device
     eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
@@ -444,7 +443,7 @@ def render(title: str, rows: list[Row], model: str, device: torch.device, width:
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         if r.method != "none" and r.status == "ok":
             checks += _targets(r, model, device, width, dtype, n_visual, efficiency, overhead, speedup, e2e)
-    lines += ["", "Columns: FLOPs by `visiondrop.flops.method_flops` on this model's dimensions and token counts; "
+    lines += ["", "Columns: FLOPs by `visiondrop.efficiency.flops.method_flops` on this model's dimensions and token counts; "
               "FLOPs ratio = full / method; times are medians over the rounds, (min-max) beside; prefill = one "
               f"forward with all logits; decode ms/token = (e2e({new_tokens}) - e2e(1)) / {new_tokens - 1}; "
               "overhead = time in the policy's own calls during the prefill; 'full' is the stock model. Paper "
@@ -479,7 +478,7 @@ def _check(what: str, value: float | None, bound: float, at_least: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
-    parser = argparse.ArgumentParser(prog="python -m visiondrop.latency", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m visiondrop.efficiency.latency", description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", choices=MODELS, help="architectures to build (default: both on a GPU, "
                         "llava-1.5-7b on a CPU); with --pretrained: which paper rows to show beside")
     parser.add_argument("--pretrained", help="load this checkpoint instead of random weights")
@@ -496,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     parser.add_argument("--threads", type=int, help="CPU threads (default: 1, see `benchmark`)")
     parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS)
     parser.add_argument("--attn", default="sdpa", help="attention implementation")
-    parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     models = args.model or (list(MODELS) if gpu and not args.pretrained else ["llava-1.5-7b"])

@@ -37,11 +37,11 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from . import synthetic as syn
-from .engine.select import contextual_merge
-from .harness.prompting import vicuna_v1_prompt
-from .families import Shape
-from .families.llava import LLAVA
-from .tiny import build_tokenizer, token_ids
+from ..engine.select import contextual_merge
+from ..harness.prompting import vicuna_v1_prompt
+from ..families import Shape
+from ..families.llava import LLAVA
+from ..testing.tiny import build_tokenizer, token_ids
 
 POST_PROMPT = "\nAnswer the question using a single word or phrase."  # the visiondrop_demo task's post_prompt
 
@@ -512,7 +512,7 @@ def held_out_accuracy(model, prompter, feats, held_out, batch: int = 32) -> dict
 @torch.no_grad()
 def evaluate(model, processor, rows: list[dict], batch: int = 8) -> dict:
     """Greedy generation with the evaluation prompt, as the harness runs it; exact match per category."""
-    from .harness.tasks.visiondrop_demo.utils import normalize
+    from ..harness.tasks.visiondrop_demo.utils import normalize
 
     model.eval()
     hits: dict[str, list[float]] = {}

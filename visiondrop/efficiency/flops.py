@@ -1,6 +1,6 @@
 """Prefill FLOPs of a LLaVA model under a visual-token reduction method, in the VisionDrop paper's convention.
 
-    python -m visiondrop.flops --model llava-1.5-7b --method visiondrop --budget 64    # last line: total 2.09 TFLOPs
+    python -m visiondrop.efficiency.flops --model llava-1.5-7b --method visiondrop --budget 64    # last line: total 2.09 TFLOPs
     method_flops("llava-1.5-7b", "visiondrop", 64).total                                 # 2.09e12
 
 Convention (shared/reference/methods.md section 7): FLOPs = 2 x multiply-accumulates of every matrix product of
@@ -27,7 +27,7 @@ Assumptions written down:
   both need 2992 = 2880 + 112 prefill tokens, i.e. 49 tokens beyond the 63 text (plausibly the 48 image-newline
   tokens of a square 2x2 grid, plus one; methods.md 7 and open question 6).
 - Per-layer visual counts are MEASURED: the method runs on a tiny random LLaVA-1.5 proxy with the same depths and
-  576 visual tokens (`visiondrop.tiny`, width 32) and its trace is read. All methods' schedules are fixed by the
+  576 visual tokens (`visiondrop.testing.tiny`, width 32) and its trace is read. All methods' schedules are fixed by the
   budget, so the proxy's weights do not change them. LLaVA-NeXT: VisionDrop's counts are analytic, at the
   nominal 2880 (methods.md 1(f): per-crop encoder stage of the budget/5 schedule, then decoder segments
   n0 x (1, 35/48, 26/48, 19/48)), the comparison the paper's 7.70 T asks for; the other methods are measured on
@@ -92,7 +92,7 @@ class Dims:
     @classmethod
     def from_config(cls, config: Any) -> "Dims":
         """From a transformers config of a supported family (its adapter reads it: `Family.flops_dims`)."""
-        from .families import family_for
+        from ..families import family_for
 
         return family_for(config).flops_dims(config)
 
@@ -190,7 +190,7 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
 def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: int, **options: Any) -> float:
     """FLOPs of the matrix products of a method's own scoring and merging at its `cuts`, as the engine computes
     them (module docstring), by the method's recipe for these options (`methods.Overhead`)."""
-    from .methods import method as registered
+    from ..methods import method as registered
 
     recipe = registered(method).overhead(**options)
     q_dim, kv_dim, d = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim, dims.hidden
@@ -229,7 +229,7 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: float | None = None,
                      **options: Any) -> TokenCounts:
     """Apply `method` to `model`, run one forward on `inputs` (one image), and read what it did."""
-    from .api import apply
+    from ..api import apply
 
     cuts: list[Cut] = []
     with apply(model, method, budget, **options) as handle, torch.no_grad():
@@ -242,7 +242,7 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
 
 
 def _n_visual(model: torch.nn.Module) -> int:
-    from .models import ModelInfo
+    from ..families import ModelInfo
 
     return ModelInfo.of(model).n_visual
 
@@ -271,7 +271,7 @@ def _proxy(n_layers: int, vision_layers: int, anyres: bool = False) -> tuple[tor
     plus 48 image-newline tokens) of the given depths and its inputs; built once per process."""
     from transformers.utils import logging
 
-    from .tiny import build_tiny_llava, build_tiny_llava_next, demo_image, load_tiny_llava
+    from ..testing.tiny import build_tiny_llava, build_tiny_llava_next, demo_image, load_tiny_llava
 
     bars = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # a FLOPs printout should not carry save/load progress bars
@@ -297,7 +297,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
 
     Method "none" needs no measurement: every layer sees all visual tokens.
     """
-    from .methods import method as registered
+    from ..methods import method as registered
 
     if method == "none":
         if budget is not None and budget != dims.n_visual or options:
@@ -345,9 +345,9 @@ def _runs(counts: Sequence[int]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from .methods import METHODS
+    from ..methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="python -m visiondrop.flops", description="Prefill FLOPs of a method "
+    parser = argparse.ArgumentParser(prog="python -m visiondrop.efficiency.flops", description="Prefill FLOPs of a method "
                                      "in the VisionDrop paper's convention (2 x MACs, full prefill forward).")
     parser.add_argument("--model", choices=sorted(PRESETS), default="llava-1.5-7b")
     parser.add_argument("--method", choices=list(METHODS), default="none")

@@ -10,31 +10,20 @@ sees the same shapes, layer counts and token layout as the real model while runn
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextImageProcessorPil,
-    LlavaNextProcessor,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-)
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerFast
+
+from ..families import Family, Shape, TokenIds, family_for
+from ..families.llava import LLAVA
+from ..families.llava_next import GRID_PINPOINTS as NEXT_GRID_PINPOINTS  # noqa: F401 - the tests' name for it
+from ..families.llava_next import LLAVA_NEXT
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
-# llava-v1.6 AnyRes candidate resolutions, (height, width).
-NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 _SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -58,17 +47,8 @@ _CORPUS = [
     "Who is holding the umbrella? Where is the man standing? Which side is the tree on?",
     "left right top bottom above below next to behind in front of the",
 ]
-_CHAT_TEMPLATE = (  # llava-1.5 ("USER: <image>\n... ASSISTANT:") format
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-
-def _build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a small LLaVA-style corpus, with LLaVA's special tokens (and <image>)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -95,63 +75,15 @@ def _build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def _vision_config(layers: int, width: int, heads: int, init_std: float) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        image_size=336,
-        patch_size=14,
-        num_hidden_layers=layers,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_attention_heads=heads,
-        hidden_act="quick_gelu",
-        # CLIP scales attention/MLP init by width; this only widens patch and position embeddings.
-        initializer_range=init_std,
-    )
-
-
-def _text_config(tokenizer, layers: int, width: int, heads: int, init_std: float) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        num_hidden_layers=layers,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=4096,
-        initializer_range=init_std,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def _common_config_kwargs(tokenizer) -> dict:
-    """Settings shared by the LlavaConfig and LlavaNextConfig of the real checkpoints."""
-    return dict(
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=576,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def _processor_kwargs(tokenizer) -> dict:
-    return dict(
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token
-        chat_template=_CHAT_TEMPLATE,
-    )
+def token_ids(tokenizer: PreTrainedTokenizerFast) -> TokenIds:
+    """The ids a model config built for `tokenizer` carries."""
+    return TokenIds(vocab=len(tokenizer), image=tokenizer.convert_tokens_to_ids("<image>"),
+                    bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
 
 
 def _build(
     out_dir: str | Path,
-    kind: str,
+    family: Family,
     *,
     seed: int = 0,
     text_layers: int = 32,
@@ -163,41 +95,15 @@ def _build(
     init_std: float = 0.2,
 ) -> Path:
     out_dir = Path(out_dir)
-    tokenizer = _build_tokenizer(vocab_size)
-    # The PIL backends need no torchvision. They save under the torchvision class name
-    # ("CLIPImageProcessor" / "LlavaNextImageProcessor"), so AutoProcessor picks the torchvision
-    # backend where that is installed, as for the real checkpoints, and the PIL one otherwise.
-    image_kwargs = dict(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        do_center_crop=True,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-    )
-    config_kwargs = dict(
-        vision_config=_vision_config(vision_layers, vision_hidden, heads, init_std),
-        text_config=_text_config(tokenizer, text_layers, hidden, heads, init_std),
-        **_common_config_kwargs(tokenizer),
-    )
-    if kind == "llava":
-        image_processor = CLIPImageProcessorPil(**image_kwargs)
-        processor = LlavaProcessor(image_processor=image_processor, **_processor_kwargs(tokenizer))
-        model_class, config = LlavaForConditionalGeneration, LlavaConfig(**config_kwargs)
-    elif kind == "llava_next":
-        image_processor = LlavaNextImageProcessorPil(
-            **image_kwargs, image_grid_pinpoints=NEXT_GRID_PINPOINTS, do_pad=True
-        )
-        processor = LlavaNextProcessor(image_processor=image_processor, **_processor_kwargs(tokenizer))
-        model_class = LlavaNextForConditionalGeneration
-        config = LlavaNextConfig(**config_kwargs, image_grid_pinpoints=NEXT_GRID_PINPOINTS)
-    else:
-        raise ValueError(f"unknown kind {kind!r}")
-
+    tokenizer = build_tokenizer(vocab_size)
+    shape = Shape(hidden=hidden, intermediate=2 * hidden, layers=text_layers, heads=heads, vision_hidden=vision_hidden,
+                  vision_intermediate=2 * vision_hidden, vision_layers=vision_layers, vision_heads=heads)
+    config = family.build_config(shape, token_ids(tokenizer), init_std)
     torch.manual_seed(seed)
-    model = model_class(config)
+    model = family.model_class(config)
     # Stored in float16 like the real checkpoint: halves the folder (~4.5 MB); load_tiny_llava upcasts.
     model.to(torch.float16).save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    family.build_processor(tokenizer).save_pretrained(out_dir)
     return out_dir
 
 
@@ -208,7 +114,7 @@ def build_tiny_llava(out_dir: str | Path, **knobs) -> Path:
     init_std): ``vocab_size`` is the BPE training target; the model's vocabulary is the trained tokenizer's size.
     ``init_std`` is larger than the usual 0.02 so that random logits are far from uniform.
     """
-    return _build(out_dir, "llava", **knobs)
+    return _build(out_dir, LLAVA, **knobs)
 
 
 def build_tiny_llava_next(out_dir: str | Path, **knobs) -> Path:
@@ -218,23 +124,17 @@ def build_tiny_llava_next(out_dir: str | Path, **knobs) -> Path:
     processor (base 336x336 view + up to 4 crops of 336x336 chosen from ``NEXT_GRID_PINPOINTS``)
     and the model's ``image_newline`` parameter.
     """
-    return _build(out_dir, "llava_next", **knobs)
-
-
-_MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    return _build(out_dir, LLAVA_NEXT, **knobs)
 
 
 def load_tiny_llava(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
-) -> tuple[
-    LlavaForConditionalGeneration | LlavaNextForConditionalGeneration, LlavaProcessor | LlavaNextProcessor
-]:
+) -> tuple[torch.nn.Module, Any]:
     """Load a folder written by :func:`build_tiny_llava` or :func:`build_tiny_llava_next`.
 
-    The model class follows the saved config's ``model_type``; the model is returned in eval mode.
+    The model class follows the saved config's family; the model is returned in eval mode.
     """
-    model_class = _MODEL_CLASSES[AutoConfig.from_pretrained(path).model_type]
-    model = model_class.from_pretrained(
+    model = family_for(AutoConfig.from_pretrained(path)).model_class.from_pretrained(
         path, attn_implementation=attn_implementation, dtype=dtype
     ).eval()
     processor = AutoProcessor.from_pretrained(path)

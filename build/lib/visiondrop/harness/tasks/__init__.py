@@ -1,1 +1,0 @@
-"""lmms-eval task folders shipped with the project (pass this folder as --include_path)."""
