@@ -48,8 +48,9 @@ test: install
 # download on the project machines), in .venv-latest; runs the engine, parity and plugin tests there and prints
 # the versions it used. A failure here is news about the next release, not about the locked stack.
 LATEST := .venv-latest
-CANARY_TESTS := tests/test_engine.py tests/test_selection.py tests/test_parity_visiondrop.py tests/test_fastv.py \
-	tests/test_pyramiddrop.py tests/test_sparsevlm.py tests/test_visionzip.py tests/test_next.py tests/test_lmms_plugin.py
+CANARY_TESTS := tests/test_engine.py tests/test_contract.py tests/test_generate.py tests/test_selection.py \
+	tests/test_parity_visiondrop.py tests/test_fastv.py tests/test_pyramiddrop.py tests/test_sparsevlm.py \
+	tests/test_visionzip.py tests/test_next.py tests/test_lmms_plugin.py
 test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
