@@ -23,7 +23,7 @@ Quirks of the official code that do not arise here: it needs every CLIP layer's 
 eager attention) where the engine recomputes layer 22's CLS row alone; its list-of-images path silently skips
 compression.
 On LLaVA-NeXT the split runs on every crop (`split_budget`), crops laid out as the official code does
-(`engine.encoder`, option `newlines`).
+(`families.llava_next.arrange_anyres`, option `newlines`).
 """
 from __future__ import annotations
 

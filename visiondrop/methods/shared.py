@@ -25,7 +25,7 @@ def newline_choice(newlines: str) -> bool:
     """The `newlines` option of the encoder-side methods on LLaVA-NeXT: True to keep them.
 
     "drop": the image-newline tokens and the unpadding go, as the official VisionDrop and VisionZip code do (default);
-    "keep": transformers' layout for the kept patches (see `engine.encoder`).
+    "keep": transformers' layout for the kept patches (see `families.llava_next.arrange_anyres`).
     """
     if newlines not in ("drop", "keep"):
         raise ValueError(f"newlines must be 'drop' (official layout) or 'keep', got {newlines!r}")
