@@ -56,7 +56,6 @@ PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working di
 MODELS = ("llava-1.5-7b", "llava-next-7b")
 DEFAULT_METHODS = tuple(METHODS)  # every registered method
 DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,)}
-NEXT_IMAGE = (672, 672)  # best fit: the 2x2 grid, so base + 4 crops
 TEXT_BEFORE_IMAGE = 35  # BOS + Vicuna system prompt + "USER:" precede the image in LLaVA's template
 
 
@@ -95,21 +94,6 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, attn:
                                                        device_map=str(device)).eval()
 
 
-def image_tokens(config) -> int:
-    """Placeholder tokens of one image: LLaVA's visual tokens; LLaVA-NeXT's base crop + grid + row newlines."""
-    side = config.vision_config.image_size
-    p = side // config.vision_config.patch_size
-    base = p * p + int(config.vision_feature_select_strategy == "full")
-    if not getattr(config, "image_grid_pinpoints", None):
-        return base
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
-    rows, cols = get_anyres_image_grid_shape(list(NEXT_IMAGE), config.image_grid_pinpoints, side)
-    if rows * side != NEXT_IMAGE[0] or cols * side != NEXT_IMAGE[1]:
-        raise NotImplementedError("the image must fill its anyres grid exactly (no unpadding counted here)")
-    return base + rows * p * (cols * p + 1)
-
-
 def make_inputs(config, device: torch.device, dtype: torch.dtype, text_tokens: int = TEXT_TOKENS,
                 seed: int = 0) -> dict[str, torch.Tensor]:
     """One prompt: BOS, text, the image placeholders, text (`text_tokens` non-visual in all), random pixels."""
@@ -117,16 +101,9 @@ def make_inputs(config, device: torch.device, dtype: torch.dtype, text_tokens: i
     text = torch.randint(3, min(config.image_token_index, config.text_config.vocab_size), (text_tokens,), generator=g)
     text[0] = config.text_config.bos_token_id if config.text_config.bos_token_id is not None else 1
     before = min(TEXT_BEFORE_IMAGE, text_tokens)
-    ids = torch.cat([text[:before], torch.full((image_tokens(config),), config.image_token_index), text[before:]])
-    vision = config.vision_config
-    shape = (3, vision.image_size, vision.image_size)
-    inputs = {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long)}
-    if getattr(config, "image_grid_pinpoints", None):
-        crops = 1 + (NEXT_IMAGE[0] // vision.image_size) * (NEXT_IMAGE[1] // vision.image_size)
-        inputs["pixel_values"] = torch.randn(1, crops, *shape, generator=g)
-        inputs["image_sizes"] = torch.tensor([list(NEXT_IMAGE)])
-    else:
-        inputs["pixel_values"] = torch.randn(1, *shape, generator=g)
+    placeholders, pixels = family_for(config).example_image(config, g)
+    ids = torch.cat([text[:before], torch.full((placeholders,), config.image_token_index), text[before:]])
+    inputs = {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long), **pixels}
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 

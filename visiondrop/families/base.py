@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import rotate_half
 
@@ -193,6 +194,12 @@ class Family:
         """
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return (x * cos) + (rotate_half(x) * sin)
+
+    # -- benchmark inputs ----------------------------------------------------------------------------------------
+    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
+        """One random image as the model takes it (for the latency benchmark): how many placeholder tokens it
+        fills in the prompt, and its pixel inputs (batch of one)."""
+        raise NotImplementedError
 
     # -- the encoder stage -------------------------------------------------------------------------------------
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:

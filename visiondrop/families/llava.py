@@ -169,6 +169,13 @@ class Llava(Family):
         strategy = kwargs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
         return Images(pixel_values, [1] * pixel_values.shape[0], layer, strategy, kwargs.get("image_sizes"))
 
+    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        tokens = side * side + int(config.vision_feature_select_strategy == "full")
+        pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
+        return tokens, {"pixel_values": pixels}
+
     def encoder_view(self, model: nn.Module, images: Images) -> EncoderView:
         tower = self.vision_tower(model)
         return clip_encoder_view(tower, images.pixels, feature_layer_index(tower, images.feature_layer))

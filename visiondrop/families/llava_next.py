@@ -22,6 +22,7 @@ from .base import Images
 from .llava import Llava
 
 GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6, (height, width)
+EXAMPLE_IMAGE = (672, 672)  # the benchmark's image: fills the 2x2 grid exactly, so base + 4 crops and no unpadding
 
 
 class LlavaNext(Llava):
@@ -51,6 +52,18 @@ class LlavaNext(Llava):
         """Spend the budget on patches that survive unpadding (when the policy keeps transformers' layout)."""
         llava = self.multimodal(model)
         return torch.cat([_unpadded(llava, n, size, tokens) for n, size in zip(images.crops, images.sizes)])
+
+    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
+        """The base crop's tokens plus the grid's, each grid row closed by an image-newline token."""
+        vision = config.vision_config
+        side, patches = vision.image_size, vision.image_size // vision.patch_size
+        rows, cols = get_anyres_image_grid_shape(list(EXAMPLE_IMAGE), config.image_grid_pinpoints, side)
+        if (rows * side, cols * side) != EXAMPLE_IMAGE:
+            raise NotImplementedError("the example image must fill its anyres grid exactly (no unpadding counted)")
+        tokens = patches * patches + int(config.vision_feature_select_strategy == "full") \
+            + rows * patches * (cols * patches + 1)
+        pixels = torch.randn(1, 1 + rows * cols, 3, side, side, generator=generator)
+        return tokens, {"pixel_values": pixels, "image_sizes": torch.tensor([list(EXAMPLE_IMAGE)])}
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, keep_newlines: bool) -> tuple[Tensor, Tensor, int]:
