@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-from visiondrop.testing.tiny import NEXT_GRID_PINPOINTS, build_tiny_llava_next, demo_image, load_tiny_llava
+from visiondrop.families.llava_next import GRID_PINPOINTS as NEXT_GRID_PINPOINTS
+from visiondrop.testing.tiny import build_tiny_llava_next, demo_image, load_tiny_llava
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 

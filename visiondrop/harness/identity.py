@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import baselines
 import visiondrop
-from visiondrop.methods import method
 
 #: lmms-eval's seeds, passed explicitly so that they are part of the identity rather than a library default.
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
@@ -27,11 +26,6 @@ SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234,
 NOT_SCORING = {"visiondrop/harness/app.py", "visiondrop/harness/dashboard.py", "visiondrop/harness/outcomes.py",
                "visiondrop/harness/store.py", "visiondrop/harness/tables.py", "visiondrop/efficiency/latency.py",
                "visiondrop/demo/training.py", "visiondrop/demo/synthetic.py", "visiondrop/testing/tiny.py"}
-
-
-def resolved_options(name: str, options: dict) -> dict:
-    """The method's keyword options with its defaults filled in (unknown keys kept for policy_for to name)."""
-    return method(name).resolved_options(options)
 
 
 def checkpoint_fingerprint(path: str) -> str | None:

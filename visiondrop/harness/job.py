@@ -14,10 +14,10 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ..methods import policy_for
+from ..methods import method, policy_for
 from ..families import ModelInfo
 from . import TASKS_DIR
-from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, resolved_options, run_identity
+from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, run_identity
 from .store import ResultStore, options_label
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Unreachable(Exception):
 
 def resolve_schedule(cfg: DictConfig, path: str, budget: Budget) -> dict:
     """The policy's resolved schedule from the checkpoint's config alone, so unreachable budgets are caught before
-    loading. A wrong option name is the caller's mistake, not an unreachable budget: policy_for's error stands."""
+    loading. A wrong option name is the caller's mistake, not an unreachable budget: policy_for raises TypeError."""
     from transformers import AutoConfig
 
     info = ModelInfo.from_config(AutoConfig.from_pretrained(path))
@@ -107,8 +107,6 @@ def resolve_schedule(cfg: DictConfig, path: str, budget: Budget) -> dict:
     try:
         return policy_for(info, cfg.method.name, budget.tokens, **options).describe()
     except ValueError as err:
-        if set(options) - set(resolved_options(cfg.method.name, {})):
-            raise
         raise Unreachable(str(err)) from None
 
 
@@ -129,7 +127,7 @@ def plan_job(cfg: DictConfig) -> Plan:
     budget = Budget.resolve(cfg)
     path = model_path(cfg)
     schedule = resolve_schedule(cfg, path, budget)
-    options = resolved_options(cfg.method.name, OmegaConf.to_container(cfg.method.options, resolve=True))
+    options = method(cfg.method.name).resolved_options(OmegaConf.to_container(cfg.method.options, resolve=True))
     checkpoint = checkpoint_fingerprint(path) or path  # a hub id: the name alone
     todo, done = [], []
     for bench in cfg.benchmarks:

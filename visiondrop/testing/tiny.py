@@ -20,7 +20,6 @@ from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerFast
 
 from ..families import Family, Shape, TokenIds, family_for
 from ..families.llava import LLAVA
-from ..families.llava_next import GRID_PINPOINTS as NEXT_GRID_PINPOINTS  # noqa: F401 - the tests' name for it
 from ..families.llava_next import LLAVA_NEXT
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
@@ -121,7 +120,7 @@ def build_tiny_llava_next(out_dir: str | Path, **knobs) -> Path:
     """Build, save and return the path of a tiny random LLaVA-NeXT (llava-v1.6-vicuna-7b-hf layout).
 
     Same tower, decoder, tokenizer and knobs as :func:`build_tiny_llava`, plus the AnyRes image
-    processor (base 336x336 view + up to 4 crops of 336x336 chosen from ``NEXT_GRID_PINPOINTS``)
+    processor (base 336x336 view + up to 4 crops of 336x336 chosen from ``families.llava_next.GRID_PINPOINTS``)
     and the model's ``image_newline`` parameter.
     """
     return _build(out_dir, LLAVA_NEXT, **knobs)
