@@ -23,8 +23,8 @@ Options (keywords of `visiondrop.apply` beside `budget`):
   1 <= l < 32, increasing. The official code's default is [8, 16, 24] with lambda 0.5
   (270 tokens), which cannot go below 144; the PDrop author recommends [2, 8, 16] with lambda solved for the
   budget (issue Cooperx521/PyramidDrop#29), hence the default here. `layer_list=[8, 16, 24]` is the official one.
-- `ratio`: lambda itself, overriding the budget conversion (the official `image_token_ratio_list` is
-  [lambda, lambda**2, lambda**3]); e.g. `layer_list=[8, 16, 24], ratio=0.5` keeps 576/288/144/72.
+- `decay`: lambda itself, overriding the budget conversion (the official `image_token_ratio_list` is
+  [lambda, lambda**2, lambda**3]); e.g. `layer_list=[8, 16, 24], decay=0.5` keeps 576/288/144/72.
 
 Official quirks (methods.md 3(g)): ratios relative to N0 with int truncation and the next layer's projections
 are reproduced; batch size 1 and right padding are not needed here (each sample is scored on its own row, so a
@@ -46,9 +46,9 @@ from visiondrop.families import ModelInfo
 DEFAULT_LAYERS = (2, 8, 16)
 
 
-def stage_counts(n0: int, ratio: float, n_stages: int) -> list[int]:
+def stage_counts(n0: int, decay: float, n_stages: int) -> list[int]:
     """Visual tokens in each stage: int(N0 * lambda**s) for s = 0..n_stages, relative to the original N0."""
-    return [int(n0 * ratio**s) for s in range(n_stages + 1)]
+    return [int(n0 * decay**s) for s in range(n_stages + 1)]
 
 
 def mean_tokens(counts: Sequence[float], layers: tuple[int, ...], n_layers: int) -> float:
@@ -64,7 +64,7 @@ def smallest_budget(info: ModelInfo) -> float:
     return layers[0] * info.n_visual / info.n_layers
 
 
-def ratio_for_budget(budget: float, info: ModelInfo, layers: tuple[int, ...]) -> float:
+def decay_for_budget(budget: float, info: ModelInfo, layers: tuple[int, ...]) -> float:
     """lambda whose (untruncated) stage sizes N0 * lambda**s average `budget` tokens over the decoder layers."""
     floor = layers[0] * info.n_visual / info.n_layers
     if budget < floor:
@@ -82,8 +82,8 @@ def ratio_for_budget(budget: float, info: ModelInfo, layers: tuple[int, ...]) ->
 class PyramidDrop(Policy):
     name = "pyramiddrop"
 
-    def __init__(self, info: ModelInfo, layers: tuple[int, ...], ratio: float):
-        self.info, self.ratio = info, ratio
+    def __init__(self, info: ModelInfo, layers: tuple[int, ...], decay: float):
+        self.info, self.decay = info, decay
         self.cut_layers = layers
 
     def scores(self, cut: DecoderCut) -> Tensor:
@@ -93,28 +93,28 @@ class PyramidDrop(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         stage = self.cut_layers.index(cut.layer_idx) + 1
-        keep = stage_counts(int(cut.original_visual[0]), self.ratio, stage)[-1]  # a group shares its N0
+        keep = stage_counts(int(cut.original_visual[0]), self.decay, stage)[-1]  # a group shares its N0
         return Selection(topk_in_order(self.scores(cut), keep))
 
     def describe(self) -> dict:
-        counts = stage_counts(self.info.n_visual, self.ratio, len(self.cut_layers))
-        return {"method": self.name, "layer_list": list(self.cut_layers), "ratio": self.ratio,
+        counts = stage_counts(self.info.n_visual, self.decay, len(self.cut_layers))
+        return {"method": self.name, "layer_list": list(self.cut_layers), "decay": self.decay,
                 "keep_counts": counts,
                 "equivalent_tokens": mean_tokens(counts, self.cut_layers, self.info.n_layers)}
 
 
 def policy(info: ModelInfo, budget: float | None = None, layer_list: list[int] | tuple[int, ...] = DEFAULT_LAYERS,
-           ratio: float | None = None) -> Policy:
-    """PyramidDrop from a budget (average visual tokens per decoder layer) or an explicit `ratio` (lambda)."""
+           decay: float | None = None) -> Policy:
+    """PyramidDrop from a budget (average visual tokens per decoder layer) or an explicit `decay` (lambda)."""
     layers = info.relative_layers(list(layer_list), "PyramidDrop layer_list")
-    if ratio is None:
+    if decay is None:
         if budget is None:
-            raise ValueError("PyramidDrop needs budget= or ratio=")
-        ratio = ratio_for_budget(budget, info, layers)
-    elif not 0 <= ratio <= 1:
-        raise ValueError(f"PyramidDrop ratio (lambda) must be between 0 and 1, got {ratio}")
-    return PyramidDrop(info, layers, ratio)
+            raise ValueError("PyramidDrop needs budget= or decay=")
+        decay = decay_for_budget(budget, info, layers)
+    elif not 0 <= decay <= 1:
+        raise ValueError(f"PyramidDrop decay (lambda) must be between 0 and 1, got {decay}")
+    return PyramidDrop(info, layers, decay)
 
 
-METHOD = Method("pyramiddrop", "PDrop", policy, smallest_budget, replaces_budget=("ratio",),
+METHOD = Method("pyramiddrop", "PDrop", policy, smallest_budget, replaces_budget=("decay",),
                 overhead=lambda **_: Overhead(rows="last"))

@@ -81,7 +81,7 @@ def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = 
 
     newlines (LLaVA-NeXT): "drop" (official layout) or "keep" (`methods.shared.newline_choice`).
     """
-    keep_newlines = newline_choice(newlines)
+    native_layout = newline_choice(newlines)
     if dominant is None and contextual is None:
         if budget is None:
             raise ValueError("VisionZip needs budget= or dominant= and contextual=")
@@ -92,7 +92,7 @@ def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = 
         raise ValueError(f"budget={budget} disagrees with (dominant + contextual) x crops = "
                          f"{(dominant + contextual) * info.crops}")
     zipper = VisionZip(dominant, contextual, info)
-    zipper.keep_newlines = keep_newlines
+    zipper.native_layout = native_layout
     return zipper
 
 

@@ -158,3 +158,25 @@ def test_unknown_option_names_the_valid_ones(tiny):
     with pytest.raises(TypeError, match="method 'none' has no option 'seed'; .* are: none$"):
         policy_for(info, "none", None, seed=0)
     assert policy_for(info, "random", 64, seed=1).describe()  # valid options still pass
+
+
+@pytest.mark.parametrize("method", ["visiondrop", "fastv", "pyramiddrop", "sparsevlm", "visionzip", "random"])
+def test_ratio_is_the_budget_as_a_share_of_the_visual_tokens(tiny, method):
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS)
+    with visiondrop.apply(model, method, ratio=192 / 576) as by_ratio:
+        tokens = greedy(model, batch, 3)
+        kept = by_ratio.trace.tokens_per_layer
+    with visiondrop.apply(model, method, 192) as by_budget:
+        assert by_ratio.policy.describe() == by_budget.policy.describe()
+        assert torch.equal(greedy(model, batch, 3), tokens)
+        assert by_budget.trace.tokens_per_layer == kept
+
+
+def test_ratio_and_budget_together_or_above_one_are_refused(tiny):
+    model, _ = tiny
+    with pytest.raises(TypeError, match="budget= .* or ratio= .*not both"):
+        visiondrop.apply(model, "visiondrop", 64, ratio=0.1)
+    with pytest.raises(ValueError, match=r"ratio is the share .* in \(0, 1\]; got 1.5"):
+        visiondrop.apply(model, "visiondrop", ratio=1.5)
+    assert getattr(model.model, "_visiondrop_pruner", None) is None

@@ -19,7 +19,7 @@ INFO = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
 def test_pd64_matches_official(parity_model, how, monkeypatch):
     official, logits = load_case("pyramiddrop", "pd64")
     s = official["settings"]
-    options = {"budget": 64} if how == "budget" else {"layer_list": s["layer_list"], "ratio": s["lambda"]}
+    options = {"budget": 64} if how == "budget" else {"layer_list": s["layer_list"], "decay": s["lambda"]}
     scores, score = [], PyramidDrop.scores
 
     def recording(self, cut):
@@ -58,7 +58,7 @@ def test_score_is_last_token_row_of_the_next_layer_mean_over_heads_counts_from_o
                      mask=torch.ones(1, 8, dtype=torch.bool), cos=None, sin=None,
                      visual=torch.arange(2, 7).unsqueeze(0), original_visual=torch.tensor([10]), samples=[0],
                      scratch={"probs": probs})
-    pd = pyramiddrop_policy(INFO, layer_list=[2, 8, 16], ratio=0.55)
+    pd = pyramiddrop_policy(INFO, layer_list=[2, 8, 16], decay=0.55)
     sel = pd.select_decoder(cut)
     assert sel.keep.tolist() == [[0, 1, 3]] and sel.merged is None
     assert cut.scratch["asked"] == (8, [[7]], None)  # layer 8 itself, on the states entering it, last token
@@ -74,7 +74,7 @@ def expected_counts(describe: dict, n_layers: int = 32) -> list[int]:
     ({"budget": 128}, [576, 241, 101, 42]),
     ({"budget": 64}, [576, 110, 21, 4]),
     ({"budget": 36}, [576, 0, 0, 0]),  # the smallest reachable budget drops every visual token after layer 2
-    ({"layer_list": [8, 16, 24], "ratio": 0.5}, [576, 288, 144, 72]),  # the official default
+    ({"layer_list": [8, 16, 24], "decay": 0.5}, [576, 288, 144, 72]),  # the official default
 ])
 def test_measured_tokens_per_layer_follow_schedule(tiny, options, segments):
     model, processor = tiny
@@ -101,7 +101,7 @@ def test_selection_depends_on_the_question(tiny):
 
 
 def test_budgets_and_options():
-    assert pyramiddrop_policy(INFO, budget=64).describe()["ratio"] == pytest.approx(0.1916, abs=1e-4)
+    assert pyramiddrop_policy(INFO, budget=64).describe()["decay"] == pytest.approx(0.1916, abs=1e-4)
     assert pyramiddrop_policy(INFO, budget=192, layer_list=[8, 16, 24]).describe()["keep_counts"] == [576, 145, 36, 9]
     shallow = ModelInfo(n_visual=576, n_layers=16, vision_layer=22, cls_kept=False)
     assert pyramiddrop_policy(shallow, budget=64).cut_layers == (1, 4, 8)  # relative depth
@@ -113,10 +113,10 @@ def test_budgets_and_options():
         pyramiddrop_policy(INFO, budget=32)
     with pytest.raises(ValueError, match=r"layer_list \[8, 16, 24\] cannot reach budget 128.*is 144"):
         pyramiddrop_policy(INFO, budget=128, layer_list=[8, 16, 24])
-    with pytest.raises(ValueError, match="needs budget= or ratio="):
+    with pytest.raises(ValueError, match="needs budget= or decay="):
         pyramiddrop_policy(INFO)
     with pytest.raises(ValueError, match="must be between 0 and 1"):
-        pyramiddrop_policy(INFO, ratio=1.5)
+        pyramiddrop_policy(INFO, decay=1.5)
     for bad in ([8, 2, 16], [0, 8, 16], [2, 8, 32], []):
         with pytest.raises(ValueError, match="layer_list must be one or more increasing"):
             pyramiddrop_policy(INFO, budget=64, layer_list=bad)

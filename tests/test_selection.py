@@ -40,12 +40,22 @@ def test_visiondrop_encoder_keeps_cls_then_top_patches_in_raster_order():
     cls_attention[0, 0, 1:] = torch.tensor([0.1, 0.5, 0.0, 0.3, 0.0, 0.2])
     cls_attention[0, 1, 1:] = torch.tensor([0.0, 0.0, 0.4, 0.1, 0.0, 0.3])  # head sums: .1 .5 .4 .4 0 .5
     keys = torch.randn(1, 2, 7, 4)
-    view = EncoderView(hidden=torch.randn(1, 7, 8), cls_attention=cls_attention, keys=keys)
+    view = EncoderView(hidden=torch.randn(1, 7, 8), importance=cls_attention, keys=keys)
     policy = VisionDrop(Schedule(Stage(3, 1), ()), _info())
     sel = policy.select_encoder(view)
     assert sel.keep.tolist() == [[0, 2, 6]]  # CLS, then patches 2 and 6 (scores .5, .5) in raster order
     rest = torch.tensor([[1, 3, 4, 5]])
     torch.testing.assert_close(sel.merged, contextual_merge(view.hidden, keys.mean(1), rest, 1))
+
+
+def test_encoder_selection_without_cls_ranks_every_token():
+    importance = torch.tensor([[[0.1, 0.5, 0.0, 0.3, 0.0, 0.2],  # no CLS: six tokens, two heads
+                                [0.6, 0.0, 0.4, 0.1, 0.0, 0.3]]])  # head sums: .7 .5 .4 .4 0 .5
+    keys = torch.randn(1, 2, 6, 4)
+    view = EncoderView(hidden=torch.randn(1, 6, 8), importance=importance, keys=keys, has_cls=False)
+    sel = VisionDrop(Schedule(Stage(3, 1), ()), _info()).select_encoder(view)
+    assert sel.keep.tolist() == [[0, 1, 5]]  # token 0 is ranked like the others (it is no CLS)
+    torch.testing.assert_close(sel.merged, contextual_merge(view.hidden, keys.mean(1), torch.tensor([[2, 3, 4]]), 1))
 
 
 class CraftedCut(DecoderCut):

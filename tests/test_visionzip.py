@@ -38,7 +38,7 @@ def test_vz64_scores_and_merge_match_official(parity_model):
     with torch.no_grad():
         view = encoder_view(parity_model.model.vision_tower, parity_inputs()["pixel_values"], enc["clip_layer_index"])
         sel = encoder_selection(view, enc["dominant_incl_cls"], enc["contextual"])
-    torch.testing.assert_close(view.cls_attention[0, :, 1:].sum(0), logits["encoder_cls_attention_sum"],
+    torch.testing.assert_close(view.importance[0, :, 1:].sum(0), logits["encoder_cls_attention_sum"],
                                atol=1e-6, rtol=1e-4)
     assert sel.keep[0].tolist() == enc["kept_dominant_indices_sorted"]
     h = view.hidden[0]

@@ -14,9 +14,10 @@ from .stack import check_transformers
 __all__ = ["METHODS", "Handle", "apply", "build_policy", "policy_for"]
 
 
-def build_policy(model: nn.Module, method: str, budget: float | None = None, **options: Any) -> Policy:
-    """The policy of `method` at `budget` for a loaded model (`methods.policy_for`)."""
-    return policy_for(ModelInfo.of(model), method, budget, **options)
+def build_policy(model: nn.Module, method: str, budget: float | None = None, ratio: float | None = None,
+                 **options: Any) -> Policy:
+    """The policy of `method` at `budget` (or retention `ratio`) for a loaded model (`methods.policy_for`)."""
+    return policy_for(ModelInfo.of(model), method, budget, ratio, **options)
 
 
 class Handle:
@@ -42,10 +43,12 @@ class Handle:
         self.remove()
 
 
-def apply(model: nn.Module, method: str = "visiondrop", budget: float | None = None, **options: Any) -> Handle:
-    """Apply a visual-token reduction method to a loaded LLaVA model.
+def apply(model: nn.Module, method: str = "visiondrop", budget: float | None = None, ratio: float | None = None,
+          **options: Any) -> Handle:
+    """Apply a visual-token reduction method to a loaded model of a supported family (`visiondrop.families`).
 
-    budget: average number of visual tokens per decoder layer (the papers' "# Tokens"). Method options
-    (e.g. VisionDrop's `schedule=`) are passed as keywords.
+    budget: average number of visual tokens per decoder layer (the papers' "# Tokens"); or ratio: the same as a
+    retention ratio of each sample's own visual tokens. Method options (e.g. VisionDrop's `schedule=`) are passed
+    as keywords.
     """
-    return Handle(model, build_policy(model, method, budget, **options))
+    return Handle(model, build_policy(model, method, budget, ratio, **options))

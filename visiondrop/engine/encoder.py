@@ -25,7 +25,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, pixel_values
     images = family.images(model, pixel_values, args, kwargs)
     view = family.encoder_view(model, images)
     tokens = view.hidden.shape[1]
-    if policy.keep_newlines:
+    if policy.native_layout:
         view.valid = family.valid_tokens(model, images, tokens)
     sel = policy.select_encoder(view)
     kept = gather_rows(view.hidden, sel.keep)
@@ -35,7 +35,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, pixel_values
     n_merged = kept.shape[1] - sel.keep.shape[1]
     padded, valid, origins = [], [], []
     for i, (feats, keep) in enumerate(zip(features.split(images.crops), sel.keep.split(images.crops))):
-        feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.keep_newlines)
+        feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.native_layout)
         if feats.shape[0] > slots:
             raise ValueError(f"{policy.name} keeps {feats.shape[0]} tokens for an image with {slots} image slots")
         padded.append(torch.cat([feats, feats.new_zeros(slots - feats.shape[0], feats.shape[1])]))

@@ -30,18 +30,22 @@ class Selection:
 class EncoderView:
     """One vision-tower layer as an encoder-side policy sees it, for a batch of images (or crops).
 
-    Token 0 is CLS; tokens 1.. are the patches in raster order.
-    hidden: [N, T, D] the layer's output (the features LLaVA would project);
-    cls_attention: [N, H, T] attention probabilities of the CLS query in that layer;
+    With `has_cls`, token 0 is CLS and tokens 1.. are the patches in raster order; without (towers with no CLS,
+    e.g. Qwen2.5-VL's), every token is a patch (or a merged group of patches) in raster order.
+    hidden: [N, T, D] the layer's output (the features the model would project);
+    importance: [N, H, T] per head, the attention each token receives: the CLS query's attention probabilities
+    where the tower has CLS, else the mean attention it receives from all tokens (the paper's rule for towers
+    without CLS);
     keys: [N, H, T, hd] that layer's keys (before scaling);
     valid: [N, T] False for tokens the model's own layout discards (LLaVA-NeXT padding, when the policy keeps
     that layout), or None: a policy should not spend its budget on them.
     """
 
     hidden: Tensor
-    cls_attention: Tensor
+    importance: Tensor
     keys: Tensor
     valid: Tensor | None = None
+    has_cls: bool = True
 
 
 @dataclass
@@ -117,9 +121,9 @@ class Policy:
     encoder_layer: int | None = None
     #: Decoder layers (0-based) before which the policy cuts.
     cut_layers: tuple[int, ...] = ()
-    #: LLaVA-NeXT encoder stage: keep transformers' unpadded layout and image-newline tokens for the sub-crops'
-    #: kept patches (False: the official VisionDrop/VisionZip layout, which drops both).
-    keep_newlines: bool = False
+    #: Encoder stage: lay the kept tokens out in the host's own layout (`Family.lay_out`; LLaVA-NeXT: unpadding
+    #: and image-newline tokens) instead of the compact one of the official VisionDrop/VisionZip code.
+    native_layout: bool = False
 
     def prepare(self, cut: DecoderCut) -> None:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""

@@ -18,7 +18,7 @@ class Replay(Policy):
         self.renumber_positions = policy.renumber_positions
         self.encoder_layer = policy.encoder_layer
         self.cut_layers = policy.cut_layers
-        self.keep_newlines = policy.keep_newlines
+        self.native_layout = policy.native_layout
         self._policy = policy
         self._selections = dict(zip(policy.cut_layers, trace.selections))
 

@@ -219,7 +219,7 @@ class Family:
         return None
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
-                tokens: int, keep_newlines: bool) -> tuple[Tensor, Tensor, int]:
+                tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
         """Arrange the projected tokens of image `image` as the model's visual block.
 
         feats: [crops, kept + n_merged, D]; keep: [crops, kept] indices among the `tokens` tokens of a crop's

@@ -181,7 +181,7 @@ class Llava(Family):
         return clip_encoder_view(tower, images.pixels, feature_layer_index(tower, images.feature_layer))
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
-                tokens: int, keep_newlines: bool) -> tuple[Tensor, Tensor, int]:
+                tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
         cls_offset = 1 if images.select_strategy == "default" else 0  # "default" drops CLS from the visual tokens
         origins = torch.cat([keep[0] - cls_offset, keep.new_full((n_merged,), -1)]).clamp(min=-1)
         return feats[0], origins, tokens - cls_offset

@@ -66,8 +66,8 @@ class LlavaNext(Llava):
         return tokens, {"pixel_values": pixels, "image_sizes": torch.tensor([list(EXAMPLE_IMAGE)])}
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
-                tokens: int, keep_newlines: bool) -> tuple[Tensor, Tensor, int]:
-        return arrange_anyres(self.multimodal(model), feats, keep, n_merged, images.sizes[image], keep_newlines)
+                tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
+        return arrange_anyres(self.multimodal(model), feats, keep, n_merged, images.sizes[image], native_layout)
 
     def extra_config(self) -> dict[str, Any]:
         return {"image_grid_pinpoints": GRID_PINPOINTS}
@@ -82,12 +82,12 @@ LLAVA_NEXT = LlavaNext()
 
 
 def arrange_anyres(llava: nn.Module, feats: Tensor, keep: Tensor, n_merged: int, image_size: Tensor,
-                   keep_newlines: bool = False) -> tuple[Tensor, Tensor, int]:
+                   native_layout: bool = False) -> tuple[Tensor, Tensor, int]:
     """Lay out the reduced crops of one LLaVA-NeXT image as the official code does (methods.md 1(g) quirk 9).
 
     The base crop's tokens come first as they are ([CLS, dominant, contextual]); then the sub-crops' dominant
     patches in the raster order of the whole grid, their CLS tokens, and their contextual tokens. By default, as
-    the official code: no image-newline tokens and no unpadding. With `keep_newlines`, the sub-crops' dominant
+    the official code: no image-newline tokens and no unpadding. With `native_layout`, the sub-crops' dominant
     patches follow transformers' own layout instead: patches in the padding that unpadding removes are dropped,
     and the model's image-newline token closes every grid row that keeps a patch.
     Returns (tokens, original indices in HF's packed order, placeholder slots).
@@ -108,7 +108,7 @@ def arrange_anyres(llava: nn.Module, feats: Tensor, keep: Tensor, n_merged: int,
         y, x = sub_patch.clamp(min=0) // side, sub_patch.clamp(min=0) % side
         raster = (grid_row * side + y) * (cols * side) + grid_col * side + x
         is_patch = sub_patch >= 0
-        if keep_newlines:
+        if native_layout:
             is_patch &= sub_origin >= 0  # unpadding removes these patches
             dominant, dominant_origin = _with_newlines(sub[is_patch], sub_origin[is_patch], newline_at.to(keep.device),
                                                        llava.image_newline)

@@ -108,12 +108,25 @@ def unpruned() -> Policy:
     return Policy()
 
 
-def policy_for(info: ModelInfo, name: str, budget: float | None = None, **options: Any) -> Policy:
+def policy_for(info: ModelInfo, name: str, budget: float | None = None, ratio: float | None = None,
+               **options: Any) -> Policy:
     """The policy of method `name` at `budget` for a model described by `info`.
+
+    `ratio` gives the budget as a retention ratio of the visual tokens instead: budget = ratio x the model's
+    nominal count (`info.n_visual`). Methods scale their counts to each sample's own visual tokens, so on models
+    whose count varies per sample (LLaVA-NeXT grids, dynamic resolution, frames) every sample keeps that share
+    of its own tokens; on LLaVA-1.5 `ratio=64/576` is `budget=64`.
 
     Raises ValueError if the budget is unreachable, TypeError for a budget that is not a number or an unknown option.
     """
     chosen = method(name)
+    if ratio is not None:
+        if budget is not None:
+            raise TypeError("give the budget as budget= (tokens) or ratio= (retention ratio), not both")
+        check_budget(ratio)
+        if ratio > 1:
+            raise ValueError(f"ratio is the share of the visual tokens kept, in (0, 1]; got {ratio}")
+        budget = ratio * info.n_visual
     check_budget(budget)
     chosen.check_options(options)
     replaced = any(options.get(option) is not None for option in chosen.replaces_budget)

@@ -7,16 +7,19 @@ from ..engine import EncoderView, Selection, complement, contextual_merge, topk_
 
 
 def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Selection:
-    """CLS + the top (dominant - 1) patches by head-summed CLS attention, then `contextual` merged tokens.
+    """CLS + the top (dominant - 1) patches by head-summed importance (the CLS attention), then `contextual`
+    merged tokens; on a tower without CLS, the top `dominant` tokens by the attention they receive.
 
     Kept order: [CLS, patches ascending]; the merged tokens come from the other tokens, on the layer's keys
     averaged over heads.
     """
-    scores = view.cls_attention[:, :, 1:].sum(1)  # CLS query over the patch keys, summed over heads
+    first = int(view.has_cls)  # CLS is always kept, and not ranked
+    scores = view.importance[:, :, first:].sum(1)  # summed over heads
     if view.valid is not None:
-        scores = scores.masked_fill(~view.valid[:, 1:], float("-inf"))
-    patches = topk_in_order(scores, dominant - 1) + 1
-    keep = torch.cat([patches.new_zeros(patches.shape[0], 1), patches], dim=1)  # CLS first
+        scores = scores.masked_fill(~view.valid[:, first:], float("-inf"))
+    keep = topk_in_order(scores, dominant - first) + first
+    if view.has_cls:
+        keep = torch.cat([keep.new_zeros(keep.shape[0], 1), keep], dim=1)  # CLS first
     rest = complement(keep, view.hidden.shape[1])
     return Selection(keep, contextual_merge(view.hidden, view.keys.mean(1), rest, contextual))
 

@@ -129,7 +129,7 @@ def policy(info: ModelInfo, budget: float | None = None, schedule: dict | None =
     if (budget is None) == (schedule is None):
         raise ValueError("VisionDrop needs exactly one of budget= or schedule=")
     dropper = VisionDrop(Schedule.parse(schedule) if schedule is not None else schedule_for_budget(budget, info), info)
-    dropper.keep_newlines = newline_choice(newlines)
+    dropper.native_layout = newline_choice(newlines)
     return dropper
 
 
