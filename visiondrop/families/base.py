@@ -12,7 +12,7 @@ from the engine, so that the engine can import it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -106,6 +106,7 @@ class TokenIds:
     bos: int
     eos: int
     pad: int
+    special: dict[str, int] = field(default_factory=dict)  # ids of the family's `special_tokens`
 
 
 @dataclass
@@ -129,6 +130,11 @@ class Family:
     model_class: type[nn.Module]  # the transformers class this family loads
     image_aspect_ratio: str  # the evaluation plugin's default preprocessing (harness.prompting)
     conv_template: str  # the evaluation plugin's default prompt (harness.prompting)
+    #: False for a family whose positions carry the image layout (M-RoPE): tokens keep their positions at every
+    #: cut, whatever the policy's `renumber_positions`, and merged tokens take `merged_position`
+    renumbers_positions: bool = True
+    image_token: str = "<image>"  # the placeholder its processor expands
+    special_tokens: tuple[str, ...] = ()  # tokens its prompts need beyond LLaVA's (tiny tokenizers add them)
 
     # -- where a loaded model keeps its parts ------------------------------------------------------------------
     def multimodal(self, model: nn.Module) -> nn.Module:
@@ -157,12 +163,20 @@ class Family:
     # -- the visual tokens of a forward ------------------------------------------------------------------------
     def has_images(self, kwargs: dict[str, Any]) -> bool:
         """Whether a forward's keywords carry images (pixels, or features `generate()` encoded beforehand)."""
-        raise NotImplementedError
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
 
     def image_token_mask(self, model: nn.Module, input_ids: Tensor | None,
                          inputs_embeds: Tensor | None) -> Tensor | None:
-        """[B, L] True at the image tokens of a forward's inputs, or None if they cannot be told."""
-        raise NotImplementedError
+        """[B, L] True at the image tokens of a forward's inputs (`config.image_token_id`), or None if they cannot
+        be told."""
+        image_id = model.config.image_token_id
+        if input_ids is not None:
+            return input_ids == image_id
+        if inputs_embeds is not None:
+            image_embed = model.get_input_embeddings()(torch.tensor(image_id, device=inputs_embeds.device))
+            return (inputs_embeds == image_embed).all(-1)
+        return None
 
     # -- positions -----------------------------------------------------------------------------------------------
     def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:
@@ -173,17 +187,23 @@ class Family:
         """Positions [..., length] of a sample renumbered after a cut, from its first token's position [...]."""
         raise NotImplementedError
 
+    def merged_position(self, block: Tensor) -> Tensor:
+        """The position [...] of the merged tokens of a cut in a family that keeps positions, from the positions
+        [..., n] of the visual block they come from."""
+        raise ValueError("merged tokens have no original position: this policy must renumber positions")
+
     def next_position(self, positions: Tensor) -> Tensor:
-        """The position [..., B] the token after a prompt with `positions` [..., B, L] takes."""
-        raise NotImplementedError
+        """The position [..., B] the token after a prompt with `positions` [..., B, L] takes: one past its last
+        (the prompt ends with text; M-RoPE's text positions are equal on all three axes)."""
+        return positions[..., -1] + 1
 
     def continued(self, next_position: Tensor, steps: int) -> Tensor:
         """Positions [..., B, steps] of `steps` new tokens in decode, the first at `next_position` [..., B]."""
-        raise NotImplementedError
+        return next_position.unsqueeze(-1) + torch.arange(steps, device=next_position.device)
 
     def rotary(self, lm: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """The rotary embeddings (cos, sin), each [B, L, head_dim], the decoder layers take for `positions`."""
-        raise NotImplementedError
+        return lm.rotary_emb(hidden, positions)
 
     @staticmethod
     def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -205,6 +225,11 @@ class Family:
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         """The images of a `get_image_features(pixel_values, *args, **kwargs)` call, with the model's defaults."""
         raise NotImplementedError
+
+    def image_groups(self, images: Images) -> list[Images]:
+        """The images in the groups whose tower outputs one encoder view holds (equal token counts): all at once,
+        unless the token count varies per image."""
+        return [images]
 
     def encoder_view(self, model: nn.Module, images: Images) -> "EncoderView":
         """Run the vision tower on every crop and show the feature layer to an encoder-side policy.
@@ -236,4 +261,10 @@ class Family:
     def build_processor(self, tokenizer: Any) -> Any:
         """The family's processor around `tokenizer`, set up as the real checkpoints' (offline, no torchvision)."""
         raise NotImplementedError
+
+    def load_processor(self, path: str) -> Any:
+        """The processor of a checkpoint (folder or hub id)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path)
 

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from ..families import Family, Shape, TokenIds, family_for
 from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
+from ..families.qwen2_5_vl import QWEN2_5_VL
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
 
@@ -46,14 +47,15 @@ _CORPUS = [
     "Who is holding the umbrella? Where is the man standing? Which side is the tree on?",
     "left right top bottom above below next to behind in front of the",
 ]
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a small LLaVA-style corpus, with LLaVA's special tokens (and <image>)."""
+def build_tokenizer(vocab_size: int, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a small LLaVA-style corpus, with LLaVA's special tokens (and <image>),
+    then `extra_special` (a family's own, `Family.special_tokens`)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special),
         # Full byte alphabet so that any input text is encodable without <unk>.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -74,10 +76,11 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def token_ids(tokenizer: PreTrainedTokenizerFast) -> TokenIds:
-    """The ids a model config built for `tokenizer` carries."""
-    return TokenIds(vocab=len(tokenizer), image=tokenizer.convert_tokens_to_ids("<image>"),
-                    bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+def token_ids(tokenizer: PreTrainedTokenizerFast, family: Family = LLAVA) -> TokenIds:
+    """The ids a model config of `family` built for `tokenizer` carries."""
+    return TokenIds(vocab=len(tokenizer), image=tokenizer.convert_tokens_to_ids(family.image_token),
+                    bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
+                    special={t: tokenizer.convert_tokens_to_ids(t) for t in family.special_tokens})
 
 
 def _build(
@@ -94,10 +97,10 @@ def _build(
     init_std: float = 0.2,
 ) -> Path:
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, family.special_tokens)
     shape = Shape(hidden=hidden, intermediate=2 * hidden, layers=text_layers, heads=heads, vision_hidden=vision_hidden,
                   vision_intermediate=2 * vision_hidden, vision_layers=vision_layers, vision_heads=heads)
-    config = family.build_config(shape, token_ids(tokenizer), init_std)
+    config = family.build_config(shape, token_ids(tokenizer, family), init_std)
     torch.manual_seed(seed)
     model = family.model_class(config)
     # Stored in float16 like the real checkpoint: halves the folder (~4.5 MB); load_tiny_llava upcasts.
@@ -126,18 +129,28 @@ def build_tiny_llava_next(out_dir: str | Path, **knobs) -> Path:
     return _build(out_dir, LLAVA_NEXT, **knobs)
 
 
+def build_tiny_qwen2_5_vl(out_dir: str | Path, **knobs) -> Path:
+    """Build, save and return the path of a tiny random Qwen2.5-VL (Qwen2.5-VL-7B-Instruct layout).
+
+    The real depths by default (a 32-block windowed ViT with full attention in blocks 7/15/23/31, window 112,
+    2x2 merger; a 28-layer M-RoPE decoder with grouped-query attention) at a tiny width; the tokenizer adds
+    Qwen's special tokens and chat template; the image processor is Qwen2-VL's PIL one (no torchvision).
+    Knobs as :func:`build_tiny_llava`.
+    """
+    return _build(out_dir, QWEN2_5_VL, **{"text_layers": 28, "vision_layers": 32, **knobs})
+
+
 def load_tiny_llava(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a folder written by :func:`build_tiny_llava` or :func:`build_tiny_llava_next`.
+    """Load a folder written by :func:`build_tiny_llava`, :func:`build_tiny_llava_next` or
+    :func:`build_tiny_qwen2_5_vl`.
 
     The model class follows the saved config's family; the model is returned in eval mode.
     """
-    model = family_for(AutoConfig.from_pretrained(path)).model_class.from_pretrained(
-        path, attn_implementation=attn_implementation, dtype=dtype
-    ).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    return model, processor
+    family = family_for(AutoConfig.from_pretrained(path))
+    model = family.model_class.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype).eval()
+    return model, family.load_processor(path)
 
 
 def demo_image(seed: int, size: tuple[int, int] = (336, 336)) -> Image.Image:
