@@ -262,9 +262,13 @@ class Family:
         """The family's processor around `tokenizer`, set up as the real checkpoints' (offline, no torchvision)."""
         raise NotImplementedError
 
-    def load_processor(self, path: str) -> Any:
-        """The processor of a checkpoint (folder or hub id)."""
+    def load_processor(self, path: str, **options: Any) -> Any:
+        """The processor of a checkpoint (folder or hub id); `options` are the family's processor options
+        (Qwen2.5-VL: min_pixels, max_pixels)."""
         from transformers import AutoProcessor
 
+        if options:
+            raise TypeError(f"{type(self).__name__} takes no processor options, got {', '.join(options)} "
+                            "(min_pixels / max_pixels apply to dynamic-resolution models: Qwen2.5-VL)")
         return AutoProcessor.from_pretrained(path)
 
