@@ -262,3 +262,63 @@ def test_demo_task_through_the_plugin(tiny_qwen_dir):
     assert lm.processor.image_processor.size.longest_edge == 224 * 224  # the processor stores max_pixels there
     # at most 64 visual tokens per image at this max_pixels: VisionZip keeps 64/576 of them (round(54/9) + round(10/9))
     assert info["samples"] == 3 and info["measured_tokens_mean"] <= 7
+
+
+@pytest.mark.parametrize("name", ["none", "visionzip", "visiondrop", "fastv"])
+def test_flops_formula_matches_torch_flop_counter(qwen, nominal, name):
+    """The formula (windowed and full-attention tower layers, the merger on what is projected, the encoder stage's
+    scoring) gives what FlopCounterMode counts on the nominal image; the tower without the merger, and the merger,
+    as the formula's vision and projector parts."""
+    from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
+
+    model, _, _ = qwen
+    with flop_counter() as counter:
+        sched = measure_schedule(model, nominal, name, None if name == "none" else 64)
+    dims = Dims.from_config(model.config)
+    text = nominal["input_ids"].shape[1] - dims.n_visual
+    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected,
+                            overhead=overhead_flops(dims, name, sched.cuts, text))
+    assert formula.total == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    modules = {key.rsplit(".", 1)[-1]: sum(counts.values()) for key, counts in counter.get_flop_counts().items()}
+    tower = modules["visual"] - (modules["merger"] if name in ("none", "fastv") else 0)  # the merger inside it
+    assert (tower, modules["merger"], modules["lm_head"]) == pytest.approx(
+        (formula.vision, formula.projector, formula.lm_head), rel=1e-6)
+    assert (formula.overhead > 0) == (name != "none")
+
+
+def test_flops_preset_is_the_7b_config():
+    from transformers import Qwen2_5_VLConfig
+
+    from visiondrop.efficiency.flops import PRESETS, Dims, method_flops
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           fullatt_block_indexes=[7, 15, 23, 31], window_size=112))
+    assert Dims.from_config(config) == PRESETS["qwen2.5-vl-7b"]
+    full, vz = method_flops("qwen2.5-vl-7b", "none"), method_flops("qwen2.5-vl-7b", "visionzip", 64)
+    assert vz.vision == full.vision and vz.decoder < full.decoder / 4 and 0 < vz.overhead < 0.05 * vz.decoder
+
+
+def test_latency_benchmark_builds_the_7b_architecture_at_tiny_width():
+    """The benchmark's Qwen2.5-VL: the 7B layout at a tiny width, the nominal 672 image between its vision tokens
+    with M-RoPE token types; full and VisionZip rows measured, FLOPs by the preset's formula at that width."""
+    from visiondrop.efficiency.flops import Dims, method_flops
+    from visiondrop.efficiency.latency import benchmark, build_config, make_inputs
+
+    config = build_config("qwen2.5-vl-7b", "tiny")
+    full_config = build_config("qwen2.5-vl-7b", "full")
+    assert (full_config.text_config.num_key_value_heads, full_config.vision_config.fullatt_block_indexes,
+            full_config.text_config.rope_parameters["mrope_section"]) == (4, [7, 15, 23, 31], [16, 24, 24])
+    inputs = make_inputs(config, torch.device("cpu"), torch.float32)
+    ids = inputs["input_ids"][0]
+    image = (ids == config.image_token_id).nonzero()[:, 0]
+    assert len(image) == 576 and int((ids != config.image_token_id).sum()) == 63
+    assert ids[image[0] - 1] == config.vision_start_token_id and ids[image[-1] + 1] == config.vision_end_token_id
+    assert inputs["image_grid_thw"].tolist() == [[1, 48, 48]] and inputs["mm_token_type_ids"].sum() == 576
+    result = benchmark("qwen2.5-vl-7b", width="tiny", device="cpu", methods=["none", "visionzip"], repeats=1,
+                       warmup=0, new_tokens=2, out=None)
+    full, vz = result.rows
+    assert (full.status, vz.status) == ("ok", "ok") and (full.tokens, vz.tokens) == (576, 64.0)
+    assert vz.tflops == method_flops(Dims.from_config(config), "visionzip", 64).total / 1e12

@@ -48,14 +48,15 @@ from tqdm import tqdm
 from ..families import Shape, TokenIds, family_for
 from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
+from ..families.qwen2_5_vl import QWEN2_5_VL
 from .flops import TEXT_TOKENS, Dims, method_flops
 from ..harness.tables import PAPER_MODELS, method_title
 from ..methods import METHODS
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
-MODELS = ("llava-1.5-7b", "llava-next-7b")
+MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b")
 DEFAULT_METHODS = tuple(METHODS)  # every registered method
-DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,)}
+DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "qwen2.5-vl-7b": (64,)}
 
 
 #: "reduced" = full / 8 with head dims 64; "tiny" only keeps tests fast. Depths never change.
@@ -67,15 +68,30 @@ WIDTHS = {
     "tiny": Shape(hidden=64, intermediate=172, layers=32, heads=2, vision_hidden=32, vision_intermediate=128,
                   vision_layers=24, vision_heads=1),
 }
-MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT}
+#: Qwen2.5-VL-7B-Instruct's widths, the same way ("reduced": full / 8, decoder head dims 64, 1 key-value head of 7)
+QWEN_WIDTHS = {
+    "full": Shape(hidden=3584, intermediate=18944, layers=28, heads=28, vision_hidden=1280, vision_intermediate=3420,
+                  vision_layers=32, vision_heads=16, kv_heads=4),
+    "reduced": Shape(hidden=448, intermediate=2368, layers=28, heads=7, vision_hidden=160, vision_intermediate=428,
+                     vision_layers=32, vision_heads=2, kv_heads=1),
+    "tiny": Shape(hidden=64, intermediate=172, layers=28, heads=2, vision_hidden=32, vision_intermediate=128,
+                  vision_layers=32, vision_heads=1, kv_heads=1),
+}
+MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT, "qwen2.5-vl-7b": QWEN2_5_VL}
 LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001)  # the llava-hf checkpoints' vocabulary
+QWEN_IDS = TokenIds(vocab=152064, image=151655, bos=151643, eos=151645, pad=151643,  # Qwen2.5-VL's vocabulary
+                    special={"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|video_pad|>": 151656})
+MODEL_SHAPES = {"llava-1.5-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5), "llava-next-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5),
+                "qwen2.5-vl-7b": (QWEN_WIDTHS, QWEN_IDS, 1e-6)}  # widths, vocabulary, norm epsilon
 
 
 def build_config(model: str = "llava-1.5-7b", width: str = "full"):
-    """The config of llava-hf/llava-1.5-7b-hf (or llava-v1.6-vicuna-7b-hf) at `width`, built by its family."""
+    """The config of llava-hf/llava-1.5-7b-hf (llava-v1.6-vicuna-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct) at `width`,
+    built by its family."""
     if model not in MODEL_FAMILIES:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    return MODEL_FAMILIES[model].build_config(WIDTHS[width], LLAVA_HF_IDS, norm_eps=1e-5)
+    widths, ids, norm_eps = MODEL_SHAPES[model]
+    return MODEL_FAMILIES[model].build_config(widths[width], ids, norm_eps=norm_eps)
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype, attn: str = "sdpa") -> nn.Module:
@@ -327,7 +343,7 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
     finally:
         torch.set_num_threads(threads_before)
     config = net.config
-    n_image = inputs["input_ids"].eq(config.image_token_index).sum().item()
+    n_image = inputs["input_ids"].eq(config.image_token_id).sum().item()
     dims = Dims.from_config(config)
     dims = replace(dims, extra_tokens=n_image - dims.n_visual)  # LLaVA-NeXT's row newlines
     for row in rows:

@@ -95,6 +95,7 @@ class Shape:
     vision_intermediate: int
     vision_layers: int
     vision_heads: int
+    kv_heads: int | None = None  # decoder key-value heads where they are fewer than the heads (grouped queries)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ What differs from LLaVA, and how this adapter handles it:
   patches; its hidden vector the concatenation of its four patches' outputs (what the merger takes, so merged
   tokens average groups before the merger's norm and MLP, as LLaVA's merge before the projector); its key the mean
   of its patches' keys (before the rotary embedding: content, not place). The tower orders patches by attention
-  window; the view undoes that order (`get_vision_window_index`), as the tower's own output does.
+  window; the view undoes that order (`get_vision_window_index`), as the tower's own output does. The tower runs
+  without its merger there: the encoder stage projects only the tokens it keeps and merges.
 - Images of different sizes are encoded one at a time (`image_groups`), so a policy sees equal token counts.
 Videos are passed through unpruned (their tokens are not image tokens).
 """
@@ -43,6 +44,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.processing_utils import ProcessorMixin
 from transformers.vision_utils import get_vision_window_index
 
+from ..efficiency.flops import Dims
 from ..engine.policy import EncoderView
 from .base import Family, Images, ModelInfo, Shape, TokenIds
 
@@ -115,6 +117,22 @@ class Qwen2_5_VL(Family):
         return project
 
     # -- config facts --------------------------------------------------------------------------------------------
+    def flops_dims(self, config: Any) -> Dims:
+        """On the nominal 672x672 image (the FLOPs count's convention, `efficiency.flops`)."""
+        text, vision = config.text_config, config.vision_config
+        side, unit = NOMINAL_SIDE // vision.patch_size, vision.spatial_merge_size ** 2
+        return Dims(
+            hidden=text.hidden_size, intermediate=text.intermediate_size, n_layers=text.num_hidden_layers,
+            vocab=text.vocab_size, n_heads=text.num_attention_heads, n_kv_heads=text.num_key_value_heads,
+            head_dim=text.hidden_size // text.num_attention_heads, vision_hidden=vision.hidden_size,
+            vision_intermediate=vision.intermediate_size, vision_layers=vision.depth, vision_heads=vision.num_heads,
+            vision_tokens=side * side, patch_size=vision.patch_size, projector_in=vision.hidden_size * unit,
+            visual_per_crop=side * side // unit, model_type=config.model_type, vision_cls=0,
+            patch_channels=vision.in_channels * vision.temporal_patch_size, vision_mlp=3,
+            vision_windowed_layers=vision.depth - len(vision.fullatt_block_indexes),
+            vision_window=(vision.window_size // vision.patch_size) ** 2, projector_mid=vision.hidden_size * unit,
+        )
+
     def model_info(self, config: Any) -> ModelInfo:
         vision = config.vision_config
         side = NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
@@ -160,10 +178,12 @@ class Qwen2_5_VL(Family):
             captured["rope"] = kwargs["position_embeddings"]
 
         hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
+        tower.merger.forward = lambda x: x[::config.spatial_merge_size ** 2]  # projected later: only what is kept
         try:
             out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
         finally:
             hook.remove()
+            del tower.merger.forward
         x, (cos, sin) = captured["x"], captured["rope"]
         n_patches, unit = x.shape[0], config.spatial_merge_size ** 2
         q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -195,6 +215,18 @@ class Qwen2_5_VL(Family):
         pixels = torch.randn(side * side, channels, generator=generator)
         return side * side // vision.spatial_merge_size ** 2, {"pixel_values": pixels, "image_grid_thw": grid}
 
+    text_before_image = 15  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + start
+
+    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """The base prompt with the image between <|vision_start|> and <|vision_end|> (two of its text tokens) and
+        the token types M-RoPE's positions are built from."""
+        inputs = super().example_inputs(config, text_tokens, generator)
+        ids = inputs["input_ids"][0]
+        image = ids == config.image_token_id
+        first, count = int(image.long().argmax()), int(image.sum())
+        ids[first - 1], ids[first + count] = config.vision_start_token_id, config.vision_end_token_id
+        return {**inputs, "mm_token_type_ids": image.int()[None]}
+
     # -- building ------------------------------------------------------------------------------------------------
     def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
         """Qwen2.5-VL-7B-Instruct's layout (32-block windowed ViT with full attention in blocks 7/15/23/31, 2x2
@@ -205,12 +237,15 @@ class Qwen2_5_VL(Family):
         text = dict(
             vocab_size=ids.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
             num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-            num_key_value_heads=max(1, shape.heads // 2), max_position_embeddings=32768, rms_norm_eps=norm_eps,
+            num_key_value_heads=shape.kv_heads or shape.heads, max_position_embeddings=128000, rms_norm_eps=norm_eps,
             initializer_range=init_std, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                                          "mrope_section": section},
             bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad, tie_word_embeddings=False,
         )
-        full = [round(i * shape.vision_layers / 32) for i in (8, 16, 24, 32)]
+        full = [round(i * shape.vision_layers / 32) for i in (8, 16, 24, 32)]  # 7/15/23/31 at 32
+        # ids without Qwen's special tokens (the FLOPs proxy): placed around the image token as in the checkpoint
+        special = {"<|vision_start|>": ids.image - 3, "<|vision_end|>": ids.image - 2,
+                   "<|video_pad|>": ids.image + 1} | ids.special
         vision = dict(
             depth=shape.vision_layers, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
             num_heads=shape.vision_heads, out_hidden_size=shape.hidden, patch_size=PATCH_SIZE,
@@ -218,9 +253,9 @@ class Qwen2_5_VL(Family):
             fullatt_block_indexes=[i - 1 for i in full], initializer_range=init_std,
         )
         return Qwen2_5_VLConfig(
-            text_config=text, vision_config=vision, image_token_id=ids.special["<|image_pad|>"],
-            video_token_id=ids.special["<|video_pad|>"], vision_start_token_id=ids.special["<|vision_start|>"],
-            vision_end_token_id=ids.special["<|vision_end|>"], tie_word_embeddings=False,
+            text_config=text, vision_config=vision, image_token_id=ids.image,
+            video_token_id=special["<|video_pad|>"], vision_start_token_id=special["<|vision_start|>"],
+            vision_end_token_id=special["<|vision_end|>"], tie_word_embeddings=False,
             bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad,
         )
 

@@ -93,13 +93,15 @@ def _build(
     hidden: int = 64,
     vision_hidden: int = 64,
     heads: int = 4,
+    kv_heads: int | None = None,
     vocab_size: int = 512,
     init_std: float = 0.2,
 ) -> Path:
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(vocab_size, family.special_tokens)
     shape = Shape(hidden=hidden, intermediate=2 * hidden, layers=text_layers, heads=heads, vision_hidden=vision_hidden,
-                  vision_intermediate=2 * vision_hidden, vision_layers=vision_layers, vision_heads=heads)
+                  vision_intermediate=2 * vision_hidden, vision_layers=vision_layers, vision_heads=heads,
+                  kv_heads=kv_heads)
     config = family.build_config(shape, token_ids(tokenizer, family), init_std)
     torch.manual_seed(seed)
     model = family.model_class(config)
@@ -133,11 +135,11 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, **knobs) -> Path:
     """Build, save and return the path of a tiny random Qwen2.5-VL (Qwen2.5-VL-7B-Instruct layout).
 
     The real depths by default (a 32-block windowed ViT with full attention in blocks 7/15/23/31, window 112,
-    2x2 merger; a 28-layer M-RoPE decoder with grouped-query attention) at a tiny width; the tokenizer adds
-    Qwen's special tokens and chat template; the image processor is Qwen2-VL's PIL one (no torchvision).
-    Knobs as :func:`build_tiny_llava`.
+    2x2 merger; a 28-layer M-RoPE decoder with grouped-query attention, 2 key-value heads of 4) at a tiny width;
+    the tokenizer adds Qwen's special tokens and chat template; the image processor is Qwen2-VL's PIL one (no
+    torchvision). Knobs as :func:`build_tiny_llava`.
     """
-    return _build(out_dir, QWEN2_5_VL, **{"text_layers": 28, "vision_layers": 32, **knobs})
+    return _build(out_dir, QWEN2_5_VL, **{"text_layers": 28, "vision_layers": 32, "kv_heads": 2, **knobs})
 
 
 def load_tiny_llava(
