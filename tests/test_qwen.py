@@ -322,3 +322,25 @@ def test_latency_benchmark_builds_the_7b_architecture_at_tiny_width():
     full, vz = result.rows
     assert (full.status, vz.status) == ("ok", "ok") and (full.tokens, vz.tokens) == (576, 64.0)
     assert vz.tflops == method_flops(Dims.from_config(config), "visionzip", 64).total / 1e12
+
+
+def test_hydra_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_qwen_dir):
+    """`model=qwen25_vl_7b` with the tiny checkpoint: a job at a retention ratio, max_pixels in its identity."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from visiondrop.harness import job
+
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"results_dir={tmp_path}/runs", "limit=2", "model=qwen25_vl_7b", f"model.pretrained={tiny_qwen_dir}",
+            "model.device=cpu", "model.dtype=float32", "model.max_pixels=50176", "method=visionzip",
+            "budget.ratio=0.111111111"])
+    [record] = job.run_job(cfg)
+    assert record["budget"] == 64.0 and record["model"] == "qwen2.5-vl-7b"
+    assert record["identity"]["preprocessing"] == {"image_aspect_ratio": "none", "conv_template": "chat_template",
+                                                   "max_pixels": 50176}
+    # at most 64 visual tokens per image at this max_pixels, and VisionZip keeps 64/576 of each image's own
+    assert 0 < record["measured_tokens"] <= 7 and record["tflops"] > 0
