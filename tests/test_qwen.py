@@ -228,13 +228,29 @@ def test_encoder_view_is_the_towers_output_in_raster_order(qwen):
 
 
 def test_merged_tokens_take_the_centre_of_the_grid(qwen):
-    """VisionZip's contextual tokens take the centre of the image's grid: 14x20 patches -> 7x10 tokens, rows
-    s..s+6 and columns s..s+9 -> (s, s+3, s+4)."""
+    """VisionZip's contextual tokens enter the decoder at the centre of the image's grid (10x7 tokens at rows
+    s..s+6, columns s..s+9: (s, s+3, s+4)), its dominant ones at their stock positions; the text after the image
+    keeps its own."""
     model, processor, images = qwen
     batch = batch_of(processor, QUESTIONS[:1], images[1:2])
-    block = stock_positions(model, batch)[:, 0][:, batch["input_ids"][0] == model.config.image_token_id]
-    start = int(block[0, 0])
+    stock = stock_positions(model, batch)[:, 0]
+    image = batch["input_ids"][0] == model.config.image_token_id
+    block, start = stock[:, image], int(stock[0, image][0])
     assert family_of(model).merged_position(block).tolist() == [start, start + 3, start + 4]
+    seen = []
+    hook = model.model.language_model.rotary_emb.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    try:
+        with visiondrop.apply(model, "visionzip", dominant=54, contextual=10) as handle, torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+    (kept,) = handle.trace.kept[0]  # 54 * 70 / 576 -> 7 dominant tokens, 10 * 70 / 576 -> 1 contextual
+    first = int(image.long().argmax())
+    positions = seen[0][:, 0]
+    assert torch.equal(positions[:, first:first + 7], block[:, kept]) and len(kept) == 7
+    assert positions[:, first + 7].tolist() == [start, start + 3, start + 4]
+    assert torch.equal(positions[:, first + 8:], stock[:, first + 70:]) and torch.equal(positions[:, :first],
+                                                                                          stock[:, :first])
 
 
 def test_demo_task_through_the_plugin(tiny_qwen_dir):

@@ -97,17 +97,13 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
             origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)]))
             if not renumber:
                 slot = torch.cat([keep, keep.new_full((n_merged,), -1)]) if slots is None else slots[b]
-                block = pos[..., start:start + n]
-                kept_pos = block[..., slot.clamp(min=0)]
-                if n_merged:
-                    merged_pos = family.merged_position(block).unsqueeze(-1).expand_as(kept_pos)
-                    kept_pos = torch.where(slot >= 0, kept_pos, merged_pos)
-                positions.append(torch.cat([pos[..., first:start], kept_pos, pos[..., start + n:]], -1))
+                visual = _kept_positions(family, pos[..., start:start + n], slot)
+                kept_pos = torch.cat([pos[..., first:start], visual, pos[..., start + n:]], -1)
         sources.append(source)
         if renumber:
             positions.append(family.renumbered(pos[..., first], len(index[-1])))
-        elif b not in selections:
-            positions.append(pos[..., index[-1]])
+        else:
+            positions.append(pos[..., index[-1]] if b not in selections else kept_pos)
 
     new_length = max(len(i) for i in index)
     pads = [new_length - len(i) for i in index]
@@ -118,6 +114,15 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     pos = torch.stack([torch.cat([q.new_zeros(*q.shape[:-1], p), q], -1) for q, p in zip(positions, pads)], -2)
     vis_start = torch.tensor(starts, device=device) + torch.tensor(pads, device=device)
     return Running(hidden, mask, pos, vis_start, torch.tensor(counts, device=device), origins)
+
+
+def _kept_positions(family: Family, block: Tensor, slots: Tensor) -> Tensor:
+    """Positions [..., k + c] of a cut's visual tokens in a family that keeps positions: each its slot's in the
+    visual block's positions `block` [..., n], -1 (a merged token) the family's `merged_position` of the block."""
+    kept = block[..., slots.clamp(min=0)]
+    if bool((slots < 0).any()):
+        kept = torch.where(slots >= 0, kept, family.merged_position(block).unsqueeze(-1).expand_as(kept))
+    return kept
 
 
 def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList, prev_hidden: Tensor | None,
