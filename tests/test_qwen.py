@@ -360,3 +360,21 @@ def test_hydra_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_qwen_di
                                                    "max_pixels": 50176}
     # at most 64 visual tokens per image at this max_pixels, and VisionZip keeps 64/576 of each image's own
     assert 0 < record["measured_tokens"] <= 7 and record["tflops"] > 0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unreachable_budget_names_the_smallest_reachable(qwen, name):
+    """On 28 layers: FastV and PyramidDrop cannot go below 2 x 576 / 28 = 41.14 (k=2 stays 2)."""
+    import re
+
+    from visiondrop.methods import policy_for
+
+    model = qwen[0]
+    info = ModelInfo.of(model)
+    smallest = method(name).smallest_budget(info)
+    assert policy_for(info, name, smallest) is not None
+    if name in ("fastv", "pyramiddrop"):
+        assert smallest == pytest.approx(2 * 576 / 28)
+    with pytest.raises(ValueError, match=rf"(?<![\d.]){re.escape(f'{smallest:g}')}(?![\d.])"):
+        visiondrop.apply(model, name, smallest / 4)
+    assert getattr(model.model, "_visiondrop_pruner", None) is None
