@@ -378,3 +378,18 @@ def test_unreachable_budget_names_the_smallest_reachable(qwen, name):
     with pytest.raises(ValueError, match=rf"(?<![\d.]){re.escape(f'{smallest:g}')}(?![\d.])"):
         visiondrop.apply(model, name, smallest / 4)
     assert getattr(model.model, "_visiondrop_pruner", None) is None
+
+
+@pytest.mark.parametrize("name", ["none", "visiondrop", "visionzip", "fastv"])
+def test_beam_search_batch_equals_each_alone(qwen, name):
+    """Beam search reorders the pruned cache's rows: two image sizes in one batch give each one's beams alone
+    (and `none` the stock model's)."""
+    model, processor, images = qwen
+    batch = batch_of(processor, QUESTIONS[:2], images[:2])
+    singles = [batch_of(processor, [q], [img]) for q, img in zip(QUESTIONS[:2], images[:2])]
+    stock = greedy(model, batch, NEW_TOKENS, num_beams=3) if name == "none" else None
+    with visiondrop.apply(model, name, budget(name)):
+        together = greedy(model, batch, NEW_TOKENS, num_beams=3)
+        alone = [greedy(model, single, NEW_TOKENS, num_beams=3)[0] for single in singles]
+    assert all(torch.equal(t, a) for t, a in zip(together, alone)), name
+    assert stock is None or torch.equal(together, stock)

@@ -15,8 +15,10 @@ What differs from LLaVA, and how this adapter handles it:
   (`merged_position`) rather than the place of any one member.
 - Encoder-side scoring without CLS, as the VisionDrop paper prescribes for such towers: the mean attention each
   patch receives from all patches of its image at the tower's last full-attention layer (block 31 of 32, not a
-  windowed one; the CLS substitute LightCompress uses on Qwen2.5-VL, its last layer), recomputed from that block's
-  own qkv projection and rotary embedding (the tower keeps SDPA). A visual token's score is the mean of its four
+  windowed one), recomputed from that block's own qkv projection and rotary embedding (the tower keeps SDPA). The
+  official VisionZip, VisionDrop and SparseVLM repositories have no Qwen2.5-VL adaptation (users ask for one:
+  VisionZip #4 #9); the closest is LightCompress's, which /work/shared/reference/field-notes.md reports to use this
+  CLS substitute at the tower's last layer with the window order undone (its code was not read for this adapter). A visual token's score is the mean of its four
   patches; its hidden vector the concatenation of its four patches' outputs (what the merger takes, so merged
   tokens average groups before the merger's norm and MLP, as LLaVA's merge before the projector); its key the mean
   of its patches' keys (before the rotary embedding: content, not place). The tower orders patches by attention
