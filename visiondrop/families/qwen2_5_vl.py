@@ -18,8 +18,8 @@ What differs from LLaVA, and how this adapter handles it:
   windowed one), recomputed from that block's own qkv projection and rotary embedding (the tower keeps SDPA). The
   official VisionZip, VisionDrop and SparseVLM repositories have no Qwen2.5-VL adaptation (users ask for one:
   VisionZip #4 #9); the closest is LightCompress's, which /work/shared/reference/field-notes.md reports to use this
-  CLS substitute at the tower's last layer with the window order undone (its code was not read for this adapter). A visual token's score is the mean of its four
-  patches; its hidden vector the concatenation of its four patches' outputs (what the merger takes, so merged
+  CLS substitute at the tower's last layer with the window order undone (its code was not read for this adapter).
+  A visual token's score is the mean of its four patches; its hidden vector the concatenation of its four patches' outputs (what the merger takes, so merged
   tokens average groups before the merger's norm and MLP, as LLaVA's merge before the projector); its key the mean
   of its patches' keys (before the rotary embedding: content, not place). The tower orders patches by attention
   window; the view undoes that order (`get_vision_window_index`), as the tower's own output does. The tower runs
@@ -29,6 +29,7 @@ Videos are passed through unpruned (their tokens are not image tokens).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,7 +76,7 @@ CHAT_TEMPLATE = (  # Qwen2.5-VL-Instruct's, for images and text
 )
 
 
-class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
+class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL's processor for images and text, without the video processor (whose lookup needs torchvision)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -109,12 +110,13 @@ class Qwen2_5_VL(Family):
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return model.model.visual
 
-    def projector(self, model: nn.Module):
+    def projector(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
         """The merger on visual tokens given as their four patches' vectors concatenated: [N, k, 4 D] -> [N, k, D']."""
         merger = self.vision_tower(model).merger
+        width = merger.ln_q.weight.shape[0]  # D, one patch's
 
         def project(groups: Tensor) -> Tensor:
-            return merger(groups.reshape(-1, groups.shape[-1] // MERGE_SIZE ** 2)).view(*groups.shape[:2], -1)
+            return merger(groups.reshape(-1, width)).view(*groups.shape[:2], -1)
 
         return project
 
@@ -244,7 +246,7 @@ class Qwen2_5_VL(Family):
                                                          "mrope_section": section},
             bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad, tie_word_embeddings=False,
         )
-        full = [round(i * shape.vision_layers / 32) for i in (8, 16, 24, 32)]  # 7/15/23/31 at 32
+        full = [round((i + 1) * shape.vision_layers / 32) - 1 for i in FULL_ATTENTION_BLOCKS]  # by relative depth
         # ids without Qwen's special tokens (the FLOPs proxy): placed around the image token as in the checkpoint
         special = {"<|vision_start|>": ids.image - 3, "<|vision_end|>": ids.image - 2,
                    "<|video_pad|>": ids.image + 1} | ids.special
@@ -252,7 +254,7 @@ class Qwen2_5_VL(Family):
             depth=shape.vision_layers, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
             num_heads=shape.vision_heads, out_hidden_size=shape.hidden, patch_size=PATCH_SIZE,
             spatial_merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH, window_size=WINDOW_SIZE,
-            fullatt_block_indexes=[i - 1 for i in full], initializer_range=init_std,
+            fullatt_block_indexes=full, initializer_range=init_std,
         )
         return Qwen2_5_VLConfig(
             text_config=text, vision_config=vision, image_token_id=ids.image,
@@ -266,7 +268,7 @@ class Qwen2_5_VL(Family):
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
             temporal_patch_size=TEMPORAL_PATCH, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
-        return Qwen2_5_VLImageProcessor(image_processor=image_processor, tokenizer=tokenizer,
+        return Qwen2_5_VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                         chat_template=CHAT_TEMPLATE)
 
     def load_processor(self, path: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
@@ -275,7 +277,7 @@ class Qwen2_5_VL(Family):
         bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return Qwen2_5_VLImageProcessor(image_processor=image_processor, tokenizer=tokenizer,
+        return Qwen2_5_VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                         chat_template=tokenizer.chat_template)
 
 
