@@ -1,6 +1,6 @@
 """The model-family adapter: everything the engine, the FLOPs count, the harness and the tests know about a host.
 
-A family (LLaVA-1.5, LLaVA-NeXT; later Qwen2.5-VL, Video-LLaVA) says where a loaded model keeps its parts, how
+A family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; later Video-LLaVA) says where a loaded model keeps its parts, how
 its image tokens are marked, how positions are built, cut and continued, how its vision tower shows one layer to
 an encoder-side policy, how an image's crops (or a video's frames) are laid out, and how to build its config,
 processor and FLOPs dimensions. The engine and the policies only call these methods.
@@ -115,7 +115,8 @@ class Images:
     """The images of one image-feature call, split as the family's vision tower takes them.
 
     pixels: [N, ...] every crop (or frame) of every image, one batch for the tower; crops: how many belong to
-    each image, in order; sizes: each image's (height, width) where the layout depends on it (anyres), else None.
+    each image, in order; sizes: each image's (height, width) where the layout depends on it (anyres), or
+    its patch grid (t, h, w) (Qwen2.5-VL's image_grid_thw), else None.
     """
 
     pixels: Tensor
