@@ -180,6 +180,7 @@ def test_remove_restores_bit_identical_outputs(fresh, name):
     for before_dict, after_dict in zip(state, state_after):
         assert before_dict.keys() == after_dict.keys()
         assert all(before_dict[k] is after_dict[k] for k in before_dict if k != "rope_deltas"), name
+    assert "forward" not in model.model.visual.merger.__dict__  # the encoder view's merger-less tower run is undone
 
 
 def stock_positions(model, batch: dict) -> torch.Tensor:
