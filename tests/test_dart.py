@@ -9,6 +9,7 @@ import visiondrop
 from baselines.dart import DART, policy, smallest_budget, truncation_for_budget
 from helpers import inputs, measure_counts, prompt
 from parity import assert_matches_official, load_case, parity_inputs
+from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
 from visiondrop.engine import DecoderCut
 from visiondrop.families import ModelInfo
 from visiondrop.testing.tiny import demo_image
@@ -188,6 +189,22 @@ def test_next_counts_follow_each_samples_own_grid(tiny_next):
                                return_tensors="pt"))
         measured, _ = measure_counts(model, batch, "dart", 320)
         assert measured == [n0] * 2 + [4 + 8 * (round(144 * n0 / 2880) // 8)] * 30
+
+
+def test_flops_count_the_scoring_as_torch_counts_it(tiny):
+    """The formula with DART's overhead (keys of every token, pivots x image tokens) is what FlopCounterMode counts
+    on a real pruned forward, the policy's own products included."""
+    model, processor = tiny
+    batch = inputs(processor, ["What is in the image?"])
+    with flop_counter() as counter:
+        sched = measure_schedule(model, batch, "dart", 64)
+    dims = Dims.from_config(model.config)
+    text = batch["input_ids"].shape[1] - dims.n_visual
+    overhead = overhead_flops(dims, "dart", sched.cuts, text)
+    n = 576 + text
+    assert overhead == 2 * (n * dims.hidden * dims.n_kv_heads * dims.head_dim + 8 * 576 * dims.hidden)
+    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead)
+    assert formula.total == counter.get_total_flops()
 
 
 def test_question_changes_the_kept_set(tiny):

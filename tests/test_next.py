@@ -12,7 +12,8 @@ QUESTIONS = ["What is in the image?", "Is there a red square in the picture? Ans
 IMAGES = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]  # 3 crops (1752 tokens) and 5 crops (2438)
 CROPS = [3, 5]
 METHODS = [("visiondrop", 320, {}), ("visiondrop", 160, {"newlines": "keep"}), ("visionzip", 320, {}),
-           ("fastv", 320, {}), ("pyramiddrop", 320, {}), ("sparsevlm", 320, {}), ("random", 320, {})]
+           ("fastv", 320, {}), ("pyramiddrop", 320, {}), ("sparsevlm", 320, {}), ("dart", 320, {}),
+           ("random", 320, {})]
 
 
 def batch(processor, questions=QUESTIONS, images=IMAGES):
