@@ -8,13 +8,15 @@ As the official LLaVA-1.5 code does it (github.com/ZichenWen1/DART 5a19452, `mod
   channels, which keeps their L2 norm but not the L1 norm, so a token's position enters its score), and
   `pivot_text` text pivots the same among all tokens after the image block;
 - similarity is the cosine of the FINAL norm of the decoder (`model.norm`, the one before the LM head) applied to
-  what layer K-1 outputs, not of that layer's own input norm;
+  what layer K-1 outputs, not of layer K's own input norm (`similarity` offers the hidden states themselves);
 - pivots are processed in the iteration order of a CPython `set` of their sequence positions (for these small
   ints: ascending by position modulo the set's table size, so image and text pivots interleave); each takes the
   `truncation // (pivot_image + pivot_text)` remaining non-pivot image tokens LEAST similar to it, which then
-  leave the candidates. The order changes which tokens later pivots can take (6 to 17 of 132 kept tokens on the
-  parity fixture). Kept: the image pivots and every pick, in their original order, 4 + 8 x (truncation // 8)
-  with the defaults (the scripts' 192 / 128 / 64 keep 196 / 132 / 68); the text pivots are text and stay anyway;
+  leave the candidates. The order changes which tokens later pivots can take (6 to 17 of the 132 kept tokens for
+  the other orders the parity fixture records); it is an accident of hashing, hence `pivot_order`. Kept: the
+  image pivots and every pick, in their original order, 4 + 8 x (truncation // 8) with the defaults (the
+  scripts' 192 / 128 / 64 keep 196 / 132 / 68; their reduction ratio is unused once `max_num_trunction` is given,
+  as the scripts always give it); the text pivots are text and stay anyway;
 - kept tokens keep their ORIGINAL position ids (gaps remain) and decode positions continue from the full prompt
   length in every layer, as FastV's; the cut happens once, in the prefill.
 The positions that order the pivots are counted from each sample's first real token, as in the unpadded
