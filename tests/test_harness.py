@@ -205,6 +205,7 @@ def test_sweep_summary_exit_status_and_wandb_dashboards(tmp_path, monkeypatch):
     assert {f"Demo/{k}" for k in numbers} <= job_run["history"] and job_run["summary"]["Demo/score"] == record["score"]
     assert job_run["summary"]["Demo/answers/_type"] == "table-file" and job_run["summary"]["Demo/answers/nrows"] == 2
     assert job_run["artifacts"][f"record-{record['key']}"] == [f"{record['key']}.json",
+                                                               f"{record['key']}.positions.json",
                                                                f"{record['key']}.samples.jsonl"]
     dashboard = runs["sweep summary"]
     assert dashboard["group"] == "sweep" and dashboard["summary"]["demo-llava-1.5/table/_type"] == "table-file"
