@@ -65,7 +65,8 @@ def _overrides(tmp_path: Path) -> list[str]:
     return overrides
 
 
-def test_the_nine_paper_benchmarks_run_on_local_stand_ins(tmp_path):
+def test_the_nine_paper_benchmarks_run_on_local_stand_ins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (tasks' submission files included)
     cfg = config(tmp_path, f"model.pretrained={DEMO_MODEL}", "method=none", "benchmarks=paper_image", "limit=null",
                  *_overrides(tmp_path))
     records = {r["benchmark"]: r for r in job.run_job(cfg)}
@@ -90,6 +91,8 @@ def test_the_nine_paper_benchmarks_run_on_local_stand_ins(tmp_path):
     assert mme["score"] == by_hand and mme["unit"] == "points (0-2800)"
     metrics = mme["metrics"]
     assert mme["score"] == metrics["mme_perception_score,none"] + metrics["mme_cognition_score,none"]
+    assert list(tmp_path.glob("submissions")) == []  # beside the record instead
+    assert list(Path(records["TextVQA"]["path"]).with_suffix(".outputs").glob("submissions/textvqa_*.json"))
     assert 0 <= records["MMB-CN"]["score"] <= 100 and records["MMB-CN"]["task"] == "mmbench_cn_dev_static"
 
     table, note = build_table(ResultStore(tmp_path / "runs").frame(), None, "demo-llava-1.5")

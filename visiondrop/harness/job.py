@@ -1,6 +1,7 @@
 """One job: a (model, method, budget) evaluated on its benchmarks, one stored record per benchmark."""
 from __future__ import annotations
 
+import argparse
 import glob
 import logging
 import subprocess
@@ -216,15 +217,19 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
             model.reset_measurements()
             start = time.perf_counter()
             task = tasks[bench.name]
+            # tasks that write submission files (MMBench, TextVQA, ...) write them beside the record, not in the cwd
+            key = identity_key(identity)
+            outputs = store.path(identity, key).with_suffix(".outputs")
+            cli_args = argparse.Namespace(output_path=str(outputs), process_with_media=True)
             results = simple_evaluate(model=model, tasks=[task], task_manager=task_manager, limit=cfg.limit,
                                       bootstrap_iters=0, datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"),
-                                      **SEEDS)
+                                      cli_args=cli_args, **SEEDS)
             wall = time.perf_counter() - start
             task_results = results["results"][task]
             score = benchmark_score(bench, task_results)
             info, docs = model.run_info, results["n-samples"][task]
             record = {
-                "key": identity_key(identity), "created": datetime.now(timezone.utc).isoformat(),
+                "key": key, "created": datetime.now(timezone.utc).isoformat(),
                 "model": cfg.model.name, "checkpoint": identity["checkpoint"], "method": cfg.method.name,
                 "options": plan.options, "budget": budget.tokens, "retention_ratio": budget.ratio,
                 "benchmark": bench.name, "task": bench.task, "metric": bench.metric,
