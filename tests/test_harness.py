@@ -239,3 +239,8 @@ def test_next_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_next_dir
     # each sample keeps the same share of its own grid's tokens: measured below the nominal 320 for small grids
     assert 0 < record["measured_tokens"] <= 320 and record["tflops"] > 0
     assert record["run_info"]["image_aspect_ratio"] == "none"
+    maps = json.loads(Path(record["path"]).with_suffix(".positions.json").read_text())  # per crop of each grid
+    assert maps["grid"] == [5, 24] and list(maps["cuts"]) == ["encoder", "layer 8", "layer 16", "layer 24"]
+    encoder = maps["cuts"]["encoder"]
+    assert encoder["samples"] == 2 and sum(map(sum, encoder["present"][0])) == 2 * 576  # every base crop whole
+    assert list(record["position_bias"]) == list(maps["cuts"])
