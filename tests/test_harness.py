@@ -14,6 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from visiondrop.harness import TASKS_DIR, app, job
 from visiondrop.harness.identity import checkpoint_fingerprint
 from visiondrop.harness.store import ResultStore
+from visiondrop.harness.bias_report import collect, plot_bias_maps
 from visiondrop.harness.tables import build_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,3 +245,5 @@ def test_next_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_next_dir
     encoder = maps["cuts"]["encoder"]
     assert encoder["samples"] == 2 and sum(map(sum, encoder["present"][0])) == 2 * 576  # every base crop whole
     assert list(record["position_bias"]) == list(maps["cuts"])
+    entries = collect([record], "llava-next-7b", record["benchmark"])
+    assert plot_bias_maps(entries, tmp_path / "maps.png", "NeXT").stat().st_size > 10_000  # crops side by side

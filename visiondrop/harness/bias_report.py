@@ -112,9 +112,12 @@ def plot_bias_maps(entries: list[tuple[dict, PositionMaps]], out_png: str | Path
     import matplotlib.pyplot as plt
 
     columns = max(len(maps.cuts) for _, maps in entries)
-    fig, axes = plt.subplots(len(entries), columns, figsize=(3.3 * columns + 1.2, 3.1 * len(entries) + 0.8),
-                             squeeze=False, layout="constrained")
-    image = None
+    crops_shown = max(sum(bool(m.present[c].any()) for c in range(m.present.shape[0]))
+                      for _, maps in entries for m in maps.cuts.values())
+    fig, axes = plt.subplots(len(entries), columns, squeeze=False, layout="constrained",
+                             figsize=((2.2 + 1.1 * crops_shown) * columns + 1.2, 3.1 * len(entries) + 0.8))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image, absent = None, False
     for row, (record, maps) in enumerate(entries):
         for col in range(columns):
             ax = axes[row, col]
@@ -125,16 +128,23 @@ def plot_bias_maps(entries: list[tuple[dict, PositionMaps]], out_png: str | Path
             crops, side = maps.grid
             frequency = kept.frequency  # [crops, side, side]
             used = [c for c in range(crops) if kept.present[c].any()]
-            gap = np.full((side, 1), np.nan)
-            panel = np.concatenate([x for c in used for x in (frequency[c], gap)][:-1], axis=1)
-            image = ax.imshow(panel, vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+            panel = np.concatenate([frequency[c] for c in used], axis=1)  # crops side by side
+            absent |= bool(np.isnan(panel).any())
+            image = ax.imshow(panel, vmin=0, vmax=1, cmap=cmap, interpolation="nearest")
+            for boundary in range(1, len(used)):
+                ax.axvline(boundary * side - 0.5, color="white", linewidth=2)
             kind = scoring(record["method"], record.get("options"), cut).split(" (")[0]
             ax.set_title(f"{_label(record)}\n{cut} ({kind}): bias {kept.bias:.2f}", fontsize=9)
             ax.set_ylabel("image row (0 = top)", fontsize=8)
-            ax.set_xlabel("image column" + (" (crops: base, then grid, left to right)" if len(used) > 1 else ""),
-                          fontsize=8)
+            if len(used) > 1:  # name the crops instead of numbering the columns
+                ax.set_xticks([i * side + (side - 1) / 2 for i in range(len(used))],
+                              ["base" if c == 0 else f"crop {c}" for c in used])
+                ax.set_xlabel("image column, per crop (the anyres grid's crops in raster order)", fontsize=8)
+            else:
+                ax.set_xlabel("image column (0 = left)", fontsize=8)
             ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title + ("\ngrey: patches no sample's image has (cut away by unpadding)" if absent else ""),
+                 fontsize=10)
     fig.colorbar(image, ax=axes, shrink=0.6, label="share of samples keeping the patch")
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
