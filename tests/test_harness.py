@@ -204,6 +204,7 @@ def test_sweep_summary_exit_status_and_wandb_dashboards(tmp_path, monkeypatch):
     numbers = {"score", "measured_tokens", "equivalent_tokens", "tflops", "retention_ratio", "samples", "docs",
                "wall_time_s", "throughput_docs_per_s", "partial"}
     assert {f"Demo/{k}" for k in numbers} <= job_run["history"] and job_run["summary"]["Demo/score"] == record["score"]
+    assert job_run["summary"]["Demo/position_bias/layer 1"] == record["position_bias"]["layer 1"]
     assert job_run["summary"]["Demo/answers/_type"] == "table-file" and job_run["summary"]["Demo/answers/nrows"] == 2
     assert job_run["artifacts"][f"record-{record['key']}"] == [f"{record['key']}.json",
                                                                f"{record['key']}.positions.json",

@@ -47,6 +47,7 @@ def job_run(cfg: DictConfig, label: str) -> Iterator[Callable[[dict, list[dict]]
     def log_record(record: dict, samples: list[dict]) -> None:
         bench = record["benchmark"]
         run.log({f"{bench}/{k}": record[k] for k in NUMBERS if record.get(k) is not None})
+        run.log({f"{bench}/position_bias/{cut}": bias for cut, bias in (record.get("position_bias") or {}).items()})
         if samples:
             columns = list(samples[0])
             run.log({f"{bench}/answers": wandb.Table(columns=columns, data=[[s.get(c) for c in columns]
