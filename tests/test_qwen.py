@@ -394,3 +394,14 @@ def test_beam_search_batch_equals_each_alone(qwen, name):
         alone = [greedy(model, single, NEW_TOKENS, num_beams=3)[0] for single in singles]
     assert all(torch.equal(t, a) for t, a in zip(together, alone)), name
     assert stock is None or torch.equal(together, stock)
+
+
+def test_patch_cells_scale_each_grid_onto_the_nominal_one(qwen):
+    """Positional-bias maps: a 10x7-token image's tokens land at their relative places in the 24x24 grid."""
+    model = qwen[0]
+    family = family_of(model)
+    assert family.patch_grid(model.config) == (1, 24)
+    cells = family.patch_cells(model, torch.tensor([1, 14, 20]))  # 7 rows x 10 columns of tokens
+    assert cells.shape == (70, 3) and set(cells[:, 0].tolist()) == {0}
+    assert cells[0].tolist() == [0, 0, 0] and cells[9].tolist() == [0, 0, 21] and cells[69].tolist() == [0, 20, 21]
+    assert cells[10].tolist() == [0, 3, 0]  # row 1 of 7 -> 24 // 7

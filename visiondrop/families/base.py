@@ -271,6 +271,9 @@ class Family:
         raise NotImplementedError
 
     # -- where the visual tokens come from (positional-bias maps) ------------------------------------------------
+    #: the processor output that holds each image's layout, which `patch_cells` takes
+    image_layout_key: str = "image_sizes"
+
     def patch_grid(self, config: Any) -> tuple[int, int]:
         """(crops, side): the patch grids of one image at the model's nominal crops, each side x side."""
         raise NotImplementedError
@@ -279,7 +282,8 @@ class Family:
         """[n, 3] long: for each original visual index of one image (the model's own visual-token order, as the
         trace's `kept`), the (crop, row, col) of its patch, or -1s for a token that is no patch (CLS, newlines).
 
-        image_size: the image's (height, width) where the layout depends on it (the processor's `image_sizes`).
+        image_size: the image's layout where it varies (the processor's `image_layout_key` row: LLaVA-NeXT's
+        (height, width), Qwen2.5-VL's patch grid (t, h, w)).
         """
         raise NotImplementedError
 

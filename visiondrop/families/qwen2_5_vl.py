@@ -206,6 +206,27 @@ class Qwen2_5_VL(Family):
         nominal = self.model_info(model.config).per_crop
         return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal)
 
+    image_layout_key = "image_grid_thw"
+
+    def patch_grid(self, config: Any) -> tuple[int, int]:
+        """The nominal image's token grid (24 x 24), onto which every image's own grid is scaled."""
+        vision = config.vision_config
+        return 1, NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
+
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+        """Each visual token (a 2x2 patch group, raster order) at its relative place in the nominal grid: row r of
+        an image h tokens high lands in row r * 24 // h (several tokens share a cell on large images, cells stay
+        empty on small ones)."""
+        if image_size is None:
+            raise ValueError("Qwen2.5-VL's visual tokens depend on the image size: pass the processor's "
+                             "image_grid_thw")
+        _, side = self.patch_grid(model.config)
+        merge = model.config.vision_config.spatial_merge_size
+        t, h, w = (int(n) for n in image_size)
+        rows, cols = h // merge, w // merge
+        token = torch.arange(t * rows * cols) % (rows * cols)
+        return torch.stack([torch.zeros_like(token), token // cols * side // rows, token % cols * side // cols], 1)
+
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
         return feats[0], torch.cat([keep[0], keep.new_full((n_merged,), -1)]), tokens

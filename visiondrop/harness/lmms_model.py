@@ -257,7 +257,7 @@ class PrunedLlava(lmms):
         stride = len(trace.kept) // len(images)  # beam search prefills each sample's beams (repeat_interleave)
         tokens = trace.mean_tokens
         self._token_sum += sum(float(tokens[row * stride]) for row in rows)
-        sizes = batch.get("image_sizes")  # one row per image, in the order of the samples that have one
+        sizes = batch.get(self.family.image_layout_key)  # one row per image, in the order of the samples with one
         for image, row in enumerate(rows):
             cells = self.family.patch_cells(self._model, None if sizes is None else sizes[image])
             self.position_maps.add_sample(cells, trace.cuts, trace.kept[row * stride])
