@@ -100,7 +100,7 @@ def test_both_experiments_run_end_to_end_on_the_demo_setup(tmp_path, monkeypatch
     table, _ = controlled_study(records, PAPER, "demo-llava-1.5")
     row = table.iloc[0]
     assert row["# Tokens"] == 176 and row["Demo n"] == 2 and row["partial"] == "Demo"
-    assert row["measured tokens (text)"] == row["measured tokens (visual)"] == 175.75  # 576, then 3 cuts to 64, 23, 4 (x 1 layer)
+    assert row["measured tokens (text)"] == row["measured tokens (visual)"] == 175.75  # (576 + 105 + 19 + 3) / 4
     table, _ = ablations(records, PAPER, "demo-llava-1.5")
     decoder = table[table.knobs == "stages=decoder"].iloc[0]
     assert decoder["encoder keeps"] == "all 576" and decoder["measured tokens"] == pytest.approx(160, abs=1)

@@ -62,7 +62,8 @@ STAGES = ("both", "encoder", "decoder")
 FIRST_STAGE = Fraction(OFFICIAL_32.encoder.total, 32)
 #: The official decoder stages as shares of the first stage (35, 26, 19 of 48), and each stage's contextual share.
 SHAPE = tuple(Fraction(stage.total, OFFICIAL_32.encoder.total) for _, stage in OFFICIAL_32.cuts)
-CONTEXTUAL = tuple(Fraction(stage.contextual, stage.total) for stage in (OFFICIAL_32.encoder, *dict(OFFICIAL_32.cuts).values()))
+CONTEXTUAL = tuple(Fraction(stage.contextual, stage.total)
+                   for stage in (OFFICIAL_32.encoder, *(stage for _, stage in OFFICIAL_32.cuts)))
 #: stages="decoder": the cuts of the text-guided baselines (FastV's K=2, PyramidDrop's recommended [2, 8, 16]). With
 #: all the visual tokens entering the decoder, the first cut must come before layer n_layers x budget / n_visual
 #: (3.6 on LLaVA-1.5 at 64 tokens) for the mean to reach the budget; these cuts reach down to 36 tokens, as they do.
@@ -82,11 +83,11 @@ def _split(size: Fraction, contextual_share: Fraction) -> Stage:
 def _later_sizes(first: Fraction, budget: Fraction, lengths: list[int]) -> list[Fraction]:
     """The stages after the first cut, sized so that the mean over the decoder layers is `budget`.
 
-    lengths: decoder layers per segment (the first one carries `first` tokens, before rounding). The official shape (each later
-    stage a fixed share of the first, 35, 26, 19 of 48) is kept where it hits the budget (the official first
-    stage), scaled down by one factor where the budget needs fewer tokens, and flattened toward no reduction
-    (linearly, shares 1 - t (1 - share)) where it needs more. The mean is continuous and monotone along that
-    family, so the solution is unique and exact (fractions; the rounding is the caller's).
+    lengths: decoder layers per segment (the first one carries `first` tokens, before rounding). The official
+    shape (each later stage a fixed share of the first, 35, 26, 19 of 48) is kept where it hits the budget (the
+    official first stage), scaled down by one factor where the budget needs fewer tokens, and flattened toward no
+    reduction (linearly, shares 1 - t (1 - share)) where it needs more. The mean is continuous and monotone along
+    that family, so the solution is unique and exact (fractions; the rounding is the caller's).
     """
     rest = (sum(lengths) * budget - lengths[0] * first) / first  # what the later segments carry, in first stages
     flat = sum(lengths[1:])  # every later stage the size of the first
@@ -146,16 +147,18 @@ def schedule_for_budget(budget: float, info: ModelInfo, first_stage: float | Non
     layers = info.relative_layers(list(layers), "VisionDrop decoder cuts")
     bounds = (0, *layers, info.n_layers)
     lengths = [end - begin for begin, end in zip(bounds, bounds[1:])]
-    if stages == "both" and not lengths[0] * first < info.n_layers * per_crop <= info.n_layers * first:
+    # the first segment alone must stay under the budget, and the cuts can only remove tokens
+    if not lengths[0] * first < info.n_layers * per_crop <= info.n_layers * first:
+        if stages == "decoder":
+            raise ValueError(f"VisionDrop cannot reach budget {budget}{knobs}: all {info.n_visual} visual tokens "
+                             f"enter the {lengths[0]} decoder layers before the first cut (layer {layers[0]}), so "
+                             f"budgets above {lengths[0] * info.n_visual / info.n_layers:g} are reachable{unpruned}")
         raise ValueError(f"VisionDrop cannot reach budget {budget}{knobs}: first_stage must be at least 1 (a cut "
                          f"never adds tokens) and below {info.n_layers / lengths[0]:g} (the {lengths[0]} decoder "
                          f"layers before the first cut, of {info.n_layers}, carry first_stage x budget)")
-    if stages == "decoder" and not lengths[0] * first < info.n_layers * per_crop <= info.n_layers * first:
-        raise ValueError(f"VisionDrop cannot reach budget {budget}{knobs}: all {info.n_visual} visual tokens enter "
-                         f"the {lengths[0]} decoder layers before the first cut (layer {layers[0]}), so budgets above "
-                         f"{lengths[0] * info.n_visual / info.n_layers:g} are reachable{unpruned}")
     sizes = _later_sizes(first, per_crop, lengths)
-    return Schedule(encoder, tuple((layer, _split(size, share)) for layer, size, share in zip(layers, sizes, shares[1:])))
+    return Schedule(encoder, tuple((layer, _split(size, share))
+                                   for layer, size, share in zip(layers, sizes, shares[1:])))
 
 
 class VisionDrop(Policy):
