@@ -7,7 +7,8 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install lock test test-latest demo table1 table2 controlled_study ablations controlled_study_demo ablations_demo clean
+.PHONY: install lock test test-latest demo table1 table1_full table2 position_bias position_bias-demo \
+	controlled_study ablations controlled_study-demo ablations-demo clean
 
 # The two packages pyproject.toml cannot pin: torch (a CPU or CUDA build of one version, chosen by the machine) and
 # lmms-eval (installed with --no-deps: its metadata drags in torchvision and an unpinned torch, stack-notes.md).
@@ -50,7 +51,7 @@ test: install
 LATEST := .venv-latest
 CANARY_TESTS := tests/test_engine.py tests/test_contract.py tests/test_generate.py tests/test_selection.py \
 	tests/test_parity_visiondrop.py tests/test_fastv.py tests/test_pyramiddrop.py tests/test_sparsevlm.py \
-	tests/test_visionzip.py tests/test_next.py tests/test_lmms_plugin.py
+	tests/test_visionzip.py tests/test_dart.py tests/test_next.py tests/test_lmms_plugin.py
 test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
@@ -72,6 +73,12 @@ table1: install
 	$(PY) scripts/run.py experiment=table1
 	$(PY) scripts/make_table.py --model llava-1.5-7b --out results --name table1
 
+# Table 1 on the paper's whole image benchmark set (configs/benchmarks/paper_image.yaml: the five plus MMBench-CN,
+# MME, TextVQA, VizWiz-VQA; GPU).
+table1_full: install
+	$(PY) scripts/run.py experiment=table1 benchmarks=paper_image
+	$(PY) scripts/make_table.py --model llava-1.5-7b --out results --name table1_full
+
 # The paper's controlled study (PyramidDrop scored by text or by visual attention, 192/128/64 tokens) and VisionDrop's
 # ablations (64 tokens) on LLaVA-1.5-7B, GQA and MMBench (GPU); results/<name>.{md,csv}.
 controlled_study: install
@@ -84,11 +91,11 @@ ablations: install
 
 # The same on the demo model and task (CPU, minutes), at budgets its 4 decoder layers reach (PyramidDrop and the
 # decoder-only ablation: above 144); results/demo/<name>.{md,csv}.
-controlled_study_demo: install
+controlled_study-demo: install
 	$(PY) scripts/run.py experiment=controlled_study model=tiny benchmarks=demo batch_size=4 budget=192,176,160
 	$(PY) scripts/make_table.py --experiment controlled_study --model demo-llava-1.5 --out results/demo
 
-ablations_demo: install
+ablations-demo: install
 	$(PY) scripts/run.py experiment=ablations model=tiny benchmarks=demo batch_size=4 budget=160
 	$(PY) scripts/make_table.py --experiment ablations --model demo-llava-1.5 --out results/demo
 
@@ -96,6 +103,18 @@ ablations_demo: install
 # LLaVA-1.5-7B and LLaVA-NeXT-7B at full width in bf16; CPU: LLaVA-1.5 at reduced width, same depths (minutes).
 table2: install
 	$(PY) -m visiondrop.efficiency.latency
+
+# Where each method's kept tokens come from: positional-bias maps of every method at 64 on POPE (LLaVA-1.5-7B, GPU),
+# drawn as heatmaps (methods x cuts) with the vertical-bias table beside the paper's claim.
+position_bias: install
+	$(PY) scripts/run.py experiment=position_bias
+	$(PY) scripts/position_bias.py --model llava-1.5-7b --benchmark POPE --out results --name position_bias
+
+# The same on the demo model and benchmark (CPU, about a minute): 192 tokens, the budget every method reaches on its
+# 4-layer decoder.
+position_bias-demo: install
+	$(PY) scripts/run.py experiment=position_bias model=tiny benchmarks=demo budget=192
+	$(PY) scripts/position_bias.py --model demo-llava-1.5 --benchmark Demo --out results/demo --name position_bias
 
 clean:
 	rm -rf $(VENV) $(LATEST)
