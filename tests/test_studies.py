@@ -38,8 +38,11 @@ def test_controlled_study_table(tmp_path):
     pd_ = lambda scoring, budget, bench, score: record(  # noqa: E731
         "pyramiddrop", {"layer_list": [2, 8, 16], "decay": None, "scoring": scoring}, budget, bench, score,
         {"keep_counts": [budget]}, budget - 0.5)
+    other_schedule = record("pyramiddrop", {"layer_list": [8, 16, 24], "decay": 0.5, "scoring": "visual"}, 64, "GQA",
+                            99.0, {"keep_counts": [576]}, 270.0)  # not PyramidDrop's default schedule: left out
     records = frame(tmp_path, pd_("text", 192, "GQA", 57.0), pd_("visual", 192, "GQA", 58.5),
-                    pd_("text", 64, "GQA", 47.0), pd_("visual", 64, "GQA", 52.0), pd_("text", 64, "MMB", 60.0))
+                    pd_("text", 64, "GQA", 47.0), pd_("visual", 64, "GQA", 52.0), pd_("text", 64, "MMB", 60.0),
+                    other_schedule)
     table, note = controlled_study(records, PAPER, "m")
     assert list(table["# Tokens"]) == [192, 64]
     row = table.set_index("# Tokens").loc[64]
@@ -47,7 +50,7 @@ def test_controlled_study_table(tmp_path):
     assert row["MMB text"] == 60.0 and pd.isna(row["MMB visual"]) and pd.isna(row["MMB visual - text"])
     assert row["measured tokens (text)"] == row["measured tokens (visual)"] == 63.5
     assert row["paper's claim"] == "visual better" and "gap grows with compression" in note
-    with pytest.raises(ValueError, match="no pyramiddrop records for model 'm': run the experiment first"):
+    with pytest.raises(ValueError, match="no pyramiddrop records for model 'm' with default options besides scoring"):
         controlled_study(frame(tmp_path / "vd", record("visiondrop", {}, 64, "GQA", 1.0, {}, 64)), PAPER, "m")
 
 

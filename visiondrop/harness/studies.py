@@ -32,13 +32,18 @@ def _claims_note(claims: dict[str, tuple[str, str]]) -> str:
     return "; ".join(f"{what}: {claim} ({source})" for what, (claim, source) in claims.items())
 
 
-def _cells(records: pd.DataFrame, model: str, method: str) -> pd.DataFrame:
-    """The records of `method` on `model`, one per (resolved options, budget, benchmark): full before partial,
-    then the newest, as in the paper tables."""
+def _cells(records: pd.DataFrame, model: str, method: str, studied: tuple[str, ...]) -> pd.DataFrame:
+    """The records of `method` on `model` whose options other than the `studied` ones are the defaults, one per
+    (resolved options, budget, benchmark): full before partial, then the newest, as in the paper tables."""
+    from ..methods import method as registered
+
+    defaults = json.loads(json.dumps(registered(method).resolved_options({}), default=str))  # as records store them
     cells = records[(records.model == model) & (records.method == method)].copy()
-    if cells.empty:
-        raise ValueError(f"no {method} records for model {model!r}: run the experiment first")
     cells["options"] = cells.options.map(lambda o: o if isinstance(o, dict) else {})
+    cells = cells[cells.options.map(lambda o: all(o.get(k, v) == v for k, v in defaults.items() if k not in studied))]
+    if cells.empty:
+        raise ValueError(f"no {method} records for model {model!r} with default options besides "
+                         f"{', '.join(studied)}: run the experiment first")
     cells["setting"] = cells.options.map(lambda o: json.dumps(o, sort_keys=True))
     cells["partial"] = cells.partial.fillna(False).astype(bool)
     return cells.sort_values(["partial", "created"], ascending=[True, False]).drop_duplicates(
@@ -48,7 +53,7 @@ def _cells(records: pd.DataFrame, model: str, method: str) -> pd.DataFrame:
 def controlled_study(records: pd.DataFrame, paper_csv: str | Path | None, model: str) -> tuple[pd.DataFrame, str]:
     """Per budget and benchmark: PyramidDrop's score with text-guided and with visual scoring, the difference, and
     the measured tokens of each (equal by construction); the paper's claim in the note."""
-    cells = _cells(records, model, "pyramiddrop")
+    cells = _cells(records, model, "pyramiddrop", ("scoring",))
     cells["scoring"] = cells.options.map(lambda o: o.get("scoring", "text"))
     wide = cells.pivot_table(index="budget", columns=["benchmark", "scoring"], values="score", aggfunc="first")
     tokens = cells.pivot_table(index="budget", columns="scoring", values="measured_tokens", aggfunc="mean")
@@ -65,9 +70,9 @@ def controlled_study(records: pd.DataFrame, paper_csv: str | Path | None, model:
     table["partial"] = table.partial.fillna("")
     claims = paper_claims(paper_csv, "ControlledStudy")
     table["paper's claim"] = "; ".join(claim for claim, _ in claims.values()) or None
-    note = ("PyramidDrop's schedule (cuts and counts unchanged) scored by the last instruction token (text) or by "
-            "the attention visual tokens receive from visual tokens (visual); n: questions scored (least of the "
-            "two runs); partial: evaluated on a subset (limit=)")
+    note = ("PyramidDrop's default schedule (cuts and counts unchanged) scored by the last instruction token (text) "
+            "or by the attention visual tokens receive from visual tokens (visual); n: questions scored (least of "
+            "the two runs); partial: evaluated on a subset (limit=)")
     if claims:
         note += ". The paper's claim: " + _claims_note(claims)
     return table.sort_index(ascending=False).reset_index(), note
@@ -76,7 +81,7 @@ def controlled_study(records: pd.DataFrame, paper_csv: str | Path | None, model:
 def _ablation(options: dict) -> str:
     """Which ablation a run belongs to: the one knob it moves away from the defaults (or "official")."""
     moved = [knob for knob, default in KNOBS.items() if options.get(knob, default) != default]
-    return ABLATIONS[moved[0]] if len(moved) == 1 else "official" if not moved else "other: " + ", ".join(moved)
+    return ABLATIONS[moved[0]] if len(moved) == 1 else "official" if not moved else "combined: " + ", ".join(moved)
 
 
 def _schedule_text(schedule: dict) -> str:
@@ -89,7 +94,7 @@ def _schedule_text(schedule: dict) -> str:
 def ablations(records: pd.DataFrame, paper_csv: str | Path | None, model: str) -> tuple[pd.DataFrame, str]:
     """Per ablation and setting: the measured tokens, the share of the visual tokens the encoder stage keeps, the
     schedule, the score per benchmark; the official schedule is the reference row of every ablation."""
-    cells = _cells(records, model, "visiondrop")
+    cells = _cells(records, model, "visiondrop", tuple(KNOBS))
     cells["ablation"] = cells.options.map(_ablation)
     schedules = cells.schedule.map(json.loads)
     n_visual = (cells.budget / cells.retention_ratio).round()
@@ -113,7 +118,7 @@ def ablations(records: pd.DataFrame, paper_csv: str | Path | None, model: str) -
     for name in ABLATIONS.values():  # the official row is the reference of every ablation
         group = pd.concat([official.assign(ablation=name), table[table.ablation == name]])
         rows.append(group.sort_values("knobs", key=lambda k: k != "official", kind="stable"))
-    rows.append(table[table.ablation.str.startswith("other")])
+    rows.append(table[table.ablation.str.startswith("combined")])
     claims = paper_claims(paper_csv, "Ablation")
     result = pd.concat(rows, ignore_index=True)
     result.insert(1, "paper's claim", result.ablation.map(lambda a: claims.get(a, ("",))[0]))
