@@ -40,7 +40,8 @@ Assumptions written down:
   `methods.Overhead`) are the n visual tokens (VisionDrop), the last prompt token (FastV, PyramidDrop; all N for
   FastV scoring="all_queries"), the text tokens (SparseVLM raters, plus its rater choice, visual rows x text: upper
   bounds) or none (random); contextual merging (VisionDrop, VisionZip) costs one similarity on head-averaged keys
-  and one member sum per (member, merged token) pair; SparseVLM's recycling clusters with elementwise distances (no
+  and one member sum per (member, merged token) pair; a method's own selection products (`Overhead.selection`:
+  DivPrune's cosine similarities of all pairs of the n projected tokens, n^2 x d) are added; SparseVLM's recycling clusters with elementwise distances (no
   matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of
   every token at each cut where the engine projects k of every token and q of the visual rows: counting the official
   way would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
@@ -210,6 +211,8 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             metric, width = dims.head_dim, d
         if recipe.merges:
             macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it
+        if recipe.selection is not None:
+            macs += recipe.selection(cut, width)
     return 2.0 * macs
 
 

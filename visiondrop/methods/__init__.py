@@ -20,7 +20,7 @@ from ..engine import Policy
 from ..families import ModelInfo
 
 if TYPE_CHECKING:
-    from ..efficiency.flops import Dims, TokenCounts
+    from ..efficiency.flops import Cut, Dims, TokenCounts
 
 #: method name -> the module that defines its `METHOD`
 METHODS = {
@@ -31,6 +31,7 @@ METHODS = {
     "sparsevlm": "baselines.sparsevlm",
     "visionzip": "baselines.visionzip",
     "random": "baselines.random_drop",
+    "divprune": "baselines.divprune",
 }
 
 
@@ -42,12 +43,15 @@ class Overhead:
     rows: the query rows that score a decoder cut: "visual" (every visual token), "last" (the last prompt token),
     "text" (the text tokens), "all" (every prompt token), or None (no attention rows);
     merges: leftovers merged into contextual tokens (`engine.contextual_merge`);
-    rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters).
+    rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters);
+    selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
+    at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds).
     """
 
     rows: str | None = None
     merges: bool = False
     rater_choice: bool = False
+    selection: Callable[[Cut, int], int] | None = None
 
 
 @dataclass(frozen=True)
