@@ -32,6 +32,7 @@ METHODS = {
     "visionzip": "baselines.visionzip",
     "random": "baselines.random_drop",
     "divprune": "baselines.divprune",
+    "vispruner": "baselines.vispruner",
 }
 
 
@@ -52,6 +53,9 @@ class Overhead:
     merges: bool = False
     rater_choice: bool = False
     selection: Callable[[Cut, int], int] | None = None
+    #: an encoder stage recomputes its CLS row from the layer's q/k (False: reads it from an eager tower's own
+    #: probabilities; the layer's keys are computed either way)
+    encoder_row: bool = True
 
 
 @dataclass(frozen=True)
