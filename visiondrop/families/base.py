@@ -196,6 +196,21 @@ class Family:
         return (x * cos) + (rotate_half(x) * sin)
 
     # -- benchmark inputs ----------------------------------------------------------------------------------------
+    #: prompt tokens before the image in the example prompt (LLaVA: BOS + Vicuna system prompt + "USER:")
+    text_before_image: int = 35
+
+    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """One prompt with one random image as the model takes it (the latency benchmark, the FLOPs proxy): BOS,
+        text, the image's placeholders, text (`text_tokens` random non-visual tokens in all), batch of one."""
+        text_config = config.text_config
+        text = torch.randint(3, min(config.image_token_id, text_config.vocab_size), (text_tokens,),
+                             generator=generator)
+        text[0] = 1 if text_config.bos_token_id is None else text_config.bos_token_id
+        before = min(self.text_before_image, text_tokens)
+        placeholders, pixels = self.example_image(config, generator)
+        ids = torch.cat([text[:before], torch.full((placeholders,), config.image_token_id), text[before:]])
+        return {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long), **pixels}
+
     def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
         """One random image as the model takes it (for the latency benchmark): how many placeholder tokens it
         fills in the prompt, and its pixel inputs (batch of one)."""

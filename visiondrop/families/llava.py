@@ -154,7 +154,7 @@ class Llava(Family):
             vision_tokens=patches + 1, patch_size=vision.patch_size,
             projector_in=vision.hidden_size * (1 if isinstance(feature_layer, int) else len(feature_layer)),
             visual_per_crop=patches + int(config.vision_feature_select_strategy == "full"),
-            crops=self.nominal_crops(config),
+            crops=self.nominal_crops(config), model_type=config.model_type,
         )
 
     # -- visual tokens and positions -----------------------------------------------------------------------------
