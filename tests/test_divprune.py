@@ -7,6 +7,7 @@ import visiondrop
 from baselines.divprune import max_min_diverse
 from helpers import inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
+from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
@@ -86,3 +87,17 @@ def test_clear_errors(tiny):
             visiondrop.apply(model, "divprune", budget=budget)
     with pytest.raises(ValueError, match="needs a budget"):
         visiondrop.apply(model, "divprune")
+
+
+def test_overhead_formula_matches_torch_flop_counter(tiny):
+    """The pairwise similarities (n^2 x d on the projected tokens) as FlopCounterMode counts a real forward."""
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:1])
+    with flop_counter() as counter:
+        sched = measure_schedule(model, batch, "divprune", 64)
+    dims = Dims.from_config(model.config)
+    text = batch["input_ids"].shape[1] - dims.n_visual
+    overhead = overhead_flops(dims, "divprune", sched.cuts, text)
+    assert overhead == 2 * 576 * 576 * dims.hidden
+    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead)
+    assert formula.total == counter.get_total_flops()

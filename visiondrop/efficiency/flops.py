@@ -253,13 +253,14 @@ def _n_visual(model: torch.nn.Module) -> int:
 
 
 def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
-    """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample)."""
+    """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample; an encoder stage
+    once per crop of the one image measured, as `Cut` counts it)."""
     select_encoder, select_decoder = policy.select_encoder, policy.select_decoder
     merged = lambda sel: 0 if sel.merged is None else sel.merged.shape[1]  # noqa: E731
 
     def encoder(view):
         sel = select_encoder(view)
-        cuts.append(Cut(None, view.hidden.shape[1], sel.keep.shape[1], merged(sel)))
+        cuts.extend([Cut(None, view.hidden.shape[1], sel.keep.shape[1], merged(sel))] * view.hidden.shape[0])
         return sel
 
     def decoder(cut):
