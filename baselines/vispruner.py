@@ -134,7 +134,7 @@ def policy(info: ModelInfo, budget: float | None = None, important_ratio: float 
 
 
 def selection_macs(cut: Cut, width: int, important_ratio: float = 0.5) -> int:
-    """The a @ b.T products of the diverse rounds, on the features of the `width`-wide layer."""
+    """The a @ b.T products of the diverse rounds on the `width`-wide patch features (CLS excluded)."""
     important = int(cut.kept * important_ratio)
     diverse, residual, macs = cut.kept - important, cut.before - 1 - important, 0
     while diverse > 0 and (dropped := min(DROPPED_PER_ROUND, residual - diverse)) > 0:

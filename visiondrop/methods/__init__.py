@@ -39,22 +39,23 @@ METHODS = {
 @dataclass(frozen=True)
 class Overhead:
     """The matrix products of a method's own scoring and merging, as the FLOPs count charges them
-    (`visiondrop.efficiency.flops.overhead_flops`; an encoder stage's CLS row and keys are charged to every method that has one).
+    (`visiondrop.efficiency.flops.overhead_flops`; an encoder stage's keys, and its CLS row unless `encoder_row` is
+    False, are charged to every method that has one).
 
     rows: the query rows that score a decoder cut: "visual" (every visual token), "last" (the last prompt token),
     "text" (the text tokens), "all" (every prompt token), or None (no attention rows);
     merges: leftovers merged into contextual tokens (`engine.contextual_merge`);
     rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters);
     selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
-    at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds).
+    at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
+    encoder_row: the encoder stage recomputes its CLS row from the layer's q/k (False: it reads the row from an
+    eager tower's own probabilities; the layer's keys are computed either way).
     """
 
     rows: str | None = None
     merges: bool = False
     rater_choice: bool = False
     selection: Callable[[Cut, int], int] | None = None
-    #: an encoder stage recomputes its CLS row from the layer's q/k (False: reads it from an eager tower's own
-    #: probabilities; the layer's keys are computed either way)
     encoder_row: bool = True
 
 
