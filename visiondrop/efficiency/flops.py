@@ -40,12 +40,13 @@ Assumptions written down:
   N tokens, the queries of the scoring rows and their logits against all keys, where the rows (each method's
   `methods.Overhead`) are the n visual tokens (VisionDrop), the last prompt token (FastV, PyramidDrop; all N for
   FastV scoring="all_queries"), the text tokens (SparseVLM raters, plus its rater choice, visual rows x text: upper
-  bounds) or none (random); contextual merging (VisionDrop, VisionZip) costs one similarity on head-averaged keys
-  and one member sum per (member, merged token) pair; a method's own selection products (`Overhead.selection`:
-  DivPrune's cosine similarities of all pairs of the n projected tokens, n^2 x d; VisPruner's even/odd similarity
-  products of every diverse round, on the vision features, where its exact default reads the CLS row from the eager
-  tower instead of recomputing it) are added; SparseVLM's recycling clusters with elementwise distances (no
-  matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of
+  bounds) or none (random); DART projects the keys of all N tokens for their norms and compares each pivot with
+  the n visual tokens (pivots x n x d); contextual merging (VisionDrop, VisionZip) costs one similarity on
+  head-averaged keys and one member sum per (member, merged token) pair; a method's own selection products
+  (`Overhead.selection`: DivPrune's cosine similarities of all pairs of the n projected tokens, n^2 x d; VisPruner's
+  even/odd similarity products of every diverse round, on the vision features, where its exact default reads the CLS
+  row from the eager tower instead of recomputing it) are added; SparseVLM's recycling clusters with elementwise
+  distances (no matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of
   every token at each cut where the engine projects k of every token and q of the visual rows: counting the official
   way would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
 """
@@ -210,6 +211,9 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             if recipe.rows is not None:
                 queries = {"visual": cut.before, "last": 1, "text": text_tokens, "all": n}[recipe.rows]
                 macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim
+            elif recipe.key_norms:
+                macs += n * d * kv_dim
+            macs += recipe.pivots * cut.before * d  # cosine of each pivot against every visual token
             metric, width = dims.head_dim, d
         if recipe.merges:
             macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it

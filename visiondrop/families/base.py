@@ -246,6 +246,19 @@ class Family:
         """
         raise NotImplementedError
 
+    # -- where the visual tokens come from (positional-bias maps) ------------------------------------------------
+    def patch_grid(self, config: Any) -> tuple[int, int]:
+        """(crops, side): the patch grids of one image at the model's nominal crops, each side x side."""
+        raise NotImplementedError
+
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+        """[n, 3] long: for each original visual index of one image (the model's own visual-token order, as the
+        trace's `kept`), the (crop, row, col) of its patch, or -1s for a token that is no patch (CLS, newlines).
+
+        image_size: the image's (height, width) where the layout depends on it (the processor's `image_sizes`).
+        """
+        raise NotImplementedError
+
     # -- building (tests, latency benchmark, demo) ----------------------------------------------------------------
     def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
         """The family's transformers config at `shape`, with the real checkpoints' layout otherwise."""

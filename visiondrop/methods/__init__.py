@@ -30,6 +30,7 @@ METHODS = {
     "pyramiddrop": "baselines.pyramiddrop",
     "sparsevlm": "baselines.sparsevlm",
     "visionzip": "baselines.visionzip",
+    "dart": "baselines.dart",
     "random": "baselines.random_drop",
     "divprune": "baselines.divprune",
     "vispruner": "baselines.vispruner",
@@ -46,6 +47,8 @@ class Overhead:
     "text" (the text tokens), "all" (every prompt token), or None (no attention rows);
     merges: leftovers merged into contextual tokens (`engine.contextual_merge`);
     rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters);
+    key_norms: the keys of every token at a decoder cut, for their norms, where no attention rows need them (DART);
+    pivots: tokens whose similarity to every visual token is computed at a decoder cut (DART's pivots);
     selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
     at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
     encoder_row: the encoder stage recomputes its CLS row from the layer's q/k (False: it reads the row from an
@@ -55,6 +58,8 @@ class Overhead:
     rows: str | None = None
     merges: bool = False
     rater_choice: bool = False
+    key_norms: bool = False
+    pivots: int = 0
     selection: Callable[[Cut, int], int] | None = None
     encoder_row: bool = True
 
