@@ -7,8 +7,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install lock test test-latest demo table1 table1_full table2 position_bias position_bias-demo \
-	controlled_study ablations controlled_study-demo ablations-demo clean
+.PHONY: install lock test test-latest demo table1 table1_full table2 position_bias position_bias_demo controlled_study ablations controlled_study_demo ablations_demo clean
 
 # The two packages pyproject.toml cannot pin: torch (a CPU or CUDA build of one version, chosen by the machine) and
 # lmms-eval (installed with --no-deps: its metadata drags in torchvision and an unpinned torch, stack-notes.md).
@@ -91,11 +90,11 @@ ablations: install
 
 # The same on the demo model and task (CPU, minutes), at budgets its 4 decoder layers reach (PyramidDrop and the
 # decoder-only ablation: above 144); results/demo/<name>.{md,csv}.
-controlled_study-demo: install
+controlled_study_demo: install
 	$(PY) scripts/run.py experiment=controlled_study model=tiny benchmarks=demo batch_size=4 budget=192,176,160
 	$(PY) scripts/make_table.py --experiment controlled_study --model demo-llava-1.5 --out results/demo
 
-ablations-demo: install
+ablations_demo: install
 	$(PY) scripts/run.py experiment=ablations model=tiny benchmarks=demo batch_size=4 budget=160
 	$(PY) scripts/make_table.py --experiment ablations --model demo-llava-1.5 --out results/demo
 
@@ -112,7 +111,7 @@ position_bias: install
 
 # The same on the demo model and benchmark (CPU, about a minute): 192 tokens, the budget every method reaches on its
 # 4-layer decoder.
-position_bias-demo: install
+position_bias_demo: install
 	$(PY) scripts/run.py experiment=position_bias model=tiny benchmarks=demo budget=192
 	$(PY) scripts/position_bias.py --model demo-llava-1.5 --benchmark Demo --out results/demo --name position_bias
 
