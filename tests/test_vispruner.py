@@ -31,6 +31,7 @@ def test_vp128_matches_official(parity_model):
         assert handle.trace.kept[0][0].tolist() == official["kept_indices_sorted"]
         assert handle.policy.describe() == {"method": "vispruner", "encoder_layer": 22, "important": 64,
                                             "diverse": 64, "exact": True, "equivalent_tokens": 128}
+    assert parity_model.config.vision_config._attn_implementation == "sdpa"  # the eager pass leaves the tower's own
 
 
 def test_scores_and_both_stages_are_bit_identical_to_official(parity_model):

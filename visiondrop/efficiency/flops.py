@@ -46,9 +46,9 @@ Assumptions written down:
   (`Overhead.selection`: DivPrune's cosine similarities of all pairs of the n projected tokens, n^2 x d; VisPruner's
   even/odd similarity products of every diverse round, on the vision features, where its exact default reads the CLS
   row from the eager tower instead of recomputing it) are added; SparseVLM's recycling clusters with elementwise
-  distances (no matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of
-  every token at each cut where the engine projects k of every token and q of the visual rows: counting the official
-  way would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
+  distances (no matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects
+  q, k and v of every token at each cut where the engine projects k of every token and q of the visual rows:
+  counting the official way would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
 """
 from __future__ import annotations
 
