@@ -24,7 +24,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, pixel_values
     """
     padded, valid, origins = [], [], []
     for images in family.image_groups(family.images(model, pixel_values, args, kwargs)):
-        view = family.encoder_view(model, images)
+        view = family.encoder_view(model, images, policy.eager_encoder)
         tokens = view.hidden.shape[1]
         if policy.native_layout:
             view.valid = family.valid_tokens(model, images, tokens)

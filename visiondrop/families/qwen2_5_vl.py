@@ -170,8 +170,11 @@ class Qwen2_5_VL(Family):
         return [Images(pixels, [1], images.feature_layer, images.select_strategy, images.sizes[i:i + 1])
                 for i, pixels in enumerate(images.pixels.split(patches))]
 
-    def encoder_view(self, model: nn.Module, images: Images) -> EncoderView:
-        """The tower's output and the mean attention received at its last full-attention block, per visual token."""
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+        """The tower's output and the mean attention received at its last full-attention block, per visual token.
+
+        `eager` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
+        bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway."""
         tower = self.vision_tower(model)
         config = tower.config
         attn = tower.blocks[config.fullatt_block_indexes[-1]].attn
