@@ -296,13 +296,14 @@ class Qwen2_5_VL(Family):
                                         chat_template=CHAT_TEMPLATE)
 
     def load_processor(self, path: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
-        """The checkpoint's image processor and tokenizer (its chat template) as an image-and-text processor;
-        `min_pixels` / `max_pixels` bound the resized image's area (the processor's own defaults otherwise)."""
+        """The checkpoint's image processor and tokenizer (its chat template, else this adapter's copy of
+        Qwen2.5-VL-Instruct's) as an image-and-text processor; `min_pixels` / `max_pixels` bound the resized
+        image's area (the processor's own defaults otherwise)."""
         bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return Qwen2_5_VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                        chat_template=tokenizer.chat_template)
+                                        chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
 
 
 QWEN2_5_VL = Qwen2_5_VL()
