@@ -196,9 +196,11 @@ class Family:
         return (x * cos) + (rotate_half(x) * sin)
 
     # -- benchmark inputs ----------------------------------------------------------------------------------------
-    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
+    def example_image(self, config: Any, generator: torch.Generator,
+                      size: tuple[int, int] | None = None) -> tuple[int, dict[str, Tensor]]:
         """One random image as the model takes it (for the latency benchmark): how many placeholder tokens it
-        fills in the prompt, and its pixel inputs (batch of one)."""
+        fills in the prompt, and its pixel inputs (batch of one). size: the image's (height, width) where the
+        family's token count depends on it (anyres grids); None for the family's default benchmark image."""
         raise NotImplementedError
 
     # -- the encoder stage -------------------------------------------------------------------------------------
