@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install lock test test-latest demo table1 table2 clean
+.PHONY: install lock test test-latest demo table1 table2 throughput scaling clean
 
 # The two packages pyproject.toml cannot pin: torch (a CPU or CUDA build of one version, chosen by the machine) and
 # lmms-eval (installed with --no-deps: its metadata drags in torchvision and an unpinned torch, stack-notes.md).
@@ -72,10 +72,19 @@ table1: install
 	$(PY) scripts/run.py experiment=table1
 	$(PY) scripts/make_table.py --model llava-1.5-7b --out results --name table1
 
-# The paper's Table 2: FLOPs, latency and memory of random-weight LLaVA architectures, full and every method. GPU:
-# LLaVA-1.5-7B and LLaVA-NeXT-7B at full width in bf16; CPU: LLaVA-1.5 at reduced width, same depths (minutes).
+# The paper's Table 2: FLOPs, latency and memory of random-weight LLaVA architectures, full and every method, at
+# batch sizes 1, 8, 32 (GPU: LLaVA-1.5-7B and LLaVA-NeXT-7B at full width in bf16) or 1 and 8 (CPU: LLaVA-1.5 at
+# reduced width, same depths; tens of minutes).
 table2: install
 	$(PY) -m visiondrop.efficiency.latency
+
+# Throughput by batch size, full and VisionDrop side by side (the committed results/latency/ tables).
+throughput: install
+	$(PY) -m visiondrop.efficiency.latency --methods none visiondrop --warmup 1 --out results/latency
+
+# Prefill time and peak memory of full and VisionDrop (retention 1/9) as the visual tokens grow: table and PNG.
+scaling: install
+	$(PY) -m visiondrop.efficiency.latency --scaling --out results/latency
 
 clean:
 	rm -rf $(VENV) $(LATEST)

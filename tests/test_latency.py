@@ -14,6 +14,7 @@ from visiondrop.efficiency.latency import (
     main,
     make_inputs,
     measure_once,
+    profile_prefill,
     scaling,
 )
 from visiondrop.families import family_for
@@ -113,6 +114,17 @@ def test_measure_once_runs_the_whole_batch(tiny_llava, method, budget):
     # the measurement leaves no wrapper behind on the policy or the engine
     assert latency.engine_decoder.apply_selections.__name__ == "apply_selections"
     assert latency.engine_encoder.gather_rows.__name__ == "gather_rows"
+
+
+def test_profile_shows_the_policy_and_the_gathers_as_ranges(tiny_llava):
+    inputs = make_inputs(tiny_llava.config, torch.device("cpu"), torch.float32, batch=2)
+    table = profile_prefill(tiny_llava, inputs, "visiondrop", 64)
+    # one encoder stage (its gather, then the re-packing that drops the empty slots), three decoder cuts
+    for name, calls in [("policy.select_encoder", 1), ("gathers.gather_rows", 1), ("policy.select_decoder", 3),
+                        ("gathers.apply_selections", 4)]:
+        assert f"- visiondrop.{name}: {calls} calls" in table
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in table
+    assert "visiondrop." not in profile_prefill(tiny_llava, inputs, "none", None)
 
 
 def test_batch_sizes_must_be_positive_and_distinct():

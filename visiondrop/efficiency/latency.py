@@ -47,7 +47,7 @@ import os
 import re
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -170,7 +170,8 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
 def _overhead_clock(policy, cuda: bool) -> Iterator[Callable[[], tuple[float, float]]]:
     """Time the policy's own calls and the engine's gathers that apply its selections (wrappers on the policy
     instance and on the two engine modules' names, removed on exit); yields a reader of the totals in ms
-    (policy, gathers), valid once the device has been synchronised."""
+    (policy, gathers), valid once the device has been synchronised. Each call is also a `record_function` range
+    (`visiondrop.policy.<name>`, `visiondrop.gathers.<name>`) that torch.profiler shows (`profile_prefill`)."""
     spans: dict[str, list[tuple]] = {"policy": [], "gathers": []}
     wrapped = [(policy, name, "policy") for name in ("prepare", "select_encoder", "select_decoder")]
     wrapped += [(engine_decoder, "apply_selections", "gathers"), (engine_encoder, "gather_rows", "gathers")]
@@ -179,7 +180,8 @@ def _overhead_clock(policy, cuda: bool) -> Iterator[Callable[[], tuple[float, fl
     def wrap(fn, kind: str):
         def timed(*args, **kwargs):
             start = _mark(cuda)
-            out = fn(*args, **kwargs)
+            with torch.profiler.record_function(f"visiondrop.{kind}.{fn.__name__}"):
+                out = fn(*args, **kwargs)
             spans[kind].append((start, _mark(cuda)))
             return out
         return timed
@@ -318,6 +320,37 @@ def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | No
     return out
 
 
+def profile_prefill(model: nn.Module, inputs: dict, method: str, budget: float | None, ratio: float | None = None,
+                    row_limit: int = 25) -> str:
+    """torch.profiler's table of one prefill (after one unprofiled warm-up), ops by self time; under a method the
+    policy's calls and the engine's gathers are ranges of their own (`_overhead_clock`), so the table shows what
+    they spend and on which ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..api import apply
+
+    cuda = inputs["input_ids"].device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    handle = None if method == "none" else apply(model, method, budget, ratio)
+    try:
+        clock = _overhead_clock(handle.policy, cuda) if handle else nullcontext()
+        with torch.inference_mode(), clock:
+            model(**inputs, use_cache=True)
+            with profile(activities=activities) as prof:
+                model(**inputs, use_cache=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    events = prof.key_averages()
+    total_ms = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events) / 1e3
+    ranges = [f"- {e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.1f} ms CPU"
+              + (f", {e.device_time_total / 1e3:.1f} ms GPU" if cuda else "") for e in events
+              if e.key.startswith("visiondrop.")]
+    return "\n".join([f"profiled prefill: {total_ms:.1f} ms of {'GPU' if cuda else 'CPU'} self time in all",
+                      *ranges, "", events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                                 row_limit=row_limit)])
+
+
 # -- the benchmark and its table ------------------------------------------------------------------------------
 @dataclass
 class Result:
@@ -408,9 +441,10 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
               device: str | None = None, dtype: str | None = None, methods: Sequence[str] = DEFAULT_METHODS,
               budgets: Sequence[float] | None = None, batch_sizes: Sequence[int] | None = None,
               new_tokens: int = 32, warmup: int = 2, repeats: int | None = None, threads: int | None = None,
-              text_tokens: int = TEXT_TOKENS, attn: str | None = None, out: str | Path | None = "results") -> Result:
+              text_tokens: int = TEXT_TOKENS, attn: str | None = None, out: str | Path | None = "results",
+              profile: bool = False) -> Result:
     """Measure full and each method at each budget and batch size; write `out`/table2_<model>_<device>_<width>.md
-    if `out`.
+    if `out`, and with `profile` one profiled prefill per row (`profile_prefill`) beside it, profile_<...>.txt.
 
     Defaults (`Setup.make`): batch sizes 1, 8, 32 on a GPU, 1 and 8 on a CPU; on a CPU ONE thread (stable on a
     shared machine, where competing threads make multi-threaded timings swing tenfold; the work per token, which
@@ -432,6 +466,9 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
         rows = [Row(m, b, new_tokens, batch) for batch in batch_sizes
                 for m, b in [("none", None)] + [(m, b) for m in methods if m != "none" for b in budgets]]
         _run(net, inputs, rows, warmup, setup.repeats, desc=f"table2 {model} ({setup.width})")
+        profiles = [f"## {r.method} {'' if r.budget is None else f'{r.budget:g} '}at batch {r.batch}\n\n"
+                    + profile_prefill(net, inputs[r.batch], r.method, r.budget, r.ratio)
+                    for r in rows if profile and r.status == "ok"]
     config = net.config
     n_image = inputs[batch_sizes[0]]["input_ids"][0].eq(config.image_token_index).sum().item()
     dims = Dims.from_config(config)
@@ -455,6 +492,9 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
         path = Path(out) / f"table2_{_slug(label)}_{setup.file_stem()}_{setup.width}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(md)
+        if profiles:
+            path.with_name(path.name.replace("table2_", "profile_", 1)).with_suffix(".txt").write_text(
+                f"# torch.profiler, one prefill per row: {title}\n\n" + "\n\n".join(profiles))
     return Result(label, title, rows, md, path)
 
 
@@ -728,6 +768,8 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
     parser.add_argument("--scaling", action="store_true", help="instead of the table: prefill time and peak memory "
                         "of full and VisionDrop (at --ratio) as the visual tokens grow (table and PNG)")
     parser.add_argument("--ratio", type=float, default=SCALING_RATIO, help="--scaling: VisionDrop's retention ratio")
+    parser.add_argument("--profile", action="store_true", help="also write one torch.profiler table per row "
+                        "(profile_<model>_<device>_<width>.txt beside the table)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     if args.scaling:
@@ -745,7 +787,8 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
                                  dtype=args.dtype, methods=args.methods, budgets=budgets,
                                  batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
                                  warmup=2 if args.warmup is None else args.warmup, repeats=args.repeats,
-                                 threads=args.threads, text_tokens=args.text_tokens, attn=args.attn, out=args.out))
+                                 threads=args.threads, text_tokens=args.text_tokens, attn=args.attn, out=args.out,
+                                 profile=args.profile))
         print(results[-1].markdown)
     latest = "\n".join(r.markdown for r in results)  # the latest run; every table also kept under its own name
     Path(args.out).mkdir(parents=True, exist_ok=True)
