@@ -127,9 +127,11 @@ def test_profile_shows_the_policy_and_the_gathers_as_ranges(tiny_llava):
     assert "visiondrop." not in profile_prefill(tiny_llava, inputs, "none", None)
 
 
-def test_batch_sizes_must_be_positive_and_distinct():
+def test_bad_batch_sizes_and_clocks_are_refused():
     with pytest.raises(ValueError, match="batch sizes"):
         benchmark(width="tiny", device="cpu", methods=["none"], batch_sizes=[1, 1], out=None)
+    with pytest.raises(ValueError, match="clock must be one of wall, process"):
+        benchmark(width="tiny", device="cpu", methods=["none"], clock="cycles", out=None)
 
 
 def test_example_image_sizes():
@@ -147,7 +149,8 @@ def test_example_image_sizes():
 
 def test_scaling_table_and_plot(tmp_path):
     points = [("llava-1.5-7b", None), ("llava-next-7b", (336, 672)), ("llava-next-7b", (1008, 1008))]
-    result = scaling(width="tiny", device="cpu", points=points, warmup=0, repeats=1, out=tmp_path)
+    result = scaling(width="tiny", device="cpu", points=points, warmup=0, repeats=1, out=tmp_path, clock="process")
+    assert "times are this process's CPU time" in result.title
     assert [(p.model, p.visual, p.crops) for p in result.points] == [
         ("llava-1.5-7b", 576, 1), ("llava-next-7b", 576 + 24 * 49, 3),
         ("llava-next-7b", 576 + 72 * 73, 10)]  # a 3x3 grid: the config's pinpoints extended for it

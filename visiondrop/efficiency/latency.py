@@ -143,10 +143,15 @@ def make_inputs(config, device: torch.device, dtype: torch.dtype, text_tokens: i
 
 
 # -- measuring ------------------------------------------------------------------------------------------------
-def _mark(cuda: bool):
+#: "wall": elapsed time; "process": this process's CPU time (CPU runs only: on a shared machine, the work the run
+#: did, free of other processes' load; equal to wall time on an idle machine at one thread)
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _mark(cuda: bool, clock: str = "wall"):
     """A point in time: a recorded CUDA event (no host sync) or the host clock."""
     if not cuda:
-        return time.perf_counter()
+        return CLOCKS[clock]()
     event = torch.cuda.Event(enable_timing=True)
     event.record()
     return event
@@ -156,18 +161,19 @@ def _ms(start, stop) -> float:
     return start.elapsed_time(stop) if isinstance(start, torch.cuda.Event) else (stop - start) * 1e3
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall time of `fn` in ms, the device synchronised before and after."""
+def _timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> float:
+    """Time of `fn` in ms on `clock`, the device synchronised before and after."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    now = CLOCKS[clock]
     sync()
-    start = time.perf_counter()
+    start = now()
     fn()
     sync()
-    return (time.perf_counter() - start) * 1e3
+    return (now() - start) * 1e3
 
 
 @contextmanager
-def _overhead_clock(policy, cuda: bool) -> Iterator[Callable[[], tuple[float, float]]]:
+def _overhead_clock(policy, cuda: bool, clock: str = "wall") -> Iterator[Callable[[], tuple[float, float]]]:
     """Time the policy's own calls and the engine's gathers that apply its selections (wrappers on the policy
     instance and on the two engine modules' names, removed on exit); yields a reader of the totals in ms
     (policy, gathers), valid once the device has been synchronised. Each call is also a `record_function` range
@@ -179,10 +185,10 @@ def _overhead_clock(policy, cuda: bool) -> Iterator[Callable[[], tuple[float, fl
 
     def wrap(fn, kind: str):
         def timed(*args, **kwargs):
-            start = _mark(cuda)
+            start = _mark(cuda, clock)
             with torch.profiler.record_function(f"visiondrop.{kind}.{fn.__name__}"):
                 out = fn(*args, **kwargs)
-            spans[kind].append((start, _mark(cuda)))
+            spans[kind].append((start, _mark(cuda, clock)))
             return out
         return timed
 
@@ -282,10 +288,11 @@ class Row:
 
 
 def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | None,
-                 new_tokens: int = 32, ratio: float | None = None) -> dict[str, float | None]:
+                 new_tokens: int = 32, ratio: float | None = None, clock: str = "wall") -> dict[str, float | None]:
     """One round of one (method, budget or ratio) on the batch `inputs`: prefill, then (unless `new_tokens` is 0)
     generate 1 and `new_tokens` tokens; peak memory, and the measured visual tokens per layer. "none" is the
-    stock model; otherwise the method is applied for the round and removed after it. Raises what `apply` raises."""
+    stock model; otherwise the method is applied for the round and removed after it. Times on `clock` (`CLOCKS`).
+    Raises what `apply` raises."""
     from ..api import apply
 
     device = inputs["input_ids"].device
@@ -304,15 +311,15 @@ def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | No
     try:
         memory.reset()
         if handle is None:
-            out["prefill"] = _timed(prefill, device)
+            out["prefill"] = _timed(prefill, device, clock)
         else:
-            with _overhead_clock(handle.policy, device.type == "cuda") as overhead:
-                out["prefill"] = _timed(prefill, device)
+            with _overhead_clock(handle.policy, device.type == "cuda", clock) as overhead:
+                out["prefill"] = _timed(prefill, device, clock)
                 out["overhead"], out["gathers"] = overhead()
             out["tokens"] = statistics.mean(handle.trace.mean_tokens)
         if new_tokens:
-            out["e2e_1"] = _timed(lambda: generate(1), device)
-            out["e2e"] = _timed(lambda: generate(new_tokens), device)
+            out["e2e_1"] = _timed(lambda: generate(1), device, clock)
+            out["e2e"] = _timed(lambda: generate(new_tokens), device, clock)
         out["peak"] = memory.peak()
     finally:
         if handle is not None:
@@ -396,17 +403,21 @@ class Setup:
     width: str
     attn: str
     repeats: int
+    clock: str = "wall"
 
     @classmethod
     def make(cls, device: str | None, dtype: str | None, width: str | None, attn: str | None,
-             repeats: int | None, pretrained: str | Path | None = None) -> "Setup":
+             repeats: int | None, pretrained: str | Path | None = None, clock: str | None = None) -> "Setup":
         """Defaults: on a GPU full width, bfloat16, FlashAttention 2 if importable (else SDPA), 5 repeats; on a
-        CPU reduced width, float32, SDPA, 3 repeats."""
+        CPU reduced width, float32, SDPA, 3 repeats; wall-clock time."""
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         gpu = dev.type == "cuda"
+        clock = clock or "wall"
+        if clock not in CLOCKS or gpu and clock != "wall":
+            raise ValueError(f"clock must be one of {', '.join(CLOCKS)} ('process' on a CPU only), got {clock!r}")
         return cls(dev, getattr(torch, dtype or ("bfloat16" if gpu else "float32")),
                    "pretrained" if pretrained else width or ("full" if gpu else "reduced"),
-                   attn or default_attention(dev), repeats or (5 if gpu else 3))
+                   attn or default_attention(dev), repeats or (5 if gpu else 3), clock)
 
     @property
     def on_gpu(self) -> bool:
@@ -415,6 +426,7 @@ class Setup:
     def describe(self, threads: int) -> str:
         return (f"{str(self.dtype).removeprefix('torch.')}, {self.attn}, on {device_name(self.device)}"
                 + ("" if self.on_gpu else f", {threads} torch thread{'s' * (threads > 1)}")
+                + ("; times are this process's CPU time" if self.clock == "process" else "")
                 + f"; torch {torch.__version__}")
 
     def file_stem(self) -> str:
@@ -442,7 +454,7 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
               budgets: Sequence[float] | None = None, batch_sizes: Sequence[int] | None = None,
               new_tokens: int = 32, warmup: int = 2, repeats: int | None = None, threads: int | None = None,
               text_tokens: int = TEXT_TOKENS, attn: str | None = None, out: str | Path | None = "results",
-              profile: bool = False) -> Result:
+              profile: bool = False, clock: str | None = None) -> Result:
     """Measure full and each method at each budget and batch size; write `out`/table2_<model>_<device>_<width>.md
     if `out`, and with `profile` one profiled prefill per row (`profile_prefill`) beside it, profile_<...>.txt.
 
@@ -452,7 +464,7 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
     """
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2 (decode time is the difference of N and 1 new tokens)")
-    setup = Setup.make(device, dtype, width, attn, repeats, pretrained)
+    setup = Setup.make(device, dtype, width, attn, repeats, pretrained, clock)
     dev, torch_dtype = setup.device, setup.dtype
     batch_sizes = tuple(batch_sizes or DEFAULT_BATCH_SIZES.get(dev.type, (1,)))
     if min(batch_sizes) < 1 or len(set(batch_sizes)) != len(batch_sizes):
@@ -465,7 +477,7 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
         inputs = {b: make_inputs(net.config, dev, torch_dtype, text_tokens, batch=b) for b in batch_sizes}
         rows = [Row(m, b, new_tokens, batch) for batch in batch_sizes
                 for m, b in [("none", None)] + [(m, b) for m in methods if m != "none" for b in budgets]]
-        _run(net, inputs, rows, warmup, setup.repeats, desc=f"table2 {model} ({setup.width})")
+        _run(net, inputs, rows, warmup, setup.repeats, f"table2 {model} ({setup.width})", setup.clock)
         profiles = [f"## {r.method} {'' if r.budget is None else f'{r.budget:g} '}at batch {r.batch}\n\n"
                     + profile_prefill(net, inputs[r.batch], r.method, r.budget, r.ratio)
                     for r in rows if profile and r.status == "ok"]
@@ -498,7 +510,8 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
     return Result(label, title, rows, md, path)
 
 
-def _run(model: nn.Module, inputs: dict[int, dict], rows: list[Row], warmup: int, repeats: int, desc: str) -> None:
+def _run(model: nn.Module, inputs: dict[int, dict], rows: list[Row], warmup: int, repeats: int, desc: str,
+         clock: str = "wall") -> None:
     """Fill each row's samples, on the inputs of its batch size. Rounds go over the whole grid, so that a load
     drifting over minutes (a shared machine) hits every row alike; a row whose method cannot run gets its reason
     as status."""
@@ -510,7 +523,7 @@ def _run(model: nn.Module, inputs: dict[int, dict], rows: list[Row], warmup: int
                     continue
                 try:
                     sample = measure_once(model, inputs[row.batch], row.method, row.budget, row.new_tokens,
-                                          row.ratio)
+                                          row.ratio, clock)
                 except TypeError as err:  # the engine rejects the model type
                     row.status = f"not supported yet: {err}"
                 except Exception as err:  # noqa: BLE001 - a method that cannot run must not cost the others' rows
@@ -635,11 +648,12 @@ class ScalingResult:
 def scaling(*, width: str | None = None, device: str | None = None, dtype: str | None = None,
             ratio: float = SCALING_RATIO, points: Sequence[tuple[str, tuple[int, int] | None]] | None = None,
             warmup: int = 1, repeats: int | None = None, threads: int | None = None, text_tokens: int = TEXT_TOKENS,
-            attn: str | None = None, out: str | Path | None = "results/latency") -> ScalingResult:
+            attn: str | None = None, out: str | Path | None = "results/latency", clock: str | None = None,
+            ) -> ScalingResult:
     """Prefill time and peak memory (batch 1) of the full model and of VisionDrop at retention `ratio` at each
     (model, image size) of `points` (default SCALING_POINTS; on a GPU also a 4x4 grid); writes
     `out`/scaling_<device>_<width>.md and .png if `out`."""
-    setup = Setup.make(device, dtype, width, attn, repeats)
+    setup = Setup.make(device, dtype, width, attn, repeats, clock=clock)
     points = tuple(points or (SCALING_POINTS_GPU if setup.on_gpu else SCALING_POINTS))
     load = os.getloadavg()
     measured: list[ScalingPoint] = []
@@ -656,7 +670,7 @@ def scaling(*, width: str | None = None, device: str | None = None, dtype: str |
                 rows = [Row("none", None, 0), Row("visiondrop", None, 0, ratio=ratio)]
                 pixels = inputs["pixel_values"]
                 visual = int(inputs["input_ids"].eq(config.image_token_index).sum())
-                _run(net, {1: inputs}, rows, warmup, setup.repeats, desc=f"scaling {model} {visual} tokens")
+                _run(net, {1: inputs}, rows, warmup, setup.repeats, f"scaling {model} {visual} tokens", setup.clock)
                 rows[0].tokens, rows[1].tokens = visual, rows[1].median("tokens")
                 measured.append(ScalingPoint(model, size, visual, pixels.shape[1] if pixels.dim() == 5 else 1,
                                              *rows))
@@ -768,6 +782,8 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
     parser.add_argument("--scaling", action="store_true", help="instead of the table: prefill time and peak memory "
                         "of full and VisionDrop (at --ratio) as the visual tokens grow (table and PNG)")
     parser.add_argument("--ratio", type=float, default=SCALING_RATIO, help="--scaling: VisionDrop's retention ratio")
+    parser.add_argument("--clock", choices=list(CLOCKS), help="wall (default), or process: this process's CPU time "
+                        "(a CPU shared with other work)")
     parser.add_argument("--profile", action="store_true", help="also write one torch.profiler table per row "
                         "(profile_<model>_<device>_<width>.txt beside the table)")
     parser.add_argument("--out", default="results")
@@ -775,7 +791,8 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
     if args.scaling:
         result = scaling(width=args.width, device=args.device, dtype=args.dtype, ratio=args.ratio,
                          warmup=1 if args.warmup is None else args.warmup, repeats=args.repeats,
-                         threads=args.threads, text_tokens=args.text_tokens, attn=args.attn, out=args.out)
+                         threads=args.threads, text_tokens=args.text_tokens, attn=args.attn, out=args.out,
+                         clock=args.clock)
         print(result.markdown)
         return result
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -788,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
                                  batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
                                  warmup=2 if args.warmup is None else args.warmup, repeats=args.repeats,
                                  threads=args.threads, text_tokens=args.text_tokens, attn=args.attn, out=args.out,
-                                 profile=args.profile))
+                                 profile=args.profile, clock=args.clock))
         print(results[-1].markdown)
     latest = "\n".join(r.markdown for r in results)  # the latest run; every table also kept under its own name
     Path(args.out).mkdir(parents=True, exist_ok=True)
