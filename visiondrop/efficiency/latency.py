@@ -354,7 +354,7 @@ def profile_prefill(model: nn.Module, inputs: dict, method: str, budget: float |
               + (f", {e.device_time_total / 1e3:.1f} ms GPU" if cuda else "") for e in events
               if e.key.startswith("visiondrop.")]
     return "\n".join([f"profiled prefill: {total_ms:.1f} ms of {'GPU' if cuda else 'CPU'} self time in all",
-                      *ranges, "", events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                      *ranges, "", events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                                  row_limit=row_limit)])
 
 
