@@ -78,13 +78,15 @@ table1: install
 table2: install
 	$(PY) -m visiondrop.efficiency.latency
 
-# Throughput by batch size, full and VisionDrop side by side (the committed results/latency/ tables).
+# Throughput by batch size, full and VisionDrop side by side (the committed results/latency/ tables). On a CPU
+# shared with other work: make throughput LATENCY_ARGS="--clock process" (how the committed CPU tables were taken).
+LATENCY_ARGS ?=
 throughput: install
-	$(PY) -m visiondrop.efficiency.latency --methods none visiondrop --warmup 1 --out results/latency
+	$(PY) -m visiondrop.efficiency.latency --methods none visiondrop --warmup 1 --out results/latency $(LATENCY_ARGS)
 
 # Prefill time and peak memory of full and VisionDrop (retention 1/9) as the visual tokens grow: table and PNG.
 scaling: install
-	$(PY) -m visiondrop.efficiency.latency --scaling --out results/latency
+	$(PY) -m visiondrop.efficiency.latency --scaling --out results/latency $(LATENCY_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST)
