@@ -335,7 +335,7 @@ def test_latency_benchmark_builds_the_7b_architecture_at_tiny_width():
     assert ids[image[0] - 1] == config.vision_start_token_id and ids[image[-1] + 1] == config.vision_end_token_id
     assert inputs["image_grid_thw"].tolist() == [[1, 48, 48]] and inputs["mm_token_type_ids"].sum() == 576
     result = benchmark("qwen2.5-vl-7b", width="tiny", device="cpu", methods=["none", "visionzip"], repeats=1,
-                       warmup=0, new_tokens=2, out=None)
+                       warmup=0, new_tokens=2, out=None, batch_sizes=[1])
     full, vz = result.rows
     assert (full.status, vz.status) == ("ok", "ok") and (full.tokens, vz.tokens) == (576, 64.0)
     assert vz.tflops == method_flops(Dims.from_config(config), "visionzip", 64).total / 1e12

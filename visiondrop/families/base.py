@@ -221,21 +221,25 @@ class Family:
     #: prompt tokens before the image in the example prompt (LLaVA: BOS + Vicuna system prompt + "USER:")
     text_before_image: int = 35
 
-    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator,
+                       image_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """One prompt with one random image as the model takes it (the latency benchmark, the FLOPs proxy): BOS,
-        text, the image's placeholders, text (`text_tokens` random non-visual tokens in all), batch of one."""
+        text, the image's placeholders, text (`text_tokens` random non-visual tokens in all), batch of one;
+        image_size as for `example_image`."""
         text_config = config.text_config
         text = torch.randint(3, min(config.image_token_id, text_config.vocab_size), (text_tokens,),
                              generator=generator)
         text[0] = 1 if text_config.bos_token_id is None else text_config.bos_token_id
         before = min(self.text_before_image, text_tokens)
-        placeholders, pixels = self.example_image(config, generator)
+        placeholders, pixels = self.example_image(config, generator, image_size)
         ids = torch.cat([text[:before], torch.full((placeholders,), config.image_token_id), text[before:]])
         return {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long), **pixels}
 
-    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
+    def example_image(self, config: Any, generator: torch.Generator,
+                      size: tuple[int, int] | None = None) -> tuple[int, dict[str, Tensor]]:
         """One random image as the model takes it (for the latency benchmark): how many placeholder tokens it
-        fills in the prompt, and its pixel inputs (batch of one)."""
+        fills in the prompt, and its pixel inputs (batch of one). size: the image's (height, width) where the
+        family's token count depends on it (anyres grids); None for the family's default benchmark image."""
         raise NotImplementedError
 
     # -- the encoder stage -------------------------------------------------------------------------------------

@@ -174,8 +174,12 @@ class Llava(Family):
         strategy = kwargs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
         return Images(pixel_values, [1] * pixel_values.shape[0], layer, strategy, kwargs.get("image_sizes"))
 
-    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
+    def example_image(self, config: Any, generator: torch.Generator,
+                      size: tuple[int, int] | None = None) -> tuple[int, dict[str, Tensor]]:
         vision = config.vision_config
+        if size is not None and tuple(size) != (vision.image_size,) * 2:
+            raise ValueError(f"LLaVA-1.5 resizes every image to {vision.image_size}x{vision.image_size} (always "
+                             f"the same visual tokens); got size {tuple(size)}: use LLaVA-NeXT for larger images")
         side = vision.image_size // vision.patch_size
         tokens = side * side + int(config.vision_feature_select_strategy == "full")
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)

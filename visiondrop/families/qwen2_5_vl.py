@@ -234,21 +234,28 @@ class Qwen2_5_VL(Family):
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
         return feats[0], torch.cat([keep[0], keep.new_full((n_merged,), -1)]), tokens
 
-    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
-        """The nominal 672x672 image: 48 x 48 patches, 576 visual tokens."""
+    def example_image(self, config: Any, generator: torch.Generator,
+                      size: tuple[int, int] | None = None) -> tuple[int, dict[str, Tensor]]:
+        """An image of `size` (height, width; default the nominal 672x672: 48 x 48 patches, 576 visual tokens), in
+        multiples of the merged patch (28 pixels)."""
         vision = config.vision_config
-        side = NOMINAL_SIDE // vision.patch_size
-        grid = torch.tensor([[1, side, side]])
+        height, width = size or (NOMINAL_SIDE, NOMINAL_SIDE)
+        unit = vision.patch_size * vision.spatial_merge_size
+        if height % unit or width % unit:
+            raise ValueError(f"Qwen2.5-VL example images are multiples of {unit} pixels, got {height}x{width}")
+        rows, cols = height // vision.patch_size, width // vision.patch_size
+        grid = torch.tensor([[1, rows, cols]])
         channels = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-        pixels = torch.randn(side * side, channels, generator=generator)
-        return side * side // vision.spatial_merge_size ** 2, {"pixel_values": pixels, "image_grid_thw": grid}
+        pixels = torch.randn(rows * cols, channels, generator=generator)
+        return rows * cols // vision.spatial_merge_size ** 2, {"pixel_values": pixels, "image_grid_thw": grid}
 
     text_before_image = 15  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + start
 
-    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator,
+                       image_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """The base prompt with the image between <|vision_start|> and <|vision_end|> (two of its text tokens) and
         the token types M-RoPE's positions are built from."""
-        inputs = super().example_inputs(config, text_tokens, generator)
+        inputs = super().example_inputs(config, text_tokens, generator, image_size)
         ids = inputs["input_ids"][0]
         image = ids == config.image_token_id
         first, count = int(image.long().argmax()), int(image.sum())
