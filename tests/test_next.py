@@ -62,7 +62,7 @@ def test_counts_follow_each_samples_own_grid(tiny_next, image, crops, n0):
     counts, _ = measured(model, processor, image, "fastv", 320)  # 149 of 2880 kept after layer 2, as a fraction
     assert counts[:2] == [n0, n0] and set(counts[2:]) == {round(149 * n0 / 2880)}
     counts, handle = measured(model, processor, image, "pyramiddrop", 320)  # int(N0 * lambda^s), actual N0
-    ratio = handle.policy.describe()["ratio"]
+    ratio = handle.policy.describe()["decay"]
     assert [counts[0], counts[2], counts[8], counts[16]] == [n0] + [int(n0 * ratio ** s) for s in (1, 2, 3)]
 
 

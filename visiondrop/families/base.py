@@ -40,7 +40,10 @@ class ModelInfo:
     n_layers: int  # decoder layers
     vision_layer: int  # 0-based vision-tower layer whose output the model projects
     cls_kept: bool  # whether the model's own visual tokens include CLS
-    crops: int = 1  # vision-tower crops per image, nominal
+    crops: int = 1  # vision-tower crops per image, nominal (a video's frames)
+    #: the budgets' reference is a video whose crops are its frames (Video-LLaVA): methods with a video setting
+    #: use it (VisionDrop: tokens leaving its encoder stage at 3x the budget instead of 1.5x)
+    video: bool = False
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelInfo":
@@ -106,6 +109,7 @@ class TokenIds:
     bos: int
     eos: int
     pad: int
+    video: int | None = None  # the video placeholder, for families with videos
 
 
 @dataclass
@@ -113,7 +117,8 @@ class Images:
     """The images of one image-feature call, split as the family's vision tower takes them.
 
     pixels: [N, ...] every crop (or frame) of every image, one batch for the tower; crops: how many belong to
-    each image, in order; sizes: each image's (height, width) where the layout depends on it (anyres), else None.
+    each image (frames to each video), in order; sizes: each image's (height, width) where the layout depends on
+    it (anyres), else None; modality: the `Family.feature_functions` key of the call ("image", "video").
     """
 
     pixels: Tensor
@@ -121,6 +126,7 @@ class Images:
     feature_layer: int
     select_strategy: str
     sizes: Tensor | None = None
+    modality: str = "image"
 
 
 class Family:
@@ -129,6 +135,11 @@ class Family:
     model_class: type[nn.Module]  # the transformers class this family loads
     image_aspect_ratio: str  # the evaluation plugin's default preprocessing (harness.prompting)
     conv_template: str  # the evaluation plugin's default prompt (harness.prompting)
+    #: modality (a key of `generate()`'s `mm_encoder_outputs`) -> the multimodal module's method that encodes it;
+    #: an encoder-side policy wraps each of them
+    feature_functions: dict[str, str] = {"image": "get_image_features"}
+    #: the host takes the encoded features as one tensor [n, slots, D] (it calls `.to()` on them), not a list
+    stacked_features: bool = False
 
     # -- where a loaded model keeps its parts ------------------------------------------------------------------
     def multimodal(self, model: nn.Module) -> nn.Module:
@@ -206,6 +217,14 @@ class Family:
         """The images of a `get_image_features(pixel_values, *args, **kwargs)` call, with the model's defaults."""
         raise NotImplementedError
 
+    def visual_inputs(self, model: nn.Module, modality: str, args: tuple, kwargs: dict[str, Any]) -> Images:
+        """The images (or videos) of a call `feature_functions[modality](*args, **kwargs)`; hosts with images only
+        need `images`."""
+        if modality != "image":
+            raise NotImplementedError(f"{type(self).__name__} encodes images only, not {modality}")
+        pixel_values, args = (args[0], args[1:]) if args else (kwargs["pixel_values"], ())
+        return self.images(model, pixel_values, args, {k: v for k, v in kwargs.items() if k != "pixel_values"})
+
     def encoder_view(self, model: nn.Module, images: Images) -> "EncoderView":
         """Run the vision tower on every crop and show the feature layer to an encoder-side policy.
 
@@ -236,4 +255,13 @@ class Family:
     def build_processor(self, tokenizer: Any) -> Any:
         """The family's processor around `tokenizer`, set up as the real checkpoints' (offline, no torchvision)."""
         raise NotImplementedError
+
+    #: special tokens the family's tokenizer needs beyond LLaVA's (tests' tiny tokenizers add them)
+    extra_special_tokens: tuple[str, ...] = ()
+
+    def load_processor(self, path: Any) -> Any:
+        """The processor of a saved checkpoint (a local folder or hub id), usable without torchvision."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path)
 

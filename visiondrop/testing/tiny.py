@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised LLaVA-1.5 and LLaVA-NeXT (1.6) checkpoints built offline.
+"""Tiny, randomly initialised LLaVA-1.5, LLaVA-NeXT (1.6) and Video-LLaVA checkpoints built offline.
 
 The models keep the real layer structure of ``llava-hf/llava-1.5-7b-hf`` and
 ``llava-hf/llava-v1.6-vicuna-7b-hf`` (24-layer CLIP ViT-L/14-336 tower with 577 positions,
@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from ..families import Family, Shape, TokenIds, family_for
 from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
+from ..families.video_llava import VIDEO_LLAVA
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
 
@@ -46,14 +47,15 @@ _CORPUS = [
     "Who is holding the umbrella? Where is the man standing? Which side is the tree on?",
     "left right top bottom above below next to behind in front of the",
 ]
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a small LLaVA-style corpus, with LLaVA's special tokens (and <image>)."""
+def build_tokenizer(vocab_size: int, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a small LLaVA-style corpus, with LLaVA's special tokens (and <image>),
+    then `extra_special` (e.g. Video-LLaVA's <video>)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special),
         # Full byte alphabet so that any input text is encodable without <unk>.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -76,8 +78,9 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 def token_ids(tokenizer: PreTrainedTokenizerFast) -> TokenIds:
     """The ids a model config built for `tokenizer` carries."""
+    video = tokenizer.convert_tokens_to_ids("<video>") if "<video>" in tokenizer.get_vocab() else None
     return TokenIds(vocab=len(tokenizer), image=tokenizer.convert_tokens_to_ids("<image>"),
-                    bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+                    bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, video=video)
 
 
 def _build(
@@ -94,7 +97,7 @@ def _build(
     init_std: float = 0.2,
 ) -> Path:
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, family.extra_special_tokens)
     shape = Shape(hidden=hidden, intermediate=2 * hidden, layers=text_layers, heads=heads, vision_hidden=vision_hidden,
                   vision_intermediate=2 * vision_hidden, vision_layers=vision_layers, vision_heads=heads)
     config = family.build_config(shape, token_ids(tokenizer), init_std)
@@ -126,18 +129,27 @@ def build_tiny_llava_next(out_dir: str | Path, **knobs) -> Path:
     return _build(out_dir, LLAVA_NEXT, **knobs)
 
 
+def build_tiny_video_llava(out_dir: str | Path, **knobs) -> Path:
+    """Build, save and return the path of a tiny random Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf layout).
+
+    Image and video CLIP towers of 24 layers at 224/14 (257 tokens a frame, CLS kept in videos: 8 x 257 = 2,056
+    visual tokens; an image has 256), a 32-layer Llama at tiny width, the tokenizer with `<video>`, and the
+    torchvision-free processor (`families.video_llava`). Same knobs as :func:`build_tiny_llava`.
+    """
+    return _build(out_dir, VIDEO_LLAVA, **knobs)
+
+
 def load_tiny_llava(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a folder written by :func:`build_tiny_llava` or :func:`build_tiny_llava_next`.
+    """Load a folder written by :func:`build_tiny_llava`, :func:`build_tiny_llava_next` or
+    :func:`build_tiny_video_llava`.
 
-    The model class follows the saved config's family; the model is returned in eval mode.
+    The model class and the processor follow the saved config's family; the model is returned in eval mode.
     """
-    model = family_for(AutoConfig.from_pretrained(path)).model_class.from_pretrained(
-        path, attn_implementation=attn_implementation, dtype=dtype
-    ).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    return model, processor
+    family = family_for(AutoConfig.from_pretrained(path))
+    model = family.model_class.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype).eval()
+    return model, family.load_processor(path)
 
 
 def demo_image(seed: int, size: tuple[int, int] = (336, 336)) -> Image.Image:
