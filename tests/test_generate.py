@@ -149,7 +149,7 @@ def test_bad_budgets_are_refused_before_the_method(tiny, method, budget, error, 
 def test_unknown_option_names_the_valid_ones(tiny):
     model, _ = tiny
     with pytest.raises(TypeError, match=r"^method 'visiondrop' has no option 'foo'; its options \(with defaults\) "
-                                        r"are: schedule=None, newlines='drop'$"):
+                                        r"are: schedule=None, newlines='drop', second_stage=None$"):
         visiondrop.apply(model, "visiondrop", 64, foo=1)
     info = ModelInfo.of(model)  # the harness's path: policy_for with the options of its config
     with pytest.raises(TypeError, match=r"method 'fastv' has no option 'kk', 'x'; .* k=2, keep=None, "
