@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install lock test test-latest demo table1 table2 clean
+.PHONY: install lock test test-latest demo table1 table1_full table2 position_bias position_bias-demo clean
 
 # The two packages pyproject.toml cannot pin: torch (a CPU or CUDA build of one version, chosen by the machine) and
 # lmms-eval (installed with --no-deps: its metadata drags in torchvision and an unpinned torch, stack-notes.md).
@@ -50,7 +50,7 @@ test: install
 LATEST := .venv-latest
 CANARY_TESTS := tests/test_engine.py tests/test_contract.py tests/test_generate.py tests/test_selection.py \
 	tests/test_parity_visiondrop.py tests/test_fastv.py tests/test_pyramiddrop.py tests/test_sparsevlm.py \
-	tests/test_visionzip.py tests/test_next.py tests/test_lmms_plugin.py
+	tests/test_visionzip.py tests/test_dart.py tests/test_next.py tests/test_lmms_plugin.py
 test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
@@ -72,10 +72,28 @@ table1: install
 	$(PY) scripts/run.py experiment=table1
 	$(PY) scripts/make_table.py --model llava-1.5-7b --out results --name table1
 
+# Table 1 on the paper's whole image benchmark set (configs/benchmarks/paper_image.yaml: the five plus MMBench-CN,
+# MME, TextVQA, VizWiz-VQA; GPU).
+table1_full: install
+	$(PY) scripts/run.py experiment=table1 benchmarks=paper_image
+	$(PY) scripts/make_table.py --model llava-1.5-7b --out results --name table1_full
+
 # The paper's Table 2: FLOPs, latency and memory of random-weight LLaVA architectures, full and every method. GPU:
 # LLaVA-1.5-7B and LLaVA-NeXT-7B at full width in bf16; CPU: LLaVA-1.5 at reduced width, same depths (minutes).
 table2: install
 	$(PY) -m visiondrop.efficiency.latency
+
+# Where each method's kept tokens come from: positional-bias maps of every method at 64 on POPE (LLaVA-1.5-7B, GPU),
+# drawn as heatmaps (methods x cuts) with the vertical-bias table beside the paper's claim.
+position_bias: install
+	$(PY) scripts/run.py experiment=position_bias
+	$(PY) scripts/position_bias.py --model llava-1.5-7b --benchmark POPE --out results --name position_bias
+
+# The same on the demo model and benchmark (CPU, about a minute): 192 tokens, the budget every method reaches on its
+# 4-layer decoder.
+position_bias-demo: install
+	$(PY) scripts/run.py experiment=position_bias model=tiny benchmarks=demo budget=192
+	$(PY) scripts/position_bias.py --model demo-llava-1.5 --benchmark Demo --out results/demo --name position_bias
 
 clean:
 	rm -rf $(VENV) $(LATEST)

@@ -1,4 +1,4 @@
-"""The contract every registered method keeps, on the tiny LLaVA-1.5 (and the tiny LLaVA-NeXT where it is cheap).
+"""The contract every registered method keeps, on the tiny LLaVA-1.5 and the tiny LLaVA-NeXT (mixed crop grids).
 
 Methods come from the registry, each at the budget it declares (`Method.example_budget`) with its default options, so
 a new method is tested here without editing this file. The per-method files test what is the method's own.
@@ -19,6 +19,8 @@ QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Ans
 IMAGES = [demo_image(0), None, demo_image(2), demo_image(1)]  # a text-only sample in the middle passes untouched
 TEXT_ONLY = 1
 NEXT_IMAGES = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]  # 3 crops (1752 tokens) and 5 crops (2438)
+#: per family, a batch's images: different sizes (on LLaVA-NeXT, crop grids) and a text-only sample at TEXT_ONLY
+BATCH_IMAGES = {"llava": IMAGES, "llava_next": [NEXT_IMAGES[0], None, NEXT_IMAGES[1]]}
 NEW_TOKENS = 4
 
 
@@ -71,12 +73,21 @@ def test_full_budget_is_the_stock_model(family, name):
         assert policy_for(info, name, info.n_visual + 24).describe() == {"method": "none"}
 
 
+@pytest.fixture(params=list(BATCH_IMAGES))
+def host(request, tiny, tiny_next) -> tuple:
+    """(a tiny model of each family, its processor, a batch's images)."""
+    model, processor = tiny if request.param == "llava" else tiny_next
+    return model, processor, BATCH_IMAGES[request.param]
+
+
 @pytest.mark.parametrize("name", METHODS)
-def test_batch_equals_each_sample_alone(tiny, name):
-    """Deterministic, and independent of the batch (left padding, a text-only sample) with the default options."""
-    model, processor = tiny
-    batch = inputs(processor, QUESTIONS, IMAGES)
-    singles = [inputs(processor, [q], [img]) for q, img in zip(QUESTIONS, IMAGES)]
+def test_batch_equals_each_sample_alone(host, name):
+    """Deterministic, and independent of the batch (left padding, a text-only sample, other images or crop grids)
+    with the default options."""
+    model, processor, images = host
+    questions = QUESTIONS[:len(images)]
+    batch = inputs(processor, questions, images)
+    singles = [inputs(processor, [q], [img]) for q, img in zip(questions, images)]
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
     stock_text_only = run(model, singles[TEXT_ONLY])
     with visiondrop.apply(model, name, example_budget(name, ModelInfo.of(model))) as handle:
@@ -102,11 +113,12 @@ def test_batch_equals_each_sample_alone(tiny, name):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_generation_with_cache_equals_replay_without(tiny, name):
+def test_generation_with_cache_equals_replay_without(host, name):
     """Decode steps on the pruned cache give what re-running the prompt with the prefill's decisions gives."""
-    model, processor = tiny
+    model, processor, images = host
     budget = example_budget(name, ModelInfo.of(model))
-    cached, replayed = cached_and_replayed(model, inputs(processor, QUESTIONS[:2]), name, budget, new_tokens=10)
+    batch = inputs(processor, QUESTIONS[:2], [img for img in images if img is not None][:2])
+    cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10)
     assert torch.equal(cached, replayed)
 
 

@@ -14,6 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from visiondrop.harness import TASKS_DIR, app, job
 from visiondrop.harness.identity import checkpoint_fingerprint
 from visiondrop.harness.store import ResultStore
+from visiondrop.harness.bias_report import collect, plot_bias_maps
 from visiondrop.harness.tables import build_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,8 +204,10 @@ def test_sweep_summary_exit_status_and_wandb_dashboards(tmp_path, monkeypatch):
     numbers = {"score", "measured_tokens", "equivalent_tokens", "tflops", "retention_ratio", "samples", "docs",
                "wall_time_s", "throughput_docs_per_s", "partial"}
     assert {f"Demo/{k}" for k in numbers} <= job_run["history"] and job_run["summary"]["Demo/score"] == record["score"]
+    assert job_run["summary"]["Demo/position_bias/layer 1"] == record["position_bias"]["layer 1"]
     assert job_run["summary"]["Demo/answers/_type"] == "table-file" and job_run["summary"]["Demo/answers/nrows"] == 2
     assert job_run["artifacts"][f"record-{record['key']}"] == [f"{record['key']}.json",
+                                                               f"{record['key']}.positions.json",
                                                                f"{record['key']}.samples.jsonl"]
     dashboard = runs["sweep summary"]
     assert dashboard["group"] == "sweep" and dashboard["summary"]["demo-llava-1.5/table/_type"] == "table-file"
@@ -238,3 +241,10 @@ def test_next_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_next_dir
     # each sample keeps the same share of its own grid's tokens: measured below the nominal 320 for small grids
     assert 0 < record["measured_tokens"] <= 320 and record["tflops"] > 0
     assert record["run_info"]["image_aspect_ratio"] == "none"
+    maps = json.loads(Path(record["path"]).with_suffix(".positions.json").read_text())  # per crop of each grid
+    assert maps["grid"] == [5, 24] and list(maps["cuts"]) == ["encoder", "layer 8", "layer 16", "layer 24"]
+    encoder = maps["cuts"]["encoder"]
+    assert encoder["samples"] == 2 and sum(map(sum, encoder["present"][0])) == 2 * 576  # every base crop whole
+    assert list(record["position_bias"]) == list(maps["cuts"])
+    entries = collect([record], "llava-next-7b", record["benchmark"])
+    assert plot_bias_maps(entries, tmp_path / "maps.png", "NeXT").stat().st_size > 10_000  # crops side by side

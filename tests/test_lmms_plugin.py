@@ -93,12 +93,15 @@ def test_batch_of_three_equals_batch_of_one(tiny_dir):
 
 
 def test_beam_search_batch_equals_alone(tiny_dir):
-    answers = []
+    answers, maps = [], []
     for batch_size in (1, 3):
         lm = PrunedLlava(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=batch_size)
         lm.task_dict = {"demo": {"test": DOCS}}
         answers.append(lm.generate_until(_requests("generate_until", num_beams=3)))
+        maps.append(lm.position_maps.to_dict())  # each sample's trace read once, not once per beam
+        assert lm.position_maps.cuts["encoder"].samples == 3 and lm.run_info["measured_tokens_mean"] == 64
     assert answers[0] == answers[1] and all(isinstance(a, str) for a in answers[0])
+    assert maps[0] == maps[1]
 
 
 def test_expand_to_square_pads_with_the_mean_colour():

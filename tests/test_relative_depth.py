@@ -32,8 +32,9 @@ def shallow(tmp_path_factory):
 @pytest.mark.parametrize("method,budget,options,expected", [
     ("visiondrop", 64, {}, [96, 70, 52, 38]),  # cuts 8/16/24 -> 1/2/3
     ("fastv", 192, {}, [576, 64, 64, 64]),  # k=2 -> 1: (4*192 - 576) / 3
-    ("pyramiddrop", None, {"ratio": 0.5}, [576, 288, 144, 72]),  # [2, 8, 16] -> [1, 2, 3]
-    ("pyramiddrop", None, {"ratio": 0.5, "layer_list": [8, 16, 24]}, [576, 288, 144, 72]),
+    ("dart", 192, {}, [576, 68, 68, 68]),  # k=2 -> 1: 4 image pivots + 8 x round(60 / 8)
+    ("pyramiddrop", None, {"decay": 0.5}, [576, 288, 144, 72]),  # [2, 8, 16] -> [1, 2, 3]
+    ("pyramiddrop", None, {"decay": 0.5, "layer_list": [8, 16, 24]}, [576, 288, 144, 72]),
 ])
 def test_measured_counts_follow_the_mapped_layers(shallow, method, budget, options, expected):
     model, processor = shallow

@@ -39,9 +39,10 @@ Assumptions written down:
   N tokens, the queries of the scoring rows and their logits against all keys, where the rows (each method's
   `methods.Overhead`) are the n visual tokens (VisionDrop), the last prompt token (FastV, PyramidDrop; all N for
   FastV scoring="all_queries"), the text tokens (SparseVLM raters, plus its rater choice, visual rows x text: upper
-  bounds) or none (random); contextual merging (VisionDrop, VisionZip) costs one similarity on head-averaged keys
-  and one member sum per (member, merged token) pair; SparseVLM's recycling clusters with elementwise distances (no
-  matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of
+  bounds) or none (random); DART projects the keys of all N tokens for their norms and compares each pivot with
+  the n visual tokens (pivots x n x d); contextual merging (VisionDrop, VisionZip) costs one similarity on
+  head-averaged keys and one member sum per (member, merged token) pair; SparseVLM's recycling clusters with
+  elementwise distances (no matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of
   every token at each cut where the engine projects k of every token and q of the visual rows: counting the official
   way would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
 """
@@ -49,18 +50,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import tempfile
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from ..families.base import Shape, TokenIds
+
 TEXT_TOKENS = 63  # the paper's text length (methods.md 7)
-_PROXY_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the human's questions. USER: <image>\n"
-                 "What is in the image? ASSISTANT:")
 
 
 @dataclass(frozen=True)
@@ -84,6 +82,7 @@ class Dims:
     visual_per_crop: int  # visual tokens per crop entering the decoder, unpruned (576)
     crops: int = 1  # nominal crops per image
     extra_tokens: int = 0  # non-visual tokens beside the text that no method prunes
+    model_type: str = "llava"  # the family (`visiondrop.families.FAMILIES`), which builds the measuring proxy
 
     @property
     def n_visual(self) -> int:
@@ -100,7 +99,8 @@ class Dims:
 LLAVA_15_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, vocab=32064, n_heads=32, n_kv_heads=32,
                    head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
                    vision_tokens=577, patch_size=14, projector_in=1024, visual_per_crop=576)
-PRESETS = {"llava-1.5-7b": LLAVA_15_7B, "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49)}
+PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
+           "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next")}
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,9 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             if recipe.rows is not None:
                 queries = {"visual": cut.before, "last": 1, "text": text_tokens, "all": n}[recipe.rows]
                 macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim
+            elif recipe.key_norms:
+                macs += n * d * kv_dim
+            macs += recipe.pivots * cut.before * d  # cosine of each pivot against every visual token
             metric, width = dims.head_dim, d
         if recipe.merges:
             macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it
@@ -265,27 +268,24 @@ def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
     policy.select_encoder, policy.select_decoder = encoder, decoder
 
 
+#: the measuring proxy's widths (its depths are the measured model's) and vocabulary
+_PROXY_SHAPE = Shape(hidden=32, intermediate=64, layers=32, heads=4, vision_hidden=32, vision_intermediate=64,
+                     vision_layers=24, vision_heads=4)
+_PROXY_IDS = TokenIds(vocab=512, image=4, bos=1, eos=2, pad=3)
+
+
 @functools.lru_cache(maxsize=4)
-def _proxy(n_layers: int, vision_layers: int, anyres: bool = False) -> tuple[torch.nn.Module, dict]:
-    """A tiny random LLaVA-1.5 (or LLaVA-NeXT with a square 672-pixel image: 5 crops, the nominal 2880 patches
-    plus 48 image-newline tokens) of the given depths and its inputs; built once per process."""
-    from transformers.utils import logging
+def _proxy(model_type: str, n_layers: int, vision_layers: int) -> tuple[torch.nn.Module, dict]:
+    """A tiny random model of the family `model_type` at the given depths, and its example input (the family's
+    `example_inputs`: one image, e.g. LLaVA-NeXT's 672-pixel square of 5 crops, 2880 patches plus 48
+    image-newline tokens); built once per process."""
+    from ..families import family_by_type
 
-    from ..testing.tiny import build_tiny_llava, build_tiny_llava_next, demo_image, load_tiny_llava
-
-    bars = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()  # a FLOPs printout should not carry save/load progress bars
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            build = build_tiny_llava_next if anyres else build_tiny_llava
-            path = build(Path(tmp) / "proxy", seed=0, text_layers=n_layers, vision_layers=vision_layers,
-                         hidden=32, vision_hidden=32)
-            model, processor = load_tiny_llava(path)
-    finally:
-        if bars:
-            logging.enable_progress_bar()
-    image = demo_image(0, (672, 672) if anyres else (336, 336))
-    return model, dict(processor(images=image, text=_PROXY_PROMPT, return_tensors="pt"))
+    family = family_by_type(model_type)
+    config = family.build_config(replace(_PROXY_SHAPE, layers=n_layers, vision_layers=vision_layers), _PROXY_IDS)
+    torch.manual_seed(0)
+    model = family.model_class(config).eval()
+    return model, family.example_inputs(config, TEXT_TOKENS, torch.Generator().manual_seed(0))
 
 
 _measured: dict[tuple, TokenCounts] = {}
@@ -309,13 +309,17 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
         if budget is None:
             raise ValueError(f"{registered(method).title} needs a budget")
         return schedule(dims, "none") if budget >= dims.n_visual else nominal(dims, budget)
-    if (dims.vision_tokens, dims.visual_per_crop, dims.crops) not in ((577, 576, 1), (577, 576, 5)):
-        raise NotImplementedError("the proxy models have 577 vision tokens and 576 visual tokens per crop, 1 crop "
-                                  "(LLaVA-1.5) or 5 (LLaVA-NeXT); cannot measure a model with "
-                                  f"{dims.vision_tokens} / {dims.visual_per_crop} / {dims.crops}")
-    key = (dims.n_layers, dims.vision_layers, dims.crops, method, budget, repr(sorted(options.items())))
+    key = (dims.model_type, dims.n_layers, dims.vision_layers, dims.crops, method, budget,
+           repr(sorted(options.items())))
     if key not in _measured:
-        model, inputs = _proxy(dims.n_layers, dims.vision_layers, dims.crops > 1)
+        model, inputs = _proxy(dims.model_type, dims.n_layers, dims.vision_layers)
+        proxy = Dims.from_config(model.config)
+        if (proxy.vision_tokens, proxy.visual_per_crop, proxy.crops) != (dims.vision_tokens, dims.visual_per_crop,
+                                                                         dims.crops):
+            raise NotImplementedError(
+                f"the {dims.model_type} proxy has {proxy.vision_tokens} vision tokens and {proxy.visual_per_crop} "
+                f"visual tokens per crop, {proxy.crops} crop(s); cannot measure a model with {dims.vision_tokens} / "
+                f"{dims.visual_per_crop} / {dims.crops}")
         sched = measure_schedule(model, inputs, method, budget, **options)
         placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
         encoder_side = any(c.layer is None for c in sched.cuts)  # these drop the newline tokens (official layout)

@@ -56,7 +56,6 @@ PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working di
 MODELS = ("llava-1.5-7b", "llava-next-7b")
 DEFAULT_METHODS = tuple(METHODS)  # every registered method
 DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,)}
-TEXT_BEFORE_IMAGE = 35  # BOS + Vicuna system prompt + "USER:" precede the image in LLaVA's template
 
 
 #: "reduced" = full / 8 with head dims 64; "tiny" only keeps tests fast. Depths never change.
@@ -96,14 +95,8 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, attn:
 
 def make_inputs(config, device: torch.device, dtype: torch.dtype, text_tokens: int = TEXT_TOKENS,
                 seed: int = 0) -> dict[str, torch.Tensor]:
-    """One prompt: BOS, text, the image placeholders, text (`text_tokens` non-visual in all), random pixels."""
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(3, min(config.image_token_index, config.text_config.vocab_size), (text_tokens,), generator=g)
-    text[0] = config.text_config.bos_token_id if config.text_config.bos_token_id is not None else 1
-    before = min(TEXT_BEFORE_IMAGE, text_tokens)
-    placeholders, pixels = family_for(config).example_image(config, g)
-    ids = torch.cat([text[:before], torch.full((placeholders,), config.image_token_index), text[before:]])
-    inputs = {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long), **pixels}
+    """One prompt with random pixels (`Family.example_inputs`), on `device` in `dtype`."""
+    inputs = family_for(config).example_inputs(config, text_tokens, torch.Generator().manual_seed(seed))
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 

@@ -105,7 +105,7 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
 
 
 def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList, prev_hidden: Tensor | None,
-            rope: tuple[Tensor, Tensor], original_visual: Tensor, scratch: dict):
+            rope: tuple[Tensor, Tensor], original_visual: Tensor, scratch: dict, final_norm: nn.Module):
     """The samples with an image, grouped by current and original visual-token counts, as policies see them."""
     pairs = {(n, n0) for n, n0 in zip(run.vis_len.tolist(), original_visual.tolist()) if n}
     for n, n0 in sorted(pairs):
@@ -116,6 +116,7 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
             cos=rope[0][rows], sin=rope[1][rows],
             visual=run.vis_start[rows].unsqueeze(1) + torch.arange(n, device=rows.device),
             original_visual=original_visual[rows], samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
+            final_norm=final_norm,
         )
 
 
@@ -141,12 +142,13 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
     segments: list[Segment] = []
     rope = family.rotary(lm, run.hidden, run.pos)
     prev_hidden = None
-    for cut in _groups(family, run, 0, layers, None, rope, original_visual, scratch):
+    for cut in _groups(family, run, 0, layers, None, rope, original_visual, scratch, family.final_norm(lm)):
         policy.prepare(cut)
     for i, layer in enumerate(layers):
         cut_here = i in cut_layers and bool(run.vis_len.any())
         if cut_here:
-            groups = _groups(family, run, i, layers, prev_hidden, rope, original_visual, scratch)
+            groups = _groups(family, run, i, layers, prev_hidden, rope, original_visual, scratch,
+                             family.final_norm(lm))
             run = _cut(family, policy, run, groups, trace, f"layer {i}")
         if cut_here or not segments:
             rope = family.rotary(lm, run.hidden, run.pos)

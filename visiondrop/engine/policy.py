@@ -58,6 +58,7 @@ class DecoderCut:
     count before any reduction; `samples` are the group's rows in the batch, and `scratch` is a dict that lives
     for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample). `cos`/`sin`
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
+    `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.
     """
 
     layer_idx: int
@@ -72,6 +73,7 @@ class DecoderCut:
     samples: list[int]
     scratch: dict = field(default_factory=dict)
     rotate: Rotate = Family.rotate
+    final_norm: nn.Module | None = None
 
     @property
     def n_visual(self) -> int:

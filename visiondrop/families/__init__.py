@@ -24,12 +24,16 @@ def _load(spec: str) -> Family:
     return getattr(importlib.import_module(module), name)
 
 
-def family_for(config: Any) -> Family:
-    """The adapter of a transformers config (by its model_type)."""
-    model_type = getattr(config, "model_type", None)
+def family_by_type(model_type: str | None) -> Family:
+    """The adapter of a config's model_type."""
     if model_type not in FAMILIES:
         raise TypeError(f"unsupported model type {model_type!r}; supported: {', '.join(FAMILIES)}")
     return _load(FAMILIES[model_type])
+
+
+def family_for(config: Any) -> Family:
+    """The adapter of a transformers config (by its model_type)."""
+    return family_by_type(getattr(config, "model_type", None))
 
 
 def family_of(model: nn.Module) -> Family:
@@ -42,4 +46,5 @@ def family_of(model: nn.Module) -> Family:
                     f"{', '.join(f.model_class.__name__ for f in families)}")
 
 
-__all__ = ["FAMILIES", "Family", "Images", "ModelInfo", "Shape", "TokenIds", "family_for", "family_of"]
+__all__ = ["FAMILIES", "Family", "Images", "ModelInfo", "Shape", "TokenIds", "family_by_type", "family_for",
+           "family_of"]

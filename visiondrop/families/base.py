@@ -207,6 +207,21 @@ class Family:
         return (x * cos) + (rotate_half(x) * sin)
 
     # -- benchmark inputs ----------------------------------------------------------------------------------------
+    #: prompt tokens before the image in the example prompt (LLaVA: BOS + Vicuna system prompt + "USER:")
+    text_before_image: int = 35
+
+    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """One prompt with one random image as the model takes it (the latency benchmark, the FLOPs proxy): BOS,
+        text, the image's placeholders, text (`text_tokens` random non-visual tokens in all), batch of one."""
+        text_config = config.text_config
+        text = torch.randint(3, min(config.image_token_id, text_config.vocab_size), (text_tokens,),
+                             generator=generator)
+        text[0] = 1 if text_config.bos_token_id is None else text_config.bos_token_id
+        before = min(self.text_before_image, text_tokens)
+        placeholders, pixels = self.example_image(config, generator)
+        ids = torch.cat([text[:before], torch.full((placeholders,), config.image_token_id), text[before:]])
+        return {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long), **pixels}
+
     def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
         """One random image as the model takes it (for the latency benchmark): how many placeholder tokens it
         fills in the prompt, and its pixel inputs (batch of one)."""
@@ -244,6 +259,19 @@ class Family:
         feats: [crops, kept + n_merged, D]; keep: [crops, kept] indices among the `tokens` tokens of a crop's
         view. Returns (tokens, their original
         indices in the model's visual-token order, -1 for tokens that are none; placeholder slots of the image).
+        """
+        raise NotImplementedError
+
+    # -- where the visual tokens come from (positional-bias maps) ------------------------------------------------
+    def patch_grid(self, config: Any) -> tuple[int, int]:
+        """(crops, side): the patch grids of one image at the model's nominal crops, each side x side."""
+        raise NotImplementedError
+
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+        """[n, 3] long: for each original visual index of one image (the model's own visual-token order, as the
+        trace's `kept`), the (crop, row, col) of its patch, or -1s for a token that is no patch (CLS, newlines).
+
+        image_size: the image's (height, width) where the layout depends on it (the processor's `image_sizes`).
         """
         raise NotImplementedError
 

@@ -127,7 +127,7 @@ class Llava(Family):
             vision_tokens=patches + 1, patch_size=vision.patch_size,
             projector_in=vision.hidden_size * (1 if isinstance(feature_layer, int) else len(feature_layer)),
             visual_per_crop=patches + int(config.vision_feature_select_strategy == "full"),
-            crops=self.nominal_crops(config),
+            crops=self.nominal_crops(config), model_type=config.model_type,
         )
 
     # -- visual tokens and positions -----------------------------------------------------------------------------
@@ -186,6 +186,19 @@ class Llava(Family):
         cls_offset = 1 if images.select_strategy == "default" else 0  # "default" drops CLS from the visual tokens
         origins = torch.cat([keep[0] - cls_offset, keep.new_full((n_merged,), -1)]).clamp(min=-1)
         return feats[0], origins, tokens - cls_offset
+
+    # -- where the visual tokens come from ------------------------------------------------------------------------
+    def patch_grid(self, config: Any) -> tuple[int, int]:
+        return self.nominal_crops(config), config.vision_config.image_size // config.vision_config.patch_size
+
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+        """One crop in raster order, after CLS where the visual tokens keep it ("full")."""
+        _, side = self.patch_grid(model.config)
+        patch = torch.arange(side * side)
+        cells = torch.stack([torch.zeros_like(patch), patch // side, patch % side], dim=1)
+        if model.config.vision_feature_select_strategy == "full":
+            cells = torch.cat([cells.new_full((1, 3), -1), cells])
+        return cells
 
     # -- building ------------------------------------------------------------------------------------------------
     def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:

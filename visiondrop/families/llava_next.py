@@ -69,6 +69,25 @@ class LlavaNext(Llava):
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
         return arrange_anyres(self.multimodal(model), feats, keep, n_merged, images.sizes[image], native_layout)
 
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+        """The base crop, then the grid's crops in raster order (crop 1 top left), as transformers packs them:
+        patches cut away by unpadding are absent, image-newline tokens are no patch."""
+        if image_size is None:
+            raise ValueError("LLaVA-NeXT's visual tokens depend on the image size: pass the processor's image_sizes")
+        if model.config.vision_feature_select_strategy != "default":
+            raise NotImplementedError("LLaVA-NeXT patch cells support vision_feature_select_strategy 'default' only")
+        config = model.config
+        _, side = self.patch_grid(config)
+        size = torch.as_tensor(image_size).cpu()
+        crops = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        position, length, _ = packed_positions(self.multimodal(model), crops, size, side * side)
+        index = torch.arange(crops * side * side)
+        patch = index % (side * side)
+        cells = torch.full((length, 3), -1, dtype=torch.long)
+        real = position >= 0
+        cells[position[real]] = torch.stack([index // (side * side), patch // side, patch % side], dim=1)[real]
+        return cells
+
     def extra_config(self) -> dict[str, Any]:
         return {"image_grid_pinpoints": GRID_PINPOINTS}
 

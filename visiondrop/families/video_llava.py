@@ -179,6 +179,23 @@ class VideoLlava(Llava):
         pixels = torch.randn(1, self.frames(config), 3, vision.image_size, vision.image_size, generator=generator)
         return config.video_seq_length, {"pixel_values_videos": pixels}
 
+    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """The prompt with one random video: its placeholders are `<video>` tokens."""
+        inputs = super().example_inputs(config, text_tokens, generator)
+        ids = inputs["input_ids"]
+        inputs["input_ids"] = torch.where(ids == config.image_token_id, config.video_token_id, ids)
+        return inputs
+
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+        """A video's tokens: frame after frame, CLS (no patch) then the patches in raster order."""
+        frames, side = self.patch_grid(model.config)
+        patch = torch.arange(side * side)
+        frame = torch.stack([torch.zeros_like(patch), patch // side, patch % side], dim=1)
+        frame = torch.cat([frame.new_full((1, 3), -1), frame])
+        cells = frame.repeat(frames, 1)
+        cells[:, 0] = torch.where(cells[:, 0] < 0, -1, torch.arange(frames).repeat_interleave(side * side + 1))
+        return cells
+
     # -- building ------------------------------------------------------------------------------------------------
     def build_config(self, shape, ids, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
         """LanguageBind/Video-LLaVA-7B-hf's layout (CLIP towers at 224/14, layer -2, 8 frames) at `shape`;

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .job import project_path
-from .store import read_records, records_frame
+from .store import positions_path, read_records, records_frame
 from .tables import build_table, curve_points, flat_table, plot_scores, score_columns
 
 #: the numbers of a record logged per benchmark (history and summary)
@@ -47,13 +47,15 @@ def job_run(cfg: DictConfig, label: str) -> Iterator[Callable[[dict, list[dict]]
     def log_record(record: dict, samples: list[dict]) -> None:
         bench = record["benchmark"]
         run.log({f"{bench}/{k}": record[k] for k in NUMBERS if record.get(k) is not None})
+        run.log({f"{bench}/position_bias/{cut}": bias for cut, bias in (record.get("position_bias") or {}).items()})
         if samples:
             columns = list(samples[0])
             run.log({f"{bench}/answers": wandb.Table(columns=columns, data=[[s.get(c) for c in columns]
                                                                            for s in samples])})
         artifact = wandb.Artifact(f"record-{record['key']}", type="record",
                                   metadata={k: record.get(k) for k in ("model", "method", "benchmark", *NUMBERS)})
-        for path in (Path(record["path"]), Path(record["path"]).with_suffix(".samples.jsonl")):
+        for path in (Path(record["path"]), Path(record["path"]).with_suffix(".samples.jsonl"),
+                     positions_path(record["path"])):
             if path.exists():
                 artifact.add_file(str(path))
         run.log_artifact(artifact)

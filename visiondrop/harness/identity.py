@@ -24,7 +24,8 @@ SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234,
 #: modules that do not score (they present, schedule, time, or make models and data that are fingerprinted
 #: themselves): editing them must not invalidate every record.
 NOT_SCORING = {"visiondrop/harness/app.py", "visiondrop/harness/dashboard.py", "visiondrop/harness/outcomes.py",
-               "visiondrop/harness/store.py", "visiondrop/harness/tables.py", "visiondrop/efficiency/latency.py",
+               "visiondrop/harness/store.py", "visiondrop/harness/tables.py",
+               "visiondrop/harness/bias_report.py", "visiondrop/efficiency/latency.py",
                "visiondrop/demo/training.py", "visiondrop/demo/synthetic.py", "visiondrop/testing/tiny.py"}
 
 
@@ -82,7 +83,8 @@ def code_version() -> dict:
 def run_identity(cfg: DictConfig, checkpoint: str, options: dict, schedule: dict, bench: DictConfig) -> dict:
     """Everything that can change the number of `bench` in this job."""
     model = cfg.model
-    benchmark = {k: v for k, v in OmegaConf.to_container(bench, resolve=True).items() if k != "convention"}
+    benchmark = {k: v for k, v in OmegaConf.to_container(bench, resolve=True).items()
+                 if k not in ("convention", "unit")}  # how the number is presented, not what it is
     return {
         "model": model.name, "checkpoint": checkpoint, "method": cfg.method.name, "options": options,
         "schedule": schedule, "benchmark": benchmark, "limit": cfg.limit,

@@ -1,6 +1,7 @@
 """One job: a (model, method, budget) evaluated on its benchmarks, one stored record per benchmark."""
 from __future__ import annotations
 
+import argparse
 import glob
 import logging
 import subprocess
@@ -93,6 +94,10 @@ def versions() -> dict:
     return found
 
 
+#: `datasets` builders that read local files: a stock task's `dataset_name` (a hub subset) does not apply to them
+LOCAL_BUILDERS = ("parquet", "json", "csv", "arrow", "text", "imagefolder")
+
+
 class Unreachable(Exception):
     """This method cannot run at this budget (or with these options) on this model."""
 
@@ -161,6 +166,8 @@ def local_task(bench: DictConfig, task_manager, folder: Path) -> str:
         files[split] = [str(project_path(p)) for p in patterns]  # the generated YAML lives elsewhere
     if files:
         data["dataset_kwargs"] = {**kwargs, "data_files": files}
+    if data.get("dataset_path") in LOCAL_BUILDERS:
+        data.setdefault("dataset_name", None)  # the stock task's hub subset names no local file's config
     if bench.task not in task_manager.task_index:
         raise ValueError(f"benchmark {bench.name}: lmms-eval has no task {bench.task!r}")
     name = f"{bench.task}_local"
@@ -210,22 +217,23 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
             model.reset_measurements()
             start = time.perf_counter()
             task = tasks[bench.name]
+            # tasks that write submission files (MMBench, TextVQA, ...) write them beside the record, not in the cwd
+            key = identity_key(identity)
+            outputs = store.path(identity, key).with_suffix(".outputs")
+            cli_args = argparse.Namespace(output_path=str(outputs), process_with_media=True)
             results = simple_evaluate(model=model, tasks=[task], task_manager=task_manager, limit=cfg.limit,
                                       bootstrap_iters=0, datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"),
-                                      **SEEDS)
+                                      cli_args=cli_args, **SEEDS)
             wall = time.perf_counter() - start
             task_results = results["results"][task]
-            score = task_results.get(f"{bench.metric},none")
-            if score is None:
-                raise KeyError(f"{bench.task} reported no metric {bench.metric!r}; it reported "
-                               f"{sorted(task_results)}: fix `metric` in the benchmarks config")
+            score = benchmark_score(bench, task_results)
             info, docs = model.run_info, results["n-samples"][task]
             record = {
-                "key": identity_key(identity), "created": datetime.now(timezone.utc).isoformat(),
+                "key": key, "created": datetime.now(timezone.utc).isoformat(),
                 "model": cfg.model.name, "checkpoint": identity["checkpoint"], "method": cfg.method.name,
                 "options": plan.options, "budget": budget.tokens, "retention_ratio": budget.ratio,
                 "benchmark": bench.name, "task": bench.task, "metric": bench.metric,
-                "convention": bench.get("convention"), "score": score * bench.get("scale", 100),
+                "convention": bench.get("convention"), "unit": bench.get("unit", "%"), "score": score,
                 "metrics": task_results, "equivalent_tokens": plan.schedule.get("equivalent_tokens", budget.tokens),
                 "measured_tokens": info.get("measured_tokens_mean"), "schedule": plan.schedule,
                 "tflops": run_tflops(model.model.config, cfg, budget, info.get("text_tokens_mean")),
@@ -233,11 +241,13 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
                 "docs": docs["effective"], "docs_total": docs["original"], "limit": cfg.limit,
                 "partial": docs["effective"] < docs["original"], "samples": info.get("samples"),
                 "wall_time_s": wall, "throughput_docs_per_s": docs["effective"] / wall,
+                # per cut: mean kept row / its value under uniform selection (the maps: `<key>.positions.json`)
+                "position_bias": model.position_maps.bias(),
                 "run_info": info, "versions": versions(), "identity": identity,
                 "config": OmegaConf.to_container(cfg, resolve=True),
             }
             samples = [_answer(s, bench.metric) for s in results.get("samples", {}).get(task, [])]
-            record["path"] = str(store.write(record, samples))
+            record["path"] = str(store.write(record, samples, model.position_maps.to_dict()))
             written.append(record)
             if on_record is not None:
                 on_record(record, samples)
@@ -250,9 +260,22 @@ def run_job(cfg: DictConfig) -> list[dict]:
     return evaluate(cfg, plan) if plan.todo else []
 
 
+def benchmark_score(bench: DictConfig, task_results: dict) -> float:
+    """The benchmark's number: its task's `metric` (or the sum of "a+b", as MME's perception + cognition score)
+    times `scale`."""
+    parts = bench.metric.split("+")
+    missing = [m for m in parts if f"{m},none" not in task_results]
+    if missing:
+        raise KeyError(f"{bench.task} reported no metric {', '.join(map(repr, missing))}; it reported "
+                       f"{sorted(task_results)}: fix `metric` in the benchmarks config")
+    return sum(task_results[f"{m},none"] for m in parts) * bench.get("scale", 100)
+
+
 def _answer(sample: dict, metric: str) -> dict:
-    """One evaluated question as stored and shown: its id, the reference, the model's answer and its score."""
+    """One evaluated question as stored and shown: its id, the reference, the model's answer and its score (under
+    the part of a summed metric that scored it)."""
     response = sample.get("filtered_resps")
+    scores = {m: sample[m] for m in metric.split("+") if m in sample} or {metric: None}
     return {"doc_id": sample.get("doc_id"), "target": str(sample.get("target")),
             "response": response[0] if isinstance(response, list) and len(response) == 1 else str(response),
-            metric: sample.get(metric)}
+            **scores}

@@ -20,7 +20,8 @@ Model args (`--model_args k=v,...`, or keywords of `PrunedLlava(...)` for `simpl
   default is the family's (`Family.conv_template`: "vicuna_v1" for both LLaVA families).
 
 `run_info` records the method, its resolved schedule, the preprocessing and the measured "# Tokens" (mean over
-evaluated samples with an image of the trace's mean visual tokens per decoder layer).
+evaluated samples with an image of the trace's mean visual tokens per decoder layer); `position_maps` aggregates
+every such sample's trace into positional-bias maps (where in the image the kept tokens come from, per cut).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from transformers import AutoConfig, AutoProcessor
 import visiondrop
 from visiondrop.families import family_for
 
+from .positions import PositionMaps
 from .prompting import ASPECT_RATIOS, CONV_TEMPLATES, build_prompt, expand_to_square, mean_colour
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -54,7 +56,7 @@ class PrunedLlava(lmms):
         super().__init__()
         del max_batch_size  # lmms-eval passes it for batch_size=auto, which this model does not offer
         self._batch_size = _positive_int(batch_size, "batch_size")
-        family = family_for(AutoConfig.from_pretrained(pretrained))
+        self.family = family = family_for(AutoConfig.from_pretrained(pretrained))
         self.conv_template = conv_template or family.conv_template
         if self.conv_template not in CONV_TEMPLATES:
             raise ValueError(f"unknown conv_template {self.conv_template!r}; available: {', '.join(CONV_TEMPLATES)}")
@@ -125,6 +127,7 @@ class PrunedLlava(lmms):
         """Start counting afresh, e.g. before evaluating this instance on another task."""
         self._samples = self._image_samples = 0
         self._token_sum = self._text_sum = 0.0
+        self.position_maps = PositionMaps(self.family.patch_grid(self._model.config))
 
     def clean(self) -> None:
         """Keep the model: lmms-eval's default deletes it after each evaluation; one instance may serve many tasks."""
@@ -237,13 +240,20 @@ class PrunedLlava(lmms):
         return expand_to_square(image, self._background) if self.image_aspect_ratio == "pad" else image
 
     def _record(self, images: list[Image.Image | None], batch: dict) -> None:
-        """Add the measured visual tokens per decoder layer of this batch's samples with an image."""
+        """Add the measured visual tokens per decoder layer, and the kept positions, of this batch's samples with an
+        image."""
         self._samples += len(images)
         rows = [row for row, image in enumerate(images) if image is not None]
         if not rows:
             return  # a text-only forward leaves the trace of an earlier batch in place
-        tokens = self.handle.trace.mean_tokens
-        self._token_sum += sum(float(tokens[row]) for row in rows)
+        trace = self.handle.trace
+        stride = len(trace.kept) // len(images)  # beam search prefills each sample's beams (repeat_interleave)
+        tokens = trace.mean_tokens
+        self._token_sum += sum(float(tokens[row * stride]) for row in rows)
+        sizes = batch.get("image_sizes")  # one row per image, in the order of the samples that have one
+        for image, row in enumerate(rows):
+            cells = self.family.patch_cells(self._model, None if sizes is None else sizes[image])
+            self.position_maps.add_sample(cells, trace.cuts, trace.kept[row * stride])
         text = batch["attention_mask"].sum(1) - (batch["input_ids"] == self._model.config.image_token_id).sum(1)
         self._text_sum += float(text[rows].sum())  # non-visual prompt tokens, for the FLOPs of the run
         self._image_samples += len(rows)

@@ -1,6 +1,7 @@
 """One JSON record per run identity, written atomically; a record with the job's key means "done".
 
-Layout: `<root>/<model>/<method>/<benchmark>/<key>.json` (and `<key>.samples.jsonl`, the per-sample answers).
+Layout: `<root>/<model>/<method>/<benchmark>/<key>.json`, beside it `<key>.samples.jsonl` (the per-sample answers)
+and `<key>.positions.json` (the run's positional-bias maps, `harness.positions`).
 Records of the first layout, `<root>/<model>/<method>/<budget>/<benchmark>.json` keyed by budget only, stay
 readable: they have no key, so no job ever skips because of one, and they count as partial when they had a limit.
 """
@@ -16,8 +17,14 @@ from typing import Iterable
 import pandas as pd
 
 COLUMNS = ("model", "method", "variant", "budget", "retention_ratio", "benchmark", "score", "metric", "convention",
-           "equivalent_tokens", "measured_tokens", "tflops", "samples", "docs", "partial", "schedule", "created",
-           "path")
+           "unit", "equivalent_tokens", "measured_tokens", "tflops", "samples", "docs", "partial", "schedule",
+           "created", "path")
+POSITIONS = ".positions.json"
+
+
+def positions_path(record_path: str | Path) -> Path:
+    """Where a record's positional-bias maps lie: `<key>.positions.json` beside `<key>.json`."""
+    return Path(record_path).with_suffix(POSITIONS)
 
 
 def options_label(options: dict | None) -> str:
@@ -32,17 +39,20 @@ class ResultStore:
     def path(self, identity: dict, key: str) -> Path:
         return self.root / identity["model"] / identity["method"] / identity["benchmark"]["name"] / f"{key}.json"
 
-    def write(self, record: dict, samples: list[dict] | None = None) -> Path:
-        """Write via temporary files and atomic renames (answers first), so a killed job never leaves half a record."""
+    def write(self, record: dict, samples: list[dict] | None = None, positions: dict | None = None) -> Path:
+        """Write via temporary files and atomic renames (answers and maps first, the record last), so a killed job
+        never leaves half a record, and a record's companions are there when it is."""
         path = self.path(record["identity"], record["key"])
         path.parent.mkdir(parents=True, exist_ok=True)
         if samples is not None:
             _atomic(path.with_suffix(".samples.jsonl"), "".join(json.dumps(s, default=str) + "\n" for s in samples))
+        if positions is not None:
+            _atomic(positions_path(path), json.dumps(positions))
         _atomic(path, json.dumps(record, indent=1, default=str))
         return path
 
     def records(self) -> list[dict]:
-        return read_records(sorted(self.root.glob("*/*/*/*.json")))
+        return read_records(sorted(p for p in self.root.glob("*/*/*/*.json") if not p.name.endswith(POSITIONS)))
 
     def frame(self) -> pd.DataFrame:
         return records_frame(self.records())

@@ -12,6 +12,8 @@ import pandas as pd
 import yaml
 
 PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B"}
+#: the paper's image columns in its order (configs/benchmarks/paper_image.yaml names them so); others follow
+PAPER_COLUMNS = ("GQA", "MMB", "MMB-CN", "MME", "POPE", "SQA", "VQAv2", "TextVQA", "VizWiz")
 MARKERS = "osD^vPX*h<>"
 
 
@@ -56,7 +58,9 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
     Avg relative to our full row; the benchmarks evaluated partially. Returns the table and a note on the columns.
     """
     cells = select_cells(records, model)
-    benchmarks = list(dict.fromkeys(cells.benchmark))
+    seen = list(dict.fromkeys(cells.benchmark))
+    benchmarks = sorted(seen, key=lambda b: (PAPER_COLUMNS.index(b) if b in PAPER_COLUMNS else len(PAPER_COLUMNS),
+                                             seen.index(b)))
     by_row = cells.set_index(["Method", "budget", "benchmark"])
     wide = by_row.score.unstack("benchmark").reindex(columns=benchmarks)
     counts = by_row.docs.unstack("benchmark").reindex(index=wide.index, columns=benchmarks)
@@ -79,9 +83,12 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
     partial = cells[cells.partial].groupby(["Method", "budget"], dropna=False).benchmark.agg(", ".join)
     table["partial"] = partial.reindex(table.index).fillna("")
 
-    conventions = cells.drop_duplicates("benchmark").set_index("benchmark").get("convention")
+    first = cells.drop_duplicates("benchmark").set_index("benchmark")
+    conventions = first.get("convention")
     note = "; ".join(f"{b}: {conventions[b]}" for b in benchmarks if conventions is not None
                      and pd.notna(conventions.get(b)))
+    units = first.get("unit", pd.Series(dtype=object))
+    table.attrs["units"] = {b: units[b] if pd.notna(units.get(b)) else "%" for b in benchmarks}  # plot axes
     note += ("; n: questions scored; partial: benchmarks evaluated on a subset (limit=), not comparable with full "
              "runs; Avg: mean of the columns relative to our own full-model row (%)")
     if not len(full):
@@ -175,8 +182,9 @@ def plot_scores(table: pd.DataFrame, out_png: str | Path) -> Path:
         full = table[table.index.get_level_values("budget").isna()][column].dropna()
         if len(full):
             ax.axhline(full.iloc[0], color="gray", linestyle="--")
+        unit = table.attrs.get("units", {}).get(column, "%")
         ax.set(title=column, xlabel="measured visual tokens (mean per decoder layer)",
-               ylabel="% of the full model's score" if column == "Avg" else "score (%)")
+               ylabel="% of the full model's score" if column == "Avg" else f"score ({unit})")
     handles = [Line2D([], [], label=m, **{k: v for k, v in style[m].items() if k != "zorder"}) for m in methods]
     handles += [Line2D([], [], color="gray", linestyle="--", label="full model"),
                 Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="none",

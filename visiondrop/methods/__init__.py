@@ -30,6 +30,7 @@ METHODS = {
     "pyramiddrop": "baselines.pyramiddrop",
     "sparsevlm": "baselines.sparsevlm",
     "visionzip": "baselines.visionzip",
+    "dart": "baselines.dart",
     "random": "baselines.random_drop",
 }
 
@@ -42,12 +43,16 @@ class Overhead:
     rows: the query rows that score a decoder cut: "visual" (every visual token), "last" (the last prompt token),
     "text" (the text tokens), "all" (every prompt token), or None (no attention rows);
     merges: leftovers merged into contextual tokens (`engine.contextual_merge`);
-    rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters).
+    rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters);
+    key_norms: the keys of every token at a decoder cut, for their norms, where no attention rows need them (DART);
+    pivots: tokens whose similarity to every visual token is computed at a decoder cut (DART's pivots).
     """
 
     rows: str | None = None
     merges: bool = False
     rater_choice: bool = False
+    key_norms: bool = False
+    pivots: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,123 @@
+"""Positional-bias maps: the bias statistic by hand, the families' patch cells, the plugin's per-sample collection
+and the position_bias experiment end to end on the demo setup."""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig
+
+from visiondrop.families import family_for
+from visiondrop.harness.bias_report import bias_table, collect, plot_bias_maps
+from visiondrop.harness.lmms_model import PrunedLlava
+from visiondrop.harness.positions import PositionMaps
+from visiondrop.harness.store import ResultStore, positions_path
+from visiondrop.testing.tiny import demo_image
+
+from test_harness import DEMO_MODEL, ROOT, run_cli
+from test_lmms_plugin import DOCS, _requests
+
+
+class _Model:  # patch_cells of LLaVA-1.5 reads the config only
+    config = AutoConfig.from_pretrained(DEMO_MODEL)
+
+
+def _llava_cells() -> torch.Tensor:
+    return family_for(_Model.config).patch_cells(_Model, None)
+
+
+def _maps(*kept_per_sample: list[int], cells=None) -> PositionMaps:
+    cells = _llava_cells() if cells is None else cells
+    maps = PositionMaps((1, 24) if cells.shape[0] == 576 else (2, 2))
+    for kept in kept_per_sample:
+        maps.add_sample(cells, ["layer 2"], [torch.tensor(kept, dtype=torch.long)])
+    return maps
+
+
+def test_llava_cells_are_the_raster_order_of_one_crop():
+    cells = _llava_cells()
+    assert cells.shape == (576, 3) and cells[0].tolist() == [0, 0, 0] and cells[25].tolist() == [0, 1, 1]
+    assert cells[575].tolist() == [0, 23, 23]
+
+
+def test_bias_equals_a_hand_computation():
+    bottom = _maps(list(range(552, 576))).cuts["layer 2"]  # the bottom row: mean row 23, uniform 11.5
+    assert bottom.bias == 2.0 and bottom.kept_tokens == 24 and bottom.samples == 1
+    assert bottom.frequency[0, 23].tolist() == [1.0] * 24 and bottom.frequency[0, :23].sum() == 0
+    assert _maps(list(range(576))).cuts["layer 2"].bias == 1.0  # everything: uniform
+    assert _maps(list(range(5, 576, 24))).cuts["layer 2"].bias == 1.0  # one whole column: no vertical bias
+    assert _maps(list(range(288))).cuts["layer 2"].bias == pytest.approx(5.5 / 11.5)  # the top half
+    # two samples pooled: 24 tokens in row 23 and 48 in rows 0-1: (24*23 + 24*0 + 24*1) / (72 * 11.5)
+    pooled = _maps(list(range(552, 576)), list(range(48))).cuts["layer 2"]
+    assert pooled.bias == pytest.approx((24 * 23 + 24) / (72 * 11.5))
+    assert pooled.frequency[0, 23, 0] == 0.5 and pooled.present.sum() == 2 * 576
+
+
+def test_bias_counts_only_patches_that_exist():
+    # two 2x2 crops; a newline token (no patch) at index 4; crop 1's bottom row cut away (as NeXT's unpadding)
+    cells = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [-1, -1, -1], [1, 0, 0], [1, 0, 1]])
+    kept = _maps([3, 4, 6], cells=cells).cuts["layer 2"]
+    # kept patches at rows 1 and 0; the six patches' mean row is 2/6, so uniform expects 2 x 1/3
+    assert kept.kept_tokens == 2 and kept.bias == pytest.approx(1 / (2 / 3))
+    assert np.isnan(kept.frequency[1, 1]).all() and kept.frequency[0, 1, 1] == 1.0
+    with pytest.raises(ValueError, match="the image has 7 visual tokens"):
+        _maps([7], cells=cells)
+
+
+def test_next_cells_follow_the_packed_layout(tiny_next):
+    model, processor = tiny_next
+    family = family_for(model.config)
+    assert family.patch_grid(model.config) == (5, 24)
+    for size in [(400, 300), (336, 700)]:  # unpadded grids of 2x2 and 1x2 crops
+        batch = processor(text=["<image>\nQ?"], images=[demo_image(0, size)], return_tensors="pt")
+        cells = family.patch_cells(model, batch["image_sizes"][0])
+        assert len(cells) == int((batch["input_ids"] == model.config.image_token_id).sum())
+        patches = cells[cells[:, 0] >= 0]
+        assert len({tuple(c) for c in patches.tolist()}) == len(patches)  # each patch once
+        assert (cells[:576] == _llava_cells()).all()  # the base crop first, in raster order
+        assert (cells[:, 0] < 0).any() and len(patches) < 576 * (1 + cells[:, 0].max())  # newlines; unpadding
+
+
+def test_plugin_collects_every_sample_and_batches_equal_alone(tmp_path):
+    maps = []
+    for batch_size in (1, 3):
+        lm = PrunedLlava(pretrained=str(DEMO_MODEL), method="visiondrop", budget=64, batch_size=batch_size)
+        lm.task_dict = {"demo": {"test": DOCS}}
+        lm.generate_until(_requests("generate_until"))
+        lm.loglikelihood(_requests("loglikelihood"))
+        maps.append(lm.position_maps.to_dict())
+    assert maps[0] == maps[1]
+    schedule = lm.handle.policy.describe()
+    encoder = lm.position_maps.cuts["encoder"]
+    assert list(lm.position_maps.cuts) == ["encoder"] + [f"layer {i}" for i in schedule["layers"]]
+    assert encoder.samples == 6  # three docs with an image, twice; the text-only doc adds nothing
+    # the dominant tokens but CLS (no patch); merged contextual tokens come from no one place
+    assert encoder.kept_tokens == 6 * (schedule["encoder"][0] - 1)
+
+
+def test_position_bias_experiment_on_the_demo_setup(tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT / "configs", checkout / "configs")
+    monkeypatch.chdir(checkout)
+    assert run_cli(monkeypatch, "experiment=position_bias", "model=tiny", "benchmarks=demo", "budget=192",
+                   "method=visiondrop,fastv,none", "limit=3", f"model.pretrained={DEMO_MODEL}",
+                   "hydra.sweep.dir=sweep") == 0
+    records = ResultStore(checkout / "results" / "runs").records()
+    assert {r["method"] for r in records} == {"visiondrop", "fastv", "none"}
+    for record in records:
+        stored = json.loads(positions_path(record["path"]).read_text())
+        assert {cut: m["bias"] for cut, m in stored["cuts"].items()} == record["position_bias"]
+    entries = collect(records, "demo-llava-1.5", "Demo")
+    assert [e[0]["method"] for e in entries] == ["visiondrop", "fastv"]  # the unpruned run keeps no cut
+    table = bias_table(entries)
+    fastv = table[table.Method == "FastV"].iloc[0]
+    assert fastv["cut"] == "layer 1" and fastv["scoring"].startswith("text-guided")
+    assert fastv["paper's claim"].startswith("bottom-heavy") and fastv["kept per sample"] == 64
+    assert math.isclose(fastv["vertical bias"], next(r for r in records if r["method"] == "fastv")
+                        ["position_bias"]["layer 1"])
+    assert set(table[table.Method == "VisionDrop"].scoring.str.split(" ").str[0]) == {"visual-only"}
+    png = plot_bias_maps(entries, tmp_path / "maps.png", "demo")
+    assert png.stat().st_size > 10_000
