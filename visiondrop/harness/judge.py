@@ -156,7 +156,7 @@ def judge_records(root: str | Path, judge: Judge) -> list[Path]:
             sample[record["metric"]] = entry
         scores = summary(entries)
         record["metrics"] = {**record["metrics"], **{f"{k},none": v for k, v in scores.items()}}
-        record["score"] = scores[record["metric"]] * 100 if record["metric"] == "accuracy" else scores[record["metric"]]
+        record["score"] = scores[record["metric"]] * record.get("scale", 100)
         record["judge"] = judge.describe()
         store.write(record, samples)
         log.info("judged %s: %s", path, scores)

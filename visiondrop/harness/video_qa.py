@@ -48,8 +48,9 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str
 
 def process_results(doc: dict, results: list[str]) -> dict:
     """The answer with the judge's verdict (or none yet): one entry, aggregated into accuracy and score."""
+    # judged entries only carry "accuracy" and "score" (lmms-eval's standard error reads "score" where present)
     entry = {"question_id": doc["question_id"], "question": doc["question"], "answer": doc["answer"],
-             "pred": results[0].strip(), "accuracy": None, "score": None}
+             "pred": results[0].strip()}
     judge = Judge.from_env()
     if judge is not None:
         correct, score = judge.judge(entry["question"], entry["answer"], entry["pred"])
