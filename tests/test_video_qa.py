@@ -146,3 +146,21 @@ def test_a_judge_without_its_key_fails_before_any_video_is_decoded(tmp_path, tin
         job.run_job(cfg)
     with pytest.raises(judge.JudgeConfigError):  # the task itself checks on load (lmms-eval's CLI path)
         video_qa.process_docs([])
+
+
+def test_video_table_sets_the_papers_mean_beside_ours(tmp_path):
+    from test_tables import record, write
+
+    from visiondrop.harness.store import ResultStore
+    from visiondrop.harness.tables import build_table
+
+    rows = []
+    for method, budget, scores in (("none", None, (50.0, 70.0, 60.0)), ("visiondrop", 257.0, (45.0, 66.0, 30.0))):
+        for bench, score in zip(("TGIF-QA", "MSVD-QA", "MSRVTT-QA"), scores):
+            rows.append({**record(method, budget, bench, score), "model": "video-llava-7b"})
+    frame = write(ResultStore(tmp_path), *rows)
+    table, note = build_table(frame, "results/paper/paper_tables.csv", "video-llava-7b")
+    row = table.loc[("VisionDrop", 257.0)]
+    assert row["Mean"] == 47.0 and row["Mean paper"] == 47.3 and abs(row["Mean diff"] + 0.3) < 1e-9
+    assert table["Mean"].iloc[0] == 60.0  # the full model's row comes first
+    assert "Mean: plain mean of the columns" in note
