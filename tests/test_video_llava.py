@@ -175,3 +175,18 @@ def test_mixed_batch_is_refused_by_encoder_methods(model_and_processor, clips):
     with visiondrop.apply(model, "fastv", ratio=0.25) as handle, torch.no_grad():  # decoder-side: each its own
         model(**mixed)
     assert [round(m) for m in handle.trace.mean_tokens] == [514, 64]
+
+
+def test_flops_of_an_8_frame_video(model_and_processor):
+    """The FLOPs count measures the schedules on a tiny proxy video (2,056 tokens, the nominal count itself)."""
+    from visiondrop.efficiency.flops import PRESETS, Dims, method_flops, schedule
+
+    dims = PRESETS["video-llava-7b"]
+    tiny = Dims.from_config(model_and_processor[0].config)
+    assert (tiny.vision_tokens, tiny.visual_per_crop, tiny.crops, tiny.model_type) == (257, 257, 8, "video_llava")
+    info = ModelInfo(n_visual=2056, n_layers=32, vision_layer=22, cls_kept=True, crops=8, video=True)
+    for name in ("visiondrop", "fastv", "visionzip"):
+        counts = schedule(dims, name, 257).tokens_per_layer
+        assert sum(counts) / 32 == policy_for(info, name, ratio=0.125).describe()["equivalent_tokens"]
+    full, pruned = method_flops(dims, "none").total, method_flops(dims, "fastv", 257).total
+    assert 5 < full / pruned < 6.5  # the first two layers still see all 2,056 tokens

@@ -100,7 +100,10 @@ LLAVA_15_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, vocab=32064, n_
                    head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
                    vision_tokens=577, patch_size=14, projector_in=1024, visual_per_crop=576)
 PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
-           "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next")}
+           "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next"),
+           # LanguageBind/Video-LLaVA-7B-hf: one 8-frame video at 224/14, 257 tokens a frame (CLS kept)
+           "video-llava-7b": replace(LLAVA_15_7B, vision_tokens=257, visual_per_crop=257, crops=8,
+                                     model_type="video_llava")}
 
 
 @dataclass(frozen=True)
@@ -271,7 +274,7 @@ def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
 #: the measuring proxy's widths (its depths are the measured model's) and vocabulary
 _PROXY_SHAPE = Shape(hidden=32, intermediate=64, layers=32, heads=4, vision_hidden=32, vision_intermediate=64,
                      vision_layers=24, vision_heads=4)
-_PROXY_IDS = TokenIds(vocab=512, image=4, bos=1, eos=2, pad=3)
+_PROXY_IDS = TokenIds(vocab=512, image=4, bos=1, eos=2, pad=3, video=5)
 
 
 @functools.lru_cache(maxsize=4)
@@ -297,6 +300,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
 
     Method "none" needs no measurement: every layer sees all visual tokens.
     """
+    from ..families import family_by_type
     from ..methods import method as registered
 
     if method == "none":
@@ -305,7 +309,9 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
                              f"got budget={budget} {options or ''}")
         return TokenCounts((dims.n_visual,) * dims.n_layers, dims.n_visual, (), dims.crops)
     nominal = registered(method).nominal_counts
-    if dims.crops > 1 and nominal is not None and not options:
+    # a video's frames are its nominal crops, so the proxy's example video measures the nominal schedule itself
+    takes_videos = "video" in family_by_type(dims.model_type).feature_functions
+    if dims.crops > 1 and nominal is not None and not options and not takes_videos:
         if budget is None:
             raise ValueError(f"{registered(method).title} needs a budget")
         return schedule(dims, "none") if budget >= dims.n_visual else nominal(dims, budget)
@@ -321,7 +327,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
                 f"visual tokens per crop, {proxy.crops} crop(s); cannot measure a model with {dims.vision_tokens} / "
                 f"{dims.visual_per_crop} / {dims.crops}")
         sched = measure_schedule(model, inputs, method, budget, **options)
-        placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        placeholders = int(family_by_type(dims.model_type).image_token_mask(model, inputs["input_ids"], None).sum())
         encoder_side = any(c.layer is None for c in sched.cuts)  # these drop the newline tokens (official layout)
         newlines = 0 if encoder_side else placeholders - dims.n_visual
         _measured[key] = replace(sched, crops=dims.crops, newlines=newlines)

@@ -48,14 +48,16 @@ from tqdm import tqdm
 from ..families import Shape, TokenIds, family_for
 from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
+from ..families.video_llava import VIDEO_LLAVA
 from .flops import TEXT_TOKENS, Dims, method_flops
 from ..harness.tables import PAPER_MODELS, method_title
 from ..methods import METHODS
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
-MODELS = ("llava-1.5-7b", "llava-next-7b")
+MODELS = ("llava-1.5-7b", "llava-next-7b", "video-llava-7b")
+IMAGE_MODELS = MODELS[:2]  # the paper's efficiency table: what a GPU run builds by default
 DEFAULT_METHODS = tuple(METHODS)  # every registered method
-DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,)}
+DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "video-llava-7b": (257,)}  # 257: 12.5% of 2056
 
 
 #: "reduced" = full / 8 with head dims 64; "tiny" only keeps tests fast. Depths never change.
@@ -67,8 +69,9 @@ WIDTHS = {
     "tiny": Shape(hidden=64, intermediate=172, layers=32, heads=2, vision_hidden=32, vision_intermediate=128,
                   vision_layers=24, vision_heads=1),
 }
-MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT}
-LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001)  # the llava-hf checkpoints' vocabulary
+MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT, "video-llava-7b": VIDEO_LLAVA}
+# the llava-hf checkpoints' vocabulary, and a free id for Video-LLaVA's <video> (the LLaVA families ignore it)
+LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001, video=32002)
 
 
 def build_config(model: str = "llava-1.5-7b", width: str = "full"):
@@ -458,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--budgets", nargs="+", type=float,
-                        help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b)")
+                        help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b, 257 for video-llava-7b)")
     parser.add_argument("--new-tokens", type=int, default=32, help="N, tokens generated end to end")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, help="default: 5 on a GPU, 3 on a CPU")
@@ -468,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    models = args.model or (list(MODELS) if gpu and not args.pretrained else ["llava-1.5-7b"])
+    models = args.model or (list(IMAGE_MODELS) if gpu and not args.pretrained else ["llava-1.5-7b"])
     budgets = None if args.budgets is None else [int(b) if b.is_integer() else b for b in args.budgets]
     results = []
     for model in models[:1] if args.pretrained else models:
