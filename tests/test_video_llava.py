@@ -190,3 +190,14 @@ def test_flops_of_an_8_frame_video(model_and_processor):
         assert sum(counts) / 32 == policy_for(info, name, ratio=0.125).describe()["equivalent_tokens"]
     full, pruned = method_flops(dims, "none").total, method_flops(dims, "fastv", 257).total
     assert 5 < full / pruned < 6.5  # the first two layers still see all 2,056 tokens
+
+
+def test_beam_search_on_videos_with_an_encoder_stage(model_and_processor, batch, clips):
+    """generate() copies the stacked video features per beam: the engine finds each copy's bookkeeping again."""
+    model, processor = model_and_processor
+    with visiondrop.apply(model, "visionzip", ratio=0.25), torch.no_grad():
+        beams = model.generate(**batch, max_new_tokens=NEW_TOKENS, num_beams=2, do_sample=False)
+        for i, question in enumerate(QUESTIONS):
+            alone = model.generate(**encode(processor, [question], clips[i:i + 1]), max_new_tokens=NEW_TOKENS,
+                                   num_beams=2, do_sample=False)
+            assert torch.equal(beams[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
