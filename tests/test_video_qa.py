@@ -164,3 +164,25 @@ def test_video_table_sets_the_papers_mean_beside_ours(tmp_path):
     assert row["Mean"] == 47.0 and row["Mean paper"] == 47.3 and abs(row["Mean diff"] + 0.3) < 1e-9
     assert table["Mean"].iloc[0] == 60.0  # the full model's row comes first
     assert "Mean: plain mean of the columns" in note
+
+
+def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judge, monkeypatch):
+    """Multiple choice through lmms-eval's own `mvbench_action_sequence`: annotations from a local file (`data`),
+    videos where the stock task looks for them ($HF_HOME/mvbench_video/star/Charades_segment)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    docs = []
+    for i in range(2):
+        write_demo_video(tmp_path / "hf" / "mvbench_video" / "star" / "Charades_segment" / f"v{i}.mp4", seed=i,
+                         length=10)
+        docs.append({"video": f"v{i}.mp4", "question": "What happened after the shape moved?",
+                     "candidates": ["It stopped.", "It turned red.", "It vanished."], "answer": "It stopped."})
+    (tmp_path / "action_sequence.json").write_text(json.dumps(docs))
+    cfg = config(tmp_path, "model=video_llava_7b", f"model.pretrained={tiny_video_dir}", "model.device=cpu",
+                 "model.dtype=float32", "method=fastv", "budget.ratio=0.25", "benchmarks=video_mc", "limit=null")
+    [bench] = [b for b in cfg.benchmarks if b.task == "mvbench_action_sequence"]
+    bench.data = {"dataset_path": "json",
+                  "dataset_kwargs": {"data_files": {"train": str(tmp_path / "action_sequence.json")}}}
+    cfg.benchmarks = [bench]
+    [record] = job.run_job(cfg)
+    assert record["task"] == "mvbench_action_sequence" and record["docs"] == 2 and 0 <= record["score"] <= 100
+    assert abs(record["measured_tokens"] - 514) < 2  # 25% of a video's 2,056 tokens, FastV's rounding
