@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install lock test test-latest demo table1 table1_full table_video table2 position_bias position_bias-demo clean
+.PHONY: install lock test test-latest demo table1 table1_full table_video table2 position_bias position_bias_demo controlled_study ablations controlled_study_demo ablations_demo clean
 
 # The two packages pyproject.toml cannot pin: torch (a CPU or CUDA build of one version, chosen by the machine) and
 # lmms-eval (installed with --no-deps: its metadata drags in torchvision and an unpinned torch, stack-notes.md).
@@ -83,6 +83,26 @@ table1_full: install
 	$(PY) scripts/run.py experiment=table1 benchmarks=paper_image
 	$(PY) scripts/make_table.py --model llava-1.5-7b --out results --name table1_full
 
+# The paper's controlled study (PyramidDrop scored by text or by visual attention, 192/128/64 tokens) and VisionDrop's
+# ablations (64 tokens) on LLaVA-1.5-7B, GQA and MMBench (GPU); results/<name>.{md,csv}.
+controlled_study: install
+	$(PY) scripts/run.py experiment=controlled_study
+	$(PY) scripts/make_table.py --experiment controlled_study --model llava-1.5-7b --out results
+
+ablations: install
+	$(PY) scripts/run.py experiment=ablations
+	$(PY) scripts/make_table.py --experiment ablations --model llava-1.5-7b --out results
+
+# The same on the demo model and task (CPU, minutes), at budgets its 4 decoder layers reach (PyramidDrop and the
+# decoder-only ablation: above 144); results/demo/<name>.{md,csv}.
+controlled_study_demo: install
+	$(PY) scripts/run.py experiment=controlled_study model=tiny benchmarks=demo batch_size=4 budget=192,176,160
+	$(PY) scripts/make_table.py --experiment controlled_study --model demo-llava-1.5 --out results/demo
+
+ablations_demo: install
+	$(PY) scripts/run.py experiment=ablations model=tiny benchmarks=demo batch_size=4 budget=160
+	$(PY) scripts/make_table.py --experiment ablations --model demo-llava-1.5 --out results/demo
+
 # The paper's Table 2: FLOPs, latency and memory of random-weight LLaVA architectures, full and every method. GPU:
 # LLaVA-1.5-7B and LLaVA-NeXT-7B at full width in bf16; CPU: LLaVA-1.5 at reduced width, same depths (minutes).
 table2: install
@@ -96,7 +116,7 @@ position_bias: install
 
 # The same on the demo model and benchmark (CPU, about a minute): 192 tokens, the budget every method reaches on its
 # 4-layer decoder.
-position_bias-demo: install
+position_bias_demo: install
 	$(PY) scripts/run.py experiment=position_bias model=tiny benchmarks=demo budget=192
 	$(PY) scripts/position_bias.py --model demo-llava-1.5 --benchmark Demo --out results/demo --name position_bias
 

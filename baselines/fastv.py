@@ -20,20 +20,23 @@ Options (keywords of `visiondrop.apply` beside `budget`):
   decoder); scoring uses layer K-1, so 1 <= k <= 31.
 - `keep`: the number of image tokens kept after the cut, overriding the budget conversion (e.g. the official
   `fastv_r` convention, keep = round(N0*(1-R)), or papers that keep exactly T tokens after layer K).
-- `scoring`: "last_token" (default, the official code) or "all_queries" (the paper: the mean attention a token
-  receives from all query rows of the prompt, causally masked zeros included, padding rows left out).
+- `scoring` (`visiondrop.engine.scoring`): "text" (default, the official code: the last prompt token's row),
+  "all_queries" (the paper: the mean attention a token receives from all query rows of the prompt, causally
+  masked zeros included, padding rows left out) or "visual" (VisionDrop's visual-to-visual rule at layer K-1: the
+  kept set no longer depends on the question; K and the counts are unchanged), for the controlled study.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
+from visiondrop.engine.scoring import scorer
 from visiondrop.methods import Method, Overhead
 from visiondrop.families import ModelInfo
 
-SCORINGS = ("last_token", "all_queries")
+SCORINGS = ("text", "all_queries", "visual")
 DEFAULT_K = 2
+OVERHEAD_ROWS = {"text": "last", "all_queries": "all", "visual": "visual"}  # the query rows each rule computes
 
 
 def smallest_budget(info: ModelInfo) -> float:
@@ -58,18 +61,11 @@ class FastV(Policy):
     def __init__(self, info: ModelInfo, k: int, keep: int, scoring: str):
         self.info, self.k, self.keep, self.scoring = info, k, keep, scoring
         self.cut_layers = (k,)
+        self._score = scorer(scoring, SCORINGS, "FastV")
 
     def scores(self, cut: DecoderCut) -> Tensor:
-        """Importance [G, n] of the current visual tokens, from layer K-1's attention (mean over heads)."""
-        if self.scoring == "last_token":
-            probs = cut.attention(self.k - 1, cut.last_token(), hidden=cut.prev_hidden)[:, :, 0]  # [G, H, L]
-        else:
-            length = cut.hidden.shape[1]
-            queries = torch.arange(length, device=cut.hidden.device).expand(cut.hidden.shape[0], -1)
-            rows = cut.attention(self.k - 1, queries, hidden=cut.prev_hidden)  # [G, H, L, L]
-            real = cut.mask.unsqueeze(1).unsqueeze(-1).to(rows.dtype)  # padding rows are not queries
-            probs = (rows * real).sum(2) / cut.mask.sum(1).view(-1, 1, 1).to(rows.dtype)
-        return probs.mean(1).gather(1, cut.visual)
+        """Importance [G, n] of the current visual tokens, from layer K-1's attention (the layer that has run)."""
+        return self._score(cut, self.k - 1, hidden=cut.prev_hidden)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         return Selection(topk_in_order(self.scores(cut), cut.scaled(self.keep, self.info.n_visual)))
@@ -81,10 +77,8 @@ class FastV(Policy):
 
 
 def policy(info: ModelInfo, budget: float | None = None, k: int = DEFAULT_K, keep: int | None = None,
-           scoring: str = "last_token") -> Policy:
+           scoring: str = "text") -> Policy:
     """FastV from a budget (average visual tokens per decoder layer) or an explicit `keep` count."""
-    if scoring not in SCORINGS:
-        raise ValueError(f"FastV scoring must be one of {SCORINGS}, got {scoring!r}")
     (k,) = info.relative_layers([k], "FastV k (it scores with layer k-1)")
     if keep is None:
         if budget is None:
@@ -96,4 +90,4 @@ def policy(info: ModelInfo, budget: float | None = None, k: int = DEFAULT_K, kee
 
 
 METHOD = Method("fastv", "FastV", policy, smallest_budget, replaces_budget=("keep",),
-                overhead=lambda scoring="last_token", **_: Overhead(rows="all" if scoring == "all_queries" else "last"))
+                overhead=lambda scoring="text", **_: Overhead(rows=OVERHEAD_ROWS[scoring]))

@@ -25,6 +25,9 @@ Options (keywords of `visiondrop.apply` beside `budget`):
   budget (issue Cooperx521/PyramidDrop#29), hence the default here. `layer_list=[8, 16, 24]` is the official one.
 - `decay`: lambda itself, overriding the budget conversion (the official `image_token_ratio_list` is
   [lambda, lambda**2, lambda**3]); e.g. `layer_list=[8, 16, 24], decay=0.5` keeps 576/288/144/72.
+- `scoring` (`visiondrop.engine.scoring`): "text" (default, the official rule above) or "visual" (VisionDrop's
+  visual-to-visual rule with the same layer's projections: the kept sets no longer depend on the question, the
+  cuts and counts are unchanged). The paper's controlled study (`experiment=controlled_study`) swaps exactly this.
 
 Official quirks (methods.md 3(g)): ratios relative to N0 with int truncation and the next layer's projections
 are reproduced; batch size 1 and right padding are not needed here (each sample is scored on its own row, so a
@@ -40,10 +43,12 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
+from visiondrop.engine.scoring import scorer
 from visiondrop.methods import Method, Overhead
 from visiondrop.families import ModelInfo
 
 DEFAULT_LAYERS = (2, 8, 16)
+SCORINGS = ("text", "visual")
 
 
 def stage_counts(n0: int, decay: float, n_stages: int) -> list[int]:
@@ -82,14 +87,14 @@ def decay_for_budget(budget: float, info: ModelInfo, layers: tuple[int, ...]) ->
 class PyramidDrop(Policy):
     name = "pyramiddrop"
 
-    def __init__(self, info: ModelInfo, layers: tuple[int, ...], decay: float):
-        self.info, self.decay = info, decay
+    def __init__(self, info: ModelInfo, layers: tuple[int, ...], decay: float, scoring: str = "text"):
+        self.info, self.decay, self.scoring = info, decay, scoring
         self.cut_layers = layers
+        self._score = scorer(scoring, SCORINGS, "PyramidDrop")
 
     def scores(self, cut: DecoderCut) -> Tensor:
-        """Importance [G, n] of the current visual tokens: the last token's row in the layer about to run."""
-        probs = cut.attention(cut.layer_idx, cut.last_token())[:, :, 0]  # [G, H, L]
-        return probs.mean(1).gather(1, cut.visual)
+        """Importance [G, n] of the current visual tokens, by the attention of the layer about to run."""
+        return self._score(cut, cut.layer_idx)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         stage = self.cut_layers.index(cut.layer_idx) + 1
@@ -99,12 +104,12 @@ class PyramidDrop(Policy):
     def describe(self) -> dict:
         counts = stage_counts(self.info.n_visual, self.decay, len(self.cut_layers))
         return {"method": self.name, "layer_list": list(self.cut_layers), "decay": self.decay,
-                "keep_counts": counts,
+                "scoring": self.scoring, "keep_counts": counts,
                 "equivalent_tokens": mean_tokens(counts, self.cut_layers, self.info.n_layers)}
 
 
 def policy(info: ModelInfo, budget: float | None = None, layer_list: list[int] | tuple[int, ...] = DEFAULT_LAYERS,
-           decay: float | None = None) -> Policy:
+           decay: float | None = None, scoring: str = "text") -> Policy:
     """PyramidDrop from a budget (average visual tokens per decoder layer) or an explicit `decay` (lambda)."""
     layers = info.relative_layers(list(layer_list), "PyramidDrop layer_list")
     if decay is None:
@@ -113,8 +118,8 @@ def policy(info: ModelInfo, budget: float | None = None, layer_list: list[int] |
         decay = decay_for_budget(budget, info, layers)
     elif not 0 <= decay <= 1:
         raise ValueError(f"PyramidDrop decay (lambda) must be between 0 and 1, got {decay}")
-    return PyramidDrop(info, layers, decay)
+    return PyramidDrop(info, layers, decay, scoring)
 
 
 METHOD = Method("pyramiddrop", "PDrop", policy, smallest_budget, replaces_budget=("decay",),
-                overhead=lambda **_: Overhead(rows="last"))
+                overhead=lambda scoring="text", **_: Overhead(rows="last" if scoring == "text" else "visual"))

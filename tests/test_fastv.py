@@ -69,7 +69,7 @@ def crafted_cut() -> CraftedCut:
 
 def test_last_token_scoring_by_hand():
     cut = crafted_cut()
-    policy = FastV(CRAFTED, k=2, keep=2, scoring="last_token")
+    policy = FastV(CRAFTED, k=2, keep=2, scoring="text")
     torch.testing.assert_close(policy.scores(cut), torch.tensor([[.2, .1, .2, .2]]))  # head mean, visual columns
     layer, queries, hidden = cut.calls[0]
     assert layer == 1 and queries.tolist() == [[5]] and hidden is cut.prev_hidden  # layer K-1, last prompt row

@@ -149,11 +149,12 @@ def test_bad_budgets_are_refused_before_the_method(tiny, method, budget, error, 
 def test_unknown_option_names_the_valid_ones(tiny):
     model, _ = tiny
     with pytest.raises(TypeError, match=r"^method 'visiondrop' has no option 'foo'; its options \(with defaults\) "
-                                        r"are: schedule=None, newlines='drop', second_stage=None$"):
+                                        r"are: schedule=None, first_stage=None, contextual_fraction=None, "
+                                        r"stages='both', newlines='drop'$"):
         visiondrop.apply(model, "visiondrop", 64, foo=1)
     info = ModelInfo.of(model)  # the harness's path: policy_for with the options of its config
     with pytest.raises(TypeError, match=r"method 'fastv' has no option 'kk', 'x'; .* k=2, keep=None, "
-                                        r"scoring='last_token'$"):
+                                        r"scoring='text'$"):
         policy_for(info, "fastv", 64, kk=3, x=1)
     with pytest.raises(TypeError, match="method 'none' has no option 'seed'; .* are: none$"):
         policy_for(info, "none", None, seed=0)

@@ -104,7 +104,8 @@ def test_interrupted_sweep_resumes_with_only_the_missing_jobs(tmp_path, tiny_dir
     r = records["visiondrop"]
     assert r["measured_tokens"] == 64 and r["samples"] == 2 and r["tflops"] > 0 and r["versions"]["torch"]
     assert r["config"]["method"]["name"] == "visiondrop" and r["retention_ratio"] == pytest.approx(64 / 576)
-    assert r["identity"]["options"] == {"schedule": None, "newlines": "drop", "second_stage": None} and r["identity"]["versions"]["code"]
+    assert r["identity"]["options"] == {"schedule": None, "first_stage": None, "contextual_fraction": None,
+                                        "stages": "both", "newlines": "drop"} and r["identity"]["versions"]["code"]
     forced = config(tmp_path, f"model.pretrained={tiny_dir}", "method=visiondrop", "budget.tokens=64", "force=true")
     assert len(job.run_job(forced)) == 1
 

@@ -70,10 +70,9 @@ def test_visiondrop_video_schedule_keeps_three_times_the_target_after_the_encode
     info = ModelInfo(n_visual=2056, n_layers=32, vision_layer=22, cls_kept=True, crops=8, video=True)
     schedule = schedule_for_budget(0.125 * 2056, info)  # the paper's 12.5%
     assert schedule.encoder.total * 8 == 768 and abs(schedule.encoder.total / (257 / 8) - 3) < 0.02
-    policy = policy_for(info, "visiondrop", ratio=0.125)
-    assert policy.describe()["second_stage"] == 3.0
-    assert abs(policy.describe()["equivalent_tokens"] - 257) / 257 < 0.02
-    image_like = policy_for(info, "visiondrop", ratio=0.125, second_stage=1.5).describe()
+    described = policy_for(info, "visiondrop", ratio=0.125).describe()
+    assert described["encoder"] == [84, 12] and abs(described["equivalent_tokens"] - 257) / 257 < 0.02
+    image_like = policy_for(info, "visiondrop", ratio=0.125, first_stage=1.5).describe()
     assert image_like["encoder"] == [42, 6] and image_like["decoder"] == [[30, 5], [22, 4], [16, 3]]  # official
 
 

@@ -33,7 +33,8 @@ Assumptions written down:
   n0 x (1, 35/48, 26/48, 19/48)), the comparison the paper's 7.70 T asks for; the other methods are measured on
   a tiny LLaVA-NeXT proxy with a square 672-pixel image (5 crops: 2880 patches plus 48 image-newline tokens).
   Decoder-side methods see (and prune) the newline tokens, so those count as visual tokens there and leave the
-  preset's 49 extra tokens as 1; encoder-side methods drop them (official layout) and keep the 49.
+  preset's 49 extra tokens as 1; encoder-side methods drop them (official layout) and keep the 49, except where
+  they keep the model's own layout (VisPruner): the newline tokens they keep count as visual, the rest as extra.
 - Overhead counted (the harness's computation, not the official codes'): an encoder stage recomputes, per crop, the
   CLS query and all keys of its vision layer and the CLS logits; a decoder cut on N tokens projects the keys of all
   N tokens, the queries of the scoring rows and their logits against all keys, where the rows (each method's
@@ -41,10 +42,13 @@ Assumptions written down:
   FastV scoring="all_queries"), the text tokens (SparseVLM raters, plus its rater choice, visual rows x text: upper
   bounds) or none (random); DART projects the keys of all N tokens for their norms and compares each pivot with
   the n visual tokens (pivots x n x d); contextual merging (VisionDrop, VisionZip) costs one similarity on
-  head-averaged keys and one member sum per (member, merged token) pair; SparseVLM's recycling clusters with
-  elementwise distances (no matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects q, k and v of
-  every token at each cut where the engine projects k of every token and q of the visual rows: counting the official
-  way would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
+  head-averaged keys and one member sum per (member, merged token) pair; a method's own selection products
+  (`Overhead.selection`: DivPrune's cosine similarities of all pairs of the n projected tokens, n^2 x d; VisPruner's
+  even/odd similarity products of every diverse round, on the vision features, where its exact default reads the CLS
+  row from the eager tower instead of recomputing it) are added; SparseVLM's recycling clusters with elementwise
+  distances (no matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects
+  q, k and v of every token at each cut where the engine projects k of every token and q of the visual rows:
+  counting the official way would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
 """
 from __future__ import annotations
 
@@ -201,9 +205,9 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
     if recipe.rater_choice and cuts:  # visual rows against the text (all of it: an upper bound)
         macs += cuts[0].before * text_tokens * d
     for cut in cuts:
-        if cut.layer is None:  # CLS query, keys of all tokens, CLS logits; merge on head-averaged keys
+        if cut.layer is None:  # keys of all tokens, CLS query and logits; merge on head-averaged keys
             dv = dims.vision_hidden
-            macs += dv * dv * (1 + cut.before) + cut.before * dv
+            macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if recipe.encoder_row else 0)
             metric, width = dv // dims.vision_heads, dv
         else:
             n = cut.before + text_tokens + dims.extra_tokens
@@ -216,6 +220,8 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             metric, width = dims.head_dim, d
         if recipe.merges:
             macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it
+        if recipe.selection is not None:
+            macs += recipe.selection(cut, width)
     return 2.0 * macs
 
 
@@ -254,13 +260,14 @@ def _n_visual(model: torch.nn.Module) -> int:
 
 
 def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
-    """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample)."""
+    """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample; an encoder stage
+    once per crop of the one image measured, as `Cut` counts it)."""
     select_encoder, select_decoder = policy.select_encoder, policy.select_decoder
     merged = lambda sel: 0 if sel.merged is None else sel.merged.shape[1]  # noqa: E731
 
     def encoder(view):
         sel = select_encoder(view)
-        cuts.append(Cut(None, view.hidden.shape[1], sel.keep.shape[1], merged(sel)))
+        cuts.extend([Cut(None, view.hidden.shape[1], sel.keep.shape[1], merged(sel))] * view.hidden.shape[0])
         return sel
 
     def decoder(cut):
@@ -328,8 +335,10 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
                 f"{dims.visual_per_crop} / {dims.crops}")
         sched = measure_schedule(model, inputs, method, budget, **options)
         placeholders = int(family_by_type(dims.model_type).image_token_mask(model, inputs["input_ids"], None).sum())
-        encoder_side = any(c.layer is None for c in sched.cuts)  # these drop the newline tokens (official layout)
-        newlines = 0 if encoder_side else placeholders - dims.n_visual
+        # decoder-side methods see every newline token; an encoder stage lays out what it projects, plus the newline
+        # tokens of the model's own layout where it keeps that (VisPruner), none in the compact one (VisionDrop)
+        encoder_side = any(c.layer is None for c in sched.cuts)
+        newlines = sched.tokens_per_layer[0] - sched.projected if encoder_side else placeholders - dims.n_visual
         _measured[key] = replace(sched, crops=dims.crops, newlines=newlines)
     return _measured[key]
 

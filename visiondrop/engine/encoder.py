@@ -23,7 +23,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     real rows, and their original indices in the image's own visual-token order (-1 for CLS and merged tokens).
     """
     images = family.visual_inputs(model, modality, args, kwargs)
-    view = family.encoder_view(model, images)
+    view = family.encoder_view(model, images, policy.eager_encoder)
     tokens = view.hidden.shape[1]
     if policy.native_layout:
         view.valid = family.valid_tokens(model, images, tokens)

@@ -19,6 +19,7 @@ class Replay(Policy):
         self.encoder_layer = policy.encoder_layer
         self.cut_layers = policy.cut_layers
         self.native_layout = policy.native_layout
+        self.eager_encoder = policy.eager_encoder
         self._policy = policy
         self._selections = dict(zip(policy.cut_layers, trace.selections))
 

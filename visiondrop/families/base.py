@@ -240,11 +240,14 @@ class Family:
         pixel_values, args = (args[0], args[1:]) if args else (kwargs["pixel_values"], ())
         return self.images(model, pixel_values, args, {k: v for k, v in kwargs.items() if k != "pixel_values"})
 
-    def encoder_view(self, model: nn.Module, images: Images) -> "EncoderView":
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> "EncoderView":
         """Run the vision tower on every crop and show the feature layer to an encoder-side policy.
 
         Token 0 of the view's importance row is CLS where the tower has one; a tower without CLS gives the mean
-        attention each token receives instead. Frames of a video are crops of one sample.
+        attention each token receives instead. Frames of a video are crops of one sample. `eager`: run the tower
+        with eager attention and read the importance from its attention probabilities, as official code that asks
+        for `output_attentions` computes them (bit-identical features and rows), instead of the tower's own
+        attention with the rows recomputed.
         """
         raise NotImplementedError
 

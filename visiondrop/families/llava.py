@@ -1,6 +1,7 @@
 """LLaVA-1.5 (`LlavaForConditionalGeneration`): a CLIP tower, a 2-layer GELU projector, a Llama decoder, 1-D RoPE."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -44,29 +45,56 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
     return vision_feature_layer % (len(tower_layers(vision_tower)) + 1) - 1
 
 
-def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int) -> EncoderView:
+def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int,
+                      eager: bool = False) -> EncoderView:
     """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys.
 
-    The CLS row and the keys are recomputed from the layer's own projections (its input captured with a forward
-    pre-hook), so the tower keeps its SDPA attention.
+    By default the CLS row and the keys are recomputed from the layer's own projections (its input captured with
+    a forward pre-hook), so the tower keeps its SDPA attention. With `eager`, every layer runs transformers' eager
+    attention and the CLS row is the layer's own attention probabilities: bit-identical to official code that asks
+    the tower for `output_attentions` (VisPruner), at the cost of the eager tower's speed and memory.
     """
     attn = tower_layers(vision_tower)[layer_idx].self_attn
     captured = {}
 
-    def grab(module, args, kwargs):
+    def grab_input(module, args, kwargs):
         captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    def grab_probabilities(module, args, output):
+        captured["cls_attention"] = output[1][:, :, 0]  # [N, H, T]: the CLS query's row
+
+    hooks = [attn.register_forward_pre_hook(grab_input, with_kwargs=True)]
+    if eager:
+        hooks.append(attn.register_forward_hook(grab_probabilities))
     try:
-        out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        with _attention_implementation(vision_tower, "eager" if eager else None):
+            out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     x = captured["x"]
     heads = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)  # noqa: E731
     keys = heads(attn.k_proj(x))
-    cls_query = heads(attn.q_proj(x[:, :1]))
-    cls_attention = ((cls_query @ keys.transpose(-1, -2)) * attn.scale).softmax(-1, dtype=torch.float32)
-    return EncoderView(out.hidden_states[layer_idx + 1], cls_attention[:, :, 0].to(x.dtype), keys)
+    if eager:
+        cls_attention = captured["cls_attention"]
+    else:
+        cls_query = heads(attn.q_proj(x[:, :1]))
+        scores = (cls_query @ keys.transpose(-1, -2)) * attn.scale
+        cls_attention = scores.softmax(-1, dtype=torch.float32)[:, :, 0].to(x.dtype)
+    return EncoderView(out.hidden_states[layer_idx + 1], cls_attention, keys)
+
+
+@contextlib.contextmanager
+def _attention_implementation(vision_tower: nn.Module, implementation: str | None):
+    """The tower runs with `implementation` inside (None: its own), and its own again afterwards."""
+    config = vision_tower.config
+    own = config._attn_implementation
+    if implementation is not None:
+        config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = own
 
 
 class Llava(Family):
@@ -94,7 +122,8 @@ class Llava(Family):
     def projector(self, model: nn.Module) -> nn.Module:
         return model.model.multi_modal_projector
 
-    def vision_tower(self, model: nn.Module) -> nn.Module:
+    def vision_tower(self, model: nn.Module, modality: str = "image") -> nn.Module:
+        """The tower that encodes `modality` (`Images.modality`); LLaVA has one."""
         return model.model.vision_tower
 
     # -- config facts --------------------------------------------------------------------------------------------
@@ -177,9 +206,14 @@ class Llava(Family):
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
         return tokens, {"pixel_values": pixels}
 
-    def encoder_view(self, model: nn.Module, images: Images) -> EncoderView:
-        tower = self.vision_tower(model)
-        return clip_encoder_view(tower, images.pixels, feature_layer_index(tower, images.feature_layer))
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+        tower = self.vision_tower(model, images.modality)
+        layer = feature_layer_index(tower, images.feature_layer)
+        if not eager:
+            return clip_encoder_view(tower, images.pixels, layer)
+        # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
+        views = [clip_encoder_view(tower, pixels, layer, eager=True) for pixels in images.pixels.split(images.crops)]
+        return EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))))
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:

@@ -25,11 +25,10 @@ from transformers import AutoTokenizer, BatchFeature, VideoLlavaConfig, VideoLla
 from transformers.models.video_llava import VideoLlavaImageProcessor, VideoLlavaProcessor
 from transformers.video_processing_utils import VideoProcessorMixin
 
-from ..engine.policy import EncoderView
 from ..efficiency.flops import Dims
 from .base import Images, ModelInfo
 from .llava import CHAT_TEMPLATE as IMAGE_CHAT_TEMPLATE
-from .llava import PATCH_SIZE, Llava, clip_encoder_view, feature_layer_index
+from .llava import PATCH_SIZE, Llava
 
 IMAGE_SIZE = 224  # LanguageBind's CLIP ViT-L/14 towers
 FRAMES = 8  # frames per video, sampled uniformly (Video-LLaVA's training and evaluation)
@@ -159,10 +158,6 @@ class VideoLlava(Llava):
         videos, frames = pixel_values.shape[:2]
         # the video features keep CLS whatever the select strategy
         return Images(pixel_values.flatten(0, 1), [frames] * videos, layer, "full", modality="video")
-
-    def encoder_view(self, model: nn.Module, images: Images) -> EncoderView:
-        tower = self.vision_tower(model, images.modality)
-        return clip_encoder_view(tower, images.pixels, feature_layer_index(tower, images.feature_layer))
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:

@@ -16,9 +16,9 @@ from typing import Iterable
 
 import pandas as pd
 
-COLUMNS = ("model", "method", "variant", "budget", "retention_ratio", "benchmark", "score", "metric", "convention",
-           "unit", "equivalent_tokens", "measured_tokens", "tflops", "samples", "docs", "partial", "schedule",
-           "created", "path")
+COLUMNS = ("model", "method", "variant", "options", "budget", "retention_ratio", "benchmark", "score", "metric",
+           "convention", "unit", "equivalent_tokens", "measured_tokens", "tflops", "samples", "docs", "partial",
+           "schedule", "created", "path")
 POSITIONS = ".positions.json"
 
 

@@ -132,9 +132,13 @@ def flat_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_table(table: pd.DataFrame, note: str, out_dir: str | Path, name: str = "table1") -> tuple[Path, Path]:
+    return write_flat(flat_table(table), note, out_dir, name)
+
+
+def write_flat(flat: pd.DataFrame, note: str, out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """A table with plain columns as `<name>.csv` and `<name>.md` (missing cells marked, then the note)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    flat = flat_table(table)
     csv, md = out_dir / f"{name}.csv", out_dir / f"{name}.md"
     flat.to_csv(csv, index=False)
     cells = flat.astype(object).where(flat.notna(), None)  # tabulate marks None, not NaN, as missing

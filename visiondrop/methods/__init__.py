@@ -20,7 +20,7 @@ from ..engine import Policy
 from ..families import ModelInfo
 
 if TYPE_CHECKING:
-    from ..efficiency.flops import Dims, TokenCounts
+    from ..efficiency.flops import Cut, Dims, TokenCounts
 
 #: method name -> the module that defines its `METHOD`
 METHODS = {
@@ -32,20 +32,27 @@ METHODS = {
     "visionzip": "baselines.visionzip",
     "dart": "baselines.dart",
     "random": "baselines.random_drop",
+    "divprune": "baselines.divprune",
+    "vispruner": "baselines.vispruner",
 }
 
 
 @dataclass(frozen=True)
 class Overhead:
     """The matrix products of a method's own scoring and merging, as the FLOPs count charges them
-    (`visiondrop.efficiency.flops.overhead_flops`; an encoder stage's CLS row and keys are charged to every method that has one).
+    (`visiondrop.efficiency.flops.overhead_flops`; an encoder stage's keys, and its CLS row unless `encoder_row` is
+    False, are charged to every method that has one).
 
     rows: the query rows that score a decoder cut: "visual" (every visual token), "last" (the last prompt token),
     "text" (the text tokens), "all" (every prompt token), or None (no attention rows);
     merges: leftovers merged into contextual tokens (`engine.contextual_merge`);
     rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters);
     key_norms: the keys of every token at a decoder cut, for their norms, where no attention rows need them (DART);
-    pivots: tokens whose similarity to every visual token is computed at a decoder cut (DART's pivots).
+    pivots: tokens whose similarity to every visual token is computed at a decoder cut (DART's pivots);
+    selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
+    at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
+    encoder_row: the encoder stage recomputes its CLS row from the layer's q/k (False: it reads the row from an
+    eager tower's own probabilities; the layer's keys are computed either way).
     """
 
     rows: str | None = None
@@ -53,6 +60,8 @@ class Overhead:
     rater_choice: bool = False
     key_norms: bool = False
     pivots: int = 0
+    selection: Callable[[Cut, int], int] | None = None
+    encoder_row: bool = True
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,18 @@ As the official code (github.com/Ruixxxx/VisionDrop f7a9444) does it:
   order and the rest are merged on that layer's head-averaged post-RoPE keys; positions are renumbered.
 
 The paper's "second stage" (the tokens leaving the encoder stage, which the first decoder segment processes)
-keeps 1.5x the budget on images and 3x on videos (methods.md 1(f)). On images that is the official schedule,
-scaled by budget/32. On a video model (`ModelInfo.video`: Video-LLaVA, whose budgets count 8 frames x 257 tokens,
-so `ratio=0.125` is 257 tokens) 3x is the default: per frame the encoder stage keeps 3 x budget/frames tokens
-(contextual share 6/48, as official) and the decoder segments decay geometrically by the factor that brings the
-mean over the decoder layers back to the budget (contextual shares 5/35, 4/26, 3/19, as official; 1.5x gives
-r = 0.734, the official schedule to within a token). Option `second_stage` sets the factor either way.
+keeps 1.5x the budget on images and 3x on videos (methods.md 1(f)): `first_stage` defaults to 1.5, and to 3 on a
+video model (`ModelInfo.video`: Video-LLaVA, whose budgets count 8 frames x 257 tokens, so `ratio=0.125` is 257
+tokens: 84+12 a frame after the encoder stage, then the official decoder shape scaled to the budget).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from ..engine import DecoderCut, EncoderView, Policy, Selection, complement, contextual_merge, topk_in_order
+from ..engine.scoring import visual_to_visual
 from ..families import ModelInfo
 from . import Method, Overhead
 from .shared import encoder_selection, newline_choice
@@ -63,14 +62,18 @@ class Schedule:
 
 # The official 32-token setting on LLaVA-1.5-7B (README and eval scripts): 48/35/26/19 tokens per 8-layer segment.
 OFFICIAL_32 = Schedule(Stage(42, 6), ((8, Stage(30, 5)), (16, Stage(22, 4)), (24, Stage(16, 3))))
-
-
-#: the tokens leaving the encoder stage as a multiple of the budget: the official images' setting, and videos'
-IMAGE_SECOND_STAGE, VIDEO_SECOND_STAGE = 1.5, 3.0
-
-
-def default_second_stage(info: ModelInfo) -> float:
-    return VIDEO_SECOND_STAGE if info.video else IMAGE_SECOND_STAGE
+STAGES = ("both", "encoder", "decoder")
+#: Tokens leaving the encoder stage as a multiple of the budget: 48 of 32 ("1.5x the final target" for images).
+FIRST_STAGE = Fraction(OFFICIAL_32.encoder.total, 32)
+VIDEO_FIRST_STAGE = Fraction(3)  # "3x the final target" on videos
+#: The official decoder stages as shares of the first stage (35, 26, 19 of 48), and each stage's contextual share.
+SHAPE = tuple(Fraction(stage.total, OFFICIAL_32.encoder.total) for _, stage in OFFICIAL_32.cuts)
+CONTEXTUAL = tuple(Fraction(stage.contextual, stage.total)
+                   for stage in (OFFICIAL_32.encoder, *(stage for _, stage in OFFICIAL_32.cuts)))
+#: stages="decoder": the cuts of the text-guided baselines (FastV's K=2, PyramidDrop's recommended [2, 8, 16]). With
+#: all the visual tokens entering the decoder, the first cut must come before layer n_layers x budget / n_visual
+#: (3.6 on LLaVA-1.5 at 64 tokens) for the mean to reach the budget; these cuts reach down to 36 tokens, as they do.
+DECODER_ONLY_LAYERS = (2, 8, 16)
 
 
 def smallest_budget(info: ModelInfo) -> float:
@@ -78,61 +81,97 @@ def smallest_budget(info: ModelInfo) -> float:
     return info.crops
 
 
-def schedule_for_budget(budget: float, info: ModelInfo, second_stage: float | None = None) -> Schedule:
-    """The official 32-token schedule scaled by budget/32 (exact for 64/128/192 on LLaVA-1.5, methods.md 1(f)), or,
-    for another `second_stage` factor (default: `default_second_stage`, 3 on videos), its geometric form.
+def _split(size: Fraction, contextual_share: Fraction) -> Stage:
+    """`size` tokens as (dominant, contextual); each part is rounded on its own, as the official schedule scales."""
+    return Stage(round(size * (1 - contextual_share)), round(size * contextual_share))
+
+
+def _later_sizes(first: Fraction, budget: Fraction, lengths: list[int]) -> list[Fraction]:
+    """The stages after the first cut, sized so that the mean over the decoder layers is `budget`.
+
+    lengths: decoder layers per segment (the first one carries `first` tokens, before rounding). The official
+    shape (each later stage a fixed share of the first, 35, 26, 19 of 48) is kept where it hits the budget (the
+    official first stage), scaled down by one factor where the budget needs fewer tokens, and flattened toward no
+    reduction (linearly, shares 1 - t (1 - share)) where it needs more. The mean is continuous and monotone along
+    that family, so the solution is unique and exact (fractions; the rounding is the caller's).
+    """
+    rest = (sum(lengths) * budget - lengths[0] * first) / first  # what the later segments carry, in first stages
+    flat = sum(lengths[1:])  # every later stage the size of the first
+    official = sum(n * share for n, share in zip(lengths[1:], SHAPE))
+    if rest >= official:
+        t = (flat - rest) / (flat - official)
+        return [first * (1 - t * (1 - share)) for share in SHAPE]
+    return [first * share * rest / official for share in SHAPE]
+
+
+def schedule_for_budget(budget: float, info: ModelInfo, first_stage: float | None = None,
+                        contextual_fraction: float | None = None, stages: str = "both") -> Schedule:
+    """The schedule whose mean visual tokens per decoder layer is `budget` (within one token), from three knobs.
+
+    first_stage: tokens leaving the encoder stage, as a multiple of the budget (default 1.5, the official 48 of
+    32; 3 on video models); the decoder stages then follow the official shape (`_later_sizes`), so the defaults give the official
+    schedule scaled by budget/32 (methods.md 1(f): 84+12, 60+10, 44+8, 32+6 at 64). contextual_fraction: the share
+    of merged contextual tokens in every stage (default: the official shares, 6/48, 5/35, 4/26, 3/19). stages:
+    "both" (encoder stage, then cuts before layers 8/16/24), "encoder" (the encoder stage keeps the budget, no
+    decoder cut) or "decoder" (all visual tokens through the encoder, cuts before layers 2/8/16,
+    `DECODER_ONLY_LAYERS`). Layers are given for 32 layers and mapped by relative depth.
 
     Counts are per crop: on LLaVA-NeXT the encoder stage runs on every crop with budget/crops (640/320/160 ->
-    168+24, 84+12, 42+6 per crop), on Video-LLaVA on every frame; the decoder cuts scale with the sample's actual
-    crops (see `VisionDrop`). The first decoder segment carries `second_stage` x the budget, so budgets above
-    1/second_stage of the visual tokens are out of reach.
+    168+24, 84+12, 42+6 per crop) and the decoder cuts scale with the sample's actual crops (see `VisionDrop`).
+    Raises ValueError naming the reachable range for a combination that cannot reach the budget.
     """
-    factor = default_second_stage(info) if second_stage is None else second_stage
-    layers = info.relative_layers([layer for layer, _ in OFFICIAL_32.cuts], "VisionDrop decoder cuts")
-    if factor == IMAGE_SECOND_STAGE:  # the official schedule itself
-        scale = budget / info.crops / 32
-        encoder = Stage(round(OFFICIAL_32.encoder.dominant * scale), round(OFFICIAL_32.encoder.contextual * scale))
-        cuts = tuple((layer, Stage(round(s.dominant * scale), round(s.contextual * scale)))
-                     for layer, (_, s) in zip(layers, OFFICIAL_32.cuts))
+    if stages not in STAGES:
+        raise ValueError(f"VisionDrop stages must be one of {STAGES}, got {stages!r}")
+    if contextual_fraction is not None and not 0 <= contextual_fraction < 1:
+        raise ValueError(f"contextual_fraction is the share of merged tokens in each stage, in [0, 1); got "
+                         f"{contextual_fraction}")
+    shares = CONTEXTUAL if contextual_fraction is None else (Fraction(contextual_fraction),) * len(CONTEXTUAL)
+    per_crop = Fraction(budget) / info.crops
+    knobs = f" with stages={stages!r}" + ("" if first_stage is None else f", first_stage={first_stage:g}")
+    unpruned = f" (or {info.n_visual} for the unpruned model)"
+    if stages == "decoder":
+        if first_stage is not None:
+            raise ValueError("stages='decoder' keeps all the visual tokens through the encoder: first_stage does "
+                             "not apply (leave it unset)")
+        encoder, first, layers = None, Fraction(info.per_crop), DECODER_ONLY_LAYERS
     else:
-        encoder, cuts = _geometric(budget / info.crops, factor, layers, info.n_layers)
-    if encoder.dominant < 1 or encoder.total > info.per_crop + (not info.cls_kept):
-        raise ValueError(f"VisionDrop cannot reach budget {budget}: with its second stage at {factor:g}x the budget, "
-                         f"budgets between {smallest_budget(info):g} and {int(info.n_visual / factor)} average visual "
-                         f"tokens are reachable (or {info.n_visual} for the unpruned model)")
-    return Schedule(encoder, cuts)
-
-
-def _geometric(per_crop: float, factor: float, layers: tuple[int, ...], n_layers: int,
-               ) -> tuple[Stage, tuple[tuple[int, Stage], ...]]:
-    """Per crop: the encoder stage keeps factor x `per_crop` tokens, segment s keeps r**s of them, r solved so that
-    the mean over the decoder layers is `per_crop`; each stage split as the official one."""
-    if factor < 1:
-        raise ValueError(f"VisionDrop's second_stage must be at least 1 (x the budget), got {factor:g}")
-    n0, bounds = factor * per_crop, (0, *layers, n_layers)
+        default = (VIDEO_FIRST_STAGE if info.video else FIRST_STAGE) if stages == "both" else Fraction(1)
+        multiple = default if first_stage is None else Fraction(first_stage)
+        if stages == "encoder" and multiple != 1:
+            raise ValueError("stages='encoder' makes no decoder cut, so the encoder stage keeps the budget itself: "
+                             f"first_stage is 1 there (leave it unset), got {first_stage}")
+        first, capacity = multiple * per_crop, info.per_crop + (not info.cls_kept)  # the layer's patches and CLS
+        encoder = _split(first, shares[0])
+        if encoder.dominant < 1 or encoder.total > capacity:
+            highest = capacity * info.crops / multiple
+            raise ValueError(f"VisionDrop cannot reach budget {budget}{knobs}: budgets between "
+                             f"{smallest_budget(info):g} and {int(highest)} average visual tokens are reachable"
+                             f"{unpruned}")
+        if stages == "encoder":
+            return Schedule(encoder, ())
+        layers = tuple(layer for layer, _ in OFFICIAL_32.cuts)
+    layers = info.relative_layers(list(layers), "VisionDrop decoder cuts")
+    bounds = (0, *layers, info.n_layers)
     lengths = [end - begin for begin, end in zip(bounds, bounds[1:])]
-    mean = lambda r: sum(n * n0 * r**s for s, n in enumerate(lengths)) / n_layers  # noqa: E731
-    if mean(0.0) > per_crop:
-        raise ValueError(f"VisionDrop's second_stage {factor:g} x the budget in the first {lengths[0]} of "
-                         f"{n_layers} decoder layers already exceeds the budget: at most {n_layers / lengths[0]:g}")
-    low, high = 0.0, 1.0
-    for _ in range(60):  # the mean increases with r
-        mid = (low + high) / 2
-        low, high = (mid, high) if mean(mid) < per_crop else (low, mid)
-
-    def split(n: float, official: Stage) -> Stage:
-        return Stage(max(1, round(n * official.dominant / official.total)), round(n * official.contextual / official.total))
-
-    encoder = split(n0, OFFICIAL_32.encoder)
-    return encoder, tuple((layer, split(n0 * low ** (s + 1), official))
-                          for s, (layer, (_, official)) in enumerate(zip(layers, OFFICIAL_32.cuts)))
+    # the first segment alone must stay under the budget, and the cuts can only remove tokens
+    if not lengths[0] * first < info.n_layers * per_crop <= info.n_layers * first:
+        if stages == "decoder":
+            raise ValueError(f"VisionDrop cannot reach budget {budget}{knobs}: all {info.n_visual} visual tokens "
+                             f"enter the {lengths[0]} decoder layers before the first cut (layer {layers[0]}), so "
+                             f"budgets above {lengths[0] * info.n_visual / info.n_layers:g} are reachable{unpruned}")
+        raise ValueError(f"VisionDrop cannot reach budget {budget}{knobs}: first_stage must be at least 1 (a cut "
+                         f"never adds tokens) and below {info.n_layers / lengths[0]:g} (the {lengths[0]} decoder "
+                         f"layers before the first cut, of {info.n_layers}, carry first_stage x budget)")
+    sizes = _later_sizes(first, per_crop, lengths)
+    return Schedule(encoder, tuple((layer, _split(size, share))
+                                   for layer, size, share in zip(layers, sizes, shares[1:])))
 
 
 class VisionDrop(Policy):
     name = "visiondrop"
 
-    def __init__(self, schedule: Schedule, info: ModelInfo, second_stage: float | None = None):
-        self.schedule, self.info, self.second_stage = schedule, info, second_stage
+    def __init__(self, schedule: Schedule, info: ModelInfo):
+        self.schedule, self.info = schedule, info
         self.encoder_layer = info.vision_layer if schedule.encoder else None
         self.cut_layers = tuple(layer for layer, _ in schedule.cuts)
         self._stages = dict(schedule.cuts)
@@ -147,9 +186,7 @@ class VisionDrop(Policy):
         stage = self._stages[cut.layer_idx]
         dominant, contextual = cut.scaled(stage.dominant, self._unit), cut.scaled(stage.contextual, self._unit)
         keys = cut.keys(cut.layer_idx)
-        probs = cut.attention(cut.layer_idx, cut.visual, keys=keys).mean(1)  # [G, n_queries, L]
-        scores = probs.gather(2, cut.visual.unsqueeze(1).expand(-1, cut.n_visual, -1)).mean(1)  # [G, n]
-        keep = topk_in_order(scores, dominant)
+        keep = topk_in_order(visual_to_visual(cut, cut.layer_idx, keys=keys), dominant)
         rest = complement(keep, cut.n_visual)
         metric = cut.visual_rows(keys.mean(1))
         return Selection(keep, contextual_merge(cut.visual_rows(cut.hidden), metric, rest, contextual))
@@ -162,29 +199,28 @@ class VisionDrop(Policy):
             counts.append(n * self.info.crops)  # nominal: every crop of the largest grid
         return {"method": self.name, "encoder": None if s.encoder is None else [s.encoder.dominant, s.encoder.contextual],
                 "layers": list(self.cut_layers), "decoder": [[st.dominant, st.contextual] for _, st in s.cuts],
-                **({} if self.second_stage is None else {"second_stage": self.second_stage}),
                 "equivalent_tokens": sum(counts) / len(counts)}
 
 
 def policy(info: ModelInfo, budget: float | None = None, schedule: dict | None = None,
-           newlines: str = "drop", second_stage: float | None = None) -> Policy:
-    """VisionDrop from a budget (average visual tokens per decoder layer) or an explicit schedule.
+           first_stage: float | None = None, contextual_fraction: float | None = None, stages: str = "both",
+           newlines: str = "drop") -> Policy:
+    """VisionDrop from a budget (average visual tokens per decoder layer) and the schedule's knobs
+    (`schedule_for_budget`: first_stage, contextual_fraction, stages), or from an explicit schedule.
 
     newlines (LLaVA-NeXT): "drop" the image-newline tokens and the unpadding, as the official code (default), or
     "keep" transformers' layout for the kept patches (`methods.shared.newline_choice`).
-    second_stage: the tokens leaving the encoder stage as a multiple of the budget; default 1.5 (the official
-    schedule), 3 on video models (see the module docstring).
     """
     if (budget is None) == (schedule is None):
         raise ValueError("VisionDrop needs exactly one of budget= or schedule=")
-    if schedule is not None and second_stage is not None:
-        raise ValueError("VisionDrop's second_stage shapes the schedule of a budget: give it or schedule=, not both")
     if schedule is not None:
-        dropper = VisionDrop(Schedule.parse(schedule), info)
+        if (first_stage, contextual_fraction, stages) != (None, None, "both"):
+            raise ValueError("an explicit schedule= fixes every count: first_stage, contextual_fraction and stages "
+                             "shape a schedule from a budget only")
+        chosen = Schedule.parse(schedule)
     else:
-        factor = default_second_stage(info) if second_stage is None else second_stage
-        dropper = VisionDrop(schedule_for_budget(budget, info, factor), info,
-                             None if factor == IMAGE_SECOND_STAGE else factor)
+        chosen = schedule_for_budget(budget, info, first_stage, contextual_fraction, stages)
+    dropper = VisionDrop(chosen, info)
     dropper.native_layout = newline_choice(newlines)
     return dropper
 

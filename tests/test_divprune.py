@@ -1,0 +1,103 @@
+"""DivPrune: parity with the official run (../shared/reference/parity/divprune), the max-min selection by hand, counts,
+text independence, LLaVA-NeXT, errors."""
+import pytest
+import torch
+
+import visiondrop
+from baselines.divprune import max_min_diverse
+from helpers import inputs, measure_counts
+from parity import assert_matches_official, load_case, parity_inputs
+from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
+from visiondrop.testing.tiny import demo_image
+
+QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
+
+
+def projected_and_kept(model, batch: dict, budget: int) -> tuple[torch.Tensor, list[int]]:
+    """The visual rows DivPrune selects among (what enters decoder layer 0) and the kept original indices."""
+    with visiondrop.apply(model, "divprune", budget=budget) as handle, torch.no_grad():
+        seen = []
+        select = handle.policy.select_decoder
+        handle.policy.select_decoder = lambda cut: seen.append(cut.visual_rows(cut.hidden)) or select(cut)
+        model(**batch)
+    return seen[0], handle.trace.kept[0][0].tolist()
+
+
+def test_dp64_matches_official(parity_model):
+    official, logits = load_case("divprune", "dp64")
+    with visiondrop.apply(parity_model, "divprune", budget=64) as handle:
+        assert_matches_official(parity_model, parity_inputs(), official, logits, handle)
+        assert handle.trace.cuts == ["layer 0"]
+        assert handle.trace.kept[0][0].tolist() == official["kept_indices_sorted"]
+        assert handle.policy.describe() == {"method": "divprune", "keep": 64, "layers": [0], "equivalent_tokens": 64}
+
+
+def test_pick_order_matches_official_and_smaller_budgets_are_its_prefixes(parity_model):
+    """The greedy order itself; the official selection for k tokens is the first k picks of any larger k (the
+    fixture's `selections_are_nested`), which checks budgets 1..64 against the official run."""
+    official, logits = load_case("divprune", "dp64")
+    order = logits["selected_order"].tolist()
+    assert order == official["kept_indices_selection_order"]
+    features, _ = projected_and_kept(parity_model, parity_inputs(), 64)
+    assert max_min_diverse(features, 64)[0].tolist() == order
+    for k in (1, 8, 32, 56):  # 56: the scripts' SUBSET_RATIO 0.098
+        _, kept = projected_and_kept(parity_model, parity_inputs(), k)
+        assert kept == sorted(order[:k])
+
+
+def test_max_min_diversity_by_hand():
+    """Unit directions at 0, ~8, 90 and 180 degrees (norms do not matter: cosine distance)."""
+    features = torch.tensor([[5.0, 0.0], [0.99, 0.14], [0.0, 1.0], [-3.0, 0.0]]).unsqueeze(0)
+    # first: 3, whose nearest other (2, at 90 degrees) is the farthest nearest neighbour; then 0 (opposite 3);
+    # then 2 (distance 1 to both), and 1 last (next to 0)
+    assert max_min_diverse(features, 4).tolist() == [[3, 0, 2, 1]]
+    assert max_min_diverse(torch.cat([features, features.flip(1)]), 2).tolist() == [[3, 0], [0, 3]]
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64, 32])
+def test_measured_tokens_per_layer_equal_budget(tiny, budget):
+    model, processor = tiny
+    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "divprune", budget)
+    assert measured == [budget] * 32
+    assert handle.trace.tokens_per_layer == [measured]
+    assert len(handle.trace.kept[0][0]) == budget
+
+
+def test_selection_never_depends_on_the_question(tiny):
+    model, processor = tiny
+    kept = [projected_and_kept(model, inputs(processor, [q], [demo_image(5)]), 64)[1] for q in QUESTIONS]
+    assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 64
+
+
+def test_next_selects_among_each_images_whole_visual_block(tiny_next):
+    """Base crop, grid crops and newline tokens together, the budget's share of each image's own tokens."""
+    model, processor = tiny_next
+    for size in ((672, 336), (500, 400)):
+        batch = inputs(processor, QUESTIONS[:1], [demo_image(0, size)])
+        n = int((batch["input_ids"] == model.config.image_token_id).sum())
+        features, kept = projected_and_kept(model, batch, 320)
+        assert features.shape[1] == n
+        assert kept == sorted(max_min_diverse(features, round(320 * n / 2880))[0].tolist())
+
+
+def test_clear_errors(tiny):
+    model, _ = tiny
+    for budget in (0.5, 64.5):
+        with pytest.raises(ValueError, match="integers from 1 to 575"):
+            visiondrop.apply(model, "divprune", budget=budget)
+    with pytest.raises(ValueError, match="needs a budget"):
+        visiondrop.apply(model, "divprune")
+
+
+def test_overhead_formula_matches_torch_flop_counter(tiny):
+    """The pairwise similarities (n^2 x d on the projected tokens) as FlopCounterMode counts a real forward."""
+    model, processor = tiny
+    batch = inputs(processor, QUESTIONS[:1])
+    with flop_counter() as counter:
+        sched = measure_schedule(model, batch, "divprune", 64)
+    dims = Dims.from_config(model.config)
+    text = batch["input_ids"].shape[1] - dims.n_visual
+    overhead = overhead_flops(dims, "divprune", sched.cuts, text)
+    assert overhead == 2 * 576 * 576 * dims.hidden
+    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead)
+    assert formula.total == counter.get_total_flops()
