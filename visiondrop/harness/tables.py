@@ -33,6 +33,7 @@ def paper_scores(paper_csv: str | Path, model: str) -> pd.DataFrame:
                   ].copy()
     paper["method"] = paper.method.str.replace(r" \(.*\)", "", regex=True)
     paper["budget"] = pd.to_numeric(paper.tokens.where(paper.method != "Vanilla", other=pd.NA), errors="coerce")
+    paper["value"] = pd.to_numeric(paper.value, errors="coerce")  # the file also holds claims ("stable")
     return paper[["method", "budget", "benchmark", "value"]]
 
 
