@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install lock test test-latest demo table1 table1_full table_video table2 position_bias position_bias_demo controlled_study ablations controlled_study_demo ablations_demo clean
+.PHONY: install lock test test-latest demo table1 table1_full table_video table2 throughput scaling position_bias position_bias_demo controlled_study ablations controlled_study_demo ablations_demo clean
 
 # The two packages pyproject.toml cannot pin: torch (a CPU or CUDA build of one version, chosen by the machine) and
 # lmms-eval (installed with --no-deps: its metadata drags in torchvision and an unpinned torch, stack-notes.md).
@@ -103,10 +103,21 @@ ablations_demo: install
 	$(PY) scripts/run.py experiment=ablations model=tiny benchmarks=demo batch_size=4 budget=160
 	$(PY) scripts/make_table.py --experiment ablations --model demo-llava-1.5 --out results/demo
 
-# The paper's Table 2: FLOPs, latency and memory of random-weight LLaVA architectures, full and every method. GPU:
-# LLaVA-1.5-7B and LLaVA-NeXT-7B at full width in bf16; CPU: LLaVA-1.5 at reduced width, same depths (minutes).
+# The paper's Table 2: FLOPs, latency and memory of random-weight LLaVA architectures, full and every method, at
+# batch sizes 1, 8, 32 (GPU: LLaVA-1.5-7B and LLaVA-NeXT-7B at full width in bf16) or 1 and 8 (CPU: LLaVA-1.5 at
+# reduced width, same depths; tens of minutes).
 table2: install
 	$(PY) -m visiondrop.efficiency.latency
+
+# Throughput by batch size, full and VisionDrop side by side (the committed results/latency/ tables). On a CPU
+# shared with other work: make throughput LATENCY_ARGS="--clock process" (how the committed CPU tables were taken).
+LATENCY_ARGS ?=
+throughput: install
+	$(PY) -m visiondrop.efficiency.latency --methods none visiondrop --warmup 1 --out results/latency $(LATENCY_ARGS)
+
+# Prefill time and peak memory of full and VisionDrop (retention 1/9) as the visual tokens grow: table and PNG.
+scaling: install
+	$(PY) -m visiondrop.efficiency.latency --scaling --out results/latency $(LATENCY_ARGS)
 
 # Where each method's kept tokens come from: positional-bias maps of every method at 64 on POPE (LLaVA-1.5-7B, GPU),
 # drawn as heatmaps (methods x cuts) with the vertical-bias table beside the paper's claim.

@@ -82,6 +82,7 @@ def diverse_rounds(unit: Tensor, residual: Tensor, n_diverse: int) -> Tensor:
 
 def vispruner_selection(view: EncoderView, important: int, diverse: int) -> Selection:
     """Important + diverse patches of every crop, in raster order (indices into the view's tokens)."""
+    important, diverse = view.scaled(important), view.scaled(diverse)  # an image's share of the nominal counts
     first = int(view.has_cls)
     attention = view.importance[:, :, first:].mean(dim=1)  # [N, patches], head mean
     features = view.hidden[:, first:]

@@ -74,3 +74,18 @@ def demo_videos(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("videos")
     return [write_demo_video(folder / f"clip{i}.mp4", seed=i, length=n) for i, n in enumerate((24, 16, 40))]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """A tiny full-depth Qwen2.5-VL (32-block windowed ViT, 28-layer M-RoPE decoder) saved like a user's checkpoint."""
+    from visiondrop.testing.tiny import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen") / "qwen2_5_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_qwen_dir):
+    from visiondrop.testing.tiny import load_tiny_llava
+
+    return load_tiny_llava(tiny_qwen_dir)

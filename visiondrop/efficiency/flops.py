@@ -18,6 +18,15 @@ ONE prefill forward, i.e. what `torch.utils.flop_counter.FlopCounterMode` report
 - overhead: the method's own scoring and merging, as this harness's engine computes them (`overhead_flops`).
 Norms, activations, softmax, RoPE and embedding lookups are not matrix products and are not counted.
 
+Qwen2.5-VL (preset qwen2.5-vl-7b, on its nominal 672x672 image: 2304 patches, 576 visual tokens): the patch
+embedding is a 2-frame 3-D convolution (6 x 14 x 14 inputs per patch); each of the 32 tower layers projects q, k, v,
+o and runs a gated MLP (3 matrices) on every patch; the attention matmuls cover windows of 8 x 8 patches (112
+pixels) in 28 layers, 2 t w d MACs for windows of w patches, and all t x t patch pairs in the 4 full-attention
+layers (7, 15, 23, 31); the merger (the projector) runs 5120 -> 5120 -> 3584 on each 2x2 group that enters the
+decoder. Its encoder stage (VisionZip, VisionDrop) scores with the attention each patch receives at the last
+full-attention layer: q, k, v of every patch and all patch-pair logits. Its decoder has grouped-query attention
+(4 key-value heads of 28).
+
 Assumptions written down:
 - "text tokens" are all non-visual prompt tokens (system prompt, question, template); the paper's numbers need
   63 for LLaVA-1.5-7B (9.06 T full, 2.11 T VisionDrop-64). Pass the measured length for a real run.
@@ -82,11 +91,17 @@ class Dims:
     vision_heads: int
     vision_tokens: int  # per crop, CLS included (577)
     patch_size: int
-    projector_in: int  # projector: projector_in -> hidden -> hidden
+    projector_in: int  # projector: projector_in -> projector_mid -> hidden
     visual_per_crop: int  # visual tokens per crop entering the decoder, unpruned (576)
     crops: int = 1  # nominal crops per image
     extra_tokens: int = 0  # non-visual tokens beside the text that no method prunes
     model_type: str = "llava"  # the family (`visiondrop.families.FAMILIES`), which builds the measuring proxy
+    vision_cls: int = 1  # CLS tokens among the vision tokens (no patch embedding; 0 on Qwen2.5-VL)
+    patch_channels: int = 3  # input values per pixel of a patch (Qwen2.5-VL: 3 channels x 2 frames)
+    vision_mlp: int = 2  # matrices of a tower MLP (CLIP fc1, fc2; Qwen2.5-VL's gated MLP: 3)
+    vision_windowed_layers: int = 0  # tower layers that attend within windows (the others: all vision tokens)
+    vision_window: int = 0  # vision tokens per attention window there
+    projector_mid: int | None = None  # the projector's inner width (None: the decoder's hidden)
 
     @property
     def n_visual(self) -> int:
@@ -103,8 +118,17 @@ class Dims:
 LLAVA_15_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, vocab=32064, n_heads=32, n_kv_heads=32,
                    head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
                    vision_tokens=577, patch_size=14, projector_in=1024, visual_per_crop=576)
+#: Qwen2.5-VL-7B-Instruct on its nominal 672x672 image (48x48 patches, 576 visual tokens): 28 of its 32 tower
+#: layers attend within 8x8-patch windows (112 pixels), 4 (7/15/23/31) to all patches; the merger is
+#: RMSNorm + 5120 -> 5120 -> 3584 on each group of 2x2 patches
+QWEN25_VL_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=152064, n_heads=28, n_kv_heads=4,
+                    head_dim=128, vision_hidden=1280, vision_intermediate=3420, vision_layers=32, vision_heads=16,
+                    vision_tokens=2304, patch_size=14, projector_in=5120, visual_per_crop=576,
+                    model_type="qwen2_5_vl", vision_cls=0, patch_channels=6, vision_mlp=3, vision_windowed_layers=28,
+                    vision_window=64, projector_mid=5120)
 PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
            "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next"),
+           "qwen2.5-vl-7b": QWEN25_VL_7B,
            # LanguageBind/Video-LLaVA-7B-hf: one 8-frame video at 224/14, 257 tokens a frame (CLS kept)
            "video-llava-7b": replace(LLAVA_15_7B, vision_tokens=257, visual_per_crop=257, crops=8,
                                      model_type="video_llava")}
@@ -183,11 +207,14 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
     projected = dims.visual_per_crop * crops if projected_tokens is None else projected_tokens
     other = text_tokens + dims.extra_tokens
     t, dv = dims.vision_tokens, dims.vision_hidden
-    patch_embed = (t - 1) * 3 * dims.patch_size ** 2 * dv
-    vision_layer = 4 * t * dv * dv + 2 * t * dv * dims.vision_intermediate + 2 * t * t * dv
+    patch_embed = (t - dims.vision_cls) * dims.patch_channels * dims.patch_size ** 2 * dv
+    dense = 4 * t * dv * dv + dims.vision_mlp * t * dv * dims.vision_intermediate
+    windowed, full = dims.vision_windowed_layers, dims.vision_layers - dims.vision_windowed_layers
+    attention = full * 2 * t * t * dv + windowed * 2 * t * dims.vision_window * dv  # Q K^T, A V per window
+    mid = dims.projector_mid or dims.hidden
     return Breakdown(
-        vision=2.0 * crops * (patch_embed + dims.vision_layers * vision_layer),
-        projector=2.0 * projected * (dims.projector_in * dims.hidden + dims.hidden * dims.hidden),
+        vision=2.0 * crops * (patch_embed + dims.vision_layers * dense + attention),
+        projector=2.0 * projected * (dims.projector_in * mid + mid * dims.hidden),
         decoder=2.0 * sum(_decoder_layer_macs(dims, n + other) for n in tokens_per_layer),
         lm_head=2.0 * (tokens_per_layer[-1] + other) * dims.hidden * dims.vocab,
         overhead=float(overhead),
@@ -205,10 +232,13 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
     if recipe.rater_choice and cuts:  # visual rows against the text (all of it: an upper bound)
         macs += cuts[0].before * text_tokens * d
     for cut in cuts:
-        if cut.layer is None:  # keys of all tokens, CLS query and logits; merge on head-averaged keys
-            dv = dims.vision_hidden
-            macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if recipe.encoder_row else 0)
-            metric, width = dv // dims.vision_heads, dv
+        if cut.layer is None:  # the importance row, then a merge on head-averaged keys
+            dv, patches = dims.vision_hidden, dims.vision_tokens
+            if dims.vision_cls:  # keys of all tokens, CLS query and logits
+                macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if recipe.encoder_row else 0)
+            else:  # the attention each patch receives: q, k, v of every patch (one projection), all logits
+                macs += 3 * patches * dv * dv + patches * patches * dv
+            metric, width = dv // dims.vision_heads, dims.projector_in  # Qwen2.5-VL: 4 patches per token
         else:
             n = cut.before + text_tokens + dims.extra_tokens
             if recipe.rows is not None:
@@ -281,7 +311,7 @@ def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
 #: the measuring proxy's widths (its depths are the measured model's) and vocabulary
 _PROXY_SHAPE = Shape(hidden=32, intermediate=64, layers=32, heads=4, vision_hidden=32, vision_intermediate=64,
                      vision_layers=24, vision_heads=4)
-_PROXY_IDS = TokenIds(vocab=512, image=4, bos=1, eos=2, pad=3, video=5)
+_PROXY_IDS = TokenIds(vocab=512, image=4, bos=1, eos=2, pad=3, special={"<video>": 5})  # <video>: Video-LLaVA
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,42 +1,53 @@
-"""Latency and memory benchmark (the paper's Table 2): random-weight LLaVA architectures, or any checkpoint.
+"""Latency, throughput and memory benchmark (the paper's Table 2, plus a batch axis and a scaling run).
 
     make table2                                                   # GPU: both 7B models at full width; CPU: below
     python -m visiondrop.efficiency.latency --model llava-1.5-7b --width reduced --methods none visiondrop --budgets 64
+    python -m visiondrop.efficiency.latency --batch-sizes 1 8 --methods none visiondrop   # throughput by batch
+    python -m visiondrop.efficiency.latency --scaling            # make scaling: cost versus visual tokens
     benchmark("llava-1.5-7b", width="reduced", methods=["none", "visiondrop"], budgets=[64]).markdown
 
 Speed does not depend on weight values, so the architectures are built from configs written here (no download)
 with random weights, initialised directly on the target device in the target dtype. `--width reduced` (the CPU
 default) divides every width by 8 and keeps the depths (CLIP 24 layers, Llama 32 layers) and the 576 visual tokens,
 so a CPU run takes minutes (on one thread by default: `benchmark`); `--pretrained PATH` loads a real checkpoint
-instead.
+instead. On a GPU: bfloat16, and FlashAttention 2 where the `flash-attn` package imports, else SDPA.
 
 Inputs follow the paper's FLOPs convention: BOS and 34 text ids, the image placeholders, then text ids up to 63
-non-visual tokens; random pixels (LLaVA-NeXT: one 672x672 image = 5 crops, 2928 placeholders incl. newlines).
-Per (method, budget), after `warmup` discarded rounds, `repeats` rounds each time (device synchronised around every
-timed region; medians reported):
-- prefill: one `model(**inputs, use_cache=True)`, vision tower included, all logits (as the FLOPs count them);
-- e2e: greedy `generate` of exactly N new tokens; decode ms/token = (e2e(N) - e2e(1)) / (N - 1), so the prefill
-  inside `generate` cancels out;
+non-visual tokens; random pixels (LLaVA-NeXT: one 672x672 image = 5 crops, 2928 placeholders incl. newlines). A
+batch of B holds B such prompts, each with its own random ids and pixels (same length: no padding).
+Per (method, budget, batch size), after `warmup` discarded rounds, `repeats` rounds each time (device synchronised
+around every timed region; medians reported):
+- prefill: one `model(**inputs, use_cache=True)` on the whole batch, vision tower included, all logits (as the
+  FLOPs count them); throughput = B / prefill time;
+- e2e: greedy `generate` of exactly N new tokens for the batch; decode ms/token (one step of the whole batch) =
+  (e2e(N) - e2e(1)) / (N - 1), so the prefill inside `generate` cancels out; throughput = B / e2e time;
 - overhead: time inside the policy's own `prepare`, `select_encoder`, `select_decoder` during the prefill (its
-  scoring rows, top-k, merging), as % of the prefill. Not in it: the engine's mechanics (gathers that apply a
-  selection, and the CLS-row recomputation of the encoder cut inside the tower hook: one key projection);
+  scoring rows, top-k, merging), and separately the engine's gathers that apply a selection (re-packing the batch
+  after a decoder cut, gathering the kept rows of an encoder cut), each as % of the prefill. Not in either: the
+  CLS-row recomputation of the encoder cut inside the tower hook (one key projection);
 - peak memory: GPU `max_memory_allocated` (weights included) over the measured rounds; CPU the growth of the
   resident set (glibc's free memory trimmed, VmHWM reset through /proc/self/clear_refs, minus VmRSS before),
   or n/a off Linux.
-"full" is the stock Hugging Face model (no `apply`), the baseline every speedup is taken against; every other row
-runs under `visiondrop.apply(model, method, budget)`. A method that cannot run (not importable yet, budget out of
-reach, a model type the engine does not support yet) gets a row saying why.
+"full" is the stock Hugging Face model (no `apply`), the baseline every speedup is taken against, at the same
+batch size; every other row runs under `visiondrop.apply(model, method, budget)`. A method that cannot run (not
+importable yet, budget out of reach, a model type the engine does not support yet) gets a row saying why.
+
+The scaling run (`scaling`) times the prefill and peak memory of the full model and of VisionDrop at one retention
+ratio (`apply(..., ratio=)`) while the visual tokens grow: LLaVA-1.5's 576, then LLaVA-NeXT images filling grids of
+3, 4 and 5 crops (v1.6's own pinpoints) and larger grids (10 crops; 17 on a GPU), for which the config's grid
+pinpoints are extended (the architecture takes any grid; the v1.6 checkpoints know only their five).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import ctypes
+import math
 import os
 import re
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -45,19 +56,28 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..engine import decoder as engine_decoder, encoder as engine_encoder
 from ..families import Shape, TokenIds, family_for
 from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
 from ..families.video_llava import VIDEO_LLAVA
+from ..families.qwen2_5_vl import QWEN2_5_VL
 from .flops import TEXT_TOKENS, Dims, method_flops
 from ..harness.tables import PAPER_MODELS, method_title
 from ..methods import METHODS
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
-MODELS = ("llava-1.5-7b", "llava-next-7b", "video-llava-7b")
+MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "video-llava-7b")
 IMAGE_MODELS = MODELS[:2]  # the paper's efficiency table: what a GPU run builds by default
 DEFAULT_METHODS = tuple(METHODS)  # every registered method
-DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "video-llava-7b": (257,)}  # 257: 12.5% of 2056
+DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "qwen2.5-vl-7b": (64,),
+                   "video-llava-7b": (257,)}  # 257: 12.5% of 2056
+DEFAULT_BATCH_SIZES = {"cuda": (1, 8, 32), "cpu": (1, 8)}
+SCALING_RATIO = 64 / 576  # the paper's budget 64 of LLaVA-1.5's 576 tokens (and 320 of NeXT's 2880)
+#: the scaling run's images: (model, image (height, width); None = the model's own size)
+SCALING_POINTS = (("llava-1.5-7b", None), ("llava-next-7b", (336, 672)), ("llava-next-7b", (1008, 336)),
+                  ("llava-next-7b", (672, 672)), ("llava-next-7b", (1008, 1008)))
+SCALING_POINTS_GPU = SCALING_POINTS + (("llava-next-7b", (1344, 1344)),)
 
 
 #: "reduced" = full / 8 with head dims 64; "tiny" only keeps tests fast. Depths never change.
@@ -69,16 +89,33 @@ WIDTHS = {
     "tiny": Shape(hidden=64, intermediate=172, layers=32, heads=2, vision_hidden=32, vision_intermediate=128,
                   vision_layers=24, vision_heads=1),
 }
-MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT, "video-llava-7b": VIDEO_LLAVA}
+#: Qwen2.5-VL-7B-Instruct's widths, the same way ("reduced": full / 8, decoder head dims 64, 1 key-value head of 7)
+QWEN_WIDTHS = {
+    "full": Shape(hidden=3584, intermediate=18944, layers=28, heads=28, vision_hidden=1280, vision_intermediate=3420,
+                  vision_layers=32, vision_heads=16, kv_heads=4),
+    "reduced": Shape(hidden=448, intermediate=2368, layers=28, heads=7, vision_hidden=160, vision_intermediate=428,
+                     vision_layers=32, vision_heads=2, kv_heads=1),
+    "tiny": Shape(hidden=64, intermediate=172, layers=28, heads=2, vision_hidden=32, vision_intermediate=128,
+                  vision_layers=32, vision_heads=1, kv_heads=1),
+}
+MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT, "qwen2.5-vl-7b": QWEN2_5_VL,
+                  "video-llava-7b": VIDEO_LLAVA}
 # the llava-hf checkpoints' vocabulary, and a free id for Video-LLaVA's <video> (the LLaVA families ignore it)
-LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001, video=32002)
+LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001, special={"<video>": 32002})
+QWEN_IDS = TokenIds(vocab=152064, image=151655, bos=151643, eos=151645, pad=151643,  # Qwen2.5-VL's vocabulary
+                    special={"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|video_pad|>": 151656})
+MODEL_SHAPES = {"llava-1.5-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5), "llava-next-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5),
+                "qwen2.5-vl-7b": (QWEN_WIDTHS, QWEN_IDS, 1e-6),
+                "video-llava-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5)}  # widths, vocabulary, norm epsilon
 
 
 def build_config(model: str = "llava-1.5-7b", width: str = "full"):
-    """The config of llava-hf/llava-1.5-7b-hf (or llava-v1.6-vicuna-7b-hf) at `width`, built by its family."""
+    """The config of llava-hf/llava-1.5-7b-hf (llava-v1.6-vicuna-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct) at `width`,
+    built by its family."""
     if model not in MODEL_FAMILIES:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    return MODEL_FAMILIES[model].build_config(WIDTHS[width], LLAVA_HF_IDS, norm_eps=1e-5)
+    widths, ids, norm_eps = MODEL_SHAPES[model]
+    return MODEL_FAMILIES[model].build_config(widths[width], ids, norm_eps=norm_eps)
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype, attn: str = "sdpa") -> nn.Module:
@@ -96,18 +133,34 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, attn:
                                                        device_map=str(device)).eval()
 
 
+def default_attention(device: torch.device) -> str:
+    """FlashAttention 2 on a GPU where the `flash-attn` package imports, else SDPA."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
+
+
 def make_inputs(config, device: torch.device, dtype: torch.dtype, text_tokens: int = TEXT_TOKENS,
-                seed: int = 0) -> dict[str, torch.Tensor]:
-    """One prompt with random pixels (`Family.example_inputs`), on `device` in `dtype`."""
-    inputs = family_for(config).example_inputs(config, text_tokens, torch.Generator().manual_seed(seed))
+                seed: int = 0, batch: int = 1, image_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """`batch` prompts of one layout (`Family.example_inputs`), each with its own random ids and pixels, on
+    `device` in `dtype`. image_size: (height, width) where the family's token count depends on it."""
+    g = torch.Generator().manual_seed(seed)
+    family = family_for(config)
+    prompts = [family.example_inputs(config, text_tokens, g, image_size) for _ in range(batch)]
+    inputs = {key: torch.cat([prompt[key] for prompt in prompts]) for key in prompts[0]}
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
 # -- measuring ------------------------------------------------------------------------------------------------
-def _mark(cuda: bool):
+#: "wall": elapsed time; "process": this process's CPU time (CPU runs only: on a shared machine, the work the run
+#: did, free of other processes' load; equal to wall time on an idle machine at one thread)
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _mark(cuda: bool, clock: str = "wall"):
     """A point in time: a recorded CUDA event (no host sync) or the host clock."""
     if not cuda:
-        return time.perf_counter()
+        return CLOCKS[clock]()
     event = torch.cuda.Event(enable_timing=True)
     event.record()
     return event
@@ -117,42 +170,47 @@ def _ms(start, stop) -> float:
     return start.elapsed_time(stop) if isinstance(start, torch.cuda.Event) else (stop - start) * 1e3
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall time of `fn` in ms, the device synchronised before and after."""
+def _timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> float:
+    """Time of `fn` in ms on `clock`, the device synchronised before and after."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    now = CLOCKS[clock]
     sync()
-    start = time.perf_counter()
+    start = now()
     fn()
     sync()
-    return (time.perf_counter() - start) * 1e3
+    return (now() - start) * 1e3
 
 
 @contextmanager
-def _policy_clock(policy, cuda: bool) -> Iterator[Callable[[], float]]:
-    """Time the policy's own calls (instance-level wrappers, removed on exit); yields a reader of the total ms,
-    valid once the device has been synchronised."""
-    spans: list[tuple] = []
-    names = ("prepare", "select_encoder", "select_decoder")
-    saved = {name: vars(policy).get(name) for name in names}
+def _overhead_clock(policy, cuda: bool, clock: str = "wall") -> Iterator[Callable[[], tuple[float, float]]]:
+    """Time the policy's own calls and the engine's gathers that apply its selections (wrappers on the policy
+    instance and on the two engine modules' names, removed on exit); yields a reader of the totals in ms
+    (policy, gathers), valid once the device has been synchronised. Each call is also a `record_function` range
+    (`visiondrop.policy.<name>`, `visiondrop.gathers.<name>`) that torch.profiler shows (`profile_prefill`)."""
+    spans: dict[str, list[tuple]] = {"policy": [], "gathers": []}
+    wrapped = [(policy, name, "policy") for name in ("prepare", "select_encoder", "select_decoder")]
+    wrapped += [(engine_decoder, "apply_selections", "gathers"), (engine_encoder, "gather_rows", "gathers")]
+    saved = [(owner, name, vars(owner).get(name)) for owner, name, _ in wrapped]
 
-    def wrap(fn):
+    def wrap(fn, kind: str):
         def timed(*args, **kwargs):
-            start = _mark(cuda)
-            out = fn(*args, **kwargs)
-            spans.append((start, _mark(cuda)))
+            start = _mark(cuda, clock)
+            with torch.profiler.record_function(f"visiondrop.{kind}.{fn.__name__}"):
+                out = fn(*args, **kwargs)
+            spans[kind].append((start, _mark(cuda, clock)))
             return out
         return timed
 
-    for name in names:
-        setattr(policy, name, wrap(getattr(policy, name)))
+    for owner, name, kind in wrapped:
+        setattr(owner, name, wrap(getattr(owner, name), kind))
     try:
-        yield lambda: sum(_ms(a, b) for a, b in spans)
+        yield lambda: tuple(sum(_ms(a, b) for a, b in spans[kind]) for kind in ("policy", "gathers"))
     finally:
-        for name, value in saved.items():
-            if value is None:
-                delattr(policy, name)
+        for owner, name, value in saved:
+            if value is None:  # a method of the policy's class: drop the instance attribute
+                delattr(owner, name)
             else:
-                setattr(policy, name, value)
+                setattr(owner, name, value)
 
 
 class _PeakMemory:
@@ -186,11 +244,13 @@ class _PeakMemory:
 @dataclass
 class Row:
     method: str
-    budget: float | None  # None: the full model
-    new_tokens: int = 32
+    budget: float | None  # None: the full model, or a `ratio` row
+    new_tokens: int = 32  # 0: prefill only
+    batch: int = 1
+    ratio: float | None = None  # the budget as a retention ratio (`apply(..., ratio=)`)
     status: str = "ok"
-    tflops: float | None = None
-    tokens: float | None = None  # measured average visual tokens per decoder layer (the trace)
+    tflops: float | None = None  # of one sample's prefill
+    tokens: float | None = None  # measured average visual tokens per decoder layer (the trace, mean of the batch)
     samples: dict[str, list[float]] = field(default_factory=dict)  # per measured round, see `measure_once`
 
     def median(self, key: str) -> float | None:
@@ -206,14 +266,29 @@ class Row:
         return self.median("overhead")
 
     @property
+    def gathers_ms(self) -> float | None:
+        return self.median("gathers")
+
+    @property
     def e2e_ms(self) -> float | None:
         return self.median("e2e")
 
     @property
     def decode_ms(self) -> float | None:
-        """Per new token: the medians of generating N and 1 tokens, differenced (the prefill cancels out)."""
+        """Per decode step of the whole batch: the medians of generating N and 1 tokens, differenced (the prefill
+        cancels out)."""
         one, many = self.median("e2e_1"), self.e2e_ms
         return None if one is None or many is None else (many - one) / (self.new_tokens - 1)
+
+    @property
+    def prefill_per_s(self) -> float | None:
+        """Prefill throughput, samples per second."""
+        return None if not self.prefill_ms else self.batch * 1e3 / self.prefill_ms
+
+    @property
+    def e2e_per_s(self) -> float | None:
+        """End-to-end throughput for N new tokens, samples per second."""
+        return None if not self.e2e_ms else self.batch * 1e3 / self.e2e_ms
 
     @property
     def peak_mib(self) -> float | None:
@@ -222,17 +297,18 @@ class Row:
 
 
 def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | None,
-                 new_tokens: int = 32) -> dict[str, float | None]:
-    """One round of one (method, budget): prefill, generate 1 and `new_tokens` tokens, peak memory, and the
-    measured visual tokens per layer. "none" is the stock model; otherwise the method is applied for the round
-    and removed after it. Raises what `apply` raises."""
+                 new_tokens: int = 32, ratio: float | None = None, clock: str = "wall") -> dict[str, float | None]:
+    """One round of one (method, budget or ratio) on the batch `inputs`: prefill, then (unless `new_tokens` is 0)
+    generate 1 and `new_tokens` tokens; peak memory, and the measured visual tokens per layer. "none" is the
+    stock model; otherwise the method is applied for the round and removed after it. Times on `clock` (`CLOCKS`).
+    Raises what `apply` raises."""
     from ..api import apply
 
     device = inputs["input_ids"].device
     eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
     gen = dict(do_sample=False, pad_token_id=pad if pad is not None else eos)
     memory = _PeakMemory(device)
-    out: dict[str, float | None] = {"overhead": None, "tokens": None}
+    out: dict[str, float | None] = {"overhead": None, "gathers": None, "tokens": None}
 
     def prefill() -> None:
         model(**inputs, use_cache=True)
@@ -240,24 +316,55 @@ def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | No
     def generate(n: int) -> None:
         model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen)
 
-    handle = None if method == "none" else apply(model, method, budget)
+    handle = None if method == "none" else apply(model, method, budget, ratio)
     try:
         memory.reset()
         if handle is None:
-            out["prefill"] = _timed(prefill, device)
+            out["prefill"] = _timed(prefill, device, clock)
         else:
-            with _policy_clock(handle.policy, device.type == "cuda") as overhead:
-                out["prefill"] = _timed(prefill, device)
-                out["overhead"] = overhead()
-            counts = handle.trace.tokens_per_layer[0]
-            out["tokens"] = sum(counts) / len(counts)
-        out["e2e_1"] = _timed(lambda: generate(1), device)
-        out["e2e"] = _timed(lambda: generate(new_tokens), device)
+            with _overhead_clock(handle.policy, device.type == "cuda", clock) as overhead:
+                out["prefill"] = _timed(prefill, device, clock)
+                out["overhead"], out["gathers"] = overhead()
+            out["tokens"] = statistics.mean(handle.trace.mean_tokens)
+        if new_tokens:
+            out["e2e_1"] = _timed(lambda: generate(1), device, clock)
+            out["e2e"] = _timed(lambda: generate(new_tokens), device, clock)
         out["peak"] = memory.peak()
     finally:
         if handle is not None:
             handle.remove()
     return out
+
+
+def profile_prefill(model: nn.Module, inputs: dict, method: str, budget: float | None, ratio: float | None = None,
+                    row_limit: int = 25) -> str:
+    """torch.profiler's table of one prefill (after one unprofiled warm-up), ops by self time; under a method the
+    policy's calls and the engine's gathers are ranges of their own (`_overhead_clock`), so the table shows what
+    they spend and on which ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..api import apply
+
+    cuda = inputs["input_ids"].device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    handle = None if method == "none" else apply(model, method, budget, ratio)
+    try:
+        clock = _overhead_clock(handle.policy, cuda) if handle else nullcontext()
+        with torch.inference_mode(), clock:
+            model(**inputs, use_cache=True)
+            with profile(activities=activities) as prof:
+                model(**inputs, use_cache=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    events = prof.key_averages()
+    total_ms = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events) / 1e3
+    ranges = [f"- {e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.1f} ms CPU"
+              + (f", {e.device_time_total / 1e3:.1f} ms GPU" if cuda else "") for e in events
+              if e.key.startswith("visiondrop.")]
+    return "\n".join([f"profiled prefill: {total_ms:.1f} ms of {'GPU' if cuda else 'CPU'} self time in all",
+                      *ranges, "", events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                                 row_limit=row_limit)])
 
 
 # -- the benchmark and its table ------------------------------------------------------------------------------
@@ -296,41 +403,95 @@ def paper_numbers(path: Path = PAPER_CSV) -> dict[tuple[str, str, float], dict[s
     return numbers
 
 
+@dataclass(frozen=True)
+class Setup:
+    """Where and how a run measures: device, dtype, width, attention, repeats and CPU threads."""
+
+    device: torch.device
+    dtype: torch.dtype
+    width: str
+    attn: str
+    repeats: int
+    clock: str = "wall"
+
+    @classmethod
+    def make(cls, device: str | None, dtype: str | None, width: str | None, attn: str | None,
+             repeats: int | None, pretrained: str | Path | None = None, clock: str | None = None) -> "Setup":
+        """Defaults: on a GPU full width, bfloat16, FlashAttention 2 if importable (else SDPA), 5 repeats; on a
+        CPU reduced width, float32, SDPA, 3 repeats; wall-clock time."""
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        gpu = dev.type == "cuda"
+        clock = clock or "wall"
+        if clock not in CLOCKS or gpu and clock != "wall":
+            raise ValueError(f"clock must be one of {', '.join(CLOCKS)} ('process' on a CPU only), got {clock!r}")
+        return cls(dev, getattr(torch, dtype or ("bfloat16" if gpu else "float32")),
+                   "pretrained" if pretrained else width or ("full" if gpu else "reduced"),
+                   attn or default_attention(dev), repeats or (5 if gpu else 3), clock)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def describe(self, threads: int) -> str:
+        return (f"{str(self.dtype).removeprefix('torch.')}, {self.attn}, on {device_name(self.device)}"
+                + ("" if self.on_gpu else f", {threads} torch thread{'s' * (threads > 1)}")
+                + ("; times are this process's CPU time" if self.clock == "process" else "")
+                + f"; torch {torch.__version__}")
+
+    def file_stem(self) -> str:
+        return _slug(("cuda " if self.on_gpu else "") + device_name(self.device))
+
+
+@contextmanager
+def _cpu_threads(device: torch.device, threads: int | None) -> Iterator[int]:
+    """ONE torch thread on a CPU unless told otherwise (restored after); yields the count in force."""
+    before = torch.get_num_threads()
+    if device.type != "cuda":
+        torch.set_num_threads(threads or 1)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _load_text(load: tuple[float, ...]) -> str:
+    return f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+
+
 def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrained: str | Path | None = None,
               device: str | None = None, dtype: str | None = None, methods: Sequence[str] = DEFAULT_METHODS,
-              budgets: Sequence[float] | None = None, new_tokens: int = 32, warmup: int = 2,
-              repeats: int | None = None, threads: int | None = None, text_tokens: int = TEXT_TOKENS,
-              attn: str = "sdpa", out: str | Path | None = "results") -> Result:
-    """Measure full and each method at each budget; write `out`/table2_<model>_<device>_<width>.md if `out`.
+              budgets: Sequence[float] | None = None, batch_sizes: Sequence[int] | None = None,
+              new_tokens: int = 32, warmup: int = 2, repeats: int | None = None, threads: int | None = None,
+              text_tokens: int = TEXT_TOKENS, attn: str | None = None, out: str | Path | None = "results",
+              profile: bool = False, clock: str | None = None) -> Result:
+    """Measure full and each method at each budget and batch size; write `out`/table2_<model>_<device>_<width>.md
+    if `out`, and with `profile` one profiled prefill per row (`profile_prefill`) beside it, profile_<...>.txt.
 
-    Defaults: on a GPU full width, bfloat16, 5 repeats; on a CPU reduced width, float32, 3 repeats, ONE thread
-    (stable on a shared machine, where competing threads make multi-threaded timings swing tenfold; the work per
-    token, which speedups compare, does not need more).
+    Defaults (`Setup.make`): batch sizes 1, 8, 32 on a GPU, 1 and 8 on a CPU; on a CPU ONE thread (stable on a
+    shared machine, where competing threads make multi-threaded timings swing tenfold; the work per token, which
+    speedups compare, does not need more).
     """
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2 (decode time is the difference of N and 1 new tokens)")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = dev.type == "cuda"
-    width = "pretrained" if pretrained else width or ("full" if on_gpu else "reduced")
-    torch_dtype = getattr(torch, dtype or ("bfloat16" if on_gpu else "float32"))
-    repeats = repeats or (5 if on_gpu else 3)
+    setup = Setup.make(device, dtype, width, attn, repeats, pretrained, clock)
+    dev, torch_dtype = setup.device, setup.dtype
+    batch_sizes = tuple(batch_sizes or DEFAULT_BATCH_SIZES.get(dev.type, (1,)))
+    if min(batch_sizes) < 1 or len(set(batch_sizes)) != len(batch_sizes):
+        raise ValueError(f"batch sizes must be distinct positive integers, got {list(batch_sizes)}")
     budgets = DEFAULT_BUDGETS.get(model, (64,)) if budgets is None else budgets
-    threads_before = torch.get_num_threads()
-    if not on_gpu:
-        torch.set_num_threads(threads or 1)
-    threads = torch.get_num_threads()
     load = os.getloadavg()
-    try:
-        net = load_model(pretrained, dev, torch_dtype, attn) if pretrained \
-            else build_model(build_config(model, width), dev, torch_dtype, attn)
-        inputs = make_inputs(net.config, dev, torch_dtype, text_tokens)
-        rows = [Row("none", None, new_tokens)] + [Row(m, b, new_tokens) for m in methods if m != "none"
-                                                  for b in budgets]
-        _run(net, inputs, rows, warmup, repeats, desc=f"table2 {model} ({width})")
-    finally:
-        torch.set_num_threads(threads_before)
+    with _cpu_threads(dev, threads) as n_threads:
+        net = load_model(pretrained, dev, torch_dtype, setup.attn) if pretrained \
+            else build_model(build_config(model, setup.width), dev, torch_dtype, setup.attn)
+        inputs = {b: make_inputs(net.config, dev, torch_dtype, text_tokens, batch=b) for b in batch_sizes}
+        rows = [Row(m, b, new_tokens, batch) for batch in batch_sizes
+                for m, b in [("none", None)] + [(m, b) for m in methods if m != "none" for b in budgets]]
+        _run(net, inputs, rows, warmup, setup.repeats, f"table2 {model} ({setup.width})", setup.clock)
+        profiles = [f"## {r.method} {'' if r.budget is None else f'{r.budget:g} '}at batch {r.batch}\n\n"
+                    + profile_prefill(net, inputs[r.batch], r.method, r.budget, r.ratio)
+                    for r in rows if profile and r.status == "ok"]
     config = net.config
-    n_image = inputs["input_ids"].eq(config.image_token_index).sum().item()
+    n_image = inputs[batch_sizes[0]]["input_ids"][0].eq(config.image_token_id).sum().item()
     dims = Dims.from_config(config)
     dims = replace(dims, extra_tokens=n_image - dims.n_visual)  # LLaVA-NeXT's row newlines
     for row in rows:
@@ -341,25 +502,28 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
             pass
     label = Path(pretrained).name if pretrained else model
     title = (f"Table 2 (measured): {label}, {'checkpoint ' + str(pretrained) if pretrained else 'random weights'}, "
-             f"{width} width (decoder {config.text_config.hidden_size}, vision {config.vision_config.hidden_size}; "
+             f"{setup.width} width (decoder {config.text_config.hidden_size}, vision {config.vision_config.hidden_size}; "
              f"{config.text_config.num_hidden_layers}+{config.vision_config.num_hidden_layers} layers), "
-             f"{str(torch_dtype).removeprefix('torch.')}, {attn}, on {device_name(dev)}"
-             + ("" if on_gpu else f", {threads} torch thread{'s' * (threads > 1)}") + f"; torch {torch.__version__}; "
-             f"{text_tokens} text + {n_image} image tokens; N={new_tokens} new tokens; warm-up {warmup}, "
-             f"median of {repeats}; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
-    md = render(title, rows, model, dev, width, torch_dtype, new_tokens, dims.n_visual)
+             f"{setup.describe(n_threads)}; {text_tokens} text + {n_image} image tokens per sample; batch sizes "
+             f"{', '.join(map(str, batch_sizes))}; N={new_tokens} new tokens; warm-up {warmup}, median of "
+             f"{setup.repeats}; {_load_text(load)}")
+    md = render(title, rows, model, dev, setup.width, torch_dtype, new_tokens, dims.n_visual)
     path = None
     if out is not None:
-        where = _slug(("cuda " if on_gpu else "") + device_name(dev))
-        path = Path(out) / f"table2_{_slug(label)}_{where}_{width}.md"
+        path = Path(out) / f"table2_{_slug(label)}_{setup.file_stem()}_{setup.width}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(md)
+        if profiles:
+            path.with_name(path.name.replace("table2_", "profile_", 1)).with_suffix(".txt").write_text(
+                f"# torch.profiler, one prefill per row: {title}\n\n" + "\n\n".join(profiles))
     return Result(label, title, rows, md, path)
 
 
-def _run(model: nn.Module, inputs: dict, rows: list[Row], warmup: int, repeats: int, desc: str) -> None:
-    """Fill each row's samples. Rounds go over the whole grid, so that a load drifting over minutes (a shared
-    machine) hits every row alike; a row whose method cannot run gets its reason as status."""
+def _run(model: nn.Module, inputs: dict[int, dict], rows: list[Row], warmup: int, repeats: int, desc: str,
+         clock: str = "wall") -> None:
+    """Fill each row's samples, on the inputs of its batch size. Rounds go over the whole grid, so that a load
+    drifting over minutes (a shared machine) hits every row alike; a row whose method cannot run gets its reason
+    as status."""
     with torch.inference_mode(), tqdm(total=(warmup + repeats) * len(rows), desc=desc) as bar:
         for round_ in range(warmup + repeats):
             for row in rows:
@@ -367,7 +531,8 @@ def _run(model: nn.Module, inputs: dict, rows: list[Row], warmup: int, repeats: 
                 if row.status != "ok":
                     continue
                 try:
-                    sample = measure_once(model, inputs, row.method, row.budget, row.new_tokens)
+                    sample = measure_once(model, inputs[row.batch], row.method, row.budget, row.new_tokens,
+                                          row.ratio, clock)
                 except TypeError as err:  # the engine rejects the model type
                     row.status = f"not supported yet: {err}"
                 except Exception as err:  # noqa: BLE001 - a method that cannot run must not cost the others' rows
@@ -388,39 +553,50 @@ def _range(row: Row, key: str) -> str:
     return f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
 
 
+def _share(part: float | None, whole: float | None) -> float | None:
+    return None if part is None or not whole else 100 * part / whole
+
+
 def render(title: str, rows: list[Row], model: str, device: torch.device, width: str, dtype: torch.dtype,
            new_tokens: int, n_visual: int) -> str:
-    """The markdown table, the paper's numbers beside, and the efficiency targets that apply to this run."""
-    full, paper = rows[0], paper_numbers()
-    head = ["method", "budget", "avg visual tokens", "TFLOPs", "FLOPs ratio", "prefill ms", "prefill speedup",
-            "speedup / FLOPs ratio", "overhead % prefill", "decode ms/token", f"e2e ms ({new_tokens} tok)",
-            "e2e speedup", "peak MiB (allocated)" if device.type == "cuda" else "peak RSS growth MiB",
+    """The markdown table, the paper's numbers beside (batch 1), and the efficiency targets that apply."""
+    fulls, paper = {r.batch: r for r in rows if r.method == "none"}, paper_numbers()
+    head = ["method", "budget", "batch", "avg visual tokens", "TFLOPs", "FLOPs ratio", "prefill ms",
+            "prefill samples/s", "prefill speedup", "speedup / FLOPs ratio", "overhead % prefill",
+            "gathers % prefill", "decode ms/token", f"e2e ms ({new_tokens} tok)", "e2e samples/s", "e2e speedup",
+            "peak MiB (allocated)" if device.type == "cuda" else "peak RSS growth MiB",
             "paper TFLOPs", "paper ms", "paper speedup"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     checks = []
     for r in rows:
+        full = fulls[r.batch]
         budget = n_visual if r.budget is None else r.budget
-        ref = paper.get((PAPER_MODELS.get(model, ""), method_title(r.method), float(budget)), {})
+        ref = paper.get((PAPER_MODELS.get(model, ""), method_title(r.method), float(budget)), {}) \
+            if r.batch == 1 else {}
         ratio = full.tflops / r.tflops if full.tflops and r.tflops else None
         ok = r.status == "ok" and full.status == "ok"
         speedup = full.prefill_ms / r.prefill_ms if ok else None
         e2e = full.e2e_ms / r.e2e_ms if ok else None
         efficiency = speedup / ratio if speedup and ratio else None
-        overhead = None if r.overhead_ms is None else 100 * r.overhead_ms / r.prefill_ms
-        cells = ["full" if r.method == "none" else r.method, f"{budget:g}", _fmt(r.tokens), _fmt(r.tflops, ".3f"),
-                 _fmt(ratio, ".2f", "x")]
-        cells += [_fmt(r.prefill_ms) + _range(r, "prefill"), _fmt(speedup, ".2f", "x"), _fmt(efficiency, ".2f"),
-                  _fmt(overhead, ".2f"), _fmt(r.decode_ms, ".2f"), _fmt(r.e2e_ms) + _range(r, "e2e"),
-                  _fmt(e2e, ".2f", "x"), _fmt(r.peak_mib, ".0f")] if r.status == "ok" else [r.status] + [""] * 7
+        overhead, gathers = _share(r.overhead_ms, r.prefill_ms), _share(r.gathers_ms, r.prefill_ms)
+        cells = ["full" if r.method == "none" else r.method, f"{budget:g}", str(r.batch), _fmt(r.tokens),
+                 _fmt(r.tflops, ".3f"), _fmt(ratio, ".2f", "x")]
+        cells += [_fmt(r.prefill_ms) + _range(r, "prefill"), _fmt(r.prefill_per_s, ".2f"), _fmt(speedup, ".2f", "x"),
+                  _fmt(efficiency, ".2f"), _fmt(overhead, ".2f"), _fmt(gathers, ".2f"), _fmt(r.decode_ms, ".2f"),
+                  _fmt(r.e2e_ms) + _range(r, "e2e"), _fmt(r.e2e_per_s, ".2f"), _fmt(e2e, ".2f", "x"),
+                  _fmt(r.peak_mib, ".0f")] if r.status == "ok" else [r.status] + [""] * 10
         cells += [_fmt(ref.get("TFLOPs"), ".2f"), _fmt(ref.get("Latency"), "g"), _fmt(ref.get("Speedup"), ".1f", "x")]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         if r.method != "none" and r.status == "ok":
             checks += _targets(r, model, device, width, dtype, n_visual, efficiency, overhead, speedup, e2e)
-    lines += ["", "Columns: FLOPs by `visiondrop.efficiency.flops.method_flops` on this model's dimensions and token counts; "
-              "FLOPs ratio = full / method; times are medians over the rounds, (min-max) beside; prefill = one "
-              f"forward with all logits; decode ms/token = (e2e({new_tokens}) - e2e(1)) / {new_tokens - 1}; "
-              "overhead = time in the policy's own calls during the prefill; 'full' is the stock model. Paper "
-              "columns: LLaVA-7B on the paper's GPU (protocol unknown), shown beside whatever this run measured."]
+    lines += ["", "Columns: FLOPs (of one sample's prefill) by `visiondrop.efficiency.flops.method_flops` on this "
+              "model's dimensions and token counts; FLOPs ratio = full / method; times are per batch, medians over "
+              "the rounds, (min-max) beside; prefill = one forward of the batch with all logits; samples/s = batch "
+              f"/ time; decode ms/token = (e2e({new_tokens}) - e2e(1)) / {new_tokens - 1}, one step of the whole "
+              "batch; speedups against 'full' (the stock model) at the same batch size; overhead = time in the "
+              "policy's own calls during the prefill, gathers = the engine's applying of its selections. Paper "
+              "columns (batch 1 only): LLaVA-7B on the paper's GPU (protocol unknown), shown beside whatever this "
+              "run measured."]
     if checks:
         lines += ["", "Targets:", *checks]
     return "\n".join(lines) + "\n"
@@ -428,18 +604,24 @@ def render(title: str, rows: list[Row], model: str, device: torch.device, width:
 
 def _targets(r: Row, model: str, device: torch.device, width: str, dtype: torch.dtype, n_visual: int,
              efficiency: float | None, overhead: float | None, speedup: float | None, e2e: float | None) -> list[str]:
-    """The issue's targets that apply to this row's setup: CPU reduced width at 576 tokens, budget 64 (every
-    method); GPU full width bf16 (VisionDrop 64 on LLaVA-1.5, 320 on LLaVA-NeXT)."""
+    """The issues' targets that apply to this row's setup: CPU reduced width at 576 tokens, budget 64 (every
+    method at batch 1; VisionDrop at batch 8); GPU full width bf16 at batch 1 (VisionDrop 64 on LLaVA-1.5, 320 on
+    LLaVA-NeXT)."""
+    at = f"{r.method} {r.budget:g} (batch {r.batch})"
     if device.type == "cpu" and width != "full" and n_visual == 576 and r.budget == 64:
-        return [_check(f"{r.method} 64: prefill speedup / FLOPs ratio", efficiency, 0.70, True),
-                _check(f"{r.method} 64: overhead % of the pruned prefill", overhead, 5.0, False)]
-    if device.type != "cuda" or width != "full" or dtype != torch.bfloat16 or r.method != "visiondrop":
+        if r.batch == 1:
+            return [_check(f"{at}: prefill speedup / FLOPs ratio", efficiency, 0.70, True),
+                    _check(f"{at}: overhead % of the pruned prefill", overhead, 5.0, False)]
+        if r.batch == 8 and r.method == "visiondrop":
+            return [_check(f"{at}: prefill throughput speedup / FLOPs ratio", efficiency, 0.90, True)]
+        return []
+    if device.type != "cuda" or width != "full" or dtype != torch.bfloat16 or r.method != "visiondrop" \
+            or r.batch != 1:
         return []
     if model == "llava-1.5-7b" and r.budget == 64:
-        return [_check("visiondrop 64: e2e speedup", e2e, 2.0, True),
-                _check("visiondrop 64: prefill speedup", speedup, 3.0, True)]
+        return [_check(f"{at}: e2e speedup", e2e, 2.0, True), _check(f"{at}: prefill speedup", speedup, 3.0, True)]
     if model == "llava-next-7b" and r.budget == 320:
-        return [_check("visiondrop 320: e2e speedup", e2e, 2.7, True)]
+        return [_check(f"{at}: e2e speedup", e2e, 2.7, True)]
     return []
 
 
@@ -450,7 +632,143 @@ def _check(what: str, value: float | None, bound: float, at_least: bool) -> str:
     return f"- {what}: {value:.2f} ({'>=' if at_least else '<'} {bound:g}: {'met' if met else 'NOT met'})"
 
 
-def main(argv: Sequence[str] | None = None) -> list[Result]:
+# -- the scaling run ------------------------------------------------------------------------------------------
+@dataclass
+class ScalingPoint:
+    """One image size: its visual tokens (placeholders of one sample) and crops, and the rows measured on it."""
+
+    model: str
+    image: tuple[int, int] | None
+    visual: int
+    crops: int
+    full: Row
+    pruned: Row
+
+
+@dataclass
+class ScalingResult:
+    title: str
+    points: list[ScalingPoint]
+    markdown: str
+    path: Path | None = None
+    plot: Path | None = None
+
+
+def scaling(*, width: str | None = None, device: str | None = None, dtype: str | None = None,
+            ratio: float = SCALING_RATIO, points: Sequence[tuple[str, tuple[int, int] | None]] | None = None,
+            warmup: int = 1, repeats: int | None = None, threads: int | None = None, text_tokens: int = TEXT_TOKENS,
+            attn: str | None = None, out: str | Path | None = "results/latency", clock: str | None = None,
+            ) -> ScalingResult:
+    """Prefill time and peak memory (batch 1) of the full model and of VisionDrop at retention `ratio` at each
+    (model, image size) of `points` (default SCALING_POINTS; on a GPU also a 4x4 grid); writes
+    `out`/scaling_<device>_<width>.md and .png if `out`."""
+    setup = Setup.make(device, dtype, width, attn, repeats, clock=clock)
+    points = tuple(points or (SCALING_POINTS_GPU if setup.on_gpu else SCALING_POINTS))
+    load = os.getloadavg()
+    measured: list[ScalingPoint] = []
+    with _cpu_threads(setup.device, threads) as n_threads:
+        for model in dict.fromkeys(m for m, _ in points):  # one model per architecture, built once
+            sizes = [size for m, size in points if m == model]
+            config = build_config(model, setup.width)
+            pinpoints = getattr(config, "image_grid_pinpoints", None)
+            if pinpoints is not None:  # grids beyond the checkpoints' own (the architecture takes any grid)
+                config.image_grid_pinpoints = pinpoints + [list(s) for s in sizes if s and list(s) not in pinpoints]
+            net = build_model(config, setup.device, setup.dtype, setup.attn)
+            for size in sizes:
+                inputs = make_inputs(config, setup.device, setup.dtype, text_tokens, image_size=size)
+                rows = [Row("none", None, 0), Row("visiondrop", None, 0, ratio=ratio)]
+                pixels = inputs["pixel_values"]
+                visual = int(inputs["input_ids"].eq(config.image_token_id).sum())
+                _run(net, {1: inputs}, rows, warmup, setup.repeats, f"scaling {model} {visual} tokens", setup.clock)
+                rows[0].tokens, rows[1].tokens = visual, rows[1].median("tokens")
+                measured.append(ScalingPoint(model, size, visual, pixels.shape[1] if pixels.dim() == 5 else 1,
+                                             *rows))
+            del net
+    title = (f"Scaling (measured): prefill of one sample versus its visual tokens, full and VisionDrop at retention "
+             f"ratio {ratio:.4g}; random weights, {setup.width} width; {setup.describe(n_threads)}; {text_tokens} "
+             f"text tokens; warm-up {warmup}, median of {setup.repeats}; {_load_text(load)}")
+    md = render_scaling(title, measured, setup.device)
+    result = ScalingResult(title, measured, md)
+    if out is not None:
+        stem = Path(out) / f"scaling_{setup.file_stem()}_{setup.width}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        result.path, result.plot = stem.with_suffix(".md"), stem.with_suffix(".png")
+        result.path.write_text(md)
+        plot_scaling(measured, ratio, result.plot, setup.device, f"{setup.width} width, {device_name(setup.device)}")
+    return result
+
+
+def _slope(points: list[ScalingPoint], value: Callable[[ScalingPoint], float | None]) -> float | None:
+    """The least-squares slope of log(value) over log(visual tokens): cost grows as tokens^slope."""
+    pairs = [(math.log(p.visual), math.log(v)) for p in points if (v := value(p)) and v > 0]
+    if len(pairs) < 2:
+        return None
+    mx, my = statistics.mean(x for x, _ in pairs), statistics.mean(y for _, y in pairs)
+    return sum((x - mx) * (y - my) for x, y in pairs) / sum((x - mx) ** 2 for x, _ in pairs)
+
+
+def render_scaling(title: str, points: list[ScalingPoint], device: torch.device) -> str:
+    memory = "peak MiB (allocated)" if device.type == "cuda" else "peak RSS growth MiB"
+    head = ["model", "image", "crops", "visual tokens", "full prefill ms", "VisionDrop prefill ms",
+            "VisionDrop avg visual tokens", "prefill speedup", f"full {memory}", f"VisionDrop {memory}"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        image = "native" if p.image is None else f"{p.image[0]}x{p.image[1]}"
+        cells = [p.model, image, str(p.crops), str(p.visual)]
+        for row in (p.full, p.pruned):
+            if row.status != "ok":
+                cells.append(row.status)
+        if len(cells) == 4:
+            speedup = p.full.prefill_ms / p.pruned.prefill_ms
+            cells += [_fmt(p.full.prefill_ms) + _range(p.full, "prefill"),
+                      _fmt(p.pruned.prefill_ms) + _range(p.pruned, "prefill"), _fmt(p.pruned.tokens),
+                      _fmt(speedup, ".2f", "x"), _fmt(p.full.peak_mib, ".0f"), _fmt(p.pruned.peak_mib, ".0f")]
+        lines.append("| " + " | ".join(cells + [""] * (len(head) - len(cells))) + " |")
+    ok = [p for p in points if p.full.status == p.pruned.status == "ok"]
+    growth = [(what, _slope(ok, lambda p, r=r, k=k: getattr(getattr(p, r), k)))
+              for what, r, k in (("full prefill", "full", "prefill_ms"), ("VisionDrop prefill", "pruned", "prefill_ms"),
+                                 ("full peak memory", "full", "peak_mib"),
+                                 ("VisionDrop peak memory", "pruned", "peak_mib"))]
+    lines += ["", "Growth (least-squares slope on log-log axes; cost ~ visual tokens^slope): "
+              + "; ".join(f"{what} {_fmt(slope, '.2f')}" for what, slope in growth) + ".",
+              "", "visual tokens: the image placeholders of one sample (LLaVA-NeXT: base crop + grid, with the "
+              "row newlines); VisionDrop avg visual tokens: measured by the trace; times are medians, (min-max) "
+              "beside; prefill = one forward with all logits, vision tower included."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(points: list[ScalingPoint], ratio: float, path: Path, device: torch.device, where: str) -> None:
+    """Prefill time and peak memory versus visual tokens, log-log, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    memory = "peak memory allocated (MiB)" if device.type == "cuda" else "peak resident-set growth (MiB)"
+    panels = (("prefill_ms", "prefill time per sample (ms)"), ("peak_mib", memory))
+    for ax, (key, label) in zip(axes, panels):
+        for name, pick in (("full", lambda p: p.full), (f"VisionDrop, ratio {ratio:.3g}", lambda p: p.pruned)):
+            xy = [(p.visual, v) for p in points if pick(p).status == "ok" and (v := getattr(pick(p), key)) and v > 0]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({p.visual for p in points}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("visual tokens per sample (image placeholders)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Cost versus visual tokens, batch 1 ({where})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
     parser = argparse.ArgumentParser(prog="python -m visiondrop.efficiency.latency", description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", choices=MODELS, help="architectures to build (default: both on a GPU, "
                         "llava-1.5-7b on a CPU); with --pretrained: which paper rows to show beside")
@@ -461,26 +779,45 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--budgets", nargs="+", type=float,
-                        help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b, 257 for video-llava-7b)")
+                        help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b, 64 for qwen2.5-vl-7b, 257 for video-llava-7b)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 8 32 on a GPU, 1 8 on a CPU")
     parser.add_argument("--new-tokens", type=int, default=32, help="N, tokens generated end to end")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, help="discarded rounds (default: 2; 1 for --scaling)")
     parser.add_argument("--repeats", type=int, help="default: 5 on a GPU, 3 on a CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (default: 1, see `benchmark`)")
     parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS)
-    parser.add_argument("--attn", default="sdpa", help="attention implementation")
+    parser.add_argument("--attn", help="attention implementation (default: flash_attention_2 on a GPU where "
+                        "flash-attn imports, else sdpa)")
+    parser.add_argument("--scaling", action="store_true", help="instead of the table: prefill time and peak memory "
+                        "of full and VisionDrop (at --ratio) as the visual tokens grow (table and PNG)")
+    parser.add_argument("--ratio", type=float, default=SCALING_RATIO, help="--scaling: VisionDrop's retention ratio")
+    parser.add_argument("--clock", choices=list(CLOCKS), help="wall (default), or process: this process's CPU time "
+                        "(a CPU shared with other work)")
+    parser.add_argument("--profile", action="store_true", help="also write one torch.profiler table per row "
+                        "(profile_<model>_<device>_<width>.txt beside the table)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
+    if args.scaling:
+        result = scaling(width=args.width, device=args.device, dtype=args.dtype, ratio=args.ratio,
+                         warmup=1 if args.warmup is None else args.warmup, repeats=args.repeats,
+                         threads=args.threads, text_tokens=args.text_tokens, attn=args.attn, out=args.out,
+                         clock=args.clock)
+        print(result.markdown)
+        return result
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     models = args.model or (list(IMAGE_MODELS) if gpu and not args.pretrained else ["llava-1.5-7b"])
     budgets = None if args.budgets is None else [int(b) if b.is_integer() else b for b in args.budgets]
     results = []
     for model in models[:1] if args.pretrained else models:
         results.append(benchmark(model, width=args.width, pretrained=args.pretrained, device=args.device,
-                                 dtype=args.dtype, methods=args.methods, budgets=budgets, new_tokens=args.new_tokens,
-                                 warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                                 text_tokens=args.text_tokens, attn=args.attn, out=args.out))
+                                 dtype=args.dtype, methods=args.methods, budgets=budgets,
+                                 batch_sizes=args.batch_sizes, new_tokens=args.new_tokens,
+                                 warmup=2 if args.warmup is None else args.warmup, repeats=args.repeats,
+                                 threads=args.threads, text_tokens=args.text_tokens, attn=args.attn, out=args.out,
+                                 profile=args.profile, clock=args.clock))
         print(results[-1].markdown)
     latest = "\n".join(r.markdown for r in results)  # the latest run; every table also kept under its own name
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table2.md").write_text(latest)
     return results
 

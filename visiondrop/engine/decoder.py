@@ -62,8 +62,15 @@ def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, positio
 
 
 def apply_selections(family: Family, run: Running, selections: dict[int, tuple[Tensor, Tensor | None]],
-                     renumber: bool) -> Running:
-    """Rebuild the batch after a cut. selections: sample -> (keep [k], merged [c, D] or None)."""
+                     renumber: bool, slots: dict[int, Tensor] | None = None) -> Running:
+    """Rebuild the batch after a cut. selections: sample -> (keep [k], merged [c, D] or None).
+
+    Positions are renumbered contiguously when the policy asks for it (`renumber`) and the family allows it
+    (`Family.renumbers_positions`); otherwise every token keeps its position: a visual token the one of its slot in
+    the current visual block (`slots`: sample -> [k + c] slots, -1 for the family's `merged_position`; default:
+    `keep`, then -1 for the merged tokens).
+    """
+    renumber = renumber and family.renumbers_positions
     length = run.hidden.shape[1]
     device = run.hidden.device
     index, sources, positions, starts, counts, origins = [], [], [], [], [], []
@@ -81,8 +88,6 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
             parts = [torch.arange(first, start, device=device), start + keep]
             n_merged = 0 if merged is None else merged.shape[0]
             if n_merged:
-                if not renumber:
-                    raise ValueError("merged tokens have no original position: this policy must renumber positions")
                 parts.append(length + torch.arange(n_merged, device=device))
                 source = torch.cat([source, merged.to(source.dtype)])
             parts.append(torch.arange(start + n, length, device=device))
@@ -90,8 +95,15 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
             starts.append(start - first)
             counts.append(keep.shape[0] + n_merged)
             origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)]))
+            if not renumber:
+                slot = torch.cat([keep, keep.new_full((n_merged,), -1)]) if slots is None else slots[b]
+                visual = _kept_positions(family, pos[..., start:start + n], slot)
+                kept_pos = torch.cat([pos[..., first:start], visual, pos[..., start + n:]], -1)
         sources.append(source)
-        positions.append(family.renumbered(pos[..., first], len(index[-1])) if renumber else pos[..., index[-1]])
+        if renumber:
+            positions.append(family.renumbered(pos[..., first], len(index[-1])))
+        else:
+            positions.append(pos[..., index[-1]] if b not in selections else kept_pos)
 
     new_length = max(len(i) for i in index)
     pads = [new_length - len(i) for i in index]
@@ -102,6 +114,15 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     pos = torch.stack([torch.cat([q.new_zeros(*q.shape[:-1], p), q], -1) for q, p in zip(positions, pads)], -2)
     vis_start = torch.tensor(starts, device=device) + torch.tensor(pads, device=device)
     return Running(hidden, mask, pos, vis_start, torch.tensor(counts, device=device), origins)
+
+
+def _kept_positions(family: Family, block: Tensor, slots: Tensor) -> Tensor:
+    """Positions [..., k + c] of a cut's visual tokens in a family that keeps positions: each its slot's in the
+    visual block's positions `block` [..., n], -1 (a merged token) the family's `merged_position` of the block."""
+    kept = block[..., slots.clamp(min=0)]
+    if bool((slots < 0).any()):
+        kept = torch.where(slots >= 0, kept, family.merged_position(block).unsqueeze(-1).expand_as(kept))
+    return kept
 
 
 def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList, prev_hidden: Tensor | None,

@@ -22,23 +22,23 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     Returns, per image: features zero-padded to the placeholder slots the unpatched model fills, the number of
     real rows, and their original indices in the image's own visual-token order (-1 for CLS and merged tokens).
     """
-    images = family.visual_inputs(model, modality, args, kwargs)
-    view = family.encoder_view(model, images, policy.eager_encoder)
-    tokens = view.hidden.shape[1]
-    if policy.native_layout:
-        view.valid = family.valid_tokens(model, images, tokens)
-    sel = policy.select_encoder(view)
-    kept = gather_rows(view.hidden, sel.keep)
-    if sel.merged is not None:
-        kept = torch.cat([kept, sel.merged], dim=1)
-    features = family.projector(model)(kept)  # [crops, kept + merged, D]
-    n_merged = kept.shape[1] - sel.keep.shape[1]
     padded, valid, origins = [], [], []
-    for i, (feats, keep) in enumerate(zip(features.split(images.crops), sel.keep.split(images.crops))):
-        feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.native_layout)
-        if feats.shape[0] > slots:
-            raise ValueError(f"{policy.name} keeps {feats.shape[0]} tokens for an image with {slots} image slots")
-        padded.append(torch.cat([feats, feats.new_zeros(slots - feats.shape[0], feats.shape[1])]))
-        valid.append(feats.shape[0])
-        origins.append(orig)
+    for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
+        view = family.encoder_view(model, images, policy.eager_encoder)
+        tokens = view.hidden.shape[1]
+        if policy.native_layout:
+            view.valid = family.valid_tokens(model, images, tokens)
+        sel = policy.select_encoder(view)
+        kept = gather_rows(view.hidden, sel.keep)
+        if sel.merged is not None:
+            kept = torch.cat([kept, sel.merged], dim=1)
+        features = family.projector(model)(kept)  # [crops, kept + merged, D]
+        n_merged = kept.shape[1] - sel.keep.shape[1]
+        for i, (feats, keep) in enumerate(zip(features.split(images.crops), sel.keep.split(images.crops))):
+            feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.native_layout)
+            if feats.shape[0] > slots:
+                raise ValueError(f"{policy.name} keeps {feats.shape[0]} tokens for an image with {slots} image slots")
+            padded.append(torch.cat([feats, feats.new_zeros(slots - feats.shape[0], feats.shape[1])]))
+            valid.append(feats.shape[0])
+            origins.append(orig)
     return padded, valid, origins

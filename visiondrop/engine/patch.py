@@ -185,7 +185,9 @@ class Pruner:
             raise RuntimeError("the image features of this forward were not produced by the applied method")
         device = run.hidden.device
         selections = {b: (torch.arange(images[i][0], device=device), None) for i, b in enumerate(samples)}
-        run = decoder.apply_selections(self.family, run, selections, renumber=True)
+        # a family that keeps positions gives each token its original slot's (-1: the family's merged position)
+        slots = {b: images[i][1].to(device) for i, b in enumerate(samples)}
+        run = decoder.apply_selections(self.family, run, selections, renumber=True, slots=slots)
         for i, b in enumerate(samples):
             run.origins[b] = images[i][1].to(device)
         trace.add_cut("encoder", [run.origins[b] if b in selections else run.origins[b][:0]

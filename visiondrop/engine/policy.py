@@ -38,7 +38,10 @@ class EncoderView:
     without CLS);
     keys: [N, H, T, hd] that layer's keys (before scaling);
     valid: [N, T] False for tokens the model's own layout discards (LLaVA-NeXT padding, when the policy keeps
-    that layout), or None: a policy should not spend its budget on them.
+    that layout), or None: a policy should not spend its budget on them;
+    share: these images' visual tokens as a share of the nominal image's (`ModelInfo.per_crop`), by which a
+    policy's per-image counts scale: 1 where every image has the nominal count (LLaVA), the image's own tokens
+    over the nominal ones under dynamic resolution (Qwen2.5-VL).
     """
 
     hidden: Tensor
@@ -46,6 +49,11 @@ class EncoderView:
     keys: Tensor
     valid: Tensor | None = None
     has_cls: bool = True
+    share: float = 1.0
+
+    def scaled(self, count: int) -> int:
+        """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""
+        return count if self.share == 1 else round(count * self.share)
 
 
 @dataclass

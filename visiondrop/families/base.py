@@ -1,6 +1,6 @@
 """The model-family adapter: everything the engine, the FLOPs count, the harness and the tests know about a host.
 
-A family (LLaVA-1.5, LLaVA-NeXT; later Qwen2.5-VL, Video-LLaVA) says where a loaded model keeps its parts, how
+A family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; later Video-LLaVA) says where a loaded model keeps its parts, how
 its image tokens are marked, how positions are built, cut and continued, how its vision tower shows one layer to
 an encoder-side policy, how an image's crops (or a video's frames) are laid out, and how to build its config,
 processor and FLOPs dimensions. The engine and the policies only call these methods.
@@ -12,7 +12,7 @@ from the engine, so that the engine can import it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -98,6 +98,7 @@ class Shape:
     vision_intermediate: int
     vision_layers: int
     vision_heads: int
+    kv_heads: int | None = None  # decoder key-value heads where they are fewer than the heads (grouped queries)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class TokenIds:
     bos: int
     eos: int
     pad: int
-    video: int | None = None  # the video placeholder, for families with videos
+    special: dict[str, int] = field(default_factory=dict)  # ids of the family's `special_tokens`
 
 
 @dataclass
@@ -118,7 +119,8 @@ class Images:
 
     pixels: [N, ...] every crop (or frame) of every image, one batch for the tower; crops: how many belong to
     each image (frames to each video), in order; sizes: each image's (height, width) where the layout depends on
-    it (anyres), else None; modality: the `Family.feature_functions` key of the call ("image", "video").
+    it (anyres), or its patch grid (t, h, w) (Qwen2.5-VL's image_grid_thw), else None; modality: the
+    `Family.feature_functions` key of the call ("image", "video").
     """
 
     pixels: Tensor
@@ -140,6 +142,11 @@ class Family:
     feature_functions: dict[str, str] = {"image": "get_image_features"}
     #: the host takes the encoded features as one tensor [n, slots, D] (it calls `.to()` on them), not a list
     stacked_features: bool = False
+    #: False for a family whose positions carry the image layout (M-RoPE): tokens keep their positions at every
+    #: cut, whatever the policy's `renumber_positions`, and merged tokens take `merged_position`
+    renumbers_positions: bool = True
+    image_token: str = "<image>"  # the placeholder its processor expands
+    special_tokens: tuple[str, ...] = ()  # tokens its prompts need beyond LLaVA's (tiny tokenizers add them)
 
     # -- where a loaded model keeps its parts ------------------------------------------------------------------
     def multimodal(self, model: nn.Module) -> nn.Module:
@@ -168,12 +175,20 @@ class Family:
     # -- the visual tokens of a forward ------------------------------------------------------------------------
     def has_images(self, kwargs: dict[str, Any]) -> bool:
         """Whether a forward's keywords carry images (pixels, or features `generate()` encoded beforehand)."""
-        raise NotImplementedError
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
 
     def image_token_mask(self, model: nn.Module, input_ids: Tensor | None,
                          inputs_embeds: Tensor | None) -> Tensor | None:
-        """[B, L] True at the image tokens of a forward's inputs, or None if they cannot be told."""
-        raise NotImplementedError
+        """[B, L] True at the image tokens of a forward's inputs (`config.image_token_id`), or None if they cannot
+        be told."""
+        image_id = model.config.image_token_id
+        if input_ids is not None:
+            return input_ids == image_id
+        if inputs_embeds is not None:
+            image_embed = model.get_input_embeddings()(torch.tensor(image_id, device=inputs_embeds.device))
+            return (inputs_embeds == image_embed).all(-1)
+        return None
 
     # -- positions -----------------------------------------------------------------------------------------------
     def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:
@@ -184,17 +199,23 @@ class Family:
         """Positions [..., length] of a sample renumbered after a cut, from its first token's position [...]."""
         raise NotImplementedError
 
+    def merged_position(self, block: Tensor) -> Tensor:
+        """The position [...] of the merged tokens of a cut in a family that keeps positions, from the positions
+        [..., n] of the visual block they come from."""
+        raise ValueError("merged tokens have no original position: this policy must renumber positions")
+
     def next_position(self, positions: Tensor) -> Tensor:
-        """The position [..., B] the token after a prompt with `positions` [..., B, L] takes."""
-        raise NotImplementedError
+        """The position [..., B] the token after a prompt with `positions` [..., B, L] takes: one past its last
+        (the prompt ends with text; M-RoPE's text positions are equal on all three axes)."""
+        return positions[..., -1] + 1
 
     def continued(self, next_position: Tensor, steps: int) -> Tensor:
         """Positions [..., B, steps] of `steps` new tokens in decode, the first at `next_position` [..., B]."""
-        raise NotImplementedError
+        return next_position.unsqueeze(-1) + torch.arange(steps, device=next_position.device)
 
     def rotary(self, lm: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """The rotary embeddings (cos, sin), each [B, L, head_dim], the decoder layers take for `positions`."""
-        raise NotImplementedError
+        return lm.rotary_emb(hidden, positions)
 
     @staticmethod
     def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -210,21 +231,25 @@ class Family:
     #: prompt tokens before the image in the example prompt (LLaVA: BOS + Vicuna system prompt + "USER:")
     text_before_image: int = 35
 
-    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator,
+                       image_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """One prompt with one random image as the model takes it (the latency benchmark, the FLOPs proxy): BOS,
-        text, the image's placeholders, text (`text_tokens` random non-visual tokens in all), batch of one."""
+        text, the image's placeholders, text (`text_tokens` random non-visual tokens in all), batch of one;
+        image_size as for `example_image`."""
         text_config = config.text_config
         text = torch.randint(3, min(config.image_token_id, text_config.vocab_size), (text_tokens,),
                              generator=generator)
         text[0] = 1 if text_config.bos_token_id is None else text_config.bos_token_id
         before = min(self.text_before_image, text_tokens)
-        placeholders, pixels = self.example_image(config, generator)
+        placeholders, pixels = self.example_image(config, generator, image_size)
         ids = torch.cat([text[:before], torch.full((placeholders,), config.image_token_id), text[before:]])
         return {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long), **pixels}
 
-    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
+    def example_image(self, config: Any, generator: torch.Generator,
+                      size: tuple[int, int] | None = None) -> tuple[int, dict[str, Tensor]]:
         """One random image as the model takes it (for the latency benchmark): how many placeholder tokens it
-        fills in the prompt, and its pixel inputs (batch of one)."""
+        fills in the prompt, and its pixel inputs (batch of one). size: the image's (height, width) where the
+        family's token count depends on it (anyres grids); None for the family's default benchmark image."""
         raise NotImplementedError
 
     # -- the encoder stage -------------------------------------------------------------------------------------
@@ -239,6 +264,11 @@ class Family:
             raise NotImplementedError(f"{type(self).__name__} encodes images only, not {modality}")
         pixel_values, args = (args[0], args[1:]) if args else (kwargs["pixel_values"], ())
         return self.images(model, pixel_values, args, {k: v for k, v in kwargs.items() if k != "pixel_values"})
+
+    def image_groups(self, images: Images) -> list[Images]:
+        """The images in the groups whose tower outputs one encoder view holds (equal token counts): all at once,
+        unless the token count varies per image."""
+        return [images]
 
     def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> "EncoderView":
         """Run the vision tower on every crop and show the feature layer to an encoder-side policy.
@@ -266,6 +296,9 @@ class Family:
         raise NotImplementedError
 
     # -- where the visual tokens come from (positional-bias maps) ------------------------------------------------
+    #: the processor output that holds each image's layout, which `patch_cells` takes
+    image_layout_key: str = "image_sizes"
+
     def patch_grid(self, config: Any) -> tuple[int, int]:
         """(crops, side): the patch grids of one image at the model's nominal crops, each side x side."""
         raise NotImplementedError
@@ -274,7 +307,8 @@ class Family:
         """[n, 3] long: for each original visual index of one image (the model's own visual-token order, as the
         trace's `kept`), the (crop, row, col) of its patch, or -1s for a token that is no patch (CLS, newlines).
 
-        image_size: the image's (height, width) where the layout depends on it (the processor's `image_sizes`).
+        image_size: the image's layout where it varies (the processor's `image_layout_key` row: LLaVA-NeXT's
+        (height, width), Qwen2.5-VL's patch grid (t, h, w)).
         """
         raise NotImplementedError
 
@@ -287,12 +321,13 @@ class Family:
         """The family's processor around `tokenizer`, set up as the real checkpoints' (offline, no torchvision)."""
         raise NotImplementedError
 
-    #: special tokens the family's tokenizer needs beyond LLaVA's (tests' tiny tokenizers add them)
-    extra_special_tokens: tuple[str, ...] = ()
-
-    def load_processor(self, path: Any) -> Any:
-        """The processor of a saved checkpoint (a local folder or hub id), usable without torchvision."""
+    def load_processor(self, path: str, **options: Any) -> Any:
+        """The processor of a checkpoint (folder or hub id); `options` are the family's processor options
+        (Qwen2.5-VL: min_pixels, max_pixels)."""
         from transformers import AutoProcessor
 
+        if options:
+            raise TypeError(f"{type(self).__name__} takes no processor options, got {', '.join(options)} "
+                            "(min_pixels / max_pixels apply to dynamic-resolution models: Qwen2.5-VL)")
         return AutoProcessor.from_pretrained(path)
 

@@ -159,21 +159,7 @@ class Llava(Family):
             crops=self.nominal_crops(config), model_type=config.model_type,
         )
 
-    # -- visual tokens and positions -----------------------------------------------------------------------------
-    def has_images(self, kwargs: dict[str, Any]) -> bool:
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
-
-    def image_token_mask(self, model: nn.Module, input_ids: Tensor | None,
-                         inputs_embeds: Tensor | None) -> Tensor | None:
-        image_id = model.config.image_token_id
-        if input_ids is not None:
-            return input_ids == image_id
-        if inputs_embeds is not None:
-            image_embed = model.get_input_embeddings()(torch.tensor(image_id, device=inputs_embeds.device))
-            return (inputs_embeds == image_embed).all(-1)
-        return None
-
+    # -- positions ------------------------------------------------------------------------------------------
     def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:
         if position_ids is None:
             position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -181,15 +167,6 @@ class Llava(Family):
 
     def renumbered(self, first: Tensor, length: int) -> Tensor:
         return first + torch.arange(length, device=first.device)
-
-    def next_position(self, positions: Tensor) -> Tensor:
-        return positions[..., -1] + 1
-
-    def continued(self, next_position: Tensor, steps: int) -> Tensor:
-        return next_position.unsqueeze(-1) + torch.arange(steps, device=next_position.device)
-
-    def rotary(self, lm: nn.Module, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return lm.rotary_emb(hidden, positions)
 
     # -- encoder stage -------------------------------------------------------------------------------------------
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
@@ -199,8 +176,12 @@ class Llava(Family):
         strategy = kwargs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
         return Images(pixel_values, [1] * pixel_values.shape[0], layer, strategy, kwargs.get("image_sizes"))
 
-    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
+    def example_image(self, config: Any, generator: torch.Generator,
+                      size: tuple[int, int] | None = None) -> tuple[int, dict[str, Tensor]]:
         vision = config.vision_config
+        if size is not None and tuple(size) != (vision.image_size,) * 2:
+            raise ValueError(f"LLaVA-1.5 resizes every image to {vision.image_size}x{vision.image_size} (always "
+                             f"the same visual tokens); got size {tuple(size)}: use LLaVA-NeXT for larger images")
         side = vision.image_size // vision.patch_size
         tokens = side * side + int(config.vision_feature_select_strategy == "full")
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)

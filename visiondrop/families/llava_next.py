@@ -53,17 +53,21 @@ class LlavaNext(Llava):
         llava = self.multimodal(model)
         return torch.cat([_unpadded(llava, n, size, tokens) for n, size in zip(images.crops, images.sizes)])
 
-    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
-        """The base crop's tokens plus the grid's, each grid row closed by an image-newline token."""
+    def example_image(self, config: Any, generator: torch.Generator,
+                      size: tuple[int, int] | None = None) -> tuple[int, dict[str, Tensor]]:
+        """The base crop's tokens plus the grid's, each grid row closed by an image-newline token. `size` must
+        be one of the config's grid pinpoints (default EXAMPLE_IMAGE), so that it fills its grid exactly."""
+        size = tuple(size or EXAMPLE_IMAGE)
         vision = config.vision_config
         side, patches = vision.image_size, vision.image_size // vision.patch_size
-        rows, cols = get_anyres_image_grid_shape(list(EXAMPLE_IMAGE), config.image_grid_pinpoints, side)
-        if (rows * side, cols * side) != EXAMPLE_IMAGE:
-            raise NotImplementedError("the example image must fill its anyres grid exactly (no unpadding counted)")
+        rows, cols = get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, side)
+        if (rows * side, cols * side) != size:
+            raise ValueError(f"the example image must fill its anyres grid exactly (no unpadding counted): "
+                             f"{size} is not among the grid pinpoints {config.image_grid_pinpoints}")
         tokens = patches * patches + int(config.vision_feature_select_strategy == "full") \
             + rows * patches * (cols * patches + 1)
         pixels = torch.randn(1, 1 + rows * cols, 3, side, side, generator=generator)
-        return tokens, {"pixel_values": pixels, "image_sizes": torch.tensor([list(EXAMPLE_IMAGE)])}
+        return tokens, {"pixel_values": pixels, "image_sizes": torch.tensor([list(size)])}
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:

@@ -98,7 +98,7 @@ class VideoLlava(Llava):
     image_feature_args = ("pixel_values_images", "vision_feature_layer", "vision_feature_select_strategy")
     video_feature_args = ("vision_feature_layer",)
     image_size = IMAGE_SIZE
-    extra_special_tokens = ("<video>",)
+    special_tokens = ("<video>",)
 
     def vision_tower(self, model: nn.Module, modality: str = "image") -> nn.Module:
         return model.model.video_tower if modality == "video" else model.model.image_tower
@@ -168,15 +168,19 @@ class VideoLlava(Llava):
         origins = torch.cat([keep + frame * tokens, keep.new_full((keep.shape[0], n_merged), -1)], dim=1)
         return feats.flatten(0, 1), origins.flatten(), keep.shape[0] * tokens
 
-    def example_image(self, config: Any, generator: torch.Generator) -> tuple[int, dict[str, Tensor]]:
-        """One random video of `frames` frames (the budgets' reference)."""
+    def example_image(self, config: Any, generator: torch.Generator,
+                      size: tuple[int, int] | None = None) -> tuple[int, dict[str, Tensor]]:
+        """One random video of `frames` frames (the budgets' reference), at the towers' own size."""
         vision = config.vision_config
+        if size is not None and tuple(size) != (vision.image_size,) * 2:
+            raise ValueError(f"Video-LLaVA frames are {vision.image_size}x{vision.image_size}, got {size}")
         pixels = torch.randn(1, self.frames(config), 3, vision.image_size, vision.image_size, generator=generator)
         return config.video_seq_length, {"pixel_values_videos": pixels}
 
-    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator,
+                       image_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """The prompt with one random video: its placeholders are `<video>` tokens."""
-        inputs = super().example_inputs(config, text_tokens, generator)
+        inputs = super().example_inputs(config, text_tokens, generator, image_size)
         ids = inputs["input_ids"]
         inputs["input_ids"] = torch.where(ids == config.image_token_id, config.video_token_id, ids)
         return inputs
@@ -194,11 +198,11 @@ class VideoLlava(Llava):
     # -- building ------------------------------------------------------------------------------------------------
     def build_config(self, shape, ids, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
         """LanguageBind/Video-LLaVA-7B-hf's layout (CLIP towers at 224/14, layer -2, 8 frames) at `shape`;
-        `ids.video` is the `<video>` token."""
-        if ids.video is None:
-            raise ValueError("Video-LLaVA needs a <video> token id (TokenIds.video)")
+        `ids.special["<video>"]` is the `<video>` token."""
+        if "<video>" not in ids.special:
+            raise ValueError("Video-LLaVA needs a <video> token id (TokenIds.special['<video>'])")
         config = super().build_config(shape, ids, init_std, norm_eps)
-        config.video_token_id = ids.video
+        config.video_token_id = ids.special["<video>"]
         config.video_seq_length = FRAMES * ((IMAGE_SIZE // PATCH_SIZE) ** 2 + 1)
         return config
 
@@ -209,8 +213,10 @@ class VideoLlava(Llava):
                                    patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
                                    num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
-    def load_processor(self, path: str | Path) -> Any:
+    def load_processor(self, path: str | Path, **options: Any) -> Any:
         """The processor of a checkpoint, its video processor replaced by `FrameProcessor` (no torchvision)."""
+        if options:
+            raise TypeError(f"Video-LLaVA takes no processor options, got {', '.join(options)}")
         images = VideoLlavaImageProcessor.from_pretrained(path)
         frame_kwargs = {key: getattr(images, key) for key in _FRAME_KEYS}
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -20,7 +20,7 @@ from ..families import ModelInfo
 from . import TASKS_DIR
 from .judge import Judge
 from .judge import configure as configure_judge
-from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, run_identity
+from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, processor_options, run_identity
 from .store import ResultStore, options_label
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
                         dtype=cfg.model.dtype, device=cfg.model.device,
                         attn_implementation=cfg.model.attn_implementation,
                         image_aspect_ratio=cfg.model.image_aspect_ratio, conv_template=cfg.model.conv_template,
-                        **cfg.method.options)
+                        **processor_options(cfg.model), **cfg.method.options)
     include = [str(TASKS_DIR)] + [str(project_path(b.include_path)) for b in todo if b.get("include_path")]
     task_manager = TaskManager(include_path=include)
     with tempfile.TemporaryDirectory(prefix="visiondrop_tasks_") as tmp:  # local-data task overrides

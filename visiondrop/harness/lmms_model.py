@@ -5,9 +5,9 @@
 
 Registered through the entry-point group `lmms_eval.models` (visiondrop/harness/manifest.py); no fork of lmms-eval.
 Model args (`--model_args k=v,...`, or keywords of `PrunedLlava(...)` for `simple_evaluate(model=instance)`):
-- pretrained: local folder or hub id of a checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA:
-  `visiondrop.families`); video tasks (visuals that are video file paths) need a family that takes videos: each
-  video is decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`);
+- pretrained: local folder or hub id of a checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
+  Video-LLaVA: `visiondrop.families`); video tasks (visuals that are video file paths) need a family that takes
+  videos: each video is decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`);
 - method (default "none") and budget (average visual tokens per decoder layer; "full"/None = the method's own
   setting), passed to `visiondrop.apply`; any other key=value is a method option (`k=3`, `layer_list=[8,16,24]`,
   `schedule={"encoder":[42,6],...}`: values are read as JSON or Python literals, else kept as strings);
@@ -17,8 +17,11 @@ Model args (`--model_args k=v,...`, or keywords of `PrunedLlava(...)` for `simpl
 - image_aspect_ratio: "pad" (LLaVA-1.5 eval: expand to a square with the CLIP mean colour) or "none" (the
   processor's own resize and crop); the default is the family's (`Family.image_aspect_ratio`: "pad" for 1.5,
   "none" for NeXT);
-- conv_template: "vicuna_v1" (LLaVA eval prompt with the system sentence) or "llava_hf" (chat template); the
-  default is the family's (`Family.conv_template`: "vicuna_v1" for both LLaVA families).
+- conv_template: "vicuna_v1" (LLaVA eval prompt with the system sentence) or "llava_hf" / "chat_template" (the
+  checkpoint's chat template); the default is the family's (`Family.conv_template`: "vicuna_v1" for both LLaVA
+  families, "chat_template" for Qwen2.5-VL);
+- min_pixels, max_pixels (Qwen2.5-VL): bounds of the resized image's area, as the checkpoint's processor takes
+  them (its defaults otherwise; lmms-eval's own qwen2_5_vl model uses max_pixels=1605632).
 
 `run_info` records the method, its resolved schedule, the preprocessing and the measured "# Tokens" (mean over
 evaluated samples with an image of the trace's mean visual tokens per decoder layer); `position_maps` aggregates
@@ -55,7 +58,8 @@ class PrunedLlava(lmms):
     def __init__(self, pretrained: str, method: str = "none", budget: float | str | None = None,
                  dtype: str | torch.dtype | None = None, device: str | None = None,
                  attn_implementation: str = "sdpa", batch_size: int | str = 1, image_aspect_ratio: str | None = None,
-                 conv_template: str | None = None, max_batch_size: int | None = None, **options: Any) -> None:
+                 conv_template: str | None = None, max_batch_size: int | None = None, min_pixels: int | None = None,
+                 max_pixels: int | None = None, **options: Any) -> None:
         super().__init__()
         del max_batch_size  # lmms-eval passes it for batch_size=auto, which this model does not offer
         self._batch_size = _positive_int(batch_size, "batch_size")
@@ -68,7 +72,9 @@ class PrunedLlava(lmms):
 
         self._model = family.model_class.from_pretrained(
             pretrained, dtype=self._dtype, attn_implementation=attn_implementation).to(self._device).eval()
-        self.processor = family.load_processor(pretrained)
+        self.processor_options = {k: _positive_int(v, k) for k, v in
+                                  (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        self.processor = family.load_processor(pretrained, **self.processor_options)
         self.processor.tokenizer.padding_side = "left"  # batches end together: generation and continuations align
 
         self.image_aspect_ratio = image_aspect_ratio or family.image_aspect_ratio
@@ -119,6 +125,7 @@ class PrunedLlava(lmms):
             "policy": self.handle.policy.describe(),
             "image_aspect_ratio": self.image_aspect_ratio,
             "conv_template": self.conv_template,
+            **({"processor_options": self.processor_options} if self.processor_options else {}),
             "dtype": str(self._dtype).removeprefix("torch."),
             "measured_tokens_mean": self._token_sum / self._image_samples if self._image_samples else None,
             "text_tokens_mean": self._text_sum / self._image_samples if self._image_samples else None,
@@ -263,7 +270,7 @@ class PrunedLlava(lmms):
         stride = len(trace.kept) // len(images)  # beam search prefills each sample's beams (repeat_interleave)
         tokens = trace.mean_tokens
         self._token_sum += sum(float(tokens[row * stride]) for row in rows)
-        sizes = batch.get("image_sizes")  # one row per image, in the order of the samples that have one
+        sizes = batch.get(self.family.image_layout_key)  # one row per image, in the order of the samples with one
         for image, row in enumerate(rows):
             cells = self.family.patch_cells(self._model, None if sizes is None else sizes[image])
             self.position_maps.add_sample(cells, trace.cuts, trace.kept[row * stride])

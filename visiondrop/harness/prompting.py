@@ -12,7 +12,7 @@ from PIL import Image
 
 VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-CONV_TEMPLATES = ("vicuna_v1", "llava_hf")
+CONV_TEMPLATES = ("vicuna_v1", "llava_hf", "chat_template")
 ASPECT_RATIOS = ("pad", "none")
 
 
@@ -31,7 +31,8 @@ def vicuna_v1_prompt(question: str, has_image: bool, kind: str = "image") -> str
 
 
 def chat_template_prompt(processor: Any, question: str, has_image: bool, kind: str = "image") -> str:
-    """The checkpoint's own chat template (llava-hf: `USER: <image>\\n{question} ASSISTANT:`, no system text)."""
+    """The checkpoint's own chat template (llava-hf: `USER: <image>\\n{question} ASSISTANT:`, no system text;
+    Qwen2.5-VL: its system turn, then `<|vision_start|><|image_pad|><|vision_end|>{question}` as the user's)."""
     content = [{"type": kind}] if has_image and f"<{kind}>" not in question else []
     content.append({"type": "text", "text": question})
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -42,7 +43,7 @@ def build_prompt(processor: Any, question: str, has_image: bool, conv_template: 
     """The prompt of one sample; kind: "image" or "video" (its placeholder, `<image>` or `<video>`)."""
     if conv_template == "vicuna_v1":
         return vicuna_v1_prompt(question, has_image, kind)
-    if conv_template == "llava_hf":
+    if conv_template in ("llava_hf", "chat_template"):  # the checkpoint's own (llava-hf's, Qwen2.5-VL's)
         return chat_template_prompt(processor, question, has_image, kind)
     raise ValueError(f"unknown conv_template {conv_template!r}; available: {', '.join(CONV_TEMPLATES)}")
 

@@ -11,8 +11,10 @@ def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Sele
     merged tokens; on a tower without CLS, the top `dominant` tokens by the attention they receive.
 
     Kept order: [CLS, patches ascending]; the merged tokens come from the other tokens, on the layer's keys
-    averaged over heads.
+    averaged over heads. Both counts are the nominal image's, scaled to the view's images (`EncoderView.scaled`;
+    at least one dominant token).
     """
+    dominant, contextual = max(view.scaled(dominant), 1), view.scaled(contextual)
     first = int(view.has_cls)  # CLS is always kept, and not ranked
     scores = view.importance[:, :, first:].sum(1)  # summed over heads
     if view.valid is not None:

@@ -22,6 +22,7 @@ from ..families import Family, Shape, TokenIds, family_for
 from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
 from ..families.video_llava import VIDEO_LLAVA
+from ..families.qwen2_5_vl import QWEN2_5_VL
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
 
@@ -49,7 +50,7 @@ _CORPUS = [
 ]
 def build_tokenizer(vocab_size: int, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a small LLaVA-style corpus, with LLaVA's special tokens (and <image>),
-    then `extra_special` (e.g. Video-LLaVA's <video>)."""
+    then `extra_special` (a family's own, `Family.special_tokens`)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -76,11 +77,11 @@ def build_tokenizer(vocab_size: int, extra_special: tuple[str, ...] = ()) -> Pre
     )
 
 
-def token_ids(tokenizer: PreTrainedTokenizerFast) -> TokenIds:
-    """The ids a model config built for `tokenizer` carries."""
-    video = tokenizer.convert_tokens_to_ids("<video>") if "<video>" in tokenizer.get_vocab() else None
-    return TokenIds(vocab=len(tokenizer), image=tokenizer.convert_tokens_to_ids("<image>"),
-                    bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, video=video)
+def token_ids(tokenizer: PreTrainedTokenizerFast, family: Family = LLAVA) -> TokenIds:
+    """The ids a model config of `family` built for `tokenizer` carries."""
+    return TokenIds(vocab=len(tokenizer), image=tokenizer.convert_tokens_to_ids(family.image_token),
+                    bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
+                    special={t: tokenizer.convert_tokens_to_ids(t) for t in family.special_tokens})
 
 
 def _build(
@@ -93,14 +94,16 @@ def _build(
     hidden: int = 64,
     vision_hidden: int = 64,
     heads: int = 4,
+    kv_heads: int | None = None,
     vocab_size: int = 512,
     init_std: float = 0.2,
 ) -> Path:
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(vocab_size, family.extra_special_tokens)
+    tokenizer = build_tokenizer(vocab_size, family.special_tokens)
     shape = Shape(hidden=hidden, intermediate=2 * hidden, layers=text_layers, heads=heads, vision_hidden=vision_hidden,
-                  vision_intermediate=2 * vision_hidden, vision_layers=vision_layers, vision_heads=heads)
-    config = family.build_config(shape, token_ids(tokenizer), init_std)
+                  vision_intermediate=2 * vision_hidden, vision_layers=vision_layers, vision_heads=heads,
+                  kv_heads=kv_heads)
+    config = family.build_config(shape, token_ids(tokenizer, family), init_std)
     torch.manual_seed(seed)
     model = family.model_class(config)
     # Stored in float16 like the real checkpoint: halves the folder (~4.5 MB); load_tiny_llava upcasts.
@@ -137,13 +140,22 @@ def build_tiny_video_llava(out_dir: str | Path, **knobs) -> Path:
     torchvision-free processor (`families.video_llava`). Same knobs as :func:`build_tiny_llava`.
     """
     return _build(out_dir, VIDEO_LLAVA, **knobs)
+def build_tiny_qwen2_5_vl(out_dir: str | Path, **knobs) -> Path:
+    """Build, save and return the path of a tiny random Qwen2.5-VL (Qwen2.5-VL-7B-Instruct layout).
+
+    The real depths by default (a 32-block windowed ViT with full attention in blocks 7/15/23/31, window 112,
+    2x2 merger; a 28-layer M-RoPE decoder with grouped-query attention, 2 key-value heads of 4) at a tiny width;
+    the tokenizer adds Qwen's special tokens and chat template; the image processor is Qwen2-VL's PIL one (no
+    torchvision). Knobs as :func:`build_tiny_llava`.
+    """
+    return _build(out_dir, QWEN2_5_VL, **{"text_layers": 28, "vision_layers": 32, "kv_heads": 2, **knobs})
 
 
 def load_tiny_llava(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Any]:
     """Load a folder written by :func:`build_tiny_llava`, :func:`build_tiny_llava_next` or
-    :func:`build_tiny_video_llava`.
+    :func:`build_tiny_qwen2_5_vl` or :func:`build_tiny_video_llava`.
 
     The model class and the processor follow the saved config's family; the model is returned in eval mode.
     """

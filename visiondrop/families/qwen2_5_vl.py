@@ -1,0 +1,316 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): a windowed ViT without CLS, a 2x2 patch merger, a Qwen2
+decoder with multimodal rotary positions (M-RoPE).
+
+What differs from LLaVA, and how this adapter handles it:
+- Dynamic resolution: an image of h x w patches gives h*w/4 visual tokens (one per 2x2 group, in raster order).
+  The budgets' reference (`ModelInfo.n_visual`) is a nominal 672x672 image: 576 tokens, as LLaVA-1.5's, so
+  `budget=64` is the same retention (64/576) on both; every method scales its counts to each image's own tokens
+  (`DecoderCut.scaled`, `EncoderView.share`), and `ratio=` states the share directly.
+- Positions are M-RoPE's [3, B, L] (temporal, height, width), built by the model (`get_rope_index`); the text
+  after an image continues from its largest position. They are never renumbered (`renumbers_positions`): kept
+  tokens keep their positions at every cut, as every Qwen2.5-VL pruning implementation read does (LightCompress,
+  EffiVLM-Bench, DART; /work/shared/reference/field-notes.md), and decoding continues after the unpruned prompt,
+  so a method that cuts nothing is the stock model. A merged (contextual) token gathers tokens from all over the
+  image (its members are assigned by key similarity, not by place), so it takes the centre of the image's grid
+  (`merged_position`) rather than the place of any one member.
+- Encoder-side scoring without CLS, as the VisionDrop paper prescribes for such towers: the mean attention each
+  patch receives from all patches of its image at the tower's last full-attention layer (block 31 of 32, not a
+  windowed one), recomputed from that block's own qkv projection and rotary embedding (the tower keeps SDPA). The
+  official VisionZip, VisionDrop and SparseVLM repositories have no Qwen2.5-VL adaptation (users ask for one:
+  VisionZip #4 #9); the closest is LightCompress's, which /work/shared/reference/field-notes.md reports to use this
+  CLS substitute at the tower's last layer with the window order undone (its code was not read for this adapter).
+  A visual token's score is the mean of its four patches; its hidden vector the concatenation of its four patches' outputs (what the merger takes, so merged
+  tokens average groups before the merger's norm and MLP, as LLaVA's merge before the projector); its key the mean
+  of its patches' keys (before the rotary embedding: content, not place). The tower orders patches by attention
+  window; the view undoes that order (`get_vision_window_index`), as the tower's own output does. The tower runs
+  without its merger there: the encoder stage projects only the tokens it keeps and merges.
+- Images of different sizes are encoded one at a time (`image_groups`), so a policy sees equal token counts.
+Videos are passed through unpruned (their tokens are not image tokens).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+from transformers.processing_utils import ProcessorMixin
+from transformers.vision_utils import get_vision_window_index
+
+from ..efficiency.flops import Dims
+from ..engine.policy import EncoderView
+from .base import Family, Images, ModelInfo, Shape, TokenIds
+
+NOMINAL_SIDE = 672  # the budgets' reference image: (672 / 28)^2 = 576 visual tokens, as LLaVA-1.5's
+PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH = 14, 2, 2
+FULL_ATTENTION_BLOCKS = [7, 15, 23, 31]  # Qwen2.5-VL-7B's tower: 32 blocks, windows of 112 pixels elsewhere
+WINDOW_SIZE = 112
+MROPE_SECTION = [16, 24, 24]  # temporal, height, width shares of head_dim / 2 = 64 (7B)
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 16384  # the checkpoint's image processor defaults
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                  "<|video_pad|>")
+QUERY_CHUNK = 1024  # query rows per step of the encoder view's attention (bounds its memory)
+CHAT_TEMPLATE = (  # Qwen2.5-VL-Instruct's, for images and text
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor for images and text, without the video processor (whose lookup needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class Qwen2_5_VL(Family):
+    model_class = Qwen2_5_VLForConditionalGeneration
+    image_aspect_ratio = "none"  # dynamic resolution takes any aspect ratio
+    conv_template = "chat_template"
+    renumbers_positions = False
+    image_token = "<|image_pad|>"
+    special_tokens = SPECIAL_TOKENS
+
+    # -- parts ---------------------------------------------------------------------------------------------------
+    def multimodal(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def decoder_layers(self, lm: nn.Module) -> nn.ModuleList:
+        return lm.layers
+
+    def final_norm(self, lm: nn.Module) -> nn.Module:
+        return lm.norm
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.visual
+
+    def projector(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
+        """The merger on visual tokens given as their four patches' vectors concatenated: [N, k, 4 D] -> [N, k, D']."""
+        merger = self.vision_tower(model).merger
+        width = merger.ln_q.weight.shape[0]  # D, one patch's
+
+        def project(groups: Tensor) -> Tensor:
+            return merger(groups.reshape(-1, width)).view(*groups.shape[:2], -1)
+
+        return project
+
+    # -- config facts --------------------------------------------------------------------------------------------
+    def flops_dims(self, config: Any) -> Dims:
+        """On the nominal 672x672 image (the FLOPs count's convention, `efficiency.flops`)."""
+        text, vision = config.text_config, config.vision_config
+        side, unit = NOMINAL_SIDE // vision.patch_size, vision.spatial_merge_size ** 2
+        return Dims(
+            hidden=text.hidden_size, intermediate=text.intermediate_size, n_layers=text.num_hidden_layers,
+            vocab=text.vocab_size, n_heads=text.num_attention_heads, n_kv_heads=text.num_key_value_heads,
+            head_dim=text.hidden_size // text.num_attention_heads, vision_hidden=vision.hidden_size,
+            vision_intermediate=vision.intermediate_size, vision_layers=vision.depth, vision_heads=vision.num_heads,
+            vision_tokens=side * side, patch_size=vision.patch_size, projector_in=vision.hidden_size * unit,
+            visual_per_crop=side * side // unit, model_type=config.model_type, vision_cls=0,
+            patch_channels=vision.in_channels * vision.temporal_patch_size, vision_mlp=3,
+            vision_windowed_layers=vision.depth - len(vision.fullatt_block_indexes),
+            vision_window=(vision.window_size // vision.patch_size) ** 2, projector_mid=vision.hidden_size * unit,
+        )
+
+    def model_info(self, config: Any) -> ModelInfo:
+        vision = config.vision_config
+        side = NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
+        return ModelInfo(n_visual=side * side, n_layers=config.text_config.num_hidden_layers,
+                         vision_layer=vision.depth - 1, cls_kept=False)
+
+    # -- positions -----------------------------------------------------------------------------------------------
+    def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:
+        if position_ids is None:  # only text: the model would count real tokens on every axis
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0)
+        elif position_ids.shape[0] == 4:  # generate() puts the text positions (for packed masks) first
+            position_ids = position_ids[1:]
+        return position_ids.expand(3, mask.shape[0], -1)
+
+    def merged_position(self, block: Tensor) -> Tensor:
+        """The centre of the block's grid on each axis (for a whole image: its middle row and column)."""
+        return (block.amin(-1) + block.amax(-1)) // 2
+
+    # -- encoder stage -------------------------------------------------------------------------------------------
+    def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
+        grid = kwargs.get("image_grid_thw", args[0] if args else None)
+        if grid is None:
+            raise ValueError("Qwen2.5-VL image features need image_grid_thw (the processor returns it)")
+        return Images(pixel_values, [1] * grid.shape[0], self.vision_tower(model).config.depth - 1, "full", grid)
+
+    def image_groups(self, images: Images) -> list[Images]:
+        """One image at a time: its patches (rows of pixel_values) and its grid."""
+        patches = images.sizes.prod(-1).tolist()
+        return [Images(pixels, [1], images.feature_layer, images.select_strategy, images.sizes[i:i + 1])
+                for i, pixels in enumerate(images.pixels.split(patches))]
+
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+        """The tower's output and the mean attention received at its last full-attention block, per visual token.
+
+        `eager` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
+        bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway."""
+        tower = self.vision_tower(model)
+        config = tower.config
+        attn = tower.blocks[config.fullatt_block_indexes[-1]].attn
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured["rope"] = kwargs["position_embeddings"]
+
+        hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
+        tower.merger.forward = lambda x: x[::config.spatial_merge_size ** 2]  # projected later: only what is kept
+        try:
+            out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
+        finally:
+            hook.remove()
+            del tower.merger.forward
+        x, (cos, sin) = captured["x"], captured["rope"]
+        n_patches, unit = x.shape[0], config.spatial_merge_size ** 2
+        q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
+        received = q.new_zeros(attn.num_heads, n_patches, dtype=torch.float32)
+        for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
+            received += ((rows @ k_rot.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
+        received /= n_patches
+        window_index, _ = get_vision_window_index(images.sizes, config.spatial_merge_size, config.window_size,
+                                                  config.patch_size)
+        raster = torch.argsort(window_index.to(x.device))  # the tower's window order -> raster order of groups
+        n_tokens = n_patches // unit
+        hidden = out.last_hidden_state.reshape(n_tokens, -1)[raster]  # [T, 4 D]
+        importance = received.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(x.dtype)  # [H, T]
+        keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1)[raster].transpose(0, 1)  # [H, T, hd]
+        nominal = self.model_info(model.config).per_crop
+        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal)
+
+    image_layout_key = "image_grid_thw"
+
+    def patch_grid(self, config: Any) -> tuple[int, int]:
+        """The nominal image's token grid (24 x 24), onto which every image's own grid is scaled."""
+        vision = config.vision_config
+        return 1, NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
+
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+        """Each visual token (a 2x2 patch group, raster order) at its relative place in the nominal grid: row r of
+        an image h tokens high lands in row r * 24 // h (several tokens share a cell on large images, cells stay
+        empty on small ones)."""
+        if image_size is None:
+            raise ValueError("Qwen2.5-VL's visual tokens depend on the image size: pass the processor's "
+                             "image_grid_thw")
+        _, side = self.patch_grid(model.config)
+        merge = model.config.vision_config.spatial_merge_size
+        t, h, w = (int(n) for n in image_size)
+        rows, cols = h // merge, w // merge
+        token = torch.arange(t * rows * cols) % (rows * cols)
+        return torch.stack([torch.zeros_like(token), token // cols * side // rows, token % cols * side // cols], 1)
+
+    def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
+                tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
+        return feats[0], torch.cat([keep[0], keep.new_full((n_merged,), -1)]), tokens
+
+    def example_image(self, config: Any, generator: torch.Generator,
+                      size: tuple[int, int] | None = None) -> tuple[int, dict[str, Tensor]]:
+        """An image of `size` (height, width; default the nominal 672x672: 48 x 48 patches, 576 visual tokens), in
+        multiples of the merged patch (28 pixels)."""
+        vision = config.vision_config
+        height, width = size or (NOMINAL_SIDE, NOMINAL_SIDE)
+        unit = vision.patch_size * vision.spatial_merge_size
+        if height % unit or width % unit:
+            raise ValueError(f"Qwen2.5-VL example images are multiples of {unit} pixels, got {height}x{width}")
+        rows, cols = height // vision.patch_size, width // vision.patch_size
+        grid = torch.tensor([[1, rows, cols]])
+        channels = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        pixels = torch.randn(rows * cols, channels, generator=generator)
+        return rows * cols // vision.spatial_merge_size ** 2, {"pixel_values": pixels, "image_grid_thw": grid}
+
+    text_before_image = 15  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + start
+
+    def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator,
+                       image_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        """The base prompt with the image between <|vision_start|> and <|vision_end|> (two of its text tokens) and
+        the token types M-RoPE's positions are built from."""
+        inputs = super().example_inputs(config, text_tokens, generator, image_size)
+        ids = inputs["input_ids"][0]
+        image = ids == config.image_token_id
+        first, count = int(image.long().argmax()), int(image.sum())
+        ids[first - 1], ids[first + count] = config.vision_start_token_id, config.vision_end_token_id
+        return {**inputs, "mm_token_type_ids": image.int()[None]}
+
+    # -- building ------------------------------------------------------------------------------------------------
+    def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
+        """Qwen2.5-VL-7B-Instruct's layout (32-block windowed ViT with full attention in blocks 7/15/23/31, 2x2
+        merger, M-RoPE decoder with grouped-query attention) at `shape`; M-RoPE's sections scaled to the head."""
+        head_dim = shape.hidden // shape.heads
+        section = [s * head_dim // 128 for s in MROPE_SECTION[1:]]
+        section = [head_dim // 2 - sum(section), *section]
+        text = dict(
+            vocab_size=ids.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+            num_key_value_heads=shape.kv_heads or shape.heads, max_position_embeddings=128000, rms_norm_eps=norm_eps,
+            initializer_range=init_std, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                         "mrope_section": section},
+            bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad, tie_word_embeddings=False,
+        )
+        full = [round((i + 1) * shape.vision_layers / 32) - 1 for i in FULL_ATTENTION_BLOCKS]  # by relative depth
+        # ids without Qwen's special tokens (the FLOPs proxy): placed around the image token as in the checkpoint
+        special = {"<|vision_start|>": ids.image - 3, "<|vision_end|>": ids.image - 2,
+                   "<|video_pad|>": ids.image + 1} | ids.special
+        vision = dict(
+            depth=shape.vision_layers, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+            num_heads=shape.vision_heads, out_hidden_size=shape.hidden, patch_size=PATCH_SIZE,
+            spatial_merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH, window_size=WINDOW_SIZE,
+            fullatt_block_indexes=full, initializer_range=init_std,
+        )
+        return Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, image_token_id=ids.image,
+            video_token_id=special["<|video_pad|>"], vision_start_token_id=special["<|vision_start|>"],
+            vision_end_token_id=special["<|vision_end|>"], tie_word_embeddings=False,
+            bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad,
+        )
+
+    def build_processor(self, tokenizer: Any) -> Any:
+        tokenizer.chat_template = CHAT_TEMPLATE
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
+            temporal_patch_size=TEMPORAL_PATCH, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+        return Qwen2_5_VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                        chat_template=CHAT_TEMPLATE)
+
+    def load_processor(self, path: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+        """The checkpoint's image processor and tokenizer (its chat template, else this adapter's copy of
+        Qwen2.5-VL-Instruct's) as an image-and-text processor; `min_pixels` / `max_pixels` bound the resized
+        image's area (the processor's own defaults otherwise)."""
+        bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return Qwen2_5_VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                        chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
+
+
+QWEN2_5_VL = Qwen2_5_VL()
