@@ -277,7 +277,8 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
     if len(layers) != len(LAYERS):
         raise ValueError(f"SparseVLM needs one keep count per pruning layer: its budgets have {len(LAYERS)}, got "
                          f"layers {list(layers)}; pass keep_lists= for another number of layers")
-    reference = budget * OFFICIAL_N_VISUAL / info.n_visual  # NeXT: 640/320 of 2880 -> the 128/64 lists
+    # NeXT: 640/320 of 2880 -> the 128/64 lists; rounded so that a ratio (1/3 x n_visual) finds its list
+    reference = round(budget * OFFICIAL_N_VISUAL / info.n_visual, 9)
     scaled = lambda b: b * info.n_visual / OFFICIAL_N_VISUAL  # noqa: E731
     if reference not in KEEP_LISTS:
         allowed = ", ".join(f"{scaled(b):g}" for b in KEEP_LISTS)

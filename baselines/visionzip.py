@@ -44,9 +44,11 @@ def smallest_budget(info: ModelInfo) -> float:
 def split_budget(budget: float, info: ModelInfo) -> tuple[int, int]:
     """(dominant incl. CLS, contextual) per crop: no decoder cut, so the budget is the token count itself.
 
-    LLaVA-NeXT runs the split on every crop with budget / crops (640/320/160 -> 108+20, 54+10, 27+5 per crop).
+    LLaVA-NeXT runs the split on every crop with budget / crops (640/320/160 -> 108+20, 54+10, 27+5 per crop),
+    Video-LLaVA on every frame; on such multi-crop models a budget between whole per-crop counts (a retention
+    ratio: 12.5% of 8 x 257 is 32.125 a frame) takes the nearest one, and `describe()` states the tokens kept.
     """
-    per_crop = budget / info.crops
+    per_crop = budget / info.crops if info.crops == 1 else round(budget / info.crops)
     if per_crop != int(per_crop) or not MIN_BUDGET <= per_crop < info.per_crop:
         raise ValueError(f"VisionZip cannot reach budget {budget}: whole budgets per crop from {MIN_BUDGET} to "
                          f"{info.per_crop - 1} are reachable ({info.crops} crop(s) per image, so the smallest "
@@ -86,9 +88,9 @@ def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = 
         if budget is None:
             raise ValueError("VisionZip needs budget= or dominant= and contextual=")
         dominant, contextual = split_budget(budget, info)
-    if dominant is None or contextual is None:
+    elif dominant is None or contextual is None:
         raise ValueError("VisionZip needs both dominant= and contextual= (or budget= alone)")
-    if budget is not None and budget != (dominant + contextual) * info.crops:
+    elif budget is not None and budget != (dominant + contextual) * info.crops:
         raise ValueError(f"budget={budget} disagrees with (dominant + contextual) x crops = "
                          f"{(dominant + contextual) * info.crops}")
     zipper = VisionZip(dominant, contextual, info)

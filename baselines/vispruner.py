@@ -55,8 +55,9 @@ DROPPED_PER_ROUND = 8  # the official diverse stage drops at most 8 tokens per r
 
 
 def split_budget(budget: float, important_ratio: float, info: ModelInfo) -> tuple[int, int]:
-    """(important, diverse) tokens per crop; LLaVA-NeXT splits budget / crops on every crop."""
-    per_crop = budget / info.crops
+    """(important, diverse) tokens per crop; LLaVA-NeXT splits budget / crops on every crop, Video-LLaVA on every
+    frame; on such multi-crop models a budget between whole per-crop counts (a retention ratio) takes the nearest."""
+    per_crop = budget / info.crops if info.crops == 1 else round(budget / info.crops)
     if per_crop != int(per_crop) or not 1 <= per_crop < info.per_crop:
         raise ValueError(f"VisPruner cannot reach budget {budget}: whole budgets per crop from 1 to "
                          f"{info.per_crop - 1} are reachable ({info.crops} crop(s) per image, so the smallest "

@@ -53,6 +53,30 @@ def tiny_next(tiny_next_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_video_dir(tmp_path_factory):
+    """A tiny full-depth Video-LLaVA (CLIP towers 24 layers at 224/14, Llama 32 layers) saved like a checkpoint."""
+    from visiondrop.testing.tiny import build_tiny_video_llava
+
+    return build_tiny_video_llava(tmp_path_factory.mktemp("tiny_video") / "video_llava", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_video(tiny_video_dir):
+    from visiondrop.testing.tiny import load_tiny_llava
+
+    return load_tiny_llava(tiny_video_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_videos(tmp_path_factory):
+    """Three short synthetic clips written as .mp4 files (24, 16 and 40 frames)."""
+    from visiondrop.testing.videos import write_demo_video
+
+    folder = tmp_path_factory.mktemp("videos")
+    return [write_demo_video(folder / f"clip{i}.mp4", seed=i, length=n) for i, n in enumerate((24, 16, 40))]
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
     """A tiny full-depth Qwen2.5-VL (32-block windowed ViT, 28-layer M-RoPE decoder) saved like a user's checkpoint."""
     from visiondrop.testing.tiny import build_tiny_qwen2_5_vl

@@ -46,7 +46,9 @@ def measure_counts(model, batch: dict, method: str, budget=None, **options):
     """Visual tokens entering each decoder layer of a one-sample batch, counted with pre-hooks (not the trace)."""
     import visiondrop
 
-    n_text = int((batch["input_ids"] != model.config.image_token_id).sum())
+    from visiondrop.families import family_of
+
+    n_text = int((~family_of(model).image_token_mask(model, batch["input_ids"], None)).sum())
     counter = LayerCounter(model)
     try:
         with visiondrop.apply(model, method, budget, **options) as handle, torch.no_grad():

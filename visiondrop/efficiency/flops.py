@@ -128,7 +128,10 @@ QWEN25_VL_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=152064, 
                     vision_window=64, projector_mid=5120)
 PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
            "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next"),
-           "qwen2.5-vl-7b": QWEN25_VL_7B}
+           "qwen2.5-vl-7b": QWEN25_VL_7B,
+           # LanguageBind/Video-LLaVA-7B-hf: one 8-frame video at 224/14, 257 tokens a frame (CLS kept)
+           "video-llava-7b": replace(LLAVA_15_7B, vision_tokens=257, visual_per_crop=257, crops=8,
+                                     model_type="video_llava")}
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,7 @@ def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
 #: the measuring proxy's widths (its depths are the measured model's) and vocabulary
 _PROXY_SHAPE = Shape(hidden=32, intermediate=64, layers=32, heads=4, vision_hidden=32, vision_intermediate=64,
                      vision_layers=24, vision_heads=4)
-_PROXY_IDS = TokenIds(vocab=512, image=4, bos=1, eos=2, pad=3)
+_PROXY_IDS = TokenIds(vocab=512, image=4, bos=1, eos=2, pad=3, special={"<video>": 5})  # <video>: Video-LLaVA
 
 
 @functools.lru_cache(maxsize=4)
@@ -334,6 +337,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
 
     Method "none" needs no measurement: every layer sees all visual tokens.
     """
+    from ..families import family_by_type
     from ..methods import method as registered
 
     if method == "none":
@@ -342,7 +346,9 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
                              f"got budget={budget} {options or ''}")
         return TokenCounts((dims.n_visual,) * dims.n_layers, dims.n_visual, (), dims.crops)
     nominal = registered(method).nominal_counts
-    if dims.crops > 1 and nominal is not None and not options:
+    # a video's frames are its nominal crops, so the proxy's example video measures the nominal schedule itself
+    takes_videos = "video" in family_by_type(dims.model_type).feature_functions
+    if dims.crops > 1 and nominal is not None and not options and not takes_videos:
         if budget is None:
             raise ValueError(f"{registered(method).title} needs a budget")
         return schedule(dims, "none") if budget >= dims.n_visual else nominal(dims, budget)
@@ -358,7 +364,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
                 f"visual tokens per crop, {proxy.crops} crop(s); cannot measure a model with {dims.vision_tokens} / "
                 f"{dims.visual_per_crop} / {dims.crops}")
         sched = measure_schedule(model, inputs, method, budget, **options)
-        placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        placeholders = int(family_by_type(dims.model_type).image_token_mask(model, inputs["input_ids"], None).sum())
         # decoder-side methods see every newline token; an encoder stage lays out what it projects, plus the newline
         # tokens of the model's own layout where it keeps that (VisPruner), none in the compact one (VisionDrop)
         encoder_side = any(c.layer is None for c in sched.cuts)

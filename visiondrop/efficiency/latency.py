@@ -60,15 +60,18 @@ from ..engine import decoder as engine_decoder, encoder as engine_encoder
 from ..families import Shape, TokenIds, family_for
 from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
+from ..families.video_llava import VIDEO_LLAVA
 from ..families.qwen2_5_vl import QWEN2_5_VL
 from .flops import TEXT_TOKENS, Dims, method_flops
 from ..harness.tables import PAPER_MODELS, method_title
 from ..methods import METHODS
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
-MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b")
+MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "video-llava-7b")
+IMAGE_MODELS = MODELS[:2]  # the paper's efficiency table: what a GPU run builds by default
 DEFAULT_METHODS = tuple(METHODS)  # every registered method
-DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "qwen2.5-vl-7b": (64,)}
+DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "qwen2.5-vl-7b": (64,),
+                   "video-llava-7b": (257,)}  # 257: 12.5% of 2056
 DEFAULT_BATCH_SIZES = {"cuda": (1, 8, 32), "cpu": (1, 8)}
 SCALING_RATIO = 64 / 576  # the paper's budget 64 of LLaVA-1.5's 576 tokens (and 320 of NeXT's 2880)
 #: the scaling run's images: (model, image (height, width); None = the model's own size)
@@ -95,12 +98,15 @@ QWEN_WIDTHS = {
     "tiny": Shape(hidden=64, intermediate=172, layers=28, heads=2, vision_hidden=32, vision_intermediate=128,
                   vision_layers=32, vision_heads=1, kv_heads=1),
 }
-MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT, "qwen2.5-vl-7b": QWEN2_5_VL}
-LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001)  # the llava-hf checkpoints' vocabulary
+MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT, "qwen2.5-vl-7b": QWEN2_5_VL,
+                  "video-llava-7b": VIDEO_LLAVA}
+# the llava-hf checkpoints' vocabulary, and a free id for Video-LLaVA's <video> (the LLaVA families ignore it)
+LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001, special={"<video>": 32002})
 QWEN_IDS = TokenIds(vocab=152064, image=151655, bos=151643, eos=151645, pad=151643,  # Qwen2.5-VL's vocabulary
                     special={"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|video_pad|>": 151656})
 MODEL_SHAPES = {"llava-1.5-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5), "llava-next-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5),
-                "qwen2.5-vl-7b": (QWEN_WIDTHS, QWEN_IDS, 1e-6)}  # widths, vocabulary, norm epsilon
+                "qwen2.5-vl-7b": (QWEN_WIDTHS, QWEN_IDS, 1e-6),
+                "video-llava-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5)}  # widths, vocabulary, norm epsilon
 
 
 def build_config(model: str = "llava-1.5-7b", width: str = "full"):
@@ -773,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--budgets", nargs="+", type=float,
-                        help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b)")
+                        help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b, 64 for qwen2.5-vl-7b, 257 for video-llava-7b)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 8 32 on a GPU, 1 8 on a CPU")
     parser.add_argument("--new-tokens", type=int, default=32, help="N, tokens generated end to end")
     parser.add_argument("--warmup", type=int, help="discarded rounds (default: 2; 1 for --scaling)")
@@ -799,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
         print(result.markdown)
         return result
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    models = args.model or (list(MODELS) if gpu and not args.pretrained else ["llava-1.5-7b"])
+    models = args.model or (list(IMAGE_MODELS) if gpu and not args.pretrained else ["llava-1.5-7b"])
     budgets = None if args.budgets is None else [int(b) if b.is_integer() else b for b in args.budgets]
     results = []
     for model in models[:1] if args.pretrained else models:

@@ -14,16 +14,16 @@ from .attention import gather_rows
 from .policy import Policy
 
 
-def reduce_images(model: nn.Module, family: Family, policy: Policy, pixel_values: Tensor, args: tuple,
+def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: str, args: tuple,
                   kwargs: dict) -> tuple[list[Tensor], list[int], list[Tensor]]:
-    """Project only the tokens an encoder-side policy keeps, for a `get_image_features(pixel_values, *args,
-    **kwargs)` call.
+    """Project only the tokens an encoder-side policy keeps, for a call `feature_function(*args, **kwargs)` of
+    `modality` (`Family.feature_functions`: "image" is `get_image_features(pixel_values, ...)`).
 
     Returns, per image: features zero-padded to the placeholder slots the unpatched model fills, the number of
     real rows, and their original indices in the image's own visual-token order (-1 for CLS and merged tokens).
     """
     padded, valid, origins = [], [], []
-    for images in family.image_groups(family.images(model, pixel_values, args, kwargs)):
+    for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
         view = family.encoder_view(model, images, policy.eager_encoder)
         tokens = view.hidden.shape[1]
         if policy.native_layout:

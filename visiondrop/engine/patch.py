@@ -41,7 +41,9 @@ class Pruner:
         # id(features) -> (weak ref, valid rows, origins) per image of the last encoding, and the images of the
         # forward in flight as (valid rows, origins)
         self._encoded: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        self._fingerprints: list[tuple[Tensor, int, Tensor]] = []  # the same, for stacked features
         self._images: list[tuple[int, Tensor]] | None = None
+        self._images_modality = "image"
         self._segments: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> segments
         if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model: remove() it first")
@@ -54,7 +56,9 @@ class Pruner:
                        self.model.register_forward_pre_hook(self._refuse_labels, with_kwargs=True)]
         self.lm.forward = _delegate(self.lm.forward, self._language_forward)
         if self.policy.encoder_layer is not None:
-            self.multimodal.get_image_features = _delegate(self.multimodal.get_image_features, self._image_features)
+            for modality, name in self.family.feature_functions.items():
+                setattr(self.multimodal, name, _delegate(getattr(self.multimodal, name),
+                                                         functools.partial(self._image_features, modality)))
 
     def remove(self) -> None:
         """Restore the model exactly: drop the instance attributes and the hook."""
@@ -62,8 +66,9 @@ class Pruner:
             return
         for hook in self._hooks:
             hook.remove()
-        for module, name in ((self.lm, "forward"), (self.multimodal, "get_image_features")):
-            module.__dict__.pop(name, None)
+        self.lm.__dict__.pop("forward", None)
+        for name in self.family.feature_functions.values():
+            self.multimodal.__dict__.pop(name, None)
         del self.multimodal._visiondrop_pruner
 
     # -- the patched pieces --------------------------------------------------------------------------------
@@ -78,28 +83,43 @@ class Pruner:
     def _note_image_tokens(self, module, args, kwargs) -> None:
         encoded = kwargs.get("mm_encoder_outputs") or {}
         # generate() encodes the images before the first forward, then repeats them per returned sequence or beam
-        self._images = None if encoded.get("image") is None else self._own_images(encoded["image"].pooler_output)
+        present = [encoded[m].pooler_output for m in self.family.feature_functions if encoded.get(m) is not None]
+        if len(present) > 1 and self.policy.encoder_layer is not None:
+            raise NotImplementedError(_MIXED)
+        self._images = self._own_images(present[0]) if present else None
         if not self.family.has_images(kwargs):
             self._visual = None  # no image in this forward, whatever token ids it holds (decode steps)
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._visual = self.family.image_token_mask(self.model, input_ids, kwargs.get("inputs_embeds"))
 
-    def _image_features(self, pixel_values: Tensor, *args, **kwargs) -> BaseModelOutputWithPooling:
-        features, valid, origins = reduce_images(self.model, self.family, self.policy, pixel_values, args, kwargs)
-        self._encoded = {id(f): (weakref.ref(f), v, o) for f, v, o in zip(features, valid, origins)}
-        self._images = list(zip(valid, origins))
+    def _image_features(self, modality: str, *args, **kwargs) -> BaseModelOutputWithPooling:
+        if self._images is not None and self._images_modality != modality:
+            raise NotImplementedError(_MIXED)
+        features, valid, origins = reduce_images(self.model, self.family, self.policy, modality, args, kwargs)
+        if self.family.stacked_features:
+            # generate() copies the rows of a stacked tensor when it repeats them: known by their first token
+            self._encoded = {}
+            self._fingerprints = [(f[0].clone(), v, o) for f, v, o in zip(features, valid, origins)]
+            features = torch.stack(features)
+        else:
+            self._encoded = {id(f): (weakref.ref(f), v, o) for f, v, o in zip(features, valid, origins)}
+        self._images, self._images_modality = list(zip(valid, origins)), modality
         return BaseModelOutputWithPooling(last_hidden_state=features[0], pooler_output=features)
 
-    def _own_images(self, features: list[Tensor]) -> list[tuple[int, Tensor]] | None:
-        """The bookkeeping of pre-encoded features, found by identity (repeats are the same tensors); None if any
-        of them did not come from this method's last encoding."""
+    def _own_images(self, features: list[Tensor] | Tensor) -> list[tuple[int, Tensor]] | None:
+        """The bookkeeping of pre-encoded features, found by identity (repeats are the same tensors; rows of a
+        stacked tensor by their first token); None if any of them did not come from this method's last encoding."""
         images = []
         for f in features:
-            ref, valid, origins = self._encoded.get(id(f), (None, 0, None))
-            if ref is None or ref() is not f:
+            if isinstance(features, Tensor):
+                found = next(((v, o) for first, v, o in self._fingerprints if torch.equal(f[0], first)), None)
+            else:
+                ref, valid, origins = self._encoded.get(id(f), (None, 0, None))
+                found = (valid, origins) if ref is not None and ref() is f else None
+            if found is None:
                 return None
-            images.append((valid, origins))
+            images.append(found)
         return images
 
     def _language_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -173,6 +193,10 @@ class Pruner:
         trace.add_cut("encoder", [run.origins[b] if b in selections else run.origins[b][:0]
                                   for b in range(len(run.origins))])
         return run
+
+
+_MIXED = ("a batch that mixes images and videos is not supported with an encoder-side method: the engine lays "
+          "out one kind of features per forward; run images and videos in separate batches")
 
 
 def _delegate(original, replacement):

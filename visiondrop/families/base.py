@@ -40,7 +40,10 @@ class ModelInfo:
     n_layers: int  # decoder layers
     vision_layer: int  # 0-based vision-tower layer whose output the model projects
     cls_kept: bool  # whether the model's own visual tokens include CLS
-    crops: int = 1  # vision-tower crops per image, nominal
+    crops: int = 1  # vision-tower crops per image, nominal (a video's frames)
+    #: the budgets' reference is a video whose crops are its frames (Video-LLaVA): methods with a video setting
+    #: use it (VisionDrop: tokens leaving its encoder stage at 3x the budget instead of 1.5x)
+    video: bool = False
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelInfo":
@@ -115,8 +118,9 @@ class Images:
     """The images of one image-feature call, split as the family's vision tower takes them.
 
     pixels: [N, ...] every crop (or frame) of every image, one batch for the tower; crops: how many belong to
-    each image, in order; sizes: each image's (height, width) where the layout depends on it (anyres), or
-    its patch grid (t, h, w) (Qwen2.5-VL's image_grid_thw), else None.
+    each image (frames to each video), in order; sizes: each image's (height, width) where the layout depends on
+    it (anyres), or its patch grid (t, h, w) (Qwen2.5-VL's image_grid_thw), else None; modality: the
+    `Family.feature_functions` key of the call ("image", "video").
     """
 
     pixels: Tensor
@@ -124,6 +128,7 @@ class Images:
     feature_layer: int
     select_strategy: str
     sizes: Tensor | None = None
+    modality: str = "image"
 
 
 class Family:
@@ -132,6 +137,11 @@ class Family:
     model_class: type[nn.Module]  # the transformers class this family loads
     image_aspect_ratio: str  # the evaluation plugin's default preprocessing (harness.prompting)
     conv_template: str  # the evaluation plugin's default prompt (harness.prompting)
+    #: modality (a key of `generate()`'s `mm_encoder_outputs`) -> the multimodal module's method that encodes it;
+    #: an encoder-side policy wraps each of them
+    feature_functions: dict[str, str] = {"image": "get_image_features"}
+    #: the host takes the encoded features as one tensor [n, slots, D] (it calls `.to()` on them), not a list
+    stacked_features: bool = False
     #: False for a family whose positions carry the image layout (M-RoPE): tokens keep their positions at every
     #: cut, whatever the policy's `renumber_positions`, and merged tokens take `merged_position`
     renumbers_positions: bool = True
@@ -246,6 +256,14 @@ class Family:
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         """The images of a `get_image_features(pixel_values, *args, **kwargs)` call, with the model's defaults."""
         raise NotImplementedError
+
+    def visual_inputs(self, model: nn.Module, modality: str, args: tuple, kwargs: dict[str, Any]) -> Images:
+        """The images (or videos) of a call `feature_functions[modality](*args, **kwargs)`; hosts with images only
+        need `images`."""
+        if modality != "image":
+            raise NotImplementedError(f"{type(self).__name__} encodes images only, not {modality}")
+        pixel_values, args = (args[0], args[1:]) if args else (kwargs["pixel_values"], ())
+        return self.images(model, pixel_values, args, {k: v for k, v in kwargs.items() if k != "pixel_values"})
 
     def image_groups(self, images: Images) -> list[Images]:
         """The images in the groups whose tower outputs one encoder view holds (equal token counts): all at once,

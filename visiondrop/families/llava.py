@@ -102,6 +102,7 @@ class Llava(Family):
     config_class = LlavaConfig
     image_aspect_ratio = "pad"  # LLaVA-1.5's evaluation expands images to a square
     conv_template = "vicuna_v1"
+    image_size = IMAGE_SIZE  # the vision tower's input side, in pixels
     #: `get_image_features`' positional arguments after pixel_values
     image_feature_args: tuple[str, ...] = ("vision_feature_layer", "vision_feature_select_strategy")
 
@@ -121,7 +122,8 @@ class Llava(Family):
     def projector(self, model: nn.Module) -> nn.Module:
         return model.model.multi_modal_projector
 
-    def vision_tower(self, model: nn.Module) -> nn.Module:
+    def vision_tower(self, model: nn.Module, modality: str = "image") -> nn.Module:
+        """The tower that encodes `modality` (`Images.modality`); LLaVA has one."""
         return model.model.vision_tower
 
     # -- config facts --------------------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ class Llava(Family):
         return tokens, {"pixel_values": pixels}
 
     def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
-        tower = self.vision_tower(model)
+        tower = self.vision_tower(model, images.modality)
         layer = feature_layer_index(tower, images.feature_layer)
         if not eager:
             return clip_encoder_view(tower, images.pixels, layer)
@@ -217,7 +219,7 @@ class Llava(Family):
     def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
         """llava-hf's layout (CLIP ViT at 336/14, vision_feature_layer=-2, 2-layer GELU projector, Llama)."""
         vision = CLIPVisionConfig(
-            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_hidden_layers=shape.vision_layers,
+            image_size=self.image_size, patch_size=PATCH_SIZE, num_hidden_layers=shape.vision_layers,
             hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
             num_attention_heads=shape.vision_heads, hidden_act="quick_gelu",
             initializer_range=init_std,  # CLIP scales attention/MLP init by width; this widens the embeddings
@@ -230,7 +232,7 @@ class Llava(Family):
         )
         return self.config_class(
             vision_config=vision, text_config=text, image_token_index=ids.image,
-            image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, vision_feature_layer=-2,
+            image_seq_length=(self.image_size // PATCH_SIZE) ** 2, vision_feature_layer=-2,
             vision_feature_select_strategy="default", projector_hidden_act="gelu",
             bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad, **self.extra_config(),
         )

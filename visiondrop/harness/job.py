@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..methods import method, policy_for
 from ..families import ModelInfo
 from . import TASKS_DIR
+from .judge import Judge
+from .judge import configure as configure_judge
 from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, processor_options, run_identity
 from .store import ResultStore, options_label
 
@@ -200,6 +202,10 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
 
     store = ResultStore(project_path(cfg.results_dir))
     budget, todo = plan.budget, [bench for bench, _ in plan.todo]
+    judge = cfg.get("judge") or {}
+    configure_judge(judge.get("model"), judge.get("base_url"), judge.get("api_key_env"))  # the key stays in the env
+    if any(b.get("protocol") == "video-chatgpt" for b in todo):
+        Judge.from_env()  # a judge without its key fails now, before any video is decoded
     model = PrunedLlava(pretrained=plan.path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
                         dtype=cfg.model.dtype, device=cfg.model.device,
                         attn_implementation=cfg.model.attn_implementation,
@@ -246,6 +252,10 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
                 "run_info": info, "versions": versions(), "identity": identity,
                 "config": OmegaConf.to_container(cfg, resolve=True),
             }
+            if bench.get("protocol") == "video-chatgpt":  # judged answers: the judge moves the numbers
+                judge = Judge.from_env()
+                record.update(protocol="video-chatgpt", scale=bench.get("scale", 100),
+                              judge=None if judge is None or score is None else judge.describe())
             samples = [_answer(s, bench.metric) for s in results.get("samples", {}).get(task, [])]
             record["path"] = str(store.write(record, samples, model.position_maps.to_dict()))
             written.append(record)
@@ -260,7 +270,7 @@ def run_job(cfg: DictConfig) -> list[dict]:
     return evaluate(cfg, plan) if plan.todo else []
 
 
-def benchmark_score(bench: DictConfig, task_results: dict) -> float:
+def benchmark_score(bench: DictConfig, task_results: dict) -> float | None:
     """The benchmark's number: its task's `metric` (or the sum of "a+b", as MME's perception + cognition score)
     times `scale`."""
     parts = bench.metric.split("+")
@@ -268,7 +278,10 @@ def benchmark_score(bench: DictConfig, task_results: dict) -> float:
     if missing:
         raise KeyError(f"{bench.task} reported no metric {', '.join(map(repr, missing))}; it reported "
                        f"{sorted(task_results)}: fix `metric` in the benchmarks config")
-    return sum(task_results[f"{m},none"] for m in parts) * bench.get("scale", 100)
+    values = [task_results[f"{m},none"] for m in parts]
+    if any(v is None for v in values):  # answers stored unjudged (video QA without a judge): scripts/judge.py
+        return None
+    return sum(values) * bench.get("scale", 100)
 
 
 def _answer(sample: dict, metric: str) -> dict:

@@ -5,8 +5,9 @@
 
 Registered through the entry-point group `lmms_eval.models` (visiondrop/harness/manifest.py); no fork of lmms-eval.
 Model args (`--model_args k=v,...`, or keywords of `PrunedLlava(...)` for `simple_evaluate(model=instance)`):
-- pretrained: local folder or hub id of a checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL:
-  `visiondrop.families`);
+- pretrained: local folder or hub id of a checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
+  Video-LLaVA: `visiondrop.families`); video tasks (visuals that are video file paths) need a family that takes
+  videos: each video is decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`);
 - method (default "none") and budget (average visual tokens per decoder layer; "full"/None = the method's own
   setting), passed to `visiondrop.apply`; any other key=value is a method option (`k=3`, `layer_list=[8,16,24]`,
   `schedule={"encoder":[42,6],...}`: values are read as JSON or Python literals, else kept as strings);
@@ -34,6 +35,7 @@ import json
 import os
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
@@ -46,6 +48,7 @@ from visiondrop.families import family_for
 
 from .positions import PositionMaps
 from .prompting import ASPECT_RATIOS, CONV_TEMPLATES, build_prompt, expand_to_square, mean_colour
+from .video import read_frames
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_MAX_NEW_TOKENS = 128  # LLaVA's model_vqa_loader default, for tasks that do not say
@@ -151,7 +154,7 @@ class PrunedLlava(lmms):
                 args = [requests[i].args for i in indices]
                 settings, until = _generation_settings(args[0][1], tokenizer)
                 images = [self._image(*a[2:6]) for a in args]
-                prompts = [self._prompt(a[0], image is not None) for a, image in zip(args, images)]
+                prompts = [self._prompt(a[0], image) for a, image in zip(args, images)]
                 batch = self._encode(prompts, images)
                 with torch.inference_mode():
                     out = self._model.generate(**batch, **settings)
@@ -177,7 +180,7 @@ class PrunedLlava(lmms):
                     image = self._image(*where[:4]) if where else None
                     if callable(target):
                         target = target(self.task_dict[where[2]][where[3]][where[1]])
-                    prompts.append(self._prompt(context, image is not None))
+                    prompts.append(self._prompt(context, image))
                     continuations.append(str(target))
                     images.append(image)
                 full = [p + t for p, t in zip(prompts, continuations)]
@@ -225,23 +228,33 @@ class PrunedLlava(lmms):
             for start in range(0, len(indices), self._batch_size):
                 yield indices[start:start + self._batch_size]
 
-    def _image(self, doc_to_visual: Callable | None, doc_id: int, task: str, split: str) -> Image.Image | None:
+    def _image(self, doc_to_visual: Callable | None, doc_id: int, task: str, split: str
+               ) -> Image.Image | np.ndarray | None:
+        """The sample's image, or its video's frames [8, H, W, 3] (a visual given as a video file's path)."""
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if callable(doc_to_visual) else None
         visuals = [v for v in (visuals or []) if v is not None]
         if not visuals:
             return None
+        if len(visuals) == 1 and isinstance(visuals[0], (str, os.PathLike)):
+            if "video" not in self.family.feature_functions:
+                raise ValueError(f"{task} gives videos, which {type(self._model).__name__} does not take; use a "
+                                 "video model (Video-LLaVA)")
+            return read_frames(visuals[0])
         if len(visuals) > 1 or not isinstance(visuals[0], Image.Image):
-            raise ValueError(f"pruned_llava takes one image per sample (LLaVA); {task} doc {doc_id} gave "
+            raise ValueError(f"pruned_llava takes one image or one video per sample; {task} doc {doc_id} gave "
                              f"{len(visuals)} visual(s) of type {type(visuals[0]).__name__}")
         return visuals[0].convert("RGB")
 
-    def _prompt(self, context: str, has_image: bool) -> str:
-        return build_prompt(self.processor, context, has_image, self.conv_template)
+    def _prompt(self, context: str, visual: Image.Image | np.ndarray | None) -> str:
+        kind = "video" if isinstance(visual, np.ndarray) else "image"
+        return build_prompt(self.processor, context, visual is not None, self.conv_template, kind)
 
-    def _encode(self, prompts: list[str], images: list[Image.Image | None]) -> dict:
-        present = [self._preprocess(image) for image in images if image is not None]
-        batch = self.processor(text=prompts, images=present or None, padding=True, return_tensors="pt")
-        return batch.to(self._device, self._model.dtype)  # casts only the floating tensors (pixel_values)
+    def _encode(self, prompts: list[str], visuals: list[Image.Image | np.ndarray | None]) -> dict:
+        images = [self._preprocess(v) for v in visuals if isinstance(v, Image.Image)]
+        videos = [v for v in visuals if isinstance(v, np.ndarray)]
+        batch = self.processor(text=prompts, images=images or None, padding=True, return_tensors="pt",
+                               **({"videos": videos} if videos else {}))
+        return batch.to(self._device, self._model.dtype)  # casts only the floating tensors (pixel values)
 
     def _preprocess(self, image: Image.Image) -> Image.Image:
         return expand_to_square(image, self._background) if self.image_aspect_ratio == "pad" else image
@@ -261,7 +274,8 @@ class PrunedLlava(lmms):
         for image, row in enumerate(rows):
             cells = self.family.patch_cells(self._model, None if sizes is None else sizes[image])
             self.position_maps.add_sample(cells, trace.cuts, trace.kept[row * stride])
-        text = batch["attention_mask"].sum(1) - (batch["input_ids"] == self._model.config.image_token_id).sum(1)
+        visual = self.family.image_token_mask(self._model, batch["input_ids"], None)
+        text = batch["attention_mask"].sum(1) - visual.sum(1)
         self._text_sum += float(text[rows].sum())  # non-visual prompt tokens, for the FLOPs of the run
         self._image_samples += len(rows)
 

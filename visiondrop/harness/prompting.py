@@ -10,38 +10,41 @@ from typing import Any
 
 from PIL import Image
 
-IMAGE_TOKEN = "<image>"
 VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 CONV_TEMPLATES = ("vicuna_v1", "llava_hf", "chat_template")
 ASPECT_RATIOS = ("pad", "none")
 
 
-def with_image_token(question: str, has_image: bool) -> str:
-    """LLaVA puts the image before the question (`<image>\\n{question}`) unless the task already placed it."""
-    if has_image and IMAGE_TOKEN not in question:
-        return f"{IMAGE_TOKEN}\n{question}"
+def with_image_token(question: str, has_image: bool, kind: str = "image") -> str:
+    """LLaVA puts the image (Video-LLaVA: the video, kind="video") before the question (`<image>\\n{question}`)
+    unless the task already placed it."""
+    token = f"<{kind}>"
+    if has_image and token not in question:
+        return f"{token}\n{question}"
     return question
 
 
-def vicuna_v1_prompt(question: str, has_image: bool) -> str:
+def vicuna_v1_prompt(question: str, has_image: bool, kind: str = "image") -> str:
     """The vicuna_v1 conversation of LLaVA's eval scripts, up to the assistant's turn."""
-    return f"{VICUNA_V1_SYSTEM} USER: {with_image_token(question, has_image)} ASSISTANT:"
+    return f"{VICUNA_V1_SYSTEM} USER: {with_image_token(question, has_image, kind)} ASSISTANT:"
 
 
-def chat_template_prompt(processor: Any, question: str, has_image: bool) -> str:
+def chat_template_prompt(processor: Any, question: str, has_image: bool, kind: str = "image") -> str:
     """The checkpoint's own chat template (llava-hf: `USER: <image>\\n{question} ASSISTANT:`, no system text;
     Qwen2.5-VL: its system turn, then `<|vision_start|><|image_pad|><|vision_end|>{question}` as the user's)."""
-    content = [{"type": "image"}] if has_image and IMAGE_TOKEN not in question else []
+    content = [{"type": kind}] if has_image and f"<{kind}>" not in question else []
     content.append({"type": "text", "text": question})
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def build_prompt(processor: Any, question: str, has_image: bool, conv_template: str = "vicuna_v1") -> str:
+def build_prompt(processor: Any, question: str, has_image: bool, conv_template: str = "vicuna_v1",
+                 kind: str = "image") -> str:
+    """The prompt of one sample; kind: "image" or "video" (its placeholder, `<image>` or `<video>`)."""
     if conv_template == "vicuna_v1":
-        return vicuna_v1_prompt(question, has_image)
+        return vicuna_v1_prompt(question, has_image, kind)
     if conv_template in ("llava_hf", "chat_template"):  # the checkpoint's own (llava-hf's, Qwen2.5-VL's)
-        return chat_template_prompt(processor, question, has_image)
+        return chat_template_prompt(processor, question, has_image, kind)
     raise ValueError(f"unknown conv_template {conv_template!r}; available: {', '.join(CONV_TEMPLATES)}")
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B"}
+PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "video-llava-7b": "Video-LLaVA-7B"}
+#: the paper's tables of scores per benchmark (Table 1 on images, the video table); "Mean" is a plain mean of the
+#: benchmarks' scores (the video table's average), unlike our Avg relative to the full model
 #: the paper's image columns in its order (configs/benchmarks/paper_image.yaml names them so); others follow
 PAPER_COLUMNS = ("GQA", "MMB", "MMB-CN", "MME", "POPE", "SQA", "VQAv2", "TextVQA", "VizWiz")
 MARKERS = "osD^vPX*h<>"
@@ -25,11 +27,13 @@ def method_title(name: str) -> str:
 
 
 def paper_scores(paper_csv: str | Path, model: str) -> pd.DataFrame:
-    """The paper's Table 1 cells for `model` as (method, budget, benchmark) -> value."""
+    """The paper's Table 1 (or video table) cells for `model` as (method, budget, benchmark) -> value."""
     paper = pd.read_csv(paper_csv)
-    paper = paper[paper.table.str.startswith("Table1") & (paper.model == PAPER_MODELS.get(model, model))].copy()
+    paper = paper[paper.table.str.startswith(("Table1", "Video")) & (paper.model == PAPER_MODELS.get(model, model))
+                  ].copy()
     paper["method"] = paper.method.str.replace(r" \(.*\)", "", regex=True)
-    paper["budget"] = paper.tokens.where(paper.method != "Vanilla", other=pd.NA)
+    paper["budget"] = pd.to_numeric(paper.tokens.where(paper.method != "Vanilla", other=pd.NA), errors="coerce")
+    paper["value"] = pd.to_numeric(paper.value, errors="coerce")  # the file also holds claims ("stable")
     return paper[["method", "budget", "benchmark", "value"]]
 
 
@@ -72,9 +76,11 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
     relative = wide.div(reference) * 100  # undefined (missing) where our full model scores 0
     paper = paper_scores(paper_csv, model) if paper_csv else pd.DataFrame(columns=["method", "budget", "benchmark",
                                                                                    "value"])
-    for bench in benchmarks + ["Avg"]:
-        table[bench] = relative.mean(axis=1, skipna=False) if bench == "Avg" else wide[bench]
-        if bench != "Avg":
+    means = ["Mean"] if (paper.benchmark == "Mean").any() else []
+    for bench in benchmarks + ["Avg"] + means:
+        table[bench] = {"Avg": relative.mean(axis=1, skipna=False), "Mean": wide.mean(axis=1, skipna=False)
+                        }.get(bench, wide.get(bench))
+        if bench not in ("Avg", "Mean"):
             table[f"{bench} n"] = counts[bench]
         if len(paper):  # the paper's columns only where it has numbers for this model
             values = paper[paper.benchmark == bench].set_index(["method", "budget"]).value
@@ -90,7 +96,8 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
     units = first.get("unit", pd.Series(dtype=object))
     table.attrs["units"] = {b: units[b] if pd.notna(units.get(b)) else "%" for b in benchmarks}  # plot axes
     note += ("; n: questions scored; partial: benchmarks evaluated on a subset (limit=), not comparable with full "
-             "runs; Avg: mean of the columns relative to our own full-model row (%)")
+             "runs; Avg: mean of the columns relative to our own full-model row (%)"
+             + ("; Mean: plain mean of the columns, as the paper's video average" if means else ""))
     if not len(full):
         note += (f". Avg is empty: there is no full-model record for {model}; run "
                  f"`python scripts/run.py {_model_override(model)} method=none` on the same benchmarks")

@@ -8,6 +8,11 @@ As the official code (github.com/Ruixxxx/VisionDrop f7a9444) does it:
   attention it receives from the visual tokens (visual queries, causal mask, mean over heads and over query
   rows, masked zeros included), using the next layer's own norm and q/k projections; the top tokens stay in
   order and the rest are merged on that layer's head-averaged post-RoPE keys; positions are renumbered.
+
+The paper's "second stage" (the tokens leaving the encoder stage, which the first decoder segment processes)
+keeps 1.5x the budget on images and 3x on videos (methods.md 1(f)): `first_stage` defaults to 1.5, and to 3 on a
+video model (`ModelInfo.video`: Video-LLaVA, whose budgets count 8 frames x 257 tokens, so `ratio=0.125` is 257
+tokens: 84+12 a frame after the encoder stage, then the official decoder shape scaled to the budget).
 """
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ OFFICIAL_32 = Schedule(Stage(42, 6), ((8, Stage(30, 5)), (16, Stage(22, 4)), (24
 STAGES = ("both", "encoder", "decoder")
 #: Tokens leaving the encoder stage as a multiple of the budget: 48 of 32 ("1.5x the final target" for images).
 FIRST_STAGE = Fraction(OFFICIAL_32.encoder.total, 32)
+VIDEO_FIRST_STAGE = Fraction(3)  # "3x the final target" on videos
 #: The official decoder stages as shares of the first stage (35, 26, 19 of 48), and each stage's contextual share.
 SHAPE = tuple(Fraction(stage.total, OFFICIAL_32.encoder.total) for _, stage in OFFICIAL_32.cuts)
 CONTEXTUAL = tuple(Fraction(stage.contextual, stage.total)
@@ -103,7 +109,7 @@ def schedule_for_budget(budget: float, info: ModelInfo, first_stage: float | Non
     """The schedule whose mean visual tokens per decoder layer is `budget` (within one token), from three knobs.
 
     first_stage: tokens leaving the encoder stage, as a multiple of the budget (default 1.5, the official 48 of
-    32); the decoder stages then follow the official shape (`_later_sizes`), so the defaults give the official
+    32; 3 on video models); the decoder stages then follow the official shape (`_later_sizes`), so the defaults give the official
     schedule scaled by budget/32 (methods.md 1(f): 84+12, 60+10, 44+8, 32+6 at 64). contextual_fraction: the share
     of merged contextual tokens in every stage (default: the official shares, 6/48, 5/35, 4/26, 3/19). stages:
     "both" (encoder stage, then cuts before layers 8/16/24), "encoder" (the encoder stage keeps the budget, no
@@ -129,7 +135,7 @@ def schedule_for_budget(budget: float, info: ModelInfo, first_stage: float | Non
                              "not apply (leave it unset)")
         encoder, first, layers = None, Fraction(info.per_crop), DECODER_ONLY_LAYERS
     else:
-        default = FIRST_STAGE if stages == "both" else Fraction(1)
+        default = (VIDEO_FIRST_STAGE if info.video else FIRST_STAGE) if stages == "both" else Fraction(1)
         multiple = default if first_stage is None else Fraction(first_stage)
         if stages == "encoder" and multiple != 1:
             raise ValueError("stages='encoder' makes no decoder cut, so the encoder stage keeps the budget itself: "

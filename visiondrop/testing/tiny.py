@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised LLaVA-1.5 and LLaVA-NeXT (1.6) checkpoints built offline.
+"""Tiny, randomly initialised LLaVA-1.5, LLaVA-NeXT (1.6) and Video-LLaVA checkpoints built offline.
 
 The models keep the real layer structure of ``llava-hf/llava-1.5-7b-hf`` and
 ``llava-hf/llava-v1.6-vicuna-7b-hf`` (24-layer CLIP ViT-L/14-336 tower with 577 positions,
@@ -21,6 +21,7 @@ from transformers import AutoConfig, PreTrainedTokenizerFast
 from ..families import Family, Shape, TokenIds, family_for
 from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
+from ..families.video_llava import VIDEO_LLAVA
 from ..families.qwen2_5_vl import QWEN2_5_VL
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
@@ -131,6 +132,14 @@ def build_tiny_llava_next(out_dir: str | Path, **knobs) -> Path:
     return _build(out_dir, LLAVA_NEXT, **knobs)
 
 
+def build_tiny_video_llava(out_dir: str | Path, **knobs) -> Path:
+    """Build, save and return the path of a tiny random Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf layout).
+
+    Image and video CLIP towers of 24 layers at 224/14 (257 tokens a frame, CLS kept in videos: 8 x 257 = 2,056
+    visual tokens; an image has 256), a 32-layer Llama at tiny width, the tokenizer with `<video>`, and the
+    torchvision-free processor (`families.video_llava`). Same knobs as :func:`build_tiny_llava`.
+    """
+    return _build(out_dir, VIDEO_LLAVA, **knobs)
 def build_tiny_qwen2_5_vl(out_dir: str | Path, **knobs) -> Path:
     """Build, save and return the path of a tiny random Qwen2.5-VL (Qwen2.5-VL-7B-Instruct layout).
 
@@ -146,9 +155,9 @@ def load_tiny_llava(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Any]:
     """Load a folder written by :func:`build_tiny_llava`, :func:`build_tiny_llava_next` or
-    :func:`build_tiny_qwen2_5_vl`.
+    :func:`build_tiny_qwen2_5_vl` or :func:`build_tiny_video_llava`.
 
-    The model class follows the saved config's family; the model is returned in eval mode.
+    The model class and the processor follow the saved config's family; the model is returned in eval mode.
     """
     family = family_for(AutoConfig.from_pretrained(path))
     model = family.model_class.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype).eval()

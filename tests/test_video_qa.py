@@ -1,0 +1,188 @@
+"""Open-ended video QA through the harness: docs from a release's layout, the plugin on a tiny Video-LLaVA, the
+Video-ChatGPT judge on a local stub endpoint (127.0.0.1, no network), judging later, and the key kept secret."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from omegaconf import OmegaConf
+
+from test_harness import config
+from visiondrop.harness import job, judge, video_qa
+from visiondrop.testing.videos import write_demo_video
+
+KEY = "sk-test-secret-0123456789"
+QUESTIONS = [("q1", "Is the shape red?", "yes", "clip0"), ("q2", "What moves across the video?", "a circle", "clip1")]
+
+
+class StubJudge(BaseHTTPRequestHandler):
+    """Answers as the judge does: 'yes' (score 4) for questions about colour, 'no' (score 1) otherwise."""
+
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        StubJudge.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        verdict = "{'pred': 'yes', 'score': 4}" if "Question: Is the shape red?" in body["messages"][1]["content"] else \
+            "{'pred': 'no', 'score': 1}"
+        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def endpoint():
+    server = HTTPServer(("127.0.0.1", 0), StubJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    StubJudge.requests = []
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+@pytest.fixture
+def no_judge(monkeypatch):
+    for name in (judge.ENV_MODEL, judge.ENV_BASE_URL, judge.ENV_KEY_NAME, judge.DEFAULT_KEY_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def docs_file(tmp_path_factory):
+    """A Video-ChatGPT-layout release (test_q.json, test_a.json, videos/) turned into the task's docs file."""
+    root = tmp_path_factory.mktemp("MSVD_Zero_Shot_QA")
+    for i, (_, _, _, name) in enumerate(QUESTIONS):
+        write_demo_video(root / "videos" / f"{name}.mp4", seed=i, length=12)
+    (root / "test_q.json").write_text(json.dumps([{"video_name": v, "question": q, "question_id": i}
+                                                  for i, q, _, v in QUESTIONS]))
+    (root / "test_a.json").write_text(json.dumps([{"answer": a, "type": 0, "question_id": i}
+                                                  for i, _, a, _ in QUESTIONS]))
+    docs = video_qa.prepare("msvd", root)
+    path = root / "docs.json"
+    path.write_text(json.dumps(docs))
+    return path
+
+
+def test_prepare_reads_the_releases_layouts(docs_file, tmp_path):
+    docs = json.loads(docs_file.read_text())
+    assert [(d["question_id"], d["question"], d["answer"]) for d in docs] == [q[:3] for q in QUESTIONS]
+    assert all(d["video"].endswith(f"/videos/{q[3]}.mp4") for d, q in zip(docs, QUESTIONS))
+    (tmp_path / "test_qa.json").write_text(json.dumps([{"answer": "dog", "id": 5, "question": "what runs?",
+                                                        "video_id": 7010}]))  # MSRVTT-QA as released
+    write_demo_video(tmp_path / "videos" / "video7010.mp4", seed=3, length=8)
+    [doc] = video_qa.prepare("msrvtt", tmp_path)
+    assert doc["question_id"] == "5" and doc["video"].endswith("video7010.mp4")
+    (tmp_path / "videos" / "video7010.mp4").unlink()
+    with pytest.raises(FileNotFoundError, match="1 video\\(s\\) of msrvtt not found .* 'video7010'"):
+        video_qa.prepare("msrvtt", tmp_path)
+
+
+def qa_config(tmp_path, tiny_video_dir, docs_file):
+    cfg = config(tmp_path, "model=video_llava_7b", f"model.pretrained={tiny_video_dir}", "model.device=cpu",
+                 "model.dtype=float32", "method=visiondrop", "budget.ratio=0.25", "benchmarks=video_qa", "limit=null")
+    [msvd] = [b for b in cfg.benchmarks if b.task == "msvd_qa"]
+    msvd.data.dataset_kwargs.data_files.test = str(docs_file)
+    cfg.benchmarks = [msvd]
+    return cfg
+
+
+def test_judged_run_records_the_judge_and_never_the_key(tmp_path, tiny_video_dir, docs_file, endpoint, no_judge,
+                                                        monkeypatch):
+    monkeypatch.setenv(judge.DEFAULT_KEY_ENV, KEY)
+    cfg = qa_config(tmp_path, tiny_video_dir, docs_file)
+    cfg.judge.model, cfg.judge.base_url = "stub-judge-1", endpoint
+    [record] = job.run_job(cfg)
+    assert record["score"] == 50.0 and record["metrics"]["score,none"] == 2.5  # one yes (4), one no (1)
+    assert record["judge"] == {"model": "stub-judge-1", "base_url": endpoint, "protocol": "video-chatgpt"}
+    assert record["docs"] == 2 and record["measured_tokens"] == 514  # 25% of 8 x 257 video tokens
+    assert len(StubJudge.requests) == 2
+    assert all(r["auth"] == f"Bearer {KEY}" and r["body"]["model"] == "stub-judge-1" and
+               r["path"] == "/v1/chat/completions" for r in StubJudge.requests)
+    path = tmp_path / "runs"
+    written = "".join(p.read_text() for p in path.rglob("*") if p.is_file())
+    assert "stub-judge-1" in written and KEY not in written  # records, answers, maps: the judge but not its key
+    assert KEY not in json.dumps(OmegaConf.to_container(cfg))  # what Hydra saves and wandb logs
+
+
+def test_without_a_judge_answers_are_stored_and_judged_later(tmp_path, tiny_video_dir, docs_file, endpoint,
+                                                             no_judge, monkeypatch):
+    cfg = qa_config(tmp_path, tiny_video_dir, docs_file)
+    [record] = job.run_job(cfg)
+    assert record["score"] is None and record["judge"] is None and record["protocol"] == "video-chatgpt"
+    samples = [json.loads(line) for line in open(record["path"].replace(".json", ".samples.jsonl"))]
+    assert [s["accuracy"]["question"] for s in samples] == [q[1] for q in QUESTIONS]
+    assert all("score" not in s["accuracy"] and s["accuracy"]["pred"] == s["response"] for s in samples)
+
+    monkeypatch.setenv("MY_JUDGE_KEY", KEY)
+    judge.main([str(tmp_path / "runs"), "--model", "stub-judge-2", "--base-url", endpoint,
+                "--api-key-env", "MY_JUDGE_KEY"])
+    judged = json.loads(open(record["path"]).read())
+    assert judged["score"] == 50.0 and judged["metrics"]["score,none"] == 2.5
+    assert judged["judge"]["model"] == "stub-judge-2" and len(StubJudge.requests) == 2
+    assert [s["accuracy"]["score"] for s in map(json.loads, open(record["path"].replace(".json", ".samples.jsonl")))] \
+        == [4.0, 1.0]
+    assert KEY not in open(record["path"]).read()
+    judge.main([str(tmp_path / "runs"), "--model", "stub-judge-2", "--base-url", endpoint,
+                "--api-key-env", "MY_JUDGE_KEY"])
+    assert len(StubJudge.requests) == 2  # judged records are left alone
+
+
+def test_a_judge_without_its_key_fails_before_any_video_is_decoded(tmp_path, tiny_video_dir, docs_file, no_judge,
+                                                                   monkeypatch):
+    def decode(*args, **kwargs):
+        raise AssertionError("a video was decoded")
+
+    monkeypatch.setattr("visiondrop.harness.lmms_model.read_frames", decode)
+    monkeypatch.setattr("visiondrop.harness.video.read_frames", decode)
+    cfg = qa_config(tmp_path, tiny_video_dir, docs_file)
+    cfg.judge.model = "gpt-4o-mini"
+    with pytest.raises(judge.JudgeConfigError, match="needs an API key in the environment variable "
+                                                     "VISIONDROP_JUDGE_API_KEY, which is not set"):
+        job.run_job(cfg)
+    with pytest.raises(judge.JudgeConfigError):  # the task itself checks on load (lmms-eval's CLI path)
+        video_qa.process_docs([])
+
+
+def test_video_table_sets_the_papers_mean_beside_ours(tmp_path):
+    from test_tables import record, write
+
+    from visiondrop.harness.store import ResultStore
+    from visiondrop.harness.tables import build_table
+
+    rows = []
+    for method, budget, scores in (("none", None, (50.0, 70.0, 60.0)), ("visiondrop", 257.0, (45.0, 66.0, 30.0))):
+        for bench, score in zip(("TGIF-QA", "MSVD-QA", "MSRVTT-QA"), scores):
+            rows.append({**record(method, budget, bench, score), "model": "video-llava-7b"})
+    frame = write(ResultStore(tmp_path), *rows)
+    table, note = build_table(frame, "results/paper/paper_tables.csv", "video-llava-7b")
+    row = table.loc[("VisionDrop", 257.0)]
+    assert row["Mean"] == 47.0 and row["Mean paper"] == 47.3 and abs(row["Mean diff"] + 0.3) < 1e-9
+    assert table["Mean"].iloc[0] == 60.0  # the full model's row comes first
+    assert "Mean: plain mean of the columns" in note
+
+
+def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judge, monkeypatch):
+    """Multiple choice through lmms-eval's own `mvbench_action_sequence`: annotations from a local file (`data`),
+    videos where the stock task looks for them ($HF_HOME/mvbench_video/star/Charades_segment)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    docs = []
+    for i in range(2):
+        write_demo_video(tmp_path / "hf" / "mvbench_video" / "star" / "Charades_segment" / f"v{i}.mp4", seed=i,
+                         length=10)
+        docs.append({"video": f"v{i}.mp4", "question": "What happened after the shape moved?",
+                     "candidates": ["It stopped.", "It turned red.", "It vanished."], "answer": "It stopped."})
+    (tmp_path / "action_sequence.json").write_text(json.dumps(docs))
+    cfg = config(tmp_path, "model=video_llava_7b", f"model.pretrained={tiny_video_dir}", "model.device=cpu",
+                 "model.dtype=float32", "method=fastv", "budget.ratio=0.25", "benchmarks=video_mc", "limit=null")
+    [bench] = [b for b in cfg.benchmarks if b.task == "mvbench_action_sequence"]
+    bench.data = {"dataset_path": "json",
+                  "dataset_kwargs": {"data_files": {"train": str(tmp_path / "action_sequence.json")}}}
+    cfg.benchmarks = [bench]
+    [record] = job.run_job(cfg)
+    assert record["task"] == "mvbench_action_sequence" and record["docs"] == 2 and 0 <= record["score"] <= 100
+    assert abs(record["measured_tokens"] - 514) < 2  # 25% of a video's 2,056 tokens, FastV's rounding
