@@ -64,7 +64,10 @@ def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens
     from visiondrop.api import Handle
     from visiondrop.engine.replay import Replay
 
+    # a random tiny model may generate the image placeholder, which re-running the prompt without a cache would
+    # read as one more image token: keep it out of both runs
+    no_placeholder = {"suppress_tokens": [model.config.image_token_id]}
     with visiondrop.apply(model, method, budget, **options) as handle:
-        cached = greedy(model, batch, new_tokens)
+        cached = greedy(model, batch, new_tokens, **no_placeholder)
     with Handle(model, Replay(handle.policy, handle.trace)):
-        return cached, greedy(model, batch, new_tokens, use_cache=False)
+        return cached, greedy(model, batch, new_tokens, use_cache=False, **no_placeholder)

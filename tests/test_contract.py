@@ -1,4 +1,5 @@
-"""The contract every registered method keeps, on the tiny LLaVA-1.5 and the tiny LLaVA-NeXT (mixed crop grids).
+"""The contract every registered method keeps, on the tiny LLaVA-1.5, LLaVA-NeXT (mixed crop grids) and Qwen2.5-VL
+(images of different sizes, M-RoPE); Video-LLaVA's videos keep it in tests/test_video_llava.py.
 
 Methods come from the registry, each at the budget it declares (`Method.example_budget`) with its default options, so
 a new method is tested here without editing this file. The per-method files test what is the method's own.
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import cached_and_replayed, greedy, inputs, measure_counts, prompt
+from helpers import cached_and_replayed, greedy, inputs, measure_counts
+from visiondrop.harness.prompting import build_prompt
 from visiondrop.methods import METHODS, method, policy_for
-from visiondrop.families import ModelInfo
+from visiondrop.families import ModelInfo, family_of
 from visiondrop.testing.tiny import demo_image, load_tiny_llava
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?",
@@ -19,8 +21,25 @@ QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Ans
 IMAGES = [demo_image(0), None, demo_image(2), demo_image(1)]  # a text-only sample in the middle passes untouched
 TEXT_ONLY = 1
 NEXT_IMAGES = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]  # 3 crops (1752 tokens) and 5 crops (2438)
+QWEN_IMAGES = [demo_image(0, (224, 224)), demo_image(1, (280, 196)), demo_image(2, (168, 336))]  # 64, 70, 72 tokens
 #: per family, a batch's images: different sizes (on LLaVA-NeXT, crop grids) and a text-only sample at TEXT_ONLY
-BATCH_IMAGES = {"llava": IMAGES, "llava_next": [NEXT_IMAGES[0], None, NEXT_IMAGES[1]]}
+BATCH_IMAGES = {"llava": IMAGES, "llava_next": [NEXT_IMAGES[0], None, NEXT_IMAGES[1]],
+                "qwen2_5_vl": [QWEN_IMAGES[0], None, *QWEN_IMAGES[1:]]}
+MODELS = {"llava": "tiny", "llava_next": "tiny_next", "qwen2_5_vl": "tiny_qwen"}  # the family's conftest fixture
+
+
+def encode(model, processor, questions: list[str], images: list) -> dict:
+    """A left-padded batch in the family's own prompt format (`Family.conv_template`); None: a text-only sample."""
+    template = family_of(model).conv_template
+    text = [build_prompt(processor, q, img is not None, template) for q, img in zip(questions, images)]
+    present = [img for img in images if img is not None]
+    return dict(processor(text=text, images=present or None, padding=True, return_tensors="pt"))
+
+
+def tiny_model(request, family: str) -> tuple:
+    model, processor = request.getfixturevalue(MODELS[family])
+    processor.tokenizer.padding_side = "left"
+    return model, processor
 NEW_TOKENS = 4
 
 
@@ -43,16 +62,15 @@ def kept(trace, sample: int) -> list[list[int]]:
 STOCK = {}  # family -> (model, a left-padded batch, its first sample alone, the stock model's outputs)
 
 
-@pytest.fixture(params=["llava", "llava_next"])
-def family(request, tiny, tiny_next):
+@pytest.fixture(params=list(MODELS))
+def family(request):
     """Two images of different sizes (on LLaVA-NeXT, different crop grids) with the stock model's greedy tokens on
     the batch and logits on the first alone, computed once per family."""
     if request.param not in STOCK:
-        model, processor = tiny if request.param == "llava" else tiny_next
-        images = [demo_image(0), demo_image(1)] if request.param == "llava" else NEXT_IMAGES
-        batch = dict(processor(text=[prompt(q) for q in QUESTIONS[:2]], images=images, padding=True,
-                               return_tensors="pt"))
-        single = dict(processor(text=[prompt(QUESTIONS[0])], images=images[:1], return_tensors="pt"))
+        model, processor = tiny_model(request, request.param)
+        images = [img for img in BATCH_IMAGES[request.param] if img is not None][:2]
+        batch = encode(model, processor, QUESTIONS[:2], images)
+        single = encode(model, processor, QUESTIONS[:1], images[:1])
         with torch.no_grad():
             stock = greedy(model, batch, NEW_TOKENS), model(**single).logits
         STOCK[request.param] = model, batch, single, stock
@@ -64,20 +82,20 @@ def test_full_budget_is_the_stock_model(family, name):
     model, batch, single, (reference, reference_logits) = family
     info = ModelInfo.of(model)
     originals = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
-    with visiondrop.apply(model, name, None if name == "none" else info.n_visual) as handle, torch.no_grad():
-        assert handle.policy.describe() == {"method": "none"}
-        assert torch.equal(greedy(model, batch, NEW_TOKENS), reference)
-        assert handle.trace.tokens_per_layer == [[n] * info.n_layers for n in originals]
-        torch.testing.assert_close(model(**single).logits, reference_logits, atol=1e-5, rtol=1e-5)
+    for given in ({"budget": None if name == "none" else info.n_visual}, {"ratio": 1.0}):
+        with visiondrop.apply(model, name, **given) as handle, torch.no_grad():
+            assert handle.policy.describe() == {"method": "none"}
+            assert torch.equal(greedy(model, batch, NEW_TOKENS), reference)
+            assert handle.trace.tokens_per_layer == [[n] * info.n_layers for n in originals]
+            torch.testing.assert_close(model(**single).logits, reference_logits, atol=1e-5, rtol=1e-5)
     if name != "none":  # above all the visual tokens too
         assert policy_for(info, name, info.n_visual + 24).describe() == {"method": "none"}
 
 
-@pytest.fixture(params=list(BATCH_IMAGES))
-def host(request, tiny, tiny_next) -> tuple:
+@pytest.fixture(params=list(MODELS))
+def host(request) -> tuple:
     """(a tiny model of each family, its processor, a batch's images)."""
-    model, processor = tiny if request.param == "llava" else tiny_next
-    return model, processor, BATCH_IMAGES[request.param]
+    return *tiny_model(request, request.param), BATCH_IMAGES[request.param]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -86,8 +104,8 @@ def test_batch_equals_each_sample_alone(host, name):
     with the default options."""
     model, processor, images = host
     questions = QUESTIONS[:len(images)]
-    batch = inputs(processor, questions, images)
-    singles = [inputs(processor, [q], [img]) for q, img in zip(questions, images)]
+    batch = encode(model, processor, questions, images)
+    singles = [encode(model, processor, [q], [img]) for q, img in zip(questions, images)]
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
     stock_text_only = run(model, singles[TEXT_ONLY])
     with visiondrop.apply(model, name, example_budget(name, ModelInfo.of(model))) as handle:
@@ -117,7 +135,7 @@ def test_generation_with_cache_equals_replay_without(host, name):
     """Decode steps on the pruned cache give what re-running the prompt with the prefill's decisions gives."""
     model, processor, images = host
     budget = example_budget(name, ModelInfo.of(model))
-    batch = inputs(processor, QUESTIONS[:2], [img for img in images if img is not None][:2])
+    batch = encode(model, processor, QUESTIONS[:2], [img for img in images if img is not None][:2])
     cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10)
     assert torch.equal(cached, replayed)
 
