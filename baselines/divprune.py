@@ -28,6 +28,7 @@ from torch import Tensor
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.families import ModelInfo
 from visiondrop.methods import Method, Overhead
+from visiondrop.methods.shared import whole_count
 
 if TYPE_CHECKING:
     from visiondrop.efficiency.flops import Cut
@@ -69,10 +70,7 @@ def policy(info: ModelInfo, budget: float | None = None) -> Policy:
     if budget is None:
         raise ValueError("DivPrune needs a budget (its keep count; the official SUBSET_RATIO is budget / "
                          f"{info.n_visual})")
-    if budget < 1 or budget != int(budget):
-        raise ValueError(f"DivPrune keeps exactly `budget` tokens in every layer: reachable budgets are the integers "
-                         f"from 1 to {info.n_visual - 1} (or {info.n_visual} for the unpruned model), got {budget}")
-    return DivPrune(info, int(budget))
+    return DivPrune(info, whole_count(budget, info, "DivPrune"))
 
 
 def selection_macs(cut: Cut, width: int) -> int:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.methods import Method
+from visiondrop.methods.shared import whole_count
 from visiondrop.families import ModelInfo
 
 
@@ -45,11 +46,7 @@ def policy(info: ModelInfo, budget: float | None = None, seed: int = 0) -> Polic
     """Random dropping to `budget` visual tokens in every decoder layer."""
     if budget is None:
         raise ValueError("the random control needs a budget")
-    if budget < 1 or budget != int(budget):
-        raise ValueError(f"the random control keeps exactly `budget` tokens in every layer: reachable budgets are "
-                         f"the integers from 1 to {info.n_visual - 1} (or {info.n_visual} for the unpruned model), "
-                         f"got {budget}")
-    return RandomDrop(info, int(budget), seed)
+    return RandomDrop(info, whole_count(budget, info, "the random control"), seed)
 
 
 METHOD = Method("random", "Random", policy, smallest_budget=lambda info: 1)

@@ -13,7 +13,7 @@ it on LLaVA-1.5:
 The selection depends on the image only: the same image gives the same tokens for every question.
 
 Budgets (methods.md 5(f)): 192 -> 162+30, 128 -> 108+20, 64 -> 54+10 (the official LLaVA-1.5 splits), 32 -> 27+5;
-any other whole budget T splits the same way, dominant = round(T * 54/64), contextual = T - dominant.
+any other budget T (the nearest whole count, `split_budget`) splits the same way, dominant = round(T * 54/64), contextual = T - dominant.
 
 Options (keywords of `visiondrop.apply` beside `budget`):
 - `dominant`, `contextual`: an explicit split, as the official `visionzip(model, dominant=54, contextual=10)` call.
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from visiondrop.engine import EncoderView, Policy, Selection
 from visiondrop.methods import Method, Overhead
-from visiondrop.methods.shared import encoder_selection, newline_choice
+from visiondrop.methods.shared import encoder_selection, newline_choice, whole_count
 from visiondrop.families import ModelInfo
 
 #: The official LLaVA-1.5 splits keep 54 of every 64 tokens as dominant (54+10, 108+20, 162+30).
@@ -45,16 +45,12 @@ def split_budget(budget: float, info: ModelInfo) -> tuple[int, int]:
     """(dominant incl. CLS, contextual) per crop: no decoder cut, so the budget is the token count itself.
 
     LLaVA-NeXT runs the split on every crop with budget / crops (640/320/160 -> 108+20, 54+10, 27+5 per crop),
-    Video-LLaVA on every frame; on such multi-crop models a budget between whole per-crop counts (a retention
-    ratio: 12.5% of 8 x 257 is 32.125 a frame) takes the nearest one, and `describe()` states the tokens kept.
+    Video-LLaVA on every frame; a budget between whole per-crop counts (a retention ratio: 12.5% of 8 x 257 is
+    32.125 a frame) takes the nearest one (`methods.shared.whole_count`), and `describe()` states the tokens kept.
     """
-    per_crop = budget / info.crops if info.crops == 1 else round(budget / info.crops)
-    if per_crop != int(per_crop) or not MIN_BUDGET <= per_crop < info.per_crop:
-        raise ValueError(f"VisionZip cannot reach budget {budget}: whole budgets per crop from {MIN_BUDGET} to "
-                         f"{info.per_crop - 1} are reachable ({info.crops} crop(s) per image, so the smallest "
-                         f"reachable budget is {smallest_budget(info):g}; or {info.n_visual} for the unpruned model)")
+    per_crop = whole_count(budget, info, "VisionZip", parts=info.crops, smallest=MIN_BUDGET)
     dominant = round(per_crop * DOMINANT_SHARE)
-    return dominant, int(per_crop) - dominant
+    return dominant, per_crop - dominant
 
 
 class VisionZip(Policy):

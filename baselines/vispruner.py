@@ -46,7 +46,7 @@ from torch import Tensor
 from visiondrop.engine import EncoderView, Policy, Selection
 from visiondrop.families import ModelInfo
 from visiondrop.methods import Method, Overhead
-from visiondrop.methods.shared import newline_choice
+from visiondrop.methods.shared import newline_choice, whole_count
 
 if TYPE_CHECKING:
     from visiondrop.efficiency.flops import Cut
@@ -56,14 +56,10 @@ DROPPED_PER_ROUND = 8  # the official diverse stage drops at most 8 tokens per r
 
 def split_budget(budget: float, important_ratio: float, info: ModelInfo) -> tuple[int, int]:
     """(important, diverse) tokens per crop; LLaVA-NeXT splits budget / crops on every crop, Video-LLaVA on every
-    frame; on such multi-crop models a budget between whole per-crop counts (a retention ratio) takes the nearest."""
-    per_crop = budget / info.crops if info.crops == 1 else round(budget / info.crops)
-    if per_crop != int(per_crop) or not 1 <= per_crop < info.per_crop:
-        raise ValueError(f"VisPruner cannot reach budget {budget}: whole budgets per crop from 1 to "
-                         f"{info.per_crop - 1} are reachable ({info.crops} crop(s) per image, so the smallest "
-                         f"reachable budget is {info.crops}; or {info.n_visual} for the unpruned model)")
+    frame; a budget between whole per-crop counts (a retention ratio) takes the nearest (`methods.shared.whole_count`)."""
+    per_crop = whole_count(budget, info, "VisPruner", parts=info.crops)
     important = int(per_crop * important_ratio)
-    return important, int(per_crop) - important
+    return important, per_crop - important
 
 
 def diverse_rounds(unit: Tensor, residual: Tensor, n_diverse: int) -> Tensor:

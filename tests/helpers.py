@@ -64,9 +64,10 @@ def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens
     from visiondrop.api import Handle
     from visiondrop.engine.replay import Replay
 
-    # a random tiny model may generate the image placeholder, which re-running the prompt without a cache would
-    # read as one more image token: keep it out of both runs
-    no_placeholder = {"suppress_tokens": [model.config.image_token_id]}
+    # a random tiny model may generate an image (or video) placeholder, which re-running the prompt without a cache
+    # would read as one more visual token: keep them out of both runs
+    placeholders = [getattr(model.config, f"{kind}_token_id", None) for kind in ("image", "video")]
+    no_placeholder = {"suppress_tokens": [i for i in placeholders if i is not None]}
     with visiondrop.apply(model, method, budget, **options) as handle:
         cached = greedy(model, batch, new_tokens, **no_placeholder)
     with Handle(model, Replay(handle.policy, handle.trace)):

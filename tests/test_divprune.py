@@ -8,6 +8,8 @@ from baselines.divprune import max_min_diverse
 from helpers import inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
 from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
+from visiondrop.families import ModelInfo
+from visiondrop.methods import policy_for
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
@@ -82,9 +84,10 @@ def test_next_selects_among_each_images_whole_visual_block(tiny_next):
 
 def test_clear_errors(tiny):
     model, _ = tiny
-    for budget in (0.5, 64.5):
-        with pytest.raises(ValueError, match="integers from 1 to 575"):
-            visiondrop.apply(model, "divprune", budget=budget)
+    with pytest.raises(ValueError, match="cannot reach budget 0.5: .* the smallest reachable budget is 1 "):
+        visiondrop.apply(model, "divprune", budget=0.5)
+    for budget, kept in ((64.4, 64), (64.6, 65), (575.7, 575)):  # a ratio's budget keeps the nearest whole count
+        assert policy_for(ModelInfo.of(model), "divprune", budget).describe()["equivalent_tokens"] == kept
     with pytest.raises(ValueError, match="needs a budget"):
         visiondrop.apply(model, "divprune")
 

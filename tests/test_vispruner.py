@@ -11,6 +11,7 @@ from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, ov
 from visiondrop.families import ModelInfo
 from visiondrop.families.llava import clip_encoder_view
 from visiondrop.families.llava_next import packed_positions
+from visiondrop.methods import policy_for
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
@@ -127,9 +128,10 @@ def test_overhead_formula_matches_torch_flop_counter(tiny, options):
 
 def test_clear_errors(tiny):
     model, _ = tiny
-    for budget in (0.5, 64.5):
-        with pytest.raises(ValueError, match="whole budgets per crop from 1 to 575"):
-            visiondrop.apply(model, "vispruner", budget=budget)
+    with pytest.raises(ValueError, match="cannot reach budget 0.5: .* the smallest reachable budget is 1 "):
+        visiondrop.apply(model, "vispruner", budget=0.5)
+    info = ModelInfo.of(model)
+    assert policy_for(info, "vispruner", 64.4).describe() == policy_for(info, "vispruner", 64).describe()
     with pytest.raises(ValueError, match="important_ratio is the important share of the budget, in \\[0, 1\\]"):
         visiondrop.apply(model, "vispruner", budget=64, important_ratio=1.5)
     with pytest.raises(ValueError, match="newlines must be 'drop'"):

@@ -1,9 +1,11 @@
-"""Pieces several methods share: the CLS-attention encoder stage (VisionDrop, VisionZip) and its LLaVA-NeXT layout."""
+"""Pieces several methods share: the CLS-attention encoder stage (VisionDrop, VisionZip), its LLaVA-NeXT layout, and
+the whole token counts of the methods that keep exactly their budget."""
 from __future__ import annotations
 
 import torch
 
 from ..engine import EncoderView, Selection, complement, contextual_merge, topk_in_order
+from ..families import ModelInfo
 
 
 def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Selection:
@@ -35,3 +37,20 @@ def newline_choice(newlines: str) -> bool:
     if newlines not in ("drop", "keep"):
         raise ValueError(f"newlines must be 'drop' (official layout) or 'keep', got {newlines!r}")
     return newlines == "keep"
+
+
+def whole_count(budget: float, info: ModelInfo, title: str, parts: int = 1, smallest: int = 1) -> int:
+    """The tokens a method that keeps exactly its budget keeps of each of `parts` equal parts of the nominal sample
+    (crops or frames that each keep their share; 1: the sample's whole visual block).
+
+    A budget between whole counts, as a retention ratio gives (12.5% of 2,056 is 257, of a 257-token frame
+    32.125), keeps the nearest whole count, and `describe()` states the tokens kept; a budget below `smallest`
+    per part is refused, naming the smallest reachable budget.
+    """
+    if budget < smallest * parts:
+        per = f" per part ({parts} crops or frames)" if parts > 1 else ""
+        raise ValueError(f"{title} cannot reach budget {budget:g}: it keeps whole tokens, at least {smallest}{per}, "
+                         f"so the smallest reachable budget is {smallest * parts:g} (or {info.n_visual} for the "
+                         "unpruned model)")
+    # a budget just below all the tokens may round up to all of them: it still prunes one
+    return min(round(budget / parts), info.n_visual // parts - 1)
