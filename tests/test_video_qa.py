@@ -257,6 +257,12 @@ def test_stock_videomme_task_runs_on_a_local_copy_of_the_release(tmp_path, tiny_
     [bench] = [b for b in cfg.benchmarks if b.task == "videomme"]
     bench.data = {"dataset_path": "parquet", "dataset_kwargs": {"data_files": {"test": str(parquet)}}}
     cfg.benchmarks = [bench]
+    last = tmp_path / "hf" / "videomme" / "data" / f"{VIDEOMME[-1][1]}.mp4"
+    last.rename(last.with_suffix(".missing"))  # the stock task sys.exit()s on it: the job fails, naming the video
+    stopped = rf"benchmark Video-MME: lmms-eval task 'videomme_local' stopped: .*{last.name}"
+    with pytest.raises(RuntimeError, match=stopped):
+        job.run_job(cfg)
+    last.with_suffix(".missing").rename(last)
     [record] = job.run_job(cfg)
     samples = [json.loads(line) for line in open(record["path"].replace(".json", ".samples.jsonl"))]
     answers = [row["answer"] for row in rows]

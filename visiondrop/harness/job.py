@@ -227,9 +227,12 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
             key = identity_key(identity)
             outputs = store.path(identity, key).with_suffix(".outputs")
             cli_args = argparse.Namespace(output_path=str(outputs), process_with_media=True)
-            results = simple_evaluate(model=model, tasks=[task], task_manager=task_manager, limit=cfg.limit,
-                                      bootstrap_iters=0, datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"),
-                                      cli_args=cli_args, **SEEDS)
+            try:
+                results = simple_evaluate(model=model, tasks=[task], task_manager=task_manager, limit=cfg.limit,
+                                          bootstrap_iters=0, datetime_str=datetime.now().strftime("%Y%m%d_%H%M%S"),
+                                          cli_args=cli_args, **SEEDS)
+            except SystemExit as stop:  # some stock tasks sys.exit() on a missing file: one failed job, not the sweep
+                raise RuntimeError(f"benchmark {bench.name}: lmms-eval task {task!r} stopped: {stop}") from None
             wall = time.perf_counter() - start
             task_results = results["results"][task]
             score = benchmark_score(bench, task_results)
