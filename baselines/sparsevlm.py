@@ -44,6 +44,10 @@ Options (keywords of `visiondrop.apply` beside `budget`):
   budget, the keep lists are solved for these layers by the rule above;
 - `recycle` (default True): False drops the pruned tokens without clustering (the paper's no-recycling ablation;
   a budget then targets what the official lists feed LLaVA-1.5-7B without recycling);
+- `lists` (default "official"): "interpolated" reaches any budget between the official ones (64 to 192 of 576, e.g.
+  the video papers' 12.5% = 72 and 25% = 144): the two neighbouring official lists interpolated linearly by budget
+  (`reference_lists`), then the same rule; not the official code's (which has these four lists only), and labelled
+  so in `describe()` ("interpolated_keep_lists") and in the tables (an option set by hand);
 - `seed` (default 0): an int draws each sample's clustering noise from a private CPU generator seeded with it at
   every forward, so outcomes do not depend on the batch or on earlier calls; "global" draws from the global torch
   RNG on the tokens' device, as the official code (for parity runs seeded with `torch.manual_seed`).
@@ -63,6 +67,7 @@ LAYERS = (2, 6, 15)
 KEEP_LISTS = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
 OFFICIAL_N_VISUAL = 576
 OFFICIAL_N_LAYERS = 32
+LISTS = ("official", "interpolated")
 SEEDS = "an int (each sample's own generator, the default 0) or 'global' (the global torch RNG, as official)"
 
 
@@ -86,9 +91,20 @@ def tokens_per_layer(n_visual: int, n_layers: int, layers: tuple[int, ...], keep
     return counts
 
 
-def official_mean(reference: int, recycle: bool) -> float:
-    """Mean visual tokens entering the layers of LLaVA-1.5-7B with the official keep lists of budget `reference`."""
-    counts = tokens_per_layer(OFFICIAL_N_VISUAL, OFFICIAL_N_LAYERS, LAYERS, KEEP_LISTS[reference], recycle)
+def reference_lists(reference: float) -> tuple[int, ...]:
+    """LLaVA-1.5-7B's keep lists at budget `reference`: the official ones, or between two official budgets (option
+    `lists="interpolated"`) the neighbours' lists interpolated linearly by budget and rounded (72 -> (109, 35, 19))."""
+    if reference in KEEP_LISTS:
+        return KEEP_LISTS[reference]
+    below = max(b for b in KEEP_LISTS if b < reference)
+    above = min(b for b in KEEP_LISTS if b > reference)
+    t = (reference - below) / (above - below)
+    return tuple(int(lo + t * (hi - lo) + 0.5) for lo, hi in zip(KEEP_LISTS[below], KEEP_LISTS[above]))
+
+
+def official_mean(reference: float, recycle: bool) -> float:
+    """Mean visual tokens entering the layers of LLaVA-1.5-7B with the keep lists of budget `reference`."""
+    counts = tokens_per_layer(OFFICIAL_N_VISUAL, OFFICIAL_N_LAYERS, LAYERS, reference_lists(reference), recycle)
     return sum(counts) / len(counts)
 
 
@@ -100,7 +116,7 @@ class Unreachable(ValueError):
         self.floor = floor
 
 
-def schedule(reference: int, n: int, n_layers: int, layers: tuple[int, ...], recycle: bool) -> tuple[int, ...]:
+def schedule(reference: float, n: int, n_layers: int, layers: tuple[int, ...], recycle: bool) -> tuple[int, ...]:
     """Keep lists for one image of `n` visual tokens on an `n_layers`-layer decoder pruning after `layers`.
 
     The target is the official schedule's mean entering tokens at `reference` (a LLaVA-1.5 budget) as a fraction
@@ -109,7 +125,7 @@ def schedule(reference: int, n: int, n_layers: int, layers: tuple[int, ...], rec
     closest to the target, and of those the one nearest to n / 576 is taken (the official lists themselves on
     LLaVA-1.5-7B). Raises `Unreachable` where even lists of 1 feed more than the target.
     """
-    official = KEEP_LISTS[reference]
+    official = reference_lists(reference)
     target = official_mean(reference, recycle) * n / OFFICIAL_N_VISUAL
     proportional = n / OFFICIAL_N_VISUAL
 
@@ -163,7 +179,7 @@ class SparseVLM(Policy):
     name = "sparsevlm"
 
     def __init__(self, info: ModelInfo, layers: tuple[int, ...], keep_lists: tuple[int, ...] | None, recycle: bool,
-                 seed: int | str = 0, reference: int | None = None):
+                 seed: int | str = 0, reference: float | None = None):
         """keep_lists: explicit lists (for a 576-token image, scaled to a sample's count), or None with
         `reference`, the LLaVA-1.5 budget whose rule (`schedule`) gives each sample's lists."""
         if (keep_lists is None) == (reference is None):
@@ -236,7 +252,8 @@ class SparseVLM(Policy):
                      "equivalent_tokens": sum(output_counts) / len(counts),
                      "mean_tokens_entering_layers": sum(counts) / len(counts)}
         if self.reference is not None:
-            described["official_keep_lists"] = list(KEEP_LISTS[self.reference])
+            official = "official" if self.reference in KEEP_LISTS else "interpolated"
+            described[f"{official}_keep_lists"] = list(reference_lists(self.reference))
             described["target_mean_tokens_entering_layers"] = (official_mean(self.reference, self.recycle)
                                                                * self.info.n_visual / OFFICIAL_N_VISUAL)
         return described
@@ -261,8 +278,12 @@ def smallest_budget(info: ModelInfo) -> float:
 
 
 def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] | None = None,
-           layers: list[int] | None = None, recycle: bool = True, seed: int | str = 0) -> Policy:
-    """SparseVLM v1.5 from a budget (one of the official keep lists, by the rule of the docstring) or `keep_lists`."""
+           layers: list[int] | None = None, recycle: bool = True, seed: int | str = 0, lists: str = "official"
+           ) -> Policy:
+    """SparseVLM v1.5 from a budget (one of the official keep lists, by the rule of the docstring; with
+    lists="interpolated" any budget between the official ones) or `keep_lists`."""
+    if lists not in LISTS:
+        raise ValueError(f"SparseVLM lists must be one of {LISTS}, got {lists!r}")
     if seed != "global" and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"SparseVLM seed must be {SEEDS}, got {seed!r}")
     layers = info.relative_layers(LAYERS if layers is None else list(layers), "SparseVLM layers", lowest=0, spare=1)
@@ -280,17 +301,23 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
     # NeXT: 640/320 of 2880 -> the 128/64 lists; rounded so that a ratio (1/3 x n_visual) finds its list
     reference = round(budget * OFFICIAL_N_VISUAL / info.n_visual, 9)
     scaled = lambda b: b * info.n_visual / OFFICIAL_N_VISUAL  # noqa: E731
-    if reference not in KEEP_LISTS:
+    lowest, highest = min(KEEP_LISTS), max(KEEP_LISTS)
+    if lists == "interpolated" and not lowest <= reference <= highest:
+        raise ValueError(f"SparseVLM interpolates keep lists between its official budgets, {scaled(lowest):g} to "
+                         f"{scaled(highest):g} here, got {budget}; pass keep_lists= otherwise")
+    if lists == "official" and reference not in KEEP_LISTS:
         allowed = ", ".join(f"{scaled(b):g}" for b in KEEP_LISTS)
         raise ValueError(f"SparseVLM has official keep lists only for budgets {allowed} (or {info.n_visual} for "
-                         f"the unpruned model), got {budget}; pass keep_lists= otherwise")
+                         f"the unpruned model), got {budget}; pass lists='interpolated' for a budget between them "
+                         "or keep_lists= otherwise")
     try:
-        return SparseVLM(info, layers, None, recycle, seed, reference=int(reference))
+        return SparseVLM(info, layers, None, recycle, seed, reference=int(reference) if reference in KEEP_LISTS
+                         else reference)
     except Unreachable as error:
         reachable = reachable_budgets(info, layers, recycle)
         smallest = (f"the smallest reachable budget is {reachable[0]:g}" if reachable else
                     f"none of its budgets ({', '.join(f'{scaled(b):g}' for b in sorted(KEEP_LISTS))}) is reachable")
-        ratio = official_mean(int(reference), recycle) / reference
+        ratio = official_mean(reference, recycle) / reference
         raise ValueError(
             f"SparseVLM cannot reach budget {budget:g} on this {info.n_layers}-layer decoder pruning after layers "
             f"{list(layers)}: at {budget:g} its official keep lists feed LLaVA-1.5-7B's layers {ratio:.3f} x the "

@@ -13,7 +13,8 @@ it on LLaVA-1.5:
 The selection depends on the image only: the same image gives the same tokens for every question.
 
 Budgets (methods.md 5(f)): 192 -> 162+30, 128 -> 108+20, 64 -> 54+10 (the official LLaVA-1.5 splits), 32 -> 27+5;
-any other budget T (the nearest whole count, `split_budget`) splits the same way, dominant = round(T * 54/64), contextual = T - dominant.
+any other budget T (the nearest whole count, `split_budget`) splits the same way, dominant = round(T * 54/64),
+contextual = T - dominant.
 
 Options (keywords of `visiondrop.apply` beside `budget`):
 - `dominant`, `contextual`: an explicit split, as the official `visionzip(model, dominant=54, contextual=10)` call.

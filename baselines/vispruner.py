@@ -56,7 +56,8 @@ DROPPED_PER_ROUND = 8  # the official diverse stage drops at most 8 tokens per r
 
 def split_budget(budget: float, important_ratio: float, info: ModelInfo) -> tuple[int, int]:
     """(important, diverse) tokens per crop; LLaVA-NeXT splits budget / crops on every crop, Video-LLaVA on every
-    frame; a budget between whole per-crop counts (a retention ratio) takes the nearest (`methods.shared.whole_count`)."""
+    frame; a budget between whole per-crop counts (a retention ratio) takes the nearest
+    (`methods.shared.whole_count`)."""
     per_crop = whole_count(budget, info, "VisPruner", parts=info.crops)
     important = int(per_crop * important_ratio)
     return important, per_crop - important

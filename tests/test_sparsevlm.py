@@ -3,12 +3,13 @@ import pytest
 import torch
 
 import visiondrop
-from baselines.sparsevlm import (KEEP_LISTS, LAYERS, SparseVLM, cluster_and_merge, official_mean, policy, schedule,
-                                 tokens_per_layer)
+from baselines.sparsevlm import (KEEP_LISTS, LAYERS, SparseVLM, cluster_and_merge, official_mean, policy,
+                                 reference_lists, schedule, tokens_per_layer)
 from helpers import inputs, measure_counts, prompt
 from parity import assert_matches_official, load_case, parity_inputs
 from visiondrop.engine import DecoderCut
 from visiondrop.families import ModelInfo
+from visiondrop.methods import policy_for
 from visiondrop.testing.tiny import build_tiny_llava, demo_image, load_tiny_llava
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
@@ -273,3 +274,39 @@ def test_four_layer_decoder_keeps_the_ratio_at_192_and_refuses_the_rest(shallow)
     # explicit lists stay available, as given
     counts, _ = measure_counts(model, inputs(processor, QUESTIONS[:1]), "sparsevlm", keep_lists=[66, 30, 17])
     assert counts == [576, 82, 32, 18]  # as on LLaVA-1.5-7B, one layer each
+
+
+# -- budgets between the official ones (lists="interpolated") ----------------------------------------------------------
+
+def test_interpolated_lists_between_the_official_budgets():
+    assert reference_lists(72) == (109, 35, 19)  # a quarter of the way from 64's (66, 30, 17) to 96's (238, 48, 26)
+    assert reference_lists(144) == (302, 133, 55)  # from 128's (303, 110, 36) to 192's (300, 200, 110)
+    for budget in KEEP_LISTS:  # the official budgets keep their lists, described as official
+        described = policy(INFO, budget, lists="interpolated").describe()
+        assert described["keep_lists"] == list(KEEP_LISTS[budget]) == described["official_keep_lists"]
+    for budget in (72, 80, 112, 144, 160, 176):  # SparseVLM's own count lands within a token of the budget
+        described = policy(INFO, budget, lists="interpolated").describe()
+        assert described["keep_lists"] == described["interpolated_keep_lists"] == list(reference_lists(budget))
+        assert 0 <= described["equivalent_tokens"] - budget < 1
+    with pytest.raises(ValueError, match="keep lists only for budgets 64, 96, 128, 192 .* lists='interpolated'"):
+        policy(INFO, 72)
+    for budget in (50, 200):
+        with pytest.raises(ValueError, match="interpolates keep lists between its official budgets, 64 to 192"):
+            policy(INFO, budget, lists="interpolated")
+    with pytest.raises(ValueError, match="lists must be one of"):
+        policy(INFO, 64, lists="nearest")
+
+
+def test_interpolated_lists_on_a_video_model_and_counted_with_hooks(tiny):
+    """The video papers' 12.5% of Video-LLaVA's 2,056 tokens is 72/576 (and 25% 144/576); the lists follow the same
+    rule on every model, and the tokens entering each layer of the tiny LLaVA are the described ones."""
+    video = ModelInfo(n_visual=2056, n_layers=32, vision_layer=22, cls_kept=True, crops=8, video=True)
+    for ratio, reference in ((0.125, 72), (0.25, 144)):
+        described = policy_for(video, "sparsevlm", ratio=ratio, lists="interpolated").describe()
+        assert described["interpolated_keep_lists"] == list(reference_lists(reference))
+        target = official_mean(reference, True) * 2056 / 576
+        assert abs(described["mean_tokens_entering_layers"] - target) < 1
+    model, processor = tiny
+    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "sparsevlm", 144, lists="interpolated")
+    assert measured == handle.trace.tokens_per_layer[0] == handle.policy.describe()["tokens_per_layer"]
+    assert handle.policy.keep_lists == reference_lists(144)
