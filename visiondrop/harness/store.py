@@ -16,9 +16,11 @@ from typing import Iterable
 
 import pandas as pd
 
+from .judge import judge_label
+
 COLUMNS = ("model", "method", "variant", "options", "budget", "retention_ratio", "benchmark", "score", "metric",
            "convention", "unit", "equivalent_tokens", "measured_tokens", "tflops", "samples", "docs", "partial",
-           "schedule", "created", "path")
+           "schedule", "protocol", "judged_by", "created", "path")
 POSITIONS = ".positions.json"
 
 
@@ -76,10 +78,11 @@ def _atomic(path: Path, text: str) -> None:
 
 def _normalised(record: dict, path: Path) -> dict:
     """The fields tables read, for records of either layout: the options set by hand as a label (variant), the
-    schedule as a row key."""
+    schedule as a row key, the judge of open-ended answers as a label (judged_by)."""
     config = record.get("config") or {}
     given = (config.get("method") or {}).get("options")
     created = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat()
     return {**record, "path": str(path), "created": record.get("created", created),
             "partial": record.get("partial", config.get("limit") is not None),
-            "variant": options_label(given), "schedule": json.dumps(record.get("schedule"), sort_keys=True)}
+            "variant": options_label(given), "schedule": json.dumps(record.get("schedule"), sort_keys=True),
+            "judged_by": judge_label(record.get("judge"))}
