@@ -2,13 +2,14 @@
 Video-ChatGPT judge on a local stub endpoint (127.0.0.1, no network), judging later, and the key kept secret."""
 import json
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from omegaconf import OmegaConf
 
 from test_harness import config
-from visiondrop.harness import job, judge, video_qa
+from visiondrop.harness import app, job, judge, video_qa
 from visiondrop.testing.videos import write_demo_video
 
 KEY = "sk-test-secret-0123456789"
@@ -187,6 +188,22 @@ def test_another_judge_judges_the_stored_answers_again_and_tables_never_mix_judg
         build_table(store.frame(), None, "video-llava-7b")
     assert f"stub-judge-1 at {endpoint}: VisionDrop 514 on MSVD-QA" in str(refused.value)
     assert f"stub-judge-harsh at {endpoint}: FastV 514 on MSVD-QA" in str(refused.value)
+
+    logged = []  # the Hydra app logs records judged again to the job's wandb run, as evaluated ones
+
+    @contextmanager
+    def job_run(cfg, label):
+        yield lambda record, samples: logged.append((record, samples))
+
+    monkeypatch.setattr("visiondrop.harness.dashboard.job_run", job_run)
+    cfg.judge.model = "stub-judge-harsh"
+    outcome = app.run(cfg)
+    assert outcome.status == "ran" and outcome.records == [unjudged["path"]]
+    assert outcome.reason == f"1 stored record(s) judged again by stub-judge-harsh at {endpoint}, answers not " \
+        "generated again"
+    [(record, samples)] = logged
+    assert record["score"] == 0.0 and [s["accuracy"]["score"] for s in samples] == [0.0, 0.0]
+    assert app.run(cfg).status == "done" and len(logged) == 1 and len(StubJudge.requests) == 8
     written = "".join(p.read_text() for p in (tmp_path / "runs").rglob("*") if p.is_file())
     assert KEY not in written and KEY not in caplog.text
 

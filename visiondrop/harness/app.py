@@ -37,17 +37,15 @@ def run(cfg: DictConfig) -> Outcome:
     try:
         label = job_label(cfg)
         plan = plan_job(cfg)
-        rejudged = judge_again(plan)  # stored answers that the configured judge has not judged yet
-        reason = ""
-        if rejudged:
-            reason = (f"{len(rejudged)} stored record(s) judged again by {judge_label(plan.judge.describe())}, "
-                      "answers not generated again")
-        if not plan.todo:
-            return Outcome(label, "done", reason=reason, records=[str(p) for p in plan.done])
+        if not plan.todo and not plan.rejudge:
+            return Outcome(label, "done", records=[str(p) for p in plan.done])
         from .dashboard import job_run
 
         with job_run(cfg, label) as log_record:
-            records = evaluate(cfg, plan, log_record)
+            rejudged = judge_again(plan, log_record)  # stored answers the configured judge has not judged yet
+            records = evaluate(cfg, plan, log_record) if plan.todo else []
+        reason = (f"{len(rejudged)} stored record(s) judged again by {judge_label(plan.judge.describe())}, answers "
+                  "not generated again") if rejudged else ""
         return Outcome(label, "ran", reason=reason,
                        records=[str(p) for p in plan.done] + [r["path"] for r in records])
     except Unreachable as err:  # e.g. FastV below 36 tokens: skipped, and why

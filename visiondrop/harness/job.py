@@ -22,7 +22,7 @@ from . import TASKS_DIR
 from .judge import Judge, judge_label, judge_record
 from .judge import configure as configure_judge
 from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, processor_options, run_identity
-from .store import ResultStore, options_label
+from .store import ResultStore, options_label, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,15 @@ def plan_job(cfg: DictConfig) -> Plan:
     return Plan(budget, path, options, schedule, todo, done, judge, rejudge)
 
 
-def judge_again(plan: Plan) -> list[dict]:
-    """Judge the stored answers of the plan's `rejudge` records with its judge; returns the records rewritten."""
-    return [judge_record(path, plan.judge) for path in plan.rejudge]
+def judge_again(plan: Plan, on_record: Callable[[dict, list[dict]], None] | None = None) -> list[dict]:
+    """Judge the stored answers of the plan's `rejudge` records with its judge; returns the records rewritten, each
+    also shown to `on_record(record, samples)`."""
+    records = []
+    for path in plan.rejudge:
+        records.append(judge_record(path, plan.judge))
+        if on_record is not None:
+            on_record(records[-1], read_samples(path))
+    return records
 
 
 def local_task(bench: DictConfig, task_manager, folder: Path) -> str:

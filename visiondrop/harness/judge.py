@@ -157,11 +157,10 @@ def judge_record(path: str | Path, judge: Judge) -> dict:
     """Judge the stored answers of the video-QA record at `path` with `judge` and rewrite record and answers (the
     same key: the answers are the same run's). A replaced judge's numbers stay in the record's `earlier_judges`
     and the log names them; its per-answer verdicts are overwritten. Returns the record, with its path."""
-    from .store import ResultStore
+    from .store import ResultStore, read_samples
 
     path = Path(path)
-    record = json.loads(path.read_text())
-    samples = [json.loads(line) for line in path.with_suffix(".samples.jsonl").read_text().splitlines() if line]
+    record, samples = json.loads(path.read_text()), read_samples(path)
     entries = judge_entries([s[record["metric"]] for s in samples], judge)
     for sample, entry in zip(samples, entries):
         sample[record["metric"]] = entry

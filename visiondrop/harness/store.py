@@ -64,6 +64,12 @@ def read_records(paths: Iterable[str | Path]) -> list[dict]:
     return [_normalised(json.loads(Path(p).read_text()), Path(p)) for p in paths]
 
 
+def read_samples(record_path: str | Path) -> list[dict]:
+    """The per-sample answers stored beside a record (`<key>.samples.jsonl`)."""
+    text = Path(record_path).with_suffix(".samples.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
 def records_frame(records: list[dict]) -> pd.DataFrame:
     """One row per record: what identifies it in a table, the score, its convention and the token accounting."""
     return pd.DataFrame([{k: r.get(k) for k in COLUMNS} for r in records], columns=list(COLUMNS))
