@@ -158,8 +158,9 @@ def plan_job(cfg: DictConfig) -> Plan:
         identity = run_identity(cfg, checkpoint, options, schedule, bench)
         record = store.path(identity, identity_key(identity))
         if record.exists() and not cfg.force:
-            stored = json.loads(record.read_text()).get("judge") if bench.get("protocol") == "video-chatgpt" else None
-            if judge is not None and bench.get("protocol") == "video-chatgpt" and stored != judge.describe():
+            video_qa = bench.get("protocol") == "video-chatgpt"
+            stored = json.loads(record.read_text()).get("judge") if video_qa else None
+            if judge is not None and video_qa and stored != judge.describe():
                 log.info("judge %s again: its record %s was %s, the configured judge is %s (the stored answers "
                          "are judged, not generated again)", bench.name, record,
                          f"judged by {judge_label(stored)}" if stored else "not judged", judge_label(judge.describe()))
