@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from visiondrop.efficiency import latency
-from visiondrop.efficiency.flops import Dims, method_flops
+from visiondrop.efficiency.flops import TEXT_TOKENS, Dims, method_flops
 from visiondrop.efficiency.latency import (
     benchmark,
     build_config,
@@ -189,3 +189,21 @@ def test_llava_next_inputs_full_row_and_unsupported_pruning(tmp_path):
     dims = replace(Dims.from_config(config), extra_tokens=48)
     assert full.tflops == method_flops(dims, "none").total / 1e12
     assert "| full | 2880 | 1 |" in result.markdown and "46.25" in result.markdown and result.path is None
+
+
+def test_video_llava_header_counts_the_video_tokens():
+    """The header counts a video's 8 x 257 tokens (`<video>` placeholders, not image ones) and names them; the
+    FLOPs are the nominal video's, with no extra tokens."""
+    config = build_config("video-llava-7b", "tiny")
+    inputs = make_inputs(config, torch.device("cpu"), torch.float32)
+    assert (inputs["input_ids"] == config.video_token_id).sum() == 2056
+    assert (inputs["input_ids"] == config.image_token_id).sum() == 0
+    result = benchmark("video-llava-7b", width="tiny", device="cpu", methods=["none", "visiondrop"], repeats=1,
+                       warmup=0, new_tokens=2, batch_sizes=[1], out=None)
+    full, vd = result.rows
+    assert f"{TEXT_TOKENS} text + 2056 video tokens per sample" in result.title
+    assert full.status == vd.status == "ok" and full.tokens == 2056
+    dims = Dims.from_config(config)
+    assert dims.n_visual == 2056 and full.tflops == method_flops(dims, "none").total / 1e12  # no extra tokens
+    assert vd.tflops == method_flops(dims, "visiondrop", 257).total / 1e12
+    assert "| full | 2056 | 1 |" in result.markdown

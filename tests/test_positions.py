@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lmms_eval.api.instance import Instance
 from transformers import AutoConfig
 
 from visiondrop.families import family_for
@@ -120,4 +121,67 @@ def test_position_bias_experiment_on_the_demo_setup(tmp_path, monkeypatch):
                         ["position_bias"]["layer 1"])
     assert set(table[table.Method == "VisionDrop"].scoring.str.split(" ").str[0]) == {"visual-only"}
     png = plot_bias_maps(entries, tmp_path / "maps.png", "demo")
+    assert png.stat().st_size > 10_000
+
+
+def test_video_llava_cells_of_an_image_and_of_a_video(tiny_video):
+    """An image's 256 tokens (CLS dropped) are one 16x16 grid; a video's 8 x 257 are 8 frames, CLS first in each."""
+    model, processor = tiny_video
+    family = family_for(model.config)
+    assert family.patch_grid(model.config) == (8, 16)
+    image = family.patch_cells(model, None, "image")
+    prompt = processor(text=["USER: <image>\nQ? ASSISTANT:"], images=[demo_image(0, (224, 224))], return_tensors="pt")
+    assert len(image) == int((prompt["input_ids"] == model.config.image_token_id).sum()) == 256
+    assert image[0].tolist() == [0, 0, 0] and image[17].tolist() == [0, 1, 1] and image[255].tolist() == [0, 15, 15]
+    video = family.patch_cells(model, None, "video")
+    assert len(video) == model.config.video_seq_length == 2056
+    assert video[0].tolist() == video[257].tolist() == video[7 * 257].tolist() == [-1, -1, -1]  # each frame's CLS
+    assert video[1].tolist() == [0, 0, 0] and video[257 + 18].tolist() == [1, 1, 1]
+    assert video[2055].tolist() == [7, 15, 15] and (video[:, 0] >= 0).sum() == 8 * 256
+
+
+def test_one_run_maps_one_modality():
+    maps = _maps([0, 1])
+    with pytest.raises(ValueError, match="maps of images cannot take a video"):
+        maps.add_sample(_llava_cells(), ["layer 2"], [torch.tensor([2])], "video")
+
+
+def _hand_cells(index: int, modality: str) -> tuple[int, int, int] | None:
+    """Video-LLaVA's layout, by hand: a video's frames of CLS + 16 x 16 patches, an image's 16 x 16 patches."""
+    frame, token = divmod(index, 257) if modality == "video" else (0, index + 1)
+    return None if token == 0 else (frame, (token - 1) // 16, (token - 1) % 16)
+
+
+def test_plugin_maps_video_llava_images_and_videos(tiny_video_dir, demo_videos, tmp_path):
+    """The maps of a pruned run on an image and on a video equal the trace's kept indices laid out by hand."""
+    docs = [{"visual": demo_image(0, (224, 224)), "question": "What is in the image?"},
+            {"visual": str(demo_videos[0]), "question": "What happens in the video?"}]
+    lm = PrunedLlava(pretrained=str(tiny_video_dir), method="visiondrop", budget=514)  # 25% of 2,056
+    lm.task_dict = {"demo": {"test": docs}}
+    entries = []
+    for i, modality in enumerate(("image", "video")):
+        lm.reset_measurements()
+        request = Instance(request_type="generate_until", idx=0, metadata={"task": "demo", "doc_id": i, "repeats": 1},
+                           arguments=(docs[i]["question"], {"max_new_tokens": 2}, lambda d: [d["visual"]], i, "demo",
+                                      "test"))
+        lm.generate_until([request])
+        maps, trace = lm.position_maps, lm.handle.trace
+        assert maps.modality == modality and list(maps.cuts) == trace.cuts and trace.cuts[0] == "encoder"
+        frames = 8 if modality == "video" else 1
+        for cut, kept_indices in zip(trace.cuts, trace.kept[0]):
+            expected = np.zeros((8, 16, 16), np.int64)
+            for index in kept_indices.tolist():
+                if (cell := _hand_cells(index, modality)) is not None:
+                    expected[cell] += 1
+            assert (maps.cuts[cut].kept == expected).all(), (modality, cut)
+            assert (maps.cuts[cut].present[:frames] == 1).all() and maps.cuts[cut].present[frames:].sum() == 0
+        dominant = lm.handle.policy.describe()["encoder"][0]  # CLS and the dominant patches, per frame
+        per_frame = maps.cuts["encoder"].kept.sum((1, 2))
+        assert per_frame[:frames].tolist() == [per_frame[0]] * frames and per_frame[frames:].sum() == 0
+        if modality == "video":
+            assert per_frame[0] == dominant - 1  # the CLS each frame keeps is no patch
+        entries.append(({"method": "visiondrop", "options": {}, "budget": 514.0}, PositionMaps.from_dict(
+            json.loads(json.dumps(maps.to_dict())))))
+        assert entries[-1][1].modality == modality
+    png = plot_bias_maps(entries[1:], tmp_path / "video.png", "Video-LLaVA on a video")
     assert png.stat().st_size > 10_000

@@ -5,6 +5,7 @@ import json
 import shutil
 import socket
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from test_harness import config
 from visiondrop.families import ModelInfo
-from visiondrop.harness import job, judge, video_qa
+from visiondrop.harness import app, job, judge, video_qa
 from visiondrop.methods import policy_for
 from visiondrop.testing.videos import write_demo_video
 
@@ -24,14 +25,16 @@ QUESTIONS = [("q1", "Is the shape red?", "yes", "clip0"), ("q2", "What moves acr
 
 
 class StubJudge(BaseHTTPRequestHandler):
-    """Answers as the judge does: 'yes' (score 4) for questions about colour, 'no' (score 1) otherwise."""
+    """Answers as the judge does: 'yes' (score 4) for questions about colour, 'no' (score 1) otherwise; a model
+    named "...-harsh" says 'no' (score 0) to everything."""
 
     requests: list[dict] = []
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         StubJudge.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        verdict = "{'pred': 'yes', 'score': 4}" if "Question: Is the shape red?" in body["messages"][1]["content"] else \
+        verdict = "{'pred': 'no', 'score': 0}" if body["model"].endswith("-harsh") else \
+            "{'pred': 'yes', 'score': 4}" if "Question: Is the shape red?" in body["messages"][1]["content"] else \
             "{'pred': 'no', 'score': 1}"
         reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
         self.send_response(200)
@@ -138,6 +141,79 @@ def test_without_a_judge_answers_are_stored_and_judged_later(tmp_path, tiny_vide
     judge.main([str(tmp_path / "runs"), "--model", "stub-judge-2", "--base-url", endpoint,
                 "--api-key-env", "MY_JUDGE_KEY"])
     assert len(StubJudge.requests) == 2  # judged records are left alone
+
+
+def test_another_judge_judges_the_stored_answers_again_and_tables_never_mix_judges(
+        tmp_path, tiny_video_dir, docs_file, endpoint, no_judge, monkeypatch, caplog):
+    """The judge is no part of the run identity: a job whose record another judge (or none) scored judges the
+    stored answers again, without generating them again, and the record names the new judge."""
+    from visiondrop.harness.store import ResultStore
+    from visiondrop.harness.tables import build_table
+
+    cfg = qa_config(tmp_path, tiny_video_dir, docs_file)
+    [unjudged] = job.run_job(cfg)  # no judge: answers stored
+    answers = [s["response"] for s in map(json.loads, open(unjudged["path"].replace(".json", ".samples.jsonl")))]
+    store = ResultStore(tmp_path / "runs")
+    _, note = build_table(store.frame(), None, "video-llava-7b")
+    assert "1 cell(s) unjudged" in note
+
+    def decode(*args, **kwargs):
+        raise AssertionError("a video was decoded: the answers were generated again")
+
+    monkeypatch.setattr("visiondrop.harness.lmms_model.read_frames", decode)
+    monkeypatch.setenv(judge.DEFAULT_KEY_ENV, KEY)
+    cfg.judge.base_url = endpoint
+    runs = {}
+    for model in ("stub-judge-1", "stub-judge-harsh"):
+        cfg.judge.model = model
+        with caplog.at_level("INFO"):
+            [runs[model]] = job.run_job(cfg)
+        assert runs[model]["path"] == unjudged["path"]  # the same run's record, rewritten
+        assert runs[model]["judge"] == {"model": model, "base_url": endpoint, "protocol": "video-chatgpt"}
+        samples = [json.loads(line) for line in open(unjudged["path"].replace(".json", ".samples.jsonl"))]
+        assert [s["response"] for s in samples] == answers and all(s["accuracy"]["judge"]["model"] == model
+                                                                   for s in samples)
+    assert [r["body"]["model"] for r in StubJudge.requests] == ["stub-judge-1"] * 2 + ["stub-judge-harsh"] * 2
+    assert runs["stub-judge-1"]["score"] == 50.0 and "earlier_judges" not in runs["stub-judge-1"]
+    harsh = json.loads(open(unjudged["path"]).read())
+    assert harsh["score"] == 0.0 and harsh["metrics"]["score,none"] == 0.0
+    assert [(e["judge"]["model"], e["score"], e["metrics"]["score"]) for e in harsh["earlier_judges"]] == \
+        [("stub-judge-1", 50.0, 2.5)]
+    assert f"replaced the scores of stub-judge-1 at {endpoint} (accuracy 50.0)" in caplog.text
+    assert job.run_job(cfg) == [] and len(StubJudge.requests) == 4  # judged by the configured judge: skipped
+
+    judge.main([str(tmp_path / "runs"), "--model", "stub-judge-1", "--base-url", endpoint])
+    assert len(StubJudge.requests) == 4 and "left alone 1 record(s) judged by another judge" in caplog.text
+    judge.main([str(tmp_path / "runs"), "--model", "stub-judge-1", "--base-url", endpoint, "--rejudge"])
+    assert len(StubJudge.requests) == 6 and json.loads(open(unjudged["path"]).read())["score"] == 50.0
+
+    table, note = build_table(store.frame(), None, "video-llava-7b")
+    assert table["MSVD-QA"].tolist() == [50.0] and f"judged by stub-judge-1 at {endpoint}" in note
+    other = {**json.loads(open(unjudged["path"]).read()), "method": "fastv", "key": "0" * 16, "score": 0.0,
+             "judge": {"model": "stub-judge-harsh", "base_url": endpoint, "protocol": "video-chatgpt"}}
+    store.write({**other, "identity": {**other["identity"], "method": "fastv"}})
+    with pytest.raises(ValueError, match="scored by 2 judges, which one table must not mix") as refused:
+        build_table(store.frame(), None, "video-llava-7b")
+    assert f"stub-judge-1 at {endpoint}: VisionDrop 514 on MSVD-QA" in str(refused.value)
+    assert f"stub-judge-harsh at {endpoint}: FastV 514 on MSVD-QA" in str(refused.value)
+
+    logged = []  # the Hydra app logs records judged again to the job's wandb run, as evaluated ones
+
+    @contextmanager
+    def job_run(cfg, label):
+        yield lambda record, samples: logged.append((record, samples))
+
+    monkeypatch.setattr("visiondrop.harness.dashboard.job_run", job_run)
+    cfg.judge.model = "stub-judge-harsh"
+    outcome = app.run(cfg)
+    assert outcome.status == "ran" and outcome.records == [unjudged["path"]]
+    assert outcome.reason == f"1 stored record(s) judged again by stub-judge-harsh at {endpoint}, answers not " \
+        "generated again"
+    [(record, samples)] = logged
+    assert record["score"] == 0.0 and [s["accuracy"]["score"] for s in samples] == [0.0, 0.0]
+    assert app.run(cfg).status == "done" and len(logged) == 1 and len(StubJudge.requests) == 8
+    written = "".join(p.read_text() for p in (tmp_path / "runs").rglob("*") if p.is_file())
+    assert KEY not in written and KEY not in caplog.text
 
 
 def test_a_judge_without_its_key_fails_before_any_video_is_decoded(tmp_path, tiny_video_dir, docs_file, no_judge,

@@ -151,6 +151,14 @@ def make_inputs(config, device: torch.device, dtype: torch.dtype, text_tokens: i
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
+def visual_tokens(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, str]:
+    """The first sample's visual tokens, found as the engine finds them (`Family.image_token_mask`: every
+    modality's placeholders), and their modality: "video" where the family's example is one (`ModelInfo.video`)."""
+    family = family_for(model.config)
+    count = int(family.image_token_mask(model, inputs["input_ids"][:1], None).sum())
+    return count, "video" if family.model_info(model.config).video else "image"
+
+
 # -- measuring ------------------------------------------------------------------------------------------------
 #: "wall": elapsed time; "process": this process's CPU time (CPU runs only: on a shared machine, the work the run
 #: did, free of other processes' load; equal to wall time on an idle machine at one thread)
@@ -491,9 +499,9 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
                     + profile_prefill(net, inputs[r.batch], r.method, r.budget, r.ratio)
                     for r in rows if profile and r.status == "ok"]
     config = net.config
-    n_image = inputs[batch_sizes[0]]["input_ids"][0].eq(config.image_token_id).sum().item()
+    n_visual, modality = visual_tokens(net, inputs[batch_sizes[0]])
     dims = Dims.from_config(config)
-    dims = replace(dims, extra_tokens=n_image - dims.n_visual)  # LLaVA-NeXT's row newlines
+    dims = replace(dims, extra_tokens=n_visual - dims.n_visual)  # LLaVA-NeXT's row newlines
     for row in rows:
         row.tokens = dims.n_visual if row.method == "none" else row.median("tokens")
         try:
@@ -504,7 +512,7 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
     title = (f"Table 2 (measured): {label}, {'checkpoint ' + str(pretrained) if pretrained else 'random weights'}, "
              f"{setup.width} width (decoder {config.text_config.hidden_size}, vision {config.vision_config.hidden_size}; "
              f"{config.text_config.num_hidden_layers}+{config.vision_config.num_hidden_layers} layers), "
-             f"{setup.describe(n_threads)}; {text_tokens} text + {n_image} image tokens per sample; batch sizes "
+             f"{setup.describe(n_threads)}; {text_tokens} text + {n_visual} {modality} tokens per sample; batch sizes "
              f"{', '.join(map(str, batch_sizes))}; N={new_tokens} new tokens; warm-up {warmup}, median of "
              f"{setup.repeats}; {_load_text(load)}")
     md = render(title, rows, model, dev, setup.width, torch_dtype, new_tokens, dims.n_visual)
@@ -678,7 +686,7 @@ def scaling(*, width: str | None = None, device: str | None = None, dtype: str |
                 inputs = make_inputs(config, setup.device, setup.dtype, text_tokens, image_size=size)
                 rows = [Row("none", None, 0), Row("visiondrop", None, 0, ratio=ratio)]
                 pixels = inputs["pixel_values"]
-                visual = int(inputs["input_ids"].eq(config.image_token_id).sum())
+                visual, _ = visual_tokens(net, inputs)
                 _run(net, {1: inputs}, rows, warmup, setup.repeats, f"scaling {model} {visual} tokens", setup.clock)
                 rows[0].tokens, rows[1].tokens = visual, rows[1].median("tokens")
                 measured.append(ScalingPoint(model, size, visual, pixels.shape[1] if pixels.dim() == 5 else 1,

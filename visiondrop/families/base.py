@@ -300,15 +300,18 @@ class Family:
     image_layout_key: str = "image_sizes"
 
     def patch_grid(self, config: Any) -> tuple[int, int]:
-        """(crops, side): the patch grids of one image at the model's nominal crops, each side x side."""
+        """(crops, side): the patch grids of one image at the model's nominal crops (a video's frames), each
+        side x side."""
         raise NotImplementedError
 
-    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None,
+                    modality: str = "image") -> Tensor:
         """[n, 3] long: for each original visual index of one image (the model's own visual-token order, as the
         trace's `kept`), the (crop, row, col) of its patch, or -1s for a token that is no patch (CLS, newlines).
 
         image_size: the image's layout where it varies (the processor's `image_layout_key` row: LLaVA-NeXT's
-        (height, width), Qwen2.5-VL's patch grid (t, h, w)).
+        (height, width), Qwen2.5-VL's patch grid (t, h, w)). modality: the sample's `feature_functions` key; a
+        video's frames are its crops (families that take images only never see another).
         """
         raise NotImplementedError
 

@@ -206,7 +206,8 @@ class Llava(Family):
     def patch_grid(self, config: Any) -> tuple[int, int]:
         return self.nominal_crops(config), config.vision_config.image_size // config.vision_config.patch_size
 
-    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None,
+                    modality: str = "image") -> Tensor:
         """One crop in raster order, after CLS where the visual tokens keep it ("full")."""
         _, side = self.patch_grid(model.config)
         patch = torch.arange(side * side)

@@ -73,7 +73,8 @@ class LlavaNext(Llava):
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
         return arrange_anyres(self.multimodal(model), feats, keep, n_merged, images.sizes[image], native_layout)
 
-    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None,
+                    modality: str = "image") -> Tensor:
         """The base crop, then the grid's crops in raster order (crop 1 top left), as transformers packs them:
         patches cut away by unpadding are absent, image-newline tokens are no patch."""
         if image_size is None:

@@ -216,7 +216,8 @@ class Qwen2_5_VL(Family):
         vision = config.vision_config
         return 1, NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
 
-    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None,
+                    modality: str = "image") -> Tensor:
         """Each visual token (a 2x2 patch group, raster order) at its relative place in the nominal grid: row r of
         an image h tokens high lands in row r * 24 // h (several tokens share a cell on large images, cells stay
         empty on small ones)."""

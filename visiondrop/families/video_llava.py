@@ -185,8 +185,13 @@ class VideoLlava(Llava):
         inputs["input_ids"] = torch.where(ids == config.image_token_id, config.video_token_id, ids)
         return inputs
 
-    def patch_cells(self, model: nn.Module, image_size: Tensor | None) -> Tensor:
-        """A video's tokens: frame after frame, CLS (no patch) then the patches in raster order."""
+    def patch_cells(self, model: nn.Module, image_size: Tensor | None,
+                    modality: str = "image") -> Tensor:
+        """An image: its 256 patches in raster order (CLS dropped), crop 0. A video: frame after frame, CLS (no
+        patch) then the frame's patches in raster order, the frame being the crop, so the maps show where in each
+        frame and in which frames the kept tokens lie."""
+        if modality == "image":
+            return super().patch_cells(model, image_size)
         frames, side = self.patch_grid(model.config)
         patch = torch.arange(side * side)
         frame = torch.stack([torch.zeros_like(patch), patch // side, patch % side], dim=1)

@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import outcomes
-from .job import Unreachable, evaluate, job_label, plan_job
+from .job import Unreachable, evaluate, job_label, judge_again, plan_job
+from .judge import judge_label
 from .outcomes import Outcome
 
 log = logging.getLogger(__name__)
@@ -36,13 +37,17 @@ def run(cfg: DictConfig) -> Outcome:
     try:
         label = job_label(cfg)
         plan = plan_job(cfg)
-        if not plan.todo:
+        if not plan.todo and not plan.rejudge:
             return Outcome(label, "done", records=[str(p) for p in plan.done])
         from .dashboard import job_run
 
         with job_run(cfg, label) as log_record:
-            records = evaluate(cfg, plan, log_record)
-        return Outcome(label, "ran", records=[str(p) for p in plan.done] + [r["path"] for r in records])
+            rejudged = judge_again(plan, log_record)  # stored answers the configured judge has not judged yet
+            records = evaluate(cfg, plan, log_record) if plan.todo else []
+        reason = (f"{len(rejudged)} stored record(s) judged again by {judge_label(plan.judge.describe())}, answers "
+                  "not generated again") if rejudged else ""
+        return Outcome(label, "ran", reason=reason,
+                       records=[str(p) for p in plan.done] + [r["path"] for r in records])
     except Unreachable as err:  # e.g. FastV below 36 tokens: skipped, and why
         return Outcome(label, "unreachable", reason=str(err))
     except Exception as err:  # noqa: BLE001 - one failed job must not kill a sweep

@@ -135,8 +135,11 @@ def plot_bias_maps(entries: list[tuple[dict, PositionMaps]], out_png: str | Path
                 ax.axvline(boundary * side - 0.5, color="white", linewidth=2)
             kind = scoring(record["method"], record.get("options"), cut).split(" (")[0]
             ax.set_title(f"{_label(record)}\n{cut} ({kind}): bias {kept.bias:.2f}", fontsize=9)
-            ax.set_ylabel("image row (0 = top)", fontsize=8)
-            if len(used) > 1:  # name the crops instead of numbering the columns
+            ax.set_ylabel(f"{'frame' if maps.modality == 'video' else 'image'} row (0 = top)", fontsize=8)
+            if maps.modality == "video":  # a video's crops are its frames
+                ax.set_xticks([i * side + (side - 1) / 2 for i in range(len(used))], [str(c + 1) for c in used])
+                ax.set_xlabel("frame (in time order), each its own patch grid", fontsize=8)
+            elif len(used) > 1:  # name the crops instead of numbering the columns
                 ax.set_xticks([i * side + (side - 1) / 2 for i in range(len(used))],
                               ["base" if c == 0 else f"crop {c}" for c in used])
                 ax.set_xlabel("image column, per crop (the anyres grid's crops in raster order)", fontsize=8)

@@ -3,6 +3,8 @@
 A job is skipped only when a record with the same key exists, so a quick look (`limit=`), other method options,
 preprocessing, dtype, a replaced checkpoint or edited code never stand in for the run asked for. The budget itself is
 not part of it: the resolved schedule is, so a ratio and a token budget that resolve to the same schedule are one run.
+Nor is the judge of open-ended answers (video QA), on which the answers do not depend: a record the configured judge
+has not judged is judged again, not generated again (`job.plan_job`, `judge.judge_record`).
 """
 from __future__ import annotations
 

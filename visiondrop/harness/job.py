@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import logging
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -18,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..methods import method, policy_for
 from ..families import ModelInfo
 from . import TASKS_DIR
-from .judge import Judge
+from .judge import Judge, judge_label, judge_record
 from .judge import configure as configure_judge
 from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, processor_options, run_identity
-from .store import ResultStore, options_label
+from .store import ResultStore, options_label, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -126,26 +127,61 @@ class Plan:
     schedule: dict
     todo: list[tuple[DictConfig, dict]]  # (benchmark, identity) without a record
     done: list[Path]  # the records of the benchmarks already evaluated
+    judge: Judge | None = None  # the configured judge of open-ended answers (video QA), if any
+    rejudge: list[Path] = field(default_factory=list)  # records of `done` whose answers `judge` has not judged
+
+
+def configured_judge(cfg: DictConfig) -> Judge | None:
+    """The judge the config (`judge.*`) or the environment sets, put where the tasks read it; a JudgeConfigError
+    if it lacks its key."""
+    judge = cfg.get("judge") or {}
+    configure_judge(judge.get("model"), judge.get("base_url"), judge.get("api_key_env"))  # the key stays in the env
+    return Judge.from_env()
 
 
 def plan_job(cfg: DictConfig) -> Plan:
-    """Resolve everything that identifies the job's records; raises Unreachable for a budget the method cannot reach."""
+    """Resolve everything that identifies the job's records; raises Unreachable for a budget the method cannot reach.
+
+    The judge of open-ended answers is no part of the identity (the answers do not depend on it): a stored record
+    that the configured judge has not judged (judged by another, or not at all) is planned for judging again.
+    """
     store = ResultStore(project_path(cfg.results_dir))
     budget = Budget.resolve(cfg)
     path = model_path(cfg)
     schedule = resolve_schedule(cfg, path, budget)
     options = method(cfg.method.name).resolved_options(OmegaConf.to_container(cfg.method.options, resolve=True))
     checkpoint = checkpoint_fingerprint(path) or path  # a hub id: the name alone
-    todo, done = [], []
+    judged = any(b.get("protocol") == "video-chatgpt" for b in cfg.benchmarks)
+    judge = configured_judge(cfg) if judged else None  # fails here without its key, before anything runs
+    todo, done, rejudge = [], [], []
     for bench in cfg.benchmarks:
         identity = run_identity(cfg, checkpoint, options, schedule, bench)
         record = store.path(identity, identity_key(identity))
         if record.exists() and not cfg.force:
-            log.info("skip %s: an identical record exists, %s (force=true re-runs it)", bench.name, record)
+            video_qa = bench.get("protocol") == "video-chatgpt"
+            stored = json.loads(record.read_text()).get("judge") if video_qa else None
+            if judge is not None and video_qa and stored != judge.describe():
+                log.info("judge %s again: its record %s was %s, the configured judge is %s (the stored answers "
+                         "are judged, not generated again)", bench.name, record,
+                         f"judged by {judge_label(stored)}" if stored else "not judged", judge_label(judge.describe()))
+                rejudge.append(record)
+            else:
+                log.info("skip %s: an identical record exists, %s (force=true re-runs it)", bench.name, record)
             done.append(record)
         else:
             todo.append((bench, identity))
-    return Plan(budget, path, options, schedule, todo, done)
+    return Plan(budget, path, options, schedule, todo, done, judge, rejudge)
+
+
+def judge_again(plan: Plan, on_record: Callable[[dict, list[dict]], None] | None = None) -> list[dict]:
+    """Judge the stored answers of the plan's `rejudge` records with its judge; returns the records rewritten, each
+    also shown to `on_record(record, samples)`."""
+    records = []
+    for path in plan.rejudge:
+        records.append(judge_record(path, plan.judge))
+        if on_record is not None:
+            on_record(records[-1], read_samples(path))
+    return records
 
 
 def local_task(bench: DictConfig, task_manager, folder: Path) -> str:
@@ -202,10 +238,8 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
 
     store = ResultStore(project_path(cfg.results_dir))
     budget, todo = plan.budget, [bench for bench, _ in plan.todo]
-    judge = cfg.get("judge") or {}
-    configure_judge(judge.get("model"), judge.get("base_url"), judge.get("api_key_env"))  # the key stays in the env
-    if any(b.get("protocol") == "video-chatgpt" for b in todo):
-        Judge.from_env()  # a judge without its key fails now, before any video is decoded
+    judged = any(b.get("protocol") == "video-chatgpt" for b in todo)
+    judge = configured_judge(cfg) if judged else None  # without its key it fails now, before any video is decoded
     model = PrunedLlava(pretrained=plan.path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
                         dtype=cfg.model.dtype, device=cfg.model.device,
                         attn_implementation=cfg.model.attn_implementation,
@@ -256,7 +290,6 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
                 "config": OmegaConf.to_container(cfg, resolve=True),
             }
             if bench.get("protocol") == "video-chatgpt":  # judged answers: the judge moves the numbers
-                judge = Judge.from_env()
                 record.update(protocol="video-chatgpt", scale=bench.get("scale", 100),
                               judge=None if judge is None or score is None else judge.describe())
             samples = [_answer(s, bench.metric) for s in results.get("samples", {}).get(task, [])]
@@ -268,9 +301,9 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
 
 
 def run_job(cfg: DictConfig) -> list[dict]:
-    """Plan and evaluate one job without a dashboard; returns the records written."""
+    """Plan and evaluate one job without a dashboard; returns the records written (judged again, then evaluated)."""
     plan = plan_job(cfg)
-    return evaluate(cfg, plan) if plan.todo else []
+    return judge_again(plan) + (evaluate(cfg, plan) if plan.todo else [])
 
 
 def benchmark_score(bench: DictConfig, task_results: dict) -> float | None:

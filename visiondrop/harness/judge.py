@@ -13,6 +13,11 @@ environment (`VISIONDROP_JUDGE_MODEL`, `VISIONDROP_JUDGE_BASE_URL`); the key onl
 variable `judge.api_key_env` names (default `VISIONDROP_JUDGE_API_KEY`), so that it never reaches a record, a log,
 a config Hydra saves or wandb. With no judge model configured the answers are stored unjudged (score None) and
 `python scripts/judge.py` judges them later.
+
+The judge is not part of the run identity (the answers do not depend on it): a job whose record was judged by
+another judge, or not at all, judges the stored answers again with the configured one instead of skipping or
+re-generating (`judge_record`); the record then names the new judge, keeps the replaced judge's numbers in
+`earlier_judges`, and the log says what was replaced. Tables refuse to mix judges (`harness.tables`).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -121,11 +127,17 @@ def configure(model: str | None, base_url: str | None, api_key_env: str | None) 
             os.environ[name] = value
 
 
+def judge_label(described: dict | None) -> str | None:
+    """A recorded judge (`Judge.describe()`) as tables and logs name it: "model at base_url"; None if unjudged."""
+    return f"{described['model']} at {described['base_url']}" if described else None
+
+
 def judge_entries(entries: list[dict], judge: Judge) -> list[dict]:
-    """Per-question entries (question, answer, pred) with the judge's accuracy (0/1) and score filled in."""
+    """Per-question entries (question, answer, pred) with the judge's accuracy (0/1) and score filled in; entries
+    judged by another judge are judged again."""
     out = []
     for entry in entries:
-        if entry.get("accuracy") is None:
+        if entry.get("accuracy") is None or entry.get("judge") != judge.describe():
             correct, score = judge.judge(entry["question"], entry["answer"], entry["pred"])
             entry = {**entry, "accuracy": float(correct), "score": score, "judge": judge.describe()}
         out.append(entry)
@@ -141,26 +153,52 @@ def summary(entries: list[dict]) -> dict:
             "score": sum(e["score"] for e in judged) / len(judged)}
 
 
-def judge_records(root: str | Path, judge: Judge) -> list[Path]:
-    """Judge every stored video-QA record under `root` whose answers are unjudged; rewrite record and answers."""
-    from .store import ResultStore
+def judge_record(path: str | Path, judge: Judge) -> dict:
+    """Judge the stored answers of the video-QA record at `path` with `judge` and rewrite record and answers (the
+    same key: the answers are the same run's). A replaced judge's numbers stay in the record's `earlier_judges`
+    and the log names them; its per-answer verdicts are overwritten. Returns the record, with its path."""
+    from .store import ResultStore, read_samples
 
-    store, done = ResultStore(root), []
+    path = Path(path)
+    record, samples = json.loads(path.read_text()), read_samples(path)
+    entries = judge_entries([s[record["metric"]] for s in samples], judge)
+    for sample, entry in zip(samples, entries):
+        sample[record["metric"]] = entry
+    scores = summary(entries)
+    previous, before = record.get("judge"), record.get("score")
+    if previous is not None:
+        record["earlier_judges"] = record.get("earlier_judges", []) + [
+            {"judge": previous, "score": before, "judged": record.get("judged", record.get("created")),
+             "metrics": {k: record["metrics"].get(f"{k},none") for k in scores}}]
+    record["metrics"] = {**record["metrics"], **{f"{k},none": v for k, v in scores.items()}}
+    record["score"] = scores[record["metric"]] * record.get("scale", 100)
+    record["judge"], record["judged"] = judge.describe(), datetime.now(timezone.utc).isoformat()
+    written = ResultStore(path.parents[3]).write(record, samples)  # <root>/<model>/<method>/<benchmark>/<key>.json
+    if previous is None:
+        log.info("judged %s with %s: %s %s", path, judge_label(record["judge"]), record["metric"], record["score"])
+    else:
+        log.warning("re-judged %s: replaced the scores of %s (%s %s) by those of %s (%s %s); the replaced numbers "
+                    "are kept in the record's earlier_judges", path, judge_label(previous), record["metric"], before,
+                    judge_label(record["judge"]), record["metric"], record["score"])
+    return {**record, "path": str(written)}
+
+
+def judge_records(root: str | Path, judge: Judge, rejudge: bool = False) -> list[Path]:
+    """Judge every stored video-QA record under `root` whose answers are unjudged (with `rejudge`, also those
+    another judge judged); records this judge judged are left alone. Returns the paths judged."""
+    done, others = [], []
     for path in sorted(Path(root).glob("*/*/*/*.json")):
-        record = json.loads(path.read_text())
-        if record.get("protocol") != "video-chatgpt" or record.get("judge") is not None:
+        record = json.loads(path.read_text())  # the maps beside records (.positions.json) have no protocol
+        if record.get("protocol") != "video-chatgpt" or record.get("judge") == judge.describe():
             continue
-        samples = [json.loads(line) for line in path.with_suffix(".samples.jsonl").read_text().splitlines() if line]
-        entries = judge_entries([s[record["metric"]] for s in samples], judge)
-        for sample, entry in zip(samples, entries):
-            sample[record["metric"]] = entry
-        scores = summary(entries)
-        record["metrics"] = {**record["metrics"], **{f"{k},none": v for k, v in scores.items()}}
-        record["score"] = scores[record["metric"]] * record.get("scale", 100)
-        record["judge"] = judge.describe()
-        store.write(record, samples)
-        log.info("judged %s: %s", path, scores)
+        if record.get("judge") is not None and not rejudge:
+            others.append(f"{path} ({judge_label(record['judge'])})")
+            continue
+        judge_record(path, judge)
         done.append(path)
+    if others:
+        log.warning("left alone %d record(s) judged by another judge (--rejudge judges them again with %s):\n  %s",
+                    len(others), judge_label(judge.describe()), "\n  ".join(others))
     return done
 
 
@@ -170,13 +208,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help=f"judge model (default ${ENV_MODEL})")
     parser.add_argument("--base-url", help=f"OpenAI-compatible endpoint (default ${ENV_BASE_URL} or {DEFAULT_BASE_URL})")
     parser.add_argument("--api-key-env", help=f"the environment variable holding the key (default {DEFAULT_KEY_ENV})")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="also judge again the records another judge judged (their numbers are kept in "
+                             "earlier_judges)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     configure(args.model, args.base_url, args.api_key_env)
     judge = Judge.from_env()
     if judge is None:
         parser.error(f"no judge model: pass --model or set {ENV_MODEL}")
-    paths = judge_records(args.root, judge)
+    paths = judge_records(args.root, judge, args.rejudge)
     print(f"judged {len(paths)} record(s) with {judge.model} at {judge.base_url}")
 
 

@@ -246,8 +246,7 @@ class PrunedLlava(lmms):
         return visuals[0].convert("RGB")
 
     def _prompt(self, context: str, visual: Image.Image | np.ndarray | None) -> str:
-        kind = "video" if isinstance(visual, np.ndarray) else "image"
-        return build_prompt(self.processor, context, visual is not None, self.conv_template, kind)
+        return build_prompt(self.processor, context, visual is not None, self.conv_template, _modality(visual))
 
     def _encode(self, prompts: list[str], visuals: list[Image.Image | np.ndarray | None]) -> dict:
         images = [self._preprocess(v) for v in visuals if isinstance(v, Image.Image)]
@@ -259,9 +258,9 @@ class PrunedLlava(lmms):
     def _preprocess(self, image: Image.Image) -> Image.Image:
         return expand_to_square(image, self._background) if self.image_aspect_ratio == "pad" else image
 
-    def _record(self, images: list[Image.Image | None], batch: dict) -> None:
+    def _record(self, images: list[Image.Image | np.ndarray | None], batch: dict) -> None:
         """Add the measured visual tokens per decoder layer, and the kept positions, of this batch's samples with an
-        image."""
+        image or a video."""
         self._samples += len(images)
         rows = [row for row, image in enumerate(images) if image is not None]
         if not rows:
@@ -270,14 +269,21 @@ class PrunedLlava(lmms):
         stride = len(trace.kept) // len(images)  # beam search prefills each sample's beams (repeat_interleave)
         tokens = trace.mean_tokens
         self._token_sum += sum(float(tokens[row * stride]) for row in rows)
-        sizes = batch.get(self.family.image_layout_key)  # one row per image, in the order of the samples with one
-        for image, row in enumerate(rows):
-            cells = self.family.patch_cells(self._model, None if sizes is None else sizes[image])
-            self.position_maps.add_sample(cells, trace.cuts, trace.kept[row * stride])
+        sizes = iter(batch.get(self.family.image_layout_key, ()))  # a row per image, in the order of the samples
+        for row in rows:
+            modality = _modality(images[row])
+            size = next(sizes, None) if modality == "image" else None  # videos have no image-layout row
+            cells = self.family.patch_cells(self._model, size, modality)
+            self.position_maps.add_sample(cells, trace.cuts, trace.kept[row * stride], modality)
         visual = self.family.image_token_mask(self._model, batch["input_ids"], None)
         text = batch["attention_mask"].sum(1) - visual.sum(1)
         self._text_sum += float(text[rows].sum())  # non-visual prompt tokens, for the FLOPs of the run
         self._image_samples += len(rows)
+
+
+def _modality(visual: Image.Image | np.ndarray | None) -> str:
+    """The `Family.feature_functions` key of a sample's visual: `_image` gives a video as its frames' array."""
+    return "video" if isinstance(visual, np.ndarray) else "image"
 
 
 def _generation_settings(gen_kwargs: dict, tokenizer: Any) -> tuple[dict, list[str]]:

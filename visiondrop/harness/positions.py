@@ -8,6 +8,11 @@ which cell each original visual index is (`Family.patch_cells`), so nothing here
 One number per map, the vertical bias: the mean row of the kept tokens (0 = top) divided by its expectation had
 each sample kept as many tokens uniformly at random among its patches. 1.0 is no vertical bias, above 1 bottom-heavy
 (2.0 on a square grid: every kept token in the bottom row), below 1 top-heavy. Rows are rows of each crop's own grid.
+
+Videos (Video-LLaVA): a video's frames are its crops, so a video run has one map per frame in time order; its
+vertical bias pools the rows of every frame, and the per-frame maps show the temporal side (whether cuts keep the
+later frames, nearer the text). One run's maps hold one modality: an image and a video frame are different
+things to pool, so a run mixing them is refused (evaluate images and videos as separate tasks).
 """
 from __future__ import annotations
 
@@ -68,12 +73,17 @@ class KeptMap:
 class PositionMaps:
     """The maps of one run, one per cut name in the order the cuts first appeared."""
 
-    grid: tuple[int, int]  # (crops, side) of the model's patch grids
+    grid: tuple[int, int]  # (crops, side) of the model's patch grids (a video's: frames, side)
     cuts: dict[str, KeptMap] = field(default_factory=dict)
+    modality: str | None = None  # of the samples added ("image", "video"); None before the first
 
-    def add_sample(self, cells: Tensor, cuts: list[str], kept: list[Tensor]) -> None:
+    def add_sample(self, cells: Tensor, cuts: list[str], kept: list[Tensor], modality: str = "image") -> None:
         """One sample's trace: `kept[i]` the original visual indices kept at cut `cuts[i]`, `cells` the family's
-        (crop, row, col) of each original index of its image (`Family.patch_cells`)."""
+        (crop, row, col) of each original index of its image or video (`Family.patch_cells`)."""
+        if self.modality not in (None, modality):
+            raise ValueError(f"positional-bias maps of {self.modality}s cannot take a {modality}: one run's maps "
+                             "hold one modality (evaluate images and videos as separate tasks)")
+        self.modality = modality
         cells = cells.cpu().numpy()
         patches = cells[cells[:, 0] >= 0]
         present = np.zeros((self.grid[0], self.grid[1], self.grid[1]), np.int64)
@@ -88,11 +98,13 @@ class PositionMaps:
             self.cuts.setdefault(name, KeptMap.empty(self.grid)).add(present, mean_row, chosen[chosen[:, 0] >= 0])
 
     def to_dict(self) -> dict:
-        return {"grid": list(self.grid), "cuts": {name: m.to_dict() for name, m in self.cuts.items()}}
+        return {"grid": list(self.grid), "modality": self.modality,
+                "cuts": {name: m.to_dict() for name, m in self.cuts.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PositionMaps":
-        return cls(tuple(data["grid"]), {name: KeptMap.from_dict(m) for name, m in data["cuts"].items()})
+        cuts = {name: KeptMap.from_dict(m) for name, m in data["cuts"].items()}
+        return cls(tuple(data["grid"]), cuts, data.get("modality", "image" if cuts else None))  # older: images
 
     def bias(self) -> dict[str, float]:
         return {name: m.bias for name, m in self.cuts.items()}

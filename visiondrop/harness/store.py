@@ -16,9 +16,11 @@ from typing import Iterable
 
 import pandas as pd
 
+from .judge import judge_label
+
 COLUMNS = ("model", "method", "variant", "options", "budget", "retention_ratio", "benchmark", "score", "metric",
            "convention", "unit", "equivalent_tokens", "measured_tokens", "tflops", "samples", "docs", "partial",
-           "schedule", "created", "path")
+           "schedule", "protocol", "judged_by", "created", "path")
 POSITIONS = ".positions.json"
 
 
@@ -62,6 +64,12 @@ def read_records(paths: Iterable[str | Path]) -> list[dict]:
     return [_normalised(json.loads(Path(p).read_text()), Path(p)) for p in paths]
 
 
+def read_samples(record_path: str | Path) -> list[dict]:
+    """The per-sample answers stored beside a record (`<key>.samples.jsonl`)."""
+    text = Path(record_path).with_suffix(".samples.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
 def records_frame(records: list[dict]) -> pd.DataFrame:
     """One row per record: what identifies it in a table, the score, its convention and the token accounting."""
     return pd.DataFrame([{k: r.get(k) for k in COLUMNS} for r in records], columns=list(COLUMNS))
@@ -76,10 +84,11 @@ def _atomic(path: Path, text: str) -> None:
 
 def _normalised(record: dict, path: Path) -> dict:
     """The fields tables read, for records of either layout: the options set by hand as a label (variant), the
-    schedule as a row key."""
+    schedule as a row key, the judge of open-ended answers as a label (judged_by)."""
     config = record.get("config") or {}
     given = (config.get("method") or {}).get("options")
     created = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat()
     return {**record, "path": str(path), "created": record.get("created", created),
             "partial": record.get("partial", config.get("limit") is not None),
-            "variant": options_label(given), "schedule": json.dumps(record.get("schedule"), sort_keys=True)}
+            "variant": options_label(given), "schedule": json.dumps(record.get("schedule"), sort_keys=True),
+            "judged_by": judge_label(record.get("judge"))}

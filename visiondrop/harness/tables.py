@@ -2,7 +2,8 @@
 
 A row is a method (with any options set by hand) at a resolved schedule, labelled with its nominal budget: a ratio
 and a token budget that resolve to the same schedule are one row. Per cell the full evaluation wins over a partial one
-(`limit`), then the newest; partial cells are flagged and every cell says how many questions it scored.
+(`limit`), then the newest; partial cells are flagged and every cell says how many questions it scored. Judged
+open-ended scores (video QA) move with the judge: a table names its judge and refuses cells of different judges.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
     Avg relative to our full row; the benchmarks evaluated partially. Returns the table and a note on the columns.
     """
     cells = select_cells(records, model)
+    judges = _one_judge(cells)
     seen = list(dict.fromkeys(cells.benchmark))
     benchmarks = sorted(seen, key=lambda b: (PAPER_COLUMNS.index(b) if b in PAPER_COLUMNS else len(PAPER_COLUMNS),
                                              seen.index(b)))
@@ -98,10 +100,31 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
     note += ("; n: questions scored; partial: benchmarks evaluated on a subset (limit=), not comparable with full "
              "runs; Avg: mean of the columns relative to our own full-model row (%)"
              + ("; Mean: plain mean of the columns, as the paper's video average" if means else ""))
+    note += judges
     if not len(full):
         note += (f". Avg is empty: there is no full-model record for {model}; run "
                  f"`python scripts/run.py {_model_override(model)} method=none` on the same benchmarks")
     return table.iloc[sorted(range(len(table)), key=lambda i: _row_order(*table.index[i]))], note
+
+
+def _one_judge(cells: pd.DataFrame) -> str:
+    """The note's words on the judge of the judged cells (video QA); a ValueError where cells of several judges
+    would mix in one table (the judge moves these scores by points)."""
+    judged_by = cells.get("judged_by", pd.Series(index=cells.index, dtype=object))
+    judges = list(dict.fromkeys(judged_by.dropna()))
+    if len(judges) > 1:
+        listing = "; ".join(f"{judge}: " + ", ".join(
+            f"{row.Method} {'full' if pd.isna(row.budget) else f'{row.budget:g}'} on {row.benchmark}"
+            for row in cells[judged_by == judge].itertuples()) for judge in judges)
+        raise ValueError(f"these records were scored by {len(judges)} judges, which one table must not mix "
+                         f"({listing}): judge the stored answers again with one judge (`python scripts/judge.py "
+                         "--rejudge --model ... --base-url ...`, or the job again with judge.model=...: the answers "
+                         "are not generated again)")
+    protocol = cells.get("protocol", pd.Series(index=cells.index, dtype=object))
+    unjudged = int(((protocol == "video-chatgpt") & judged_by.isna()).sum())
+    return ((f"; judged by {judges[0]} (Video-ChatGPT protocol)" if judges else "")
+            + (f"; {unjudged} cell(s) unjudged, their answers stored without a judge (python scripts/judge.py "
+               "judges them)" if unjudged else ""))
 
 
 def _row_order(method: str, budget: float) -> tuple:
