@@ -2,6 +2,7 @@
 Video-ChatGPT judge on a local stub endpoint (127.0.0.1, no network), judging later, and the key kept secret.
 Multiple choice: the stock lmms-eval MVBench and Video-MME tasks on local data in their releases' formats."""
 import json
+import os
 import shutil
 import socket
 import threading
@@ -61,6 +62,17 @@ def endpoint():
 def no_judge(monkeypatch):
     for name in (judge.ENV_MODEL, judge.ENV_BASE_URL, judge.ENV_KEY_NAME, judge.DEFAULT_KEY_ENV):
         monkeypatch.delenv(name, raising=False)
+
+
+def test_a_sweeps_later_job_without_a_judge_does_not_inherit_an_earlier_jobs(no_judge, monkeypatch):
+    judge.configure("judge-a", "http://127.0.0.1:1/v1", "KEY_A")
+    judge.configure(None, None, None)  # the next job of the sweep sets none: the environment's own (none here)
+    assert all(name not in os.environ for name in (judge.ENV_MODEL, judge.ENV_BASE_URL, judge.ENV_KEY_NAME))
+    monkeypatch.setenv(judge.ENV_MODEL, "own-judge")
+    judge.configure("judge-b", None, None)
+    assert os.environ[judge.ENV_MODEL] == "judge-b"
+    judge.configure(None, None, None)
+    assert os.environ[judge.ENV_MODEL] == "own-judge"
 
 
 @pytest.fixture(scope="module")

@@ -120,10 +120,25 @@ def parse_verdict(content: str) -> tuple[bool, float]:
     return str(verdict["pred"]).strip().lower().startswith("yes"), float(verdict["score"])
 
 
+#: what `configure` last put into the environment, and what the variable held before (None: unset)
+_CONFIGURED: dict[str, tuple[str, str | None]] = {}
+
+
 def configure(model: str | None, base_url: str | None, api_key_env: str | None) -> None:
-    """Put a judge given in the harness config into the environment the tasks read (not the key: only its name)."""
+    """Put a judge given in the harness config into the environment the tasks read (not the key: only its name).
+
+    A setting left null falls back to the environment's own value, not to one an earlier job's config put there
+    (the jobs of a sweep share one process).
+    """
     for name, value in ((ENV_MODEL, model), (ENV_BASE_URL, base_url), (ENV_KEY_NAME, api_key_env)):
+        if name in _CONFIGURED:
+            configured, before = _CONFIGURED.pop(name)
+            if os.environ.get(name) == configured and before is None:  # still ours: back to the variable's own
+                del os.environ[name]
+            elif os.environ.get(name) == configured:
+                os.environ[name] = before
         if value:
+            _CONFIGURED[name] = value, os.environ.get(name)
             os.environ[name] = value
 
 
