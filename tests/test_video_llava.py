@@ -145,6 +145,24 @@ def test_the_ratio_is_the_share_of_each_sample_images_included(model_and_process
         assert abs(image_mean / 256 - video_mean / 2056) < 0.01, (name, image_mean, video_mean)
 
 
+@pytest.mark.parametrize("frames", [4, 12])
+def test_other_frame_counts_keep_the_ratio_of_their_own_tokens(model_and_processor, demo_videos, frames):
+    """transformers takes any number of frames (257 tokens each); budgets still count against the checkpoint's
+    8-frame reference, so a ratio keeps that share of each video's own tokens, and `none` is the stock model."""
+    model, processor = model_and_processor
+    video = encode(processor, QUESTIONS[:1], [read_frames(demo_videos[2], frames)])
+    n_visual = int((video["input_ids"] == model.config.video_token_id).sum())
+    assert n_visual == 257 * frames
+    with torch.no_grad():
+        reference = model(**video).logits[:, -1]
+    with visiondrop.apply(model, "none"), torch.no_grad():
+        assert torch.equal(model(**video).logits[:, -1], reference)
+    for name in ("visiondrop", "fastv", "visionzip", "random"):
+        with visiondrop.apply(model, name, ratio=0.25) as handle, torch.no_grad():
+            model(**video)
+        assert abs(handle.trace.mean_tokens[0] / n_visual - 0.25) < 0.005, (name, handle.trace.mean_tokens)
+
+
 def test_generate_on_images_equals_stock_and_prunes(model_and_processor):
     model, processor = model_and_processor
     inputs = encode(processor, QUESTIONS, images=[demo_image(0, (224, 224)), demo_image(1, (300, 200))],

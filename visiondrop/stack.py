@@ -27,7 +27,7 @@ ALLOW_UNTESTED = "VISIONDROP_ALLOW_UNTESTED_STACK"
 # Installed beside a CUDA build of torch (pinned exactly by torch itself), absent from a lock made on a CPU machine.
 CUDA_EXTRAS = re.compile(r"^(nvidia-.*|triton|cuda-.*)$")
 REPORTED = ("torch", "transformers", "tokenizers", "lmms-eval", "accelerate", "datasets", "hydra-core", "wandb",
-            "pandas", "numpy", "filelock")
+            "pandas", "numpy", "filelock", "av", "opencv-python-headless")
 
 
 class UntestedStackError(RuntimeError):
