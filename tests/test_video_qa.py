@@ -285,10 +285,12 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
 
 
-def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judge, monkeypatch):
+@pytest.mark.parametrize("frames", [None, 4])
+def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judge, monkeypatch, frames):
     """Multiple choice through lmms-eval's own `mvbench_action_sequence`: annotations from a local file (`data`),
     videos where the stock task looks for them ($HF_HOME/mvbench_video/star/Charades_segment); a model that answers
-    "B" gets the question whose answer is the second candidate right and the other wrong."""
+    "B" gets the question whose answer is the second candidate right and the other wrong. Videos are sampled to the
+    checkpoint's 8 frames, or to `model.frames`, which is part of the records' identity."""
     offline(monkeypatch)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     candidates = ["It stopped.", "It turned red.", "It vanished."]
@@ -301,7 +303,8 @@ def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judg
     (tmp_path / "action_sequence.json").write_text(json.dumps(docs))
     model = answering("B", tiny_video_dir, tmp_path / "answers_b")
     cfg = config(tmp_path, "model=video_llava_7b", f"model.pretrained={model}", "model.device=cpu",
-                 "model.dtype=float32", "method=fastv", "budget.ratio=0.25", "benchmarks=video_mc", "limit=null")
+                 "model.dtype=float32", "method=fastv", "budget.ratio=0.25", "benchmarks=video_mc", "limit=null",
+                 *([] if frames is None else [f"model.frames={frames}"]))
     [bench] = [b for b in cfg.benchmarks if b.task == "mvbench_action_sequence"]
     bench.data = {"dataset_path": "json",
                   "dataset_kwargs": {"data_files": {"train": str(tmp_path / "action_sequence.json")}}}
@@ -311,7 +314,8 @@ def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judg
     assert [s["response"] for s in samples] == ["B", "B"]
     assert [s["mvbench_accuracy"]["score"] for s in samples] == [0, 1]
     assert record["task"] == "mvbench_action_sequence" and record["docs"] == 2 and record["score"] == 50.0
-    assert abs(record["measured_tokens"] - 514) < 2  # 25% of a video's 2,056 tokens, FastV's rounding
+    assert abs(record["measured_tokens"] - 257 * (frames or 8) / 4) < 2  # 25% of the video's tokens, FastV's rounding
+    assert record["identity"]["preprocessing"].get("frames") == frames == record["run_info"].get("frames")
 
 
 # Video-MME rows as lmms-lab/Video-MME ships them (videomme/test-00000-of-00001.parquet): two videos, five questions,

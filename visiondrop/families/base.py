@@ -172,6 +172,10 @@ class Family:
     def flops_dims(self, config: Any) -> "Dims":
         raise NotImplementedError
 
+    def frames(self, config: Any) -> int:
+        """Frames a video is sampled to by default (families that take videos: `"video" in feature_functions`)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no videos")
+
     # -- the visual tokens of a forward ------------------------------------------------------------------------
     def has_images(self, kwargs: dict[str, Any]) -> bool:
         """Whether a forward's keywords carry images (pixels, or features `generate()` encoded beforehand)."""

@@ -82,9 +82,10 @@ def code_version() -> dict:
     return found
 
 
-def processor_options(model: DictConfig) -> dict:
-    """The model config's processor options that are set (Qwen2.5-VL: min_pixels, max_pixels)."""
-    return {k: model[k] for k in ("min_pixels", "max_pixels") if model.get(k) is not None}
+def input_options(model: DictConfig) -> dict:
+    """The model config's options on how inputs are prepared that are set (Qwen2.5-VL: min_pixels, max_pixels;
+    video models: frames sampled per video)."""
+    return {k: model[k] for k in ("min_pixels", "max_pixels", "frames") if model.get(k) is not None}
 
 
 def run_identity(cfg: DictConfig, checkpoint: str, options: dict, schedule: dict, bench: DictConfig) -> dict:
@@ -96,7 +97,7 @@ def run_identity(cfg: DictConfig, checkpoint: str, options: dict, schedule: dict
         "model": model.name, "checkpoint": checkpoint, "method": cfg.method.name, "options": options,
         "schedule": schedule, "benchmark": benchmark, "limit": cfg.limit,
         "preprocessing": {"image_aspect_ratio": model.image_aspect_ratio, "conv_template": model.conv_template,
-                          **processor_options(model)},
+                          **input_options(model)},
         "dtype": model.dtype, "attn_implementation": model.attn_implementation, "device": model.device,
         "local_data": data_fingerprint(bench), "seeds": SEEDS, "versions": code_version(),
     }

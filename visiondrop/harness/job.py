@@ -21,7 +21,7 @@ from ..families import ModelInfo
 from . import TASKS_DIR
 from .judge import Judge, judge_label, judge_record
 from .judge import configure as configure_judge
-from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, processor_options, run_identity
+from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, input_options, run_identity
 from .store import ResultStore, options_label, read_samples
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
                         dtype=cfg.model.dtype, device=cfg.model.device,
                         attn_implementation=cfg.model.attn_implementation,
                         image_aspect_ratio=cfg.model.image_aspect_ratio, conv_template=cfg.model.conv_template,
-                        **processor_options(cfg.model), **cfg.method.options)
+                        **input_options(cfg.model), **cfg.method.options)
     include = [str(TASKS_DIR)] + [str(project_path(b.include_path)) for b in todo if b.get("include_path")]
     task_manager = TaskManager(include_path=include)
     with tempfile.TemporaryDirectory(prefix="visiondrop_tasks_") as tmp:  # local-data task overrides

@@ -59,7 +59,7 @@ class PrunedLlava(lmms):
                  dtype: str | torch.dtype | None = None, device: str | None = None,
                  attn_implementation: str = "sdpa", batch_size: int | str = 1, image_aspect_ratio: str | None = None,
                  conv_template: str | None = None, max_batch_size: int | None = None, min_pixels: int | None = None,
-                 max_pixels: int | None = None, **options: Any) -> None:
+                 max_pixels: int | None = None, frames: int | None = None, **options: Any) -> None:
         super().__init__()
         del max_batch_size  # lmms-eval passes it for batch_size=auto, which this model does not offer
         self._batch_size = _positive_int(batch_size, "batch_size")
@@ -75,6 +75,8 @@ class PrunedLlava(lmms):
         self.processor_options = {k: _positive_int(v, k) for k, v in
                                   (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         self.processor = family.load_processor(pretrained, **self.processor_options)
+        # frames sampled per video: the checkpoint's own (Video-LLaVA: 8) unless given
+        self.frames = None if frames is None else _positive_int(frames, "frames")
         self.processor.tokenizer.padding_side = "left"  # batches end together: generation and continuations align
 
         self.image_aspect_ratio = image_aspect_ratio or family.image_aspect_ratio
@@ -126,6 +128,7 @@ class PrunedLlava(lmms):
             "image_aspect_ratio": self.image_aspect_ratio,
             "conv_template": self.conv_template,
             **({"processor_options": self.processor_options} if self.processor_options else {}),
+            **({"frames": self.frames} if self.frames else {}),
             "dtype": str(self._dtype).removeprefix("torch."),
             "measured_tokens_mean": self._token_sum / self._image_samples if self._image_samples else None,
             "text_tokens_mean": self._text_sum / self._image_samples if self._image_samples else None,
@@ -230,7 +233,7 @@ class PrunedLlava(lmms):
 
     def _image(self, doc_to_visual: Callable | None, doc_id: int, task: str, split: str
                ) -> Image.Image | np.ndarray | None:
-        """The sample's image, or its video's frames [8, H, W, 3] (a visual given as a video file's path)."""
+        """The sample's image, or its video's frames [frames, H, W, 3] (a visual given as a video file's path)."""
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if callable(doc_to_visual) else None
         visuals = [v for v in (visuals or []) if v is not None]
         if not visuals:
@@ -239,7 +242,7 @@ class PrunedLlava(lmms):
             if "video" not in self.family.feature_functions:
                 raise ValueError(f"{task} gives videos, which {type(self._model).__name__} does not take; use a "
                                  "video model (Video-LLaVA)")
-            return read_frames(visuals[0])
+            return read_frames(visuals[0], self.frames or self.family.frames(self._model.config))
         if len(visuals) > 1 or not isinstance(visuals[0], Image.Image):
             raise ValueError(f"pruned_llava takes one image or one video per sample; {task} doc {doc_id} gave "
                              f"{len(visuals)} visual(s) of type {type(visuals[0]).__name__}")
