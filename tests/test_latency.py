@@ -148,12 +148,13 @@ def test_example_image_sizes():
 
 
 def test_scaling_table_and_plot(tmp_path):
-    points = [("llava-1.5-7b", None), ("llava-next-7b", (336, 672)), ("llava-next-7b", (1008, 1008))]
+    points = [("llava-1.5-7b", None), ("llava-next-7b", (336, 672)), ("llava-next-7b", (1008, 1008)),
+              ("video-llava-7b", None)]
     result = scaling(width="tiny", device="cpu", points=points, warmup=0, repeats=1, out=tmp_path, clock="process")
     assert "times are this process's CPU time" in result.title
     assert [(p.model, p.visual, p.crops) for p in result.points] == [
         ("llava-1.5-7b", 576, 1), ("llava-next-7b", 576 + 24 * 49, 3),
-        ("llava-next-7b", 576 + 72 * 73, 10)]  # a 3x3 grid: the config's pinpoints extended for it
+        ("llava-next-7b", 576 + 72 * 73, 10), ("video-llava-7b", 2056, 8)]  # a 3x3 grid: pinpoints extended for it
     for p in result.points:
         assert (p.full.status, p.pruned.status) == ("ok", "ok")
         assert (p.full.method, p.full.ratio, p.pruned.method, p.pruned.ratio) == ("none", None, "visiondrop", 64 / 576)
@@ -162,8 +163,9 @@ def test_scaling_table_and_plot(tmp_path):
         assert p.full.tokens == p.visual and p.pruned.tokens < p.visual / 8  # measured by the trace
     assert result.points[0].pruned.tokens == 64.0  # ratio 64/576 of LLaVA-1.5's tokens is budget 64
     head, _, *body = _table(result.markdown)
-    assert head[:4] == ["model", "image", "crops", "visual tokens"] and len(body) == 3
-    assert [r[1:4] for r in body] == [["native", "1", "576"], ["336x672", "3", "1752"], ["1008x1008", "10", "5832"]]
+    assert head[:4] == ["model", "image", "crops", "visual tokens"] and len(body) == 4
+    assert [r[1:4] for r in body] == [["native", "1", "576"], ["336x672", "3", "1752"], ["1008x1008", "10", "5832"],
+                                      ["native", "8", "2056"]]
     assert "Growth (least-squares slope" in result.markdown
     assert result.path.parent == tmp_path and result.path.name.startswith("scaling_cpu")
     assert result.path.name.endswith("_tiny.md") and result.plot == result.path.with_suffix(".png")

@@ -685,7 +685,7 @@ def scaling(*, width: str | None = None, device: str | None = None, dtype: str |
             for size in sizes:
                 inputs = make_inputs(config, setup.device, setup.dtype, text_tokens, image_size=size)
                 rows = [Row("none", None, 0), Row("visiondrop", None, 0, ratio=ratio)]
-                pixels = inputs["pixel_values"]
+                pixels = next(v for k, v in inputs.items() if k.startswith("pixel_values"))  # images or videos
                 visual, _ = visual_tokens(net, inputs)
                 _run(net, {1: inputs}, rows, warmup, setup.repeats, f"scaling {model} {visual} tokens", setup.clock)
                 rows[0].tokens, rows[1].tokens = visual, rows[1].median("tokens")
