@@ -1,11 +1,15 @@
 """Every method on a tiny LLaVA-NeXT, with images of different aspect ratios (different crop grids) in one batch."""
+import copy
+
 import pytest
 import torch
+from transformers import MistralConfig
 
 import visiondrop
-from helpers import measure_counts, prompt
+from helpers import cached_and_replayed, measure_counts, prompt
 from visiondrop.api import Handle
 from visiondrop.engine.replay import Replay
+from visiondrop.methods import method as registered
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red square in the picture? Answer yes or no."]
@@ -88,3 +92,42 @@ def test_unreachable_next_budgets(tiny_next):
             visiondrop.apply(model, method, 160)
     with pytest.raises(ValueError, match="only for budgets 320, 480, 640, 960"):
         visiondrop.apply(model, "sparsevlm", 160)
+
+
+@pytest.fixture(scope="module")
+def tiny_next_mistral(tiny_next):
+    """The tiny LLaVA-NeXT on a Mistral decoder with grouped-query attention (llava-v1.6-mistral-7b-hf's layout:
+    8 KV heads for 32 query heads; here 2 for 4), random weights."""
+    model, processor = tiny_next
+    config = copy.deepcopy(model.config)
+    text = config.text_config
+    config.text_config = MistralConfig(
+        vocab_size=text.vocab_size, num_hidden_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_attention_heads // 2, max_position_embeddings=4096, initializer_range=0.2,
+        rms_norm_eps=text.rms_norm_eps, sliding_window=None, bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+    torch.manual_seed(0)
+    return type(model)(config).eval(), processor
+
+
+@pytest.mark.parametrize("method", ["visiondrop", "fastv", "sparsevlm", "dart"])
+def test_a_mistral_decoder_with_grouped_query_attention(tiny_next_mistral, method):
+    """Methods that score with attention rows or keys repeat the KV heads as the decoder does: on a batch of two
+    crop grids each sample equals itself alone, cached decoding equals replay, and `none` is the stock model."""
+    model, processor = tiny_next_mistral
+    inputs = batch(processor)
+    singles = [batch(processor, [q], [image]) for q, image in zip(QUESTIONS, IMAGES)]
+    with torch.no_grad():
+        stock = model(**singles[0]).logits
+    with visiondrop.apply(model, "none"), torch.no_grad():
+        torch.testing.assert_close(model(**singles[0]).logits, stock, atol=1e-5, rtol=1e-5)
+    budget = registered(method).example_budget * 2880 / 576  # its contract budget, on NeXT's nominal 2880
+    with visiondrop.apply(model, method, budget) as handle, torch.no_grad():
+        together = model(**inputs).logits[:, -1]
+        trace = handle.trace
+        for i, single in enumerate(singles):
+            torch.testing.assert_close(together[i], model(**single).logits[0, -1], atol=1e-4, rtol=1e-4)
+            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
+    cached, replayed = cached_and_replayed(model, inputs, method, budget, new_tokens=4)
+    assert torch.equal(cached, replayed)
