@@ -1,20 +1,15 @@
 """The controlled study and the ablations: their tables on fixture records, and both experiments end to end on the
 demo model and task (a few questions)."""
 import shutil
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import wandb
-from hydra.core.global_hydra import GlobalHydra
 
-from visiondrop.harness import app
+from test_harness import ROOT, run_cli
 from visiondrop.harness.identity import identity_key
 from visiondrop.harness.store import ResultStore
 from visiondrop.harness.studies import ablations, controlled_study
 
-ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "results" / "paper" / "paper_tables.csv"
 
 
@@ -77,16 +72,6 @@ def test_ablations_table_puts_the_official_row_in_every_ablation(tmp_path):
     assert table.schedule[5] == "@2 37+6, @8 27+5, @16 20+4"
     assert table["paper's claim"][0] == "33.3 % (best setting)" and table["paper's claim"][5] == "progressive better"
     assert "scores not known" in note
-
-
-def run_cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["run.py", *args])
-    GlobalHydra.instance().clear()
-    with pytest.raises(SystemExit) as done:
-        app.cli()
-    GlobalHydra.instance().clear()
-    wandb.teardown()
-    return done.value.code
 
 
 def test_both_experiments_run_end_to_end_on_the_demo_setup(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from test_harness import config
 from visiondrop.families import ModelInfo
 from visiondrop.harness import app, job, judge, video_qa
+from visiondrop.harness.store import read_samples
 from visiondrop.methods import policy_for
 from visiondrop.testing.videos import write_demo_video
 
@@ -137,7 +138,7 @@ def test_without_a_judge_answers_are_stored_and_judged_later(tmp_path, tiny_vide
     cfg = qa_config(tmp_path, tiny_video_dir, docs_file)
     [record] = job.run_job(cfg)
     assert record["score"] is None and record["judge"] is None and record["protocol"] == "video-chatgpt"
-    samples = [json.loads(line) for line in open(record["path"].replace(".json", ".samples.jsonl"))]
+    samples = read_samples(record["path"])
     assert [s["accuracy"]["question"] for s in samples] == [q[1] for q in QUESTIONS]
     assert all("score" not in s["accuracy"] and s["accuracy"]["pred"] == s["response"] for s in samples)
 
@@ -182,7 +183,7 @@ def test_another_judge_judges_the_stored_answers_again_and_tables_never_mix_judg
             [runs[model]] = job.run_job(cfg)
         assert runs[model]["path"] == unjudged["path"]  # the same run's record, rewritten
         assert runs[model]["judge"] == {"model": model, "base_url": endpoint, "protocol": "video-chatgpt"}
-        samples = [json.loads(line) for line in open(unjudged["path"].replace(".json", ".samples.jsonl"))]
+        samples = read_samples(unjudged["path"])
         assert [s["response"] for s in samples] == answers and all(s["accuracy"]["judge"]["model"] == model
                                                                    for s in samples)
     assert [r["body"]["model"] for r in StubJudge.requests] == ["stub-judge-1"] * 2 + ["stub-judge-harsh"] * 2
@@ -310,7 +311,7 @@ def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judg
                   "dataset_kwargs": {"data_files": {"train": str(tmp_path / "action_sequence.json")}}}
     cfg.benchmarks = [bench]
     [record] = job.run_job(cfg)
-    samples = [json.loads(line) for line in open(record["path"].replace(".json", ".samples.jsonl"))]
+    samples = read_samples(record["path"])
     assert [s["response"] for s in samples] == ["B", "B"]
     assert [s["mvbench_accuracy"]["score"] for s in samples] == [0, 1]
     assert record["task"] == "mvbench_action_sequence" and record["docs"] == 2 and record["score"] == 50.0
@@ -359,7 +360,7 @@ def test_stock_videomme_task_runs_on_a_local_copy_of_the_release(tmp_path, tiny_
         job.run_job(cfg)
     last.with_suffix(".missing").rename(last)
     [record] = job.run_job(cfg)
-    samples = [json.loads(line) for line in open(record["path"].replace(".json", ".samples.jsonl"))]
+    samples = read_samples(record["path"])
     answers = [row["answer"] for row in rows]
     assert [s["target"] for s in samples] == answers and [s["response"] for s in samples] == ["B"] * len(rows)
     assert [s["videomme_perception_score"]["score"] for s in samples] == [float(a == "B") for a in answers]

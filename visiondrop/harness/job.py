@@ -238,8 +238,7 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
 
     store = ResultStore(project_path(cfg.results_dir))
     budget, todo = plan.budget, [bench for bench, _ in plan.todo]
-    judged = any(b.get("protocol") == "video-chatgpt" for b in todo)
-    judge = configured_judge(cfg) if judged else None  # without its key it fails now, before any video is decoded
+    judge = plan.judge  # configured where the tasks read it, and its key checked, by plan_job
     model = PrunedLlava(pretrained=plan.path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
                         dtype=cfg.model.dtype, device=cfg.model.device,
                         attn_implementation=cfg.model.attn_implementation,

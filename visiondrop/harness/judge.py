@@ -131,11 +131,11 @@ def configure(model: str | None, base_url: str | None, api_key_env: str | None) 
     (the jobs of a sweep share one process).
     """
     for name, value in ((ENV_MODEL, model), (ENV_BASE_URL, base_url), (ENV_KEY_NAME, api_key_env)):
-        if name in _CONFIGURED:
-            configured, before = _CONFIGURED.pop(name)
-            if os.environ.get(name) == configured and before is None:  # still ours: back to the variable's own
+        configured, before = _CONFIGURED.pop(name, (None, None))
+        if configured is not None and os.environ.get(name) == configured:  # still ours: back to its own value
+            if before is None:
                 del os.environ[name]
-            elif os.environ.get(name) == configured:
+            else:
                 os.environ[name] = before
         if value:
             _CONFIGURED[name] = value, os.environ.get(name)
