@@ -5,6 +5,7 @@ touches masks, caches or positions: the engine does, the same way for every meth
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,12 +19,16 @@ from .attention import gather_rows, decoder_attention, decoder_keys
 class Selection:
     """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
 
-    keep: [G, k] indices into the current visual block, in the order they will appear;
-    merged: [G, c, D] tokens appended right after the kept ones (None: no merging).
+    keep: [G, k] indices into the current visual block, in the order they will appear; at an encoder cut, -1
+    pads a crop that keeps fewer tokens than another of the view (allowed for single-crop images);
+    merged: [G, c, D] tokens appended right after the kept ones (None: no merging);
+    features: encoder cut only, [G, k, D'] the kept tokens already in the LLM's embedding space (the policy's own
+    use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows.
     """
 
     keep: Tensor
     merged: Tensor | None = None
+    features: Tensor | None = None
 
 
 @dataclass
@@ -41,7 +46,13 @@ class EncoderView:
     that layout), or None: a policy should not spend its budget on them;
     share: these images' visual tokens as a share of the nominal image's (`ModelInfo.per_crop`), by which a
     policy's per-image counts scale: 1 where every image has the nominal count (LLaVA), the image's own tokens
-    over the nominal ones under dynamic resolution (Qwen2.5-VL).
+    over the nominal ones under dynamic resolution (Qwen2.5-VL);
+    importance_at: the importance rows [N, H, T] of further tower layers the policy asks for
+    (`Policy.scan_layers`), by layer;
+    project: the model's projector on [N, k, D] rows of `hidden` (the LLM's embedding space), for policies that
+    compare or merge tokens there; the engine sets it;
+    owners: [N] which image of the forward (0, 1, ... in the order of the samples with images) each row is a crop
+    of; the engine sets it, for policies conditioned on each sample's own text (`Policy.instruct`).
     """
 
     hidden: Tensor
@@ -50,6 +61,9 @@ class EncoderView:
     valid: Tensor | None = None
     has_cls: bool = True
     share: float = 1.0
+    importance_at: dict[int, Tensor] = field(default_factory=dict)
+    project: Callable[[Tensor], Tensor] | None = None
+    owners: list[int] | None = None
 
     def scaled(self, count: int) -> int:
         """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""
@@ -139,6 +153,13 @@ class Policy:
     #: `output_attentions`; for policies whose selection hangs on float ties. Default: the tower's own attention
     #: (SDPA) with the rows recomputed from one layer's q/k.
     eager_encoder: bool = False
+    #: Encoder stage: further vision-tower layers (0-based) whose importance rows the view carries
+    #: (`EncoderView.importance_at`), e.g. a shallow layer's CLS attention.
+    scan_layers: tuple[int, ...] = ()
+
+    def instruct(self, questions: list[str] | None) -> None:
+        """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
+        questions batch by batch); only text-conditioned policies use them (CDPruner)."""
 
     def prepare(self, cut: DecoderCut) -> None:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""

@@ -44,6 +44,8 @@ class ModelInfo:
     #: the budgets' reference is a video whose crops are its frames (Video-LLaVA): methods with a video setting
     #: use it (VisionDrop: tokens leaving its encoder stage at 3x the budget instead of 1.5x)
     video: bool = False
+    #: the vision tower has a CLS token (CLIP); False for towers without (Qwen2.5-VL's)
+    tower_cls: bool = True
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelInfo":
@@ -274,14 +276,16 @@ class Family:
         unless the token count varies per image."""
         return [images]
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> "EncoderView":
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False,
+                     scan_layers: tuple[int, ...] = ()) -> "EncoderView":
         """Run the vision tower on every crop and show the feature layer to an encoder-side policy.
 
         Token 0 of the view's importance row is CLS where the tower has one; a tower without CLS gives the mean
         attention each token receives instead. Frames of a video are crops of one sample. `eager`: run the tower
         with eager attention and read the importance from its attention probabilities, as official code that asks
         for `output_attentions` computes them (bit-identical features and rows), instead of the tower's own
-        attention with the rows recomputed.
+        attention with the rows recomputed. `scan_layers`: further tower layers whose importance rows the view
+        carries (`EncoderView.importance_at`).
         """
         raise NotImplementedError
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -46,42 +47,50 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
 
 
 def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int,
-                      eager: bool = False) -> EncoderView:
-    """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys.
+                      eager: bool = False, scan_layers: tuple[int, ...] = ()) -> EncoderView:
+    """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys (and the CLS rows of
+    the `scan_layers` too, in `importance_at`).
 
-    By default the CLS row and the keys are recomputed from the layer's own projections (its input captured with
-    a forward pre-hook), so the tower keeps its SDPA attention. With `eager`, every layer runs transformers' eager
-    attention and the CLS row is the layer's own attention probabilities: bit-identical to official code that asks
-    the tower for `output_attentions` (VisPruner), at the cost of the eager tower's speed and memory.
+    By default the CLS rows and the keys are recomputed from the layers' own projections (their inputs captured
+    with forward pre-hooks), so the tower keeps its SDPA attention. With `eager`, every layer runs transformers'
+    eager attention and the CLS rows are the layers' own attention probabilities: bit-identical to official code
+    that asks the tower for `output_attentions` (VisPruner, VScan), at the cost of the eager tower's speed and
+    memory.
     """
-    attn = tower_layers(vision_tower)[layer_idx].self_attn
-    captured = {}
+    layers = tower_layers(vision_tower)
+    captured: dict[tuple[str, int], Tensor] = {}
 
-    def grab_input(module, args, kwargs):
-        captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def grab_input(index, module, args, kwargs):
+        captured["x", index] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    def grab_probabilities(module, args, output):
-        captured["cls_attention"] = output[1][:, :, 0]  # [N, H, T]: the CLS query's row
+    def grab_probabilities(index, module, args, output):
+        captured["cls", index] = output[1][:, :, 0]  # [N, H, T]: the CLS query's row
 
-    hooks = [attn.register_forward_pre_hook(grab_input, with_kwargs=True)]
-    if eager:
-        hooks.append(attn.register_forward_hook(grab_probabilities))
+    hooks = []
+    for index in {layer_idx, *scan_layers}:
+        attn = layers[index].self_attn
+        hooks.append(attn.register_forward_pre_hook(functools.partial(grab_input, index), with_kwargs=True))
+        if eager:
+            hooks.append(attn.register_forward_hook(functools.partial(grab_probabilities, index)))
     try:
         with _attention_implementation(vision_tower, "eager" if eager else None):
             out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     finally:
         for hook in hooks:
             hook.remove()
-    x = captured["x"]
-    heads = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)  # noqa: E731
-    keys = heads(attn.k_proj(x))
-    if eager:
-        cls_attention = captured["cls_attention"]
-    else:
-        cls_query = heads(attn.q_proj(x[:, :1]))
-        scores = (cls_query @ keys.transpose(-1, -2)) * attn.scale
-        cls_attention = scores.softmax(-1, dtype=torch.float32)[:, :, 0].to(x.dtype)
-    return EncoderView(out.hidden_states[layer_idx + 1], cls_attention, keys)
+
+    def cls_row(index: int) -> tuple[Tensor, Tensor]:
+        attn, x = layers[index].self_attn, captured["x", index]
+        heads = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)  # noqa: E731
+        keys = heads(attn.k_proj(x))
+        if eager:
+            return captured["cls", index], keys
+        scores = (heads(attn.q_proj(x[:, :1])) @ keys.transpose(-1, -2)) * attn.scale
+        return scores.softmax(-1, dtype=torch.float32)[:, :, 0].to(x.dtype), keys
+
+    cls_attention, keys = cls_row(layer_idx)
+    return EncoderView(out.hidden_states[layer_idx + 1], cls_attention, keys,
+                       importance_at={index: cls_row(index)[0] for index in scan_layers})
 
 
 @contextlib.contextmanager
@@ -187,14 +196,16 @@ class Llava(Family):
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
         return tokens, {"pixel_values": pixels}
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False,
+                     scan_layers: tuple[int, ...] = ()) -> EncoderView:
         tower = self.vision_tower(model, images.modality)
         layer = feature_layer_index(tower, images.feature_layer)
         if not eager:
-            return clip_encoder_view(tower, images.pixels, layer)
+            return clip_encoder_view(tower, images.pixels, layer, scan_layers=scan_layers)
         # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
-        views = [clip_encoder_view(tower, pixels, layer, eager=True) for pixels in images.pixels.split(images.crops)]
-        return EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))))
+        views = [clip_encoder_view(tower, pixels, layer, True, scan_layers) for pixels in images.pixels.split(images.crops)]
+        return EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))),
+                           importance_at={i: torch.cat([v.importance_at[i] for v in views]) for i in scan_layers})
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:

@@ -34,6 +34,8 @@ METHODS = {
     "random": "baselines.random_drop",
     "divprune": "baselines.divprune",
     "vispruner": "baselines.vispruner",
+    "cdpruner": "baselines.cdpruner",
+    "vscan": "baselines.vscan",
 }
 
 
