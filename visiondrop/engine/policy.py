@@ -51,6 +51,7 @@ class EncoderView:
     (`Policy.scan_layers`), by layer;
     project: the model's projector on [N, k, D] rows of `hidden` (the LLM's embedding space), for policies that
     compare or merge tokens there; the engine sets it;
+    grid: (rows, cols) of the patch tokens (after CLS) where they are not a square grid, else None;
     owners: [N] which image of the forward (0, 1, ... in the order of the samples with images) each row is a crop
     of; the engine sets it, for policies conditioned on each sample's own text (`Policy.instruct`).
     """
@@ -63,6 +64,7 @@ class EncoderView:
     share: float = 1.0
     importance_at: dict[int, Tensor] = field(default_factory=dict)
     project: Callable[[Tensor], Tensor] | None = None
+    grid: tuple[int, int] | None = None
     owners: list[int] | None = None
 
     def scaled(self, count: int) -> int:

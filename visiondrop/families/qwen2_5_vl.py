@@ -220,8 +220,10 @@ class Qwen2_5_VL(Family):
         n_tokens = importance.shape[1]
         hidden = out.last_hidden_state.reshape(n_tokens, -1)[raster]  # [T, 4 D]
         nominal = self.model_info(model.config).per_crop
+        _, rows, cols = (int(n) // config.spatial_merge_size for n in images.sizes[0])
         return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal,
-                           importance_at={i: received(i)[0][None] for i in scan_layers})
+                           importance_at={i: received(i)[0][None] for i in scan_layers},
+                           grid=(n_tokens // cols, cols))
 
     image_layout_key = "image_grid_thw"
 
