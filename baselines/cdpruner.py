@@ -262,5 +262,15 @@ def selection_macs(cut: Cut, width: int) -> int:
     return n * n * width + n * n + sum(i * n + n for i in range(steps))
 
 
+def example_options(config) -> dict:
+    """A tiny random CLIP text side as wide as the model's vision tower, and one instruction (tests, demo)."""
+    from visiondrop.testing.tiny import tiny_clip_text
+
+    return {"text_tower": str(tiny_clip_text(config.vision_config.hidden_size)),
+            "instruction": "What is in the image?"}
+
+
+# a budget below the tiny models' kernel rank (their 64-wide projectors), where the NaN quirk does not arise
 METHOD = Method("cdpruner", "CDPruner", policy, smallest_budget=lambda info: info.crops,
-                overhead=lambda **_: Overhead(selection=selection_macs, encoder_row=False), example_budget=32)
+                overhead=lambda **_: Overhead(selection=selection_macs, encoder_row=False), example_budget=32,
+                example_options=example_options)

@@ -128,6 +128,9 @@ def policy(info: ModelInfo, budget: float | None = None, tokens: int | None = No
     if tokens is None or keep is None:
         if budget is None:
             raise ValueError("VScan needs a budget (or tokens= and keep=: visual_token_num and image_token_list)")
+        if budget < smallest_budget(info):
+            raise ValueError(f"VScan cannot reach budget {budget:g}: it keeps budget / 2 tokens after its LLM cut, at "
+                             f"least one, so the smallest reachable budget is {smallest_budget(info):g}")
         tokens = tokens if tokens is not None else round(1.5 * budget)
         keep = keep if keep is not None else round(budget / 2)
     per_crop = max(1, round(tokens / info.crops))
@@ -145,8 +148,8 @@ def policy(info: ModelInfo, budget: float | None = None, tokens: int | None = No
 
 
 def smallest_budget(info: ModelInfo) -> float:
-    """One token per crop out of the encoder (budget 2/3 per crop rounds to it) and one after the LLM cut."""
-    return info.crops
+    """Budget 2: 3 tokens out of the encoder (at least one per crop), 1 after the LLM cut."""
+    return 2
 
 
 def selection_macs(cut: Cut, width: int) -> int:

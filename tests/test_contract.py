@@ -53,6 +53,11 @@ def example_budget(name: str, info: ModelInfo) -> float:
     return method(name).example_budget * info.n_visual / 576
 
 
+def example_options(name: str, model) -> dict:
+    """The options the method declares for tiny models (`Method.example_options`)."""
+    return method(name).example_options(model.config)
+
+
 def run(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens [B, T] and the logits of every step [B, T, V] (as many steps for every sample)."""
     out = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
@@ -117,7 +122,7 @@ def test_batch_equals_each_sample_alone(host, name):
     singles = [encode(model, processor, [q], [img]) for q, img in zip(questions, images)]
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
     stock_text_only = run(model, singles[TEXT_ONLY])
-    with visiondrop.apply(model, name, example_budget(name, ModelInfo.of(model))) as handle:
+    with visiondrop.apply(model, name, example_budget(name, ModelInfo.of(model)), **example_options(name, model)) as handle:
         tokens, logits = run(model, batch)
         trace = handle.trace
         alone = []
@@ -145,7 +150,7 @@ def test_generation_with_cache_equals_replay_without(host, name):
     model, processor, images = host
     budget = example_budget(name, ModelInfo.of(model))
     batch = encode(model, processor, QUESTIONS[:2], [img for img in images if img is not None][:2])
-    cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10)
+    cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10, **example_options(name, model))
     assert torch.equal(cached, replayed)
 
 
@@ -159,7 +164,8 @@ def described_mean(described: dict, n_visual: int) -> float:
 def test_counts_measured_with_hooks_match_describe(tiny, name):
     model, processor = tiny
     info = ModelInfo.of(model)
-    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), name, example_budget(name, info))
+    measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), name, example_budget(name, info),
+                                      **example_options(name, model))
     assert len(measured) == info.n_layers
     assert handle.trace.tokens_per_layer == [measured]
     assert sum(measured) / len(measured) == described_mean(handle.policy.describe(), info.n_visual)
@@ -179,7 +185,7 @@ def test_remove_restores_bit_identical_outputs(fresh, name):
         before = model(**batch).logits
     state = dict(model.model.__dict__), dict(model.model.language_model.__dict__)
     budget = example_budget(name, ModelInfo.of(model))
-    handle = visiondrop.apply(model, name, budget)
+    handle = visiondrop.apply(model, name, budget, **example_options(name, model))
     if name != "none":
         with torch.no_grad():
             assert not torch.equal(model(**batch).logits[:, -1], before[:, -1])
@@ -187,7 +193,7 @@ def test_remove_restores_bit_identical_outputs(fresh, name):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, before)
     assert (dict(model.model.__dict__), dict(model.model.language_model.__dict__)) == state
-    with visiondrop.apply(model, name, budget):  # can be applied again afterwards
+    with visiondrop.apply(model, name, budget, **example_options(name, model)):  # can be applied again afterwards
         pass
 
 
