@@ -20,6 +20,11 @@ same 3:1 rule (methods.md): T = 1.5 x budget out of the encoder, keep = budget /
 official run; `exact=False` keeps the tower's SDPA and compares normalised vectors by one product (faster, less
 memory; a few assignments may differ).
 
+Where int(T/2) is not a multiple of the 16 windows (not at the scripts' T = 96, nor at 192 and 288), the official
+code keeps fewer than T tokens: the global scan still takes T - int(T/2). By default (`fill=True`) it takes what
+the windows leave instead, so T tokens leave the encoder at every budget (identical at the official settings);
+`fill=False` reproduces the official arithmetic (the budget then counts the tokens it really keeps).
+
 Other models (the official code: LLaVA-NeXT and Qwen2.5-VL read, not run; no Video-LLaVA code): the same rule per
 crop or frame (4 x 4 windows of near-equal bands on any grid; the shallow layer at the same relative depth of the
 tower, 5 of CLIP's 23 layers up to the feature layer, block 7 of Qwen2.5-VL's 32: its official choice), T and keep
@@ -85,8 +90,12 @@ def merge_into_nearest(projected: Tensor, kept: Tensor, exact: bool = True) -> T
 class VScan(Policy):
     name = "vscan"
 
-    def __init__(self, info: ModelInfo, tokens: int, keep: int, layer: int, shallow_layer: int, exact: bool):
-        self.info, self.tokens, self.keep, self.exact = info, tokens, keep, exact
+    def __init__(self, info: ModelInfo, tokens: int, keep: int, layer: int, shallow_layer: int, exact: bool,
+                 fill: bool):
+        self.info, self.tokens, self.keep, self.exact, self.fill = info, tokens, keep, exact, fill
+        # tokens leaving the encoder per crop: the official arithmetic loses some where int(T/2) is no multiple of 16
+        local = int(tokens * 0.5)
+        self.out = tokens if fill else WINDOWS ** 2 * (local // WINDOWS ** 2) + tokens - local
         self.encoder_layer, self.scan_layers, self.cut_layers = info.vision_layer, (shallow_layer,), (layer,)
         self.eager_encoder = self.native_layout = exact
 
@@ -100,7 +109,8 @@ class VScan(Policy):
         n_local = int(tokens * 0.5)
         local = window_picks(shallow, grid, n_local // WINDOWS ** 2)
         deep.scatter_(1, local, 0.0)
-        chosen = torch.cat([local, deep.topk(tokens - n_local, dim=1).indices], dim=1)
+        n_global = tokens - (local.shape[1] if self.fill else n_local)
+        chosen = torch.cat([local, deep.topk(n_global, dim=1).indices], dim=1)
         kept = chosen.sort(dim=1).values
         projected = view.project(view.hidden[:, first:])
         merged = torch.stack([merge_into_nearest(p, k, self.exact) for p, k in zip(projected, kept)])
@@ -108,23 +118,23 @@ class VScan(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         scores = text_last_token(cut, cut.layer_idx)  # the cut layer's own q/k, the last prompt token
-        # `keep` is the nominal image's, out of its `tokens` per crop from the encoder stage
-        return Selection(topk_in_order(scores, cut.scaled(self.keep, self.tokens * self.info.crops)))
+        # `keep` is the nominal image's, out of its `out` tokens per crop from the encoder stage
+        return Selection(topk_in_order(scores, cut.scaled(self.keep, self.out * self.info.crops)))
 
     def describe(self) -> dict:
         (layer,), n_layers = self.cut_layers, self.info.n_layers
-        tokens = self.tokens * self.info.crops
+        tokens = self.out * self.info.crops
         return {"method": self.name, "encoder_layer": self.encoder_layer, "shallow_layer": self.scan_layers[0],
-                "tokens": tokens, "layers": [layer], "keep": self.keep, "exact": self.exact,
+                "tokens": tokens, "layers": [layer], "keep": self.keep, "exact": self.exact, "fill": self.fill,
                 "equivalent_tokens": (layer * tokens + (n_layers - layer) * self.keep) / n_layers}
 
 
 def policy(info: ModelInfo, budget: float | None = None, tokens: int | None = None, keep: int | None = None,
-           layer: int = LLM_LAYER, shallow_layer: int | None = None, exact: bool = True) -> Policy:
+           layer: int = LLM_LAYER, shallow_layer: int | None = None, exact: bool = True, fill: bool = True) -> Policy:
     """VScan at `budget` (T = 1.5 x budget out of the encoder, per crop on LLaVA-NeXT; keep = budget / 2 from
     `layer` on, given for a 32-layer decoder and mapped by relative depth), or explicit `tokens` (T per image, the
     scripts' visual_token_num) and `keep` (image_token_list). shallow_layer: the local scan's tower layer (default
-    5 of CLIP's 23 up to the feature layer, at that relative depth elsewhere); exact: module docstring."""
+    5 of CLIP's 23 up to the feature layer, at that relative depth elsewhere); exact, fill: module docstring."""
     if tokens is None or keep is None:
         if budget is None:
             raise ValueError("VScan needs a budget (or tokens= and keep=: visual_token_num and image_token_list)")
@@ -144,7 +154,7 @@ def policy(info: ModelInfo, budget: float | None = None, tokens: int | None = No
     if not 0 <= shallow <= info.vision_layer:
         raise ValueError(f"VScan shallow_layer must be a tower layer up to the feature layer {info.vision_layer}, "
                          f"got {shallow}")
-    return VScan(info, per_crop, keep, layer, shallow, bool(exact))
+    return VScan(info, per_crop, keep, layer, shallow, bool(exact), bool(fill))
 
 
 def smallest_budget(info: ModelInfo) -> float:

@@ -363,7 +363,9 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
                 f"the {dims.model_type} proxy has {proxy.vision_tokens} vision tokens and {proxy.visual_per_crop} "
                 f"visual tokens per crop, {proxy.crops} crop(s); cannot measure a model with {dims.vision_tokens} / "
                 f"{dims.visual_per_crop} / {dims.crops}")
-        sched = measure_schedule(model, inputs, method, budget, **options)
+        # what a proxy lacks for the method's defaults (CDPruner's text side), unless given
+        sched = measure_schedule(model, inputs, method, budget,
+                                 **{**registered(method).example_options(model.config), **options})
         placeholders = int(family_by_type(dims.model_type).image_token_mask(model, inputs["input_ids"], None).sum())
         # decoder-side methods see every newline token; an encoder stage lays out what it projects, plus the newline
         # tokens of the model's own layout where it keeps that (VisPruner), none in the compact one (VisionDrop)

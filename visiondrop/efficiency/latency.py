@@ -64,12 +64,18 @@ from ..families.video_llava import VIDEO_LLAVA
 from ..families.qwen2_5_vl import QWEN2_5_VL
 from .flops import TEXT_TOKENS, Dims, method_flops
 from ..harness.tables import PAPER_MODELS, method_title
-from ..methods import METHODS
+from ..methods import METHODS, method as registered
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
 MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "video-llava-7b")
 IMAGE_MODELS = MODELS[:2]  # the paper's efficiency table: what a GPU run builds by default
 DEFAULT_METHODS = tuple(METHODS)  # every registered method
+
+
+def example_options(method: str, model: torch.nn.Module) -> dict:
+    """What a random model lacks for the method's defaults (`Method.example_options`: CDPruner's text side, a
+    random tiny CLIP text tower: its few FLOPs are not what is timed)."""
+    return registered(method).example_options(model.config)
 DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "qwen2.5-vl-7b": (64,),
                    "video-llava-7b": (257,)}  # 257: 12.5% of 2056
 DEFAULT_BATCH_SIZES = {"cuda": (1, 8, 32), "cpu": (1, 8)}
@@ -324,7 +330,7 @@ def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | No
     def generate(n: int) -> None:
         model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen)
 
-    handle = None if method == "none" else apply(model, method, budget, ratio)
+    handle = None if method == "none" else apply(model, method, budget, ratio, **example_options(method, model))
     try:
         memory.reset()
         if handle is None:
@@ -355,7 +361,7 @@ def profile_prefill(model: nn.Module, inputs: dict, method: str, budget: float |
 
     cuda = inputs["input_ids"].device.type == "cuda"
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-    handle = None if method == "none" else apply(model, method, budget, ratio)
+    handle = None if method == "none" else apply(model, method, budget, ratio, **example_options(method, model))
     try:
         clock = _overhead_clock(handle.policy, cuda) if handle else nullcontext()
         with torch.inference_mode(), clock:
