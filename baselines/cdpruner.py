@@ -255,22 +255,41 @@ def policy(info: ModelInfo, budget: float | None = None, text: str | None = None
     return CDPruner(info, per_crop, text, str(text_tower), instruction, bool(guard), theta, bool(exact))
 
 
-def selection_macs(cut: Cut, width: int) -> int:
-    """The kernel's pairwise similarities and the greedy MAP's updates (step i: i x n for the projections of the
-    earlier picks, n for the residuals), over the `cut.before` tokens it selects among."""
-    n, steps = cut.before, cut.kept
-    return n * n * width + n * n + sum(i * n + n for i in range(steps))
+def kernel_macs(n: int, steps: int, width: int) -> int:
+    """The kernel's pairwise similarities of `n` tokens `width` wide, weighted by relevance, and the greedy MAP's
+    updates (step i: i x n for the projections of the earlier picks, n for the residuals)."""
+    return n * n * width + 2 * n * n + sum(i * n + n for i in range(steps))
+
+
+def projected_macs(cut: Cut, width: int) -> int:
+    """An encoder cut (CLS not among the candidates): the kernel on the projected patches."""
+    return kernel_macs(cut.before - 1, cut.kept, width)
+
+
+def decoder_macs(cut: Cut, width: int) -> int:
+    """text="prompt": the kernel on the decoder's inputs (the prompt's mean embedding is a sum)."""
+    return kernel_macs(cut.before, cut.kept, width)
+
+
+def overhead(text: str | None = None, **_) -> Overhead:
+    """The relevance side's products are small beside the kernel (the CLIP text tower on a few dozen tokens and
+    one projection of the patches, or a mean of the prompt's embeddings) and not counted."""
+    if text == "prompt":
+        return Overhead(selection=decoder_macs)
+    return Overhead(projected=projected_macs, encoder_row=False)
 
 
 def example_options(config) -> dict:
-    """A tiny random CLIP text side as wide as the model's vision tower, and one instruction (tests, demo)."""
+    """A tiny random CLIP text side as wide as the model's vision tower and one instruction (tests, demo, the FLOPs
+    proxy), and the guard: a narrow model's kernel spends its rank (its projector's width) where a real one's
+    does not, and the quirk would keep fewer tokens than the real model does."""
     from visiondrop.testing.tiny import tiny_clip_text
 
     return {"text_tower": str(tiny_clip_text(config.vision_config.hidden_size)),
-            "instruction": "What is in the image?"}
+            "instruction": "What is in the image?", "guard": True}
 
 
 # a budget below the tiny models' kernel rank (their 64-wide projectors), where the NaN quirk does not arise
 METHOD = Method("cdpruner", "CDPruner", policy, smallest_budget=lambda info: info.crops,
-                overhead=lambda **_: Overhead(selection=selection_macs, encoder_row=False), example_budget=32,
+                overhead=overhead, example_budget=32,
                 example_options=example_options)

@@ -162,11 +162,13 @@ def smallest_budget(info: ModelInfo) -> float:
     return 2
 
 
-def selection_macs(cut: Cut, width: int) -> int:
-    """The merge's cosine of every dropped token against every kept one (the encoder stage)."""
-    return (cut.before - cut.kept) * cut.kept * width
+def merge_macs(cut: Cut, width: int) -> int:
+    """The merge at the encoder stage (CLS not among the patches): the cosine of every dropped patch against every
+    kept one, and its sum into its nearest, on the projected tokens."""
+    dropped = cut.before - 1 - cut.kept
+    return dropped * cut.kept * width + dropped * width
 
 
 METHOD = Method("vscan", "VScan", policy, smallest_budget,
-                overhead=lambda exact=True, **_: Overhead(rows="last", selection=selection_macs, encoder_row=not exact),
+                overhead=lambda exact=True, **_: Overhead(rows="last", projected=merge_macs, encoder_row=not exact),
                 example_budget=64)

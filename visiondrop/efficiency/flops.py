@@ -252,6 +252,10 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it
         if recipe.selection is not None:
             macs += recipe.selection(cut, width)
+        if recipe.projected is not None and cut.layer is None:
+            mid = dims.projector_mid or d
+            dropped = cut.before - int(dims.vision_cls) - cut.kept
+            macs += dropped * (dims.projector_in * mid + mid * d) + recipe.projected(cut, d)
     return 2.0 * macs
 
 

@@ -54,7 +54,10 @@ class Overhead:
     selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
     at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
     encoder_row: the encoder stage recomputes its CLS row from the layer's q/k (False: it reads the row from an
-    eager tower's own probabilities; the layer's keys are computed either way).
+    eager tower's own probabilities; the layer's keys are computed either way);
+    projected: (encoder cut, the decoder's width) -> multiply-accumulates of a method's own products on the
+    projected tokens at an encoder stage (CDPruner's kernel and greedy MAP, VScan's merge); such a method projects
+    every patch, so the projector on the dropped ones is charged too.
     """
 
     rows: str | None = None
@@ -64,6 +67,7 @@ class Overhead:
     pivots: int = 0
     selection: Callable[[Cut, int], int] | None = None
     encoder_row: bool = True
+    projected: Callable[[Cut, int], int] | None = None
 
 
 @dataclass(frozen=True)
