@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 from visiondrop.methods import Method, Overhead
 
 PIVOT_ORDERS = ("set", "position")

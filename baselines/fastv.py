@@ -32,7 +32,7 @@ from torch import Tensor
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
 from visiondrop.engine.scoring import scorer
 from visiondrop.methods import Method, Overhead
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 
 SCORINGS = ("text", "all_queries", "visual")
 DEFAULT_K = 2

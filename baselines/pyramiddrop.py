@@ -45,7 +45,7 @@ from torch import Tensor
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
 from visiondrop.engine.scoring import scorer
 from visiondrop.methods import Method, Overhead
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 
 DEFAULT_LAYERS = (2, 8, 16)
 SCORINGS = ("text", "visual")

@@ -17,7 +17,7 @@ from torch import Tensor
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.methods import Method
 from visiondrop.methods.shared import whole_count
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 
 
 def random_keep(n: int, keep: int, seed: int) -> Tensor:

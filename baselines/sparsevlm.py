@@ -61,7 +61,7 @@ from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection, complement, topk_in_order
 from visiondrop.methods import Method, Overhead
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 
 LAYERS = (2, 6, 15)
 KEEP_LISTS = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}

@@ -31,7 +31,7 @@ from __future__ import annotations
 from visiondrop.engine import EncoderView, Policy, Selection
 from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import encoder_selection, newline_choice, whole_count
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 
 #: The official LLaVA-1.5 splits keep 54 of every 64 tokens as dominant (54+10, 108+20, 162+30).
 DOMINANT_SHARE = 54 / 64

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .positions import PositionMaps
 from .store import positions_path
-from .tables import method_title
+from ..methods import method_title
 
 #: a decoder cut's scoring rows (`Method.overhead(...).rows`) as the table names them
 SCORING = {"visual": "visual-only (visual-to-visual attention)", "last": "text-guided (last prompt token)",

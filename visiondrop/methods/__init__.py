@@ -14,13 +14,10 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+from ..core import Cut, Dims, ModelInfo, TokenCounts
 from ..engine import Policy
-from ..families import ModelInfo
-
-if TYPE_CHECKING:
-    from ..efficiency.flops import Cut, Dims, TokenCounts
 
 #: method name -> the module that defines its `METHOD`
 METHODS = {
@@ -115,6 +112,11 @@ def method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     return importlib.import_module(METHODS[name]).METHOD
+
+
+def method_title(name: str) -> str:
+    """The name the papers' tables use for a method; a method no longer registered keeps its id."""
+    return method(name).title if name in METHODS else name
 
 
 def unpruned() -> Policy:
