@@ -74,4 +74,4 @@ def selection_macs(cut: Cut, width: int) -> int:
 
 
 METHOD = Method("divprune", "DivPrune", policy, smallest_budget=lambda info: 1,
-                overhead=lambda **_: Overhead(selection=selection_macs))
+                overhead=lambda **_: Overhead(selection=selection_macs), scoring=lambda **_: {"decoder": "diversity"})

@@ -49,4 +49,5 @@ def policy(info: ModelInfo, budget: float | None = None, seed: int = 0) -> Polic
     return RandomDrop(info, whole_count(budget, info, "the random control"), seed)
 
 
-METHOD = Method("random", "Random", policy, smallest_budget=lambda info: 1)
+METHOD = Method("random", "Random", policy, smallest_budget=lambda info: 1,
+                scoring=lambda **_: {"decoder": "random"})

@@ -326,5 +326,6 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
 
 
 METHOD = Method("sparsevlm", "SparseVLM", policy, smallest_budget, replaces_budget=("keep_lists",),
-                overhead=lambda **_: Overhead(rows="text", rater_choice=True),
+                overhead=lambda **_: Overhead(rows="question", rater_choice=True),
+                scoring=lambda **_: {"decoder": "question"},
                 example_budget=192)  # there the clustering noise decides the tiny model's clusters: a test of `seed`

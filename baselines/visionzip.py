@@ -96,4 +96,4 @@ def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = 
 
 
 METHOD = Method("visionzip", "VisionZip", policy, smallest_budget, replaces_budget=("dominant", "contextual"),
-                overhead=lambda **_: Overhead(merges=True))
+                overhead=lambda **_: Overhead(merges=True), scoring=lambda **_: {"encoder": "vision_tower"})

@@ -143,4 +143,4 @@ def overhead(important_ratio: float = 0.5, exact: bool = True, **_) -> Overhead:
 
 
 METHOD = Method("vispruner", "VisPruner", policy, smallest_budget=lambda info: info.crops, overhead=overhead,
-                example_budget=128)
+                example_budget=128, scoring=lambda **_: {"encoder": "vision_tower"})

@@ -176,7 +176,7 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
         else:
             n = cut.before + text_tokens + dims.extra_tokens
             if recipe.rows is not None:
-                queries = {"visual": cut.before, "last": 1, "text": text_tokens, "all": n}[recipe.rows]
+                queries = {"visual": cut.before, "text": 1, "question": text_tokens, "all_queries": n}[recipe.rows]
                 macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim
             elif recipe.key_norms:
                 macs += n * d * kv_dim
