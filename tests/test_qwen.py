@@ -272,10 +272,11 @@ def test_latency_benchmark_builds_the_7b_architecture_at_tiny_width():
     """The benchmark's Qwen2.5-VL: the 7B layout at a tiny width, the nominal 672 image between its vision tokens
     with M-RoPE token types; full and VisionZip rows measured, FLOPs by the preset's formula at that width."""
     from visiondrop.efficiency.flops import method_flops
-    from visiondrop.efficiency.latency import benchmark, build_config, make_inputs
+    from visiondrop.efficiency.latency import benchmark, make_inputs
+    from visiondrop.families import checkpoint_config
 
-    config = build_config("qwen2.5-vl-7b", "tiny")
-    full_config = build_config("qwen2.5-vl-7b", "full")
+    config = checkpoint_config("qwen2.5-vl-7b", "tiny")
+    full_config = checkpoint_config("qwen2.5-vl-7b", "full")
     assert (full_config.text_config.num_key_value_heads, full_config.vision_config.fullatt_block_indexes,
             full_config.text_config.rope_parameters["mrope_section"]) == (4, [7, 15, 23, 31], [16, 24, 24])
     inputs = make_inputs(config, torch.device("cpu"), torch.float32)

@@ -71,32 +71,17 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..api import apply
 from ..core import Cut, Dims, Shape, TokenCounts, TokenIds
-from ..families import family_by_type, flops_dims, info_of
+from ..families import checkpoint_config, checkpoints, family_by_type, flops_dims, info_of
 from ..methods import METHODS, method as registered
 
 TEXT_TOKENS = 63  # the paper's text length (methods.md 7)
 
-
-
-LLAVA_15_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, vocab=32064, n_heads=32, n_kv_heads=32,
-                   head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
-                   vision_tokens=577, patch_size=14, projector_in=1024, visual_per_crop=576)
-#: Qwen2.5-VL-7B-Instruct on its nominal 672x672 image (48x48 patches, 576 visual tokens): 28 of its 32 tower
-#: layers attend within 8x8-patch windows (112 pixels), 4 (7/15/23/31) to all patches; the merger is
-#: RMSNorm + 5120 -> 5120 -> 3584 on each group of 2x2 patches
-QWEN25_VL_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=152064, n_heads=28, n_kv_heads=4,
-                    head_dim=128, vision_hidden=1280, vision_intermediate=3420, vision_layers=32, vision_heads=16,
-                    vision_tokens=2304, patch_size=14, projector_in=5120, visual_per_crop=576,
-                    model_type="qwen2_5_vl", vision_cls=0, patch_channels=6, vision_mlp=3, vision_windowed_layers=28,
-                    vision_window=64, projector_mid=5120)
-PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
-           "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next"),
-           "qwen2.5-vl-7b": QWEN25_VL_7B,
-           # LanguageBind/Video-LLaVA-7B-hf: one 8-frame video at 224/14, 257 tokens a frame (CLS kept)
-           "video-llava-7b": replace(LLAVA_15_7B, vision_tokens=257, visual_per_crop=257, crops=8,
-                                     model_type="video_llava")}
-#: the presets as the paper's tables name them
-PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "video-llava-7b": "Video-LLaVA-7B"}
+#: the FLOPs dimensions of every registered checkpoint, read from its config (LLaVA-NeXT's with the paper's 49
+#: extra tokens); Qwen2.5-VL-7B on its nominal 672x672 image (48x48 patches, 576 visual tokens)
+PRESETS = {name: replace(flops_dims(checkpoint_config(name)), extra_tokens=c.extra_tokens)
+           for name, c in checkpoints().items()}
+#: the checkpoints as the paper's tables name them
+PAPER_MODELS = {name: c.paper for name, c in checkpoints().items() if c.paper}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..core import Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
+from ..core import Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
 
 class Family:
     """The adapter of one model family. Subclasses implement every method that raises NotImplementedError."""
@@ -35,6 +35,8 @@ class Family:
     renumbers_positions: bool = True
     image_token: str = "<image>"  # the placeholder its processor expands
     special_tokens: tuple[str, ...] = ()  # tokens its prompts need beyond LLaVA's (tiny tokenizers add them)
+    #: its released checkpoints that the FLOPs count and the latency benchmark rebuild (`families.checkpoints()`)
+    checkpoints: tuple[Checkpoint, ...] = ()
 
     # -- where a loaded model keeps its parts ------------------------------------------------------------------
     def multimodal(self, model: nn.Module) -> nn.Module:
