@@ -44,19 +44,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
 from visiondrop.engine import DecoderCut, EncoderView, Policy, Selection
 from visiondrop.engine.attention import gather_rows
-from visiondrop.families import ModelInfo
+from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import whole_count
-
-if TYPE_CHECKING:
-    from visiondrop.efficiency.flops import Cut
 
 #: The CLIP checkpoint whose text side the official code loads for LLaVA-1.5 (its vision tower's)
 DEFAULT_TEXT_TOWER = "openai/clip-vit-large-patch14-336"

@@ -35,19 +35,14 @@ caps the local picks greedily per window. Here the LLM stage is the LLaVA-1.5 ru
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, EncoderView, Policy, Selection, topk_in_order
 from visiondrop.engine.scoring import text_last_token
-from visiondrop.families import ModelInfo
+from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead
-
-if TYPE_CHECKING:
-    from visiondrop.efficiency.flops import Cut
 
 WINDOWS = 4  # windows per side: the official 6 x 6 windows of a 24 x 24 grid
 SHALLOW, FEATURE_DEPTH = 5, 23  # the local scan's CLIP layer, of the 23 up to LLaVA's feature layer
