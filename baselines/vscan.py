@@ -165,5 +165,5 @@ def merge_macs(cut: Cut, width: int) -> int:
 
 
 METHOD = Method("vscan", "VScan", policy, smallest_budget,
-                overhead=lambda exact=True, **_: Overhead(rows="last", projected=merge_macs, encoder_row=not exact),
+                overhead=lambda exact=True, **_: Overhead(rows="text", projected=merge_macs, encoder_row=not exact),
                 example_budget=64)
