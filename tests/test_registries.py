@@ -2,6 +2,8 @@
 with no other edit, reach the demo sweep, the FLOPs count, the latency benchmark and the tables."""
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 import torch
@@ -113,3 +115,13 @@ def test_tables_name_the_new_method_and_model(registered, tmp_path):
     table, _ = build_table(store.frame(), paper, "throwaway-7b")
     assert ("First tokens", 64.0) in table.index
     assert plot_scores(table, tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_the_readme_is_a_front_page_that_lists_every_method_and_family():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    assert set(re.findall(r"^\| `(\w+)` \|", readme, re.M)) == set(METHODS)
+    header = next(line for line in readme.splitlines() if line.startswith("| method |"))
+    assert header.count("|") - 3 == len(FAMILIES)  # one column per family
+    for link in re.findall(r"`((?:docs/|CONTRIBUTING)[\w/.-]*\.md)`", readme):
+        assert (ROOT / link).exists(), link
