@@ -16,7 +16,7 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ..methods import method, policy_for
+from ..methods import Unreachable, method, policy_for
 from ..families import family_for
 from . import TASKS_DIR
 from .judge import Judge, judge_record
@@ -99,10 +99,6 @@ def versions() -> dict:
 
 #: `datasets` builders that read local files: a stock task's `dataset_name` (a hub subset) does not apply to them
 LOCAL_BUILDERS = ("parquet", "json", "csv", "arrow", "text", "imagefolder")
-
-
-class Unreachable(Exception):
-    """This method cannot run at this budget (or with these options) on this model."""
 
 
 def resolve_schedule(cfg: DictConfig, path: str, budget: Budget) -> dict:
