@@ -232,12 +232,12 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from .lmms_model import PrunedLlava
+    from .lmms_model import PrunedLVLM
 
     store = ResultStore(project_path(cfg.results_dir))
     budget, todo = plan.budget, [bench for bench, _ in plan.todo]
     judge = plan.judge  # configured where the tasks read it, and its key checked, by plan_job
-    model = PrunedLlava(pretrained=plan.path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
+    model = PrunedLVLM(pretrained=plan.path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
                         dtype=cfg.model.dtype, device=cfg.model.device,
                         attn_implementation=cfg.model.attn_implementation,
                         image_aspect_ratio=cfg.model.image_aspect_ratio, conv_template=cfg.model.conv_template,
