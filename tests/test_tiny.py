@@ -2,14 +2,14 @@ import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from visiondrop.testing.tiny import build_tiny_llava, demo_image, load_tiny
+from visiondrop.testing.tiny import build_tiny, demo_image, load_tiny
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "llava")
+    return build_tiny("llava", tmp_path_factory.mktemp("tiny") / "llava")
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +87,9 @@ def test_outputs_depend_on_image(tiny):
 
 
 def test_same_seed_gives_identical_weights(tmp_path):
-    a = LlavaForConditionalGeneration.from_pretrained(build_tiny_llava(tmp_path / "a", seed=3)).state_dict()
-    b = LlavaForConditionalGeneration.from_pretrained(build_tiny_llava(tmp_path / "b", seed=3)).state_dict()
-    c = LlavaForConditionalGeneration.from_pretrained(build_tiny_llava(tmp_path / "c", seed=4)).state_dict()
+    a = LlavaForConditionalGeneration.from_pretrained(build_tiny("llava", tmp_path / "a", seed=3)).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(build_tiny("llava", tmp_path / "b", seed=3)).state_dict()
+    c = LlavaForConditionalGeneration.from_pretrained(build_tiny("llava", tmp_path / "c", seed=4)).state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from visiondrop.families.llava_next import GRID_PINPOINTS as NEXT_GRID_PINPOINTS
-from visiondrop.testing.tiny import build_tiny_llava_next, demo_image, load_tiny
+from visiondrop.testing.tiny import build_tiny, demo_image, load_tiny
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 
@@ -21,7 +21,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def next_path(tmp_path_factory):
-    return build_tiny_llava_next(tmp_path_factory.mktemp("tiny_next") / "llava_next")
+    return build_tiny("llava_next", tmp_path_factory.mktemp("tiny_next") / "llava_next")
 
 
 @pytest.fixture(scope="module")
