@@ -33,7 +33,8 @@ import torch
 
 import visiondrop
 
-PARITY = Path(os.environ.get("VISIONDROP_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "reference" / "parity"
+SHARED = Path(os.environ.get("VISIONDROP_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+PARITY = SHARED / "reference" / "parity"
 #: official and harness logits of the same case: unpruned they agree within 2e-5, pruned within this
 LOGITS_TOLERANCE = 1e-3
 

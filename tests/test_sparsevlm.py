@@ -11,7 +11,7 @@ from parity import load_case, parity_inputs
 from visiondrop.engine import DecoderCut
 from visiondrop.families import ModelInfo
 from visiondrop.methods import policy_for
-from visiondrop.testing.tiny import build_tiny_llava, demo_image, load_tiny_llava
+from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 INFO = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
@@ -233,14 +233,8 @@ def test_next_measured_tokens_follow_the_llava15_ratio(tiny_next, budget):
         assert measured / (budget * n0 / 2880) == pytest.approx(RATIOS[budget // 5], rel=0.03)
 
 
-@pytest.fixture(scope="module")
-def shallow(tmp_path_factory):
-    """A tiny LLaVA-1.5 with the demo model's 4-layer decoder (pruning after layers 0, 1, 2)."""
-    return load_tiny_llava(build_tiny_llava(tmp_path_factory.mktemp("shallow") / "llava", seed=0, text_layers=4))
-
-
-def test_four_layer_decoder_keeps_the_ratio_at_192_and_refuses_the_rest(shallow):
-    model, processor = shallow
+def test_four_layer_decoder_keeps_the_ratio_at_192_and_refuses_the_rest(tiny_shallow):
+    model, processor = tiny_shallow
     counts, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "sparsevlm", 192)
     assert counts == [576, 128, 78, 44] and handle.policy.keep_lists == (114, 76, 42)
     assert sum(counts) / 4 / 192 == pytest.approx(RATIOS[192], rel=0.03)  # 206.5, as on LLaVA-1.5-7B
