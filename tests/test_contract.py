@@ -18,7 +18,7 @@ from helpers import assert_equal_up_to_reordering, cached_and_replayed, greedy, 
 from visiondrop.engine import Policy
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.methods import METHODS, method, policy_for
-from visiondrop.families import ModelInfo, family_of
+from visiondrop.families import ModelInfo, family_of, info_of
 from visiondrop.families.qwen2_5_vl import NOMINAL_SIDE
 from visiondrop.harness.video import read_frames
 from visiondrop.testing.tiny import demo_image
@@ -116,7 +116,7 @@ def test_full_budget_is_the_stock_model(family, name):
     """Every method at a budget of all the visual tokens (or ratio 1) is the engine's unpruned policy, the one
     `none` runs, and that equals the stock model."""
     model, batch, single, (reference, reference_logits) = family
-    info = ModelInfo.of(model)
+    info = info_of(model)
     originals = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
     for given in ({"budget": None if name == "none" else info.n_visual}, {"ratio": 1.0}):
         with visiondrop.apply(model, name, **given) as handle, torch.no_grad():
@@ -146,7 +146,7 @@ def test_batch_equals_each_sample_alone(host, name):
     singles = [encode(model, processor, [q], [img]) for q, img in zip(questions, images)]
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
     stock_text_only = run(model, singles[TEXT_ONLY])
-    with visiondrop.apply(model, name, example_budget(name, ModelInfo.of(model))) as handle:
+    with visiondrop.apply(model, name, example_budget(name, info_of(model))) as handle:
         tokens, logits = run(model, batch)
         trace = handle.trace
         alone = []
@@ -170,7 +170,7 @@ def test_batch_equals_each_sample_alone(host, name):
 def test_generation_with_cache_equals_replay_without(host, name):
     """Decode steps on the pruned cache give what re-running the prompt with the prefill's decisions gives."""
     model, processor, images = host
-    budget = example_budget(name, ModelInfo.of(model))
+    budget = example_budget(name, info_of(model))
     batch = encode(model, processor, QUESTIONS[:2], [img for img in images if img is not None][:2])
     cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10)
     assert torch.equal(cached, replayed)
@@ -193,7 +193,7 @@ def test_counts_measured_with_hooks_match_describe(nominal, name):
     """The description's mean count is what enters the decoder layers, counted with forward pre-hooks; LLaVA-NeXT's
     newline tokens come on top of the patches it counts (as many as the image has, or fewer where pruned)."""
     model, sample = nominal
-    info = ModelInfo.of(model)
+    info = info_of(model)
     newlines = int(family_of(model).image_token_mask(model, sample["input_ids"], None).sum()) - info.n_visual
     measured, handle = measure_counts(model, sample, name, example_budget(name, info))
     assert len(measured) == info.n_layers
@@ -221,7 +221,7 @@ def test_remove_restores_bit_identical_outputs(family, name):
     with torch.no_grad():
         before = model(**single).logits
     patched = state(model)  # after the stock forward: the stock model keeps some of its inputs' (Qwen's rope_deltas)
-    budget = example_budget(name, ModelInfo.of(model))
+    budget = example_budget(name, info_of(model))
     handle = visiondrop.apply(model, name, budget)
     if name != "none":
         with torch.no_grad():
@@ -239,7 +239,7 @@ def test_remove_restores_bit_identical_outputs(family, name):
 @pytest.mark.parametrize("name", METHODS)
 def test_unreachable_budget_names_the_smallest_reachable(family, name):
     model = family[0]
-    info = ModelInfo.of(model)
+    info = info_of(model)
     smallest = method(name).smallest_budget(info)
     assert policy_for(info, name, smallest) is not None
     with pytest.raises(ValueError, match=rf"(?<![\d.]){re.escape(f'{smallest:g}')}(?![\d.])"):
