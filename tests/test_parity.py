@@ -6,7 +6,7 @@ import torch
 
 from baselines.vispruner import diverse_rounds
 from parity import Case, Run, check_case, load_case, parity_inputs, require_bit_exact
-from visiondrop.engine import EncoderView
+from visiondrop.core import EncoderView
 from visiondrop.families.llava import clip_encoder_view
 
 IMAGE_START, N_IMAGE = 35, 576  # the fixtures' image block, in sequence positions
@@ -83,7 +83,7 @@ DART_RECORDED = ("key_norms", "pivots", "processing_order", "features")
 def vispruner_view(model, inputs: dict) -> EncoderView:
     """What VisPruner selects from: the eager CLIP tower at layer 22."""
     with torch.no_grad():
-        return clip_encoder_view(model.model.vision_tower, inputs["pixel_values"], 22, eager=True)
+        return clip_encoder_view(model.model.vision_tower, inputs["pixel_values"], 22, eager_encoder=True)
 
 
 def cls_row(view: EncoderView) -> torch.Tensor:
@@ -138,7 +138,7 @@ CASES = [
     Case("vispruner/vp128", "vispruner", {"budget": 128}, cuts=lambda official: ["encoder"],
          kept=lambda official: [official["kept_indices_sorted"]],
          described=lambda official: {"method": "vispruner", "encoder_layer": 22, "important": 64, "diverse": 64,
-                                     "exact": True, "equivalent_tokens": 128},
+                                     "eager_encoder": True, "equivalent_tokens": 128},
          precondition=lambda model, inputs: {"cls_attention_head_mean": cls_row(vispruner_view(model, inputs))},
          robust=vispruner_important_kept),
 ]
