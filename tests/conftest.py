@@ -38,6 +38,14 @@ def tiny(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_shallow(tmp_path_factory):
+    """A tiny LLaVA-1.5 with the demo model's 4-layer decoder (cut layers map onto it by relative depth)."""
+    from visiondrop.testing.tiny import build_tiny, load_tiny
+
+    return load_tiny(build_tiny("llava", tmp_path_factory.mktemp("shallow") / "llava", seed=0, text_layers=4))
+
+
+@pytest.fixture(scope="session")
 def tiny_next_dir(tmp_path_factory):
     """A tiny full-depth LLaVA-NeXT (anyres, v1.6 grids) saved like a user's checkpoint."""
     from visiondrop.testing.tiny import build_tiny

@@ -127,7 +127,7 @@ def build_tiny(model_type: str, out_dir: str | Path, **knobs) -> Path:
 def load_tiny(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a folder written by a tiny-model builder of any family (`build_tiny_<family>`),
+    """Load a folder written by a tiny-model builder of any family (`build_tiny`),
     as a user loads a checkpoint.
 
     The model class and the processor follow the saved config's family; the model is returned in eval mode.
