@@ -165,12 +165,12 @@ class CDPruner(Policy):
     name = "cdpruner"
 
     def __init__(self, info: ModelInfo, per_crop: int, text: str, text_tower: str, instruction: str | None,
-                 guard: bool, theta: float | None, exact: bool):
+                 guard: bool, theta: float | None, eager_encoder: bool):
         self.info, self.per_crop, self.text, self.text_tower = info, per_crop, text, text_tower
         self.instruction, self.guard, self.theta = instruction, guard, theta
         self.questions: list[str] | None = None
         if text == "clip":
-            self.encoder_layer, self.eager_encoder, self.native_layout = info.vision_layer, exact, True
+            self.encoder_layer, self.eager_encoder, self.native_layout = info.vision_layer, eager_encoder, True
         else:
             self.cut_layers = (0,)
 
@@ -229,14 +229,14 @@ class CDPruner(Policy):
 
 def policy(info: ModelInfo, budget: float | None = None, text: str | None = None,
            text_tower: str = DEFAULT_TEXT_TOWER, instruction: str | None = None, guard: bool = False,
-           theta: float | None = None, exact: bool = True) -> Policy:
+           theta: float | None = None, eager_encoder: bool = True) -> Policy:
     """CDPruner keeping `budget` tokens (its visual_token_num T; per crop T / crops on LLaVA-NeXT, per frame on
     videos).
 
     text: "clip" (the official relevance, CLIP text tower `text_tower` on the instruction; default where the vision
     tower has CLS) or "prompt" (OpenVINO's port: the LLM's own input embeddings of the prompt; default on
     Qwen2.5-VL); instruction: the text every image is selected for (else `Handle.instruct`); guard: stop the greedy
-    MAP's NaN quirk (module docstring); theta: the relevance sharpening (None: the official kernel); exact: eager
+    MAP's NaN quirk (module docstring); theta: the relevance sharpening (None: the official kernel); eager_encoder: eager
     vision tower, bit-identical to the official features (False: the tower's own attention).
     """
     if budget is None:
@@ -247,7 +247,7 @@ def policy(info: ModelInfo, budget: float | None = None, text: str | None = None
     if theta is not None and not 0 < theta < 1:
         raise ValueError(f"CDPruner theta is in (0, 1) (the official comment's 0.5), or None; got {theta}")
     per_crop = whole_count(budget, info, "CDPruner", parts=info.crops)
-    return CDPruner(info, per_crop, text, str(text_tower), instruction, bool(guard), theta, bool(exact))
+    return CDPruner(info, per_crop, text, str(text_tower), instruction, bool(guard), theta, bool(eager_encoder))
 
 
 def kernel_macs(n: int, steps: int, width: int) -> int:
@@ -271,7 +271,7 @@ def overhead(text: str | None = None, **_) -> Overhead:
     one projection of the patches, or a mean of the prompt's embeddings) and not counted."""
     if text == "prompt":
         return Overhead(selection=decoder_macs)
-    return Overhead(projected=projected_macs, encoder_row=False)
+    return Overhead(projected=projected_macs, eager_encoder=True)  # no CLS row at all
 
 
 def example_options(config) -> dict:

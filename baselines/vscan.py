@@ -16,8 +16,8 @@ shipped LLaVA-1.5 script: `--visual_token_num 96 --layer_list [16] --image_token
 Budget: the mean visual tokens over the decoder layers. The scripts' 96 -> 32 is budget 64; 128 and 192 follow the
 same 3:1 rule (methods.md): T = 1.5 x budget out of the encoder, keep = budget / 2 after layer 16 (`tokens=`,
 `keep=` set them by hand). The merge assignments sit close to float32 noise on the parity model, so by default
-(`exact=True`) the tower runs eager and the cosine is the official `F.cosine_similarity`, bit-identical to the
-official run; `exact=False` keeps the tower's SDPA and compares normalised vectors by one product (faster, less
+(`eager_encoder=True`) the tower runs eager and the cosine is the official `F.cosine_similarity`, bit-identical to the
+official run; `eager_encoder=False` keeps the tower's SDPA and compares normalised vectors by one product (faster, less
 memory; a few assignments may differ).
 
 Where int(T/2) is not a multiple of the 16 windows (not at the scripts' T = 96, nor at 192 and 288), the official
@@ -62,15 +62,16 @@ def window_picks(scores: Tensor, grid: tuple[int, int], per_window: int) -> Tens
     return torch.cat(picks, dim=1)
 
 
-def merge_into_nearest(projected: Tensor, kept: Tensor, exact: bool = True) -> Tensor:
+def merge_into_nearest(projected: Tensor, kept: Tensor, eager_encoder: bool = True) -> Tensor:
     """[k, D]: the kept rows of `projected` [P, D] (ascending indices `kept`), each averaged with the other rows
-    whose most cosine-similar kept row it is (`exact`: the official `F.cosine_similarity`)."""
+    whose most cosine-similar kept row it is (`official_cosine`: the official `F.cosine_similarity`, else one
+    product of normalised vectors)."""
     mask = torch.zeros(projected.shape[0], dtype=torch.bool, device=projected.device)
     mask[kept] = True
     retained, others = projected[mask], projected[~mask]
     if others.shape[0] == 0:
         return retained
-    if exact:
+    if official_cosine:
         cosine = F.cosine_similarity(others.unsqueeze(1), retained.unsqueeze(0), dim=2)
     else:
         cosine = F.normalize(others, dim=-1) @ F.normalize(retained, dim=-1).t()
@@ -85,14 +86,14 @@ def merge_into_nearest(projected: Tensor, kept: Tensor, exact: bool = True) -> T
 class VScan(Policy):
     name = "vscan"
 
-    def __init__(self, info: ModelInfo, tokens: int, keep: int, layer: int, shallow_layer: int, exact: bool,
+    def __init__(self, info: ModelInfo, tokens: int, keep: int, layer: int, shallow_layer: int, eager_encoder: bool,
                  fill: bool):
-        self.info, self.tokens, self.keep, self.exact, self.fill = info, tokens, keep, exact, fill
+        self.info, self.tokens, self.keep, self.fill = info, tokens, keep, fill
         # tokens leaving the encoder per crop: the official arithmetic loses some where int(T/2) is no multiple of 16
         local = int(tokens * 0.5)
         self.out = tokens if fill else WINDOWS ** 2 * (local // WINDOWS ** 2) + tokens - local
         self.encoder_layer, self.scan_layers, self.cut_layers = info.vision_layer, (shallow_layer,), (layer,)
-        self.eager_encoder = self.native_layout = exact
+        self.eager_encoder = self.native_layout = eager_encoder
 
     def select_encoder(self, view: EncoderView) -> Selection:
         first = int(view.has_cls)
@@ -108,7 +109,7 @@ class VScan(Policy):
         chosen = torch.cat([local, deep.topk(n_global, dim=1).indices], dim=1)
         kept = chosen.sort(dim=1).values
         projected = view.project(view.hidden[:, first:])
-        merged = torch.stack([merge_into_nearest(p, k, self.exact) for p, k in zip(projected, kept)])
+        merged = torch.stack([merge_into_nearest(p, k, self.eager_encoder) for p, k in zip(projected, kept)])
         return Selection(kept + first, features=merged)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
@@ -120,16 +121,16 @@ class VScan(Policy):
         (layer,), n_layers = self.cut_layers, self.info.n_layers
         tokens = self.out * self.info.crops
         return {"method": self.name, "encoder_layer": self.encoder_layer, "shallow_layer": self.scan_layers[0],
-                "tokens": tokens, "layers": [layer], "keep": self.keep, "exact": self.exact, "fill": self.fill,
+                "tokens": tokens, "layers": [layer], "keep": self.keep, "eager_encoder": self.eager_encoder, "fill": self.fill,
                 "equivalent_tokens": (layer * tokens + (n_layers - layer) * self.keep) / n_layers}
 
 
 def policy(info: ModelInfo, budget: float | None = None, tokens: int | None = None, keep: int | None = None,
-           layer: int = LLM_LAYER, shallow_layer: int | None = None, exact: bool = True, fill: bool = True) -> Policy:
+           layer: int = LLM_LAYER, shallow_layer: int | None = None, eager_encoder: bool = True, fill: bool = True) -> Policy:
     """VScan at `budget` (T = 1.5 x budget out of the encoder, per crop on LLaVA-NeXT; keep = budget / 2 from
     `layer` on, given for a 32-layer decoder and mapped by relative depth), or explicit `tokens` (T per image, the
     scripts' visual_token_num) and `keep` (image_token_list). shallow_layer: the local scan's tower layer (default
-    5 of CLIP's 23 up to the feature layer, at that relative depth elsewhere); exact, fill: module docstring."""
+    5 of CLIP's 23 up to the feature layer, at that relative depth elsewhere); eager_encoder, fill: module docstring."""
     if tokens is None or keep is None:
         if budget is None:
             raise ValueError("VScan needs a budget (or tokens= and keep=: visual_token_num and image_token_list)")
@@ -149,7 +150,7 @@ def policy(info: ModelInfo, budget: float | None = None, tokens: int | None = No
     if not 0 <= shallow <= info.vision_layer:
         raise ValueError(f"VScan shallow_layer must be a tower layer up to the feature layer {info.vision_layer}, "
                          f"got {shallow}")
-    return VScan(info, per_crop, keep, layer, shallow, bool(exact), bool(fill))
+    return VScan(info, per_crop, keep, layer, shallow, bool(eager_encoder), bool(fill))
 
 
 def smallest_budget(info: ModelInfo) -> float:
@@ -165,5 +166,6 @@ def merge_macs(cut: Cut, width: int) -> int:
 
 
 METHOD = Method("vscan", "VScan", policy, smallest_budget,
-                overhead=lambda exact=True, **_: Overhead(rows="text", projected=merge_macs, encoder_row=not exact),
+                overhead=lambda eager_encoder=True, **_: Overhead(rows="text", projected=merge_macs,
+                                                                  eager_encoder=eager_encoder),
                 example_budget=64)

@@ -32,7 +32,7 @@ def parity_kernel(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool
     run's bit for bit on this CPU (methods.md 11.3)."""
     _, logits = load_case("cdpruner", "cd32")
     with torch.no_grad():
-        view = clip_encoder_view(model.model.vision_tower, parity_inputs()["pixel_values"], 22, eager=True)
+        view = clip_encoder_view(model.model.vision_tower, parity_inputs()["pixel_values"], 22, eager_encoder=True)
         patches = view.hidden[:, 1:]
         projected = model.model.multi_modal_projector(patches)
         tower = load_text_tower(CLIP_TEXT)

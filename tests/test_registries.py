@@ -2,6 +2,8 @@
 with no other edit, reach the demo sweep, the FLOPs count, the latency benchmark and the tables."""
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 import torch
@@ -113,3 +115,25 @@ def test_tables_name_the_new_method_and_model(registered, tmp_path):
     table, _ = build_table(store.frame(), paper, "throwaway-7b")
     assert ("First tokens", 64.0) in table.index
     assert plot_scores(table, tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_the_readme_is_a_front_page_that_lists_every_method_and_family():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    assert set(re.findall(r"^\| `(\w+)` \|", readme, re.M)) == set(METHODS)
+    header = next(line for line in readme.splitlines() if line.startswith("| method |"))
+    assert header.count("|") - 3 == len(FAMILIES)  # one column per family
+    for link in re.findall(r"`((?:docs/|CONTRIBUTING)[\w/.-]*\.md)`", readme):
+        assert (ROOT / link).exists(), link
+
+
+def test_a_model_has_one_name_in_configs_records_and_checkpoints():
+    """`model=<name>` selects the config that files its records under <name>, the name the FLOPs count, the
+    latency benchmark and the tables use for a registered checkpoint."""
+    import yaml
+
+    names = {}
+    for path in sorted((ROOT / "configs" / "model").glob("*.yaml")):
+        names[path.stem] = yaml.safe_load(path.read_text())["name"]
+    assert all(stem == name for stem, name in names.items()), names
+    assert set(checkpoints()) <= set(names)

@@ -20,7 +20,7 @@ OWN = Path(__file__).parent / "parity" / "vscan"  # 128 and 192 by the 3:1 rule,
 def official_merge(model, kept: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The merge's nearest kept slot and top-1 minus top-2 cosine for each dropped patch, computed here."""
     with torch.no_grad():
-        view = clip_encoder_view(model.model.vision_tower, parity_inputs()["pixel_values"], 22, eager=True)
+        view = clip_encoder_view(model.model.vision_tower, parity_inputs()["pixel_values"], 22, eager_encoder=True)
         projected = model.model.multi_modal_projector(view.hidden[0, 1:])
     mask = torch.zeros(576, dtype=torch.bool)
     mask[kept] = True
@@ -37,7 +37,7 @@ def test_vscan64_matches_official(parity_model):
     official, logits = load_case("vscan", "vscan64")
     encoder, llm = official["encoder_stage"], official["llm_stage"]
     with torch.no_grad():
-        view = clip_encoder_view(parity_model.model.vision_tower, parity_inputs()["pixel_values"], 22, eager=True,
+        view = clip_encoder_view(parity_model.model.vision_tower, parity_inputs()["pixel_values"], 22, eager_encoder=True,
                                  scan_layers=(5,))
     nearest, gap = official_merge(parity_model, encoder["kept_indices_sorted"])
     exact = (torch.equal(view.importance_at[5][0, :, 1:].mean(0), logits["encoder_cls_attention_shallow_layer5"])
@@ -57,7 +57,7 @@ def test_vscan64_matches_official(parity_model):
         assert handle.trace.kept[0][1].tolist() == llm["kept_indices_0_575"]
         assert handle.policy.describe() == {
             "method": "vscan", "encoder_layer": 22, "shallow_layer": 5, "tokens": 96, "layers": [16], "keep": 32,
-            "exact": True, "fill": True, "equivalent_tokens": 64.0}
+            "eager_encoder": True, "fill": True, "equivalent_tokens": 64.0}
 
 
 @pytest.mark.parametrize("case,budget", [("vscan128", 128), ("vscan192", 192)])
@@ -86,7 +86,7 @@ def test_local_and_global_scans_as_official(parity_model):
     official, _ = load_case("vscan", "vscan64")
     encoder = official["encoder_stage"]
     with torch.no_grad():
-        view = clip_encoder_view(parity_model.model.vision_tower, parity_inputs()["pixel_values"], 22, eager=True,
+        view = clip_encoder_view(parity_model.model.vision_tower, parity_inputs()["pixel_values"], 22, eager_encoder=True,
                                  scan_layers=(5,))
     local = window_picks(view.importance_at[5][:, :, 1:].mean(1), (24, 24), 3)
     assert local[0].tolist() == encoder["local_indices_window_order"]
@@ -111,7 +111,7 @@ def test_merge_into_nearest_by_hand():
     x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 2.0]])
     merged = merge_into_nearest(x, torch.tensor([0, 2]))
     torch.testing.assert_close(merged, torch.tensor([[0.95, 0.05], [0.05, 1.5]]))
-    torch.testing.assert_close(merge_into_nearest(x, torch.tensor([0, 2]), exact=False), merged)
+    torch.testing.assert_close(merge_into_nearest(x, torch.tensor([0, 2]), eager_encoder=False), merged)
     assert torch.equal(merge_into_nearest(x, torch.arange(4)), x)
 
 
@@ -140,7 +140,7 @@ def test_explicit_counts_and_fast_path(tiny):
     batch = inputs(processor, ["What is in the image?"])
     measured, handle = measure_counts(model, batch, "vscan", tokens=96, keep=32)
     assert measured == [96] * 16 + [32] * 16
-    fast, _ = measure_counts(model, batch, "vscan", 64, exact=False)
+    fast, _ = measure_counts(model, batch, "vscan", 64, eager_encoder=False)
     assert fast == measured
     with pytest.raises(ValueError, match="smallest reachable budget is 2"):
         visiondrop.apply(model, "vscan", budget=1)

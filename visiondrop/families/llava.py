@@ -46,15 +46,14 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
 
 
 def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int,
-                      eager: bool = False, scan_layers: tuple[int, ...] = ()) -> EncoderView:
+                      eager_encoder: bool = False, scan_layers: tuple[int, ...] = ()) -> EncoderView:
     """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys (and the CLS rows of
     the `scan_layers` too, in `importance_at`).
 
     By default the CLS rows and the keys are recomputed from the layers' own projections (their inputs captured
-    with forward pre-hooks), so the tower keeps its SDPA attention. With `eager`, every layer runs transformers'
-    eager attention and the CLS rows are the layers' own attention probabilities: bit-identical to official code
-    that asks the tower for `output_attentions` (VisPruner, VScan), at the cost of the eager tower's speed and
-    memory.
+    with forward pre-hooks), so the tower keeps its SDPA attention. With `eager_encoder`, every layer runs eager
+    attention and the CLS rows are the layers' own attention probabilities: bit-identical to official code that
+    asks the tower for `output_attentions` (VisPruner, VScan), at the cost of the eager tower's speed and memory.
     """
     layers = tower_layers(vision_tower)
     captured: dict[tuple[str, int], Tensor] = {}
@@ -69,10 +68,10 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
     for index in {layer_idx, *scan_layers}:
         attn = layers[index].self_attn
         hooks.append(attn.register_forward_pre_hook(functools.partial(grab_input, index), with_kwargs=True))
-        if eager:
+        if eager_encoder:
             hooks.append(attn.register_forward_hook(functools.partial(grab_probabilities, index)))
     try:
-        with _attention_implementation(vision_tower, "eager" if eager else None):
+        with _attention_implementation(vision_tower, "eager" if eager_encoder else None):
             out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     finally:
         for hook in hooks:
@@ -82,7 +81,7 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
         attn, x = layers[index].self_attn, captured["x", index]
         heads = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)  # noqa: E731
         keys = heads(attn.k_proj(x))
-        if eager:
+        if eager_encoder:
             return captured["cls", index], keys
         scores = (heads(attn.q_proj(x[:, :1])) @ keys.transpose(-1, -2)) * attn.scale
         return scores.softmax(-1, dtype=torch.float32)[:, :, 0].to(x.dtype), keys
@@ -204,11 +203,11 @@ class Llava(Family):
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
         return tokens, {"pixel_values": pixels}
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False,
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False,
                      scan_layers: tuple[int, ...] = ()) -> EncoderView:
         tower = self.vision_tower(model, images.modality)
         layer = feature_layer_index(tower, images.feature_layer)
-        if not eager:
+        if not eager_encoder:
             return clip_encoder_view(tower, images.pixels, layer, scan_layers=scan_layers)
         # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
         views = [clip_encoder_view(tower, pixels, layer, True, scan_layers) for pixels in images.pixels.split(images.crops)]

@@ -7,9 +7,9 @@ What differs from LLaVA, and how this adapter handles it:
   `budget=64` is the same retention (64/576) on both; every method scales its counts to each image's own tokens
   (`DecoderCut.scaled`, `EncoderView.share`), and `ratio=` states the share directly.
 - Positions are M-RoPE's [3, B, L] (temporal, height, width), built by the model (`get_rope_index`); the text
-  after an image continues from its largest position. They are never renumbered (`renumbers_positions`): kept
+  after an image continues from its largest position. They are never renumbered (`fixed_positions`): kept
   tokens keep their positions at every cut, as every Qwen2.5-VL pruning implementation read does (LightCompress,
-  EffiVLM-Bench, DART; /work/shared/reference/field-notes.md), and decoding continues after the unpruned prompt,
+  EffiVLM-Bench, DART; the shared reference's field-notes.md), and decoding continues after the unpruned prompt,
   so a method that cuts nothing is the stock model. A merged (contextual) token gathers tokens from all over the
   image (its members are assigned by key similarity, not by place), so it takes the centre of the image's grid
   (`merged_position`) rather than the place of any one member.
@@ -17,7 +17,7 @@ What differs from LLaVA, and how this adapter handles it:
   patch receives from all patches of its image at the tower's last full-attention layer (block 31 of 32, not a
   windowed one), recomputed from that block's own qkv projection and rotary embedding (the tower keeps SDPA). The
   official VisionZip, VisionDrop and SparseVLM repositories have no Qwen2.5-VL adaptation (users ask for one:
-  VisionZip #4 #9); the closest is LightCompress's, which /work/shared/reference/field-notes.md reports to use this
+  VisionZip #4 #9); the closest is LightCompress's, which the shared reference's field-notes.md reports to use this
   CLS substitute at the tower's last layer with the window order undone (its code was not read for this adapter).
   A visual token's score is the mean of its four patches; its hidden vector the concatenation of its four patches' outputs (what the merger takes, so merged
   tokens average groups before the merger's norm and MLP, as LLaVA's merge before the projector); its key the mean
@@ -29,7 +29,6 @@ Videos are passed through unpruned (their tokens are not image tokens).
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -97,7 +96,7 @@ class Qwen2_5_VL(Family):
         1e-6, budget=64),)
     image_aspect_ratio = "none"  # dynamic resolution takes any aspect ratio
     conv_template = "chat_template"
-    renumbers_positions = False
+    fixed_positions = True
     image_token = "<|image_pad|>"
     special_tokens = SPECIAL_TOKENS
 
@@ -148,7 +147,7 @@ class Qwen2_5_VL(Family):
         vision = config.vision_config
         side = NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
         return ModelInfo(n_visual=side * side, n_layers=config.text_config.num_hidden_layers,
-                         vision_layer=vision.depth - 1, cls_kept=False, tower_cls=False)
+                         vision_layer=vision.depth - 1, cls_kept=False)
 
     # -- positions -----------------------------------------------------------------------------------------------
     def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:
@@ -177,59 +176,44 @@ class Qwen2_5_VL(Family):
         return [Images(pixels, [1], images.feature_layer, images.select_strategy, images.sizes[i:i + 1])
                 for i, pixels in enumerate(images.pixels.split(patches))]
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False,
-                     scan_layers: tuple[int, ...] = ()) -> EncoderView:
-        """The tower's output and the mean attention received at its last full-attention block, per visual token
-        (and at the `scan_layers` blocks, in `importance_at`, computed over the whole image as at a full-attention
-        block).
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
+        """The tower's output and the mean attention received at its last full-attention block, per visual token.
 
-        `eager` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
+        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
         bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway."""
         tower = self.vision_tower(model)
         config = tower.config
-        last_full = config.fullatt_block_indexes[-1]
+        attn = tower.blocks[config.fullatt_block_indexes[-1]].attn
         captured = {}
 
-        def grab(index, module, args, kwargs):
-            captured[index] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
-                               kwargs["position_embeddings"])
+        def grab(module, args, kwargs):
+            captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured["rope"] = kwargs["position_embeddings"]
 
-        hooks = [tower.blocks[i].attn.register_forward_pre_hook(functools.partial(grab, i), with_kwargs=True)
-                 for i in {last_full, *scan_layers}]
+        hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
         tower.merger.forward = lambda x: x[::config.spatial_merge_size ** 2]  # projected later: only what is kept
         try:
             out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
         finally:
-            for hook in hooks:
-                hook.remove()
+            hook.remove()
             del tower.merger.forward
-        unit = config.spatial_merge_size ** 2
+        x, (cos, sin) = captured["x"], captured["rope"]
+        n_patches, unit = x.shape[0], config.spatial_merge_size ** 2
+        q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
+        received = q.new_zeros(attn.num_heads, n_patches, dtype=torch.float32)
+        for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
+            received += ((rows @ k_rot.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
+        received /= n_patches
         window_index, _ = get_vision_window_index(images.sizes, config.spatial_merge_size, config.window_size,
                                                   config.patch_size)
-        raster = torch.argsort(window_index.to(out.last_hidden_state.device))  # window order -> raster order
-
-        def received(index: int) -> tuple[Tensor, Tensor]:
-            """Mean attention each token receives at block `index` [H, T] (raster order), and its keys."""
-            attn, (x, (cos, sin)) = tower.blocks[index].attn, captured[index]
-            n_patches = x.shape[0]
-            q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
-            total = q.new_zeros(attn.num_heads, n_patches, dtype=torch.float32)
-            for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
-                total += ((rows @ k_rot.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
-            total /= n_patches
-            n_tokens = n_patches // unit
-            keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1)[raster].transpose(0, 1)  # [H, T, hd]
-            return total.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(x.dtype), keys
-
-        importance, keys = received(last_full)
-        n_tokens = importance.shape[1]
+        raster = torch.argsort(window_index.to(x.device))  # the tower's window order -> raster order of groups
+        n_tokens = n_patches // unit
         hidden = out.last_hidden_state.reshape(n_tokens, -1)[raster]  # [T, 4 D]
+        importance = received.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(x.dtype)  # [H, T]
+        keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1)[raster].transpose(0, 1)  # [H, T, hd]
         nominal = self.model_info(model.config).per_crop
-        _, rows, cols = (int(n) // config.spatial_merge_size for n in images.sizes[0])
-        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal,
-                           importance_at={i: received(i)[0][None] for i in scan_layers},
-                           grid=(n_tokens // cols, cols))
+        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal)
 
     image_layout_key = "image_grid_thw"
 
