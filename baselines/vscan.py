@@ -62,7 +62,7 @@ def window_picks(scores: Tensor, grid: tuple[int, int], per_window: int) -> Tens
     return torch.cat(picks, dim=1)
 
 
-def merge_into_nearest(projected: Tensor, kept: Tensor, eager_encoder: bool = True) -> Tensor:
+def merge_into_nearest(projected: Tensor, kept: Tensor, official_cosine: bool = True) -> Tensor:
     """[k, D]: the kept rows of `projected` [P, D] (ascending indices `kept`), each averaged with the other rows
     whose most cosine-similar kept row it is (`official_cosine`: the official `F.cosine_similarity`, else one
     product of normalised vectors)."""
