@@ -33,7 +33,9 @@ tokens; it runs as a cut before decoder layer 0, on the decoder's own inputs, so
 the instruction. It works on every family (`text="prompt"`); it is this project's choice after OpenVINO, not an
 official recipe of the authors. `theta=` gives the kernel the official (commented-out) relevance sharpening
 exp(theta / (2 (1 - theta)) r), which OpenVINO's PyTorch port applies with theta = 0.5; default none, as the
-official code.
+official code. `dpp="split"` is OpenVINO GenAI's C++ selection for long sequences (`cdpruner.cpp`, `fast_dpp.cpp`):
+the candidates cut at the middle index into two halves, each with its own kernel (relevance normalised within the
+half) and half the picks; by OpenVINO's own note a speed device, not the paper's: the default is "paper".
 
 LLaVA-NeXT: each crop (base and grid) keeps T / 5 (the official `textvqa.sh 32` keeps 32 per crop, budget 160), the
 relevance normalised over all crops of the image, laid out in the model's own layout with image-newline tokens
@@ -43,6 +45,7 @@ LanguageBind's, whose text side is not OpenAI CLIP's: pass a matching `text_towe
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
@@ -56,6 +59,7 @@ from visiondrop.methods.shared import whole_count
 #: The CLIP checkpoint whose text side the official code loads for LLaVA-1.5 (its vision tower's)
 DEFAULT_TEXT_TOWER = "openai/clip-vit-large-patch14-336"
 TEXTS = ("clip", "prompt")
+DPPS = ("paper", "split")
 
 
 @dataclass(frozen=True)
@@ -161,12 +165,27 @@ def distinct_sorted(picks: Tensor) -> Tensor:
     return ordered.masked_fill(ordered == mask.shape[1], -1)
 
 
+def dpp_selection(projected: Tensor, relevance_of: Callable[[slice], Tensor], steps: int, guard: bool,
+                  theta: float | None, dpp: str) -> Tensor:
+    """[N, k]: the distinct picks of each row, ascending (-1 padded), of the DPP over the projected tokens [N, P, D]
+    with relevance `relevance_of(part)` [N, P'] for the tokens `part`. dpp="paper": one kernel over all P; "split"
+    (OpenVINO GenAI's): the tokens cut at P // 2 into two halves with a kernel each (relevance normalised within
+    the half), steps // 2 picks in the first and the rest in the second."""
+    if dpp == "paper":
+        return distinct_sorted(greedy_map(conditional_kernel(projected, relevance_of(slice(None)), theta), steps, guard))
+    half = projected.shape[1] // 2
+    first = greedy_map(conditional_kernel(projected[:, :half], relevance_of(slice(0, half)), theta), steps // 2, guard)
+    second = greedy_map(conditional_kernel(projected[:, half:], relevance_of(slice(half, None)), theta),
+                        steps - steps // 2, guard)
+    return distinct_sorted(torch.cat([first, second + half], dim=1))
+
+
 class CDPruner(Policy):
     name = "cdpruner"
 
     def __init__(self, info: ModelInfo, per_crop: int, text: str, text_tower: str, instruction: str | None,
-                 guard: bool, theta: float | None, eager_encoder: bool):
-        self.info, self.per_crop, self.text, self.text_tower = info, per_crop, text, text_tower
+                 guard: bool, theta: float | None, eager_encoder: bool, dpp: str):
+        self.info, self.per_crop, self.text, self.text_tower, self.dpp = info, per_crop, text, text_tower, dpp
         self.instruction, self.guard, self.theta = instruction, guard, theta
         self.questions: list[str] | None = None
         if text == "clip":
@@ -196,12 +215,16 @@ class CDPruner(Policy):
         tower = load_text_tower(self.text_tower)
         image_embeds = tower.image_embeds(patches)
         owners = torch.tensor(view.owners, device=patches.device)
-        scores = torch.empty(image_embeds.shape[:2], device=patches.device)
-        for image in dict.fromkeys(view.owners):
-            rows = owners == image  # an image's crops share the min-max normalisation
-            scores[rows] = relevance(image_embeds[rows], tower.text_embeds(self._instruction(image), patches.device))
-        picks = greedy_map(conditional_kernel(projected, scores, self.theta), view.scaled(self.per_crop), self.guard)
-        kept = distinct_sorted(picks)
+        texts = {image: tower.text_embeds(self._instruction(image), patches.device) for image in dict.fromkeys(view.owners)}
+
+        def relevance_of(part: slice) -> Tensor:
+            scores = torch.empty(image_embeds[:, part].shape[:2], device=patches.device)
+            for image, text_embeds in texts.items():
+                rows = owners == image  # an image's crops share the min-max normalisation
+                scores[rows] = relevance(image_embeds[rows][:, part], text_embeds)
+            return scores
+
+        kept = dpp_selection(projected, relevance_of, view.scaled(self.per_crop), self.guard, self.theta, self.dpp)
         features = gather_rows(projected, kept.clamp(min=0))
         return Selection(torch.where(kept >= 0, kept + first, kept), features=features)
 
@@ -211,10 +234,12 @@ class CDPruner(Policy):
         text_rows.scatter_(1, cut.visual, False)
         weights = text_rows.unsqueeze(-1).to(cut.hidden.dtype)
         prompt = (cut.hidden * weights).sum(1) / weights.sum(1)  # [G, D]: the mean input embedding of the text
-        scores = torch.stack([relevance(v[None].float(), p[None].float())[0] for v, p in zip(visual, prompt)])
-        picks = greedy_map(conditional_kernel(visual, scores, self.theta),
-                           cut.scaled(self.per_crop * self.info.crops, self.info.n_visual), self.guard)
-        kept = distinct_sorted(picks)
+
+        def relevance_of(part: slice) -> Tensor:
+            return torch.stack([relevance(v[None, part].float(), p[None].float())[0] for v, p in zip(visual, prompt)])
+
+        kept = dpp_selection(visual, relevance_of, cut.scaled(self.per_crop * self.info.crops, self.info.n_visual),
+                             self.guard, self.theta, self.dpp)
         if (kept < 0).any():
             raise NotImplementedError("CDPruner kept different counts for samples of one batch (its kernel's rank is "
                                       "spent): use guard=True, or run them one at a time")
@@ -224,12 +249,12 @@ class CDPruner(Policy):
         where = {"encoder_layer": self.encoder_layer} if self.text == "clip" else {"layers": list(self.cut_layers)}
         return {"method": self.name, **where, "per_crop": self.per_crop, "text": self.text,
                 **({"text_tower": self.text_tower} if self.text == "clip" else {}), "guard": self.guard,
-                "theta": self.theta, "equivalent_tokens": self.per_crop * self.info.crops}
+                "theta": self.theta, "dpp": self.dpp, "equivalent_tokens": self.per_crop * self.info.crops}
 
 
 def policy(info: ModelInfo, budget: float | None = None, text: str | None = None,
            text_tower: str = DEFAULT_TEXT_TOWER, instruction: str | None = None, guard: bool = False,
-           theta: float | None = None, eager_encoder: bool = True) -> Policy:
+           theta: float | None = None, eager_encoder: bool = True, dpp: str = "paper") -> Policy:
     """CDPruner keeping `budget` tokens (its visual_token_num T; per crop T / crops on LLaVA-NeXT, per frame on
     videos).
 
@@ -237,17 +262,20 @@ def policy(info: ModelInfo, budget: float | None = None, text: str | None = None
     tower has CLS) or "prompt" (OpenVINO's port: the LLM's own input embeddings of the prompt; default on
     Qwen2.5-VL); instruction: the text every image is selected for (else `Handle.instruct`); guard: stop the greedy
     MAP's NaN quirk (module docstring); theta: the relevance sharpening (None: the official kernel); eager_encoder: eager
-    vision tower, bit-identical to the official features (False: the tower's own attention).
+    vision tower, bit-identical to the official features (False: the tower's own attention); dpp: "paper" (one
+    kernel, the official code) or "split" (OpenVINO GenAI's halves, `dpp_selection`).
     """
     if budget is None:
         raise ValueError("CDPruner needs a budget (its visual_token_num)")
     text = text or ("clip" if info.tower_cls else "prompt")
     if text not in TEXTS:
         raise ValueError(f"CDPruner text must be one of {TEXTS}, got {text!r}")
+    if dpp not in DPPS:
+        raise ValueError(f"CDPruner dpp must be one of {DPPS}, got {dpp!r}")
     if theta is not None and not 0 < theta < 1:
         raise ValueError(f"CDPruner theta is in (0, 1) (the official comment's 0.5), or None; got {theta}")
     per_crop = whole_count(budget, info, "CDPruner", parts=info.crops)
-    return CDPruner(info, per_crop, text, str(text_tower), instruction, bool(guard), theta, bool(eager_encoder))
+    return CDPruner(info, per_crop, text, str(text_tower), instruction, bool(guard), theta, bool(eager_encoder), dpp)
 
 
 def kernel_macs(n: int, steps: int, width: int) -> int:
@@ -256,22 +284,22 @@ def kernel_macs(n: int, steps: int, width: int) -> int:
     return n * n * width + 2 * n * n + sum(i * n + n for i in range(steps))
 
 
-def projected_macs(cut: Cut, width: int) -> int:
-    """An encoder cut (CLS not among the candidates): the kernel on the projected patches."""
-    return kernel_macs(cut.before - 1, cut.kept, width)
+def dpp_macs(n: int, steps: int, width: int, dpp: str) -> int:
+    """One kernel over the n candidates, or ("split") one over each half with half the steps."""
+    if dpp == "paper":
+        return kernel_macs(n, steps, width)
+    return kernel_macs(n // 2, steps // 2, width) + kernel_macs(n - n // 2, steps - steps // 2, width)
 
 
-def decoder_macs(cut: Cut, width: int) -> int:
-    """text="prompt": the kernel on the decoder's inputs (the prompt's mean embedding is a sum)."""
-    return kernel_macs(cut.before, cut.kept, width)
-
-
-def overhead(text: str | None = None, **_) -> Overhead:
-    """The relevance side's products are small beside the kernel (the CLIP text tower on a few dozen tokens and
-    one projection of the patches, or a mean of the prompt's embeddings) and not counted."""
+def overhead(text: str | None = None, dpp: str = "paper", **_) -> Overhead:
+    """The kernel and the greedy MAP on the projected patches (an encoder cut: CLS is no candidate), or on the
+    decoder's inputs (text="prompt"). The relevance side's products are small beside the kernel (the CLIP text
+    tower on a few dozen tokens and one projection of the patches, or a mean of the prompt's embeddings) and not
+    counted."""
     if text == "prompt":
-        return Overhead(selection=decoder_macs)
-    return Overhead(projected=projected_macs, eager_encoder=True)  # no CLS row at all
+        return Overhead(selection=lambda cut, width: dpp_macs(cut.before, cut.kept, width, dpp))
+    return Overhead(projected=lambda cut, width: dpp_macs(cut.before - 1, cut.kept, width, dpp),
+                    eager_encoder=True)  # no CLS row at all
 
 
 def example_options(config) -> dict:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import visiondrop
-from baselines.cdpruner import conditional_kernel, distinct_sorted, greedy_map, load_text_tower, relevance
+from baselines.cdpruner import (conditional_kernel, distinct_sorted, dpp_selection, greedy_map, load_text_tower,
+                                relevance)
 from helpers import inputs, measure_counts
 from parity import PARITY, load_case, parity_inputs, require_bit_exact
 from visiondrop.efficiency.flops import method_flops
@@ -88,6 +89,16 @@ def test_greedy_map_by_hand():
     assert distinct_sorted(torch.tensor([[3, 1, 1], [2, 0, 1]])).tolist() == [[1, 3, -1], [0, 1, 2]]
 
 
+def test_split_dpp_picks_half_in_each_half():
+    """dpp="split" (OpenVINO GenAI): 5 picks = 2 from tokens 0..3 and 3 from 4..7, each half its own kernel and its
+    own relevance normalisation; on orthogonal tokens each half picks its most relevant."""
+    projected = torch.eye(8)[None]
+    weights = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2, 0.3, 0.8, 0.6]])
+    relevance_of = lambda part: weights[:, part] / weights[:, part].max()  # noqa: E731
+    assert dpp_selection(projected, relevance_of, 5, False, None, "split").tolist() == [[1, 3, 5, 6, 7]]
+    assert dpp_selection(projected, relevance_of, 5, False, None, "paper").tolist() == [[1, 2, 3, 6, 7]]
+
+
 def test_relevance_is_the_normalised_negated_cosine():
     image = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
     scores = relevance(image, torch.tensor([[1.0, 0.0]]))
@@ -146,6 +157,8 @@ def test_errors_name_the_options(tiny):
             model(**batch)
     with pytest.raises(ValueError, match="text must be one of"):
         visiondrop.apply(model, "cdpruner", budget=32, text="siglip")
+    with pytest.raises(ValueError, match="dpp must be one of"):
+        visiondrop.apply(model, "cdpruner", budget=32, dpp="halves")
     with pytest.raises(ValueError, match="theta"):
         visiondrop.apply(model, "cdpruner", budget=32, theta=1.0)
 
@@ -190,3 +203,5 @@ def test_flops_count_the_kernel_and_the_greedy_map():
     assert flops.overhead < 0.05 * flops.decoder
     assert math.isclose(flops.decoder, divprune.decoder, rel_tol=1e-12)
     assert method_flops("llava-1.5-7b", "cdpruner", 64, text="prompt").overhead == 2 * kernel
+    halves = 2 * (288 * 288 * d + 2 * 288 * 288 + sum(i * 288 + 288 for i in range(32)))
+    assert method_flops("llava-1.5-7b", "cdpruner", 64, text="prompt", dpp="split").overhead == 2 * halves
