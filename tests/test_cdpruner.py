@@ -187,8 +187,18 @@ def test_next_keeps_its_share_per_crop(tiny_next):
     assert 0 < len(kept) <= 3 * 32 + 48  # three crops' picks (those in the padding lost) and newline tokens
 
 
-def test_the_plugin_instruction_drops_the_answer_format():
-    assert instruction("What is it?\nAnswer the question using a single word or phrase.") == "What is it?"
+def test_the_plugin_gives_each_sample_with_an_image_its_question():
+    """The lmms-eval plugin instructs the method batch by batch: one question per sample with a visual, LLaVA's
+    answer-format suffix removed (as the official evaluation does)."""
+    from types import SimpleNamespace
+
+    from visiondrop.harness.lmms_model import PrunedLVLM
+
+    given = []
+    plugin = SimpleNamespace(handle=SimpleNamespace(instruct=given.append))
+    contexts = ["What is it?\nAnswer the question using a single word or phrase.", "Hello", "Describe it."]
+    PrunedLVLM._instruct(plugin, contexts, [demo_image(0), None, demo_image(1)])
+    assert given == [["What is it?", "Describe it."]]
     assert instruction("Describe it.") == "Describe it."
 
 
