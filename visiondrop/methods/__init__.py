@@ -99,8 +99,8 @@ class Method:
     #: a budget of a 576-token LLaVA-1.5 it reaches with its defaults on a 32-layer decoder (scaled to other
     #: models' visual tokens): the one the contract tests (tests/test_contract.py) run it at
     example_budget: float = 64
-    #: (the model's config) -> options the contract tests, the demo and the latency benchmark add to the defaults
-    #: where those need what a tiny or random model lacks (CDPruner: a CLIP text tower and an instruction)
+    #: (the model's config) -> options the tests, the FLOPs count's proxy and the latency benchmark add to the
+    #: defaults where those need what a tiny or random model lacks (CDPruner: a CLIP text side and an instruction)
     example_options: Callable[[Any], dict[str, Any]] = lambda config: {}
     #: (dims, budget) -> the FLOPs count's schedule on a multi-crop model at its nominal crops, where one measured
     #: proxy image would not give the paper's comparison; None: measured
