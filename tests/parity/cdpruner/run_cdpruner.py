@@ -7,18 +7,20 @@ encode_images' returned mask (the kept set), torch.argmax inside encode_images (
 forward pre-hooks on the decoder layers (tokens per layer)."""
 import contextlib
 import json
+import os
 import sys
 
 import torch
 
-sys.path.insert(0, "/work/scratch-cdpvscan/cdpruner")
+sys.path.insert(0, os.environ["OFFICIAL_CODE"])  # the official repository's code (its llava package's parent)
 torch.cuda.Stream = lambda *a, **k: None
 torch.cuda.stream = lambda s: contextlib.nullcontext()
 torch.cuda.synchronize = lambda *a, **k: None
 
 from llava.model import LlavaLlamaForCausalLM  # noqa: E402
 
-PARITY = "/work/shared/reference/parity"
+PARITY = os.environ.get("VISIONDROP_SHARED", "../shared") + "/reference/parity"
+MODEL = os.environ["ORIGINAL_MODEL"]  # the parity model in original LLaVA format (official.json: "model")
 budgets = [int(b) for b in sys.argv[1].split(",")]
 out_path = sys.argv[2]
 instruction = json.load(open(f"{PARITY}/cdpruner/official.json"))["cases"]["cd32"]["settings"]["instruction"]
@@ -31,7 +33,7 @@ pixels = raw["pixel_values"].float()
 
 results, logits_out = {}, {}
 for budget in budgets:
-    model = LlavaLlamaForCausalLM.from_pretrained("/work/scratch-cdpvscan/model", torch_dtype=torch.float32,
+    model = LlavaLlamaForCausalLM.from_pretrained(MODEL, torch_dtype=torch.float32,
                                                   visual_token_num=budget).eval()
     tower = model.get_vision_tower()
     if not tower.is_loaded:

@@ -6,15 +6,17 @@ Instrumentation only (no change to the official code): encode_images' returned m
 torch.topk / Tensor.argmax inside encode_images (the scans' scores, the merge cosines), Tensor.topk inside
 layer_prune (the LLM stage's scores), forward pre-hooks on the decoder layers (tokens per layer)."""
 import json
+import os
 import sys
 
 import torch
 
-sys.path.insert(0, "/work/scratch-cdpvscan/vscan/VScan")
+sys.path.insert(0, os.environ["OFFICIAL_CODE"])  # the official repository's code (its llava package's parent)
 
 from llava.model.language_model.llava_llama_x import LlavaLlamaForCausalLM_X  # noqa: E402
 
-PARITY = "/work/shared/reference/parity"
+PARITY = os.environ.get("VISIONDROP_SHARED", "../shared") + "/reference/parity"
+MODEL = os.environ["ORIGINAL_MODEL"]  # the parity model in original LLaVA format (official.json: "model")
 settings = [tuple(int(x) for x in s.split(":")) for s in sys.argv[1].split(",")]  # T:keep
 out_path = sys.argv[2]
 raw = torch.load(f"{PARITY}/visiondrop/inputs.pt")
@@ -26,7 +28,7 @@ pixels = raw["pixel_values"].float()
 
 results, logits_out = {}, {}
 for tokens, keep in settings:
-    model = LlavaLlamaForCausalLM_X.from_pretrained("/work/scratch-cdpvscan/model", torch_dtype=torch.float32,
+    model = LlavaLlamaForCausalLM_X.from_pretrained(MODEL, torch_dtype=torch.float32,
                                                     visual_token_num=tokens, selected_indices=[]).eval()
     tower = model.get_vision_tower()
     if not tower.is_loaded:
