@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
@@ -140,12 +140,16 @@ class Plan:
     faults: list[str] = field(default_factory=list)  # judging that stopped part-way (records kept, incomplete)
 
 
+SET_BY_ENV = ("model", "base_url", "api_key_env")  # judge settings `configure` passes through the environment
+
+
 def configured_judge(cfg: DictConfig) -> Judge | None:
     """The judge the config (`judge.*`) or the environment sets, put where the tasks read it; a JudgeConfigError
     if it lacks its key."""
     judge = cfg.get("judge") or {}
     configure_judge(judge.get("model"), judge.get("base_url"), judge.get("api_key_env"))  # the key stays in the env
-    return Judge.from_env(concurrency=judge.get("concurrency"), max_failures=judge.get("max_failures"))
+    settings = {f.name: judge[f.name] for f in fields(Judge) if f.name in judge and f.name not in SET_BY_ENV}
+    return Judge.from_env(**settings)  # concurrency, max_failures, attempts, timeout_s, ...
 
 
 def plan_job(cfg: DictConfig) -> Plan:

@@ -139,6 +139,8 @@ class Judge:
         each failed request counts against the run's `max_failures`."""
         run = run or _Run(self)
         for attempt in range(self.attempts):
+            if run.stop.is_set():  # the run hit its failure cap while this answer waited its turn
+                raise _TooManyFailures(run.reason)
             try:
                 return self.ask(question, answer, pred)
             except JudgeConfigError:
