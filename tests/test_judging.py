@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from test_tables import record as table_record
+from test_video_qa import QUESTIONS as QA, docs_file  # noqa: F401 (a fixture)
 from visiondrop.harness import judge
 from visiondrop.harness.store import ResultStore, read_samples
 from visiondrop.harness.tables import INCOMPLETE, build_table
@@ -174,3 +175,39 @@ def test_scripts_judge_exits_non_zero_when_judging_stops_part_way(tmp_path, caps
         judge.main([str(tmp_path / "runs"), "--model", "stub-judge", "--base-url", stub.url,
                     "--api-key-env", KEY_ENV, "--concurrency", "2"])
     assert "1 record(s) judged part-way" in str(stop.value) and path in str(stop.value)
+
+
+def test_a_job_stores_its_answers_before_a_failing_judge_and_judges_only_the_rest_when_run_again(
+        tmp_path, tiny_video_dir, docs_file, monkeypatch):
+    """The tiny Video-LLaVA answers two questions; the judge answers HTTP 500 to one of them on every attempt. The
+    job fails, but its record holds both answers and the one verdict, and the judge was asked `attempts` times for
+    the failing answer (lmms-eval's retries add none); the job again judges only that answer, decoding no video."""
+    from omegaconf import open_dict
+
+    from test_video_qa import qa_config
+    from visiondrop.harness import job
+
+    monkeypatch.setenv(judge.DEFAULT_KEY_ENV, "sk-test")
+    cfg = qa_config(tmp_path, tiny_video_dir, docs_file)
+    moves = "What moves across the video?"
+    failing = lambda n, body: (500, {}, b"down") if moves in body["messages"][1]["content"] else None  # noqa: E731
+    with StubJudge(fault=failing) as stub:
+        with open_dict(cfg):
+            cfg.judge.update(model="stub-judge", base_url=stub.url, attempts=3, backoff_s=0.01)
+        with pytest.raises(judge.JudgingIncomplete, match="judging incomplete, 1 of 2 answer\\(s\\) unjudged"):
+            job.run_job(cfg)
+        [(path, _)] = ResultStore(tmp_path / "runs").readable()
+        record, samples = json.loads(open(path).read()), read_samples(path)
+        assert record["judging"]["state"] == "incomplete" and record["score"] is None and record["docs"] == 2
+        assert [s["accuracy"]["question"] for s in samples] == [q[1] for q in QA]
+        assert [s["accuracy"].get("score") for s in samples] == [4.0, None] and all(s["response"] for s in samples)
+        assert asked(stub).count(moves) == 3 and len(stub.requests) == 4
+
+        def decode(*args, **kwargs):
+            raise AssertionError("a video was decoded: the answers were generated again")
+
+        monkeypatch.setattr("visiondrop.harness.lmms_model.read_frames", decode)
+        stub.fault = None
+        [judged] = job.run_job(cfg)
+    assert judged["path"] == str(path) and judged["judging"]["state"] == "complete" and judged["score"] == 100.0
+    assert asked(stub)[4:] == [moves]  # only the missing verdict was asked for
