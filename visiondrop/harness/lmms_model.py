@@ -250,8 +250,9 @@ class PrunedLlava(lmms):
             indices.sort(key=lambda i: -len(str(requests[i].args[0])))
             start = 0
             while start < len(indices):  # the size is read per batch: it drops after an out-of-memory error
-                yield indices[start:start + self._working_batch]
-                start += self._working_batch
+                batch = indices[start:start + self._working_batch]
+                yield batch
+                start += len(batch)
 
     def _halving_on_oom(self, indices: list[int], step: Callable[[list[int]], None]) -> None:
         """`step(indices)`; on CUDA out-of-memory, halve the batch (and every later one) and run the halves, down to
@@ -268,8 +269,11 @@ class PrunedLlava(lmms):
         log.warning("CUDA out of memory at batch size %d: retrying in batches of %d (the rest of the run too)",
                     len(indices), self._working_batch)
         self.clean()
-        for start in range(0, len(indices), self._working_batch):
-            self._halving_on_oom(indices[start:start + self._working_batch], step)
+        start = 0
+        while start < len(indices):  # read per part: a half that fails again lowers it for the parts after it
+            size = self._working_batch
+            self._halving_on_oom(indices[start:start + size], step)
+            start += size
 
     def _image(self, doc_to_visual: Callable | None, doc_id: int, task: str, split: str
                ) -> Image.Image | np.ndarray | None:
