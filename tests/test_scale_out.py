@@ -13,7 +13,7 @@ from test_harness import DEMO_MODEL, ROOT
 from visiondrop.harness import TASKS_DIR
 from visiondrop.harness.store import ResultStore
 
-README = (ROOT / "README.md").read_text()
+README = (ROOT / "docs" / "experiments.md").read_text()  # the README's "multi-GPU and Slurm" section
 MULTI_GPU = "torchrun --nproc_per_node 8 -m lmms_eval --model pruned_llava --model_args"
 SLURM = "python scripts/run.py -m experiment=table1 hydra/launcher=slurm"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

@@ -49,6 +49,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from .store import ResultStore, judge_label, read_record, read_samples
+
 log = logging.getLogger(__name__)
 
 ENV_MODEL, ENV_BASE_URL, ENV_KEY_NAME = "VISIONDROP_JUDGE_MODEL", "VISIONDROP_JUDGE_BASE_URL", "VISIONDROP_JUDGE_API_KEY_ENV"
@@ -222,11 +224,6 @@ def configure(model: str | None, base_url: str | None, api_key_env: str | None) 
             os.environ[name] = value
 
 
-def judge_label(described: dict | None) -> str | None:
-    """A recorded judge (`Judge.describe()`) as tables and logs name it: "model at base_url"; None if unjudged."""
-    return f"{described['model']} at {described['base_url']}" if described else None
-
-
 def judged(entry: dict, judge: Judge) -> bool:
     return entry.get("accuracy") is not None and entry.get("judge") == judge.describe()
 
@@ -306,8 +303,6 @@ def judge_record(path: str | Path, judge: Judge) -> dict:
     interrupt) still writes every verdict obtained, with `judging.state` "incomplete" and no score, and raises
     JudgingIncomplete (an interrupt propagates as itself). A replaced judge's numbers stay in the record's
     `earlier_judges` and the log names them; its per-answer verdicts are overwritten."""
-    from .store import ResultStore, read_record, read_samples
-
     path = Path(path)
     record, samples = read_record(path), read_samples(path)
     if record is None:
@@ -354,8 +349,6 @@ def judge_records(root: str | Path, judge: Judge, rejudge: bool = False) -> tupl
     """Judge every stored video-QA record under `root` that `judge` has not judged fully (unjudged, or stopped
     part-way; with `rejudge`, also those another judge judged). Returns the paths judged and the faults of those
     whose judging stopped part-way (each still written, `judging.state` "incomplete")."""
-    from .store import ResultStore
-
     done, others, faults = [], [], []
     for path, record in ResultStore(root).readable():
         if not needs_judging(record, judge):
