@@ -2,7 +2,7 @@
 recorded), and an image or video that cannot be decoded fails naming the task, the doc and the file."""
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from test_lmms_plugin import DOCS, _requests
 from visiondrop.harness.lmms_model import PrunedLlava, UndecodableVisual
@@ -44,7 +44,8 @@ def test_cuda_out_of_memory_halves_the_batch_down_to_what_fits(tiny_dir, monkeyp
         lm.generate_until(_requests("generate_until"))
 
 
-def test_an_undecodable_image_fails_naming_the_doc_and_the_file(tiny_dir, tmp_path):
+def test_an_undecodable_image_fails_naming_the_doc_and_the_file(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)  # PIL's default; some lmms-eval tasks set it
     broken = tmp_path / "broken.png"
     DOCS[2]["image"].save(broken)
     broken.write_bytes(broken.read_bytes()[:200])  # truncated: PIL opens it lazily, decoding fails later

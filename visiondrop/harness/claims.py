@@ -41,11 +41,10 @@ class Claim:
 
     def _heartbeat(self, every: float) -> None:
         while not self._stop.wait(every):
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:  # taken over after this process stalled past stale_after_s
+            if _read(self.path) != self.owner:  # taken over after this process stalled past stale_after_s
                 log.warning("%s: this job's claim was taken over by another job", self.path)
                 return
+            os.utime(self.path)
 
     def release(self) -> None:
         self._stop.set()
