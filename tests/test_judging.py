@@ -77,6 +77,7 @@ def test_retry_after_and_jittered_backoff():
     assert j.wait_s(0, rate_limited("7")) == 7.0 and j.wait_s(0, rate_limited("600")) == 30.0  # capped
     later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=20), usegmt=True)
     assert 15 < j.wait_s(0, rate_limited(later)) <= 20
+    assert 0 <= j.wait_s(0, rate_limited("soon")) <= 1  # unparsable: back-off as without one
     waits = [j.wait_s(3, rate_limited(None)) for _ in range(200)]  # full jitter over [0, 1 s x 2^3]
     assert all(0 <= w <= 8 for w in waits) and max(waits) > 4 and min(waits) < 4
     assert all(0 <= j.wait_s(9, OSError("reset")) <= 30 for _ in range(20))

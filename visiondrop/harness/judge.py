@@ -82,6 +82,10 @@ class JudgingIncomplete(RuntimeError):
     and says so (`judging.state` "incomplete"): the job again, or scripts/judge.py, judges only the rest."""
 
 
+class AnswerFailed(RuntimeError):
+    """One answer's every attempt failed: it stays unjudged, the run goes on (up to its failure cap)."""
+
+
 class _TooManyFailures(RuntimeError):
     pass
 
@@ -137,8 +141,8 @@ class Judge:
         return parse_verdict(content)
 
     def judge(self, question: str, answer: str, pred: str, run: "_Run | None" = None) -> tuple[bool, float]:
-        """`ask` with retries: Retry-After honoured on 429 and 503, else exponential back-off with full jitter;
-        each failed request counts against the run's `max_failures`."""
+        """`ask` with retries: a reply's Retry-After honoured (429, 503), else exponential back-off with full jitter;
+        each failed request counts against the run's `max_failures`. AnswerFailed after `attempts` failures."""
         run = run or _Run(self)
         for attempt in range(self.attempts):
             if run.stop.is_set():  # the run hit its failure cap while this answer waited its turn
@@ -151,7 +155,7 @@ class Judge:
                 # OSError: URLError, HTTPError, timeouts, resets; the others: a reply that is not a verdict
                 run.failed(err)
                 if attempt == self.attempts - 1:
-                    raise RuntimeError(f"the judge {self.model!r} at {self.base_url} failed {self.attempts} times, "
+                    raise AnswerFailed(f"the judge {self.model!r} at {self.base_url} failed {self.attempts} times, "
                                        f"last: {_describe(err)}") from None
                 if run.stop.wait(self.wait_s(attempt, err)):
                     raise _TooManyFailures(run.reason)
@@ -165,9 +169,13 @@ class Judge:
             try:
                 seconds = float(retry_after)
             except ValueError:  # an HTTP date
-                when = parsedate_to_datetime(retry_after)
-                seconds = (when - datetime.now(when.tzinfo or timezone.utc)).total_seconds()
-            return min(max(seconds, 0.0), self.max_wait_s)
+                try:
+                    when = parsedate_to_datetime(retry_after)
+                    seconds = (when - datetime.now(when.tzinfo or timezone.utc)).total_seconds()
+                except (TypeError, ValueError):  # neither: back off as without one
+                    seconds = None
+            if seconds is not None:
+                return min(max(seconds, 0.0), self.max_wait_s)
         return random.uniform(0, min(self.backoff_s * 2 ** attempt, self.max_wait_s))
 
 
@@ -255,7 +263,7 @@ def judge_entries(entries: list[dict], judge: Judge, save: Callable[[list[dict]]
                     errors.append(str(err))
                     run.stop.set()
                     break
-                except RuntimeError as err:  # this answer failed every attempt: left for the next run
+                except AnswerFailed as err:  # left for the next run
                     errors.append(str(err))
                     bar.set_postfix(failed=run.count)
                     continue
@@ -328,7 +336,7 @@ def judge_record(path: str | Path, judge: Judge) -> dict:
         store.write(record, samples)
 
     entries = [s[record["metric"]] for s in samples]
-    stopped: str | None = "interrupted"
+    stopped: str | None = "stopped by an interrupt or an unexpected error"
     try:
         entries, stopped = judge_entries(entries, judge, lambda partial: save(partial, "in progress"))
     finally:
