@@ -5,18 +5,18 @@ import torch
 from PIL import Image, ImageFile
 
 from test_lmms_plugin import DOCS, _requests
-from visiondrop.harness.lmms_model import PrunedLlava, UndecodableVisual
+from visiondrop.harness.lmms_model import PrunedLVLM, UndecodableVisual
 
 
 def test_cuda_out_of_memory_halves_the_batch_down_to_what_fits(tiny_dir, monkeypatch):
     """torch.cuda.OutOfMemoryError is raised (as on a GPU) by any forward of more than one sample: a batch of 4
     runs as halves, then ones, the rest of the run keeps size 1, and the answers equal those of batch size 1."""
-    alone = PrunedLlava(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=1)
+    alone = PrunedLVLM(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=1)
     alone.task_dict = {"demo": {"test": DOCS}}
     expected = alone.generate_until(_requests("generate_until"))
     expected_nll = [r.text[0] for r in alone.loglikelihood(_requests("loglikelihood"))]
 
-    lm = PrunedLlava(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=4)
+    lm = PrunedLVLM(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=4)
     lm.task_dict = {"demo": {"test": DOCS}}
     sizes = []
     generate, forward = lm.model.generate, lm.model.forward
@@ -50,7 +50,7 @@ def test_an_undecodable_image_fails_naming_the_doc_and_the_file(tiny_dir, tmp_pa
     DOCS[2]["image"].save(broken)
     broken.write_bytes(broken.read_bytes()[:200])  # truncated: PIL opens it lazily, decoding fails later
     docs = [dict(DOCS[0]), {**DOCS[2], "image": Image.open(broken)}]
-    lm = PrunedLlava(pretrained=str(tiny_dir), method="visiondrop", budget=64)
+    lm = PrunedLVLM(pretrained=str(tiny_dir), method="visiondrop", budget=64)
     lm.task_dict = {"demo": {"test": docs}}
     with pytest.raises(UndecodableVisual, match=f"demo doc 1: cannot decode {broken} "):
         lm.generate_until(_requests("generate_until")[:2])
@@ -60,7 +60,7 @@ def test_an_undecodable_video_fails_naming_the_doc_and_the_file(tiny_video_dir, 
     broken = tmp_path / "clip.mp4"
     broken.write_bytes(demo_videos[0].read_bytes()[:600])  # a cut-off download
     docs = [{"video": str(demo_videos[1]), "question": "What moves?"}, {"video": str(broken), "question": "And?"}]
-    lm = PrunedLlava(pretrained=str(tiny_video_dir), method="visiondrop", budget=0.25 * 2056)
+    lm = PrunedLVLM(pretrained=str(tiny_video_dir), method="visiondrop", budget=0.25 * 2056)
     lm.task_dict = {"qa": {"test": docs}}
     requests = [r for r in _requests("generate_until")[:2]]
     for i, request in enumerate(requests):

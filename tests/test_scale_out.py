@@ -14,14 +14,14 @@ from visiondrop.harness import TASKS_DIR
 from visiondrop.harness.store import ResultStore
 
 README = (ROOT / "docs" / "experiments.md").read_text()  # the README's "multi-GPU and Slurm" section
-MULTI_GPU = "torchrun --nproc_per_node 8 -m lmms_eval --model pruned_llava --model_args"
+MULTI_GPU = "torchrun --nproc_per_node 8 -m lmms_eval --model pruned_lvlm --model_args"
 SLURM = "python scripts/run.py -m experiment=table1 hydra/launcher=slurm"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
 def lmms_eval(tmp_path, launcher: list[str], out: str) -> tuple[dict, dict, str]:
     """The README's command on the demo model and task: (results, {doc_id: filtered answer}, its log)."""
-    command = [*launcher, "-m", "lmms_eval", "--model", "pruned_llava", "--model_args",
+    command = [*launcher, "-m", "lmms_eval", "--model", "pruned_lvlm", "--model_args",
                f"pretrained={DEMO_MODEL},method=visiondrop,budget=64", "--tasks", "visiondrop_demo",
                "--include_path", str(TASKS_DIR), "--limit", "8", "--batch_size", "2", "--output_path",
                str(tmp_path / out), "--log_samples"]

@@ -146,7 +146,7 @@ def test_sigterm_ends_a_job_cleanly_and_the_same_command_resumes(tmp_path):
     args = ["limit=24", "budget=64", f"hydra.run.dir={tmp_path}/out"]
     process, log = run_script(tmp_path, *args)
     deadline = time.time() + 300
-    while "pruned_llava generate" not in read(log):
+    while "pruned_lvlm generate" not in read(log):
         assert process.poll() is None and time.time() < deadline, read(log)[-3000:]
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
