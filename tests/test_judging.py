@@ -212,3 +212,28 @@ def test_a_job_stores_its_answers_before_a_failing_judge_and_judges_only_the_res
         [judged] = job.run_job(cfg)
     assert judged["path"] == str(path) and judged["judging"]["state"] == "complete" and judged["score"] == 100.0
     assert asked(stub)[4:] == [moves]  # only the missing verdict was asked for
+
+
+def test_sigterm_while_judging_keeps_the_verdicts_obtained(tmp_path):
+    """SIGTERM (Slurm pre-emption) arrives while the fourth answer is being judged: the job's handler unwinds it,
+    and the record keeps the verdicts obtained, marked incomplete."""
+    import signal
+
+    from visiondrop.harness.app import Terminated, terminate_cleanly
+
+    path = stored_answers(tmp_path)
+    seen = []
+
+    def preempt(body):
+        seen.append(body)
+        if len(seen) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with StubJudge(yes_for_even, on_request=preempt) as stub, terminate_cleanly(), pytest.raises(Terminated):
+        judge.judge_record(path, make_judge(stub, concurrency=1))
+    record, samples = json.loads(open(path).read()), read_samples(path)
+    scores = [s["accuracy"].get("score") for s in samples]
+    assert scores[:3] == [4.0, 1.0, 4.0] and scores[5:] == [None] * 3  # the fourth may or may not have landed
+    assert record["judging"]["state"] == "incomplete" and record["judging"]["judged"] == sum(v is not None
+                                                                                           for v in scores)
+    assert record["score"] is None
