@@ -8,9 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import pytest
 
 from test_harness import DEMO_MODEL, ROOT, config
 from test_tables import record, write
