@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..methods import Unreachable, method, policy_for
 from ..families import family_for
@@ -149,6 +149,16 @@ def configured_judge(cfg: DictConfig) -> Judge | None:
     return Judge.from_env(**settings)  # concurrency, max_failures, attempts, timeout_s, ...
 
 
+def add_example_options(cfg: DictConfig, path: str) -> None:
+    """Put what the model at `path` lacks for the method's defaults (`Method.example_options`) under the options the
+    config does not set, so that the identity, the plugin and the FLOPs count all see them."""
+    from transformers import AutoConfig
+
+    extra = method(cfg.method.name).example_options(AutoConfig.from_pretrained(path))
+    with open_dict(cfg):
+        cfg.method.options = {**extra, **OmegaConf.to_container(cfg.method.options, resolve=True)}
+
+
 def plan_job(cfg: DictConfig) -> Plan:
     """Resolve everything that identifies the job's records; raises Unreachable for a budget the method cannot reach.
 
@@ -158,6 +168,8 @@ def plan_job(cfg: DictConfig) -> Plan:
     store = ResultStore(project_path(cfg.results_dir))
     budget = Budget.resolve(cfg)
     path = model_path(cfg)
+    if cfg.get("example_options"):
+        add_example_options(cfg, path)
     schedule = resolve_schedule(cfg, path, budget)
     options = method(cfg.method.name).resolved_options(OmegaConf.to_container(cfg.method.options, resolve=True))
     checkpoint = checkpoint_fingerprint(path) or path  # a hub id: the name alone
