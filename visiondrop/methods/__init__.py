@@ -34,6 +34,7 @@ METHODS = {
     "random": "baselines.random_drop",
     "divprune": "baselines.divprune",
     "vispruner": "baselines.vispruner",
+    "fastervlm": "baselines.fastervlm",
 }
 
 
