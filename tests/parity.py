@@ -10,9 +10,13 @@ import torch
 PARITY = Path(os.environ.get("VISIONDROP_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "reference" / "parity"
 
 
+#: fixtures built by this project from the official code (tests/parity/official_llava.py), committed with it
+LOCAL_PARITY = Path(__file__).resolve().parent / "parity"
+
+
 def load_case(method: str, case: str) -> tuple[dict, dict]:
-    """(official.json case, official logits of that case)."""
-    folder = PARITY / method
+    """(official.json case, official logits of that case), from the shared folder or this repository's own."""
+    folder = PARITY / method if (PARITY / method).exists() else LOCAL_PARITY / method
     return (json.loads((folder / "official.json").read_text())["cases"][case],
             torch.load(folder / "official_logits.pt")[case])
 

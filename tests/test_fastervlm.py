@@ -6,7 +6,7 @@ import torch
 import visiondrop
 from baselines.fastervlm import cls_topk
 from helpers import inputs, measure_counts
-from parity import parity_inputs
+from parity import assert_matches_official, load_case, parity_inputs
 from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
 from visiondrop.engine import EncoderView
 from visiondrop.families import ModelInfo
@@ -104,3 +104,20 @@ def test_clear_errors(tiny):
         visiondrop.apply(model, "fastervlm", budget=64, newlines="no")
     with pytest.raises(ValueError, match="needs a budget"):
         visiondrop.apply(model, "fastervlm")
+
+
+@pytest.mark.parametrize("case,budget", [("fv288", 288), ("fv144", 144), ("fv58", 58), ("fv29", 29)])
+def test_matches_official(parity_model, case, budget):
+    """Tokens, prefill and decode logits, per-layer counts and the kept patches of the official run
+    (tests/parity/fastervlm; every top-k boundary clears float32 noise by 3e-4 relative or more)."""
+    official, logits = load_case("fastervlm", case)
+    assert official["margins"]["cls_topk"]["gap_rel"] > 1e-4  # not a fragile case
+    with visiondrop.apply(parity_model, "fastervlm", budget=budget) as handle:
+        assert_matches_official(parity_model, parity_inputs(), official, logits, handle)
+        assert handle.trace.kept[0][0].tolist() == official["kept_indices_sorted"]
+
+
+def test_unpruned_official_run_is_the_stock_model(parity_model):
+    official, logits = load_case("fastervlm", "none")
+    with visiondrop.apply(parity_model, "none") as handle:
+        assert_matches_official(parity_model, parity_inputs(), official, logits, handle)
