@@ -72,4 +72,4 @@ def overhead(exact: bool = True, **_) -> Overhead:
 
 
 METHOD = Method("fastervlm", "FasterVLM", policy, smallest_budget=lambda info: info.crops, overhead=overhead,
-                example_budget=144)
+                example_budget=144, scoring=lambda **_: {"encoder": "vision_tower"})

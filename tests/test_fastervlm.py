@@ -7,9 +7,9 @@ import visiondrop
 from baselines.fastervlm import cls_topk
 from helpers import inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
-from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
+from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
 from visiondrop.engine import EncoderView
-from visiondrop.families import ModelInfo
+from visiondrop.families import flops_dims, info_of
 from visiondrop.families.llava import clip_encoder_view
 from visiondrop.families.llava_next import packed_positions
 from visiondrop.methods import policy_for
@@ -87,7 +87,7 @@ def test_overhead_formula_matches_torch_flop_counter(tiny, options):
     batch = inputs(processor, QUESTIONS[:1])
     with flop_counter() as counter:
         sched = measure_schedule(model, batch, "fastervlm", 144, **options)
-    dims = Dims.from_config(model.config)
+    dims = flops_dims(model.config)
     text = batch["input_ids"].shape[1] - dims.n_visual
     overhead = overhead_flops(dims, "fastervlm", sched.cuts, text, **options)
     formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead)
@@ -98,7 +98,7 @@ def test_clear_errors(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="cannot reach budget 0.5: .* the smallest reachable budget is 1 "):
         visiondrop.apply(model, "fastervlm", budget=0.5)
-    info = ModelInfo.of(model)
+    info = info_of(model)
     assert policy_for(info, "fastervlm", 144.4).describe() == policy_for(info, "fastervlm", 144).describe()
     with pytest.raises(ValueError, match="newlines must be 'drop'"):
         visiondrop.apply(model, "fastervlm", budget=64, newlines="no")

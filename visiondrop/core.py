@@ -120,7 +120,11 @@ class EncoderView:
     that layout), or None: a policy should not spend its budget on them;
     share: these images' visual tokens as a share of the nominal image's (`ModelInfo.per_crop`), by which a
     policy's per-image counts scale: 1 where every image has the nominal count (LLaVA), the image's own tokens
-    over the nominal ones under dynamic resolution (Qwen2.5-VL).
+    over the nominal ones under dynamic resolution (Qwen2.5-VL);
+    received: for policies that ask (`Policy.received_attention`), tower layer (0-based) -> [N, T] the attention
+    each token receives there, mean over the heads, then over every query (HiPrune's "global attention"), CLS
+    included where the tower has it; computed on demand;
+    width: tokens per row of the images' grid (raster order): None for a square grid.
     """
 
     hidden: Tensor
@@ -129,6 +133,8 @@ class EncoderView:
     valid: Tensor | None = None
     has_cls: bool = True
     share: float = 1.0
+    received: Callable[[int], Tensor] | None = None
+    width: int | None = None
 
     def scaled(self, count: int) -> int:
         """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""

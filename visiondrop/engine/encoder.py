@@ -24,7 +24,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     """
     padded, valid, origins = [], [], []
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
-        view = family.encoder_view(model, images, policy.eager_encoder)
+        view = family.encoder_view(model, images, policy.eager_encoder, policy.received_attention)
         tokens = view.hidden.shape[1]
         if policy.native_layout:
             view.valid = family.valid_tokens(model, images, tokens)

@@ -110,6 +110,8 @@ class Policy:
     #: `output_attentions`; for policies whose selection hangs on float ties. Default: the tower's own attention
     #: (SDPA) with the rows recomputed from one layer's q/k.
     eager_encoder: bool = False
+    #: Encoder stage: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
+    received_attention: bool = False
 
     def prepare(self, cut: DecoderCut) -> None:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""

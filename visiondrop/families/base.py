@@ -162,14 +162,16 @@ class Family:
         unless the token count varies per image."""
         return [images]
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> "EncoderView":
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False,
+                     received: bool = False) -> "EncoderView":
         """Run the vision tower on every crop and show the feature layer to an encoder-side policy.
 
         Token 0 of the view's importance row is CLS where the tower has one; a tower without CLS gives the mean
         attention each token receives instead. Frames of a video are crops of one sample. `eager`: run the tower
         with eager attention and read the importance from its attention probabilities, as official code that asks
         for `output_attentions` computes them (bit-identical features and rows), instead of the tower's own
-        attention with the rows recomputed.
+        attention with the rows recomputed. `received`: the view also carries the attention each token receives
+        at every tower layer (`EncoderView.received`), from the eager probabilities or recomputed on demand.
         """
         raise NotImplementedError
 

@@ -45,16 +45,19 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
 
 
 def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int,
-                      eager: bool = False) -> EncoderView:
+                      eager: bool = False, received: bool = False) -> EncoderView:
     """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys.
 
     By default the CLS row and the keys are recomputed from the layer's own projections (its input captured with
     a forward pre-hook), so the tower keeps its SDPA attention. With `eager`, every layer runs transformers' eager
     attention and the CLS row is the layer's own attention probabilities: bit-identical to official code that asks
     the tower for `output_attentions` (VisPruner), at the cost of the eager tower's speed and memory.
+    `received`: the view also gives the attention each token receives at any layer (`EncoderView.received`), as
+    `attentions[l].mean(1).mean(1)` of the eager probabilities, or recomputed on demand from the layer's input.
     """
-    attn = tower_layers(vision_tower)[layer_idx].self_attn
-    captured = {}
+    layers = tower_layers(vision_tower)
+    attn = layers[layer_idx].self_attn
+    captured, inputs, means = {}, {}, {}
 
     def grab_input(module, args, kwargs):
         captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -62,9 +65,23 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
     def grab_probabilities(module, args, output):
         captured["cls_attention"] = output[1][:, :, 0]  # [N, H, T]: the CLS query's row
 
+    def layer_input(i):
+        def grab(module, args, kwargs):
+            inputs[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return grab
+
+    def layer_mean(i):
+        def grab(module, args, output):
+            means[i] = output[1].mean(dim=1).mean(dim=1)  # the official order: heads, then queries
+        return grab
+
     hooks = [attn.register_forward_pre_hook(grab_input, with_kwargs=True)]
     if eager:
         hooks.append(attn.register_forward_hook(grab_probabilities))
+    if received:
+        hooks += [layer.self_attn.register_forward_hook(layer_mean(i)) if eager else
+                  layer.self_attn.register_forward_pre_hook(layer_input(i), with_kwargs=True)
+                  for i, layer in enumerate(layers)]
     try:
         with _attention_implementation(vision_tower, "eager" if eager else None):
             out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
@@ -80,7 +97,18 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
         cls_query = heads(attn.q_proj(x[:, :1]))
         scores = (cls_query @ keys.transpose(-1, -2)) * attn.scale
         cls_attention = scores.softmax(-1, dtype=torch.float32)[:, :, 0].to(x.dtype)
-    return EncoderView(out.hidden_states[layer_idx + 1], cls_attention, keys)
+
+    def received_at(layer: int) -> Tensor:
+        if layer not in means:  # recomputed from the layer's own q/k (the SDPA tower gives no probabilities)
+            own, h = layers[layer].self_attn, inputs[layer]
+            q, k = (own.q_proj(h), own.k_proj(h))
+            q, k = (t.view(*t.shape[:2], -1, own.head_dim).transpose(1, 2) for t in (q, k))
+            probs = ((q @ k.transpose(-1, -2)) * own.scale).softmax(-1, dtype=torch.float32).to(h.dtype)
+            means[layer] = probs.mean(dim=1).mean(dim=1)
+        return means[layer]
+
+    return EncoderView(out.hidden_states[layer_idx + 1], cls_attention, keys,
+                       received=received_at if received else None)
 
 
 @contextlib.contextmanager
@@ -186,14 +214,19 @@ class Llava(Family):
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
         return tokens, {"pixel_values": pixels}
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False,
+                     received: bool = False) -> EncoderView:
         tower = self.vision_tower(model, images.modality)
         layer = feature_layer_index(tower, images.feature_layer)
         if not eager:
-            return clip_encoder_view(tower, images.pixels, layer)
+            return clip_encoder_view(tower, images.pixels, layer, received=received)
         # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
-        views = [clip_encoder_view(tower, pixels, layer, eager=True) for pixels in images.pixels.split(images.crops)]
-        return EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))))
+        views = [clip_encoder_view(tower, pixels, layer, eager=True, received=received)
+                 for pixels in images.pixels.split(images.crops)]
+        view = EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))))
+        if received:
+            view.received = lambda at: torch.cat([v.received(at) for v in views])
+        return view
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:

@@ -169,44 +169,60 @@ class Qwen2_5_VL(Family):
         return [Images(pixels, [1], images.feature_layer, images.select_strategy, images.sizes[i:i + 1])
                 for i, pixels in enumerate(images.pixels.split(patches))]
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False,
+                     received: bool = False) -> EncoderView:
         """The tower's output and the mean attention received at its last full-attention block, per visual token.
 
         `eager` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
-        bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway."""
+        bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway.
+        `received`: the same mean attention received at any block, on demand (over the whole image, as at the
+        full-attention blocks), mean over heads, queries and each token's 4 patches."""
         tower = self.vision_tower(model)
         config = tower.config
-        attn = tower.blocks[config.fullatt_block_indexes[-1]].attn
+        last_full = config.fullatt_block_indexes[-1]
         captured = {}
 
-        def grab(module, args, kwargs):
-            captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            captured["rope"] = kwargs["position_embeddings"]
+        def grab(i):
+            def hook(module, args, kwargs):
+                captured[i] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                               kwargs["position_embeddings"])
+            return hook
 
-        hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
+        blocks = range(len(tower.blocks)) if received else [last_full]
+        hooks = [tower.blocks[i].attn.register_forward_pre_hook(grab(i), with_kwargs=True) for i in blocks]
         tower.merger.forward = lambda x: x[::config.spatial_merge_size ** 2]  # projected later: only what is kept
         try:
             out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
             del tower.merger.forward
-        x, (cos, sin) = captured["x"], captured["rope"]
+        x = captured[last_full][0]
+        attn = tower.blocks[last_full].attn
         n_patches, unit = x.shape[0], config.spatial_merge_size ** 2
-        q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
-        received = q.new_zeros(attn.num_heads, n_patches, dtype=torch.float32)
-        for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
-            received += ((rows @ k_rot.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
-        received /= n_patches
         window_index, _ = get_vision_window_index(images.sizes, config.spatial_merge_size, config.window_size,
                                                   config.patch_size)
         raster = torch.argsort(window_index.to(x.device))  # the tower's window order -> raster order of groups
         n_tokens = n_patches // unit
+
+        def received_heads(block: int) -> tuple[Tensor, Tensor]:
+            """([H, tokens] mean attention received per head, raster order; the block's keys [P, H, hd])."""
+            own, (h, (cos, sin)) = tower.blocks[block].attn, captured[block]
+            q, k, _ = own.qkv(h).reshape(n_patches, 3, own.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
+            total = q.new_zeros(own.num_heads, n_patches, dtype=torch.float32)
+            for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
+                total += ((rows @ k_rot.transpose(-1, -2)) * own.scaling).softmax(-1, dtype=torch.float32).sum(1)
+            return (total / n_patches).view(own.num_heads, n_tokens, unit).mean(-1)[:, raster].to(h.dtype), k
+
+        importance, k = received_heads(last_full)
         hidden = out.last_hidden_state.reshape(n_tokens, -1)[raster]  # [T, 4 D]
-        importance = received.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(x.dtype)  # [H, T]
         keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1)[raster].transpose(0, 1)  # [H, T, hd]
         nominal = self.model_info(model.config).per_crop
-        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal)
+        width = int(images.sizes[0, 2]) // config.spatial_merge_size
+        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal,
+                           received=(lambda block: received_heads(block)[0].mean(0)[None]) if received else None,
+                           width=width)
 
     image_layout_key = "image_grid_thw"
 
