@@ -21,6 +21,7 @@ class Replay(Policy):
         self.cut_layers = policy.cut_layers
         self.native_layout = policy.native_layout
         self.eager_encoder = policy.eager_encoder
+        self.received_attention = policy.received_attention
         self._policy = policy
         self._selections = dict(zip(policy.cut_layers, trace.selections))
 

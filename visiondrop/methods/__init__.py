@@ -32,6 +32,7 @@ METHODS = {
     "divprune": "baselines.divprune",
     "vispruner": "baselines.vispruner",
     "fastervlm": "baselines.fastervlm",
+    "hiprune": "baselines.hiprune",
 }
 
 
