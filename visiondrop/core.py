@@ -124,7 +124,10 @@ class EncoderView:
     received: for policies that ask (`Policy.received_attention`), tower layer (0-based) -> [N, T] the attention
     each token receives there, mean over the heads, then over every query (HiPrune's "global attention"), CLS
     included where the tower has it; computed on demand;
-    width: tokens per row of the images' grid (raster order): None for a square grid.
+    width: tokens per row of the images' grid (raster order): None for a square grid;
+    merged_in_tower: the tower merged tokens inside (`Policy.merge_in_tower`): `hidden` has fewer tokens, in the
+    merges' order, and `importance`/`keys` describe the feature layer's input, before its own merge;
+    `tokens` is then what the tower started with (else None: `hidden`'s count).
     """
 
     hidden: Tensor
@@ -135,6 +138,8 @@ class EncoderView:
     share: float = 1.0
     received: Callable[[int], Tensor] | None = None
     width: int | None = None
+    merged_in_tower: bool = False
+    tokens: int | None = None
 
     def scaled(self, count: int) -> int:
         """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""

@@ -24,8 +24,9 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     """
     padded, valid, origins = [], [], []
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
-        view = family.encoder_view(model, images, policy.eager_encoder, policy.received_attention)
-        tokens = view.hidden.shape[1]
+        merge = policy.merge_in_tower if policy.merges_in_tower else None
+        view = family.encoder_view(model, images, policy.eager_encoder, policy.received_attention, merge)
+        tokens = view.tokens or view.hidden.shape[1]  # before any merging inside the tower
         if policy.native_layout:
             view.valid = family.valid_tokens(model, images, tokens)
         sel = policy.select_encoder(view)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,8 +46,9 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
     return vision_feature_layer % (len(tower_layers(vision_tower)) + 1) - 1
 
 
-def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int,
-                      eager: bool = False, received: bool = False) -> EncoderView:
+def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int, eager: bool = False,
+                      received: bool = False, merge: Callable[[int, Tensor, Tensor], Tensor] | None = None
+                      ) -> EncoderView:
     """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys.
 
     By default the CLS row and the keys are recomputed from the layer's own projections (its input captured with
@@ -54,6 +57,8 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
     the tower for `output_attentions` (VisPruner), at the cost of the eager tower's speed and memory.
     `received`: the view also gives the attention each token receives at any layer (`EncoderView.received`), as
     `attentions[l].mean(1).mean(1)` of the eager probabilities, or recomputed on demand from the layer's input.
+    `merge` (`Policy.merge_in_tower`): every layer up to `layer_idx` merges its tokens between its attention and
+    its MLP (`merging_layers`), on its keys averaged over heads.
     """
     layers = tower_layers(vision_tower)
     attn = layers[layer_idx].self_attn
@@ -83,7 +88,8 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
                   layer.self_attn.register_forward_pre_hook(layer_input(i), with_kwargs=True)
                   for i, layer in enumerate(layers)]
     try:
-        with _attention_implementation(vision_tower, "eager" if eager else None):
+        with _attention_implementation(vision_tower, "eager" if eager else None), \
+                merging_layers(layers[:layer_idx + 1], merge):
             out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     finally:
         for hook in hooks:
@@ -108,7 +114,38 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
         return means[layer]
 
     return EncoderView(out.hidden_states[layer_idx + 1], cls_attention, keys,
-                       received=received_at if received else None)
+                       received=received_at if received else None, merged_in_tower=merge is not None,
+                       tokens=out.hidden_states[0].shape[1] if merge is not None else None)
+
+
+@contextlib.contextmanager
+def merging_layers(layers: Sequence[nn.Module], merge: Callable[[int, Tensor, Tensor], Tensor] | None):
+    """Inside, CLIP layer i runs attention, `merge(i, tokens, keys averaged over heads)`, then its MLP on the merged
+    tokens (ToMe's place for the merge); the layers' own forward again afterwards. No-op for `merge` None."""
+    if merge is None:
+        yield
+        return
+
+    def merging_forward(layer: nn.Module, index: int, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        keys = {}
+        hook = layer.self_attn.k_proj.register_forward_hook(lambda m, a, out: keys.setdefault("k", out))
+        try:
+            attended, _ = layer.self_attn(layer.layer_norm1(hidden_states), *args, **kwargs)
+        finally:
+            hook.remove()
+        hidden = hidden_states + attended
+        k = keys["k"]
+        metric = k.view(*k.shape[:2], -1, layer.self_attn.head_dim).transpose(1, 2).mean(1)  # [N, T, hd]
+        hidden = merge(index, hidden, metric)
+        return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+    for index, layer in enumerate(layers):
+        layer.forward = functools.partial(merging_forward, layer, index)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 @contextlib.contextmanager
@@ -214,16 +251,17 @@ class Llava(Family):
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
         return tokens, {"pixel_values": pixels}
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False,
-                     received: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False, received: bool = False,
+                     merge: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> EncoderView:
         tower = self.vision_tower(model, images.modality)
         layer = feature_layer_index(tower, images.feature_layer)
         if not eager:
-            return clip_encoder_view(tower, images.pixels, layer, received=received)
+            return clip_encoder_view(tower, images.pixels, layer, received=received, merge=merge)
         # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
-        views = [clip_encoder_view(tower, pixels, layer, eager=True, received=received)
+        views = [clip_encoder_view(tower, pixels, layer, eager=True, received=received, merge=merge)
                  for pixels in images.pixels.split(images.crops)]
-        view = EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))))
+        view = EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))),
+                           merged_in_tower=merge is not None, tokens=views[0].tokens)
         if received:
             view.received = lambda at: torch.cat([v.received(at) for v in views])
         return view

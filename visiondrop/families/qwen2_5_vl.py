@@ -169,14 +169,15 @@ class Qwen2_5_VL(Family):
         return [Images(pixels, [1], images.feature_layer, images.select_strategy, images.sizes[i:i + 1])
                 for i, pixels in enumerate(images.pixels.split(patches))]
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False,
-                     received: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False, received: bool = False,
+                     merge: Any = None) -> EncoderView:
         """The tower's output and the mean attention received at its last full-attention block, per visual token.
 
         `eager` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
         bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway.
         `received`: the same mean attention received at any block, on demand (over the whole image, as at the
-        full-attention blocks), mean over heads, queries and each token's 4 patches."""
+        full-attention blocks), mean over heads, queries and each token's 4 patches. `merge` is ignored: merging
+        inside the windowed tower would break its 2x2 merger groups."""
         tower = self.vision_tower(model)
         config = tower.config
         last_full = config.fullatt_block_indexes[-1]

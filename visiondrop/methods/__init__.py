@@ -33,6 +33,7 @@ METHODS = {
     "vispruner": "baselines.vispruner",
     "fastervlm": "baselines.fastervlm",
     "hiprune": "baselines.hiprune",
+    "tome": "baselines.tome",
 }
 
 
@@ -52,7 +53,9 @@ class Overhead:
     selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
     at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
     encoder_row: the encoder stage recomputes its CLS row from the layer's q/k (False: it reads the row from an
-    eager tower's own probabilities; the layer's keys are computed either way).
+    eager tower's own probabilities; the layer's keys are computed either way);
+    tower: (dims, encoder cut) -> (tokens entering each vision-tower layer, multiply-accumulates of the method's
+    own matching there), for a method that merges inside the tower (ToMe); None: the tower runs all its tokens.
     """
 
     rows: str | None = None
@@ -62,6 +65,7 @@ class Overhead:
     pivots: int = 0
     selection: Callable[[Cut, int], int] | None = None
     encoder_row: bool = True
+    tower: Callable[[Dims, Cut], tuple[list[int], int]] | None = None
 
 
 @dataclass(frozen=True)
