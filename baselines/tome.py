@@ -137,14 +137,16 @@ def smallest_budget(info: ModelInfo) -> float:
 
 
 def tower(dims: Dims, cut: Cut) -> tuple[list[int], int]:
-    """The tokens entering each tower layer, and the matching's multiply-accumulates (a @ b.T on the head-averaged
-    keys at every merging layer), for an encoder cut whose input `cut.before` is what the feature layer output
-    after the even schedule (CLS included); the layers after the feature layer see its count."""
+    """The tokens entering each tower layer and leaving the last, and the multiply-accumulates of ToMe's own work:
+    the matching's a @ b.T on the head-averaged keys at every merging layer, and the engine's keys and CLS row of
+    the feature layer's input (counted by the FLOPs count on `cut.before`, what leaves its merge). `cut.before` is
+    the feature layer's output under the even schedule (CLS included); the layers after it merge nothing."""
     layers = dims.vision_layers - 1  # LLaVA projects the second-to-last layer
     counts = remaining(dims.vision_tokens, even_schedule(dims.vision_tokens - cut.before, layers), 1)
-    head_dim = dims.vision_hidden // dims.vision_heads
+    dv, head_dim = dims.vision_hidden, dims.vision_hidden // dims.vision_heads
     matching = sum((t - t // 2) * (t // 2) * head_dim for t in counts[:-1])
-    return counts[:-1] + [counts[-1]] * (dims.vision_layers - layers), matching
+    feature_input = (counts[-2] - counts[-1]) * (dv * dv + dv)
+    return counts + [counts[-1]] * (dims.vision_layers - layers), matching + feature_input
 
 
 def overhead(**_) -> Overhead:

@@ -162,36 +162,100 @@ def run(args) -> None:
 
     tower.vision_tower.forward = tower_capture
 
+    tome_margins, first_metric = [], []
+    if args.method == "tome":
+        lightcompress_tome(args.lightcompress, model, tome_margins, kwargs_tome(args), first_metric)
+    layers = tower.vision_tower.vision_model.encoder.layers
+    tower_tokens = []
+    tower_hooks = [layer.register_forward_pre_hook(lambda m, a: tower_tokens.append(a[0].shape[1])) for layer in layers]
+
     recorder = Recorder(model, n_text)
     recorder.first_layer = model.model.layers[0]
     with torch.inference_mode():
         out = model.generate(official_ids, images=raw["pixel_values"].float(), image_sizes=[(336, 336)],
                              do_sample=False, temperature=0, top_p=None, num_beams=1, max_new_tokens=8, use_cache=True)
     recorder.close()
+    for hook in tower_hooks:
+        hook.remove()
     sequences = out[0] if isinstance(out, tuple) else out
     # the fork's generate gets inputs_embeds only: transformers 4.37 returns BOS + the new tokens
     tokens = sequences[0, -8:].tolist()
     step_logits = torch.stack(recorder.last_logits[:len(tokens)])
-    index_mask = captured["encode"][1]
-    record = {
+    encoded = captured["encode"]
+    record = {"tower_tokens_per_layer": tower_tokens,
         "greedy_tokens": tokens,
         "visual_tokens_per_layer": [n - n_text for n in recorder.prefill_lengths],
         "seq_len_per_layer_prefill": recorder.prefill_lengths,
         "decode_position_ids_per_layer": recorder.decode_positions,
-        "kept_indices_sorted": index_mask[0].nonzero()[:, 0].tolist(),
     }
+    if isinstance(encoded, tuple):  # the forks that prune return an index mask beside the features
+        record["kept_indices_sorted"] = encoded[1][0].nonzero()[:, 0].tolist()
+    if tome_margins:
+        record["merge_decisions"] = tome_margins
     tensors = {"step_logits": step_logits, "prefill_last_logits": step_logits[0],
                # per CLIP layer, as the forks reduce them: FasterVLM's head-mean CLS row over the patches
                # (`attn[:, :, 0, 1:].mean(1)`), HiPrune's head- and query-mean received attention (`attn.mean(1).mean(1)[:, 1:]`)
                "cls_attention_head_mean": [a[:, :, 0, 1:].mean(dim=1)[0] for a in captured.get("attentions", [])],
-               "received_attention_mean": [a.mean(dim=1).mean(dim=1)[0, 1:] for a in captured.get("attentions", [])]}
+               "received_attention_mean": [a.mean(dim=1).mean(dim=1)[0, 1:] for a in captured.get("attentions", [])],
+               "layer0_key_mean": first_metric[0] if first_metric else None}
     record["settings"] = {"from_pretrained": kwargs, "environment": dict(item.split("=", 1) for item in args.env)}
+    record["settings"]["tome_r"] = kwargs_tome(args) if args.method == "tome" else None
     record["margins"] = margins(args.method, record, tensors, kwargs)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{args.case}.json").write_text(json.dumps(record))
     torch.save(tensors, out_dir / f"{args.case}.pt")
-    print(args.case, tokens, record["visual_tokens_per_layer"][:3], len(record["kept_indices_sorted"]))
+    print(args.case, tokens, record["visual_tokens_per_layer"][:3], record["tower_tokens_per_layer"], record["margins"])
+
+
+def kwargs_tome(args) -> object:
+    return json.loads(args.tome_r) if args.tome_r else None
+
+
+def lightcompress_tome(root: str, model, decisions: list, r, first_metric: list) -> None:
+    """Patch the vision tower as LightCompress's `ToMe(config, model, blocks)` does (`special: {method: ToMe, r: r}`),
+    loading its module unmodified; its package's `__init__` (every method, the whole llmc stack) is replaced by
+    empty packages and its registry by a no-op. Observation only: each bipartite matching's decisions and margins
+    are recorded (the gap between the r-th and (r+1)-th best edge, and each merged token's best-minus-second
+    partner similarity)."""
+    import importlib
+    import math
+    import types
+
+    root = Path(root).resolve()
+    for name, folder in (("llmc", "llmc"), ("llmc.compression", "llmc/compression"),
+                         ("llmc.compression.token_reduction", "llmc/compression/token_reduction"),
+                         ("llmc.utils", None)):
+        package = types.ModuleType(name)
+        package.__path__ = [str(root / folder)] if folder else []
+        sys.modules[name] = package
+    registry = types.ModuleType("llmc.utils.registry_factory")
+    registry.TOKEN_REDUCTION_REGISTRY = types.SimpleNamespace(register=lambda name: (lambda cls: cls))
+    sys.modules["llmc.utils.registry_factory"] = registry
+    tome = importlib.import_module("llmc.compression.token_reduction.tome")
+    matching = tome.bipartite_soft_matching
+
+    def observed(metric, r, class_token=False, distill_token=False):
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        scores = unit[..., ::2, :] @ unit[..., 1::2, :].transpose(-1, -2)
+        if class_token:
+            scores[..., 0, :] = -math.inf
+        top2 = scores.topk(2, dim=-1).values[0]
+        edges = top2[:, 0].sort(descending=True).values
+        r_eff = min(r, (metric.shape[1] - int(class_token)) // 2)
+        if not decisions:  # the first layer's metric, identical to the unpruned tower's: the fragile cases' precondition
+            first_metric.append(metric[0].detach().clone())
+        decisions.append({"tokens": metric.shape[1], "r": r_eff,
+                          "edge_gap_at_r": float(edges[r_eff - 1] - edges[r_eff]) if r_eff > 0 else None,
+                          "min_partner_gap": float((top2[:, 0] - top2[:, 1])[top2[:, 0].argsort(descending=True)[:r_eff]].min())
+                          if r_eff > 0 else None})
+        return matching(metric, r, class_token, distill_token)
+
+    tome.bipartite_soft_matching = observed
+    stub = types.SimpleNamespace(pruning_config={"is_video_model": False, "image_token_index": None,
+                                                 "vision_token_start_index": None, "image_token_length": 576})
+    blocks = model.get_vision_tower().vision_tower.vision_model.encoder.layers
+    tome.ToMe({"special": {"method": "ToMe", "r": r}}, stub, blocks)
 
 
 def topk_gap(scores: torch.Tensor, k: int) -> dict:
@@ -208,6 +272,12 @@ def margins(method: str, record: dict, tensors: dict, kwargs: dict) -> dict:
     if method == "fastervlm":
         return {"what": "topk of layer 22's head-mean CLS attention: gap between the T-th and (T+1)-th score",
                 "cls_topk": topk_gap(tensors["cls_attention_head_mean"][22], kwargs["visual_token_num"])}
+    if method == "tome":
+        decisions = record["merge_decisions"][:23]  # layers 0..22 make LLaVA's features; layer 23's are unused
+        return {"what": "per CLIP layer 0..22: gap between the r-th and (r+1)-th best edge (which a-tokens merge) "
+                        "and the smallest best-minus-second partner similarity among the merged (into which b)",
+                "min_edge_gap": min(d["edge_gap_at_r"] for d in decisions if d["r"]),
+                "min_partner_gap": min(d["min_partner_gap"] for d in decisions if d["r"])}
     if method == "hiprune":
         retention, alpha = int(os.environ["HIPRUNE_RETENTION"]), float(os.environ["HIPRUNE_ALPHA"])
         object_layer = int(os.environ["HIPRUNE_OBJECT_LAYER"]) - 1
@@ -227,6 +297,15 @@ def margins(method: str, record: dict, tensors: dict, kwargs: dict) -> dict:
     return {}
 
 
+FRAGILE_BELOW = 1e-5  # relative margin under which a decision is marked fragile (float32 eps is 1.2e-7)
+
+
+def flat(tree: dict, prefix: str = ""):
+    """(key, value) of every leaf of nested dicts."""
+    for key, value in tree.items():
+        yield from flat(value) if isinstance(value, dict) else [(key, value)]
+
+
 def assemble(args) -> None:
     """Gather the cases of one method into `official.json` and `official_logits.pt` (the shared fixtures' shape)."""
     import platform
@@ -238,12 +317,20 @@ def assemble(args) -> None:
     cases, logits = {}, {}
     for path in sorted(src.glob("*.json")):
         case, tensors = json.loads(path.read_text()), torch.load(path.with_suffix(".pt"))
+        gaps = [v for k, v in flat(case.get("margins", {})) if k in ("gap_rel", "min_edge_gap", "min_partner_gap")
+                and v is not None]
+        case["fragile"] = bool(gaps) and min(gaps) < FRAGILE_BELOW
+        if case["fragile"]:
+            case["fragile_reason"] = (f"a selection decision clears the next candidate by {min(gaps):.3g} (relative), "
+                                      f"below {FRAGILE_BELOW:g}: within ~100 float32 ulps, so another CPU's kernels "
+                                      "may decide it otherwise (methods.md 11.3)")
         cases[path.stem] = case
         logits[path.stem] = {"prefill_last_logits": tensors["prefill_last_logits"],
                              "step_logits": tensors["step_logits"]}
         for name in args.keep_scores:
-            key, layer = name.split("@")
-            logits[path.stem][f"{key}_layer{layer}"] = tensors[key][int(layer)]
+            key, _, layer = name.partition("@")
+            if tensors.get(key) is not None:
+                logits[path.stem][f"{key}_layer{layer}" if layer else key] = tensors[key][int(layer)] if layer else tensors[key]
     reference = torch.load(PARITY / "visiondrop" / "official_logits.pt")["none"]["step_logits"]
     fixture = {
         "format": f"{args.method}-parity-fixture/1",
@@ -290,7 +377,9 @@ def main() -> None:
     go.add_argument("--repo", required=True, help="the fork's root (the folder holding llava/)")
     go.add_argument("--model", required=True, help="the converted model folder")
     go.add_argument("--case", required=True)
-    go.add_argument("--method", required=True, choices=["fastervlm", "hiprune"])
+    go.add_argument("--method", required=True, choices=["fastervlm", "hiprune", "tome", "none"])
+    go.add_argument("--lightcompress", help="ModelTC/LightCompress root (ToMe as it configures it for LLaVA)")
+    go.add_argument("--tome-r", help="LightCompress's r: an int or a JSON list, one per CLIP layer")
     go.add_argument("--out", required=True)
     go.add_argument("--kwarg", action="append", default=[], help="from_pretrained keyword, JSON value")
     go.add_argument("--env", action="append", default=[], help="environment variable the fork reads")

@@ -136,8 +136,8 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
 
     n_crops: vision-tower passes (default: the model's nominal crops); projected_tokens: tokens through the
     projector (default: all visual tokens); overhead: the method's own FLOPs (`overhead_flops`); tower_tokens:
-    tokens entering each vision-tower layer of a crop where a method merges inside the tower (`tower_flops`;
-    default: all of them in every layer).
+    tokens entering each vision-tower layer of a crop, then leaving the last, where a method merges inside the tower
+    between each layer's attention and its MLP (`tower_flops`; default: all of them everywhere).
     """
     if len(tokens_per_layer) != dims.n_layers:
         raise ValueError(f"need one visual-token count per decoder layer ({dims.n_layers}), "
@@ -147,12 +147,13 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
     other = text_tokens + dims.extra_tokens
     t, dv = dims.vision_tokens, dims.vision_hidden
     patch_embed = (t - dims.vision_cls) * dims.patch_channels * dims.patch_size ** 2 * dv
-    dense = lambda n: 4 * n * dv * dv + dims.vision_mlp * n * dv * dims.vision_intermediate  # noqa: E731
+    # q, k, v and output projections on what enters a layer, its MLP on what leaves its merge
+    dense = lambda n, out: 4 * n * dv * dv + dims.vision_mlp * out * dv * dims.vision_intermediate  # noqa: E731
     windowed, full = dims.vision_windowed_layers, dims.vision_layers - dims.vision_windowed_layers
     if tower_tokens is None:
-        layers = dims.vision_layers * dense(t) + full * 2 * t * t * dv + windowed * 2 * t * dims.vision_window * dv
+        layers = dims.vision_layers * dense(t, t) + full * 2 * t * t * dv + windowed * 2 * t * dims.vision_window * dv
     else:  # a tower without windows (CLIP) whose tokens shrink layer by layer: Q K^T and A V over each layer's own
-        layers = sum(dense(n) + 2 * n * n * dv for n in tower_tokens)
+        layers = sum(dense(n, out) + 2 * n * n * dv for n, out in zip(tower_tokens, tower_tokens[1:]))
     mid = dims.projector_mid or dims.hidden
     return Breakdown(
         vision=2.0 * crops * (patch_embed + layers),
@@ -198,8 +199,8 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
 
 
 def tower_flops(dims: Dims, method: str, cuts: Sequence[Cut], **options: Any) -> Sequence[int] | None:
-    """Tokens entering each vision-tower layer of a crop, for `prefill_flops`, where `method` merges inside the
-    tower (its recipe's `tower`); None otherwise."""
+    """Tokens entering each vision-tower layer of a crop and leaving the last, for `prefill_flops`, where `method`
+    merges inside the tower (its recipe's `tower`); None otherwise."""
     recipe = registered(method).overhead(**options)
     encoder = [c for c in cuts if c.layer is None]
     return recipe.tower(dims, encoder[0])[0] if recipe.tower is not None and encoder else None
