@@ -11,9 +11,9 @@ As the official code (github.com/Theia-4869/FasterVLM f5d5f12, `LlavaMetaForCaus
 Its README's settings are reduction ratios of 576: 75% -> 144, 90% -> 58, 95% -> 29 (and 50% -> 288 in the paper);
 LightCompress's config uses `rate: 0.778` (128 kept).
 
-By default (`exact=True`) the tower runs eagerly, image by image, and the CLS row is its own attention probabilities,
-bit-identical to the official run; `exact=False` keeps the tower's SDPA attention and recomputes the row from layer
-22's q/k (the same top-k unless two scores sit within float noise of the boundary; `official.json` records the
+By default (`eager_encoder=True`) the tower runs eagerly, image by image, and the CLS row is its own attention
+probabilities, bit-identical to the official run; `eager_encoder=False` keeps the tower's SDPA attention and
+recomputes the row from layer 22's q/k (the same top-k unless two scores sit within float noise of the boundary; `official.json` records the
 margins).
 
 On LLaVA-NeXT the official code keeps T on every crop (README: 29 x 5 = 145) in the model's own layout with the
@@ -41,34 +41,34 @@ def cls_topk(view: EncoderView, keep: int) -> Selection:
 class FasterVLM(Policy):
     name = "fastervlm"
 
-    def __init__(self, keep: int, info: ModelInfo, exact: bool, native_layout: bool):
+    def __init__(self, keep: int, info: ModelInfo, eager_encoder: bool, native_layout: bool):
         self.keep, self.crops = keep, info.crops
         self.encoder_layer = info.vision_layer
-        self.eager_encoder, self.native_layout = exact, native_layout
+        self.eager_encoder, self.native_layout = eager_encoder, native_layout
 
     def select_encoder(self, view: EncoderView) -> Selection:
         return cls_topk(view, self.keep)
 
     def describe(self) -> dict:
         return {"method": self.name, "encoder_layer": self.encoder_layer, "keep": self.keep,
-                "exact": self.eager_encoder, "equivalent_tokens": self.keep * self.crops}  # NeXT: nominal crops
+                "eager_encoder": self.eager_encoder, "equivalent_tokens": self.keep * self.crops}  # NeXT: nominal crops
 
 
-def policy(info: ModelInfo, budget: float | None = None, exact: bool = True, newlines: str = "keep") -> Policy:
+def policy(info: ModelInfo, budget: float | None = None, eager_encoder: bool = True, newlines: str = "keep") -> Policy:
     """FasterVLM keeping `budget` patches (its visual_token_num; per crop or frame: budget / crops).
 
-    exact: eager vision tower, bit-identical to the official scores (default), or False: the tower's own attention
-    with the CLS row recomputed. newlines (LLaVA-NeXT): "keep" (the model's own layout, as the official code) or
+    eager_encoder: eager vision tower, bit-identical to the official scores (default), or False: the tower's own
+    attention with the CLS row recomputed. newlines (LLaVA-NeXT): "keep" (the model's own layout, as the official code) or
     "drop" (`methods.shared.newline_choice`).
     """
     if budget is None:
         raise ValueError("FasterVLM needs a budget (its visual_token_num)")
     keep = whole_count(budget, info, "FasterVLM", parts=info.crops)
-    return FasterVLM(keep, info, bool(exact), newline_choice(newlines))
+    return FasterVLM(keep, info, bool(eager_encoder), newline_choice(newlines))
 
 
-def overhead(exact: bool = True, **_) -> Overhead:
-    return Overhead(encoder_row=not exact)  # the top-k is no product
+def overhead(eager_encoder: bool = True, **_) -> Overhead:
+    return Overhead(eager_encoder=eager_encoder)  # the top-k is no product
 
 
 METHOD = Method("fastervlm", "FasterVLM", policy, smallest_budget=lambda info: info.crops, overhead=overhead,

@@ -21,9 +21,9 @@ by the attention its four patches receive at block 16 and at the last block, wit
 +-row buffers; here that attention is taken over the whole image (the port's FlashAttention path; blocks 16 and 32
 are full-attention blocks anyway).
 
-By default (`exact=True`) the CLIP tower runs eagerly, image by image, and the scores are its own attention
-probabilities, bit-identical to the official run; `exact=False` keeps SDPA and recomputes the two layers' attention
-from their q/k.
+By default (`eager_encoder=True`) the CLIP tower runs eagerly, image by image, and the scores are its own
+attention probabilities, bit-identical to the official run; `eager_encoder=False` keeps SDPA and recomputes the two
+layers' attention from their q/k.
 """
 from __future__ import annotations
 
@@ -75,11 +75,11 @@ class HiPrune(Policy):
     name = "hiprune"
     received_attention = True
 
-    def __init__(self, keep: int, info: ModelInfo, alpha: float, object_layer: int | None, exact: bool,
+    def __init__(self, keep: int, info: ModelInfo, alpha: float, object_layer: int | None, eager_encoder: bool,
                  native_layout: bool):
         self.keep, self.crops, self.alpha, self.object_layer = keep, info.crops, alpha, object_layer
         self.encoder_layer = info.vision_layer
-        self.eager_encoder, self.native_layout = exact, native_layout
+        self.eager_encoder, self.native_layout = eager_encoder, native_layout
 
     def select_encoder(self, view: EncoderView) -> Selection:
         layer = self.object_layer or (OBJECT_LAYER_CLS if view.has_cls else OBJECT_LAYER_NO_CLS)
@@ -89,16 +89,16 @@ class HiPrune(Policy):
         object_layer = self.object_layer or f"{OBJECT_LAYER_CLS} (CLS towers) / {OBJECT_LAYER_NO_CLS} (others)"
         return {"method": self.name, "encoder_layer": self.encoder_layer, "keep": self.keep,
                 "anchors": anchors_for(self.keep, self.alpha), "alpha": self.alpha, "object_layer": object_layer,
-                "exact": self.eager_encoder, "equivalent_tokens": self.keep * self.crops}  # NeXT: nominal crops
+                "eager_encoder": self.eager_encoder, "equivalent_tokens": self.keep * self.crops}  # NeXT: nominal crops
 
 
 def policy(info: ModelInfo, budget: float | None = None, alpha: float = 0.1, object_layer: int | None = None,
-           exact: bool = True, newlines: str = "keep") -> Policy:
+           eager_encoder: bool = True, newlines: str = "keep") -> Policy:
     """HiPrune keeping `budget` patches (HIPRUNE_RETENTION; per crop or frame: budget / crops).
 
     alpha: HIPRUNE_ALPHA, the share of anchors and buffers (0.1); object_layer: HIPRUNE_OBJECT_LAYER, 1-based
-    (None: 9 on CLIP towers, 16 on Qwen2.5-VL's, the official scripts'); exact: eager CLIP tower, bit-identical to
-    the official scores (default), or False: SDPA, the two layers' attention recomputed; newlines (LLaVA-NeXT):
+    (None: 9 on CLIP towers, 16 on Qwen2.5-VL's, the official scripts'); eager_encoder: eager CLIP tower,
+    bit-identical to the official scores (default), or False: SDPA, the two layers' attention recomputed; newlines (LLaVA-NeXT):
     "keep" (the model's own layout, as official) or "drop" (`methods.shared.newline_choice`).
     """
     if budget is None:
@@ -113,17 +113,18 @@ def policy(info: ModelInfo, budget: float | None = None, alpha: float = 0.1, obj
         raise ValueError(f"HiPrune's {anchors_for(keep, alpha)} anchors at alpha={alpha} may take up to "
                          f"{NEIGHBOURS * anchors_for(keep, alpha)} tokens with their buffers, more than the {keep} "
                          "kept: lower alpha or raise the budget")
-    return HiPrune(keep, info, alpha, object_layer, bool(exact), newline_choice(newlines))
+    return HiPrune(keep, info, alpha, object_layer, bool(eager_encoder), newline_choice(newlines))
 
 
-def selection_macs(cut: Cut, width: int, exact: bool = True) -> int:
+def selection_macs(cut: Cut, width: int, eager_encoder: bool = True) -> int:
     """Without the eager tower's probabilities, the two layers' attention is recomputed: q and k of every token and
     all the logits, at each layer (`width`: the tower's hidden size on CLIP)."""
-    return 0 if exact else 2 * (2 * cut.before * width * width + cut.before * cut.before * width)
+    return 0 if eager_encoder else 2 * (2 * cut.before * width * width + cut.before * cut.before * width)
 
 
-def overhead(exact: bool = True, **_) -> Overhead:
-    return Overhead(selection=lambda cut, width: selection_macs(cut, width, exact), encoder_row=not exact)
+def overhead(eager_encoder: bool = True, **_) -> Overhead:
+    return Overhead(selection=lambda cut, width: selection_macs(cut, width, eager_encoder),
+                    eager_encoder=eager_encoder)
 
 
 METHOD = Method("hiprune", "HiPrune", policy, smallest_budget=lambda info: info.crops, overhead=overhead,

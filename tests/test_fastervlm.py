@@ -40,7 +40,7 @@ def test_keeps_the_eager_cls_topk_of_the_parity_model(parity_model, budget):
         view = clip_encoder_view(parity_model.model.vision_tower, batch["pixel_values"], 22, eager=True)
     expected = view.importance[0, :, 1:].mean(0).topk(budget).indices.sort().values.tolist()
     for exact in (True, False):
-        with visiondrop.apply(parity_model, "fastervlm", budget=budget, exact=exact) as handle, torch.no_grad():
+        with visiondrop.apply(parity_model, "fastervlm", budget=budget, eager_encoder=exact) as handle, torch.no_grad():
             parity_model(**batch)
         assert handle.trace.kept[0][0].tolist() == expected
         assert handle.trace.tokens_per_layer == [[budget] * 32]
@@ -51,7 +51,7 @@ def test_measured_tokens_per_layer_equal_budget(tiny, budget):
     model, processor = tiny
     measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "fastervlm", budget)
     assert measured == [budget] * 32 == handle.trace.tokens_per_layer[0]
-    assert handle.policy.describe() == {"method": "fastervlm", "encoder_layer": 22, "keep": budget, "exact": True,
+    assert handle.policy.describe() == {"method": "fastervlm", "encoder_layer": 22, "keep": budget, "eager_encoder": True,
                                         "equivalent_tokens": budget}
 
 
@@ -81,7 +81,7 @@ def test_next_keeps_budget_over_crops_on_every_crop(tiny_next, newlines):
         assert int((~torch.isin(patches, newline_at)).sum()) == 145 and len(patches) == n_layer0 > 145
 
 
-@pytest.mark.parametrize("options", [{}, {"exact": False}])
+@pytest.mark.parametrize("options", [{}, {"eager_encoder": False}])
 def test_overhead_formula_matches_torch_flop_counter(tiny, options):
     model, processor = tiny
     batch = inputs(processor, QUESTIONS[:1])

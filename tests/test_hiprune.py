@@ -71,7 +71,7 @@ def test_matches_official(parity_model, case, budget):
     official, logits = load_case("hiprune", case)
     assert min(official["margins"]["anchors"]["gap_rel"], official["margins"]["registers"]["gap_rel"]) > 1e-4
     for exact in (True, False):
-        with visiondrop.apply(parity_model, "hiprune", budget=budget, exact=exact) as handle:
+        with visiondrop.apply(parity_model, "hiprune", budget=budget, eager_encoder=exact) as handle:
             assert_matches_official(parity_model, parity_inputs(), official, logits, handle)
             assert handle.trace.kept[0][0].tolist() == official["kept_indices_sorted"]
 
@@ -123,7 +123,7 @@ def test_qwen_keeps_its_share_of_a_dynamic_resolution_image(tiny_qwen):
     assert handle.policy.describe()["object_layer"] == "9 (CLS towers) / 16 (others)"
 
 
-@pytest.mark.parametrize("options", [{}, {"exact": False}])
+@pytest.mark.parametrize("options", [{}, {"eager_encoder": False}])
 def test_overhead_formula_matches_torch_flop_counter(tiny, options):
     model, processor = tiny
     batch = inputs(processor, QUESTIONS[:1])
