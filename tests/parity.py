@@ -39,10 +39,6 @@ PARITY = SHARED / "reference" / "parity"
 LOGITS_TOLERANCE = 1e-3
 
 
-#: fixtures built by this project from the official code (tests/parity/official_llava.py), committed with it
-LOCAL_PARITY = Path(__file__).resolve().parent / "parity"
-
-
 #: official runs this repository made itself (tests/parity/official_llava.py), committed beside the tests
 LOCAL_PARITY = Path(__file__).resolve().parent / "parity"
 
