@@ -13,8 +13,8 @@ LightCompress's config uses `rate: 0.778` (128 kept).
 
 By default (`eager_encoder=True`) the tower runs eagerly, image by image, and the CLS row is its own attention
 probabilities, bit-identical to the official run; `eager_encoder=False` keeps the tower's SDPA attention and
-recomputes the row from layer 22's q/k (the same top-k unless two scores sit within float noise of the boundary; `official.json` records the
-margins).
+recomputes the row from layer 22's q/k (the same top-k unless two scores sit within float noise of the boundary;
+`official.json` records the margins).
 
 On LLaVA-NeXT the official code keeps T on every crop (README: 29 x 5 = 145) in the model's own layout with the
 image-newline tokens (`newlines="keep"`, the default); this policy selects budget / 5 per crop among the patches
@@ -58,8 +58,8 @@ def policy(info: ModelInfo, budget: float | None = None, eager_encoder: bool = T
     """FasterVLM keeping `budget` patches (its visual_token_num; per crop or frame: budget / crops).
 
     eager_encoder: eager vision tower, bit-identical to the official scores (default), or False: the tower's own
-    attention with the CLS row recomputed. newlines (LLaVA-NeXT): "keep" (the model's own layout, as the official code) or
-    "drop" (`methods.shared.newline_choice`).
+    attention with the CLS row recomputed. newlines (LLaVA-NeXT): "keep" (the model's own layout, as the official
+    code) or "drop" (`methods.shared.newline_choice`).
     """
     if budget is None:
         raise ValueError("FasterVLM needs a budget (its visual_token_num)")

@@ -98,8 +98,8 @@ def policy(info: ModelInfo, budget: float | None = None, alpha: float = 0.1, obj
 
     alpha: HIPRUNE_ALPHA, the share of anchors and buffers (0.1); object_layer: HIPRUNE_OBJECT_LAYER, 1-based
     (None: 9 on CLIP towers, 16 on Qwen2.5-VL's, the official scripts'); eager_encoder: eager CLIP tower,
-    bit-identical to the official scores (default), or False: SDPA, the two layers' attention recomputed; newlines (LLaVA-NeXT):
-    "keep" (the model's own layout, as official) or "drop" (`methods.shared.newline_choice`).
+    bit-identical to the official scores (default), or False: SDPA, the two layers' attention recomputed;
+    newlines (LLaVA-NeXT): "keep" (the model's own layout, as official) or "drop" (`methods.shared.newline_choice`).
     """
     if budget is None:
         raise ValueError("HiPrune needs a budget (its HIPRUNE_RETENTION)")

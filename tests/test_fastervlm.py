@@ -5,11 +5,10 @@ import torch
 
 import visiondrop
 from baselines.fastervlm import cls_topk
-from helpers import inputs, measure_counts
+from helpers import flops_by_formula_and_counter, inputs, measure_counts
 from parity import parity_inputs
-from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
 from visiondrop.engine import EncoderView
-from visiondrop.families import flops_dims, info_of
+from visiondrop.families import info_of
 from visiondrop.families.llava import clip_encoder_view
 from visiondrop.families.llava_next import packed_positions
 from visiondrop.methods import policy_for
@@ -51,7 +50,8 @@ def test_measured_tokens_per_layer_equal_budget(tiny, budget):
     model, processor = tiny
     measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), "fastervlm", budget)
     assert measured == [budget] * 32 == handle.trace.tokens_per_layer[0]
-    assert handle.policy.describe() == {"method": "fastervlm", "encoder_layer": 22, "keep": budget, "eager_encoder": True,
+    assert handle.policy.describe() == {"method": "fastervlm", "encoder_layer": 22, "keep": budget,
+                                        "eager_encoder": True,
                                         "equivalent_tokens": budget}
 
 
@@ -85,13 +85,8 @@ def test_next_keeps_budget_over_crops_on_every_crop(tiny_next, newlines):
 def test_overhead_formula_matches_torch_flop_counter(tiny, options):
     model, processor = tiny
     batch = inputs(processor, QUESTIONS[:1])
-    with flop_counter() as counter:
-        sched = measure_schedule(model, batch, "fastervlm", 144, **options)
-    dims = flops_dims(model.config)
-    text = batch["input_ids"].shape[1] - dims.n_visual
-    overhead = overhead_flops(dims, "fastervlm", sched.cuts, text, **options)
-    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead)
-    assert formula.total == counter.get_total_flops()
+    formula, counted = flops_by_formula_and_counter(model, batch, "fastervlm", 144, **options)
+    assert formula == counted
 
 
 def test_clear_errors(tiny):

@@ -6,11 +6,10 @@ import torch
 
 import visiondrop
 from baselines.hiprune import hiprune_selection
-from helpers import inputs, measure_counts
+from helpers import flops_by_formula_and_counter, inputs, measure_counts
 from parity import load_case, parity_inputs
 from visiondrop.core import EncoderView
-from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
-from visiondrop.families import flops_dims, info_of
+from visiondrop.families import info_of
 from visiondrop.families.llava import clip_encoder_view
 from visiondrop.families.llava_next import packed_positions
 from visiondrop.methods import policy_for
@@ -116,13 +115,8 @@ def test_qwen_keeps_its_share_of_a_dynamic_resolution_image(tiny_qwen):
 def test_overhead_formula_matches_torch_flop_counter(tiny, options):
     model, processor = tiny
     batch = inputs(processor, QUESTIONS[:1])
-    with flop_counter() as counter:
-        sched = measure_schedule(model, batch, "hiprune", 128, **options)
-    dims = flops_dims(model.config)
-    text = batch["input_ids"].shape[1] - dims.n_visual
-    overhead = overhead_flops(dims, "hiprune", sched.cuts, text, **options)
-    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead)
-    assert formula.total == counter.get_total_flops()
+    formula, counted = flops_by_formula_and_counter(model, batch, "hiprune", 128, **options)
+    assert formula == counted
 
 
 def test_clear_errors(tiny):
@@ -133,7 +127,7 @@ def test_clear_errors(tiny):
     assert policy_for(info, "hiprune", 128.4).describe() == policy_for(info, "hiprune", 128).describe()
     with pytest.raises(ValueError, match="alpha is the share"):
         visiondrop.apply(model, "hiprune", budget=64, alpha=2)
-    with pytest.raises(ValueError, match="object_layer is a vision-tower layer, 1-based, from 1 to the feature layer 23"):
+    with pytest.raises(ValueError, match="object_layer is a vision-tower layer, 1-based, from 1 to the feature layer"):
         visiondrop.apply(model, "hiprune", budget=64, object_layer=30)
     with pytest.raises(ValueError, match="lower alpha or raise the budget"):
         visiondrop.apply(model, "hiprune", budget=3, alpha=1.0)

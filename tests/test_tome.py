@@ -5,10 +5,8 @@ import torch
 
 import visiondrop
 from baselines.tome import bipartite_merge, even_schedule, remaining, smallest_budget
-from helpers import inputs, measure_counts
-from visiondrop.efficiency.flops import (flop_counter, measure_schedule, overhead_flops, prefill_flops,
-                                         tower_flops)
-from visiondrop.families import flops_dims, info_of
+from helpers import flops_by_formula_and_counter, inputs, measure_counts
+from visiondrop.families import info_of
 from visiondrop.families.llava import tower_layers
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
@@ -73,16 +71,8 @@ def test_next_and_video_merge_per_crop(tiny_next, tiny_video):
 def test_overhead_formula_matches_torch_flop_counter(tiny):
     """The tower's own shrinking layers and the matching's products, as FlopCounterMode counts a real forward."""
     model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:1])
-    with flop_counter() as counter:
-        sched = measure_schedule(model, batch, "tome", 128)
-    dims = flops_dims(model.config)
-    text = batch["input_ids"].shape[1] - dims.n_visual
-    overhead = overhead_flops(dims, "tome", sched.cuts, text)
-    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead,
-                            tower_tokens=tower_flops(dims, "tome", sched.cuts))
-    assert formula.total == counter.get_total_flops()
-    assert overhead > 0
+    formula, counted = flops_by_formula_and_counter(model, inputs(processor, QUESTIONS[:1]), "tome", 128)
+    assert formula == counted
 
 
 def test_clear_errors(tiny):

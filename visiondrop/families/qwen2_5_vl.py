@@ -180,8 +180,8 @@ class Qwen2_5_VL(Family):
                      merge: Any = None) -> EncoderView:
         """The tower's output and the mean attention received at its last full-attention block, per visual token.
 
-        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
-        bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway.
+        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code
+        to be bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway.
         `received`: the same mean attention received at any block, on demand (over the whole image, as at the
         full-attention blocks), mean over heads, queries and each token's 4 patches. `merge` is ignored: merging
         inside the windowed tower would break its 2x2 merger groups."""
