@@ -339,8 +339,7 @@ def assemble(args) -> None:
         "command": args.command_line,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__, "python": platform.python_version(),
-                     "attention": "LLM sdpa (transformers 4.37.2 default); CLIP eager (the fork asks for "
-                                  "output_attentions)", "device": "CPU, float32"},
+                     "attention": args.attention, "device": "CPU, float32"},
         "model": {"dir": "../shared/reference/parity/visiondrop/hf_model (llava-hf)", "official_format":
                   "converted by tests/parity/official_llava.py convert: LlavaLlamaForCausalLM + model.mm_projector "
                   "mlp2x_gelu, CLIP folder via mm_vision_tower, mm_vision_select_layer -2, patch features"},
@@ -387,6 +386,8 @@ def main() -> None:
     for name in ("cases", "dest", "method", "what", "official_repo", "commit", "fork_root", "command_line"):
         gather.add_argument(f"--{name.replace('_', '-')}", required=True)
     gather.add_argument("--keep-scores", nargs="*", default=[], help="score@layer to keep in the logits file")
+    gather.add_argument("--attention", default="LLM sdpa (transformers 4.37.2 default); CLIP eager (the fork asks "
+                                                "for output_attentions)", help="the attention the official run used")
     args = parser.parse_args()
     {"convert": lambda: convert(args.out), "run": lambda: run(args), "assemble": lambda: assemble(args)}[args.command]()
 
