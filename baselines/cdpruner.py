@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from visiondrop.engine import DecoderCut, EncoderView, Policy, Selection
 from visiondrop.engine.attention import gather_rows
-from visiondrop.core import Cut, ModelInfo
+from visiondrop.core import ModelInfo
 from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import whole_count
 

@@ -12,7 +12,7 @@ from baselines.cdpruner import conditional_kernel, load_text_tower, relevance
 from baselines.vispruner import diverse_rounds
 from parity import PARITY, Case, Run, check_case, load_case, parity_inputs, require_bit_exact
 from visiondrop.core import EncoderView
-from visiondrop.families.llava import clip_encoder_view
+from visiondrop.families.llava import clip_encoder_view, tower_layers
 
 IMAGE_START, N_IMAGE = 35, 576  # the fixtures' image block, in sequence positions
 
@@ -157,6 +157,20 @@ def vscan_encoder_kept(run: Run) -> None:
     assert run.kept()[0] == vscan_kept(run.official)[0]
 
 
+def tome_layer0_metric(model, inputs: dict) -> dict:
+    """What ToMe's first matching ranks by: CLIP layer 0's keys averaged over heads, identical to the unpruned
+    tower's; its fragile cases (merge decisions within 1-7 float32 ulps) hold where it reproduces bit for bit."""
+    tower = model.model.vision_tower
+    clip, layer = getattr(tower, "vision_model", tower), tower_layers(tower)[0]
+    with torch.no_grad():
+        keys = layer.self_attn.k_proj(layer.layer_norm1(clip.pre_layrnorm(clip.embeddings(inputs["pixel_values"]))))
+    return {"layer0_key_mean": keys.view(*keys.shape[:2], -1, layer.self_attn.head_dim).transpose(1, 2).mean(1)[0]}
+
+
+def not_fragile(run: Run) -> None:
+    assert not run.official["fragile"]
+
+
 CASES = [
     Case("visiondrop/none", "none", {}),
     *[Case("visiondrop/vd32", "visiondrop", options, variant,
@@ -210,6 +224,19 @@ CASES = [
                official["visual_tokens_per_layer"]) / 32},
            precondition=functools.partial(vscan_merge_gaps, f"vscan{budget}"), robust=vscan_encoder_kept)
       for budget in (64, 128, 192)],  # 64: the shared case; 128 and 192 made here
+    # this repository's own fixtures (tests/parity/): FasterVLM's and HiPrune's top-k boundaries clear float32 noise
+    *[Case(f"fastervlm/fv{budget}", "fastervlm", {"budget": budget}, cuts=lambda official: ["encoder"],
+           kept=lambda official: [official["kept_indices_sorted"]], robust=not_fragile)
+      for budget in (288, 144, 58, 29)],
+    *[Case(f"hiprune/hp{budget}", "hiprune", {"budget": budget, "eager_encoder": eager}, variant,
+           cuts=lambda official: ["encoder"], kept=lambda official: [official["kept_indices_sorted"]],
+           robust=not_fragile)
+      for budget in (192, 128, 64) for variant, eager in (("eager", True), ("sdpa", False))],
+    *[Case(f"tome/{name}", "tome", options, cuts=lambda official: ["encoder"], kept=lambda official: [[]],
+           described=lambda official: {"equivalent_tokens": official["visual_tokens_per_layer"][0]},
+           precondition=tome_layer0_metric, robust=lambda run: run.official["fragile"] or None)
+      for name, options in (("tome208", {"r": 16}), ("tome192", {"budget": 192}), ("tome128", {"budget": 128}),
+                            ("tome64", {"budget": 64}))],
 ]
 
 

@@ -130,6 +130,12 @@ class EncoderView:
     grid: (rows, cols) of the patch tokens (after CLS) where they are not a square grid, else None;
     owners: [N] which image of the forward (0, 1, ... in the order of the samples with images) each row is a crop
     of; the engine sets it, for policies conditioned on each sample's own text (`Policy.instruct`).
+    received: for policies that ask (`Policy.received_attention`), tower layer (0-based) -> [N, T] the attention
+    each token receives there, mean over the heads, then over every query (HiPrune's "global attention"), CLS
+    included where the tower has it; computed on demand;
+    merged_in_tower: the tower merged tokens inside (`Policy.merge_in_tower`): `hidden` has fewer tokens, in the
+    merges' order, and `importance`/`keys` describe the feature layer's input, before its own merge;
+    `tokens` is then what the tower started with (else None: `hidden`'s count).
     """
 
     hidden: Tensor
@@ -142,6 +148,9 @@ class EncoderView:
     project: Callable[[Tensor], Tensor] | None = None
     grid: tuple[int, int] | None = None
     owners: list[int] | None = None
+    received: Callable[[int], Tensor] | None = None
+    merged_in_tower: bool = False
+    tokens: int | None = None
 
     def scaled(self, count: int) -> int:
         """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""

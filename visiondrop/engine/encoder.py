@@ -25,11 +25,13 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     padded, valid, origins = [], [], []
     project, first_image = family.projector(model), 0
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
-        view = family.encoder_view(model, images, policy.eager_encoder, policy.scan_layers)
+        merge = policy.merge_in_tower if policy.merges_in_tower else None
+        view = family.encoder_view(model, images, policy.eager_encoder, policy.scan_layers, policy.received_attention,
+                                   merge)
         view.project = project
         view.owners = [first_image + i for i, n in enumerate(images.crops) for _ in range(n)]
         first_image += len(images.crops)
-        tokens = view.hidden.shape[1]
+        tokens = view.tokens or view.hidden.shape[1]  # before any merging inside the tower
         if policy.native_layout:
             view.valid = family.valid_tokens(model, images, tokens)
         sel = policy.select_encoder(view)

@@ -121,12 +121,22 @@ class Policy:
     def instruct(self, questions: list[str] | None) -> None:
         """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
         questions batch by batch); only text-conditioned policies use them (CDPruner)."""
+    #: Encoder stage: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
+    received_attention: bool = False
+    #: Encoder stage: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
+    #: (`merge_in_tower`), where the family's tower supports it (`EncoderView.merged_in_tower`)
+    merges_in_tower: bool = False
 
     def prepare(self, cut: DecoderCut) -> None:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""
 
     def select_encoder(self, view: EncoderView) -> Selection:
         raise NotImplementedError(f"{self.name} has no encoder stage")
+
+    def merge_in_tower(self, layer: int, hidden: Tensor, metric: Tensor) -> Tensor:
+        """Inside tower layer `layer`, between its attention and its MLP: the tokens [N, T, D] merged into fewer,
+        `metric` [N, T, M] their similarity features (the layer's keys averaged over heads)."""
+        raise NotImplementedError(f"{self.name} does not merge inside the vision tower")
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         raise NotImplementedError(f"{self.name} has no decoder cuts")

@@ -22,6 +22,9 @@ class Replay(Policy):
         self.native_layout = policy.native_layout
         self.eager_encoder = policy.eager_encoder
         self.scan_layers = policy.scan_layers
+        self.received_attention = policy.received_attention
+        self.merges_in_tower = policy.merges_in_tower
+        self.merge_in_tower = policy.merge_in_tower
         self._policy = policy
         self._selections = dict(zip(policy.cut_layers, trace.selections))
 

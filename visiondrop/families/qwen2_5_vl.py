@@ -180,13 +180,16 @@ class Qwen2_5_VL(Family):
                 for i, pixels in enumerate(images.pixels.split(patches))]
 
     def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False,
-                     scan_layers: tuple[int, ...] = ()) -> EncoderView:
+                     scan_layers: tuple[int, ...] = (), received: bool = False, merge: Any = None) -> EncoderView:
         """The tower's output and the mean attention received at its last full-attention block, per visual token
         (and at the `scan_layers` blocks, in `importance_at`, computed over the whole image as at a full-attention
         block).
 
-        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code to
-        be bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway."""
+        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code
+        to be bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway.
+        `received`: the same mean attention received at any block, on demand (over the whole image, as at the
+        full-attention blocks), mean over heads, queries and each token's 4 patches. `merge` is ignored: merging
+        inside the windowed tower would break its 2x2 merger groups."""
         tower = self.vision_tower(model)
         config = tower.config
         last_full = config.fullatt_block_indexes[-1]
@@ -196,8 +199,9 @@ class Qwen2_5_VL(Family):
             captured[index] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
                                kwargs["position_embeddings"])
 
+        blocks = range(len(tower.blocks)) if received else {last_full, *scan_layers}
         hooks = [tower.blocks[i].attn.register_forward_pre_hook(functools.partial(grab, i), with_kwargs=True)
-                 for i in {last_full, *scan_layers}]
+                 for i in blocks]
         tower.merger.forward = lambda x: x[::config.spatial_merge_size ** 2]  # projected later: only what is kept
         try:
             out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
@@ -210,7 +214,7 @@ class Qwen2_5_VL(Family):
                                                   config.patch_size)
         raster = torch.argsort(window_index.to(out.last_hidden_state.device))  # window order -> raster order
 
-        def received(index: int) -> tuple[Tensor, Tensor]:
+        def received_heads(index: int) -> tuple[Tensor, Tensor]:
             """Mean attention each token receives at block `index` [H, T] (raster order), and its keys."""
             attn, (x, (cos, sin)) = tower.blocks[index].attn, captured[index]
             n_patches = x.shape[0]
@@ -224,14 +228,15 @@ class Qwen2_5_VL(Family):
             keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1)[raster].transpose(0, 1)  # [H, T, hd]
             return total.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(x.dtype), keys
 
-        importance, keys = received(last_full)
+        importance, keys = received_heads(last_full)
         n_tokens = importance.shape[1]
         hidden = out.last_hidden_state.reshape(n_tokens, -1)[raster]  # [T, 4 D]
         nominal = self.model_info(model.config).per_crop
         _, _, cols = (int(n) // config.spatial_merge_size for n in images.sizes[0])
         return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal,
-                           importance_at={i: received(i)[0][None] for i in scan_layers},
-                           grid=(n_tokens // cols, cols))
+                           importance_at={i: received_heads(i)[0][None] for i in scan_layers},
+                           grid=(n_tokens // cols, cols),
+                           received=(lambda block: received_heads(block)[0].mean(0)[None]) if received else None)
 
     image_layout_key = "image_grid_thw"
 

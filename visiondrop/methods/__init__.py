@@ -33,6 +33,9 @@ METHODS = {
     "vispruner": "baselines.vispruner",
     "cdpruner": "baselines.cdpruner",
     "vscan": "baselines.vscan",
+    "fastervlm": "baselines.fastervlm",
+    "hiprune": "baselines.hiprune",
+    "tome": "baselines.tome",
 }
 
 
@@ -64,6 +67,8 @@ class Overhead:
     projected: (encoder cut, the decoder's width) -> multiply-accumulates of a method's own products on the
     projected tokens at an encoder stage (CDPruner's kernel and greedy MAP, VScan's merge); such a method projects
     every patch, so the projector on the dropped ones is charged too.
+    tower: (dims, encoder cut) -> (tokens entering each vision-tower layer, multiply-accumulates of the method's
+    own matching there), for a method that merges inside the tower (ToMe); None: the tower runs all its tokens.
     """
 
     rows: str | None = None
@@ -74,6 +79,7 @@ class Overhead:
     selection: Callable[[Cut, int], int] | None = None
     eager_encoder: bool = False
     projected: Callable[[Cut, int], int] | None = None
+    tower: Callable[[Dims, Cut], tuple[list[int], int]] | None = None
 
 
 @dataclass(frozen=True)
