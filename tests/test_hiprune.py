@@ -23,7 +23,7 @@ def by_hand_view(shallow: list[float], deep: list[float], width: int) -> Encoder
     scores = {0: torch.tensor([shallow]), 1: torch.tensor([deep])}
     n = len(shallow)
     return EncoderView(hidden=torch.zeros(1, n, 2), importance=torch.zeros(1, 1, n), keys=torch.zeros(1, 1, n, 2),
-                       has_cls=False, received=scores.__getitem__, width=width)
+                       has_cls=False, received=scores.__getitem__, grid=(n // width, width))
 
 
 def test_anchors_buffers_and_registers_by_hand():

@@ -95,14 +95,16 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
     def heads(attn: nn.Module, t: Tensor) -> Tensor:
         return t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)
 
-    def probabilities(index: int, queries: slice) -> Tensor:
-        """Layer `index`'s attention probabilities of the query rows `queries`, recomputed from its own q/k."""
+    def probabilities(index: int, queries: slice, keys: Tensor | None = None) -> Tensor:
+        """Layer `index`'s attention probabilities of the query rows `queries`, recomputed from its own q/k (`keys`:
+        that layer's, where the caller has them)."""
         attn, x = layers[index].self_attn, captured["x", index]
-        scores = (heads(attn, attn.q_proj(x[:, queries])) @ heads(attn, attn.k_proj(x)).transpose(-1, -2)) * attn.scale
+        keys = heads(attn, attn.k_proj(x)) if keys is None else keys
+        scores = (heads(attn, attn.q_proj(x[:, queries])) @ keys.transpose(-1, -2)) * attn.scale
         return scores.softmax(-1, dtype=torch.float32).to(x.dtype)
 
-    def cls_row(index: int) -> Tensor:
-        return captured["cls", index] if eager_encoder else probabilities(index, slice(0, 1))[:, :, 0]
+    def cls_row(index: int, keys: Tensor | None = None) -> Tensor:
+        return captured["cls", index] if eager_encoder else probabilities(index, slice(0, 1), keys)[:, :, 0]
 
     def received_at(index: int) -> Tensor:
         if index not in means:  # recomputed from the layer's own q/k (the SDPA tower gives no probabilities)
@@ -111,7 +113,7 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
 
     attn = layers[layer_idx].self_attn
     keys = heads(attn, attn.k_proj(captured["x", layer_idx]))
-    return EncoderView(out.hidden_states[layer_idx + 1], cls_row(layer_idx), keys,
+    return EncoderView(out.hidden_states[layer_idx + 1], cls_row(layer_idx, keys), keys,
                        importance_at={index: cls_row(index) for index in scan_layers},
                        received=received_at if received else None, merged_in_tower=merge is not None,
                        tokens=out.hidden_states[0].shape[1] if merge is not None else None)
