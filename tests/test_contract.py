@@ -3,7 +3,9 @@
 every method meets budgets between whole counts); Video-LLaVA's videos keep it in tests/test_video_llava.py.
 
 Methods come from the registry, each at the budget it declares (`Method.example_budget`) with its default options, so
-a new method is tested here without editing this file. The per-method files test what is the method's own.
+a new method is tested here without editing this file. The per-method files test what is the method's own. Video-only
+methods (`Method.video_only`) refuse these images, clearly; their contract on videos is in tests/test_video_llava.py
+and tests/test_video_methods.py.
 """
 import re
 
@@ -31,6 +33,8 @@ BATCH_IMAGES = {"llava": IMAGES, "llava_next": [NEXT_IMAGES[0], None, NEXT_IMAGE
                 "video_llava": [VIDEO_LLAVA_IMAGES[0], None, VIDEO_LLAVA_IMAGES[1]]}
 #: the family's conftest fixture
 MODELS = {"llava": "tiny", "llava_next": "tiny_next", "qwen2_5_vl": "tiny_qwen", "video_llava": "tiny_video"}
+#: the methods that take images
+IMAGE_METHODS = [name for name in METHODS if not method(name).video_only]
 
 
 def encode(model, processor, questions: list[str], images: list) -> dict:
@@ -107,7 +111,7 @@ def host(request) -> tuple:
     return *tiny_model(request, request.param), BATCH_IMAGES[request.param]
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_batch_equals_each_sample_alone(host, name):
     """Deterministic, and independent of the batch (left padding, a text-only sample, other images or crop grids)
     with the default options."""
@@ -139,7 +143,7 @@ def test_batch_equals_each_sample_alone(host, name):
     assert torch.equal(alone[TEXT_ONLY][0], stock_text_only[0]), f"{name}: a text-only sample is not left untouched"
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_generation_with_cache_equals_replay_without(host, name):
     """Decode steps on the pruned cache give what re-running the prompt with the prefill's decisions gives."""
     model, processor, images = host
@@ -155,7 +159,7 @@ def described_mean(described: dict, n_visual: int) -> float:
     return described.get("mean_tokens_entering_layers", described.get("equivalent_tokens", n_visual))
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_counts_measured_with_hooks_match_describe(tiny, name):
     model, processor = tiny
     info = ModelInfo.of(model)
@@ -171,7 +175,7 @@ def fresh(tiny_dir):
     return load_tiny_llava(tiny_dir)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_remove_restores_bit_identical_outputs(fresh, name):
     model, processor = fresh
     batch = inputs(processor, QUESTIONS[:1])
@@ -200,3 +204,12 @@ def test_unreachable_budget_names_the_smallest_reachable(family, name):
     with pytest.raises(ValueError, match=rf"(?<![\d.]){re.escape(f'{smallest:g}')}(?![\d.])"):
         visiondrop.apply(model, name, smallest / 4)
     assert getattr(model.model, "_visiondrop_pruner", None) is None
+
+
+@pytest.mark.parametrize("name", [name for name in METHODS if name not in IMAGE_METHODS])
+def test_video_methods_refuse_images(host, name):
+    model, processor, images = host
+    single = encode(model, processor, QUESTIONS[:1], images[:1])
+    with visiondrop.apply(model, name, example_budget(name, ModelInfo.of(model))), torch.no_grad():
+        with pytest.raises(ValueError, match="reduces videos.*holds an image: run images with an image method"):
+            model(**single)

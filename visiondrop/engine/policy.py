@@ -18,11 +18,12 @@ from .attention import gather_rows, decoder_attention, decoder_keys
 class Selection:
     """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
 
-    keep: [G, k] indices into the current visual block, in the order they will appear;
+    keep: [G, k] indices into the current visual block, in the order they will appear, or a list of G such index
+    rows where the samples keep different counts (decoder cuts of methods whose counts depend on the content);
     merged: [G, c, D] tokens appended right after the kept ones (None: no merging).
     """
 
-    keep: Tensor
+    keep: Tensor | list[Tensor]
     merged: Tensor | None = None
 
 
@@ -67,6 +68,9 @@ class DecoderCut:
     for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample). `cos`/`sin`
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.
+    `frames` is the group's video frames (0: its samples hold images): the original visual block is `frames` frames
+    of `original_visual / frames` tokens each, frame after frame (what video methods reduce; a cut before layer 0
+    still sees that layout).
     """
 
     layer_idx: int
@@ -82,6 +86,7 @@ class DecoderCut:
     scratch: dict = field(default_factory=dict)
     rotate: Rotate = Family.rotate
     final_norm: nn.Module | None = None
+    frames: int = 0
 
     @property
     def n_visual(self) -> int:

@@ -28,6 +28,6 @@ class Replay(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         recorded = [self._selections[cut.layer_idx][b] for b in cut.samples]
-        merged = [m for _, m in recorded]
-        return Selection(torch.stack([k for k, _ in recorded]),
-                         None if merged[0] is None else torch.stack(merged))
+        keep, merged = [k for k, _ in recorded], [m for _, m in recorded]
+        ragged = len({k.numel() for k in keep}) > 1
+        return Selection(keep if ragged else torch.stack(keep), None if merged[0] is None else torch.stack(merged))
