@@ -32,14 +32,19 @@ refused (the official code compresses videos only).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.families import ModelInfo
-from visiondrop.methods import Method
+from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import nominal_video, retention, video_layout
+
+if TYPE_CHECKING:
+    from visiondrop.efficiency.flops import Cut
 
 MERGING_RATIO = 0.7  # K: lmms-eval's default dycoke_k, which the official eval.sh keeps
 
@@ -139,5 +144,11 @@ def smallest_budget(info: ModelInfo) -> float:
     return kept_count(*video, 1, False) if video is not None else 1
 
 
+
+def selection_macs(cut: Cut, width: int) -> int:
+    """Each pruned frame's tokens' cosine similarity to their reference frame's (at most one per token)."""
+    return cut.before * width
+
+
 METHOD = Method("dycoke", "DyCoke", policy, smallest_budget, replaces_budget=("dycoke_k",), example_budget=288,
-                video_only=True)
+                video_only=True, overhead=lambda **_: Overhead(selection=selection_macs))

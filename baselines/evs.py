@@ -16,13 +16,16 @@ a model whose nominal sample is a video (Video-LLaVA: 8 frames) a budget below o
 video than the nominal keeps its first frame whatever the rate, as in vLLM.
 
 Positions: the kept tokens keep their M-RoPE positions on Qwen2.5-VL (vLLM's `compute_mrope_for_media`); the text
-after the video keeps transformers' unpruned positions, where vLLM re-packs it to start right after the video's
-widest row (`recompute_mrope_positions`), so the text positions differ from vLLM's by a constant shift. On Video-LLaVA
-(1-D RoPE) the shortened sequence is numbered contiguously, as a model served with the pruned placeholder count is.
+after the video keeps transformers' unpruned positions, which start max(h, w) / 2 after the video's first position,
+where vLLM's `recompute_mrope_positions` starts them w / 2 after it: the same unless the video is taller than wide.
+On Video-LLaVA (1-D RoPE) the shortened sequence is numbered contiguously, as a model served with the pruned
+placeholder count is.
 EVS is deterministic (stable sort) and per video, so a batch equals each video alone. Images are refused: vLLM
 applies EVS to videos only. Parity: `tests/parity/evs/` holds vLLM's own function's masks on random embeddings.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +33,11 @@ from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.families import ModelInfo
-from visiondrop.methods import Method
+from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import nominal_video, retention, video_layout
+
+if TYPE_CHECKING:
+    from visiondrop.efficiency.flops import Cut
 
 FIRST_FRAME = 255.0  # vLLM's sentinel dissimilarity of the first frame's tokens: above any 1 - cosine (at most 2)
 
@@ -93,5 +99,11 @@ def smallest_budget(info: ModelInfo) -> float:
     return video[1] if video is not None else 1
 
 
+
+def selection_macs(cut: Cut, width: int) -> int:
+    """Each token's cosine similarity to the token at its place in the previous frame."""
+    return cut.before * width
+
+
 METHOD = Method("evs", "EVS", policy, smallest_budget, replaces_budget=("pruning_rate",), example_budget=144,
-                video_only=True)
+                video_only=True, overhead=lambda **_: Overhead(selection=selection_macs))

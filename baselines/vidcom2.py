@@ -27,14 +27,19 @@ batch sizes above one); here images are refused and any batch equals each video 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.families import ModelInfo
-from visiondrop.methods import Method
+from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import retention, video_layout
+
+if TYPE_CHECKING:
+    from visiondrop.efficiency.flops import Cut
 
 CHANNEL_SHARE = 0.5  # channels kept for scoring: the lowest-variance half
 SCALES = [2.0 ** k for k in range(-3, 2)]  # the Gaussian kernels' a: 1/8 .. 2
@@ -105,5 +110,11 @@ def smallest_budget(info: ModelInfo) -> float:
     return info.crops
 
 
+
+def selection_macs(cut: Cut, width: int) -> int:
+    """The channel variances, and each token's distance to the video's and its frame's mean on half the channels."""
+    return 2 * cut.before * width
+
+
 METHOD = Method("vidcom2", "VidCom2", policy, smallest_budget,
-                replaces_budget=("base_scale",), video_only=True, exact_count=False)
+                replaces_budget=("base_scale",), video_only=True, overhead=lambda **_: Overhead(selection=selection_macs), exact_count=False)

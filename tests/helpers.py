@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import demo_image
+
+#: the registered methods that take images (video-only ones refuse them: tests/test_contract.py)
+IMAGE_METHODS = [name for name in METHODS if not method(name).video_only]
 
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the human's questions.")

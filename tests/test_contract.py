@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import cached_and_replayed, greedy, inputs, measure_counts
+from helpers import IMAGE_METHODS, cached_and_replayed, greedy, inputs, measure_counts
 from visiondrop.engine import Policy
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.methods import METHODS, method, policy_for
@@ -33,8 +33,6 @@ BATCH_IMAGES = {"llava": IMAGES, "llava_next": [NEXT_IMAGES[0], None, NEXT_IMAGE
                 "video_llava": [VIDEO_LLAVA_IMAGES[0], None, VIDEO_LLAVA_IMAGES[1]]}
 #: the family's conftest fixture
 MODELS = {"llava": "tiny", "llava_next": "tiny_next", "qwen2_5_vl": "tiny_qwen", "video_llava": "tiny_video"}
-#: the methods that take images
-IMAGE_METHODS = [name for name in METHODS if not method(name).video_only]
 
 
 def encode(model, processor, questions: list[str], images: list) -> dict:

@@ -302,7 +302,7 @@ def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
 
     def decoder(cut):
         sel = select_decoder(cut)
-        cuts.append(Cut(cut.layer_idx, cut.n_visual, sel.keep.shape[1], merged(sel)))
+        cuts.append(Cut(cut.layer_idx, cut.n_visual, len(sel.keep[0]), merged(sel)))  # keep: [G, k] or G rows
         return sel
 
     policy.select_encoder, policy.select_decoder = encoder, decoder

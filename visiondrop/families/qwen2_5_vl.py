@@ -159,17 +159,29 @@ class Qwen2_5_VL(Family):
         return (input_ids == model.config.image_token_id) | (input_ids == model.config.video_token_id)
 
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
-        """A video's temporal grids (`video_grid_thw`, one row per video in batch order): a frame is a grid of
-        `temporal_patch_size` (2) input frames, h * w / 4 tokens."""
-        grids = kwargs.get("video_grid_thw")
-        if input_ids is None or grids is None:
+        """A video's temporal grids: a frame is a grid of `temporal_patch_size` (2) input frames, h * w / 4 tokens.
+
+        From `video_grid_thw` (one row per video, in batch order) where the forward has it; in generate(), which
+        encodes the videos beforehand and passes their M-RoPE positions instead, the times the block's (row,
+        column) position returns to its first token's."""
+        if input_ids is None:
             return None
-        has_video = (input_ids == model.config.video_token_id).any(1)
+        video = input_ids == model.config.video_token_id
         frames = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        if int(has_video.sum()) != grids.shape[0]:
-            raise ValueError(f"{grids.shape[0]} video grids for {int(has_video.sum())} samples with a video: "
-                             "one video per sample is supported")
-        frames[has_video] = grids[:, 0].to(frames.device)
+        if not video.any():
+            return frames
+        grids, positions = kwargs.get("video_grid_thw"), kwargs.get("position_ids")
+        if grids is not None:
+            if int(video.any(1).sum()) != grids.shape[0]:
+                raise ValueError(f"{grids.shape[0]} video grids for {int(video.any(1).sum())} samples with a video: "
+                                 "one video per sample is supported")
+            frames[video.any(1)] = grids[:, 0].to(frames.device)
+        elif positions is not None and positions.dim() == 3:
+            for b in video.any(1).nonzero()[:, 0].tolist():
+                rows, cols = positions[-2, b, video[b]], positions[-1, b, video[b]]
+                frames[b] = int(((rows == rows[0]) & (cols == cols[0])).sum())
+        else:
+            raise ValueError("a Qwen2.5-VL forward with video tokens needs video_grid_thw or the M-RoPE position_ids")
         return frames
 
     # -- positions -----------------------------------------------------------------------------------------------

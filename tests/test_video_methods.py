@@ -1,0 +1,145 @@
+"""The video-native methods (`Method.video_only`) on Qwen2.5-VL videos: two videos of different lengths and sizes in
+one left-padded batch (M-RoPE positions kept), and each method's own algorithm on known inputs.
+
+Video-LLaVA's videos run them in tests/test_video_llava.py (every registered method); images are refused
+(tests/test_contract.py). Qwen2.5-VL's processor here has no video processor (it needs torchvision), so the videos are
+given as the model takes them: patches, `video_grid_thw`, and `<|video_pad|>` placeholders between the vision markers.
+"""
+import pytest
+import torch
+
+import visiondrop
+from helpers import LayerCounter, cached_and_replayed, greedy
+from visiondrop.families import ModelInfo, family_of
+from visiondrop.methods import METHODS, method, policy_for
+from visiondrop.testing.tiny import load_tiny_llava
+
+VIDEO_METHODS = [name for name in METHODS if method(name).video_only]
+QUESTIONS = ["What happens in the video?", "Does the red shape move? Answer briefly."]
+GRIDS = [(6, 8, 8), (5, 8, 12)]  # temporal grids x patch rows x patch columns: 6 frames of 16 tokens, 5 of 24
+NEW_TOKENS = 3
+DTYPE = torch.float64  # a batch and each video alone give the same scores to the last bit
+
+
+def patches(seed: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """A video's patches as the processor gives them [t x h x w, 3 x 2 x 14 x 14]: a still scene, a part of which
+    changes from frame to frame (so frames are partly redundant, as real videos are)."""
+    t, h, w = grid
+    generator = torch.Generator().manual_seed(seed)
+    scene = torch.randn(h * w, 3 * 2 * 14 * 14, generator=generator, dtype=DTYPE)
+    frames = scene.repeat(t, 1, 1)
+    moving = torch.rand(t, h * w, 1, generator=generator, dtype=DTYPE) < 0.3
+    frames = torch.where(moving, torch.randn(frames.shape, generator=generator, dtype=DTYPE), frames)
+    return frames.flatten(0, 1)
+
+
+def encode(processor, questions: list[str], grids: list[tuple[int, int, int]], seeds: list[int]) -> dict:
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    texts = [f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+             f"{'<|video_pad|>' * (t * h * w // 4)}<|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
+             for q, (t, h, w) in zip(questions, grids)]
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    video = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    batch["mm_token_type_ids"] = (batch["input_ids"] == video).int() * 2
+    batch["pixel_values_videos"] = torch.cat([patches(s, g) for s, g in zip(seeds, grids)])
+    batch["video_grid_thw"] = torch.tensor(grids)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen_dir):
+    return load_tiny_llava(tiny_qwen_dir, dtype=DTYPE)
+
+
+@pytest.fixture(scope="module")
+def videos(qwen):
+    model, processor = qwen
+    batch = encode(processor, QUESTIONS, GRIDS, [0, 1])
+    singles = [encode(processor, [q], [g], [s]) for q, g, s in zip(QUESTIONS, GRIDS, [0, 1])]
+    return batch, singles
+
+
+def run(model, inputs):
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def test_a_video_is_the_sample_visual_block_frame_after_frame(qwen, videos):
+    model, _ = qwen
+    batch, _ = videos
+    family = family_of(model)
+    assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
+    assert family.image_token_mask(model, batch["input_ids"], None).sum(1).tolist() == [96, 120]
+    assert family.video_frames(model, batch["input_ids"], batch).tolist() == [6, 5]
+
+
+def test_none_equivalent_settings_are_the_stock_model(qwen, videos):
+    model, _ = qwen
+    batch, _ = videos
+    with torch.no_grad():
+        reference, reference_logits = run(model, batch)
+        for name, options in [("none", {}), ("evs", {"pruning_rate": 0.0}), *((n, {"ratio": 1.0}) for n in
+                                                                               VIDEO_METHODS)]:
+            with visiondrop.apply(model, name, **options) as handle:
+                tokens, logits = run(model, batch)
+            assert torch.equal(tokens, reference), name
+            torch.testing.assert_close(logits, reference_logits, atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+            assert handle.trace.tokens_per_layer == [[96] * 28, [120] * 28], name
+
+
+@pytest.mark.parametrize("name", VIDEO_METHODS)
+def test_batch_of_two_videos_equals_each_alone(qwen, videos, name):
+    """Videos of different lengths and sizes: the batch equals each alone (kept tokens, logits, tokens); the tokens
+    entering each decoder layer, counted with forward pre-hooks, are the trace's; each keeps the ratio of its own."""
+    model, _ = qwen
+    batch, singles = videos
+    ratio = method(name).example_budget / 576
+    with visiondrop.apply(model, name, ratio=ratio) as handle, torch.no_grad():
+        tokens, logits = run(model, batch)
+        trace = handle.trace
+        for i, single in enumerate(singles):
+            counter = LayerCounter(model)
+            try:
+                alone_tokens, alone_logits = run(model, single)
+            finally:
+                counter.close()
+            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
+            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
+            torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8,
+                                       msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
+            assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
+            t, h, w = GRIDS[i]
+            n_visual, n_text = t * h * w // 4, single["input_ids"].shape[1] - t * h * w // 4
+            measured = [n - n_text for n in counter.lengths[:28]]
+            assert measured == handle.trace.tokens_per_layer[0]
+            assert abs(measured[0] - ratio * n_visual) <= t, f"{name}: {measured[0]} of {n_visual} at {ratio}"
+
+
+@pytest.mark.parametrize("name", VIDEO_METHODS)
+def test_cached_generation_equals_replay(qwen, videos, name):
+    model, _ = qwen
+    batch, _ = videos
+    cached, replayed = cached_and_replayed(model, batch, name, method(name).example_budget, new_tokens=6)
+    assert torch.equal(cached, replayed)
+
+
+def test_kept_video_tokens_keep_their_positions(qwen, videos):
+    """EVS keeps whole the first frame and the same positions as the stock model gives the kept tokens: masking the
+    dropped tokens out of the stock model gives the pruned logits."""
+    model, _ = qwen
+    _, singles = videos
+    single = singles[0]
+    with visiondrop.apply(model, "evs", ratio=0.5) as handle, torch.no_grad():
+        pruned = model(**single).logits[:, -1]
+    kept = handle.trace.kept[0][0]
+    assert kept[:16].tolist() == list(range(16)) and kept.numel() == 48
+    video = single["input_ids"][0] == model.config.video_token_id
+    mask = single["attention_mask"].clone()
+    mask[0, video.nonzero()[:, 0][~torch.isin(torch.arange(96), kept)]] = 0
+    with torch.no_grad():
+        positions, _ = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"], None,
+                                                  single["video_grid_thw"], attention_mask=single["attention_mask"])
+        masked = model(**{**single, "attention_mask": mask}, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(pruned, masked, atol=1e-9, rtol=1e-9)
