@@ -143,3 +143,18 @@ def test_kept_video_tokens_keep_their_positions(qwen, videos):
                                                   single["video_grid_thw"], attention_mask=single["attention_mask"])
         masked = model(**{**single, "attention_mask": mask}, position_ids=positions).logits[:, -1]
     torch.testing.assert_close(pruned, masked, atol=1e-9, rtol=1e-9)
+
+
+def test_evs_equals_vllm():
+    """baselines.evs keeps exactly the tokens vLLM's own `compute_retention_mask` keeps (tests/parity/evs)."""
+    from pathlib import Path
+
+    from baselines.evs import retained
+
+    cases = torch.load(Path(__file__).parent / "parity" / "evs" / "fixture.pt")["cases"]
+    assert len(cases) == 96 and any(not c["mask"].all() for c in cases)
+    for case in cases:
+        t, h, w = case["thw"]
+        ours = retained(case["embeds"], t, case["q"])
+        assert torch.equal(ours, case["mask"].nonzero()[:, 0]), (case["thw"], case["merge"], case["q"])
+        assert case["mask"][: h * w // case["merge"] ** 2].all()  # the first frame, whole
