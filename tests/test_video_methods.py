@@ -158,3 +158,20 @@ def test_evs_equals_vllm():
         ours = retained(case["embeds"], t, case["q"])
         assert torch.equal(ours, case["mask"].nonzero()[:, 0]), (case["thw"], case["merge"], case["q"])
         assert case["mask"][: h * w // case["merge"] ** 2].all()  # the first frame, whole
+
+
+def test_vidcom2_equals_the_official_function():
+    """baselines.vidcom2 keeps exactly the tokens the official `vidcom2_compression` keeps (tests/parity/vidcom2)."""
+    from pathlib import Path
+
+    from baselines.vidcom2 import retained
+
+    cases = torch.load(Path(__file__).parent / "parity" / "vidcom2" / "fixture.pt")["cases"]
+    assert len(cases) == 16
+    uneven = 0
+    for case in cases:
+        for base, kept in case["kept"].items():
+            assert torch.equal(retained(case["features"], case["frames"], base), kept), (case["model"], base)
+            per_frame = case["features"].shape[0] // case["frames"]
+            uneven += len(set((kept // per_frame).bincount().tolist())) > 1
+    assert uneven  # some videos give their frames different budgets
