@@ -92,10 +92,12 @@ class DyCoke(Policy):
 
     def pruned_tokens(self, frames: int, per_frame: int) -> int:
         """m: tokens a pruned frame keeps in a video of `frames` x `per_frame`."""
+        first, second, _ = pruned_frames(frames, self.fix_bugs)  # refuses what the official code fails on
         if self.dycoke_k is not None:
             return int((1 - self.dycoke_k) * per_frame)
-        first, second, _ = pruned_frames(frames, self.fix_bugs)
         whole = kept_count(frames, per_frame, 0, self.fix_bugs)
+        if not first and not second:
+            raise ValueError(f"DyCoke prunes nothing of a {frames}-frame video: it cannot keep {self.share:.4g} of it")
         m = round((self.share * frames * per_frame - whole) / (len(first) + len(second)))
         if m < 1:
             reach = kept_count(frames, per_frame, 1, self.fix_bugs) / (frames * per_frame)

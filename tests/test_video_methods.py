@@ -175,3 +175,25 @@ def test_vidcom2_equals_the_official_function():
             per_frame = case["features"].shape[0] // case["frames"]
             uneven += len(set((kept // per_frame).bincount().tolist())) > 1
     assert uneven  # some videos give their frames different budgets
+
+
+def test_dycoke_equals_the_official_function():
+    """baselines.dycoke keeps exactly the tokens, in the order, the official `dycole_ttm` keeps (its bugs included:
+    the previous pair's similarities, the last frame of an odd count dropped), and refuses what it fails on."""
+    from pathlib import Path
+
+    from baselines.dycoke import DyCoke, temporal_merge
+
+    cases = torch.load(Path(__file__).parent / "parity" / "dycoke" / "fixture.pt")["cases"]
+    for case in cases:
+        if "error" in case:
+            with pytest.raises(ValueError, match="fails on videos of .* frames"):
+                DyCoke(None, None, 0.7, fix_bugs=False).pruned_tokens(case["frames"], 24)
+            continue
+        per_frame = case["features"].shape[0] // case["frames"]
+        for k, kept in case["kept"].items():
+            m = DyCoke(None, None, k, fix_bugs=False).pruned_tokens(case["frames"], per_frame)
+            assert torch.equal(temporal_merge(case["features"], case["frames"], m, fix_bugs=False), kept), k
+    fixed = temporal_merge(cases[2]["features"], 5, 7, fix_bugs=True)  # 5 frames: the last one stays whole
+    assert fixed[-24:].tolist() == list(range(96, 120)) and not torch.equal(fixed[:len(cases[2]["kept"][0.7])],
+                                                                            cases[2]["kept"][0.7])
