@@ -32,19 +32,14 @@ refused (the official code compresses videos only).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
-from visiondrop.families import ModelInfo
+from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import nominal_video, retention, video_layout
-
-if TYPE_CHECKING:
-    from visiondrop.efficiency.flops import Cut
 
 MERGING_RATIO = 0.7  # K: lmms-eval's default dycoke_k, which the official eval.sh keeps
 

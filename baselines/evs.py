@@ -25,19 +25,14 @@ applies EVS to videos only. Parity: `tests/parity/evs/` holds vLLM's own functio
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
-from visiondrop.families import ModelInfo
+from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import nominal_video, retention, video_layout
-
-if TYPE_CHECKING:
-    from visiondrop.efficiency.flops import Cut
 
 FIRST_FRAME = 255.0  # vLLM's sentinel dissimilarity of the first frame's tokens: above any 1 - cosine (at most 2)
 

@@ -27,19 +27,14 @@ batch sizes above one); here images are refused and any batch equals each video 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
-from visiondrop.families import ModelInfo
+from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import retention, video_layout
-
-if TYPE_CHECKING:
-    from visiondrop.efficiency.flops import Cut
 
 CHANNEL_SHARE = 0.5  # channels kept for scoring: the lowest-variance half
 SCALES = [2.0 ** k for k in range(-3, 2)]  # the Gaussian kernels' a: 1/8 .. 2

@@ -10,8 +10,8 @@ import torch
 
 import visiondrop
 from helpers import LayerCounter, cached_and_replayed, greedy
-from visiondrop.families import ModelInfo, family_of
-from visiondrop.methods import METHODS, method, policy_for
+from visiondrop.families import family_of
+from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import load_tiny_llava
 
 VIDEO_METHODS = [name for name in METHODS if method(name).video_only]
