@@ -148,4 +148,5 @@ def selection_macs(cut: Cut, width: int) -> int:
 
 
 METHOD = Method("dycoke", "DyCoke", policy, smallest_budget, replaces_budget=("dycoke_k",), example_budget=288,
-                video_only=True, overhead=lambda **_: Overhead(selection=selection_macs))
+                video_only=True, overhead=lambda **_: Overhead(selection=selection_macs),
+                scoring=lambda **_: {"decoder": "temporal"})

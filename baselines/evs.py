@@ -101,4 +101,5 @@ def selection_macs(cut: Cut, width: int) -> int:
 
 
 METHOD = Method("evs", "EVS", policy, smallest_budget, replaces_budget=("pruning_rate",), example_budget=144,
-                video_only=True, overhead=lambda **_: Overhead(selection=selection_macs))
+                video_only=True, overhead=lambda **_: Overhead(selection=selection_macs),
+                scoring=lambda **_: {"decoder": "temporal"})

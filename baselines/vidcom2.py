@@ -112,4 +112,5 @@ def selection_macs(cut: Cut, width: int) -> int:
 
 
 METHOD = Method("vidcom2", "VidCom2", policy, smallest_budget,
-                replaces_budget=("base_scale",), video_only=True, overhead=lambda **_: Overhead(selection=selection_macs), exact_count=False)
+                replaces_budget=("base_scale",), video_only=True, overhead=lambda **_: Overhead(selection=selection_macs),
+                scoring=lambda **_: {"decoder": "uniqueness"}, exact_count=False)

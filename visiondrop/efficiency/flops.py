@@ -208,7 +208,7 @@ def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
     """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample; an encoder stage
     once per crop of the one image measured, as `Cut` counts it)."""
     select_encoder, select_decoder = policy.select_encoder, policy.select_decoder
-    merged = lambda sel: 0 if sel.merged is None else sel.merged.shape[1]  # noqa: E731
+    merged = lambda sel: 0 if sel.merged is None else len(sel.merged[0])  # noqa: E731
 
     def encoder(view):
         sel = select_encoder(view)

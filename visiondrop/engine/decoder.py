@@ -70,8 +70,8 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
 
     Positions are renumbered contiguously when the policy asks for it (`renumber`) and the family allows it
     (`Family.renumbers_positions`); otherwise every token keeps its position: a visual token the one of its slot in
-    the current visual block (`slots`: sample -> [k + c] slots, -1 for the family's `merged_position`; default:
-    `keep`, then -1 for the merged tokens).
+    the current visual block (`slots`: sample -> [k + c] slots, -1 for the family's `merged_position`; for a sample
+    not in it: `keep`, then -1 for the merged tokens).
     """
     renumber = renumber and family.renumbers_positions
     length = run.hidden.shape[1]
@@ -99,7 +99,7 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
             counts.append(keep.shape[0] + n_merged)
             origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)]))
             if not renumber:
-                slot = torch.cat([keep, keep.new_full((n_merged,), -1)]) if slots is None else slots[b]
+                slot = slots[b] if slots and b in slots else torch.cat([keep, keep.new_full((n_merged,), -1)])
                 visual = _kept_positions(family, pos[..., start:start + n], slot)
                 kept_pos = torch.cat([pos[..., first:start], visual, pos[..., start + n:]], -1)
         sources.append(source)
@@ -145,16 +145,18 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
         )
 
 
-def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, name: str) -> Running:
+def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, layer_idx: int) -> Running:
     """Ask the policy for a selection per group, record it, and rebuild the batch."""
-    selections = {}
+    selections, slots = {}, {}
     for cut in groups:
         sel: Selection = policy.select_decoder(cut)
         for g, b in enumerate(cut.samples):
             selections[b] = (sel.keep[g], None if sel.merged is None else sel.merged[g])
-    trace.add_cut(name, [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
-                         for b in range(run.hidden.shape[0])], selections)
-    return apply_selections(family, run, selections, policy.renumber_positions)
+            if sel.slots is not None:
+                slots[b] = sel.slots[g]
+    trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
+                                         for b in range(run.hidden.shape[0])], selections, slots)
+    return apply_selections(family, run, selections, policy.renumbers_at(layer_idx), slots)
 
 
 def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: DynamicCache | None, trace: Trace,
@@ -174,7 +176,7 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         if cut_here:
             groups = _groups(family, run, i, layers, prev_hidden, rope, original_visual, scratch,
                              family.final_norm(lm))
-            run = _cut(family, policy, run, groups, trace, f"layer {i}")
+            run = _cut(family, policy, run, groups, trace, i)
         if cut_here or not segments:
             rope = family.rotary(lm, run.hidden, run.pos)
             mask4d = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype)

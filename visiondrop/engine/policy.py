@@ -19,13 +19,18 @@ from .attention import gather_rows, decoder_attention, decoder_keys
 class Selection:
     """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
 
-    keep: [G, k] indices into the current visual block, in the order they will appear, or a list of G such index
-    rows where the samples keep different counts (decoder cuts of methods whose counts depend on the content);
-    merged: [G, c, D] tokens appended right after the kept ones (None: no merging).
+    keep: [G, k] indices into the current visual block, in the order they will appear;
+    merged: [G, c, D] tokens appended right after the kept ones (None: no merging);
+    slots: [G, k + c] per token, the current visual slot whose position it takes where positions are kept (not
+    renumbered), -1 for the family's merged position (None: the kept tokens their own, merged tokens -1), for
+    methods whose merged tokens stand for a place (a cluster's centre).
+    At decoder cuts each may instead be a list of G rows, where the samples keep different counts (methods whose
+    counts depend on the content).
     """
 
     keep: Tensor | list[Tensor]
-    merged: Tensor | None = None
+    merged: Tensor | list[Tensor] | None = None
+    slots: Tensor | list[Tensor] | None = None
 
 
 @dataclass
@@ -115,6 +120,11 @@ class Policy:
     #: `output_attentions`; for policies whose selection hangs on float ties. Default: the tower's own attention
     #: (SDPA) with the rows recomputed from one layer's q/k.
     eager_encoder: bool = False
+
+    def renumbers_at(self, layer_idx: int) -> bool:
+        """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose stages
+        differ; default `renumber_positions`)."""
+        return self.renumber_positions
 
     def prepare(self, cut: DecoderCut) -> None:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""

@@ -57,6 +57,8 @@ RULES = {
     "key_norms": "duplication (dissimilarity to pivots chosen by key norms)",
     "diversity": "diversity (max-min cosine distance)",
     "random": "none (random control)",
+    "temporal": "temporal redundancy (similarity to the same place in other frames)",
+    "uniqueness": "visual-only (distinctiveness from the video's and the frame's mean token)",
 }
 
 #: The rules written here, by the `scoring` option values that choose them: "text" is the last instruction token's row.

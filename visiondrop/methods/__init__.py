@@ -34,6 +34,7 @@ METHODS = {
     "evs": "baselines.evs",
     "vidcom2": "baselines.vidcom2",
     "dycoke": "baselines.dycoke",
+    "prunevid": "baselines.prunevid",
 }
 
 
