@@ -203,3 +203,21 @@ def test_dycoke_equals_the_official_function():
     fixed = temporal_merge(cases[2]["features"], 5, 7, fix_bugs=True)  # 5 frames: the last one stays whole
     assert fixed[-24:].tolist() == list(range(96, 120)) and not torch.equal(fixed[:len(cases[2]["kept"][0.7])],
                                                                             cases[2]["kept"][0.7])
+
+
+def test_prunevid_first_stage_equals_the_official_function():
+    """baselines.prunevid's first stage gives the official `merge_frames_dynamic`'s segments, group sizes and merged
+    tokens (its tie-breaking noise zeroed on both sides; tests/parity/prunevid)."""
+    from pathlib import Path
+
+    from baselines.prunevid import merge_video
+
+    cases = torch.load(Path(__file__).parent / "parity" / "prunevid" / "fixture.pt")["cases"]
+    assert any(sum(c["static_sizes"]) for c in cases) and any(len(c["window_sizes"]) > 1 for c in cases)
+    for case in cases:
+        tokens, slots, groups = merge_video(case["features"], case["frames"], case["tau"])
+        assert [sum(g[1:]) + g[0] for g in groups] == [s + d for s, d in zip(case["static_sizes"],
+                                                                               case["dynamic_sizes"])]
+        assert [g[0] for g in groups] == case["static_sizes"]
+        assert len(groups) == len(case["window_sizes"]) and slots.shape[0] == tokens.shape[0]
+        torch.testing.assert_close(tokens, case["merged"], atol=1e-6, rtol=1e-6)
