@@ -256,14 +256,14 @@ def test_flops_formula_matches_torch_flop_counter(qwen, nominal, name):
 def test_flops_preset_is_the_7b_config():
     from transformers import Qwen2_5_VLConfig
 
-    from visiondrop.efficiency.flops import PRESETS, method_flops
+    from visiondrop.efficiency.flops import checkpoint_dims, method_flops
 
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                          num_attention_heads=28, num_key_value_heads=4),
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                            fullatt_block_indexes=[7, 15, 23, 31], window_size=112))
-    assert flops_dims(config) == PRESETS["qwen2.5-vl-7b"]
+    assert flops_dims(config) == checkpoint_dims("qwen2.5-vl-7b")
     full, vz = method_flops("qwen2.5-vl-7b", "none"), method_flops("qwen2.5-vl-7b", "visionzip", 64)
     assert vz.vision == full.vision and vz.decoder < full.decoder / 4 and 0 < vz.overhead < 0.05 * vz.decoder
 

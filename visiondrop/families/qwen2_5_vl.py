@@ -9,7 +9,7 @@ What differs from LLaVA, and how this adapter handles it:
 - Positions are M-RoPE's [3, B, L] (temporal, height, width), built by the model (`get_rope_index`); the text
   after an image continues from its largest position. They are never renumbered (`renumbers_positions`): kept
   tokens keep their positions at every cut, as every Qwen2.5-VL pruning implementation read does (LightCompress,
-  EffiVLM-Bench, DART; /work/shared/reference/field-notes.md), and decoding continues after the unpruned prompt,
+  EffiVLM-Bench, DART; the shared reference's field-notes.md), and decoding continues after the unpruned prompt,
   so a method that cuts nothing is the stock model. A merged (contextual) token gathers tokens from all over the
   image (its members are assigned by key similarity, not by place), so it takes the centre of the image's grid
   (`merged_position`) rather than the place of any one member.
@@ -17,7 +17,7 @@ What differs from LLaVA, and how this adapter handles it:
   patch receives from all patches of its image at the tower's last full-attention layer (block 31 of 32, not a
   windowed one), recomputed from that block's own qkv projection and rotary embedding (the tower keeps SDPA). The
   official VisionZip, VisionDrop and SparseVLM repositories have no Qwen2.5-VL adaptation (users ask for one:
-  VisionZip #4 #9); the closest is LightCompress's, which /work/shared/reference/field-notes.md reports to use this
+  VisionZip #4 #9); the closest is LightCompress's, which the shared reference's field-notes.md reports to use this
   CLS substitute at the tower's last layer with the window order undone (its code was not read for this adapter).
   A visual token's score is the mean of its four patches; its hidden vector the concatenation of its four patches' outputs (what the merger takes, so merged
   tokens average groups before the merger's norm and MLP, as LLaVA's merge before the projector); its key the mean
