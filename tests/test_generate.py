@@ -13,8 +13,9 @@ from visiondrop.methods import METHODS as REGISTERED, method as registered
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no."]
-#: every registered method at the budget the contract runs it at
-METHODS = [(name, None if name == "none" else registered(name).example_budget) for name in REGISTERED]
+#: every registered method that takes images at the budget the contract runs it at
+METHODS = [(name, None if name == "none" else registered(name).example_budget) for name in REGISTERED
+           if not registered(name).video_only]
 
 
 def sample(model, batch: dict, seed: int, new_tokens: int = 6, **kwargs) -> torch.Tensor:
