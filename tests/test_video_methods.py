@@ -221,3 +221,25 @@ def test_prunevid_first_stage_equals_the_official_function():
         assert [g[0] for g in groups] == case["static_sizes"]
         assert len(groups) == len(case["window_sizes"]) and slots.shape[0] == tokens.shape[0]
         torch.testing.assert_close(tokens, case["merged"], atol=1e-6, rtol=1e-6)
+
+
+def test_the_video_methods_experiment_reaches_every_budget_it_sweeps():
+    """Every job of `experiment=video_methods` reaches its ratio on Video-LLaVA-7B in the method's own count."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from visiondrop.core import ModelInfo
+    from visiondrop.methods import policy_for
+
+    configs = Path(__file__).parents[1] / "configs"
+    sweep = OmegaConf.load(configs / "experiment" / "video_methods.yaml").hydra.sweeper.params
+    info = ModelInfo(n_visual=2056, n_layers=32, vision_layer=22, cls_kept=True, crops=8, video=True)
+    chosen = [OmegaConf.load(configs / "method" / f"{name}.yaml") for name in sweep.method.split(",")]
+    assert {m.name for m in chosen} == {"none", *VIDEO_METHODS} - {"dycoke"}
+    for m in (m for m in chosen if m.name != "none"):
+        for ratio in (float(r) for r in str(sweep["budget.ratio"]).split(",")):
+            described = policy_for(info, m.name, ratio=ratio, **m.options).describe()
+            assert abs(described["equivalent_tokens"] - ratio * 2056) <= 8, (m.name, ratio, described)
+    with pytest.raises(ValueError, match="smallest reachable budget is 776"):
+        policy_for(info, "dycoke", ratio=0.25)
