@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import LayerCounter, cached_and_replayed, greedy
+from helpers import assert_each_alone_equals_the_batch, cached_and_replayed
 from visiondrop.families import family_of
 from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import load_tiny_llava
@@ -101,25 +101,16 @@ def test_batch_of_two_videos_equals_each_alone(qwen, videos, name):
     ratio = method(name).example_budget / 576
     given = OFFICIAL.get(name, {"ratio": ratio})
     with visiondrop.apply(model, name, **given) as handle, torch.no_grad():
-        tokens, logits = run(model, batch)
+        out = run(model, batch)
         trace = handle.trace
-        for i, single in enumerate(singles):
-            counter = LayerCounter(model)
-            try:
-                alone_tokens, alone_logits = run(model, single)
-            finally:
-                counter.close()
-            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
-            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
-            torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8,
-                                       msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
-            assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
-            t, h, w = GRIDS[i]
-            n_visual, n_text = t * h * w // 4, single["input_ids"].shape[1] - t * h * w // 4
-            measured = [n - n_text for n in counter.lengths[:28]]
-            assert measured == handle.trace.tokens_per_layer[0]
-            mean = sum(measured) / len(measured)  # whole tokens a frame; counts rounded per group where not exact
-            assert name in OFFICIAL or abs(mean - ratio * n_visual) <= t * (1 if method(name).exact_count else 2), f"{name}: {measured}"
+        lengths = assert_each_alone_equals_the_batch(model, handle, run, singles, out, trace, name)
+    for i, (prefill, single, (t, h, w)) in enumerate(zip(lengths, singles, GRIDS)):
+        n_visual = t * h * w // 4
+        measured = [n - (single["input_ids"].shape[1] - n_visual) for n in prefill]
+        assert measured == trace.tokens_per_layer[i] and len(measured) == 28
+        mean = sum(measured) / len(measured)  # whole tokens a frame; counts rounded per group where not exact
+        tolerance = t * (1 if method(name).exact_count else 2)
+        assert name in OFFICIAL or abs(mean - ratio * n_visual) <= tolerance, f"{name}: {measured}"
 
 
 @pytest.mark.parametrize("name", VIDEO_METHODS)
