@@ -38,7 +38,7 @@ from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.core import Cut, ModelInfo
-from visiondrop.methods import Method, Overhead
+from visiondrop.methods import Method, Overhead, Unreachable
 from visiondrop.methods.shared import nominal_video, retention, video_layout
 
 MERGING_RATIO = 0.7  # K: lmms-eval's default dycoke_k, which the official eval.sh keeps
@@ -92,12 +92,12 @@ class DyCoke(Policy):
             return int((1 - self.dycoke_k) * per_frame)
         whole = kept_count(frames, per_frame, 0, self.fix_bugs)
         if not first and not second:
-            raise ValueError(f"DyCoke prunes nothing of a {frames}-frame video: it cannot keep {self.share:.4g} of it")
+            raise Unreachable(f"DyCoke prunes nothing of a {frames}-frame video: it cannot keep {self.share:.4g} of it")
         m = round((self.share * frames * per_frame - whole) / (len(first) + len(second)))
         if m < 1:
             reach = kept_count(frames, per_frame, 1, self.fix_bugs) / (frames * per_frame)
-            raise ValueError(f"DyCoke keeps some of a {frames}-frame video's frames whole: it cannot keep "
-                             f"{self.share:.4g} of it, the smallest share it keeps is {reach:.4g}")
+            raise Unreachable(f"DyCoke keeps some of a {frames}-frame video's frames whole: it cannot keep "
+                              f"{self.share:.4g} of it, the smallest share it keeps is {reach:.4g}")
         return min(m, per_frame)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
@@ -128,8 +128,8 @@ def policy(info: ModelInfo, budget: float | None = None, dycoke_k: float | None 
         raise ValueError(f"dycoke_k is the share of a pruned frame's tokens DyCoke drops, in [0, 1); got {dycoke_k}")
     dycoke = DyCoke(info, None if budget is None else retention(budget, info), dycoke_k, fix_bugs)
     if budget is not None and budget < smallest_budget(info):
-        raise ValueError(f"DyCoke keeps some frames whole: the smallest reachable budget is {smallest_budget(info):g} "
-                         f"(or {info.n_visual} for the unpruned model)")
+        raise Unreachable(f"DyCoke keeps some frames whole: the smallest reachable budget is {smallest_budget(info):g} "
+                          f"(or {info.n_visual} for the unpruned model)", smallest_budget(info))
     dycoke.describe()  # refuses a budget the nominal video cannot reach
     return dycoke
 

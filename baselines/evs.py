@@ -31,7 +31,7 @@ from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.core import Cut, ModelInfo
-from visiondrop.methods import Method, Overhead
+from visiondrop.methods import Method, Overhead, Unreachable
 from visiondrop.methods.shared import nominal_video, retention, video_layout
 
 FIRST_FRAME = 255.0  # vLLM's sentinel dissimilarity of the first frame's tokens: above any 1 - cosine (at most 2)
@@ -77,8 +77,9 @@ def policy(info: ModelInfo, budget: float | None = None, pruning_rate: float | N
         if budget is None:
             raise ValueError("EVS needs a budget (or ratio=) or pruning_rate=")
         if budget < smallest_budget(info):
-            raise ValueError(f"EVS keeps every video's first frame: the smallest reachable budget is "
-                             f"{smallest_budget(info):g} (or {info.n_visual} for the unpruned model)")
+            floor = smallest_budget(info)
+            raise Unreachable(f"EVS keeps every video's first frame: the smallest reachable budget is {floor:g} (or "
+                              f"{info.n_visual} for the unpruned model)", floor)
         pruning_rate = 1 - retention(budget, info)
     elif budget is not None:
         raise ValueError("give EVS a budget (or ratio=) or pruning_rate=, not both")

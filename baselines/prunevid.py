@@ -49,7 +49,7 @@ from torch import Tensor
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.engine.attention import decoder_attention
-from visiondrop.methods import Method, Overhead
+from visiondrop.methods import Method, Overhead, Unreachable
 from visiondrop.methods.shared import retention, video_layout
 
 TAU, SEGMENT_RATIO, CLUSTER_RATIO, ALPHA = 0.8, 0.25, 0.5, 0.4  # the official eval.sh
@@ -243,9 +243,9 @@ class PruneVid(Policy):
         needed = (target - before * cut.n_visual) / ((layers - before) * cut.n_visual)
         if needed <= 0:
             reach = before * cut.n_visual / layers / int(cut.original_visual[g])
-            raise ValueError(f"PruneVid's first stage keeps {cut.n_visual} of this video's {int(cut.original_visual[g])} "
-                             f"tokens through its first {before} layers: it cannot keep {self.share:.4g} of them on "
-                             f"average, the least it keeps is {reach:.4g}")
+            raise Unreachable(f"PruneVid's first stage keeps {cut.n_visual} of this video's "
+                              f"{int(cut.original_visual[g])} tokens through its first {before} layers: it cannot keep "
+                              f"{self.share:.4g} of them on average, the least it keeps is {reach:.4g}")
         return min(needed, 1.0)
 
     def describe(self) -> dict:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.core import Cut, ModelInfo
-from visiondrop.methods import Method, Overhead
+from visiondrop.methods import Method, Overhead, Unreachable
 from visiondrop.methods.shared import retention, video_layout
 
 CHANNEL_SHARE = 0.5  # channels kept for scoring: the lowest-variance half
@@ -90,8 +90,9 @@ def policy(info: ModelInfo, budget: float | None = None, base_scale: float | Non
         if budget is None:
             raise ValueError("VidCom2 needs a budget (or ratio=) or base_scale=")
         if budget < smallest_budget(info):
-            raise ValueError(f"VidCom2 keeps at least one token a frame: the smallest reachable budget is "
-                             f"{smallest_budget(info):g} (or {info.n_visual} for the unpruned model)")
+            floor = smallest_budget(info)
+            raise Unreachable(f"VidCom2 keeps at least one token a frame: the smallest reachable budget is {floor:g} (or "
+                              f"{info.n_visual} for the unpruned model)", floor)
         base_scale = retention(budget, info)
     elif budget is not None:
         raise ValueError("give VidCom2 a budget (or ratio=) or base_scale=, not both")
@@ -111,6 +112,6 @@ def selection_macs(cut: Cut, width: int) -> int:
     return 2 * cut.before * width
 
 
-METHOD = Method("vidcom2", "VidCom2", policy, smallest_budget,
-                replaces_budget=("base_scale",), video_only=True, overhead=lambda **_: Overhead(selection=selection_macs),
-                scoring=lambda **_: {"decoder": "uniqueness"}, exact_count=False)
+METHOD = Method("vidcom2", "VidCom2", policy, smallest_budget, replaces_budget=("base_scale",), video_only=True,
+                exact_count=False, overhead=lambda **_: Overhead(selection=selection_macs),
+                scoring=lambda **_: {"decoder": "uniqueness"})

@@ -32,9 +32,9 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    from visiondrop.testing.tiny import load_tiny_llava
+    from visiondrop.testing.tiny import load_tiny
 
-    return load_tiny_llava(tiny_dir)
+    return load_tiny(tiny_dir)
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +47,9 @@ def tiny_next_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_next(tiny_next_dir):
-    from visiondrop.testing.tiny import load_tiny_llava
+    from visiondrop.testing.tiny import load_tiny
 
-    return load_tiny_llava(tiny_next_dir)
+    return load_tiny(tiny_next_dir)
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +62,9 @@ def tiny_video_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_video(tiny_video_dir):
-    from visiondrop.testing.tiny import load_tiny_llava
+    from visiondrop.testing.tiny import load_tiny
 
-    return load_tiny_llava(tiny_video_dir)
+    return load_tiny(tiny_video_dir)
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +86,6 @@ def tiny_qwen_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tiny_qwen_dir):
-    from visiondrop.testing.tiny import load_tiny_llava
+    from visiondrop.testing.tiny import load_tiny
 
-    return load_tiny_llava(tiny_qwen_dir)
+    return load_tiny(tiny_qwen_dir)

@@ -18,7 +18,7 @@ from visiondrop.engine import Policy
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.methods import METHODS, method, policy_for
 from visiondrop.families import ModelInfo, family_of, info_of
-from visiondrop.testing.tiny import demo_image, load_tiny_llava
+from visiondrop.testing.tiny import demo_image, load_tiny
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?",
              "How many shapes are there?"]
@@ -170,7 +170,7 @@ def test_counts_measured_with_hooks_match_describe(tiny, name):
 @pytest.fixture(scope="module")
 def fresh(tiny_dir):
     """A model of its own: the test compares its attributes before and after."""
-    return load_tiny_llava(tiny_dir)
+    return load_tiny(tiny_dir)
 
 
 @pytest.mark.parametrize("name", IMAGE_METHODS)

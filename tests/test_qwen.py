@@ -13,7 +13,7 @@ from helpers import IMAGE_METHODS, greedy, measure_counts
 from visiondrop.families import family_of, flops_dims, info_of
 from visiondrop.families.qwen2_5_vl import NOMINAL_SIDE
 from visiondrop.methods import method
-from visiondrop.testing.tiny import demo_image, load_tiny_llava
+from visiondrop.testing.tiny import demo_image, load_tiny
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 SIZES = [(224, 224), (280, 196), (168, 336)]  # (width, height): 8x8, 10x7 and 6x12 visual tokens
@@ -53,7 +53,7 @@ def qwen(tiny_qwen):
 
 @pytest.fixture(scope="module")
 def eager(tiny_qwen_dir):
-    return load_tiny_llava(tiny_qwen_dir, attn_implementation="eager")[0]
+    return load_tiny(tiny_qwen_dir, attn_implementation="eager")[0]
 
 
 @pytest.mark.parametrize("name", IMAGE_METHODS)
@@ -108,7 +108,7 @@ def test_ratio_keeps_that_share_of_each_image(qwen, name):
 @pytest.fixture(scope="module")
 def fresh(tiny_qwen_dir):
     """A model of its own: the test compares its attributes before and after."""
-    return load_tiny_llava(tiny_qwen_dir)
+    return load_tiny(tiny_qwen_dir)
 
 
 @pytest.mark.parametrize("name", IMAGE_METHODS)
@@ -211,11 +211,11 @@ def test_demo_task_through_the_plugin(tiny_qwen_dir):
     from lmms_eval.tasks import TaskManager
 
     from visiondrop.harness import TASKS_DIR
-    from visiondrop.harness.lmms_model import PrunedLlava
+    from visiondrop.harness.lmms_model import PrunedLVLM
 
     infos, logged = [], []
     for batch_size in (1, 2):
-        lm = PrunedLlava(pretrained=str(tiny_qwen_dir), method="visionzip", budget=64, batch_size=batch_size,
+        lm = PrunedLVLM(pretrained=str(tiny_qwen_dir), method="visionzip", budget=64, batch_size=batch_size,
                          max_pixels=224 * 224)
         results = simple_evaluate(model=lm, tasks=["visiondrop_demo"], task_manager=TaskManager(
             include_path=str(TASKS_DIR)), limit=3, bootstrap_iters=0, log_samples=True,

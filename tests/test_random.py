@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import visiondrop
-from baselines.random_drop import random_keep
+from baselines.random import random_keep
 from helpers import inputs, measure_counts
 from visiondrop.families import info_of
 from visiondrop.methods import policy_for

@@ -5,7 +5,7 @@ import pytest
 
 from helpers import inputs, measure_counts
 from visiondrop.families import ModelInfo
-from visiondrop.testing.tiny import build_tiny_llava, load_tiny_llava
+from visiondrop.testing.tiny import build_tiny_llava, load_tiny
 
 FOUR = ModelInfo(n_visual=576, n_layers=4, vision_layer=22, cls_kept=False)
 
@@ -26,7 +26,7 @@ def test_mapping_rounds_by_depth_and_keeps_cuts_distinct():
 
 @pytest.fixture(scope="module")
 def shallow(tmp_path_factory):
-    return load_tiny_llava(build_tiny_llava(tmp_path_factory.mktemp("shallow") / "llava", seed=0, text_layers=4))
+    return load_tiny(build_tiny_llava(tmp_path_factory.mktemp("shallow") / "llava", seed=0, text_layers=4))
 
 
 @pytest.mark.parametrize("method,budget,options,expected", [

@@ -10,7 +10,7 @@ from parity import assert_matches_official, load_case, parity_inputs
 from visiondrop.engine import DecoderCut
 from visiondrop.families import ModelInfo
 from visiondrop.methods import policy_for
-from visiondrop.testing.tiny import build_tiny_llava, demo_image, load_tiny_llava
+from visiondrop.testing.tiny import build_tiny_llava, demo_image, load_tiny
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 INFO = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
@@ -259,7 +259,7 @@ def test_next_measured_tokens_follow_the_llava15_ratio(tiny_next, budget):
 @pytest.fixture(scope="module")
 def shallow(tmp_path_factory):
     """A tiny LLaVA-1.5 with the demo model's 4-layer decoder (pruning after layers 0, 1, 2)."""
-    return load_tiny_llava(build_tiny_llava(tmp_path_factory.mktemp("shallow") / "llava", seed=0, text_layers=4))
+    return load_tiny(build_tiny_llava(tmp_path_factory.mktemp("shallow") / "llava", seed=0, text_layers=4))
 
 
 def test_four_layer_decoder_keeps_the_ratio_at_192_and_refuses_the_rest(shallow):

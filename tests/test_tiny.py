@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from visiondrop.testing.tiny import build_tiny_llava, demo_image, load_tiny_llava
+from visiondrop.testing.tiny import build_tiny_llava, demo_image, load_tiny
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 
@@ -14,7 +14,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_path):
-    return load_tiny_llava(tiny_path)
+    return load_tiny(tiny_path)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from visiondrop.families.llava_next import GRID_PINPOINTS as NEXT_GRID_PINPOINTS
-from visiondrop.testing.tiny import build_tiny_llava_next, demo_image, load_tiny_llava
+from visiondrop.testing.tiny import build_tiny_llava_next, demo_image, load_tiny
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 
@@ -26,7 +26,7 @@ def next_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_next(next_path):
-    return load_tiny_llava(next_path)
+    return load_tiny(next_path)
 
 
 def test_saved_folder_loads_with_auto_classes(next_path, tiny_next):

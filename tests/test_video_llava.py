@@ -14,7 +14,7 @@ from visiondrop.families import ModelInfo, flops_dims, info_of
 from visiondrop.harness.video import read_frames
 from visiondrop.methods import METHODS, method, policy_for
 from visiondrop.methods.visiondrop import schedule_for_budget
-from visiondrop.testing.tiny import demo_image, load_tiny_llava
+from visiondrop.testing.tiny import demo_image, load_tiny
 from visiondrop.testing.videos import frame_number
 
 QUESTIONS = ["What happens in the video?", "Is the red shape moving to the left or to the right? Answer briefly."]
@@ -36,7 +36,7 @@ def ratio_of(name: str) -> float:
 
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_video_dir):
-    return load_tiny_llava(tiny_video_dir, dtype=DTYPE)
+    return load_tiny(tiny_video_dir, dtype=DTYPE)
 
 
 @pytest.fixture(scope="module")

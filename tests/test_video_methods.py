@@ -12,7 +12,7 @@ import visiondrop
 from helpers import assert_each_alone_equals_the_batch, cached_and_replayed
 from visiondrop.families import family_of
 from visiondrop.methods import METHODS, method
-from visiondrop.testing.tiny import load_tiny_llava
+from visiondrop.testing.tiny import load_tiny
 
 VIDEO_METHODS = [name for name in METHODS if method(name).video_only]
 QUESTIONS = ["What happens in the video?", "Does the red shape move? Answer briefly."]
@@ -52,7 +52,7 @@ def encode(processor, questions: list[str], grids: list[tuple[int, int, int]], s
 
 @pytest.fixture(scope="module")
 def qwen(tiny_qwen_dir):
-    return load_tiny_llava(tiny_qwen_dir, dtype=DTYPE)
+    return load_tiny(tiny_qwen_dir, dtype=DTYPE)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def test_vp128_matches_official(parity_model):
         assert handle.trace.cuts == ["encoder"]
         assert handle.trace.kept[0][0].tolist() == official["kept_indices_sorted"]
         assert handle.policy.describe() == {"method": "vispruner", "encoder_layer": 22, "important": 64,
-                                            "diverse": 64, "exact": True, "equivalent_tokens": 128}
+                                            "diverse": 64, "eager_encoder": True, "equivalent_tokens": 128}
     assert parity_model.config.vision_config._attn_implementation == "sdpa"  # the eager pass leaves the tower's own
 
 
@@ -40,7 +40,7 @@ def test_scores_and_both_stages_are_bit_identical_to_official(parity_model):
     official final order (kept a's by descending score, then the b's) after its 56 rounds."""
     official, logits = load_case("vispruner", "vp128")
     with torch.no_grad():
-        view = clip_encoder_view(parity_model.model.vision_tower, parity_inputs()["pixel_values"], 22, eager=True)
+        view = clip_encoder_view(parity_model.model.vision_tower, parity_inputs()["pixel_values"], 22, eager_encoder=True)
     attention = view.importance[:, :, 1:].mean(dim=1)
     assert torch.equal(attention[0], logits["cls_attention_head_mean"])
     order = attention.argsort(dim=-1, descending=True, stable=True)
@@ -51,9 +51,9 @@ def test_scores_and_both_stages_are_bit_identical_to_official(parity_model):
 
 
 def test_fast_path_keeps_the_important_set_and_changes_diverse_ones(parity_model):
-    """exact=False (SDPA tower, recomputed CLS row): the same important tokens and counts, other diverse tokens."""
+    """eager_encoder=False (SDPA tower, recomputed CLS row): the same important tokens and counts, other diverse tokens."""
     official, _ = load_case("vispruner", "vp128")
-    with visiondrop.apply(parity_model, "vispruner", budget=128, exact=False) as handle, torch.no_grad():
+    with visiondrop.apply(parity_model, "vispruner", budget=128, eager_encoder=False) as handle, torch.no_grad():
         parity_model(**parity_inputs())
     fast = set(handle.trace.kept[0][0].tolist())
     assert handle.trace.tokens_per_layer == [[128] * 32]
@@ -110,7 +110,7 @@ def test_next_selects_per_crop_among_real_patches(tiny_next, newlines):
         assert int((~is_newline).sum()) == 320 and len(patches) == n_layer0 > 320
 
 
-@pytest.mark.parametrize("options", [{}, {"exact": False}])
+@pytest.mark.parametrize("options", [{}, {"eager_encoder": False}])
 def test_overhead_formula_matches_torch_flop_counter(tiny, options):
     """Counted by the formula (keys, the CLS row where it is recomputed, the diverse rounds' products) as
     FlopCounterMode counts a real forward."""

@@ -106,7 +106,7 @@ def _build(
     config = family.build_config(shape, token_ids(tokenizer, family), init_std)
     torch.manual_seed(seed)
     model = family.model_class(config)
-    # Stored in float16 like the real checkpoint: halves the folder (~4.5 MB); load_tiny_llava upcasts.
+    # Stored in float16 like the real checkpoint: halves the folder (~4.5 MB); load_tiny upcasts.
     model.to(torch.float16).save_pretrained(out_dir)
     family.build_processor(tokenizer).save_pretrained(out_dir)
     return out_dir
@@ -151,11 +151,11 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, **knobs) -> Path:
     return _build(out_dir, QWEN2_5_VL, **{"text_layers": 28, "vision_layers": 32, "kv_heads": 2, **knobs})
 
 
-def load_tiny_llava(
+def load_tiny(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a folder written by :func:`build_tiny_llava`, :func:`build_tiny_llava_next` or
-    :func:`build_tiny_qwen2_5_vl` or :func:`build_tiny_video_llava`.
+    """Load a folder written by a tiny-model builder of any family (`build_tiny_<family>`),
+    as a user loads a checkpoint.
 
     The model class and the processor follow the saved config's family; the model is returned in eval mode.
     """
