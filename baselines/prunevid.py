@@ -260,6 +260,9 @@ def policy(info: ModelInfo, budget: float | None = None, alpha: float | None = N
     video), or with the official `alpha` (0.4)."""
     if (alpha is None) == (budget is None):
         raise ValueError(f"give PruneVid a budget (or ratio=) or alpha= (the official runs use {ALPHA}), one of them")
+    if budget is not None and budget < smallest_budget(info):
+        raise Unreachable(f"PruneVid keeps whole tokens: the smallest reachable budget is {smallest_budget(info):g} "
+                          f"(or {info.n_visual} for the unpruned model)", smallest_budget(info))
     if alpha is not None and not 0 < alpha <= 1:
         raise ValueError(f"alpha is the share of stage-1 tokens PruneVid keeps in the LLM, in (0, 1]; got {alpha}")
     return PruneVid(info, None if budget is None else retention(budget, info), alpha, tau)
@@ -271,7 +274,12 @@ def selection_macs(cut: Cut, width: int) -> int:
     return cut.before * width * 2 if cut.layer == 0 else 0
 
 
-METHOD = Method("prunevid", "PruneVid", policy, smallest_budget=lambda info: 1, replaces_budget=("alpha",),
+def smallest_budget(info: ModelInfo) -> float:
+    """A token: what a video reaches depends on what its first stage keeps (refused at the cut where it is too much)."""
+    return 1
+
+
+METHOD = Method("prunevid", "PruneVid", policy, smallest_budget, replaces_budget=("alpha",),
                 video_only=True, exact_count=False,
                 overhead=lambda **_: Overhead(rows="question", selection=selection_macs),
                 scoring=lambda **_: {"decoder": "question"})
