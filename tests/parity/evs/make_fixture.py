@@ -7,22 +7,17 @@ Imports nothing of this project; evs.py needs only torch. Cases: frames T in {1,
 pruning rates q in {0.25, 0.5, 0.75, 0.9}, float32 and bfloat16, and clips whose frames repeat exactly (ties in
 the dissimilarity: the stable sort decides).
 """
-import importlib.util
+import runpy
 import itertools
 import sys
+from types import SimpleNamespace
 
 import torch
 
 
-def load(path: str):
-    spec = importlib.util.spec_from_file_location("vllm_evs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def main(evs_path: str, out: str) -> None:
-    evs = load(evs_path)
+    evs = SimpleNamespace(**runpy.run_path(evs_path))  # the official file, run as it is
     generator = torch.Generator().manual_seed(0)
     cases = []
     for (t, m, q, dtype, repeated) in itertools.product((1, 4, 16), (1, 2), (0.25, 0.5, 0.75, 0.9),

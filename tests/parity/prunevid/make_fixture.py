@@ -9,18 +9,12 @@ unmodified) on random video features and save what it returns: the parity fixtur
 DPC-kNN adds `torch.rand(...) * 1e-6` to break density ties; as the reference prescribes, `torch.rand` returns zeros
 here (the port adds no noise). Imports nothing of this project.
 """
-import importlib.util
+import runpy
 import sys
 from types import SimpleNamespace
 
 import torch
 
-
-def load(path: str):
-    spec = importlib.util.spec_from_file_location("prunevid_official", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def scenes(frames: int, tokens: int, channels: int, cuts: list[int], change: float, generator) -> torch.Tensor:
@@ -35,7 +29,7 @@ def scenes(frames: int, tokens: int, channels: int, cuts: list[int], change: flo
 
 
 def main(path: str, out: str) -> None:
-    official = load(path)
+    official = SimpleNamespace(**runpy.run_path(path))  # the official file, run as it is
     generator = torch.Generator().manual_seed(0)
     draw, zeros = torch.rand, lambda *shape, **kwargs: torch.zeros(*shape, **kwargs)
     cases = []

@@ -8,22 +8,17 @@ its own steps keep (`select_low_var_channels`, `compute_gaussian_scores`, `compu
 `select_outlier_indices`, called as `vidcom2_compression` calls them), checked to be the rows `vidcom2_compression`
 returns.
 """
-import importlib.util
+import runpy
 import itertools
 import sys
+from types import SimpleNamespace
 
 import torch
 
 
-def load(path: str):
-    spec = importlib.util.spec_from_file_location("vidcom2_official", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def main(path: str, out: str) -> None:
-    vidcom2 = load(path)
+    vidcom2 = SimpleNamespace(**runpy.run_path(path))  # the official file, run as it is
     generator = torch.Generator().manual_seed(0)
     cases = []
     for (model, frames, redundant) in itertools.product(("llava_ov", "qwen2_5_vl"), (1, 4, 8, 16), (False, True)):
