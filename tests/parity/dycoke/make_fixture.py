@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import torch
 
 
-
 def main(path: str, out: str) -> None:
     dycoke = SimpleNamespace(**runpy.run_path(path))  # the official file, run as it is
     generator = torch.Generator().manual_seed(0)

@@ -7,13 +7,12 @@ Imports nothing of this project; evs.py needs only torch. Cases: frames T in {1,
 pruning rates q in {0.25, 0.5, 0.75, 0.9}, float32 and bfloat16, and clips whose frames repeat exactly (ties in
 the dissimilarity: the stable sort decides).
 """
-import runpy
 import itertools
+import runpy
 import sys
 from types import SimpleNamespace
 
 import torch
-
 
 
 def main(evs_path: str, out: str) -> None:

@@ -8,13 +8,12 @@ its own steps keep (`select_low_var_channels`, `compute_gaussian_scores`, `compu
 `select_outlier_indices`, called as `vidcom2_compression` calls them), checked to be the rows `vidcom2_compression`
 returns.
 """
-import runpy
 import itertools
+import runpy
 import sys
 from types import SimpleNamespace
 
 import torch
-
 
 
 def main(path: str, out: str) -> None:
