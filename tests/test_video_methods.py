@@ -234,3 +234,18 @@ def test_the_video_methods_experiment_reaches_every_budget_it_sweeps():
             assert abs(described["equivalent_tokens"] - ratio * 2056) <= 8, (m.name, ratio, described)
     with pytest.raises(ValueError, match="smallest reachable budget is 776"):
         policy_for(info, "dycoke", ratio=0.25)
+
+
+def test_evs_at_rate_zero_is_the_stock_video_llava(tiny_video, demo_videos):
+    """On Video-LLaVA's 8-frame videos too, a method that keeps every token (EVS at q = 0) is the stock model."""
+    from visiondrop.harness.video import read_frames
+
+    model, processor = tiny_video
+    prompt = "USER: <video>\nWhat happens? ASSISTANT:"
+    video = dict(processor(text=[prompt], videos=[read_frames(demo_videos[0])], return_tensors="pt"))
+    with torch.no_grad():
+        reference = model(**video).logits
+        with visiondrop.apply(model, "evs", pruning_rate=0.0) as handle:
+            logits = model(**video).logits
+    assert handle.trace.tokens_per_layer == [[2056] * 32]
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
