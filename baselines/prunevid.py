@@ -40,8 +40,6 @@ temporal clustering takes 7 neighbours); images are refused.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -230,11 +228,10 @@ class PruneVid(Policy):
             rows = decoder_attention(cut.layers[self.selected_layer], cut.prev_hidden[g:g + 1], cut.cos[g:g + 1],
                                      cut.sin[g:g + 1], cut.mask[g:g + 1], after, rotate=identity, causal=False)
             scores = rows[0].amax(dim=(0, 1))[cut.visual[g]]  # the maximum over heads and queries
-            groups = cut.scratch[b]
-            keep.append(stage_two(scores, groups, self._alpha(cut, g, groups)))
+            keep.append(stage_two(scores, cut.scratch[b], self._alpha(cut, g)))
         return Selection(keep)
 
-    def _alpha(self, cut: DecoderCut, g: int, groups: list[list[int]]) -> float:
+    def _alpha(self, cut: DecoderCut, g: int) -> float:
         """The official alpha, or the one that brings this video's mean over the layers to its share."""
         if self.alpha is not None:
             return self.alpha
