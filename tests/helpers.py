@@ -9,6 +9,12 @@ from visiondrop.testing.tiny import demo_image
 #: the registered methods that take images (video-only ones refuse them: tests/test_contract.py)
 IMAGE_METHODS = [name for name in METHODS if not method(name).video_only]
 
+#: How far float32 reordering moves one computation done two ways (SDPA or eager attention, in a batch or alone, with
+#: or without a cache, AVX-512, AVX2 or scalar kernels): the rounding of every sum enters each layer at the last bit
+#: of its values and the depth amplifies it, so the bound is a count of float32 ulps of the outputs' scale (their
+#: largest magnitude). Measured on the tiny models across those kernels: up to about 300 ulps; the bound leaves 7x.
+REORDERING_ULPS = 2**11
+
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the human's questions.")
 
@@ -23,6 +29,15 @@ def inputs(processor, questions: list[str], images: list | None = None) -> dict:
     text = [prompt(q, image=img is not None) for q, img in zip(questions, images)]
     present = [img for img in images if img is not None]
     return dict(processor(text=text, images=present or None, padding=True, return_tensors="pt"))
+
+
+def assert_equal_up_to_reordering(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """`actual` and `expected` are one float32 computation done two ways (see REORDERING_ULPS): they differ by no more
+    than float32 reordering can produce at `expected`'s scale. Tokens and kept sets are compared exactly apart."""
+    scale = expected.abs().max().item()
+    tolerance = REORDERING_ULPS * torch.finfo(torch.float32).eps * scale
+    torch.testing.assert_close(actual, expected, atol=tolerance, rtol=0,
+                               msg=lambda m: f"{what}: more than float32 reordering at scale {scale:.3g}: {m}")
 
 
 def greedy(model, batch: dict, new_tokens: int = 8, **kwargs) -> torch.Tensor:
@@ -98,3 +113,20 @@ def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens
         cached = greedy(model, batch, new_tokens, **no_placeholder)
     with Handle(model, Replay(handle.policy, handle.trace)):
         return cached, greedy(model, batch, new_tokens, use_cache=False, **no_placeholder)
+
+
+def flops_by_formula_and_counter(model, batch: dict, method: str, budget=None, **options) -> tuple[float, int]:
+    """A one-image prefill's FLOPs by the analytic count (schedule, overhead, a tower that merges inside) and as
+    torch's FlopCounterMode counts the real forward."""
+    from visiondrop.efficiency.flops import (flop_counter, measure_schedule, overhead_flops, prefill_flops,
+                                             tower_flops)
+    from visiondrop.families import flops_dims
+
+    with flop_counter() as counter:
+        sched = measure_schedule(model, batch, method, budget, **options)
+    dims = flops_dims(model.config)
+    text = batch["input_ids"].shape[1] - dims.n_visual
+    overhead = overhead_flops(dims, method, sched.cuts, text, **options)
+    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead,
+                            tower_tokens=tower_flops(dims, method, sched.cuts, **options))
+    return formula.total, counter.get_total_flops()

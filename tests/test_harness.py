@@ -36,7 +36,7 @@ def test_budget_as_tokens_or_ratio(tmp_path):
     assert job.Budget.resolve(config(tmp_path, "budget.ratio=0.25")) == job.Budget(144.0, 0.25)
     assert job.Budget.resolve(config(tmp_path, "method=none", "budget='64'")) == job.Budget(None, 1.0)
     for budget in ("640", "320", "160"):  # LLaVA-NeXT's budgets have presets too
-        assert job.Budget.resolve(config(tmp_path, "model=llava_next_7b", f"budget='{budget}'")).tokens == int(budget)
+        assert job.Budget.resolve(config(tmp_path, "model=llava-next-7b", f"budget='{budget}'")).tokens == int(budget)
     with pytest.raises(ValueError, match="ratio must be in"):
         job.Budget.resolve(config(tmp_path, "budget.ratio=1.5"))
 
@@ -192,7 +192,8 @@ def test_sweep_summary_exit_status_and_wandb_dashboards(tmp_path, monkeypatch):
              "hydra.sweep.dir=sweep"]
     assert run_cli(monkeypatch, *sweep) == 1  # two jobs failed; the others still ran
     summary = (checkout / "sweep" / "summary.txt").read_text()
-    assert summary.startswith("4 job(s): 1 ran, 0 skipped as done, 1 skipped as unreachable, 2 failed")
+    assert summary.startswith("4 job(s): 1 ran, 0 skipped as done, 0 skipped as running elsewhere, "
+                              "1 skipped as unreachable, 2 failed")
     assert "smallest reachable budget is 144" in summary and "no checkpoint folder at /nonexistent" in summary
     [record] = ResultStore(checkout / "results" / "runs").records()
     assert f"ran                     demo-llava-1.5 / visiondrop / 50 tokens" in summary and record["path"] in summary
@@ -235,7 +236,7 @@ def test_malformed_config_is_reported_by_hydra(tmp_path):
 
 
 def test_next_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_next_dir):
-    cfg = config(tmp_path, "model=llava_next_7b", f"model.pretrained={tiny_next_dir}", "model.device=cpu",
+    cfg = config(tmp_path, "model=llava-next-7b", f"model.pretrained={tiny_next_dir}", "model.device=cpu",
                  "model.dtype=float32", "method=visiondrop", "budget.ratio=0.111111111")
     [record] = job.run_job(cfg)
     assert record["budget"] == 320.0 and record["model"] == "llava-next-7b"

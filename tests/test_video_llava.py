@@ -106,7 +106,7 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     model, processor = model_and_processor
     ratio = ratio_of(name)
     singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
-    with visiondrop.apply(model, name, ratio=ratio) as handle:
+    with visiondrop.apply(model, name, ratio=ratio, **method(name).example_options(model.config)) as handle:
         out = run(model, batch)
         trace = handle.trace
         lengths = assert_each_alone_equals_the_batch(model, handle, run, singles, out, trace, name)
