@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import demo_image
+
+#: the registered methods that take images (video-only ones refuse them: tests/test_contract.py)
+IMAGE_METHODS = [name for name in METHODS if not method(name).video_only]
 
 #: How far float32 reordering moves one computation done two ways (SDPA or eager attention, in a batch or alone, with
 #: or without a cache, AVX-512, AVX2 or scalar kernels): the rounding of every sum enters each layer at the last bit
@@ -55,6 +59,28 @@ class LayerCounter:
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
+
+
+def assert_each_alone_equals_the_batch(model, handle, run, singles: list[dict], batch_out: tuple, trace,
+                                       name: str, atol: float = 1e-8) -> list[list[int]]:
+    """Run each sample of a batch alone under the applied `handle` (`run(model, inputs)` -> (tokens, logits)): its
+    kept tokens, visual tokens per layer, logits and tokens equal the batch's (`batch_out`, `trace`). Returns, per
+    sample, the sequence length entering each decoder layer of its alone prefill, counted with forward pre-hooks."""
+    tokens, logits = batch_out
+    lengths = []
+    for i, single in enumerate(singles):
+        counter = LayerCounter(model)
+        try:
+            alone_tokens, alone_logits = run(model, single)
+        finally:
+            counter.close()
+        assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
+        assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=atol, rtol=atol,
+                                   msg=lambda m: f"{name}: sample {i} in the batch vs alone: {m}")
+        assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: sample {i} generates other tokens in a batch"
+        lengths.append(counter.lengths[:len(handle.trace.tokens_per_layer[0])])
+    return lengths
 
 
 def measure_counts(model, batch: dict, method: str, budget=None, **options):

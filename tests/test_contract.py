@@ -8,6 +8,8 @@ model, a batch equals each sample alone, cached decoding equals replay, counts m
 Methods and families come from their registries, each method at the budget it declares (`Method.example_budget`)
 with its default options, each family with the image sizes it declares (`Family.sample_sizes`, `nominal_size`), so
 a new method or family is tested here without editing this file. The per-method files test what is the method's own.
+Video-only methods (`Method.video_only`) refuse these images, clearly; their contract on videos is in
+tests/test_video_llava.py and tests/test_video_methods.py.
 """
 import re
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import assert_equal_up_to_reordering, cached_and_replayed, greedy, measure_counts
+from helpers import IMAGE_METHODS, assert_equal_up_to_reordering, cached_and_replayed, greedy, measure_counts
 from visiondrop.engine import Policy
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.methods import METHODS, method, policy_for
@@ -141,7 +143,7 @@ def host(request) -> tuple:
     return *tiny_model(request, request.param), BATCH_IMAGES[request.param]
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_batch_equals_each_sample_alone(host, name):
     """Deterministic, and independent of the batch (left padding, a text-only sample, other images or crop grids)
     with the default options."""
@@ -171,7 +173,7 @@ def test_batch_equals_each_sample_alone(host, name):
     assert torch.equal(alone[TEXT_ONLY][0], stock_text_only[0]), f"{name}: a text-only sample is not left untouched"
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_generation_with_cache_equals_replay_without(host, name):
     """Decode steps on the pruned cache give what re-running the prompt with the prefill's decisions gives."""
     model, processor, images = host
@@ -193,7 +195,7 @@ def nominal(request) -> tuple:
     return tiny_model(request, request.param)[0], nominal_sample(request, request.param)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_counts_measured_with_hooks_match_describe(nominal, name):
     """The description's mean count is what enters the decoder layers, counted with forward pre-hooks; LLaVA-NeXT's
     newline tokens come on top of the patches it counts (as many as the image has, or fewer where pruned)."""
@@ -220,7 +222,7 @@ def same_attributes(before: dict, after: dict) -> bool:
         for k in before)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_remove_restores_bit_identical_outputs(family, name):
     model, _, single, _ = family
     with torch.no_grad():
@@ -250,3 +252,12 @@ def test_unreachable_budget_names_the_smallest_reachable(family, name):
     with pytest.raises(ValueError, match=rf"(?<![\d.]){re.escape(f'{smallest:g}')}(?![\d.])"):
         visiondrop.apply(model, name, smallest / 4)
     assert getattr(model.model, "_visiondrop_pruner", None) is None
+
+
+@pytest.mark.parametrize("name", [name for name in METHODS if name not in IMAGE_METHODS])
+def test_video_methods_refuse_images(host, name):
+    model, processor, images = host
+    single = encode(model, processor, QUESTIONS[:1], [img for img in images if img is not None][:1])
+    with visiondrop.apply(model, name, example_budget(name, info_of(model))), torch.no_grad():
+        with pytest.raises(ValueError, match="reduces videos.*holds an image: run images with an image method"):
+            model(**single)

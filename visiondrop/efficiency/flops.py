@@ -228,7 +228,7 @@ def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
     """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample; an encoder stage
     once per crop of the one image measured, as `Cut` counts it)."""
     select_encoder, select_decoder = policy.select_encoder, policy.select_decoder
-    merged = lambda sel: 0 if sel.merged is None else sel.merged.shape[1]  # noqa: E731
+    merged = lambda sel: 0 if sel.merged is None else len(sel.merged[0])  # noqa: E731
 
     def encoder(view):
         sel = select_encoder(view)
@@ -237,7 +237,7 @@ def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
 
     def decoder(cut):
         sel = select_decoder(cut)
-        cuts.append(Cut(cut.layer_idx, cut.n_visual, sel.keep.shape[1], merged(sel)))
+        cuts.append(Cut(cut.layer_idx, cut.n_visual, len(sel.keep[0]), merged(sel)))  # keep: [G, k] or G rows
         return sel
 
     policy.select_encoder, policy.select_decoder = encoder, decoder

@@ -23,12 +23,18 @@ class Selection:
     pads a crop that keeps fewer tokens than another of the view (allowed for single-crop images);
     merged: [G, c, D] tokens appended right after the kept ones (None: no merging);
     features: encoder cut only, [G, k, D'] the kept tokens already in the LLM's embedding space (the policy's own
-    use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows.
+    use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows;
+    slots: decoder cuts, [G, k + c] per token, the current visual slot whose position it takes where positions are
+    kept (not renumbered), -1 for the family's merged position (None: the kept tokens their own, merged tokens -1),
+    for methods whose merged tokens stand for a place (a cluster's centre).
+    At decoder cuts keep, merged and slots may each be a list of G rows instead, where the samples keep different
+    counts (methods whose counts depend on the content).
     """
 
-    keep: Tensor
-    merged: Tensor | None = None
+    keep: Tensor | list[Tensor]
+    merged: Tensor | list[Tensor] | None = None
     features: Tensor | None = None
+    slots: Tensor | list[Tensor] | None = None
 
 
 @dataclass
@@ -42,6 +48,9 @@ class DecoderCut:
     for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample). `cos`/`sin`
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.
+    `frames` is the group's video frames (0: its samples hold images): the original visual block is `frames` frames
+    of `original_visual / frames` tokens each, frame after frame (what video methods reduce; a cut before layer 0
+    still sees that layout).
     """
 
     layer_idx: int
@@ -57,6 +66,7 @@ class DecoderCut:
     scratch: dict = field(default_factory=dict)
     rotate: Rotate = Family.rotate
     final_norm: nn.Module | None = None
+    frames: int = 0
 
     @property
     def n_visual(self) -> int:
@@ -126,6 +136,11 @@ class Policy:
     #: Encoder stage: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
     #: (`merge_in_tower`), where the family's tower supports it (`EncoderView.merged_in_tower`)
     merges_in_tower: bool = False
+
+    def renumbers_at(self, layer_idx: int) -> bool:
+        """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose stages
+        differ; default `renumber_positions`)."""
+        return self.renumber_positions
 
     def prepare(self, cut: DecoderCut) -> None:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""

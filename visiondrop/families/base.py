@@ -90,6 +90,12 @@ class Family:
             return (inputs_embeds == image_embed).all(-1)
         return None
 
+    def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
+        """[B] the frames of each sample's video in a forward with `input_ids` and keywords `kwargs` (0 for a sample
+        whose visual block is an image, or that has none), for video methods (`DecoderCut.frames`); None where the
+        family takes no videos."""
+        return None
+
     # -- positions -----------------------------------------------------------------------------------------------
     def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:
         """The prompt's positions [..., B, L] from its real-token mask [B, L] and the ids the model was given."""

@@ -25,7 +25,9 @@ What differs from LLaVA, and how this adapter handles it:
   window; the view undoes that order (`get_vision_window_index`), as the tower's own output does. The tower runs
   without its merger there: the encoder stage projects only the tokens it keeps and merges.
 - Images of different sizes are encoded one at a time (`image_groups`), so a policy sees equal token counts.
-Videos are passed through unpruned (their tokens are not image tokens).
+Videos: decoder-side cuts see a video's tokens as the sample's visual block (one video per sample), frame (temporal
+grid) after frame (`video_frames`), keeping their M-RoPE positions; encoder-side stages take images only and refuse
+videos.
 """
 from __future__ import annotations
 
@@ -151,6 +153,45 @@ class Qwen2_5_VL(Family):
         side = NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
         return ModelInfo(n_visual=side * side, n_layers=config.text_config.num_hidden_layers,
                          vision_layer=vision.depth - 1, cls_kept=False, tower_cls=False)
+
+    # -- visual tokens -------------------------------------------------------------------------------------------
+    def has_images(self, kwargs: dict[str, Any]) -> bool:
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        return any(kwargs.get(key) is not None for key in ("pixel_values", "pixel_values_videos")) \
+            or any(encoded.get(m) is not None for m in ("image", "video"))
+
+    def image_token_mask(self, model: nn.Module, input_ids: Tensor | None,
+                         inputs_embeds: Tensor | None) -> Tensor | None:
+        """Image and video tokens: a video's block is its frames' tokens (`video_frames`)."""
+        if input_ids is None:
+            return super().image_token_mask(model, input_ids, inputs_embeds)
+        return (input_ids == model.config.image_token_id) | (input_ids == model.config.video_token_id)
+
+    def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
+        """A video's temporal grids: a frame is a grid of `temporal_patch_size` (2) input frames, h * w / 4 tokens.
+
+        From `video_grid_thw` (one row per video, in batch order) where the forward has it; in generate(), which
+        encodes the videos beforehand and passes their M-RoPE positions instead, the times the block's (row,
+        column) position returns to its first token's."""
+        if input_ids is None:
+            return None
+        video = input_ids == model.config.video_token_id
+        frames = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        if not video.any():
+            return frames
+        grids, positions = kwargs.get("video_grid_thw"), kwargs.get("position_ids")
+        if grids is not None:
+            if int(video.any(1).sum()) != grids.shape[0]:
+                raise ValueError(f"{grids.shape[0]} video grids for {int(video.any(1).sum())} samples with a video: "
+                                 "one video per sample is supported")
+            frames[video.any(1)] = grids[:, 0].to(frames.device)
+        elif positions is not None and positions.dim() == 3:
+            for b in video.any(1).nonzero()[:, 0].tolist():
+                rows, cols = positions[-2, b, video[b]], positions[-1, b, video[b]]
+                frames[b] = int(((rows == rows[0]) & (cols == cols[0])).sum())
+        else:
+            raise ValueError("a Qwen2.5-VL forward with video tokens needs video_grid_thw or the M-RoPE position_ids")
+        return frames
 
     # -- positions -----------------------------------------------------------------------------------------------
     def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:

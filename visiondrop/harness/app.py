@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import outcomes
-from ..methods import METHODS
+from ..methods import METHODS, method
 from .job import Unreachable, claimed, evaluate, job_label, judge_again, plan_job
 from .store import judge_label
 from .outcomes import Outcome
@@ -105,8 +105,11 @@ def budget_arguments(argv: list[str]) -> list[str]:
 
 
 def register_resolvers() -> None:
-    """`${visiondrop.methods:}`: every registered method, comma-separated, for sweeps over all of them."""
-    OmegaConf.register_new_resolver("visiondrop.methods", lambda: ",".join(METHODS), replace=True)
+    """`${visiondrop.methods:}`: every registered method, comma-separated, for sweeps over all of them;
+    `${visiondrop.methods:images}`: those that take images (not `Method.video_only`), for image tasks."""
+    OmegaConf.register_new_resolver(
+        "visiondrop.methods",
+        lambda kind="": ",".join(m for m in METHODS if kind != "images" or not method(m).video_only), replace=True)
 
 
 def cli() -> None:

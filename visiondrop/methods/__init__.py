@@ -36,6 +36,10 @@ METHODS = {
     "fastervlm": "baselines.fastervlm",
     "hiprune": "baselines.hiprune",
     "tome": "baselines.tome",
+    "evs": "baselines.evs",
+    "vidcom2": "baselines.vidcom2",
+    "dycoke": "baselines.dycoke",
+    "prunevid": "baselines.prunevid",
 }
 
 
@@ -111,6 +115,11 @@ class Method:
     #: (dims, budget) -> the FLOPs count's schedule on a multi-crop model at its nominal crops, where one measured
     #: proxy image would not give the paper's comparison; None: measured
     nominal_counts: Callable[[Dims, float], TokenCounts] | None = None
+    #: reduces videos only (its reduction is across frames) and refuses images with a clear error
+    video_only: bool = False
+    #: keeps exactly the count `describe()` states; False where the count depends on the video (per-frame budgets
+    #: rounded per frame, as VidCom2's official code does): within a token a frame of it
+    exact_count: bool = True
 
     @property
     def options(self) -> dict[str, Any]:
