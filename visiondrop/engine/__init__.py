@@ -1,7 +1,7 @@
 """The engine: mechanics shared by every method (cuts, masks, positions, caches, merging, trace)."""
 from .policy import DecoderCut, EncoderView, Policy, Selection
-from .select import complement, contextual_merge, topk_in_order
+from .select import complement, contextual_merge, topk_in_order, unmarked
 from .trace import Trace
 
 __all__ = ["DecoderCut", "EncoderView", "Policy", "Selection", "Trace", "complement", "contextual_merge",
-           "topk_in_order"]
+           "topk_in_order", "unmarked"]

@@ -1,0 +1,54 @@
+"""No method reads device values on the host inside its own calls during a pruned prefill (`.item()`, `.tolist()`,
+`int(t)`, `if t:`, a boolean-mask index, `nonzero`...), so that its selection runs on a GPU without stalls and the
+overhead share measured on a CPU is not a CPU artefact. Counted on tiny models of every benchmarked architecture
+(`efficiency.syncs.policy_syncs`; on a GPU `make gpu-check` also counts the CUDA runtime's own syncs).
+
+The few reads left are named here with their reason, each once per cut or per sample, never in a loop over tokens.
+"""
+import pytest
+import torch
+
+from visiondrop.efficiency.latency import MODELS, build_config, build_model, make_inputs
+from visiondrop.efficiency.syncs import HostReads, policy_syncs
+from visiondrop.families import ModelInfo
+from visiondrop.methods import METHODS, method
+
+BATCH = 2
+#: method -> {"<policy call>: <operation>": reads allowed, per forward ("per sample": times the batch)}
+REMAINING = {
+    # one per cut: that every prompt has pivot_text tokens after the image (a clear error otherwise), and the
+    # official pivot order, which is Python's iteration order of a set of ints (emulated on the host)
+    "dart": {"select_decoder: __int__": 1, "select_decoder: tolist": 1},
+    # per sample, once per forward: its raters, the text tokens after its image whose relevance is above their mean
+    # (a count that differs per sample)
+    "sparsevlm": {"prepare: __int__": "per sample", "prepare: nonzero": "per sample"},
+    # once per image batch on LLaVA-NeXT: its crops grouped by their count of valid (unpadded) patches
+    "vispruner": {"select_encoder: tolist": 1},
+}
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def tiny_batch(request):
+    config = build_config(request.param, "tiny")
+    model = build_model(config, torch.device("cpu"), torch.float32)
+    return model, make_inputs(config, torch.device("cpu"), torch.float32, batch=BATCH)
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "none"])
+def test_no_host_reads_in_the_policy_calls(tiny_batch, name):
+    model, inputs = tiny_batch
+    info = ModelInfo.of(model)
+    counts = policy_syncs(model, inputs, name, method(name).example_budget * info.n_visual / 576)
+    allowed = {op: BATCH if n == "per sample" else n for op, n in REMAINING.get(name, {}).items()}
+    excess = {op: n for op, n in counts.items() if n > allowed.get(op, 0)}
+    assert not excess, f"{name} reads device values on the host in its hot path: {excess}"
+
+
+def test_the_counter_sees_each_kind_of_host_read():
+    x = torch.arange(6.0)
+    with HostReads() as reads:
+        reads.where = "probe"
+        x[0].item(), x.tolist(), int(x[1]), bool(x[2]), x[x > 2], x.nonzero(), torch.tensor([x[0], x[1]])
+        x.topk(2).indices.sort().values, x[torch.tensor([0, 2])], x.argsort(stable=True)  # these stay on the device
+    assert reads.counts == {"probe: item": 1, "probe: tolist": 1, "probe: __int__": 1, "probe: __bool__": 1,
+                            "probe: __getitem__": 1, "probe: nonzero": 1, "probe: tensor": 1}
