@@ -39,6 +39,7 @@ from .latency import Row
 
 DRY_RUN = "dry-run"  # the folder of a --dry-run
 SECONDS = 450  # the parts' time in all: 7.5 minutes, the summary and process starts within 8
+DRY_RUN_SECONDS = 60  # the dry run's caps: on an idle CPU it finishes within them, on a loaded one the caps cut it
 GRACE = 20  # seconds past its cap before a part's process is stopped (it stops itself at the cap)
 BATCH_SIZES = (1, 8, 32)
 SCALING_MODEL, SCALING_BATCH = "llava-next-7b", 8
@@ -66,22 +67,25 @@ class Settings:
     new_tokens: int
     warmup: int
     repeats: int
+    dtype: torch.dtype
 
     @classmethod
     def make(cls, dry_run: bool) -> "Settings":
         if dry_run:
-            return cls(True, "cpu", "tiny", (1, 2), 2, 2, 0, 1)
+            return cls(True, "cpu", "tiny", (1, 2), 2, 2, 0, 1, torch.float32)  # CPUs are slow in bf16
         if not torch.cuda.is_available():
             raise SystemExit("gpu-check needs a CUDA GPU (torch.cuda.is_available() is False); on a CPU run it "
                              "with --dry-run, which runs every part at tiny size")
-        return cls(False, "cuda", "full", BATCH_SIZES, SCALING_BATCH, 32, 1, 3)
+        return cls(False, "cuda", "full", BATCH_SIZES, SCALING_BATCH, 32, 1, 3, torch.bfloat16)
 
-    def methods(self) -> list[str]:
-        """Every registered method (the dry run: the unpruned engine, one encoder + decoder method, one greedy
-        loop)."""
+    def methods(self, properties: bool = False) -> list[str]:
+        """Every registered method (the dry run: the unpruned engine, one encoder + decoder method and, but for the
+        properties, one greedy loop)."""
         from ..methods import METHODS
 
-        return ["none", "visiondrop", "divprune"] if self.dry_run else list(METHODS)
+        if self.dry_run:
+            return ["none", "visiondrop"] + ["divprune"] * (not properties)
+        return list(METHODS)
 
 
 def image_models() -> list[str]:
@@ -131,19 +135,20 @@ def run_properties(part: Part, settings: Settings, folder: Path, deadline: float
     models = [part.model] if part.model else list(latency.MODELS)
     width = settings.width if part.model else "tiny"
     device, out = torch.device(settings.device), folder / f"{part.name}.json"
-    done: dict[str, Any] = {"complete": False, "dtype": "bfloat16", "device": settings.device, "width": width,
+    done: dict[str, Any] = {"complete": False, "dtype": str(settings.dtype).removeprefix("torch."),
+                            "device": settings.device, "width": width,
                             "checks": [], "skipped": []}
     for model_name in models:
         if time.monotonic() > deadline:
             done["skipped"].append(f"{model_name}: time cap reached")
             continue
         config = latency.build_config(model_name, width, init_std=0.2 if width == "tiny" else 0.02)
-        model = latency.build_model(config, device, torch.bfloat16)
+        model = latency.build_model(config, device, settings.dtype)
         info = ModelInfo.of(model)
-        prompts = [latency.make_inputs(config, device, torch.bfloat16, n, seed=i)
+        prompts = [latency.make_inputs(config, device, settings.dtype, n, seed=i)
                    for i, n in enumerate((latency.TEXT_TOKENS, latency.TEXT_TOKENS - 9, latency.TEXT_TOKENS - 17))]
         budget_of = lambda name: method(name).example_budget * info.n_visual / 576  # noqa: E731
-        checks = check_model(model, f"{model_name} ({width})", prompts, settings.methods(), budget_of)
+        checks = check_model(model, f"{model_name} ({width})", prompts, settings.methods(properties=True), budget_of)
         done["checks"] += [c.to_json() for c in checks]
         _write_json(out, done)
         del model
@@ -179,7 +184,7 @@ def sdpa_kernels(model: torch.nn.Module, inputs: dict, method: str, budget: floa
 def run_latency(part: Part, settings: Settings, folder: Path, deadline: float) -> None:
     from .syncs import policy_syncs
 
-    device, dtype = torch.device(settings.device), torch.bfloat16
+    device, dtype = torch.device(settings.device), settings.dtype
     budget = latency.DEFAULT_BUDGETS[part.model][0]
     out = folder / f"{part.name}.json"
     started = time.monotonic()
@@ -220,7 +225,7 @@ def run_latency(part: Part, settings: Settings, folder: Path, deadline: float) -
 
 def run_scaling(part: Part, settings: Settings, folder: Path, deadline: float) -> None:
     points = [p for p in latency.SCALING_POINTS_GPU if p[0] == part.model]
-    result = latency.scaling(width=settings.width, device=settings.device, dtype="bfloat16", attn="sdpa",
+    result = latency.scaling(width=settings.width, device=settings.device, dtype=str(settings.dtype).removeprefix("torch."), attn="sdpa",
                              points=points, warmup=settings.warmup, repeats=settings.repeats, out=folder,
                              batch=settings.scaling_batch, deadline=deadline)
     rows = [{"image": p.image, "visual": p.visual, "crops": p.crops, "full": asdict(p.full),
@@ -264,7 +269,8 @@ def summarise(folder: Path, settings: Settings, parts: Sequence[Part], log: dict
     where = "the CPU (dry run, tiny width; times mean nothing)" if settings.dry_run else torch.cuda.get_device_name()
     lines = [f"# gpu-check on {where}", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}"
-             + (f", CUDA {torch.version.cuda}" if torch.version.cuda else "") + "; bfloat16; attention: torch SDPA "
+             + (f", CUDA {torch.version.cuda}" if torch.version.cuda else "")
+             + f"; {str(settings.dtype).removeprefix('torch.')}; attention: torch SDPA "
              "(no FlashAttention package); random weights built on the device from each checkpoint's config.", "",
              "## Parts", "", "| part | state | seconds | cap s |", "|---|---|---|---|"]
     for p in parts:
@@ -347,7 +353,7 @@ def summarise(folder: Path, settings: Settings, parts: Sequence[Part], log: dict
 
         passed = sum(c["ok"] for c in checks)
         headline.append(f"properties {passed}/{len(checks)} hold")
-        lines += ["", "## Properties in bfloat16", "", f"Logits within {TOLERANCE:g} x the largest reference "
+        lines += ["", f"## Properties in {str(settings.dtype).removeprefix('torch.')}", "", f"Logits within {TOLERANCE:g} x the largest reference "
                   "logit; greedy tokens equal up to the first near tie (`visiondrop.efficiency.properties`); "
                   "`remove()` bit-exact.", "", "| model | property | methods holding | largest logit difference |",
                   "|---|---|---|---|"]
@@ -401,13 +407,19 @@ def _plot(path: Path, folder: Path, parts: Sequence[Part], where: str) -> None:
 
 
 # -- the command ---------------------------------------------------------------------------------------------
-def run_part_process(part: Part, settings: Settings, folder: Path, cap: float) -> dict[str, Any]:
-    """Run one part in a process of its own; stop it GRACE seconds past its cap. Returns its log entry."""
+def run_part(part: Part, settings: Settings, folder: Path, cap: float, own_process: bool) -> dict[str, Any]:
+    """Run one part, in a process of its own that is stopped GRACE seconds past its cap (the GPU run: a part that
+    hangs, or leaves the GPU's memory fragmented, costs only itself), or in this one (the dry run: one import of
+    torch instead of one per part). Returns its log entry."""
     command = [sys.executable, "-m", "visiondrop.efficiency.gpu_check", "--part", part.name, "--folder",
                str(folder), "--cap", f"{cap:.1f}"] + ["--dry-run"] * settings.dry_run
     started = time.monotonic()
     try:
-        rc = subprocess.run(command, timeout=cap + GRACE).returncode
+        if own_process:
+            rc = subprocess.run(command, timeout=cap + GRACE).returncode
+        else:
+            RUNNERS[part.kind](part, settings, folder, started + cap)
+            rc = 0
         state = "finished" if rc == 0 else f"failed (exit {rc})"
     except subprocess.TimeoutExpired:
         state = "stopped past its cap"
@@ -423,31 +435,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "minute), under results/gpu/dry-run/")
     parser.add_argument("--force", action="store_true", help="run the parts that completed before again")
     parser.add_argument("--out", default="results/gpu", help="the results' parent folder")
-    parser.add_argument("--seconds", type=float, help=f"the parts' time in all (default {SECONDS}; dry run 50)")
+    parser.add_argument("--seconds", type=float, help=f"the parts' time in all (default {SECONDS}; dry run "
+                        f"{DRY_RUN_SECONDS})")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run this part in this process
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--cap", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = Settings.make(args.dry_run)
     parts = plan()
+    if settings.dry_run:
+        torch.set_num_threads(1)
     if args.part:
         part = next(p for p in parts if p.name == args.part)
-        deadline = time.monotonic() + args.cap
-        if settings.dry_run:
-            torch.set_num_threads(1)
-        RUNNERS[part.kind](part, settings, Path(args.folder), deadline)
+        RUNNERS[part.kind](part, settings, Path(args.folder), time.monotonic() + args.cap)
         return 0
     folder = Path(args.out) / folder_name(settings.dry_run)
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "parts.json"
     log = (_read_json(log_path) or {}) if not args.force else {}
-    for part, cap in caps(parts, args.seconds or (50 if settings.dry_run else SECONDS)).items():
+    for part, cap in caps(parts, args.seconds or (DRY_RUN_SECONDS if settings.dry_run else SECONDS)).items():
         part = next(p for p in parts if p.name == part)
         if not args.force and (_read_json(folder / f"{part.name}.json") or {}).get("complete"):
             print(f"gpu-check: {part.name} already complete in {folder} (--force runs it again)")
             continue
         print(f"gpu-check: {part.name} (cap {cap:.0f} s)", flush=True)
-        log[part.name] = run_part_process(part, settings, folder, cap)
+        log[part.name] = run_part(part, settings, folder, cap, own_process=not settings.dry_run)
         _write_json(log_path, log)
     print(summarise(folder, settings, parts, log))
     return 0

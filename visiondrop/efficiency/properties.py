@@ -91,17 +91,17 @@ def agree(reference: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor], tolera
 
 def left_padded(model: nn.Module, prompts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
     """One batch of one-sample prompts of different lengths (`Family.example_inputs`, same image size), left-padded
-    with the pad id as a processor pads them."""
+    as a processor pads them: ids with the pad id, every other per-token input (the attention mask, token types)
+    with 0; the other inputs (pixels, grids) concatenated."""
     pad = model.config.text_config.pad_token_id
-    pad = 0 if pad is None else pad
     length = max(p["input_ids"].shape[1] for p in prompts)
-    batch = {"input_ids": torch.stack([torch.nn.functional.pad(p["input_ids"][0], (length - p["input_ids"].shape[1], 0),
-                                                               value=pad) for p in prompts]),
-             "attention_mask": torch.stack([torch.nn.functional.pad(p["attention_mask"][0],
-                                                                    (length - p["attention_mask"].shape[1], 0))
-                                            for p in prompts])}
-    for key in prompts[0]:
-        if key not in batch:
+    batch = {}
+    for key, value in prompts[0].items():
+        if value.dim() == 2 and value.shape == prompts[0]["input_ids"].shape:  # [1, L]: one entry per token
+            fill = (pad or 0) if key == "input_ids" else 0
+            batch[key] = torch.cat([torch.nn.functional.pad(p[key], (length - p[key].shape[1], 0), value=fill)
+                                    for p in prompts])
+        else:
             batch[key] = torch.cat([p[key] for p in prompts])
     return batch
 
