@@ -60,8 +60,8 @@ import torch
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection, complement, topk_in_order
-from visiondrop.methods import Method, Overhead
-from visiondrop.families import ModelInfo
+from visiondrop.methods import Method, Overhead, Unreachable
+from visiondrop.core import ModelInfo
 
 LAYERS = (2, 6, 15)
 KEEP_LISTS = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
@@ -106,14 +106,6 @@ def official_mean(reference: float, recycle: bool) -> float:
     """Mean visual tokens entering the layers of LLaVA-1.5-7B with the keep lists of budget `reference`."""
     counts = tokens_per_layer(OFFICIAL_N_VISUAL, OFFICIAL_N_LAYERS, LAYERS, reference_lists(reference), recycle)
     return sum(counts) / len(counts)
-
-
-class Unreachable(ValueError):
-    """The fewest tokens a schedule can feed exceed the budget's target on this model (`floor`: that mean)."""
-
-    def __init__(self, message: str, floor: float):
-        super().__init__(message)
-        self.floor = floor
 
 
 def schedule(reference: float, n: int, n_layers: int, layers: tuple[int, ...], recycle: bool) -> tuple[int, ...]:
@@ -326,5 +318,6 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
 
 
 METHOD = Method("sparsevlm", "SparseVLM", policy, smallest_budget, replaces_budget=("keep_lists",),
-                overhead=lambda **_: Overhead(rows="text", rater_choice=True),
+                overhead=lambda **_: Overhead(rows="question", rater_choice=True),
+                scoring=lambda **_: {"decoder": "question"},
                 example_budget=192)  # there the clustering noise decides the tiny model's clusters: a test of `seed`

@@ -8,12 +8,13 @@ import visiondrop
 from helpers import greedy, inputs, prompt
 from visiondrop.api import policy_for
 from visiondrop.engine.compat import CACHE_ARG, cache_kwargs
-from visiondrop.families import ModelInfo
+from visiondrop.families import info_of
+from visiondrop.methods import METHODS as REGISTERED, method as registered
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no."]
-METHODS = [("none", None), ("visiondrop", 64), ("visionzip", 64), ("fastv", 64), ("pyramiddrop", 64),
-           ("sparsevlm", 64), ("random", 64)]
+#: every registered method at the budget the contract runs it at
+METHODS = [(name, None if name == "none" else registered(name).example_budget) for name in REGISTERED]
 
 
 def sample(model, batch: dict, seed: int, new_tokens: int = 6, **kwargs) -> torch.Tensor:
@@ -152,7 +153,7 @@ def test_unknown_option_names_the_valid_ones(tiny):
                                         r"are: schedule=None, first_stage=None, contextual_fraction=None, "
                                         r"stages='both', newlines='drop'$"):
         visiondrop.apply(model, "visiondrop", 64, foo=1)
-    info = ModelInfo.of(model)  # the harness's path: policy_for with the options of its config
+    info = info_of(model)  # the harness's path: policy_for with the options of its config
     with pytest.raises(TypeError, match=r"method 'fastv' has no option 'kk', 'x'; .* k=2, keep=None, "
                                         r"scoring='text'$"):
         policy_for(info, "fastv", 64, kk=3, x=1)
@@ -161,7 +162,7 @@ def test_unknown_option_names_the_valid_ones(tiny):
     assert policy_for(info, "random", 64, seed=1).describe()  # valid options still pass
 
 
-@pytest.mark.parametrize("method", ["visiondrop", "fastv", "pyramiddrop", "sparsevlm", "visionzip", "random"])
+@pytest.mark.parametrize("method", [name for name in REGISTERED if name != "none"])
 def test_ratio_is_the_budget_as_a_share_of_the_visual_tokens(tiny, method):
     model, processor = tiny
     batch = inputs(processor, QUESTIONS)

@@ -1,6 +1,6 @@
 """No method reads device values on the host inside its own calls during a pruned prefill (`.item()`, `.tolist()`,
 `int(t)`, `if t:`, a boolean-mask index, `nonzero`...), so that its selection runs on a GPU without stalls and the
-overhead share measured on a CPU is not a CPU artefact. Counted on tiny models of every benchmarked architecture
+overhead share measured on a CPU is not a CPU artefact. Counted on the tiny model of every family
 (`efficiency.syncs.policy_syncs`; on a GPU `make gpu-check` also counts the CUDA runtime's own syncs).
 
 The few reads left are named here with their reason, each once per cut or per sample, never in a loop over tokens.
@@ -8,9 +8,10 @@ The few reads left are named here with their reason, each once per cut or per sa
 import pytest
 import torch
 
-from visiondrop.efficiency.latency import MODELS, build_config, build_model, make_inputs
+from visiondrop.efficiency.gpu_check import family_models
+from visiondrop.efficiency.latency import build_model, make_inputs
 from visiondrop.efficiency.syncs import HostReads, policy_syncs
-from visiondrop.families import ModelInfo
+from visiondrop.families import ModelInfo, checkpoint_config
 from visiondrop.methods import METHODS, method
 
 BATCH = 2
@@ -27,9 +28,9 @@ REMAINING = {
 }
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module", params=family_models())
 def tiny_batch(request):
-    config = build_config(request.param, "tiny")
+    config = checkpoint_config(request.param, "tiny")
     model = build_model(config, torch.device("cpu"), torch.float32)
     return model, make_inputs(config, torch.device("cpu"), torch.float32, batch=BATCH)
 

@@ -69,69 +69,18 @@ from typing import Any, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..families.base import Shape, TokenIds
+from ..api import apply
+from ..core import Cut, Dims, Shape, TokenCounts, TokenIds
+from ..families import checkpoint_config, checkpoints, family_by_type, flops_dims, info_of
+from ..methods import METHODS, method as registered
 
 TEXT_TOKENS = 63  # the paper's text length (methods.md 7)
 
 
-@dataclass(frozen=True)
-class Dims:
-    """The sizes the FLOPs depend on."""
-
-    hidden: int  # decoder width d
-    intermediate: int  # decoder MLP width m (SwiGLU: gate, up, down)
-    n_layers: int
-    vocab: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_layers: int  # all of them run
-    vision_heads: int
-    vision_tokens: int  # per crop, CLS included (577)
-    patch_size: int
-    projector_in: int  # projector: projector_in -> projector_mid -> hidden
-    visual_per_crop: int  # visual tokens per crop entering the decoder, unpruned (576)
-    crops: int = 1  # nominal crops per image
-    extra_tokens: int = 0  # non-visual tokens beside the text that no method prunes
-    model_type: str = "llava"  # the family (`visiondrop.families.FAMILIES`), which builds the measuring proxy
-    vision_cls: int = 1  # CLS tokens among the vision tokens (no patch embedding; 0 on Qwen2.5-VL)
-    patch_channels: int = 3  # input values per pixel of a patch (Qwen2.5-VL: 3 channels x 2 frames)
-    vision_mlp: int = 2  # matrices of a tower MLP (CLIP fc1, fc2; Qwen2.5-VL's gated MLP: 3)
-    vision_windowed_layers: int = 0  # tower layers that attend within windows (the others: all vision tokens)
-    vision_window: int = 0  # vision tokens per attention window there
-    projector_mid: int | None = None  # the projector's inner width (None: the decoder's hidden)
-
-    @property
-    def n_visual(self) -> int:
-        return self.visual_per_crop * self.crops
-
-    @classmethod
-    def from_config(cls, config: Any) -> "Dims":
-        """From a transformers config of a supported family (its adapter reads it: `Family.flops_dims`)."""
-        from ..families import family_for
-
-        return family_for(config).flops_dims(config)
-
-
-LLAVA_15_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, vocab=32064, n_heads=32, n_kv_heads=32,
-                   head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
-                   vision_tokens=577, patch_size=14, projector_in=1024, visual_per_crop=576)
-#: Qwen2.5-VL-7B-Instruct on its nominal 672x672 image (48x48 patches, 576 visual tokens): 28 of its 32 tower
-#: layers attend within 8x8-patch windows (112 pixels), 4 (7/15/23/31) to all patches; the merger is
-#: RMSNorm + 5120 -> 5120 -> 3584 on each group of 2x2 patches
-QWEN25_VL_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=152064, n_heads=28, n_kv_heads=4,
-                    head_dim=128, vision_hidden=1280, vision_intermediate=3420, vision_layers=32, vision_heads=16,
-                    vision_tokens=2304, patch_size=14, projector_in=5120, visual_per_crop=576,
-                    model_type="qwen2_5_vl", vision_cls=0, patch_channels=6, vision_mlp=3, vision_windowed_layers=28,
-                    vision_window=64, projector_mid=5120)
-PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
-           "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next"),
-           "qwen2.5-vl-7b": QWEN25_VL_7B,
-           # LanguageBind/Video-LLaVA-7B-hf: one 8-frame video at 224/14, 257 tokens a frame (CLS kept)
-           "video-llava-7b": replace(LLAVA_15_7B, vision_tokens=257, visual_per_crop=257, crops=8,
-                                     model_type="video_llava")}
+def checkpoint_dims(model: str) -> Dims:
+    """The FLOPs dimensions of a registered checkpoint (`families.checkpoints()`), read from its config (LLaVA-NeXT's
+    with the paper's 49 extra tokens; Qwen2.5-VL-7B on its nominal 672x672 image: 48x48 patches, 576 visual tokens)."""
+    return replace(flops_dims(checkpoint_config(model)), extra_tokens=checkpoints()[model].extra_tokens)
 
 
 @dataclass(frozen=True)
@@ -156,35 +105,6 @@ class Breakdown:
                  "lm_head": "LM head", "overhead": "method overhead"}
         rows = [f"{names[k]:<16} {v / 1e12:>9.4f}" for k, v in asdict(self).items()]
         return "\n".join([f"{'component':<16} {'TFLOPs':>9}", *rows])
-
-
-@dataclass(frozen=True)
-class Cut:
-    """One reduction: `layer` None is an encoder stage (one per crop), else the decoder layer it precedes.
-
-    `before` tokens go in; `kept` of them stay and `merged` new tokens are made from the others.
-    """
-
-    layer: int | None
-    before: int
-    kept: int
-    merged: int
-
-    @property
-    def members(self) -> int:
-        """Tokens folded into the merged ones (neither kept nor serving as a merge anchor)."""
-        return self.before - self.kept - self.merged
-
-
-@dataclass(frozen=True)
-class TokenCounts:
-    """What a method does to one image: visual tokens entering each decoder layer, tokens projected, cuts."""
-
-    tokens_per_layer: tuple[int, ...]
-    projected: int
-    cuts: tuple[Cut, ...] = ()
-    crops: int = 1
-    newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")
 
 
 def _decoder_layer_macs(dims: Dims, n: int) -> int:
@@ -224,8 +144,6 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
 def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: int, **options: Any) -> float:
     """FLOPs of the matrix products of a method's own scoring and merging at its `cuts`, as the engine computes
     them (module docstring), by the method's recipe for these options (`methods.Overhead`)."""
-    from ..methods import method as registered
-
     recipe = registered(method).overhead(**options)
     q_dim, kv_dim, d = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim, dims.hidden
     macs = 0
@@ -235,14 +153,14 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
         if cut.layer is None:  # the importance row, then a merge on head-averaged keys
             dv, patches = dims.vision_hidden, dims.vision_tokens
             if dims.vision_cls:  # keys of all tokens, CLS query and logits
-                macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if recipe.encoder_row else 0)
+                macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if not recipe.eager_encoder else 0)
             else:  # the attention each patch receives: q, k, v of every patch (one projection), all logits
                 macs += 3 * patches * dv * dv + patches * patches * dv
             metric, width = dv // dims.vision_heads, dims.projector_in  # Qwen2.5-VL: 4 patches per token
         else:
             n = cut.before + text_tokens + dims.extra_tokens
             if recipe.rows is not None:
-                queries = {"visual": cut.before, "last": 1, "text": text_tokens, "all": n}[recipe.rows]
+                queries = {"visual": cut.before, "text": 1, "question": text_tokens, "all_queries": n}[recipe.rows]
                 macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim
             elif recipe.key_norms:
                 macs += n * d * kv_dim
@@ -271,8 +189,6 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: float | None = None,
                      **options: Any) -> TokenCounts:
     """Apply `method` to `model`, run one forward on `inputs` (one image), and read what it did."""
-    from ..api import apply
-
     cuts: list[Cut] = []
     with apply(model, method, budget, **options) as handle, torch.no_grad():
         _record_cuts(handle.policy, cuts)
@@ -284,9 +200,7 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
 
 
 def _n_visual(model: torch.nn.Module) -> int:
-    from ..families import ModelInfo
-
-    return ModelInfo.of(model).n_visual
+    return info_of(model).n_visual
 
 
 def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
@@ -319,8 +233,6 @@ def _proxy(model_type: str, n_layers: int, vision_layers: int) -> tuple[torch.nn
     """A tiny random model of the family `model_type` at the given depths, and its example input (the family's
     `example_inputs`: one image, e.g. LLaVA-NeXT's 672-pixel square of 5 crops, 2880 patches plus 48
     image-newline tokens); built once per process."""
-    from ..families import family_by_type
-
     family = family_by_type(model_type)
     config = family.build_config(replace(_PROXY_SHAPE, layers=n_layers, vision_layers=vision_layers), _PROXY_IDS)
     torch.manual_seed(0)
@@ -337,9 +249,6 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
 
     Method "none" needs no measurement: every layer sees all visual tokens.
     """
-    from ..families import family_by_type
-    from ..methods import method as registered
-
     if method == "none":
         if budget is not None and budget != dims.n_visual or options:
             raise ValueError(f"method 'none' keeps all {dims.n_visual} visual tokens and takes no options; "
@@ -356,7 +265,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
            repr(sorted(options.items())))
     if key not in _measured:
         model, inputs = _proxy(dims.model_type, dims.n_layers, dims.vision_layers)
-        proxy = Dims.from_config(model.config)
+        proxy = flops_dims(model.config)
         if (proxy.vision_tokens, proxy.visual_per_crop, proxy.crops) != (dims.vision_tokens, dims.visual_per_crop,
                                                                          dims.crops):
             raise NotImplementedError(
@@ -376,7 +285,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
 def method_flops(model: str | Dims, method: str = "none", budget: float | None = None,
                  text_tokens: int = TEXT_TOKENS, **options: Any) -> Breakdown:
     """Prefill FLOPs of `method` at `budget` on a preset name or Dims, with `text_tokens` non-visual tokens."""
-    dims = PRESETS[model] if isinstance(model, str) else model
+    dims = checkpoint_dims(model) if isinstance(model, str) else model
     sched = schedule(dims, method, budget, **options)
     dims = replace(dims, extra_tokens=max(0, dims.extra_tokens - sched.newlines))  # measured, not extra
     overhead = overhead_flops(dims, method, sched.cuts, text_tokens, **options)
@@ -394,11 +303,9 @@ def _runs(counts: Sequence[int]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from ..methods import METHODS
-
     parser = argparse.ArgumentParser(prog="python -m visiondrop.efficiency.flops", description="Prefill FLOPs of a method "
                                      "in the VisionDrop paper's convention (2 x MACs, full prefill forward).")
-    parser.add_argument("--model", choices=sorted(PRESETS), default="llava-1.5-7b")
+    parser.add_argument("--model", choices=list(checkpoints()), default="llava-1.5-7b")
     parser.add_argument("--method", choices=list(METHODS), default="none")
     parser.add_argument("--budget", type=float, help="average visual tokens per decoder layer (not for 'none')")
     parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS,
@@ -407,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.method != "none" and args.budget is None:
         parser.error(f"method {args.method!r} needs --budget")
     budget = None if args.budget is None else int(args.budget) if args.budget.is_integer() else args.budget
-    dims = PRESETS[args.model]
+    dims = checkpoint_dims(args.model)
     try:
         sched = schedule(dims, args.method, budget)
         result = method_flops(dims, args.method, budget, args.text_tokens)

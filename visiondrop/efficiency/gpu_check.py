@@ -8,11 +8,11 @@ Parts, each in a process of its own with its own time cap (a share of `--seconds
 as it goes (`<part>.json`), so a part that runs out of time or memory costs only itself; a second run skips the
 parts that completed unless `--force`:
 - `properties`: the engine's properties in bfloat16 on CUDA (`properties.check_model`) on the tiny model of every
-  architecture the latency benchmark builds (`latency.MODELS`, so a family registered there joins), every method at
-  its contract budget;
+  family (its first registered checkpoint, `families.checkpoints()`: a family joins by registering), every method
+  at its contract budget;
 - `properties-<model>`: the same once at full width, random weights (LLaVA-1.5-7B);
-- `latency-<model>`: for every image architecture of `latency.MODELS` at full width, random weights in bf16 built on
-  the device: `none` and every method at the model's paper budget (`latency.DEFAULT_BUDGETS`), batch sizes 1, 8,
+- `latency-<model>`: for every image family's first checkpoint at full width, random weights in bf16 built on the
+  device: `none` and every method at the checkpoint's paper budget (`Checkpoint.budget`), batch sizes 1, 8,
   32 until memory or the cap stops it (`latency._run`); the SDPA kernel torch picked for a padded and an unpadded
   batch; the method's own host syncs (`syncs.policy_syncs`, CUDA's sync debug mode);
 - `scaling`: prefill time against visual tokens at batch 8 on LLaVA-NeXT-7B (`latency.scaling`);
@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..families import checkpoint_config, checkpoints, family_by_type
 from . import latency
 from .latency import Row
 
@@ -88,11 +89,15 @@ class Settings:
         return list(METHODS)
 
 
-def image_models() -> list[str]:
-    """The architectures of the latency benchmark whose budgets count an image (a video model's are frames)."""
-    from ..families import family_for
+def family_models() -> list[str]:
+    """The first registered checkpoint of every family (`families.checkpoints()`): a family joins by registering."""
+    return list({c.model_type: name for name, c in reversed(checkpoints().items())}.values())[::-1]
 
-    return [m for m in latency.MODELS if not family_for(cfg := latency.build_config(m, "tiny")).model_info(cfg).video]
+
+def image_models() -> list[str]:
+    """Of `family_models`, those whose budgets count an image's tokens (a video model's count frames)."""
+    return [m for m in family_models() if not family_by_type(checkpoints()[m].model_type).model_info(
+        checkpoint_config(m, "tiny")).video]
 
 
 def plan() -> list[Part]:
@@ -132,7 +137,7 @@ def run_properties(part: Part, settings: Settings, folder: Path, deadline: float
     from ..methods import method
     from .properties import check_model
 
-    models = [part.model] if part.model else list(latency.MODELS)
+    models = [part.model] if part.model else family_models()
     width = settings.width if part.model else "tiny"
     device, out = torch.device(settings.device), folder / f"{part.name}.json"
     done: dict[str, Any] = {"complete": False, "dtype": str(settings.dtype).removeprefix("torch."),
@@ -142,7 +147,7 @@ def run_properties(part: Part, settings: Settings, folder: Path, deadline: float
         if time.monotonic() > deadline:
             done["skipped"].append(f"{model_name}: time cap reached")
             continue
-        config = latency.build_config(model_name, width, init_std=0.2 if width == "tiny" else 0.02)
+        config = checkpoint_config(model_name, width, init_std=0.2 if width == "tiny" else 0.02)
         model = latency.build_model(config, device, settings.dtype)
         info = ModelInfo.of(model)
         prompts = [latency.make_inputs(config, device, settings.dtype, n, seed=i)
@@ -185,10 +190,10 @@ def run_latency(part: Part, settings: Settings, folder: Path, deadline: float) -
     from .syncs import policy_syncs
 
     device, dtype = torch.device(settings.device), settings.dtype
-    budget = latency.DEFAULT_BUDGETS[part.model][0]
+    budget = checkpoints()[part.model].budget
     out = folder / f"{part.name}.json"
     started = time.monotonic()
-    net = latency.build_model(latency.build_config(part.model, settings.width), device, dtype, "sdpa")
+    net = latency.build_model(checkpoint_config(part.model, settings.width), device, dtype, "sdpa")
     done: dict[str, Any] = {"complete": False, "model": part.model, "width": settings.width, "budget": budget,
                             "build_s": time.monotonic() - started, "new_tokens": settings.new_tokens,
                             "rounds": [settings.warmup, settings.repeats], "rows": [], "stopped": None}
@@ -262,7 +267,7 @@ def _speedups(rows: list[Row]) -> dict[tuple[str, int], tuple[float | None, floa
 
 def summarise(folder: Path, settings: Settings, parts: Sequence[Part], log: dict[str, dict]) -> str:
     """Write summary.md and summary.png from the parts' files; return the headline line."""
-    from ..harness.tables import PAPER_MODELS, method_title
+    from ..methods import method_title
 
     fmt = latency._fmt
     paper = latency.paper_numbers()
@@ -302,7 +307,7 @@ def summarise(folder: Path, settings: Settings, parts: Sequence[Part], log: dict
             full = fulls.get(r.batch)
             flops = full.tflops / r.tflops if full and full.tflops and r.tflops else None
             budget = data.get("n_visual") if r.method == "none" else r.budget
-            ref = paper.get((PAPER_MODELS.get(p.model, ""), method_title(r.method), float(budget or 0)), {}) \
+            ref = paper.get((checkpoints()[p.model].paper or "", method_title(r.method), float(budget or 0)), {}) \
                 if r.batch == 1 else {}
             if r.status != "ok":
                 cells = [r.status] + [""] * 9
@@ -327,7 +332,7 @@ def summarise(folder: Path, settings: Settings, parts: Sequence[Part], log: dict
         for r in rows:
             if r.method == "visiondrop" and r.batch in (1, batches[-1]):
                 pre, e2e, _ = speed.get((r.method, r.batch), (None, None, None))
-                budget_ref = paper.get((PAPER_MODELS.get(p.model, ""), "VisionDrop", float(r.budget)), {})
+                budget_ref = paper.get((checkpoints()[p.model].paper or "", "VisionDrop", float(r.budget)), {})
                 table2.append((p.model, r.batch, pre, e2e, budget_ref.get("Speedup") if r.batch == 1 else None))
                 headline.append(f"{p.model} VisionDrop-{r.budget:g} batch {r.batch}: e2e {fmt(e2e, '.2f', 'x')}"
                                 + (f" (paper {budget_ref['Speedup']:.1f}x)" if r.batch == 1 and budget_ref else "")

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..families.base import Family, Rotate
+from ..core import EncoderView, Rotate
+from ..families.base import Family
 from .attention import gather_rows, decoder_attention, decoder_keys
 
 
@@ -24,36 +25,6 @@ class Selection:
 
     keep: Tensor
     merged: Tensor | None = None
-
-
-@dataclass
-class EncoderView:
-    """One vision-tower layer as an encoder-side policy sees it, for a batch of images (or crops).
-
-    With `has_cls`, token 0 is CLS and tokens 1.. are the patches in raster order; without (towers with no CLS,
-    e.g. Qwen2.5-VL's), every token is a patch (or a merged group of patches) in raster order.
-    hidden: [N, T, D] the layer's output (the features the model would project);
-    importance: [N, H, T] per head, the attention each token receives: the CLS query's attention probabilities
-    where the tower has CLS, else the mean attention it receives from all tokens (the paper's rule for towers
-    without CLS);
-    keys: [N, H, T, hd] that layer's keys (before scaling);
-    valid: [N, T] False for tokens the model's own layout discards (LLaVA-NeXT padding, when the policy keeps
-    that layout), or None: a policy should not spend its budget on them;
-    share: these images' visual tokens as a share of the nominal image's (`ModelInfo.per_crop`), by which a
-    policy's per-image counts scale: 1 where every image has the nominal count (LLaVA), the image's own tokens
-    over the nominal ones under dynamic resolution (Qwen2.5-VL).
-    """
-
-    hidden: Tensor
-    importance: Tensor
-    keys: Tensor
-    valid: Tensor | None = None
-    has_cls: bool = True
-    share: float = 1.0
-
-    def scaled(self, count: int) -> int:
-        """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""
-        return count if self.share == 1 else round(count * self.share)
 
 
 @dataclass
@@ -136,7 +107,7 @@ class Policy:
     #: and image-newline tokens) instead of the compact one of the official VisionDrop/VisionZip code.
     native_layout: bool = False
     #: Encoder stage: the vision tower runs with eager attention and the importance rows are its own attention
-    #: probabilities (`Family.encoder_view(eager=True)`), bit-identical to official code that asks for
+    #: probabilities (`Family.encoder_view(eager_encoder=True)`), bit-identical to official code that asks for
     #: `output_attentions`; for policies whose selection hangs on float ties. Default: the tower's own attention
     #: (SDPA) with the rows recomputed from one layer's q/k.
     eager_encoder: bool = False

@@ -16,13 +16,13 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ..methods import method, policy_for
-from ..families import ModelInfo
+from ..methods import Unreachable, method, policy_for
+from ..families import family_for
 from . import TASKS_DIR
-from .judge import Judge, judge_label, judge_record
+from .judge import Judge, judge_record
 from .judge import configure as configure_judge
 from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, input_options, run_identity
-from .store import ResultStore, options_label, read_samples
+from .store import ResultStore, judge_label, options_label, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,11 @@ def model_path(cfg: DictConfig) -> str:
                                     f"from the working directory, {Path.cwd()}); give an existing folder or a "
                                     "Hugging Face hub id such as llava-hf/llava-1.5-7b-hf")
         return given
-    from ..testing.tiny import build_tiny_llava
+    from ..testing.tiny import build_tiny
 
     path = project_path(cfg.results_dir).parent / "models" / cfg.model.name
     if not (path / "config.json").exists():
-        build_tiny_llava(path, seed=0)
+        build_tiny("llava", path, seed=0)
     return str(path)
 
 
@@ -101,16 +101,13 @@ def versions() -> dict:
 LOCAL_BUILDERS = ("parquet", "json", "csv", "arrow", "text", "imagefolder")
 
 
-class Unreachable(Exception):
-    """This method cannot run at this budget (or with these options) on this model."""
-
-
 def resolve_schedule(cfg: DictConfig, path: str, budget: Budget) -> dict:
     """The policy's resolved schedule from the checkpoint's config alone, so unreachable budgets are caught before
     loading. A wrong option name is the caller's mistake, not an unreachable budget: policy_for raises TypeError."""
     from transformers import AutoConfig
 
-    info = ModelInfo.from_config(AutoConfig.from_pretrained(path))
+    config = AutoConfig.from_pretrained(path)
+    info = family_for(config).model_info(config)
     options = dict(cfg.method.options)
     try:
         return policy_for(info, cfg.method.name, budget.tokens, **options).describe()
@@ -216,12 +213,13 @@ def local_task(bench: DictConfig, task_manager, folder: Path) -> str:
 
 def run_tflops(config, cfg: DictConfig, budget: Budget, text_tokens: float | None) -> float | None:
     """Prefill TFLOPs of one average sample of the run (paper convention, measured text length)."""
-    from ..efficiency.flops import Dims, method_flops
+    from ..efficiency.flops import method_flops
+    from ..families import flops_dims
 
     if text_tokens is None:
         return None  # no sample with an image
     try:
-        return method_flops(Dims.from_config(config), cfg.method.name, budget.tokens, round(text_tokens),
+        return method_flops(flops_dims(config), cfg.method.name, budget.tokens, round(text_tokens),
                             **cfg.method.options).total / 1e12
     except NotImplementedError as err:  # e.g. a baseline on LLaVA-NeXT, which the FLOPs model does not cover
         log.warning("no FLOPs for this run: %s", err)
@@ -234,12 +232,12 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from .lmms_model import PrunedLlava
+    from .lmms_model import PrunedLVLM
 
     store = ResultStore(project_path(cfg.results_dir))
     budget, todo = plan.budget, [bench for bench, _ in plan.todo]
     judge = plan.judge  # configured where the tasks read it, and its key checked, by plan_job
-    model = PrunedLlava(pretrained=plan.path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
+    model = PrunedLVLM(pretrained=plan.path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
                         dtype=cfg.model.dtype, device=cfg.model.device,
                         attn_implementation=cfg.model.attn_implementation,
                         image_aspect_ratio=cfg.model.image_aspect_ratio, conv_template=cfg.model.conv_template,
