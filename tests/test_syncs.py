@@ -11,7 +11,7 @@ import torch
 from visiondrop.efficiency.gpu_check import family_models
 from visiondrop.efficiency.latency import build_model, make_inputs
 from visiondrop.efficiency.syncs import HostReads, policy_syncs
-from visiondrop.families import ModelInfo, checkpoint_config
+from visiondrop.families import checkpoint_config, info_of
 from visiondrop.methods import METHODS, method
 
 BATCH = 2
@@ -38,7 +38,7 @@ def tiny_batch(request):
 @pytest.mark.parametrize("name", [m for m in METHODS if m != "none"])
 def test_no_host_reads_in_the_policy_calls(tiny_batch, name):
     model, inputs = tiny_batch
-    info = ModelInfo.of(model)
+    info = info_of(model)
     counts = policy_syncs(model, inputs, name, method(name).example_budget * info.n_visual / 576)
     allowed = {op: BATCH if n == "per sample" else n for op, n in REMAINING.get(name, {}).items()}
     excess = {op: n for op, n in counts.items() if n > allowed.get(op, 0)}

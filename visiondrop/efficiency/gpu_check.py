@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..families import checkpoint_config, checkpoints, family_by_type
+from ..families import checkpoint_config, checkpoints, family_by_type, info_of
 from . import latency
 from .latency import Row
 
@@ -133,7 +133,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 # -- the parts (each in its own process) ---------------------------------------------------------------------
 def run_properties(part: Part, settings: Settings, folder: Path, deadline: float) -> None:
-    from ..families import ModelInfo
     from ..methods import method
     from .properties import check_model
 
@@ -149,7 +148,7 @@ def run_properties(part: Part, settings: Settings, folder: Path, deadline: float
             continue
         config = checkpoint_config(model_name, width, init_std=0.2 if width == "tiny" else 0.02)
         model = latency.build_model(config, device, settings.dtype)
-        info = ModelInfo.of(model)
+        info = info_of(model)
         prompts = [latency.make_inputs(config, device, settings.dtype, n, seed=i)
                    for i, n in enumerate((latency.TEXT_TOKENS, latency.TEXT_TOKENS - 9, latency.TEXT_TOKENS - 17))]
         budget_of = lambda name: method(name).example_budget * info.n_visual / 576  # noqa: E731
