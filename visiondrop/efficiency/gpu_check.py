@@ -39,14 +39,15 @@ from . import latency
 from .latency import Row
 
 DRY_RUN = "dry-run"  # the folder of a --dry-run
-SECONDS = 450  # the parts' time in all: 7.5 minutes, the summary and process starts within 8
-DRY_RUN_SECONDS = 60  # the dry run's caps: on an idle CPU it finishes within them, on a loaded one the caps cut it
+SECONDS = 450  # the parts' time in all, their processes' starts included: 7.5 minutes, the summary within 8
+DRY_RUN_SECONDS = 240  # the dry run's: it needs about a minute of one idle core; generous for a loaded CI machine
+MIN_CAP = 3  # seconds: a part with less is not started
 GRACE = 20  # seconds past its cap before a part's process is stopped (it stops itself at the cap)
 BATCH_SIZES = (1, 8, 32)
 SCALING_MODEL, SCALING_BATCH = "llava-next-7b", 8
 FULL_WIDTH_PROPERTIES = ("llava-1.5-7b",)
 #: share of `--seconds` per kind of part; the latency parts split theirs equally
-SHARES = {"properties": 0.12, "properties-full": 0.1, "scaling": 0.13, "latency": 0.65}
+SHARES = {"properties": 0.11, "properties-full": 0.09, "scaling": 0.1, "latency": 0.7}
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,11 @@ def image_models() -> list[str]:
 
 
 def plan() -> list[Part]:
-    parts = [Part("properties", "properties")]
+    """The parts in the order they run: the speed measurements first (the question a GPU is lent for), so that
+    time lost to an earlier part shortens the properties' caps, not theirs."""
+    parts = [Part(f"latency-{m}", "latency", m) for m in image_models()] + [Part("scaling", "scaling", SCALING_MODEL)]
     parts += [Part(f"properties-{m}", "properties-full", m) for m in FULL_WIDTH_PROPERTIES]
-    parts += [Part(f"latency-{m}", "latency", m) for m in image_models()]
-    return parts + [Part("scaling", "scaling", SCALING_MODEL)]
+    return parts + [Part("properties", "properties")]
 
 
 def caps(parts: Sequence[Part], seconds: float) -> dict[str, float]:
@@ -415,8 +417,9 @@ def run_part(part: Part, settings: Settings, folder: Path, cap: float, own_proce
     """Run one part, in a process of its own that is stopped GRACE seconds past its cap (the GPU run: a part that
     hangs, or leaves the GPU's memory fragmented, costs only itself), or in this one (the dry run: one import of
     torch instead of one per part). Returns its log entry."""
+    # the deadline as a wall-clock time, so that the part's cap includes its process's start (importing torch)
     command = [sys.executable, "-m", "visiondrop.efficiency.gpu_check", "--part", part.name, "--folder",
-               str(folder), "--cap", f"{cap:.1f}"] + ["--dry-run"] * settings.dry_run
+               str(folder), "--until", f"{time.time() + cap:.3f}"] + ["--dry-run"] * settings.dry_run
     started = time.monotonic()
     try:
         if own_process:
@@ -443,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{DRY_RUN_SECONDS})")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run this part in this process
     parser.add_argument("--folder", help=argparse.SUPPRESS)
-    parser.add_argument("--cap", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--until", type=float, help=argparse.SUPPRESS)  # the part's deadline, time.time()
     args = parser.parse_args(argv)
     settings = Settings.make(args.dry_run)
     parts = plan()
@@ -451,16 +454,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(1)
     if args.part:
         part = next(p for p in parts if p.name == args.part)
-        RUNNERS[part.kind](part, settings, Path(args.folder), time.monotonic() + args.cap)
+        RUNNERS[part.kind](part, settings, Path(args.folder), time.monotonic() + args.until - time.time())
         return 0
     folder = Path(args.out) / folder_name(settings.dry_run)
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "parts.json"
     log = (_read_json(log_path) or {}) if not args.force else {}
-    for part, cap in caps(parts, args.seconds or (DRY_RUN_SECONDS if settings.dry_run else SECONDS)).items():
+    seconds = args.seconds or (DRY_RUN_SECONDS if settings.dry_run else SECONDS)
+    end = time.monotonic() + seconds  # a part that overran shortens the later ones' caps, not the total
+    for part, cap in caps(parts, seconds).items():
         part = next(p for p in parts if p.name == part)
         if not args.force and (_read_json(folder / f"{part.name}.json") or {}).get("complete"):
             print(f"gpu-check: {part.name} already complete in {folder} (--force runs it again)")
+            continue
+        cap = min(cap, end - time.monotonic())
+        if cap < MIN_CAP:
+            log[part.name] = {"state": "not run: no time left", "seconds": 0, "cap": cap}
+            _write_json(log_path, log)
             continue
         print(f"gpu-check: {part.name} (cap {cap:.0f} s)", flush=True)
         log[part.name] = run_part(part, settings, folder, cap, own_process=not settings.dry_run)
