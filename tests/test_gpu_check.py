@@ -50,10 +50,10 @@ def test_dry_run_runs_every_part_and_writes_the_summary(tmp_path):
     assert headline.startswith("gpu-check dry-run: llava-1.5-7b VisionDrop-64 batch 1: e2e ")
     assert summary.strip().endswith(headline)
 
+    complete = [p.name for p in ran if json.loads((folder / f"{p.name}.json").read_text())["complete"]]
+    assert complete, "no part completed within its cap"
     again = run(["--dry-run", "--out", str(tmp_path)])
     assert again.returncode == 0, again.stderr[-3000:]
-    complete = [p.name for p in parts if json.loads((folder / f"{p.name}.json").read_text())["complete"]]
-    assert complete, "no part completed within its cap"
     for name in complete:
         assert f"gpu-check: {name} already complete" in again.stdout
 

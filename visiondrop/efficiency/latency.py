@@ -673,9 +673,9 @@ def scaling(*, width: str | None = None, device: str | None = None, dtype: str |
                 measured.append(ScalingPoint(model, size, visual, pixels.shape[1] if pixels.dim() == 5 else 1,
                                              *rows))
             del net
-    title = (f"Scaling (measured): prefill of {'one sample' if batch == 1 else f'a batch of {batch}'} versus the visual "
-             f"tokens per sample, full and VisionDrop at retention "
-             f"ratio {ratio:.4g}; random weights, {setup.width} width; {setup.describe(n_threads)}; {text_tokens} "
+    prompts = "one sample" if batch == 1 else f"a batch of {batch}"
+    title = (f"Scaling (measured): prefill of {prompts} versus the visual tokens per sample, full and VisionDrop at "
+             f"retention ratio {ratio:.4g}; random weights, {setup.width} width; {setup.describe(n_threads)}; {text_tokens} "
              f"text tokens; warm-up {warmup}, median of {setup.repeats}; {_load_text(load)}")
     md = render_scaling(title, measured, setup.device)
     result = ScalingResult(title, measured, md)
