@@ -154,7 +154,8 @@ def run_properties(part: Part, settings: Settings, folder: Path, deadline: float
         prompts = [latency.make_inputs(config, device, settings.dtype, n, seed=i)
                    for i, n in enumerate((latency.TEXT_TOKENS, latency.TEXT_TOKENS - 9, latency.TEXT_TOKENS - 17))]
         budget_of = lambda name: method(name).example_budget * info.n_visual / 576  # noqa: E731
-        checks = check_model(model, f"{model_name} ({width})", prompts, settings.methods(properties=True), budget_of)
+        checks = check_model(model, f"{model_name} ({width})", prompts, settings.methods(properties=True), budget_of,
+                             lambda name: method(name).example_options(config))
         done["checks"] += [c.to_json() for c in checks]
         _write_json(out, done)
         del model
@@ -209,6 +210,7 @@ def run_latency(part: Part, settings: Settings, folder: Path, deadline: float) -
         latency._run(net, {batch: inputs}, rows, settings.warmup, settings.repeats,
                      f"gpu-check {part.model} batch {batch}", deadline=deadline)
         n_visual, _, _ = latency.count_flops(net, inputs, rows)
+        runs = {r.method for r in rows if r.status == "ok"}  # the methods that ran here (not: a missing weight)
         done["n_visual"] = n_visual
         done["rows"] += [asdict(r) for r in rows]
         if "sdpa_kernels" not in done and time.monotonic() < deadline and batch > 1:
@@ -223,8 +225,10 @@ def run_latency(part: Part, settings: Settings, folder: Path, deadline: float) -
             break
         del inputs
     if syncs_batch is not None and time.monotonic() < deadline:
-        done["host_syncs"] = {m: dict(policy_syncs(net, syncs_batch, m, budget))
-                              for m in settings.methods() if m != "none"}
+        done["host_syncs"] = {}
+        for m in (m for m in settings.methods() if m != "none" and m in runs):
+            done["host_syncs"][m] = dict(policy_syncs(net, syncs_batch, m, budget,
+                                                      **latency.example_options(m, net)))
     done["complete"] = done["stopped"] is None or "out of memory" in done["stopped"]
     _write_json(out, done)
 

@@ -16,7 +16,7 @@ Exact properties stay exact: `remove()` restores bit-identical logits.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -109,9 +109,11 @@ def left_padded(model: nn.Module, prompts: Sequence[dict[str, Tensor]]) -> dict[
 
 
 def check_model(model: nn.Module, name: str, prompts: Sequence[dict[str, Tensor]], methods: Sequence[str],
-                budget_of, tolerance: float = TOLERANCE) -> list[Check]:
-    """The five properties of `model` (called `name`) for each of `methods` at `budget_of(method)`, on a
-    left-padded batch of `prompts` (one-sample inputs of different lengths) and each prompt alone."""
+                budget_of: Callable[[str], float], options_of: Callable[[str], dict[str, Any]] = lambda _: {},
+                tolerance: float = TOLERANCE) -> list[Check]:
+    """The five properties of `model` (called `name`) for each of `methods` at `budget_of(method)` with
+    `options_of(method)`, on a left-padded batch of `prompts` (one-sample inputs of different lengths) and each
+    prompt alone."""
     from ..api import apply
 
     batch = left_padded(model, prompts)
@@ -142,18 +144,19 @@ def check_model(model: nn.Module, name: str, prompts: Sequence[dict[str, Tensor]
                    f"eager difference ({kernels:.3g})" if kernel_tolerance > tolerance else "")
     for method in methods:
         budget = None if method == "none" else budget_of(method)
-        with apply(model, method, budget), torch.inference_mode():
+        options = options_of(method)
+        with apply(model, method, budget, **options), torch.inference_mode():
             batched = greedy(model, batch)
             alone = [greedy(model, p) for p in prompts]
         if method == "none":
             record(method, "none == stock model", stock, batched)
         record(method, "batch == alone", tuple(torch.cat([a[k] for a in alone]) for k in (0, 1)), batched)
         with torch.inference_mode():
-            cached, replayed = cached_and_replayed(model, batch, method, budget, NEW_TOKENS)
+            cached, replayed = cached_and_replayed(model, batch, method, budget, NEW_TOKENS, **options)
         record(method, "cache == replay", cached, replayed)
         model.set_attn_implementation("eager")
         try:
-            with apply(model, method, budget), torch.inference_mode():
+            with apply(model, method, budget, **options), torch.inference_mode():
                 eager = greedy(model, batch)
         finally:
             model.set_attn_implementation(attention)
