@@ -236,12 +236,12 @@ class PruneVid(Policy):
         if self.alpha is not None:
             return self.alpha
         layers, before = self.info.n_layers, self.selected_layer + 1
-        target = self.share * int(cut.original_visual[g]) * layers
+        target = self.share * cut.original_visual * layers
         needed = (target - before * cut.n_visual) / ((layers - before) * cut.n_visual)
         if needed <= 0:
-            reach = before * cut.n_visual / layers / int(cut.original_visual[g])
+            reach = before * cut.n_visual / layers / cut.original_visual
             raise Unreachable(f"PruneVid's first stage keeps {cut.n_visual} of this video's "
-                              f"{int(cut.original_visual[g])} tokens through its first {before} layers: it cannot keep "
+                              f"{cut.original_visual} tokens through its first {before} layers: it cannot keep "
                               f"{self.share:.4g} of them on average, the least it keeps is {reach:.4g}")
         return min(needed, 1.0)
 

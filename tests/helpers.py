@@ -101,18 +101,10 @@ def measure_counts(model, batch: dict, method: str, budget=None, **options):
 
 def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens: int = 6, **options):
     """Greedy tokens with the KV cache, and without it while replaying the cached run's prefill decisions."""
-    import visiondrop
-    from visiondrop.api import Handle
-    from visiondrop.engine.replay import Replay
+    from visiondrop.efficiency.properties import cached_and_replayed as run_both
 
-    # a random tiny model may generate an image (or video) placeholder, which re-running the prompt without a cache
-    # would read as one more visual token: keep them out of both runs
-    placeholders = [getattr(model.config, f"{kind}_token_id", None) for kind in ("image", "video")]
-    no_placeholder = {"suppress_tokens": [i for i in placeholders if i is not None]}
-    with visiondrop.apply(model, method, budget, **options) as handle:
-        cached = greedy(model, batch, new_tokens, **no_placeholder)
-    with Handle(model, Replay(handle.policy, handle.trace)):
-        return cached, greedy(model, batch, new_tokens, use_cache=False, **no_placeholder)
+    (cached, _), (replayed, _) = run_both(model, batch, method, budget, new_tokens, **options)
+    return cached, replayed
 
 
 def flops_by_formula_and_counter(model, batch: dict, method: str, budget=None, **options) -> tuple[float, int]:

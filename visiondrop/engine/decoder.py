@@ -140,7 +140,7 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
             prev_hidden=None if prev_hidden is None else prev_hidden[rows], mask=run.mask[rows],
             cos=rope[0][rows], sin=rope[1][rows],
             visual=run.vis_start[rows].unsqueeze(1) + torch.arange(n, device=rows.device),
-            original_visual=original_visual[rows], samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
+            original_visual=n0, samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
             final_norm=final_norm, frames=f,
         )
 

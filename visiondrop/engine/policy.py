@@ -43,8 +43,9 @@ class DecoderCut:
 
     Sequences are left-padded: `mask` marks real tokens, `visual` holds the sequence indices of the current
     visual block, which is contiguous. `prev_hidden` is what entered layer `layer_idx - 1` (same tokens), for
-    methods that score with the layer that has just run. `original_visual` is each sample's visual-token
-    count before any reduction; `samples` are the group's rows in the batch, and `scratch` is a dict that lives
+    methods that score with the layer that has just run. `original_visual` is the group's visual-token count
+    before any reduction (its samples share it; a host int, so policies scale counts without reading the device);
+    `samples` are the group's rows in the batch, and `scratch` is a dict that lives
     for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample). `cos`/`sin`
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.
@@ -61,7 +62,7 @@ class DecoderCut:
     cos: Tensor
     sin: Tensor
     visual: Tensor
-    original_visual: Tensor
+    original_visual: int
     samples: list[int]
     scratch: dict = field(default_factory=dict)
     rotate: Rotate = Family.rotate
@@ -99,7 +100,7 @@ class DecoderCut:
         The identity on LLaVA-1.5 (every image has the nominal 576); on LLaVA-NeXT a sample's count follows its
         anyres grid, and counts are kept as fractions of it.
         """
-        return round(count * int(self.original_visual[0]) / nominal)  # a group shares its original count
+        return round(count * self.original_visual / nominal)
 
     def last_token(self) -> Tensor:
         """Sequence index [G, 1] of the last prompt token (sequences are left-padded)."""

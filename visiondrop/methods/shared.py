@@ -62,7 +62,7 @@ def video_layout(cut: DecoderCut, title: str) -> tuple[int, int]:
     if not cut.frames:
         raise ValueError(f"{title} reduces videos (it uses the redundancy between frames), and this batch holds an "
                          "image: run images with an image method, or method='none'")
-    if cut.n_visual != int(cut.original_visual[0]) or cut.n_visual % cut.frames:
+    if cut.n_visual != cut.original_visual or cut.n_visual % cut.frames:
         raise RuntimeError(f"{title} needs a video's own layout of equal frames, before any other cut")
     return cut.frames, cut.n_visual // cut.frames
 
