@@ -40,9 +40,9 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def tiny_shallow(tmp_path_factory):
     """A tiny LLaVA-1.5 with the demo model's 4-layer decoder (cut layers map onto it by relative depth)."""
-    from visiondrop.testing.tiny import build_tiny_llava, load_tiny_llava
+    from visiondrop.testing.tiny import build_tiny_llava, load_tiny
 
-    return load_tiny_llava(build_tiny_llava(tmp_path_factory.mktemp("shallow") / "llava", seed=0, text_layers=4))
+    return load_tiny(build_tiny_llava(tmp_path_factory.mktemp("shallow") / "llava", seed=0, text_layers=4))
 
 
 @pytest.fixture(scope="session")
