@@ -103,7 +103,7 @@ def test_position_bias_experiment_on_the_demo_setup(tmp_path, monkeypatch):
     checkout = tmp_path / "checkout"
     shutil.copytree(ROOT / "configs", checkout / "configs")
     monkeypatch.chdir(checkout)
-    assert run_cli(monkeypatch, "experiment=position_bias", "model=tiny", "benchmarks=demo", "budget=192",
+    assert run_cli(monkeypatch, "experiment=position_bias", "model=demo-llava-1.5", "benchmarks=demo", "budget=192",
                    "method=visiondrop,fastv,none", "limit=3", f"model.pretrained={DEMO_MODEL}",
                    "hydra.sweep.dir=sweep") == 0
     records = ResultStore(checkout / "results" / "runs").records()

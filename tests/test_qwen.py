@@ -254,7 +254,7 @@ def test_latency_benchmark_builds_the_7b_architecture_at_tiny_width():
 
 
 def test_hydra_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_qwen_dir):
-    """`model=qwen25_vl_7b` with the tiny checkpoint: a job at a retention ratio, max_pixels in its identity."""
+    """`model=qwen2.5-vl-7b` with the tiny checkpoint: a job at a retention ratio, max_pixels in its identity."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -264,7 +264,7 @@ def test_hydra_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_qwen_di
     root = Path(__file__).resolve().parents[1]
     with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=[
-            f"results_dir={tmp_path}/runs", "limit=2", "model=qwen25_vl_7b", f"model.pretrained={tiny_qwen_dir}",
+            f"results_dir={tmp_path}/runs", "limit=2", "model=qwen2.5-vl-7b", f"model.pretrained={tiny_qwen_dir}",
             "model.device=cpu", "model.dtype=float32", "model.max_pixels=50176", "method=visionzip",
             "budget.ratio=0.111111111"])
     [record] = job.run_job(cfg)

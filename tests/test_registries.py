@@ -125,3 +125,15 @@ def test_the_readme_is_a_front_page_that_lists_every_method_and_family():
     assert header.count("|") - 3 == len(FAMILIES)  # one column per family
     for link in re.findall(r"`((?:docs/|CONTRIBUTING)[\w/.-]*\.md)`", readme):
         assert (ROOT / link).exists(), link
+
+
+def test_a_model_has_one_name_in_configs_records_and_checkpoints():
+    """`model=<name>` selects the config that files its records under <name>, the name the FLOPs count, the
+    latency benchmark and the tables use for a registered checkpoint."""
+    import yaml
+
+    names = {}
+    for path in sorted((ROOT / "configs" / "model").glob("*.yaml")):
+        names[path.stem] = yaml.safe_load(path.read_text())["name"]
+    assert all(stem == name for stem, name in names.items()), names
+    assert set(checkpoints()) <= set(names)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from visiondrop.testing.tiny import build_tiny_llava, demo_image
+from visiondrop.testing.tiny import build_tiny, demo_image
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 
@@ -78,8 +78,8 @@ def test_outputs_depend_on_image(tiny):
 
 def test_same_seed_gives_identical_weights(tiny_dir, tmp_path):
     a = LlavaForConditionalGeneration.from_pretrained(tiny_dir).state_dict()  # seed 0
-    b = LlavaForConditionalGeneration.from_pretrained(build_tiny_llava(tmp_path / "b", seed=0)).state_dict()
-    c = LlavaForConditionalGeneration.from_pretrained(build_tiny_llava(tmp_path / "c", seed=4)).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(build_tiny("llava", tmp_path / "b", seed=0)).state_dict()
+    c = LlavaForConditionalGeneration.from_pretrained(build_tiny("llava", tmp_path / "c", seed=4)).state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])

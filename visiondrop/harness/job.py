@@ -78,11 +78,11 @@ def model_path(cfg: DictConfig) -> str:
                                     f"from the working directory, {Path.cwd()}); give an existing folder or a "
                                     "Hugging Face hub id such as llava-hf/llava-1.5-7b-hf")
         return given
-    from ..testing.tiny import build_tiny_llava
+    from ..testing.tiny import build_tiny
 
     path = project_path(cfg.results_dir).parent / "models" / cfg.model.name
     if not (path / "config.json").exists():
-        build_tiny_llava(path, seed=0)
+        build_tiny("llava", path, seed=0)
     return str(path)
 
 

@@ -18,11 +18,8 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from ..families import Family, Shape, TokenIds, family_for
+from ..families import Family, Shape, TokenIds, family_by_type, family_for
 from ..families.llava import LLAVA
-from ..families.llava_next import LLAVA_NEXT
-from ..families.video_llava import VIDEO_LLAVA
-from ..families.qwen2_5_vl import QWEN2_5_VL
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
 
@@ -112,49 +109,25 @@ def _build(
     return out_dir
 
 
-def build_tiny_llava(out_dir: str | Path, **knobs) -> Path:
-    """Build, save and return the path of a tiny random LLaVA-1.5 (model, tokenizer, processor).
+def build_tiny(model_type: str, out_dir: str | Path, **knobs) -> Path:
+    """Build, save and return the path of a tiny random model of the registered family `model_type` (model,
+    tokenizer, processor), saved like a user's checkpoint: the real depths of the family's first checkpoint
+    (`Family.checkpoints`; grouped-query attention with 2 key-value heads where it has it) at a tiny width.
 
-    knobs (keywords, see `_build`: seed, text_layers, vision_layers, hidden, vision_hidden, heads, vocab_size,
-    init_std): ``vocab_size`` is the BPE training target; the model's vocabulary is the trained tokenizer's size.
-    ``init_std`` is larger than the usual 0.02 so that random logits are far from uniform.
+    knobs (keywords, see `_build`: seed, text_layers, vision_layers, hidden, vision_hidden, heads, kv_heads,
+    vocab_size, init_std): ``vocab_size`` is the BPE training target; the model's vocabulary is the trained
+    tokenizer's size. ``init_std`` is larger than the usual 0.02 so that random logits are far from uniform.
     """
-    return _build(out_dir, LLAVA, **knobs)
-
-
-def build_tiny_llava_next(out_dir: str | Path, **knobs) -> Path:
-    """Build, save and return the path of a tiny random LLaVA-NeXT (llava-v1.6-vicuna-7b-hf layout).
-
-    Same tower, decoder, tokenizer and knobs as :func:`build_tiny_llava`, plus the AnyRes image
-    processor (base 336x336 view + up to 4 crops of 336x336 chosen from ``families.llava_next.GRID_PINPOINTS``)
-    and the model's ``image_newline`` parameter.
-    """
-    return _build(out_dir, LLAVA_NEXT, **knobs)
-
-
-def build_tiny_video_llava(out_dir: str | Path, **knobs) -> Path:
-    """Build, save and return the path of a tiny random Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf layout).
-
-    Image and video CLIP towers of 24 layers at 224/14 (257 tokens a frame, CLS kept in videos: 8 x 257 = 2,056
-    visual tokens; an image has 256), a 32-layer Llama at tiny width, the tokenizer with `<video>`, and the
-    torchvision-free processor (`families.video_llava`). Same knobs as :func:`build_tiny_llava`.
-    """
-    return _build(out_dir, VIDEO_LLAVA, **knobs)
-def build_tiny_qwen2_5_vl(out_dir: str | Path, **knobs) -> Path:
-    """Build, save and return the path of a tiny random Qwen2.5-VL (Qwen2.5-VL-7B-Instruct layout).
-
-    The real depths by default (a 32-block windowed ViT with full attention in blocks 7/15/23/31, window 112,
-    2x2 merger; a 28-layer M-RoPE decoder with grouped-query attention, 2 key-value heads of 4) at a tiny width;
-    the tokenizer adds Qwen's special tokens and chat template; the image processor is Qwen2-VL's PIL one (no
-    torchvision). Knobs as :func:`build_tiny_llava`.
-    """
-    return _build(out_dir, QWEN2_5_VL, **{"text_layers": 28, "vision_layers": 32, "kv_heads": 2, **knobs})
+    family = family_by_type(model_type)
+    real = family.checkpoints[0].shape
+    depths = {"text_layers": real.layers, "vision_layers": real.vision_layers, "kv_heads": 2 if real.kv_heads else None}
+    return _build(out_dir, family, **{**depths, **knobs})
 
 
 def load_tiny(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a folder written by a tiny-model builder of any family (`build_tiny_<family>`),
+    """Load a folder written by a tiny-model builder of any family (`build_tiny`),
     as a user loads a checkpoint.
 
     The model class and the processor follow the saved config's family; the model is returned in eval mode.
