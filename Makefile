@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install lock test test-latest demo table1 table1_full table_video table2 throughput scaling position_bias position_bias_demo controlled_study ablations controlled_study_demo ablations_demo clean
+.PHONY: install lock test test-latest demo table1 table1_full table_video table2 throughput scaling gpu-check position_bias position_bias_demo controlled_study ablations controlled_study_demo ablations_demo clean
 
 # The two packages pyproject.toml cannot pin: torch (a CPU or CUDA build of one version, chosen by the machine) and
 # lmms-eval (installed with --no-deps: its metadata drags in torchvision and an unpinned torch, stack-notes.md).
@@ -51,6 +51,7 @@ LATEST := .venv-latest
 CANARY_TESTS := tests/test_engine.py tests/test_contract.py tests/test_generate.py tests/test_selection.py \
 	tests/test_scoring.py tests/test_parity.py tests/test_fastv.py tests/test_pyramiddrop.py \
 	tests/test_sparsevlm.py tests/test_visionzip.py tests/test_dart.py tests/test_divprune.py tests/test_vispruner.py \
+	tests/test_fastervlm.py tests/test_hiprune.py tests/test_tome.py \
 	tests/test_next.py tests/test_qwen.py tests/test_video_llava.py tests/test_video_qa.py tests/test_lmms_plugin.py
 test-latest:
 	rm -rf $(LATEST)
@@ -109,6 +110,15 @@ ablations_demo: install
 # reduced width, same depths; tens of minutes).
 table2: install
 	$(PY) -m visiondrop.efficiency.latency
+
+# Everything that needs a GPU, in one command of at most 8 minutes (any NVIDIA GPU with 40+ GB): the engine's
+# properties in bf16, Table 2 at full size for every image family with the batch axis, scaling at batch 8, the SDPA
+# kernels and the methods' host syncs; results/gpu/<gpu-name>/summary.{md,png} and one headline line. A second run
+# skips the parts that completed (add --force: `make gpu-check GPU_CHECK_ARGS=--force`). CI runs this command with
+# --dry-run appended (every part at tiny size on the CPU, results/gpu/dry-run/).
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 # Throughput by batch size, full and VisionDrop side by side (the committed results/latency/ tables). On a CPU
 # shared with other work: make throughput LATENCY_ARGS="--clock process" (how the committed CPU tables were taken).

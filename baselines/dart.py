@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from visiondrop.engine import DecoderCut, Policy, Selection
+from visiondrop.engine import DecoderCut, Policy, Selection, unmarked
 from visiondrop.core import ModelInfo
 from visiondrop.methods import Method, Overhead
 
@@ -150,11 +150,12 @@ class DART(Policy):
         negative_cos = -(pivot_features @ cut.visual_rows(features).transpose(1, 2))  # [G, pivots, n]
         free = torch.ones_like(cut.visual, dtype=torch.bool)  # candidates: the non-pivot image tokens left
         free.scatter_(1, image, False)
-        per_pivot = self.per_pivot(cut.n_visual, cut.scaled(self.truncation, self.info.n_visual))
+        truncation = cut.scaled(self.truncation, self.info.n_visual)
+        per_pivot, kept = self.per_pivot(cut.n_visual, truncation), self.kept(cut.n_visual, truncation)
         for step in range(order.shape[1]):
             picks = negative_cos[:, step].masked_fill(~free, float("-inf")).topk(per_pivot, dim=-1).indices
             free.scatter_(1, picks, False)
-        return Selection((~free).nonzero()[:, 1].view(free.shape[0], -1))  # ascending: the original order
+        return Selection(unmarked(free, kept))  # the taken ones (not free), ascending: the original order
 
     def describe(self) -> dict:
         n0, layers = self.info.n_visual, self.info.n_layers

@@ -98,7 +98,7 @@ class PyramidDrop(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         stage = self.cut_layers.index(cut.layer_idx) + 1
-        keep = stage_counts(int(cut.original_visual[0]), self.decay, stage)[-1]  # a group shares its N0
+        keep = stage_counts(cut.original_visual, self.decay, stage)[-1]
         return Selection(topk_in_order(self.scores(cut), keep))
 
     def describe(self) -> dict:

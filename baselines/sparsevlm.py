@@ -215,7 +215,7 @@ class SparseVLM(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         scores = self.scores(cut)
-        lists = self.lists_for(int(cut.original_visual[0]))  # a group shares its original count
+        lists = self.lists_for(cut.original_visual)
         keep = topk_in_order(scores, min(lists[self.cut_layers.index(cut.layer_idx)], cut.n_visual - 1))
         if not self.recycle:
             return Selection(keep)

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import demo_image
+
+#: the registered methods that take images (video-only ones refuse them: tests/test_contract.py)
+IMAGE_METHODS = [name for name in METHODS if not method(name).video_only]
 
 #: How far float32 reordering moves one computation done two ways (SDPA or eager attention, in a batch or alone, with
 #: or without a cache, AVX-512, AVX2 or scalar kernels): the rounding of every sum enters each layer at the last bit
@@ -57,6 +61,28 @@ class LayerCounter:
             h.remove()
 
 
+def assert_each_alone_equals_the_batch(model, handle, run, singles: list[dict], batch_out: tuple, trace,
+                                       name: str, atol: float = 1e-8) -> list[list[int]]:
+    """Run each sample of a batch alone under the applied `handle` (`run(model, inputs)` -> (tokens, logits)): its
+    kept tokens, visual tokens per layer, logits and tokens equal the batch's (`batch_out`, `trace`). Returns, per
+    sample, the sequence length entering each decoder layer of its alone prefill, counted with forward pre-hooks."""
+    tokens, logits = batch_out
+    lengths = []
+    for i, single in enumerate(singles):
+        counter = LayerCounter(model)
+        try:
+            alone_tokens, alone_logits = run(model, single)
+        finally:
+            counter.close()
+        assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
+        assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=atol, rtol=atol,
+                                   msg=lambda m: f"{name}: sample {i} in the batch vs alone: {m}")
+        assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: sample {i} generates other tokens in a batch"
+        lengths.append(counter.lengths[:len(handle.trace.tokens_per_layer[0])])
+    return lengths
+
+
 def measure_counts(model, batch: dict, method: str, budget=None, **options):
     """Visual tokens entering each decoder layer of a one-sample batch, counted with pre-hooks (not the trace)."""
     import visiondrop
@@ -75,15 +101,24 @@ def measure_counts(model, batch: dict, method: str, budget=None, **options):
 
 def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens: int = 6, **options):
     """Greedy tokens with the KV cache, and without it while replaying the cached run's prefill decisions."""
-    import visiondrop
-    from visiondrop.api import Handle
-    from visiondrop.engine.replay import Replay
+    from visiondrop.efficiency.properties import cached_and_replayed as run_both
 
-    # a random tiny model may generate an image (or video) placeholder, which re-running the prompt without a cache
-    # would read as one more visual token: keep them out of both runs
-    placeholders = [getattr(model.config, f"{kind}_token_id", None) for kind in ("image", "video")]
-    no_placeholder = {"suppress_tokens": [i for i in placeholders if i is not None]}
-    with visiondrop.apply(model, method, budget, **options) as handle:
-        cached = greedy(model, batch, new_tokens, **no_placeholder)
-    with Handle(model, Replay(handle.policy, handle.trace)):
-        return cached, greedy(model, batch, new_tokens, use_cache=False, **no_placeholder)
+    (cached, _), (replayed, _) = run_both(model, batch, method, budget, new_tokens, **options)
+    return cached, replayed
+
+
+def flops_by_formula_and_counter(model, batch: dict, method: str, budget=None, **options) -> tuple[float, int]:
+    """A one-image prefill's FLOPs by the analytic count (schedule, overhead, a tower that merges inside) and as
+    torch's FlopCounterMode counts the real forward."""
+    from visiondrop.efficiency.flops import (flop_counter, measure_schedule, overhead_flops, prefill_flops,
+                                             tower_flops)
+    from visiondrop.families import flops_dims
+
+    with flop_counter() as counter:
+        sched = measure_schedule(model, batch, method, budget, **options)
+    dims = flops_dims(model.config)
+    text = batch["input_ids"].shape[1] - dims.n_visual
+    overhead = overhead_flops(dims, method, sched.cuts, text, **options)
+    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead,
+                            tower_tokens=tower_flops(dims, method, sched.cuts, **options))
+    return formula.total, counter.get_total_flops()

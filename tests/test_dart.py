@@ -84,7 +84,7 @@ class CraftedCut(DecoderCut):
         norm = nn.Linear(3, 3, bias=False)
         norm.weight.data = torch.diag(torch.tensor([1.0, 1.0, 10.0]))
         super().__init__(layer_idx=2, layers=None, hidden=hidden, prev_hidden=hidden - 1, mask=mask, cos=None,
-                         sin=None, visual=visual, original_visual=torch.full((1,), visual.shape[1]), samples=[0],
+                         sin=None, visual=visual, original_visual=visual.shape[1], samples=[0],
                          final_norm=norm)
         self.given_keys, self.calls = keys, []
 

@@ -32,7 +32,7 @@ class CraftedCut(DecoderCut):
         g, _, length, _ = probs.shape
         hidden = torch.zeros(g, length, 1)
         super().__init__(layer_idx=2, layers=None, hidden=hidden, prev_hidden=hidden + 1, mask=mask, cos=None,
-                         sin=None, visual=visual, original_visual=torch.full((g,), visual.shape[1]),
+                         sin=None, visual=visual, original_visual=visual.shape[1],
                          samples=list(range(g)))
         self.probs, self.calls = probs, []
 

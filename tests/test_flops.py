@@ -11,6 +11,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextCo
 from helpers import inputs
 from visiondrop.families import flops_dims
 from visiondrop.api import METHODS
+from visiondrop.methods import method as registered
 from visiondrop.efficiency.flops import (checkpoint_dims, flop_counter, main, measure_schedule, method_flops, overhead_flops,
                               prefill_flops, schedule)
 
@@ -82,7 +83,8 @@ def test_formula_matches_torch_flop_counter(tiny, method, budget):
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
 def test_overhead_is_small(method):
-    result = method_flops("llava-1.5-7b", method, 64)
+    model, budget = ("video-llava-7b", 1028) if registered(method).video_only else ("llava-1.5-7b", 64)
+    result = method_flops(model, method, budget)
     assert 0 <= result.overhead < 0.05 * result.decoder
     assert (result.overhead == 0) == (method == "random")
 

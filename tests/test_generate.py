@@ -13,8 +13,9 @@ from visiondrop.methods import METHODS as REGISTERED, method as registered
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no."]
-#: every registered method at the budget the contract runs it at
-METHODS = [(name, None if name == "none" else registered(name).example_budget) for name in REGISTERED]
+#: every registered method that takes images at the budget the contract runs it at
+METHODS = [(name, None if name == "none" else registered(name).example_budget) for name in REGISTERED
+           if not registered(name).video_only]
 
 
 def sample(model, batch: dict, seed: int, new_tokens: int = 6, **kwargs) -> torch.Tensor:
@@ -36,7 +37,7 @@ def test_sampling_several_sequences_equals_the_repeated_batch(tiny, method, budg
     model, processor = tiny
     batch = inputs(processor, QUESTIONS)
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test padding"
-    with visiondrop.apply(model, method, budget) as handle:
+    with visiondrop.apply(model, method, budget, **registered(method).example_options(model.config)) as handle:
         several = sample(model, batch, seed=3, num_return_sequences=2)
         counts = handle.trace.tokens_per_layer
         written_out = sample(model, repeated(batch, 2), seed=3)
@@ -162,14 +163,15 @@ def test_unknown_option_names_the_valid_ones(tiny):
     assert policy_for(info, "random", 64, seed=1).describe()  # valid options still pass
 
 
-@pytest.mark.parametrize("method", [name for name in REGISTERED if name != "none"])
+@pytest.mark.parametrize("method", [name for name, _ in METHODS if name != "none"])  # the ones that take images
 def test_ratio_is_the_budget_as_a_share_of_the_visual_tokens(tiny, method):
     model, processor = tiny
     batch = inputs(processor, QUESTIONS)
-    with visiondrop.apply(model, method, ratio=192 / 576) as by_ratio:
+    options = registered(method).example_options(model.config)
+    with visiondrop.apply(model, method, ratio=192 / 576, **options) as by_ratio:
         tokens = greedy(model, batch, 3)
         kept = by_ratio.trace.tokens_per_layer
-    with visiondrop.apply(model, method, 192) as by_budget:
+    with visiondrop.apply(model, method, 192, **options) as by_budget:
         assert by_ratio.policy.describe() == by_budget.policy.describe()
         assert torch.equal(greedy(model, batch, 3), tokens)
         assert by_budget.trace.tokens_per_layer == kept

@@ -32,7 +32,7 @@ def test_score_is_last_token_row_of_the_next_layer_mean_over_heads_counts_from_o
     # the original 10, not int(5 * .55) = 2 of the 5 that stage 1 left.
     cut = CraftedCut(layer_idx=8, layers=None, hidden=torch.randn(1, 8, 4), prev_hidden=torch.randn(1, 8, 4),
                      mask=torch.ones(1, 8, dtype=torch.bool), cos=None, sin=None,
-                     visual=torch.arange(2, 7).unsqueeze(0), original_visual=torch.tensor([10]), samples=[0],
+                     visual=torch.arange(2, 7).unsqueeze(0), original_visual=10, samples=[0],
                      scratch={"probs": probs})
     pd = pyramiddrop_policy(INFO, layer_list=[2, 8, 16], decay=0.55)
     sel = pd.select_decoder(cut)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import assert_equal_up_to_reordering, greedy, measure_counts
+from helpers import IMAGE_METHODS, assert_equal_up_to_reordering, greedy, measure_counts
 from visiondrop.families import family_of, flops_dims
 from visiondrop.families.qwen2_5_vl import NOMINAL_SIDE
-from visiondrop.methods import METHODS, method
+from visiondrop.methods import method
 from visiondrop.testing.tiny import demo_image, load_tiny
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
@@ -56,7 +56,7 @@ def eager(tiny_qwen_dir):
     return load_tiny(tiny_qwen_dir, attn_implementation="eager")[0]
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_sdpa_equals_eager(qwen, eager, name):
     model, processor, images = qwen
     batch = batch_of(processor, QUESTIONS[:2], images[:2])
@@ -81,7 +81,7 @@ def described_mean(described: dict) -> float:
     return described.get("mean_tokens_entering_layers", described.get("equivalent_tokens", 576))
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if n != "none"])
+@pytest.mark.parametrize("name", [n for n in IMAGE_METHODS if n != "none"])
 def test_ratio_keeps_that_share_of_each_image(qwen, name):
     """ratio=r: every image keeps about r of its own visual tokens (mean over the layers, counted with hooks)."""
     model, processor, images = qwen

@@ -46,7 +46,7 @@ def test_pyramiddrop_visual_scoring_by_hand():
     # visual columns, mean over heads and the 3 query rows (masked zeros included): 1.9/6, 2.1/6, 0.8/6
     cut = CraftedCut(layer_idx=8, layers=None, hidden=torch.randn(1, 5, 4), prev_hidden=None,
                      mask=torch.ones(1, 5, dtype=torch.bool), cos=None, sin=None,
-                     visual=torch.tensor([[1, 2, 3]]), original_visual=torch.tensor([4]), samples=[0],
+                     visual=torch.tensor([[1, 2, 3]]), original_visual=4, samples=[0],
                      scratch={"probs": probs})
     pd = pyramiddrop_policy(INFO, layer_list=[2, 8, 16], decay=0.5, scoring="visual")
     torch.testing.assert_close(pd.scores(cut), torch.tensor([[1.9, 2.1, 0.8]]) / 6)

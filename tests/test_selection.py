@@ -77,7 +77,7 @@ def test_visiondrop_decoder_score_is_mean_over_heads_and_visual_queries():
     # token 1: (.5+1 + .2+.9 + .1+0)/6 = .45, token 2: (0+0 + .6+.1 + .1+0)/6 = .1333, token 3: (.7+.6)/6 = .2167
     cut = CraftedCut(layer_idx=8, layers=None, hidden=torch.randn(1, 5, 4), prev_hidden=None,
                      mask=torch.ones(1, 5, dtype=torch.bool), cos=None, sin=None,
-                     visual=torch.tensor([[1, 2, 3]]), original_visual=torch.tensor([576]), samples=[0],
+                     visual=torch.tensor([[1, 2, 3]]), original_visual=576, samples=[0],
                      scratch={"probs": probs, "keys": torch.randn(1, 2, 5, 4)})
     policy = VisionDrop(Schedule(None, ((8, Stage(2, 1)),)), _info())
     sel = policy.select_decoder(cut)

@@ -48,7 +48,7 @@ def fake_cut(hidden: torch.Tensor, visual: list[list[int]], layer_idx: int = 3, 
     batch, length, _ = hidden.shape
     cut = FakeCut(layer_idx=layer_idx, layers=None, hidden=hidden, prev_hidden=hidden + 1000.0,
                   mask=torch.ones(batch, length, dtype=torch.bool), cos=None, sin=None,
-                  visual=torch.tensor(visual), original_visual=torch.tensor([576] * batch),  # a 576-token image, as the keep lists assume
+                  visual=torch.tensor(visual), original_visual=576,  # a 576-token image, as the keep lists assume
                   samples=list(range(batch)), scratch={})
     cut.probs, cut.calls = probs, []
     return cut

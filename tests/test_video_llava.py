@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import SYSTEM, LayerCounter, greedy
+from helpers import SYSTEM, LayerCounter, assert_each_alone_equals_the_batch, greedy
 from visiondrop.api import Handle
 from visiondrop.engine.replay import Replay
 from visiondrop.families import ModelInfo, flops_dims, info_of
@@ -105,28 +105,24 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     pre-hooks, are the trace's and the description's; the retention ratio holds."""
     model, processor = model_and_processor
     ratio = ratio_of(name)
-    with visiondrop.apply(model, name, ratio=ratio) as handle:
-        tokens, logits = run(model, batch)
+    singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
+    with visiondrop.apply(model, name, ratio=ratio, **method(name).example_options(model.config)) as handle:
+        out = run(model, batch)
         trace = handle.trace
-        for i, question in enumerate(QUESTIONS):
-            counter = LayerCounter(model)
-            try:
-                alone_tokens, alone_logits = run(model, encode(processor, [question], clips[i:i + 1]))
-            finally:
-                counter.close()
-            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
-            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
-            torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8,
-                                       msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
-            assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
-            n_text = int(batch["attention_mask"][i].sum()) - 2056
-            assert [n - n_text for n in counter.lengths[:32]] == handle.trace.tokens_per_layer[0]  # the prefill
+        lengths = assert_each_alone_equals_the_batch(model, handle, run, singles, out, trace, name)
+    for i, prefill in enumerate(lengths):
+        n_text = int(batch["attention_mask"][i].sum()) - 2056
+        assert [n - n_text for n in prefill] == trace.tokens_per_layer[i]  # counted with pre-hooks
+    tokens = out[0]
     if name != "none":  # no decisions to replay: its cached decoding is the stock model's (test above)
         with Handle(model, Replay(handle.policy, trace)):
             assert torch.equal(greedy(model, batch, NEW_TOKENS, use_cache=False), tokens), f"{name}: cached vs replayed"
     measured = handle.trace.tokens_per_layer[0]
     described = handle.policy.describe()
-    assert sum(measured) / len(measured) == described_mean(described, 2056)
+    if method(name).exact_count:
+        assert sum(measured) / len(measured) == described_mean(described, 2056)
+    else:  # per-frame counts rounded per frame (VidCom2): within a token a frame of the description
+        assert abs(sum(measured) / len(measured) - described_mean(described, 2056)) <= 8, f"{name}: {measured}"
     if name != "none":  # the ratio holds, in the method's own count, within one token a frame (whole counts)
         assert abs(described["equivalent_tokens"] - ratio * 2056) <= 8, f"{name}: {described}"
 

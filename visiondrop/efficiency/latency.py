@@ -57,9 +57,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..engine import decoder as engine_decoder, encoder as engine_encoder
-from ..families import checkpoint_config, checkpoints, family_by_type, family_for, flops_dims
+from ..families import Dims, checkpoint_config, checkpoints, family_by_type, family_for, flops_dims
 from .flops import TEXT_TOKENS, method_flops
-from ..methods import METHODS, method_title
+from ..methods import METHODS, method as registered, method_title
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
 
@@ -69,7 +69,15 @@ def image_models() -> list[str]:
     return [name for name, c in checkpoints().items()
             if c.paper and not family_by_type(c.model_type).model_info(checkpoint_config(name, "tiny")).video]
 
+def example_options(method: str, model: nn.Module) -> dict:
+    """What a random model lacks for the method's defaults (`Method.example_options`: CDPruner's text side, a
+    random tiny CLIP text tower: its few FLOPs are not what is timed)."""
+    return registered(method).example_options(model.config)
+
+
 DEFAULT_BATCH_SIZES = {"cuda": (1, 8, 32), "cpu": (1, 8)}
+TIME_CAP = "not measured: time cap reached"  # a row `_run` had no time left for
+OUT_OF_MEMORY = "out of memory"
 SCALING_RATIO = 64 / 576  # the paper's budget 64 of LLaVA-1.5's 576 tokens (and 320 of NeXT's 2880)
 #: the scaling run's images: (model, image (height, width); None = the model's own size)
 SCALING_POINTS = (("llava-1.5-7b", None), ("llava-next-7b", (336, 672)), ("llava-next-7b", (1008, 336)),
@@ -283,7 +291,7 @@ def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | No
     def generate(n: int) -> None:
         model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen)
 
-    handle = None if method == "none" else apply(model, method, budget, ratio)
+    handle = None if method == "none" else apply(model, method, budget, ratio, **example_options(method, model))
     try:
         memory.reset()
         if handle is None:
@@ -314,7 +322,7 @@ def profile_prefill(model: nn.Module, inputs: dict, method: str, budget: float |
 
     cuda = inputs["input_ids"].device.type == "cuda"
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-    handle = None if method == "none" else apply(model, method, budget, ratio)
+    handle = None if method == "none" else apply(model, method, budget, ratio, **example_options(method, model))
     try:
         clock = _overhead_clock(handle.policy, cuda) if handle else nullcontext()
         with torch.inference_mode(), clock:
@@ -460,15 +468,7 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
                     + profile_prefill(net, inputs[r.batch], r.method, r.budget, r.ratio)
                     for r in rows if profile and r.status == "ok"]
     config = net.config
-    n_visual, modality = visual_tokens(net, inputs[batch_sizes[0]])
-    dims = flops_dims(config)
-    dims = replace(dims, extra_tokens=n_visual - dims.n_visual)  # LLaVA-NeXT's row newlines
-    for row in rows:
-        row.tokens = dims.n_visual if row.method == "none" else row.median("tokens")
-        try:
-            row.tflops = method_flops(dims, row.method, row.budget, text_tokens).total / 1e12
-        except (ValueError, NotImplementedError):
-            pass
+    n_visual, modality, dims = count_flops(net, inputs[batch_sizes[0]], rows, text_tokens)
     label = Path(pretrained).name if pretrained else model
     title = (f"Table 2 (measured): {label}, {'checkpoint ' + str(pretrained) if pretrained else 'random weights'}, "
              f"{setup.width} width (decoder {config.text_config.hidden_size}, vision {config.vision_config.hidden_size}; "
@@ -488,15 +488,36 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
     return Result(label, title, rows, md, path)
 
 
+def count_flops(model: nn.Module, inputs: dict, rows: list[Row], text_tokens: int = TEXT_TOKENS,
+                ) -> tuple[int, str, Dims]:
+    """Fill each row's FLOPs of one sample's prefill and its visual tokens (the model's, or the trace's measured
+    mean); returns the visual tokens of a sample of `inputs`, their modality and the FLOPs dimensions."""
+    n_visual, modality = visual_tokens(model, inputs)
+    dims = flops_dims(model.config)
+    dims = replace(dims, extra_tokens=n_visual - dims.n_visual)  # LLaVA-NeXT's row newlines
+    for row in rows:
+        row.tokens = dims.n_visual if row.method == "none" else row.median("tokens")
+        try:
+            row.tflops = method_flops(dims, row.method, row.budget, text_tokens).total / 1e12
+        except (ValueError, NotImplementedError):
+            pass
+    return n_visual, modality, dims
+
+
 def _run(model: nn.Module, inputs: dict[int, dict], rows: list[Row], warmup: int, repeats: int, desc: str,
-         clock: str = "wall") -> None:
+         clock: str = "wall", deadline: float | None = None) -> None:
     """Fill each row's samples, on the inputs of its batch size. Rounds go over the whole grid, so that a load
     drifting over minutes (a shared machine) hits every row alike; a row whose method cannot run gets its reason
-    as status."""
+    as status. Past `deadline` (`time.monotonic()`) nothing more is measured: rows keep the rounds they have, and
+    a row with none says so."""
     with torch.inference_mode(), tqdm(total=(warmup + repeats) * len(rows), desc=desc) as bar:
         for round_ in range(warmup + repeats):
             for row in rows:
                 bar.update()
+                if deadline is not None and time.monotonic() > deadline and row.status == "ok":
+                    if "prefill" not in row.samples:
+                        row.status = TIME_CAP
+                    continue
                 if row.status != "ok":
                     continue
                 try:
@@ -504,6 +525,9 @@ def _run(model: nn.Module, inputs: dict[int, dict], rows: list[Row], warmup: int
                                           row.ratio, clock)
                 except TypeError as err:  # the engine rejects the model type
                     row.status = f"not supported yet: {err}"
+                except torch.OutOfMemoryError:
+                    row.status = OUT_OF_MEMORY
+                    torch.cuda.empty_cache()  # the next rows start from the weights alone
                 except Exception as err:  # noqa: BLE001 - a method that cannot run must not cost the others' rows
                     row.status = f"unavailable: {type(err).__name__}: {err}"
                 else:
@@ -627,10 +651,11 @@ def scaling(*, width: str | None = None, device: str | None = None, dtype: str |
             ratio: float = SCALING_RATIO, points: Sequence[tuple[str, tuple[int, int] | None]] | None = None,
             warmup: int = 1, repeats: int | None = None, threads: int | None = None, text_tokens: int = TEXT_TOKENS,
             attn: str | None = None, out: str | Path | None = "results/latency", clock: str | None = None,
-            ) -> ScalingResult:
-    """Prefill time and peak memory (batch 1) of the full model and of VisionDrop at retention `ratio` at each
-    (model, image size) of `points` (default SCALING_POINTS; on a GPU also a 4x4 grid); writes
-    `out`/scaling_<device>_<width>.md and .png if `out`."""
+            batch: int = 1, deadline: float | None = None) -> ScalingResult:
+    """Prefill time and peak memory (of `batch` prompts) of the full model and of VisionDrop at retention `ratio` at
+    each (model, image size) of `points` (default SCALING_POINTS; on a GPU also a 4x4 grid); writes
+    `out`/scaling_<device>_<width>.md and .png if `out`. Past `deadline` (`time.monotonic()`), the rows not yet
+    measured say so (`_run`)."""
     setup = Setup.make(device, dtype, width, attn, repeats, clock=clock)
     points = tuple(points or (SCALING_POINTS_GPU if setup.on_gpu else SCALING_POINTS))
     load = os.getloadavg()
@@ -644,17 +669,19 @@ def scaling(*, width: str | None = None, device: str | None = None, dtype: str |
                 config.image_grid_pinpoints = pinpoints + [list(s) for s in sizes if s and list(s) not in pinpoints]
             net = build_model(config, setup.device, setup.dtype, setup.attn)
             for size in sizes:
-                inputs = make_inputs(config, setup.device, setup.dtype, text_tokens, image_size=size)
-                rows = [Row("none", None, 0), Row("visiondrop", None, 0, ratio=ratio)]
+                inputs = make_inputs(config, setup.device, setup.dtype, text_tokens, batch=batch, image_size=size)
+                rows = [Row("none", None, 0, batch), Row("visiondrop", None, 0, batch, ratio=ratio)]
                 pixels = next(v for k, v in inputs.items() if k.startswith("pixel_values"))  # images or videos
                 visual, _ = visual_tokens(net, inputs)
-                _run(net, {1: inputs}, rows, warmup, setup.repeats, f"scaling {model} {visual} tokens", setup.clock)
+                _run(net, {batch: inputs}, rows, warmup, setup.repeats, f"scaling {model} {visual} tokens",
+                     setup.clock, deadline)
                 rows[0].tokens, rows[1].tokens = visual, rows[1].median("tokens")
                 measured.append(ScalingPoint(model, size, visual, pixels.shape[1] if pixels.dim() == 5 else 1,
                                              *rows))
             del net
-    title = (f"Scaling (measured): prefill of one sample versus its visual tokens, full and VisionDrop at retention "
-             f"ratio {ratio:.4g}; random weights, {setup.width} width; {setup.describe(n_threads)}; {text_tokens} "
+    prompts = "one sample" if batch == 1 else f"a batch of {batch}"
+    title = (f"Scaling (measured): prefill of {prompts} versus the visual tokens per sample, full and VisionDrop at "
+             f"retention ratio {ratio:.4g}; random weights, {setup.width} width; {setup.describe(n_threads)}; {text_tokens} "
              f"text tokens; warm-up {warmup}, median of {setup.repeats}; {_load_text(load)}")
     md = render_scaling(title, measured, setup.device)
     result = ScalingResult(title, measured, md)

@@ -35,9 +35,10 @@ def decoder_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, rot
 
 def decoder_attention(
     layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, queries: Tensor,
-    keys: Tensor | None = None, rotate: Rotate = Family.rotate,
+    keys: Tensor | None = None, rotate: Rotate = Family.rotate, causal: bool = True,
 ) -> Tensor:
-    """Causal attention probabilities of the `queries` rows of a decoder layer, computed as the layer would.
+    """Causal attention probabilities of the `queries` rows of a decoder layer, computed as the layer would
+    (`causal=False`: over every real token, for methods that score without the causal mask).
 
     hidden: [B, L, D] entering the layer; cos/sin: [B, L, hd]; mask: [B, L] real-token mask;
     queries: [B, Q] sequence indices; keys: this layer's post-RoPE keys if already computed; rotate: the model
@@ -52,7 +53,9 @@ def decoder_attention(
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q @ k.transpose(-1, -2)) * attn.scaling
     key_pos = torch.arange(hidden.shape[1], device=hidden.device)
-    allowed = (key_pos.view(1, 1, -1) <= queries.unsqueeze(-1)) & mask.unsqueeze(1)  # [B, Q, L]
+    allowed = mask.unsqueeze(1).expand(-1, queries.shape[1], -1)  # [B, Q, L]
+    if causal:
+        allowed = allowed & (key_pos.view(1, 1, -1) <= queries.unsqueeze(-1))
     logits = logits.masked_fill(~allowed.unsqueeze(1), torch.finfo(logits.dtype).min)
     return logits.softmax(dim=-1, dtype=torch.float32).to(hidden.dtype)
 

@@ -41,11 +41,13 @@ class Running:
     vis_start: Tensor  # [B] sequence index of the visual block
     vis_len: Tensor  # [B] visual tokens (0: no image)
     origins: list[Tensor]  # per sample [vis_len]: original visual index, or -1 for tokens the method made
+    frames: Tensor  # [B] frames of each sample's video (0: an image or none), `Family.video_frames`
 
 
 def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-          visual: Tensor) -> Running:
-    """Initial state from the language model's inputs and the image-token mask [B, L]."""
+          visual: Tensor, frames: Tensor | None = None) -> Running:
+    """Initial state from the language model's inputs, the image-token mask [B, L] and each sample's video frames
+    [B] (None: no video)."""
     length = visual.shape[1]
     mask = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
     n_real = mask.sum(1)
@@ -58,7 +60,8 @@ def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, positio
     if not torch.equal(visual, (spans >= 0) & (spans < vis_len.unsqueeze(1))):
         raise ValueError("each sample may hold at most one image, as one contiguous block of image tokens")
     origins = [torch.arange(n, device=visual.device) for n in vis_len.tolist()]
-    return Running(hidden, mask, family.positions(mask, position_ids), vis_start, vis_len, origins)
+    frames = torch.zeros_like(vis_len) if frames is None else frames.to(vis_len.device)
+    return Running(hidden, mask, family.positions(mask, position_ids), vis_start, vis_len, origins, frames)
 
 
 def apply_selections(family: Family, run: Running, selections: dict[int, tuple[Tensor, Tensor | None]],
@@ -67,8 +70,8 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
 
     Positions are renumbered contiguously when the policy asks for it (`renumber`) and the family allows it
     (unless `Family.fixed_positions`); otherwise every token keeps its position: a visual token the one of its slot in
-    the current visual block (`slots`: sample -> [k + c] slots, -1 for the family's `merged_position`; default:
-    `keep`, then -1 for the merged tokens).
+    the current visual block (`slots`: sample -> [k + c] slots, -1 for the family's `merged_position`; for a sample
+    not in it: `keep`, then -1 for the merged tokens).
     """
     renumber = renumber and not family.fixed_positions
     length = run.hidden.shape[1]
@@ -96,7 +99,7 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
             counts.append(keep.shape[0] + n_merged)
             origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)]))
             if not renumber:
-                slot = torch.cat([keep, keep.new_full((n_merged,), -1)]) if slots is None else slots[b]
+                slot = slots[b] if slots and b in slots else torch.cat([keep, keep.new_full((n_merged,), -1)])
                 visual = _kept_positions(family, pos[..., start:start + n], slot)
                 kept_pos = torch.cat([pos[..., first:start], visual, pos[..., start + n:]], -1)
         sources.append(source)
@@ -113,7 +116,7 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     mask = torch.arange(new_length, device=device).unsqueeze(0) >= torch.tensor(pads, device=device).unsqueeze(1)
     pos = torch.stack([torch.cat([q.new_zeros(*q.shape[:-1], p), q], -1) for q, p in zip(positions, pads)], -2)
     vis_start = torch.tensor(starts, device=device) + torch.tensor(pads, device=device)
-    return Running(hidden, mask, pos, vis_start, torch.tensor(counts, device=device), origins)
+    return Running(hidden, mask, pos, vis_start, torch.tensor(counts, device=device), origins, run.frames)
 
 
 def _kept_positions(family: Family, block: Tensor, slots: Tensor) -> Tensor:
@@ -127,30 +130,33 @@ def _kept_positions(family: Family, block: Tensor, slots: Tensor) -> Tensor:
 
 def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList, prev_hidden: Tensor | None,
             rope: tuple[Tensor, Tensor], original_visual: Tensor, scratch: dict, final_norm: nn.Module):
-    """The samples with an image, grouped by current and original visual-token counts, as policies see them."""
-    pairs = {(n, n0) for n, n0 in zip(run.vis_len.tolist(), original_visual.tolist()) if n}
-    for n, n0 in sorted(pairs):
-        rows = ((run.vis_len == n) & (original_visual == n0)).nonzero()[:, 0]
+    """The samples with an image, grouped by current and original visual-token counts and video frames, as policies
+    see them."""
+    keys = {k for k in zip(run.vis_len.tolist(), original_visual.tolist(), run.frames.tolist()) if k[0]}
+    for n, n0, f in sorted(keys):
+        rows = ((run.vis_len == n) & (original_visual == n0) & (run.frames == f)).nonzero()[:, 0]
         yield DecoderCut(
             layer_idx=layer_idx, layers=layers, hidden=run.hidden[rows],
             prev_hidden=None if prev_hidden is None else prev_hidden[rows], mask=run.mask[rows],
             cos=rope[0][rows], sin=rope[1][rows],
             visual=run.vis_start[rows].unsqueeze(1) + torch.arange(n, device=rows.device),
-            original_visual=original_visual[rows], samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
-            final_norm=final_norm,
+            original_visual=n0, samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
+            final_norm=final_norm, frames=f,
         )
 
 
-def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, name: str) -> Running:
+def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, layer_idx: int) -> Running:
     """Ask the policy for a selection per group, record it, and rebuild the batch."""
-    selections = {}
+    selections, slots = {}, {}
     for cut in groups:
         sel: Selection = policy.select_decoder(cut)
         for g, b in enumerate(cut.samples):
             selections[b] = (sel.keep[g], None if sel.merged is None else sel.merged[g])
-    trace.add_cut(name, [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
-                         for b in range(run.hidden.shape[0])], selections)
-    return apply_selections(family, run, selections, policy.renumber_positions)
+            if sel.slots is not None:
+                slots[b] = sel.slots[g]
+    trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
+                                         for b in range(run.hidden.shape[0])], selections, slots)
+    return apply_selections(family, run, selections, policy.renumbers_at(layer_idx), slots)
 
 
 def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: DynamicCache | None, trace: Trace,
@@ -170,7 +176,7 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         if cut_here:
             groups = _groups(family, run, i, layers, prev_hidden, rope, original_visual, scratch,
                              family.final_norm(lm))
-            run = _cut(family, policy, run, groups, trace, f"layer {i}")
+            run = _cut(family, policy, run, groups, trace, i)
         if cut_here or not segments:
             rope = family.rotary(lm, run.hidden, run.pos)
             mask4d = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype)

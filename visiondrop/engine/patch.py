@@ -38,6 +38,7 @@ class Pruner:
         self.lm = self.family.language_model(model)
         self.trace = Trace()
         self._visual: Tensor | None = None  # image-token mask of the forward in flight
+        self._frames: Tensor | None = None  # video frames per sample of the forward in flight
         # id(features) -> (weak ref, valid rows, origins) per image of the last encoding, and the images of the
         # forward in flight as (valid rows, origins)
         self._encoded: dict[int, tuple[weakref.ref, int, Tensor]] = {}
@@ -92,6 +93,12 @@ class Pruner:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._visual = self.family.image_token_mask(self.model, input_ids, kwargs.get("inputs_embeds"))
+        self._frames = self.family.video_frames(self.model, input_ids, kwargs)
+        if (self.policy.encoder_layer is not None and "video" not in self.family.feature_functions
+                and self._frames is not None and bool(self._frames.any())):
+            raise NotImplementedError(
+                f"{self.policy.name} reduces the vision tower's output, and {type(self.family).__name__}'s adapter "
+                "encodes images only for encoder-side methods: run videos with a decoder-side or video method")
 
     def _image_features(self, modality: str, *args, **kwargs) -> BaseModelOutputWithPooling:
         if self._images is not None and self._images_modality != modality:
@@ -152,7 +159,7 @@ class Pruner:
         use_cache = self.lm.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.lm.config)
-        run = decoder.start(self.family, embeds, attention_mask, position_ids, visual)
+        run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames)
         trace = Trace.start(embeds.shape[0])
         if self.policy.encoder_layer is not None:
             run = self._drop_empty_slots(run, trace)

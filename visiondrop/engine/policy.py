@@ -19,12 +19,22 @@ from .attention import gather_rows, decoder_attention, decoder_keys
 class Selection:
     """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
 
-    keep: [G, k] indices into the current visual block, in the order they will appear;
-    merged: [G, c, D] tokens appended right after the kept ones (None: no merging).
+    keep: [G, k] indices into the current visual block, in the order they will appear; at an encoder cut, -1
+    pads a crop that keeps fewer tokens than another of the view (allowed for single-crop images);
+    merged: [G, c, D] tokens appended right after the kept ones (None: no merging);
+    features: encoder cut only, [G, k, D'] the kept tokens already in the LLM's embedding space (the policy's own
+    use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows;
+    slots: decoder cuts, [G, k + c] per token, the current visual slot whose position it takes where positions are
+    kept (not renumbered), -1 for the family's merged position (None: the kept tokens their own, merged tokens -1),
+    for methods whose merged tokens stand for a place (a cluster's centre).
+    At decoder cuts keep, merged and slots may each be a list of G rows instead, where the samples keep different
+    counts (methods whose counts depend on the content).
     """
 
-    keep: Tensor
-    merged: Tensor | None = None
+    keep: Tensor | list[Tensor]
+    merged: Tensor | list[Tensor] | None = None
+    features: Tensor | None = None
+    slots: Tensor | list[Tensor] | None = None
 
 
 @dataclass
@@ -33,11 +43,15 @@ class DecoderCut:
 
     Sequences are left-padded: `mask` marks real tokens, `visual` holds the sequence indices of the current
     visual block, which is contiguous. `prev_hidden` is what entered layer `layer_idx - 1` (same tokens), for
-    methods that score with the layer that has just run. `original_visual` is each sample's visual-token
-    count before any reduction; `samples` are the group's rows in the batch, and `scratch` is a dict that lives
+    methods that score with the layer that has just run. `original_visual` is the group's visual-token count
+    before any reduction (its samples share it; a host int, so policies scale counts without reading the device);
+    `samples` are the group's rows in the batch, and `scratch` is a dict that lives
     for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample). `cos`/`sin`
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.
+    `frames` is the group's video frames (0: its samples hold images): the original visual block is `frames` frames
+    of `original_visual / frames` tokens each, frame after frame (what video methods reduce; a cut before layer 0
+    still sees that layout).
     """
 
     layer_idx: int
@@ -48,11 +62,12 @@ class DecoderCut:
     cos: Tensor
     sin: Tensor
     visual: Tensor
-    original_visual: Tensor
+    original_visual: int
     samples: list[int]
     scratch: dict = field(default_factory=dict)
     rotate: Rotate = Family.rotate
     final_norm: nn.Module | None = None
+    frames: int = 0
 
     @property
     def n_visual(self) -> int:
@@ -85,7 +100,7 @@ class DecoderCut:
         The identity on LLaVA-1.5 (every image has the nominal 576); on LLaVA-NeXT a sample's count follows its
         anyres grid, and counts are kept as fractions of it.
         """
-        return round(count * int(self.original_visual[0]) / nominal)  # a group shares its original count
+        return round(count * self.original_visual / nominal)
 
     def last_token(self) -> Tensor:
         """Sequence index [G, 1] of the last prompt token (sequences are left-padded)."""
@@ -110,12 +125,34 @@ class Policy:
     #: `output_attentions`; for policies whose selection hangs on float ties. Default: the tower's own attention
     #: (SDPA) with the rows recomputed from one layer's q/k.
     eager_encoder: bool = False
+    #: Encoder stage: further vision-tower layers (0-based) whose importance rows the view carries
+    #: (`EncoderView.importance_at`), e.g. a shallow layer's CLS attention.
+    scan_layers: tuple[int, ...] = ()
+
+    def instruct(self, questions: list[str] | None) -> None:
+        """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
+        questions batch by batch); only text-conditioned policies use them (CDPruner)."""
+    #: Encoder stage: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
+    received_attention: bool = False
+    #: Encoder stage: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
+    #: (`merge_in_tower`), where the family's tower supports it (`EncoderView.merged_in_tower`)
+    merges_in_tower: bool = False
+
+    def renumbers_at(self, layer_idx: int) -> bool:
+        """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose stages
+        differ; default `renumber_positions`)."""
+        return self.renumber_positions
 
     def prepare(self, cut: DecoderCut) -> None:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""
 
     def select_encoder(self, view: EncoderView) -> Selection:
         raise NotImplementedError(f"{self.name} has no encoder stage")
+
+    def merge_in_tower(self, layer: int, hidden: Tensor, metric: Tensor) -> Tensor:
+        """Inside tower layer `layer`, between its attention and its MLP: the tokens [N, T, D] merged into fewer,
+        `metric` [N, T, M] their similarity features (the layer's keys averaged over heads)."""
+        raise NotImplementedError(f"{self.name} does not merge inside the vision tower")
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         raise NotImplementedError(f"{self.name} has no decoder cuts")

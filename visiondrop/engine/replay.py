@@ -17,18 +17,30 @@ class Replay(Policy):
     def __init__(self, policy: Policy, trace: Trace):
         self.name = f"replay({policy.name})"
         self.renumber_positions = policy.renumber_positions
+        self.renumbers_at = policy.renumbers_at
         self.encoder_layer = policy.encoder_layer
         self.cut_layers = policy.cut_layers
         self.native_layout = policy.native_layout
         self.eager_encoder = policy.eager_encoder
+        self.scan_layers = policy.scan_layers
+        self.received_attention = policy.received_attention
+        self.merges_in_tower = policy.merges_in_tower
+        self.merge_in_tower = policy.merge_in_tower
         self._policy = policy
         self._selections = dict(zip(policy.cut_layers, trace.selections))
+        self._slots = dict(zip(policy.cut_layers, trace.slots))
 
     def select_encoder(self, view: EncoderView) -> Selection:
-        return self._policy.select_encoder(view)  # text never reaches the vision tower
+        # the prompt never reaches the vision tower (CDPruner's instruction is given apart, and stays)
+        return self._policy.select_encoder(view)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         recorded = [self._selections[cut.layer_idx][b] for b in cut.samples]
-        merged = [m for _, m in recorded]
-        return Selection(torch.stack([k for k, _ in recorded]),
-                         None if merged[0] is None else torch.stack(merged))
+        keep, merged = [k for k, _ in recorded], [m for _, m in recorded]
+        slots = [self._slots[cut.layer_idx][b] for b in cut.samples if b in self._slots[cut.layer_idx]]
+        return Selection(_rows(keep), None if merged[0] is None else _rows(merged), _rows(slots) if slots else None)
+
+
+def _rows(rows: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """The samples' recorded rows, stacked where they have one shape (a Selection takes ragged ones as a list)."""
+    return torch.stack(rows) if len({r.shape for r in rows}) == 1 else rows

@@ -56,7 +56,10 @@ RULES = {
     "vision_tower": "visual-only (vision-tower attention: the CLS row, or the mean received without CLS)",
     "key_norms": "duplication (dissimilarity to pivots chosen by key norms)",
     "diversity": "diversity (max-min cosine distance)",
+    "similarity": "redundancy (the most similar tokens merged)",
     "random": "none (random control)",
+    "temporal": "temporal redundancy (similarity to the same place in other frames)",
+    "uniqueness": "visual-only (distinctiveness from the video's and the frame's mean token)",
 }
 
 #: The rules written here, by the `scoring` option values that choose them: "text" is the last instruction token's row.

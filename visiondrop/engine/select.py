@@ -17,9 +17,14 @@ def topk_in_order(scores: Tensor, k: int) -> Tensor:
 
 def complement(index: Tensor, n: int) -> Tensor:
     """The indices in [0, n) not in `index`, ascending, per row. index: [B, k] -> [B, n - k]."""
-    keep = torch.ones(index.shape[0], n, dtype=torch.bool, device=index.device)
-    keep.scatter_(1, index, False)
-    return keep.nonzero()[:, 1].view(index.shape[0], n - index.shape[1])
+    return unmarked(torch.zeros(index.shape[0], n, dtype=torch.bool, device=index.device).scatter_(1, index, True),
+                    n - index.shape[1])
+
+
+def unmarked(marked: Tensor, count: int) -> Tensor:
+    """The indices of the `count` False entries of each row of `marked` [B, n], ascending: a stable sort puts them
+    first in their order, on the device (`nonzero` would read the count back to the host)."""
+    return marked.to(torch.uint8).argsort(dim=-1, stable=True)[:, :count]
 
 
 def contextual_merge(hidden: Tensor, metric: Tensor, remaining: Tensor, n_contextual: int) -> Tensor:
@@ -41,11 +46,12 @@ def contextual_merge(hidden: Tensor, metric: Tensor, remaining: Tensor, n_contex
 
     step = max(1, n_rem // n_contextual)
     anchor_pos = torch.arange(0, n_rem, step, device=hidden.device)[:n_contextual]
-    is_member = torch.ones(n_rem, dtype=torch.bool, device=hidden.device)
-    is_member[anchor_pos] = False
+    is_anchor = torch.zeros(1, n_rem, dtype=torch.bool, device=hidden.device)
+    is_anchor[:, anchor_pos] = True
+    members = unmarked(is_anchor, n_rem - anchor_pos.shape[0])[0]  # the other positions, ascending
 
-    similarity = rem_metric[:, is_member] @ rem_metric[:, anchor_pos].transpose(1, 2)  # [B, members, C]
+    similarity = rem_metric[:, members] @ rem_metric[:, anchor_pos].transpose(1, 2)  # [B, members, C]
     assign = torch.zeros_like(similarity).scatter_(2, similarity.argmax(dim=2, keepdim=True), 1.0)
     counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)  # [B, C, 1]
-    members_mean = assign.transpose(1, 2).to(rem_hidden.dtype) @ rem_hidden[:, is_member] / counts.to(rem_hidden.dtype)
+    members_mean = assign.transpose(1, 2).to(rem_hidden.dtype) @ rem_hidden[:, members] / counts.to(rem_hidden.dtype)
     return rem_hidden[:, anchor_pos] + members_mean

@@ -19,18 +19,22 @@ class Trace:
     cuts: list[str] = field(default_factory=list)
     tokens_per_layer: list[list[int]] = field(default_factory=list)
     kept: list[list[Tensor]] = field(default_factory=list)
-    #: per decoder cut, what the policy returned: sample -> (keep, merged); `Replay` plays it back.
+    #: per decoder cut, what the policy returned: sample -> (keep, merged), and sample -> slots where it gave them;
+    #: `Replay` plays it back.
     selections: list[dict] = field(default_factory=list)
+    slots: list[dict] = field(default_factory=list)
 
     @classmethod
     def start(cls, batch_size: int) -> "Trace":
         return cls(tokens_per_layer=[[] for _ in range(batch_size)], kept=[[] for _ in range(batch_size)])
 
-    def add_cut(self, name: str, kept: list[Tensor], selections: dict | None = None) -> None:
+    def add_cut(self, name: str, kept: list[Tensor], selections: dict | None = None, slots: dict | None = None,
+                ) -> None:
         """kept: one tensor of original indices (-1 for non-original tokens) per sample."""
         self.cuts.append(name)
         if selections is not None:
             self.selections.append(selections)
+            self.slots.append(slots or {})
         for sample, k in zip(self.kept, kept):
             sample.append(k[k >= 0].cpu())
 

@@ -54,14 +54,15 @@ def checkpoints() -> dict[str, Checkpoint]:
     return {c.name: c for spec in FAMILIES.values() for c in _load(spec).checkpoints}
 
 
-def checkpoint_config(name: str, width: str = "full") -> Any:
+def checkpoint_config(name: str, width: str = "full", init_std: float = 0.02) -> Any:
     """The config of the registered checkpoint `name` at `width` ("full", "reduced", "tiny"), built by its family
-    (random weights from it measure real speed: `visiondrop.efficiency.latency`)."""
+    (random weights from it measure real speed: `visiondrop.efficiency.latency`); `init_std` of those weights
+    (larger: logits farther from uniform, for checks that compare greedy tokens)."""
     known = checkpoints()
     if name not in known:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(known)}")
     checkpoint = known[name]
-    return family_by_type(checkpoint.model_type).build_config(checkpoint.shape_at(width), checkpoint.ids,
+    return family_by_type(checkpoint.model_type).build_config(checkpoint.shape_at(width), checkpoint.ids, init_std,
                                                               norm_eps=checkpoint.norm_eps)
 
 

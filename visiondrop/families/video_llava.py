@@ -90,6 +90,8 @@ def _is_one_video(videos: Any) -> bool:
 
 class VideoLlava(Llava):
     model_class = VideoLlavaForConditionalGeneration
+    sample_sizes = ((224, 224), (300, 200))  # images: 256 tokens each (CLS dropped)
+    nominal_size = None  # the budgets count against an 8-frame video
     #: budget 257: 12.5% of one 8-frame video's 2,056 tokens
     checkpoints = (Checkpoint("video-llava-7b", "LanguageBind/Video-LLaVA-7B-hf", "video_llava", LLAVA_7B_SHAPE,
                               LLAVA_HF_IDS, 1e-5, budget=257, paper="Video-LLaVA-7B"),)
@@ -147,6 +149,16 @@ class VideoLlava(Llava):
             embeds = model.get_input_embeddings()(torch.tensor(ids, device=inputs_embeds.device))
             return (inputs_embeds.unsqueeze(-2) == embeds).all(-1).any(-1)
         return None
+
+    def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
+        """A sample's `<video>` tokens over a frame's 257 (CLS kept)."""
+        if input_ids is None:
+            embeds = kwargs.get("inputs_embeds")
+            video = model.get_input_embeddings()(torch.tensor(model.config.video_token_id, device=embeds.device))
+            tokens = (embeds == video).all(-1)
+        else:
+            tokens = input_ids == model.config.video_token_id
+        return tokens.sum(1) // self._frame_tokens(model.config)
 
     # -- encoder stage -------------------------------------------------------------------------------------------
     def visual_inputs(self, model: nn.Module, modality: str, args: tuple, kwargs: dict[str, Any]) -> Images:

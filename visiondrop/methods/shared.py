@@ -1,10 +1,10 @@
-"""Pieces several methods share: the CLS-attention encoder stage (VisionDrop, VisionZip), its LLaVA-NeXT layout, and
-the whole token counts of the methods that keep exactly their budget."""
+"""Pieces several methods share: the CLS-attention encoder stage (VisionDrop, VisionZip), its LLaVA-NeXT layout, the
+whole token counts of the methods that keep exactly their budget, and the frame layout the video methods reduce."""
 from __future__ import annotations
 
 import torch
 
-from ..engine import EncoderView, Selection, complement, contextual_merge, topk_in_order
+from ..engine import DecoderCut, EncoderView, Selection, complement, contextual_merge, topk_in_order
 from ..core import ModelInfo
 
 
@@ -54,3 +54,25 @@ def whole_count(budget: float, info: ModelInfo, title: str, parts: int = 1, smal
                          "unpruned model)")
     # a budget just below all the tokens may round up to all of them: it still prunes one
     return min(round(budget / parts), info.n_visual // parts - 1)
+
+
+def video_layout(cut: DecoderCut, title: str) -> tuple[int, int]:
+    """(frames, tokens per frame) of a decoder cut's videos, for video methods that cut before the first layer (on
+    the projected tokens, as the official video methods do); images are refused with a clear error."""
+    if not cut.frames:
+        raise ValueError(f"{title} reduces videos (it uses the redundancy between frames), and this batch holds an "
+                         "image: run images with an image method, or method='none'")
+    if cut.n_visual != cut.original_visual or cut.n_visual % cut.frames:
+        raise RuntimeError(f"{title} needs a video's own layout of equal frames, before any other cut")
+    return cut.frames, cut.n_visual // cut.frames
+
+
+def retention(budget: float, info: ModelInfo) -> float:
+    """The share of each video's own tokens a budget keeps (a budget counts against the model's nominal sample)."""
+    return budget / info.n_visual
+
+
+def nominal_video(info: ModelInfo) -> tuple[int, int] | None:
+    """(frames, tokens per frame) of the model's nominal sample where it is a video (Video-LLaVA: 8 x 257), else None
+    (the nominal sample is an image, as on Qwen2.5-VL: a video method's count then depends on each video)."""
+    return (info.crops, info.per_crop) if info.video else None

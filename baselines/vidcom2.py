@@ -1,0 +1,117 @@
+"""VidCom2 (EMNLP 2025): per-frame budgets by frame uniqueness, keep each frame's most distinctive tokens.
+
+As the official code does it (github.com/xuyang-liu16/VidCom2, `token_compressor/vidcom2/vidcom2.py::
+vidcom2_compression`, last changed 38656989; read at d31b1560), on a video's projected tokens before the language
+model (LLaVA-OneVision: after the projector and pooling; Qwen2.5-VL: the merged video embeddings; here the tokens
+entering decoder layer 0, the same tensor), per video of F frames of N tokens, with base = the retention ratio:
+1. the half of the channels with the lowest variance over all the video's tokens (population variance; `topk` of
+   the lowest), each token L2-normalised on those channels;
+2. against the video's mean token and against its frame's mean token, a multi-scale Gaussian similarity
+   G(x, c) = sum over a in {1/8, 1/4, 1/2, 1, 2} of exp(-|x - c|^2 / 2a);
+3. frame uniqueness u_f = -mean over the frame's tokens of G(x, video mean); p = softmax((u - max u) / 0.01) over
+   frames; the frame keeps k_f = max(1, round(N x min(1, base x (1 + p_f - mean p)))) tokens (torch.round, half to
+   even): unique frames keep more, the total stays near base x F x N;
+4. per frame the k_f tokens with the lowest G(x, video mean) + G(x, frame mean) (the most distinctive), in their
+   original order.
+A "frame" is the model's own unit: Video-LLaVA's 257 tokens of a sampled frame (CLS included), Qwen2.5-VL's
+temporal grid (h x w / 4 tokens). Positions: contiguous on Video-LLaVA (the shortened sequence); on Qwen2.5-VL the
+kept tokens keep their M-RoPE positions and the text its unpruned ones, as the official Qwen port slices
+`position_ids[:, :, keep]` with `rope_deltas` from the unpruned sequence.
+
+Budgets: a budget (or `ratio=`) is base x the nominal visual tokens; option `base_scale` gives the official
+`R_RATIO` directly. The count kept depends on the video (per-frame rounding and the clamp at 1), so `describe()`
+states base x the nominal tokens and a video keeps within half a token a frame of it (`Method.exact_count`).
+The official code compresses videos only (its LLaVA and Qwen entries skip images, and its Qwen port turns off at
+batch sizes above one); here images are refused and any batch equals each video alone. Deterministic (its
+`topk(sorted=False)` is re-sorted; ties between equal scores fall as torch's topk breaks them).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visiondrop.engine import DecoderCut, Policy, Selection
+from visiondrop.core import Cut, ModelInfo
+from visiondrop.methods import Method, Overhead, Unreachable
+from visiondrop.methods.shared import retention, video_layout
+
+CHANNEL_SHARE = 0.5  # channels kept for scoring: the lowest-variance half
+SCALES = [2.0 ** k for k in range(-3, 2)]  # the Gaussian kernels' a: 1/8 .. 2
+TEMPERATURE = 0.01  # of the softmax over frame uniqueness
+
+
+def gaussian(x: Tensor, centre: Tensor) -> Tensor:
+    """Multi-scale Gaussian similarity of tokens x [..., D] to `centre` (broadcast): [...]."""
+    distance = ((x - centre) ** 2).sum(-1)
+    return sum(torch.exp(-distance / (2 * a)) for a in SCALES)
+
+
+def frame_budgets(uniqueness: Tensor, base: float, per_frame: int) -> Tensor:
+    """Tokens each frame keeps [F] from its uniqueness [F]: base x (1 + p_f - mean p), at most all, at least 1."""
+    p = F.softmax((uniqueness - uniqueness.max()) / TEMPERATURE, dim=0)
+    scales = (base * (1 + p - p.mean())).clamp(max=1.0)
+    return (scales * per_frame).round().long().clamp(min=1)
+
+
+def retained(video: Tensor, frames: int, base: float) -> Tensor:
+    """Indices of the tokens VidCom2 keeps of one video [F x N, D], frame after frame, ascending within a frame."""
+    variance = video.var(dim=0, unbiased=False)
+    channels = torch.topk(variance, k=int(video.shape[-1] * CHANNEL_SHARE), largest=False).indices
+    x = F.normalize(video[:, channels].view(frames, -1, channels.numel()), dim=-1)
+    per_video = gaussian(x, x.mean(dim=(0, 1), keepdim=True))
+    per_frame = gaussian(x, x.mean(dim=1, keepdim=True))
+    budgets = frame_budgets(-per_video.mean(-1), base, x.shape[1])
+    scores = per_video + per_frame
+    return torch.cat([torch.topk(scores[f], k=int(k), largest=False, sorted=False).indices.sort().values
+                      + f * x.shape[1] for f, k in enumerate(budgets.tolist())])
+
+
+class VidCom2(Policy):
+    name = "vidcom2"
+    cut_layers = (0,)
+
+    def __init__(self, info: ModelInfo, base_scale: float):
+        self.info, self.base_scale = info, base_scale
+
+    def select_decoder(self, cut: DecoderCut) -> Selection:
+        frames, _ = video_layout(cut, "VidCom2")
+        return Selection([retained(video, frames, self.base_scale) for video in cut.visual_rows(cut.hidden)])
+
+    def describe(self) -> dict:
+        return {"method": self.name, "base_scale": self.base_scale, "layers": list(self.cut_layers),
+                "equivalent_tokens": round(self.base_scale * self.info.n_visual)}
+
+
+def policy(info: ModelInfo, budget: float | None = None, base_scale: float | None = None) -> Policy:
+    """VidCom2 keeping about `budget` of the nominal visual tokens (that share of each video), or at the official
+    `base_scale` (R_RATIO)."""
+    if base_scale is None:
+        if budget is None:
+            raise ValueError("VidCom2 needs a budget (or ratio=) or base_scale=")
+        if budget < smallest_budget(info):
+            floor = smallest_budget(info)
+            raise Unreachable(f"VidCom2 keeps at least one token a frame: the smallest reachable budget is {floor:g} (or "
+                              f"{info.n_visual} for the unpruned model)", floor)
+        base_scale = retention(budget, info)
+    elif budget is not None:
+        raise ValueError("give VidCom2 a budget (or ratio=) or base_scale=, not both")
+    if not 0 < base_scale <= 1:
+        raise ValueError(f"base_scale is the share of video tokens VidCom2 keeps, in (0, 1]; got {base_scale}")
+    return VidCom2(info, base_scale)
+
+
+def smallest_budget(info: ModelInfo) -> float:
+    """A token a frame of the nominal sample (its crops: Video-LLaVA's 8 frames)."""
+    return info.crops
+
+
+
+def selection_macs(cut: Cut, width: int) -> int:
+    """The channel variances, and each token's distance to the video's and its frame's mean on half the channels."""
+    return 2 * cut.before * width
+
+
+METHOD = Method("vidcom2", "VidCom2", policy, smallest_budget, replaces_budget=("base_scale",), video_only=True,
+                exact_count=False, overhead=lambda **_: Overhead(selection=selection_macs),
+                scoring=lambda **_: {"decoder": "uniqueness"})

@@ -1,0 +1,66 @@
+"""No method reads device values on the host inside its own calls during a pruned prefill (`.item()`, `.tolist()`,
+`int(t)`, `if t:`, a boolean-mask index, `nonzero`...), so that its selection runs on a GPU without stalls and the
+overhead share measured on a CPU is not a CPU artefact. Counted on the tiny model of every family
+(`efficiency.syncs.policy_syncs`; on a GPU `make gpu-check` also counts the CUDA runtime's own syncs).
+
+The few reads left are named here with their reason, each once per forward, sample or crop, never in a loop over
+tokens; the methods merged after this test (CDPruner, VScan, HiPrune) have theirs listed, not yet removed.
+"""
+import pytest
+import torch
+
+from visiondrop.efficiency.gpu_check import family_models
+from visiondrop.efficiency.latency import build_model, make_inputs
+from visiondrop.efficiency.syncs import HostReads, policy_syncs
+from visiondrop.families import checkpoint_config, info_of
+from visiondrop.methods import METHODS, method
+
+BATCH = 2
+#: method -> {"<policy call>: <operation>": (reads allowed, per "forward" / "sample" / "crop" (of every sample))}
+REMAINING = {
+    # one per cut: that every prompt has pivot_text tokens after the image (a clear error otherwise), and the
+    # official pivot order, which is Python's iteration order of a set of ints (emulated on the host)
+    "dart": {"select_decoder: __int__": (1, "forward"), "select_decoder: tolist": (1, "forward")},
+    # per sample, once per forward: its raters, the text tokens after its image whose relevance is above their mean
+    # (a count that differs per sample)
+    "sparsevlm": {"prepare: __int__": (1, "sample"), "prepare: nonzero": (1, "sample")},
+    # once per image batch on LLaVA-NeXT: its crops grouped by their count of valid (unpadded) patches
+    "vispruner": {"select_encoder: tolist": (1, "forward")},
+    # not yet looked at (methods merged after this test was written): the distinct picks' count and largest index
+    # (`distinct_sorted`), a boolean row mask per image, and the decoder stage's check that samples kept equally many
+    "cdpruner": {"select_encoder: __int__": (2, "forward"), "select_encoder: __getitem__": (1, "sample"),
+                 "select_decoder: __int__": (2, "forward"), "select_decoder: __bool__": (1, "forward")},
+    # not yet looked at: `merge_into_nearest`'s boolean masks, per crop (kept rows are known: an index would do)
+    "vscan": {"select_encoder: __getitem__": (2, "crop")},
+    # not yet looked at: per crop, the registers' count (anchor neighbourhoods overlap) and the kept indices
+    "hiprune": {"select_encoder: __int__": (1, "crop"), "select_encoder: nonzero": (1, "crop")},
+}
+
+
+@pytest.fixture(scope="module", params=family_models())
+def tiny_batch(request):
+    config = checkpoint_config(request.param, "tiny")
+    model = build_model(config, torch.device("cpu"), torch.float32)
+    return model, make_inputs(config, torch.device("cpu"), torch.float32, batch=BATCH)
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "none"])
+def test_no_host_reads_in_the_policy_calls(tiny_batch, name):
+    model, inputs = tiny_batch
+    info = info_of(model)
+    counts = policy_syncs(model, inputs, name, method(name).example_budget * info.n_visual / 576,
+                          **method(name).example_options(model.config))
+    per = {"forward": 1, "sample": BATCH, "crop": BATCH * info.crops}
+    allowed = {op: n * per[unit] for op, (n, unit) in REMAINING.get(name, {}).items()}
+    excess = {op: n for op, n in counts.items() if n > allowed.get(op, 0)}
+    assert not excess, f"{name} reads device values on the host in its hot path: {excess}"
+
+
+def test_the_counter_sees_each_kind_of_host_read():
+    x = torch.arange(6.0)
+    with HostReads() as reads:
+        reads.where = "probe"
+        x[0].item(), x.tolist(), int(x[1]), bool(x[2]), x[x > 2], x.nonzero(), torch.tensor([x[0], x[1]])
+        x.topk(2).indices.sort().values, x[torch.tensor([0, 2])], x.argsort(stable=True)  # these stay on the device
+    assert reads.counts == {"probe: item": 1, "probe: tolist": 1, "probe: __int__": 1, "probe: __bool__": 1,
+                            "probe: __getitem__": 1, "probe: nonzero": 1, "probe: tensor": 1}

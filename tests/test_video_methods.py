@@ -1,0 +1,251 @@
+"""The video-native methods (`Method.video_only`) on Qwen2.5-VL videos: two videos of different lengths and sizes in
+one left-padded batch (M-RoPE positions kept), and each method's own algorithm on known inputs.
+
+Video-LLaVA's videos run them in tests/test_video_llava.py (every registered method); images are refused
+(tests/test_contract.py). Qwen2.5-VL's processor here has no video processor (it needs torchvision), so the videos are
+given as the model takes them: patches, `video_grid_thw`, and `<|video_pad|>` placeholders between the vision markers.
+"""
+import pytest
+import torch
+
+import visiondrop
+from helpers import assert_each_alone_equals_the_batch, cached_and_replayed
+from visiondrop.families import family_of
+from visiondrop.methods import METHODS, method
+from visiondrop.testing.tiny import load_tiny
+
+VIDEO_METHODS = [name for name in METHODS if method(name).video_only]
+QUESTIONS = ["What happens in the video?", "Does the red shape move? Answer briefly."]
+GRIDS = [(8, 8, 8), (7, 8, 12)]  # temporal grids x patch rows x patch columns: 8 frames of 16 tokens, 7 of 24
+NEW_TOKENS = 3
+DTYPE = torch.float64  # a batch and each video alone give the same scores to the last bit
+#: methods run at their official setting here instead of a ratio: PruneVid's first stage is not budget-controlled,
+#: and on these small random videos it keeps half the tokens, more than any share its budget could then reach
+OFFICIAL = {"prunevid": {"alpha": 0.4}}
+
+
+def patches(seed: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """A video's patches as the processor gives them [t x h x w, 3 x 2 x 14 x 14]: a still scene, a part of which
+    changes from frame to frame (so frames are partly redundant, as real videos are)."""
+    t, h, w = grid
+    generator = torch.Generator().manual_seed(seed)
+    scene = torch.randn(h * w, 3 * 2 * 14 * 14, generator=generator, dtype=DTYPE)
+    frames = scene.repeat(t, 1, 1)
+    moving = torch.rand(t, h * w, 1, generator=generator, dtype=DTYPE) < 0.3
+    frames = torch.where(moving, torch.randn(frames.shape, generator=generator, dtype=DTYPE), frames)
+    return frames.flatten(0, 1)
+
+
+def encode(processor, questions: list[str], grids: list[tuple[int, int, int]], seeds: list[int]) -> dict:
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    texts = [f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+             f"{'<|video_pad|>' * (t * h * w // 4)}<|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
+             for q, (t, h, w) in zip(questions, grids)]
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    video = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    batch["mm_token_type_ids"] = (batch["input_ids"] == video).int() * 2
+    batch["pixel_values_videos"] = torch.cat([patches(s, g) for s, g in zip(seeds, grids)])
+    batch["video_grid_thw"] = torch.tensor(grids)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen_dir):
+    return load_tiny(tiny_qwen_dir, dtype=DTYPE)
+
+
+@pytest.fixture(scope="module")
+def videos(qwen):
+    model, processor = qwen
+    batch = encode(processor, QUESTIONS, GRIDS, [0, 1])
+    singles = [encode(processor, [q], [g], [s]) for q, g, s in zip(QUESTIONS, GRIDS, [0, 1])]
+    return batch, singles
+
+
+def run(model, inputs):
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def test_a_video_is_the_sample_visual_block_frame_after_frame(qwen, videos):
+    model, _ = qwen
+    batch, _ = videos
+    family = family_of(model)
+    assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
+    assert family.image_token_mask(model, batch["input_ids"], None).sum(1).tolist() == [128, 168]
+    assert family.video_frames(model, batch["input_ids"], batch).tolist() == [8, 7]
+
+
+def test_none_equivalent_settings_are_the_stock_model(qwen, videos):
+    model, _ = qwen
+    batch, _ = videos
+    with torch.no_grad():
+        reference, reference_logits = run(model, batch)
+        for name, options in [("none", {}), ("evs", {"pruning_rate": 0.0}), *((n, {"ratio": 1.0}) for n in
+                                                                               VIDEO_METHODS)]:
+            with visiondrop.apply(model, name, **options) as handle:
+                tokens, logits = run(model, batch)
+            assert torch.equal(tokens, reference), name
+            torch.testing.assert_close(logits, reference_logits, atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+            assert handle.trace.tokens_per_layer == [[128] * 28, [168] * 28], name
+
+
+@pytest.mark.parametrize("name", VIDEO_METHODS)
+def test_batch_of_two_videos_equals_each_alone(qwen, videos, name):
+    """Videos of different lengths and sizes: the batch equals each alone (kept tokens, logits, tokens); the tokens
+    entering each decoder layer, counted with forward pre-hooks, are the trace's; each keeps the ratio of its own."""
+    model, _ = qwen
+    batch, singles = videos
+    ratio = method(name).example_budget / 576
+    given = OFFICIAL.get(name, {"ratio": ratio})
+    with visiondrop.apply(model, name, **given) as handle, torch.no_grad():
+        out = run(model, batch)
+        trace = handle.trace
+        lengths = assert_each_alone_equals_the_batch(model, handle, run, singles, out, trace, name)
+    for i, (prefill, single, (t, h, w)) in enumerate(zip(lengths, singles, GRIDS)):
+        n_visual = t * h * w // 4
+        measured = [n - (single["input_ids"].shape[1] - n_visual) for n in prefill]
+        assert measured == trace.tokens_per_layer[i] and len(measured) == 28
+        mean = sum(measured) / len(measured)  # whole tokens a frame; counts rounded per group where not exact
+        tolerance = t * (1 if method(name).exact_count else 2)
+        assert name in OFFICIAL or abs(mean - ratio * n_visual) <= tolerance, f"{name}: {measured}"
+
+
+@pytest.mark.parametrize("name", VIDEO_METHODS)
+def test_cached_generation_equals_replay(qwen, videos, name):
+    model, _ = qwen
+    batch, _ = videos
+    budget = None if name in OFFICIAL else method(name).example_budget
+    cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=6, **OFFICIAL.get(name, {}))
+    assert torch.equal(cached, replayed)
+
+
+def test_kept_video_tokens_keep_their_positions(qwen, videos):
+    """EVS keeps whole the first frame and the same positions as the stock model gives the kept tokens: masking the
+    dropped tokens out of the stock model gives the pruned logits."""
+    model, _ = qwen
+    _, singles = videos
+    single = singles[0]
+    with visiondrop.apply(model, "evs", ratio=0.5) as handle, torch.no_grad():
+        pruned = model(**single).logits[:, -1]
+    kept = handle.trace.kept[0][0]
+    assert kept[:16].tolist() == list(range(16)) and kept.numel() == 64
+    video = single["input_ids"][0] == model.config.video_token_id
+    mask = single["attention_mask"].clone()
+    mask[0, video.nonzero()[:, 0][~torch.isin(torch.arange(128), kept)]] = 0
+    with torch.no_grad():
+        positions, _ = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"], None,
+                                                  single["video_grid_thw"], attention_mask=single["attention_mask"])
+        masked = model(**{**single, "attention_mask": mask}, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(pruned, masked, atol=1e-9, rtol=1e-9)
+
+
+def test_evs_equals_vllm():
+    """baselines.evs keeps exactly the tokens vLLM's own `compute_retention_mask` keeps (tests/parity/evs)."""
+    from pathlib import Path
+
+    from baselines.evs import retained
+
+    cases = torch.load(Path(__file__).parent / "parity" / "evs" / "fixture.pt")["cases"]
+    assert len(cases) == 96 and any(not c["mask"].all() for c in cases)
+    for case in cases:
+        t, h, w = case["thw"]
+        ours = retained(case["embeds"], t, case["q"])
+        assert torch.equal(ours, case["mask"].nonzero()[:, 0]), (case["thw"], case["merge"], case["q"])
+        assert case["mask"][: h * w // case["merge"] ** 2].all()  # the first frame, whole
+
+
+def test_vidcom2_equals_the_official_function():
+    """baselines.vidcom2 keeps exactly the tokens the official `vidcom2_compression` keeps (tests/parity/vidcom2)."""
+    from pathlib import Path
+
+    from baselines.vidcom2 import retained
+
+    cases = torch.load(Path(__file__).parent / "parity" / "vidcom2" / "fixture.pt")["cases"]
+    assert len(cases) == 16
+    uneven = 0
+    for case in cases:
+        for base, kept in case["kept"].items():
+            assert torch.equal(retained(case["features"], case["frames"], base), kept), (case["model"], base)
+            per_frame = case["features"].shape[0] // case["frames"]
+            uneven += len(set((kept // per_frame).bincount().tolist())) > 1
+    assert uneven  # some videos give their frames different budgets
+
+
+def test_dycoke_equals_the_official_function():
+    """baselines.dycoke keeps exactly the tokens, in the order, the official `dycole_ttm` keeps (its bugs included:
+    the previous pair's similarities, the last frame of an odd count dropped), and refuses what it fails on."""
+    from pathlib import Path
+
+    from baselines.dycoke import DyCoke, temporal_merge
+
+    cases = torch.load(Path(__file__).parent / "parity" / "dycoke" / "fixture.pt")["cases"]
+    for case in cases:
+        if "error" in case:
+            with pytest.raises(ValueError, match="fails on videos of .* frames"):
+                DyCoke(None, None, 0.7, fix_bugs=False).pruned_tokens(case["frames"], 24)
+            continue
+        per_frame = case["features"].shape[0] // case["frames"]
+        for k, kept in case["kept"].items():
+            m = DyCoke(None, None, k, fix_bugs=False).pruned_tokens(case["frames"], per_frame)
+            assert torch.equal(temporal_merge(case["features"], case["frames"], m, fix_bugs=False), kept), k
+    fixed = temporal_merge(cases[2]["features"], 5, 7, fix_bugs=True)  # 5 frames: the last one stays whole
+    assert fixed[-24:].tolist() == list(range(96, 120)) and not torch.equal(fixed[:len(cases[2]["kept"][0.7])],
+                                                                            cases[2]["kept"][0.7])
+
+
+def test_prunevid_first_stage_equals_the_official_function():
+    """baselines.prunevid's first stage gives the official `merge_frames_dynamic`'s segments, group sizes and merged
+    tokens (its tie-breaking noise zeroed on both sides; tests/parity/prunevid)."""
+    from pathlib import Path
+
+    from baselines.prunevid import merge_video
+
+    cases = torch.load(Path(__file__).parent / "parity" / "prunevid" / "fixture.pt")["cases"]
+    assert any(sum(c["static_sizes"]) for c in cases) and any(len(c["window_sizes"]) > 1 for c in cases)
+    for case in cases:
+        tokens, slots, groups = merge_video(case["features"], case["frames"], case["tau"])
+        assert [sum(g[1:]) + g[0] for g in groups] == [s + d for s, d in zip(case["static_sizes"],
+                                                                               case["dynamic_sizes"])]
+        assert [g[0] for g in groups] == case["static_sizes"]
+        assert len(groups) == len(case["window_sizes"]) and slots.shape[0] == tokens.shape[0]
+        torch.testing.assert_close(tokens, case["merged"], atol=1e-6, rtol=1e-6)
+
+
+def test_the_video_methods_experiment_reaches_every_budget_it_sweeps():
+    """Every job of `experiment=video_methods` reaches its ratio on Video-LLaVA-7B in the method's own count."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from visiondrop.core import ModelInfo
+    from visiondrop.methods import policy_for
+
+    configs = Path(__file__).parents[1] / "configs"
+    sweep = OmegaConf.load(configs / "experiment" / "video_methods.yaml").hydra.sweeper.params
+    info = ModelInfo(n_visual=2056, n_layers=32, vision_layer=22, cls_kept=True, crops=8, video=True)
+    chosen = [OmegaConf.load(configs / "method" / f"{name}.yaml") for name in sweep.method.split(",")]
+    assert {m.name for m in chosen} == {"none", *VIDEO_METHODS} - {"dycoke"}
+    for m in (m for m in chosen if m.name != "none"):
+        for ratio in (float(r) for r in str(sweep["budget.ratio"]).split(",")):
+            described = policy_for(info, m.name, ratio=ratio, **m.options).describe()
+            assert abs(described["equivalent_tokens"] - ratio * 2056) <= 8, (m.name, ratio, described)
+    with pytest.raises(ValueError, match="smallest reachable budget is 776"):
+        policy_for(info, "dycoke", ratio=0.25)
+
+
+def test_evs_at_rate_zero_is_the_stock_video_llava(tiny_video, demo_videos):
+    """On Video-LLaVA's 8-frame videos too, a method that keeps every token (EVS at q = 0) is the stock model."""
+    from visiondrop.harness.video import read_frames
+
+    model, processor = tiny_video
+    prompt = "USER: <video>\nWhat happens? ASSISTANT:"
+    video = dict(processor(text=[prompt], videos=[read_frames(demo_videos[0])], return_tensors="pt"))
+    with torch.no_grad():
+        reference = model(**video).logits
+        with visiondrop.apply(model, "evs", pruning_rate=0.0) as handle:
+            logits = model(**video).logits
+    assert handle.trace.tokens_per_layer == [[2056] * 32]
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
