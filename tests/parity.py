@@ -4,15 +4,16 @@ Every official run is one `Case` in the table of tests/test_parity.py; `check_ca
 model with the case's options, generates, and compares counts, cuts, `describe()`, greedy tokens, logits and kept
 tokens with the fixture, then runs the case's own `check`.
 
-Fragile cases (methods.md 11.3). Some selections turn on differences at float32 noise (VisPruner's diverse rounds,
-CDPruner's late picks, VScan's tightest merges): only a bit-exact computation reproduces them, and float32 CPU kernels
-are bit-exact only on the vector unit they ran on (AVX-512, AVX2, none). Such a case declares its `precondition`: a
-function of the unpruned parity model and inputs that returns the stored quantities deciding its fragile steps, under
-their names in the fixture's official_logits.pt, e.g.
+Fragile cases (../shared/reference/methods.md 11.3). Some selections turn on differences at float32 noise
+(VisPruner's diverse rounds, CDPruner's late picks, VScan's tightest merges): only a bit-exact computation reproduces
+them, and float32 CPU kernels are bit-exact only on the vector unit they ran on (AVX-512, AVX2, none). Such a case
+declares its `precondition`: a function of the unpruned parity model and inputs that returns the stored quantities
+deciding its fragile steps, under their names in the fixture's official_logits.pt (VisPruner: the head-mean CLS row;
+CDPruner: the kernel's inputs; VScan: the merge cosines), e.g.
 
     Case("vispruner/vp128", "vispruner", {"budget": 128},
-         precondition=lambda model, inputs: {"cls_attention_head_mean": head_mean_cls_row(model, inputs)},
-         robust=lambda run: ...)  # what holds on any CPU: the important set, the counts
+         precondition=lambda model, inputs: {"cls_attention_head_mean": cls_row(vispruner_view(model, inputs))},
+         robust=vispruner_important_kept)  # what holds on any CPU: the important set
 
 Where every quantity equals the stored one bit for bit the case is checked in full. Where one does not, the official
 code itself would have chosen differently on this CPU: only the robust part (counts, cuts, `describe()`, the case's
