@@ -102,6 +102,9 @@ class Dims:
     vision_windowed_layers: int = 0  # tower layers that attend within windows (the others: all vision tokens)
     vision_window: int = 0  # vision tokens per attention window there
     projector_mid: int | None = None  # the projector's inner width (None: the decoder's hidden)
+    #: tokens per crop the projector runs on, unpruned (None: visual_per_crop; LLaVA-OneVision's video frames: all
+    #: 729 patches, pooled to 196 after the projector)
+    projected_per_crop: int | None = None
 
     @property
     def n_visual(self) -> int:
@@ -204,7 +207,8 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
         raise ValueError(f"need one visual-token count per decoder layer ({dims.n_layers}), "
                          f"got {len(tokens_per_layer)}")
     crops = dims.crops if n_crops is None else n_crops
-    projected = dims.visual_per_crop * crops if projected_tokens is None else projected_tokens
+    per_crop = dims.projected_per_crop or dims.visual_per_crop
+    projected = per_crop * crops if projected_tokens is None else projected_tokens
     other = text_tokens + dims.extra_tokens
     t, dv = dims.vision_tokens, dims.vision_hidden
     patch_embed = (t - dims.vision_cls) * dims.patch_channels * dims.patch_size ** 2 * dv

@@ -32,7 +32,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
         kept = gather_rows(view.hidden, sel.keep)
         if sel.merged is not None:
             kept = torch.cat([kept, sel.merged], dim=1)
-        features = family.projector(model)(kept)  # [crops, kept + merged, D]
+        features = kept if view.projected else family.projector(model)(kept)  # [crops, kept + merged, D]
         n_merged = kept.shape[1] - sel.keep.shape[1]
         for i, (feats, keep) in enumerate(zip(features.split(images.crops), sel.keep.split(images.crops))):
             feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.native_layout)

@@ -41,7 +41,9 @@ class EncoderView:
     that layout), or None: a policy should not spend its budget on them;
     share: these images' visual tokens as a share of the nominal image's (`ModelInfo.per_crop`), by which a
     policy's per-image counts scale: 1 where every image has the nominal count (LLaVA), the image's own tokens
-    over the nominal ones under dynamic resolution (Qwen2.5-VL).
+    over the nominal ones under dynamic resolution (Qwen2.5-VL);
+    projected: `hidden` is already the model's visual tokens, projected (a host that pools after its projector:
+    LLaVA-OneVision's video frames), so the engine does not project what the policy keeps.
     """
 
     hidden: Tensor
@@ -50,6 +52,7 @@ class EncoderView:
     valid: Tensor | None = None
     has_cls: bool = True
     share: float = 1.0
+    projected: bool = False
 
     def scaled(self, count: int) -> int:
         """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""

@@ -46,13 +46,15 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
 
 
 def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int,
-                      eager: bool = False) -> EncoderView:
-    """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys.
+                      eager: bool = False, cls: bool = True) -> EncoderView:
+    """Run a CLIP-style tower and capture layer `layer_idx`: its output, CLS attention row and keys.
 
     By default the CLS row and the keys are recomputed from the layer's own projections (its input captured with
     a forward pre-hook), so the tower keeps its SDPA attention. With `eager`, every layer runs transformers' eager
     attention and the CLS row is the layer's own attention probabilities: bit-identical to official code that asks
     the tower for `output_attentions` (VisPruner), at the cost of the eager tower's speed and memory.
+    A tower without CLS (`cls=False`: SigLIP) gives the mean attention each token receives from all tokens of its
+    crop instead, the CLS substitute of `EncoderView` (computed crop by crop, so that memory stays bounded).
     """
     attn = tower_layers(vision_tower)[layer_idx].self_attn
     captured = {}
@@ -61,7 +63,8 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
         captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
     def grab_probabilities(module, args, output):
-        captured["cls_attention"] = output[1][:, :, 0]  # [N, H, T]: the CLS query's row
+        probabilities = output[1]  # [N, H, T, T]
+        captured["importance"] = probabilities[:, :, 0] if cls else probabilities.mean(2)  # [N, H, T]
 
     hooks = [attn.register_forward_pre_hook(grab_input, with_kwargs=True)]
     if eager:
@@ -76,12 +79,17 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
     heads = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)  # noqa: E731
     keys = heads(attn.k_proj(x))
     if eager:
-        cls_attention = captured["cls_attention"]
-    else:
+        importance = captured["importance"]
+    elif cls:
         cls_query = heads(attn.q_proj(x[:, :1]))
         scores = (cls_query @ keys.transpose(-1, -2)) * attn.scale
-        cls_attention = scores.softmax(-1, dtype=torch.float32)[:, :, 0].to(x.dtype)
-    return EncoderView(out.hidden_states[layer_idx + 1], cls_attention, keys)
+        importance = scores.softmax(-1, dtype=torch.float32)[:, :, 0].to(x.dtype)
+    else:
+        importance = torch.cat([
+            ((heads(attn.q_proj(crop)) @ crop_keys.transpose(-1, -2)) * attn.scale).softmax(
+                -1, dtype=torch.float32).mean(2).to(x.dtype)
+            for crop, crop_keys in zip(x.split(1), keys.split(1))])
+    return EncoderView(out.hidden_states[layer_idx + 1], importance, keys, has_cls=cls)
 
 
 @contextlib.contextmanager
@@ -103,6 +111,7 @@ class Llava(Family):
     image_aspect_ratio = "pad"  # LLaVA-1.5's evaluation expands images to a square
     conv_template = "vicuna_v1"
     image_size = IMAGE_SIZE  # the vision tower's input side, in pixels
+    tower_cls = True  # the vision tower has a CLS token (CLIP; SigLIP has none)
     #: `get_image_features`' positional arguments after pixel_values
     image_feature_args: tuple[str, ...] = ("vision_feature_layer", "vision_feature_select_strategy")
 
@@ -191,10 +200,12 @@ class Llava(Family):
         tower = self.vision_tower(model, images.modality)
         layer = feature_layer_index(tower, images.feature_layer)
         if not eager:
-            return clip_encoder_view(tower, images.pixels, layer)
+            return clip_encoder_view(tower, images.pixels, layer, cls=self.tower_cls)
         # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
-        views = [clip_encoder_view(tower, pixels, layer, eager=True) for pixels in images.pixels.split(images.crops)]
-        return EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))))
+        views = [clip_encoder_view(tower, pixels, layer, eager=True, cls=self.tower_cls)
+                 for pixels in images.pixels.split(images.crops)]
+        return EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))),
+                           has_cls=self.tower_cls)
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:

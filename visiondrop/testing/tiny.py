@@ -23,6 +23,7 @@ from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
 from ..families.video_llava import VIDEO_LLAVA
 from ..families.qwen2_5_vl import QWEN2_5_VL
+from ..families.llava_onevision import LLAVA_ONEVISION
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
 
@@ -149,6 +150,19 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, **knobs) -> Path:
     torchvision). Knobs as :func:`build_tiny_llava`.
     """
     return _build(out_dir, QWEN2_5_VL, **{"text_layers": 28, "vision_layers": 32, "kv_heads": 2, **knobs})
+
+
+def build_tiny_llava_onevision(out_dir: str | Path, **knobs) -> Path:
+    """Build, save and return the path of a tiny random LLaVA-OneVision (llava-onevision-qwen2-7b-ov-hf layout).
+
+    The real depths by default: SigLIP of 26 layers at 384/14 (729 patches a crop or frame, no CLS, no head), the
+    GELU projector, the 2x2 pooling of video frames (196 tokens a frame, one newline after the video), a 28-layer
+    Qwen2 decoder with grouped-query attention (2 key-value heads of 4), anyres_max_9 over the 6 x 6 pinpoints;
+    the tokenizer adds `<video>` and Qwen's turn tokens, the chat template is the checkpoint's; the processor's
+    image part is transformers' PIL one and its video part `FrameProcessor` (no torchvision). Knobs as
+    :func:`build_tiny_llava`.
+    """
+    return _build(out_dir, LLAVA_ONEVISION, **{"text_layers": 28, "vision_layers": 26, "kv_heads": 2, **knobs})
 
 
 def load_tiny_llava(
