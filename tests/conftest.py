@@ -89,3 +89,19 @@ def tiny_qwen(tiny_qwen_dir):
     from visiondrop.testing.tiny import load_tiny_llava
 
     return load_tiny_llava(tiny_qwen_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision_dir(tmp_path_factory):
+    """A tiny full-depth LLaVA-OneVision (SigLIP 26 layers at 384/14, Qwen2 28 layers with GQA) saved like a
+    user's checkpoint."""
+    from visiondrop.testing.tiny import build_tiny_llava_onevision
+
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_onevision") / "llava_onevision", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision(tiny_onevision_dir):
+    from visiondrop.testing.tiny import load_tiny_llava
+
+    return load_tiny_llava(tiny_onevision_dir)

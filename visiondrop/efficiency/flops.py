@@ -129,12 +129,21 @@ QWEN25_VL_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=152064, 
                     vision_tokens=2304, patch_size=14, projector_in=5120, visual_per_crop=576,
                     model_type="qwen2_5_vl", vision_cls=0, patch_channels=6, vision_mlp=3, vision_windowed_layers=28,
                     vision_window=64, projector_mid=5120)
+#: llava-hf/llava-onevision-qwen2-7b-ov-hf on its nominal 32-frame video: SigLIP (26 layers, 729 patches a frame, no
+#: CLS) on every frame, the projector on all 729 patches (it runs before the 2x2 pooling, which is no matrix product),
+#: 196 tokens a frame entering the Qwen2-7B decoder (GQA, 4 key-value heads of 28), the newline beside them
+LLAVA_ONEVISION_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=152128, n_heads=28, n_kv_heads=4,
+                          head_dim=128, vision_hidden=1152, vision_intermediate=4304, vision_layers=26,
+                          vision_heads=16, vision_tokens=729, patch_size=14, projector_in=1152, visual_per_crop=196,
+                          crops=32, extra_tokens=1, model_type="llava_onevision", vision_cls=0,
+                          projected_per_crop=729)
 PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
            "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next"),
            "qwen2.5-vl-7b": QWEN25_VL_7B,
            # LanguageBind/Video-LLaVA-7B-hf: one 8-frame video at 224/14, 257 tokens a frame (CLS kept)
            "video-llava-7b": replace(LLAVA_15_7B, vision_tokens=257, visual_per_crop=257, crops=8,
-                                     model_type="video_llava")}
+                                     model_type="video_llava"),
+           "llava-onevision-7b": LLAVA_ONEVISION_7B}
 
 
 @dataclass(frozen=True)
@@ -184,7 +193,7 @@ class TokenCounts:
     """What a method does to one image: visual tokens entering each decoder layer, tokens projected, cuts."""
 
     tokens_per_layer: tuple[int, ...]
-    projected: int
+    projected: int | None  # None: what the unpruned model projects (`Dims.projected_per_crop` x crops)
     cuts: tuple[Cut, ...] = ()
     crops: int = 1
     newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")
@@ -278,30 +287,28 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
     from ..api import apply
 
     cuts: list[Cut] = []
+    premade: list[bool] = []
     with apply(model, method, budget, **options) as handle, torch.no_grad():
-        _record_cuts(handle.policy, cuts)
+        _record_cuts(handle.policy, cuts, premade)
         model(**inputs)
         counts = tuple(handle.trace.tokens_per_layer[0])
-    encoder = [c for c in cuts if c.layer is None]  # an encoder stage projects only what it keeps and merges
-    projected = sum(c.kept + c.merged for c in encoder) if encoder else _n_visual(model)
+    encoder = [c for c in cuts if c.layer is None]  # an encoder stage projects only what it keeps and merges,
+    # unless it selects among tokens the model projected already (LLaVA-OneVision's pooled video frames)
+    projected = sum(c.kept + c.merged for c in encoder) if encoder and not premade else None
     return TokenCounts(counts, projected, tuple(cuts))
 
 
-def _n_visual(model: torch.nn.Module) -> int:
-    from ..families import ModelInfo
-
-    return ModelInfo.of(model).n_visual
-
-
-def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
+def _record_cuts(policy: Any, cuts: list[Cut], premade: list[bool]) -> None:
     """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample; an encoder stage
-    once per crop of the one image measured, as `Cut` counts it)."""
+    once per crop of the one image measured, as `Cut` counts it) and whether an encoder view was projected already
+    (`premade`)."""
     select_encoder, select_decoder = policy.select_encoder, policy.select_decoder
     merged = lambda sel: 0 if sel.merged is None else sel.merged.shape[1]  # noqa: E731
 
     def encoder(view):
         sel = select_encoder(view)
         cuts.extend([Cut(None, view.hidden.shape[1], sel.keep.shape[1], merged(sel))] * view.hidden.shape[0])
+        premade.append(view.projected)
         return sel
 
     def decoder(cut):
@@ -348,7 +355,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
         if budget is not None and budget != dims.n_visual or options:
             raise ValueError(f"method 'none' keeps all {dims.n_visual} visual tokens and takes no options; "
                              f"got budget={budget} {options or ''}")
-        return TokenCounts((dims.n_visual,) * dims.n_layers, dims.n_visual, (), dims.crops)
+        return TokenCounts((dims.n_visual,) * dims.n_layers, None, (), dims.crops)
     nominal = registered(method).nominal_counts
     # a video's frames are its nominal crops, so the proxy's example video measures the nominal schedule itself
     takes_videos = "video" in family_by_type(dims.model_type).feature_functions
@@ -372,7 +379,8 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
         # decoder-side methods see every newline token; an encoder stage lays out what it projects, plus the newline
         # tokens of the model's own layout where it keeps that (VisPruner), none in the compact one (VisionDrop)
         encoder_side = any(c.layer is None for c in sched.cuts)
-        newlines = sched.tokens_per_layer[0] - sched.projected if encoder_side else placeholders - dims.n_visual
+        laid_out = sum(c.kept + c.merged for c in sched.cuts if c.layer is None)
+        newlines = sched.tokens_per_layer[0] - laid_out if encoder_side else placeholders - dims.n_visual
         _measured[key] = replace(sched, crops=dims.crops, newlines=newlines)
     return _measured[key]
 
@@ -421,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           + f", {args.text_tokens} text tokens" + (f" + {dims.extra_tokens} other" if dims.extra_tokens else ""))
     mean = sum(sched.tokens_per_layer) / len(sched.tokens_per_layer)
     print(f"visual tokens per decoder layer: {_runs(sched.tokens_per_layer)} (mean {mean:.2f}); "
-          f"{sched.projected} of {dims.n_visual} projected; {sched.crops} vision crop(s)")
+          f"{'all' if sched.projected is None else sched.projected} of "
+          f"{(dims.projected_per_crop or dims.visual_per_crop) * dims.crops} projected; {sched.crops} vision crop(s)")
     print(result.table())
     print(f"total {result.total / 1e12:.2f} TFLOPs")
 

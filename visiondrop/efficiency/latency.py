@@ -62,16 +62,17 @@ from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
 from ..families.video_llava import VIDEO_LLAVA
 from ..families.qwen2_5_vl import QWEN2_5_VL
+from ..families.llava_onevision import LLAVA_ONEVISION
 from .flops import TEXT_TOKENS, Dims, method_flops
 from ..harness.tables import PAPER_MODELS, method_title
 from ..methods import METHODS
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
-MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "video-llava-7b")
+MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "video-llava-7b", "llava-onevision-7b")
 IMAGE_MODELS = MODELS[:2]  # the paper's efficiency table: what a GPU run builds by default
 DEFAULT_METHODS = tuple(METHODS)  # every registered method
 DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "qwen2.5-vl-7b": (64,),
-                   "video-llava-7b": (257,)}  # 257: 12.5% of 2056
+                   "video-llava-7b": (257,), "llava-onevision-7b": (627.3,)}  # 12.5% of 2056, 10% of 6273
 DEFAULT_BATCH_SIZES = {"cuda": (1, 8, 32), "cpu": (1, 8)}
 SCALING_RATIO = 64 / 576  # the paper's budget 64 of LLaVA-1.5's 576 tokens (and 320 of NeXT's 2880)
 #: the scaling run's images: (model, image (height, width); None = the model's own size)
@@ -98,15 +99,27 @@ QWEN_WIDTHS = {
     "tiny": Shape(hidden=64, intermediate=172, layers=28, heads=2, vision_hidden=32, vision_intermediate=128,
                   vision_layers=32, vision_heads=1, kv_heads=1),
 }
+#: llava-hf/llava-onevision-qwen2-7b-ov-hf's widths (SigLIP so400m, Qwen2-7B), the same way
+ONEVISION_WIDTHS = {
+    "full": Shape(hidden=3584, intermediate=18944, layers=28, heads=28, vision_hidden=1152, vision_intermediate=4304,
+                  vision_layers=26, vision_heads=16, kv_heads=4),
+    "reduced": Shape(hidden=448, intermediate=2368, layers=28, heads=7, vision_hidden=144, vision_intermediate=538,
+                     vision_layers=26, vision_heads=2, kv_heads=1),
+    "tiny": Shape(hidden=64, intermediate=172, layers=28, heads=2, vision_hidden=32, vision_intermediate=128,
+                  vision_layers=26, vision_heads=1, kv_heads=1),
+}
 MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT, "qwen2.5-vl-7b": QWEN2_5_VL,
-                  "video-llava-7b": VIDEO_LLAVA}
+                  "video-llava-7b": VIDEO_LLAVA, "llava-onevision-7b": LLAVA_ONEVISION}
 # the llava-hf checkpoints' vocabulary, and a free id for Video-LLaVA's <video> (the LLaVA families ignore it)
 LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001, special={"<video>": 32002})
 QWEN_IDS = TokenIds(vocab=152064, image=151655, bos=151643, eos=151645, pad=151643,  # Qwen2.5-VL's vocabulary
                     special={"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|video_pad|>": 151656})
+ONEVISION_IDS = TokenIds(vocab=152128, image=151646, bos=151643, eos=151645, pad=151643,  # the OV checkpoints'
+                         special={"<video>": 151647})
 MODEL_SHAPES = {"llava-1.5-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5), "llava-next-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5),
                 "qwen2.5-vl-7b": (QWEN_WIDTHS, QWEN_IDS, 1e-6),
-                "video-llava-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5)}  # widths, vocabulary, norm epsilon
+                "video-llava-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5),
+                "llava-onevision-7b": (ONEVISION_WIDTHS, ONEVISION_IDS, 1e-6)}  # widths, vocabulary, norm epsilon
 
 
 def build_config(model: str = "llava-1.5-7b", width: str = "full"):

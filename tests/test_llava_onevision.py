@@ -1,0 +1,235 @@
+"""LLaVA-OneVision: every registered method on videos decoded from real video files, the layout of its videos and
+anyres_max_9 images, its encoder view without CLS, and `remove()`. Its images keep the contract in
+tests/test_contract.py (two crop grids in one batch).
+
+The tiny model has the real depths (SigLIP 26 layers at 384/14: 729 patches a frame, pooled 2x2 after the
+projector to 196 tokens, one newline after the video; Qwen2 28 layers with grouped-query attention). Videos here
+have 4 frames (785 visual tokens) so that each test takes seconds; budgets are given as retention ratios, the form
+the video papers use, and count against each video's own tokens.
+"""
+import pytest
+import torch
+
+import visiondrop
+from helpers import LayerCounter, greedy
+from visiondrop.api import Handle
+from visiondrop.engine.replay import Replay
+from visiondrop.families import ModelInfo, family_of
+from visiondrop.families.llava_onevision import grid_positions
+from visiondrop.harness.prompting import build_prompt
+from visiondrop.harness.video import read_frames
+from visiondrop.methods import METHODS, method
+from visiondrop.testing.tiny import demo_image, load_tiny_llava
+
+QUESTIONS = ["What happens in the video?", "Is the red shape moving to the left or to the right? Answer briefly."]
+FRAMES = 4
+VIDEO_TOKENS = FRAMES * 196 + 1
+NEW_TOKENS = 3
+# float64: among hundreds of tokens, float32 noise of batched kernels flips near-ties (as on Video-LLaVA)
+DTYPE = torch.float64
+
+
+def ratio_of(name: str) -> float:
+    """The method's declared budget as a share of LLaVA-1.5's 576 tokens (SparseVLM: an official list)."""
+    return method(name).example_budget / 576
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_onevision_dir):
+    model, processor = load_tiny_llava(tiny_onevision_dir, dtype=DTYPE)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def clips(demo_videos):
+    return [read_frames(path, FRAMES) for path in demo_videos]
+
+
+def encode(processor, questions, clips=(), images=()):
+    kind = "video" if clips else "image"
+    text = [build_prompt(processor, q, True, "chat_template", kind) for q in questions]
+    inputs = dict(processor(text=text, videos=list(clips) or None, images=list(images) or None, padding=True,
+                            return_tensors="pt"))
+    return {k: v.to(DTYPE) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+@pytest.fixture(scope="module")
+def batch(model_and_processor, clips):
+    return encode(model_and_processor[1], QUESTIONS, clips[:2])
+
+
+def run(model, inputs):
+    """Greedy tokens [B, T] and the logits of every step [B, T, V]."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def test_video_and_image_layout(model_and_processor, batch):
+    """F x 196 + 1 video tokens (6,273 at the nominal 32 frames: the budgets' reference); an image's tokens are
+    where transformers packs them (base view, unpadded grid, row newlines, the anyres_max_9 resize)."""
+    model, processor = model_and_processor
+    config = model.config
+    family = family_of(model)
+    assert batch["pixel_values_videos"].shape == (2, FRAMES, 3, 384, 384)
+    assert (batch["input_ids"] == config.video_token_id).sum(1).tolist() == [VIDEO_TOKENS] * 2
+    assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
+    info = ModelInfo.of(model)
+    assert (info.n_visual, info.crops, info.per_crop, info.cls_kept, info.video) == (6273, 32, 196, False, True)
+    assert (family.frames(config), family.frame_tokens(config), family.video_tokens(config, FRAMES)) == \
+        (32, 196, VIDEO_TOKENS)
+    for width, height in ((300, 200), (400, 300), (500, 400), (2000, 1500)):  # the last one is resized
+        size = torch.tensor([height, width])
+        inputs = processor(text="<image>", images=[demo_image(0, (width, height))], return_tensors="pt")
+        crops = inputs["pixel_values"].shape[1]
+        position, length, newlines = grid_positions(config, crops, size)
+        assert length == int((inputs["input_ids"] == config.image_token_id).sum())
+        ids = torch.arange(crops * 729, dtype=torch.float64).view(crops, 729, 1)
+        packed = model.model.pack_image_features([ids], size[None], image_newline=torch.tensor([-1.0]).double(),
+                                                 vision_aspect_ratio=config.vision_aspect_ratio)[0][0][:, 0]
+        assert torch.equal((packed < 0).nonzero()[:, 0], newlines)
+        if (width, height) != (2000, 1500):  # no resize: every patch is one packed token
+            expected = torch.full_like(position, -1)
+            expected[packed[packed >= 0].long()] = (packed >= 0).nonzero()[:, 0]
+            assert torch.equal(position, expected)
+        else:  # every packed token is some patch's
+            assert set(position[position >= 0].tolist()) == set((packed >= 0).nonzero()[:, 0].tolist())
+
+
+def test_encoder_view_of_a_video(model_and_processor, batch):
+    """Each frame's tokens are the model's own (projected, pooled 2x2: bit for bit); the importance is the mean
+    attention each patch receives at SigLIP's last layer, pooled the same way (HoliTom's CLS substitute), whether
+    recomputed from the layer's q/k or read from an eager tower."""
+    model, _ = model_and_processor
+    family = family_of(model)
+    pixels = batch["pixel_values_videos"]
+    images = family.visual_inputs(model, "video", (pixels,), {})
+    view = family.encoder_view(model, images)
+    eager = family.encoder_view(model, images, eager=True)
+    with torch.no_grad():
+        stock = model.model.get_video_features(pixels, return_dict=True).pooler_output
+        tower = model.model.vision_tower
+        tower.config._attn_implementation = "eager"
+        try:
+            attentions = tower(pixels.flatten(0, 1), output_attentions=True).attentions[-1]  # [N, H, 729, 729]
+        finally:
+            tower.config._attn_implementation = "sdpa"
+    assert view.projected and not view.has_cls and view.hidden.shape == (2 * FRAMES, 196, stock.shape[-1])
+    assert torch.equal(view.hidden.view(2, FRAMES * 196, -1), stock[:, :-1])
+    received = attentions.mean(2)  # [N, H, 729]: the attention each key receives, averaged over the queries
+    pooled = torch.nn.functional.interpolate(received.view(*received.shape[:2], 27, 27), size=(14, 14),
+                                             mode="bilinear").flatten(2)
+    torch.testing.assert_close(view.importance, pooled, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(eager.importance, pooled, atol=1e-12, rtol=1e-9)
+    assert view.importance.std() > 0.1 * view.importance.mean(), "random weights give a flat score"
+
+
+def test_none_is_the_stock_model(model_and_processor, batch):
+    model, processor = model_and_processor
+    images = encode(processor, QUESTIONS, images=[demo_image(0, (300, 200)), demo_image(1, (400, 300))])
+    for inputs in (batch, images):
+        reference, reference_logits = run(model, inputs)
+        with visiondrop.apply(model, "none") as handle:
+            tokens, logits = run(model, inputs)
+        assert torch.equal(tokens, reference)
+        torch.testing.assert_close(logits, reference_logits, atol=1e-9, rtol=1e-9)
+        originals = family_of(model).image_token_mask(model, inputs["input_ids"], None).sum(1).tolist()
+        assert handle.trace.tokens_per_layer == [[n] * 28 for n in originals]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_on_videos(model_and_processor, batch, clips, name):
+    """A batch of videos with prompts of different lengths equals each alone; cached decoding equals re-running
+    the prompt with the prefill's decisions; the tokens entering each decoder layer, counted with forward
+    pre-hooks, are the trace's; the retention ratio of each video's own tokens holds."""
+    model, processor = model_and_processor
+    ratio = ratio_of(name)
+    with visiondrop.apply(model, name, ratio=ratio) as handle:
+        tokens, logits = run(model, batch)
+        trace = handle.trace
+        for i, question in enumerate(QUESTIONS):
+            counter = LayerCounter(model)
+            try:
+                alone_tokens, alone_logits = run(model, encode(processor, [question], clips[i:i + 1]))
+            finally:
+                counter.close()
+            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
+            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
+            torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8,
+                                       msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
+            assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
+            n_text = int(batch["attention_mask"][i].sum()) - VIDEO_TOKENS
+            assert [n - n_text for n in counter.lengths[:28]] == handle.trace.tokens_per_layer[0]  # the prefill
+    if name != "none":
+        with Handle(model, Replay(handle.policy, trace)):
+            assert torch.equal(greedy(model, batch, NEW_TOKENS, use_cache=False), tokens), f"{name}: cached vs replayed"
+    measured = handle.trace.mean_tokens[0]
+    if name == "none":
+        assert measured == VIDEO_TOKENS
+    else:  # within one token a frame (whole counts per frame) and the newline
+        assert abs(measured - ratio * VIDEO_TOKENS) <= FRAMES + 1, f"{name}: {measured} of {VIDEO_TOKENS}"
+
+
+@pytest.mark.parametrize("frames", [2, 6])
+def test_other_frame_counts_keep_the_ratio_of_their_own_tokens(model_and_processor, demo_videos, frames):
+    """Any frame count (196 tokens each, plus the newline): a ratio keeps that share of each video's own tokens, and
+    `none` is the stock model. (A batch's videos share one frame count: the host takes one [B, F, 3, H, W].)"""
+    model, processor = model_and_processor
+    video = encode(processor, QUESTIONS[:1], [read_frames(demo_videos[2], frames)])
+    n_visual = int((video["input_ids"] == model.config.video_token_id).sum())
+    assert n_visual == 196 * frames + 1
+    with torch.no_grad():
+        reference = model(**video).logits[:, -1]
+    with visiondrop.apply(model, "none"), torch.no_grad():
+        assert torch.equal(model(**video).logits[:, -1], reference)
+    for name in ("visiondrop", "fastv", "visionzip", "random"):
+        with visiondrop.apply(model, name, ratio=0.25) as handle, torch.no_grad():
+            model(**video)
+        assert abs(handle.trace.mean_tokens[0] - 0.25 * n_visual) <= frames + 1, (name, handle.trace.mean_tokens)
+
+
+def test_newlines_option_keeps_the_video_newline(model_and_processor, batch):
+    """Encoder-side methods drop the trailing newline by default (the compact layout, as on LLaVA-NeXT) and keep it,
+    as the model's last visual token, with newlines="keep"."""
+    model, _ = model_and_processor
+    single = {k: v[:1] for k, v in batch.items()}
+    counts = {}
+    for newlines in ("drop", "keep"):
+        with visiondrop.apply(model, "visionzip", ratio=0.25, newlines=newlines) as handle, torch.no_grad():
+            model(**single)
+        counts[newlines] = handle.trace.tokens_per_layer[0][0]
+        assert (VIDEO_TOKENS - 1 in handle.trace.kept[0][0].tolist()) == (newlines == "keep")
+    assert counts == {"drop": FRAMES * 49, "keep": FRAMES * 49 + 1}
+
+
+def test_remove_restores_bit_identical_outputs(tiny_onevision_dir, clips):
+    model, processor = load_tiny_llava(tiny_onevision_dir)
+    processor.tokenizer.padding_side = "left"
+    video = {k: v.float() if v.is_floating_point() else v for k, v in encode(processor, QUESTIONS[:1], clips[:1]).items()}
+    image = {k: v.float() if v.is_floating_point() else v
+             for k, v in encode(processor, QUESTIONS[:1], images=[demo_image(0, (300, 200))]).items()}
+    with torch.no_grad():
+        before = [model(**video).logits, model(**image).logits]
+    state = dict(model.model.__dict__), dict(model.model.language_model.__dict__)
+    for name in ("visionzip", "fastv"):
+        handle = visiondrop.apply(model, name, ratio=0.25)
+        with torch.no_grad():
+            assert not torch.equal(model(**video).logits[:, -1], before[0][:, -1])
+        handle.remove()
+        with torch.no_grad():
+            assert torch.equal(model(**video).logits, before[0]) and torch.equal(model(**image).logits, before[1])
+        assert (dict(model.model.__dict__), dict(model.model.language_model.__dict__)) == state
+
+
+def test_beam_search_on_videos_with_an_encoder_stage(model_and_processor, batch, clips):
+    """generate() copies the stacked video features per beam (an image's are a list): the engine finds each copy's
+    bookkeeping again."""
+    model, processor = model_and_processor
+    with visiondrop.apply(model, "visionzip", ratio=0.25), torch.no_grad():
+        beams = model.generate(**batch, max_new_tokens=NEW_TOKENS, num_beams=2, do_sample=False)
+        for i, question in enumerate(QUESTIONS):
+            alone = model.generate(**encode(processor, [question], clips[i:i + 1]), max_new_tokens=NEW_TOKENS,
+                                   num_beams=2, do_sample=False)
+            assert torch.equal(beams[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
