@@ -105,6 +105,11 @@ class Dims:
     #: tokens per crop the projector runs on, unpruned (None: visual_per_crop; LLaVA-OneVision's video frames: all
     #: 729 patches, pooled to 196 after the projector)
     projected_per_crop: int | None = None
+    #: an encoder stage without CLS projects these per patch for its rows (Qwen2.5-VL's fused qkv: 3; SigLIP: q, k)
+    vision_row_projections: int = 3
+    #: the nominal sample's encoder stage selects among tokens already projected (LLaVA-OneVision's pooled video
+    #: frames): its merged tokens sum in the decoder's width
+    encoder_projected: bool = False
 
     @property
     def n_visual(self) -> int:
@@ -136,7 +141,7 @@ LLAVA_ONEVISION_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=15
                           head_dim=128, vision_hidden=1152, vision_intermediate=4304, vision_layers=26,
                           vision_heads=16, vision_tokens=729, patch_size=14, projector_in=1152, visual_per_crop=196,
                           crops=32, extra_tokens=1, model_type="llava_onevision", vision_cls=0,
-                          projected_per_crop=729)
+                          projected_per_crop=729, vision_row_projections=2, encoder_projected=True)
 PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
            "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next"),
            "qwen2.5-vl-7b": QWEN25_VL_7B,
@@ -249,9 +254,10 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             dv, patches = dims.vision_hidden, dims.vision_tokens
             if dims.vision_cls:  # keys of all tokens, CLS query and logits
                 macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if recipe.encoder_row else 0)
-            else:  # the attention each patch receives: q, k, v of every patch (one projection), all logits
-                macs += 3 * patches * dv * dv + patches * patches * dv
-            metric, width = dv // dims.vision_heads, dims.projector_in  # Qwen2.5-VL: 4 patches per token
+            else:  # the attention each patch receives: q, k (and v, where fused) of every patch, all logits
+                macs += dims.vision_row_projections * patches * dv * dv + patches * patches * dv
+            # Qwen2.5-VL: 4 patches per token; LLaVA-OneVision's videos: projected, pooled tokens
+            metric, width = dv // dims.vision_heads, dims.hidden if dims.encoder_projected else dims.projector_in
         else:
             n = cut.before + text_tokens + dims.extra_tokens
             if recipe.rows is not None:

@@ -147,7 +147,8 @@ class LlavaOnevision(LlavaNext):
         patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
         return replace(super().flops_dims(config), vision_tokens=patches, vision_cls=0,
                        visual_per_crop=self.frame_tokens(config), crops=self.frames(config),
-                       extra_tokens=VIDEO_NEWLINES, projected_per_crop=patches)
+                       extra_tokens=VIDEO_NEWLINES, projected_per_crop=patches, vision_row_projections=2,
+                       encoder_projected=True)
 
     # -- the encoder stage ---------------------------------------------------------------------------------------
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:

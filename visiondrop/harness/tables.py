@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "video-llava-7b": "Video-LLaVA-7B"}
+PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "video-llava-7b": "Video-LLaVA-7B",
+                "llava-onevision-7b": "LLaVA-OV-7B"}
 #: the paper's tables of scores per benchmark (Table 1 on images, the video table); "Mean" is a plain mean of the
 #: benchmarks' scores (the video table's average), unlike our Avg relative to the full model
 #: the paper's image columns in its order (configs/benchmarks/paper_image.yaml names them so); others follow
