@@ -16,7 +16,7 @@ import visiondrop
 from helpers import LayerCounter, greedy
 from visiondrop.api import Handle
 from visiondrop.engine.replay import Replay
-from visiondrop.families import ModelInfo, family_of
+from visiondrop.families import ModelInfo, family_of, info_of
 from visiondrop.families.llava_onevision import grid_positions
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.harness.video import read_frames
@@ -78,7 +78,7 @@ def test_video_and_image_layout(model_and_processor, batch):
     assert batch["pixel_values_videos"].shape == (2, FRAMES, 3, 384, 384)
     assert (batch["input_ids"] == config.video_token_id).sum(1).tolist() == [VIDEO_TOKENS] * 2
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
-    info = ModelInfo.of(model)
+    info = info_of(model)
     assert (info.n_visual, info.crops, info.per_crop, info.cls_kept, info.video) == (6273, 32, 196, False, True)
     assert (family.frames(config), family.frame_tokens(config), family.video_tokens(config, FRAMES)) == \
         (32, 196, VIDEO_TOKENS)
@@ -242,12 +242,12 @@ def test_flops_formula_matches_torch_flop_counter(model_and_processor, clips):
     """The formula gives what FlopCounterMode counts on a video: the tower on the 729 patches of every frame, the
     projector on all of them (before the 2x2 pooling, no matrix product), 196 tokens a frame and the newline in the
     decoder; an encoder stage selects among the pooled tokens, so it projects as much."""
-    from visiondrop.efficiency.flops import PRESETS, Dims, flop_counter, measure_schedule, overhead_flops, \
-        prefill_flops
+    from visiondrop.efficiency.flops import PRESETS, flop_counter, measure_schedule, overhead_flops, prefill_flops
+    from visiondrop.families import flops_dims
 
     model, processor = model_and_processor
     single = encode(processor, QUESTIONS[:1], clips[:1])  # unpadded: a cut drops padding the formula never counts
-    dims = Dims.from_config(model.config)
+    dims = flops_dims(model.config)
     assert (dims.vision_tokens, dims.vision_cls, dims.visual_per_crop, dims.crops, dims.projected_per_crop,
             dims.extra_tokens, dims.n_kv_heads) == (729, 0, 196, 32, 729, 1, 2)
     assert PRESETS["llava-onevision-7b"].n_visual + 1 == 6273

@@ -69,86 +69,19 @@ from typing import Any, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..families.base import Shape, TokenIds
+from ..api import apply
+from ..core import Cut, Dims, Shape, TokenCounts, TokenIds
+from ..families import checkpoint_config, checkpoints, family_by_type, flops_dims
+from ..methods import METHODS, method as registered
 
 TEXT_TOKENS = 63  # the paper's text length (methods.md 7)
 
-
-@dataclass(frozen=True)
-class Dims:
-    """The sizes the FLOPs depend on."""
-
-    hidden: int  # decoder width d
-    intermediate: int  # decoder MLP width m (SwiGLU: gate, up, down)
-    n_layers: int
-    vocab: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_layers: int  # all of them run
-    vision_heads: int
-    vision_tokens: int  # per crop, CLS included (577)
-    patch_size: int
-    projector_in: int  # projector: projector_in -> projector_mid -> hidden
-    visual_per_crop: int  # visual tokens per crop entering the decoder, unpruned (576)
-    crops: int = 1  # nominal crops per image
-    extra_tokens: int = 0  # non-visual tokens beside the text that no method prunes
-    model_type: str = "llava"  # the family (`visiondrop.families.FAMILIES`), which builds the measuring proxy
-    vision_cls: int = 1  # CLS tokens among the vision tokens (no patch embedding; 0 on Qwen2.5-VL)
-    patch_channels: int = 3  # input values per pixel of a patch (Qwen2.5-VL: 3 channels x 2 frames)
-    vision_mlp: int = 2  # matrices of a tower MLP (CLIP fc1, fc2; Qwen2.5-VL's gated MLP: 3)
-    vision_windowed_layers: int = 0  # tower layers that attend within windows (the others: all vision tokens)
-    vision_window: int = 0  # vision tokens per attention window there
-    projector_mid: int | None = None  # the projector's inner width (None: the decoder's hidden)
-    #: tokens per crop the projector runs on, unpruned (None: visual_per_crop; LLaVA-OneVision's video frames: all
-    #: 729 patches, pooled to 196 after the projector)
-    projected_per_crop: int | None = None
-    #: an encoder stage without CLS projects these per patch for its rows (Qwen2.5-VL's fused qkv: 3; SigLIP: q, k)
-    vision_row_projections: int = 3
-    #: the nominal sample's encoder stage selects among tokens already projected (LLaVA-OneVision's pooled video
-    #: frames): its merged tokens sum in the decoder's width
-    encoder_projected: bool = False
-
-    @property
-    def n_visual(self) -> int:
-        return self.visual_per_crop * self.crops
-
-    @classmethod
-    def from_config(cls, config: Any) -> "Dims":
-        """From a transformers config of a supported family (its adapter reads it: `Family.flops_dims`)."""
-        from ..families import family_for
-
-        return family_for(config).flops_dims(config)
-
-
-LLAVA_15_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, vocab=32064, n_heads=32, n_kv_heads=32,
-                   head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
-                   vision_tokens=577, patch_size=14, projector_in=1024, visual_per_crop=576)
-#: Qwen2.5-VL-7B-Instruct on its nominal 672x672 image (48x48 patches, 576 visual tokens): 28 of its 32 tower
-#: layers attend within 8x8-patch windows (112 pixels), 4 (7/15/23/31) to all patches; the merger is
-#: RMSNorm + 5120 -> 5120 -> 3584 on each group of 2x2 patches
-QWEN25_VL_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=152064, n_heads=28, n_kv_heads=4,
-                    head_dim=128, vision_hidden=1280, vision_intermediate=3420, vision_layers=32, vision_heads=16,
-                    vision_tokens=2304, patch_size=14, projector_in=5120, visual_per_crop=576,
-                    model_type="qwen2_5_vl", vision_cls=0, patch_channels=6, vision_mlp=3, vision_windowed_layers=28,
-                    vision_window=64, projector_mid=5120)
-#: llava-hf/llava-onevision-qwen2-7b-ov-hf on its nominal 32-frame video: SigLIP (26 layers, 729 patches a frame, no
-#: CLS) on every frame, the projector on all 729 patches (it runs before the 2x2 pooling, which is no matrix product),
-#: 196 tokens a frame entering the Qwen2-7B decoder (GQA, 4 key-value heads of 28), the newline beside them
-LLAVA_ONEVISION_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=152128, n_heads=28, n_kv_heads=4,
-                          head_dim=128, vision_hidden=1152, vision_intermediate=4304, vision_layers=26,
-                          vision_heads=16, vision_tokens=729, patch_size=14, projector_in=1152, visual_per_crop=196,
-                          crops=32, extra_tokens=1, model_type="llava_onevision", vision_cls=0,
-                          projected_per_crop=729, vision_row_projections=2, encoder_projected=True)
-PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
-           "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next"),
-           "qwen2.5-vl-7b": QWEN25_VL_7B,
-           # LanguageBind/Video-LLaVA-7B-hf: one 8-frame video at 224/14, 257 tokens a frame (CLS kept)
-           "video-llava-7b": replace(LLAVA_15_7B, vision_tokens=257, visual_per_crop=257, crops=8,
-                                     model_type="video_llava"),
-           "llava-onevision-7b": LLAVA_ONEVISION_7B}
+#: the FLOPs dimensions of every registered checkpoint, read from its config (LLaVA-NeXT's with the paper's 49
+#: extra tokens); Qwen2.5-VL-7B on its nominal 672x672 image (48x48 patches, 576 visual tokens)
+PRESETS = {name: replace(flops_dims(checkpoint_config(name)), extra_tokens=c.extra_tokens)
+           for name, c in checkpoints().items()}
+#: the checkpoints as the paper's tables name them
+PAPER_MODELS = {name: c.paper for name, c in checkpoints().items() if c.paper}
 
 
 @dataclass(frozen=True)
@@ -173,35 +106,6 @@ class Breakdown:
                  "lm_head": "LM head", "overhead": "method overhead"}
         rows = [f"{names[k]:<16} {v / 1e12:>9.4f}" for k, v in asdict(self).items()]
         return "\n".join([f"{'component':<16} {'TFLOPs':>9}", *rows])
-
-
-@dataclass(frozen=True)
-class Cut:
-    """One reduction: `layer` None is an encoder stage (one per crop), else the decoder layer it precedes.
-
-    `before` tokens go in; `kept` of them stay and `merged` new tokens are made from the others.
-    """
-
-    layer: int | None
-    before: int
-    kept: int
-    merged: int
-
-    @property
-    def members(self) -> int:
-        """Tokens folded into the merged ones (neither kept nor serving as a merge anchor)."""
-        return self.before - self.kept - self.merged
-
-
-@dataclass(frozen=True)
-class TokenCounts:
-    """What a method does to one image: visual tokens entering each decoder layer, tokens projected, cuts."""
-
-    tokens_per_layer: tuple[int, ...]
-    projected: int | None  # None: what the unpruned model projects (`Dims.projected_per_crop` x crops)
-    cuts: tuple[Cut, ...] = ()
-    crops: int = 1
-    newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")
 
 
 def _decoder_layer_macs(dims: Dims, n: int) -> int:
@@ -242,8 +146,6 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
 def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: int, **options: Any) -> float:
     """FLOPs of the matrix products of a method's own scoring and merging at its `cuts`, as the engine computes
     them (module docstring), by the method's recipe for these options (`methods.Overhead`)."""
-    from ..methods import method as registered
-
     recipe = registered(method).overhead(**options)
     q_dim, kv_dim, d = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim, dims.hidden
     macs = 0
@@ -261,7 +163,7 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
         else:
             n = cut.before + text_tokens + dims.extra_tokens
             if recipe.rows is not None:
-                queries = {"visual": cut.before, "last": 1, "text": text_tokens, "all": n}[recipe.rows]
+                queries = {"visual": cut.before, "text": 1, "question": text_tokens, "all_queries": n}[recipe.rows]
                 macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim
             elif recipe.key_norms:
                 macs += n * d * kv_dim
@@ -290,8 +192,6 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: float | None = None,
                      **options: Any) -> TokenCounts:
     """Apply `method` to `model`, run one forward on `inputs` (one image), and read what it did."""
-    from ..api import apply
-
     cuts: list[Cut] = []
     premade: list[bool] = []
     with apply(model, method, budget, **options) as handle, torch.no_grad():
@@ -304,7 +204,7 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
     return TokenCounts(counts, projected, tuple(cuts))
 
 
-def _record_cuts(policy: Any, cuts: list[Cut], premade: list[bool]) -> None:
+def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
     """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample; an encoder stage
     once per crop of the one image measured, as `Cut` counts it) and whether an encoder view was projected already
     (`premade`)."""
@@ -336,8 +236,6 @@ def _proxy(model_type: str, n_layers: int, vision_layers: int) -> tuple[torch.nn
     """A tiny random model of the family `model_type` at the given depths, and its example input (the family's
     `example_inputs`: one image, e.g. LLaVA-NeXT's 672-pixel square of 5 crops, 2880 patches plus 48
     image-newline tokens); built once per process."""
-    from ..families import family_by_type
-
     family = family_by_type(model_type)
     config = family.build_config(replace(_PROXY_SHAPE, layers=n_layers, vision_layers=vision_layers), _PROXY_IDS)
     torch.manual_seed(0)
@@ -354,9 +252,6 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
 
     Method "none" needs no measurement: every layer sees all visual tokens.
     """
-    from ..families import family_by_type
-    from ..methods import method as registered
-
     if method == "none":
         if budget is not None and budget != dims.n_visual or options:
             raise ValueError(f"method 'none' keeps all {dims.n_visual} visual tokens and takes no options; "
@@ -373,7 +268,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
            repr(sorted(options.items())))
     if key not in _measured:
         model, inputs = _proxy(dims.model_type, dims.n_layers, dims.vision_layers)
-        proxy = Dims.from_config(model.config)
+        proxy = flops_dims(model.config)
         if (proxy.vision_tokens, proxy.visual_per_crop, proxy.crops) != (dims.vision_tokens, dims.visual_per_crop,
                                                                          dims.crops):
             raise NotImplementedError(
@@ -412,8 +307,6 @@ def _runs(counts: Sequence[int]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from ..methods import METHODS
-
     parser = argparse.ArgumentParser(prog="python -m visiondrop.efficiency.flops", description="Prefill FLOPs of a method "
                                      "in the VisionDrop paper's convention (2 x MACs, full prefill forward).")
     parser.add_argument("--model", choices=sorted(PRESETS), default="llava-1.5-7b")

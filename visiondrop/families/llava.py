@@ -16,9 +16,8 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from ..engine.policy import EncoderView
-from ..efficiency.flops import Dims
-from .base import Family, Images, ModelInfo, Shape, TokenIds
+from ..core import Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
+from .base import Family
 
 IMAGE_SIZE, PATCH_SIZE = 336, 14  # CLIP ViT-L/14-336, the tower of every LLaVA-1.5 and 1.6 checkpoint
 CHAT_TEMPLATE = (  # llava-1.5 ("USER: <image>\n... ASSISTANT:") format
@@ -105,8 +104,17 @@ def _attention_implementation(vision_tower: nn.Module, implementation: str | Non
         config._attn_implementation = own
 
 
+#: llava-hf's vocabulary, and a free id for Video-LLaVA's <video> (the LLaVA families ignore it)
+LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001, special={"<video>": 32002})
+#: Vicuna-7B and CLIP ViT-L/14-336, the widths and depths of every LLaVA-7B checkpoint here
+LLAVA_7B_SHAPE = Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vision_hidden=1024,
+                       vision_intermediate=4096, vision_layers=24, vision_heads=16)
+
+
 class Llava(Family):
     model_class = LlavaForConditionalGeneration
+    checkpoints = (Checkpoint("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "llava", LLAVA_7B_SHAPE, LLAVA_HF_IDS, 1e-5,
+                              budget=64, paper="LLaVA-1.5-7B"),)
     config_class = LlavaConfig
     image_aspect_ratio = "pad"  # LLaVA-1.5's evaluation expands images to a square
     conv_template = "vicuna_v1"

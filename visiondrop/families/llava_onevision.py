@@ -65,9 +65,7 @@ from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_S
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
 from transformers.utils import cached_file
 
-from ..efficiency.flops import Dims
-from ..engine.policy import EncoderView
-from .base import Images, ModelInfo, Shape, TokenIds
+from ..core import Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
 from .llava_next import LlavaNext, with_newlines
 from .video_llava import FrameProcessor, TakesFrameProcessor, with_video_placeholders
 
@@ -80,6 +78,8 @@ SPECIAL_TOKENS = ("<video>", "<|im_start|>", "<|im_end|>")
 FRAME_SETTINGS = dict(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
                       resample=PILImageResampling.BICUBIC, image_mean=IMAGENET_STANDARD_MEAN,
                       image_std=IMAGENET_STANDARD_STD)  # SigLIP's: resize to 384 x 384, mean and std 0.5
+#: the OV checkpoints' vocabulary (7B; the 0.5B's is 151,936) and special tokens
+QWEN2_IDS = TokenIds(vocab=152128, image=151646, bos=151643, eos=151645, pad=151643, special={"<video>": 151647})
 CHAT_TEMPLATE = (  # llava-hf/llava-onevision-qwen2-*-ov-hf's (transformers' conversion script): no system turn
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
@@ -100,6 +100,17 @@ class FramesOnevisionProcessor(TakesFrameProcessor, LlavaOnevisionProcessor):
 
 class LlavaOnevision(LlavaNext):
     model_class = LlavaOnevisionForConditionalGeneration
+    #: budget 627.3: 10% of one 32-frame video's 6,273 tokens (the video papers' lowest retention)
+    checkpoints = (
+        Checkpoint("llava-onevision-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava_onevision",
+                   Shape(hidden=3584, intermediate=18944, layers=28, heads=28, vision_hidden=1152,
+                         vision_intermediate=4304, vision_layers=26, vision_heads=16, kv_heads=4),
+                   QWEN2_IDS, 1e-6, budget=627.3, paper="LLaVA-OV-7B", extra_tokens=VIDEO_NEWLINES),
+        Checkpoint("llava-onevision-0.5b", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava_onevision",
+                   Shape(hidden=896, intermediate=4864, layers=24, heads=14, vision_hidden=1152,
+                         vision_intermediate=4304, vision_layers=26, vision_heads=16, kv_heads=2),
+                   replace(QWEN2_IDS, vocab=151936), 1e-6, budget=627.3, extra_tokens=VIDEO_NEWLINES),
+    )
     config_class = LlavaOnevisionConfig
     image_aspect_ratio = "none"  # the processor's anyres_max_9 handles any aspect ratio
     conv_template = "chat_template"

@@ -47,9 +47,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.processing_utils import ProcessorMixin
 from transformers.vision_utils import get_vision_window_index
 
-from ..efficiency.flops import Dims
-from ..engine.policy import EncoderView
-from .base import Family, Images, ModelInfo, Shape, TokenIds
+from ..core import Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
+from .base import Family
 
 NOMINAL_SIDE = 672  # the budgets' reference image: (672 / 28)^2 = 576 visual tokens, as LLaVA-1.5's
 PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH = 14, 2, 2
@@ -88,6 +87,13 @@ class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
 
 class Qwen2_5_VL(Family):
     model_class = Qwen2_5_VLForConditionalGeneration
+    checkpoints = (Checkpoint(
+        "qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl",
+        Shape(hidden=3584, intermediate=18944, layers=28, heads=28, vision_hidden=1280, vision_intermediate=3420,
+              vision_layers=32, vision_heads=16, kv_heads=4),
+        TokenIds(vocab=152064, image=151655, bos=151643, eos=151645, pad=151643,
+                 special={"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|video_pad|>": 151656}),
+        1e-6, budget=64),)
     image_aspect_ratio = "none"  # dynamic resolution takes any aspect ratio
     conv_template = "chat_template"
     renumbers_positions = False
