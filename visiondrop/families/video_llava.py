@@ -59,6 +59,10 @@ class FrameProcessor(VideoProcessorMixin):
         batch = [videos] if _is_one_video(videos) else list(videos)
         pixels = [frames.preprocess(list(video), return_tensors="np", return_legacy_image_output=False)["pixel_values"]
                   for video in batch]
+        if len({len(p) for p in pixels}) > 1:
+            raise ValueError(f"the videos of one batch must have as many frames each (the model takes one [videos, "
+                             f"frames, 3, H, W] tensor), got {[len(p) for p in pixels]}: sample them to one count, "
+                             "or process them in separate batches")
         return BatchFeature({"pixel_values_videos": np.stack(pixels)}, tensor_type=return_tensors)
 
     def to_dict(self) -> dict[str, Any]:
