@@ -200,11 +200,11 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
         counts = tuple(handle.trace.tokens_per_layer[0])
     encoder = [c for c in cuts if c.layer is None]  # an encoder stage projects only what it keeps and merges,
     # unless it selects among tokens the model projected already (LLaVA-OneVision's pooled video frames)
-    projected = sum(c.kept + c.merged for c in encoder) if encoder and not premade else None
+    projected = sum(c.kept + c.merged for c in encoder) if encoder and not any(premade) else None
     return TokenCounts(counts, projected, tuple(cuts))
 
 
-def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
+def _record_cuts(policy: Any, cuts: list[Cut], premade: list[bool]) -> None:
     """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample; an encoder stage
     once per crop of the one image measured, as `Cut` counts it) and whether an encoder view was projected already
     (`premade`)."""
