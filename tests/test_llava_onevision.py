@@ -21,7 +21,7 @@ from visiondrop.families.llava_onevision import grid_positions
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.harness.video import read_frames
 from visiondrop.methods import METHODS, method
-from visiondrop.testing.tiny import demo_image, load_tiny_llava
+from visiondrop.testing.tiny import demo_image, load_tiny
 
 QUESTIONS = ["What happens in the video?", "Is the red shape moving to the left or to the right? Answer briefly."]
 FRAMES = 4
@@ -38,7 +38,7 @@ def ratio_of(name: str) -> float:
 
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_onevision_dir):
-    model, processor = load_tiny_llava(tiny_onevision_dir, dtype=DTYPE)
+    model, processor = load_tiny(tiny_onevision_dir, dtype=DTYPE)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
@@ -70,7 +70,8 @@ def run(model, inputs):
 
 
 def test_video_and_image_layout(model_and_processor, batch):
-    """F x 196 + 1 video tokens (6,273 at the nominal 32 frames: the budgets' reference); an image's tokens are
+    """F x 196 + 1 video tokens (the budgets' reference: the 6,272 frame tokens of the nominal 32 frames, the newline
+    beside them); an image's tokens are
     where transformers packs them (base view, unpadded grid, row newlines, the anyres_max_9 resize)."""
     model, processor = model_and_processor
     config = model.config
@@ -79,7 +80,7 @@ def test_video_and_image_layout(model_and_processor, batch):
     assert (batch["input_ids"] == config.video_token_id).sum(1).tolist() == [VIDEO_TOKENS] * 2
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
     info = info_of(model)
-    assert (info.n_visual, info.crops, info.per_crop, info.cls_kept, info.video) == (6273, 32, 196, False, True)
+    assert (info.n_visual, info.crops, info.per_crop, info.cls_kept, info.video) == (6272, 32, 196, False, True)
     assert (family.frames(config), family.frame_tokens(config), family.video_tokens(config, FRAMES)) == \
         (32, 196, VIDEO_TOKENS)
     for width, height in ((300, 200), (400, 300), (500, 400), (2000, 1500)):  # the last one is resized
@@ -109,7 +110,7 @@ def test_encoder_view_of_a_video(model_and_processor, batch):
     pixels = batch["pixel_values_videos"][:1]
     images = family.visual_inputs(model, "video", (pixels,), {})
     view = family.encoder_view(model, images)
-    eager = family.encoder_view(model, images, eager=True)
+    eager = family.encoder_view(model, images, eager_encoder=True)
     with torch.no_grad():
         stock = model.model.get_video_features(pixels, return_dict=True).pooler_output
         tower = model.model.vision_tower
@@ -171,11 +172,11 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     measured = handle.trace.mean_tokens[0]
     if name == "none":
         assert measured == VIDEO_TOKENS
-    else:  # the method's own count at the nominal 6,273 tokens, scaled to this video's: within one token a frame
+    else:  # the method's own count at the nominal 6,272 tokens, scaled to this video's: within one token a frame
         # (whole counts per frame) and the newline. SparseVLM's own count is what enters the layers, not the budget.
         described = handle.policy.describe()
-        assert abs(described["equivalent_tokens"] - ratio * 6273) <= 32, described
-        target = described.get("mean_tokens_entering_layers", described["equivalent_tokens"]) * VIDEO_TOKENS / 6273
+        assert abs(described["equivalent_tokens"] - ratio * 6272) <= 32, described
+        target = described.get("mean_tokens_entering_layers", described["equivalent_tokens"]) * VIDEO_TOKENS / 6272
         assert abs(measured - target) <= FRAMES + 1, f"{name}: {measured} of {VIDEO_TOKENS}, {described}"
 
 
@@ -188,7 +189,7 @@ def test_counts_on_an_image_measured_with_hooks(model_and_processor, name):
     image = encode(processor, QUESTIONS[:1], images=[demo_image(1, (400, 300))])
     own = int((image["input_ids"] == model.config.image_token_id).sum())
     ratio = ratio_of(name)
-    measured, handle = measure_counts(model, image, name, ratio * 6273)
+    measured, handle = measure_counts(model, image, name, ratio * 6272)
     assert own == 1728 and handle.trace.tokens_per_layer == [measured]
     mean = sum(measured) / len(measured)
     if name == "none":
@@ -240,7 +241,7 @@ def test_newlines_option_keeps_the_video_newline(model_and_processor, batch):
 
 
 def test_remove_restores_bit_identical_outputs(tiny_onevision_dir, clips):
-    model, processor = load_tiny_llava(tiny_onevision_dir)
+    model, processor = load_tiny(tiny_onevision_dir)
     processor.tokenizer.padding_side = "left"
     video = {k: v.float() if v.is_floating_point() else v for k, v in encode(processor, QUESTIONS[:1], clips[:1]).items()}
     image = {k: v.float() if v.is_floating_point() else v
@@ -274,7 +275,7 @@ def test_flops_formula_matches_torch_flop_counter(model_and_processor, clips):
     """The formula gives what FlopCounterMode counts on a video: the tower on the 729 patches of every frame, the
     projector on all of them (before the 2x2 pooling, no matrix product), 196 tokens a frame and the newline in the
     decoder; an encoder stage selects among the pooled tokens, so it projects as much."""
-    from visiondrop.efficiency.flops import PRESETS, flop_counter, measure_schedule, overhead_flops, prefill_flops
+    from visiondrop.efficiency.flops import checkpoint_dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
     from visiondrop.families import flops_dims
 
     model, processor = model_and_processor
@@ -282,12 +283,12 @@ def test_flops_formula_matches_torch_flop_counter(model_and_processor, clips):
     dims = flops_dims(model.config)
     assert (dims.vision_tokens, dims.vision_cls, dims.visual_per_crop, dims.crops, dims.projected_per_crop,
             dims.extra_tokens, dims.n_kv_heads) == (729, 0, 196, 32, 729, 1, 2)
-    assert PRESETS["llava-onevision-7b"].n_visual + 1 == 6273
+    assert checkpoint_dims("llava-onevision-7b").n_visual == 6272
     text = single["input_ids"].shape[1] - VIDEO_TOKENS
     exact = replace(dims, extra_tokens=0)  # the measured counts hold the newline where it is kept
     for name in ("none", "fastv", "visionzip"):
         with flop_counter() as counter:
-            sched = measure_schedule(model, single, name, None if name == "none" else 0.25 * 6273)
+            sched = measure_schedule(model, single, name, None if name == "none" else 0.25 * 6272)
         formula = prefill_flops(exact, sched.tokens_per_layer, text, n_crops=FRAMES, projected_tokens=sched.projected,
                                 overhead=overhead_flops(exact, name, sched.cuts, text))
         assert sched.projected is None  # every patch of every frame goes through the projector
@@ -299,7 +300,7 @@ def test_flops_formula_matches_torch_flop_counter(model_and_processor, clips):
 
 
 def test_the_video_ov_experiment_reaches_its_budgets():
-    """Every job of `experiment=video_ov` reaches its retention ratio of the 6,273 tokens of LLaVA-OneVision-7B's
+    """Every job of `experiment=video_ov` reaches its retention ratio of the 6,272 frame tokens of LLaVA-OneVision-7B's
     32-frame video, within one token a frame in the method's own count, except SparseVLM at 10% (below its official
     keep lists), which the sweep reports as unreachable."""
     from pathlib import Path
@@ -311,9 +312,9 @@ def test_the_video_ov_experiment_reaches_its_budgets():
     configs = Path(__file__).parents[1] / "configs"
     experiment = OmegaConf.load(configs / "experiment" / "video_ov.yaml")
     sweep = experiment.hydra.sweeper.params
-    model = OmegaConf.load(configs / "model" / "llava_onevision_7b.yaml")
-    assert (model.n_visual, model.frames, model.conv_template) == (6273, 32, "chat_template")
-    info = ModelInfo(n_visual=6273, n_layers=28, vision_layer=25, cls_kept=False, crops=32, video=True)
+    model = OmegaConf.load(configs / "model" / "llava-onevision-7b.yaml")
+    assert (model.n_visual, model.frames, model.conv_template) == (6272, 32, "chat_template")
+    info = ModelInfo(n_visual=6272, n_layers=28, vision_layer=25, cls_kept=False, crops=32, video=True)
     methods = [OmegaConf.load(configs / "method" / f"{choice}.yaml") for choice in sweep.method.split(",")]
     assert {m.name for m in methods} == set(METHODS)
     for chosen in (m for m in methods if m.name != "none"):
@@ -323,11 +324,11 @@ def test_the_video_ov_experiment_reaches_its_budgets():
                     policy_for(info, chosen.name, ratio=ratio, **chosen.options)
                 continue
             described = policy_for(info, chosen.name, ratio=ratio, **chosen.options).describe()
-            assert abs(described["equivalent_tokens"] - ratio * 6273) <= 32, (chosen.name, ratio, described)
+            assert abs(described["equivalent_tokens"] - ratio * 6272) <= 32, (chosen.name, ratio, described)
 
 
 def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_onevision_dir, monkeypatch):
-    """lmms-eval's own `mvbench_action_sequence` through the harness on `model=llava_onevision_7b` (its chat template),
+    """lmms-eval's own `mvbench_action_sequence` through the harness on `model=llava-onevision-7b` (its chat template),
     annotations from a local file, videos where the stock task looks for them, sampled to `model.frames` (part of
     the records' identity); a model that answers "B" gets the question whose answer is the second candidate."""
     from test_video_qa import answering, config, offline
@@ -351,7 +352,7 @@ def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_onevision_dir, mon
 
     (tmp_path / "action_sequence.json").write_text(json.dumps(docs))
     model = answering("B", tiny_onevision_dir, tmp_path / "answers_b")
-    cfg = config(tmp_path, "model=llava_onevision_7b", f"model.pretrained={model}", "model.device=cpu",
+    cfg = config(tmp_path, "model=llava-onevision-7b", f"model.pretrained={model}", "model.device=cpu",
                  "model.dtype=float32", "method=fastv", "budget.ratio=0.25", "benchmarks=video_mc", "limit=null",
                  f"model.frames={FRAMES}")
     [bench] = [b for b in cfg.benchmarks if b.task == "mvbench_action_sequence"]
@@ -408,7 +409,7 @@ def test_stock_long_video_tasks_run_on_local_stand_ins(tmp_path, tiny_onevision_
             write_demo_video(videos[task](row), seed=seed, length=10)
         (tmp_path / f"{task}.json").write_text(json.dumps(rows))
     model = answering("B", tiny_onevision_dir, tmp_path / "answers_b")
-    cfg = config(tmp_path, "model=llava_onevision_7b", f"model.pretrained={model}", "model.device=cpu",
+    cfg = config(tmp_path, "model=llava-onevision-7b", f"model.pretrained={model}", "model.device=cpu",
                  "model.dtype=float32", "method=fastv", "budget.ratio=0.25", "benchmarks=video_mc", "limit=null",
                  f"model.frames={FRAMES}")
     benches = [b for b in cfg.benchmarks if b.task in docs]
@@ -446,4 +447,4 @@ def test_latency_benchmark_builds_the_7b_architecture():
     assert full.status == fastv.status == "ok" and full.tokens == 32 * 196  # the newline beside, as NeXT's rows
     dims = flops_dims(config)
     assert full.tflops == method_flops(dims, "none").total / 1e12
-    assert fastv.tflops == method_flops(dims, "fastv", 627.3).total / 1e12
+    assert fastv.tflops == method_flops(dims, "fastv", 627.2).total / 1e12

@@ -76,12 +76,11 @@ from ..methods import METHODS, method as registered
 
 TEXT_TOKENS = 63  # the paper's text length (methods.md 7)
 
-#: the FLOPs dimensions of every registered checkpoint, read from its config (LLaVA-NeXT's with the paper's 49
-#: extra tokens); Qwen2.5-VL-7B on its nominal 672x672 image (48x48 patches, 576 visual tokens)
-PRESETS = {name: replace(flops_dims(checkpoint_config(name)), extra_tokens=c.extra_tokens)
-           for name, c in checkpoints().items()}
-#: the checkpoints as the paper's tables name them
-PAPER_MODELS = {name: c.paper for name, c in checkpoints().items() if c.paper}
+
+def checkpoint_dims(model: str) -> Dims:
+    """The FLOPs dimensions of a registered checkpoint (`families.checkpoints()`), read from its config (LLaVA-NeXT's
+    with the paper's 49 extra tokens; Qwen2.5-VL-7B on its nominal 672x672 image: 48x48 patches, 576 visual tokens)."""
+    return replace(flops_dims(checkpoint_config(model)), extra_tokens=checkpoints()[model].extra_tokens)
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
         if cut.layer is None:  # the importance row, then a merge on head-averaged keys
             dv, patches = dims.vision_hidden, dims.vision_tokens
             if dims.vision_cls:  # keys of all tokens, CLS query and logits
-                macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if recipe.encoder_row else 0)
+                macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if not recipe.eager_encoder else 0)
             else:  # the attention each patch receives: q, k (and v, where fused) of every patch, all logits
                 macs += dims.vision_row_projections * patches * dv * dv + patches * patches * dv
             # Qwen2.5-VL: 4 patches per token; LLaVA-OneVision's videos: projected, pooled tokens
@@ -289,7 +288,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
 def method_flops(model: str | Dims, method: str = "none", budget: float | None = None,
                  text_tokens: int = TEXT_TOKENS, **options: Any) -> Breakdown:
     """Prefill FLOPs of `method` at `budget` on a preset name or Dims, with `text_tokens` non-visual tokens."""
-    dims = PRESETS[model] if isinstance(model, str) else model
+    dims = checkpoint_dims(model) if isinstance(model, str) else model
     sched = schedule(dims, method, budget, **options)
     dims = replace(dims, extra_tokens=max(0, dims.extra_tokens - sched.newlines))  # measured, not extra
     overhead = overhead_flops(dims, method, sched.cuts, text_tokens, **options)
@@ -309,7 +308,7 @@ def _runs(counts: Sequence[int]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m visiondrop.efficiency.flops", description="Prefill FLOPs of a method "
                                      "in the VisionDrop paper's convention (2 x MACs, full prefill forward).")
-    parser.add_argument("--model", choices=sorted(PRESETS), default="llava-1.5-7b")
+    parser.add_argument("--model", choices=list(checkpoints()), default="llava-1.5-7b")
     parser.add_argument("--method", choices=list(METHODS), default="none")
     parser.add_argument("--budget", type=float, help="average visual tokens per decoder layer (not for 'none')")
     parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS,
@@ -318,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.method != "none" and args.budget is None:
         parser.error(f"method {args.method!r} needs --budget")
     budget = None if args.budget is None else int(args.budget) if args.budget.is_integer() else args.budget
-    dims = PRESETS[args.model]
+    dims = checkpoint_dims(args.model)
     try:
         sched = schedule(dims, args.method, budget)
         result = method_flops(dims, args.method, budget, args.text_tokens)

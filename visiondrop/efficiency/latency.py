@@ -58,15 +58,17 @@ from tqdm import tqdm
 
 from ..engine import decoder as engine_decoder, encoder as engine_encoder
 from ..families import checkpoint_config, checkpoints, family_by_type, family_for, flops_dims
-from .flops import PAPER_MODELS, TEXT_TOKENS, method_flops
+from .flops import TEXT_TOKENS, method_flops
 from ..methods import METHODS, method_title
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
-MODELS = tuple(checkpoints())  # every registered checkpoint
-#: the paper's efficiency table (its image models): what a GPU run builds by default
-IMAGE_MODELS = tuple(name for name, c in checkpoints().items()
-                     if c.paper and not family_by_type(c.model_type).model_info(checkpoint_config(name, "tiny")).video)
-DEFAULT_METHODS = tuple(METHODS)  # every registered method
+
+
+def image_models() -> list[str]:
+    """The paper's efficiency table (its image models): what a GPU run builds by default."""
+    return [name for name, c in checkpoints().items()
+            if c.paper and not family_by_type(c.model_type).model_info(checkpoint_config(name, "tiny")).video]
+
 DEFAULT_BATCH_SIZES = {"cuda": (1, 8, 32), "cpu": (1, 8)}
 SCALING_RATIO = 64 / 576  # the paper's budget 64 of LLaVA-1.5's 576 tokens (and 320 of NeXT's 2880)
 #: the scaling run's images: (model, image (height, width); None = the model's own size)
@@ -424,7 +426,7 @@ def _load_text(load: tuple[float, ...]) -> str:
 
 
 def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrained: str | Path | None = None,
-              device: str | None = None, dtype: str | None = None, methods: Sequence[str] = DEFAULT_METHODS,
+              device: str | None = None, dtype: str | None = None, methods: Sequence[str] | None = None,
               budgets: Sequence[float] | None = None, batch_sizes: Sequence[int] | None = None,
               new_tokens: int = 32, warmup: int = 2, repeats: int | None = None, threads: int | None = None,
               text_tokens: int = TEXT_TOKENS, attn: str | None = None, out: str | Path | None = "results",
@@ -443,7 +445,9 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
     batch_sizes = tuple(batch_sizes or DEFAULT_BATCH_SIZES.get(dev.type, (1,)))
     if min(batch_sizes) < 1 or len(set(batch_sizes)) != len(batch_sizes):
         raise ValueError(f"batch sizes must be distinct positive integers, got {list(batch_sizes)}")
-    budgets = (checkpoints()[model].budget,) if budgets is None else budgets
+    if budgets is None:  # the checkpoint's paper budget (a --pretrained folder of another name: 64)
+        budgets = (checkpoints()[model].budget,) if model in checkpoints() else (64,)
+    methods = list(METHODS) if methods is None else methods  # every registered method
     load = os.getloadavg()
     with _cpu_threads(dev, threads) as n_threads:
         net = load_model(pretrained, dev, torch_dtype, setup.attn) if pretrained \
@@ -536,7 +540,7 @@ def render(title: str, rows: list[Row], model: str, device: torch.device, width:
     for r in rows:
         full = fulls[r.batch]
         budget = n_visual if r.budget is None else r.budget
-        ref = paper.get((PAPER_MODELS.get(model, ""), method_title(r.method), float(budget)), {}) \
+        ref = paper.get((checkpoints()[model].paper if model in checkpoints() else "", method_title(r.method), float(budget)), {}) \
             if r.batch == 1 else {}
         ratio = full.tflops / r.tflops if full.tflops and r.tflops else None
         ok = r.status == "ok" and full.status == "ok"
@@ -735,14 +739,14 @@ def plot_scaling(points: list[ScalingPoint], ratio: float, path: Path, device: t
 
 def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
     parser = argparse.ArgumentParser(prog="python -m visiondrop.efficiency.latency", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", choices=MODELS, help="architectures to build (default: both on a GPU, "
+    parser.add_argument("--model", nargs="+", choices=list(checkpoints()), help="architectures to build (default: both on a GPU, "
                         "llava-1.5-7b on a CPU); with --pretrained: which paper rows to show beside")
     parser.add_argument("--pretrained", help="load this checkpoint instead of random weights")
     parser.add_argument("--width", choices=("full", "reduced", "tiny"), help="default: full on a GPU, reduced on a CPU")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 on a GPU, float32 on a CPU")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="default: every registered method")
     parser.add_argument("--budgets", nargs="+", type=float,
                         help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b, 64 for qwen2.5-vl-7b, 257 for video-llava-7b)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 8 32 on a GPU, 1 8 on a CPU")
@@ -770,7 +774,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
         print(result.markdown)
         return result
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    models = args.model or (list(IMAGE_MODELS) if gpu and not args.pretrained else ["llava-1.5-7b"])
+    models = args.model or (image_models() if gpu and not args.pretrained else ["llava-1.5-7b"])
     budgets = None if args.budgets is None else [int(b) if b.is_integer() else b for b in args.budgets]
     results = []
     for model in models[:1] if args.pretrained else models:

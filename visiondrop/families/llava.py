@@ -45,11 +45,11 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
 
 
 def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int,
-                      eager: bool = False, cls: bool = True) -> EncoderView:
+                      eager_encoder: bool = False, cls: bool = True) -> EncoderView:
     """Run a CLIP-style tower and capture layer `layer_idx`: its output, CLS attention row and keys.
 
     By default the CLS row and the keys are recomputed from the layer's own projections (its input captured with
-    a forward pre-hook), so the tower keeps its SDPA attention. With `eager`, every layer runs transformers' eager
+    a forward pre-hook), so the tower keeps its SDPA attention. With `eager_encoder`, every layer runs eager
     attention and the CLS row is the layer's own attention probabilities: bit-identical to official code that asks
     the tower for `output_attentions` (VisPruner), at the cost of the eager tower's speed and memory.
     A tower without CLS (`cls=False`: SigLIP) gives the mean attention each token receives from all tokens of its
@@ -66,10 +66,10 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
         captured["importance"] = probabilities[:, :, 0] if cls else probabilities.mean(2)  # [N, H, T]
 
     hooks = [attn.register_forward_pre_hook(grab_input, with_kwargs=True)]
-    if eager:
+    if eager_encoder:
         hooks.append(attn.register_forward_hook(grab_probabilities))
     try:
-        with _attention_implementation(vision_tower, "eager" if eager else None):
+        with _attention_implementation(vision_tower, "eager" if eager_encoder else None):
             out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     finally:
         for hook in hooks:
@@ -77,7 +77,7 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
     x = captured["x"]
     heads = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)  # noqa: E731
     keys = heads(attn.k_proj(x))
-    if eager:
+    if eager_encoder:
         importance = captured["importance"]
     elif cls:
         cls_query = heads(attn.q_proj(x[:, :1]))
@@ -204,13 +204,13 @@ class Llava(Family):
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
         return tokens, {"pixel_values": pixels}
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
         tower = self.vision_tower(model, images.modality)
         layer = feature_layer_index(tower, images.feature_layer)
-        if not eager:
+        if not eager_encoder:
             return clip_encoder_view(tower, images.pixels, layer, cls=self.tower_cls)
         # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
-        views = [clip_encoder_view(tower, pixels, layer, eager=True, cls=self.tower_cls)
+        views = [clip_encoder_view(tower, pixels, layer, eager_encoder=True, cls=self.tower_cls)
                  for pixels in images.pixels.split(images.crops)]
         return EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))),
                            has_cls=self.tower_cls)

@@ -4,15 +4,17 @@ plain 1-D RoPE.
 
 Videos (the budgets' reference, `ModelInfo.video`): every frame goes through the tower, the projector, and then a
 2x2 bilinear pooling (27x27 -> 14x14: 196 tokens a frame, row-major), and one image-newline token closes the whole
-video: F x 196 + 1 visual tokens, 6,273 at the official 32 frames (`FRAMES`; the lmms-eval setting of the video
+video: F x 196 + 1 placeholders, 6,273 at the official 32 frames (`FRAMES`; the lmms-eval setting of the video
 papers). The layout is exposed as `frames(config)`, `frame_tokens(config)` and one trailing newline
 (`VIDEO_NEWLINES`), as Video-LLaVA's is. Images (`anyres_max_9`): a base 384x384 view (729 tokens, no newline),
 then the crops of the best-fitting grid pinpoint packed as one grid, unpadded to the image's aspect, resized
 bilinearly to about 9 crops' worth when larger (ratio > 1.1), with a newline token closing every row
 (`grid_positions`).
 
-Budgets: `budget=` counts against the nominal 32-frame video (6,273 tokens); `ratio=` keeps that share of each
-sample's own visual tokens (any frame count, any image).
+Budgets: `budget=` counts against the frame tokens of the nominal 32-frame video (`ModelInfo.n_visual` = 32 x 196 =
+6,272; the newline beside them, as LLaVA-NeXT's row newlines beside its 2,880: the video papers' retention ratios
+are shares of the frames' tokens, the newline always appended); `ratio=` keeps that share of each sample's own
+visual tokens (any frame count, any image).
 
 Encoder side, without CLS: the CLS substitute is the mean attention each patch receives from all patches of its
 crop (or frame), at SigLIP's last layer (the 26th, index 25): the layer whose output the model projects
@@ -21,7 +23,7 @@ official code reads (`attentions[-1]` of the 26-layer tower, averaged over heads
 FastVID's official OV code reads instead the attention of SigLIP's pooling-head probe and its pooled output, from a
 separately loaded original google/siglip-so400m-patch14-384 head (the OV checkpoints have no head: not available
 here). Rows are recomputed from that layer's own q/k, crop by crop (the tower keeps SDPA), or read from an eager
-tower (`eager`).
+tower (`eager_encoder`).
 - Images: stages run per crop on the 729 patches before the projector, counts scaled to 729 of the nominal 196 a
   frame (`EncoderView.share`). The kept tokens are laid out as on LLaVA-NeXT: by default the compact layout of the
   official VisionZip/VisionDrop code (base view first, then the crops' kept patches in raster order of the whole
@@ -100,16 +102,16 @@ class FramesOnevisionProcessor(TakesFrameProcessor, LlavaOnevisionProcessor):
 
 class LlavaOnevision(LlavaNext):
     model_class = LlavaOnevisionForConditionalGeneration
-    #: budget 627.3: 10% of one 32-frame video's 6,273 tokens (the video papers' lowest retention)
+    #: budget 627.2: 10% of one 32-frame video's 6,272 frame tokens (the video papers' lowest retention)
     checkpoints = (
         Checkpoint("llava-onevision-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava_onevision",
                    Shape(hidden=3584, intermediate=18944, layers=28, heads=28, vision_hidden=1152,
                          vision_intermediate=4304, vision_layers=26, vision_heads=16, kv_heads=4),
-                   QWEN2_IDS, 1e-6, budget=627.3, paper="LLaVA-OV-7B", extra_tokens=VIDEO_NEWLINES),
+                   QWEN2_IDS, 1e-6, budget=627.2, paper="LLaVA-OV-7B", extra_tokens=VIDEO_NEWLINES),
         Checkpoint("llava-onevision-0.5b", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava_onevision",
                    Shape(hidden=896, intermediate=4864, layers=24, heads=14, vision_hidden=1152,
                          vision_intermediate=4304, vision_layers=26, vision_heads=16, kv_heads=2),
-                   replace(QWEN2_IDS, vocab=151936), 1e-6, budget=627.3, extra_tokens=VIDEO_NEWLINES),
+                   replace(QWEN2_IDS, vocab=151936), 1e-6, budget=627.2, extra_tokens=VIDEO_NEWLINES),
     )
     config_class = LlavaOnevisionConfig
     image_aspect_ratio = "none"  # the processor's anyres_max_9 handles any aspect ratio
@@ -144,11 +146,12 @@ class LlavaOnevision(LlavaNext):
         return self.frames(config)
 
     def model_info(self, config: Any) -> ModelInfo:
-        """The budgets' reference is one 32-frame video (6,273 tokens); an image keeps the same share of its own."""
+        """The budgets' reference is the frame tokens of one 32-frame video (6,272; its newline beside them); an
+        image keeps the same share of its own tokens."""
         layer = config.vision_feature_layer
         if not isinstance(layer, int):
             raise ValueError("models that concatenate several vision_feature_layers are not supported")
-        return ModelInfo(n_visual=self.video_tokens(config), n_layers=config.text_config.num_hidden_layers,
+        return ModelInfo(n_visual=self.frames(config) * self.frame_tokens(config), n_layers=config.text_config.num_hidden_layers,
                          vision_layer=layer % (config.vision_config.num_hidden_layers + 1) - 1, cls_kept=False,
                          crops=self.frames(config), video=True)
 
@@ -183,10 +186,10 @@ class LlavaOnevision(LlavaNext):
         videos, frames = pixel_values.shape[:2]
         return Images(pixel_values.flatten(0, 1), [frames] * videos, layer, strategy, modality="video")
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
         """SigLIP's last layer with the mean attention each patch receives; a video's frames pooled 2x2 after the
         projector, as the model pools them (module docstring)."""
-        view = super().encoder_view(model, images, eager)
+        view = super().encoder_view(model, images, eager_encoder)
         per_frame = self.frame_tokens(model.config)
         if images.modality != "video":
             view.share = view.hidden.shape[1] / per_frame  # a crop's 729 patches against a frame's 196 tokens
