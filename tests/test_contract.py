@@ -73,8 +73,9 @@ def nominal_sample(request, family: str) -> dict:
 def encode_nominal(request, family: str, model, processor) -> dict:
     if NOMINAL[family] is not None:
         return encode(model, processor, QUESTIONS[:1], [NOMINAL[family]])
-    clip = read_frames(request.getfixturevalue("demo_videos")[0])
-    text = build_prompt(processor, QUESTIONS[0], True, "vicuna_v1", kind="video")
+    host = family_of(model)  # the nominal video: the family's own frame count and prompt
+    clip = read_frames(request.getfixturevalue("demo_videos")[0], host.frames(model.config))
+    text = build_prompt(processor, QUESTIONS[0], True, host.conv_template, kind="video")
     return dict(processor(text=[text], videos=[clip], return_tensors="pt"))
 
 

@@ -107,7 +107,7 @@ def test_encoder_view_of_a_video(model_and_processor, batch):
     recomputed from the layer's q/k or read from an eager tower."""
     model, _ = model_and_processor
     family = family_of(model)
-    pixels = batch["pixel_values_videos"][:1]
+    pixels = batch["pixel_values_videos"][:1, :2]  # two frames
     images = family.visual_inputs(model, "video", (pixels,), {})
     view = family.encoder_view(model, images)
     eager = family.encoder_view(model, images, eager_encoder=True)
@@ -119,8 +119,8 @@ def test_encoder_view_of_a_video(model_and_processor, batch):
             attentions = tower(pixels.flatten(0, 1), output_attentions=True).attentions[-1]  # [N, H, 729, 729]
         finally:
             tower.config._attn_implementation = "sdpa"
-    assert view.projected and not view.has_cls and view.hidden.shape == (FRAMES, 196, stock.shape[-1])
-    assert torch.equal(view.hidden.reshape(1, FRAMES * 196, -1), stock[:, :-1])
+    assert view.projected and not view.has_cls and view.hidden.shape == (2, 196, stock.shape[-1])
+    assert torch.equal(view.hidden.reshape(1, 2 * 196, -1), stock[:, :-1])
     received = attentions.mean(2)  # [N, H, 729]: the attention each key receives, averaged over the queries
     pooled = torch.nn.functional.interpolate(received.reshape(*received.shape[:2], 27, 27), size=(14, 14),
                                              mode="bilinear").flatten(2)
@@ -200,7 +200,7 @@ def test_counts_on_an_image_measured_with_hooks(model_and_processor, name):
         assert abs(mean - ratio * 3 * 729) <= 3 * 3 + 54, (name, mean, ratio * 3 * 729)
 
 
-@pytest.mark.parametrize("frames", [2, 6])
+@pytest.mark.parametrize("frames", [2, 3])
 def test_other_frame_counts_keep_the_ratio_of_their_own_tokens(model_and_processor, demo_videos, frames):
     """Any frame count (196 tokens each, plus the newline): a ratio keeps that share of each video's own tokens, and
     `none` is the stock model. (A batch's videos share one frame count: the host takes one [B, F, 3, H, W].)"""
@@ -440,11 +440,9 @@ def test_latency_benchmark_builds_the_7b_architecture():
     inputs = make_inputs(config, torch.device("cpu"), torch.float32)
     assert (inputs["input_ids"] == config.video_token_id).sum() == 6273
     assert inputs["pixel_values_videos"].shape == (1, 32, 3, 384, 384)
-    result = benchmark("llava-onevision-7b", width="tiny", device="cpu", methods=["none", "fastv"], repeats=1,
+    result = benchmark("llava-onevision-7b", width="tiny", device="cpu", methods=["none"], repeats=1,
                        warmup=0, new_tokens=2, batch_sizes=[1], out=None)
-    full, fastv = result.rows
+    [full] = result.rows
     assert f"{TEXT_TOKENS} text + 6273 video tokens per sample" in result.title
-    assert full.status == fastv.status == "ok" and full.tokens == 32 * 196  # the newline beside, as NeXT's rows
-    dims = flops_dims(config)
-    assert full.tflops == method_flops(dims, "none").total / 1e12
-    assert fastv.tflops == method_flops(dims, "fastv", 627.2).total / 1e12
+    assert full.status == "ok" and full.tokens == 32 * 196  # the newline beside, as LLaVA-NeXT's row newlines
+    assert full.tflops == method_flops(flops_dims(config), "none").total / 1e12
