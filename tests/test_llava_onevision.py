@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import LayerCounter, greedy, measure_counts
-from visiondrop.api import Handle
-from visiondrop.engine.replay import Replay
+from helpers import (beams_equal_alone, greedy_with_logits, measure_counts, stock_and_pruned_means,
+                     videos_batch_equals_alone)
 from visiondrop.families import ModelInfo, family_of, info_of
 from visiondrop.families.llava_onevision import grid_positions
 from visiondrop.harness.prompting import build_prompt
@@ -62,11 +61,7 @@ def batch(model_and_processor, clips):
 
 
 def run(model, inputs):
-    """Greedy tokens [B, T] and the logits of every step [B, T, V]."""
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+    return greedy_with_logits(model, inputs, NEW_TOKENS)
 
 
 def test_video_and_image_layout(model_and_processor, batch):
@@ -150,25 +145,9 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     pre-hooks, are the trace's; the retention ratio of each video's own tokens holds."""
     model, processor = model_and_processor
     ratio = ratio_of(name)
+    singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
     with visiondrop.apply(model, name, ratio=ratio) as handle:
-        tokens, logits = run(model, batch)
-        trace = handle.trace
-        for i, question in enumerate(QUESTIONS):
-            counter = LayerCounter(model)
-            try:
-                alone_tokens, alone_logits = run(model, encode(processor, [question], clips[i:i + 1]))
-            finally:
-                counter.close()
-            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
-            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
-            torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8,
-                                       msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
-            assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
-            n_text = int(batch["attention_mask"][i].sum()) - VIDEO_TOKENS
-            assert [n - n_text for n in counter.lengths[:28]] == handle.trace.tokens_per_layer[0]  # the prefill
-    if name != "none":
-        with Handle(model, Replay(handle.policy, trace)):
-            assert torch.equal(greedy(model, batch, NEW_TOKENS, use_cache=False), tokens), f"{name}: cached vs replayed"
+        videos_batch_equals_alone(model, handle, run, batch, singles, VIDEO_TOKENS, NEW_TOKENS)
     measured = handle.trace.mean_tokens[0]
     if name == "none":
         assert measured == VIDEO_TOKENS
@@ -208,14 +187,8 @@ def test_other_frame_counts_keep_the_ratio_of_their_own_tokens(model_and_process
     video = encode(processor, QUESTIONS[:1], [read_frames(demo_videos[2], frames)])
     n_visual = int((video["input_ids"] == model.config.video_token_id).sum())
     assert n_visual == 196 * frames + 1
-    with torch.no_grad():
-        reference = model(**video).logits[:, -1]
-    with visiondrop.apply(model, "none"), torch.no_grad():
-        assert torch.equal(model(**video).logits[:, -1], reference)
-    for name in ("visiondrop", "fastv", "visionzip", "random"):
-        with visiondrop.apply(model, name, ratio=0.25) as handle, torch.no_grad():
-            model(**video)
-        assert abs(handle.trace.mean_tokens[0] - 0.25 * n_visual) <= frames + 1, (name, handle.trace.mean_tokens)
+    for name, mean in stock_and_pruned_means(model, video, 0.25).items():
+        assert abs(mean - 0.25 * n_visual) <= frames + 1, (name, mean)
 
 
 def test_a_batch_of_videos_shares_one_frame_count(model_and_processor, demo_videos):
@@ -243,9 +216,9 @@ def test_newlines_option_keeps_the_video_newline(model_and_processor, batch):
 def test_remove_restores_bit_identical_outputs(tiny_onevision_dir, clips):
     model, processor = load_tiny(tiny_onevision_dir)
     processor.tokenizer.padding_side = "left"
-    video = {k: v.float() if v.is_floating_point() else v for k, v in encode(processor, QUESTIONS[:1], clips[:1]).items()}
-    image = {k: v.float() if v.is_floating_point() else v
-             for k, v in encode(processor, QUESTIONS[:1], images=[demo_image(0, (300, 200))]).items()}
+    as_float = lambda inputs: {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}  # noqa: E731
+    video = as_float(encode(processor, QUESTIONS[:1], clips[:1]))
+    image = as_float(encode(processor, QUESTIONS[:1], images=[demo_image(0, (300, 200))]))
     with torch.no_grad():
         before = [model(**video).logits, model(**image).logits]
     state = dict(model.model.__dict__), dict(model.model.language_model.__dict__)
@@ -263,19 +236,17 @@ def test_beam_search_on_videos_with_an_encoder_stage(model_and_processor, batch,
     """generate() copies the stacked video features per beam (an image's are a list): the engine finds each copy's
     bookkeeping again."""
     model, processor = model_and_processor
-    with visiondrop.apply(model, "visionzip", ratio=0.25), torch.no_grad():
-        beams = model.generate(**batch, max_new_tokens=NEW_TOKENS, num_beams=2, do_sample=False)
-        for i, question in enumerate(QUESTIONS):
-            alone = model.generate(**encode(processor, [question], clips[i:i + 1]), max_new_tokens=NEW_TOKENS,
-                                   num_beams=2, do_sample=False)
-            assert torch.equal(beams[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+    with visiondrop.apply(model, "visionzip", ratio=0.25):
+        beams_equal_alone(model, batch, [encode(processor, [q], clips[i:i + 1]) for i, q in enumerate(QUESTIONS)],
+                          NEW_TOKENS)
 
 
 def test_flops_formula_matches_torch_flop_counter(model_and_processor, clips):
     """The formula gives what FlopCounterMode counts on a video: the tower on the 729 patches of every frame, the
     projector on all of them (before the 2x2 pooling, no matrix product), 196 tokens a frame and the newline in the
     decoder; an encoder stage selects among the pooled tokens, so it projects as much."""
-    from visiondrop.efficiency.flops import checkpoint_dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
+    from visiondrop.efficiency.flops import (checkpoint_dims, flop_counter, measure_schedule, overhead_flops,
+                                             prefill_flops)
     from visiondrop.families import flops_dims
 
     model, processor = model_and_processor
@@ -325,48 +296,6 @@ def test_the_video_ov_experiment_reaches_its_budgets():
                 continue
             described = policy_for(info, chosen.name, ratio=ratio, **chosen.options).describe()
             assert abs(described["equivalent_tokens"] - ratio * 6272) <= 32, (chosen.name, ratio, described)
-
-
-def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_onevision_dir, monkeypatch):
-    """lmms-eval's own `mvbench_action_sequence` through the harness on `model=llava-onevision-7b` (its chat template),
-    annotations from a local file, videos where the stock task looks for them, sampled to `model.frames` (part of
-    the records' identity); a model that answers "B" gets the question whose answer is the second candidate."""
-    from test_video_qa import answering, config, offline
-
-    from visiondrop.harness import job, judge
-    from visiondrop.harness.store import read_samples
-    from visiondrop.testing.videos import write_demo_video
-
-    for name in (judge.ENV_MODEL, judge.ENV_BASE_URL, judge.ENV_KEY_NAME, judge.DEFAULT_KEY_ENV):
-        monkeypatch.delenv(name, raising=False)
-    offline(monkeypatch)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    candidates = ["It stopped.", "It turned red.", "It vanished."]
-    docs = []
-    for i in range(2):
-        write_demo_video(tmp_path / "hf" / "mvbench_video" / "star" / "Charades_segment" / f"v{i}.mp4", seed=i,
-                         length=10)
-        docs.append({"video": f"v{i}.mp4", "question": "What happened after the shape moved?",
-                     "candidates": candidates, "answer": candidates[i]})  # A, then B
-    import json
-
-    (tmp_path / "action_sequence.json").write_text(json.dumps(docs))
-    model = answering("B", tiny_onevision_dir, tmp_path / "answers_b")
-    cfg = config(tmp_path, "model=llava-onevision-7b", f"model.pretrained={model}", "model.device=cpu",
-                 "model.dtype=float32", "method=fastv", "budget.ratio=0.25", "benchmarks=video_mc", "limit=null",
-                 f"model.frames={FRAMES}")
-    [bench] = [b for b in cfg.benchmarks if b.task == "mvbench_action_sequence"]
-    bench.data = {"dataset_path": "json",
-                  "dataset_kwargs": {"data_files": {"train": str(tmp_path / "action_sequence.json")}}}
-    cfg.benchmarks = [bench]
-    [record] = job.run_job(cfg)
-    samples = read_samples(record["path"])
-    assert [s["response"] for s in samples] == ["B", "B"]
-    assert [s["mvbench_accuracy"]["score"] for s in samples] == [0, 1]
-    assert record["docs"] == 2 and record["score"] == 50.0
-    assert abs(record["measured_tokens"] - VIDEO_TOKENS / 4) < 2  # 25% of the video's own tokens
-    assert record["identity"]["preprocessing"].get("frames") == FRAMES == record["run_info"].get("frames")
-    assert record["run_info"]["conv_template"] == "chat_template"
 
 
 def test_stock_long_video_tasks_run_on_local_stand_ins(tmp_path, tiny_onevision_dir, monkeypatch):

@@ -151,7 +151,8 @@ class LlavaOnevision(LlavaNext):
         layer = config.vision_feature_layer
         if not isinstance(layer, int):
             raise ValueError("models that concatenate several vision_feature_layers are not supported")
-        return ModelInfo(n_visual=self.frames(config) * self.frame_tokens(config), n_layers=config.text_config.num_hidden_layers,
+        return ModelInfo(n_visual=self.frames(config) * self.frame_tokens(config),
+                         n_layers=config.text_config.num_hidden_layers,
                          vision_layer=layer % (config.vision_config.num_hidden_layers + 1) - 1, cls_kept=False,
                          crops=self.frames(config), video=True)
 
@@ -220,7 +221,8 @@ class LlavaOnevision(LlavaNext):
         feats = feats.flatten(0, 1)
         if native_layout:  # the trailing newline, as the model lays it out
             newline = self.multimodal(model).image_newline.to(feats.dtype)
-            feats, origins = torch.cat([feats, newline[None]]), torch.cat([origins, origins.new_tensor([frames * tokens])])
+            feats = torch.cat([feats, newline[None]])
+            origins = torch.cat([origins, origins.new_tensor([frames * tokens])])
         return feats, origins, frames * tokens + VIDEO_NEWLINES
 
     # -- benchmark inputs ----------------------------------------------------------------------------------------
@@ -304,10 +306,10 @@ class LlavaOnevision(LlavaNext):
     @staticmethod
     def _processor(image_processor: Any, frame_settings: dict, tokenizer: Any, chat_template: str) -> Any:
         side = IMAGE_SIZE // PATCH_SIZE
-        return FramesOnevisionProcessor(image_processor=image_processor, video_processor=FrameProcessor(**frame_settings),
-                                        tokenizer=tokenizer, num_image_tokens=side * side,
-                                        vision_feature_select_strategy="full", chat_template=chat_template,
-                                        vision_aspect_ratio=ASPECT_RATIO)
+        return FramesOnevisionProcessor(
+            image_processor=image_processor, video_processor=FrameProcessor(**frame_settings), tokenizer=tokenizer,
+            num_image_tokens=side * side, vision_feature_select_strategy="full", chat_template=chat_template,
+            vision_aspect_ratio=ASPECT_RATIO)
 
 
 LLAVA_ONEVISION = LlavaOnevision()
@@ -326,7 +328,8 @@ def grid_positions(config: Any, n_crops: int, image_size: Tensor) -> tuple[Tenso
     if n_crops == 1:  # one view (a multi-image sample's): its patches, then a newline
         return torch.arange(per_crop), per_crop + 1, torch.tensor([per_crop])
     size = torch.as_tensor(image_size).cpu()
-    rows, cols = get_anyres_image_grid_shape(size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
+    rows, cols = get_anyres_image_grid_shape(size.tolist(), config.image_grid_pinpoints,
+                                             config.vision_config.image_size)
     grid = torch.arange(per_crop, n_crops * per_crop).view(rows, cols, side, side).transpose(1, 2)
     kept = unpad_image(grid.reshape(1, rows * side, cols * side), size)[0]  # [h, w] patch ids
     height, width = kept.shape
