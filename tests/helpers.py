@@ -97,35 +97,38 @@ def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens
         return cached, greedy(model, batch, new_tokens, use_cache=False, **no_placeholder)
 
 
-def videos_batch_equals_alone(model, handle, run, batch: dict, singles: list[dict], n_visual: int,
-                              new_tokens: int, atol: float = 1e-8) -> None:
-    """Inside `handle` (an applied method): the batch of videos equals each video alone (`singles`, run through
+def videos_batch_equals_alone(model, name: str, ratio: float, run, batch: dict, singles: list[dict], n_visual: int,
+                              new_tokens: int, atol: float = 1e-8):
+    """Method `name` at `ratio`: the batch of videos equals each video alone (`singles`, run through
     `run(model, inputs) -> (tokens, logits)`), in kept tokens, counts per layer, logits and greedy tokens; the tokens
     entering the decoder layers of each alone prefill, counted with forward pre-hooks, are the trace's; cached
-    decoding of the batch equals re-running the prompt with the prefill's decisions (`Replay`)."""
+    decoding of the batch equals re-running the prompt with the prefill's decisions (`Replay`). Returns the handle
+    (removed; its trace is the last video's alone)."""
+    import visiondrop
     from visiondrop.api import Handle
     from visiondrop.engine.replay import Replay
 
-    name = handle.policy.name
     n_layers = len(model.model.language_model.layers)
-    tokens, logits = run(model, batch)
-    trace = handle.trace
-    for i, single in enumerate(singles):
-        counter = LayerCounter(model)
-        try:
-            alone_tokens, alone_logits = run(model, single)
-        finally:
-            counter.close()
-        assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
-        assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
-        torch.testing.assert_close(logits[i], alone_logits[0], atol=atol, rtol=atol,
-                                   msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
-        assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
-        n_text = int(batch["attention_mask"][i].sum()) - n_visual
-        assert [n - n_text for n in counter.lengths[:n_layers]] == handle.trace.tokens_per_layer[0]  # the prefill
+    with visiondrop.apply(model, name, ratio=ratio) as handle:
+        tokens, logits = run(model, batch)
+        trace = handle.trace
+        for i, single in enumerate(singles):
+            counter = LayerCounter(model)
+            try:
+                alone_tokens, alone_logits = run(model, single)
+            finally:
+                counter.close()
+            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
+            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
+            torch.testing.assert_close(logits[i], alone_logits[0], atol=atol, rtol=atol,
+                                       msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
+            assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
+            n_text = int(batch["attention_mask"][i].sum()) - n_visual
+            assert [n - n_text for n in counter.lengths[:n_layers]] == handle.trace.tokens_per_layer[0]  # prefill
     if name != "none":  # no decisions to replay: its cached decoding is the stock model's
         with Handle(model, Replay(handle.policy, trace)):
             assert torch.equal(greedy(model, batch, new_tokens, use_cache=False), tokens), f"{name}: cached vs replayed"
+    return handle
 
 
 def stock_and_pruned_means(model, video: dict, ratio: float) -> dict[str, float]:

@@ -146,8 +146,7 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     model, processor = model_and_processor
     ratio = ratio_of(name)
     singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
-    with visiondrop.apply(model, name, ratio=ratio) as handle:
-        videos_batch_equals_alone(model, handle, run, batch, singles, VIDEO_TOKENS, NEW_TOKENS)
+    handle = videos_batch_equals_alone(model, name, ratio, run, batch, singles, VIDEO_TOKENS, NEW_TOKENS)
     measured = handle.trace.mean_tokens[0]
     if name == "none":
         assert measured == VIDEO_TOKENS

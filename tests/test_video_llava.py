@@ -101,8 +101,7 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     model, processor = model_and_processor
     ratio = ratio_of(name)
     singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
-    with visiondrop.apply(model, name, ratio=ratio) as handle:
-        videos_batch_equals_alone(model, handle, run, batch, singles, 2056, NEW_TOKENS)
+    handle = videos_batch_equals_alone(model, name, ratio, run, batch, singles, 2056, NEW_TOKENS)
     measured = handle.trace.tokens_per_layer[0]
     described = handle.policy.describe()
     assert sum(measured) / len(measured) == described_mean(described, 2056)
