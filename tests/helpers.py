@@ -109,7 +109,9 @@ def videos_batch_equals_alone(model, name: str, ratio: float, run, batch: dict, 
     from visiondrop.engine.replay import Replay
 
     n_layers = len(model.model.language_model.layers)
-    with visiondrop.apply(model, name, ratio=ratio) as handle:
+    from visiondrop.methods import method
+
+    with visiondrop.apply(model, name, ratio=ratio, **method(name).example_options(model.config)) as handle:
         tokens, logits = run(model, batch)
         trace = handle.trace
         for i, single in enumerate(singles):
@@ -155,3 +157,20 @@ def beams_equal_alone(model, batch: dict, singles: list[dict], new_tokens: int) 
         for i, single in enumerate(singles):
             alone = model.generate(**single, max_new_tokens=new_tokens, num_beams=2, do_sample=False)
             assert torch.equal(beams[i, -new_tokens:], alone[0, -new_tokens:])
+
+
+def flops_by_formula_and_counter(model, batch: dict, method: str, budget=None, **options) -> tuple[float, int]:
+    """A one-image prefill's FLOPs by the analytic count (schedule, overhead, a tower that merges inside) and as
+    torch's FlopCounterMode counts the real forward."""
+    from visiondrop.efficiency.flops import (flop_counter, measure_schedule, overhead_flops, prefill_flops,
+                                             tower_flops)
+    from visiondrop.families import flops_dims
+
+    with flop_counter() as counter:
+        sched = measure_schedule(model, batch, method, budget, **options)
+    dims = flops_dims(model.config)
+    text = batch["input_ids"].shape[1] - dims.n_visual
+    overhead = overhead_flops(dims, method, sched.cuts, text, **options)
+    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead,
+                            tower_tokens=tower_flops(dims, method, sched.cuts, **options))
+    return formula.total, counter.get_total_flops()

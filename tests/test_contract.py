@@ -1,13 +1,13 @@
-"""The contract every registered method keeps, on the tiny LLaVA-1.5, LLaVA-NeXT (mixed crop grids), Qwen2.5-VL
-(images of different sizes, M-RoPE), Video-LLaVA (its images: budgets count against a video's 2,056 tokens, so
-every method meets budgets between whole counts; counts on its nominal 8-frame video) and LLaVA-OneVision
-(anyres_max_9 images of two crop grids, SigLIP without CLS, Qwen2 with GQA; counts on its nominal 32-frame video);
-batches of videos keep it in tests/test_video_llava.py and tests/test_llava_onevision.py. Six properties, each on every family: the full budget is the stock
+"""The contract every registered method keeps, on a tiny model of every registered family (LLaVA-1.5, LLaVA-NeXT
+with mixed crop grids, Qwen2.5-VL with images of different sizes and M-RoPE, Video-LLaVA's images, whose budgets
+count against a video's 2,056 tokens, so every method meets budgets between whole counts; counts on its nominal
+8-frame video); Video-LLaVA's batches of videos keep it in tests/test_video_llava.py. Six properties, each on every family: the full budget is the stock
 model, a batch equals each sample alone, cached decoding equals replay, counts measured with hooks equal
 `describe()`, `remove()` restores the model, an unreachable budget names the smallest reachable one.
 
-Methods come from the registry, each at the budget it declares (`Method.example_budget`) with its default options, so
-a new method is tested here without editing this file. The per-method files test what is the method's own.
+Methods and families come from their registries, each method at the budget it declares (`Method.example_budget`)
+with its default options, each family with the image sizes it declares (`Family.sample_sizes`, `nominal_size`), so
+a new method or family is tested here without editing this file. The per-method files test what is the method's own.
 """
 import re
 
@@ -19,31 +19,24 @@ from helpers import assert_equal_up_to_reordering, cached_and_replayed, greedy, 
 from visiondrop.engine import Policy
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.methods import METHODS, method, policy_for
-from visiondrop.families import ModelInfo, family_of, info_of
-from visiondrop.families.qwen2_5_vl import NOMINAL_SIDE
+from visiondrop.families import FAMILIES, ModelInfo, family_by_type, family_of, info_of
 from visiondrop.harness.video import read_frames
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?",
              "How many shapes are there?"]
-IMAGES = [demo_image(0), None, demo_image(2), demo_image(1)]  # a text-only sample in the middle passes untouched
-TEXT_ONLY = 1
-NEXT_IMAGES = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]  # 3 crops (1752 tokens) and 5 crops (2438)
-QWEN_IMAGES = [demo_image(0, (224, 224)), demo_image(1, (280, 196)), demo_image(2, (168, 336))]  # 64, 70, 72 tokens
-VIDEO_LLAVA_IMAGES = [demo_image(0, (224, 224)), demo_image(1, (300, 200))]  # 256 tokens each (CLS dropped)
-ONEVISION_IMAGES = [demo_image(0, (300, 200)), demo_image(1, (400, 300))]  # 2 and 3 crops: 1261 and 1728 tokens
-#: per family, a batch's images: different sizes (on LLaVA-NeXT, crop grids) and a text-only sample at TEXT_ONLY
-BATCH_IMAGES = {"llava": IMAGES, "llava_next": [NEXT_IMAGES[0], None, NEXT_IMAGES[1]],
-                "qwen2_5_vl": [QWEN_IMAGES[0], None, *QWEN_IMAGES[1:]],
-                "video_llava": [VIDEO_LLAVA_IMAGES[0], None, VIDEO_LLAVA_IMAGES[1]],
-                "llava_onevision": [ONEVISION_IMAGES[0], None, ONEVISION_IMAGES[1]]}
-#: per family, the one sample the budgets count against (ModelInfo.n_visual visual tokens, LLaVA-NeXT's newline
-#: tokens besides): an image of the nominal size, or Video-LLaVA's 8-frame video (None: the demo video)
-NOMINAL = {"llava": demo_image(0), "llava_next": demo_image(0, (672, 672)),
-           "qwen2_5_vl": demo_image(5, (NOMINAL_SIDE, NOMINAL_SIDE)), "video_llava": None, "llava_onevision": None}
-#: the family's conftest fixture
-MODELS = {"llava": "tiny", "llava_next": "tiny_next", "qwen2_5_vl": "tiny_qwen", "video_llava": "tiny_video",
-          "llava_onevision": "tiny_onevision"}
+TEXT_ONLY = 1  # a text-only sample in the middle of every batch passes untouched
+MODELS = list(FAMILIES)  # every registered family (config.model_type)
+
+
+def batch_images(model_type: str) -> list:
+    """A batch's images: the family's sample sizes (different token counts or layouts), a text-only sample at
+    TEXT_ONLY."""
+    images = [demo_image(i, size) for i, size in enumerate(family_by_type(model_type).sample_sizes)]
+    return images[:TEXT_ONLY] + [None] + images[TEXT_ONLY:]
+
+
+BATCH_IMAGES = {model_type: batch_images(model_type) for model_type in MODELS}
 
 
 def encode(model, processor, questions: list[str], images: list) -> dict:
@@ -55,25 +48,28 @@ def encode(model, processor, questions: list[str], images: list) -> dict:
 
 
 def tiny_model(request, family: str) -> tuple:
-    model, processor = request.getfixturevalue(MODELS[family])
+    model, processor = request.getfixturevalue("tiny_of")(family)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
 
-SAMPLES = {}  # family -> its NOMINAL sample, encoded
+SAMPLES = {}  # family -> its nominal sample, encoded
 
 
 def nominal_sample(request, family: str) -> dict:
-    """The family's NOMINAL sample, asking a question, encoded once."""
+    """The family's nominal sample, asking a question, encoded once."""
     if family not in SAMPLES:
         SAMPLES[family] = encode_nominal(request, family, *tiny_model(request, family))
     return SAMPLES[family]
 
 
 def encode_nominal(request, family: str, model, processor) -> dict:
-    if NOMINAL[family] is not None:
-        return encode(model, processor, QUESTIONS[:1], [NOMINAL[family]])
-    host = family_of(model)  # the nominal video: the family's own frame count and prompt
+    """The one sample the budgets count against (ModelInfo.n_visual visual tokens, LLaVA-NeXT's newline tokens
+    besides): an image of the family's nominal size, or a video of its frames (the demo video)."""
+    size = family_by_type(family).nominal_size
+    if size is not None:
+        return encode(model, processor, QUESTIONS[:1], [demo_image(5, size)])
+    host = family_of(model)  # a video of the family's own frame count, in its prompt
     clip = read_frames(request.getfixturevalue("demo_videos")[0], host.frames(model.config))
     text = build_prompt(processor, QUESTIONS[0], True, host.conv_template, kind="video")
     return dict(processor(text=[text], videos=[clip], return_tensors="pt"))
@@ -85,6 +81,11 @@ NEW_TOKENS = 4
 def example_budget(name: str, info: ModelInfo) -> float:
     """The method's declared budget, scaled from a 576-token LLaVA-1.5 to this model's visual tokens."""
     return method(name).example_budget * info.n_visual / 576
+
+
+def example_options(name: str, model) -> dict:
+    """The options the method declares for tiny models (`Method.example_options`)."""
+    return method(name).example_options(model.config)
 
 
 def run(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +152,7 @@ def test_batch_equals_each_sample_alone(host, name):
     singles = [encode(model, processor, [q], [img]) for q, img in zip(questions, images)]
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
     stock_text_only = run(model, singles[TEXT_ONLY])
-    with visiondrop.apply(model, name, example_budget(name, info_of(model))) as handle:
+    with visiondrop.apply(model, name, example_budget(name, info_of(model)), **example_options(name, model)) as handle:
         tokens, logits = run(model, batch)
         trace = handle.trace
         alone = []
@@ -177,7 +178,7 @@ def test_generation_with_cache_equals_replay_without(host, name):
     model, processor, images = host
     budget = example_budget(name, info_of(model))
     batch = encode(model, processor, QUESTIONS[:2], [img for img in images if img is not None][:2])
-    cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10)
+    cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10, **example_options(name, model))
     assert torch.equal(cached, replayed)
 
 
@@ -189,7 +190,7 @@ def described_mean(described: dict, n_visual: int) -> float:
 
 @pytest.fixture(params=list(MODELS))
 def nominal(request) -> tuple:
-    """(a tiny model of each family, its NOMINAL sample)."""
+    """(a tiny model of each family, its nominal sample)."""
     return tiny_model(request, request.param)[0], nominal_sample(request, request.param)
 
 
@@ -200,7 +201,7 @@ def test_counts_measured_with_hooks_match_describe(nominal, name):
     model, sample = nominal
     info = info_of(model)
     newlines = int(family_of(model).image_token_mask(model, sample["input_ids"], None).sum()) - info.n_visual
-    measured, handle = measure_counts(model, sample, name, example_budget(name, info))
+    measured, handle = measure_counts(model, sample, name, example_budget(name, info), **example_options(name, model))
     assert len(measured) == info.n_layers
     assert handle.trace.tokens_per_layer == [measured]
     described = described_mean(handle.policy.describe(), info.n_visual)
@@ -227,7 +228,7 @@ def test_remove_restores_bit_identical_outputs(family, name):
         before = model(**single).logits
     patched = state(model)  # after the stock forward: the stock model keeps some of its inputs' (Qwen's rope_deltas)
     budget = example_budget(name, info_of(model))
-    handle = visiondrop.apply(model, name, budget)
+    handle = visiondrop.apply(model, name, budget, **example_options(name, model))
     if name != "none":
         with torch.no_grad():
             assert not torch.equal(model(**single).logits[:, -1], before[:, -1])
@@ -237,7 +238,7 @@ def test_remove_restores_bit_identical_outputs(family, name):
     restored = state(model)
     assert same_attributes(patched[0], restored[0]) and same_attributes(patched[1], restored[1]), name
     assert patched[2] == restored[2], f"{name}: forward still patched on {restored[2] - patched[2]}"
-    with visiondrop.apply(model, name, budget):  # can be applied again afterwards
+    with visiondrop.apply(model, name, budget, **example_options(name, model)):  # can be applied again afterwards
         pass
 
 

@@ -19,7 +19,7 @@ from visiondrop.families import ModelInfo, family_of, info_of
 from visiondrop.families.llava_onevision import grid_positions
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.harness.video import read_frames
-from visiondrop.methods import METHODS, method
+from visiondrop.methods import METHODS, method, policy_for
 from visiondrop.testing.tiny import demo_image, load_tiny
 
 QUESTIONS = ["What happens in the video?", "Is the red shape moving to the left or to the right? Answer briefly."]
@@ -145,6 +145,12 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     pre-hooks, are the trace's; the retention ratio of each video's own tokens holds."""
     model, processor = model_and_processor
     ratio = ratio_of(name)
+    policy = policy_for(info_of(model), name, ratio=ratio, **method(name).example_options(model.config))
+    if policy.scan_layers or policy.received_attention or policy.merges_in_tower:  # other tower layers' rows
+        with visiondrop.apply(model, name, ratio=ratio, **method(name).example_options(model.config)), \
+                pytest.raises(NotImplementedError, match="pooled, projected tokens"), torch.no_grad():
+            model(**batch)
+        return
     singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
     handle = videos_batch_equals_alone(model, name, ratio, run, batch, singles, VIDEO_TOKENS, NEW_TOKENS)
     measured = handle.trace.mean_tokens[0]

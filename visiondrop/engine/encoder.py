@@ -23,18 +23,32 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     real rows, and their original indices in the image's own visual-token order (-1 for CLS and merged tokens).
     """
     padded, valid, origins = [], [], []
+    project, first_image = family.projector(model), 0
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
-        view = family.encoder_view(model, images, policy.eager_encoder)
-        tokens = view.hidden.shape[1]
+        merge = policy.merge_in_tower if policy.merges_in_tower else None
+        view = family.encoder_view(model, images, policy.eager_encoder, policy.scan_layers, policy.received_attention,
+                                   merge)
+        view.project = (lambda rows: rows) if view.projected else project  # a host's own projected tokens
+        view.owners = [first_image + i for i, n in enumerate(images.crops) for _ in range(n)]
+        first_image += len(images.crops)
+        tokens = view.tokens or view.hidden.shape[1]  # before any merging inside the tower
         if policy.native_layout:
             view.valid = family.valid_tokens(model, images, tokens)
         sel = policy.select_encoder(view)
-        kept = gather_rows(view.hidden, sel.keep)
-        if sel.merged is not None:
-            kept = torch.cat([kept, sel.merged], dim=1)
-        features = kept if view.projected else family.projector(model)(kept)  # [crops, kept + merged, D]
-        n_merged = kept.shape[1] - sel.keep.shape[1]
+        if sel.features is not None:
+            features = sel.features
+        else:
+            kept = gather_rows(view.hidden, sel.keep.clamp(min=0))
+            if sel.merged is not None:
+                kept = torch.cat([kept, sel.merged], dim=1)
+            features = view.project(kept)  # [crops, kept + merged, D]
+        n_merged = features.shape[1] - sel.keep.shape[1]
         for i, (feats, keep) in enumerate(zip(features.split(images.crops), sel.keep.split(images.crops))):
+            if (keep < 0).any():  # a crop that keeps fewer tokens than others of the view
+                if keep.shape[0] > 1:
+                    raise NotImplementedError(f"{policy.name} kept different counts on the crops of one image")
+                real = torch.cat([keep[0] >= 0, keep.new_ones(n_merged, dtype=torch.bool)])
+                feats, keep = feats[:, real], keep[:, keep[0] >= 0]
             feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.native_layout)
             if feats.shape[0] > slots:
                 raise ValueError(f"{policy.name} keeps {feats.shape[0]} tokens for an image with {slots} image slots")

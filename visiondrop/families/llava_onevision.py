@@ -49,6 +49,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -114,6 +115,8 @@ class LlavaOnevision(LlavaNext):
                    replace(QWEN2_IDS, vocab=151936), 1e-6, budget=627.2, extra_tokens=VIDEO_NEWLINES),
     )
     config_class = LlavaOnevisionConfig
+    sample_sizes = ((300, 200), (400, 300))  # images of 2 and 3 crops: 1,261 and 1,728 tokens
+    nominal_size = None  # the budgets count against a 32-frame video
     image_aspect_ratio = "none"  # the processor's anyres_max_9 handles any aspect ratio
     conv_template = "chat_template"
     feature_functions = {"image": "get_image_features", "video": "get_video_features"}
@@ -187,10 +190,16 @@ class LlavaOnevision(LlavaNext):
         videos, frames = pixel_values.shape[:2]
         return Images(pixel_values.flatten(0, 1), [frames] * videos, layer, strategy, modality="video")
 
-    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False,
+                     scan_layers: tuple[int, ...] = (), received: bool = False,
+                     merge: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> EncoderView:
         """SigLIP's last layer with the mean attention each patch receives; a video's frames pooled 2x2 after the
         projector, as the model pools them (module docstring)."""
-        view = super().encoder_view(model, images, eager_encoder)
+        if images.modality == "video" and (scan_layers or received or merge is not None):
+            raise NotImplementedError("on LLaVA-OneVision videos the encoder stage selects among the pooled, "
+                                      "projected tokens of each frame: other tower layers' rows and merging inside "
+                                      "the tower are not pooled with them; run this method on its images")
+        view = super().encoder_view(model, images, eager_encoder, scan_layers, received, merge)
         per_frame = self.frame_tokens(model.config)
         if images.modality != "video":
             view.share = view.hidden.shape[1] / per_frame  # a crop's 729 patches against a frame's 196 tokens

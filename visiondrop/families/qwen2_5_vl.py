@@ -29,6 +29,7 @@ Videos are passed through unpruned (their tokens are not image tokens).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +88,8 @@ class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
 
 class Qwen2_5_VL(Family):
     model_class = Qwen2_5_VLForConditionalGeneration
+    sample_sizes = ((224, 224), (280, 196), (168, 336))  # 64, 70, 72 visual tokens
+    nominal_size = (NOMINAL_SIDE, NOMINAL_SIDE)
     checkpoints = (Checkpoint(
         "qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl",
         Shape(hidden=3584, intermediate=18944, layers=28, heads=28, vision_hidden=1280, vision_intermediate=3420,
@@ -147,7 +150,7 @@ class Qwen2_5_VL(Family):
         vision = config.vision_config
         side = NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
         return ModelInfo(n_visual=side * side, n_layers=config.text_config.num_hidden_layers,
-                         vision_layer=vision.depth - 1, cls_kept=False)
+                         vision_layer=vision.depth - 1, cls_kept=False, tower_cls=False)
 
     # -- positions -----------------------------------------------------------------------------------------------
     def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:
@@ -176,44 +179,64 @@ class Qwen2_5_VL(Family):
         return [Images(pixels, [1], images.feature_layer, images.select_strategy, images.sizes[i:i + 1])
                 for i, pixels in enumerate(images.pixels.split(patches))]
 
-    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
-        """The tower's output and the mean attention received at its last full-attention block, per visual token.
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False,
+                     scan_layers: tuple[int, ...] = (), received: bool = False, merge: Any = None) -> EncoderView:
+        """The tower's output and the mean attention received at its last full-attention block, per visual token
+        (and at the `scan_layers` blocks, in `importance_at`, computed over the whole image as at a full-attention
+        block).
 
-        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
-        bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway."""
+        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code
+        to be bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway.
+        `received`: the same mean attention received at any block, on demand (over the whole image, as at the
+        full-attention blocks), mean over heads, queries and each token's 4 patches. `merge` is ignored: merging
+        inside the windowed tower would break its 2x2 merger groups."""
         tower = self.vision_tower(model)
         config = tower.config
-        attn = tower.blocks[config.fullatt_block_indexes[-1]].attn
+        last_full = config.fullatt_block_indexes[-1]
         captured = {}
 
-        def grab(module, args, kwargs):
-            captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            captured["rope"] = kwargs["position_embeddings"]
+        def grab(index, module, args, kwargs):
+            captured[index] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                               kwargs["position_embeddings"])
 
-        hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
+        blocks = range(len(tower.blocks)) if received else {last_full, *scan_layers}
+        hooks = [tower.blocks[i].attn.register_forward_pre_hook(functools.partial(grab, i), with_kwargs=True)
+                 for i in blocks]
         tower.merger.forward = lambda x: x[::config.spatial_merge_size ** 2]  # projected later: only what is kept
         try:
             out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
             del tower.merger.forward
-        x, (cos, sin) = captured["x"], captured["rope"]
-        n_patches, unit = x.shape[0], config.spatial_merge_size ** 2
-        q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
-        received = q.new_zeros(attn.num_heads, n_patches, dtype=torch.float32)
-        for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
-            received += ((rows @ k_rot.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
-        received /= n_patches
+        unit = config.spatial_merge_size ** 2
         window_index, _ = get_vision_window_index(images.sizes, config.spatial_merge_size, config.window_size,
                                                   config.patch_size)
-        raster = torch.argsort(window_index.to(x.device))  # the tower's window order -> raster order of groups
-        n_tokens = n_patches // unit
+        raster = torch.argsort(window_index.to(out.last_hidden_state.device))  # window order -> raster order
+
+        def received_heads(index: int) -> tuple[Tensor, Tensor]:
+            """Mean attention each token receives at block `index` [H, T] (raster order), and its keys."""
+            attn, (x, (cos, sin)) = tower.blocks[index].attn, captured[index]
+            n_patches = x.shape[0]
+            q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
+            total = q.new_zeros(attn.num_heads, n_patches, dtype=torch.float32)
+            for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
+                total += ((rows @ k_rot.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
+            total /= n_patches
+            n_tokens = n_patches // unit
+            keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1)[raster].transpose(0, 1)  # [H, T, hd]
+            return total.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(x.dtype), keys
+
+        importance, keys = received_heads(last_full)
+        n_tokens = importance.shape[1]
         hidden = out.last_hidden_state.reshape(n_tokens, -1)[raster]  # [T, 4 D]
-        importance = received.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(x.dtype)  # [H, T]
-        keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1)[raster].transpose(0, 1)  # [H, T, hd]
         nominal = self.model_info(model.config).per_crop
-        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal)
+        _, _, cols = (int(n) // config.spatial_merge_size for n in images.sizes[0])
+        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal,
+                           importance_at={i: received_heads(i)[0][None] for i in scan_layers},
+                           grid=(n_tokens // cols, cols),
+                           received=(lambda block: received_heads(block)[0].mean(0)[None]) if received else None)
 
     image_layout_key = "image_grid_thw"
 
