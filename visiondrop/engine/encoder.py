@@ -22,6 +22,9 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     Returns, per image: features zero-padded to the placeholder slots the unpatched model fills, the number of
     real rows, and their original indices in the image's own visual-token order (-1 for CLS and merged tokens).
     """
+    reason = family.unsupported(policy, modality)
+    if reason is not None:
+        raise NotImplementedError(f"{policy.name}: {reason}")
     padded, valid, origins = [], [], []
     project, first_image = family.projector(model), 0
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):

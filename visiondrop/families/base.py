@@ -201,6 +201,11 @@ class Family:
         """
         raise NotImplementedError
 
+    def unsupported(self, policy: Any, modality: str) -> str | None:
+        """Why this family cannot run the encoder stage of `policy` (an `engine.Policy`) on `modality`, or None: the
+        engine refuses such a forward with NotImplementedError naming the reason."""
+        return None
+
     def valid_tokens(self, model: nn.Module, images: Images, tokens: int) -> Tensor | None:
         """[N, tokens] False for tower tokens the model's own layout discards (NeXT's padding), or None."""
         return None

@@ -195,10 +195,6 @@ class LlavaOnevision(LlavaNext):
                      merge: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> EncoderView:
         """SigLIP's last layer with the mean attention each patch receives; a video's frames pooled 2x2 after the
         projector, as the model pools them (module docstring)."""
-        if images.modality == "video" and (scan_layers or received or merge is not None):
-            raise NotImplementedError("on LLaVA-OneVision videos the encoder stage selects among the pooled, "
-                                      "projected tokens of each frame: other tower layers' rows and merging inside "
-                                      "the tower are not pooled with them; run this method on its images")
         view = super().encoder_view(model, images, eager_encoder, scan_layers, received, merge)
         per_frame = self.frame_tokens(model.config)
         if images.modality != "video":
@@ -211,6 +207,18 @@ class LlavaOnevision(LlavaNext):
         keys = pool(view.keys.transpose(1, 2).flatten(2)).unflatten(2, (heads, -1)).transpose(1, 2)
         hidden = pool(llava.multi_modal_projector(view.hidden))
         return EncoderView(hidden, importance, keys, has_cls=False, projected=True)
+
+    def unsupported(self, policy: Any, modality: str) -> str | None:
+        """Merging inside the tower (ToMe) is not offered: SigLIP has no CLS to protect and a crop's 729 patches are
+        not the 196 a frame's counts are given for; on videos, rows of other tower layers (VScan, HiPrune) are not
+        pooled per frame with the feature layer's."""
+        if policy.merges_in_tower:
+            return ("merging inside LLaVA-OneVision's SigLIP tower is not supported (no CLS to protect; budgets count "
+                    "196 tokens a frame, a crop has 729 patches)")
+        if modality == "video" and (policy.scan_layers or policy.received_attention):
+            return ("on LLaVA-OneVision videos the encoder stage selects among the pooled, projected tokens of each "
+                    "frame, and other tower layers' rows are not pooled with them: run this method on its images")
+        return None
 
     def valid_tokens(self, model: nn.Module, images: Images, tokens: int) -> Tensor | None:
         """Patches that the model's own layout keeps (not removed by unpadding); every token of a video."""
