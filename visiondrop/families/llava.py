@@ -109,16 +109,24 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
         if cls:
             return probabilities(index, slice(0, 1))[:, :, 0]
         attn, x = layers[index].self_attn, captured["x", index]
-        return torch.cat([((heads(attn, attn.q_proj(crop)) @ heads(attn, attn.k_proj(crop)).transpose(-1, -2))
-                           * attn.scale).softmax(-1, dtype=torch.float32).mean(2).to(x.dtype) for crop in x.split(1)])
+        rows = [((heads(attn, attn.q_proj(crop)) @ crop_keys.transpose(-1, -2)) * attn.scale).softmax(
+            -1, dtype=torch.float32).mean(2) for crop, crop_keys in zip(x.split(1), keys_of(index).split(1))]
+        return torch.cat(rows).to(x.dtype)
+
+    projected_keys: dict[int, Tensor] = {}
+
+    def keys_of(index: int) -> Tensor:
+        if index not in projected_keys:
+            attn = layers[index].self_attn
+            projected_keys[index] = heads(attn, attn.k_proj(captured["x", index]))
+        return projected_keys[index]
 
     def received_at(index: int) -> Tensor:
         if index not in means:  # recomputed from the layer's own q/k (the SDPA tower gives no probabilities)
             means[index] = probabilities(index, slice(None)).mean(dim=1).mean(dim=1)
         return means[index]
 
-    attn = layers[layer_idx].self_attn
-    keys = heads(attn, attn.k_proj(captured["x", layer_idx]))
+    keys = keys_of(layer_idx)
     return EncoderView(out.hidden_states[layer_idx + 1], cls_row(layer_idx), keys,
                        importance_at={index: cls_row(index) for index in scan_layers},
                        received=received_at if received else None, merged_in_tower=merge is not None,
