@@ -304,8 +304,9 @@ def test_the_video_ov_experiment_reaches_its_budgets():
     methods = [OmegaConf.load(configs / "method" / f"{choice}.yaml") for choice in sweep.method.split(",")]
     from visiondrop.families.llava_onevision import LLAVA_ONEVISION
 
+    options = {"sparsevlm": {"lists": "interpolated"}}
     runs_on_videos = {name for name in METHODS if name == "none" or LLAVA_ONEVISION.unsupported(
-        policy_for(info, name, ratio=0.25, **({"lists": "interpolated"} if name == "sparsevlm" else {})), "video") is None}
+        policy_for(info, name, ratio=0.25, **options.get(name, {})), "video") is None}
     assert {m.name for m in methods} == runs_on_videos  # every method the family runs on videos
     for chosen in (m for m in methods if m.name != "none"):
         for ratio in (float(r) for r in str(sweep["budget.ratio"]).split(",")):
