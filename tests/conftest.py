@@ -96,6 +96,11 @@ def tiny_qwen(tiny_of):
 
 
 @pytest.fixture(scope="session")
+def tiny_onevision_dir(tiny_dir_of):
+    return tiny_dir_of("llava_onevision")
+
+
+@pytest.fixture(scope="session")
 def tiny_shallow(tmp_path_factory):
     """A tiny LLaVA-1.5 with the demo model's 4-layer decoder (cut layers map onto it by relative depth)."""
     from visiondrop.testing.tiny import build_tiny, load_tiny

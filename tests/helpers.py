@@ -45,6 +45,14 @@ def greedy(model, batch: dict, new_tokens: int = 8, **kwargs) -> torch.Tensor:
     return out[:, batch["input_ids"].shape[1]:]
 
 
+def greedy_with_logits(model, batch: dict, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens [B, T] and the logits of every step [B, T, V] (as many steps for every sample)."""
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
 class LayerCounter:
     """Counts the tokens entering each decoder layer with forward pre-hooks, independently of the trace."""
 
@@ -105,6 +113,68 @@ def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens
 
     (cached, _), (replayed, _) = run_both(model, batch, method, budget, new_tokens, **options)
     return cached, replayed
+
+
+def videos_batch_equals_alone(model, name: str, ratio: float, run, batch: dict, singles: list[dict], n_visual: int,
+                              new_tokens: int, atol: float = 1e-8):
+    """Method `name` at `ratio`: the batch of videos equals each video alone (`singles`, run through
+    `run(model, inputs) -> (tokens, logits)`), in kept tokens, counts per layer, logits and greedy tokens; the tokens
+    entering the decoder layers of each alone prefill, counted with forward pre-hooks, are the trace's; cached
+    decoding of the batch equals re-running the prompt with the prefill's decisions (`Replay`). Returns the handle
+    (removed; its trace is the last video's alone)."""
+    import visiondrop
+    from visiondrop.api import Handle
+    from visiondrop.engine.replay import Replay
+
+    n_layers = len(model.model.language_model.layers)
+    from visiondrop.methods import method
+
+    with visiondrop.apply(model, name, ratio=ratio, **method(name).example_options(model.config)) as handle:
+        tokens, logits = run(model, batch)
+        trace = handle.trace
+        for i, single in enumerate(singles):
+            counter = LayerCounter(model)
+            try:
+                alone_tokens, alone_logits = run(model, single)
+            finally:
+                counter.close()
+            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
+            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
+            torch.testing.assert_close(logits[i], alone_logits[0], atol=atol, rtol=atol,
+                                       msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
+            assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
+            n_text = int(batch["attention_mask"][i].sum()) - n_visual
+            assert [n - n_text for n in counter.lengths[:n_layers]] == handle.trace.tokens_per_layer[0]  # prefill
+    if name != "none":  # no decisions to replay: its cached decoding is the stock model's
+        with Handle(model, Replay(handle.policy, trace)):
+            assert torch.equal(greedy(model, batch, new_tokens, use_cache=False), tokens), f"{name}: cached vs replayed"
+    return handle
+
+
+def stock_and_pruned_means(model, video: dict, ratio: float) -> dict[str, float]:
+    """On one `video`: `none` gives the stock model's last logits (asserted); returns the mean visual tokens per
+    decoder layer that VisionDrop, FastV, VisionZip and random keep at `ratio` (each test knows its tolerance)."""
+    import visiondrop
+
+    with torch.no_grad():
+        reference = model(**video).logits[:, -1]
+    with visiondrop.apply(model, "none"), torch.no_grad():
+        assert torch.equal(model(**video).logits[:, -1], reference)
+    means = {}
+    for name in ("visiondrop", "fastv", "visionzip", "random"):
+        with visiondrop.apply(model, name, ratio=ratio) as handle, torch.no_grad():
+            model(**video)
+        means[name] = handle.trace.mean_tokens[0]
+    return means
+
+
+def beams_equal_alone(model, batch: dict, singles: list[dict], new_tokens: int) -> None:
+    """Beam search (2 beams) on `batch` gives each sample's tokens alone (`singles`), under the applied method."""
+    with torch.no_grad():
+        beams = model.generate(**batch, max_new_tokens=new_tokens, num_beams=2, do_sample=False)
+        for i, single in enumerate(singles):
+            alone = model.generate(**single, max_new_tokens=new_tokens, num_beams=2, do_sample=False)
+            assert torch.equal(beams[i, -new_tokens:], alone[0, -new_tokens:])
 
 
 def flops_by_formula_and_counter(model, batch: dict, method: str, budget=None, **options) -> tuple[float, int]:

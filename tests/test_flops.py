@@ -38,7 +38,7 @@ def test_schedules_are_measured_or_derived():
     assert nxt.tokens_per_layer == tuple(n for n in (480, 350, 260, 190) for _ in range(8))
     assert (nxt.projected, nxt.crops, len(nxt.cuts)) == (480, 5, 5 + 3)
     full = schedule(checkpoint_dims("llava-1.5-7b"), "none")
-    assert full.tokens_per_layer == (576,) * 32 and full.projected == 576 and not full.cuts
+    assert full.tokens_per_layer == (576,) * 32 and full.projected is None and not full.cuts
 
 
 def test_lm_head_and_attention_convention():

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import SYSTEM, LayerCounter, assert_each_alone_equals_the_batch, greedy
-from visiondrop.api import Handle
-from visiondrop.engine.replay import Replay
+from helpers import (SYSTEM, LayerCounter, beams_equal_alone, greedy, greedy_with_logits, stock_and_pruned_means,
+                     videos_batch_equals_alone)
 from visiondrop.families import ModelInfo, flops_dims, info_of
 from visiondrop.harness.video import read_frames
 from visiondrop.methods import METHODS, method, policy_for
@@ -77,11 +76,7 @@ def test_visiondrop_video_schedule_keeps_three_times_the_target_after_the_encode
 
 
 def run(model, inputs):
-    """Greedy tokens [B, T] and the logits of every step [B, T, V]."""
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+    return greedy_with_logits(model, inputs, NEW_TOKENS)
 
 
 def test_none_is_the_stock_model(model_and_processor, batch):
@@ -106,17 +101,7 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     model, processor = model_and_processor
     ratio = ratio_of(name)
     singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
-    with visiondrop.apply(model, name, ratio=ratio, **method(name).example_options(model.config)) as handle:
-        out = run(model, batch)
-        trace = handle.trace
-        lengths = assert_each_alone_equals_the_batch(model, handle, run, singles, out, trace, name)
-    for i, prefill in enumerate(lengths):
-        n_text = int(batch["attention_mask"][i].sum()) - 2056
-        assert [n - n_text for n in prefill] == trace.tokens_per_layer[i]  # counted with pre-hooks
-    tokens = out[0]
-    if name != "none":  # no decisions to replay: its cached decoding is the stock model's (test above)
-        with Handle(model, Replay(handle.policy, trace)):
-            assert torch.equal(greedy(model, batch, NEW_TOKENS, use_cache=False), tokens), f"{name}: cached vs replayed"
+    handle = videos_batch_equals_alone(model, name, ratio, run, batch, singles, 2056, NEW_TOKENS)
     measured = handle.trace.tokens_per_layer[0]
     described = handle.policy.describe()
     if method(name).exact_count:
@@ -149,14 +134,8 @@ def test_other_frame_counts_keep_the_ratio_of_their_own_tokens(model_and_process
     video = encode(processor, QUESTIONS[:1], [read_frames(demo_videos[2], frames)])
     n_visual = int((video["input_ids"] == model.config.video_token_id).sum())
     assert n_visual == 257 * frames
-    with torch.no_grad():
-        reference = model(**video).logits[:, -1]
-    with visiondrop.apply(model, "none"), torch.no_grad():
-        assert torch.equal(model(**video).logits[:, -1], reference)
-    for name in ("visiondrop", "fastv", "visionzip", "random"):
-        with visiondrop.apply(model, name, ratio=0.25) as handle, torch.no_grad():
-            model(**video)
-        assert abs(handle.trace.mean_tokens[0] / n_visual - 0.25) < 0.005, (name, handle.trace.mean_tokens)
+    for name, mean in stock_and_pruned_means(model, video, 0.25).items():
+        assert abs(mean / n_visual - 0.25) < 0.005, (name, mean)
 
 
 def test_generate_on_images_equals_stock_and_prunes(model_and_processor):
@@ -208,9 +187,6 @@ def test_flops_of_an_8_frame_video(model_and_processor):
 def test_beam_search_on_videos_with_an_encoder_stage(model_and_processor, batch, clips):
     """generate() copies the stacked video features per beam: the engine finds each copy's bookkeeping again."""
     model, processor = model_and_processor
-    with visiondrop.apply(model, "visionzip", ratio=0.25), torch.no_grad():
-        beams = model.generate(**batch, max_new_tokens=NEW_TOKENS, num_beams=2, do_sample=False)
-        for i, question in enumerate(QUESTIONS):
-            alone = model.generate(**encode(processor, [question], clips[i:i + 1]), max_new_tokens=NEW_TOKENS,
-                                   num_beams=2, do_sample=False)
-            assert torch.equal(beams[i, -NEW_TOKENS:], alone[0, -NEW_TOKENS:])
+    with visiondrop.apply(model, "visionzip", ratio=0.25):
+        beams_equal_alone(model, batch, [encode(processor, [q], clips[i:i + 1]) for i, q in enumerate(QUESTIONS)],
+                          NEW_TOKENS)

@@ -284,12 +284,14 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
 
 
-@pytest.mark.parametrize("frames", [None, 4])
-def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judge, monkeypatch, frames):
+@pytest.mark.parametrize("name, folder, frames, tokens", [
+    ("video-llava-7b", "tiny_video_dir", None, 257 * 8), ("video-llava-7b", "tiny_video_dir", 4, 257 * 4),
+    ("llava-onevision-7b", "tiny_onevision_dir", 4, 196 * 4 + 1)])  # its chat template; the newline after the video
+def test_stock_mvbench_task_runs_on_local_data(request, tmp_path, no_judge, monkeypatch, name, folder, frames, tokens):
     """Multiple choice through lmms-eval's own `mvbench_action_sequence`: annotations from a local file (`data`),
     videos where the stock task looks for them ($HF_HOME/mvbench_video/star/Charades_segment); a model that answers
     "B" gets the question whose answer is the second candidate right and the other wrong. Videos are sampled to the
-    checkpoint's 8 frames, or to `model.frames`, which is part of the records' identity."""
+    checkpoint's frames (Video-LLaVA: 8), or to `model.frames`, which is part of the records' identity."""
     offline(monkeypatch)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     candidates = ["It stopped.", "It turned red.", "It vanished."]
@@ -300,8 +302,8 @@ def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judg
         docs.append({"video": f"v{i}.mp4", "question": "What happened after the shape moved?",
                      "candidates": candidates, "answer": candidates[i]})  # A, then B
     (tmp_path / "action_sequence.json").write_text(json.dumps(docs))
-    model = answering("B", tiny_video_dir, tmp_path / "answers_b")
-    cfg = config(tmp_path, "model=video-llava-7b", f"model.pretrained={model}", "model.device=cpu",
+    model = answering("B", request.getfixturevalue(folder), tmp_path / "answers_b")
+    cfg = config(tmp_path, f"model={name}", f"model.pretrained={model}", "model.device=cpu",
                  "model.dtype=float32", "method=fastv", "budget.ratio=0.25", "benchmarks=video_mc", "limit=null",
                  *([] if frames is None else [f"model.frames={frames}"]))
     [bench] = [b for b in cfg.benchmarks if b.task == "mvbench_action_sequence"]
@@ -313,7 +315,7 @@ def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judg
     assert [s["response"] for s in samples] == ["B", "B"]
     assert [s["mvbench_accuracy"]["score"] for s in samples] == [0, 1]
     assert record["task"] == "mvbench_action_sequence" and record["docs"] == 2 and record["score"] == 50.0
-    assert abs(record["measured_tokens"] - 257 * (frames or 8) / 4) < 2  # 25% of the video's tokens, FastV's rounding
+    assert abs(record["measured_tokens"] - tokens / 4) < 2  # 25% of the video's tokens, FastV's rounding
     assert record["identity"]["preprocessing"].get("frames") == frames == record["run_info"].get("frames")
 
 

@@ -135,7 +135,9 @@ class EncoderView:
     included where the tower has it; computed on demand;
     merged_in_tower: the tower merged tokens inside (`Policy.merge_in_tower`): `hidden` has fewer tokens, in the
     merges' order, and `importance`/`keys` describe the feature layer's input, before its own merge;
-    `tokens` is then what the tower started with (else None: `hidden`'s count).
+    `tokens` is then what the tower started with (else None: `hidden`'s count);
+    projected: `hidden` is already the model's visual tokens, projected (a host that pools after its projector:
+    LLaVA-OneVision's video frames), so the engine does not project what the policy keeps.
     """
 
     hidden: Tensor
@@ -144,6 +146,7 @@ class EncoderView:
     valid: Tensor | None = None
     has_cls: bool = True
     share: float = 1.0
+    projected: bool = False
     importance_at: dict[int, Tensor] = field(default_factory=dict)
     project: Callable[[Tensor], Tensor] | None = None
     grid: tuple[int, int] | None = None
@@ -185,6 +188,14 @@ class Dims:
     vision_windowed_layers: int = 0  # tower layers that attend within windows (the others: all vision tokens)
     vision_window: int = 0  # vision tokens per attention window there
     projector_mid: int | None = None  # the projector's inner width (None: the decoder's hidden)
+    #: tokens per crop the projector runs on, unpruned (None: visual_per_crop; LLaVA-OneVision's video frames: all
+    #: 729 patches, pooled to 196 after the projector)
+    projected_per_crop: int | None = None
+    #: an encoder stage without CLS projects these per patch for its rows (Qwen2.5-VL's fused qkv: 3; SigLIP: q, k)
+    vision_row_projections: int = 3
+    #: the nominal sample's encoder stage selects among tokens already projected (LLaVA-OneVision's pooled video
+    #: frames): its merged tokens sum in the decoder's width
+    encoder_projected: bool = False
 
     @property
     def n_visual(self) -> int:
@@ -214,7 +225,7 @@ class TokenCounts:
     """What a method does to one image: visual tokens entering each decoder layer, tokens projected, cuts."""
 
     tokens_per_layer: tuple[int, ...]
-    projected: int
+    projected: int | None  # None: what the unpruned model projects (`Dims.projected_per_crop` x crops)
     cuts: tuple[Cut, ...] = ()
     crops: int = 1
     newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")

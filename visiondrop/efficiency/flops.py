@@ -71,7 +71,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..api import apply
 from ..core import Cut, Dims, Shape, TokenCounts, TokenIds
-from ..families import checkpoint_config, checkpoints, family_by_type, flops_dims, info_of
+from ..families import checkpoint_config, checkpoints, family_by_type, flops_dims
 from ..methods import METHODS, method as registered
 
 TEXT_TOKENS = 63  # the paper's text length (methods.md 7)
@@ -127,7 +127,8 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
         raise ValueError(f"need one visual-token count per decoder layer ({dims.n_layers}), "
                          f"got {len(tokens_per_layer)}")
     crops = dims.crops if n_crops is None else n_crops
-    projected = dims.visual_per_crop * crops if projected_tokens is None else projected_tokens
+    per_crop = dims.projected_per_crop or dims.visual_per_crop
+    projected = per_crop * crops if projected_tokens is None else projected_tokens
     other = text_tokens + dims.extra_tokens
     t, dv = dims.vision_tokens, dims.vision_hidden
     patch_embed = (t - dims.vision_cls) * dims.patch_channels * dims.patch_size ** 2 * dv
@@ -161,9 +162,10 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             dv, patches = dims.vision_hidden, dims.vision_tokens
             if dims.vision_cls:  # keys of all tokens, CLS query and logits
                 macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if not recipe.eager_encoder else 0)
-            else:  # the attention each patch receives: q, k, v of every patch (one projection), all logits
-                macs += 3 * patches * dv * dv + patches * patches * dv
-            metric, width = dv // dims.vision_heads, dims.projector_in  # Qwen2.5-VL: 4 patches per token
+            else:  # the attention each patch receives: q, k (and v, where fused) of every patch, all logits
+                macs += dims.vision_row_projections * patches * dv * dv + patches * patches * dv
+            # Qwen2.5-VL: 4 patches per token; LLaVA-OneVision's videos: projected, pooled tokens
+            metric, width = dv // dims.vision_heads, dims.hidden if dims.encoder_projected else dims.projector_in
         else:
             n = cut.before + text_tokens + dims.extra_tokens
             if recipe.rows is not None:
@@ -211,28 +213,28 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
                      **options: Any) -> TokenCounts:
     """Apply `method` to `model`, run one forward on `inputs` (one image), and read what it did."""
     cuts: list[Cut] = []
+    premade: list[bool] = []
     with apply(model, method, budget, **options) as handle, torch.no_grad():
-        _record_cuts(handle.policy, cuts)
+        _record_cuts(handle.policy, cuts, premade)
         model(**inputs)
         counts = tuple(handle.trace.tokens_per_layer[0])
-    encoder = [c for c in cuts if c.layer is None]  # an encoder stage projects only what it keeps and merges
-    projected = sum(c.kept + c.merged for c in encoder) if encoder else _n_visual(model)
+    encoder = [c for c in cuts if c.layer is None]  # an encoder stage projects only what it keeps and merges,
+    # unless it selects among tokens the model projected already (LLaVA-OneVision's pooled video frames)
+    projected = sum(c.kept + c.merged for c in encoder) if encoder and not any(premade) else None
     return TokenCounts(counts, projected, tuple(cuts))
 
 
-def _n_visual(model: torch.nn.Module) -> int:
-    return info_of(model).n_visual
-
-
-def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
+def _record_cuts(policy: Any, cuts: list[Cut], premade: list[bool]) -> None:
     """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample; an encoder stage
-    once per crop of the one image measured, as `Cut` counts it)."""
+    once per crop of the one image measured, as `Cut` counts it) and whether an encoder view was projected already
+    (`premade`)."""
     select_encoder, select_decoder = policy.select_encoder, policy.select_decoder
     merged = lambda sel: 0 if sel.merged is None else len(sel.merged[0])  # noqa: E731
 
     def encoder(view):
         sel = select_encoder(view)
         cuts.extend([Cut(None, view.hidden.shape[1], sel.keep.shape[1], merged(sel))] * view.hidden.shape[0])
+        premade.append(view.projected)
         return sel
 
     def decoder(cut):
@@ -274,7 +276,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
         if budget is not None and budget != dims.n_visual or options:
             raise ValueError(f"method 'none' keeps all {dims.n_visual} visual tokens and takes no options; "
                              f"got budget={budget} {options or ''}")
-        return TokenCounts((dims.n_visual,) * dims.n_layers, dims.n_visual, (), dims.crops)
+        return TokenCounts((dims.n_visual,) * dims.n_layers, None, (), dims.crops)
     nominal = registered(method).nominal_counts
     # a video's frames are its nominal crops, so the proxy's example video measures the nominal schedule itself
     takes_videos = "video" in family_by_type(dims.model_type).feature_functions
@@ -300,7 +302,8 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
         # decoder-side methods see every newline token; an encoder stage lays out what it projects, plus the newline
         # tokens of the model's own layout where it keeps that (VisPruner), none in the compact one (VisionDrop)
         encoder_side = any(c.layer is None for c in sched.cuts)
-        newlines = sched.tokens_per_layer[0] - sched.projected if encoder_side else placeholders - dims.n_visual
+        laid_out = sum(c.kept + c.merged for c in sched.cuts if c.layer is None)
+        newlines = sched.tokens_per_layer[0] - laid_out if encoder_side else placeholders - dims.n_visual
         _measured[key] = replace(sched, crops=dims.crops, newlines=newlines)
     return _measured[key]
 
@@ -348,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           + f", {args.text_tokens} text tokens" + (f" + {dims.extra_tokens} other" if dims.extra_tokens else ""))
     mean = sum(sched.tokens_per_layer) / len(sched.tokens_per_layer)
     print(f"visual tokens per decoder layer: {_runs(sched.tokens_per_layer)} (mean {mean:.2f}); "
-          f"{sched.projected} of {dims.n_visual} projected; {sched.crops} vision crop(s)")
+          f"{'all' if sched.projected is None else sched.projected} of "
+          f"{(dims.projected_per_crop or dims.visual_per_crop) * dims.crops} projected; {sched.crops} vision crop(s)")
     print(result.table())
     print(f"total {result.total / 1e12:.2f} TFLOPs")
 

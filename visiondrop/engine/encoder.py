@@ -22,13 +22,16 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     Returns, per image: features zero-padded to the placeholder slots the unpatched model fills, the number of
     real rows, and their original indices in the image's own visual-token order (-1 for CLS and merged tokens).
     """
+    reason = family.unsupported(policy, modality)
+    if reason is not None:
+        raise NotImplementedError(f"{policy.name}: {reason}")
     padded, valid, origins = [], [], []
     project, first_image = family.projector(model), 0
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
         merge = policy.merge_in_tower if policy.merges_in_tower else None
         view = family.encoder_view(model, images, policy.eager_encoder, policy.scan_layers, policy.received_attention,
                                    merge)
-        view.project = project
+        view.project = (lambda rows: rows) if view.projected else project  # a host's own projected tokens
         view.owners = [first_image + i for i, n in enumerate(images.crops) for _ in range(n)]
         first_image += len(images.crops)
         tokens = view.tokens or view.hidden.shape[1]  # before any merging inside the tower
@@ -41,7 +44,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
             kept = gather_rows(view.hidden, sel.keep.clamp(min=0))
             if sel.merged is not None:
                 kept = torch.cat([kept, sel.merged], dim=1)
-            features = project(kept)  # [crops, kept + merged, D]
+            features = view.project(kept)  # [crops, kept + merged, D]
         n_merged = features.shape[1] - sel.keep.shape[1]
         for i, (feats, keep) in enumerate(zip(features.split(images.crops), sel.keep.split(images.crops))):
             if (keep < 0).any():  # a crop that keeps fewer tokens than others of the view

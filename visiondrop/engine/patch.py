@@ -104,7 +104,7 @@ class Pruner:
         if self._images is not None and self._images_modality != modality:
             raise NotImplementedError(_MIXED)
         features, valid, origins = reduce_images(self.model, self.family, self.policy, modality, args, kwargs)
-        if self.family.stacked_features:
+        if self.family.stacks_features(modality):
             # generate() copies the rows of a stacked tensor when it repeats them: known by their first token
             self._encoded = {}
             self._fingerprints = [(f[0].clone(), v, o) for f, v, o in zip(features, valid, origins)]

@@ -18,6 +18,7 @@ FAMILIES = {
     "llava_next": "visiondrop.families.llava_next:LLAVA_NEXT",
     "qwen2_5_vl": "visiondrop.families.qwen2_5_vl:QWEN2_5_VL",
     "video_llava": "visiondrop.families.video_llava:VIDEO_LLAVA",
+    "llava_onevision": "visiondrop.families.llava_onevision:LLAVA_ONEVISION",
 }
 
 

@@ -44,6 +44,10 @@ class Family:
     #: its released checkpoints that the FLOPs count and the latency benchmark rebuild (`families.checkpoints()`)
     checkpoints: tuple[Checkpoint, ...] = ()
 
+    def stacks_features(self, modality: str) -> bool:
+        """Whether the host takes the encoded features of `modality` as one tensor (`stacked_features`)."""
+        return self.stacked_features
+
     # -- where a loaded model keeps its parts ------------------------------------------------------------------
     def multimodal(self, model: nn.Module) -> nn.Module:
         """The module whose forward receives input_ids and images, and whose `get_image_features` encodes them."""
@@ -73,21 +77,31 @@ class Family:
         raise NotImplementedError(f"{type(self).__name__} takes no videos")
 
     # -- the visual tokens of a forward ------------------------------------------------------------------------
+    #: the forward keywords that carry pixels (of any modality)
+    pixel_keys: tuple[str, ...] = ("pixel_values",)
+
     def has_images(self, kwargs: dict[str, Any]) -> bool:
-        """Whether a forward's keywords carry images (pixels, or features `generate()` encoded beforehand)."""
+        """Whether a forward's keywords carry images or videos (pixels, or features `generate()` encoded
+        beforehand)."""
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+        return any(kwargs.get(key) is not None for key in self.pixel_keys) \
+            or any(encoded.get(m) is not None for m in self.feature_functions)
+
+    def placeholder_ids(self, config: Any) -> tuple[int, ...]:
+        """The token ids that hold visual tokens in a prompt: the image's, and the video's where the family takes
+        videos."""
+        return (config.image_token_id, *((config.video_token_id,) if "video" in self.feature_functions else ()))
 
     def image_token_mask(self, model: nn.Module, input_ids: Tensor | None,
                          inputs_embeds: Tensor | None) -> Tensor | None:
-        """[B, L] True at the image tokens of a forward's inputs (`config.image_token_id`), or None if they cannot
-        be told."""
-        image_id = model.config.image_token_id
+        """[B, L] True at the visual tokens of a forward's inputs (`placeholder_ids`), or None if they cannot be
+        told."""
+        ids = self.placeholder_ids(model.config)
         if input_ids is not None:
-            return input_ids == image_id
+            return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
         if inputs_embeds is not None:
-            image_embed = model.get_input_embeddings()(torch.tensor(image_id, device=inputs_embeds.device))
-            return (inputs_embeds == image_embed).all(-1)
+            embeds = model.get_input_embeddings()(torch.tensor(ids, device=inputs_embeds.device))
+            return (inputs_embeds.unsqueeze(-2) == embeds).all(-1).any(-1)
         return None
 
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
@@ -192,6 +206,11 @@ class Family:
         supports it (the view then says `merged_in_tower`); a tower that does not ignores it.
         """
         raise NotImplementedError
+
+    def unsupported(self, policy: Any, modality: str) -> str | None:
+        """Why this family cannot run the encoder stage of `policy` (an `engine.Policy`) on `modality`, or None: the
+        engine refuses such a forward with NotImplementedError naming the reason."""
+        return None
 
     def valid_tokens(self, model: nn.Module, images: Images, tokens: int) -> Tensor | None:
         """[N, tokens] False for tower tokens the model's own layout discards (NeXT's padding), or None."""

@@ -48,9 +48,9 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
 
 def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int, eager_encoder: bool = False,
                       scan_layers: tuple[int, ...] = (), received: bool = False,
-                      merge: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> EncoderView:
-    """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys (and the CLS rows of
-    the `scan_layers` too, in `importance_at`).
+                      merge: Callable[[int, Tensor, Tensor], Tensor] | None = None, cls: bool = True) -> EncoderView:
+    """Run a CLIP-style tower and capture layer `layer_idx`: its output, CLS attention row and keys (and the CLS rows
+    of the `scan_layers` too, in `importance_at`).
 
     By default the CLS rows and the keys are recomputed from the layers' own projections (their inputs captured
     with forward pre-hooks), so the tower keeps its SDPA attention. With `eager_encoder`, every layer runs eager
@@ -60,6 +60,8 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
     `attentions[l].mean(1).mean(1)` of the eager probabilities, or recomputed on demand from the layer's input.
     `merge` (`Policy.merge_in_tower`): every layer up to `layer_idx` merges its tokens between its attention and
     its MLP (`merging_layers`), on its keys averaged over heads.
+    A tower without CLS (`cls=False`: SigLIP) gives the mean attention each token receives from all tokens of its
+    crop instead of the CLS row, the CLS substitute of `EncoderView` (recomputed crop by crop: bounded memory).
     """
     layers = tower_layers(vision_tower)
     captured: dict[tuple[str, int], Tensor] = {}
@@ -69,7 +71,7 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
         captured["x", index] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
     def grab_probabilities(index, module, args, output):
-        captured["cls", index] = output[1][:, :, 0]  # [N, H, T]: the CLS query's row
+        captured["cls", index] = output[1][:, :, 0] if cls else output[1].mean(2)  # [N, H, T]
 
     def grab_mean(index, module, args, output):
         means[index] = output[1].mean(dim=1).mean(dim=1)  # the official order: heads, then queries
@@ -95,28 +97,40 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
     def heads(attn: nn.Module, t: Tensor) -> Tensor:
         return t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)
 
-    def probabilities(index: int, queries: slice, keys: Tensor | None = None) -> Tensor:
-        """Layer `index`'s attention probabilities of the query rows `queries`, recomputed from its own q/k (`keys`:
-        that layer's, where the caller has them)."""
+    def probabilities(index: int, queries: slice) -> Tensor:
+        """Layer `index`'s attention probabilities of the query rows `queries`, recomputed from its own q/k."""
         attn, x = layers[index].self_attn, captured["x", index]
-        keys = heads(attn, attn.k_proj(x)) if keys is None else keys
-        scores = (heads(attn, attn.q_proj(x[:, queries])) @ keys.transpose(-1, -2)) * attn.scale
+        scores = (heads(attn, attn.q_proj(x[:, queries])) @ keys_of(index).transpose(-1, -2)) * attn.scale
         return scores.softmax(-1, dtype=torch.float32).to(x.dtype)
 
-    def cls_row(index: int, keys: Tensor | None = None) -> Tensor:
-        return captured["cls", index] if eager_encoder else probabilities(index, slice(0, 1), keys)[:, :, 0]
+    def cls_row(index: int) -> Tensor:
+        if eager_encoder:
+            return captured["cls", index]
+        if cls:
+            return probabilities(index, slice(0, 1))[:, :, 0]
+        attn, x = layers[index].self_attn, captured["x", index]
+        rows = [((heads(attn, attn.q_proj(crop)) @ crop_keys.transpose(-1, -2)) * attn.scale).softmax(
+            -1, dtype=torch.float32).mean(2) for crop, crop_keys in zip(x.split(1), keys_of(index).split(1))]
+        return torch.cat(rows).to(x.dtype)
+
+    projected_keys: dict[int, Tensor] = {}
+
+    def keys_of(index: int) -> Tensor:
+        if index not in projected_keys:
+            attn = layers[index].self_attn
+            projected_keys[index] = heads(attn, attn.k_proj(captured["x", index]))
+        return projected_keys[index]
 
     def received_at(index: int) -> Tensor:
         if index not in means:  # recomputed from the layer's own q/k (the SDPA tower gives no probabilities)
             means[index] = probabilities(index, slice(None)).mean(dim=1).mean(dim=1)
         return means[index]
 
-    attn = layers[layer_idx].self_attn
-    keys = heads(attn, attn.k_proj(captured["x", layer_idx]))
-    return EncoderView(out.hidden_states[layer_idx + 1], cls_row(layer_idx, keys), keys,
+    keys = keys_of(layer_idx)
+    return EncoderView(out.hidden_states[layer_idx + 1], cls_row(layer_idx), keys,
                        importance_at={index: cls_row(index) for index in scan_layers},
                        received=received_at if received else None, merged_in_tower=merge is not None,
-                       tokens=out.hidden_states[0].shape[1] if merge is not None else None)
+                       tokens=out.hidden_states[0].shape[1] if merge is not None else None, has_cls=cls)
 
 
 @contextlib.contextmanager
@@ -177,6 +191,7 @@ class Llava(Family):
     image_aspect_ratio = "pad"  # LLaVA-1.5's evaluation expands images to a square
     conv_template = "vicuna_v1"
     image_size = IMAGE_SIZE  # the vision tower's input side, in pixels
+    tower_cls = True  # the vision tower has a CLS token (CLIP; SigLIP has none)
     #: `get_image_features`' positional arguments after pixel_values
     image_feature_args: tuple[str, ...] = ("vision_feature_layer", "vision_feature_select_strategy")
 
@@ -267,13 +282,13 @@ class Llava(Family):
         tower = self.vision_tower(model, images.modality)
         layer = feature_layer_index(tower, images.feature_layer)
         if not eager_encoder:
-            return clip_encoder_view(tower, images.pixels, layer, False, scan_layers, received, merge)
+            return clip_encoder_view(tower, images.pixels, layer, False, scan_layers, received, merge, self.tower_cls)
         # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
-        views = [clip_encoder_view(tower, pixels, layer, True, scan_layers, received, merge)
+        views = [clip_encoder_view(tower, pixels, layer, True, scan_layers, received, merge, self.tower_cls)
                  for pixels in images.pixels.split(images.crops)]
         view = EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))),
                            importance_at={i: torch.cat([v.importance_at[i] for v in views]) for i in scan_layers},
-                           merged_in_tower=merge is not None, tokens=views[0].tokens)
+                           merged_in_tower=merge is not None, tokens=views[0].tokens, has_cls=self.tower_cls)
         if received:
             view.received = lambda at: torch.cat([v.received(at) for v in views])
         return view

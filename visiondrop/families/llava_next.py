@@ -44,9 +44,10 @@ class LlavaNext(Llava):
 
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         images = super().images(model, pixel_values, args, kwargs)
-        if images.select_strategy != "default":
-            raise NotImplementedError("encoder-side pruning of LLaVA-NeXT supports vision_feature_select_strategy "
-                                      "'default' only")
+        strategy = "default" if self.tower_cls else "full"  # the visual tokens are the patches, CLS dropped
+        if images.select_strategy != strategy:
+            raise NotImplementedError(f"encoder-side pruning of {type(self).__name__} supports "
+                                      f"vision_feature_select_strategy {strategy!r} only")
         config = model.config
         images.crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
                         for size in images.sizes]
@@ -140,7 +141,7 @@ def arrange_anyres(llava: nn.Module, feats: Tensor, keep: Tensor, n_merged: int,
         is_patch = sub_patch >= 0
         if native_layout:
             is_patch &= sub_origin >= 0  # unpadding removes these patches
-            dominant, dominant_origin = _with_newlines(sub[is_patch], sub_origin[is_patch], newline_at.to(keep.device),
+            dominant, dominant_origin = with_newlines(sub[is_patch], sub_origin[is_patch], newline_at.to(keep.device),
                                                        llava.image_newline)
         else:
             order = raster[is_patch].argsort()
@@ -158,7 +159,7 @@ def _unpadded(llava: nn.Module, n_crops: int, image_size: Tensor, tokens: int) -
     return valid.to(image_size.device)
 
 
-def _with_newlines(tokens: Tensor, origins: Tensor, newline_at: Tensor, newline: Tensor) -> tuple[Tensor, Tensor]:
+def with_newlines(tokens: Tensor, origins: Tensor, newline_at: Tensor, newline: Tensor) -> tuple[Tensor, Tensor]:
     """Tokens in packed order, each grid row that keeps one closed by the image-newline token (origin: its slot)."""
     order = origins.argsort()
     tokens, origins = tokens[order], origins[order]

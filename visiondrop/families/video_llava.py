@@ -59,23 +59,38 @@ class FrameProcessor(VideoProcessorMixin):
         batch = [videos] if _is_one_video(videos) else list(videos)
         pixels = [frames.preprocess(list(video), return_tensors="np", return_legacy_image_output=False)["pixel_values"]
                   for video in batch]
+        if len({len(p) for p in pixels}) > 1:
+            raise ValueError(f"the videos of one batch must have as many frames each (the model takes one [videos, "
+                             f"frames, 3, H, W] tensor), got {[len(p) for p in pixels]}: sample them to one count, "
+                             "or process them in separate batches")
         return BatchFeature({"pixel_values_videos": np.stack(pixels)}, tensor_type=return_tensors)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.frame_kwargs, "video_processor_type": type(self).__name__}
 
 
-class FramesVideoLlavaProcessor(VideoLlavaProcessor):
-    """`VideoLlavaProcessor` with a `FrameProcessor` for videos (its own check looks the video processor up in a
-    registry that is empty without torchvision). Images come as `pixel_values`, not the deprecated
-    `pixel_values_images`."""
-
-    images_kwargs = {"return_tensors": "pt", "return_legacy_image_output": False}
+class TakesFrameProcessor:
+    """A processor mixin that accepts a `FrameProcessor` for videos (the processors' own check looks the video
+    processor up in a registry that is empty without torchvision)."""
 
     def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
         if argument_name == "video_processor" and isinstance(argument, FrameProcessor):
             return FrameProcessor
         return super().check_argument_for_proper_class(argument_name, argument)
+
+
+class FramesVideoLlavaProcessor(TakesFrameProcessor, VideoLlavaProcessor):
+    """`VideoLlavaProcessor` with a `FrameProcessor` for videos. Images come as `pixel_values`, not the deprecated
+    `pixel_values_images`."""
+
+    images_kwargs = {"return_tensors": "pt", "return_legacy_image_output": False}
+
+
+def with_video_placeholders(inputs: dict[str, Tensor], config: Any) -> dict[str, Tensor]:
+    """An example prompt (`Family.example_inputs`) whose image placeholders become `<video>` ones."""
+    ids = inputs["input_ids"]
+    inputs["input_ids"] = torch.where(ids == config.image_token_id, config.video_token_id, ids)
+    return inputs
 
 
 _FRAME_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
@@ -104,6 +119,7 @@ class VideoLlava(Llava):
     video_feature_args = ("vision_feature_layer",)
     image_size = IMAGE_SIZE
     special_tokens = ("<video>",)
+    pixel_keys = ("pixel_values", "pixel_values_images", "pixel_values_videos")
 
     def vision_tower(self, model: nn.Module, modality: str = "image") -> nn.Module:
         return model.model.video_tower if modality == "video" else model.model.image_tower
@@ -134,22 +150,6 @@ class VideoLlava(Llava):
         return replace(super().flops_dims(config), visual_per_crop=self._frame_tokens(config), crops=self.frames(config))
 
     # -- visual tokens -------------------------------------------------------------------------------------------
-    def has_images(self, kwargs: dict[str, Any]) -> bool:
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        return any(kwargs.get(key) is not None for key in ("pixel_values", "pixel_values_images",
-                                                           "pixel_values_videos")) \
-            or any(encoded.get(m) is not None for m in self.feature_functions)
-
-    def image_token_mask(self, model: nn.Module, input_ids: Tensor | None,
-                         inputs_embeds: Tensor | None) -> Tensor | None:
-        ids = (model.config.image_token_id, model.config.video_token_id)
-        if input_ids is not None:
-            return (input_ids == ids[0]) | (input_ids == ids[1])
-        if inputs_embeds is not None:
-            embeds = model.get_input_embeddings()(torch.tensor(ids, device=inputs_embeds.device))
-            return (inputs_embeds.unsqueeze(-2) == embeds).all(-1).any(-1)
-        return None
-
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
         """A sample's `<video>` tokens over a frame's 257 (CLS kept)."""
         if input_ids is None:
@@ -195,10 +195,7 @@ class VideoLlava(Llava):
     def example_inputs(self, config: Any, text_tokens: int, generator: torch.Generator,
                        image_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """The prompt with one random video: its placeholders are `<video>` tokens."""
-        inputs = super().example_inputs(config, text_tokens, generator, image_size)
-        ids = inputs["input_ids"]
-        inputs["input_ids"] = torch.where(ids == config.image_token_id, config.video_token_id, ids)
-        return inputs
+        return with_video_placeholders(super().example_inputs(config, text_tokens, generator, image_size), config)
 
     def patch_cells(self, model: nn.Module, image_size: Tensor | None,
                     modality: str = "image") -> Tensor:
