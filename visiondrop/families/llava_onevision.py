@@ -208,6 +208,11 @@ class LlavaOnevision(LlavaNext):
         hidden = pool(llava.multi_modal_projector(view.hidden))
         return EncoderView(hidden, importance, keys, has_cls=False, projected=True)
 
+    def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
+        """A sample's video tokens, less the newline after the video, over a frame's 196 (0 for an image)."""
+        tokens = self.token_count(model, input_ids, kwargs, model.config.video_token_id)
+        return (tokens - VIDEO_NEWLINES).clamp(min=0) // self.frame_tokens(model.config)
+
     def unsupported(self, policy: Any, modality: str) -> str | None:
         """Merging inside the tower (ToMe) is not offered: SigLIP has no CLS to protect and a crop's 729 patches are
         not the 196 a frame's counts are given for; on videos, rows of other tower layers (VScan, HiPrune) are not

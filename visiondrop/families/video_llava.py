@@ -152,13 +152,8 @@ class VideoLlava(Llava):
     # -- visual tokens -------------------------------------------------------------------------------------------
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
         """A sample's `<video>` tokens over a frame's 257 (CLS kept)."""
-        if input_ids is None:
-            embeds = kwargs.get("inputs_embeds")
-            video = model.get_input_embeddings()(torch.tensor(model.config.video_token_id, device=embeds.device))
-            tokens = (embeds == video).all(-1)
-        else:
-            tokens = input_ids == model.config.video_token_id
-        return tokens.sum(1) // self._frame_tokens(model.config)
+        tokens = self.token_count(model, input_ids, kwargs, model.config.video_token_id)
+        return tokens // self._frame_tokens(model.config)
 
     # -- encoder stage -------------------------------------------------------------------------------------------
     def visual_inputs(self, model: nn.Module, modality: str, args: tuple, kwargs: dict[str, Any]) -> Images:
