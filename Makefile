@@ -41,8 +41,11 @@ lock:
 	.venv-lock/bin/python -m visiondrop.stack freeze > $(LOCK)
 	rm -rf .venv-lock build
 
+# One pytest worker per core (pytest-xdist), each on one torch thread (tests/conftest.py); TEST_WORKERS=0 runs them
+# in this process.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # The canary (not CI): the newest release of every dependency, torch excepted (a newer torch is a multi-GB CUDA
 # download on the project machines), in .venv-latest; runs the engine, parity and plugin tests there and prints

@@ -7,6 +7,9 @@ os.environ["WANDB_MODE"] = "offline"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker per core (make test): more threads would only contend
+    torch.set_num_threads(1)
+
 from parity import PARITY  # noqa: E402
 
 
