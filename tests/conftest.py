@@ -89,3 +89,18 @@ def tiny_qwen(tiny_qwen_dir):
     from visiondrop.testing.tiny import load_tiny_llava
 
     return load_tiny_llava(tiny_qwen_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    """A tiny full-depth Qwen3-VL (27-block ViT with DeepStack, 36-layer Qwen3 decoder) saved like a checkpoint."""
+    from visiondrop.testing.tiny import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3") / "qwen3_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_qwen3_dir):
+    from visiondrop.testing.tiny import load_tiny_llava
+
+    return load_tiny_llava(tiny_qwen3_dir)

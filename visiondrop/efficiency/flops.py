@@ -102,6 +102,8 @@ class Dims:
     vision_windowed_layers: int = 0  # tower layers that attend within windows (the others: all vision tokens)
     vision_window: int = 0  # vision tokens per attention window there
     projector_mid: int | None = None  # the projector's inner width (None: the decoder's hidden)
+    side_projectors: int = 0  # projectors of the same shape run beside it on each projected token (DeepStack: 3)
+    router: int = 0  # experts a MoE router scores per token (d x experts); `intermediate` is then the routed ones'
 
     @property
     def n_visual(self) -> int:
@@ -189,7 +191,8 @@ class TokenCounts:
 
 def _decoder_layer_macs(dims: Dims, n: int) -> int:
     q_dim, kv_dim = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
-    linears = 2 * dims.hidden * q_dim + 2 * dims.hidden * kv_dim + 3 * dims.hidden * dims.intermediate
+    linears = (2 * dims.hidden * q_dim + 2 * dims.hidden * kv_dim + 3 * dims.hidden * dims.intermediate
+               + dims.hidden * dims.router)
     return n * linears + 2 * n * n * q_dim  # Q K^T and A V over the full square
 
 
@@ -214,7 +217,7 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
     mid = dims.projector_mid or dims.hidden
     return Breakdown(
         vision=2.0 * crops * (patch_embed + dims.vision_layers * dense + attention),
-        projector=2.0 * projected * (dims.projector_in * mid + mid * dims.hidden),
+        projector=2.0 * projected * (dims.projector_in * mid + mid * dims.hidden) * (1 + dims.side_projectors),
         decoder=2.0 * sum(_decoder_layer_macs(dims, n + other) for n in tokens_per_layer),
         lm_head=2.0 * (tokens_per_layer[-1] + other) * dims.hidden * dims.vocab,
         overhead=float(overhead),

@@ -6,6 +6,11 @@ different segments have different lengths; a `Segment` remembers, for the layers
 cached rows are real tokens and which position the next token takes, so decode steps stay consistent with
 whatever the prefill did. Everything about the host (its layers, positions, rotary embeddings) comes from its
 family adapter; positions are opaque tensors [..., B, L] gathered along their last axis.
+
+Side features (`Family.side_features`: Qwen3-VL's DeepStack rows) are vectors that the host adds to the visual
+tokens' hidden states after a few early decoder layers. Each visual token carries its own rows through every cut
+(a merged token combines its members' rows with the merge's weights, `Selection.weights`), and the rows are added
+after those layers to the tokens present then, as the host adds them to all of its visual tokens.
 """
 from __future__ import annotations
 
@@ -41,11 +46,14 @@ class Running:
     vis_start: Tensor  # [B] sequence index of the visual block
     vis_len: Tensor  # [B] visual tokens (0: no image)
     origins: list[Tensor]  # per sample [vis_len]: original visual index, or -1 for tokens the method made
+    side: list[Tensor] | None = None  # per sample [vis_len, len(side_layers), D]: each visual token's side rows
+    side_layers: tuple[int, ...] = ()  # the decoder layers after which the side rows are added, in order
 
 
 def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-          visual: Tensor) -> Running:
-    """Initial state from the language model's inputs and the image-token mask [B, L]."""
+          visual: Tensor, side: tuple[tuple[int, ...], Tensor] | None = None) -> Running:
+    """Initial state from the language model's inputs, the image-token mask [B, L] and the side features the host
+    gave its language model (`Family.side_features`: layers, rows [n visual tokens of the batch, layers, D])."""
     length = visual.shape[1]
     mask = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
     n_real = mask.sum(1)
@@ -58,12 +66,17 @@ def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, positio
     if not torch.equal(visual, (spans >= 0) & (spans < vis_len.unsqueeze(1))):
         raise ValueError("each sample may hold at most one image, as one contiguous block of image tokens")
     origins = [torch.arange(n, device=visual.device) for n in vis_len.tolist()]
-    return Running(hidden, mask, family.positions(mask, position_ids), vis_start, vis_len, origins)
+    run = Running(hidden, mask, family.positions(mask, position_ids), vis_start, vis_len, origins)
+    if side is not None:
+        run.side_layers, rows = side
+        run.side = list(rows.split(vis_len.tolist()))
+    return run
 
 
-def apply_selections(family: Family, run: Running, selections: dict[int, tuple[Tensor, Tensor | None]],
+def apply_selections(family: Family, run: Running, selections: dict[int, tuple[Tensor, Tensor | None, Tensor | None]],
                      renumber: bool, slots: dict[int, Tensor] | None = None) -> Running:
-    """Rebuild the batch after a cut. selections: sample -> (keep [k], merged [c, D] or None).
+    """Rebuild the batch after a cut. selections: sample -> (keep [k], merged [c, D] or None, their weights [c, n]
+    over the current visual tokens or None; `Selection`).
 
     Positions are renumbered contiguously when the policy asks for it (`renumber`) and the family allows it
     (`Family.renumbers_positions`); otherwise every token keeps its position: a visual token the one of its slot in
@@ -73,7 +86,7 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     renumber = renumber and family.renumbers_positions
     length = run.hidden.shape[1]
     device = run.hidden.device
-    index, sources, positions, starts, counts, origins = [], [], [], [], [], []
+    index, sources, positions, starts, counts, origins, side = [], [], [], [], [], [], []
     for b in range(run.hidden.shape[0]):
         first = length - int(run.mask[b].sum())
         source, pos = run.hidden[b], run.pos.select(-2, b)
@@ -82,8 +95,9 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
             starts.append(int(run.vis_start[b]) - first)
             counts.append(int(run.vis_len[b]))
             origins.append(run.origins[b])
+            side.append(None if run.side is None else run.side[b])
         else:
-            keep, merged = selections[b]
+            keep, merged, weights = selections[b]
             start, n = int(run.vis_start[b]), int(run.vis_len[b])
             parts = [torch.arange(first, start, device=device), start + keep]
             n_merged = 0 if merged is None else merged.shape[0]
@@ -95,6 +109,7 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
             starts.append(start - first)
             counts.append(keep.shape[0] + n_merged)
             origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)]))
+            side.append(None if run.side is None else _side_rows(run.side[b], keep, n_merged, weights))
             if not renumber:
                 slot = torch.cat([keep, keep.new_full((n_merged,), -1)]) if slots is None else slots[b]
                 visual = _kept_positions(family, pos[..., start:start + n], slot)
@@ -113,7 +128,33 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     mask = torch.arange(new_length, device=device).unsqueeze(0) >= torch.tensor(pads, device=device).unsqueeze(1)
     pos = torch.stack([torch.cat([q.new_zeros(*q.shape[:-1], p), q], -1) for q, p in zip(positions, pads)], -2)
     vis_start = torch.tensor(starts, device=device) + torch.tensor(pads, device=device)
-    return Running(hidden, mask, pos, vis_start, torch.tensor(counts, device=device), origins)
+    return Running(hidden, mask, pos, vis_start, torch.tensor(counts, device=device), origins,
+                   None if run.side is None else side, run.side_layers)
+
+
+def _side_rows(rows: Tensor, keep: Tensor, n_merged: int, weights: Tensor | None) -> Tensor:
+    """The side rows [k + c, ...] of a cut's visual tokens: the kept tokens' own, then each merged token's
+    combination of the current tokens' rows `rows` [n, ...] by its weights [c, n]."""
+    if not n_merged:
+        return rows[keep]
+    if weights is None:
+        raise ValueError("this method merges visual tokens before the model's last side-feature layer (Qwen3-VL's "
+                         "DeepStack layers) without stating its merge weights (`Selection.weights`): the merged "
+                         "tokens would have no side rows. Cut later, or do not merge there")
+    merged = (weights.to(rows.dtype) @ rows.flatten(1)).view(n_merged, *rows.shape[1:])
+    return torch.cat([rows[keep], merged])
+
+
+def add_side(run: Running, layer_idx: int) -> Tensor:
+    """The hidden states after decoder layer `layer_idx` plus every current visual token's side row of that
+    layer (as the host adds them: the same elementwise sum on the visual positions)."""
+    column = run.side_layers.index(layer_idx)
+    hidden = run.hidden.clone()
+    for b, rows in enumerate(run.side):
+        start, n = int(run.vis_start[b]), rows.shape[0]
+        if n:
+            hidden[b, start:start + n] = hidden[b, start:start + n] + rows[:, column].to(hidden.dtype)
+    return hidden
 
 
 def _kept_positions(family: Family, block: Tensor, slots: Tensor) -> Tensor:
@@ -147,7 +188,8 @@ def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, nam
     for cut in groups:
         sel: Selection = policy.select_decoder(cut)
         for g, b in enumerate(cut.samples):
-            selections[b] = (sel.keep[g], None if sel.merged is None else sel.merged[g])
+            selections[b] = (sel.keep[g], None if sel.merged is None else sel.merged[g],
+                             None if sel.weights is None else sel.weights[g])
     trace.add_cut(name, [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
                          for b in range(run.hidden.shape[0])], selections)
     return apply_selections(family, run, selections, policy.renumber_positions)
@@ -180,6 +222,10 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         prev_hidden = run.hidden
         run.hidden = layer(run.hidden, attention_mask=mask4d, position_embeddings=rope,
                            use_cache=cache is not None, **cache_kwargs(cache))
+        if run.side is not None and i in run.side_layers:
+            run.hidden = add_side(run, i)
+            if i == run.side_layers[-1]:
+                run.side = None  # added for the last time: later cuts need no side rows (nor merge weights)
     return family.final_norm(lm)(run.hidden), segments
 
 

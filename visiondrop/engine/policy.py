@@ -19,11 +19,15 @@ class Selection:
     """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
 
     keep: [G, k] indices into the current visual block, in the order they will appear;
-    merged: [G, c, D] tokens appended right after the kept ones (None: no merging).
+    merged: [G, c, D] tokens appended right after the kept ones (None: no merging);
+    weights: [G, c, n] how each merged token combines the n current visual tokens (merged = weights @ their
+    vectors), so that the features that travel with the tokens (`Family.side_features`: Qwen3-VL's DeepStack
+    rows) merge alike; a policy that merges before the host's last side-feature layer must give them.
     """
 
     keep: Tensor
     merged: Tensor | None = None
+    weights: Tensor | None = None
 
 
 @dataclass
@@ -41,7 +45,10 @@ class EncoderView:
     that layout), or None: a policy should not spend its budget on them;
     share: these images' visual tokens as a share of the nominal image's (`ModelInfo.per_crop`), by which a
     policy's per-image counts scale: 1 where every image has the nominal count (LLaVA), the image's own tokens
-    over the nominal ones under dynamic resolution (Qwen2.5-VL).
+    over the nominal ones under dynamic resolution (Qwen2.5-VL);
+    side: [N, T, S, E] features that travel with each token to the decoder (`Family.side_features`: Qwen3-VL's
+    DeepStack vectors, before their own mergers), or None; the engine selects and merges them as the tokens, and
+    projects them with `Family.side_projector`. Policies do not read them.
     """
 
     hidden: Tensor
@@ -50,6 +57,7 @@ class EncoderView:
     valid: Tensor | None = None
     has_cls: bool = True
     share: float = 1.0
+    side: Tensor | None = None
 
     def scaled(self, count: int) -> int:
         """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""

@@ -28,6 +28,6 @@ class Replay(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         recorded = [self._selections[cut.layer_idx][b] for b in cut.samples]
-        merged = [m for _, m in recorded]
-        return Selection(torch.stack([k for k, _ in recorded]),
-                         None if merged[0] is None else torch.stack(merged))
+        keep, merged, weights = zip(*recorded)
+        return Selection(torch.stack(keep), None if merged[0] is None else torch.stack(merged),
+                         None if weights[0] is None else torch.stack(weights))

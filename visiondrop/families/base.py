@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llama.modeling_llama import rotate_half
+from transformers.utils import ModelOutput
 
 if TYPE_CHECKING:
     from ..engine.policy import EncoderView
@@ -284,6 +286,23 @@ class Family:
         attention with the rows recomputed.
         """
         raise NotImplementedError
+
+    def encoder_output(self, features: list[Tensor], side: list[Tensor] | None) -> ModelOutput:
+        """What the host's image-feature function returns, from the encoder stage's features per image (and their
+        side rows [slots, S, D], where the family has side features)."""
+        return BaseModelOutputWithPooling(last_hidden_state=features[0], pooler_output=features)
+
+    def side_projector(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
+        """The projection of an encoder view's side features [N, k, S, E] to the rows the decoder adds [N, k, S, D]
+        (families whose views have `side`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no side features")
+
+    def side_features(self, kwargs: dict[str, Any], visual: Tensor) -> tuple[tuple[int, ...], Tensor] | None:
+        """Vectors the host adds to its visual tokens' hidden states after some decoder layers (Qwen3-VL's
+        DeepStack), read from its language model's forward keywords: (those layers, rows [n, layers, D] of the n
+        visual tokens that `visual` [B, L] marks, in batch then sequence order), or None where the host adds none.
+        The engine carries each token's rows through the cuts and adds them after those layers (`engine.decoder`)."""
+        return None
 
     def valid_tokens(self, model: nn.Module, images: Images, tokens: int) -> Tensor | None:
         """[N, tokens] False for tower tokens the model's own layout discards (NeXT's padding), or None."""

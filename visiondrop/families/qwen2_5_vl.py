@@ -88,6 +88,8 @@ class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
 
 class Qwen2_5_VL(Family):
     model_class = Qwen2_5_VLForConditionalGeneration
+    nominal_side = NOMINAL_SIDE  # pixels of the budgets' reference image's side
+    title = "Qwen2.5-VL"  # in error messages
     image_aspect_ratio = "none"  # dynamic resolution takes any aspect ratio
     conv_template = "chat_template"
     renumbers_positions = False
@@ -124,7 +126,7 @@ class Qwen2_5_VL(Family):
     def flops_dims(self, config: Any) -> Dims:
         """On the nominal 672x672 image (the FLOPs count's convention, `efficiency.flops`)."""
         text, vision = config.text_config, config.vision_config
-        side, unit = NOMINAL_SIDE // vision.patch_size, vision.spatial_merge_size ** 2
+        side, unit = self.nominal_side // vision.patch_size, vision.spatial_merge_size ** 2
         return Dims(
             hidden=text.hidden_size, intermediate=text.intermediate_size, n_layers=text.num_hidden_layers,
             vocab=text.vocab_size, n_heads=text.num_attention_heads, n_kv_heads=text.num_key_value_heads,
@@ -139,7 +141,7 @@ class Qwen2_5_VL(Family):
 
     def model_info(self, config: Any) -> ModelInfo:
         vision = config.vision_config
-        side = NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
+        side = self.nominal_side // (vision.patch_size * vision.spatial_merge_size)
         return ModelInfo(n_visual=side * side, n_layers=config.text_config.num_hidden_layers,
                          vision_layer=vision.depth - 1, cls_kept=False)
 
@@ -161,7 +163,7 @@ class Qwen2_5_VL(Family):
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         grid = kwargs.get("image_grid_thw", args[0] if args else None)
         if grid is None:
-            raise ValueError("Qwen2.5-VL image features need image_grid_thw (the processor returns it)")
+            raise ValueError(f"{self.title} image features need image_grid_thw (the processor returns it)")
         return Images(pixel_values, [1] * grid.shape[0], self.vision_tower(model).config.depth - 1, "full", grid)
 
     def image_groups(self, images: Images) -> list[Images]:
@@ -214,7 +216,7 @@ class Qwen2_5_VL(Family):
     def patch_grid(self, config: Any) -> tuple[int, int]:
         """The nominal image's token grid (24 x 24), onto which every image's own grid is scaled."""
         vision = config.vision_config
-        return 1, NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
+        return 1, self.nominal_side // (vision.patch_size * vision.spatial_merge_size)
 
     def patch_cells(self, model: nn.Module, image_size: Tensor | None,
                     modality: str = "image") -> Tensor:
@@ -222,7 +224,7 @@ class Qwen2_5_VL(Family):
         an image h tokens high lands in row r * 24 // h (several tokens share a cell on large images, cells stay
         empty on small ones)."""
         if image_size is None:
-            raise ValueError("Qwen2.5-VL's visual tokens depend on the image size: pass the processor's "
+            raise ValueError(f"{self.title}'s visual tokens depend on the image size: pass the processor's "
                              "image_grid_thw")
         _, side = self.patch_grid(model.config)
         merge = model.config.vision_config.spatial_merge_size
@@ -240,10 +242,10 @@ class Qwen2_5_VL(Family):
         """An image of `size` (height, width; default the nominal 672x672: 48 x 48 patches, 576 visual tokens), in
         multiples of the merged patch (28 pixels)."""
         vision = config.vision_config
-        height, width = size or (NOMINAL_SIDE, NOMINAL_SIDE)
+        height, width = size or (self.nominal_side, self.nominal_side)
         unit = vision.patch_size * vision.spatial_merge_size
         if height % unit or width % unit:
-            raise ValueError(f"Qwen2.5-VL example images are multiples of {unit} pixels, got {height}x{width}")
+            raise ValueError(f"{self.title} example images are multiples of {unit} pixels, got {height}x{width}")
         rows, cols = height // vision.patch_size, width // vision.patch_size
         grid = torch.tensor([[1, rows, cols]])
         channels = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2

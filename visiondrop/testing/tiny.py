@@ -23,6 +23,7 @@ from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
 from ..families.video_llava import VIDEO_LLAVA
 from ..families.qwen2_5_vl import QWEN2_5_VL
+from ..families.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
 
@@ -149,6 +150,24 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, **knobs) -> Path:
     torchvision). Knobs as :func:`build_tiny_llava`.
     """
     return _build(out_dir, QWEN2_5_VL, **{"text_layers": 28, "vision_layers": 32, "kv_heads": 2, **knobs})
+
+
+def build_tiny_qwen3_vl(out_dir: str | Path, **knobs) -> Path:
+    """Build, save and return the path of a tiny random Qwen3-VL (Qwen3-VL-8B-Instruct layout).
+
+    The real depths by default (a 27-block ViT, patch 16, DeepStack after blocks 8/16/24, 2x2 merger; a 36-layer
+    Qwen3 decoder with grouped-query attention, 2 key-value heads of 4, and interleaved M-RoPE) at a tiny width;
+    the tokenizer adds Qwen's special tokens and Qwen3-VL's chat template; the image processor is Qwen2-VL's PIL
+    one at patch 16 (no torchvision). Knobs as :func:`build_tiny_llava`.
+    """
+    return _build(out_dir, QWEN3_VL, **{"text_layers": 36, "vision_layers": 27, "kv_heads": 2, **knobs})
+
+
+def build_tiny_qwen3_vl_moe(out_dir: str | Path, **knobs) -> Path:
+    """Build, save and return the path of a tiny random Qwen3-VL MoE (Qwen3-VL-30B-A3B-Instruct layout: as
+    :func:`build_tiny_qwen3_vl`, with 48 decoder layers of 128 experts, 8 routed a token, and 4 key-value heads
+    of 4 at this width). Knobs as :func:`build_tiny_llava`; fewer `text_layers` keep it small."""
+    return _build(out_dir, QWEN3_VL_MOE, **{"text_layers": 48, "vision_layers": 27, "kv_heads": 2, **knobs})
 
 
 def load_tiny_llava(

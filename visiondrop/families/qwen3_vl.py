@@ -1,0 +1,297 @@
+"""Qwen3-VL (`Qwen3VLForConditionalGeneration`, and the MoE `Qwen3VLMoeForConditionalGeneration`): a ViT without
+CLS or windows, a 2x2 patch merger, DeepStack, and a Qwen3 decoder with interleaved M-RoPE.
+
+Built on the Qwen2.5-VL adapter (`qwen2_5_vl`: dynamic resolution, M-RoPE positions kept at every cut, merged
+tokens at the centre of the grid, one image at a time in the encoder stage); what differs, and how it is handled:
+- The ViT: patch 16, a 2x2 merger (32 pixels a visual token), a learned position embedding interpolated to each
+  image's grid plus a 2-D rotary embedding, full attention in all 27 blocks (no windows: the tower keeps the
+  processor's patch order, each 2x2 group contiguous, groups in raster order). The budgets' reference
+  (`ModelInfo.n_visual`) is a nominal 768x768 image: 24 x 24 = 576 visual tokens, as LLaVA-1.5's and the Qwen2.5-VL
+  adapter's, so `budget=64` is the same retention on all three.
+- Encoder-side scoring without CLS, as the VisionDrop paper prescribes for such towers: the mean attention each
+  patch receives from all patches of its image, at the tower's last block (26), whose output the merger projects
+  (every block attends to the whole image, so the last is the latest view of the features that are kept, as on
+  Qwen2.5-VL, where it is the last full-attention block); recomputed from that block's own qkv projection and
+  rotary embedding (the tower keeps SDPA); a visual token's score is the mean of its four patches'. The official
+  VisionZip/VisionDrop/SparseVLM code has no Qwen3-VL path. Of the engines with one: OpenVINO GenAI enabled its
+  CDPruner (similarity and instruction relevance on the projected features, no attention) for Qwen3-VL in
+  openvinotoolkit/openvino.genai#3499; vLLM's EVS (vllm-project/vllm#29752, video only) drops tokens of frames
+  that repeat the previous one before the language model; neither scores with the tower's attention, and their
+  handling of the DeepStack rows was not read for this adapter.
+- DeepStack: the outputs of ViT blocks 8, 16 and 24 go through their own mergers (`deepstack_merger_list`) and are
+  added to the hidden states of the visual tokens after decoder layers 0, 1 and 2. They are the engine's side
+  features (`Family.side_features`): each kept token carries its own three rows through every cut before layer 3,
+  and a merged (contextual) token gets its members' rows combined with the weights that made the token itself
+  (`Selection.weights`: anchor + mean of members for VisionZip/VisionDrop). In the encoder stage the combination
+  is taken before the DeepStack mergers, as the main features merge before the main merger; in a decoder cut,
+  on the rows as the decoder adds them. Cuts from layer 3 on need no rows.
+- The decoder: Qwen3 layers with per-head q/k norms (which the engine's attention rows apply, `engine.attention`),
+  grouped-query attention and interleaved M-RoPE (`mrope_section` [24, 20, 20] of head_dim / 2 = 64, the axes
+  interleaved across the frequencies; transformers' rotary embedding folds it into cos/sin). The text after an
+  image continues from the image's first position plus its larger side in tokens; decoding continues after the
+  unpruned prompt (`rope_deltas`), so a method that cuts nothing is the stock model. The model's forward needs
+  `mm_token_type_ids` (the processor returns it).
+- MoE (Qwen3-VL-30B-A3B): the decoder layers differ only in their MLP (128 experts, 8 a token), which the engine
+  never looks into; the same adapter serves both (`QWEN3_VL_MOE`).
+Videos are passed through unpruned.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLProcessor,
+)
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    BaseModelOutputWithDeepstackFeatures,
+    apply_rotary_pos_emb_vision,
+)
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import ModelOutput
+
+from ..efficiency.flops import Dims
+from ..engine.policy import EncoderView
+from .base import Images, ModelInfo, Shape, TokenIds
+from .qwen2_5_vl import QUERY_CHUNK, SPECIAL_TOKENS, Qwen2_5_VL
+
+NOMINAL_SIDE = 768  # the budgets' reference image: (768 / 32)^2 = 576 visual tokens, as LLaVA-1.5's
+PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH = 16, 2, 2
+VISION_DEPTH, DEEPSTACK_BLOCKS = 27, (8, 16, 24)  # Qwen3-VL-8B's tower
+MROPE_SECTION = [24, 20, 20]  # temporal, height, width shares of head_dim / 2 = 64, interleaved
+POSITION_EMBEDDINGS = 2304  # the learned 48 x 48 grid, interpolated to each image's
+MIN_PIXELS, MAX_PIXELS = 65536, 16777216  # the checkpoint's image processor (size shortest_edge / longest_edge)
+IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]
+CHAT_TEMPLATE = (  # Qwen3-VL-Instruct's, for images and text (no default system message)
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class Qwen3VLImageTextProcessor(Qwen3VLProcessor):
+    """Qwen3-VL's processor for images and text, without the video processor (whose lookup needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+        for name in ("image", "video", "vision_start", "vision_end"):
+            setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(getattr(self, f"{name}_token")))
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class Qwen3_VL(Qwen2_5_VL):
+    model_class = Qwen3VLForConditionalGeneration
+    nominal_side = NOMINAL_SIDE
+    title = "Qwen3-VL"
+    feature_functions = {"image": "get_image_features"}
+
+    def has_images(self, kwargs: dict[str, Any]) -> bool:
+        """Images or videos: the host adds DeepStack rows to both, so the engine takes over for either."""
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        return (kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+                or encoded.get("image") is not None or encoded.get("video") is not None)
+
+    def image_token_mask(self, model: nn.Module, input_ids: Tensor | None,
+                         inputs_embeds: Tensor | None) -> Tensor | None:
+        """Image and video placeholders: the host's `visual_pos_masks`, where its DeepStack rows go."""
+        marks = [super().image_token_mask(model, input_ids, inputs_embeds)]
+        video = model.config.video_token_id
+        if input_ids is not None:
+            marks.append(input_ids == video)
+        elif inputs_embeds is not None:
+            embed = model.get_input_embeddings()(torch.tensor(video, device=inputs_embeds.device))
+            marks.append((inputs_embeds == embed).all(-1))
+        return None if marks[0] is None else marks[0] | marks[1]
+
+    # -- parts ---------------------------------------------------------------------------------------------------
+    def projector(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
+        """The merger on visual tokens given as their four patches' vectors concatenated: [N, k, 4 D] -> [N, k, D']."""
+        return _grouped(self.vision_tower(model).merger)
+
+    def side_projector(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
+        """The DeepStack mergers, one per row: [N, k, 3, 4 D] -> [N, k, 3, D']."""
+        mergers = [_grouped(m) for m in self.vision_tower(model).deepstack_merger_list]
+        return lambda side: torch.stack([merge(side[:, :, i]) for i, merge in enumerate(mergers)], 2)
+
+    # -- DeepStack -----------------------------------------------------------------------------------------------
+    def side_features(self, kwargs: dict[str, Any], visual: Tensor) -> tuple[tuple[int, ...], Tensor] | None:
+        """The DeepStack rows the host hands its language model (added after layers 0, 1, 2 there)."""
+        rows, where = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
+        if rows is None:
+            return None
+        if not torch.equal(where.to(visual.device), visual):
+            raise RuntimeError("Qwen3-VL's DeepStack rows are not on the visual tokens the engine found")
+        return tuple(range(len(rows))), torch.stack(list(rows), 1)
+
+    def encoder_output(self, features: list[Tensor], side: list[Tensor] | None) -> ModelOutput:
+        levels = side[0].shape[1]
+        return BaseModelOutputWithDeepstackFeatures(
+            last_hidden_state=features[0], pooler_output=features,
+            deepstack_features=[tuple(rows[:, i] for rows in side) for i in range(levels)])
+
+    # -- config facts --------------------------------------------------------------------------------------------
+    def flops_dims(self, config: Any) -> Dims:
+        """On the nominal 768x768 image (the FLOPs count's convention, `efficiency.flops`): full attention in every
+        tower block, a two-matrix GELU MLP, the merger and the three DeepStack mergers (4 D -> 4 D -> D') on
+        each projected token; a MoE decoder counts the experts a token is routed to (`text.num_experts_per_tok`
+        of `moe_intermediate_size`) and the router."""
+        text, vision = config.text_config, config.vision_config
+        side, unit = self.nominal_side // vision.patch_size, vision.spatial_merge_size ** 2
+        experts = getattr(text, "num_experts_per_tok", 0)
+        intermediate = experts * text.moe_intermediate_size if experts else text.intermediate_size
+        return Dims(
+            hidden=text.hidden_size, intermediate=intermediate, n_layers=text.num_hidden_layers,
+            vocab=text.vocab_size, n_heads=text.num_attention_heads, n_kv_heads=text.num_key_value_heads,
+            head_dim=text.head_dim, vision_hidden=vision.hidden_size, vision_intermediate=vision.intermediate_size,
+            vision_layers=vision.depth, vision_heads=vision.num_heads, vision_tokens=side * side,
+            patch_size=vision.patch_size, projector_in=vision.hidden_size * unit, visual_per_crop=side * side // unit,
+            model_type=config.model_type, vision_cls=0, patch_channels=vision.in_channels * vision.temporal_patch_size,
+            vision_mlp=2, projector_mid=vision.hidden_size * unit,
+            side_projectors=len(vision.deepstack_visual_indexes), router=getattr(text, "num_experts", 0),
+        )
+
+    # -- encoder stage -------------------------------------------------------------------------------------------
+    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+        """The tower's output, its DeepStack blocks' outputs (before their mergers) and the mean attention received
+        at its last block, per visual token (four patches each).
+
+        `eager` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
+        bit-identical with), the row is recomputed either way."""
+        tower = self.vision_tower(model)
+        config = tower.config
+        attn = tower.blocks[-1].attn
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured["rope"] = kwargs["position_embeddings"]
+
+        hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
+        mergers = [tower.merger, *tower.deepstack_merger_list]
+        for merger in mergers:  # projected later: only what is kept
+            merger.forward = lambda x: x
+        try:
+            out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
+        finally:
+            hook.remove()
+            for merger in mergers:
+                del merger.forward
+        x, (cos, sin) = captured["x"], captured["rope"]
+        n_patches, unit = x.shape[0], config.spatial_merge_size ** 2
+        n_tokens = n_patches // unit
+        q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
+        received = q.new_zeros(attn.num_heads, n_patches, dtype=torch.float32)
+        for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
+            received += ((rows @ k_rot.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
+        received /= n_patches
+        hidden = out.last_hidden_state.reshape(n_tokens, -1)  # [T, 4 D], the tower's order is raster already
+        side = torch.stack([f.reshape(n_tokens, -1) for f in out.deepstack_features], 1)  # [T, 3, 4 D]
+        importance = received.view(attn.num_heads, n_tokens, unit).mean(-1).to(x.dtype)  # [H, T]
+        keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1).transpose(0, 1)  # [H, T, hd]
+        nominal = self.model_info(model.config).per_crop
+        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal,
+                           side=side[None])
+
+    text_before_image = 4  # "<|im_start|>user\n" + <|vision_start|>
+
+    # -- building ------------------------------------------------------------------------------------------------
+    def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
+        """Qwen3-VL-8B-Instruct's layout (27-block ViT with DeepStack after blocks 8/16/24, patch 16, 2x2 merger,
+        36-layer Qwen3 decoder with grouped-query attention and interleaved M-RoPE) at `shape`; M-RoPE's sections
+        scaled to the head, DeepStack blocks mapped by relative depth onto a shallower tower."""
+        return Qwen3VLConfig(**self._config_parts(shape, ids, init_std, norm_eps))
+
+    def _config_parts(self, shape: Shape, ids: TokenIds, init_std: float, norm_eps: float,
+                      **text_extra: Any) -> dict[str, Any]:
+        head_dim = shape.hidden // shape.heads
+        section = [s * head_dim // 128 for s in MROPE_SECTION[1:]]
+        section = [head_dim // 2 - sum(section), *section]
+        text = dict(
+            vocab_size=ids.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers, num_attention_heads=shape.heads, head_dim=head_dim,
+            num_key_value_heads=shape.kv_heads or shape.heads, max_position_embeddings=262144, rms_norm_eps=norm_eps,
+            initializer_range=init_std, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                         "mrope_section": section, "mrope_interleaved": True},
+            bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad, tie_word_embeddings=False,
+            **text_extra,
+        )
+        deepstack = [round(b * shape.vision_layers / VISION_DEPTH) for b in DEEPSTACK_BLOCKS]
+        special = {"<|vision_start|>": ids.image - 3, "<|vision_end|>": ids.image - 2,
+                   "<|video_pad|>": ids.image + 1} | ids.special
+        vision = dict(
+            depth=shape.vision_layers, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+            num_heads=shape.vision_heads, out_hidden_size=shape.hidden, patch_size=PATCH_SIZE,
+            spatial_merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH,
+            num_position_embeddings=POSITION_EMBEDDINGS, deepstack_visual_indexes=deepstack,
+            initializer_range=init_std,
+        )
+        return dict(text_config=text, vision_config=vision, image_token_id=ids.image,
+                    video_token_id=special["<|video_pad|>"], vision_start_token_id=special["<|vision_start|>"],
+                    vision_end_token_id=special["<|vision_end|>"], tie_word_embeddings=False,
+                    bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad)
+
+    def build_processor(self, tokenizer: Any) -> Any:
+        tokenizer.chat_template = CHAT_TEMPLATE
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
+            temporal_patch_size=TEMPORAL_PATCH, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+        return Qwen3VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                         chat_template=CHAT_TEMPLATE)
+
+    def load_processor(self, path: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+        """The checkpoint's image processor and tokenizer (its chat template, else this adapter's copy of
+        Qwen3-VL-Instruct's) as an image-and-text processor; `min_pixels` / `max_pixels` bound the resized
+        image's area (the processor's own defaults otherwise)."""
+        bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return Qwen3VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                         chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
+
+
+class Qwen3_VL_MoE(Qwen3_VL):
+    """Qwen3-VL-30B-A3B: the same model with mixture-of-experts MLPs in its decoder layers."""
+
+    model_class = Qwen3VLMoeForConditionalGeneration
+    title = "Qwen3-VL-MoE"
+
+    def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
+        """Qwen3-VL-30B-A3B-Instruct's layout: as Qwen3-VL-8B's, with 128 experts of `shape.intermediate` in every
+        decoder layer, 8 routed a token (`shape.layers` decoder layers: 48 in the checkpoint)."""
+        return Qwen3VLMoeConfig(**self._config_parts(
+            shape, ids, init_std, norm_eps, moe_intermediate_size=shape.intermediate, num_experts=EXPERTS,
+            num_experts_per_tok=EXPERTS_PER_TOKEN, decoder_sparse_step=1, mlp_only_layers=[]))
+
+
+EXPERTS, EXPERTS_PER_TOKEN = 128, 8  # Qwen3-VL-30B-A3B-Instruct's
+
+
+def _grouped(merger: nn.Module) -> Callable[[Tensor], Tensor]:
+    """A Qwen3-VL patch merger on tokens given as their four patches' vectors concatenated: [N, k, 4 D] -> [N, k, D']."""
+
+    def project(groups: Tensor) -> Tensor:
+        return merger(groups.reshape(-1, merger.norm.normalized_shape[0])).view(*groups.shape[:2], -1)
+
+    return project
+
+
+QWEN3_VL = Qwen3_VL()
+QWEN3_VL_MOE = Qwen3_VL_MoE()
