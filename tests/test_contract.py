@@ -1,5 +1,5 @@
 """The contract every registered method keeps, on the tiny LLaVA-1.5, LLaVA-NeXT (mixed crop grids), Qwen2.5-VL
-(images of different sizes, M-RoPE) and Video-LLaVA (its images: budgets count against a video's 2,056 tokens, so
+and Qwen3-VL (images of different sizes, M-RoPE; DeepStack) and Video-LLaVA (its images: budgets count against a video's 2,056 tokens, so
 every method meets budgets between whole counts); Video-LLaVA's videos keep it in tests/test_video_llava.py.
 
 Methods come from the registry, each at the budget it declares (`Method.example_budget`) with its default options, so
@@ -24,13 +24,16 @@ IMAGES = [demo_image(0), None, demo_image(2), demo_image(1)]  # a text-only samp
 TEXT_ONLY = 1
 NEXT_IMAGES = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]  # 3 crops (1752 tokens) and 5 crops (2438)
 QWEN_IMAGES = [demo_image(0, (224, 224)), demo_image(1, (280, 196)), demo_image(2, (168, 336))]  # 64, 70, 72 tokens
+QWEN3_IMAGES = [demo_image(0, (256, 256)), demo_image(1, (320, 224)), demo_image(2, (192, 384))]  # 64, 70, 72 tokens
 VIDEO_LLAVA_IMAGES = [demo_image(0, (224, 224)), demo_image(1, (300, 200))]  # 256 tokens each (CLS dropped)
 #: per family, a batch's images: different sizes (on LLaVA-NeXT, crop grids) and a text-only sample at TEXT_ONLY
 BATCH_IMAGES = {"llava": IMAGES, "llava_next": [NEXT_IMAGES[0], None, NEXT_IMAGES[1]],
                 "qwen2_5_vl": [QWEN_IMAGES[0], None, *QWEN_IMAGES[1:]],
+                "qwen3_vl": [QWEN3_IMAGES[0], None, *QWEN3_IMAGES[1:]],
                 "video_llava": [VIDEO_LLAVA_IMAGES[0], None, VIDEO_LLAVA_IMAGES[1]]}
 #: the family's conftest fixture
-MODELS = {"llava": "tiny", "llava_next": "tiny_next", "qwen2_5_vl": "tiny_qwen", "video_llava": "tiny_video"}
+MODELS = {"llava": "tiny", "llava_next": "tiny_next", "qwen2_5_vl": "tiny_qwen", "qwen3_vl": "tiny_qwen3",
+          "video_llava": "tiny_video"}
 
 
 def encode(model, processor, questions: list[str], images: list) -> dict:

@@ -1,0 +1,250 @@
+"""Qwen3-VL on the tiny offline model with the real structure (27-block ViT with DeepStack after blocks 8/16/24,
+patch 16, 36-layer Qwen3 decoder with grouped-query attention and interleaved M-RoPE), saved and loaded with
+`from_pretrained`.
+
+The shared contract (full budget, batch == alone with three image sizes and a text-only sample, cache == replay,
+unreachable budgets) runs on this family in tests/test_contract.py; here: the pre-decoder selection fed to the
+stock decoder by hand (the kept tokens' embeddings, original 3-D positions and DeepStack rows: the test that
+catches misaligned DeepStack rows), counts with hooks meet the ratio, remove(), the encoder view, DeepStack rows of
+merged tokens, and the MoE variant.
+"""
+import pytest
+import torch
+
+import visiondrop
+from helpers import greedy, measure_counts
+from visiondrop.families import ModelInfo, family_of
+from visiondrop.methods import METHODS, method
+from visiondrop.testing.tiny import demo_image, load_tiny_llava
+
+QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
+SIZES = [(256, 256), (320, 224), (192, 384)]  # (width, height): 8x8, 10x7 and 6x12 visual tokens (32 px each)
+NEW_TOKENS = 4
+
+
+def batch_of(processor, questions: list[str], images: list) -> dict:
+    text = [processor.apply_chat_template([{"role": "user", "content": ([{"type": "image"}] if img else [])
+                                            + [{"type": "text", "text": q}]}], add_generation_prompt=True)
+            for q, img in zip(questions, images)]
+    present = [img for img in images if img is not None]
+    return dict(processor(text=text, images=present or None, padding=True, return_tensors="pt"))
+
+
+def budget(name: str) -> float:
+    """The method's declared budget (of a 576-token image; the nominal Qwen3-VL image has 576 too)."""
+    return method(name).example_budget
+
+
+def described_mean(described: dict) -> float:
+    return described.get("mean_tokens_entering_layers", described.get("equivalent_tokens", 576))
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_qwen3):
+    model, processor = tiny_qwen3
+    processor.tokenizer.padding_side = "left"
+    return model, processor, [demo_image(i, size) for i, size in enumerate(SIZES)]
+
+
+def test_the_tiny_model_has_the_real_structure(qwen3):
+    model, processor, images = qwen3
+    vision, text = model.config.vision_config, model.config.text_config
+    assert (vision.depth, vision.patch_size, list(vision.deepstack_visual_indexes)) == (27, 16, [8, 16, 24])
+    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (36, 4, 2)
+    assert text.rope_parameters["mrope_interleaved"] and sum(text.rope_parameters["mrope_section"]) == \
+        text.head_dim // 2
+    batch = batch_of(processor, QUESTIONS[:1], images[1:2])
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 70
+    info = ModelInfo.of(model)
+    assert (info.n_visual, info.n_layers, info.vision_layer, info.cls_kept) == (576, 36, 26, False)
+
+
+def stock_positions(model, batch: dict) -> torch.Tensor:
+    """The stock model's M-RoPE positions [3, B, L] of a prompt."""
+    return model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                      attention_mask=batch["attention_mask"])[0]
+
+
+def hand_fed_logits(model, batch: dict, kept: list[torch.Tensor], shift_deepstack: bool = False) -> torch.Tensor:
+    """The stock decoder's last logits [B, V] on each prompt with only its `kept` image tokens: their stock
+    embeddings, their stock 3-D positions and their stock DeepStack rows, fed by hand (left-padded again).
+    shift_deepstack: give each kept token the DeepStack rows of the token after it instead (a misalignment)."""
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        encoded = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        positions = stock_positions(model, batch)
+    rows, deepstack, keeps, visual_masks = [], [[] for _ in encoded.deepstack_features], [], []
+    for b, keep in enumerate(kept):
+        real = batch["attention_mask"][b].bool()
+        slots = (batch["input_ids"][b] == image_id).nonzero()[:, 0]
+        keep_slots = torch.zeros_like(real)
+        keep_slots[slots[keep]] = True
+        chosen = (real & (batch["input_ids"][b] != image_id)) | keep_slots
+        seq = embeds[b].clone()
+        seq[slots] = encoded.pooler_output[b].to(seq.dtype)
+        rows.append((seq[chosen], positions[:, b, chosen]))
+        visual_masks.append(keep_slots[chosen])
+        ds_keep = (keep + 1).clamp(max=len(slots) - 1) if shift_deepstack else keep
+        for level, features in enumerate(encoded.deepstack_features):
+            deepstack[level].append(features[b][ds_keep])
+        keeps.append(chosen)
+    length = max(r[0].shape[0] for r in rows)
+    pad = [length - r[0].shape[0] for r in rows]
+    inputs_embeds = torch.stack([torch.cat([e.new_zeros(p, e.shape[1]), e]) for (e, _), p in zip(rows, pad)])
+    position_ids = torch.stack([torch.cat([q.new_zeros(3, p), q], 1) for (_, q), p in zip(rows, pad)], 1)
+    mask = torch.stack([torch.arange(length) >= p for p in pad]).long()
+    visual = torch.stack([torch.cat([torch.zeros(p, dtype=torch.bool), v]) for v, p in zip(visual_masks, pad)])
+    with torch.no_grad():
+        hidden = model.model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, visual_pos_masks=visual,
+            deepstack_visual_embeds=[torch.cat(level) for level in deepstack]).last_hidden_state
+        return model.lm_head(hidden[:, -1])
+
+
+@pytest.mark.parametrize("name,options", [("random", {}), ("divprune", {}), ("visionzip", {"dominant": 40, "contextual": 0}),
+                                          ("vispruner", {})])
+def test_pre_decoder_selection_equals_the_stock_decoder_fed_by_hand(qwen3, name, options):
+    """A selection before the decoder (in the decoder's input: random, DivPrune; in the encoder stage: VisionZip
+    without merging, VisPruner) equals the stock decoder fed the kept tokens' embeddings, original 3-D positions and
+    DeepStack rows by hand; the kept tokens' DeepStack rows shifted by one token change the logits far beyond
+    float noise (what the test catches)."""
+    model, processor, images = qwen3
+    batch = batch_of(processor, QUESTIONS[:2], images[1:])
+    with visiondrop.apply(model, name, None if options else budget(name), **options) as handle, torch.no_grad():
+        pruned = model(**batch).logits[:, -1]
+        kept = [sample[0] for sample in handle.trace.kept]
+    assert all(0 < len(k) < n for k, n in zip(kept, (70, 72)))
+    torch.testing.assert_close(pruned, hand_fed_logits(model, batch, kept), atol=1e-4, rtol=1e-4)
+    misaligned = hand_fed_logits(model, batch, kept, shift_deepstack=True)
+    assert (misaligned - pruned).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "none"])
+def test_ratio_keeps_that_share_of_each_image(qwen3, name):
+    """ratio=r: every image keeps about r of its own visual tokens (mean over the 36 layers, counted with forward
+    pre-hooks on the decoder layers)."""
+    model, processor, images = qwen3
+    ratio = budget(name) / 576
+    for image in images:
+        single = batch_of(processor, QUESTIONS[:1], [image])
+        n = int((single["input_ids"] == model.config.image_token_id).sum())
+        measured, handle = measure_counts(model, single, name, ratio=ratio)
+        assert len(measured) == 36 and handle.trace.tokens_per_layer == [measured]
+        nominal_share = described_mean(handle.policy.describe()) / 576
+        assert abs(sum(measured) / len(measured) - nominal_share * n) <= 2, (name, n, measured)
+
+
+@pytest.fixture(scope="module")
+def fresh(tiny_qwen3_dir):
+    """A model of its own: the test compares its attributes before and after."""
+    return load_tiny_llava(tiny_qwen3_dir)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_remove_restores_bit_identical_outputs(fresh, name):
+    model, processor = fresh
+    processor.tokenizer.padding_side = "left"
+    batch = batch_of(processor, QUESTIONS[:1], [demo_image(0, SIZES[0])])
+    tower = model.model.visual
+    with torch.no_grad():
+        before = model(**batch).logits
+    state = dict(model.model.__dict__), dict(model.model.language_model.__dict__)
+    handle = visiondrop.apply(model, name, budget(name))
+    if name != "none":
+        with torch.no_grad():
+            assert not torch.equal(model(**batch).logits[:, -1], before[:, -1])
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)
+    state_after = dict(model.model.__dict__), dict(model.model.language_model.__dict__)
+    for before_dict, after_dict in zip(state, state_after):
+        assert before_dict.keys() == after_dict.keys()
+        assert all(before_dict[k] is after_dict[k] for k in before_dict if k != "rope_deltas"), name
+    # the encoder view's merger-less tower run is undone
+    assert all("forward" not in m.__dict__ for m in [tower.merger, *tower.deepstack_merger_list])
+
+
+def test_encoder_view_is_the_towers_output_with_its_deepstack_rows(qwen3):
+    """The view's visual tokens (four patches each) through the merger are the stock image features, its side
+    features through the DeepStack mergers the stock DeepStack rows; the mean attention received sums to one per
+    head over the patches (four per token)."""
+    model, processor, images = qwen3
+    batch = batch_of(processor, QUESTIONS[:2], images[1:])
+    family = family_of(model)
+    group = family.image_groups(family.images(model, batch["pixel_values"], (batch["image_grid_thw"],), {}))
+    with torch.no_grad():
+        stock = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        for i, images_one in enumerate(group):
+            view = family.encoder_view(model, images_one)
+            features = stock.pooler_output[i]
+            assert not view.has_cls and view.hidden.shape[1] == features.shape[0] and view.side.shape[2] == 3
+            torch.testing.assert_close(family.projector(model)(view.hidden)[0], features, atol=1e-5, rtol=1e-5)
+            rows = family.side_projector(model)(view.side)[0]
+            for level, deepstack in enumerate(stock.deepstack_features):
+                torch.testing.assert_close(rows[:, level], deepstack[i], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(view.importance.sum(-1) * 4, torch.ones(1, view.importance.shape[1]))
+            assert view.share == features.shape[0] / 576
+
+
+def test_merged_tokens_carry_their_members_deepstack_rows(qwen3):
+    """VisionZip's contextual tokens enter the decoder with DeepStack rows merged by the same weights as the tokens
+    themselves (anchor + mean of members, before the DeepStack mergers): captured where the language model
+    receives them, the rows of the kept tokens are the stock rows, those of the merged ones the DeepStack mergers
+    of their members' combination."""
+    model, processor, images = qwen3
+    batch = batch_of(processor, QUESTIONS[:1], images[1:2])
+    family = family_of(model)
+    with torch.no_grad():
+        stock = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        view = family.encoder_view(model, family.images(model, batch["pixel_values"], (batch["image_grid_thw"],), {}))
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    try:
+        with visiondrop.apply(model, "visionzip", dominant=54, contextual=10) as handle, torch.no_grad():
+            model(**batch)
+            sel = handle.policy.select_encoder(view)
+    finally:
+        hook.remove()
+    (kept,) = handle.trace.kept[0]  # 54 * 70 / 576 -> 7 dominant tokens, 10 * 70 / 576 -> 1 contextual
+    assert len(kept) == 7 and sel.weights.shape == (1, 1, 70) and torch.equal(sel.keep[0], kept)
+    received = torch.stack(seen["deepstack_visual_embeds"], 1)  # [70 slots, 3, D]: 8 filled, then zeros
+    stock_rows = torch.stack([level[0] for level in stock.deepstack_features], 1)
+    torch.testing.assert_close(received[:7], stock_rows[kept], atol=1e-5, rtol=1e-5)
+    members = sel.weights[0] @ view.side[0].flatten(1)  # anchor + mean of members, before the mergers
+    expected = family.side_projector(model)(members.view(1, 1, *view.side.shape[2:]))[0, 0]
+    torch.testing.assert_close(received[7], expected, atol=1e-5, rtol=1e-5)
+    assert not received[8:].any()
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """A tiny Qwen3-VL MoE (the 30B-A3B layout: 128 experts, 8 a token) with 12 decoder layers, to stay small."""
+    from visiondrop.testing.tiny import build_tiny_qwen3_vl_moe
+
+    path = build_tiny_qwen3_vl_moe(tmp_path_factory.mktemp("tiny_qwen3_moe") / "qwen3_vl_moe", seed=0,
+                                   text_layers=12)
+    model, processor = load_tiny_llava(path)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+@pytest.mark.parametrize("name", ["none", "visionzip", "fastv"])
+def test_moe_none_is_stock_and_batch_equals_each_alone(moe, name):
+    model, processor = moe
+    assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    assert model.config.text_config.num_experts == 128 and model.config.text_config.num_experts_per_tok == 8
+    images = [demo_image(0, SIZES[0]), demo_image(1, SIZES[2])]
+    batch = batch_of(processor, QUESTIONS[:2], images)
+    singles = [batch_of(processor, [q], [img]) for q, img in zip(QUESTIONS[:2], images)]
+    stock = greedy(model, batch, NEW_TOKENS) if name == "none" else None
+    with visiondrop.apply(model, name, None if name == "none" else budget(name)) as handle:
+        together = greedy(model, batch, NEW_TOKENS)
+        trace = handle.trace
+        for i, single in enumerate(singles):
+            assert torch.equal(greedy(model, single, NEW_TOKENS)[0], together[i]), (name, i)
+            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
+    assert stock is None or torch.equal(together, stock)
+    if name != "none":
+        assert trace.tokens_per_layer[0][-1] < 64
