@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 from visiondrop.methods import Method, Overhead
 
 PIVOT_ORDERS = ("set", "position")
@@ -193,4 +193,5 @@ def overhead(pivot_image: int = DEFAULT_PIVOTS[0], pivot_text: int = DEFAULT_PIV
     return Overhead(key_norms=True, pivots=pivot_image + pivot_text)
 
 
-METHOD = Method("dart", "DART", policy, smallest_budget, overhead=overhead, replaces_budget=("truncation",))
+METHOD = Method("dart", "DART", policy, smallest_budget, overhead=overhead, replaces_budget=("truncation",),
+                scoring=lambda **_: {"decoder": "key_norms"})

@@ -20,18 +20,13 @@ of each image's own visual tokens (round(k x n / 2880) of its n).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection
-from visiondrop.families import ModelInfo
+from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import whole_count
-
-if TYPE_CHECKING:
-    from visiondrop.efficiency.flops import Cut
 
 
 def max_min_diverse(features: Tensor, k: int) -> Tensor:
@@ -79,4 +74,4 @@ def selection_macs(cut: Cut, width: int) -> int:
 
 
 METHOD = Method("divprune", "DivPrune", policy, smallest_budget=lambda info: 1,
-                overhead=lambda **_: Overhead(selection=selection_macs))
+                overhead=lambda **_: Overhead(selection=selection_macs), scoring=lambda **_: {"decoder": "diversity"})

@@ -32,11 +32,10 @@ from torch import Tensor
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
 from visiondrop.engine.scoring import scorer
 from visiondrop.methods import Method, Overhead
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 
 SCORINGS = ("text", "all_queries", "visual")
 DEFAULT_K = 2
-OVERHEAD_ROWS = {"text": "last", "all_queries": "all", "visual": "visual"}  # the query rows each rule computes
 
 
 def smallest_budget(info: ModelInfo) -> float:
@@ -90,4 +89,5 @@ def policy(info: ModelInfo, budget: float | None = None, k: int = DEFAULT_K, kee
 
 
 METHOD = Method("fastv", "FastV", policy, smallest_budget, replaces_budget=("keep",),
-                overhead=lambda scoring="text", **_: Overhead(rows=OVERHEAD_ROWS[scoring]))
+                overhead=lambda scoring="text", **_: Overhead(rows=scoring),
+                scoring=lambda scoring="text", **_: {"decoder": scoring})

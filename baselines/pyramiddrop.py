@@ -45,7 +45,7 @@ from torch import Tensor
 from visiondrop.engine import DecoderCut, Policy, Selection, topk_in_order
 from visiondrop.engine.scoring import scorer
 from visiondrop.methods import Method, Overhead
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 
 DEFAULT_LAYERS = (2, 8, 16)
 SCORINGS = ("text", "visual")
@@ -122,4 +122,5 @@ def policy(info: ModelInfo, budget: float | None = None, layer_list: list[int] |
 
 
 METHOD = Method("pyramiddrop", "PDrop", policy, smallest_budget, replaces_budget=("decay",),
-                overhead=lambda scoring="text", **_: Overhead(rows="last" if scoring == "text" else "visual"))
+                overhead=lambda scoring="text", **_: Overhead(rows=scoring),
+                scoring=lambda scoring="text", **_: {"decoder": scoring})

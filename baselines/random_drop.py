@@ -17,7 +17,7 @@ from torch import Tensor
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.methods import Method
 from visiondrop.methods.shared import whole_count
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 
 
 def random_keep(n: int, keep: int, seed: int) -> Tensor:
@@ -49,4 +49,5 @@ def policy(info: ModelInfo, budget: float | None = None, seed: int = 0) -> Polic
     return RandomDrop(info, whole_count(budget, info, "the random control"), seed)
 
 
-METHOD = Method("random", "Random", policy, smallest_budget=lambda info: 1)
+METHOD = Method("random", "Random", policy, smallest_budget=lambda info: 1,
+                scoring=lambda **_: {"decoder": "random"})

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection, complement, topk_in_order
 from visiondrop.methods import Method, Overhead
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 
 LAYERS = (2, 6, 15)
 KEEP_LISTS = {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)}
@@ -326,5 +326,6 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
 
 
 METHOD = Method("sparsevlm", "SparseVLM", policy, smallest_budget, replaces_budget=("keep_lists",),
-                overhead=lambda **_: Overhead(rows="text", rater_choice=True),
+                overhead=lambda **_: Overhead(rows="question", rater_choice=True),
+                scoring=lambda **_: {"decoder": "question"},
                 example_budget=192)  # there the clustering noise decides the tiny model's clusters: a test of `seed`

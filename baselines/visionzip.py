@@ -31,7 +31,7 @@ from __future__ import annotations
 from visiondrop.engine import EncoderView, Policy, Selection
 from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import encoder_selection, newline_choice, whole_count
-from visiondrop.families import ModelInfo
+from visiondrop.core import ModelInfo
 
 #: The official LLaVA-1.5 splits keep 54 of every 64 tokens as dominant (54+10, 108+20, 162+30).
 DOMINANT_SHARE = 54 / 64
@@ -96,4 +96,4 @@ def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = 
 
 
 METHOD = Method("visionzip", "VisionZip", policy, smallest_budget, replaces_budget=("dominant", "contextual"),
-                overhead=lambda **_: Overhead(merges=True))
+                overhead=lambda **_: Overhead(merges=True), scoring=lambda **_: {"encoder": "vision_tower"})

@@ -38,18 +38,13 @@ unpadding, where the official code also ranks the padding and then loses what it
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from visiondrop.engine import EncoderView, Policy, Selection
-from visiondrop.families import ModelInfo
+from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import newline_choice, whole_count
-
-if TYPE_CHECKING:
-    from visiondrop.efficiency.flops import Cut
 
 DROPPED_PER_ROUND = 8  # the official diverse stage drops at most 8 tokens per round
 
@@ -148,4 +143,4 @@ def overhead(important_ratio: float = 0.5, exact: bool = True, **_) -> Overhead:
 
 
 METHOD = Method("vispruner", "VisPruner", policy, smallest_budget=lambda info: info.crops, overhead=overhead,
-                example_budget=128)
+                example_budget=128, scoring=lambda **_: {"encoder": "vision_tower"})

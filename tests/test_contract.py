@@ -15,7 +15,7 @@ from helpers import cached_and_replayed, greedy, inputs, measure_counts
 from visiondrop.engine import Policy
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.methods import METHODS, method, policy_for
-from visiondrop.families import ModelInfo, family_of
+from visiondrop.families import ModelInfo, family_of, info_of
 from visiondrop.testing.tiny import demo_image, load_tiny_llava
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?",
@@ -90,7 +90,7 @@ def test_full_budget_is_the_stock_model(family, name):
     """Every method at a budget of all the visual tokens (or ratio 1) is the engine's unpruned policy, the one
     `none` runs, and that equals the stock model."""
     model, batch, single, (reference, reference_logits) = family
-    info = ModelInfo.of(model)
+    info = info_of(model)
     originals = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
     for given in ({"budget": None if name == "none" else info.n_visual}, {"ratio": 1.0}):
         with visiondrop.apply(model, name, **given) as handle, torch.no_grad():
@@ -120,7 +120,7 @@ def test_batch_equals_each_sample_alone(host, name):
     singles = [encode(model, processor, [q], [img]) for q, img in zip(questions, images)]
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
     stock_text_only = run(model, singles[TEXT_ONLY])
-    with visiondrop.apply(model, name, example_budget(name, ModelInfo.of(model))) as handle:
+    with visiondrop.apply(model, name, example_budget(name, info_of(model))) as handle:
         tokens, logits = run(model, batch)
         trace = handle.trace
         alone = []
@@ -146,7 +146,7 @@ def test_batch_equals_each_sample_alone(host, name):
 def test_generation_with_cache_equals_replay_without(host, name):
     """Decode steps on the pruned cache give what re-running the prompt with the prefill's decisions gives."""
     model, processor, images = host
-    budget = example_budget(name, ModelInfo.of(model))
+    budget = example_budget(name, info_of(model))
     batch = encode(model, processor, QUESTIONS[:2], [img for img in images if img is not None][:2])
     cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10)
     assert torch.equal(cached, replayed)
@@ -161,7 +161,7 @@ def described_mean(described: dict, n_visual: int) -> float:
 @pytest.mark.parametrize("name", METHODS)
 def test_counts_measured_with_hooks_match_describe(tiny, name):
     model, processor = tiny
-    info = ModelInfo.of(model)
+    info = info_of(model)
     measured, handle = measure_counts(model, inputs(processor, QUESTIONS[:1]), name, example_budget(name, info))
     assert len(measured) == info.n_layers
     assert handle.trace.tokens_per_layer == [measured]
@@ -181,7 +181,7 @@ def test_remove_restores_bit_identical_outputs(fresh, name):
     with torch.no_grad():
         before = model(**batch).logits
     state = dict(model.model.__dict__), dict(model.model.language_model.__dict__)
-    budget = example_budget(name, ModelInfo.of(model))
+    budget = example_budget(name, info_of(model))
     handle = visiondrop.apply(model, name, budget)
     if name != "none":
         with torch.no_grad():
@@ -197,7 +197,7 @@ def test_remove_restores_bit_identical_outputs(fresh, name):
 @pytest.mark.parametrize("name", METHODS)
 def test_unreachable_budget_names_the_smallest_reachable(family, name):
     model = family[0]
-    info = ModelInfo.of(model)
+    info = info_of(model)
     smallest = method(name).smallest_budget(info)
     assert policy_for(info, name, smallest) is not None
     with pytest.raises(ValueError, match=rf"(?<![\d.]){re.escape(f'{smallest:g}')}(?![\d.])"):

@@ -9,9 +9,9 @@ import visiondrop
 from baselines.dart import DART, policy, smallest_budget, truncation_for_budget
 from helpers import inputs, measure_counts, prompt
 from parity import assert_matches_official, load_case, parity_inputs
-from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
+from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
 from visiondrop.engine import DecoderCut
-from visiondrop.families import ModelInfo
+from visiondrop.families import ModelInfo, flops_dims, info_of
 from visiondrop.testing.tiny import demo_image
 
 LLAVA_7B = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
@@ -183,7 +183,7 @@ def test_measured_tokens_per_layer_follow_schedule(tiny):
 def test_next_counts_follow_each_samples_own_grid(tiny_next):
     """Truncation is a share of the nominal 2880, scaled to each sample's tokens: 144 at budget 320."""
     model, processor = tiny_next
-    assert policy(ModelInfo.of(model), 320).describe()["truncation"] == 144
+    assert policy(info_of(model), 320).describe()["truncation"] == 144
     for size, n0 in (((672, 336), 1752), ((500, 400), 2438)):
         batch = dict(processor(text=[prompt("What is in the image?")], images=[demo_image(0, size)],
                                return_tensors="pt"))
@@ -198,7 +198,7 @@ def test_flops_count_the_scoring_as_torch_counts_it(tiny):
     batch = inputs(processor, ["What is in the image?"])
     with flop_counter() as counter:
         sched = measure_schedule(model, batch, "dart", 64)
-    dims = Dims.from_config(model.config)
+    dims = flops_dims(model.config)
     text = batch["input_ids"].shape[1] - dims.n_visual
     overhead = overhead_flops(dims, "dart", sched.cuts, text)
     n = 576 + text

@@ -7,8 +7,8 @@ import visiondrop
 from baselines.divprune import max_min_diverse
 from helpers import inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
-from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
-from visiondrop.families import ModelInfo
+from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
+from visiondrop.families import flops_dims, info_of
 from visiondrop.methods import policy_for
 from visiondrop.testing.tiny import demo_image
 
@@ -87,7 +87,7 @@ def test_clear_errors(tiny):
     with pytest.raises(ValueError, match="cannot reach budget 0.5: .* the smallest reachable budget is 1 "):
         visiondrop.apply(model, "divprune", budget=0.5)
     for budget, kept in ((64.4, 64), (64.6, 65), (575.7, 575)):  # a ratio's budget keeps the nearest whole count
-        assert policy_for(ModelInfo.of(model), "divprune", budget).describe()["equivalent_tokens"] == kept
+        assert policy_for(info_of(model), "divprune", budget).describe()["equivalent_tokens"] == kept
     with pytest.raises(ValueError, match="needs a budget"):
         visiondrop.apply(model, "divprune")
 
@@ -98,7 +98,7 @@ def test_overhead_formula_matches_torch_flop_counter(tiny):
     batch = inputs(processor, QUESTIONS[:1])
     with flop_counter() as counter:
         sched = measure_schedule(model, batch, "divprune", 64)
-    dims = Dims.from_config(model.config)
+    dims = flops_dims(model.config)
     text = batch["input_ids"].shape[1] - dims.n_visual
     overhead = overhead_flops(dims, "divprune", sched.cuts, text)
     assert overhead == 2 * 576 * 576 * dims.hidden

@@ -9,8 +9,9 @@ import pytest
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
 from helpers import inputs
+from visiondrop.families import flops_dims
 from visiondrop.api import METHODS
-from visiondrop.efficiency.flops import (PRESETS, Dims, flop_counter, main, measure_schedule, method_flops, overhead_flops,
+from visiondrop.efficiency.flops import (PRESETS, flop_counter, main, measure_schedule, method_flops, overhead_flops,
                               prefill_flops, schedule)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +54,9 @@ def test_from_config_reads_llava_and_llava_next():
                        num_key_value_heads=32, vocab_size=32064)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14)
-    assert Dims.from_config(LlavaConfig(text_config=text, vision_config=vision)) == PRESETS["llava-1.5-7b"]
+    assert flops_dims(LlavaConfig(text_config=text, vision_config=vision)) == PRESETS["llava-1.5-7b"]
     # the preset's 49 extra tokens are a calibration of the paper's NeXT accounting, not a config field
-    nxt = Dims.from_config(LlavaNextConfig(text_config=text, vision_config=vision))
+    nxt = flops_dims(LlavaNextConfig(text_config=text, vision_config=vision))
     assert nxt == replace(PRESETS["llava-next-7b"], extra_tokens=0) and nxt.n_visual == 2880
 
 
@@ -66,7 +67,7 @@ def test_formula_matches_torch_flop_counter(tiny, method, budget):
     batch = inputs(processor, ["What is in the image?"])
     with flop_counter() as counter:
         sched = measure_schedule(model, batch, method, budget)
-    dims = Dims.from_config(model.config)
+    dims = flops_dims(model.config)
     text = batch["input_ids"].shape[1] - dims.n_visual
     formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected,
                             overhead=overhead_flops(dims, method, sched.cuts, text))

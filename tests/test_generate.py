@@ -8,7 +8,7 @@ import visiondrop
 from helpers import greedy, inputs, prompt
 from visiondrop.api import policy_for
 from visiondrop.engine.compat import CACHE_ARG, cache_kwargs
-from visiondrop.families import ModelInfo
+from visiondrop.families import info_of
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no."]
@@ -152,7 +152,7 @@ def test_unknown_option_names_the_valid_ones(tiny):
                                         r"are: schedule=None, first_stage=None, contextual_fraction=None, "
                                         r"stages='both', newlines='drop'$"):
         visiondrop.apply(model, "visiondrop", 64, foo=1)
-    info = ModelInfo.of(model)  # the harness's path: policy_for with the options of its config
+    info = info_of(model)  # the harness's path: policy_for with the options of its config
     with pytest.raises(TypeError, match=r"method 'fastv' has no option 'kk', 'x'; .* k=2, keep=None, "
                                         r"scoring='text'$"):
         policy_for(info, "fastv", 64, kk=3, x=1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from visiondrop.efficiency import latency
-from visiondrop.efficiency.flops import TEXT_TOKENS, Dims, method_flops
+from visiondrop.efficiency.flops import TEXT_TOKENS, method_flops
 from visiondrop.efficiency.latency import (
     benchmark,
     build_config,
@@ -17,7 +17,7 @@ from visiondrop.efficiency.latency import (
     profile_prefill,
     scaling,
 )
-from visiondrop.families import family_for
+from visiondrop.families import family_for, flops_dims
 
 COLUMNS = ["method", "budget", "batch", "avg visual tokens", "TFLOPs", "FLOPs ratio", "prefill ms",
            "prefill samples/s", "prefill speedup", "speedup / FLOPs ratio", "overhead % prefill",
@@ -51,7 +51,7 @@ def test_cli_measures_full_and_visiondrop_per_batch_size_and_writes_the_tables(t
         assert v.overhead_ms > 0 and v.gathers_ms > 0  # the policy's own calls and the engine's gathers timed
         assert (f.tokens, v.tokens) == (576, 64.0)  # measured by the trace for the method, mean of the batch
 
-    dims = Dims.from_config(build_config("llava-1.5-7b", "tiny"))
+    dims = flops_dims(build_config("llava-1.5-7b", "tiny"))
     assert full.tflops == full2.tflops == method_flops(dims, "none").total / 1e12
     assert vd.tflops == vd2.tflops == method_flops(dims, "visiondrop", 64).total / 1e12
 
@@ -188,7 +188,7 @@ def test_llava_next_inputs_full_row_and_unsupported_pruning(tmp_path):
     assert full.status == "ok" and full.prefill_ms > 0 and full.tokens == 2880
     # the engine's LLaVA-NeXT support is being added: until it lands, the row says so instead of failing
     assert vd.status == "ok" and vd.prefill_ms > 0 or vd.status.startswith("not supported yet")
-    dims = replace(Dims.from_config(config), extra_tokens=48)
+    dims = replace(flops_dims(config), extra_tokens=48)
     assert full.tflops == method_flops(dims, "none").total / 1e12
     assert "| full | 2880 | 1 |" in result.markdown and "46.25" in result.markdown and result.path is None
 
@@ -205,7 +205,7 @@ def test_video_llava_header_counts_the_video_tokens():
     full, vd = result.rows
     assert f"{TEXT_TOKENS} text + 2056 video tokens per sample" in result.title
     assert full.status == vd.status == "ok" and full.tokens == 2056
-    dims = Dims.from_config(config)
+    dims = flops_dims(config)
     assert dims.n_visual == 2056 and full.tflops == method_flops(dims, "none").total / 1e12  # no extra tokens
     assert vd.tflops == method_flops(dims, "visiondrop", 257).total / 1e12
     assert "| full | 2056 | 1 |" in result.markdown

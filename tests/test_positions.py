@@ -185,3 +185,21 @@ def test_plugin_maps_video_llava_images_and_videos(tiny_video_dir, demo_videos, 
         assert entries[-1][1].modality == modality
     png = plot_bias_maps(entries[1:], tmp_path / "video.png", "Video-LLaVA on a video")
     assert png.stat().st_size > 10_000
+
+
+def test_every_method_states_its_scoring_in_the_one_vocabulary():
+    """`Method.scoring` and the FLOPs recipe's rows name rules of `engine.scoring.RULES`; the bias report labels a
+    cut by what the method states (DART and DivPrune by what they do, not as a random control)."""
+    from visiondrop.engine.scoring import RULES
+    from visiondrop.harness.bias_report import claim, scoring
+    from visiondrop.methods import METHODS, method
+
+    for name in METHODS:
+        stated = method(name).scoring()
+        assert set(stated) <= {"encoder", "decoder"} and set(stated.values()) <= set(RULES), (name, stated)
+        assert method(name).overhead().rows in {*RULES, None}, name
+    assert scoring("dart", {}, "layer 2") == RULES["key_norms"] and claim(RULES["key_norms"]) == "none made"
+    assert scoring("divprune", {}, "layer 0") == RULES["diversity"]
+    assert scoring("random", {}, "layer 0") == RULES["random"] and claim(RULES["random"]).startswith("no vertical")
+    assert scoring("fastv", {"scoring": "visual"}, "layer 2") == RULES["visual"]
+    assert scoring("visiondrop", {}, "encoder").startswith("visual-only")

@@ -10,7 +10,7 @@ import torch
 
 import visiondrop
 from helpers import greedy, measure_counts
-from visiondrop.families import ModelInfo, family_of
+from visiondrop.families import family_of, flops_dims, info_of
 from visiondrop.families.qwen2_5_vl import NOMINAL_SIDE
 from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import demo_image, load_tiny_llava
@@ -84,7 +84,7 @@ def described_mean(described: dict) -> float:
 @pytest.mark.parametrize("name", METHODS)
 def test_counts_measured_with_hooks_match_describe(qwen, nominal, name):
     model, _, _ = qwen
-    info = ModelInfo.of(model)
+    info = info_of(model)
     assert int((nominal["input_ids"] == model.config.image_token_id).sum()) == info.n_visual == 576
     measured, handle = measure_counts(model, nominal, name, budget(name))
     assert len(measured) == info.n_layers == 28
@@ -236,12 +236,12 @@ def test_flops_formula_matches_torch_flop_counter(qwen, nominal, name):
     """The formula (windowed and full-attention tower layers, the merger on what is projected, the encoder stage's
     scoring) gives what FlopCounterMode counts on the nominal image; the tower without the merger, and the merger,
     as the formula's vision and projector parts."""
-    from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
+    from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
 
     model, _, _ = qwen
     with flop_counter() as counter:
         sched = measure_schedule(model, nominal, name, None if name == "none" else 64)
-    dims = Dims.from_config(model.config)
+    dims = flops_dims(model.config)
     text = nominal["input_ids"].shape[1] - dims.n_visual
     formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected,
                             overhead=overhead_flops(dims, name, sched.cuts, text))
@@ -256,14 +256,14 @@ def test_flops_formula_matches_torch_flop_counter(qwen, nominal, name):
 def test_flops_preset_is_the_7b_config():
     from transformers import Qwen2_5_VLConfig
 
-    from visiondrop.efficiency.flops import PRESETS, Dims, method_flops
+    from visiondrop.efficiency.flops import PRESETS, method_flops
 
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                          num_attention_heads=28, num_key_value_heads=4),
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                            fullatt_block_indexes=[7, 15, 23, 31], window_size=112))
-    assert Dims.from_config(config) == PRESETS["qwen2.5-vl-7b"]
+    assert flops_dims(config) == PRESETS["qwen2.5-vl-7b"]
     full, vz = method_flops("qwen2.5-vl-7b", "none"), method_flops("qwen2.5-vl-7b", "visionzip", 64)
     assert vz.vision == full.vision and vz.decoder < full.decoder / 4 and 0 < vz.overhead < 0.05 * vz.decoder
 
@@ -271,7 +271,7 @@ def test_flops_preset_is_the_7b_config():
 def test_latency_benchmark_builds_the_7b_architecture_at_tiny_width():
     """The benchmark's Qwen2.5-VL: the 7B layout at a tiny width, the nominal 672 image between its vision tokens
     with M-RoPE token types; full and VisionZip rows measured, FLOPs by the preset's formula at that width."""
-    from visiondrop.efficiency.flops import Dims, method_flops
+    from visiondrop.efficiency.flops import method_flops
     from visiondrop.efficiency.latency import benchmark, build_config, make_inputs
 
     config = build_config("qwen2.5-vl-7b", "tiny")
@@ -288,7 +288,7 @@ def test_latency_benchmark_builds_the_7b_architecture_at_tiny_width():
                        warmup=0, new_tokens=2, out=None, batch_sizes=[1])
     full, vz = result.rows
     assert (full.status, vz.status) == ("ok", "ok") and (full.tokens, vz.tokens) == (576, 64.0)
-    assert vz.tflops == method_flops(Dims.from_config(config), "visionzip", 64).total / 1e12
+    assert vz.tflops == method_flops(flops_dims(config), "visionzip", 64).total / 1e12
 
 
 def test_hydra_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_qwen_dir):

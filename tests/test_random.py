@@ -5,7 +5,7 @@ import torch
 import visiondrop
 from baselines.random_drop import random_keep
 from helpers import inputs, measure_counts
-from visiondrop.families import ModelInfo
+from visiondrop.families import info_of
 from visiondrop.methods import policy_for
 from visiondrop.testing.tiny import demo_image
 
@@ -49,7 +49,7 @@ def test_clear_errors(tiny):
     with pytest.raises(ValueError, match="cannot reach budget 0.5: .* the smallest reachable budget is 1 "):
         visiondrop.apply(model, "random", budget=0.5)
     for budget, kept in ((64.4, 64), (64.6, 65), (575.7, 575)):  # a ratio's budget keeps the nearest whole count
-        assert policy_for(ModelInfo.of(model), "random", budget).describe()["equivalent_tokens"] == kept
+        assert policy_for(info_of(model), "random", budget).describe()["equivalent_tokens"] == kept
     with pytest.raises(ValueError, match="budget must be a finite number of visual tokens above 0, got 0"):
         visiondrop.apply(model, "random", budget=0)  # refused by visiondrop.api before the method
     with pytest.raises(ValueError, match="needs a budget"):

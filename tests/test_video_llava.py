@@ -10,7 +10,7 @@ import visiondrop
 from helpers import SYSTEM, LayerCounter, greedy
 from visiondrop.api import Handle
 from visiondrop.engine.replay import Replay
-from visiondrop.families import ModelInfo
+from visiondrop.families import ModelInfo, flops_dims, info_of
 from visiondrop.harness.video import read_frames
 from visiondrop.methods import METHODS, method, policy_for
 from visiondrop.methods.visiondrop import schedule_for_budget
@@ -62,7 +62,7 @@ def test_frames_are_decoded_uniformly_and_laid_out_as_the_model_takes_them(model
     assert batch["pixel_values_videos"].shape == (2, 8, 3, 224, 224)
     assert (batch["input_ids"] == model.config.video_token_id).sum(1).tolist() == [2056] * 2
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
-    info = ModelInfo.of(model)
+    info = info_of(model)
     assert (info.n_visual, info.crops, info.per_crop, info.cls_kept, info.video) == (2056, 8, 257, True, True)
 
 
@@ -196,10 +196,10 @@ def test_mixed_batch_is_refused_by_encoder_methods(model_and_processor, clips):
 
 def test_flops_of_an_8_frame_video(model_and_processor):
     """The FLOPs count measures the schedules on a tiny proxy video (2,056 tokens, the nominal count itself)."""
-    from visiondrop.efficiency.flops import PRESETS, Dims, method_flops, schedule
+    from visiondrop.efficiency.flops import PRESETS, method_flops, schedule
 
     dims = PRESETS["video-llava-7b"]
-    tiny = Dims.from_config(model_and_processor[0].config)
+    tiny = flops_dims(model_and_processor[0].config)
     assert (tiny.vision_tokens, tiny.visual_per_crop, tiny.crops, tiny.model_type) == (257, 257, 8, "video_llava")
     info = ModelInfo(n_visual=2056, n_layers=32, vision_layer=22, cls_kept=True, crops=8, video=True)
     for name in ("visiondrop", "fastv", "visionzip"):

@@ -7,8 +7,8 @@ import visiondrop
 from baselines.vispruner import diverse_rounds, split_budget
 from helpers import inputs, measure_counts
 from parity import assert_matches_official, load_case, parity_inputs
-from visiondrop.efficiency.flops import Dims, flop_counter, measure_schedule, overhead_flops, prefill_flops
-from visiondrop.families import ModelInfo
+from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
+from visiondrop.families import ModelInfo, flops_dims, info_of
 from visiondrop.families.llava import clip_encoder_view
 from visiondrop.families.llava_next import packed_positions
 from visiondrop.methods import policy_for
@@ -118,7 +118,7 @@ def test_overhead_formula_matches_torch_flop_counter(tiny, options):
     batch = inputs(processor, QUESTIONS[:1])
     with flop_counter() as counter:
         sched = measure_schedule(model, batch, "vispruner", 128, **options)
-    dims = Dims.from_config(model.config)
+    dims = flops_dims(model.config)
     text = batch["input_ids"].shape[1] - dims.n_visual
     overhead = overhead_flops(dims, "vispruner", sched.cuts, text, **options)
     formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead)
@@ -130,7 +130,7 @@ def test_clear_errors(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="cannot reach budget 0.5: .* the smallest reachable budget is 1 "):
         visiondrop.apply(model, "vispruner", budget=0.5)
-    info = ModelInfo.of(model)
+    info = info_of(model)
     assert policy_for(info, "vispruner", 64.4).describe() == policy_for(info, "vispruner", 64).describe()
     with pytest.raises(ValueError, match="important_ratio is the important share of the budget, in \\[0, 1\\]"):
         visiondrop.apply(model, "vispruner", budget=64, important_ratio=1.5)

@@ -8,7 +8,7 @@ from torch import nn
 from .engine import Policy, Trace
 from .engine.patch import Pruner
 from .methods import METHODS, policy_for
-from .families import ModelInfo
+from .families import info_of
 from .stack import check_transformers
 
 __all__ = ["METHODS", "Handle", "apply", "build_policy", "policy_for"]
@@ -17,7 +17,7 @@ __all__ = ["METHODS", "Handle", "apply", "build_policy", "policy_for"]
 def build_policy(model: nn.Module, method: str, budget: float | None = None, ratio: float | None = None,
                  **options: Any) -> Policy:
     """The policy of `method` at `budget` (or retention `ratio`) for a loaded model (`methods.policy_for`)."""
-    return policy_for(ModelInfo.of(model), method, budget, ratio, **options)
+    return policy_for(info_of(model), method, budget, ratio, **options)
 
 
 class Handle:

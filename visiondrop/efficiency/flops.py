@@ -69,52 +69,13 @@ from typing import Any, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..families.base import Shape, TokenIds
+from ..api import apply
+from ..core import Cut, Dims, Shape, TokenCounts, TokenIds
+from ..families import family_by_type, flops_dims, info_of
+from ..methods import METHODS, method as registered
 
 TEXT_TOKENS = 63  # the paper's text length (methods.md 7)
 
-
-@dataclass(frozen=True)
-class Dims:
-    """The sizes the FLOPs depend on."""
-
-    hidden: int  # decoder width d
-    intermediate: int  # decoder MLP width m (SwiGLU: gate, up, down)
-    n_layers: int
-    vocab: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_layers: int  # all of them run
-    vision_heads: int
-    vision_tokens: int  # per crop, CLS included (577)
-    patch_size: int
-    projector_in: int  # projector: projector_in -> projector_mid -> hidden
-    visual_per_crop: int  # visual tokens per crop entering the decoder, unpruned (576)
-    crops: int = 1  # nominal crops per image
-    extra_tokens: int = 0  # non-visual tokens beside the text that no method prunes
-    model_type: str = "llava"  # the family (`visiondrop.families.FAMILIES`), which builds the measuring proxy
-    vision_cls: int = 1  # CLS tokens among the vision tokens (no patch embedding; 0 on Qwen2.5-VL)
-    patch_channels: int = 3  # input values per pixel of a patch (Qwen2.5-VL: 3 channels x 2 frames)
-    vision_mlp: int = 2  # matrices of a tower MLP (CLIP fc1, fc2; Qwen2.5-VL's gated MLP: 3)
-    vision_windowed_layers: int = 0  # tower layers that attend within windows (the others: all vision tokens)
-    vision_window: int = 0  # vision tokens per attention window there
-    projector_mid: int | None = None  # the projector's inner width (None: the decoder's hidden)
-    side_projectors: int = 0  # projectors of the same shape run beside it on each projected token (DeepStack: 3)
-    router: int = 0  # experts a MoE router scores per token (d x experts); `intermediate` is then the routed ones'
-
-    @property
-    def n_visual(self) -> int:
-        return self.visual_per_crop * self.crops
-
-    @classmethod
-    def from_config(cls, config: Any) -> "Dims":
-        """From a transformers config of a supported family (its adapter reads it: `Family.flops_dims`)."""
-        from ..families import family_for
-
-        return family_for(config).flops_dims(config)
 
 
 LLAVA_15_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, vocab=32064, n_heads=32, n_kv_heads=32,
@@ -134,6 +95,8 @@ PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
            # LanguageBind/Video-LLaVA-7B-hf: one 8-frame video at 224/14, 257 tokens a frame (CLS kept)
            "video-llava-7b": replace(LLAVA_15_7B, vision_tokens=257, visual_per_crop=257, crops=8,
                                      model_type="video_llava")}
+#: the presets as the paper's tables name them
+PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "video-llava-7b": "Video-LLaVA-7B"}
 
 
 @dataclass(frozen=True)
@@ -158,35 +121,6 @@ class Breakdown:
                  "lm_head": "LM head", "overhead": "method overhead"}
         rows = [f"{names[k]:<16} {v / 1e12:>9.4f}" for k, v in asdict(self).items()]
         return "\n".join([f"{'component':<16} {'TFLOPs':>9}", *rows])
-
-
-@dataclass(frozen=True)
-class Cut:
-    """One reduction: `layer` None is an encoder stage (one per crop), else the decoder layer it precedes.
-
-    `before` tokens go in; `kept` of them stay and `merged` new tokens are made from the others.
-    """
-
-    layer: int | None
-    before: int
-    kept: int
-    merged: int
-
-    @property
-    def members(self) -> int:
-        """Tokens folded into the merged ones (neither kept nor serving as a merge anchor)."""
-        return self.before - self.kept - self.merged
-
-
-@dataclass(frozen=True)
-class TokenCounts:
-    """What a method does to one image: visual tokens entering each decoder layer, tokens projected, cuts."""
-
-    tokens_per_layer: tuple[int, ...]
-    projected: int
-    cuts: tuple[Cut, ...] = ()
-    crops: int = 1
-    newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")
 
 
 def _decoder_layer_macs(dims: Dims, n: int) -> int:
@@ -227,8 +161,6 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
 def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: int, **options: Any) -> float:
     """FLOPs of the matrix products of a method's own scoring and merging at its `cuts`, as the engine computes
     them (module docstring), by the method's recipe for these options (`methods.Overhead`)."""
-    from ..methods import method as registered
-
     recipe = registered(method).overhead(**options)
     q_dim, kv_dim, d = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim, dims.hidden
     macs = 0
@@ -245,7 +177,7 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
         else:
             n = cut.before + text_tokens + dims.extra_tokens
             if recipe.rows is not None:
-                queries = {"visual": cut.before, "last": 1, "text": text_tokens, "all": n}[recipe.rows]
+                queries = {"visual": cut.before, "text": 1, "question": text_tokens, "all_queries": n}[recipe.rows]
                 macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim
             elif recipe.key_norms:
                 macs += n * d * kv_dim
@@ -274,8 +206,6 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: float | None = None,
                      **options: Any) -> TokenCounts:
     """Apply `method` to `model`, run one forward on `inputs` (one image), and read what it did."""
-    from ..api import apply
-
     cuts: list[Cut] = []
     with apply(model, method, budget, **options) as handle, torch.no_grad():
         _record_cuts(handle.policy, cuts)
@@ -287,9 +217,7 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
 
 
 def _n_visual(model: torch.nn.Module) -> int:
-    from ..families import ModelInfo
-
-    return ModelInfo.of(model).n_visual
+    return info_of(model).n_visual
 
 
 def _record_cuts(policy: Any, cuts: list[Cut]) -> None:
@@ -322,8 +250,6 @@ def _proxy(model_type: str, n_layers: int, vision_layers: int) -> tuple[torch.nn
     """A tiny random model of the family `model_type` at the given depths, and its example input (the family's
     `example_inputs`: one image, e.g. LLaVA-NeXT's 672-pixel square of 5 crops, 2880 patches plus 48
     image-newline tokens); built once per process."""
-    from ..families import family_by_type
-
     family = family_by_type(model_type)
     config = family.build_config(replace(_PROXY_SHAPE, layers=n_layers, vision_layers=vision_layers), _PROXY_IDS)
     torch.manual_seed(0)
@@ -340,9 +266,6 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
 
     Method "none" needs no measurement: every layer sees all visual tokens.
     """
-    from ..families import family_by_type
-    from ..methods import method as registered
-
     if method == "none":
         if budget is not None and budget != dims.n_visual or options:
             raise ValueError(f"method 'none' keeps all {dims.n_visual} visual tokens and takes no options; "
@@ -359,7 +282,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
            repr(sorted(options.items())))
     if key not in _measured:
         model, inputs = _proxy(dims.model_type, dims.n_layers, dims.vision_layers)
-        proxy = Dims.from_config(model.config)
+        proxy = flops_dims(model.config)
         if (proxy.vision_tokens, proxy.visual_per_crop, proxy.crops) != (dims.vision_tokens, dims.visual_per_crop,
                                                                          dims.crops):
             raise NotImplementedError(
@@ -397,8 +320,6 @@ def _runs(counts: Sequence[int]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from ..methods import METHODS
-
     parser = argparse.ArgumentParser(prog="python -m visiondrop.efficiency.flops", description="Prefill FLOPs of a method "
                                      "in the VisionDrop paper's convention (2 x MACs, full prefill forward).")
     parser.add_argument("--model", choices=sorted(PRESETS), default="llava-1.5-7b")

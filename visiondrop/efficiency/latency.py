@@ -57,14 +57,14 @@ from torch import nn
 from tqdm import tqdm
 
 from ..engine import decoder as engine_decoder, encoder as engine_encoder
-from ..families import Shape, TokenIds, family_for
+from ..core import Shape, TokenIds
+from ..families import family_for, flops_dims
 from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
 from ..families.video_llava import VIDEO_LLAVA
 from ..families.qwen2_5_vl import QWEN2_5_VL
-from .flops import TEXT_TOKENS, Dims, method_flops
-from ..harness.tables import PAPER_MODELS, method_title
-from ..methods import METHODS
+from .flops import PAPER_MODELS, TEXT_TOKENS, method_flops
+from ..methods import METHODS, method_title
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
 MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "video-llava-7b")
@@ -500,7 +500,7 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
                     for r in rows if profile and r.status == "ok"]
     config = net.config
     n_visual, modality = visual_tokens(net, inputs[batch_sizes[0]])
-    dims = Dims.from_config(config)
+    dims = flops_dims(config)
     dims = replace(dims, extra_tokens=n_visual - dims.n_visual)  # LLaVA-NeXT's row newlines
     for row in rows:
         row.tokens = dims.n_visual if row.method == "none" else row.median("tokens")

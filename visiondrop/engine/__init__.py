@@ -1,5 +1,6 @@
 """The engine: mechanics shared by every method (cuts, masks, positions, caches, merging, trace)."""
-from .policy import DecoderCut, EncoderView, Policy, Selection
+from ..core import EncoderView
+from .policy import DecoderCut, Policy, Selection
 from .select import complement, contextual_merge, topk_in_order
 from .trace import Trace
 

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
-from ..families.base import Family, Rotate
+from ..core import Rotate
+from ..families.base import Family
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:

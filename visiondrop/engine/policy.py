@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..families.base import Family, Rotate
+from ..core import EncoderView, Rotate
+from ..families.base import Family
 from .attention import gather_rows, decoder_attention, decoder_keys
 
 
@@ -28,40 +29,6 @@ class Selection:
     keep: Tensor
     merged: Tensor | None = None
     weights: Tensor | None = None
-
-
-@dataclass
-class EncoderView:
-    """One vision-tower layer as an encoder-side policy sees it, for a batch of images (or crops).
-
-    With `has_cls`, token 0 is CLS and tokens 1.. are the patches in raster order; without (towers with no CLS,
-    e.g. Qwen2.5-VL's), every token is a patch (or a merged group of patches) in raster order.
-    hidden: [N, T, D] the layer's output (the features the model would project);
-    importance: [N, H, T] per head, the attention each token receives: the CLS query's attention probabilities
-    where the tower has CLS, else the mean attention it receives from all tokens (the paper's rule for towers
-    without CLS);
-    keys: [N, H, T, hd] that layer's keys (before scaling);
-    valid: [N, T] False for tokens the model's own layout discards (LLaVA-NeXT padding, when the policy keeps
-    that layout), or None: a policy should not spend its budget on them;
-    share: these images' visual tokens as a share of the nominal image's (`ModelInfo.per_crop`), by which a
-    policy's per-image counts scale: 1 where every image has the nominal count (LLaVA), the image's own tokens
-    over the nominal ones under dynamic resolution (Qwen2.5-VL);
-    side: [N, T, S, E] features that travel with each token to the decoder (`Family.side_features`: Qwen3-VL's
-    DeepStack vectors, before their own mergers), or None; the engine selects and merges them as the tokens, and
-    projects them with `Family.side_projector`. Policies do not read them.
-    """
-
-    hidden: Tensor
-    importance: Tensor
-    keys: Tensor
-    valid: Tensor | None = None
-    has_cls: bool = True
-    share: float = 1.0
-    side: Tensor | None = None
-
-    def scaled(self, count: int) -> int:
-        """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""
-        return count if self.share == 1 else round(count * self.share)
 
 
 @dataclass

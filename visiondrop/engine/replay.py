@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .policy import DecoderCut, EncoderView, Policy, Selection
+from ..core import EncoderView
+from .policy import DecoderCut, Policy, Selection
 from .trace import Trace
 
 

@@ -46,7 +46,20 @@ def visual_to_visual(cut: DecoderCut, layer_idx: int, hidden: Tensor | None = No
     return probs.gather(2, cut.visual.unsqueeze(1).expand(-1, cut.n_visual, -1)).mean(1)
 
 
-#: The methods' `scoring` option values and their rules: "text" is the last instruction token's row.
+#: Every rule that decides which visual tokens a method keeps, by the one name the methods' `scoring` options,
+#: their FLOPs recipes (`methods.Overhead.rows`), `Method.scoring` and the reports use, with the reports' label.
+RULES = {
+    "text": "text-guided (last prompt token)",
+    "all_queries": "text-guided (all prompt tokens)",
+    "question": "text-guided (question tokens)",
+    "visual": "visual-only (visual-to-visual attention)",
+    "vision_tower": "visual-only (vision-tower attention: the CLS row, or the mean received without CLS)",
+    "key_norms": "duplication (dissimilarity to pivots chosen by key norms)",
+    "diversity": "diversity (max-min cosine distance)",
+    "random": "none (random control)",
+}
+
+#: The rules written here, by the `scoring` option values that choose them: "text" is the last instruction token's row.
 SCORERS: dict[str, Scorer] = {"text": text_last_token, "all_queries": text_all_queries, "visual": visual_to_visual}
 
 

@@ -1,6 +1,6 @@
 """Model-family adapters: one module per host family (`base.Family` is the interface), and the registry.
 
-Adapters are imported on first lookup: the engine imports `base`, and the adapters import the engine.
+Adapters are imported on first lookup, so that importing the registry stays cheap.
 """
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from .base import Family, Images, ModelInfo, Shape, TokenIds
+from ..core import Dims, Images, ModelInfo, Shape, TokenIds
+from .base import Family
 
 #: config.model_type -> "module:adapter"
 FAMILIES = {
@@ -49,5 +50,15 @@ def family_of(model: nn.Module) -> Family:
                     f"{', '.join(f.model_class.__name__ for f in families)}")
 
 
-__all__ = ["FAMILIES", "Family", "Images", "ModelInfo", "Shape", "TokenIds", "family_by_type", "family_for",
-           "family_of"]
+def info_of(model: nn.Module) -> ModelInfo:
+    """The `ModelInfo` of a loaded model; TypeError if no family supports it."""
+    return family_of(model).model_info(model.config)
+
+
+def flops_dims(config: Any) -> Dims:
+    """The FLOPs dimensions of a transformers config of a supported family."""
+    return family_for(config).flops_dims(config)
+
+
+__all__ = ["FAMILIES", "Dims", "Family", "Images", "ModelInfo", "Shape", "TokenIds", "family_by_type", "family_for",
+           "family_of", "flops_dims", "info_of"]

@@ -6,14 +6,13 @@ an encoder-side policy, how an image's crops (or a video's frames) are laid out,
 processor and FLOPs dimensions. The engine and the policies only call these methods.
 
 Positions are opaque to the engine: a tensor whose last two axes are (batch, sequence), [B, L] for 1-D RoPE or
-[3, B, L] for M-RoPE; the engine only gathers and pads them along the sequence axis. This module imports nothing
-from the engine, so that the engine can import it.
+[3, B, L] for M-RoPE; the engine only gathers and pads them along the sequence axis. The value types it speaks in
+live in `visiondrop.core`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,117 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llama.modeling_llama import rotate_half
 from transformers.utils import ModelOutput
 
-if TYPE_CHECKING:
-    from ..engine.policy import EncoderView
-    from ..efficiency.flops import Dims
-
-#: RoPE on queries or keys: (x [B, H, L, hd], cos [B, L, hd], sin [B, L, hd]) -> rotated x
-Rotate = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """n_visual is the nominal visual-token count of one image: the budgets' reference ("# Tokens" out of it).
-
-    LLaVA-1.5: 576, every image. LLaVA-NeXT (anyres): `crops` crops of `n_visual / crops` patches, 2880 for the
-    v1.6 grids; a sample's actual count varies with its grid, and policies scale their counts to it. Produced by
-    the model's family (`Family.model_info`).
-    """
-
-    n_visual: int
-    n_layers: int  # decoder layers
-    vision_layer: int  # 0-based vision-tower layer whose output the model projects
-    cls_kept: bool  # whether the model's own visual tokens include CLS
-    crops: int = 1  # vision-tower crops per image, nominal (a video's frames)
-    #: the budgets' reference is a video whose crops are its frames (Video-LLaVA): methods with a video setting
-    #: use it (VisionDrop: tokens leaving its encoder stage at 3x the budget instead of 1.5x)
-    video: bool = False
-
-    @classmethod
-    def of(cls, model: nn.Module) -> "ModelInfo":
-        """The info of a loaded model; TypeError if no family supports it."""
-        from . import family_of
-
-        return family_of(model).model_info(model.config)
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ModelInfo":
-        from . import family_for
-
-        return family_for(config).model_info(config)
-
-    @property
-    def per_crop(self) -> int:
-        return self.n_visual // self.crops
-
-    def relative_layers(self, layers: Sequence[int], what: str, lowest: int = 1, spare: int = 0,
-                        reference_layers: int = 32) -> tuple[int, ...]:
-        """Map increasing cut layers given for a 32-layer decoder (LLaVA-7B) onto this decoder by relative depth.
-
-        `what` names the option in errors; a method cuts from layer `lowest` on and leaves its last `spare` layers
-        uncut. Each layer goes to round(layer * n_layers / 32); where a shallow decoder rounds neighbours together
-        (or below `lowest`), a cut moves to the next free layer, so the cuts stay distinct and ordered ([2, 8, 16]
-        -> [1, 2, 3] on 4 layers). The identity on 32 layers. Every method's schedule goes through this; the
-        mapped layers are in its `describe()` and in the run's trace.
-        """
-        top = reference_layers - 1 - spare
-        if not layers or list(layers) != sorted(set(layers)) or not all(lowest <= layer <= top for layer in layers):
-            raise ValueError(f"{what} must be one or more increasing layers from {lowest} to {top} (of a "
-                             f"{reference_layers}-layer decoder, mapped by relative depth), got {list(layers)}")
-        mapped, previous = [], lowest - 1
-        for layer in layers:
-            previous = max(round(layer * self.n_layers / reference_layers), previous + 1)
-            mapped.append(previous)
-        if mapped and mapped[-1] > self.n_layers - 1 - spare:
-            raise ValueError(f"{what} {list(layers)} do not fit this {self.n_layers}-layer decoder: {len(mapped)} "
-                             f"distinct cuts from layer {lowest} on need {lowest + len(mapped) + spare} layers")
-        return tuple(mapped)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Widths and depths of a model to build: the decoder's, then the vision tower's."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_layers: int
-    vision_heads: int
-    kv_heads: int | None = None  # decoder key-value heads where they are fewer than the heads (grouped queries)
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    """The vocabulary size and special token ids a built config carries."""
-
-    vocab: int
-    image: int
-    bos: int
-    eos: int
-    pad: int
-    special: dict[str, int] = field(default_factory=dict)  # ids of the family's `special_tokens`
-
-
-@dataclass
-class Images:
-    """The images of one image-feature call, split as the family's vision tower takes them.
-
-    pixels: [N, ...] every crop (or frame) of every image, one batch for the tower; crops: how many belong to
-    each image (frames to each video), in order; sizes: each image's (height, width) where the layout depends on
-    it (anyres), or its patch grid (t, h, w) (Qwen2.5-VL's image_grid_thw), else None; modality: the
-    `Family.feature_functions` key of the call ("image", "video").
-    """
-
-    pixels: Tensor
-    crops: list[int]
-    feature_layer: int
-    select_strategy: str
-    sizes: Tensor | None = None
-    modality: str = "image"
-
+from ..core import Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
 
 class Family:
     """The adapter of one model family. Subclasses implement every method that raises NotImplementedError."""

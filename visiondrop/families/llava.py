@@ -16,8 +16,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from ..engine.policy import EncoderView
-from ..efficiency.flops import Dims
+from ..core import Dims, EncoderView
 from .base import Family, Images, ModelInfo, Shape, TokenIds
 
 IMAGE_SIZE, PATCH_SIZE = 336, 14  # CLIP ViT-L/14-336, the tower of every LLaVA-1.5 and 1.6 checkpoint

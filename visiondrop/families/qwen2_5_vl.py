@@ -47,8 +47,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.processing_utils import ProcessorMixin
 from transformers.vision_utils import get_vision_window_index
 
-from ..efficiency.flops import Dims
-from ..engine.policy import EncoderView
+from ..core import Dims, EncoderView
 from .base import Family, Images, ModelInfo, Shape, TokenIds
 
 NOMINAL_SIDE = 672  # the budgets' reference image: (672 / 28)^2 = 576 visual tokens, as LLaVA-1.5's

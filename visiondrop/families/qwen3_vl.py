@@ -59,9 +59,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import ModelOutput
 
-from ..efficiency.flops import Dims
-from ..engine.policy import EncoderView
-from .base import Images, ModelInfo, Shape, TokenIds
+from ..core import Dims, EncoderView, Images, Shape, TokenIds
 from .qwen2_5_vl import QUERY_CHUNK, SPECIAL_TOKENS, Qwen2_5_VL
 
 NOMINAL_SIDE = 768  # the budgets' reference image: (768 / 32)^2 = 576 visual tokens, as LLaVA-1.5's

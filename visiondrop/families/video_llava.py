@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, BatchFeature, VideoLlavaConfig, VideoLla
 from transformers.models.video_llava import VideoLlavaImageProcessor, VideoLlavaProcessor
 from transformers.video_processing_utils import VideoProcessorMixin
 
-from ..efficiency.flops import Dims
+from ..core import Dims
 from .base import Images, ModelInfo
 from .llava import CHAT_TEMPLATE as IMAGE_CHAT_TEMPLATE
 from .llava import PATCH_SIZE, Llava

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from . import outcomes
 from .job import Unreachable, evaluate, job_label, judge_again, plan_job
-from .judge import judge_label
+from .store import judge_label
 from .outcomes import Outcome
 
 log = logging.getLogger(__name__)

@@ -17,30 +17,27 @@ import pandas as pd
 
 from .positions import PositionMaps
 from .store import positions_path
-from .tables import method_title
+from ..methods import method_title
 
-#: a decoder cut's scoring rows (`Method.overhead(...).rows`) as the table names them
-SCORING = {"visual": "visual-only (visual-to-visual attention)", "last": "text-guided (last prompt token)",
-           "all": "text-guided (all prompt tokens)", "text": "text-guided (question tokens)",
-           None: "none (random control)"}
-ENCODER = "visual-only (CLS attention in the vision tower)"
-CLAIM = {"text": "bottom-heavy (> 1) after a shallow cut", "visual": "no vertical bias (about 1)",
+#: the paper's expectation of the vertical bias, by the kind of scoring (the first word of its label)
+CLAIM = {"text-guided": "bottom-heavy (> 1) after a shallow cut", "visual-only": "no vertical bias (about 1)",
          "none": "no vertical bias (1 in expectation)"}
 
 
 def scoring(method: str, options: dict, cut: str) -> str:
-    """What scores the tokens kept at `cut` of `method` (asked of the method, not kept here)."""
+    """What decides the tokens kept at `cut` of `method`, as the method states it (`Method.scoring`)."""
+    from ..engine.scoring import RULES
     from ..methods import METHODS, method as registered
 
-    if cut == "encoder":
-        return ENCODER
     if method not in METHODS:
         return "unknown (method no longer registered)"
-    return SCORING.get(registered(method).overhead(**(options or {})).rows, "unknown")
+    rule = registered(method).scoring(**(options or {})).get("encoder" if cut == "encoder" else "decoder")
+    return RULES.get(rule, "unknown")
 
 
 def claim(kind: str) -> str:
-    return CLAIM["text" if kind.startswith("text") else "visual" if kind.startswith("visual") else "none"]
+    """The paper's claim for a scoring label; it makes none for other rules (diversity, duplication)."""
+    return CLAIM.get(kind.split(" (")[0], "none made")
 
 
 def collect(records: list[dict], model: str, benchmark: str) -> list[tuple[dict, PositionMaps]]:

@@ -17,12 +17,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ..methods import method, policy_for
-from ..families import ModelInfo
+from ..families import family_for
 from . import TASKS_DIR
-from .judge import Judge, judge_label, judge_record
+from .judge import Judge, judge_record
 from .judge import configure as configure_judge
 from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, input_options, run_identity
-from .store import ResultStore, options_label, read_samples
+from .store import ResultStore, judge_label, options_label, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ def resolve_schedule(cfg: DictConfig, path: str, budget: Budget) -> dict:
     loading. A wrong option name is the caller's mistake, not an unreachable budget: policy_for raises TypeError."""
     from transformers import AutoConfig
 
-    info = ModelInfo.from_config(AutoConfig.from_pretrained(path))
+    config = AutoConfig.from_pretrained(path)
+    info = family_for(config).model_info(config)
     options = dict(cfg.method.options)
     try:
         return policy_for(info, cfg.method.name, budget.tokens, **options).describe()
@@ -216,12 +217,13 @@ def local_task(bench: DictConfig, task_manager, folder: Path) -> str:
 
 def run_tflops(config, cfg: DictConfig, budget: Budget, text_tokens: float | None) -> float | None:
     """Prefill TFLOPs of one average sample of the run (paper convention, measured text length)."""
-    from ..efficiency.flops import Dims, method_flops
+    from ..efficiency.flops import method_flops
+    from ..families import flops_dims
 
     if text_tokens is None:
         return None  # no sample with an image
     try:
-        return method_flops(Dims.from_config(config), cfg.method.name, budget.tokens, round(text_tokens),
+        return method_flops(flops_dims(config), cfg.method.name, budget.tokens, round(text_tokens),
                             **cfg.method.options).total / 1e12
     except NotImplementedError as err:  # e.g. a baseline on LLaVA-NeXT, which the FLOPs model does not cover
         log.warning("no FLOPs for this run: %s", err)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .store import ResultStore, judge_label, read_samples
+
 log = logging.getLogger(__name__)
 
 ENV_MODEL, ENV_BASE_URL, ENV_KEY_NAME = "VISIONDROP_JUDGE_MODEL", "VISIONDROP_JUDGE_BASE_URL", "VISIONDROP_JUDGE_API_KEY_ENV"
@@ -142,11 +144,6 @@ def configure(model: str | None, base_url: str | None, api_key_env: str | None) 
             os.environ[name] = value
 
 
-def judge_label(described: dict | None) -> str | None:
-    """A recorded judge (`Judge.describe()`) as tables and logs name it: "model at base_url"; None if unjudged."""
-    return f"{described['model']} at {described['base_url']}" if described else None
-
-
 def judge_entries(entries: list[dict], judge: Judge) -> list[dict]:
     """Per-question entries (question, answer, pred) with the judge's accuracy (0/1) and score filled in; entries
     judged by another judge are judged again."""
@@ -172,8 +169,6 @@ def judge_record(path: str | Path, judge: Judge) -> dict:
     """Judge the stored answers of the video-QA record at `path` with `judge` and rewrite record and answers (the
     same key: the answers are the same run's). A replaced judge's numbers stay in the record's `earlier_judges`
     and the log names them; its per-answer verdicts are overwritten. Returns the record, with its path."""
-    from .store import ResultStore, read_samples
-
     path = Path(path)
     record, samples = json.loads(path.read_text()), read_samples(path)
     entries = judge_entries([s[record["metric"]] for s in samples], judge)

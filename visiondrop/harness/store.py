@@ -16,12 +16,16 @@ from typing import Iterable
 
 import pandas as pd
 
-from .judge import judge_label
 
 COLUMNS = ("model", "method", "variant", "options", "budget", "retention_ratio", "benchmark", "score", "metric",
            "convention", "unit", "equivalent_tokens", "measured_tokens", "tflops", "samples", "docs", "partial",
            "schedule", "protocol", "judged_by", "created", "path")
 POSITIONS = ".positions.json"
+
+
+def judge_label(described: dict | None) -> str | None:
+    """A recorded judge (`Judge.describe()`) as tables and logs name it: "model at base_url"; None if unjudged."""
+    return f"{described['model']} at {described['base_url']}" if described else None
 
 
 def positions_path(record_path: str | Path) -> Path:

@@ -12,19 +12,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "video-llava-7b": "Video-LLaVA-7B"}
+from ..efficiency.flops import PAPER_MODELS
+from ..methods import method_title
+
 #: the paper's tables of scores per benchmark (Table 1 on images, the video table); "Mean" is a plain mean of the
 #: benchmarks' scores (the video table's average), unlike our Avg relative to the full model
 #: the paper's image columns in its order (configs/benchmarks/paper_image.yaml names them so); others follow
 PAPER_COLUMNS = ("GQA", "MMB", "MMB-CN", "MME", "POPE", "SQA", "VQAv2", "TextVQA", "VizWiz")
 MARKERS = "osD^vPX*h<>"
-
-
-def method_title(name: str) -> str:
-    """The name the paper's tables use for a method; a method no longer registered keeps its id."""
-    from ..methods import METHODS, method
-
-    return method(name).title if name in METHODS else name
 
 
 def paper_scores(paper_csv: str | Path, model: str) -> pd.DataFrame:

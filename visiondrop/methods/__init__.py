@@ -14,13 +14,10 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+from ..core import Cut, Dims, ModelInfo, TokenCounts
 from ..engine import Policy
-from ..families import ModelInfo
-
-if TYPE_CHECKING:
-    from ..efficiency.flops import Cut, Dims, TokenCounts
 
 #: method name -> the module that defines its `METHOD`
 METHODS = {
@@ -43,8 +40,9 @@ class Overhead:
     (`visiondrop.efficiency.flops.overhead_flops`; an encoder stage's keys, and its CLS row unless `encoder_row` is
     False, are charged to every method that has one).
 
-    rows: the query rows that score a decoder cut: "visual" (every visual token), "last" (the last prompt token),
-    "text" (the text tokens), "all" (every prompt token), or None (no attention rows);
+    rows: the query rows that score a decoder cut, by the scoring rule's name (`engine.scoring.RULES`): "visual"
+    (every visual token), "text" (the last prompt token), "question" (the text tokens), "all_queries" (every prompt
+    token), or None (no attention rows);
     merges: leftovers merged into contextual tokens (`engine.contextual_merge`);
     rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters);
     key_norms: the keys of every token at a decoder cut, for their norms, where no attention rows need them (DART);
@@ -78,6 +76,9 @@ class Method:
     smallest_budget: Callable[[ModelInfo], float]
     #: (**options) -> its FLOPs overhead recipe
     overhead: Callable[..., Overhead] = lambda **_: Overhead()
+    #: (**options) -> what decides the tokens kept at its cuts: {"encoder": rule, "decoder": rule}, each a name in
+    #: `engine.scoring.RULES` (a kind of cut it does not make is absent); the reports read this, not the FLOPs recipe
+    scoring: Callable[..., dict[str, str]] = lambda **_: {}
     #: options that, given, replace the budget (e.g. FastV's `keep`): a budget of all the visual tokens then does
     #: not mean the unpruned model
     replaces_budget: tuple[str, ...] = ()
@@ -115,6 +116,11 @@ def method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     return importlib.import_module(METHODS[name]).METHOD
+
+
+def method_title(name: str) -> str:
+    """The name the papers' tables use for a method; a method no longer registered keeps its id."""
+    return method(name).title if name in METHODS else name
 
 
 def unpruned() -> Policy:

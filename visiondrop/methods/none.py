@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..engine import Policy
-from ..families import ModelInfo
+from ..core import ModelInfo
 from . import Method, unpruned
 
 

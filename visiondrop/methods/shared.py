@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import EncoderView, Selection, complement, contextual_merge, topk_in_order
-from ..families import ModelInfo
+from ..core import ModelInfo
 
 
 def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Selection:

@@ -18,16 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING
-
 from ..engine import DecoderCut, EncoderView, Policy, Selection, complement, contextual_merge, topk_in_order
 from ..engine.scoring import visual_to_visual
-from ..families import ModelInfo
+from ..core import Cut, Dims, ModelInfo, TokenCounts
 from . import Method, Overhead
 from .shared import encoder_selection, newline_choice
-
-if TYPE_CHECKING:
-    from ..efficiency.flops import Dims, TokenCounts
 
 
 @dataclass(frozen=True)
@@ -233,7 +228,6 @@ def nominal_counts(dims: Dims, budget: float) -> TokenCounts:
     """The FLOPs count's schedule on a multi-crop model (LLaVA-NeXT) at its nominal crops, per methods.md 1(f), the
     comparison the paper's numbers ask for: a per-crop encoder stage of the budget/crops schedule, then decoder
     segments of n0 x (35, 26, 19)/48 tokens (the ratio version of the official schedule)."""
-    from ..efficiency.flops import Cut, TokenCounts
 
     info = ModelInfo(n_visual=dims.visual_per_crop, n_layers=dims.n_layers, vision_layer=dims.vision_layers - 2,
                      cls_kept=dims.visual_per_crop == dims.vision_tokens)  # one crop, LLaVA's layer -2
@@ -257,5 +251,6 @@ def nominal_counts(dims: Dims, budget: float) -> TokenCounts:
 
 
 METHOD = Method("visiondrop", "VisionDrop", policy, smallest_budget,
-                overhead=lambda **_: Overhead(rows="visual", merges=True), replaces_budget=("schedule",),
+                overhead=lambda **_: Overhead(rows="visual", merges=True),
+                scoring=lambda **_: {"encoder": "vision_tower", "decoder": "visual"}, replaces_budget=("schedule",),
                 nominal_counts=nominal_counts)

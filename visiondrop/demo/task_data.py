@@ -4,16 +4,16 @@
 position / shape at a named position; one-word answers scored by exact match. The train split (used only by
 scripts/train_demo_model.py) comes from a disjoint seed stream. Rewrite the shipped file with
 
-    python -m visiondrop.harness.tasks.visiondrop_demo.make_data
+    python -m visiondrop.demo.task_data
 """
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
-from visiondrop.demo import synthetic
+from . import synthetic
 
-DATA_FILE = Path(__file__).parent / "demo.parquet"
+DATA_FILE = Path(__file__).parents[1] / "harness" / "tasks" / "visiondrop_demo" / "demo.parquet"
 N_QUESTIONS = 160
 
 

@@ -1,0 +1,204 @@
+"""The value types every layer shares: what a model is (`ModelInfo`, `Shape`, `TokenIds`, `Dims`), what an
+encoder-side policy sees (`Images`, `EncoderView`), and what a method does to one image (`Cut`, `TokenCounts`).
+
+The bottom of the import order (`visiondrop.LAYERS`): it imports nothing from the project.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+#: RoPE on queries or keys: (x [B, H, L, hd], cos [B, L, hd], sin [B, L, hd]) -> rotated x
+Rotate = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """n_visual is the nominal visual-token count of one image: the budgets' reference ("# Tokens" out of it).
+
+    LLaVA-1.5: 576, every image. LLaVA-NeXT (anyres): `crops` crops of `n_visual / crops` patches, 2880 for the
+    v1.6 grids; a sample's actual count varies with its grid, and policies scale their counts to it. Produced by
+    the model's family (`Family.model_info`).
+    """
+
+    n_visual: int
+    n_layers: int  # decoder layers
+    vision_layer: int  # 0-based vision-tower layer whose output the model projects
+    cls_kept: bool  # whether the model's own visual tokens include CLS
+    crops: int = 1  # vision-tower crops per image, nominal (a video's frames)
+    #: the budgets' reference is a video whose crops are its frames (Video-LLaVA): methods with a video setting
+    #: use it (VisionDrop: tokens leaving its encoder stage at 3x the budget instead of 1.5x)
+    video: bool = False
+
+    @property
+    def per_crop(self) -> int:
+        return self.n_visual // self.crops
+
+    def relative_layers(self, layers: Sequence[int], what: str, lowest: int = 1, spare: int = 0,
+                        reference_layers: int = 32) -> tuple[int, ...]:
+        """Map increasing cut layers given for a 32-layer decoder (LLaVA-7B) onto this decoder by relative depth.
+
+        `what` names the option in errors; a method cuts from layer `lowest` on and leaves its last `spare` layers
+        uncut. Each layer goes to round(layer * n_layers / 32); where a shallow decoder rounds neighbours together
+        (or below `lowest`), a cut moves to the next free layer, so the cuts stay distinct and ordered ([2, 8, 16]
+        -> [1, 2, 3] on 4 layers). The identity on 32 layers. Every method's schedule goes through this; the
+        mapped layers are in its `describe()` and in the run's trace.
+        """
+        top = reference_layers - 1 - spare
+        if not layers or list(layers) != sorted(set(layers)) or not all(lowest <= layer <= top for layer in layers):
+            raise ValueError(f"{what} must be one or more increasing layers from {lowest} to {top} (of a "
+                             f"{reference_layers}-layer decoder, mapped by relative depth), got {list(layers)}")
+        mapped, previous = [], lowest - 1
+        for layer in layers:
+            previous = max(round(layer * self.n_layers / reference_layers), previous + 1)
+            mapped.append(previous)
+        if mapped and mapped[-1] > self.n_layers - 1 - spare:
+            raise ValueError(f"{what} {list(layers)} do not fit this {self.n_layers}-layer decoder: {len(mapped)} "
+                             f"distinct cuts from layer {lowest} on need {lowest + len(mapped) + spare} layers")
+        return tuple(mapped)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Widths and depths of a model to build: the decoder's, then the vision tower's."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    kv_heads: int | None = None  # decoder key-value heads where they are fewer than the heads (grouped queries)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The vocabulary size and special token ids a built config carries."""
+
+    vocab: int
+    image: int
+    bos: int
+    eos: int
+    pad: int
+    special: dict[str, int] = field(default_factory=dict)  # ids of the family's `special_tokens`
+
+
+@dataclass
+class Images:
+    """The images of one image-feature call, split as the family's vision tower takes them.
+
+    pixels: [N, ...] every crop (or frame) of every image, one batch for the tower; crops: how many belong to
+    each image (frames to each video), in order; sizes: each image's (height, width) where the layout depends on
+    it (anyres), or its patch grid (t, h, w) (Qwen2.5-VL's image_grid_thw), else None; modality: the
+    `Family.feature_functions` key of the call ("image", "video").
+    """
+
+    pixels: Tensor
+    crops: list[int]
+    feature_layer: int
+    select_strategy: str
+    sizes: Tensor | None = None
+    modality: str = "image"
+
+
+@dataclass
+class EncoderView:
+    """One vision-tower layer as an encoder-side policy sees it, for a batch of images (or crops).
+
+    With `has_cls`, token 0 is CLS and tokens 1.. are the patches in raster order; without (towers with no CLS,
+    e.g. Qwen2.5-VL's), every token is a patch (or a merged group of patches) in raster order.
+    hidden: [N, T, D] the layer's output (the features the model would project);
+    importance: [N, H, T] per head, the attention each token receives: the CLS query's attention probabilities
+    where the tower has CLS, else the mean attention it receives from all tokens (the paper's rule for towers
+    without CLS);
+    keys: [N, H, T, hd] that layer's keys (before scaling);
+    valid: [N, T] False for tokens the model's own layout discards (LLaVA-NeXT padding, when the policy keeps
+    that layout), or None: a policy should not spend its budget on them;
+    share: these images' visual tokens as a share of the nominal image's (`ModelInfo.per_crop`), by which a
+    policy's per-image counts scale: 1 where every image has the nominal count (LLaVA), the image's own tokens
+    over the nominal ones under dynamic resolution (Qwen2.5-VL);
+    side: [N, T, S, E] features that travel with each token to the decoder (`Family.side_features`: Qwen3-VL's
+    DeepStack vectors, before their own mergers), or None; the engine selects and merges them as the tokens, and
+    projects them with `Family.side_projector`. Policies do not read them.
+    """
+
+    hidden: Tensor
+    importance: Tensor
+    keys: Tensor
+    valid: Tensor | None = None
+    has_cls: bool = True
+    share: float = 1.0
+    side: Tensor | None = None
+
+    def scaled(self, count: int) -> int:
+        """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""
+        return count if self.share == 1 else round(count * self.share)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the FLOPs depend on."""
+
+    hidden: int  # decoder width d
+    intermediate: int  # decoder MLP width m (SwiGLU: gate, up, down)
+    n_layers: int
+    vocab: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int  # all of them run
+    vision_heads: int
+    vision_tokens: int  # per crop, CLS included (577)
+    patch_size: int
+    projector_in: int  # projector: projector_in -> projector_mid -> hidden
+    visual_per_crop: int  # visual tokens per crop entering the decoder, unpruned (576)
+    crops: int = 1  # nominal crops per image
+    extra_tokens: int = 0  # non-visual tokens beside the text that no method prunes
+    model_type: str = "llava"  # the family (`visiondrop.families.FAMILIES`), which builds the measuring proxy
+    vision_cls: int = 1  # CLS tokens among the vision tokens (no patch embedding; 0 on Qwen2.5-VL)
+    patch_channels: int = 3  # input values per pixel of a patch (Qwen2.5-VL: 3 channels x 2 frames)
+    vision_mlp: int = 2  # matrices of a tower MLP (CLIP fc1, fc2; Qwen2.5-VL's gated MLP: 3)
+    vision_windowed_layers: int = 0  # tower layers that attend within windows (the others: all vision tokens)
+    vision_window: int = 0  # vision tokens per attention window there
+    projector_mid: int | None = None  # the projector's inner width (None: the decoder's hidden)
+    side_projectors: int = 0  # projectors of the same shape run beside it on each projected token (DeepStack: 3)
+    router: int = 0  # experts a MoE router scores per token (d x experts); `intermediate` is then the routed ones'
+
+    @property
+    def n_visual(self) -> int:
+        return self.visual_per_crop * self.crops
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One reduction: `layer` None is an encoder stage (one per crop), else the decoder layer it precedes.
+
+    `before` tokens go in; `kept` of them stay and `merged` new tokens are made from the others.
+    """
+
+    layer: int | None
+    before: int
+    kept: int
+    merged: int
+
+    @property
+    def members(self) -> int:
+        """Tokens folded into the merged ones (neither kept nor serving as a merge anchor)."""
+        return self.before - self.kept - self.merged
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """What a method does to one image: visual tokens entering each decoder layer, tokens projected, cuts."""
+
+    tokens_per_layer: tuple[int, ...]
+    projected: int
+    cuts: tuple[Cut, ...] = ()
+    crops: int = 1
+    newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")
