@@ -13,7 +13,7 @@ import torch
 
 import visiondrop
 from helpers import greedy, measure_counts
-from visiondrop.families import ModelInfo, family_of
+from visiondrop.families import family_of, info_of
 from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import demo_image, load_tiny_llava
 
@@ -55,7 +55,7 @@ def test_the_tiny_model_has_the_real_structure(qwen3):
         text.head_dim // 2
     batch = batch_of(processor, QUESTIONS[:1], images[1:2])
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 70
-    info = ModelInfo.of(model)
+    info = info_of(model)
     assert (info.n_visual, info.n_layers, info.vision_layer, info.cls_kept) == (576, 36, 26, False)
 
 
