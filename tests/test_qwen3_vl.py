@@ -13,7 +13,7 @@ import torch
 
 import visiondrop
 from helpers import greedy, measure_counts
-from visiondrop.families import family_of, info_of
+from visiondrop.families import family_of, flops_dims, info_of
 from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import demo_image, load_tiny_llava
 
@@ -248,3 +248,103 @@ def test_moe_none_is_stock_and_batch_equals_each_alone(moe, name):
     assert stock is None or torch.equal(together, stock)
     if name != "none":
         assert trace.tokens_per_layer[0][-1] < 64
+
+
+@pytest.fixture(scope="module")
+def nominal(qwen3):
+    """One sample with the nominal 768x768 image: 576 visual tokens, the budgets' reference."""
+    model, processor, _ = qwen3
+    return batch_of(processor, QUESTIONS[:1], [demo_image(5, (768, 768))])
+
+
+@pytest.mark.parametrize("name", ["none", "visionzip", "fastv"])
+def test_flops_formula_matches_torch_flop_counter(qwen3, nominal, name):
+    """The formula (27 full-attention tower layers, the merger and the three DeepStack mergers on what is projected,
+    the encoder stage's scoring and DeepStack merge) gives what FlopCounterMode counts on the nominal image."""
+    from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
+
+    model, _, _ = qwen3
+    assert int((nominal["input_ids"] == model.config.image_token_id).sum()) == 576
+    with flop_counter() as counter:
+        sched = measure_schedule(model, nominal, name, None if name == "none" else 64)
+    dims = flops_dims(model.config)
+    text = nominal["input_ids"].shape[1] - dims.n_visual
+    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected,
+                            overhead=overhead_flops(dims, name, sched.cuts, text))
+    assert formula.total == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    modules = {key.rsplit(".", 1)[-1]: sum(counts.values()) for key, counts in counter.get_flop_counts().items()}
+    assert modules["lm_head"] == pytest.approx(formula.lm_head, rel=1e-6)
+    assert (formula.overhead > 0) == (name != "none")
+
+
+def test_flops_presets_are_the_checkpoints_configs():
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    from visiondrop.efficiency.flops import PRESETS, method_flops
+
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096)
+    config = Qwen3VLConfig(vision_config=vision, text_config=dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128))
+    assert flops_dims(config) == PRESETS["qwen3-vl-8b"]
+    moe = Qwen3VLMoeConfig(vision_config={**vision, "out_hidden_size": 2048}, text_config=dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8))
+    assert flops_dims(moe) == PRESETS["qwen3-vl-30b-a3b"]
+    full, vz = method_flops("qwen3-vl-8b", "none"), method_flops("qwen3-vl-8b", "visionzip", 64)
+    assert vz.vision == full.vision and vz.decoder < full.decoder / 4 and 0 < vz.overhead < 0.05 * vz.decoder
+    assert vz.projector == pytest.approx(full.projector * 64 / 576)  # merger + 3 DeepStack mergers, kept tokens only
+    moe_full = method_flops("qwen3-vl-30b-a3b", "none")
+    assert moe_full.decoder < full.decoder / 2  # 3B active parameters against 8B
+
+
+def test_latency_benchmark_builds_the_8b_architecture_at_tiny_width():
+    """The benchmark's Qwen3-VL: the 8B layout at a tiny width, the nominal 768 image between its vision tokens with
+    M-RoPE token types; full and VisionZip rows measured, FLOPs by the preset's formula at that width."""
+    from visiondrop.efficiency.flops import method_flops
+    from visiondrop.efficiency.latency import benchmark, build_config, make_inputs
+
+    config = build_config("qwen3-vl-8b", "tiny")
+    full_config = build_config("qwen3-vl-8b", "full")
+    assert (full_config.text_config.num_key_value_heads, full_config.text_config.num_hidden_layers,
+            list(full_config.vision_config.deepstack_visual_indexes),
+            full_config.text_config.rope_parameters["mrope_section"]) == (8, 36, [8, 16, 24], [24, 20, 20])
+    inputs = make_inputs(config, torch.device("cpu"), torch.float32)
+    ids = inputs["input_ids"][0]
+    image = (ids == config.image_token_id).nonzero()[:, 0]
+    assert len(image) == 576 and inputs["image_grid_thw"].tolist() == [[1, 48, 48]]
+    assert ids[image[0] - 1] == config.vision_start_token_id and ids[image[-1] + 1] == config.vision_end_token_id
+    result = benchmark("qwen3-vl-8b", width="tiny", device="cpu", methods=["none", "visionzip"], repeats=1,
+                       warmup=0, new_tokens=2, out=None, batch_sizes=[1])
+    full, vz = result.rows
+    assert (full.status, vz.status) == ("ok", "ok") and (full.tokens, vz.tokens) == (576, 64.0)
+    assert vz.tflops == method_flops(flops_dims(config), "visionzip", 64).total / 1e12
+
+
+@pytest.mark.parametrize("config_name,model_name", [("qwen3_vl_8b", "qwen3-vl-8b"),
+                                                    ("qwen3_vl_30b_a3b", "qwen3-vl-30b-a3b")])
+def test_hydra_model_configs(tmp_path, tiny_qwen3_dir, config_name, model_name):
+    """`model=qwen3_vl_8b` runs a job with the tiny checkpoint at a retention ratio (max_pixels in its identity);
+    `model=qwen3_vl_30b_a3b` composes as the 8B's with its own checkpoint."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from visiondrop.harness import job
+
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"results_dir={tmp_path}/runs", "limit=2", f"model={config_name}", "model.device=cpu",
+            "model.dtype=float32", "model.max_pixels=65536", "method=visionzip", "budget.ratio=0.111111111"])
+    assert cfg.model.name == model_name and cfg.model.n_visual == 576 and cfg.model.conv_template == "chat_template"
+    if config_name != "qwen3_vl_8b":
+        assert cfg.model.pretrained == "Qwen/Qwen3-VL-30B-A3B-Instruct"
+        return
+    cfg.model.pretrained = str(tiny_qwen3_dir)
+    [record] = job.run_job(cfg)
+    assert record["budget"] == 64.0 and record["model"] == "qwen3-vl-8b"
+    assert record["identity"]["preprocessing"] == {"image_aspect_ratio": "none", "conv_template": "chat_template",
+                                                   "max_pixels": 65536}
+    # 64 visual tokens per image at this max_pixels, and VisionZip keeps 64/576 of each image's own
+    assert 0 < record["measured_tokens"] <= 7 and record["tflops"] > 0

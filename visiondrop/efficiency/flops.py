@@ -27,6 +27,16 @@ decoder. Its encoder stage (VisionZip, VisionDrop) scores with the attention eac
 full-attention layer: q, k, v of every patch and all patch-pair logits. Its decoder has grouped-query attention
 (4 key-value heads of 28).
 
+Qwen3-VL (presets qwen3-vl-8b, qwen3-vl-30b-a3b, on the nominal 768x768 image: 2304 patches of 16, 576 visual
+tokens): the 27 tower layers attend to all patches and run a two-matrix GELU MLP; the projector part counts the
+merger and the three DeepStack mergers (each 4608 -> 4608 -> d on every projected 2x2 group: 4x the merger alone);
+DeepStack's additions to the visual hidden states after decoder layers 0-2 are elementwise (3 x n x d additions,
+no matrix product) and not counted; an encoder stage that merges combines the tokens' DeepStack vectors by the
+merge's weights (one [merged, tokens] x [tokens, 3 x 4608] product, in the overhead). The decoder's per-head q/k
+norms are not products either. The MoE (30B-A3B) counts the active parameters of a token: its 8 routed experts of
+128 (3 matrices of 2048 x 768 each, `intermediate` 8 x 768) and the router (2048 x 128 logits); the other 120
+experts do no work for it (transformers runs each expert on its routed tokens only).
+
 Assumptions written down:
 - "text tokens" are all non-visual prompt tokens (system prompt, question, template); the paper's numbers need
   63 for LLaVA-1.5-7B (9.06 T full, 2.11 T VisionDrop-64). Pass the measured length for a real run.
@@ -89,9 +99,23 @@ QWEN25_VL_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=152064, 
                     vision_tokens=2304, patch_size=14, projector_in=5120, visual_per_crop=576,
                     model_type="qwen2_5_vl", vision_cls=0, patch_channels=6, vision_mlp=3, vision_windowed_layers=28,
                     vision_window=64, projector_mid=5120)
+#: Qwen3-VL-8B-Instruct on its nominal 768x768 image (48x48 patches of 16, 576 visual tokens): 27 tower layers with
+#: full attention and a GELU MLP (1152 -> 4304 -> 1152); the merger and the three DeepStack mergers are each
+#: LayerNorm + 4608 -> 4608 -> 4096 on every projected 2x2 group; a Qwen3 decoder of 36 layers, 8 key-value heads of 32
+QWEN3_VL_8B = Dims(hidden=4096, intermediate=12288, n_layers=36, vocab=151936, n_heads=32, n_kv_heads=8,
+                   head_dim=128, vision_hidden=1152, vision_intermediate=4304, vision_layers=27, vision_heads=16,
+                   vision_tokens=2304, patch_size=16, projector_in=4608, visual_per_crop=576, model_type="qwen3_vl",
+                   vision_cls=0, patch_channels=6, vision_mlp=2, projector_mid=4608, side_projectors=3)
+#: Qwen3-VL-30B-A3B-Instruct: the same tower (its mergers project to 2048); 48 decoder layers of width 2048 (32
+#: heads of 128, 4 key-value heads) whose MLP is 128 experts of 768, 8 routed a token: the active parameters a token
+#: meets are those 8 experts (`intermediate` 8 x 768) and the router (2048 x 128)
+QWEN3_VL_30B_A3B = replace(QWEN3_VL_8B, hidden=2048, intermediate=8 * 768, n_layers=48, n_kv_heads=4,
+                           model_type="qwen3_vl_moe", router=128)
 PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
            "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next"),
            "qwen2.5-vl-7b": QWEN25_VL_7B,
+           "qwen3-vl-8b": QWEN3_VL_8B,
+           "qwen3-vl-30b-a3b": QWEN3_VL_30B_A3B,
            # LanguageBind/Video-LLaVA-7B-hf: one 8-frame video at 224/14, 257 tokens a frame (CLS kept)
            "video-llava-7b": replace(LLAVA_15_7B, vision_tokens=257, visual_per_crop=257, crops=8,
                                      model_type="video_llava")}
@@ -185,6 +209,8 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             metric, width = dims.head_dim, d
         if recipe.merges:
             macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it
+            if cut.layer is None:  # side features (DeepStack) merged by the weights, a [merged, before] product
+                macs += cut.merged * cut.before * dims.side_projectors * width
         if recipe.selection is not None:
             macs += recipe.selection(cut, width)
     return 2.0 * macs

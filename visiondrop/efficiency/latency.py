@@ -63,14 +63,15 @@ from ..families.llava import LLAVA
 from ..families.llava_next import LLAVA_NEXT
 from ..families.video_llava import VIDEO_LLAVA
 from ..families.qwen2_5_vl import QWEN2_5_VL
+from ..families.qwen3_vl import QWEN3_VL
 from .flops import PAPER_MODELS, TEXT_TOKENS, method_flops
 from ..methods import METHODS, method_title
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
-MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "video-llava-7b")
+MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "video-llava-7b", "qwen3-vl-8b")
 IMAGE_MODELS = MODELS[:2]  # the paper's efficiency table: what a GPU run builds by default
 DEFAULT_METHODS = tuple(METHODS)  # every registered method
-DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "qwen2.5-vl-7b": (64,),
+DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "qwen2.5-vl-7b": (64,), "qwen3-vl-8b": (64,),
                    "video-llava-7b": (257,)}  # 257: 12.5% of 2056
 DEFAULT_BATCH_SIZES = {"cuda": (1, 8, 32), "cpu": (1, 8)}
 SCALING_RATIO = 64 / 576  # the paper's budget 64 of LLaVA-1.5's 576 tokens (and 320 of NeXT's 2880)
@@ -98,7 +99,17 @@ QWEN_WIDTHS = {
     "tiny": Shape(hidden=64, intermediate=172, layers=28, heads=2, vision_hidden=32, vision_intermediate=128,
                   vision_layers=32, vision_heads=1, kv_heads=1),
 }
+#: Qwen3-VL-8B-Instruct's widths, the same way ("reduced": full / 8, decoder head dims 64, 2 key-value heads of 8)
+QWEN3_WIDTHS = {
+    "full": Shape(hidden=4096, intermediate=12288, layers=36, heads=32, vision_hidden=1152, vision_intermediate=4304,
+                  vision_layers=27, vision_heads=16, kv_heads=8),
+    "reduced": Shape(hidden=512, intermediate=1536, layers=36, heads=8, vision_hidden=144, vision_intermediate=538,
+                     vision_layers=27, vision_heads=2, kv_heads=2),
+    "tiny": Shape(hidden=64, intermediate=172, layers=36, heads=2, vision_hidden=32, vision_intermediate=128,
+                  vision_layers=27, vision_heads=1, kv_heads=1),
+}
 MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT, "qwen2.5-vl-7b": QWEN2_5_VL,
+                  "qwen3-vl-8b": QWEN3_VL,
                   "video-llava-7b": VIDEO_LLAVA}
 # the llava-hf checkpoints' vocabulary, and a free id for Video-LLaVA's <video> (the LLaVA families ignore it)
 LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001, special={"<video>": 32002})
@@ -106,11 +117,13 @@ QWEN_IDS = TokenIds(vocab=152064, image=151655, bos=151643, eos=151645, pad=1516
                     special={"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|video_pad|>": 151656})
 MODEL_SHAPES = {"llava-1.5-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5), "llava-next-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5),
                 "qwen2.5-vl-7b": (QWEN_WIDTHS, QWEN_IDS, 1e-6),
+                "qwen3-vl-8b": (QWEN3_WIDTHS, replace(QWEN_IDS, vocab=151936), 1e-6),  # Qwen3-VL's vocabulary
                 "video-llava-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5)}  # widths, vocabulary, norm epsilon
 
 
 def build_config(model: str = "llava-1.5-7b", width: str = "full"):
-    """The config of llava-hf/llava-1.5-7b-hf (llava-v1.6-vicuna-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct) at `width`,
+    """The config of llava-hf/llava-1.5-7b-hf (llava-v1.6-vicuna-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct,
+    Qwen/Qwen3-VL-8B-Instruct) at `width`,
     built by its family."""
     if model not in MODEL_FAMILIES:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
@@ -787,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--budgets", nargs="+", type=float,
-                        help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b, 64 for qwen2.5-vl-7b, 257 for video-llava-7b)")
+                        help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b, 64 for qwen2.5-vl-7b and qwen3-vl-8b, 257 for video-llava-7b)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 8 32 on a GPU, 1 8 on a CPU")
     parser.add_argument("--new-tokens", type=int, default=32, help="N, tokens generated end to end")
     parser.add_argument("--warmup", type=int, help="discarded rounds (default: 2; 1 for --scaling)")
