@@ -87,6 +87,10 @@ class TokenIds:
     special: dict[str, int] = field(default_factory=dict)  # ids of the family's `special_tokens`
 
 
+#: the origin of a placeholder slot that an encoder stage leaves empty (`Family.lay_out`), dropped before the decoder
+EMPTY_SLOT = -2
+
+
 @dataclass
 class Images:
     """The images of one image-feature call, split as the family's vision tower takes them.

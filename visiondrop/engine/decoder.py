@@ -1,7 +1,10 @@
 """The decoder layer loop with cuts: prefill that physically shortens the sequence, and the decode steps after it.
 
 Sequences are left-padded. After a cut each sample's tokens are re-packed (prefix, kept visual tokens, merged
-tokens, suffix) and left-padded again. Every layer caches exactly the tokens it processed, so the KV caches of
+tokens, suffix) and left-padded again. A sample's visual tokens are one set for the policies, but may lie in
+several spans separated by text where the family allows it (`Family.visual_spans`: Qwen3-VL's video frames between
+their timestamps): each kept token then stays in its own span, the text between spans stays whole, and the merged
+tokens follow the last span's kept tokens. Every layer caches exactly the tokens it processed, so the KV caches of
 different segments have different lengths; a `Segment` remembers, for the layers that share one token set, which
 cached rows are real tokens and which position the next token takes, so decode steps stay consistent with
 whatever the prefill did. Everything about the host (its layers, positions, rotary embeddings) comes from its
@@ -43,7 +46,7 @@ class Running:
     hidden: Tensor  # [B, L, D]
     mask: Tensor  # [B, L] bool, real tokens (left padding)
     pos: Tensor  # [..., B, L] positions
-    vis_start: Tensor  # [B] sequence index of the visual block
+    vis_index: list[Tensor]  # per sample [vis_len]: the sequence indices of its visual tokens, ascending
     vis_len: Tensor  # [B] visual tokens (0: no image)
     origins: list[Tensor]  # per sample [vis_len]: original visual index, or -1 for tokens the method made
     side: list[Tensor] | None = None  # per sample [vis_len, len(side_layers), D]: each visual token's side rows
@@ -61,12 +64,11 @@ def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, positio
     if not torch.equal(mask, left_padded):
         raise ValueError("visual-token pruning needs left-padded batches: set tokenizer.padding_side = 'left'")
     vis_len = visual.sum(1)
-    vis_start = torch.where(vis_len > 0, visual.long().argmax(1), 0)
-    spans = torch.arange(length, device=visual.device).unsqueeze(0) - vis_start.unsqueeze(1)
-    if not torch.equal(visual, (spans >= 0) & (spans < vis_len.unsqueeze(1))):
+    vis_index = [row.nonzero()[:, 0] for row in visual]
+    if not family.visual_spans and any(len(i) and int(i[-1] - i[0]) + 1 != len(i) for i in vis_index):
         raise ValueError("each sample may hold at most one image, as one contiguous block of image tokens")
     origins = [torch.arange(n, device=visual.device) for n in vis_len.tolist()]
-    run = Running(hidden, mask, family.positions(mask, position_ids), vis_start, vis_len, origins)
+    run = Running(hidden, mask, family.positions(mask, position_ids), vis_index, vis_len, origins)
     if side is not None:
         run.side_layers, rows = side
         run.side = list(rows.split(vis_len.tolist()))
@@ -86,39 +88,38 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     renumber = renumber and family.renumbers_positions
     length = run.hidden.shape[1]
     device = run.hidden.device
-    index, sources, positions, starts, counts, origins, side = [], [], [], [], [], [], []
+    index, sources, positions, visual_at, origins, side = [], [], [], [], [], []
     for b in range(run.hidden.shape[0]):
         first = length - int(run.mask[b].sum())
         source, pos = run.hidden[b], run.pos.select(-2, b)
         if b not in selections:
             index.append(torch.arange(first, length, device=device))
-            starts.append(int(run.vis_start[b]) - first)
-            counts.append(int(run.vis_len[b]))
+            visual_at.append(run.vis_index[b] - first)
             origins.append(run.origins[b])
             side.append(None if run.side is None else run.side[b])
-        else:
-            keep, merged, weights = selections[b]
-            start, n = int(run.vis_start[b]), int(run.vis_len[b])
-            parts = [torch.arange(first, start, device=device), start + keep]
-            n_merged = 0 if merged is None else merged.shape[0]
-            if n_merged:
-                parts.append(length + torch.arange(n_merged, device=device))
-                source = torch.cat([source, merged.to(source.dtype)])
-            parts.append(torch.arange(start + n, length, device=device))
-            index.append(torch.cat(parts))
-            starts.append(start - first)
-            counts.append(keep.shape[0] + n_merged)
-            origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)]))
-            side.append(None if run.side is None else _side_rows(run.side[b], keep, n_merged, weights))
-            if not renumber:
-                slot = torch.cat([keep, keep.new_full((n_merged,), -1)]) if slots is None else slots[b]
-                visual = _kept_positions(family, pos[..., start:start + n], slot)
-                kept_pos = torch.cat([pos[..., first:start], visual, pos[..., start + n:]], -1)
+            positions.append(family.renumbered(pos[..., first], len(index[-1])) if renumber else pos[..., first:])
+            sources.append(source)
+            continue
+        keep, merged, weights = selections[b]
+        n_merged = 0 if merged is None else merged.shape[0]
+        if n_merged:
+            source = torch.cat([source, merged.to(source.dtype)])
+        order, is_visual = _packed_order(run.vis_index[b], keep, n_merged, first, length)
         sources.append(source)
+        index.append(order)
+        visual_at.append(is_visual.nonzero()[:, 0])
+        # the visual tokens in their new order: each an entry of (kept..., merged...)
+        entry = _visual_entries(order, is_visual, run.vis_index[b], keep, length)
+        origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)])[entry])
+        side.append(None if run.side is None else _side_rows(run.side[b], keep, n_merged, weights)[entry])
         if renumber:
-            positions.append(family.renumbered(pos[..., first], len(index[-1])))
+            positions.append(family.renumbered(pos[..., first], len(order)))
         else:
-            positions.append(pos[..., index[-1]] if b not in selections else kept_pos)
+            slot = torch.cat([keep, keep.new_full((n_merged,), -1)]) if slots is None else slots[b]
+            visual = _kept_positions(family, pos[..., run.vis_index[b]], slot)[..., entry]
+            kept_pos = pos[..., order.clamp(max=length - 1)].clone()
+            kept_pos[..., is_visual] = visual
+            positions.append(kept_pos)
 
     new_length = max(len(i) for i in index)
     pads = [new_length - len(i) for i in index]
@@ -127,9 +128,41 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     ])
     mask = torch.arange(new_length, device=device).unsqueeze(0) >= torch.tensor(pads, device=device).unsqueeze(1)
     pos = torch.stack([torch.cat([q.new_zeros(*q.shape[:-1], p), q], -1) for q, p in zip(positions, pads)], -2)
-    vis_start = torch.tensor(starts, device=device) + torch.tensor(pads, device=device)
-    return Running(hidden, mask, pos, vis_start, torch.tensor(counts, device=device), origins,
-                   None if run.side is None else side, run.side_layers)
+    vis_index = [at + p for at, p in zip(visual_at, pads)]
+    counts = torch.tensor([len(at) for at in visual_at], device=device)
+    return Running(hidden, mask, pos, vis_index, counts, origins, None if run.side is None else side, run.side_layers)
+
+
+def _packed_order(vis_index: Tensor, keep: Tensor, n_merged: int, first: int, length: int) -> tuple[Tensor, Tensor]:
+    """A sample's rows after a cut, as indices into its rows then its merged tokens (length + j), and which of
+    them are visual: its real text tokens in order, each span's kept tokens where the span was (in `keep`'s order
+    within a span), the merged tokens after the last span's kept tokens."""
+    device = vis_index.device
+    text = torch.ones(length, dtype=torch.bool, device=device)
+    text[:first] = False
+    text[vis_index] = False
+    text_rows = text.nonzero()[:, 0]
+    # a span starts where a visual token does not follow another; every token is anchored at its span's start
+    starts = torch.ones_like(vis_index, dtype=torch.bool)
+    starts[1:] = vis_index[1:] != vis_index[:-1] + 1
+    anchor = vis_index[starts][starts.long().cumsum(0) - 1]  # [n]
+    step = vis_index.numel() + n_merged + 1  # sub-ranks within an anchor
+    kept_rank = torch.arange(keep.numel(), device=device)
+    keys = torch.cat([text_rows * step, anchor[keep] * step + 1 + kept_rank,
+                      anchor[-1] * step + 1 + keep.numel() + torch.arange(n_merged, device=device)])
+    rows = torch.cat([text_rows, vis_index[keep], length + torch.arange(n_merged, device=device)])
+    is_visual = torch.cat([torch.zeros_like(text_rows, dtype=torch.bool),
+                           torch.ones(keep.numel() + n_merged, dtype=torch.bool, device=device)])
+    order = keys.argsort(stable=True)
+    return rows[order], is_visual[order]
+
+
+def _visual_entries(order: Tensor, is_visual: Tensor, vis_index: Tensor, keep: Tensor, length: int) -> Tensor:
+    """For each visual token of the packed order, its entry among (keep..., merged...)."""
+    rows = order[is_visual]
+    position_in_keep = torch.full((length,), -1, dtype=torch.long, device=rows.device)
+    position_in_keep[vis_index[keep]] = torch.arange(keep.numel(), device=rows.device)
+    return torch.where(rows < length, position_in_keep[rows.clamp(max=length - 1)], keep.numel() + rows - length)
 
 
 def _side_rows(rows: Tensor, keep: Tensor, n_merged: int, weights: Tensor | None) -> Tensor:
@@ -150,10 +183,9 @@ def add_side(run: Running, layer_idx: int) -> Tensor:
     layer (as the host adds them: the same elementwise sum on the visual positions)."""
     column = run.side_layers.index(layer_idx)
     hidden = run.hidden.clone()
-    for b, rows in enumerate(run.side):
-        start, n = int(run.vis_start[b]), rows.shape[0]
-        if n:
-            hidden[b, start:start + n] = hidden[b, start:start + n] + rows[:, column].to(hidden.dtype)
+    for b, (rows, at) in enumerate(zip(run.side, run.vis_index)):
+        if rows.shape[0]:
+            hidden[b, at] = hidden[b, at] + rows[:, column].to(hidden.dtype)
     return hidden
 
 
@@ -176,7 +208,7 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
             layer_idx=layer_idx, layers=layers, hidden=run.hidden[rows],
             prev_hidden=None if prev_hidden is None else prev_hidden[rows], mask=run.mask[rows],
             cos=rope[0][rows], sin=rope[1][rows],
-            visual=run.vis_start[rows].unsqueeze(1) + torch.arange(n, device=rows.device),
+            visual=torch.stack([run.vis_index[b] for b in rows.tolist()]),
             original_visual=original_visual[rows], samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
             final_norm=final_norm,
         )

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..families.base import Family
 from .attention import gather_rows
+from ..core import EMPTY_SLOT
 from .policy import Policy, Selection
 
 
@@ -19,9 +20,11 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     """Project only the tokens an encoder-side policy keeps, for a call `feature_function(*args, **kwargs)` of
     `modality` (`Family.feature_functions`: "image" is `get_image_features(pixel_values, ...)`).
 
-    Returns, per image: features zero-padded to the placeholder slots the unpatched model fills, the number of
-    real rows, their original indices in the image's own visual-token order (-1 for CLS and merged tokens), and
-    where the view has side features, their projected rows [slots, S, D] laid out and padded alike (else None).
+    Returns, per image: features zero-padded to the placeholder slots the unpatched model fills, the slots the
+    method filled (ascending), their original indices in the image's own visual-token order (-1 for CLS and merged
+    tokens), and where the view has side features, their projected rows [slots, S, D] laid out and padded alike
+    (else None). A layout may leave slots empty between filled ones (`EMPTY_SLOT` origins: a video's frames each
+    in its own span); the rest are padded at the end.
     """
     padded, valid, origins, side = [], [], [], []
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
@@ -41,8 +44,9 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
             if feats.shape[0] > slots:
                 raise ValueError(f"{policy.name} keeps {feats.shape[0]} tokens for an image with {slots} image slots")
             padded.append(torch.cat([feats, feats.new_zeros(slots - feats.shape[0], feats.shape[1])]))
-            valid.append(feats.shape[0])
-            origins.append(orig)
+            filled = (orig != EMPTY_SLOT).nonzero()[:, 0]
+            valid.append(filled)
+            origins.append(orig[filled])
             if rows is not None:  # laid out as the tokens, their S rows side by side
                 crop = rows.split(images.crops)[i]
                 laid = family.lay_out(model, images, i, crop.flatten(2), keep, n_merged, tokens,

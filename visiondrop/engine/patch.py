@@ -39,11 +39,11 @@ class Pruner:
         self.lm = self.family.language_model(model)
         self.trace = Trace()
         self._visual: Tensor | None = None  # image-token mask of the forward in flight
-        # id(features) -> (weak ref, valid rows, origins) per image of the last encoding, and the images of the
-        # forward in flight as (valid rows, origins)
-        self._encoded: dict[int, tuple[weakref.ref, int, Tensor]] = {}
-        self._fingerprints: list[tuple[Tensor, int, Tensor]] = []  # the same, for stacked features
-        self._images: list[tuple[int, Tensor]] | None = None
+        # id(features) -> (weak ref, filled slots, origins) per image of the last encoding, and the images of the
+        # forward in flight as (filled slots, origins)
+        self._encoded: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}
+        self._fingerprints: list[tuple[Tensor, Tensor, Tensor]] = []  # the same, for stacked features
+        self._images: list[tuple[Tensor, Tensor]] | None = None
         self._images_modality = "image"
         self._segments: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> segments
         if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
@@ -108,7 +108,7 @@ class Pruner:
         self._images, self._images_modality = list(zip(valid, origins)), modality
         return self.family.encoder_output(features, side)
 
-    def _own_images(self, features: list[Tensor] | Tensor) -> list[tuple[int, Tensor]] | None:
+    def _own_images(self, features: list[Tensor] | Tensor) -> list[tuple[Tensor, Tensor]] | None:
         """The bookkeeping of pre-encoded features, found by identity (repeats are the same tensors; rows of a
         stacked tensor by their first token); None if any of them did not come from this method's last encoding."""
         images = []
@@ -116,7 +116,7 @@ class Pruner:
             if isinstance(features, Tensor):
                 found = next(((v, o) for first, v, o in self._fingerprints if torch.equal(f[0], first)), None)
             else:
-                ref, valid, origins = self._encoded.get(id(f), (None, 0, None))
+                ref, valid, origins = self._encoded.get(id(f), (None, None, None))
                 found = (valid, origins) if ref is not None and ref() is f else None
             if found is None:
                 return None
@@ -186,7 +186,7 @@ class Pruner:
         if images is None or len(images) != len(samples):
             raise RuntimeError("the image features of this forward were not produced by the applied method")
         device = run.hidden.device
-        selections = {b: (torch.arange(images[i][0], device=device), None, None) for i, b in enumerate(samples)}
+        selections = {b: (images[i][0].to(device), None, None) for i, b in enumerate(samples)}
         # a family that keeps positions gives each token its original slot's (-1: the family's merged position)
         slots = {b: images[i][1].to(device) for i, b in enumerate(samples)}
         run = decoder.apply_selections(self.family, run, selections, renumber=True, slots=slots)

@@ -36,6 +36,9 @@ class Family:
     #: False for a family whose positions carry the image layout (M-RoPE): tokens keep their positions at every
     #: cut, whatever the policy's `renumber_positions`, and merged tokens take `merged_position`
     renumbers_positions: bool = True
+    #: a sample's visual tokens may lie in several spans separated by text (Qwen3-VL: a video's frames, each after
+    #: its timestamp): decoder cuts treat them as one set, and each kept token stays in its span
+    visual_spans: bool = False
     image_token: str = "<image>"  # the placeholder its processor expands
     special_tokens: tuple[str, ...] = ()  # tokens its prompts need beyond LLaVA's (tiny tokenizers add them)
 
@@ -204,6 +207,8 @@ class Family:
         feats: [crops, kept + n_merged, D]; keep: [crops, kept] indices among the `tokens` tokens of a crop's
         view. Returns (tokens, their original
         indices in the model's visual-token order, -1 for tokens that are none; placeholder slots of the image).
+        The tokens fill the first slots, the rest stay empty; a layout that leaves slots empty between them (a
+        video whose frames lie in separate spans) returns zero rows there, with origin `core.EMPTY_SLOT`.
         """
         raise NotImplementedError
 
