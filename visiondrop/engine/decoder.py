@@ -4,7 +4,8 @@ Sequences are left-padded. After a cut each sample's tokens are re-packed (prefi
 tokens, suffix) and left-padded again. A sample's visual tokens are one set for the policies, but may lie in
 several spans separated by text where the family allows it (`Family.visual_spans`: Qwen3-VL's video frames between
 their timestamps): each kept token then stays in its own span, the text between spans stays whole, and the merged
-tokens follow the last span's kept tokens. Every layer caches exactly the tokens it processed, so the KV caches of
+tokens follow the last span's kept tokens (at the centre of that span's positions, where positions are kept).
+Every layer caches exactly the tokens it processed, so the KV caches of
 different segments have different lengths; a `Segment` remembers, for the layers that share one token set, which
 cached rows are real tokens and which position the next token takes, so decode steps stay consistent with
 whatever the prefill did. Everything about the host (its layers, positions, rotary embeddings) comes from its
@@ -116,7 +117,9 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
             positions.append(family.renumbered(pos[..., first], len(order)))
         else:
             slot = torch.cat([keep, keep.new_full((n_merged,), -1)]) if slots is None else slots[b]
-            visual = _kept_positions(family, pos[..., run.vis_index[b]], slot)[..., entry]
+            span = _spans(run.vis_index[b])
+            entry_span = torch.cat([span[keep], span[-1:].expand(n_merged)])  # merged: after the last span
+            visual = _kept_positions(family, pos[..., run.vis_index[b]], slot, span, entry_span)[..., entry]
             kept_pos = pos[..., order.clamp(max=length - 1)].clone()
             kept_pos[..., is_visual] = visual
             positions.append(kept_pos)
@@ -142,10 +145,8 @@ def _packed_order(vis_index: Tensor, keep: Tensor, n_merged: int, first: int, le
     text[:first] = False
     text[vis_index] = False
     text_rows = text.nonzero()[:, 0]
-    # a span starts where a visual token does not follow another; every token is anchored at its span's start
-    starts = torch.ones_like(vis_index, dtype=torch.bool)
-    starts[1:] = vis_index[1:] != vis_index[:-1] + 1
-    anchor = vis_index[starts][starts.long().cumsum(0) - 1]  # [n]
+    span = _spans(vis_index)
+    anchor = vis_index[torch.cat([span.new_ones(1, dtype=torch.bool), span[1:] != span[:-1]])][span]  # span starts
     step = vis_index.numel() + n_merged + 1  # sub-ranks within an anchor
     kept_rank = torch.arange(keep.numel(), device=device)
     keys = torch.cat([text_rows * step, anchor[keep] * step + 1 + kept_rank,
@@ -189,12 +190,20 @@ def add_side(run: Running, layer_idx: int) -> Tensor:
     return hidden
 
 
-def _kept_positions(family: Family, block: Tensor, slots: Tensor) -> Tensor:
+def _spans(vis_index: Tensor) -> Tensor:
+    """The span [n] of each visual token (0, 1, ...): a span starts where a visual token does not follow another."""
+    starts = torch.ones_like(vis_index, dtype=torch.bool)
+    starts[1:] = vis_index[1:] != vis_index[:-1] + 1
+    return starts.long().cumsum(0) - 1
+
+
+def _kept_positions(family: Family, block: Tensor, slots: Tensor, span: Tensor, entry_span: Tensor) -> Tensor:
     """Positions [..., k + c] of a cut's visual tokens in a family that keeps positions: each its slot's in the
-    visual block's positions `block` [..., n], -1 (a merged token) the family's `merged_position` of the block."""
+    visual tokens' positions `block` [..., n], -1 (a merged token) the family's `merged_position` of the tokens of
+    the span it lies in (`span` [n] of the tokens, `entry_span` [k + c] of the entries; one span: the image's)."""
     kept = block[..., slots.clamp(min=0)]
-    if bool((slots < 0).any()):
-        kept = torch.where(slots >= 0, kept, family.merged_position(block).unsqueeze(-1).expand_as(kept))
+    for s in entry_span[slots < 0].unique().tolist():
+        kept[..., (slots < 0) & (entry_span == s)] = family.merged_position(block[..., span == s]).unsqueeze(-1)
     return kept
 
 

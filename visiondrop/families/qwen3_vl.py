@@ -33,7 +33,17 @@ tokens at the centre of the grid, one image at a time in the encoder stage); wha
   `mm_token_type_ids` (the processor returns it).
 - MoE (Qwen3-VL-30B-A3B): the decoder layers differ only in their MLP (128 experts, 8 a token), which the engine
   never looks into; the same adapter serves both (`QWEN3_VL_MOE`).
-Videos are passed through unpruned.
+- Videos: the processor writes a text timestamp (`<t seconds>`) before every temporal patch (two frames) and
+  wraps the patch's tokens in `<|vision_start|> ... <|vision_end|>`, so a video is several visual spans separated by
+  text (`visual_spans`). Decoder cuts treat a sample's visual tokens as one set across the spans, keep each kept
+  token in its own span and never touch the timestamps (vLLM's EVS for Qwen3-VL had to be reworked for this
+  layout: vllm-project/vllm#30847, fixed by #33607); encoder-side stages run per temporal patch (the tower attends
+  within each one), each keeping its share of its own tokens, laid out in its own span. A merged token takes the
+  centre of the grid of the span it lies in (an encoder stage's: its own frame's; a decoder cut's, which follow the
+  last span's kept tokens: the last frame's), as an image's takes the image's. Without torchvision, `FramePairProcessor`
+  resizes every frame with the image processor (its pixel bounds per frame, not the video processor's per clip)
+  and stacks consecutive frames into temporal patches; frames come sampled (`harness.video.read_frames`), without
+  their times, so timestamps assume Qwen3-VL's own sampling rate of 2 frames a second.
 """
 from __future__ import annotations
 
@@ -42,9 +52,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+import numpy as np
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
+    BatchFeature,
     Qwen2VLImageProcessorPil,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
@@ -58,8 +70,10 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 )
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import ModelOutput
+from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import VideoMetadata
 
-from ..core import Dims, EncoderView, Images, Shape, TokenIds
+from ..core import EMPTY_SLOT, Dims, EncoderView, Images, Shape, TokenIds
 from .qwen2_5_vl import QUERY_CHUNK, SPECIAL_TOKENS, Qwen2_5_VL
 
 NOMINAL_SIDE = 768  # the budgets' reference image: (768 / 32)^2 = 576 visual tokens, as LLaVA-1.5's
@@ -69,12 +83,16 @@ MROPE_SECTION = [24, 20, 20]  # temporal, height, width shares of head_dim / 2 =
 POSITION_EMBEDDINGS = 2304  # the learned 48 x 48 grid, interpolated to each image's
 MIN_PIXELS, MAX_PIXELS = 65536, 16777216  # the checkpoint's image processor (size shortest_edge / longest_edge)
 IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]
-CHAT_TEMPLATE = (  # Qwen3-VL-Instruct's, for images and text (no default system message)
+FRAMES = 16  # frames sampled per video by default (uniformly over the clip; 8 temporal patches)
+FPS = 2.0  # Qwen3-VL's own sampling rate, which the timestamps of pre-sampled frames assume
+CHAT_TEMPLATE = (  # Qwen3-VL-Instruct's, for images, videos and text (no default system message); a video's
+    # placeholder is expanded by the processor into each temporal patch's timestamp and vision tokens
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for content in message['content'] %}"
     "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'video' %}{{ '<|video_pad|>' }}"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}"
@@ -83,22 +101,86 @@ CHAT_TEMPLATE = (  # Qwen3-VL-Instruct's, for images and text (no default system
 )
 
 
-class Qwen3VLImageTextProcessor(Qwen3VLProcessor):
-    """Qwen3-VL's processor for images and text, without the video processor (whose lookup needs torchvision)."""
+class FramePairProcessor(VideoProcessorMixin):
+    """Videos -> `pixel_values_videos` [t * h * w, 3 * 2 * 16 * 16], `video_grid_thw` [[t, h, w]] and the metadata
+    the timestamps are written from, without torchvision.
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+    Takes per video an array [frames, H, W, 3] (uint8) or a list of PIL frames, already sampled. Every frame goes
+    through the image processor (resize to multiples of 32 within its pixel bounds, normalisation, patches in
+    merge-block order) as one temporal slice; consecutive frames make a temporal patch (an odd last frame is
+    repeated, as Qwen's processors pad).
+    """
+
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.frame_kwargs = {k: v for k, v in kwargs.items() if k in _FRAME_KEYS}
+        super().__init__(**{k: v for k, v in kwargs.items() if k not in _FRAME_KEYS})
+        self.merge_size, self.temporal_patch_size = MERGE_SIZE, TEMPORAL_PATCH
+
+    def preprocess(self, videos: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
+        frames = Qwen2VLImageProcessorPil(**{**self.frame_kwargs, "temporal_patch_size": 1})
+        batch = [videos] if _is_one_video(videos) else list(videos)
+        pixels, grids, metadata = [], [], []
+        for video in batch:
+            video = list(video)
+            if len(video) % TEMPORAL_PATCH:
+                video.append(video[-1])
+            out = frames.preprocess(video, return_tensors="pt")
+            (_, h, w) = out["image_grid_thw"][0].tolist()
+            slices = out["pixel_values"].view(len(video), h * w, 3, 1, PATCH_SIZE, PATCH_SIZE)
+            pairs = torch.cat([slices[0::2], slices[1::2]], dim=3)  # [t, h w, 3, 2, p, p]
+            pixels.append(pairs.reshape(-1, 3 * TEMPORAL_PATCH * PATCH_SIZE ** 2))
+            grids.append([len(video) // TEMPORAL_PATCH, h, w])
+            metadata.append(VideoMetadata(total_num_frames=len(video), fps=FPS,
+                                          frames_indices=list(range(len(video)))))
+        return BatchFeature({"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids),
+                             "video_metadata": metadata})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.frame_kwargs, "video_processor_type": type(self).__name__}
+
+
+_FRAME_KEYS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "image_mean", "image_std")
+
+
+def _is_one_video(videos: Any) -> bool:
+    return isinstance(videos, np.ndarray) and videos.ndim == 4 or (
+        isinstance(videos, list) and bool(videos) and not isinstance(videos[0], (list, np.ndarray)))
+
+
+class Qwen3VLImageTextProcessor(Qwen3VLProcessor):
+    """Qwen3-VL's processor for images, videos (`FramePairProcessor`) and text, without the checkpoint's video
+    processor (whose lookup needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, video_processor=None, **kwargs):
         self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
         self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
         for name in ("image", "video", "vision_start", "vision_end"):
             setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(getattr(self, f"{name}_token")))
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        video_processor = video_processor or FramePairProcessor(**_frame_options(image_processor))
+        ProcessorMixin.__init__(self, image_processor, tokenizer, video_processor, chat_template=chat_template)
+
+    def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+        if argument_name == "video_processor" and isinstance(argument, FramePairProcessor):
+            return FramePairProcessor
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def _frame_options(image_processor: Any) -> dict[str, Any]:
+    """The image processor's settings that frames are processed with."""
+    size = image_processor.size
+    return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"], "patch_size": PATCH_SIZE,
+            "merge_size": MERGE_SIZE, "image_mean": list(image_processor.image_mean),
+            "image_std": list(image_processor.image_std)}
 
 
 class Qwen3_VL(Qwen2_5_VL):
     model_class = Qwen3VLForConditionalGeneration
     nominal_side = NOMINAL_SIDE
     title = "Qwen3-VL"
-    feature_functions = {"image": "get_image_features"}
+    feature_functions = {"image": "get_image_features", "video": "get_video_features"}
+    visual_spans = True  # a video's temporal patches, each after its timestamp
 
     def has_images(self, kwargs: dict[str, Any]) -> bool:
         """Images or videos: the host adds DeepStack rows to both, so the engine takes over for either."""
@@ -165,10 +247,46 @@ class Qwen3_VL(Qwen2_5_VL):
             side_projectors=len(vision.deepstack_visual_indexes), router=getattr(text, "num_experts", 0),
         )
 
+    def frames(self, config: Any) -> int:
+        return FRAMES
+
     # -- encoder stage -------------------------------------------------------------------------------------------
+    def visual_inputs(self, model: nn.Module, modality: str, args: tuple, kwargs: dict[str, Any]) -> Images:
+        """Images, or videos whose temporal patches are the crops (`get_video_features(pixel_values_videos,
+        video_grid_thw)`)."""
+        if modality == "image":
+            return super().visual_inputs(model, modality, args, kwargs)
+        pixels = args[0] if args else kwargs["pixel_values_videos"]
+        grid = args[1] if len(args) > 1 else kwargs.get("video_grid_thw")
+        if grid is None:
+            raise ValueError("Qwen3-VL video features need video_grid_thw (the processor returns it)")
+        return Images(pixels, grid[:, 0].tolist(), self.vision_tower(model).config.depth - 1, "full", grid, "video")
+
+    def image_groups(self, images: Images) -> list[Images]:
+        """One image (or video) at a time: its patches (rows of the pixels), its grid, its temporal patches."""
+        patches = images.sizes.prod(-1).tolist()
+        return [Images(pixels, [crops], images.feature_layer, images.select_strategy, images.sizes[i:i + 1],
+                       images.modality)
+                for i, (pixels, crops) in enumerate(zip(images.pixels.split(patches), images.crops))]
+
+    def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
+                tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
+        """An image's tokens fill its first slots; a video's temporal patches each fill the first slots of its own
+        span (the rest of the span stays empty: `EMPTY_SLOT`)."""
+        if feats.shape[0] == 1:
+            return super().lay_out(model, images, image, feats, keep, n_merged, tokens, native_layout)
+        crops, filled = feats.shape[:2]
+        empty = tokens - filled
+        rows = torch.cat([feats, feats.new_zeros(crops, empty, feats.shape[-1])], 1).flatten(0, 1)
+        frame = torch.arange(crops, device=keep.device).unsqueeze(1) * tokens
+        origins = torch.cat([keep + frame, keep.new_full((crops, n_merged), -1),
+                             keep.new_full((crops, empty), EMPTY_SLOT)], 1).flatten()
+        return rows, origins, crops * tokens
+
     def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
         """The tower's output, its DeepStack blocks' outputs (before their mergers) and the mean attention received
-        at its last block, per visual token (four patches each).
+        at its last block, per visual token (four patches each); a video's temporal patches are its crops (the
+        tower attends within each).
 
         `eager` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
         bit-identical with), the row is recomputed either way."""
@@ -192,21 +310,23 @@ class Qwen3_VL(Qwen2_5_VL):
             for merger in mergers:
                 del merger.forward
         x, (cos, sin) = captured["x"], captured["rope"]
-        n_patches, unit = x.shape[0], config.spatial_merge_size ** 2
+        crops, unit = images.crops[0], config.spatial_merge_size ** 2
+        n_patches = x.shape[0] // crops  # per crop (a temporal patch of a video)
         n_tokens = n_patches // unit
-        q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k, _ = attn.qkv(x).reshape(-1, 3, attn.num_heads, attn.head_dim).permute(1, 0, 2, 3).unbind(0)
         q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
-        received = q.new_zeros(attn.num_heads, n_patches, dtype=torch.float32)
-        for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
-            received += ((rows @ k_rot.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
+        received = q.new_zeros(crops, attn.num_heads, n_patches, dtype=torch.float32)
+        for c, (q_crop, k_crop) in enumerate(zip(q_rot.split(n_patches, 1), k_rot.split(n_patches, 1))):
+            for rows in q_crop.split(QUERY_CHUNK, dim=1):  # every patch attends to every patch of its crop
+                received[c] += ((rows @ k_crop.transpose(-1, -2)) * attn.scaling).softmax(
+                    -1, dtype=torch.float32).sum(1)
         received /= n_patches
-        hidden = out.last_hidden_state.reshape(n_tokens, -1)  # [T, 4 D], the tower's order is raster already
-        side = torch.stack([f.reshape(n_tokens, -1) for f in out.deepstack_features], 1)  # [T, 3, 4 D]
-        importance = received.view(attn.num_heads, n_tokens, unit).mean(-1).to(x.dtype)  # [H, T]
-        keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1).transpose(0, 1)  # [H, T, hd]
+        hidden = out.last_hidden_state.reshape(crops, n_tokens, -1)  # [N, T, 4 D], raster order already
+        side = torch.stack([f.reshape(crops, n_tokens, -1) for f in out.deepstack_features], 2)  # [N, T, 3, 4 D]
+        importance = received.view(crops, attn.num_heads, n_tokens, unit).mean(-1).to(x.dtype)  # [N, H, T]
+        keys = k.reshape(crops, n_tokens, unit, attn.num_heads, -1).mean(2).transpose(1, 2)  # [N, H, T, hd]
         nominal = self.model_info(model.config).per_crop
-        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal,
-                           side=side[None])
+        return EncoderView(hidden, importance, keys, has_cls=False, share=n_tokens / nominal, side=side)
 
     text_before_image = 4  # "<|im_start|>user\n" + <|vision_start|>
 
