@@ -150,3 +150,24 @@ def _subsequence(positions: torch.Tensor, text: torch.Tensor) -> list[int] | Non
             rows.append(r)
             j += 1
     return rows if j == text.shape[1] else None
+
+
+def test_plugin_runs_videos_with_timestamps(tiny_qwen3_dir, demo_videos):
+    """The lmms-eval plugin on a video task: the clip decoded to 8 frames, the prompt with its four timestamps,
+    VisionZip per temporal patch; the positional maps lay every kept token of every temporal patch on the grid."""
+    from lmms_eval.api.instance import Instance
+
+    from visiondrop.harness.lmms_model import PrunedLlava
+
+    docs = [{"visual": str(demo_videos[0]), "question": "What happens in the video?"}]
+    lm = PrunedLlava(pretrained=str(tiny_qwen3_dir), method="visionzip", ratio=0.25, frames=FRAMES)
+    lm.task_dict = {"demo": {"test": docs}}
+    request = Instance(request_type="generate_until", idx=0, metadata={"task": "demo", "doc_id": 0, "repeats": 1},
+                       arguments=(docs[0]["question"], {"max_new_tokens": 2}, lambda d: [d["visual"]], 0, "demo",
+                                  "test"))
+    [answer] = lm.generate_until([request])
+    assert isinstance(answer, str)
+    trace, maps = lm.handle.trace, lm.position_maps
+    assert trace.cuts == ["encoder"] and maps.modality == "video"
+    assert int(maps.cuts["encoder"].kept.sum()) == len(trace.kept[0][0])
+    assert abs(trace.mean_tokens[0] - 0.25 * 280) <= 4  # a quarter of each temporal patch's 70 tokens

@@ -215,6 +215,8 @@ class Family:
     # -- where the visual tokens come from (positional-bias maps) ------------------------------------------------
     #: the processor output that holds each image's layout, which `patch_cells` takes
     image_layout_key: str = "image_sizes"
+    #: the processor output that holds each video's layout where it varies (Qwen3-VL: video_grid_thw), or None
+    video_layout_key: str | None = None
 
     def patch_grid(self, config: Any) -> tuple[int, int]:
         """(crops, side): the patch grids of one image at the model's nominal crops (a video's frames), each

@@ -181,6 +181,7 @@ class Qwen3_VL(Qwen2_5_VL):
     title = "Qwen3-VL"
     feature_functions = {"image": "get_image_features", "video": "get_video_features"}
     visual_spans = True  # a video's temporal patches, each after its timestamp
+    video_layout_key = "video_grid_thw"
 
     def has_images(self, kwargs: dict[str, Any]) -> bool:
         """Images or videos: the host adds DeepStack rows to both, so the engine takes over for either."""
