@@ -374,3 +374,33 @@ def test_demo_task_through_the_plugin(tiny_qwen3_dir):
     assert info["conv_template"] == "chat_template" and info["processor_options"] == {"max_pixels": 256 * 256}
     # 64 visual tokens per image at this max_pixels: VisionZip keeps 64/576 of them (round(54/9) + round(10/9))
     assert info["samples"] == 3 and info["measured_tokens_mean"] <= 7
+
+
+def test_early_decoder_merges_carry_deepstack_rows(qwen3):
+    """SparseVLM pruning the output of layer 0 (a cut before layer 1, ahead of DeepStack's additions after layers 1
+    and 2) recycles tokens into clusters whose DeepStack rows are their members' rows by the clustering's weights:
+    a batch equals each alone; a policy that merges there without stating its weights is refused, clearly."""
+    from visiondrop.api import Handle
+    from visiondrop.engine import Policy, Selection
+
+    model, processor, images = qwen3
+    batch = batch_of(processor, QUESTIONS[:2], images[1:])
+    singles = [batch_of(processor, [q], [img]) for q, img in zip(QUESTIONS[:2], images[1:])]
+    options = {"layers": [0, 6, 15], "keep_lists": [200, 100, 50]}
+    with visiondrop.apply(model, "sparsevlm", **options) as handle, torch.no_grad():
+        assert handle.policy.cut_layers[0] == 1
+        together = model(**batch).logits[:, -1]
+        selection = handle.trace.selections[0][0]
+        assert selection[1].shape[0] > 0 and selection[2].shape == (selection[1].shape[0], 70)
+        for i, single in enumerate(singles):
+            torch.testing.assert_close(model(**single).logits[:, -1], together[i:i + 1], atol=1e-4, rtol=1e-4)
+
+    class MergesWithoutWeights(Policy):
+        name, cut_layers = "merges-without-weights", (1,)
+
+        def select_decoder(self, cut):
+            rows = cut.visual_rows(cut.hidden)
+            return Selection(torch.arange(4).expand(rows.shape[0], -1), rows[:, 4:5])
+
+    with Handle(model, MergesWithoutWeights()), torch.no_grad(), pytest.raises(ValueError, match="merge weights"):
+        model(**batch)
