@@ -179,33 +179,16 @@ class Qwen2_5_VL(Family):
         tower = self.vision_tower(model)
         config = tower.config
         attn = tower.blocks[config.fullatt_block_indexes[-1]].attn
-        captured = {}
-
-        def grab(module, args, kwargs):
-            captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            captured["rope"] = kwargs["position_embeddings"]
-
-        hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
-        tower.merger.forward = lambda x: x[::config.spatial_merge_size ** 2]  # projected later: only what is kept
-        try:
-            out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
-        finally:
-            hook.remove()
-            del tower.merger.forward
-        x, (cos, sin) = captured["x"], captured["rope"]
-        n_patches, unit = x.shape[0], config.spatial_merge_size ** 2
-        q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
-        received = q.new_zeros(attn.num_heads, n_patches, dtype=torch.float32)
-        for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
-            received += ((rows @ k_rot.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
-        received /= n_patches
+        unit = config.spatial_merge_size ** 2
+        out, received, k = run_tower(tower, attn, images, {tower.merger: lambda x: x[::unit]})
+        received = received[0]  # one image: one crop
+        n_patches = received.shape[-1]
         window_index, _ = get_vision_window_index(images.sizes, config.spatial_merge_size, config.window_size,
                                                   config.patch_size)
-        raster = torch.argsort(window_index.to(x.device))  # the tower's window order -> raster order of groups
+        raster = torch.argsort(window_index.to(k.device))  # the tower's window order -> raster order of groups
         n_tokens = n_patches // unit
         hidden = out.last_hidden_state.reshape(n_tokens, -1)[raster]  # [T, 4 D]
-        importance = received.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(x.dtype)  # [H, T]
+        importance = received.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(k.dtype)  # [H, T]
         keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1)[raster].transpose(0, 1)  # [H, T, hd]
         nominal = self.model_info(model.config).per_crop
         return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal)
@@ -296,23 +279,66 @@ class Qwen2_5_VL(Family):
             bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad,
         )
 
+    #: the processor built around the tokenizer and image processor, the chat template where the checkpoint has
+    #: none, and the image processor settings of the real checkpoints
+    processor_class: type = Qwen2_5_VLImageTextProcessor
+    chat_template: str = CHAT_TEMPLATE
+    image_processor_options: dict[str, Any] = dict(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
+        temporal_patch_size=TEMPORAL_PATCH, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+
     def build_processor(self, tokenizer: Any) -> Any:
-        tokenizer.chat_template = CHAT_TEMPLATE
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
-        return Qwen2_5_VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                        chat_template=CHAT_TEMPLATE)
+        tokenizer.chat_template = self.chat_template
+        image_processor = Qwen2VLImageProcessorPil(**self.image_processor_options)
+        return self.processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=self.chat_template)
 
     def load_processor(self, path: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
-        """The checkpoint's image processor and tokenizer (its chat template, else this adapter's copy of
-        Qwen2.5-VL-Instruct's) as an image-and-text processor; `min_pixels` / `max_pixels` bound the resized
-        image's area (the processor's own defaults otherwise)."""
+        """The checkpoint's image processor and tokenizer (its chat template, else this adapter's copy of the
+        Instruct checkpoint's) as the adapter's processor; `min_pixels` / `max_pixels` bound the resized image's
+        area (the processor's own defaults otherwise)."""
         bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return Qwen2_5_VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                        chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
+        return self.processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=tokenizer.chat_template or self.chat_template)
+
+
+def run_tower(tower: nn.Module, attn: nn.Module, images: Images,
+              bypassed: dict[nn.Module, Callable[[Tensor], Tensor]]) -> tuple[Any, Tensor, Tensor]:
+    """Run a Qwen vision tower on `images` (one group of `image_groups`) with the `bypassed` modules' forwards
+    replaced (its mergers: the encoder stage projects only what it keeps), and read the block of `attn`.
+
+    Returns the tower's output, the mean attention each patch receives from the patches of its crop there [crops, H,
+    P] (a video's temporal patches are its crops; recomputed from the block's qkv projection and rotary embedding:
+    the tower keeps SDPA), and that block's keys [crops * P, H, hd] before the rotary embedding.
+    """
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        captured["rope"] = kwargs["position_embeddings"]
+
+    hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    for module, forward in bypassed.items():
+        module.forward = forward
+    try:
+        out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
+    finally:
+        hook.remove()
+        for module in bypassed:
+            del module.forward
+    x, (cos, sin) = captured["x"], captured["rope"]
+    crops = images.crops[0]
+    n_patches = x.shape[0] // crops
+    q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
+    received = q.new_zeros(crops, attn.num_heads, n_patches, dtype=torch.float32)
+    for crop, (q_crop, k_crop) in enumerate(zip(q_rot.split(n_patches, 1), k_rot.split(n_patches, 1))):
+        for rows in q_crop.split(QUERY_CHUNK, dim=1):  # every patch attends to every patch of its crop
+            received[crop] += ((rows @ k_crop.transpose(-1, -2)) * attn.scaling).softmax(
+                -1, dtype=torch.float32).sum(1)
+    return out, received / n_patches, k
 
 
 QWEN2_5_VL = Qwen2_5_VL()

@@ -54,8 +54,6 @@ import torch
 from torch import Tensor, nn
 import numpy as np
 from transformers import (
-    AutoImageProcessor,
-    AutoTokenizer,
     BatchFeature,
     Qwen2VLImageProcessorPil,
     Qwen3VLConfig,
@@ -64,17 +62,15 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
 )
-from transformers.models.qwen3_vl.modeling_qwen3_vl import (
-    BaseModelOutputWithDeepstackFeatures,
-    apply_rotary_pos_emb_vision,
-)
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import ModelOutput
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
 from ..core import EMPTY_SLOT, Dims, EncoderView, Images, Shape, TokenIds
-from .qwen2_5_vl import QUERY_CHUNK, SPECIAL_TOKENS, Qwen2_5_VL
+from .qwen2_5_vl import CHAT_TEMPLATE as QWEN2_5_CHAT_TEMPLATE
+from .qwen2_5_vl import Qwen2_5_VL, run_tower
 
 NOMINAL_SIDE = 768  # the budgets' reference image: (768 / 32)^2 = 576 visual tokens, as LLaVA-1.5's
 PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH = 16, 2, 2
@@ -85,20 +81,13 @@ MIN_PIXELS, MAX_PIXELS = 65536, 16777216  # the checkpoint's image processor (si
 IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]
 FRAMES = 16  # frames sampled per video by default (uniformly over the clip; 8 temporal patches)
 FPS = 2.0  # Qwen3-VL's own sampling rate, which the timestamps of pre-sampled frames assume
-CHAT_TEMPLATE = (  # Qwen3-VL-Instruct's, for images, videos and text (no default system message); a video's
-    # placeholder is expanded by the processor into each temporal patch's timestamp and vision tokens
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif content['type'] == 'video' %}{{ '<|video_pad|>' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+IMAGE_LINE = "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+#: Qwen3-VL-Instruct's chat template for images, videos and text: Qwen2.5-VL's without its default system message; a
+#: video's placeholder is expanded by the processor into each temporal patch's timestamp and vision tokens
+CHAT_TEMPLATE = QWEN2_5_CHAT_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}", "").replace(
+    IMAGE_LINE, IMAGE_LINE + "{% elif content['type'] == 'video' %}{{ '<|video_pad|>' }}")
 
 
 class FramePairProcessor(VideoProcessorMixin):
@@ -181,6 +170,11 @@ class Qwen3_VL(Qwen2_5_VL):
     title = "Qwen3-VL"
     feature_functions = {"image": "get_image_features", "video": "get_video_features"}
     visual_spans = True  # a video's temporal patches, each after its timestamp
+    processor_class = Qwen3VLImageTextProcessor
+    chat_template = CHAT_TEMPLATE
+    image_processor_options = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE,
+                                   merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH, image_mean=IMAGE_MEAN,
+                                   image_std=IMAGE_STD)
     video_layout_key = "video_grid_thw"
 
     def has_images(self, kwargs: dict[str, Any]) -> bool:
@@ -292,39 +286,14 @@ class Qwen3_VL(Qwen2_5_VL):
         `eager` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
         bit-identical with), the row is recomputed either way."""
         tower = self.vision_tower(model)
-        config = tower.config
         attn = tower.blocks[-1].attn
-        captured = {}
-
-        def grab(module, args, kwargs):
-            captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            captured["rope"] = kwargs["position_embeddings"]
-
-        hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
-        mergers = [tower.merger, *tower.deepstack_merger_list]
-        for merger in mergers:  # projected later: only what is kept
-            merger.forward = lambda x: x
-        try:
-            out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
-        finally:
-            hook.remove()
-            for merger in mergers:
-                del merger.forward
-        x, (cos, sin) = captured["x"], captured["rope"]
-        crops, unit = images.crops[0], config.spatial_merge_size ** 2
-        n_patches = x.shape[0] // crops  # per crop (a temporal patch of a video)
-        n_tokens = n_patches // unit
-        q, k, _ = attn.qkv(x).reshape(-1, 3, attn.num_heads, attn.head_dim).permute(1, 0, 2, 3).unbind(0)
-        q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
-        received = q.new_zeros(crops, attn.num_heads, n_patches, dtype=torch.float32)
-        for c, (q_crop, k_crop) in enumerate(zip(q_rot.split(n_patches, 1), k_rot.split(n_patches, 1))):
-            for rows in q_crop.split(QUERY_CHUNK, dim=1):  # every patch attends to every patch of its crop
-                received[c] += ((rows @ k_crop.transpose(-1, -2)) * attn.scaling).softmax(
-                    -1, dtype=torch.float32).sum(1)
-        received /= n_patches
+        unit = tower.config.spatial_merge_size ** 2
+        out, received, k = run_tower(tower, attn, images,
+                                     {m: (lambda x: x) for m in [tower.merger, *tower.deepstack_merger_list]})
+        crops, n_tokens = images.crops[0], received.shape[-1] // unit
         hidden = out.last_hidden_state.reshape(crops, n_tokens, -1)  # [N, T, 4 D], raster order already
         side = torch.stack([f.reshape(crops, n_tokens, -1) for f in out.deepstack_features], 2)  # [N, T, 3, 4 D]
-        importance = received.view(crops, attn.num_heads, n_tokens, unit).mean(-1).to(x.dtype)  # [N, H, T]
+        importance = received.view(crops, attn.num_heads, n_tokens, unit).mean(-1).to(k.dtype)  # [N, H, T]
         keys = k.reshape(crops, n_tokens, unit, attn.num_heads, -1).mean(2).transpose(1, 2)  # [N, H, T, hd]
         nominal = self.model_info(model.config).per_crop
         return EncoderView(hidden, importance, keys, has_cls=False, share=n_tokens / nominal, side=side)
@@ -366,25 +335,6 @@ class Qwen3_VL(Qwen2_5_VL):
                     video_token_id=special["<|video_pad|>"], vision_start_token_id=special["<|vision_start|>"],
                     vision_end_token_id=special["<|vision_end|>"], tie_word_embeddings=False,
                     bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad)
-
-    def build_processor(self, tokenizer: Any) -> Any:
-        tokenizer.chat_template = CHAT_TEMPLATE
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
-        return Qwen3VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                         chat_template=CHAT_TEMPLATE)
-
-    def load_processor(self, path: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
-        """The checkpoint's image processor and tokenizer (its chat template, else this adapter's copy of
-        Qwen3-VL-Instruct's) as an image-and-text processor; `min_pixels` / `max_pixels` bound the resized
-        image's area (the processor's own defaults otherwise)."""
-        bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        return Qwen3VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                         chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
-
 
 class Qwen3_VL_MoE(Qwen3_VL):
     """Qwen3-VL-30B-A3B: the same model with mixture-of-experts MLPs in its decoder layers."""
