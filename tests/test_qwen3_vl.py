@@ -3,7 +3,8 @@ patch 16, 36-layer Qwen3 decoder with grouped-query attention and interleaved M-
 `from_pretrained`.
 
 The shared contract (full budget, batch == alone with three image sizes and a text-only sample, cache == replay,
-unreachable budgets) runs on this family in tests/test_contract.py; here: the pre-decoder selection fed to the
+unreachable budgets) runs on this family in tests/test_contract.py, the lmms-eval plugin's demo task in
+tests/test_qwen.py, videos in tests/test_qwen3_vl_video.py; here: the pre-decoder selection fed to the
 stock decoder by hand (the kept tokens' embeddings, original 3-D positions and DeepStack rows: the test that
 catches misaligned DeepStack rows), counts with hooks meet the ratio, remove(), the encoder view, DeepStack rows of
 merged tokens, and the MoE variant.
@@ -348,32 +349,6 @@ def test_hydra_model_configs(tmp_path, tiny_qwen3_dir, config_name, model_name):
                                                    "max_pixels": 65536}
     # 64 visual tokens per image at this max_pixels, and VisionZip keeps 64/576 of each image's own
     assert 0 < record["measured_tokens"] <= 7 and record["tflops"] > 0
-
-
-def test_demo_task_through_the_plugin(tiny_qwen3_dir):
-    """The local demo task runs through the lmms-eval plugin on the tiny Qwen3-VL: chat template, max_pixels, a batch
-    of two equal to one at a time."""
-    from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
-
-    from visiondrop.harness import TASKS_DIR
-    from visiondrop.harness.lmms_model import PrunedLlava
-
-    infos, logged = [], []
-    for batch_size in (1, 2):
-        lm = PrunedLlava(pretrained=str(tiny_qwen3_dir), method="visionzip", budget=64, batch_size=batch_size,
-                         max_pixels=256 * 256)
-        results = simple_evaluate(model=lm, tasks=["visiondrop_demo"], task_manager=TaskManager(
-            include_path=str(TASKS_DIR)), limit=3, bootstrap_iters=0, log_samples=True,
-            datetime_str="20250101_000000", gen_kwargs="max_new_tokens=4")
-        assert set(results["results"]["visiondrop_demo"]) >= {"exact_match,none"}
-        logged.append([s["resps"] for s in results["samples"]["visiondrop_demo"]])
-        infos.append(lm.run_info)
-    assert logged[0] == logged[1]
-    info = infos[0]
-    assert info["conv_template"] == "chat_template" and info["processor_options"] == {"max_pixels": 256 * 256}
-    # 64 visual tokens per image at this max_pixels: VisionZip keeps 64/576 of them (round(54/9) + round(10/9))
-    assert info["samples"] == 3 and info["measured_tokens_mean"] <= 7
 
 
 def test_early_decoder_merges_carry_deepstack_rows(qwen3):
