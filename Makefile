@@ -49,7 +49,7 @@ test: install
 # the versions it used. A failure here is news about the next release, not about the locked stack.
 LATEST := .venv-latest
 CANARY_TESTS := tests/test_engine.py tests/test_contract.py tests/test_generate.py tests/test_selection.py \
-	tests/test_scoring.py tests/test_parity_visiondrop.py tests/test_fastv.py tests/test_pyramiddrop.py \
+	tests/test_scoring.py tests/test_parity.py tests/test_fastv.py tests/test_pyramiddrop.py \
 	tests/test_sparsevlm.py tests/test_visionzip.py tests/test_dart.py tests/test_divprune.py tests/test_vispruner.py \
 	tests/test_next.py tests/test_qwen.py tests/test_video_llava.py tests/test_video_qa.py tests/test_lmms_plugin.py
 test-latest:
@@ -97,11 +97,11 @@ ablations: install
 # The same on the demo model and task (CPU, minutes), at budgets its 4 decoder layers reach (PyramidDrop and the
 # decoder-only ablation: above 144); results/demo/<name>.{md,csv}.
 controlled_study_demo: install
-	$(PY) scripts/run.py experiment=controlled_study model=tiny benchmarks=demo batch_size=4 budget=192,176,160
+	$(PY) scripts/run.py experiment=controlled_study model=demo-llava-1.5 benchmarks=demo batch_size=4 budget=192,176,160
 	$(PY) scripts/make_table.py --experiment controlled_study --model demo-llava-1.5 --out results/demo
 
 ablations_demo: install
-	$(PY) scripts/run.py experiment=ablations model=tiny benchmarks=demo batch_size=4 budget=160
+	$(PY) scripts/run.py experiment=ablations model=demo-llava-1.5 benchmarks=demo batch_size=4 budget=160
 	$(PY) scripts/make_table.py --experiment ablations --model demo-llava-1.5 --out results/demo
 
 # The paper's Table 2: FLOPs, latency and memory of random-weight LLaVA architectures, full and every method, at
@@ -129,7 +129,7 @@ position_bias: install
 # The same on the demo model and benchmark (CPU, about a minute): 192 tokens, the budget every method reaches on its
 # 4-layer decoder.
 position_bias_demo: install
-	$(PY) scripts/run.py experiment=position_bias model=tiny benchmarks=demo budget=192
+	$(PY) scripts/run.py experiment=position_bias model=demo-llava-1.5 benchmarks=demo budget=192
 	$(PY) scripts/position_bias.py --model demo-llava-1.5 --benchmark Demo --out results/demo --name position_bias
 
 clean:

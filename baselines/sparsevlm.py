@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from visiondrop.engine import DecoderCut, Policy, Selection, complement, topk_in_order
-from visiondrop.methods import Method, Overhead
+from visiondrop.methods import Method, Overhead, Unreachable
 from visiondrop.core import ModelInfo
 
 LAYERS = (2, 6, 15)
@@ -106,14 +106,6 @@ def official_mean(reference: float, recycle: bool) -> float:
     """Mean visual tokens entering the layers of LLaVA-1.5-7B with the keep lists of budget `reference`."""
     counts = tokens_per_layer(OFFICIAL_N_VISUAL, OFFICIAL_N_LAYERS, LAYERS, reference_lists(reference), recycle)
     return sum(counts) / len(counts)
-
-
-class Unreachable(ValueError):
-    """The fewest tokens a schedule can feed exceed the budget's target on this model (`floor`: that mean)."""
-
-    def __init__(self, message: str, floor: float):
-        super().__init__(message)
-        self.floor = floor
 
 
 def schedule(reference: float, n: int, n_layers: int, layers: tuple[int, ...], recycle: bool) -> tuple[int, ...]:

@@ -13,16 +13,16 @@ As the official code (github.com/Theia-4869/VisPruner aefa01a, `LlavaMetaForCaus
 - the important and diverse patches enter the LLM in raster order (a boolean mask), CLS dropped, positions
   contiguous. The selection depends on the image only.
 
-**Exact by default.** The diverse stage hangs on the order of near-equal scores (exact float32 ties on the parity
-model): noise of 1e-7 on the features changes dozens of kept tokens. So by default (`exact=True`) the tower runs
+**Eager encoder by default.** The diverse stage hangs on the order of near-equal scores (exact float32 ties on the parity
+model): noise of 1e-7 on the features changes dozens of kept tokens. So by default (`eager_encoder=True`) the tower runs
 with eager attention, image by image as the official evaluation does, and the CLS row is its own attention
-probabilities (`families.llava.clip_encoder_view(eager=True)`): then the features, the scores and the kept set
+probabilities (`families.llava.clip_encoder_view(eager_encoder=True)`): then the features, the scores and the kept set
 are bit-identical to the official run, and a sample keeps the same tokens in any batch. Exact ties among the
 scores are frequent and decide the set: both sorts are torch's default (not stable) `argsort`, as in the official
 code, so ties fall as the platform's sort puts them (on the parity model a stable sort would change 7-18 kept
 tokens at budgets 64 and 32; CUDA's sort may order ties otherwise than the CPU's of the official runs).
-`exact=False` keeps the tower's own attention (SDPA) on the whole batch and recomputes the CLS row from layer 22's
-q/k: faster and lighter (no attention maps; about half the time of the exact path on the tiny model, CPU), the same
+`eager_encoder=False` keeps the tower's own attention (SDPA) on the whole batch and recomputes the CLS row from layer 22's
+q/k: faster and lighter (no attention maps; about half the time of the eager path on the tiny model, CPU), the same
 important set, but another, equally plausible diverse set: on the parity model 29 of the 128 kept tokens differ from
 the official ones; on the test suite's tiny model (seed 0, six demo images) 9-22 of 128 differ, 11-16 of 64, 6-11
 of 32.
@@ -97,25 +97,25 @@ def vispruner_selection(view: EncoderView, important: int, diverse: int) -> Sele
 class VisPruner(Policy):
     name = "vispruner"
 
-    def __init__(self, important: int, diverse: int, info: ModelInfo, exact: bool, native_layout: bool):
+    def __init__(self, important: int, diverse: int, info: ModelInfo, eager_encoder: bool, native_layout: bool):
         self.important, self.diverse, self.crops = important, diverse, info.crops
         self.encoder_layer = info.vision_layer
-        self.eager_encoder, self.native_layout = exact, native_layout
+        self.eager_encoder, self.native_layout = eager_encoder, native_layout
 
     def select_encoder(self, view: EncoderView) -> Selection:
         return vispruner_selection(view, self.important, self.diverse)
 
     def describe(self) -> dict:
         return {"method": self.name, "encoder_layer": self.encoder_layer, "important": self.important,
-                "diverse": self.diverse, "exact": self.eager_encoder,
+                "diverse": self.diverse, "eager_encoder": self.eager_encoder,
                 "equivalent_tokens": (self.important + self.diverse) * self.crops}  # NeXT: nominal crops
 
 
-def policy(info: ModelInfo, budget: float | None = None, important_ratio: float = 0.5, exact: bool = True,
+def policy(info: ModelInfo, budget: float | None = None, important_ratio: float = 0.5, eager_encoder: bool = True,
            newlines: str = "keep") -> Policy:
     """VisPruner keeping `budget` tokens (per crop: budget / crops), int(T x important_ratio) of them important.
 
-    exact: eager vision tower, bit-identical to the official selection (default), or False: the tower's own
+    eager_encoder: eager vision tower, bit-identical to the official selection (default), or False: the tower's own
     attention, faster, another diverse set (module docstring). newlines (LLaVA-NeXT): "keep" (the model's own
     layout, as the official code) or "drop" (`methods.shared.newline_choice`).
     """
@@ -124,7 +124,7 @@ def policy(info: ModelInfo, budget: float | None = None, important_ratio: float 
     if not 0 <= important_ratio <= 1:
         raise ValueError(f"important_ratio is the important share of the budget, in [0, 1]; got {important_ratio}")
     important, diverse = split_budget(budget, important_ratio, info)
-    return VisPruner(important, diverse, info, bool(exact), newline_choice(newlines))
+    return VisPruner(important, diverse, info, bool(eager_encoder), newline_choice(newlines))
 
 
 def selection_macs(cut: Cut, width: int, important_ratio: float = 0.5) -> int:
@@ -137,9 +137,9 @@ def selection_macs(cut: Cut, width: int, important_ratio: float = 0.5) -> int:
     return macs
 
 
-def overhead(important_ratio: float = 0.5, exact: bool = True, **_) -> Overhead:
+def overhead(important_ratio: float = 0.5, eager_encoder: bool = True, **_) -> Overhead:
     return Overhead(selection=lambda cut, width: selection_macs(cut, width, important_ratio),
-                    encoder_row=not exact)
+                    eager_encoder=eager_encoder)
 
 
 METHOD = Method("vispruner", "VisPruner", policy, smallest_budget=lambda info: info.crops, overhead=overhead,

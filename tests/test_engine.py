@@ -5,7 +5,7 @@ import torch
 
 import visiondrop
 from helpers import greedy, inputs, measure_counts
-from visiondrop.testing.tiny import demo_image, load_tiny_llava
+from visiondrop.testing.tiny import demo_image, load_tiny
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 
@@ -45,7 +45,7 @@ def test_selection_ignores_the_question(tiny):
 def test_sdpa_and_eager_give_the_same_tokens(tiny_dir):
     results = []
     for impl in ("sdpa", "eager"):
-        model, processor = load_tiny_llava(tiny_dir, attn_implementation=impl)
+        model, processor = load_tiny(tiny_dir, attn_implementation=impl)
         batch = inputs(processor, QUESTIONS, [demo_image(0), demo_image(1), demo_image(2)])
         with visiondrop.apply(model, "visiondrop", budget=64) as handle:
             results.append((greedy(model, batch), [[k.tolist() for k in s] for s in handle.trace.kept]))

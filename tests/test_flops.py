@@ -11,7 +11,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextCo
 from helpers import inputs
 from visiondrop.families import flops_dims
 from visiondrop.api import METHODS
-from visiondrop.efficiency.flops import (PRESETS, flop_counter, main, measure_schedule, method_flops, overhead_flops,
+from visiondrop.efficiency.flops import (checkpoint_dims, flop_counter, main, measure_schedule, method_flops, overhead_flops,
                               prefill_flops, schedule)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,19 +30,19 @@ def test_reproduces_the_paper(model, method, budget, paper, tolerance):
 
 
 def test_schedules_are_measured_or_derived():
-    vd = schedule(PRESETS["llava-1.5-7b"], "visiondrop", 64)  # measured on the proxy
+    vd = schedule(checkpoint_dims("llava-1.5-7b"), "visiondrop", 64)  # measured on the proxy
     assert vd.tokens_per_layer == VD64 and vd.projected == 96
     assert [(c.layer, c.kept, c.merged) for c in vd.cuts] == [(None, 84, 12), (8, 60, 10), (16, 44, 8), (24, 32, 6)]
-    nxt = schedule(PRESETS["llava-next-7b"], "visiondrop", 320)
+    nxt = schedule(checkpoint_dims("llava-next-7b"), "visiondrop", 320)
     assert nxt.tokens_per_layer == tuple(n for n in (480, 350, 260, 190) for _ in range(8))
     assert (nxt.projected, nxt.crops, len(nxt.cuts)) == (480, 5, 5 + 3)
-    full = schedule(PRESETS["llava-1.5-7b"], "none")
+    full = schedule(checkpoint_dims("llava-1.5-7b"), "none")
     assert full.tokens_per_layer == (576,) * 32 and full.projected == 576 and not full.cuts
 
 
 def test_lm_head_and_attention_convention():
     """LM head on every prefill position of the last layer; attention over the full square (2 n^2 d MACs)."""
-    dims = PRESETS["llava-1.5-7b"]
+    dims = checkpoint_dims("llava-1.5-7b")
     one, two = (prefill_flops(dims, [576] * 32, text) for text in (0, 1))
     d, m, n = dims.hidden, dims.intermediate, 576
     assert two.lm_head - one.lm_head == 2 * d * dims.vocab
@@ -54,10 +54,10 @@ def test_from_config_reads_llava_and_llava_next():
                        num_key_value_heads=32, vocab_size=32064)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14)
-    assert flops_dims(LlavaConfig(text_config=text, vision_config=vision)) == PRESETS["llava-1.5-7b"]
+    assert flops_dims(LlavaConfig(text_config=text, vision_config=vision)) == checkpoint_dims("llava-1.5-7b")
     # the preset's 49 extra tokens are a calibration of the paper's NeXT accounting, not a config field
     nxt = flops_dims(LlavaNextConfig(text_config=text, vision_config=vision))
-    assert nxt == replace(PRESETS["llava-next-7b"], extra_tokens=0) and nxt.n_visual == 2880
+    assert nxt == replace(checkpoint_dims("llava-next-7b"), extra_tokens=0) and nxt.n_visual == 2880
 
 
 @pytest.mark.parametrize("method, budget", [("none", None), ("visiondrop", 64)])
@@ -91,7 +91,7 @@ def test_next_baselines_are_measured_on_a_next_proxy():
     full = method_flops("llava-next-7b", "none").total
     fastv = method_flops("llava-next-7b", "fastv", 320)  # keeps 149/2880 of the 2928 tokens (newlines included)
     keep = round(149 * 2928 / 2880)
-    expected = prefill_flops(replace(PRESETS["llava-next-7b"], extra_tokens=1), [2928] * 2 + [keep] * 30, 63)
+    expected = prefill_flops(replace(checkpoint_dims("llava-next-7b"), extra_tokens=1), [2928] * 2 + [keep] * 30, 63)
     assert fastv.total - fastv.overhead == pytest.approx(expected.total, rel=1e-9)
     assert method_flops("llava-next-7b", "visionzip", 320).total < method_flops("llava-next-7b", "visionzip", 640).total < full
 
@@ -100,7 +100,7 @@ def test_next_newlines_an_encoder_stage_keeps_count_as_visual_once():
     """VisPruner keeps NeXT's own layout (newline tokens of the rows it keeps): they move from the preset's extra
     tokens to the visual ones, so its decoder sees as many tokens as VisionZip's compact layout at the same budget."""
     vispruner, visionzip = (method_flops("llava-next-7b", m, 320) for m in ("vispruner", "visionzip"))
-    assert schedule(PRESETS["llava-next-7b"], "vispruner", 320).tokens_per_layer[0] > 320
+    assert schedule(checkpoint_dims("llava-next-7b"), "vispruner", 320).tokens_per_layer[0] > 320
     assert vispruner.decoder == visionzip.decoder
 
 

@@ -9,11 +9,12 @@ from helpers import greedy, inputs, prompt
 from visiondrop.api import policy_for
 from visiondrop.engine.compat import CACHE_ARG, cache_kwargs
 from visiondrop.families import info_of
+from visiondrop.methods import METHODS as REGISTERED, method as registered
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no."]
-METHODS = [("none", None), ("visiondrop", 64), ("visionzip", 64), ("fastv", 64), ("pyramiddrop", 64),
-           ("sparsevlm", 64), ("random", 64)]
+#: every registered method at the budget the contract runs it at
+METHODS = [(name, None if name == "none" else registered(name).example_budget) for name in REGISTERED]
 
 
 def sample(model, batch: dict, seed: int, new_tokens: int = 6, **kwargs) -> torch.Tensor:
@@ -161,7 +162,7 @@ def test_unknown_option_names_the_valid_ones(tiny):
     assert policy_for(info, "random", 64, seed=1).describe()  # valid options still pass
 
 
-@pytest.mark.parametrize("method", ["visiondrop", "fastv", "pyramiddrop", "sparsevlm", "visionzip", "random"])
+@pytest.mark.parametrize("method", [name for name in REGISTERED if name != "none"])
 def test_ratio_is_the_budget_as_a_share_of_the_visual_tokens(tiny, method):
     model, processor = tiny
     batch = inputs(processor, QUESTIONS)

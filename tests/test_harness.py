@@ -36,7 +36,7 @@ def test_budget_as_tokens_or_ratio(tmp_path):
     assert job.Budget.resolve(config(tmp_path, "budget.ratio=0.25")) == job.Budget(144.0, 0.25)
     assert job.Budget.resolve(config(tmp_path, "method=none", "budget='64'")) == job.Budget(None, 1.0)
     for budget in ("640", "320", "160"):  # LLaVA-NeXT's budgets have presets too
-        assert job.Budget.resolve(config(tmp_path, "model=llava_next_7b", f"budget='{budget}'")).tokens == int(budget)
+        assert job.Budget.resolve(config(tmp_path, "model=llava-next-7b", f"budget='{budget}'")).tokens == int(budget)
     with pytest.raises(ValueError, match="ratio must be in"):
         job.Budget.resolve(config(tmp_path, "budget.ratio=1.5"))
 
@@ -235,7 +235,7 @@ def test_malformed_config_is_reported_by_hydra(tmp_path):
 
 
 def test_next_model_config_runs_a_job_with_ratio_budgets(tmp_path, tiny_next_dir):
-    cfg = config(tmp_path, "model=llava_next_7b", f"model.pretrained={tiny_next_dir}", "model.device=cpu",
+    cfg = config(tmp_path, "model=llava-next-7b", f"model.pretrained={tiny_next_dir}", "model.device=cpu",
                  "model.dtype=float32", "method=visiondrop", "budget.ratio=0.111111111")
     [record] = job.run_job(cfg)
     assert record["budget"] == 320.0 and record["model"] == "llava-next-7b"

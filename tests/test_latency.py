@@ -9,7 +9,6 @@ from visiondrop.efficiency import latency
 from visiondrop.efficiency.flops import TEXT_TOKENS, method_flops
 from visiondrop.efficiency.latency import (
     benchmark,
-    build_config,
     build_model,
     main,
     make_inputs,
@@ -17,7 +16,7 @@ from visiondrop.efficiency.latency import (
     profile_prefill,
     scaling,
 )
-from visiondrop.families import family_for, flops_dims
+from visiondrop.families import checkpoint_config, family_for, flops_dims
 
 COLUMNS = ["method", "budget", "batch", "avg visual tokens", "TFLOPs", "FLOPs ratio", "prefill ms",
            "prefill samples/s", "prefill speedup", "speedup / FLOPs ratio", "overhead % prefill",
@@ -51,7 +50,7 @@ def test_cli_measures_full_and_visiondrop_per_batch_size_and_writes_the_tables(t
         assert v.overhead_ms > 0 and v.gathers_ms > 0  # the policy's own calls and the engine's gathers timed
         assert (f.tokens, v.tokens) == (576, 64.0)  # measured by the trace for the method, mean of the batch
 
-    dims = flops_dims(build_config("llava-1.5-7b", "tiny"))
+    dims = flops_dims(checkpoint_config("llava-1.5-7b", "tiny"))
     assert full.tflops == full2.tflops == method_flops(dims, "none").total / 1e12
     assert vd.tflops == vd2.tflops == method_flops(dims, "visiondrop", 64).total / 1e12
 
@@ -74,7 +73,7 @@ def test_cli_measures_full_and_visiondrop_per_batch_size_and_writes_the_tables(t
 
 @pytest.fixture(scope="module")
 def tiny_llava():
-    return build_model(build_config("llava-1.5-7b", "tiny"), torch.device("cpu"), torch.float32)
+    return build_model(checkpoint_config("llava-1.5-7b", "tiny"), torch.device("cpu"), torch.float32)
 
 
 def _batch_seen(model):
@@ -136,7 +135,7 @@ def test_bad_batch_sizes_and_clocks_are_refused():
 
 def test_example_image_sizes():
     g = torch.Generator().manual_seed(0)
-    llava, next_ = build_config("llava-1.5-7b", "tiny"), build_config("llava-next-7b", "tiny")
+    llava, next_ = checkpoint_config("llava-1.5-7b", "tiny"), checkpoint_config("llava-next-7b", "tiny")
     assert family_for(llava).example_image(llava, g, (336, 336))[0] == 576
     with pytest.raises(ValueError, match="use LLaVA-NeXT"):
         family_for(llava).example_image(llava, g, (672, 672))
@@ -171,12 +170,12 @@ def test_scaling_table_and_plot(tmp_path):
     assert result.path.name.endswith("_tiny.md") and result.plot == result.path.with_suffix(".png")
     assert result.path.read_text() == result.markdown
     assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert build_config("llava-next-7b", "tiny").image_grid_pinpoints == \
+    assert checkpoint_config("llava-next-7b", "tiny").image_grid_pinpoints == \
         [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # the presets stay v1.6's
 
 
 def test_llava_next_inputs_full_row_and_unsupported_pruning(tmp_path):
-    config = build_config("llava-next-7b", "tiny")
+    config = checkpoint_config("llava-next-7b", "tiny")
     inputs = make_inputs(config, torch.device("cpu"), torch.float32)
     ids = inputs["input_ids"][0]
     assert (ids == 32000).sum() == 576 + 48 * 49 and (ids != 32000).sum() == 63  # base + 2x2 grid with newlines
@@ -196,7 +195,7 @@ def test_llava_next_inputs_full_row_and_unsupported_pruning(tmp_path):
 def test_video_llava_header_counts_the_video_tokens():
     """The header counts a video's 8 x 257 tokens (`<video>` placeholders, not image ones) and names them; the
     FLOPs are the nominal video's, with no extra tokens."""
-    config = build_config("video-llava-7b", "tiny")
+    config = checkpoint_config("video-llava-7b", "tiny")
     inputs = make_inputs(config, torch.device("cpu"), torch.float32)
     assert (inputs["input_ids"] == config.video_token_id).sum() == 2056
     assert (inputs["input_ids"] == config.image_token_id).sum() == 0

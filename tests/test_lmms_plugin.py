@@ -1,4 +1,4 @@
-"""The lmms-eval plugin model `pruned_llava` and the local `visiondrop_demo` task, on the tiny random LLaVA-1.5.
+"""The lmms-eval plugin model `pruned_lvlm` and the local `visiondrop_demo` task, on the tiny random LLaVA-1.5.
 
 Random weights answer garbage: these tests check structure (files, keys, counts) and equalities, never accuracy.
 """
@@ -12,7 +12,7 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from PIL import Image
 
 from visiondrop.harness import TASKS_DIR
-from visiondrop.harness.lmms_model import PrunedLlava, _parse_value
+from visiondrop.harness.lmms_model import PrunedLVLM, _parse_value
 from visiondrop.harness.prompting import expand_to_square, mean_colour, vicuna_v1_prompt
 from visiondrop.testing.tiny import demo_image
 
@@ -23,7 +23,7 @@ RUN_INFO_KEYS = {"method", "budget", "policy", "image_aspect_ratio", "conv_templ
 def test_cli_writes_results(tiny_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}
-    command = [sys.executable, "-m", "lmms_eval", "--model", "pruned_llava",
+    command = [sys.executable, "-m", "lmms_eval", "--model", "pruned_lvlm",
                "--model_args", f"pretrained={tiny_dir},method=visiondrop,budget=64",
                "--tasks", "visiondrop_demo", "--include_path", str(TASKS_DIR), "--limit", "4",
                "--gen_kwargs", "max_new_tokens=4", "--output_path", str(tmp_path / "out"), "--log_samples"]
@@ -42,7 +42,7 @@ def test_simple_evaluate_with_an_instance(tiny_dir):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    lm = PrunedLlava(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=2)
+    lm = PrunedLVLM(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=2)
     manager = TaskManager(include_path=str(TASKS_DIR))
     results = simple_evaluate(model=lm, tasks=["visiondrop_demo"], task_manager=manager, limit=3,
                               bootstrap_iters=0, datetime_str="20250101_000000", gen_kwargs="max_new_tokens=4")
@@ -78,7 +78,7 @@ def _requests(kind: str, **gen_kwargs) -> list[Instance]:
 def test_batch_of_three_equals_batch_of_one(tiny_dir):
     outputs = []
     for batch_size in (1, 3):
-        lm = PrunedLlava(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=batch_size)
+        lm = PrunedLVLM(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=batch_size)
         lm.task_dict = {"demo": {"test": DOCS}}
         answers = lm.generate_until(_requests("generate_until"))
         scores = lm.loglikelihood(_requests("loglikelihood"))
@@ -95,7 +95,7 @@ def test_batch_of_three_equals_batch_of_one(tiny_dir):
 def test_beam_search_batch_equals_alone(tiny_dir):
     answers, maps = [], []
     for batch_size in (1, 3):
-        lm = PrunedLlava(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=batch_size)
+        lm = PrunedLVLM(pretrained=str(tiny_dir), method="visiondrop", budget=64, batch_size=batch_size)
         lm.task_dict = {"demo": {"test": DOCS}}
         answers.append(lm.generate_until(_requests("generate_until", num_beams=3)))
         maps.append(lm.position_maps.to_dict())  # each sample's trace read once, not once per beam

@@ -13,7 +13,7 @@ from transformers import AutoConfig
 
 from visiondrop.families import family_for
 from visiondrop.harness.bias_report import bias_table, collect, plot_bias_maps
-from visiondrop.harness.lmms_model import PrunedLlava
+from visiondrop.harness.lmms_model import PrunedLVLM
 from visiondrop.harness.positions import PositionMaps
 from visiondrop.harness.store import ResultStore, positions_path
 from visiondrop.testing.tiny import demo_image
@@ -85,7 +85,7 @@ def test_next_cells_follow_the_packed_layout(tiny_next):
 def test_plugin_collects_every_sample_and_batches_equal_alone(tmp_path):
     maps = []
     for batch_size in (1, 3):
-        lm = PrunedLlava(pretrained=str(DEMO_MODEL), method="visiondrop", budget=64, batch_size=batch_size)
+        lm = PrunedLVLM(pretrained=str(DEMO_MODEL), method="visiondrop", budget=64, batch_size=batch_size)
         lm.task_dict = {"demo": {"test": DOCS}}
         lm.generate_until(_requests("generate_until"))
         lm.loglikelihood(_requests("loglikelihood"))
@@ -103,7 +103,7 @@ def test_position_bias_experiment_on_the_demo_setup(tmp_path, monkeypatch):
     checkout = tmp_path / "checkout"
     shutil.copytree(ROOT / "configs", checkout / "configs")
     monkeypatch.chdir(checkout)
-    assert run_cli(monkeypatch, "experiment=position_bias", "model=tiny", "benchmarks=demo", "budget=192",
+    assert run_cli(monkeypatch, "experiment=position_bias", "model=demo-llava-1.5", "benchmarks=demo", "budget=192",
                    "method=visiondrop,fastv,none", "limit=3", f"model.pretrained={DEMO_MODEL}",
                    "hydra.sweep.dir=sweep") == 0
     records = ResultStore(checkout / "results" / "runs").records()
@@ -156,7 +156,7 @@ def test_plugin_maps_video_llava_images_and_videos(tiny_video_dir, demo_videos, 
     """The maps of a pruned run on an image and on a video equal the trace's kept indices laid out by hand."""
     docs = [{"visual": demo_image(0, (224, 224)), "question": "What is in the image?"},
             {"visual": str(demo_videos[0]), "question": "What happens in the video?"}]
-    lm = PrunedLlava(pretrained=str(tiny_video_dir), method="visiondrop", budget=514)  # 25% of 2,056
+    lm = PrunedLVLM(pretrained=str(tiny_video_dir), method="visiondrop", budget=514)  # 25% of 2,056
     lm.task_dict = {"demo": {"test": docs}}
     entries = []
     for i, modality in enumerate(("image", "video")):

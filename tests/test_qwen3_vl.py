@@ -6,7 +6,7 @@ The shared contract (full budget, batch == alone with three image sizes and a te
 unreachable budgets) runs on this family in tests/test_contract.py, the lmms-eval plugin's demo task in
 tests/test_qwen.py, videos in tests/test_qwen3_vl_video.py; here: the pre-decoder selection fed to the
 stock decoder by hand (the kept tokens' embeddings, original 3-D positions and DeepStack rows: the test that
-catches misaligned DeepStack rows), counts with hooks meet the ratio, remove(), the encoder view, DeepStack rows of
+catches misaligned DeepStack rows), counts with hooks meet the ratio, the encoder view, DeepStack rows of
 merged tokens, and the MoE variant.
 """
 import pytest
@@ -16,7 +16,7 @@ import visiondrop
 from helpers import greedy, measure_counts
 from visiondrop.families import family_of, flops_dims, info_of
 from visiondrop.methods import METHODS, method
-from visiondrop.testing.tiny import demo_image, load_tiny_llava
+from visiondrop.testing.tiny import demo_image, load_tiny
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 SIZES = [(256, 256), (320, 224), (192, 384)]  # (width, height): 8x8, 10x7 and 6x12 visual tokens (32 px each)
@@ -136,36 +136,6 @@ def test_ratio_keeps_that_share_of_each_image(qwen3, name):
         assert abs(sum(measured) / len(measured) - nominal_share * n) <= 2, (name, n, measured)
 
 
-@pytest.fixture(scope="module")
-def fresh(tiny_qwen3_dir):
-    """A model of its own: the test compares its attributes before and after."""
-    return load_tiny_llava(tiny_qwen3_dir)
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_remove_restores_bit_identical_outputs(fresh, name):
-    model, processor = fresh
-    processor.tokenizer.padding_side = "left"
-    batch = batch_of(processor, QUESTIONS[:1], [demo_image(0, SIZES[0])])
-    tower = model.model.visual
-    with torch.no_grad():
-        before = model(**batch).logits
-    state = dict(model.model.__dict__), dict(model.model.language_model.__dict__)
-    handle = visiondrop.apply(model, name, budget(name))
-    if name != "none":
-        with torch.no_grad():
-            assert not torch.equal(model(**batch).logits[:, -1], before[:, -1])
-    handle.remove()
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits, before)
-    state_after = dict(model.model.__dict__), dict(model.model.language_model.__dict__)
-    for before_dict, after_dict in zip(state, state_after):
-        assert before_dict.keys() == after_dict.keys()
-        assert all(before_dict[k] is after_dict[k] for k in before_dict if k != "rope_deltas"), name
-    # the encoder view's merger-less tower run is undone
-    assert all("forward" not in m.__dict__ for m in [tower.merger, *tower.deepstack_merger_list])
-
-
 def test_encoder_view_is_the_towers_output_with_its_deepstack_rows(qwen3):
     """The view's visual tokens (four patches each) through the merger are the stock image features, its side
     features through the DeepStack mergers the stock DeepStack rows; the mean attention received sums to one per
@@ -222,11 +192,11 @@ def test_merged_tokens_carry_their_members_deepstack_rows(qwen3):
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """A tiny Qwen3-VL MoE (the 30B-A3B layout: 128 experts, 8 a token) with 12 decoder layers, to stay small."""
-    from visiondrop.testing.tiny import build_tiny_qwen3_vl_moe
+    from visiondrop.testing.tiny import build_tiny
 
-    path = build_tiny_qwen3_vl_moe(tmp_path_factory.mktemp("tiny_qwen3_moe") / "qwen3_vl_moe", seed=0,
-                                   text_layers=12)
-    model, processor = load_tiny_llava(path)
+    path = build_tiny("qwen3_vl_moe", tmp_path_factory.mktemp("tiny_qwen3_moe") / "qwen3_vl_moe", seed=0,
+                      text_layers=12)
+    model, processor = load_tiny(path)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
@@ -281,17 +251,19 @@ def test_flops_formula_matches_torch_flop_counter(qwen3, nominal, name):
 def test_flops_presets_are_the_checkpoints_configs():
     from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
-    from visiondrop.efficiency.flops import PRESETS, method_flops
+    from visiondrop.efficiency.flops import checkpoint_dims, method_flops
 
     vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096)
     config = Qwen3VLConfig(vision_config=vision, text_config=dict(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128))
-    assert flops_dims(config) == PRESETS["qwen3-vl-8b"]
+    assert flops_dims(config) == checkpoint_dims("qwen3-vl-8b")
     moe = Qwen3VLMoeConfig(vision_config={**vision, "out_hidden_size": 2048}, text_config=dict(
         vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
         num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8))
-    assert flops_dims(moe) == PRESETS["qwen3-vl-30b-a3b"]
+    assert flops_dims(moe) == checkpoint_dims("qwen3-vl-30b-a3b")
+    dims = checkpoint_dims("qwen3-vl-30b-a3b")  # active parameters: 8 experts of 768 and the router, heads of 128
+    assert (dims.intermediate, dims.router, dims.head_dim, dims.side_projectors) == (8 * 768, 128, 128, 3)
     full, vz = method_flops("qwen3-vl-8b", "none"), method_flops("qwen3-vl-8b", "visionzip", 64)
     assert vz.vision == full.vision and vz.decoder < full.decoder / 4 and 0 < vz.overhead < 0.05 * vz.decoder
     assert vz.projector == pytest.approx(full.projector * 64 / 576)  # merger + 3 DeepStack mergers, kept tokens only
@@ -303,10 +275,11 @@ def test_latency_benchmark_builds_the_8b_architecture_at_tiny_width():
     """The benchmark's Qwen3-VL: the 8B layout at a tiny width, the nominal 768 image between its vision tokens with
     M-RoPE token types; full and VisionZip rows measured, FLOPs by the preset's formula at that width."""
     from visiondrop.efficiency.flops import method_flops
-    from visiondrop.efficiency.latency import benchmark, build_config, make_inputs
+    from visiondrop.efficiency.latency import benchmark, make_inputs
+    from visiondrop.families import checkpoint_config
 
-    config = build_config("qwen3-vl-8b", "tiny")
-    full_config = build_config("qwen3-vl-8b", "full")
+    config = checkpoint_config("qwen3-vl-8b", "tiny")
+    full_config = checkpoint_config("qwen3-vl-8b", "full")
     assert (full_config.text_config.num_key_value_heads, full_config.text_config.num_hidden_layers,
             list(full_config.vision_config.deepstack_visual_indexes),
             full_config.text_config.rope_parameters["mrope_section"]) == (8, 36, [8, 16, 24], [24, 20, 20])
@@ -322,11 +295,10 @@ def test_latency_benchmark_builds_the_8b_architecture_at_tiny_width():
     assert vz.tflops == method_flops(flops_dims(config), "visionzip", 64).total / 1e12
 
 
-@pytest.mark.parametrize("config_name,model_name", [("qwen3_vl_8b", "qwen3-vl-8b"),
-                                                    ("qwen3_vl_30b_a3b", "qwen3-vl-30b-a3b")])
-def test_hydra_model_configs(tmp_path, tiny_qwen3_dir, config_name, model_name):
-    """`model=qwen3_vl_8b` runs a job with the tiny checkpoint at a retention ratio (max_pixels in its identity);
-    `model=qwen3_vl_30b_a3b` composes as the 8B's with its own checkpoint."""
+@pytest.mark.parametrize("model_name", ["qwen3-vl-8b", "qwen3-vl-30b-a3b"])
+def test_hydra_model_configs(tmp_path, tiny_qwen3_dir, model_name):
+    """`model=qwen3-vl-8b` runs a job with the tiny checkpoint at a retention ratio (max_pixels in its identity);
+    `model=qwen3-vl-30b-a3b` composes as the 8B's with its own checkpoint."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -336,10 +308,10 @@ def test_hydra_model_configs(tmp_path, tiny_qwen3_dir, config_name, model_name):
     root = Path(__file__).resolve().parents[1]
     with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=[
-            f"results_dir={tmp_path}/runs", "limit=2", f"model={config_name}", "model.device=cpu",
+            f"results_dir={tmp_path}/runs", "limit=2", f"model={model_name}", "model.device=cpu",
             "model.dtype=float32", "model.max_pixels=65536", "method=visionzip", "budget.ratio=0.111111111"])
     assert cfg.model.name == model_name and cfg.model.n_visual == 576 and cfg.model.conv_template == "chat_template"
-    if config_name != "qwen3_vl_8b":
+    if model_name != "qwen3-vl-8b":
         assert cfg.model.pretrained == "Qwen/Qwen3-VL-30B-A3B-Instruct"
         return
     cfg.model.pretrained = str(tiny_qwen3_dir)

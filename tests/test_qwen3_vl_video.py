@@ -13,7 +13,7 @@ from visiondrop.api import Handle
 from visiondrop.engine.replay import Replay
 from visiondrop.harness.video import read_frames
 from visiondrop.methods import METHODS, method
-from visiondrop.testing.tiny import load_tiny_llava
+from visiondrop.testing.tiny import load_tiny
 
 QUESTIONS = ["What happens in the video?", "Is the red shape moving to the left or to the right? Answer briefly."]
 FRAMES = 8  # 4 temporal patches of 70 tokens (320x224 frames) each
@@ -23,7 +23,7 @@ DTYPE = torch.float64
 
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_qwen3_dir):
-    model, processor = load_tiny_llava(tiny_qwen3_dir, dtype=DTYPE)
+    model, processor = load_tiny(tiny_qwen3_dir, dtype=DTYPE)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
@@ -157,10 +157,10 @@ def test_plugin_runs_videos_with_timestamps(tiny_qwen3_dir, demo_videos):
     VisionZip per temporal patch; the positional maps lay every kept token of every temporal patch on the grid."""
     from lmms_eval.api.instance import Instance
 
-    from visiondrop.harness.lmms_model import PrunedLlava
+    from visiondrop.harness.lmms_model import PrunedLVLM
 
     docs = [{"visual": str(demo_videos[0]), "question": "What happens in the video?"}]
-    lm = PrunedLlava(pretrained=str(tiny_qwen3_dir), method="visionzip", ratio=0.25, frames=FRAMES)
+    lm = PrunedLVLM(pretrained=str(tiny_qwen3_dir), method="visionzip", ratio=0.25, frames=FRAMES)
     lm.task_dict = {"demo": {"test": docs}}
     request = Instance(request_type="generate_until", idx=0, metadata={"task": "demo", "doc_id": 0, "repeats": 1},
                        arguments=(docs[0]["question"], {"max_new_tokens": 2}, lambda d: [d["visual"]], 0, "demo",

@@ -5,7 +5,6 @@ import pytest
 
 from helpers import inputs, measure_counts
 from visiondrop.families import ModelInfo
-from visiondrop.testing.tiny import build_tiny_llava, load_tiny_llava
 
 FOUR = ModelInfo(n_visual=576, n_layers=4, vision_layer=22, cls_kept=False)
 
@@ -24,11 +23,6 @@ def test_mapping_rounds_by_depth_and_keeps_cuts_distinct():
         FOUR.relative_layers([8, 8], "x")
 
 
-@pytest.fixture(scope="module")
-def shallow(tmp_path_factory):
-    return load_tiny_llava(build_tiny_llava(tmp_path_factory.mktemp("shallow") / "llava", seed=0, text_layers=4))
-
-
 @pytest.mark.parametrize("method,budget,options,expected", [
     ("visiondrop", 64, {}, [96, 70, 52, 38]),  # cuts 8/16/24 -> 1/2/3
     ("fastv", 192, {}, [576, 64, 64, 64]),  # k=2 -> 1: (4*192 - 576) / 3
@@ -36,15 +30,15 @@ def shallow(tmp_path_factory):
     ("pyramiddrop", None, {"decay": 0.5}, [576, 288, 144, 72]),  # [2, 8, 16] -> [1, 2, 3]
     ("pyramiddrop", None, {"decay": 0.5, "layer_list": [8, 16, 24]}, [576, 288, 144, 72]),
 ])
-def test_measured_counts_follow_the_mapped_layers(shallow, method, budget, options, expected):
-    model, processor = shallow
+def test_measured_counts_follow_the_mapped_layers(tiny_shallow, method, budget, options, expected):
+    model, processor = tiny_shallow
     measured, handle = measure_counts(model, inputs(processor, ["What is here?"]), method, budget, **options)
     assert measured == expected
     assert handle.trace.tokens_per_layer == [measured]
 
 
-def test_sparsevlm_prunes_at_the_output_of_the_mapped_layers(shallow):
-    model, processor = shallow
+def test_sparsevlm_prunes_at_the_output_of_the_mapped_layers(tiny_shallow):
+    model, processor = tiny_shallow
     measured, _ = measure_counts(model, inputs(processor, ["What is here?"]), "sparsevlm", keep_lists=[300, 200, 100],
                                  recycle=False)
     assert measured == [576, 300, 200, 100]  # [2, 6, 15] -> [0, 1, 2]: pruned after each

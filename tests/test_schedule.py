@@ -6,7 +6,7 @@ import visiondrop
 from helpers import inputs, measure_counts
 from visiondrop.families import ModelInfo
 from visiondrop.methods.visiondrop import Schedule, Stage, schedule_for_budget
-from visiondrop.testing.tiny import build_tiny_llava, load_tiny_llava
+from visiondrop.testing.tiny import build_tiny, load_tiny
 
 LLAVA_15 = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
 NEXT = ModelInfo(n_visual=2880, n_layers=32, vision_layer=22, cls_kept=False, crops=5)
@@ -40,7 +40,7 @@ def test_explicit_knobs_at_their_defaults_are_the_defaults():
 @pytest.fixture(scope="module")
 def six_layers(tmp_path_factory):
     """A decoder whose mapped cuts (2, 3, 4 of 6) make segments of unequal length (2, 1, 1, 2 layers)."""
-    return load_tiny_llava(build_tiny_llava(tmp_path_factory.mktemp("six") / "llava", seed=0, text_layers=6))
+    return load_tiny(build_tiny("llava", tmp_path_factory.mktemp("six") / "llava", seed=0, text_layers=6))
 
 
 GRID = [{}, {"first_stage": 1.0}, {"first_stage": 2.0}, {"first_stage": 3.0}, {"first_stage": 3.75},

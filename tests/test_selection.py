@@ -90,9 +90,9 @@ def test_visiondrop_decoder_score_is_mean_over_heads_and_visual_queries():
 
 def test_partial_attention_rows_equal_the_layers_own_attention(tiny_dir):
     """The rows recomputed from q/k projections equal what the eager layer computes, under left padding."""
-    from visiondrop.testing.tiny import load_tiny_llava
+    from visiondrop.testing.tiny import load_tiny
 
-    model, _ = load_tiny_llava(tiny_dir, attn_implementation="eager")
+    model, _ = load_tiny(tiny_dir, attn_implementation="eager")
     lm = model.model.language_model
     torch.manual_seed(0)
     embeds = torch.randn(2, 9, lm.config.hidden_size)

@@ -78,7 +78,7 @@ def test_both_experiments_run_end_to_end_on_the_demo_setup(tmp_path, monkeypatch
     checkout = tmp_path / "checkout"  # configs and records stay inside it
     shutil.copytree(ROOT / "configs", checkout / "configs")
     monkeypatch.chdir(checkout)
-    demo = ["model=tiny", f"model.pretrained={ROOT / 'visiondrop/harness/assets/demo_model'}", "benchmarks=demo",
+    demo = ["model=demo-llava-1.5", f"model.pretrained={ROOT / 'visiondrop/harness/assets/demo_model'}", "benchmarks=demo",
             "limit=2", "batch_size=2"]
     assert run_cli(monkeypatch, "experiment=controlled_study", *demo, "budget=176", "hydra.sweep.dir=cs") == 0
     assert (checkout / "cs" / "summary.txt").read_text().startswith("2 job(s): 2 ran")

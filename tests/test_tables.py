@@ -87,7 +87,7 @@ def test_ratio_and_token_budgets_with_one_schedule_are_one_row_and_full_beats_pa
     vd = table.loc[("VisionDrop", 64.0)]
     assert vd["GQA"] == 50.0 and vd["GQA n"] == 100 and vd["partial"] == ""  # the newer partial one stands aside
     assert table.loc[("SparseVLM", 192.0), "partial"] == "GQA"
-    assert "no full-model record for llava-1.5-7b" in note and "run.py model=llava15_7b method=none" in note
+    assert "no full-model record for llava-1.5-7b" in note and "run.py model=llava-1.5-7b method=none" in note
     [(method, points)] = curve_points(table, "GQA")[:1]
     assert method == "SparseVLM" and points.x.tolist() == [300.5] and points.label.tolist() == ["192"]
     assert points.partial.tolist() == [True]  # drawn at its measured tokens, labelled with its nominal budget

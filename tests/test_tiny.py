@@ -2,19 +2,9 @@ import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from visiondrop.testing.tiny import build_tiny_llava, demo_image, load_tiny_llava
+from visiondrop.testing.tiny import build_tiny, demo_image
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "llava")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_path):
-    return load_tiny_llava(tiny_path)
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +13,12 @@ def inputs(tiny):
     return processor(images=demo_image(0), text=PROMPT, return_tensors="pt")
 
 
-def test_saved_folder_loads_with_auto_classes(tiny_path):
-    assert (tiny_path / "model.safetensors").is_file()
-    assert sum(f.stat().st_size for f in tiny_path.iterdir()) < 8 * 2**20
-    assert isinstance(LlavaForConditionalGeneration.from_pretrained(tiny_path), LlavaForConditionalGeneration)
-    assert AutoProcessor.from_pretrained(tiny_path).image_token == "<image>"
-    assert AutoTokenizer.from_pretrained(tiny_path).padding_side == "left"
+def test_saved_folder_loads_with_auto_classes(tiny_dir):
+    assert (tiny_dir / "model.safetensors").is_file()
+    assert sum(f.stat().st_size for f in tiny_dir.iterdir()) < 8 * 2**20
+    assert isinstance(LlavaForConditionalGeneration.from_pretrained(tiny_dir), LlavaForConditionalGeneration)
+    assert AutoProcessor.from_pretrained(tiny_dir).image_token == "<image>"
+    assert AutoTokenizer.from_pretrained(tiny_dir).padding_side == "left"
 
 
 def test_layer_structure_matches_llava_15(tiny):
@@ -86,10 +76,10 @@ def test_outputs_depend_on_image(tiny):
     assert len(firsts) > 1
 
 
-def test_same_seed_gives_identical_weights(tmp_path):
-    a = LlavaForConditionalGeneration.from_pretrained(build_tiny_llava(tmp_path / "a", seed=3)).state_dict()
-    b = LlavaForConditionalGeneration.from_pretrained(build_tiny_llava(tmp_path / "b", seed=3)).state_dict()
-    c = LlavaForConditionalGeneration.from_pretrained(build_tiny_llava(tmp_path / "c", seed=4)).state_dict()
+def test_same_seed_gives_identical_weights(tiny_dir, tmp_path):
+    a = LlavaForConditionalGeneration.from_pretrained(tiny_dir).state_dict()  # seed 0
+    b = LlavaForConditionalGeneration.from_pretrained(build_tiny("llava", tmp_path / "b", seed=0)).state_dict()
+    c = LlavaForConditionalGeneration.from_pretrained(build_tiny("llava", tmp_path / "c", seed=4)).state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])

@@ -14,7 +14,7 @@ from visiondrop.families import ModelInfo, flops_dims, info_of
 from visiondrop.harness.video import read_frames
 from visiondrop.methods import METHODS, method, policy_for
 from visiondrop.methods.visiondrop import schedule_for_budget
-from visiondrop.testing.tiny import demo_image, load_tiny_llava
+from visiondrop.testing.tiny import demo_image, load_tiny
 from visiondrop.testing.videos import frame_number
 
 QUESTIONS = ["What happens in the video?", "Is the red shape moving to the left or to the right? Answer briefly."]
@@ -36,7 +36,7 @@ def ratio_of(name: str) -> float:
 
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_video_dir):
-    return load_tiny_llava(tiny_video_dir, dtype=DTYPE)
+    return load_tiny(tiny_video_dir, dtype=DTYPE)
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +196,9 @@ def test_mixed_batch_is_refused_by_encoder_methods(model_and_processor, clips):
 
 def test_flops_of_an_8_frame_video(model_and_processor):
     """The FLOPs count measures the schedules on a tiny proxy video (2,056 tokens, the nominal count itself)."""
-    from visiondrop.efficiency.flops import PRESETS, method_flops, schedule
+    from visiondrop.efficiency.flops import checkpoint_dims, method_flops, schedule
 
-    dims = PRESETS["video-llava-7b"]
+    dims = checkpoint_dims("video-llava-7b")
     tiny = flops_dims(model_and_processor[0].config)
     assert (tiny.vision_tokens, tiny.visual_per_crop, tiny.crops, tiny.model_type) == (257, 257, 8, "video_llava")
     info = ModelInfo(n_visual=2056, n_layers=32, vision_layer=22, cls_kept=True, crops=8, video=True)

@@ -107,7 +107,7 @@ def test_prepare_reads_the_releases_layouts(docs_file, tmp_path):
 
 
 def qa_config(tmp_path, tiny_video_dir, docs_file):
-    cfg = config(tmp_path, "model=video_llava_7b", f"model.pretrained={tiny_video_dir}", "model.device=cpu",
+    cfg = config(tmp_path, "model=video-llava-7b", f"model.pretrained={tiny_video_dir}", "model.device=cpu",
                  "model.dtype=float32", "method=visiondrop", "budget.ratio=0.25", "benchmarks=video_qa", "limit=null")
     [msvd] = [b for b in cfg.benchmarks if b.task == "msvd_qa"]
     msvd.data.dataset_kwargs.data_files.test = str(docs_file)
@@ -303,7 +303,7 @@ def test_stock_mvbench_task_runs_on_local_data(tmp_path, tiny_video_dir, no_judg
                      "candidates": candidates, "answer": candidates[i]})  # A, then B
     (tmp_path / "action_sequence.json").write_text(json.dumps(docs))
     model = answering("B", tiny_video_dir, tmp_path / "answers_b")
-    cfg = config(tmp_path, "model=video_llava_7b", f"model.pretrained={model}", "model.device=cpu",
+    cfg = config(tmp_path, "model=video-llava-7b", f"model.pretrained={model}", "model.device=cpu",
                  "model.dtype=float32", "method=fastv", "budget.ratio=0.25", "benchmarks=video_mc", "limit=null",
                  *([] if frames is None else [f"model.frames={frames}"]))
     [bench] = [b for b in cfg.benchmarks if b.task == "mvbench_action_sequence"]
@@ -348,7 +348,7 @@ def test_stock_videomme_task_runs_on_a_local_copy_of_the_release(tmp_path, tiny_
     parquet.parent.mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(parquet)
     model = answering("B", tiny_video_dir, tmp_path / "answers_b")
-    cfg = config(tmp_path, "model=video_llava_7b", f"model.pretrained={model}", "model.device=cpu",
+    cfg = config(tmp_path, "model=video-llava-7b", f"model.pretrained={model}", "model.device=cpu",
                  "model.dtype=float32", "method=fastv", "budget.ratio=0.25", "benchmarks=video_mc", "limit=null")
     [bench] = [b for b in cfg.benchmarks if b.task == "videomme"]
     bench.data = {"dataset_path": "parquet", "dataset_kwargs": {"data_files": {"test": str(parquet)}}}

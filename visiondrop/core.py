@@ -73,6 +73,7 @@ class Shape:
     vision_layers: int
     vision_heads: int
     kv_heads: int | None = None  # decoder key-value heads where they are fewer than the heads (grouped queries)
+    head_dim: int | None = None  # decoder head width where it is not hidden / heads (Qwen3-VL-30B-A3B: 128)
 
 
 @dataclass(frozen=True)
@@ -206,3 +207,39 @@ class TokenCounts:
     cuts: tuple[Cut, ...] = ()
     crops: int = 1
     newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A released checkpoint of a family, as the FLOPs count and the latency benchmark rebuild it from a config
+    (random weights: speed and FLOPs do not depend on their values). Declared by its family's adapter
+    (`Family.checkpoints`); `visiondrop.families.checkpoints()` is the registry every model list derives from."""
+
+    name: str  # as records, tables and command lines name it
+    hub_id: str
+    model_type: str  # its family
+    shape: Shape  # its real widths and depths
+    ids: TokenIds  # its vocabulary and special token ids
+    norm_eps: float
+    budget: float  # the paper budget efficiency runs measure it at (64 of 576 tokens, or that share)
+    paper: str | None = None  # as the paper's tables name it; None: not in the paper
+    extra_tokens: int = 0  # `Dims.extra_tokens` of the paper's FLOPs count (LLaVA-NeXT: 49)
+
+    def shape_at(self, width: str) -> Shape:
+        """Its shape at "full" width, "reduced" (full / 8, head dims about 64: a CPU can time it) or "tiny" (tests).
+        Depths never change."""
+        s = self.shape
+        if width == "full":
+            return s
+        if width == "reduced":
+            hidden, vision = s.hidden // 8, s.vision_hidden // 8
+            heads = max(1, hidden // 64)
+            return Shape(hidden=hidden, intermediate=round(s.intermediate / 8), layers=s.layers, heads=heads,
+                         vision_hidden=vision, vision_intermediate=round(s.vision_intermediate / 8),
+                         vision_layers=s.vision_layers, vision_heads=max(1, vision // 64),
+                         kv_heads=None if s.kv_heads is None else max(1, s.kv_heads * heads // s.heads))
+        if width == "tiny":
+            return Shape(hidden=64, intermediate=172, layers=s.layers, heads=2, vision_hidden=32,
+                         vision_intermediate=128, vision_layers=s.vision_layers, vision_heads=1,
+                         kv_heads=None if s.kv_heads is None else 1)
+        raise ValueError(f"width must be one of full, reduced, tiny; got {width!r}")

@@ -27,7 +27,7 @@ decoder. Its encoder stage (VisionZip, VisionDrop) scores with the attention eac
 full-attention layer: q, k, v of every patch and all patch-pair logits. Its decoder has grouped-query attention
 (4 key-value heads of 28).
 
-Qwen3-VL (presets qwen3-vl-8b, qwen3-vl-30b-a3b, on the nominal 768x768 image: 2304 patches of 16, 576 visual
+Qwen3-VL (checkpoints qwen3-vl-8b, qwen3-vl-30b-a3b, on the nominal 768x768 image: 2304 patches of 16, 576 visual
 tokens): the 27 tower layers attend to all patches and run a two-matrix GELU MLP; the projector part counts the
 merger and the three DeepStack mergers (each 4608 -> 4608 -> d on every projected 2x2 group: 4x the merger alone);
 DeepStack's additions to the visual hidden states after decoder layers 0-2 are elementwise (3 x n x d additions,
@@ -81,46 +81,16 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..api import apply
 from ..core import Cut, Dims, Shape, TokenCounts, TokenIds
-from ..families import family_by_type, flops_dims, info_of
+from ..families import checkpoint_config, checkpoints, family_by_type, flops_dims, info_of
 from ..methods import METHODS, method as registered
 
 TEXT_TOKENS = 63  # the paper's text length (methods.md 7)
 
 
-
-LLAVA_15_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, vocab=32064, n_heads=32, n_kv_heads=32,
-                   head_dim=128, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
-                   vision_tokens=577, patch_size=14, projector_in=1024, visual_per_crop=576)
-#: Qwen2.5-VL-7B-Instruct on its nominal 672x672 image (48x48 patches, 576 visual tokens): 28 of its 32 tower
-#: layers attend within 8x8-patch windows (112 pixels), 4 (7/15/23/31) to all patches; the merger is
-#: RMSNorm + 5120 -> 5120 -> 3584 on each group of 2x2 patches
-QWEN25_VL_7B = Dims(hidden=3584, intermediate=18944, n_layers=28, vocab=152064, n_heads=28, n_kv_heads=4,
-                    head_dim=128, vision_hidden=1280, vision_intermediate=3420, vision_layers=32, vision_heads=16,
-                    vision_tokens=2304, patch_size=14, projector_in=5120, visual_per_crop=576,
-                    model_type="qwen2_5_vl", vision_cls=0, patch_channels=6, vision_mlp=3, vision_windowed_layers=28,
-                    vision_window=64, projector_mid=5120)
-#: Qwen3-VL-8B-Instruct on its nominal 768x768 image (48x48 patches of 16, 576 visual tokens): 27 tower layers with
-#: full attention and a GELU MLP (1152 -> 4304 -> 1152); the merger and the three DeepStack mergers are each
-#: LayerNorm + 4608 -> 4608 -> 4096 on every projected 2x2 group; a Qwen3 decoder of 36 layers, 8 key-value heads of 32
-QWEN3_VL_8B = Dims(hidden=4096, intermediate=12288, n_layers=36, vocab=151936, n_heads=32, n_kv_heads=8,
-                   head_dim=128, vision_hidden=1152, vision_intermediate=4304, vision_layers=27, vision_heads=16,
-                   vision_tokens=2304, patch_size=16, projector_in=4608, visual_per_crop=576, model_type="qwen3_vl",
-                   vision_cls=0, patch_channels=6, vision_mlp=2, projector_mid=4608, side_projectors=3)
-#: Qwen3-VL-30B-A3B-Instruct: the same tower (its mergers project to 2048); 48 decoder layers of width 2048 (32
-#: heads of 128, 4 key-value heads) whose MLP is 128 experts of 768, 8 routed a token: the active parameters a token
-#: meets are those 8 experts (`intermediate` 8 x 768) and the router (2048 x 128)
-QWEN3_VL_30B_A3B = replace(QWEN3_VL_8B, hidden=2048, intermediate=8 * 768, n_layers=48, n_kv_heads=4,
-                           model_type="qwen3_vl_moe", router=128)
-PRESETS = {"llava-1.5-7b": LLAVA_15_7B,
-           "llava-next-7b": replace(LLAVA_15_7B, crops=5, extra_tokens=49, model_type="llava_next"),
-           "qwen2.5-vl-7b": QWEN25_VL_7B,
-           "qwen3-vl-8b": QWEN3_VL_8B,
-           "qwen3-vl-30b-a3b": QWEN3_VL_30B_A3B,
-           # LanguageBind/Video-LLaVA-7B-hf: one 8-frame video at 224/14, 257 tokens a frame (CLS kept)
-           "video-llava-7b": replace(LLAVA_15_7B, vision_tokens=257, visual_per_crop=257, crops=8,
-                                     model_type="video_llava")}
-#: the presets as the paper's tables name them
-PAPER_MODELS = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "video-llava-7b": "Video-LLaVA-7B"}
+def checkpoint_dims(model: str) -> Dims:
+    """The FLOPs dimensions of a registered checkpoint (`families.checkpoints()`), read from its config (LLaVA-NeXT's
+    with the paper's 49 extra tokens; Qwen2.5-VL-7B on its nominal 672x672 image: 48x48 patches, 576 visual tokens)."""
+    return replace(flops_dims(checkpoint_config(model)), extra_tokens=checkpoints()[model].extra_tokens)
 
 
 @dataclass(frozen=True)
@@ -194,7 +164,7 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
         if cut.layer is None:  # the importance row, then a merge on head-averaged keys
             dv, patches = dims.vision_hidden, dims.vision_tokens
             if dims.vision_cls:  # keys of all tokens, CLS query and logits
-                macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if recipe.encoder_row else 0)
+                macs += dv * dv * cut.before + ((dv * dv + cut.before * dv) if not recipe.eager_encoder else 0)
             else:  # the attention each patch receives: q, k, v of every patch (one projection), all logits
                 macs += 3 * patches * dv * dv + patches * patches * dv
             metric, width = dv // dims.vision_heads, dims.projector_in  # Qwen2.5-VL: 4 patches per token
@@ -328,7 +298,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
 def method_flops(model: str | Dims, method: str = "none", budget: float | None = None,
                  text_tokens: int = TEXT_TOKENS, **options: Any) -> Breakdown:
     """Prefill FLOPs of `method` at `budget` on a preset name or Dims, with `text_tokens` non-visual tokens."""
-    dims = PRESETS[model] if isinstance(model, str) else model
+    dims = checkpoint_dims(model) if isinstance(model, str) else model
     sched = schedule(dims, method, budget, **options)
     dims = replace(dims, extra_tokens=max(0, dims.extra_tokens - sched.newlines))  # measured, not extra
     overhead = overhead_flops(dims, method, sched.cuts, text_tokens, **options)
@@ -348,7 +318,7 @@ def _runs(counts: Sequence[int]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m visiondrop.efficiency.flops", description="Prefill FLOPs of a method "
                                      "in the VisionDrop paper's convention (2 x MACs, full prefill forward).")
-    parser.add_argument("--model", choices=sorted(PRESETS), default="llava-1.5-7b")
+    parser.add_argument("--model", choices=list(checkpoints()), default="llava-1.5-7b")
     parser.add_argument("--method", choices=list(METHODS), default="none")
     parser.add_argument("--budget", type=float, help="average visual tokens per decoder layer (not for 'none')")
     parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS,
@@ -357,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.method != "none" and args.budget is None:
         parser.error(f"method {args.method!r} needs --budget")
     budget = None if args.budget is None else int(args.budget) if args.budget.is_integer() else args.budget
-    dims = PRESETS[args.model]
+    dims = checkpoint_dims(args.model)
     try:
         sched = schedule(dims, args.method, budget)
         result = method_flops(dims, args.method, budget, args.text_tokens)

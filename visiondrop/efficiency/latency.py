@@ -57,78 +57,24 @@ from torch import nn
 from tqdm import tqdm
 
 from ..engine import decoder as engine_decoder, encoder as engine_encoder
-from ..core import Shape, TokenIds
-from ..families import family_for, flops_dims
-from ..families.llava import LLAVA
-from ..families.llava_next import LLAVA_NEXT
-from ..families.video_llava import VIDEO_LLAVA
-from ..families.qwen2_5_vl import QWEN2_5_VL
-from ..families.qwen3_vl import QWEN3_VL
-from .flops import PAPER_MODELS, TEXT_TOKENS, method_flops
+from ..families import checkpoint_config, checkpoints, family_by_type, family_for, flops_dims
+from .flops import TEXT_TOKENS, method_flops
 from ..methods import METHODS, method_title
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
-MODELS = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "video-llava-7b", "qwen3-vl-8b")
-IMAGE_MODELS = MODELS[:2]  # the paper's efficiency table: what a GPU run builds by default
-DEFAULT_METHODS = tuple(METHODS)  # every registered method
-DEFAULT_BUDGETS = {"llava-1.5-7b": (64,), "llava-next-7b": (320,), "qwen2.5-vl-7b": (64,), "qwen3-vl-8b": (64,),
-                   "video-llava-7b": (257,)}  # 257: 12.5% of 2056
+
+
+def image_models() -> list[str]:
+    """The paper's efficiency table (its image models): what a GPU run builds by default."""
+    return [name for name, c in checkpoints().items()
+            if c.paper and not family_by_type(c.model_type).model_info(checkpoint_config(name, "tiny")).video]
+
 DEFAULT_BATCH_SIZES = {"cuda": (1, 8, 32), "cpu": (1, 8)}
 SCALING_RATIO = 64 / 576  # the paper's budget 64 of LLaVA-1.5's 576 tokens (and 320 of NeXT's 2880)
 #: the scaling run's images: (model, image (height, width); None = the model's own size)
 SCALING_POINTS = (("llava-1.5-7b", None), ("llava-next-7b", (336, 672)), ("llava-next-7b", (1008, 336)),
                   ("llava-next-7b", (672, 672)), ("llava-next-7b", (1008, 1008)))
 SCALING_POINTS_GPU = SCALING_POINTS + (("llava-next-7b", (1344, 1344)),)
-
-
-#: "reduced" = full / 8 with head dims 64; "tiny" only keeps tests fast. Depths never change.
-WIDTHS = {
-    "full": Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vision_hidden=1024, vision_intermediate=4096,
-                  vision_layers=24, vision_heads=16),
-    "reduced": Shape(hidden=512, intermediate=1376, layers=32, heads=8, vision_hidden=128, vision_intermediate=512,
-                     vision_layers=24, vision_heads=2),
-    "tiny": Shape(hidden=64, intermediate=172, layers=32, heads=2, vision_hidden=32, vision_intermediate=128,
-                  vision_layers=24, vision_heads=1),
-}
-#: Qwen2.5-VL-7B-Instruct's widths, the same way ("reduced": full / 8, decoder head dims 64, 1 key-value head of 7)
-QWEN_WIDTHS = {
-    "full": Shape(hidden=3584, intermediate=18944, layers=28, heads=28, vision_hidden=1280, vision_intermediate=3420,
-                  vision_layers=32, vision_heads=16, kv_heads=4),
-    "reduced": Shape(hidden=448, intermediate=2368, layers=28, heads=7, vision_hidden=160, vision_intermediate=428,
-                     vision_layers=32, vision_heads=2, kv_heads=1),
-    "tiny": Shape(hidden=64, intermediate=172, layers=28, heads=2, vision_hidden=32, vision_intermediate=128,
-                  vision_layers=32, vision_heads=1, kv_heads=1),
-}
-#: Qwen3-VL-8B-Instruct's widths, the same way ("reduced": full / 8, decoder head dims 64, 2 key-value heads of 8)
-QWEN3_WIDTHS = {
-    "full": Shape(hidden=4096, intermediate=12288, layers=36, heads=32, vision_hidden=1152, vision_intermediate=4304,
-                  vision_layers=27, vision_heads=16, kv_heads=8),
-    "reduced": Shape(hidden=512, intermediate=1536, layers=36, heads=8, vision_hidden=144, vision_intermediate=538,
-                     vision_layers=27, vision_heads=2, kv_heads=2),
-    "tiny": Shape(hidden=64, intermediate=172, layers=36, heads=2, vision_hidden=32, vision_intermediate=128,
-                  vision_layers=27, vision_heads=1, kv_heads=1),
-}
-MODEL_FAMILIES = {"llava-1.5-7b": LLAVA, "llava-next-7b": LLAVA_NEXT, "qwen2.5-vl-7b": QWEN2_5_VL,
-                  "qwen3-vl-8b": QWEN3_VL,
-                  "video-llava-7b": VIDEO_LLAVA}
-# the llava-hf checkpoints' vocabulary, and a free id for Video-LLaVA's <video> (the LLaVA families ignore it)
-LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001, special={"<video>": 32002})
-QWEN_IDS = TokenIds(vocab=152064, image=151655, bos=151643, eos=151645, pad=151643,  # Qwen2.5-VL's vocabulary
-                    special={"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|video_pad|>": 151656})
-MODEL_SHAPES = {"llava-1.5-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5), "llava-next-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5),
-                "qwen2.5-vl-7b": (QWEN_WIDTHS, QWEN_IDS, 1e-6),
-                "qwen3-vl-8b": (QWEN3_WIDTHS, replace(QWEN_IDS, vocab=151936), 1e-6),  # Qwen3-VL's vocabulary
-                "video-llava-7b": (WIDTHS, LLAVA_HF_IDS, 1e-5)}  # widths, vocabulary, norm epsilon
-
-
-def build_config(model: str = "llava-1.5-7b", width: str = "full"):
-    """The config of llava-hf/llava-1.5-7b-hf (llava-v1.6-vicuna-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct,
-    Qwen/Qwen3-VL-8B-Instruct) at `width`,
-    built by its family."""
-    if model not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    widths, ids, norm_eps = MODEL_SHAPES[model]
-    return MODEL_FAMILIES[model].build_config(widths[width], ids, norm_eps=norm_eps)
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype, attn: str = "sdpa") -> nn.Module:
@@ -480,7 +426,7 @@ def _load_text(load: tuple[float, ...]) -> str:
 
 
 def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrained: str | Path | None = None,
-              device: str | None = None, dtype: str | None = None, methods: Sequence[str] = DEFAULT_METHODS,
+              device: str | None = None, dtype: str | None = None, methods: Sequence[str] | None = None,
               budgets: Sequence[float] | None = None, batch_sizes: Sequence[int] | None = None,
               new_tokens: int = 32, warmup: int = 2, repeats: int | None = None, threads: int | None = None,
               text_tokens: int = TEXT_TOKENS, attn: str | None = None, out: str | Path | None = "results",
@@ -499,11 +445,13 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
     batch_sizes = tuple(batch_sizes or DEFAULT_BATCH_SIZES.get(dev.type, (1,)))
     if min(batch_sizes) < 1 or len(set(batch_sizes)) != len(batch_sizes):
         raise ValueError(f"batch sizes must be distinct positive integers, got {list(batch_sizes)}")
-    budgets = DEFAULT_BUDGETS.get(model, (64,)) if budgets is None else budgets
+    if budgets is None:  # the checkpoint's paper budget (a --pretrained folder of another name: 64)
+        budgets = (checkpoints()[model].budget,) if model in checkpoints() else (64,)
+    methods = list(METHODS) if methods is None else methods  # every registered method
     load = os.getloadavg()
     with _cpu_threads(dev, threads) as n_threads:
         net = load_model(pretrained, dev, torch_dtype, setup.attn) if pretrained \
-            else build_model(build_config(model, setup.width), dev, torch_dtype, setup.attn)
+            else build_model(checkpoint_config(model, setup.width), dev, torch_dtype, setup.attn)
         inputs = {b: make_inputs(net.config, dev, torch_dtype, text_tokens, batch=b) for b in batch_sizes}
         rows = [Row(m, b, new_tokens, batch) for batch in batch_sizes
                 for m, b in [("none", None)] + [(m, b) for m in methods if m != "none" for b in budgets]]
@@ -592,7 +540,7 @@ def render(title: str, rows: list[Row], model: str, device: torch.device, width:
     for r in rows:
         full = fulls[r.batch]
         budget = n_visual if r.budget is None else r.budget
-        ref = paper.get((PAPER_MODELS.get(model, ""), method_title(r.method), float(budget)), {}) \
+        ref = paper.get((checkpoints()[model].paper if model in checkpoints() else "", method_title(r.method), float(budget)), {}) \
             if r.batch == 1 else {}
         ratio = full.tflops / r.tflops if full.tflops and r.tflops else None
         ok = r.status == "ok" and full.status == "ok"
@@ -690,7 +638,7 @@ def scaling(*, width: str | None = None, device: str | None = None, dtype: str |
     with _cpu_threads(setup.device, threads) as n_threads:
         for model in dict.fromkeys(m for m, _ in points):  # one model per architecture, built once
             sizes = [size for m, size in points if m == model]
-            config = build_config(model, setup.width)
+            config = checkpoint_config(model, setup.width)
             pinpoints = getattr(config, "image_grid_pinpoints", None)
             if pinpoints is not None:  # grids beyond the checkpoints' own (the architecture takes any grid)
                 config.image_grid_pinpoints = pinpoints + [list(s) for s in sizes if s and list(s) not in pinpoints]
@@ -791,14 +739,14 @@ def plot_scaling(points: list[ScalingPoint], ratio: float, path: Path, device: t
 
 def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
     parser = argparse.ArgumentParser(prog="python -m visiondrop.efficiency.latency", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", choices=MODELS, help="architectures to build (default: both on a GPU, "
+    parser.add_argument("--model", nargs="+", choices=list(checkpoints()), help="architectures to build (default: both on a GPU, "
                         "llava-1.5-7b on a CPU); with --pretrained: which paper rows to show beside")
     parser.add_argument("--pretrained", help="load this checkpoint instead of random weights")
-    parser.add_argument("--width", choices=sorted(WIDTHS), help="default: full on a GPU, reduced on a CPU")
+    parser.add_argument("--width", choices=("full", "reduced", "tiny"), help="default: full on a GPU, reduced on a CPU")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 on a GPU, float32 on a CPU")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="default: every registered method")
     parser.add_argument("--budgets", nargs="+", type=float,
                         help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b, 64 for qwen2.5-vl-7b and qwen3-vl-8b, 257 for video-llava-7b)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 8 32 on a GPU, 1 8 on a CPU")
@@ -826,7 +774,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
         print(result.markdown)
         return result
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    models = args.model or (list(IMAGE_MODELS) if gpu and not args.pretrained else ["llava-1.5-7b"])
+    models = args.model or (image_models() if gpu and not args.pretrained else ["llava-1.5-7b"])
     budgets = None if args.budgets is None else [int(b) if b.is_integer() else b for b in args.budgets]
     results = []
     for model in models[:1] if args.pretrained else models:

@@ -82,11 +82,11 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     over the current visual tokens or None; `Selection`).
 
     Positions are renumbered contiguously when the policy asks for it (`renumber`) and the family allows it
-    (`Family.renumbers_positions`); otherwise every token keeps its position: a visual token the one of its slot in
+    (unless `Family.fixed_positions`); otherwise every token keeps its position: a visual token the one of its slot in
     the current visual block (`slots`: sample -> [k + c] slots, -1 for the family's `merged_position`; default:
     `keep`, then -1 for the merged tokens).
     """
-    renumber = renumber and family.renumbers_positions
+    renumber = renumber and not family.fixed_positions
     length = run.hidden.shape[1]
     device = run.hidden.device
     index, sources, positions, visual_at, origins, side = [], [], [], [], [], []

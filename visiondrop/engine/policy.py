@@ -111,7 +111,7 @@ class Policy:
     #: and image-newline tokens) instead of the compact one of the official VisionDrop/VisionZip code.
     native_layout: bool = False
     #: Encoder stage: the vision tower runs with eager attention and the importance rows are its own attention
-    #: probabilities (`Family.encoder_view(eager=True)`), bit-identical to official code that asks for
+    #: probabilities (`Family.encoder_view(eager_encoder=True)`), bit-identical to official code that asks for
     #: `output_attentions`; for policies whose selection hangs on float ties. Default: the tower's own attention
     #: (SDPA) with the rows recomputed from one layer's q/k.
     eager_encoder: bool = False

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core import Dims, Images, ModelInfo, Shape, TokenIds
+from ..core import Checkpoint, Dims, Images, ModelInfo, Shape, TokenIds
 from .base import Family
 
 #: config.model_type -> "module:adapter"
@@ -50,6 +50,23 @@ def family_of(model: nn.Module) -> Family:
                     f"{', '.join(f.model_class.__name__ for f in families)}")
 
 
+def checkpoints() -> dict[str, Checkpoint]:
+    """Every registered family's released checkpoints by name, in registry order: the models the FLOPs count and
+    the latency benchmark know."""
+    return {c.name: c for spec in FAMILIES.values() for c in _load(spec).checkpoints}
+
+
+def checkpoint_config(name: str, width: str = "full") -> Any:
+    """The config of the registered checkpoint `name` at `width` ("full", "reduced", "tiny"), built by its family
+    (random weights from it measure real speed: `visiondrop.efficiency.latency`)."""
+    known = checkpoints()
+    if name not in known:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(known)}")
+    checkpoint = known[name]
+    return family_by_type(checkpoint.model_type).build_config(checkpoint.shape_at(width), checkpoint.ids,
+                                                              norm_eps=checkpoint.norm_eps)
+
+
 def info_of(model: nn.Module) -> ModelInfo:
     """The `ModelInfo` of a loaded model; TypeError if no family supports it."""
     return family_of(model).model_info(model.config)
@@ -60,5 +77,5 @@ def flops_dims(config: Any) -> Dims:
     return family_for(config).flops_dims(config)
 
 
-__all__ = ["FAMILIES", "Dims", "Family", "Images", "ModelInfo", "Shape", "TokenIds", "family_by_type", "family_for",
+__all__ = ["FAMILIES", "Checkpoint", "Dims", "checkpoint_config", "checkpoints", "Family", "Images", "ModelInfo", "Shape", "TokenIds", "family_by_type", "family_for",
            "family_of", "flops_dims", "info_of"]

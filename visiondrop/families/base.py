@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llama.modeling_llama import rotate_half
 from transformers.utils import ModelOutput
 
-from ..core import Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
+from ..core import Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
 
 class Family:
     """The adapter of one model family. Subclasses implement every method that raises NotImplementedError."""
@@ -33,14 +33,16 @@ class Family:
     feature_functions: dict[str, str] = {"image": "get_image_features"}
     #: the host takes the encoded features as one tensor [n, slots, D] (it calls `.to()` on them), not a list
     stacked_features: bool = False
-    #: False for a family whose positions carry the image layout (M-RoPE): tokens keep their positions at every
+    #: True for a family whose positions carry the image layout (M-RoPE): tokens keep their positions at every
     #: cut, whatever the policy's `renumber_positions`, and merged tokens take `merged_position`
-    renumbers_positions: bool = True
+    fixed_positions: bool = False
     #: a sample's visual tokens may lie in several spans separated by text (Qwen3-VL: a video's frames, each after
     #: its timestamp): decoder cuts treat them as one set, and each kept token stays in its span
     visual_spans: bool = False
     image_token: str = "<image>"  # the placeholder its processor expands
     special_tokens: tuple[str, ...] = ()  # tokens its prompts need beyond LLaVA's (tiny tokenizers add them)
+    #: its released checkpoints that the FLOPs count and the latency benchmark rebuild (`families.checkpoints()`)
+    checkpoints: tuple[Checkpoint, ...] = ()
 
     # -- where a loaded model keeps its parts ------------------------------------------------------------------
     def multimodal(self, model: nn.Module) -> nn.Module:
@@ -168,11 +170,11 @@ class Family:
         unless the token count varies per image."""
         return [images]
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> "EncoderView":
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> "EncoderView":
         """Run the vision tower on every crop and show the feature layer to an encoder-side policy.
 
         Token 0 of the view's importance row is CLS where the tower has one; a tower without CLS gives the mean
-        attention each token receives instead. Frames of a video are crops of one sample. `eager`: run the tower
+        attention each token receives instead. Frames of a video are crops of one sample. `eager_encoder`: run the tower
         with eager attention and read the importance from its attention probabilities, as official code that asks
         for `output_attentions` computes them (bit-identical features and rows), instead of the tower's own
         attention with the rows recomputed.

@@ -16,8 +16,8 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from ..core import Dims, EncoderView
-from .base import Family, Images, ModelInfo, Shape, TokenIds
+from ..core import Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
+from .base import Family
 
 IMAGE_SIZE, PATCH_SIZE = 336, 14  # CLIP ViT-L/14-336, the tower of every LLaVA-1.5 and 1.6 checkpoint
 CHAT_TEMPLATE = (  # llava-1.5 ("USER: <image>\n... ASSISTANT:") format
@@ -45,11 +45,11 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
 
 
 def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int,
-                      eager: bool = False) -> EncoderView:
+                      eager_encoder: bool = False) -> EncoderView:
     """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys.
 
     By default the CLS row and the keys are recomputed from the layer's own projections (its input captured with
-    a forward pre-hook), so the tower keeps its SDPA attention. With `eager`, every layer runs transformers' eager
+    a forward pre-hook), so the tower keeps its SDPA attention. With `eager_encoder`, every layer runs eager
     attention and the CLS row is the layer's own attention probabilities: bit-identical to official code that asks
     the tower for `output_attentions` (VisPruner), at the cost of the eager tower's speed and memory.
     """
@@ -63,10 +63,10 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
         captured["cls_attention"] = output[1][:, :, 0]  # [N, H, T]: the CLS query's row
 
     hooks = [attn.register_forward_pre_hook(grab_input, with_kwargs=True)]
-    if eager:
+    if eager_encoder:
         hooks.append(attn.register_forward_hook(grab_probabilities))
     try:
-        with _attention_implementation(vision_tower, "eager" if eager else None):
+        with _attention_implementation(vision_tower, "eager" if eager_encoder else None):
             out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     finally:
         for hook in hooks:
@@ -74,7 +74,7 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
     x = captured["x"]
     heads = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)  # noqa: E731
     keys = heads(attn.k_proj(x))
-    if eager:
+    if eager_encoder:
         cls_attention = captured["cls_attention"]
     else:
         cls_query = heads(attn.q_proj(x[:, :1]))
@@ -96,8 +96,17 @@ def _attention_implementation(vision_tower: nn.Module, implementation: str | Non
         config._attn_implementation = own
 
 
+#: llava-hf's vocabulary, and a free id for Video-LLaVA's <video> (the LLaVA families ignore it)
+LLAVA_HF_IDS = TokenIds(vocab=32064, image=32000, bos=1, eos=2, pad=32001, special={"<video>": 32002})
+#: Vicuna-7B and CLIP ViT-L/14-336, the widths and depths of every LLaVA-7B checkpoint here
+LLAVA_7B_SHAPE = Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vision_hidden=1024,
+                       vision_intermediate=4096, vision_layers=24, vision_heads=16)
+
+
 class Llava(Family):
     model_class = LlavaForConditionalGeneration
+    checkpoints = (Checkpoint("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "llava", LLAVA_7B_SHAPE, LLAVA_HF_IDS, 1e-5,
+                              budget=64, paper="LLaVA-1.5-7B"),)
     config_class = LlavaConfig
     image_aspect_ratio = "pad"  # LLaVA-1.5's evaluation expands images to a square
     conv_template = "vicuna_v1"
@@ -186,13 +195,13 @@ class Llava(Family):
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
         return tokens, {"pixel_values": pixels}
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
         tower = self.vision_tower(model, images.modality)
         layer = feature_layer_index(tower, images.feature_layer)
-        if not eager:
+        if not eager_encoder:
             return clip_encoder_view(tower, images.pixels, layer)
         # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
-        views = [clip_encoder_view(tower, pixels, layer, eager=True) for pixels in images.pixels.split(images.crops)]
+        views = [clip_encoder_view(tower, pixels, layer, eager_encoder=True) for pixels in images.pixels.split(images.crops)]
         return EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))))
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,

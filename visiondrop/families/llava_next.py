@@ -19,7 +19,8 @@ from transformers import (
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from .base import Images
-from .llava import Llava
+from ..core import Checkpoint
+from .llava import LLAVA_7B_SHAPE, LLAVA_HF_IDS, Llava
 
 GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6, (height, width)
 EXAMPLE_IMAGE = (672, 672)  # the benchmark's image: fills the 2x2 grid exactly, so base + 4 crops and no unpadding
@@ -27,6 +28,9 @@ EXAMPLE_IMAGE = (672, 672)  # the benchmark's image: fills the 2x2 grid exactly,
 
 class LlavaNext(Llava):
     model_class = LlavaNextForConditionalGeneration
+    #: counted as the paper counts it: 49 tokens beyond the text and the 2880 visual ones (efficiency/flops.py)
+    checkpoints = (Checkpoint("llava-next-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_next", LLAVA_7B_SHAPE,
+                              LLAVA_HF_IDS, 1e-5, budget=320, paper="LLaVA-NeXT-7B", extra_tokens=49),)
     config_class = LlavaNextConfig
     image_aspect_ratio = "none"  # the processor's anyres handles any aspect ratio
     image_feature_args = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")

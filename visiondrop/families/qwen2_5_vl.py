@@ -7,9 +7,9 @@ What differs from LLaVA, and how this adapter handles it:
   `budget=64` is the same retention (64/576) on both; every method scales its counts to each image's own tokens
   (`DecoderCut.scaled`, `EncoderView.share`), and `ratio=` states the share directly.
 - Positions are M-RoPE's [3, B, L] (temporal, height, width), built by the model (`get_rope_index`); the text
-  after an image continues from its largest position. They are never renumbered (`renumbers_positions`): kept
+  after an image continues from its largest position. They are never renumbered (`fixed_positions`): kept
   tokens keep their positions at every cut, as every Qwen2.5-VL pruning implementation read does (LightCompress,
-  EffiVLM-Bench, DART; /work/shared/reference/field-notes.md), and decoding continues after the unpruned prompt,
+  EffiVLM-Bench, DART; the shared reference's field-notes.md), and decoding continues after the unpruned prompt,
   so a method that cuts nothing is the stock model. A merged (contextual) token gathers tokens from all over the
   image (its members are assigned by key similarity, not by place), so it takes the centre of the image's grid
   (`merged_position`) rather than the place of any one member.
@@ -17,7 +17,7 @@ What differs from LLaVA, and how this adapter handles it:
   patch receives from all patches of its image at the tower's last full-attention layer (block 31 of 32, not a
   windowed one), recomputed from that block's own qkv projection and rotary embedding (the tower keeps SDPA). The
   official VisionZip, VisionDrop and SparseVLM repositories have no Qwen2.5-VL adaptation (users ask for one:
-  VisionZip #4 #9); the closest is LightCompress's, which /work/shared/reference/field-notes.md reports to use this
+  VisionZip #4 #9); the closest is LightCompress's, which the shared reference's field-notes.md reports to use this
   CLS substitute at the tower's last layer with the window order undone (its code was not read for this adapter).
   A visual token's score is the mean of its four patches; its hidden vector the concatenation of its four patches' outputs (what the merger takes, so merged
   tokens average groups before the merger's norm and MLP, as LLaVA's merge before the projector); its key the mean
@@ -47,8 +47,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.processing_utils import ProcessorMixin
 from transformers.vision_utils import get_vision_window_index
 
-from ..core import Dims, EncoderView
-from .base import Family, Images, ModelInfo, Shape, TokenIds
+from ..core import Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
+from .base import Family
 
 NOMINAL_SIDE = 672  # the budgets' reference image: (672 / 28)^2 = 576 visual tokens, as LLaVA-1.5's
 PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH = 14, 2, 2
@@ -89,9 +89,16 @@ class Qwen2_5_VL(Family):
     model_class = Qwen2_5_VLForConditionalGeneration
     nominal_side = NOMINAL_SIDE  # pixels of the budgets' reference image's side
     title = "Qwen2.5-VL"  # in error messages
+    checkpoints = (Checkpoint(
+        "qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl",
+        Shape(hidden=3584, intermediate=18944, layers=28, heads=28, vision_hidden=1280, vision_intermediate=3420,
+              vision_layers=32, vision_heads=16, kv_heads=4),
+        TokenIds(vocab=152064, image=151655, bos=151643, eos=151645, pad=151643,
+                 special={"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|video_pad|>": 151656}),
+        1e-6, budget=64),)
     image_aspect_ratio = "none"  # dynamic resolution takes any aspect ratio
     conv_template = "chat_template"
-    renumbers_positions = False
+    fixed_positions = True
     image_token = "<|image_pad|>"
     special_tokens = SPECIAL_TOKENS
 
@@ -171,10 +178,10 @@ class Qwen2_5_VL(Family):
         return [Images(pixels, [1], images.feature_layer, images.select_strategy, images.sizes[i:i + 1])
                 for i, pixels in enumerate(images.pixels.split(patches))]
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
         """The tower's output and the mean attention received at its last full-attention block, per visual token.
 
-        `eager` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
+        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
         bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway."""
         tower = self.vision_tower(model)
         config = tower.config

@@ -68,7 +68,7 @@ from transformers.utils import ModelOutput
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
-from ..core import EMPTY_SLOT, Dims, EncoderView, Images, Shape, TokenIds
+from ..core import EMPTY_SLOT, Checkpoint, Dims, EncoderView, Images, Shape, TokenIds
 from .qwen2_5_vl import CHAT_TEMPLATE as QWEN2_5_CHAT_TEMPLATE
 from .qwen2_5_vl import Qwen2_5_VL, run_tower
 
@@ -84,6 +84,9 @@ FPS = 2.0  # Qwen3-VL's own sampling rate, which the timestamps of pre-sampled f
 IMAGE_LINE = "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
 #: Qwen3-VL-Instruct's chat template for images, videos and text: Qwen2.5-VL's without its default system message; a
 #: video's placeholder is expanded by the processor into each temporal patch's timestamp and vision tokens
+#: Qwen3-VL's vocabulary and the ids of its special tokens
+IDS = TokenIds(vocab=151936, image=151655, bos=151643, eos=151645, pad=151643,
+               special={"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|video_pad|>": 151656})
 CHAT_TEMPLATE = QWEN2_5_CHAT_TEMPLATE.replace(
     "{% if loop.first and message['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}", "").replace(
@@ -166,6 +169,11 @@ def _frame_options(image_processor: Any) -> dict[str, Any]:
 
 class Qwen3_VL(Qwen2_5_VL):
     model_class = Qwen3VLForConditionalGeneration
+    checkpoints = (Checkpoint(
+        "qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl",
+        Shape(hidden=4096, intermediate=12288, layers=36, heads=32, vision_hidden=1152, vision_intermediate=4304,
+              vision_layers=27, vision_heads=16, kv_heads=8),
+        IDS, 1e-6, budget=64),)
     nominal_side = NOMINAL_SIDE
     title = "Qwen3-VL"
     feature_functions = {"image": "get_image_features", "video": "get_video_features"}
@@ -309,7 +317,7 @@ class Qwen3_VL(Qwen2_5_VL):
 
     def _config_parts(self, shape: Shape, ids: TokenIds, init_std: float, norm_eps: float,
                       **text_extra: Any) -> dict[str, Any]:
-        head_dim = shape.hidden // shape.heads
+        head_dim = shape.head_dim or shape.hidden // shape.heads
         section = [s * head_dim // 128 for s in MROPE_SECTION[1:]]
         section = [head_dim // 2 - sum(section), *section]
         text = dict(
@@ -341,6 +349,12 @@ class Qwen3_VL_MoE(Qwen3_VL):
 
     model_class = Qwen3VLMoeForConditionalGeneration
     title = "Qwen3-VL-MoE"
+    #: `intermediate` is one expert's width (moe_intermediate_size); 32 heads of 128 on a 2048-wide decoder
+    checkpoints = (Checkpoint(
+        "qwen3-vl-30b-a3b", "Qwen/Qwen3-VL-30B-A3B-Instruct", "qwen3_vl_moe",
+        Shape(hidden=2048, intermediate=768, layers=48, heads=32, vision_hidden=1152, vision_intermediate=4304,
+              vision_layers=27, vision_heads=16, kv_heads=4, head_dim=128),
+        IDS, 1e-6, budget=64),)
 
     def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
         """Qwen3-VL-30B-A3B-Instruct's layout: as Qwen3-VL-8B's, with 128 experts of `shape.intermediate` in every

@@ -25,10 +25,10 @@ from transformers import AutoTokenizer, BatchFeature, VideoLlavaConfig, VideoLla
 from transformers.models.video_llava import VideoLlavaImageProcessor, VideoLlavaProcessor
 from transformers.video_processing_utils import VideoProcessorMixin
 
-from ..core import Dims
+from ..core import Checkpoint, Dims
 from .base import Images, ModelInfo
 from .llava import CHAT_TEMPLATE as IMAGE_CHAT_TEMPLATE
-from .llava import PATCH_SIZE, Llava
+from .llava import LLAVA_7B_SHAPE, LLAVA_HF_IDS, PATCH_SIZE, Llava
 
 IMAGE_SIZE = 224  # LanguageBind's CLIP ViT-L/14 towers
 FRAMES = 8  # frames per video, sampled uniformly (Video-LLaVA's training and evaluation)
@@ -90,6 +90,9 @@ def _is_one_video(videos: Any) -> bool:
 
 class VideoLlava(Llava):
     model_class = VideoLlavaForConditionalGeneration
+    #: budget 257: 12.5% of one 8-frame video's 2,056 tokens
+    checkpoints = (Checkpoint("video-llava-7b", "LanguageBind/Video-LLaVA-7B-hf", "video_llava", LLAVA_7B_SHAPE,
+                              LLAVA_HF_IDS, 1e-5, budget=257, paper="Video-LLaVA-7B"),)
     config_class = VideoLlavaConfig
     image_aspect_ratio = "none"  # Video-LLaVA's evaluation resizes and centre-crops (no padding to a square)
     conv_template = "vicuna_v1"  # its "USER: ... ASSISTANT:" prompt after the system sentence

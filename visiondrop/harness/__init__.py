@@ -1,6 +1,6 @@
 """The evaluation harness around the engine: the lmms-eval plugin model and the local benchmark tasks.
 
-Kept import-light: lmms-eval imports `visiondrop.harness.manifest` on every run to register `pruned_llava`.
+Kept import-light: lmms-eval imports `visiondrop.harness.manifest` on every run to register `pruned_lvlm`.
 """
 from pathlib import Path
 

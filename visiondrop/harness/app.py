@@ -15,9 +15,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import outcomes
+from ..methods import METHODS
 from .job import Unreachable, evaluate, job_label, judge_again, plan_job
 from .store import judge_label
 from .outcomes import Outcome
@@ -69,6 +70,11 @@ def budget_arguments(argv: list[str]) -> list[str]:
     return [re.sub(r"^budget=([\d.]+(?:,[\d.]+)*)$", r"budget.tokens=\1", arg) for arg in argv]
 
 
+def register_resolvers() -> None:
+    """`${visiondrop.methods:}`: every registered method, comma-separated, for sweeps over all of them."""
+    OmegaConf.register_new_resolver("visiondrop.methods", lambda: ",".join(METHODS), replace=True)
+
+
 def cli() -> None:
     """scripts/run.py: exits 1 if a job failed (the sweep's other jobs still run)."""
     sys.argv = budget_arguments(sys.argv)
@@ -76,5 +82,6 @@ def cli() -> None:
     if configs is None and not any(a.startswith(("--config-dir", "-cd")) for a in sys.argv):
         sys.exit(f"no configs/config.yaml in {Path.cwd()}: run from the project root, or pass --config-dir")
     outcomes.SEEN.clear()
+    register_resolvers()
     hydra.main(version_base="1.3", config_path=configs, config_name="config")(main)()
     sys.exit(outcomes.exit_status())

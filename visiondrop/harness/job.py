@@ -16,7 +16,7 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ..methods import method, policy_for
+from ..methods import Unreachable, method, policy_for
 from ..families import family_for
 from . import TASKS_DIR
 from .judge import Judge, judge_record
@@ -78,11 +78,11 @@ def model_path(cfg: DictConfig) -> str:
                                     f"from the working directory, {Path.cwd()}); give an existing folder or a "
                                     "Hugging Face hub id such as llava-hf/llava-1.5-7b-hf")
         return given
-    from ..testing.tiny import build_tiny_llava
+    from ..testing.tiny import build_tiny
 
     path = project_path(cfg.results_dir).parent / "models" / cfg.model.name
     if not (path / "config.json").exists():
-        build_tiny_llava(path, seed=0)
+        build_tiny("llava", path, seed=0)
     return str(path)
 
 
@@ -99,10 +99,6 @@ def versions() -> dict:
 
 #: `datasets` builders that read local files: a stock task's `dataset_name` (a hub subset) does not apply to them
 LOCAL_BUILDERS = ("parquet", "json", "csv", "arrow", "text", "imagefolder")
-
-
-class Unreachable(Exception):
-    """This method cannot run at this budget (or with these options) on this model."""
 
 
 def resolve_schedule(cfg: DictConfig, path: str, budget: Budget) -> dict:
@@ -236,12 +232,12 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from .lmms_model import PrunedLlava
+    from .lmms_model import PrunedLVLM
 
     store = ResultStore(project_path(cfg.results_dir))
     budget, todo = plan.budget, [bench for bench, _ in plan.todo]
     judge = plan.judge  # configured where the tasks read it, and its key checked, by plan_job
-    model = PrunedLlava(pretrained=plan.path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
+    model = PrunedLVLM(pretrained=plan.path, method=cfg.method.name, budget=budget.tokens, batch_size=cfg.batch_size,
                         dtype=cfg.model.dtype, device=cfg.model.device,
                         attn_implementation=cfg.model.attn_implementation,
                         image_aspect_ratio=cfg.model.image_aspect_ratio, conv_template=cfg.model.conv_template,

@@ -1,10 +1,10 @@
-"""lmms-eval plugin model `pruned_llava`: a Hugging Face LLaVA checkpoint with a token-reduction method applied.
+"""lmms-eval plugin model `pruned_lvlm`: a Hugging Face LLaVA checkpoint with a token-reduction method applied.
 
-    python -m lmms_eval --model pruned_llava \\
+    python -m lmms_eval --model pruned_lvlm \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=visiondrop,budget=64 --tasks pope --output_path out
 
 Registered through the entry-point group `lmms_eval.models` (visiondrop/harness/manifest.py); no fork of lmms-eval.
-Model args (`--model_args k=v,...`, or keywords of `PrunedLlava(...)` for `simple_evaluate(model=instance)`):
+Model args (`--model_args k=v,...`, or keywords of `PrunedLVLM(...)` for `simple_evaluate(model=instance)`):
 - pretrained: local folder or hub id of a checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
   Video-LLaVA: `visiondrop.families`); video tasks (visuals that are video file paths) need a family that takes
   videos: each video is decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`);
@@ -54,7 +54,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 DEFAULT_MAX_NEW_TOKENS = 128  # LLaVA's model_vqa_loader default, for tasks that do not say
 
 
-class PrunedLlava(lmms):
+class PrunedLVLM(lmms):
     def __init__(self, pretrained: str, method: str = "none", budget: float | str | None = None,
                  dtype: str | torch.dtype | None = None, device: str | None = None,
                  attn_implementation: str = "sdpa", batch_size: int | str = 1, image_aspect_ratio: str | None = None,
@@ -152,7 +152,7 @@ class PrunedLlava(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         results: list[str] = [""] * len(requests)
         tokenizer = self.processor.tokenizer
-        with tqdm(total=len(requests), desc="pruned_llava generate", disable=self.rank != 0) as bar:
+        with tqdm(total=len(requests), desc="pruned_lvlm generate", disable=self.rank != 0) as bar:
             for indices in self._batches(requests, key=lambda args: json.dumps(args[1], sort_keys=True, default=str)):
                 args = [requests[i].args for i in indices]
                 settings, until = _generation_settings(args[0][1], tokenizer)
@@ -175,7 +175,7 @@ class PrunedLlava(lmms):
         """
         results: list[GenerationResult] = [None] * len(requests)  # type: ignore[list-item]
         tokenizer = self.processor.tokenizer
-        with tqdm(total=len(requests), desc="pruned_llava loglikelihood", disable=self.rank != 0) as bar:
+        with tqdm(total=len(requests), desc="pruned_lvlm loglikelihood", disable=self.rank != 0) as bar:
             for indices in self._batches(requests, key=lambda args: None):
                 prompts, continuations, images = [], [], []
                 for i in indices:
@@ -206,7 +206,7 @@ class PrunedLlava(lmms):
         return results
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError("pruned_llava does not run multi-round tasks (generate_until_multi_round): the "
+        raise NotImplementedError("pruned_lvlm does not run multi-round tasks (generate_until_multi_round): the "
                                   "engine prunes one image prefill per sample; use single-round tasks")
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ class PrunedLlava(lmms):
                                  "video model (Video-LLaVA)")
             return read_frames(visuals[0], self.frames or self.family.frames(self._model.config))
         if len(visuals) > 1 or not isinstance(visuals[0], Image.Image):
-            raise ValueError(f"pruned_llava takes one image or one video per sample; {task} doc {doc_id} gave "
+            raise ValueError(f"pruned_lvlm takes one image or one video per sample; {task} doc {doc_id} gave "
                              f"{len(visuals)} visual(s) of type {type(visuals[0]).__name__}")
         return visuals[0].convert("RGB")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from ..efficiency.flops import PAPER_MODELS
+from ..families import checkpoints
 from ..methods import method_title
 
 #: the paper's tables of scores per benchmark (Table 1 on images, the video table); "Mean" is a plain mean of the
@@ -22,10 +22,16 @@ PAPER_COLUMNS = ("GQA", "MMB", "MMB-CN", "MME", "POPE", "SQA", "VQAv2", "TextVQA
 MARKERS = "osD^vPX*h<>"
 
 
+def paper_name(model: str) -> str:
+    """A model as the paper's tables name it (a registered checkpoint's `paper`), else its own name."""
+    checkpoint = checkpoints().get(model)
+    return checkpoint.paper if checkpoint and checkpoint.paper else model
+
+
 def paper_scores(paper_csv: str | Path, model: str) -> pd.DataFrame:
     """The paper's Table 1 (or video table) cells for `model` as (method, budget, benchmark) -> value."""
     paper = pd.read_csv(paper_csv)
-    paper = paper[paper.table.str.startswith(("Table1", "Video")) & (paper.model == PAPER_MODELS.get(model, model))
+    paper = paper[paper.table.str.startswith(("Table1", "Video")) & (paper.model == paper_name(model))
                   ].copy()
     paper["method"] = paper.method.str.replace(r" \(.*\)", "", regex=True)
     paper["budget"] = pd.to_numeric(paper.tokens.where(paper.method != "Vanilla", other=pd.NA), errors="coerce")

@@ -28,17 +28,25 @@ METHODS = {
     "sparsevlm": "baselines.sparsevlm",
     "visionzip": "baselines.visionzip",
     "dart": "baselines.dart",
-    "random": "baselines.random_drop",
+    "random": "baselines.random",
     "divprune": "baselines.divprune",
     "vispruner": "baselines.vispruner",
 }
 
 
+class Unreachable(ValueError):
+    """A budget (or options) a method cannot reach on a model; `floor`, where known, is the smallest reachable."""
+
+    def __init__(self, message: str, floor: float | None = None):
+        super().__init__(message)
+        self.floor = floor
+
+
 @dataclass(frozen=True)
 class Overhead:
     """The matrix products of a method's own scoring and merging, as the FLOPs count charges them
-    (`visiondrop.efficiency.flops.overhead_flops`; an encoder stage's keys, and its CLS row unless `encoder_row` is
-    False, are charged to every method that has one).
+    (`visiondrop.efficiency.flops.overhead_flops`; an encoder stage's keys, and its CLS row unless `eager_encoder`
+    reads it from the tower, are charged to every method that has one).
 
     rows: the query rows that score a decoder cut, by the scoring rule's name (`engine.scoring.RULES`): "visual"
     (every visual token), "text" (the last prompt token), "question" (the text tokens), "all_queries" (every prompt
@@ -49,8 +57,8 @@ class Overhead:
     pivots: tokens whose similarity to every visual token is computed at a decoder cut (DART's pivots);
     selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
     at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
-    encoder_row: the encoder stage recomputes its CLS row from the layer's q/k (False: it reads the row from an
-    eager tower's own probabilities; the layer's keys are computed either way).
+    eager_encoder: the encoder stage reads its CLS row from an eager tower's own probabilities (False: it
+    recomputes the row from the layer's q/k); the layer's keys are computed either way.
     """
 
     rows: str | None = None
@@ -59,7 +67,7 @@ class Overhead:
     key_norms: bool = False
     pivots: int = 0
     selection: Callable[[Cut, int], int] | None = None
-    encoder_row: bool = True
+    eager_encoder: bool = False
 
 
 @dataclass(frozen=True)

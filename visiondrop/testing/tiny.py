@@ -18,12 +18,8 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
-from ..families import Family, Shape, TokenIds, family_for
+from ..families import Family, Shape, TokenIds, family_by_type, family_for
 from ..families.llava import LLAVA
-from ..families.llava_next import LLAVA_NEXT
-from ..families.video_llava import VIDEO_LLAVA
-from ..families.qwen2_5_vl import QWEN2_5_VL
-from ..families.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4; unk/bos/eos match Llama
 
@@ -107,74 +103,32 @@ def _build(
     config = family.build_config(shape, token_ids(tokenizer, family), init_std)
     torch.manual_seed(seed)
     model = family.model_class(config)
-    # Stored in float16 like the real checkpoint: halves the folder (~4.5 MB); load_tiny_llava upcasts.
+    # Stored in float16 like the real checkpoint: halves the folder (~4.5 MB); load_tiny upcasts.
     model.to(torch.float16).save_pretrained(out_dir)
     family.build_processor(tokenizer).save_pretrained(out_dir)
     return out_dir
 
 
-def build_tiny_llava(out_dir: str | Path, **knobs) -> Path:
-    """Build, save and return the path of a tiny random LLaVA-1.5 (model, tokenizer, processor).
+def build_tiny(model_type: str, out_dir: str | Path, **knobs) -> Path:
+    """Build, save and return the path of a tiny random model of the registered family `model_type` (model,
+    tokenizer, processor), saved like a user's checkpoint: the real depths of the family's first checkpoint
+    (`Family.checkpoints`; grouped-query attention with 2 key-value heads where it has it) at a tiny width.
 
-    knobs (keywords, see `_build`: seed, text_layers, vision_layers, hidden, vision_hidden, heads, vocab_size,
-    init_std): ``vocab_size`` is the BPE training target; the model's vocabulary is the trained tokenizer's size.
-    ``init_std`` is larger than the usual 0.02 so that random logits are far from uniform.
+    knobs (keywords, see `_build`: seed, text_layers, vision_layers, hidden, vision_hidden, heads, kv_heads,
+    vocab_size, init_std): ``vocab_size`` is the BPE training target; the model's vocabulary is the trained
+    tokenizer's size. ``init_std`` is larger than the usual 0.02 so that random logits are far from uniform.
     """
-    return _build(out_dir, LLAVA, **knobs)
+    family = family_by_type(model_type)
+    real = family.checkpoints[0].shape
+    depths = {"text_layers": real.layers, "vision_layers": real.vision_layers, "kv_heads": 2 if real.kv_heads else None}
+    return _build(out_dir, family, **{**depths, **knobs})
 
 
-def build_tiny_llava_next(out_dir: str | Path, **knobs) -> Path:
-    """Build, save and return the path of a tiny random LLaVA-NeXT (llava-v1.6-vicuna-7b-hf layout).
-
-    Same tower, decoder, tokenizer and knobs as :func:`build_tiny_llava`, plus the AnyRes image
-    processor (base 336x336 view + up to 4 crops of 336x336 chosen from ``families.llava_next.GRID_PINPOINTS``)
-    and the model's ``image_newline`` parameter.
-    """
-    return _build(out_dir, LLAVA_NEXT, **knobs)
-
-
-def build_tiny_video_llava(out_dir: str | Path, **knobs) -> Path:
-    """Build, save and return the path of a tiny random Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf layout).
-
-    Image and video CLIP towers of 24 layers at 224/14 (257 tokens a frame, CLS kept in videos: 8 x 257 = 2,056
-    visual tokens; an image has 256), a 32-layer Llama at tiny width, the tokenizer with `<video>`, and the
-    torchvision-free processor (`families.video_llava`). Same knobs as :func:`build_tiny_llava`.
-    """
-    return _build(out_dir, VIDEO_LLAVA, **knobs)
-def build_tiny_qwen2_5_vl(out_dir: str | Path, **knobs) -> Path:
-    """Build, save and return the path of a tiny random Qwen2.5-VL (Qwen2.5-VL-7B-Instruct layout).
-
-    The real depths by default (a 32-block windowed ViT with full attention in blocks 7/15/23/31, window 112,
-    2x2 merger; a 28-layer M-RoPE decoder with grouped-query attention, 2 key-value heads of 4) at a tiny width;
-    the tokenizer adds Qwen's special tokens and chat template; the image processor is Qwen2-VL's PIL one (no
-    torchvision). Knobs as :func:`build_tiny_llava`.
-    """
-    return _build(out_dir, QWEN2_5_VL, **{"text_layers": 28, "vision_layers": 32, "kv_heads": 2, **knobs})
-
-
-def build_tiny_qwen3_vl(out_dir: str | Path, **knobs) -> Path:
-    """Build, save and return the path of a tiny random Qwen3-VL (Qwen3-VL-8B-Instruct layout).
-
-    The real depths by default (a 27-block ViT, patch 16, DeepStack after blocks 8/16/24, 2x2 merger; a 36-layer
-    Qwen3 decoder with grouped-query attention, 2 key-value heads of 4, and interleaved M-RoPE) at a tiny width;
-    the tokenizer adds Qwen's special tokens and Qwen3-VL's chat template; the image processor is Qwen2-VL's PIL
-    one at patch 16 (no torchvision). Knobs as :func:`build_tiny_llava`.
-    """
-    return _build(out_dir, QWEN3_VL, **{"text_layers": 36, "vision_layers": 27, "kv_heads": 2, **knobs})
-
-
-def build_tiny_qwen3_vl_moe(out_dir: str | Path, **knobs) -> Path:
-    """Build, save and return the path of a tiny random Qwen3-VL MoE (Qwen3-VL-30B-A3B-Instruct layout: as
-    :func:`build_tiny_qwen3_vl`, with 48 decoder layers of 128 experts, 8 routed a token, and 4 key-value heads
-    of 4 at this width). Knobs as :func:`build_tiny_llava`; fewer `text_layers` keep it small."""
-    return _build(out_dir, QWEN3_VL_MOE, **{"text_layers": 48, "vision_layers": 27, "kv_heads": 2, **knobs})
-
-
-def load_tiny_llava(
+def load_tiny(
     path: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a folder written by :func:`build_tiny_llava`, :func:`build_tiny_llava_next` or
-    :func:`build_tiny_qwen2_5_vl` or :func:`build_tiny_video_llava`.
+    """Load a folder written by a tiny-model builder of any family (`build_tiny`),
+    as a user loads a checkpoint.
 
     The model class and the processor follow the saved config's family; the model is returned in eval mode.
     """

@@ -1,0 +1,166 @@
+"""Every method against its official implementation, number for number: one row per official run and option set
+(../shared/reference/parity; how a row is checked, fragile rows included: tests/parity.py). The per-method files test
+each method's rules by hand and what else of the official runs is the method's own."""
+import pytest
+import torch
+
+from baselines.vispruner import diverse_rounds
+from parity import Case, Run, check_case, load_case, parity_inputs, require_bit_exact
+from visiondrop.core import EncoderView
+from visiondrop.families.llava import clip_encoder_view
+
+IMAGE_START, N_IMAGE = 35, 576  # the fixtures' image block, in sequence positions
+
+
+def visiondrop_kept(official: dict) -> list[list[int]]:
+    """The original patch indices kept unmerged at every cut of the official run (CLS and merged tokens left out)."""
+    enc = official["encoder"]
+    cls_and_patches = [i - 1 for i in enc["kept_dominant_indices_sorted"]]  # 577-space -> patch index, CLS -> -1
+    kept = [[i for i in cls_and_patches if i >= 0]]
+    block = cls_and_patches + [-1] * enc["contextual"]
+    for stage in official["llm_stages"]:
+        chosen = [block[i] for i in stage["kept_dominant_indices_sorted"]]
+        kept.append([i for i in chosen if i >= 0])
+        block = chosen + [-1] * stage["contextual"]
+    return kept
+
+
+def visiondrop_schedule(official: dict) -> dict:
+    s = official["settings"]
+    return {"schedule": {"encoder": [s["dominant"], s["contextual"]], "layers": s["layer_list"],
+                         "decoder": s["image_token_list"]}}
+
+
+def fastv_scores(run: Run) -> None:
+    torch.testing.assert_close(run.recorded["scores"][0][0], run.stored["cut_scores"], atol=1e-7, rtol=1e-5)
+
+
+def pyramiddrop_scores(run: Run) -> None:
+    scores = run.recorded["scores"]
+    assert len(scores) == len(run.official["llm_stages"])  # the prefill's cuts only; decode steps never re-score
+    for stage, ours in enumerate(scores):  # official scores are about 1e-2; ours agree to about 1e-7
+        torch.testing.assert_close(ours[0], run.stored[f"llm_stage{stage}_scores"], atol=1e-6, rtol=0)
+
+
+def sparsevlm_cuts(run: Run) -> None:
+    for s, cut in enumerate(run.official["cuts"]):
+        torch.testing.assert_close(run.recorded["scores"][s][0], run.stored[f"cut{s}_scores"], rtol=1e-4, atol=1e-9)
+        # stage-local keeps also pin which merged tokens of earlier cuts survived
+        assert run.handle.trace.selections[s][0][0].tolist() == cut["kept_stage_local_sorted"]
+        assert run.handle.trace.selections[s][0][1].shape[0] == cut["recycle"]["cluster_num"]
+
+
+def sparsevlm_described(official: dict) -> dict:
+    return {"tokens_per_layer": official["visual_tokens_per_layer"],
+            "equivalent_tokens": official["equivalent_tokens_sparsevlm_own_convention"]["value"],
+            "mean_tokens_entering_layers": official["equivalent_tokens_mean_over_layers"]}
+
+
+def visionzip_kept(official: dict) -> list[list[int]]:
+    # official indices are 577-space (0 = CLS, 1 + p = patch p); the trace lists patches p, CLS left out
+    kept = [i - 1 for i in official["encoder"]["kept_dominant_indices_sorted"] if i > 0]
+    assert kept == official["encoder"]["dominant_patch_indices_0_575_sorted"]
+    return [kept]
+
+
+def dart_pivots_and_scores(run: Run) -> None:
+    cut = run.official["cut"]
+    (norms,), ((image, text),), (order,), (features,) = (run.recorded[name] for name in DART_RECORDED)
+    assert image[0].tolist() == cut["image_pivots_topk_order"]
+    assert (text[0] - IMAGE_START - N_IMAGE).tolist() == cut["text_pivots_topk_order_relative"]
+    assert order[0].tolist() == cut["pivot_processing_order_positions"]
+    image_block = slice(IMAGE_START, IMAGE_START + N_IMAGE)
+    torch.testing.assert_close(norms[0, image_block], run.stored["image_key_l1_norms"], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(norms[0, IMAGE_START + N_IMAGE:], run.stored["text_key_l1_norms"], atol=1e-4,
+                               rtol=1e-5)
+    negative_cos = -(features[0, order[0]] @ features[0, image_block].T)  # rows in processing order
+    torch.testing.assert_close(negative_cos, run.stored["pivot_neg_cos_over_image"], atol=1e-5, rtol=1e-5)
+
+
+DART_RECORDED = ("key_norms", "pivots", "processing_order", "features")
+
+
+def vispruner_view(model, inputs: dict) -> EncoderView:
+    """What VisPruner selects from: the eager CLIP tower at layer 22."""
+    with torch.no_grad():
+        return clip_encoder_view(model.model.vision_tower, inputs["pixel_values"], 22, eager_encoder=True)
+
+
+def cls_row(view: EncoderView) -> torch.Tensor:
+    """The CLS attention row over the patches, mean over heads: what VisPruner ranks by."""
+    return view.importance[:, :, 1:].mean(dim=1)[0]
+
+
+def vispruner_important_kept(run: Run) -> None:
+    """The important set is decided far above float32 noise (relative gap 4e-4); the diverse rounds are not."""
+    kept = run.kept()
+    assert len(kept) == 1 and len(set(kept[0])) == 128
+    assert set(run.official["important_indices_sorted"]) <= set(kept[0])
+    # the eager pass leaves the tower's own attention
+    assert run.model.config.vision_config._attn_implementation == "sdpa"
+
+
+CASES = [
+    Case("visiondrop/none", "none", {}),
+    *[Case("visiondrop/vd32", "visiondrop", options, variant,
+           cuts=lambda official: ["encoder", "layer 8", "layer 16", "layer 24"], kept=visiondrop_kept)
+      for variant, options in (("budget", {"budget": 32}), ("schedule", visiondrop_schedule))],
+    *[Case("fastv/fastv192", "fastv", options, variant, cuts=lambda official: ["layer 2"],
+           kept=lambda official: [official["cut"]["kept_indices_sorted"]],
+           described=lambda official: {"equivalent_tokens": official["equivalent_tokens_mean_over_layers"]},
+           record=("scores",), check=fastv_scores)
+      for variant, options in (("budget", {"budget": 192}), ("keep", {"keep": 166}))],
+    *[Case("pyramiddrop/pd64", "pyramiddrop", options, variant,
+           cuts=lambda official: [f"layer {stage['before_layer']}" for stage in official["llm_stages"]],
+           kept=lambda official: [stage["kept_indices_original_0_575"] for stage in official["llm_stages"]],
+           described=lambda official: {"keep_counts": official["settings"]["keep_counts"]},
+           record=("scores",), check=pyramiddrop_scores)
+      for variant, options in (("budget", {"budget": 64}), ("options", lambda official: {
+          "layer_list": official["settings"]["layer_list"], "decay": official["settings"]["lambda"]}))],
+    # the official run seeded torch with manual_seed(0) right before generate; `seed=0` draws the same noise
+    *[Case("sparsevlm/sparsevlm192", "sparsevlm", {"budget": 192, "seed": seed}, variant, seed=global_seed,
+           cuts=lambda official: ["layer 3", "layer 7", "layer 16"],
+           kept=lambda official: [cut["kept_original_indices_sorted"] for cut in official["cuts"]],
+           described=sparsevlm_described, record=("scores",), check=sparsevlm_cuts)
+      for variant, seed, global_seed in (("global_rng", "global", 0), ("seed_option", 0, None))],
+    *[Case("visionzip/vz64", "visionzip", options, variant, cuts=lambda official: ["encoder"], kept=visionzip_kept,
+           described=lambda official: {"equivalent_tokens": 64})
+      for variant, options in (("budget", {"budget": 64}), ("options", {"dominant": 54, "contextual": 10}))],
+    *[Case("dart/dart128", "dart", options, variant, cuts=lambda official: ["layer 2"],
+           kept=lambda official: [official["cut"]["kept_indices_sorted"]],
+           described=lambda official: {"truncation": 128, "keep": official["cut"]["n_kept"],
+                                       "equivalent_tokens": official["equivalent_tokens_mean_over_layers"]},
+           record=DART_RECORDED, check=dart_pivots_and_scores)
+      for variant, options in (("truncation", {"truncation": 128}), ("budget", {"budget": 159.75}))],
+    Case("divprune/dp64", "divprune", {"budget": 64}, cuts=lambda official: ["layer 0"],
+         kept=lambda official: [official["kept_indices_sorted"]],
+         described=lambda official: {"method": "divprune", "keep": 64, "layers": [0], "equivalent_tokens": 64}),
+    Case("vispruner/vp128", "vispruner", {"budget": 128}, cuts=lambda official: ["encoder"],
+         kept=lambda official: [official["kept_indices_sorted"]],
+         described=lambda official: {"method": "vispruner", "encoder_layer": 22, "important": 64, "diverse": 64,
+                                     "eager_encoder": True, "equivalent_tokens": 128},
+         precondition=lambda model, inputs: {"cls_attention_head_mean": cls_row(vispruner_view(model, inputs))},
+         robust=vispruner_important_kept),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_official(parity_model, case):
+    check_case(parity_model, case)
+
+
+def test_vispruner_scores_and_both_stages_are_bit_identical_to_official(parity_model):
+    """The eager tower's head-mean CLS attention, the important set in argsort order, and the diverse list in the
+    official final order (kept a's by descending score, then the b's) after its 56 rounds. Robust on any CPU: the
+    row within float32 noise and the important set; strict where the row reproduces bit for bit."""
+    official, stored = load_case("vispruner", "vp128")
+    view = vispruner_view(parity_model, parity_inputs())
+    attention = cls_row(view)
+    torch.testing.assert_close(attention, stored["cls_attention_head_mean"], atol=0, rtol=1e-5)
+    order = attention.argsort(dim=-1, descending=True, stable=True)
+    assert sorted(order[:64].tolist()) == official["important_indices_sorted"]
+    require_bit_exact("vispruner/vp128", {"cls_attention_head_mean": attention})
+    assert order[:64].tolist() == official["important_indices_argsort_order"]
+    features = view.hidden[:, 1:]
+    unit = features / features.norm(dim=-1, keepdim=True)
+    assert diverse_rounds(unit, order[64:].unsqueeze(0), 64)[0].tolist() == official["diverse_indices_official_order"]
