@@ -103,8 +103,8 @@ def hand_fed_logits(model, batch: dict, kept: list[torch.Tensor], shift_deepstac
         return model.lm_head(hidden[:, -1])
 
 
-@pytest.mark.parametrize("name,options", [("random", {}), ("divprune", {}), ("visionzip", {"dominant": 40, "contextual": 0}),
-                                          ("vispruner", {})])
+@pytest.mark.parametrize("name,options", [("random", {}), ("divprune", {}),
+                                          ("visionzip", {"dominant": 40, "contextual": 0}), ("vispruner", {})])
 def test_pre_decoder_selection_equals_the_stock_decoder_fed_by_hand(qwen3, name, options):
     """A selection before the decoder (in the decoder's input: random, DivPrune; in the encoder stage: VisionZip
     without merging, VisPruner) equals the stock decoder fed the kept tokens' embeddings, original 3-D positions and

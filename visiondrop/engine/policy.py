@@ -37,8 +37,8 @@ class DecoderCut:
 
     Sequences are left-padded: `mask` marks real tokens, `visual` holds the sequence indices of the current
     visual tokens, ascending: one contiguous block, or several spans separated by text where the family has them
-    (`Family.visual_spans`: Qwen3-VL's video frames between timestamps). `prev_hidden` is what entered layer `layer_idx - 1` (same tokens), for
-    methods that score with the layer that has just run. `original_visual` is each sample's visual-token
+    (`Family.visual_spans`: Qwen3-VL's video frames between timestamps). `prev_hidden` is what entered layer
+    `layer_idx - 1` (same tokens), for methods that score with the layer that has just run. `original_visual` is each sample's visual-token
     count before any reduction; `samples` are the group's rows in the batch, and `scratch` is a dict that lives
     for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample). `cos`/`sin`
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.

@@ -286,13 +286,13 @@ class Qwen3_VL(Qwen2_5_VL):
                              keep.new_full((crops, empty), EMPTY_SLOT)], 1).flatten()
         return rows, origins, crops * tokens
 
-    def encoder_view(self, model: nn.Module, images: Images, eager: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
         """The tower's output, its DeepStack blocks' outputs (before their mergers) and the mean attention received
         at its last block, per visual token (four patches each); a video's temporal patches are its crops (the
         tower attends within each).
 
-        `eager` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
-        bit-identical with), the row is recomputed either way."""
+        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code
+        to be bit-identical with), the row is recomputed either way."""
         tower = self.vision_tower(model)
         attn = tower.blocks[-1].attn
         unit = tower.config.spatial_merge_size ** 2
@@ -368,7 +368,8 @@ EXPERTS, EXPERTS_PER_TOKEN = 128, 8  # Qwen3-VL-30B-A3B-Instruct's
 
 
 def _grouped(merger: nn.Module) -> Callable[[Tensor], Tensor]:
-    """A Qwen3-VL patch merger on tokens given as their four patches' vectors concatenated: [N, k, 4 D] -> [N, k, D']."""
+    """A Qwen3-VL patch merger on tokens given as their four patches' vectors concatenated: [N, k, 4 D] -> [N, k,
+    D']."""
 
     def project(groups: Tensor) -> Tensor:
         return merger(groups.reshape(-1, merger.norm.normalized_shape[0])).view(*groups.shape[:2], -1)
