@@ -23,18 +23,86 @@ def parity_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """A tiny full-depth LLaVA-1.5 (CLIP 24 layers at 336/14, Llama 32 layers) saved like a user's checkpoint."""
+def tiny_dir_of(tmp_path_factory):
+    """model_type -> the folder of a tiny full-depth model of that registered family (`testing.tiny.build_tiny`),
+    saved like a user's checkpoint, built once per session."""
     from visiondrop.testing.tiny import build_tiny
 
-    return build_tiny("llava", tmp_path_factory.mktemp("tiny") / "llava", seed=0)
+    built = {}
+
+    def folder(model_type: str):
+        if model_type not in built:
+            built[model_type] = build_tiny(model_type, tmp_path_factory.mktemp(model_type) / model_type, seed=0)
+        return built[model_type]
+
+    return folder
 
 
 @pytest.fixture(scope="session")
-def tiny(tiny_dir):
+def tiny_of(tiny_dir_of):
+    """model_type -> (model, processor) of that family's tiny model, loaded once per session: how the contract
+    matrix reaches every registered family."""
     from visiondrop.testing.tiny import load_tiny
 
-    return load_tiny(tiny_dir)
+    loaded = {}
+
+    def model(model_type: str):
+        if model_type not in loaded:
+            loaded[model_type] = load_tiny(tiny_dir_of(model_type))
+        return loaded[model_type]
+
+    return model
+
+
+# Each family's by name, for its own tests.
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_dir_of):
+    return tiny_dir_of("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_of):
+    return tiny_of("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_next_dir(tiny_dir_of):
+    return tiny_dir_of("llava_next")
+
+
+@pytest.fixture(scope="session")
+def tiny_next(tiny_of):
+    return tiny_of("llava_next")
+
+
+@pytest.fixture(scope="session")
+def tiny_video_dir(tiny_dir_of):
+    return tiny_dir_of("video_llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_video(tiny_of):
+    return tiny_of("video_llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tiny_dir_of):
+    return tiny_dir_of("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_of):
+    return tiny_of("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tiny_dir_of):
+    return tiny_dir_of("qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_of):
+    return tiny_of("qwen3_vl")
 
 
 @pytest.fixture(scope="session")
@@ -46,36 +114,6 @@ def tiny_shallow(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_next_dir(tmp_path_factory):
-    """A tiny full-depth LLaVA-NeXT (anyres, v1.6 grids) saved like a user's checkpoint."""
-    from visiondrop.testing.tiny import build_tiny
-
-    return build_tiny("llava_next", tmp_path_factory.mktemp("tiny_next") / "llava_next", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_next(tiny_next_dir):
-    from visiondrop.testing.tiny import load_tiny
-
-    return load_tiny(tiny_next_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_video_dir(tmp_path_factory):
-    """A tiny full-depth Video-LLaVA (CLIP towers 24 layers at 224/14, Llama 32 layers) saved like a checkpoint."""
-    from visiondrop.testing.tiny import build_tiny
-
-    return build_tiny("video_llava", tmp_path_factory.mktemp("tiny_video") / "video_llava", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_video(tiny_video_dir):
-    from visiondrop.testing.tiny import load_tiny
-
-    return load_tiny(tiny_video_dir)
-
-
-@pytest.fixture(scope="session")
 def demo_videos(tmp_path_factory):
     """Three short synthetic clips written as .mp4 files (24, 16 and 40 frames)."""
     from visiondrop.testing.videos import write_demo_video
@@ -84,31 +122,3 @@ def demo_videos(tmp_path_factory):
     return [write_demo_video(folder / f"clip{i}.mp4", seed=i, length=n) for i, n in enumerate((24, 16, 40))]
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen_dir(tmp_path_factory):
-    """A tiny full-depth Qwen2.5-VL (32-block windowed ViT, 28-layer M-RoPE decoder) saved like a user's checkpoint."""
-    from visiondrop.testing.tiny import build_tiny
-
-    return build_tiny("qwen2_5_vl", tmp_path_factory.mktemp("tiny_qwen") / "qwen2_5_vl", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen(tiny_qwen_dir):
-    from visiondrop.testing.tiny import load_tiny
-
-    return load_tiny(tiny_qwen_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3_dir(tmp_path_factory):
-    """A tiny full-depth Qwen3-VL (27-block ViT with DeepStack, 36-layer Qwen3 decoder) saved like a checkpoint."""
-    from visiondrop.testing.tiny import build_tiny
-
-    return build_tiny("qwen3_vl", tmp_path_factory.mktemp("tiny_qwen3") / "qwen3_vl", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3(tiny_qwen3_dir):
-    from visiondrop.testing.tiny import load_tiny
-
-    return load_tiny(tiny_qwen3_dir)

@@ -1,12 +1,14 @@
-"""The contract every registered method keeps, on the tiny LLaVA-1.5, LLaVA-NeXT (mixed crop grids), Qwen2.5-VL
-and Qwen3-VL (images of different sizes, M-RoPE; DeepStack) and Video-LLaVA (its images: budgets count against a video's 2,056 tokens, so
-every method meets budgets between whole counts; counts on its nominal 8-frame video); Video-LLaVA's batches of
-videos keep it in tests/test_video_llava.py. Six properties, each on every family: the full budget is the stock
+"""The contract every registered method keeps, on a tiny model of every registered family (LLaVA-1.5, LLaVA-NeXT
+with mixed crop grids, Qwen2.5-VL and Qwen3-VL (and its MoE) with images of different sizes and M-RoPE, Qwen3-VL's
+DeepStack, Video-LLaVA's images, whose budgets
+count against a video's 2,056 tokens, so every method meets budgets between whole counts; counts on its nominal
+8-frame video); Video-LLaVA's batches of videos keep it in tests/test_video_llava.py. Six properties, each on every family: the full budget is the stock
 model, a batch equals each sample alone, cached decoding equals replay, counts measured with hooks equal
 `describe()`, `remove()` restores the model, an unreachable budget names the smallest reachable one.
 
-Methods come from the registry, each at the budget it declares (`Method.example_budget`) with its default options, so
-a new method is tested here without editing this file. The per-method files test what is the method's own.
+Methods and families come from their registries, each method at the budget it declares (`Method.example_budget`)
+with its default options, each family with the image sizes it declares (`Family.sample_sizes`, `nominal_size`), so
+a new method or family is tested here without editing this file. The per-method files test what is the method's own.
 """
 import re
 
@@ -18,32 +20,24 @@ from helpers import assert_equal_up_to_reordering, cached_and_replayed, greedy, 
 from visiondrop.engine import Policy
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.methods import METHODS, method, policy_for
-from visiondrop.families import ModelInfo, family_of, info_of
-from visiondrop.families.qwen2_5_vl import NOMINAL_SIDE
+from visiondrop.families import FAMILIES, ModelInfo, family_by_type, family_of, info_of
 from visiondrop.harness.video import read_frames
 from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?",
              "How many shapes are there?"]
-IMAGES = [demo_image(0), None, demo_image(2), demo_image(1)]  # a text-only sample in the middle passes untouched
-TEXT_ONLY = 1
-NEXT_IMAGES = [demo_image(0, (672, 336)), demo_image(1, (500, 400))]  # 3 crops (1752 tokens) and 5 crops (2438)
-QWEN_IMAGES = [demo_image(0, (224, 224)), demo_image(1, (280, 196)), demo_image(2, (168, 336))]  # 64, 70, 72 tokens
-QWEN3_IMAGES = [demo_image(0, (256, 256)), demo_image(1, (320, 224)), demo_image(2, (192, 384))]  # 64, 70, 72 tokens
-VIDEO_LLAVA_IMAGES = [demo_image(0, (224, 224)), demo_image(1, (300, 200))]  # 256 tokens each (CLS dropped)
-#: per family, a batch's images: different sizes (on LLaVA-NeXT, crop grids) and a text-only sample at TEXT_ONLY
-BATCH_IMAGES = {"llava": IMAGES, "llava_next": [NEXT_IMAGES[0], None, NEXT_IMAGES[1]],
-                "qwen2_5_vl": [QWEN_IMAGES[0], None, *QWEN_IMAGES[1:]],
-                "qwen3_vl": [QWEN3_IMAGES[0], None, *QWEN3_IMAGES[1:]],
-                "video_llava": [VIDEO_LLAVA_IMAGES[0], None, VIDEO_LLAVA_IMAGES[1]]}
-#: per family, the one sample the budgets count against (ModelInfo.n_visual visual tokens, LLaVA-NeXT's newline
-#: tokens besides): an image of the nominal size, or Video-LLaVA's 8-frame video (None: the demo video)
-NOMINAL = {"llava": demo_image(0), "llava_next": demo_image(0, (672, 672)),
-           "qwen2_5_vl": demo_image(5, (NOMINAL_SIDE, NOMINAL_SIDE)), "qwen3_vl": demo_image(5, (768, 768)),
-           "video_llava": None}
-#: the family's conftest fixture
-MODELS = {"llava": "tiny", "llava_next": "tiny_next", "qwen2_5_vl": "tiny_qwen", "qwen3_vl": "tiny_qwen3",
-          "video_llava": "tiny_video"}
+TEXT_ONLY = 1  # a text-only sample in the middle of every batch passes untouched
+MODELS = list(FAMILIES)  # every registered family (config.model_type)
+
+
+def batch_images(model_type: str) -> list:
+    """A batch's images: the family's sample sizes (different token counts or layouts), a text-only sample at
+    TEXT_ONLY."""
+    images = [demo_image(i, size) for i, size in enumerate(family_by_type(model_type).sample_sizes)]
+    return images[:TEXT_ONLY] + [None] + images[TEXT_ONLY:]
+
+
+BATCH_IMAGES = {model_type: batch_images(model_type) for model_type in MODELS}
 
 
 def encode(model, processor, questions: list[str], images: list) -> dict:
@@ -55,26 +49,29 @@ def encode(model, processor, questions: list[str], images: list) -> dict:
 
 
 def tiny_model(request, family: str) -> tuple:
-    model, processor = request.getfixturevalue(MODELS[family])
+    model, processor = request.getfixturevalue("tiny_of")(family)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
 
-SAMPLES = {}  # family -> its NOMINAL sample, encoded
+SAMPLES = {}  # family -> its nominal sample, encoded
 
 
 def nominal_sample(request, family: str) -> dict:
-    """The family's NOMINAL sample, asking a question, encoded once."""
+    """The family's nominal sample, asking a question, encoded once."""
     if family not in SAMPLES:
         SAMPLES[family] = encode_nominal(request, family, *tiny_model(request, family))
     return SAMPLES[family]
 
 
 def encode_nominal(request, family: str, model, processor) -> dict:
-    if NOMINAL[family] is not None:
-        return encode(model, processor, QUESTIONS[:1], [NOMINAL[family]])
+    """The one sample the budgets count against (ModelInfo.n_visual visual tokens, LLaVA-NeXT's newline tokens
+    besides): an image of the family's nominal size, or a video of its frames (the demo video)."""
+    size = family_by_type(family).nominal_size
+    if size is not None:
+        return encode(model, processor, QUESTIONS[:1], [demo_image(5, size)])
     clip = read_frames(request.getfixturevalue("demo_videos")[0])
-    text = build_prompt(processor, QUESTIONS[0], True, "vicuna_v1", kind="video")
+    text = build_prompt(processor, QUESTIONS[0], True, family_of(model).conv_template, kind="video")
     return dict(processor(text=[text], videos=[clip], return_tensors="pt"))
 
 
@@ -188,7 +185,7 @@ def described_mean(described: dict, n_visual: int) -> float:
 
 @pytest.fixture(params=list(MODELS))
 def nominal(request) -> tuple:
-    """(a tiny model of each family, its NOMINAL sample)."""
+    """(a tiny model of each family, its nominal sample)."""
     return tiny_model(request, request.param)[0], nominal_sample(request, request.param)
 
 

@@ -192,7 +192,8 @@ def test_sweep_summary_exit_status_and_wandb_dashboards(tmp_path, monkeypatch):
              "hydra.sweep.dir=sweep"]
     assert run_cli(monkeypatch, *sweep) == 1  # two jobs failed; the others still ran
     summary = (checkout / "sweep" / "summary.txt").read_text()
-    assert summary.startswith("4 job(s): 1 ran, 0 skipped as done, 1 skipped as unreachable, 2 failed")
+    assert summary.startswith("4 job(s): 1 ran, 0 skipped as done, 0 skipped as running elsewhere, "
+                              "1 skipped as unreachable, 2 failed")
     assert "smallest reachable budget is 144" in summary and "no checkpoint folder at /nonexistent" in summary
     [record] = ResultStore(checkout / "results" / "runs").records()
     assert f"ran                     demo-llava-1.5 / visiondrop / 50 tokens" in summary and record["path"] in summary

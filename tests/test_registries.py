@@ -137,3 +137,18 @@ def test_a_model_has_one_name_in_configs_records_and_checkpoints():
         names[path.stem] = yaml.safe_load(path.read_text())["name"]
     assert all(stem == name for stem, name in names.items()), names
     assert set(checkpoints()) <= set(names)
+
+
+def test_the_contract_reaches_the_new_method_on_the_new_family(registered, tmp_path):
+    """The contract's own properties, on the family's tiny model (built from the registry alone) with the images its
+    adapter declares: batch == each sample alone, cached decoding == replay, the full budget is the stock model."""
+    from test_contract import (batch_images, test_batch_equals_each_sample_alone,
+                               test_generation_with_cache_equals_replay_without)
+    from visiondrop.testing.tiny import build_tiny, load_tiny
+
+    model, processor = load_tiny(build_tiny("throwaway_llava", tmp_path / "throwaway", seed=0))
+    assert type(model) is ThrowawayModel
+    processor.tokenizer.padding_side = "left"
+    host = (model, processor, batch_images("throwaway_llava"))
+    test_batch_equals_each_sample_alone(host, "first_tokens")
+    test_generation_with_cache_equals_replay_without(host, "first_tokens")

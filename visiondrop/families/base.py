@@ -41,6 +41,11 @@ class Family:
     visual_spans: bool = False
     image_token: str = "<image>"  # the placeholder its processor expands
     special_tokens: tuple[str, ...] = ()  # tokens its prompts need beyond LLaVA's (tiny tokenizers add them)
+    #: image sizes (width, height) of different token counts or layouts on this family: the sizes a batch mixes in
+    #: the tests' contract (batch == each sample alone)
+    sample_sizes: tuple[tuple[int, int], ...] = ((336, 336), (336, 336), (336, 336))
+    #: the image size whose visual tokens the budgets count against (`ModelInfo.n_visual`); None: a video
+    nominal_size: tuple[int, int] | None = (336, 336)
     #: its released checkpoints that the FLOPs count and the latency benchmark rebuild (`families.checkpoints()`)
     checkpoints: tuple[Checkpoint, ...] = ()
 

@@ -28,6 +28,8 @@ EXAMPLE_IMAGE = (672, 672)  # the benchmark's image: fills the 2x2 grid exactly,
 
 class LlavaNext(Llava):
     model_class = LlavaNextForConditionalGeneration
+    sample_sizes = ((672, 336), (500, 400))  # 3 crops (1752 tokens) and 5 crops (2438)
+    nominal_size = EXAMPLE_IMAGE
     #: counted as the paper counts it: 49 tokens beyond the text and the 2880 visual ones (efficiency/flops.py)
     checkpoints = (Checkpoint("llava-next-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_next", LLAVA_7B_SHAPE,
                               LLAVA_HF_IDS, 1e-5, budget=320, paper="LLaVA-NeXT-7B", extra_tokens=49),)

@@ -89,6 +89,8 @@ class Qwen2_5_VL(Family):
     model_class = Qwen2_5_VLForConditionalGeneration
     nominal_side = NOMINAL_SIDE  # pixels of the budgets' reference image's side
     title = "Qwen2.5-VL"  # in error messages
+    sample_sizes = ((224, 224), (280, 196), (168, 336))  # 64, 70, 72 visual tokens
+    nominal_size = (NOMINAL_SIDE, NOMINAL_SIDE)
     checkpoints = (Checkpoint(
         "qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl",
         Shape(hidden=3584, intermediate=18944, layers=28, heads=28, vision_hidden=1280, vision_intermediate=3420,

@@ -175,6 +175,8 @@ class Qwen3_VL(Qwen2_5_VL):
               vision_layers=27, vision_heads=16, kv_heads=8),
         IDS, 1e-6, budget=64),)
     nominal_side = NOMINAL_SIDE
+    sample_sizes = ((256, 256), (320, 224), (192, 384))  # 64, 70, 72 visual tokens (32 pixels each)
+    nominal_size = (NOMINAL_SIDE, NOMINAL_SIDE)
     title = "Qwen3-VL"
     feature_functions = {"image": "get_image_features", "video": "get_video_features"}
     visual_spans = True  # a video's temporal patches, each after its timestamp
@@ -358,13 +360,17 @@ class Qwen3_VL_MoE(Qwen3_VL):
 
     def build_config(self, shape: Shape, ids: TokenIds, init_std: float = 0.02, norm_eps: float = 1e-6) -> Any:
         """Qwen3-VL-30B-A3B-Instruct's layout: as Qwen3-VL-8B's, with 128 experts of `shape.intermediate` in every
-        decoder layer, 8 routed a token (`shape.layers` decoder layers: 48 in the checkpoint)."""
+        decoder layer, 8 routed a token (`shape.layers` decoder layers: 48 in the checkpoint). A decoder narrower
+        than `TINY_BELOW` (the tests' tiny models) gets 8 experts, 2 routed a token: the same routing, in a file of
+        megabytes rather than hundreds."""
+        experts, routed = (EXPERTS, EXPERTS_PER_TOKEN) if shape.hidden >= TINY_BELOW else (8, 2)
         return Qwen3VLMoeConfig(**self._config_parts(
-            shape, ids, init_std, norm_eps, moe_intermediate_size=shape.intermediate, num_experts=EXPERTS,
-            num_experts_per_tok=EXPERTS_PER_TOKEN, decoder_sparse_step=1, mlp_only_layers=[]))
+            shape, ids, init_std, norm_eps, moe_intermediate_size=shape.intermediate, num_experts=experts,
+            num_experts_per_tok=routed, decoder_sparse_step=1, mlp_only_layers=[]))
 
 
 EXPERTS, EXPERTS_PER_TOKEN = 128, 8  # Qwen3-VL-30B-A3B-Instruct's
+TINY_BELOW = 256  # decoder widths of test models (the latency benchmark's reduced 2048 / 8 keeps all experts)
 
 
 def _grouped(merger: nn.Module) -> Callable[[Tensor], Tensor]:

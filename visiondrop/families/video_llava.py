@@ -90,6 +90,8 @@ def _is_one_video(videos: Any) -> bool:
 
 class VideoLlava(Llava):
     model_class = VideoLlavaForConditionalGeneration
+    sample_sizes = ((224, 224), (300, 200))  # images: 256 tokens each (CLS dropped)
+    nominal_size = None  # the budgets count against an 8-frame video
     #: budget 257: 12.5% of one 8-frame video's 2,056 tokens
     checkpoints = (Checkpoint("video-llava-7b", "LanguageBind/Video-LLaVA-7B-hf", "video_llava", LLAVA_7B_SHAPE,
                               LLAVA_HF_IDS, 1e-5, budget=257, paper="Video-LLaVA-7B"),)

@@ -1,17 +1,23 @@
-"""One job: a (model, method, budget) evaluated on its benchmarks, one stored record per benchmark."""
+"""One job: a (model, method, budget) evaluated on its benchmarks, one stored record per benchmark.
+
+A job claims each record it will write (`harness.claims`), so jobs sharing one store never evaluate one identity
+twice: a record another live job holds is left to it (`Plan.elsewhere`). Open-ended answers are stored before they
+are judged; a judge fault leaves the record judged part-way and fails the job (`Plan.faults`), and the job again
+judges only what is missing.
+"""
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import logging
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -19,10 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from ..methods import Unreachable, method, policy_for
 from ..families import family_for
 from . import TASKS_DIR
-from .judge import Judge, judge_record
+from .claims import ClaimSettings, describe, holder, try_claim
+from .judge import Judge, JudgingIncomplete, judge_record, needs_judging
 from .judge import configure as configure_judge
 from .identity import SEEDS, checkpoint_fingerprint, code_version, identity_key, input_options, run_identity
-from .store import ResultStore, judge_label, options_label, read_samples
+from .store import ResultStore, judge_label, options_label, read_record, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +133,11 @@ class Plan:
     done: list[Path]  # the records of the benchmarks already evaluated
     judge: Judge | None = None  # the configured judge of open-ended answers (video QA), if any
     rejudge: list[Path] = field(default_factory=list)  # records of `done` whose answers `judge` has not judged
+    elsewhere: list[str] = field(default_factory=list)  # benchmarks another live job is evaluating (claimed)
+    faults: list[str] = field(default_factory=list)  # judging that stopped part-way (records kept, incomplete)
+
+
+SET_BY_ENV = ("model", "base_url", "api_key_env")  # judge settings `configure` passes through the environment
 
 
 def configured_judge(cfg: DictConfig) -> Judge | None:
@@ -133,7 +145,8 @@ def configured_judge(cfg: DictConfig) -> Judge | None:
     if it lacks its key."""
     judge = cfg.get("judge") or {}
     configure_judge(judge.get("model"), judge.get("base_url"), judge.get("api_key_env"))  # the key stays in the env
-    return Judge.from_env()
+    settings = {f.name: judge[f.name] for f in fields(Judge) if f.name in judge and f.name not in SET_BY_ENV}
+    return Judge.from_env(**settings)  # concurrency, max_failures, attempts, timeout_s, ...
 
 
 def plan_job(cfg: DictConfig) -> Plan:
@@ -154,13 +167,11 @@ def plan_job(cfg: DictConfig) -> Plan:
     for bench in cfg.benchmarks:
         identity = run_identity(cfg, checkpoint, options, schedule, bench)
         record = store.path(identity, identity_key(identity))
-        if record.exists() and not cfg.force:
-            video_qa = bench.get("protocol") == "video-chatgpt"
-            stored = json.loads(record.read_text()).get("judge") if video_qa else None
-            if judge is not None and video_qa and stored != judge.describe():
-                log.info("judge %s again: its record %s was %s, the configured judge is %s (the stored answers "
-                         "are judged, not generated again)", bench.name, record,
-                         f"judged by {judge_label(stored)}" if stored else "not judged", judge_label(judge.describe()))
+        stored = None if cfg.force else read_record(record)  # an unreadable file is no record: evaluated again
+        if stored is not None:
+            if judge is not None and needs_judging(stored, judge):
+                log.info("judge %s: its record %s is %s, the configured judge is %s (the stored answers are judged, "
+                         "not generated again)", bench.name, record, _judged_by(stored), judge_label(judge.describe()))
                 rejudge.append(record)
             else:
                 log.info("skip %s: an identical record exists, %s (force=true re-runs it)", bench.name, record)
@@ -170,15 +181,70 @@ def plan_job(cfg: DictConfig) -> Plan:
     return Plan(budget, path, options, schedule, todo, done, judge, rejudge)
 
 
+def _judged_by(record: dict) -> str:
+    judge = record.get("judge")
+    state = (record.get("judging") or {})
+    if judge is None:
+        return "not judged"
+    if state.get("state") == "incomplete":
+        return f"judged part-way ({state.get('judged')} of {state.get('answers')}) by {judge_label(judge)}"
+    return f"judged by {judge_label(judge)}"
+
+
+@contextmanager
+def claimed(plan: Plan, cfg: DictConfig) -> Iterator[Plan]:
+    """Hold the claims of the records the plan will write, released on leaving (however the job ends). A record
+    another live job has claimed moves to `plan.elsewhere`; one that another job finished meanwhile, to `done`."""
+    settings = ClaimSettings(**cfg.get("claims", {}))
+    store = ResultStore(project_path(cfg.results_dir))
+    with ExitStack() as held:
+        todo, rejudge = [], []
+        for bench, identity in plan.todo:
+            path = store.path(identity, identity_key(identity))
+            if _claim(path, bench.name, plan, settings, held):
+                if read_record(path) is not None and not cfg.force:  # finished by another job after planning
+                    log.info("skip %s: another job has just written its record %s", bench.name, path)
+                    plan.done.append(path)
+                else:
+                    todo.append((bench, identity))
+        for path in plan.rejudge:
+            if _claim(path, path.parent.name, plan, settings, held):
+                record = read_record(path)
+                if record is not None and needs_judging(record, plan.judge):
+                    rejudge.append(path)
+        plan.todo, plan.rejudge = todo, rejudge
+        yield plan
+
+
+def _claim(path: Path, name: str, plan: Plan, settings: ClaimSettings, held: ExitStack) -> bool:
+    claim = try_claim(path, settings)
+    if claim is None:
+        owner = holder(path, settings)
+        plan.elsewhere.append(f"{name} ({describe(owner) if owner else 'claimed by another job'}: {path})")
+        log.warning("skip %s: another job is evaluating it, %s", name, plan.elsewhere[-1])
+        return False
+    held.enter_context(claim)
+    return True
+
+
 def judge_again(plan: Plan, on_record: Callable[[dict, list[dict]], None] | None = None) -> list[dict]:
     """Judge the stored answers of the plan's `rejudge` records with its judge; returns the records rewritten, each
-    also shown to `on_record(record, samples)`."""
+    also shown to `on_record(record, samples)`. A record judged part-way is kept so, its fault in `plan.faults`."""
     records = []
     for path in plan.rejudge:
-        records.append(judge_record(path, plan.judge))
+        records.append(_judge_stored(plan, path))
         if on_record is not None:
             on_record(records[-1], read_samples(path))
     return records
+
+
+def _judge_stored(plan: Plan, path: Path) -> dict:
+    """The stored record at `path` judged by the plan's judge; one judged part-way is kept, its fault noted."""
+    try:
+        return judge_record(path, plan.judge)
+    except JudgingIncomplete as err:
+        plan.faults.append(str(err))
+        return {**read_record(path), "path": str(path)}
 
 
 def local_task(bench: DictConfig, task_manager, folder: Path) -> str:
@@ -286,11 +352,15 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
                 "run_info": info, "versions": versions(), "identity": identity,
                 "config": OmegaConf.to_container(cfg, resolve=True),
             }
-            if bench.get("protocol") == "video-chatgpt":  # judged answers: the judge moves the numbers
-                record.update(protocol="video-chatgpt", scale=bench.get("scale", 100),
-                              judge=None if judge is None or score is None else judge.describe())
             samples = [_answer(s, bench.metric) for s in results.get("samples", {}).get(task, [])]
+            judged = bench.get("protocol") == "video-chatgpt"  # open-ended answers: stored first, judged after
+            if judged:
+                record.update(protocol="video-chatgpt", scale=bench.get("scale", 100), judge=None,
+                              judging={"state": "unjudged", "judged": 0, "answers": len(samples)})
             record["path"] = str(store.write(record, samples, model.position_maps.to_dict()))
+            if judged and judge is not None:
+                record = _judge_stored(plan, Path(record["path"]))
+                samples = read_samples(record["path"])
             written.append(record)
             if on_record is not None:
                 on_record(record, samples)
@@ -298,9 +368,14 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
 
 
 def run_job(cfg: DictConfig) -> list[dict]:
-    """Plan and evaluate one job without a dashboard; returns the records written (judged again, then evaluated)."""
-    plan = plan_job(cfg)
-    return judge_again(plan) + (evaluate(cfg, plan) if plan.todo else [])
+    """Plan and evaluate one job without a dashboard; returns the records written (judged again, then evaluated).
+    Raises JudgingIncomplete, after everything else ran, if judging stopped part-way (those records are kept)."""
+    with claimed(plan_job(cfg), cfg) as plan:
+        rejudged = judge_again(plan)
+        written = evaluate(cfg, plan) if plan.todo else []
+    if plan.faults:
+        raise JudgingIncomplete("\n".join(plan.faults))
+    return rejudged + written
 
 
 def benchmark_score(bench: DictConfig, task_results: dict) -> float | None:

@@ -13,7 +13,9 @@ Model args (`--model_args k=v,...`, or keywords of `PrunedLVLM(...)` for `simple
   `schedule={"encoder":[42,6],...}`: values are read as JSON or Python literals, else kept as strings);
 - dtype (bfloat16 on cuda, float32 on cpu; "auto" = the checkpoint's), device (cuda if available, else cpu),
   attn_implementation (sdpa), batch_size (left-padded batches; results equal those of batch size 1; set it with
-  lmms-eval's own `--batch_size`, which the CLI always passes and which would clash with a model arg);
+  lmms-eval's own `--batch_size`, which the CLI always passes and which would clash with a model arg; a batch that
+  runs out of GPU memory is halved and retried, down to 1, and the rest of the run keeps the smaller size:
+  `run_info` records `batch_size_used` and `oom_retries`);
 - image_aspect_ratio: "pad" (LLaVA-1.5 eval: expand to a square with the CLIP mean colour) or "none" (the
   processor's own resize and crop); the default is the family's (`Family.image_aspect_ratio`: "pad" for 1.5,
   "none" for NeXT);
@@ -23,7 +25,8 @@ Model args (`--model_args k=v,...`, or keywords of `PrunedLVLM(...)` for `simple
 - min_pixels, max_pixels (Qwen2.5-VL): bounds of the resized image's area, as the checkpoint's processor takes
   them (its defaults otherwise; lmms-eval's own qwen2_5_vl model uses max_pixels=1605632).
 
-`run_info` records the method, its resolved schedule, the preprocessing and the measured "# Tokens" (mean over
+An image or video that cannot be decoded fails the evaluation with an UndecodableVisual naming the task, the doc and
+the file. `run_info` records the method, its resolved schedule, the preprocessing and the measured "# Tokens" (mean over
 evaluated samples with an image of the trace's mean visual tokens per decoder layer); `position_maps` aggregates
 every such sample's trace into positional-bias maps (where in the image the kept tokens come from, per cut).
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 import ast
 import gc
 import json
+import logging
 import os
 from typing import Any, Callable, Iterator
 
@@ -50,8 +54,14 @@ from .positions import PositionMaps
 from .prompting import ASPECT_RATIOS, CONV_TEMPLATES, build_prompt, expand_to_square, mean_colour
 from .video import read_frames
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_MAX_NEW_TOKENS = 128  # LLaVA's model_vqa_loader default, for tasks that do not say
+
+
+class UndecodableVisual(ValueError):
+    """A sample's image or video could not be read: names the task, the doc and the file."""
 
 
 class PrunedLVLM(lmms):
@@ -134,11 +144,15 @@ class PrunedLVLM(lmms):
             "text_tokens_mean": self._text_sum / self._image_samples if self._image_samples else None,
             "samples": self._samples,
             "samples_with_image": self._image_samples,
+            "batch_size": self._batch_size,
+            "batch_size_used": self._working_batch,  # below batch_size after CUDA out-of-memory errors
+            "oom_retries": self._oom_retries,
         }
 
     def reset_measurements(self) -> None:
         """Start counting afresh, e.g. before evaluating this instance on another task."""
-        self._samples = self._image_samples = 0
+        self._samples = self._image_samples = self._oom_retries = 0
+        self._working_batch = self._batch_size
         self._token_sum = self._text_sum = 0.0
         self.position_maps = PositionMaps(self.family.patch_grid(self._model.config))
 
@@ -153,7 +167,7 @@ class PrunedLVLM(lmms):
         results: list[str] = [""] * len(requests)
         tokenizer = self.processor.tokenizer
         with tqdm(total=len(requests), desc="pruned_lvlm generate", disable=self.rank != 0) as bar:
-            for indices in self._batches(requests, key=lambda args: json.dumps(args[1], sort_keys=True, default=str)):
+            def step(indices: list[int]) -> None:
                 args = [requests[i].args for i in indices]
                 settings, until = _generation_settings(args[0][1], tokenizer)
                 images = [self._image(*a[2:6]) for a in args]
@@ -166,6 +180,9 @@ class PrunedLVLM(lmms):
                 for i, text in zip(indices, texts):
                     results[i] = _cut_at_stop(text, until).strip()
                 bar.update(len(indices))
+
+            for indices in self._batches(requests, key=lambda args: json.dumps(args[1], sort_keys=True, default=str)):
+                self._halving_on_oom(indices, step)
         return results
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
@@ -176,7 +193,7 @@ class PrunedLVLM(lmms):
         results: list[GenerationResult] = [None] * len(requests)  # type: ignore[list-item]
         tokenizer = self.processor.tokenizer
         with tqdm(total=len(requests), desc="pruned_lvlm loglikelihood", disable=self.rank != 0) as bar:
-            for indices in self._batches(requests, key=lambda args: None):
+            def step(indices: list[int]) -> None:
                 prompts, continuations, images = [], [], []
                 for i in indices:
                     context, target, *where = requests[i].args  # (ctx, cont) for unconditional mutual-info requests
@@ -203,6 +220,9 @@ class PrunedLVLM(lmms):
                     nll = -float(lp.gather(-1, tgt[:, None]).sum())
                     results[i] = GenerationResult(text=(nll, bool((lp.argmax(-1) == tgt).all())))
                 bar.update(len(indices))
+
+            for indices in self._batches(requests, key=lambda args: None):
+                self._halving_on_oom(indices, step)
         return results
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
@@ -228,13 +248,41 @@ class PrunedLVLM(lmms):
             groups.setdefault(key(request.args), []).append(i)
         for indices in groups.values():
             indices.sort(key=lambda i: -len(str(requests[i].args[0])))
-            for start in range(0, len(indices), self._batch_size):
-                yield indices[start:start + self._batch_size]
+            start = 0
+            while start < len(indices):  # the size is read per batch: it drops after an out-of-memory error
+                batch = indices[start:start + self._working_batch]
+                yield batch
+                start += len(batch)
+
+    def _halving_on_oom(self, indices: list[int], step: Callable[[list[int]], None]) -> None:
+        """`step(indices)`; on CUDA out-of-memory, halve the batch (and every later one) and run the halves, down to
+        batches of one. Batches equal samples alone, so the answers do not change."""
+        try:
+            step(indices)
+            return
+        except torch.cuda.OutOfMemoryError:
+            if len(indices) == 1:
+                raise
+        # retried outside the except block: the error's traceback holds the failed batch's tensors
+        self._working_batch = min(self._working_batch, (len(indices) + 1) // 2)
+        self._oom_retries += 1
+        log.warning("CUDA out of memory at batch size %d: retrying in batches of %d (the rest of the run too)",
+                    len(indices), self._working_batch)
+        self.clean()
+        start = 0
+        while start < len(indices):  # read per part: a half that fails again lowers it for the parts after it
+            size = self._working_batch
+            self._halving_on_oom(indices[start:start + size], step)
+            start += size
 
     def _image(self, doc_to_visual: Callable | None, doc_id: int, task: str, split: str
                ) -> Image.Image | np.ndarray | None:
         """The sample's image, or its video's frames [frames, H, W, 3] (a visual given as a video file's path)."""
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if callable(doc_to_visual) else None
+        try:
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if callable(doc_to_visual) else None
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: OSError, UnidentifiedImageError, SyntaxError
+            raise UndecodableVisual(f"{task} doc {doc_id}: its visual could not be read ({type(err).__name__}: "
+                                    f"{err})") from err
         visuals = [v for v in (visuals or []) if v is not None]
         if not visuals:
             return None
@@ -242,11 +290,20 @@ class PrunedLVLM(lmms):
             if "video" not in self.family.feature_functions:
                 raise ValueError(f"{task} gives videos, which {type(self._model).__name__} does not take; use a "
                                  "video model (Video-LLaVA)")
-            return read_frames(visuals[0], self.frames or self.family.frames(self._model.config))
+            try:
+                return read_frames(visuals[0], self.frames or self.family.frames(self._model.config))
+            except (OSError, ValueError) as err:  # PyAV's errors are OSError or ValueError subclasses
+                raise UndecodableVisual(f"{task} doc {doc_id}: cannot decode the video {visuals[0]} "
+                                        f"({type(err).__name__}: {err})") from err
         if len(visuals) > 1 or not isinstance(visuals[0], Image.Image):
             raise ValueError(f"pruned_lvlm takes one image or one video per sample; {task} doc {doc_id} gave "
                              f"{len(visuals)} visual(s) of type {type(visuals[0]).__name__}")
-        return visuals[0].convert("RGB")
+        try:
+            return visuals[0].convert("RGB")  # decodes a lazily opened file
+        except (OSError, ValueError, SyntaxError) as err:
+            where = getattr(visuals[0], "filename", "") or "an image embedded in the data"
+            raise UndecodableVisual(f"{task} doc {doc_id}: cannot decode {where} ({type(err).__name__}: "
+                                    f"{err})") from err
 
     def _prompt(self, context: str, visual: Image.Image | np.ndarray | None) -> str:
         return build_prompt(self.processor, context, visual is not None, self.conv_template, _modality(visual))

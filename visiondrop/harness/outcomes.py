@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-STATUSES = {"ran": "ran", "done": "skipped as done", "unreachable": "skipped as unreachable", "failed": "failed"}
+STATUSES = {"ran": "ran", "done": "skipped as done", "elsewhere": "skipped as running elsewhere",
+            "unreachable": "skipped as unreachable", "failed": "failed"}
 #: the outcomes of this process's last run or sweep: scripts/run.py exits non-zero if one failed
 SEEN: list["Outcome"] = []
 

@@ -4,10 +4,13 @@ Layout: `<root>/<model>/<method>/<benchmark>/<key>.json`, beside it `<key>.sampl
 and `<key>.positions.json` (the run's positional-bias maps, `harness.positions`).
 Records of the first layout, `<root>/<model>/<method>/<budget>/<benchmark>.json` keyed by budget only, stay
 readable: they have no key, so no job ever skips because of one, and they count as partial when they had a limit.
+A `.json` file that is not a readable record (truncated, invalid JSON, a foreign file) is named in a warning and
+skipped: never counted as done, never read into a table. Many jobs may write one store (`harness.claims`).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -17,9 +20,10 @@ from typing import Iterable
 import pandas as pd
 
 
+log = logging.getLogger(__name__)
 COLUMNS = ("model", "method", "variant", "options", "budget", "retention_ratio", "benchmark", "score", "metric",
            "convention", "unit", "equivalent_tokens", "measured_tokens", "tflops", "samples", "docs", "partial",
-           "schedule", "protocol", "judged_by", "created", "path")
+           "schedule", "protocol", "judged_by", "judging", "created", "path")
 POSITIONS = ".positions.json"
 
 
@@ -57,15 +61,42 @@ class ResultStore:
         _atomic(path, json.dumps(record, indent=1, default=str))
         return path
 
+    def readable(self) -> list[tuple[Path, dict]]:
+        """(path, record) of every readable record; unreadable files are warned about and left out."""
+        paths = sorted(p for p in self.root.glob("*/*/*/*.json") if not p.name.endswith(POSITIONS))
+        return [(p, r) for p in paths if (r := read_record(p)) is not None]
+
     def records(self) -> list[dict]:
-        return read_records(sorted(p for p in self.root.glob("*/*/*/*.json") if not p.name.endswith(POSITIONS)))
+        return [_normalised(record, path) for path, record in self.readable()]
 
     def frame(self) -> pd.DataFrame:
         return records_frame(self.records())
 
 
 def read_records(paths: Iterable[str | Path]) -> list[dict]:
-    return [_normalised(json.loads(Path(p).read_text()), Path(p)) for p in paths]
+    return [_normalised(r, Path(p)) for p in paths if (r := read_record(p)) is not None]
+
+
+#: what every record of either layout holds
+RECORD_FIELDS = ("model", "method", "benchmark", "score")
+
+
+def read_record(path: str | Path) -> dict | None:
+    """The record at `path`; None, with a warning naming the file, if it does not exist or is not a readable record
+    (a truncated or invalid JSON file, as a full disk or a killed copy leaves it, or a foreign file)."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("%s: not a readable record, ignored (%s: %s); its job runs again unless you restore it",
+                    path, type(err).__name__, err)
+        return None
+    if not isinstance(record, dict) or any(k not in record for k in RECORD_FIELDS):
+        log.warning("%s: not a record (no %s), ignored", path, "/".join(RECORD_FIELDS))
+        return None
+    return record
 
 
 def read_samples(record_path: str | Path) -> list[dict]:
@@ -95,4 +126,5 @@ def _normalised(record: dict, path: Path) -> dict:
     return {**record, "path": str(path), "created": record.get("created", created),
             "partial": record.get("partial", config.get("limit") is not None),
             "variant": options_label(given), "schedule": json.dumps(record.get("schedule"), sort_keys=True),
-            "judged_by": judge_label(record.get("judge"))}
+            "judged_by": judge_label(record.get("judge")),
+            "judging": (record.get("judging") or {}).get("state")}

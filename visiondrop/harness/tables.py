@@ -3,7 +3,8 @@
 A row is a method (with any options set by hand) at a resolved schedule, labelled with its nominal budget: a ratio
 and a token budget that resolve to the same schedule are one row. Per cell the full evaluation wins over a partial one
 (`limit`), then the newest; partial cells are flagged and every cell says how many questions it scored. Judged
-open-ended scores (video QA) move with the judge: a table names its judge and refuses cells of different judges.
+open-ended scores (video QA) move with the judge: a table names its judge and refuses cells of different judges; a
+cell whose judging stopped part-way has no score and is listed in the `judging incomplete` column.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..methods import method_title
 #: the paper's image columns in its order (configs/benchmarks/paper_image.yaml names them so); others follow
 PAPER_COLUMNS = ("GQA", "MMB", "MMB-CN", "MME", "POPE", "SQA", "VQAv2", "TextVQA", "VizWiz")
 MARKERS = "osD^vPX*h<>"
+INCOMPLETE = "judging incomplete"  # the column naming a row's benchmarks judged part-way
 
 
 def paper_name(model: str) -> str:
@@ -91,6 +93,10 @@ def build_table(records: pd.DataFrame, paper_csv: str | Path | None, model: str)
             table[f"{bench} diff"] = table[bench] - table[f"{bench} paper"]
     partial = cells[cells.partial].groupby(["Method", "budget"], dropna=False).benchmark.agg(", ".join)
     table["partial"] = partial.reindex(table.index).fillna("")
+    incomplete = cells[cells.get("judging", pd.Series(index=cells.index, dtype=object)) == "incomplete"]
+    if len(incomplete):  # judged part-way: never shown as a score
+        names = incomplete.groupby(["Method", "budget"], dropna=False).benchmark.agg(", ".join)
+        table[INCOMPLETE] = names.reindex(table.index).fillna("")
 
     first = cells.drop_duplicates("benchmark").set_index("benchmark")
     conventions = first.get("convention")
@@ -123,9 +129,12 @@ def _one_judge(cells: pd.DataFrame) -> str:
                          "are not generated again)")
     protocol = cells.get("protocol", pd.Series(index=cells.index, dtype=object))
     unjudged = int(((protocol == "video-chatgpt") & judged_by.isna()).sum())
+    incomplete = int((cells.get("judging", pd.Series(index=cells.index, dtype=object)) == "incomplete").sum())
     return ((f"; judged by {judges[0]} (Video-ChatGPT protocol)" if judges else "")
             + (f"; {unjudged} cell(s) unjudged, their answers stored without a judge (python scripts/judge.py "
-               "judges them)" if unjudged else ""))
+               "judges them)" if unjudged else "")
+            + (f"; {incomplete} cell(s) judging incomplete, no score until the rest is judged (the job again, or "
+               "python scripts/judge.py, judges only the missing answers)" if incomplete else ""))
 
 
 def _row_order(method: str, budget: float) -> tuple:
@@ -175,7 +184,7 @@ def write_flat(flat: pd.DataFrame, note: str, out_dir: str | Path, name: str) ->
 def score_columns(table: pd.DataFrame) -> list[str]:
     """The benchmark columns and Avg (not n, paper, diff, tokens or partial)."""
     return [c for c in table.columns if not c.endswith((" paper", " diff", " n"))
-            and c not in ("measured tokens", "partial")]
+            and c not in ("measured tokens", "partial", INCOMPLETE)]
 
 
 def curve_points(table: pd.DataFrame, column: str) -> list[tuple[str, pd.DataFrame]]:

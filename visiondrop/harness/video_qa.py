@@ -13,8 +13,9 @@ Layouts read (found by their files under the root):
 - MSRVTT-QA: `test_qa.json` with numeric video_id, videos `video<id>.mp4` in `videos/` (or the root);
 - TGIF-QA (Jang et al. 2017): `Test_frameqa_question.tsv` (gif_name, question, answer, ...), videos
   `<gif_name>.gif` in `gifs/` (or `videos/`).
-Videos are decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`). Each answer is judged as it
-is produced when a judge is configured (`visiondrop.harness.judge`), else stored for `scripts/judge.py`.
+Videos are decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`). The tasks never call the
+judge: the harness stores the answers first and judges the stored record after (`visiondrop.harness.judge`), or
+`scripts/judge.py` does later, so a judge fault loses no answer and lmms-eval's retries repeat no judge call.
 """
 from __future__ import annotations
 
@@ -22,21 +23,14 @@ import argparse
 import csv
 import json
 from pathlib import Path
-from typing import Any
 
-from .judge import Judge, summary
+from .judge import summary
 
 DATASETS = ("msvd", "msrvtt", "tgif")
 VIDEO_DIRS = ("videos", "YouTubeClips", "gifs", ".")
 
 
 # -- lmms-eval hooks --------------------------------------------------------------------------------------------
-def process_docs(dataset: Any) -> Any:
-    """Runs when the task loads, before any video is decoded: a judge configured without its key fails here."""
-    Judge.from_env()
-    return dataset
-
-
 def doc_to_visual(doc: dict) -> list[str]:
     return [doc["video"]]
 
@@ -47,14 +41,10 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
-    """The answer with the judge's verdict (or none yet): one entry, aggregated into accuracy and score."""
+    """The answer, unjudged: one entry, aggregated into accuracy and score once judged (`judge.judge_record`)."""
     # judged entries only carry "accuracy" and "score" (lmms-eval's standard error reads "score" where present)
     entry = {"question_id": doc["question_id"], "question": doc["question"], "answer": doc["answer"],
              "pred": results[0].strip()}
-    judge = Judge.from_env()
-    if judge is not None:
-        correct, score = judge.judge(entry["question"], entry["answer"], entry["pred"])
-        entry.update(accuracy=float(correct), score=score, judge=judge.describe())
     return {"accuracy": entry, "score": entry}
 
 

@@ -4,6 +4,5 @@ from visiondrop.harness.video_qa import (  # noqa: F401
     aggregate_score,
     doc_to_text,
     doc_to_visual,
-    process_docs,
     process_results,
 )
