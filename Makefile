@@ -51,6 +51,7 @@ LATEST := .venv-latest
 CANARY_TESTS := tests/test_engine.py tests/test_contract.py tests/test_generate.py tests/test_selection.py \
 	tests/test_scoring.py tests/test_parity.py tests/test_fastv.py tests/test_pyramiddrop.py \
 	tests/test_sparsevlm.py tests/test_visionzip.py tests/test_dart.py tests/test_divprune.py tests/test_vispruner.py \
+	tests/test_fastervlm.py tests/test_hiprune.py tests/test_tome.py \
 	tests/test_next.py tests/test_qwen.py tests/test_video_llava.py tests/test_video_qa.py tests/test_lmms_plugin.py
 test-latest:
 	rm -rf $(LATEST)

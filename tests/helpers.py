@@ -87,3 +87,20 @@ def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens
         cached = greedy(model, batch, new_tokens, **no_placeholder)
     with Handle(model, Replay(handle.policy, handle.trace)):
         return cached, greedy(model, batch, new_tokens, use_cache=False, **no_placeholder)
+
+
+def flops_by_formula_and_counter(model, batch: dict, method: str, budget=None, **options) -> tuple[float, int]:
+    """A one-image prefill's FLOPs by the analytic count (schedule, overhead, a tower that merges inside) and as
+    torch's FlopCounterMode counts the real forward."""
+    from visiondrop.efficiency.flops import (flop_counter, measure_schedule, overhead_flops, prefill_flops,
+                                             tower_flops)
+    from visiondrop.families import flops_dims
+
+    with flop_counter() as counter:
+        sched = measure_schedule(model, batch, method, budget, **options)
+    dims = flops_dims(model.config)
+    text = batch["input_ids"].shape[1] - dims.n_visual
+    overhead = overhead_flops(dims, method, sched.cuts, text, **options)
+    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead,
+                            tower_tokens=tower_flops(dims, method, sched.cuts, **options))
+    return formula.total, counter.get_total_flops()

@@ -83,6 +83,11 @@ def example_budget(name: str, info: ModelInfo) -> float:
     return method(name).example_budget * info.n_visual / 576
 
 
+def example_options(name: str, model) -> dict:
+    """The options the method declares for tiny models (`Method.example_options`)."""
+    return method(name).example_options(model.config)
+
+
 def run(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens [B, T] and the logits of every step [B, T, V] (as many steps for every sample)."""
     out = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
@@ -147,7 +152,7 @@ def test_batch_equals_each_sample_alone(host, name):
     singles = [encode(model, processor, [q], [img]) for q, img in zip(questions, images)]
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
     stock_text_only = run(model, singles[TEXT_ONLY])
-    with visiondrop.apply(model, name, example_budget(name, info_of(model))) as handle:
+    with visiondrop.apply(model, name, example_budget(name, info_of(model)), **example_options(name, model)) as handle:
         tokens, logits = run(model, batch)
         trace = handle.trace
         alone = []
@@ -173,7 +178,7 @@ def test_generation_with_cache_equals_replay_without(host, name):
     model, processor, images = host
     budget = example_budget(name, info_of(model))
     batch = encode(model, processor, QUESTIONS[:2], [img for img in images if img is not None][:2])
-    cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10)
+    cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10, **example_options(name, model))
     assert torch.equal(cached, replayed)
 
 
@@ -196,7 +201,7 @@ def test_counts_measured_with_hooks_match_describe(nominal, name):
     model, sample = nominal
     info = info_of(model)
     newlines = int(family_of(model).image_token_mask(model, sample["input_ids"], None).sum()) - info.n_visual
-    measured, handle = measure_counts(model, sample, name, example_budget(name, info))
+    measured, handle = measure_counts(model, sample, name, example_budget(name, info), **example_options(name, model))
     assert len(measured) == info.n_layers
     assert handle.trace.tokens_per_layer == [measured]
     described = described_mean(handle.policy.describe(), info.n_visual)
@@ -223,7 +228,7 @@ def test_remove_restores_bit_identical_outputs(family, name):
         before = model(**single).logits
     patched = state(model)  # after the stock forward: the stock model keeps some of its inputs' (Qwen's rope_deltas)
     budget = example_budget(name, info_of(model))
-    handle = visiondrop.apply(model, name, budget)
+    handle = visiondrop.apply(model, name, budget, **example_options(name, model))
     if name != "none":
         with torch.no_grad():
             assert not torch.equal(model(**single).logits[:, -1], before[:, -1])
@@ -233,7 +238,7 @@ def test_remove_restores_bit_identical_outputs(family, name):
     restored = state(model)
     assert same_attributes(patched[0], restored[0]) and same_attributes(patched[1], restored[1]), name
     assert patched[2] == restored[2], f"{name}: forward still patched on {restored[2] - patched[2]}"
-    with visiondrop.apply(model, name, budget):  # can be applied again afterwards
+    with visiondrop.apply(model, name, budget, **example_options(name, model)):  # can be applied again afterwards
         pass
 
 

@@ -36,7 +36,7 @@ def test_sampling_several_sequences_equals_the_repeated_batch(tiny, method, budg
     model, processor = tiny
     batch = inputs(processor, QUESTIONS)
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test padding"
-    with visiondrop.apply(model, method, budget) as handle:
+    with visiondrop.apply(model, method, budget, **registered(method).example_options(model.config)) as handle:
         several = sample(model, batch, seed=3, num_return_sequences=2)
         counts = handle.trace.tokens_per_layer
         written_out = sample(model, repeated(batch, 2), seed=3)
@@ -166,10 +166,11 @@ def test_unknown_option_names_the_valid_ones(tiny):
 def test_ratio_is_the_budget_as_a_share_of_the_visual_tokens(tiny, method):
     model, processor = tiny
     batch = inputs(processor, QUESTIONS)
-    with visiondrop.apply(model, method, ratio=192 / 576) as by_ratio:
+    options = registered(method).example_options(model.config)
+    with visiondrop.apply(model, method, ratio=192 / 576, **options) as by_ratio:
         tokens = greedy(model, batch, 3)
         kept = by_ratio.trace.tokens_per_layer
-    with visiondrop.apply(model, method, 192) as by_budget:
+    with visiondrop.apply(model, method, 192, **options) as by_budget:
         assert by_ratio.policy.describe() == by_budget.policy.describe()
         assert torch.equal(greedy(model, batch, 3), tokens)
         assert by_budget.trace.tokens_per_layer == kept

@@ -1,13 +1,18 @@
 """Every method against its official implementation, number for number: one row per official run and option set
-(../shared/reference/parity; how a row is checked, fragile rows included: tests/parity.py). The per-method files test
-each method's rules by hand and what else of the official runs is the method's own."""
+(../shared/reference/parity, and tests/parity for the runs made here; how a row is checked, fragile rows included:
+tests/parity.py). The per-method files test each method's rules by hand and what else of the official runs is the
+method's own."""
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from baselines.cdpruner import conditional_kernel, load_text_tower, relevance
 from baselines.vispruner import diverse_rounds
-from parity import Case, Run, check_case, load_case, parity_inputs, require_bit_exact
+from parity import PARITY, Case, Run, check_case, load_case, parity_inputs, require_bit_exact
 from visiondrop.core import EncoderView
-from visiondrop.families.llava import clip_encoder_view
+from visiondrop.families.llava import clip_encoder_view, tower_layers
 
 IMAGE_START, N_IMAGE = 35, 576  # the fixtures' image block, in sequence positions
 
@@ -99,6 +104,72 @@ def vispruner_important_kept(run: Run) -> None:
     # the eager pass leaves the tower's own attention
     assert run.model.config.vision_config._attn_implementation == "sdpa"
 
+CLIP_TEXT = str(PARITY / "cdpruner" / "clip_text")  # the tiny CLIP text side the CDPruner fixtures used
+
+
+def cdpruner_options(official: dict) -> dict:
+    settings = official["settings"]
+    return {"budget": settings["visual_token_num"], "text_tower": CLIP_TEXT, "instruction": settings["instruction"]}
+
+
+def cdpruner_kernel_inputs(model, inputs: dict) -> dict[str, torch.Tensor]:
+    """What decides CDPruner's fragile picks: the projected patches (its similarity) and the kernel's diagonal (its
+    relevance squared), from the eager tower and the tiny CLIP text side."""
+    instruction = load_case("cdpruner", "cd32")[0]["settings"]["instruction"]
+    with torch.no_grad():
+        view = clip_encoder_view(model.model.vision_tower, inputs["pixel_values"], 22, eager_encoder=True)
+        patches = view.hidden[:, 1:]
+        projected = model.model.multi_modal_projector(patches)
+        tower = load_text_tower(CLIP_TEXT)
+        scores = relevance(tower.image_embeds(patches), tower.text_embeds(instruction, patches.device))
+    return {"projected_visual_tokens": projected[0],
+            "kernel_diag": torch.diagonal(conditional_kernel(projected, scores)[0])}
+
+
+def cdpruner_stable_picks(run: Run) -> None:
+    """The picks before the first fragile step (a near-tie, or the NaN) are the official ones on any CPU."""
+    stable = run.official["stable_prefix_picks"]
+    assert set(run.official["kept_indices_selection_order"][:stable]) <= set(run.kept()[0])
+
+
+def vscan_kept(official: dict) -> list[list[int]]:
+    """The kept patch indices at the encoder stage and after layer 16 (the shared fixture's layout, or this repo's)."""
+    if "encoder_stage" in official:
+        return [official["encoder_stage"]["kept_indices_sorted"], official["llm_stage"]["kept_indices_0_575"]]
+    return [official["encoder_kept_indices_sorted"], official["llm_kept_indices_0_575"]]
+
+
+def vscan_merge_gaps(case: str, model, inputs: dict) -> dict[str, torch.Tensor]:
+    """What decides VScan's fragile merges: each dropped patch's top-1 minus top-2 cosine to the kept ones, on the
+    projected features of the eager tower (with the official kept set)."""
+    kept = vscan_kept(load_case("vscan", case)[0])[0]
+    with torch.no_grad():
+        view = clip_encoder_view(model.model.vision_tower, inputs["pixel_values"], 22, eager_encoder=True)
+        projected = model.model.multi_modal_projector(view.hidden[0, 1:])
+    mask = torch.zeros(projected.shape[0], dtype=torch.bool)
+    mask[kept] = True
+    top = F.cosine_similarity(projected[~mask].unsqueeze(1), projected[mask].unsqueeze(0), dim=2).topk(2, dim=1)
+    return {"merge_top1_minus_top2_cos": top.values[:, 0] - top.values[:, 1]}
+
+
+def vscan_encoder_kept(run: Run) -> None:
+    """The scans' sets are decided far above float noise (margins 14x to 950x); the merges are not."""
+    assert run.kept()[0] == vscan_kept(run.official)[0]
+
+
+def tome_layer0_metric(model, inputs: dict) -> dict:
+    """What ToMe's first matching ranks by: CLIP layer 0's keys averaged over heads, identical to the unpruned
+    tower's; its fragile cases (merge decisions within 1-7 float32 ulps) hold where it reproduces bit for bit."""
+    tower = model.model.vision_tower
+    clip, layer = getattr(tower, "vision_model", tower), tower_layers(tower)[0]
+    with torch.no_grad():
+        keys = layer.self_attn.k_proj(layer.layer_norm1(clip.pre_layrnorm(clip.embeddings(inputs["pixel_values"]))))
+    return {"layer0_key_mean": keys.view(*keys.shape[:2], -1, layer.self_attn.head_dim).transpose(1, 2).mean(1)[0]}
+
+
+def not_fragile(run: Run) -> None:
+    assert not run.official["fragile"]
+
 
 CASES = [
     Case("visiondrop/none", "none", {}),
@@ -141,6 +212,31 @@ CASES = [
                                      "eager_encoder": True, "equivalent_tokens": 128},
          precondition=lambda model, inputs: {"cls_attention_head_mean": cls_row(vispruner_view(model, inputs))},
          robust=vispruner_important_kept),
+    Case("cdpruner/cd32", "cdpruner", cdpruner_options, cuts=lambda official: ["encoder"],
+         kept=lambda official: [official["kept_indices_sorted"]],
+         described=lambda official: {"per_crop": 32, "text": "clip", "guard": False, "equivalent_tokens": 32}),
+    *[Case(f"cdpruner/cd{budget}", "cdpruner", cdpruner_options, cuts=lambda official: ["encoder"],  # made here
+           kept=lambda official: [official["kept_indices_sorted"]],
+           described=lambda official: {"per_crop": official["settings"]["visual_token_num"]},
+           precondition=cdpruner_kernel_inputs, robust=cdpruner_stable_picks) for budget in (64, 128, 192)],
+    *[Case(f"vscan/vscan{budget}", "vscan", {"budget": budget}, cuts=lambda official: ["encoder", "layer 16"],
+           kept=vscan_kept, described=lambda official: {"layers": [16], "equivalent_tokens": sum(
+               official["visual_tokens_per_layer"]) / 32},
+           precondition=functools.partial(vscan_merge_gaps, f"vscan{budget}"), robust=vscan_encoder_kept)
+      for budget in (64, 128, 192)],  # 64: the shared case; 128 and 192 made here
+    # this repository's own fixtures (tests/parity/): FasterVLM's and HiPrune's top-k boundaries clear float32 noise
+    *[Case(f"fastervlm/fv{budget}", "fastervlm", {"budget": budget}, cuts=lambda official: ["encoder"],
+           kept=lambda official: [official["kept_indices_sorted"]], robust=not_fragile)
+      for budget in (288, 144, 58, 29)],
+    *[Case(f"hiprune/hp{budget}", "hiprune", {"budget": budget, "eager_encoder": eager}, variant,
+           cuts=lambda official: ["encoder"], kept=lambda official: [official["kept_indices_sorted"]],
+           robust=not_fragile)
+      for budget in (192, 128, 64) for variant, eager in (("eager", True), ("sdpa", False))],
+    *[Case(f"tome/{name}", "tome", options, cuts=lambda official: ["encoder"], kept=lambda official: [[]],
+           described=lambda official: {"equivalent_tokens": official["visual_tokens_per_layer"][0]},
+           precondition=tome_layer0_metric, robust=lambda run: run.official["fragile"] or None)
+      for name, options in (("tome208", {"r": 16}), ("tome192", {"budget": 192}), ("tome128", {"budget": 128}),
+                            ("tome64", {"budget": 64}))],
 ]
 
 

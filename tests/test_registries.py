@@ -144,10 +144,11 @@ def test_the_contract_reaches_the_new_method_on_the_new_family(registered, tmp_p
     adapter declares: batch == each sample alone, cached decoding == replay, the full budget is the stock model."""
     from test_contract import (batch_images, test_batch_equals_each_sample_alone,
                                test_generation_with_cache_equals_replay_without)
-    from visiondrop.testing.tiny import build_tiny, load_tiny
+    from visiondrop.testing.tiny import build_tiny
 
-    model, processor = load_tiny(build_tiny("throwaway_llava", tmp_path / "throwaway", seed=0))
-    assert type(model) is ThrowawayModel
+    folder = build_tiny("throwaway_llava", tmp_path / "throwaway", seed=0)  # transformers' Auto classes know no
+    model = ThrowawayModel.from_pretrained(folder, dtype=torch.float32).eval()  # such type
+    processor = THROWAWAY.load_processor(folder)
     processor.tokenizer.padding_side = "left"
     host = (model, processor, batch_images("throwaway_llava"))
     test_batch_equals_each_sample_alone(host, "first_tokens")

@@ -105,7 +105,7 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     pre-hooks, are the trace's and the description's; the retention ratio holds."""
     model, processor = model_and_processor
     ratio = ratio_of(name)
-    with visiondrop.apply(model, name, ratio=ratio) as handle:
+    with visiondrop.apply(model, name, ratio=ratio, **method(name).example_options(model.config)) as handle:
         tokens, logits = run(model, batch)
         trace = handle.trace
         for i, question in enumerate(QUESTIONS):

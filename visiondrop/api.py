@@ -33,6 +33,11 @@ class Handle:
         """What the last forward pass with images did (see `visiondrop.engine.Trace`)."""
         return self._pruner.trace
 
+    def instruct(self, questions: list[str] | None) -> None:
+        """Each sample's instruction for the next forwards, one per sample with an image in batch order, for
+        text-conditioned methods (CDPruner); None: the method's `instruction=` again. Others ignore it."""
+        self.policy.instruct(questions)
+
     def remove(self) -> None:
         self._pruner.remove()
 

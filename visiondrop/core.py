@@ -31,6 +31,8 @@ class ModelInfo:
     #: the budgets' reference is a video whose crops are its frames (Video-LLaVA): methods with a video setting
     #: use it (VisionDrop: tokens leaving its encoder stage at 3x the budget instead of 1.5x)
     video: bool = False
+    #: the vision tower has a CLS token (CLIP); False for towers without (Qwen2.5-VL's)
+    tower_cls: bool = True
 
     @property
     def per_crop(self) -> int:
@@ -126,6 +128,19 @@ class EncoderView:
     share: these images' visual tokens as a share of the nominal image's (`ModelInfo.per_crop`), by which a
     policy's per-image counts scale: 1 where every image has the nominal count (LLaVA), the image's own tokens
     over the nominal ones under dynamic resolution (Qwen2.5-VL);
+    importance_at: the importance rows [N, H, T] of further tower layers the policy asks for
+    (`Policy.scan_layers`), by layer;
+    project: the model's projector on [N, k, D] rows of `hidden` (the LLM's embedding space), for policies that
+    compare or merge tokens there; the engine sets it;
+    grid: (rows, cols) of the patch tokens (after CLS) where they are not a square grid, else None;
+    owners: [N] which image of the forward (0, 1, ... in the order of the samples with images) each row is a crop
+    of; the engine sets it, for policies conditioned on each sample's own text (`Policy.instruct`).
+    received: for policies that ask (`Policy.received_attention`), tower layer (0-based) -> [N, T] the attention
+    each token receives there, mean over the heads, then over every query (HiPrune's "global attention"), CLS
+    included where the tower has it; computed on demand;
+    merged_in_tower: the tower merged tokens inside (`Policy.merge_in_tower`): `hidden` has fewer tokens, in the
+    merges' order, and `importance`/`keys` describe the feature layer's input, before its own merge;
+    `tokens` is then what the tower started with (else None: `hidden`'s count).
     side: [N, T, S, E] features that travel with each token to the decoder (`Family.side_features`: Qwen3-VL's
     DeepStack vectors, before their own mergers), or None; the engine selects and merges them as the tokens, and
     projects them with `Family.side_projector`. Policies do not read them.
@@ -137,6 +152,13 @@ class EncoderView:
     valid: Tensor | None = None
     has_cls: bool = True
     share: float = 1.0
+    importance_at: dict[int, Tensor] = field(default_factory=dict)
+    project: Callable[[Tensor], Tensor] | None = None
+    grid: tuple[int, int] | None = None
+    owners: list[int] | None = None
+    received: Callable[[int], Tensor] | None = None
+    merged_in_tower: bool = False
+    tokens: int | None = None
     side: Tensor | None = None
 
     def scaled(self, count: int) -> int:

@@ -125,11 +125,14 @@ def _decoder_layer_macs(dims: Dims, n: int) -> int:
 
 
 def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int, n_crops: int | None = None,
-                  projected_tokens: int | None = None, overhead: float = 0.0) -> Breakdown:
+                  projected_tokens: int | None = None, overhead: float = 0.0,
+                  tower_tokens: Sequence[int] | None = None) -> Breakdown:
     """FLOPs of one prefill: `tokens_per_layer` visual tokens entering each decoder layer, `text_tokens` others.
 
     n_crops: vision-tower passes (default: the model's nominal crops); projected_tokens: tokens through the
-    projector (default: all visual tokens); overhead: the method's own FLOPs (`overhead_flops`).
+    projector (default: all visual tokens); overhead: the method's own FLOPs (`overhead_flops`); tower_tokens:
+    tokens entering each vision-tower layer of a crop, then leaving the last, where a method merges inside the tower
+    between each layer's attention and its MLP (`tower_flops`; default: all of them everywhere).
     """
     if len(tokens_per_layer) != dims.n_layers:
         raise ValueError(f"need one visual-token count per decoder layer ({dims.n_layers}), "
@@ -139,12 +142,16 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
     other = text_tokens + dims.extra_tokens
     t, dv = dims.vision_tokens, dims.vision_hidden
     patch_embed = (t - dims.vision_cls) * dims.patch_channels * dims.patch_size ** 2 * dv
-    dense = 4 * t * dv * dv + dims.vision_mlp * t * dv * dims.vision_intermediate
+    # q, k, v and output projections on what enters a layer, its MLP on what leaves its merge
+    dense = lambda n, out: 4 * n * dv * dv + dims.vision_mlp * out * dv * dims.vision_intermediate  # noqa: E731
     windowed, full = dims.vision_windowed_layers, dims.vision_layers - dims.vision_windowed_layers
-    attention = full * 2 * t * t * dv + windowed * 2 * t * dims.vision_window * dv  # Q K^T, A V per window
+    if tower_tokens is None:
+        layers = dims.vision_layers * dense(t, t) + full * 2 * t * t * dv + windowed * 2 * t * dims.vision_window * dv
+    else:  # a tower without windows (CLIP) whose tokens shrink layer by layer: Q K^T and A V over each layer's own
+        layers = sum(dense(n, out) + 2 * n * n * dv for n, out in zip(tower_tokens, tower_tokens[1:]))
     mid = dims.projector_mid or dims.hidden
     return Breakdown(
-        vision=2.0 * crops * (patch_embed + dims.vision_layers * dense + attention),
+        vision=2.0 * crops * (patch_embed + layers),
         projector=2.0 * projected * (dims.projector_in * mid + mid * dims.hidden) * (1 + dims.side_projectors),
         decoder=2.0 * sum(_decoder_layer_macs(dims, n + other) for n in tokens_per_layer),
         lm_head=2.0 * (tokens_per_layer[-1] + other) * dims.hidden * dims.vocab,
@@ -183,7 +190,21 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
                 macs += cut.merged * cut.before * dims.side_projectors * width
         if recipe.selection is not None:
             macs += recipe.selection(cut, width)
+        if recipe.projected is not None and cut.layer is None:
+            mid = dims.projector_mid or d
+            dropped = cut.before - int(dims.vision_cls) - cut.kept
+            macs += dropped * (dims.projector_in * mid + mid * d) + recipe.projected(cut, d)
+        if recipe.tower is not None and cut.layer is None:
+            macs += recipe.tower(dims, cut)[1]
     return 2.0 * macs
+
+
+def tower_flops(dims: Dims, method: str, cuts: Sequence[Cut], **options: Any) -> Sequence[int] | None:
+    """Tokens entering each vision-tower layer of a crop and leaving the last, for `prefill_flops`, where `method`
+    merges inside the tower (its recipe's `tower`); None otherwise."""
+    recipe = registered(method).overhead(**options)
+    encoder = [c for c in cuts if c.layer is None]
+    return recipe.tower(dims, encoder[0])[0] if recipe.tower is not None and encoder else None
 
 
 def flop_counter(**kwargs: Any) -> FlopCounterMode:
@@ -285,7 +306,9 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
                 f"the {dims.model_type} proxy has {proxy.vision_tokens} vision tokens and {proxy.visual_per_crop} "
                 f"visual tokens per crop, {proxy.crops} crop(s); cannot measure a model with {dims.vision_tokens} / "
                 f"{dims.visual_per_crop} / {dims.crops}")
-        sched = measure_schedule(model, inputs, method, budget, **options)
+        # what a proxy lacks for the method's defaults (CDPruner's text side), unless given
+        sched = measure_schedule(model, inputs, method, budget,
+                                 **{**registered(method).example_options(model.config), **options})
         placeholders = int(family_by_type(dims.model_type).image_token_mask(model, inputs["input_ids"], None).sum())
         # decoder-side methods see every newline token; an encoder stage lays out what it projects, plus the newline
         # tokens of the model's own layout where it keeps that (VisPruner), none in the compact one (VisionDrop)
@@ -302,7 +325,8 @@ def method_flops(model: str | Dims, method: str = "none", budget: float | None =
     sched = schedule(dims, method, budget, **options)
     dims = replace(dims, extra_tokens=max(0, dims.extra_tokens - sched.newlines))  # measured, not extra
     overhead = overhead_flops(dims, method, sched.cuts, text_tokens, **options)
-    return prefill_flops(dims, sched.tokens_per_layer, text_tokens, sched.crops, sched.projected, overhead)
+    return prefill_flops(dims, sched.tokens_per_layer, text_tokens, sched.crops, sched.projected, overhead,
+                         tower_flops(dims, method, sched.cuts, **options))
 
 
 def _runs(counts: Sequence[int]) -> str:

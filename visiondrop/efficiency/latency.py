@@ -59,7 +59,7 @@ from tqdm import tqdm
 from ..engine import decoder as engine_decoder, encoder as engine_encoder
 from ..families import checkpoint_config, checkpoints, family_by_type, family_for, flops_dims
 from .flops import TEXT_TOKENS, method_flops
-from ..methods import METHODS, method_title
+from ..methods import METHODS, method as registered, method_title
 
 PAPER_CSV = Path("results/paper/paper_tables.csv")  # relative to the working directory (the project root)
 
@@ -68,6 +68,12 @@ def image_models() -> list[str]:
     """The paper's efficiency table (its image models): what a GPU run builds by default."""
     return [name for name, c in checkpoints().items()
             if c.paper and not family_by_type(c.model_type).model_info(checkpoint_config(name, "tiny")).video]
+
+def example_options(method: str, model: nn.Module) -> dict:
+    """What a random model lacks for the method's defaults (`Method.example_options`: CDPruner's text side, a
+    random tiny CLIP text tower: its few FLOPs are not what is timed)."""
+    return registered(method).example_options(model.config)
+
 
 DEFAULT_BATCH_SIZES = {"cuda": (1, 8, 32), "cpu": (1, 8)}
 SCALING_RATIO = 64 / 576  # the paper's budget 64 of LLaVA-1.5's 576 tokens (and 320 of NeXT's 2880)
@@ -283,7 +289,7 @@ def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | No
     def generate(n: int) -> None:
         model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen)
 
-    handle = None if method == "none" else apply(model, method, budget, ratio)
+    handle = None if method == "none" else apply(model, method, budget, ratio, **example_options(method, model))
     try:
         memory.reset()
         if handle is None:
@@ -314,7 +320,7 @@ def profile_prefill(model: nn.Module, inputs: dict, method: str, budget: float |
 
     cuda = inputs["input_ids"].device.type == "cuda"
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-    handle = None if method == "none" else apply(model, method, budget, ratio)
+    handle = None if method == "none" else apply(model, method, budget, ratio, **example_options(method, model))
     try:
         clock = _overhead_clock(handle.policy, cuda) if handle else nullcontext()
         with torch.inference_mode(), clock:

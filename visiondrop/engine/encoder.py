@@ -27,19 +27,36 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     in its own span); the rest are padded at the end.
     """
     padded, valid, origins, side = [], [], [], []
+    project, first_image = family.projector(model), 0
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
-        view = family.encoder_view(model, images, policy.eager_encoder)
-        tokens = view.hidden.shape[1]
+        merge = policy.merge_in_tower if policy.merges_in_tower else None
+        view = family.encoder_view(model, images, policy.eager_encoder, policy.scan_layers, policy.received_attention,
+                                   merge)
+        view.project = project
+        view.owners = [first_image + i for i, n in enumerate(images.crops) for _ in range(n)]
+        first_image += len(images.crops)
+        tokens = view.tokens or view.hidden.shape[1]  # before any merging inside the tower
         if policy.native_layout:
             view.valid = family.valid_tokens(model, images, tokens)
         sel = policy.select_encoder(view)
-        kept = gather_rows(view.hidden, sel.keep)
-        if sel.merged is not None:
-            kept = torch.cat([kept, sel.merged], dim=1)
-        features = family.projector(model)(kept)  # [crops, kept + merged, D]
-        n_merged = kept.shape[1] - sel.keep.shape[1]
+        if sel.features is not None:
+            features = sel.features
+        else:
+            kept = gather_rows(view.hidden, sel.keep.clamp(min=0))
+            if sel.merged is not None:
+                kept = torch.cat([kept, sel.merged], dim=1)
+            features = project(kept)  # [crops, kept + merged, D]
+        n_merged = features.shape[1] - sel.keep.shape[1]
         rows = None if view.side is None else family.side_projector(model)(_kept_side(view.side, sel))
+        crop_rows = [None] * len(images.crops) if rows is None else rows.split(images.crops)
         for i, (feats, keep) in enumerate(zip(features.split(images.crops), sel.keep.split(images.crops))):
+            crop = crop_rows[i]
+            if (keep < 0).any():  # a crop that keeps fewer tokens than others of the view
+                if keep.shape[0] > 1:
+                    raise NotImplementedError(f"{policy.name} kept different counts on the crops of one image")
+                real = torch.cat([keep[0] >= 0, keep.new_ones(n_merged, dtype=torch.bool)])
+                feats, keep = feats[:, real], keep[:, keep[0] >= 0]
+                crop = None if crop is None else crop[:, real]
             feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.native_layout)
             if feats.shape[0] > slots:
                 raise ValueError(f"{policy.name} keeps {feats.shape[0]} tokens for an image with {slots} image slots")
@@ -47,8 +64,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
             filled = (orig != EMPTY_SLOT).nonzero()[:, 0]
             valid.append(filled)
             origins.append(orig[filled])
-            if rows is not None:  # laid out as the tokens, their S rows side by side
-                crop = rows.split(images.crops)[i]
+            if crop is not None:  # laid out as the tokens, their S rows side by side
                 laid = family.lay_out(model, images, i, crop.flatten(2), keep, n_merged, tokens,
                                       policy.native_layout)[0].view(-1, *crop.shape[2:])
                 side.append(torch.cat([laid, laid.new_zeros(slots - laid.shape[0], *laid.shape[1:])]))
@@ -57,7 +73,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
 
 def _kept_side(side: Tensor, sel: Selection) -> Tensor:
     """The side features [N, k + c, S, E] of the kept tokens, then of the merged ones by the merge's weights."""
-    kept = gather_rows(side, sel.keep)
+    kept = gather_rows(side, sel.keep.clamp(min=0))
     if sel.merged is None or not sel.merged.shape[1]:
         return kept
     if sel.weights is None:

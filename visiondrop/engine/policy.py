@@ -19,8 +19,11 @@ from .attention import gather_rows, decoder_attention, decoder_keys
 class Selection:
     """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
 
-    keep: [G, k] indices into the current visual block, in the order they will appear;
+    keep: [G, k] indices into the current visual block, in the order they will appear; at an encoder cut, -1
+    pads a crop that keeps fewer tokens than another of the view (allowed for single-crop images);
     merged: [G, c, D] tokens appended right after the kept ones (None: no merging);
+    features: encoder cut only, [G, k, D'] the kept tokens already in the LLM's embedding space (the policy's own
+    use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows.
     weights: [G, c, n] how each merged token combines the n current visual tokens (merged = weights @ their
     vectors), so that the features that travel with the tokens (`Family.side_features`: Qwen3-VL's DeepStack
     rows) merge alike; a policy that merges before the host's last side-feature layer must give them.
@@ -29,6 +32,7 @@ class Selection:
     keep: Tensor
     merged: Tensor | None = None
     weights: Tensor | None = None
+    features: Tensor | None = None
 
 
 @dataclass
@@ -115,12 +119,29 @@ class Policy:
     #: `output_attentions`; for policies whose selection hangs on float ties. Default: the tower's own attention
     #: (SDPA) with the rows recomputed from one layer's q/k.
     eager_encoder: bool = False
+    #: Encoder stage: further vision-tower layers (0-based) whose importance rows the view carries
+    #: (`EncoderView.importance_at`), e.g. a shallow layer's CLS attention.
+    scan_layers: tuple[int, ...] = ()
+
+    def instruct(self, questions: list[str] | None) -> None:
+        """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
+        questions batch by batch); only text-conditioned policies use them (CDPruner)."""
+    #: Encoder stage: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
+    received_attention: bool = False
+    #: Encoder stage: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
+    #: (`merge_in_tower`), where the family's tower supports it (`EncoderView.merged_in_tower`)
+    merges_in_tower: bool = False
 
     def prepare(self, cut: DecoderCut) -> None:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""
 
     def select_encoder(self, view: EncoderView) -> Selection:
         raise NotImplementedError(f"{self.name} has no encoder stage")
+
+    def merge_in_tower(self, layer: int, hidden: Tensor, metric: Tensor) -> Tensor:
+        """Inside tower layer `layer`, between its attention and its MLP: the tokens [N, T, D] merged into fewer,
+        `metric` [N, T, M] their similarity features (the layer's keys averaged over heads)."""
+        raise NotImplementedError(f"{self.name} does not merge inside the vision tower")
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         raise NotImplementedError(f"{self.name} has no decoder cuts")

@@ -21,11 +21,16 @@ class Replay(Policy):
         self.cut_layers = policy.cut_layers
         self.native_layout = policy.native_layout
         self.eager_encoder = policy.eager_encoder
+        self.scan_layers = policy.scan_layers
+        self.received_attention = policy.received_attention
+        self.merges_in_tower = policy.merges_in_tower
+        self.merge_in_tower = policy.merge_in_tower
         self._policy = policy
         self._selections = dict(zip(policy.cut_layers, trace.selections))
 
     def select_encoder(self, view: EncoderView) -> Selection:
-        return self._policy.select_encoder(view)  # text never reaches the vision tower
+        # the prompt never reaches the vision tower (CDPruner's instruction is given apart, and stays)
+        return self._policy.select_encoder(view)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         recorded = [self._selections[cut.layer_idx][b] for b in cut.samples]

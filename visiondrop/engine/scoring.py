@@ -56,6 +56,7 @@ RULES = {
     "vision_tower": "visual-only (vision-tower attention: the CLS row, or the mean received without CLS)",
     "key_norms": "duplication (dissimilarity to pivots chosen by key norms)",
     "diversity": "diversity (max-min cosine distance)",
+    "similarity": "redundancy (the most similar tokens merged)",
     "random": "none (random control)",
 }
 

@@ -175,14 +175,20 @@ class Family:
         unless the token count varies per image."""
         return [images]
 
-    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> "EncoderView":
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False,
+                     scan_layers: tuple[int, ...] = (), received: bool = False,
+                     merge: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> "EncoderView":
         """Run the vision tower on every crop and show the feature layer to an encoder-side policy.
 
         Token 0 of the view's importance row is CLS where the tower has one; a tower without CLS gives the mean
         attention each token receives instead. Frames of a video are crops of one sample. `eager_encoder`: run the tower
         with eager attention and read the importance from its attention probabilities, as official code that asks
         for `output_attentions` computes them (bit-identical features and rows), instead of the tower's own
-        attention with the rows recomputed.
+        attention with the rows recomputed. `scan_layers`: further tower layers whose importance rows the view
+        carries (`EncoderView.importance_at`). `received`: the view also carries the attention each token receives
+        at every tower layer (`EncoderView.received`), from the eager probabilities or recomputed on demand.
+        `merge`: `Policy.merge_in_tower`, run inside every tower layer up to the feature layer where the tower
+        supports it (the view then says `merged_in_tower`); a tower that does not ignores it.
         """
         raise NotImplementedError
 

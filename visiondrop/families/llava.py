@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,43 +46,105 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
     return vision_feature_layer % (len(tower_layers(vision_tower)) + 1) - 1
 
 
-def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int,
-                      eager_encoder: bool = False) -> EncoderView:
-    """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys.
+def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int, eager_encoder: bool = False,
+                      scan_layers: tuple[int, ...] = (), received: bool = False,
+                      merge: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> EncoderView:
+    """Run a CLIP tower and capture layer `layer_idx`: its output, CLS attention row and keys (and the CLS rows of
+    the `scan_layers` too, in `importance_at`).
 
-    By default the CLS row and the keys are recomputed from the layer's own projections (its input captured with
-    a forward pre-hook), so the tower keeps its SDPA attention. With `eager_encoder`, every layer runs eager
-    attention and the CLS row is the layer's own attention probabilities: bit-identical to official code that asks
-    the tower for `output_attentions` (VisPruner), at the cost of the eager tower's speed and memory.
+    By default the CLS rows and the keys are recomputed from the layers' own projections (their inputs captured
+    with forward pre-hooks), so the tower keeps its SDPA attention. With `eager_encoder`, every layer runs eager
+    attention and the CLS rows are the layers' own attention probabilities: bit-identical to official code that
+    asks the tower for `output_attentions` (VisPruner, VScan), at the cost of the eager tower's speed and memory.
+    `received`: the view also gives the attention each token receives at any layer (`EncoderView.received`), as
+    `attentions[l].mean(1).mean(1)` of the eager probabilities, or recomputed on demand from the layer's input.
+    `merge` (`Policy.merge_in_tower`): every layer up to `layer_idx` merges its tokens between its attention and
+    its MLP (`merging_layers`), on its keys averaged over heads.
     """
-    attn = tower_layers(vision_tower)[layer_idx].self_attn
-    captured = {}
+    layers = tower_layers(vision_tower)
+    captured: dict[tuple[str, int], Tensor] = {}
+    means: dict[int, Tensor] = {}
 
-    def grab_input(module, args, kwargs):
-        captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def grab_input(index, module, args, kwargs):
+        captured["x", index] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    def grab_probabilities(module, args, output):
-        captured["cls_attention"] = output[1][:, :, 0]  # [N, H, T]: the CLS query's row
+    def grab_probabilities(index, module, args, output):
+        captured["cls", index] = output[1][:, :, 0]  # [N, H, T]: the CLS query's row
 
-    hooks = [attn.register_forward_pre_hook(grab_input, with_kwargs=True)]
-    if eager_encoder:
-        hooks.append(attn.register_forward_hook(grab_probabilities))
+    def grab_mean(index, module, args, output):
+        means[index] = output[1].mean(dim=1).mean(dim=1)  # the official order: heads, then queries
+
+    hooks = []
+    for index in {layer_idx, *scan_layers}:
+        attn = layers[index].self_attn
+        hooks.append(attn.register_forward_pre_hook(functools.partial(grab_input, index), with_kwargs=True))
+        if eager_encoder:
+            hooks.append(attn.register_forward_hook(functools.partial(grab_probabilities, index)))
+    if received:
+        hooks += [layer.self_attn.register_forward_hook(functools.partial(grab_mean, i)) if eager_encoder else
+                  layer.self_attn.register_forward_pre_hook(functools.partial(grab_input, i), with_kwargs=True)
+                  for i, layer in enumerate(layers) if eager_encoder or i not in {layer_idx, *scan_layers}]
     try:
-        with _attention_implementation(vision_tower, "eager" if eager_encoder else None):
+        with _attention_implementation(vision_tower, "eager" if eager_encoder else None), \
+                merging_layers(layers[:layer_idx + 1], merge):
             out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     finally:
         for hook in hooks:
             hook.remove()
-    x = captured["x"]
-    heads = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)  # noqa: E731
-    keys = heads(attn.k_proj(x))
-    if eager_encoder:
-        cls_attention = captured["cls_attention"]
-    else:
-        cls_query = heads(attn.q_proj(x[:, :1]))
-        scores = (cls_query @ keys.transpose(-1, -2)) * attn.scale
-        cls_attention = scores.softmax(-1, dtype=torch.float32)[:, :, 0].to(x.dtype)
-    return EncoderView(out.hidden_states[layer_idx + 1], cls_attention, keys)
+
+    def heads(attn: nn.Module, t: Tensor) -> Tensor:
+        return t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)
+
+    def probabilities(index: int, queries: slice) -> Tensor:
+        """Layer `index`'s attention probabilities of the query rows `queries`, recomputed from its own q/k."""
+        attn, x = layers[index].self_attn, captured["x", index]
+        scores = (heads(attn, attn.q_proj(x[:, queries])) @ heads(attn, attn.k_proj(x)).transpose(-1, -2)) * attn.scale
+        return scores.softmax(-1, dtype=torch.float32).to(x.dtype)
+
+    def cls_row(index: int) -> Tensor:
+        return captured["cls", index] if eager_encoder else probabilities(index, slice(0, 1))[:, :, 0]
+
+    def received_at(index: int) -> Tensor:
+        if index not in means:  # recomputed from the layer's own q/k (the SDPA tower gives no probabilities)
+            means[index] = probabilities(index, slice(None)).mean(dim=1).mean(dim=1)
+        return means[index]
+
+    attn = layers[layer_idx].self_attn
+    keys = heads(attn, attn.k_proj(captured["x", layer_idx]))
+    return EncoderView(out.hidden_states[layer_idx + 1], cls_row(layer_idx), keys,
+                       importance_at={index: cls_row(index) for index in scan_layers},
+                       received=received_at if received else None, merged_in_tower=merge is not None,
+                       tokens=out.hidden_states[0].shape[1] if merge is not None else None)
+
+
+@contextlib.contextmanager
+def merging_layers(layers: Sequence[nn.Module], merge: Callable[[int, Tensor, Tensor], Tensor] | None):
+    """Inside, CLIP layer i runs attention, `merge(i, tokens, keys averaged over heads)`, then its MLP on the merged
+    tokens (ToMe's place for the merge); the layers' own forward again afterwards. No-op for `merge` None."""
+    if merge is None:
+        yield
+        return
+
+    def merging_forward(layer: nn.Module, index: int, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        keys = {}
+        hook = layer.self_attn.k_proj.register_forward_hook(lambda m, a, out: keys.setdefault("k", out))
+        try:
+            attended, _ = layer.self_attn(layer.layer_norm1(hidden_states), *args, **kwargs)
+        finally:
+            hook.remove()
+        hidden = hidden_states + attended
+        k = keys["k"]
+        metric = k.view(*k.shape[:2], -1, layer.self_attn.head_dim).transpose(1, 2).mean(1)  # [N, T, hd]
+        hidden = merge(index, hidden, metric)
+        return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+    for index, layer in enumerate(layers):
+        layer.forward = functools.partial(merging_forward, layer, index)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 @contextlib.contextmanager
@@ -195,14 +259,22 @@ class Llava(Family):
         pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
         return tokens, {"pixel_values": pixels}
 
-    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False,
+                     scan_layers: tuple[int, ...] = (), received: bool = False,
+                     merge: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> EncoderView:
         tower = self.vision_tower(model, images.modality)
         layer = feature_layer_index(tower, images.feature_layer)
         if not eager_encoder:
-            return clip_encoder_view(tower, images.pixels, layer)
+            return clip_encoder_view(tower, images.pixels, layer, False, scan_layers, received, merge)
         # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
-        views = [clip_encoder_view(tower, pixels, layer, eager_encoder=True) for pixels in images.pixels.split(images.crops)]
-        return EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))))
+        views = [clip_encoder_view(tower, pixels, layer, True, scan_layers, received, merge)
+                 for pixels in images.pixels.split(images.crops)]
+        view = EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))),
+                           importance_at={i: torch.cat([v.importance_at[i] for v in views]) for i in scan_layers},
+                           merged_in_tower=merge is not None, tokens=views[0].tokens)
+        if received:
+            view.received = lambda at: torch.cat([v.received(at) for v in views])
+        return view
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:

@@ -29,6 +29,7 @@ Videos are passed through unpruned (their tokens are not image tokens).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -151,7 +152,7 @@ class Qwen2_5_VL(Family):
         vision = config.vision_config
         side = self.nominal_side // (vision.patch_size * vision.spatial_merge_size)
         return ModelInfo(n_visual=side * side, n_layers=config.text_config.num_hidden_layers,
-                         vision_layer=vision.depth - 1, cls_kept=False)
+                         vision_layer=vision.depth - 1, cls_kept=False, tower_cls=False)
 
     # -- positions -----------------------------------------------------------------------------------------------
     def positions(self, mask: Tensor, position_ids: Tensor | None) -> Tensor:
@@ -180,27 +181,91 @@ class Qwen2_5_VL(Family):
         return [Images(pixels, [1], images.feature_layer, images.select_strategy, images.sizes[i:i + 1])
                 for i, pixels in enumerate(images.pixels.split(patches))]
 
-    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
-        """The tower's output and the mean attention received at its last full-attention block, per visual token.
+    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False,
+                     scan_layers: tuple[int, ...] = (), received: bool = False, merge: Any = None) -> EncoderView:
+        """The tower's output and the mean attention received at its last full-attention block, per visual token
+        (and at the `scan_layers` blocks, in `importance_at`, computed over the whole image as at a full-attention
+        block); the crops of the view are the images' temporal patches where there are several (a Qwen3-VL video),
+        each attending within itself.
 
-        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code to be
-        bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway."""
+        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code
+        to be bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway.
+        `received`: the same mean attention received at any block, on demand (over the whole image, as at the
+        full-attention blocks), mean over heads, queries and each token's 4 patches. `merge` is ignored: merging
+        inside the windowed tower would break its 2x2 merger groups."""
         tower = self.vision_tower(model)
         config = tower.config
-        attn = tower.blocks[config.fullatt_block_indexes[-1]].attn
-        unit = config.spatial_merge_size ** 2
-        out, received, k = run_tower(tower, attn, images, {tower.merger: lambda x: x[::unit]})
-        received = received[0]  # one image: one crop
-        n_patches = received.shape[-1]
+        last_full = self.scoring_block(config)
+        captured = {}
+
+        def grab(index, module, args, kwargs):
+            captured[index] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                               kwargs["position_embeddings"])
+
+        blocks = range(len(tower.blocks)) if received else {last_full, *scan_layers}
+        hooks = [tower.blocks[i].attn.register_forward_pre_hook(functools.partial(grab, i), with_kwargs=True)
+                 for i in blocks]
+        bypassed = self.bypassed_mergers(tower)
+        for merger, forward in bypassed.items():  # projected later: only what is kept
+            merger.forward = forward
+        try:
+            out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for merger in bypassed:
+                del merger.forward
+        unit, crops = config.spatial_merge_size ** 2, images.crops[0]
+        raster = self.raster_order(images, config).to(out.last_hidden_state.device)
+
+        def received_heads(index: int) -> tuple[Tensor, Tensor]:
+            """Mean attention each token receives from its crop at block `index` [N, H, T] (raster order), and its
+            keys [N, H, T, hd]."""
+            attn, (x, (cos, sin)) = tower.blocks[index].attn, captured[index]
+            n_patches, heads = x.shape[0] // crops, attn.num_heads
+            q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
+            total = q.new_zeros(crops, heads, n_patches, dtype=torch.float32)
+            for crop, (q_crop, k_crop) in enumerate(zip(q_rot.split(n_patches, 1), k_rot.split(n_patches, 1))):
+                for rows in q_crop.split(QUERY_CHUNK, dim=1):  # every patch attends to every patch of its crop
+                    total[crop] += ((rows @ k_crop.transpose(-1, -2)) * attn.scaling).softmax(
+                        -1, dtype=torch.float32).sum(1)
+            total /= n_patches
+            n_tokens = n_patches // unit
+            keys = k.reshape(crops * n_tokens, unit, heads, -1).mean(1)[raster]
+            importance = total.view(crops, heads, n_tokens, unit).mean(-1).transpose(0, 1).reshape(heads, -1)
+            return (importance[:, raster].view(heads, crops, n_tokens).transpose(0, 1).to(x.dtype),
+                    keys.view(crops, n_tokens, heads, -1).transpose(1, 2))
+
+        importance, keys = received_heads(last_full)
+        n_tokens = importance.shape[-1]
+        hidden = out.last_hidden_state.reshape(crops * n_tokens, -1)[raster].view(crops, n_tokens, -1)  # [N, T, 4 D]
+        nominal = self.model_info(model.config).per_crop
+        _, _, cols = (int(n) // config.spatial_merge_size for n in images.sizes[0])
+        return EncoderView(hidden, importance, keys, has_cls=False, share=n_tokens / nominal,
+                           importance_at={i: received_heads(i)[0] for i in scan_layers},
+                           grid=(n_tokens // cols, cols),
+                           received=(lambda block: received_heads(block)[0].mean(1)) if received else None,
+                           side=self.side_of(out, raster, crops, n_tokens))
+
+    def scoring_block(self, config: Any) -> int:
+        """The tower block whose attention received scores the tokens: the last full-attention one (31 of 32)."""
+        return config.fullatt_block_indexes[-1]
+
+    def bypassed_mergers(self, tower: nn.Module) -> dict[nn.Module, Callable[[Tensor], Tensor]]:
+        """The tower's mergers and what they do instead in the encoder view's run (the stage projects later)."""
+        unit = tower.config.spatial_merge_size ** 2
+        return {tower.merger: lambda x: x[::unit]}
+
+    def raster_order(self, images: Images, config: Any) -> Tensor:
+        """The tower's output tokens (2x2 groups) of the call in raster order: the window order undone."""
         window_index, _ = get_vision_window_index(images.sizes, config.spatial_merge_size, config.window_size,
                                                   config.patch_size)
-        raster = torch.argsort(window_index.to(k.device))  # the tower's window order -> raster order of groups
-        n_tokens = n_patches // unit
-        hidden = out.last_hidden_state.reshape(n_tokens, -1)[raster]  # [T, 4 D]
-        importance = received.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(k.dtype)  # [H, T]
-        keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1)[raster].transpose(0, 1)  # [H, T, hd]
-        nominal = self.model_info(model.config).per_crop
-        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal)
+        return torch.argsort(window_index)
+
+    def side_of(self, out: Any, raster: Tensor, crops: int, n_tokens: int) -> Tensor | None:
+        """The view's side features from the tower's output (none here; Qwen3-VL's DeepStack)."""
+        return None
 
     image_layout_key = "image_grid_thw"
 
@@ -311,43 +376,6 @@ class Qwen2_5_VL(Family):
         tokenizer = AutoTokenizer.from_pretrained(path)
         return self.processor_class(image_processor=image_processor, tokenizer=tokenizer,
                                     chat_template=tokenizer.chat_template or self.chat_template)
-
-
-def run_tower(tower: nn.Module, attn: nn.Module, images: Images,
-              bypassed: dict[nn.Module, Callable[[Tensor], Tensor]]) -> tuple[Any, Tensor, Tensor]:
-    """Run a Qwen vision tower on `images` (one group of `image_groups`) with the `bypassed` modules' forwards
-    replaced (its mergers: the encoder stage projects only what it keeps), and read the block of `attn`.
-
-    Returns the tower's output, the mean attention each patch receives from the patches of its crop there [crops, H,
-    P] (a video's temporal patches are its crops; recomputed from the block's qkv projection and rotary embedding:
-    the tower keeps SDPA), and that block's keys [crops * P, H, hd] before the rotary embedding.
-    """
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        captured["rope"] = kwargs["position_embeddings"]
-
-    hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
-    for module, forward in bypassed.items():
-        module.forward = forward
-    try:
-        out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
-    finally:
-        hook.remove()
-        for module in bypassed:
-            del module.forward
-    x, (cos, sin) = captured["x"], captured["rope"]
-    crops = images.crops[0]
-    n_patches = x.shape[0] // crops
-    q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
-    received = q.new_zeros(crops, attn.num_heads, n_patches, dtype=torch.float32)
-    for crop, (q_crop, k_crop) in enumerate(zip(q_rot.split(n_patches, 1), k_rot.split(n_patches, 1))):
-        for rows in q_crop.split(QUERY_CHUNK, dim=1):  # every patch attends to every patch of its crop
-            received[crop] += ((rows @ k_crop.transpose(-1, -2)) * attn.scaling).softmax(
-                -1, dtype=torch.float32).sum(1)
-    return out, received / n_patches, k
 
 
 QWEN2_5_VL = Qwen2_5_VL()

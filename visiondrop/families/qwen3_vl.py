@@ -68,9 +68,9 @@ from transformers.utils import ModelOutput
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
-from ..core import EMPTY_SLOT, Checkpoint, Dims, EncoderView, Images, Shape, TokenIds
+from ..core import EMPTY_SLOT, Checkpoint, Dims, Images, Shape, TokenIds
 from .qwen2_5_vl import CHAT_TEMPLATE as QWEN2_5_CHAT_TEMPLATE
-from .qwen2_5_vl import Qwen2_5_VL, run_tower
+from .qwen2_5_vl import Qwen2_5_VL
 
 NOMINAL_SIDE = 768  # the budgets' reference image: (768 / 32)^2 = 576 visual tokens, as LLaVA-1.5's
 PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH = 16, 2, 2
@@ -288,25 +288,23 @@ class Qwen3_VL(Qwen2_5_VL):
                              keep.new_full((crops, empty), EMPTY_SLOT)], 1).flatten()
         return rows, origins, crops * tokens
 
-    def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False) -> EncoderView:
-        """The tower's output, its DeepStack blocks' outputs (before their mergers) and the mean attention received
-        at its last block, per visual token (four patches each); a video's temporal patches are its crops (the
-        tower attends within each).
+    def scoring_block(self, config: Any) -> int:
+        """The last block (26 of 27), whose output the merger projects: every block attends to the whole image."""
+        return config.depth - 1
 
-        `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code
-        to be bit-identical with), the row is recomputed either way."""
-        tower = self.vision_tower(model)
-        attn = tower.blocks[-1].attn
-        unit = tower.config.spatial_merge_size ** 2
-        out, received, k = run_tower(tower, attn, images,
-                                     {m: (lambda x: x) for m in [tower.merger, *tower.deepstack_merger_list]})
-        crops, n_tokens = images.crops[0], received.shape[-1] // unit
-        hidden = out.last_hidden_state.reshape(crops, n_tokens, -1)  # [N, T, 4 D], raster order already
-        side = torch.stack([f.reshape(crops, n_tokens, -1) for f in out.deepstack_features], 2)  # [N, T, 3, 4 D]
-        importance = received.view(crops, attn.num_heads, n_tokens, unit).mean(-1).to(k.dtype)  # [N, H, T]
-        keys = k.reshape(crops, n_tokens, unit, attn.num_heads, -1).mean(2).transpose(1, 2)  # [N, H, T, hd]
-        nominal = self.model_info(model.config).per_crop
-        return EncoderView(hidden, importance, keys, has_cls=False, share=n_tokens / nominal, side=side)
+    def bypassed_mergers(self, tower: nn.Module) -> dict[nn.Module, Callable[[Tensor], Tensor]]:
+        """The merger and the DeepStack mergers pass their input through: the view keeps the DeepStack blocks'
+        outputs as side features, projected later for what is kept."""
+        return {merger: (lambda x: x) for merger in [tower.merger, *tower.deepstack_merger_list]}
+
+    def raster_order(self, images: Images, config: Any) -> Tensor:
+        """The tower keeps the processor's order: 2x2 groups in raster order already."""
+        return torch.arange(int(images.sizes.prod(-1).sum()) // config.spatial_merge_size ** 2)
+
+    def side_of(self, out: Any, raster: Tensor, crops: int, n_tokens: int) -> Tensor:
+        """The DeepStack blocks' outputs per token (its four patches' vectors) [N, T, 3, 4 D]."""
+        return torch.stack([f.reshape(crops * n_tokens, -1)[raster].view(crops, n_tokens, -1)
+                            for f in out.deepstack_features], 2)
 
     text_before_image = 4  # "<|im_start|>user\n" + <|vision_start|>
 

@@ -135,6 +135,9 @@ class Plan:
     rejudge: list[Path] = field(default_factory=list)  # records of `done` whose answers `judge` has not judged
     elsewhere: list[str] = field(default_factory=list)  # benchmarks another live job is evaluating (claimed)
     faults: list[str] = field(default_factory=list)  # judging that stopped part-way (records kept, incomplete)
+    #: what the model lacks for the method's defaults, added where the config asks (`example_options`): in the
+    #: identity and given to the plugin; the FLOPs count's proxy adds its own
+    example_options: dict = field(default_factory=dict)
 
 
 SET_BY_ENV = ("model", "base_url", "api_key_env")  # judge settings `configure` passes through the environment
@@ -149,6 +152,15 @@ def configured_judge(cfg: DictConfig) -> Judge | None:
     return Judge.from_env(**settings)  # concurrency, max_failures, attempts, timeout_s, ...
 
 
+def example_options(cfg: DictConfig, path: str) -> dict:
+    """What the model at `path` lacks for the method's defaults (`Method.example_options`), where the config does not
+    set it: the demo's tiny model has no CLIP text side for CDPruner."""
+    from transformers import AutoConfig
+
+    extra = method(cfg.method.name).example_options(AutoConfig.from_pretrained(path))
+    return {k: v for k, v in extra.items() if k not in cfg.method.options}
+
+
 def plan_job(cfg: DictConfig) -> Plan:
     """Resolve everything that identifies the job's records; raises Unreachable for a budget the method cannot reach.
 
@@ -158,8 +170,10 @@ def plan_job(cfg: DictConfig) -> Plan:
     store = ResultStore(project_path(cfg.results_dir))
     budget = Budget.resolve(cfg)
     path = model_path(cfg)
+    extra = example_options(cfg, path) if cfg.get("example_options") else {}
     schedule = resolve_schedule(cfg, path, budget)
-    options = method(cfg.method.name).resolved_options(OmegaConf.to_container(cfg.method.options, resolve=True))
+    options = method(cfg.method.name).resolved_options(
+        {**extra, **OmegaConf.to_container(cfg.method.options, resolve=True)})
     checkpoint = checkpoint_fingerprint(path) or path  # a hub id: the name alone
     judged = any(b.get("protocol") == "video-chatgpt" for b in cfg.benchmarks)
     judge = configured_judge(cfg) if judged else None  # fails here without its key, before anything runs
@@ -178,7 +192,7 @@ def plan_job(cfg: DictConfig) -> Plan:
             done.append(record)
         else:
             todo.append((bench, identity))
-    return Plan(budget, path, options, schedule, todo, done, judge, rejudge)
+    return Plan(budget, path, options, schedule, todo, done, judge, rejudge, example_options=extra)
 
 
 def _judged_by(record: dict) -> str:
@@ -307,7 +321,7 @@ def evaluate(cfg: DictConfig, plan: Plan, on_record: Callable[[dict, list[dict]]
                         dtype=cfg.model.dtype, device=cfg.model.device,
                         attn_implementation=cfg.model.attn_implementation,
                         image_aspect_ratio=cfg.model.image_aspect_ratio, conv_template=cfg.model.conv_template,
-                        **input_options(cfg.model), **cfg.method.options)
+                        **input_options(cfg.model), **plan.example_options, **cfg.method.options)
     include = [str(TASKS_DIR)] + [str(project_path(b.include_path)) for b in todo if b.get("include_path")]
     task_manager = TaskManager(include_path=include)
     with tempfile.TemporaryDirectory(prefix="visiondrop_tasks_") as tmp:  # local-data task overrides

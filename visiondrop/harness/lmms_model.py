@@ -51,7 +51,7 @@ import visiondrop
 from visiondrop.families import family_for
 
 from .positions import PositionMaps
-from .prompting import ASPECT_RATIOS, CONV_TEMPLATES, build_prompt, expand_to_square, mean_colour
+from .prompting import ASPECT_RATIOS, CONV_TEMPLATES, build_prompt, expand_to_square, instruction, mean_colour
 from .video import read_frames
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class PrunedLVLM(lmms):
                 images = [self._image(*a[2:6]) for a in args]
                 prompts = [self._prompt(a[0], image) for a, image in zip(args, images)]
                 batch = self._encode(prompts, images)
+                self._instruct([a[0] for a in args], images)
                 with torch.inference_mode():
                     out = self._model.generate(**batch, **settings)
                 self._record(images, batch)
@@ -208,6 +209,7 @@ class PrunedLVLM(lmms):
                 lengths = [len(tokenizer(f).input_ids) - len(tokenizer(p).input_ids) for p, f in zip(prompts, full)]
                 keep = max(lengths) + 1
                 batch = self._encode(full, images)
+                self._instruct([requests[i].args[0] for i in indices], images)
                 with torch.inference_mode():
                     logits = self._model(**batch, logits_to_keep=keep).logits.float()
                 self._record(images, batch)
@@ -307,6 +309,10 @@ class PrunedLVLM(lmms):
 
     def _prompt(self, context: str, visual: Image.Image | np.ndarray | None) -> str:
         return build_prompt(self.processor, context, visual is not None, self.conv_template, _modality(visual))
+
+    def _instruct(self, contexts: list[str], visuals: list) -> None:
+        """Each sample's question for text-conditioned methods (CDPruner), one per sample with a visual."""
+        self.handle.instruct([instruction(c) for c, v in zip(contexts, visuals) if v is not None])
 
     def _encode(self, prompts: list[str], visuals: list[Image.Image | np.ndarray | None]) -> dict:
         images = [self._preprocess(v) for v in visuals if isinstance(v, Image.Image)]

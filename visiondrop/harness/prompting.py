@@ -13,7 +13,15 @@ from PIL import Image
 VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 CONV_TEMPLATES = ("vicuna_v1", "llava_hf", "chat_template")
+#: the answer-format suffix LLaVA's short-answer tasks append, which CDPruner's evaluation removes from its instruction
+ANSWER_FORMAT = "\nAnswer the question using a single word or phrase."
 ASPECT_RATIOS = ("pad", "none")
+
+
+def instruction(question: str) -> str:
+    """The instruction a text-conditioned method selects for (CDPruner): the question without LLaVA's answer-format
+    suffix, as the official `model_vqa_loader` passes it (`question.replace(ANSWER_FORMAT, "")`)."""
+    return question.replace(ANSWER_FORMAT, "")
 
 
 def with_image_token(question: str, has_image: bool, kind: str = "image") -> str:

@@ -31,6 +31,11 @@ METHODS = {
     "random": "baselines.random",
     "divprune": "baselines.divprune",
     "vispruner": "baselines.vispruner",
+    "cdpruner": "baselines.cdpruner",
+    "vscan": "baselines.vscan",
+    "fastervlm": "baselines.fastervlm",
+    "hiprune": "baselines.hiprune",
+    "tome": "baselines.tome",
 }
 
 
@@ -58,7 +63,12 @@ class Overhead:
     selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
     at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
     eager_encoder: the encoder stage reads its CLS row from an eager tower's own probabilities (False: it
-    recomputes the row from the layer's q/k); the layer's keys are computed either way.
+    recomputes the row from the layer's q/k); the layer's keys are computed either way;
+    projected: (encoder cut, the decoder's width) -> multiply-accumulates of a method's own products on the
+    projected tokens at an encoder stage (CDPruner's kernel and greedy MAP, VScan's merge); such a method projects
+    every patch, so the projector on the dropped ones is charged too.
+    tower: (dims, encoder cut) -> (tokens entering each vision-tower layer, multiply-accumulates of the method's
+    own matching there), for a method that merges inside the tower (ToMe); None: the tower runs all its tokens.
     """
 
     rows: str | None = None
@@ -68,6 +78,8 @@ class Overhead:
     pivots: int = 0
     selection: Callable[[Cut, int], int] | None = None
     eager_encoder: bool = False
+    projected: Callable[[Cut, int], int] | None = None
+    tower: Callable[[Dims, Cut], tuple[list[int], int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,9 @@ class Method:
     #: a budget of a 576-token LLaVA-1.5 it reaches with its defaults on a 32-layer decoder (scaled to other
     #: models' visual tokens): the one the contract tests (tests/test_contract.py) run it at
     example_budget: float = 64
+    #: (the model's config) -> options the tests, the FLOPs count's proxy and the latency benchmark add to the
+    #: defaults where those need what a tiny or random model lacks (CDPruner: a CLIP text side and an instruction)
+    example_options: Callable[[Any], dict[str, Any]] = lambda config: {}
     #: (dims, budget) -> the FLOPs count's schedule on a multi-crop model at its nominal crops, where one measured
     #: proxy image would not give the paper's comparison; None: measured
     nominal_counts: Callable[[Dims, float], TokenCounts] | None = None

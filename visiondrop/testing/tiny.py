@@ -153,3 +153,43 @@ def demo_image(seed: int, size: tuple[int, int] = (336, 336)) -> Image.Image:
         else:
             draw.ellipse(box, fill=fill)
     return image
+
+
+def build_tiny_clip_text(out_dir: str | Path, vision_hidden: int = 64, seed: int = 0) -> Path:
+    """Build, save and return the path of a tiny random CLIP checkpoint for CDPruner's `text_tower=`: a 12-layer
+    text tower at width 64 with its tokenizer (CLIP's byte-level vocabulary layout, no merges: each word becomes
+    its characters) and a vision side `vision_hidden` wide whose `post_layernorm` and `visual_projection` CDPruner
+    applies to the LLaVA tower's features (its one encoder layer is never run)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(out_dir)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=12,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=len(vocab) - 2,
+                         eos_token_id=2, pad_token_id=1, projection_dim=64),  # eos 2: pooled at the largest id, as real CLIP
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=336, patch_size=14, projection_dim=64),
+        projection_dim=64,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_clip_text(vision_hidden: int = 64) -> Path:
+    """A `build_tiny_clip_text` checkpoint for towers `vision_hidden` wide, built once into the temporary folder."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"visiondrop-tiny-clip-text-{vision_hidden}"
+    if not (path / "model.safetensors").exists():
+        staging = Path(tempfile.mkdtemp(prefix=path.name, dir=path.parent))
+        build_tiny_clip_text(staging, vision_hidden)
+        try:
+            staging.rename(path)  # atomic: a concurrent builder's copy is as good
+        except OSError:
+            pass
+    return path
