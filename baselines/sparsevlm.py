@@ -150,8 +150,9 @@ def schedule(reference: float, n: int, n_layers: int, layers: tuple[int, ...], r
     return keeps(max(start, min(proportional, end - 1e-9)))
 
 
-def cluster_and_merge(x: Tensor, n_clust: int, noise: Tensor) -> Tensor:
-    """DPC-kNN on x [n, D] into `n_clust` tokens [n_clust, D] (centre order), as the official `cluster_and_merge`.
+def cluster_and_merge(x: Tensor, n_clust: int, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """DPC-kNN on x [n, D] into `n_clust` tokens [n_clust, D] (centre order), as the official `cluster_and_merge`,
+    and the merge's weights [n_clust, n] (each token's 1 / cluster size in its cluster's row: `Selection.weights`).
 
     noise [n] is the uniform draw that breaks density ties (scaled by 1e-6 here).
     """
@@ -164,7 +165,8 @@ def cluster_and_merge(x: Tensor, n_clust: int, noise: Tensor) -> Tensor:
     assign = dist[centres].argmin(0)
     assign[centres] = torch.arange(n_clust, device=x.device)  # a centre joins itself
     weight = 1 / (torch.bincount(assign, minlength=n_clust).to(x.dtype) + 1e-6)
-    return x.new_zeros(n_clust, x.shape[-1]).index_add_(0, assign, x * weight[assign].unsqueeze(-1))
+    weights = x.new_zeros(n_clust, x.shape[0]).scatter_(0, assign.unsqueeze(0), weight[assign].unsqueeze(0))
+    return x.new_zeros(n_clust, x.shape[-1]).index_add_(0, assign, x * weight[assign].unsqueeze(-1)), weights
 
 
 class SparseVLM(Policy):
@@ -223,11 +225,13 @@ class SparseVLM(Policy):
         n_cands = n_candidates(pruned.shape[1])
         candidates = pruned.gather(1, scores.gather(1, pruned).topk(n_cands).indices)  # score order, as official
         hidden = cut.visual_rows(cut.hidden)  # the output of the layer that has just run
-        merged = []
+        merged, weights = [], []
         for g, b in enumerate(cut.samples):
             x = hidden[g, candidates[g]]
-            merged.append(cluster_and_merge(x, n_clusters(n_cands), self._noise(cut.scratch[b][1], x)))
-        return Selection(keep, torch.stack(merged))
+            tokens, local = cluster_and_merge(x, n_clusters(n_cands), self._noise(cut.scratch[b][1], x))
+            merged.append(tokens)  # weights over all the visual tokens: the candidates' columns
+            weights.append(local.new_zeros(local.shape[0], cut.n_visual).index_copy_(1, candidates[g], local))
+        return Selection(keep, torch.stack(merged), torch.stack(weights))
 
     @staticmethod
     def _noise(generator: torch.Generator | None, x: Tensor) -> Tensor:

@@ -85,14 +85,22 @@ class ToMe(Policy):
 
     def select_encoder(self, view: EncoderView) -> Selection:
         first = int(view.has_cls)
-        tokens = view.hidden[:, first:]
+        tokens, weights = view.hidden[:, first:], None
         if not view.merged_in_tower:  # a tower that cannot merge inside: the same rounds at its output
             keep = max(view.scaled(describe_tokens(self.schedule, self.patches)), 1)
             metric = view.keys.mean(1)[:, first:]
-            for r in even_schedule(tokens.shape[1] - keep, len(self.schedule)):
-                merged = bipartite_merge(torch.cat([tokens, metric], -1), metric, r, protect_first=False)
-                tokens, metric = merged[..., :tokens.shape[-1]], merged[..., tokens.shape[-1]:]
-        return Selection(tokens.new_zeros(tokens.shape[0], 0, dtype=torch.long), tokens)
+            n, width = tokens.shape[1], tokens.shape[-1]
+            # where the view has side features (Qwen3-VL's DeepStack), the identity rides along: the plain means
+            # turn it into the merges' weights (`Selection.weights`), by which the engine merges those features
+            carried = [tokens, metric] + ([torch.eye(n, dtype=tokens.dtype, device=tokens.device).expand(
+                tokens.shape[0], -1, -1)] if view.side is not None else [])
+            x = torch.cat(carried, -1)
+            for r in even_schedule(n - keep, len(self.schedule)):
+                x = bipartite_merge(x, x[..., width:width + metric.shape[-1]], r, protect_first=False)
+            tokens = x[..., :width]
+            if view.side is not None:
+                weights = torch.nn.functional.pad(x[..., width + metric.shape[-1]:], (first, 0))
+        return Selection(tokens.new_zeros(tokens.shape[0], 0, dtype=torch.long), tokens, weights)
 
     def describe(self) -> dict:
         kept = remaining(self.patches + 1, self.schedule, 1)[-1] - 1

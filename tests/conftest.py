@@ -104,6 +104,16 @@ def tiny_onevision_dir(tiny_dir_of):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_dir(tiny_dir_of):
+    return tiny_dir_of("qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_of):
+    return tiny_of("qwen3_vl")
+
+
+@pytest.fixture(scope="session")
 def tiny_shallow(tmp_path_factory):
     """A tiny LLaVA-1.5 with the demo model's 4-layer decoder (cut layers map onto it by relative depth)."""
     from visiondrop.testing.tiny import build_tiny, load_tiny

@@ -1,5 +1,6 @@
 """The contract every registered method keeps, on a tiny model of every registered family (LLaVA-1.5, LLaVA-NeXT
-with mixed crop grids, Qwen2.5-VL with images of different sizes and M-RoPE, Video-LLaVA's images, whose budgets
+with mixed crop grids, Qwen2.5-VL and Qwen3-VL (and its MoE) with images of different sizes and M-RoPE, Qwen3-VL's
+DeepStack, Video-LLaVA's images, whose budgets
 count against a video's 2,056 tokens, so every method meets budgets between whole counts; counts on its nominal
 8-frame video); Video-LLaVA's batches of videos keep it in tests/test_video_llava.py. Six properties, each on every family: the full budget is the stock
 model, a batch equals each sample alone, cached decoding equals replay, counts measured with hooks equal

@@ -165,9 +165,10 @@ def test_merged_tokens_take_the_centre_of_the_grid(qwen):
                                                                                           stock[:, :first])
 
 
-def test_demo_task_through_the_plugin(tiny_qwen_dir):
-    """The local demo task runs through the lmms-eval plugin on the tiny Qwen2.5-VL: chat template, max_pixels,
-    a batch of two equal to one at a time."""
+@pytest.mark.parametrize("checkpoint,max_pixels", [("tiny_qwen_dir", 224 * 224), ("tiny_qwen3_dir", 256 * 256)])
+def test_demo_task_through_the_plugin(request, checkpoint, max_pixels):
+    """The local demo task runs through the lmms-eval plugin on the tiny Qwen2.5-VL (and Qwen3-VL): chat template,
+    max_pixels, a batch of two equal to one at a time."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -176,8 +177,8 @@ def test_demo_task_through_the_plugin(tiny_qwen_dir):
 
     infos, logged = [], []
     for batch_size in (1, 2):
-        lm = PrunedLVLM(pretrained=str(tiny_qwen_dir), method="visionzip", budget=64, batch_size=batch_size,
-                         max_pixels=224 * 224)
+        lm = PrunedLVLM(pretrained=str(request.getfixturevalue(checkpoint)), method="visionzip", budget=64,
+                        batch_size=batch_size, max_pixels=max_pixels)
         results = simple_evaluate(model=lm, tasks=["visiondrop_demo"], task_manager=TaskManager(
             include_path=str(TASKS_DIR)), limit=3, bootstrap_iters=0, log_samples=True,
             datetime_str="20250101_000000", gen_kwargs="max_new_tokens=4")
@@ -186,8 +187,8 @@ def test_demo_task_through_the_plugin(tiny_qwen_dir):
         infos.append(lm.run_info)
     assert logged[0] == logged[1]
     info = infos[0]
-    assert info["conv_template"] == "chat_template" and info["processor_options"] == {"max_pixels": 224 * 224}
-    assert lm.processor.image_processor.size.longest_edge == 224 * 224  # the processor stores max_pixels there
+    assert info["conv_template"] == "chat_template" and info["processor_options"] == {"max_pixels": max_pixels}
+    assert lm.processor.image_processor.size.longest_edge == max_pixels  # the processor stores max_pixels there
     # at most 64 visual tokens per image at this max_pixels: VisionZip keeps 64/576 of them (round(54/9) + round(10/9))
     assert info["samples"] == 3 and info["measured_tokens_mean"] <= 7
 

@@ -18,16 +18,18 @@ def test_contextual_merge_by_hand():
     # Five remaining tokens, two contextual tokens: stride 5 // 2 = 2, anchors are remaining positions 0 and 2.
     metric = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [1.0, 0.05]]])
     hidden = torch.arange(5 * 3, dtype=torch.float).view(1, 5, 3)
-    merged = contextual_merge(hidden, metric, torch.arange(5).unsqueeze(0), 2)
+    merged, weights = contextual_merge(hidden, metric, torch.arange(5).unsqueeze(0), 2)
     # members 1 and 4 are closest to anchor 0, member 3 to anchor 2; token = anchor + mean(members)
     expected = torch.stack([hidden[0, 0] + (hidden[0, 1] + hidden[0, 4]) / 2, hidden[0, 2] + hidden[0, 3]])
     torch.testing.assert_close(merged[0], expected)
+    assert weights.tolist() == [[[1.0, 0.5, 0.0, 0.0, 0.5], [0.0, 0.0, 1.0, 1.0, 0.0]]]  # what side rows merge by
+    torch.testing.assert_close(weights @ hidden, merged)
 
 
 def test_contextual_merge_anchor_without_members_is_itself():
     metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]]])
     hidden = torch.tensor([[[1.0], [10.0], [100.0]]])
-    merged = contextual_merge(hidden, metric, torch.tensor([[0, 1, 2]]), 3)  # every token is an anchor
+    merged, _ = contextual_merge(hidden, metric, torch.tensor([[0, 1, 2]]), 3)  # every token is an anchor
     assert merged.flatten().tolist() == [1.0, 10.0, 100.0]
 
 
@@ -45,7 +47,7 @@ def test_visiondrop_encoder_keeps_cls_then_top_patches_in_raster_order():
     sel = policy.select_encoder(view)
     assert sel.keep.tolist() == [[0, 2, 6]]  # CLS, then patches 2 and 6 (scores .5, .5) in raster order
     rest = torch.tensor([[1, 3, 4, 5]])
-    torch.testing.assert_close(sel.merged, contextual_merge(view.hidden, keys.mean(1), rest, 1))
+    torch.testing.assert_close(sel.merged, contextual_merge(view.hidden, keys.mean(1), rest, 1)[0])
 
 
 def test_encoder_selection_without_cls_ranks_every_token():
@@ -55,7 +57,7 @@ def test_encoder_selection_without_cls_ranks_every_token():
     view = EncoderView(hidden=torch.randn(1, 6, 8), importance=importance, keys=keys, has_cls=False)
     sel = VisionDrop(Schedule(Stage(3, 1), ()), _info()).select_encoder(view)
     assert sel.keep.tolist() == [[0, 1, 5]]  # token 0 is ranked like the others (it is no CLS)
-    torch.testing.assert_close(sel.merged, contextual_merge(view.hidden, keys.mean(1), torch.tensor([[2, 3, 4]]), 1))
+    torch.testing.assert_close(sel.merged, contextual_merge(view.hidden, keys.mean(1), torch.tensor([[2, 3, 4]]), 1)[0])
 
 
 class CraftedCut(DecoderCut):

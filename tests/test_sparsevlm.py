@@ -110,16 +110,18 @@ def test_selection_keeps_top_k_in_order_and_recycles_the_best_pruned():
 def test_dpc_knn_by_hand():
     # 1-D points 0, 0.1, 0.3 | 5, 5.2; 2 clusters, densities exp(-(0 + d_nn^2)/2) tie in pairs, noise breaks ties.
     x = torch.tensor([[0.0], [0.1], [0.3], [5.0], [5.2]])
-    merged = cluster_and_merge(x, 2, torch.tensor([0.5, 0.0, 0.0, 0.9, 0.1]))
+    merged, weights = cluster_and_merge(x, 2, torch.tensor([0.5, 0.0, 0.0, 0.9, 0.1]))
     # centres: token 0 (densest, delta = max distance) then token 3 (delta 4.9); 1, 2 -> centre 0, 4 -> centre 3
     torch.testing.assert_close(merged, torch.tensor([[0.4 / (3 + 1e-6)], [10.2 / (2 + 1e-6)]]))
+    third, half = 1 / (3 + 1e-6), 1 / (2 + 1e-6)
+    torch.testing.assert_close(weights, torch.tensor([[third] * 3 + [0, 0], [0, 0, 0, half, half]]))
 
 
 def test_dpc_knn_noise_decides_centres_when_densities_tie():
     x = torch.tensor([[0.0], [1.0], [10.0], [11.0]])  # equal densities: the noise alone orders the peaks
-    torch.testing.assert_close(cluster_and_merge(x, 2, torch.tensor([1.0, 0.0, 0.0, 0.5])),
+    torch.testing.assert_close(cluster_and_merge(x, 2, torch.tensor([1.0, 0.0, 0.0, 0.5]))[0],
                                torch.tensor([[0.5], [10.5]]), rtol=1e-5, atol=0)
-    torch.testing.assert_close(cluster_and_merge(x, 2, torch.tensor([0.0, 0.0, 1.0, 0.5])),
+    torch.testing.assert_close(cluster_and_merge(x, 2, torch.tensor([0.0, 0.0, 1.0, 0.5]))[0],
                                torch.tensor([[10.5], [0.5]]), rtol=1e-5, atol=0)
 
 

@@ -75,6 +75,7 @@ class Shape:
     vision_layers: int
     vision_heads: int
     kv_heads: int | None = None  # decoder key-value heads where they are fewer than the heads (grouped queries)
+    head_dim: int | None = None  # decoder head width where it is not hidden / heads (Qwen3-VL-30B-A3B: 128)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ class TokenIds:
     eos: int
     pad: int
     special: dict[str, int] = field(default_factory=dict)  # ids of the family's `special_tokens`
+
+
+#: the origin of a placeholder slot that an encoder stage leaves empty (`Family.lay_out`), dropped before the decoder
+EMPTY_SLOT = -2
 
 
 @dataclass
@@ -137,7 +142,10 @@ class EncoderView:
     merges' order, and `importance`/`keys` describe the feature layer's input, before its own merge;
     `tokens` is then what the tower started with (else None: `hidden`'s count);
     projected: `hidden` is already the model's visual tokens, projected (a host that pools after its projector:
-    LLaVA-OneVision's video frames), so the engine does not project what the policy keeps.
+    LLaVA-OneVision's video frames), so the engine does not project what the policy keeps;
+    side: [N, T, S, E] features that travel with each token to the decoder (`Family.side_features`: Qwen3-VL's
+    DeepStack vectors, before their own mergers), or None; the engine selects and merges them as the tokens, and
+    projects them with `Family.side_projector`. Policies do not read them.
     """
 
     hidden: Tensor
@@ -154,6 +162,7 @@ class EncoderView:
     received: Callable[[int], Tensor] | None = None
     merged_in_tower: bool = False
     tokens: int | None = None
+    side: Tensor | None = None
 
     def scaled(self, count: int) -> int:
         """A per-image `count` of the nominal image, scaled to these images' tokens (the identity at share 1)."""
@@ -196,6 +205,8 @@ class Dims:
     #: the nominal sample's encoder stage selects among tokens already projected (LLaVA-OneVision's pooled video
     #: frames): its merged tokens sum in the decoder's width
     encoder_projected: bool = False
+    side_projectors: int = 0  # projectors of the same shape run beside it on each projected token (DeepStack: 3)
+    router: int = 0  # experts a MoE router scores per token (d x experts); `intermediate` is then the routed ones'
 
     @property
     def n_visual(self) -> int:

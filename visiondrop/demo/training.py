@@ -309,7 +309,7 @@ def training_view(scene: syn.Scene, feats: torch.Tensor, rng: random.Random, r: 
         rest.sort(key=lambda p: scene.patch_object[p] < 0)  # stable: objects first, each part still shuffled
     kept = sorted(must | set(rest[: max(0, rng.randint(r.min_keep, n - 1) - len(must))]))
     dropped = torch.tensor(sorted(set(range(n)) - set(kept)))
-    merged = contextual_merge(feats[None].float(), feats[None].float(), dropped[None], rng.randint(0, 8))[0]
+    merged = contextual_merge(feats[None].float(), feats[None].float(), dropped[None], rng.randint(0, 8))[0][0]
     return View(torch.cat([feats[kept].float(), merged]), np.array(kept + [-1] * len(merged)))
 
 

@@ -27,6 +27,16 @@ decoder. Its encoder stage (VisionZip, VisionDrop) scores with the attention eac
 full-attention layer: q, k, v of every patch and all patch-pair logits. Its decoder has grouped-query attention
 (4 key-value heads of 28).
 
+Qwen3-VL (checkpoints qwen3-vl-8b, qwen3-vl-30b-a3b, on the nominal 768x768 image: 2304 patches of 16, 576 visual
+tokens): the 27 tower layers attend to all patches and run a two-matrix GELU MLP; the projector part counts the
+merger and the three DeepStack mergers (each 4608 -> 4608 -> d on every projected 2x2 group: 4x the merger alone);
+DeepStack's additions to the visual hidden states after decoder layers 0-2 are elementwise (3 x n x d additions,
+no matrix product) and not counted; an encoder stage that merges combines the tokens' DeepStack vectors by the
+merge's weights (one [merged, tokens] x [tokens, 3 x 4608] product, in the overhead). The decoder's per-head q/k
+norms are not products either. The MoE (30B-A3B) counts the active parameters of a token: its 8 routed experts of
+128 (3 matrices of 2048 x 768 each, `intermediate` 8 x 768) and the router (2048 x 128 logits); the other 120
+experts do no work for it (transformers runs each expert on its routed tokens only).
+
 Assumptions written down:
 - "text tokens" are all non-visual prompt tokens (system prompt, question, template); the paper's numbers need
   63 for LLaVA-1.5-7B (9.06 T full, 2.11 T VisionDrop-64). Pass the measured length for a real run.
@@ -109,7 +119,8 @@ class Breakdown:
 
 def _decoder_layer_macs(dims: Dims, n: int) -> int:
     q_dim, kv_dim = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
-    linears = 2 * dims.hidden * q_dim + 2 * dims.hidden * kv_dim + 3 * dims.hidden * dims.intermediate
+    linears = (2 * dims.hidden * q_dim + 2 * dims.hidden * kv_dim + 3 * dims.hidden * dims.intermediate
+               + dims.hidden * dims.router)
     return n * linears + 2 * n * n * q_dim  # Q K^T and A V over the full square
 
 
@@ -142,7 +153,7 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
     mid = dims.projector_mid or dims.hidden
     return Breakdown(
         vision=2.0 * crops * (patch_embed + layers),
-        projector=2.0 * projected * (dims.projector_in * mid + mid * dims.hidden),
+        projector=2.0 * projected * (dims.projector_in * mid + mid * dims.hidden) * (1 + dims.side_projectors),
         decoder=2.0 * sum(_decoder_layer_macs(dims, n + other) for n in tokens_per_layer),
         lm_head=2.0 * (tokens_per_layer[-1] + other) * dims.hidden * dims.vocab,
         overhead=float(overhead),
@@ -177,6 +188,8 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             metric, width = dims.head_dim, d
         if recipe.merges:
             macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it
+            if cut.layer is None:  # side features (DeepStack) merged by the weights, a [merged, before] product
+                macs += cut.merged * cut.before * dims.side_projectors * width
         if recipe.selection is not None:
             macs += recipe.selection(cut, width)
         if recipe.projected is not None and cut.layer is None:

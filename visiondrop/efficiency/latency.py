@@ -775,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result] | ScalingResult:
                         help="default: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="default: every registered method")
     parser.add_argument("--budgets", nargs="+", type=float,
-                        help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b, 64 for qwen2.5-vl-7b, 257 for video-llava-7b)")
+                        help="per method (default: 64 for llava-1.5-7b, 320 for llava-next-7b, 64 for qwen2.5-vl-7b and qwen3-vl-8b, 257 for video-llava-7b)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 8 32 on a GPU, 1 8 on a CPU")
     parser.add_argument("--new-tokens", type=int, default=32, help="N, tokens generated end to end")
     parser.add_argument("--warmup", type=int, help="discarded rounds (default: 2; 1 for --scaling)")

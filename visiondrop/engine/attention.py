@@ -17,9 +17,11 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
-def _heads(x: Tensor, head_dim: int) -> Tensor:
-    """[B, L, H*hd] -> [B, H, L, hd]."""
-    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
+def _heads(x: Tensor, head_dim: int, norm: nn.Module | None = None) -> Tensor:
+    """[B, L, H*hd] -> [B, H, L, hd], through the attention's per-head norm where it has one (Qwen3's q_norm and
+    k_norm, applied to each head's query or key before RoPE)."""
+    x = x.view(*x.shape[:2], -1, head_dim)
+    return (x if norm is None else norm(x)).transpose(1, 2)
 
 
 def decoder_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, rotate: Rotate = Family.rotate,
@@ -29,7 +31,7 @@ def decoder_keys(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, rot
     rotate: the model family's RoPE (`Family.rotate`).
     """
     attn = layer.self_attn
-    k = _heads(attn.k_proj(layer.input_layernorm(hidden)), attn.head_dim)
+    k = _heads(attn.k_proj(layer.input_layernorm(hidden)), attn.head_dim, getattr(attn, "k_norm", None))
     return rotate(k, cos, sin)
 
 
@@ -47,7 +49,7 @@ def decoder_attention(
     """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    q = _heads(attn.q_proj(gather_rows(x, queries)), attn.head_dim)
+    q = _heads(attn.q_proj(gather_rows(x, queries)), attn.head_dim, getattr(attn, "q_norm", None))
     q = rotate(q, gather_rows(cos, queries), gather_rows(sin, queries))
     k = decoder_keys(layer, hidden, cos, sin, rotate) if keys is None else keys
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)

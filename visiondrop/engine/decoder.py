@@ -1,11 +1,20 @@
 """The decoder layer loop with cuts: prefill that physically shortens the sequence, and the decode steps after it.
 
 Sequences are left-padded. After a cut each sample's tokens are re-packed (prefix, kept visual tokens, merged
-tokens, suffix) and left-padded again. Every layer caches exactly the tokens it processed, so the KV caches of
+tokens, suffix) and left-padded again. A sample's visual tokens are one set for the policies, but may lie in
+several spans separated by text where the family allows it (`Family.visual_spans`: Qwen3-VL's video frames between
+their timestamps): each kept token then stays in its own span, the text between spans stays whole, and the merged
+tokens follow the last span's kept tokens (at the centre of that span's positions, where positions are kept).
+Every layer caches exactly the tokens it processed, so the KV caches of
 different segments have different lengths; a `Segment` remembers, for the layers that share one token set, which
 cached rows are real tokens and which position the next token takes, so decode steps stay consistent with
 whatever the prefill did. Everything about the host (its layers, positions, rotary embeddings) comes from its
 family adapter; positions are opaque tensors [..., B, L] gathered along their last axis.
+
+Side features (`Family.side_features`: Qwen3-VL's DeepStack rows) are vectors that the host adds to the visual
+tokens' hidden states after a few early decoder layers. Each visual token carries its own rows through every cut
+(a merged token combines its members' rows with the merge's weights, `Selection.weights`), and the rows are added
+after those layers to the tokens present then, as the host adds them to all of its visual tokens.
 """
 from __future__ import annotations
 
@@ -38,16 +47,19 @@ class Running:
     hidden: Tensor  # [B, L, D]
     mask: Tensor  # [B, L] bool, real tokens (left padding)
     pos: Tensor  # [..., B, L] positions
-    vis_start: Tensor  # [B] sequence index of the visual block
+    vis_index: list[Tensor]  # per sample [vis_len]: the sequence indices of its visual tokens, ascending
     vis_len: Tensor  # [B] visual tokens (0: no image)
     origins: list[Tensor]  # per sample [vis_len]: original visual index, or -1 for tokens the method made
     frames: Tensor  # [B] frames of each sample's video (0: an image or none), `Family.video_frames`
+    side: list[Tensor] | None = None  # per sample [vis_len, len(side_layers), D]: each visual token's side rows
+    side_layers: tuple[int, ...] = ()  # the decoder layers after which the side rows are added, in order
 
 
 def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-          visual: Tensor, frames: Tensor | None = None) -> Running:
-    """Initial state from the language model's inputs, the image-token mask [B, L] and each sample's video frames
-    [B] (None: no video)."""
+          visual: Tensor, frames: Tensor | None = None, side: tuple[tuple[int, ...], Tensor] | None = None) -> Running:
+    """Initial state from the language model's inputs, the image-token mask [B, L], each sample's video frames [B]
+    (None: no video) and the side features the host gave its language model (`Family.side_features`: layers, rows
+    [n visual tokens of the batch, layers, D])."""
     length = visual.shape[1]
     mask = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
     n_real = mask.sum(1)
@@ -55,18 +67,22 @@ def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, positio
     if not torch.equal(mask, left_padded):
         raise ValueError("visual-token pruning needs left-padded batches: set tokenizer.padding_side = 'left'")
     vis_len = visual.sum(1)
-    vis_start = torch.where(vis_len > 0, visual.long().argmax(1), 0)
-    spans = torch.arange(length, device=visual.device).unsqueeze(0) - vis_start.unsqueeze(1)
-    if not torch.equal(visual, (spans >= 0) & (spans < vis_len.unsqueeze(1))):
+    vis_index = [row.nonzero()[:, 0] for row in visual]
+    if not family.visual_spans and any(len(i) and int(i[-1] - i[0]) + 1 != len(i) for i in vis_index):
         raise ValueError("each sample may hold at most one image, as one contiguous block of image tokens")
     origins = [torch.arange(n, device=visual.device) for n in vis_len.tolist()]
     frames = torch.zeros_like(vis_len) if frames is None else frames.to(vis_len.device)
-    return Running(hidden, mask, family.positions(mask, position_ids), vis_start, vis_len, origins, frames)
+    run = Running(hidden, mask, family.positions(mask, position_ids), vis_index, vis_len, origins, frames)
+    if side is not None:
+        run.side_layers, rows = side
+        run.side = list(rows.split(vis_len.tolist()))
+    return run
 
 
-def apply_selections(family: Family, run: Running, selections: dict[int, tuple[Tensor, Tensor | None]],
+def apply_selections(family: Family, run: Running, selections: dict[int, tuple[Tensor, Tensor | None, Tensor | None]],
                      renumber: bool, slots: dict[int, Tensor] | None = None) -> Running:
-    """Rebuild the batch after a cut. selections: sample -> (keep [k], merged [c, D] or None).
+    """Rebuild the batch after a cut. selections: sample -> (keep [k], merged [c, D] or None, their weights [c, n]
+    over the current visual tokens or None; `Selection`).
 
     Positions are renumbered contiguously when the policy asks for it (`renumber`) and the family allows it
     (unless `Family.fixed_positions`); otherwise every token keeps its position: a visual token the one of its slot in
@@ -76,37 +92,40 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     renumber = renumber and not family.fixed_positions
     length = run.hidden.shape[1]
     device = run.hidden.device
-    index, sources, positions, starts, counts, origins = [], [], [], [], [], []
+    index, sources, positions, visual_at, origins, side = [], [], [], [], [], []
     for b in range(run.hidden.shape[0]):
         first = length - int(run.mask[b].sum())
         source, pos = run.hidden[b], run.pos.select(-2, b)
         if b not in selections:
             index.append(torch.arange(first, length, device=device))
-            starts.append(int(run.vis_start[b]) - first)
-            counts.append(int(run.vis_len[b]))
+            visual_at.append(run.vis_index[b] - first)
             origins.append(run.origins[b])
-        else:
-            keep, merged = selections[b]
-            start, n = int(run.vis_start[b]), int(run.vis_len[b])
-            parts = [torch.arange(first, start, device=device), start + keep]
-            n_merged = 0 if merged is None else merged.shape[0]
-            if n_merged:
-                parts.append(length + torch.arange(n_merged, device=device))
-                source = torch.cat([source, merged.to(source.dtype)])
-            parts.append(torch.arange(start + n, length, device=device))
-            index.append(torch.cat(parts))
-            starts.append(start - first)
-            counts.append(keep.shape[0] + n_merged)
-            origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)]))
-            if not renumber:
-                slot = slots[b] if slots and b in slots else torch.cat([keep, keep.new_full((n_merged,), -1)])
-                visual = _kept_positions(family, pos[..., start:start + n], slot)
-                kept_pos = torch.cat([pos[..., first:start], visual, pos[..., start + n:]], -1)
+            side.append(None if run.side is None else run.side[b])
+            positions.append(family.renumbered(pos[..., first], len(index[-1])) if renumber else pos[..., first:])
+            sources.append(source)
+            continue
+        keep, merged, weights = selections[b]
+        n_merged = 0 if merged is None else merged.shape[0]
+        if n_merged:
+            source = torch.cat([source, merged.to(source.dtype)])
+        order, is_visual = _packed_order(run.vis_index[b], keep, n_merged, first, length)
         sources.append(source)
+        index.append(order)
+        visual_at.append(is_visual.nonzero()[:, 0])
+        # the visual tokens in their new order: each an entry of (kept..., merged...)
+        entry = _visual_entries(order, is_visual, run.vis_index[b], keep, length)
+        origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)])[entry])
+        side.append(None if run.side is None else _side_rows(run.side[b], keep, n_merged, weights)[entry])
         if renumber:
-            positions.append(family.renumbered(pos[..., first], len(index[-1])))
+            positions.append(family.renumbered(pos[..., first], len(order)))
         else:
-            positions.append(pos[..., index[-1]] if b not in selections else kept_pos)
+            slot = slots[b] if slots and b in slots else torch.cat([keep, keep.new_full((n_merged,), -1)])
+            span = _spans(run.vis_index[b])
+            entry_span = torch.cat([span[keep], span[-1:].expand(n_merged)])  # merged: after the last span
+            visual = _kept_positions(family, pos[..., run.vis_index[b]], slot, span, entry_span)[..., entry]
+            kept_pos = pos[..., order.clamp(max=length - 1)].clone()
+            kept_pos[..., is_visual] = visual
+            positions.append(kept_pos)
 
     new_length = max(len(i) for i in index)
     pads = [new_length - len(i) for i in index]
@@ -115,16 +134,80 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     ])
     mask = torch.arange(new_length, device=device).unsqueeze(0) >= torch.tensor(pads, device=device).unsqueeze(1)
     pos = torch.stack([torch.cat([q.new_zeros(*q.shape[:-1], p), q], -1) for q, p in zip(positions, pads)], -2)
-    vis_start = torch.tensor(starts, device=device) + torch.tensor(pads, device=device)
-    return Running(hidden, mask, pos, vis_start, torch.tensor(counts, device=device), origins, run.frames)
+    vis_index = [at + p for at, p in zip(visual_at, pads)]
+    counts = torch.tensor([len(at) for at in visual_at], device=device)
+    return Running(hidden, mask, pos, vis_index, counts, origins, run.frames, None if run.side is None else side,
+                   run.side_layers)
 
 
-def _kept_positions(family: Family, block: Tensor, slots: Tensor) -> Tensor:
+def _packed_order(vis_index: Tensor, keep: Tensor, n_merged: int, first: int, length: int) -> tuple[Tensor, Tensor]:
+    """A sample's rows after a cut, as indices into its rows then its merged tokens (length + j), and which of
+    them are visual: its real text tokens in order, each span's kept tokens where the span was (in `keep`'s order
+    within a span), the merged tokens after the last span's kept tokens."""
+    device = vis_index.device
+    text = torch.ones(length, dtype=torch.bool, device=device)
+    text[:first] = False
+    text[vis_index] = False
+    text_rows = text.nonzero()[:, 0]
+    span = _spans(vis_index)
+    anchor = vis_index[torch.cat([span.new_ones(1, dtype=torch.bool), span[1:] != span[:-1]])][span]  # span starts
+    step = vis_index.numel() + n_merged + 1  # sub-ranks within an anchor
+    kept_rank = torch.arange(keep.numel(), device=device)
+    keys = torch.cat([text_rows * step, anchor[keep] * step + 1 + kept_rank,
+                      anchor[-1] * step + 1 + keep.numel() + torch.arange(n_merged, device=device)])
+    rows = torch.cat([text_rows, vis_index[keep], length + torch.arange(n_merged, device=device)])
+    is_visual = torch.cat([torch.zeros_like(text_rows, dtype=torch.bool),
+                           torch.ones(keep.numel() + n_merged, dtype=torch.bool, device=device)])
+    order = keys.argsort(stable=True)
+    return rows[order], is_visual[order]
+
+
+def _visual_entries(order: Tensor, is_visual: Tensor, vis_index: Tensor, keep: Tensor, length: int) -> Tensor:
+    """For each visual token of the packed order, its entry among (keep..., merged...)."""
+    rows = order[is_visual]
+    position_in_keep = torch.full((length,), -1, dtype=torch.long, device=rows.device)
+    position_in_keep[vis_index[keep]] = torch.arange(keep.numel(), device=rows.device)
+    return torch.where(rows < length, position_in_keep[rows.clamp(max=length - 1)], keep.numel() + rows - length)
+
+
+def _side_rows(rows: Tensor, keep: Tensor, n_merged: int, weights: Tensor | None) -> Tensor:
+    """The side rows [k + c, ...] of a cut's visual tokens: the kept tokens' own, then each merged token's
+    combination of the current tokens' rows `rows` [n, ...] by its weights [c, n]."""
+    if not n_merged:
+        return rows[keep]
+    if weights is None:
+        raise ValueError("this method merges visual tokens before the model's last side-feature layer (Qwen3-VL's "
+                         "DeepStack layers) without stating its merge weights (`Selection.weights`): the merged "
+                         "tokens would have no side rows. Cut later, or do not merge there")
+    merged = (weights.to(rows.dtype) @ rows.flatten(1)).view(n_merged, *rows.shape[1:])
+    return torch.cat([rows[keep], merged])
+
+
+def add_side(run: Running, layer_idx: int) -> Tensor:
+    """The hidden states after decoder layer `layer_idx` plus every current visual token's side row of that
+    layer (as the host adds them: the same elementwise sum on the visual positions)."""
+    column = run.side_layers.index(layer_idx)
+    hidden = run.hidden.clone()
+    for b, (rows, at) in enumerate(zip(run.side, run.vis_index)):
+        if rows.shape[0]:
+            hidden[b, at] = hidden[b, at] + rows[:, column].to(hidden.dtype)
+    return hidden
+
+
+def _spans(vis_index: Tensor) -> Tensor:
+    """The span [n] of each visual token (0, 1, ...): a span starts where a visual token does not follow another."""
+    starts = torch.ones_like(vis_index, dtype=torch.bool)
+    starts[1:] = vis_index[1:] != vis_index[:-1] + 1
+    return starts.long().cumsum(0) - 1
+
+
+def _kept_positions(family: Family, block: Tensor, slots: Tensor, span: Tensor, entry_span: Tensor) -> Tensor:
     """Positions [..., k + c] of a cut's visual tokens in a family that keeps positions: each its slot's in the
-    visual block's positions `block` [..., n], -1 (a merged token) the family's `merged_position` of the block."""
+    visual tokens' positions `block` [..., n], -1 (a merged token) the family's `merged_position` of the tokens of
+    the span it lies in (`span` [n] of the tokens, `entry_span` [k + c] of the entries; one span: the image's)."""
     kept = block[..., slots.clamp(min=0)]
-    if bool((slots < 0).any()):
-        kept = torch.where(slots >= 0, kept, family.merged_position(block).unsqueeze(-1).expand_as(kept))
+    for s in entry_span[slots < 0].unique().tolist():
+        kept[..., (slots < 0) & (entry_span == s)] = family.merged_position(block[..., span == s]).unsqueeze(-1)
     return kept
 
 
@@ -139,7 +222,7 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
             layer_idx=layer_idx, layers=layers, hidden=run.hidden[rows],
             prev_hidden=None if prev_hidden is None else prev_hidden[rows], mask=run.mask[rows],
             cos=rope[0][rows], sin=rope[1][rows],
-            visual=run.vis_start[rows].unsqueeze(1) + torch.arange(n, device=rows.device),
+            visual=torch.stack([run.vis_index[b] for b in rows.tolist()]),
             original_visual=n0, samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
             final_norm=final_norm, frames=f,
         )
@@ -151,7 +234,8 @@ def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, lay
     for cut in groups:
         sel: Selection = policy.select_decoder(cut)
         for g, b in enumerate(cut.samples):
-            selections[b] = (sel.keep[g], None if sel.merged is None else sel.merged[g])
+            selections[b] = (sel.keep[g], None if sel.merged is None else sel.merged[g],
+                             None if sel.weights is None else sel.weights[g])
             if sel.slots is not None:
                 slots[b] = sel.slots[g]
     trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
@@ -186,6 +270,10 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         prev_hidden = run.hidden
         run.hidden = layer(run.hidden, attention_mask=mask4d, position_embeddings=rope,
                            use_cache=cache is not None, **cache_kwargs(cache))
+        if run.side is not None and i in run.side_layers:
+            run.hidden = add_side(run, i)
+            if i == run.side_layers[-1]:
+                run.side = None  # added for the last time: later cuts need no side rows (nor merge weights)
     return family.final_norm(lm)(run.hidden), segments
 
 

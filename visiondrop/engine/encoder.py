@@ -11,21 +11,25 @@ from torch import Tensor, nn
 
 from ..families.base import Family
 from .attention import gather_rows
-from .policy import Policy
+from ..core import EMPTY_SLOT
+from .policy import Policy, Selection
 
 
 def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: str, args: tuple,
-                  kwargs: dict) -> tuple[list[Tensor], list[int], list[Tensor]]:
+                  kwargs: dict) -> tuple[list[Tensor], list[int], list[Tensor], list[Tensor] | None]:
     """Project only the tokens an encoder-side policy keeps, for a call `feature_function(*args, **kwargs)` of
     `modality` (`Family.feature_functions`: "image" is `get_image_features(pixel_values, ...)`).
 
-    Returns, per image: features zero-padded to the placeholder slots the unpatched model fills, the number of
-    real rows, and their original indices in the image's own visual-token order (-1 for CLS and merged tokens).
+    Returns, per image: features zero-padded to the placeholder slots the unpatched model fills, the slots the
+    method filled (ascending), their original indices in the image's own visual-token order (-1 for CLS and merged
+    tokens), and where the view has side features, their projected rows [slots, S, D] laid out and padded alike
+    (else None). A layout may leave slots empty between filled ones (`EMPTY_SLOT` origins: a video's frames each
+    in its own span); the rest are padded at the end.
     """
     reason = family.unsupported(policy, modality)
     if reason is not None:
         raise NotImplementedError(f"{policy.name}: {reason}")
-    padded, valid, origins = [], [], []
+    padded, valid, origins, side = [], [], [], []
     project, first_image = family.projector(model), 0
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
         merge = policy.merge_in_tower if policy.merges_in_tower else None
@@ -46,16 +50,37 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
                 kept = torch.cat([kept, sel.merged], dim=1)
             features = view.project(kept)  # [crops, kept + merged, D]
         n_merged = features.shape[1] - sel.keep.shape[1]
+        rows = None if view.side is None else family.side_projector(model)(_kept_side(view.side, sel))
+        crop_rows = [None] * len(images.crops) if rows is None else rows.split(images.crops)
         for i, (feats, keep) in enumerate(zip(features.split(images.crops), sel.keep.split(images.crops))):
+            crop = crop_rows[i]
             if (keep < 0).any():  # a crop that keeps fewer tokens than others of the view
                 if keep.shape[0] > 1:
                     raise NotImplementedError(f"{policy.name} kept different counts on the crops of one image")
                 real = torch.cat([keep[0] >= 0, keep.new_ones(n_merged, dtype=torch.bool)])
                 feats, keep = feats[:, real], keep[:, keep[0] >= 0]
+                crop = None if crop is None else crop[:, real]
             feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.native_layout)
             if feats.shape[0] > slots:
                 raise ValueError(f"{policy.name} keeps {feats.shape[0]} tokens for an image with {slots} image slots")
             padded.append(torch.cat([feats, feats.new_zeros(slots - feats.shape[0], feats.shape[1])]))
-            valid.append(feats.shape[0])
-            origins.append(orig)
-    return padded, valid, origins
+            filled = (orig != EMPTY_SLOT).nonzero()[:, 0]
+            valid.append(filled)
+            origins.append(orig[filled])
+            if crop is not None:  # laid out as the tokens, their S rows side by side
+                laid = family.lay_out(model, images, i, crop.flatten(2), keep, n_merged, tokens,
+                                      policy.native_layout)[0].view(-1, *crop.shape[2:])
+                side.append(torch.cat([laid, laid.new_zeros(slots - laid.shape[0], *laid.shape[1:])]))
+    return padded, valid, origins, side if side else None
+
+
+def _kept_side(side: Tensor, sel: Selection) -> Tensor:
+    """The side features [N, k + c, S, E] of the kept tokens, then of the merged ones by the merge's weights."""
+    kept = gather_rows(side, sel.keep.clamp(min=0))
+    if sel.merged is None or not sel.merged.shape[1]:
+        return kept
+    if sel.weights is None:
+        raise ValueError("this method merges visual tokens without stating its merge weights (`Selection.weights`), "
+                         "which the model's side features (Qwen3-VL's DeepStack) need to follow the merged tokens")
+    merged = (sel.weights.to(side.dtype) @ side.flatten(2)).view(*sel.weights.shape[:2], *side.shape[2:])
+    return torch.cat([kept, merged], dim=1)

@@ -18,7 +18,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput
 
 from ..families import family_of
 from . import decoder
@@ -39,11 +40,11 @@ class Pruner:
         self.trace = Trace()
         self._visual: Tensor | None = None  # image-token mask of the forward in flight
         self._frames: Tensor | None = None  # video frames per sample of the forward in flight
-        # id(features) -> (weak ref, valid rows, origins) per image of the last encoding, and the images of the
-        # forward in flight as (valid rows, origins)
-        self._encoded: dict[int, tuple[weakref.ref, int, Tensor]] = {}
-        self._fingerprints: list[tuple[Tensor, int, Tensor]] = []  # the same, for stacked features
-        self._images: list[tuple[int, Tensor]] | None = None
+        # id(features) -> (weak ref, filled slots, origins) per image of the last encoding, and the images of the
+        # forward in flight as (filled slots, origins)
+        self._encoded: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}
+        self._fingerprints: list[tuple[Tensor, Tensor, Tensor]] = []  # the same, for stacked features
+        self._images: list[tuple[Tensor, Tensor]] | None = None
         self._images_modality = "image"
         self._segments: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> segments
         if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
@@ -100,10 +101,10 @@ class Pruner:
                 f"{self.policy.name} reduces the vision tower's output, and {type(self.family).__name__}'s adapter "
                 "encodes images only for encoder-side methods: run videos with a decoder-side or video method")
 
-    def _image_features(self, modality: str, *args, **kwargs) -> BaseModelOutputWithPooling:
+    def _image_features(self, modality: str, *args, **kwargs) -> ModelOutput:
         if self._images is not None and self._images_modality != modality:
             raise NotImplementedError(_MIXED)
-        features, valid, origins = reduce_images(self.model, self.family, self.policy, modality, args, kwargs)
+        features, valid, origins, side = reduce_images(self.model, self.family, self.policy, modality, args, kwargs)
         if self.family.stacks_features(modality):
             # generate() copies the rows of a stacked tensor when it repeats them: known by their first token
             self._encoded = {}
@@ -112,9 +113,9 @@ class Pruner:
         else:
             self._encoded = {id(f): (weakref.ref(f), v, o) for f, v, o in zip(features, valid, origins)}
         self._images, self._images_modality = list(zip(valid, origins)), modality
-        return BaseModelOutputWithPooling(last_hidden_state=features[0], pooler_output=features)
+        return self.family.encoder_output(features, side)
 
-    def _own_images(self, features: list[Tensor] | Tensor) -> list[tuple[int, Tensor]] | None:
+    def _own_images(self, features: list[Tensor] | Tensor) -> list[tuple[Tensor, Tensor]] | None:
         """The bookkeeping of pre-encoded features, found by identity (repeats are the same tensors; rows of a
         stacked tensor by their first token); None if any of them did not come from this method's last encoding."""
         images = []
@@ -122,7 +123,7 @@ class Pruner:
             if isinstance(features, Tensor):
                 found = next(((v, o) for first, v, o in self._fingerprints if torch.equal(f[0], first)), None)
             else:
-                ref, valid, origins = self._encoded.get(id(f), (None, 0, None))
+                ref, valid, origins = self._encoded.get(id(f), (None, None, None))
                 found = (valid, origins) if ref is not None and ref() is f else None
             if found is None:
                 return None
@@ -145,7 +146,8 @@ class Pruner:
                 f"({self.policy.name}): the handle's trace records the tokens each layer kept (handle.trace); "
                 "remove() the method for the model's own attentions and hidden states")
         if visual is not None and visual.any():
-            return self._prefill(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, visual)
+            side = self.family.side_features(kwargs, visual)
+            return self._prefill(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, visual, side)
         if segments is not None:
             hidden = decoder.decode(self.family, self.lm, inputs_embeds, attention_mask, past_key_values, segments)
             return BaseModelOutputWithPast(last_hidden_state=hidden, **cache_kwargs(past_key_values))
@@ -153,13 +155,13 @@ class Pruner:
                                      inputs_embeds=inputs_embeds, use_cache=use_cache,
                                      **cache_kwargs(past_key_values), **kwargs)
 
-    def _prefill(self, embeds, attention_mask, position_ids, cache, use_cache, visual) -> BaseModelOutputWithPast:
+    def _prefill(self, embeds, attention_mask, position_ids, cache, use_cache, visual, side) -> BaseModelOutputWithPast:
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("image tokens after the first forward of a cache are not supported")
         use_cache = self.lm.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.lm.config)
-        run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames)
+        run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames, side)
         trace = Trace.start(embeds.shape[0])
         if self.policy.encoder_layer is not None:
             run = self._drop_empty_slots(run, trace)
@@ -191,7 +193,7 @@ class Pruner:
         if images is None or len(images) != len(samples):
             raise RuntimeError("the image features of this forward were not produced by the applied method")
         device = run.hidden.device
-        selections = {b: (torch.arange(images[i][0], device=device), None) for i, b in enumerate(samples)}
+        selections = {b: (images[i][0].to(device), None, None) for i, b in enumerate(samples)}
         # a family that keeps positions gives each token its original slot's (-1: the family's merged position)
         slots = {b: images[i][1].to(device) for i, b in enumerate(samples)}
         run = decoder.apply_selections(self.family, run, selections, renumber=True, slots=slots)

@@ -26,13 +26,17 @@ class Selection:
     use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows;
     slots: decoder cuts, [G, k + c] per token, the current visual slot whose position it takes where positions are
     kept (not renumbered), -1 for the family's merged position (None: the kept tokens their own, merged tokens -1),
-    for methods whose merged tokens stand for a place (a cluster's centre).
+    for methods whose merged tokens stand for a place (a cluster's centre);
+    weights: [G, c, n] how each merged token combines the n current visual tokens (merged = weights @ their
+    vectors), so that the features that travel with the tokens (`Family.side_features`: Qwen3-VL's DeepStack
+    rows) merge alike; a policy that merges before the host's last side-feature layer must give them.
     At decoder cuts keep, merged and slots may each be a list of G rows instead, where the samples keep different
     counts (methods whose counts depend on the content).
     """
 
     keep: Tensor | list[Tensor]
     merged: Tensor | list[Tensor] | None = None
+    weights: Tensor | None = None
     features: Tensor | None = None
     slots: Tensor | list[Tensor] | None = None
 
@@ -42,10 +46,11 @@ class DecoderCut:
     """The state entering decoder layer `layer_idx`, for a group of samples with equally many visual tokens.
 
     Sequences are left-padded: `mask` marks real tokens, `visual` holds the sequence indices of the current
-    visual block, which is contiguous. `prev_hidden` is what entered layer `layer_idx - 1` (same tokens), for
-    methods that score with the layer that has just run. `original_visual` is the group's visual-token count
-    before any reduction (its samples share it; a host int, so policies scale counts without reading the device);
-    `samples` are the group's rows in the batch, and `scratch` is a dict that lives
+    visual tokens, ascending: one contiguous block, or several spans separated by text where the family has them
+    (`Family.visual_spans`: Qwen3-VL's video frames between timestamps). `prev_hidden` is what entered layer
+    `layer_idx - 1` (same tokens), for methods that score with the layer that has just run. `original_visual` is
+    the group's visual-token count before any reduction (its samples share it; a host int, so policies scale counts
+    without reading the device); `samples` are the group's rows in the batch, and `scratch` is a dict that lives
     for one forward pass (for what a policy decides once and reuses at later cuts, keyed by sample). `cos`/`sin`
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.

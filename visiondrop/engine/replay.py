@@ -36,9 +36,11 @@ class Replay(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         recorded = [self._selections[cut.layer_idx][b] for b in cut.samples]
-        keep, merged = [k for k, _ in recorded], [m for _, m in recorded]
+        keep, merged, weights = zip(*recorded)
         slots = [self._slots[cut.layer_idx][b] for b in cut.samples if b in self._slots[cut.layer_idx]]
-        return Selection(_rows(keep), None if merged[0] is None else _rows(merged), _rows(slots) if slots else None)
+        return Selection(_rows(keep), None if merged[0] is None else _rows(merged),
+                         weights=None if weights[0] is None else torch.stack(weights),
+                         slots=_rows(slots) if slots else None)
 
 
 def _rows(rows: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

@@ -27,7 +27,7 @@ def unmarked(marked: Tensor, count: int) -> Tensor:
     return marked.to(torch.uint8).argsort(dim=-1, stable=True)[:, :count]
 
 
-def contextual_merge(hidden: Tensor, metric: Tensor, remaining: Tensor, n_contextual: int) -> Tensor:
+def contextual_merge(hidden: Tensor, metric: Tensor, remaining: Tensor, n_contextual: int) -> tuple[Tensor, Tensor]:
     """Merge the remaining (non-dominant) tokens into `n_contextual` tokens (VisionZip / VisionDrop rule).
 
     Anchors are taken at a uniform stride over the remaining tokens (in their current order); every other
@@ -35,11 +35,14 @@ def contextual_merge(hidden: Tensor, metric: Tensor, remaining: Tensor, n_contex
     its anchor's hidden vector plus the mean of its members (just the anchor when it has none).
 
     hidden: [B, N, D] vectors to merge; metric: [B, N, M] similarity features;
-    remaining: [B, R] indices of the tokens to merge, ascending. Returns [B, C, D], C = min(n_contextual, R).
+    remaining: [B, R] indices of the tokens to merge, ascending. Returns the merged tokens [B, C, D],
+    C = min(n_contextual, R), and the merge's weights [B, C, N] (`Selection.weights`: merged = weights @ hidden,
+    up to float rounding; the merged tokens themselves are computed as the official code does).
     """
     n_rem = remaining.shape[1]
     if n_contextual <= 0 or n_rem == 0:
-        return hidden.new_zeros(hidden.shape[0], 0, hidden.shape[-1])
+        return hidden.new_zeros(hidden.shape[0], 0, hidden.shape[-1]), hidden.new_zeros(hidden.shape[0], 0,
+                                                                                          hidden.shape[1])
     gather = lambda x, idx: x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
     rem_hidden, rem_metric = gather(hidden, remaining), gather(metric, remaining)
     rem_metric = rem_metric / rem_metric.norm(dim=-1, keepdim=True)
@@ -54,4 +57,9 @@ def contextual_merge(hidden: Tensor, metric: Tensor, remaining: Tensor, n_contex
     assign = torch.zeros_like(similarity).scatter_(2, similarity.argmax(dim=2, keepdim=True), 1.0)
     counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)  # [B, C, 1]
     members_mean = assign.transpose(1, 2).to(rem_hidden.dtype) @ rem_hidden[:, members] / counts.to(rem_hidden.dtype)
-    return rem_hidden[:, anchor_pos] + members_mean
+    # the same combination as weights over all N tokens: 1 on the anchor, 1/count on each member
+    local = (assign.transpose(1, 2) / counts).to(hidden.dtype)  # [B, C, members]
+    weights = hidden.new_zeros(hidden.shape[0], anchor_pos.shape[0], hidden.shape[1])
+    weights.scatter_(2, remaining[:, anchor_pos].unsqueeze(-1), 1.0)
+    weights.scatter_add_(2, remaining[:, members].unsqueeze(1).expand(-1, anchor_pos.shape[0], -1), local)
+    return rem_hidden[:, anchor_pos] + members_mean, weights

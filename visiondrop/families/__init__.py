@@ -17,6 +17,8 @@ FAMILIES = {
     "llava": "visiondrop.families.llava:LLAVA",
     "llava_next": "visiondrop.families.llava_next:LLAVA_NEXT",
     "qwen2_5_vl": "visiondrop.families.qwen2_5_vl:QWEN2_5_VL",
+    "qwen3_vl": "visiondrop.families.qwen3_vl:QWEN3_VL",
+    "qwen3_vl_moe": "visiondrop.families.qwen3_vl:QWEN3_VL_MOE",
     "video_llava": "visiondrop.families.video_llava:VIDEO_LLAVA",
     "llava_onevision": "visiondrop.families.llava_onevision:LLAVA_ONEVISION",
 }

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llama.modeling_llama import rotate_half
+from transformers.utils import ModelOutput
 
 from ..core import Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
 
@@ -34,6 +36,9 @@ class Family:
     #: True for a family whose positions carry the image layout (M-RoPE): tokens keep their positions at every
     #: cut, whatever the policy's `renumber_positions`, and merged tokens take `merged_position`
     fixed_positions: bool = False
+    #: a sample's visual tokens may lie in several spans separated by text (Qwen3-VL: a video's frames, each after
+    #: its timestamp): decoder cuts treat them as one set, and each kept token stays in its span
+    visual_spans: bool = False
     image_token: str = "<image>"  # the placeholder its processor expands
     special_tokens: tuple[str, ...] = ()  # tokens its prompts need beyond LLaVA's (tiny tokenizers add them)
     #: image sizes (width, height) of different token counts or layouts on this family: the sizes a batch mixes in
@@ -216,6 +221,22 @@ class Family:
         """
         raise NotImplementedError
 
+    def encoder_output(self, features: list[Tensor], side: list[Tensor] | None) -> ModelOutput:
+        """What the host's image-feature function returns, from the encoder stage's features per image (and their
+        side rows [slots, S, D], where the family has side features)."""
+        return BaseModelOutputWithPooling(last_hidden_state=features[0], pooler_output=features)
+
+    def side_projector(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
+        """The projection of an encoder view's side features [N, k, S, E] to the rows the decoder adds [N, k, S, D]
+        (families whose views have `side`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no side features")
+
+    def side_features(self, kwargs: dict[str, Any], visual: Tensor) -> tuple[tuple[int, ...], Tensor] | None:
+        """Vectors the host adds to its visual tokens' hidden states after some decoder layers (Qwen3-VL's
+        DeepStack), read from its language model's forward keywords: (those layers, rows [n, layers, D] of the n
+        visual tokens that `visual` [B, L] marks, in batch then sequence order), or None where the host adds none.
+        The engine carries each token's rows through the cuts and adds them after those layers (`engine.decoder`)."""
+
     def unsupported(self, policy: Any, modality: str) -> str | None:
         """Why this family cannot run the encoder stage of `policy` (an `engine.Policy`) on `modality`, or None: the
         engine refuses such a forward with NotImplementedError naming the reason."""
@@ -232,12 +253,16 @@ class Family:
         feats: [crops, kept + n_merged, D]; keep: [crops, kept] indices among the `tokens` tokens of a crop's
         view. Returns (tokens, their original
         indices in the model's visual-token order, -1 for tokens that are none; placeholder slots of the image).
+        The tokens fill the first slots, the rest stay empty; a layout that leaves slots empty between them (a
+        video whose frames lie in separate spans) returns zero rows there, with origin `core.EMPTY_SLOT`.
         """
         raise NotImplementedError
 
     # -- where the visual tokens come from (positional-bias maps) ------------------------------------------------
     #: the processor output that holds each image's layout, which `patch_cells` takes
     image_layout_key: str = "image_sizes"
+    #: the processor output that holds each video's layout where it varies (Qwen3-VL: video_grid_thw), or None
+    video_layout_key: str | None = None
 
     def patch_grid(self, config: Any) -> tuple[int, int]:
         """(crops, side): the patch grids of one image at the model's nominal crops (a video's frames), each

@@ -90,6 +90,8 @@ class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
 
 class Qwen2_5_VL(Family):
     model_class = Qwen2_5_VLForConditionalGeneration
+    nominal_side = NOMINAL_SIDE  # pixels of the budgets' reference image's side
+    title = "Qwen2.5-VL"  # in error messages
     sample_sizes = ((224, 224), (280, 196), (168, 336))  # 64, 70, 72 visual tokens
     nominal_size = (NOMINAL_SIDE, NOMINAL_SIDE)
     checkpoints = (Checkpoint(
@@ -135,7 +137,7 @@ class Qwen2_5_VL(Family):
     def flops_dims(self, config: Any) -> Dims:
         """On the nominal 672x672 image (the FLOPs count's convention, `efficiency.flops`)."""
         text, vision = config.text_config, config.vision_config
-        side, unit = NOMINAL_SIDE // vision.patch_size, vision.spatial_merge_size ** 2
+        side, unit = self.nominal_side // vision.patch_size, vision.spatial_merge_size ** 2
         return Dims(
             hidden=text.hidden_size, intermediate=text.intermediate_size, n_layers=text.num_hidden_layers,
             vocab=text.vocab_size, n_heads=text.num_attention_heads, n_kv_heads=text.num_key_value_heads,
@@ -150,7 +152,7 @@ class Qwen2_5_VL(Family):
 
     def model_info(self, config: Any) -> ModelInfo:
         vision = config.vision_config
-        side = NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
+        side = self.nominal_side // (vision.patch_size * vision.spatial_merge_size)
         return ModelInfo(n_visual=side * side, n_layers=config.text_config.num_hidden_layers,
                          vision_layer=vision.depth - 1, cls_kept=False, tower_cls=False)
 
@@ -211,7 +213,7 @@ class Qwen2_5_VL(Family):
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         grid = kwargs.get("image_grid_thw", args[0] if args else None)
         if grid is None:
-            raise ValueError("Qwen2.5-VL image features need image_grid_thw (the processor returns it)")
+            raise ValueError(f"{self.title} image features need image_grid_thw (the processor returns it)")
         return Images(pixel_values, [1] * grid.shape[0], self.vision_tower(model).config.depth - 1, "full", grid)
 
     def image_groups(self, images: Images) -> list[Images]:
@@ -224,7 +226,8 @@ class Qwen2_5_VL(Family):
                      scan_layers: tuple[int, ...] = (), received: bool = False, merge: Any = None) -> EncoderView:
         """The tower's output and the mean attention received at its last full-attention block, per visual token
         (and at the `scan_layers` blocks, in `importance_at`, computed over the whole image as at a full-attention
-        block).
+        block); the crops of the view are the images' temporal patches where there are several (a Qwen3-VL video),
+        each attending within itself.
 
         `eager_encoder` changes nothing here: the tower's attention gives no probabilities to read (no official code
         to be bit-identical with), the row is recomputed either way, and images are encoded one at a time anyway.
@@ -233,7 +236,7 @@ class Qwen2_5_VL(Family):
         inside the windowed tower would break its 2x2 merger groups."""
         tower = self.vision_tower(model)
         config = tower.config
-        last_full = config.fullatt_block_indexes[-1]
+        last_full = self.scoring_block(config)
         captured = {}
 
         def grab(index, module, args, kwargs):
@@ -243,48 +246,74 @@ class Qwen2_5_VL(Family):
         blocks = range(len(tower.blocks)) if received else {last_full, *scan_layers}
         hooks = [tower.blocks[i].attn.register_forward_pre_hook(functools.partial(grab, i), with_kwargs=True)
                  for i in blocks]
-        tower.merger.forward = lambda x: x[::config.spatial_merge_size ** 2]  # projected later: only what is kept
+        bypassed = self.bypassed_mergers(tower)
+        for merger, forward in bypassed.items():  # projected later: only what is kept
+            merger.forward = forward
         try:
             out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
         finally:
             for hook in hooks:
                 hook.remove()
-            del tower.merger.forward
-        unit = config.spatial_merge_size ** 2
-        window_index, _ = get_vision_window_index(images.sizes, config.spatial_merge_size, config.window_size,
-                                                  config.patch_size)
-        raster = torch.argsort(window_index.to(out.last_hidden_state.device))  # window order -> raster order
+            for merger in bypassed:
+                del merger.forward
+        unit, crops = config.spatial_merge_size ** 2, images.crops[0]
+        raster = self.raster_order(images, config).to(out.last_hidden_state.device)
 
         def received_heads(index: int) -> tuple[Tensor, Tensor]:
-            """Mean attention each token receives at block `index` [H, T] (raster order), and its keys."""
+            """Mean attention each token receives from its crop at block `index` [N, H, T] (raster order), and its
+            keys [N, H, T, hd]."""
             attn, (x, (cos, sin)) = tower.blocks[index].attn, captured[index]
-            n_patches = x.shape[0]
-            q, k, _ = attn.qkv(x).reshape(n_patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            n_patches, heads = x.shape[0] // crops, attn.num_heads
+            q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
             q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
-            total = q.new_zeros(attn.num_heads, n_patches, dtype=torch.float32)
-            for rows in q_rot.split(QUERY_CHUNK, dim=1):  # one image: every patch attends to every patch
-                total += ((rows @ k_rot.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
+            total = q.new_zeros(crops, heads, n_patches, dtype=torch.float32)
+            for crop, (q_crop, k_crop) in enumerate(zip(q_rot.split(n_patches, 1), k_rot.split(n_patches, 1))):
+                for rows in q_crop.split(QUERY_CHUNK, dim=1):  # every patch attends to every patch of its crop
+                    total[crop] += ((rows @ k_crop.transpose(-1, -2)) * attn.scaling).softmax(
+                        -1, dtype=torch.float32).sum(1)
             total /= n_patches
             n_tokens = n_patches // unit
-            keys = k.reshape(n_tokens, unit, attn.num_heads, -1).mean(1)[raster].transpose(0, 1)  # [H, T, hd]
-            return total.view(attn.num_heads, n_tokens, unit).mean(-1)[:, raster].to(x.dtype), keys
+            keys = k.reshape(crops * n_tokens, unit, heads, -1).mean(1)[raster]
+            importance = total.view(crops, heads, n_tokens, unit).mean(-1).transpose(0, 1).reshape(heads, -1)
+            return (importance[:, raster].view(heads, crops, n_tokens).transpose(0, 1).to(x.dtype),
+                    keys.view(crops, n_tokens, heads, -1).transpose(1, 2))
 
         importance, keys = received_heads(last_full)
-        n_tokens = importance.shape[1]
-        hidden = out.last_hidden_state.reshape(n_tokens, -1)[raster]  # [T, 4 D]
+        n_tokens = importance.shape[-1]
+        hidden = out.last_hidden_state.reshape(crops * n_tokens, -1)[raster].view(crops, n_tokens, -1)  # [N, T, 4 D]
         nominal = self.model_info(model.config).per_crop
         _, _, cols = (int(n) // config.spatial_merge_size for n in images.sizes[0])
-        return EncoderView(hidden[None], importance[None], keys[None], has_cls=False, share=n_tokens / nominal,
-                           importance_at={i: received_heads(i)[0][None] for i in scan_layers},
+        return EncoderView(hidden, importance, keys, has_cls=False, share=n_tokens / nominal,
+                           importance_at={i: received_heads(i)[0] for i in scan_layers},
                            grid=(n_tokens // cols, cols),
-                           received=(lambda block: received_heads(block)[0].mean(0)[None]) if received else None)
+                           received=(lambda block: received_heads(block)[0].mean(1)) if received else None,
+                           side=self.side_of(out, raster, crops, n_tokens))
+
+    def scoring_block(self, config: Any) -> int:
+        """The tower block whose attention received scores the tokens: the last full-attention one (31 of 32)."""
+        return config.fullatt_block_indexes[-1]
+
+    def bypassed_mergers(self, tower: nn.Module) -> dict[nn.Module, Callable[[Tensor], Tensor]]:
+        """The tower's mergers and what they do instead in the encoder view's run (the stage projects later)."""
+        unit = tower.config.spatial_merge_size ** 2
+        return {tower.merger: lambda x: x[::unit]}
+
+    def raster_order(self, images: Images, config: Any) -> Tensor:
+        """The tower's output tokens (2x2 groups) of the call in raster order: the window order undone."""
+        window_index, _ = get_vision_window_index(images.sizes, config.spatial_merge_size, config.window_size,
+                                                  config.patch_size)
+        return torch.argsort(window_index)
+
+    def side_of(self, out: Any, raster: Tensor, crops: int, n_tokens: int) -> Tensor | None:
+        """The view's side features from the tower's output (none here; Qwen3-VL's DeepStack)."""
+        return None
 
     image_layout_key = "image_grid_thw"
 
     def patch_grid(self, config: Any) -> tuple[int, int]:
         """The nominal image's token grid (24 x 24), onto which every image's own grid is scaled."""
         vision = config.vision_config
-        return 1, NOMINAL_SIDE // (vision.patch_size * vision.spatial_merge_size)
+        return 1, self.nominal_side // (vision.patch_size * vision.spatial_merge_size)
 
     def patch_cells(self, model: nn.Module, image_size: Tensor | None,
                     modality: str = "image") -> Tensor:
@@ -292,7 +321,7 @@ class Qwen2_5_VL(Family):
         an image h tokens high lands in row r * 24 // h (several tokens share a cell on large images, cells stay
         empty on small ones)."""
         if image_size is None:
-            raise ValueError("Qwen2.5-VL's visual tokens depend on the image size: pass the processor's "
+            raise ValueError(f"{self.title}'s visual tokens depend on the image size: pass the processor's "
                              "image_grid_thw")
         _, side = self.patch_grid(model.config)
         merge = model.config.vision_config.spatial_merge_size
@@ -310,10 +339,10 @@ class Qwen2_5_VL(Family):
         """An image of `size` (height, width; default the nominal 672x672: 48 x 48 patches, 576 visual tokens), in
         multiples of the merged patch (28 pixels)."""
         vision = config.vision_config
-        height, width = size or (NOMINAL_SIDE, NOMINAL_SIDE)
+        height, width = size or (self.nominal_side, self.nominal_side)
         unit = vision.patch_size * vision.spatial_merge_size
         if height % unit or width % unit:
-            raise ValueError(f"Qwen2.5-VL example images are multiples of {unit} pixels, got {height}x{width}")
+            raise ValueError(f"{self.title} example images are multiples of {unit} pixels, got {height}x{width}")
         rows, cols = height // vision.patch_size, width // vision.patch_size
         grid = torch.tensor([[1, rows, cols]])
         channels = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
@@ -365,23 +394,29 @@ class Qwen2_5_VL(Family):
             bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad,
         )
 
+    #: the processor built around the tokenizer and image processor, the chat template where the checkpoint has
+    #: none, and the image processor settings of the real checkpoints
+    processor_class: type = Qwen2_5_VLImageTextProcessor
+    chat_template: str = CHAT_TEMPLATE
+    image_processor_options: dict[str, Any] = dict(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
+        temporal_patch_size=TEMPORAL_PATCH, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+
     def build_processor(self, tokenizer: Any) -> Any:
-        tokenizer.chat_template = CHAT_TEMPLATE
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
-        return Qwen2_5_VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                        chat_template=CHAT_TEMPLATE)
+        tokenizer.chat_template = self.chat_template
+        image_processor = Qwen2VLImageProcessorPil(**self.image_processor_options)
+        return self.processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=self.chat_template)
 
     def load_processor(self, path: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
-        """The checkpoint's image processor and tokenizer (its chat template, else this adapter's copy of
-        Qwen2.5-VL-Instruct's) as an image-and-text processor; `min_pixels` / `max_pixels` bound the resized
-        image's area (the processor's own defaults otherwise)."""
+        """The checkpoint's image processor and tokenizer (its chat template, else this adapter's copy of the
+        Instruct checkpoint's) as the adapter's processor; `min_pixels` / `max_pixels` bound the resized image's
+        area (the processor's own defaults otherwise)."""
         bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return Qwen2_5_VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                        chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
+        return self.processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=tokenizer.chat_template or self.chat_template)
 
 
 QWEN2_5_VL = Qwen2_5_VL()

@@ -335,10 +335,12 @@ class PrunedLVLM(lmms):
         stride = len(trace.kept) // len(images)  # beam search prefills each sample's beams (repeat_interleave)
         tokens = trace.mean_tokens
         self._token_sum += sum(float(tokens[row * stride]) for row in rows)
-        sizes = iter(batch.get(self.family.image_layout_key, ()))  # a row per image, in the order of the samples
+        # a row per image (per video, where videos have a layout), in the order of the samples
+        sizes = {"image": iter(batch.get(self.family.image_layout_key, ())),
+                 "video": iter(batch.get(self.family.video_layout_key or "", ()))}
         for row in rows:
             modality = _modality(images[row])
-            size = next(sizes, None) if modality == "image" else None  # videos have no image-layout row
+            size = next(sizes[modality], None)
             cells = self.family.patch_cells(self._model, size, modality)
             self.position_maps.add_sample(cells, trace.cuts, trace.kept[row * stride], modality)
         visual = self.family.image_token_mask(self._model, batch["input_ids"], None)

@@ -25,7 +25,7 @@ def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Sele
     if view.has_cls:
         keep = torch.cat([keep.new_zeros(keep.shape[0], 1), keep], dim=1)  # CLS first
     rest = complement(keep, view.hidden.shape[1])
-    return Selection(keep, contextual_merge(view.hidden, view.keys.mean(1), rest, contextual))
+    return Selection(keep, *contextual_merge(view.hidden, view.keys.mean(1), rest, contextual))
 
 
 def newline_choice(newlines: str) -> bool:

@@ -188,7 +188,7 @@ class VisionDrop(Policy):
         keep = topk_in_order(visual_to_visual(cut, cut.layer_idx, keys=keys), dominant)
         rest = complement(keep, cut.n_visual)
         metric = cut.visual_rows(keys.mean(1))
-        return Selection(keep, contextual_merge(cut.visual_rows(cut.hidden), metric, rest, contextual))
+        return Selection(keep, *contextual_merge(cut.visual_rows(cut.hidden), metric, rest, contextual))
 
     def describe(self) -> dict:
         s = self.schedule

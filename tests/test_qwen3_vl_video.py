@@ -1,0 +1,173 @@
+"""Qwen3-VL on videos: every registered method on clips decoded from real video files, whose temporal patches lie in
+separate spans of the prompt, each after its text timestamp (`<t seconds><|vision_start|> ... <|vision_end|>`).
+
+The tiny model has the real structure (tests/test_qwen3_vl.py); float64, so that a batch and each sample alone give
+the same scores to the last bit among hundreds of tokens. Methods run at a retention ratio.
+"""
+import pytest
+import torch
+
+import visiondrop
+from helpers import LayerCounter, greedy
+from visiondrop.api import Handle
+from visiondrop.engine.replay import Replay
+from visiondrop.harness.video import read_frames
+from visiondrop.methods import METHODS, method
+from visiondrop.testing.tiny import load_tiny
+
+QUESTIONS = ["What happens in the video?", "Is the red shape moving to the left or to the right? Answer briefly."]
+FRAMES = 8  # 4 temporal patches of 70 tokens (320x224 frames) each
+NEW_TOKENS = 3
+DTYPE = torch.float64
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_qwen3_dir):
+    model, processor = load_tiny(tiny_qwen3_dir, dtype=DTYPE)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def clips(demo_videos):
+    return [read_frames(path, FRAMES) for path in demo_videos[:2]]
+
+
+def encode(processor, questions, clips) -> dict:
+    text = [processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
+                                                                        {"type": "text", "text": q}]}],
+                                          add_generation_prompt=True) for q in questions]
+    inputs = dict(processor(text=text, videos=list(clips), padding=True, return_tensors="pt"))
+    return {k: v.to(DTYPE) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+@pytest.fixture(scope="module")
+def batch(model_and_processor, clips):
+    return encode(model_and_processor[1], QUESTIONS, clips)
+
+
+def run(model, inputs):
+    """Greedy tokens [B, T] and the logits of every step [B, T, V]."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def test_a_video_is_spans_of_frames_after_their_timestamps(model_and_processor, batch):
+    model, processor = model_and_processor
+    assert batch["video_grid_thw"].tolist() == [[4, 14, 20]] * 2
+    ids = batch["input_ids"][0]
+    video = (ids == model.config.video_token_id).long()
+    assert int(video.sum()) == 280 and int((video.diff() == 1).sum()) == 4  # four spans
+    text = processor.tokenizer.decode(ids[batch["attention_mask"][0].bool()])
+    stamps = [f"<{t:.1f} seconds><|vision_start|>" for t in (0.25, 1.25, 2.25, 3.25)]
+    assert all(stamp in text for stamp in stamps)
+    assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
+
+
+def test_none_is_the_stock_model(model_and_processor, batch):
+    model, _ = model_and_processor
+    reference, reference_logits = run(model, batch)
+    with visiondrop.apply(model, "none") as handle:
+        tokens, logits = run(model, batch)
+    assert torch.equal(tokens, reference)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-9, rtol=1e-9)
+    assert handle.trace.tokens_per_layer == [[280] * 36] * 2
+
+
+class Positions:
+    """The positions [3, B, L] the language model's rotary embedding is asked for (the prompt's, then after each
+    cut), recorded with a forward pre-hook."""
+
+    def __init__(self, model):
+        self.seen: list[torch.Tensor] = []
+        self._hook = model.model.language_model.rotary_emb.register_forward_pre_hook(
+            lambda module, args: self.seen.append(args[1]))
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def ratio_of(name: str) -> float:
+    return method(name).example_budget / 576
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_on_videos(model_and_processor, batch, clips, name):
+    """A batch of two videos with prompts of different lengths equals each alone; cached decoding equals re-running
+    the prompt with the prefill's decisions; the tokens entering each decoder layer, counted with forward pre-hooks,
+    are the trace's, and meet the ratio; every text token (the timestamps) is still there after every cut, in its
+    order, and every kept frame token stays between its own timestamps (temporal positions never decrease)."""
+    model, processor = model_and_processor
+    ratio = ratio_of(name)
+    with visiondrop.apply(model, name, **({} if name == "none" else {"ratio": ratio})) as handle:
+        tokens, logits = run(model, batch)
+        trace = handle.trace
+        for i, question in enumerate(QUESTIONS):
+            single = encode(processor, [question], clips[i:i + 1])
+            counter, positions = LayerCounter(model), Positions(model)
+            try:
+                alone_tokens, alone_logits = run(model, single)
+            finally:
+                counter.close()
+                positions.close()
+            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
+            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
+            torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8,
+                                       msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
+            assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
+            n_text = int(single["attention_mask"].sum()) - 280
+            measured = [n - n_text for n in counter.lengths[:36]]  # the prefill
+            assert measured == handle.trace.tokens_per_layer[0]
+            if name != "none":  # the method's share of the nominal image, of the video's own 280 tokens (within one
+                # token per temporal patch: whole counts per frame)
+                described = handle.policy.describe()
+                share = described.get("mean_tokens_entering_layers", described.get("equivalent_tokens")) / 576
+                assert abs(sum(measured) / 36 - share * 280) <= 4 + 1, (name, measured)
+                assert abs(share - ratio) < 0.05, (name, described)
+            stock = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"],
+                                               video_grid_thw=single["video_grid_thw"])[0][:, 0]
+            is_text = single["mm_token_type_ids"][0] == 0
+            prefill = [p[:, 0] for p in positions.seen[:len(trace.cuts) + 1]]
+            for pos in prefill:  # the prompt's, then after each cut
+                text_rows = _subsequence(pos, stock[:, is_text])
+                assert text_rows is not None, f"{name}: a text token (a timestamp?) is missing or moved"
+                assert pos.shape[1] - len(text_rows) in {280, *handle.trace.tokens_per_layer[0]}
+                assert bool((pos[0].diff() >= 0).all()), f"{name}: a frame's token left its span"
+    if name != "none":  # no decisions to replay: its cached decoding is the stock model's (test above)
+        with Handle(model, Replay(handle.policy, trace)):
+            assert torch.equal(greedy(model, batch, NEW_TOKENS, use_cache=False), tokens), f"{name}: cached vs replayed"
+
+
+def _subsequence(positions: torch.Tensor, text: torch.Tensor) -> list[int] | None:
+    """The rows of `positions` [3, L] that are the text positions `text` [3, T], matched in order; None if some
+    text position is not there in order. Text positions are equal on the three axes and increase, so a row that
+    matches the next text position is that token."""
+    rows, j = [], 0
+    for r in range(positions.shape[1]):
+        if j < text.shape[1] and torch.equal(positions[:, r], text[:, j]):
+            rows.append(r)
+            j += 1
+    return rows if j == text.shape[1] else None
+
+
+def test_plugin_runs_videos_with_timestamps(tiny_qwen3_dir, demo_videos):
+    """The lmms-eval plugin on a video task: the clip decoded to 8 frames, the prompt with its four timestamps,
+    VisionZip per temporal patch; the positional maps lay every kept token of every temporal patch on the grid."""
+    from lmms_eval.api.instance import Instance
+
+    from visiondrop.harness.lmms_model import PrunedLVLM
+
+    docs = [{"visual": str(demo_videos[0]), "question": "What happens in the video?"}]
+    lm = PrunedLVLM(pretrained=str(tiny_qwen3_dir), method="visionzip", ratio=0.25, frames=FRAMES)
+    lm.task_dict = {"demo": {"test": docs}}
+    request = Instance(request_type="generate_until", idx=0, metadata={"task": "demo", "doc_id": 0, "repeats": 1},
+                       arguments=(docs[0]["question"], {"max_new_tokens": 2}, lambda d: [d["visual"]], 0, "demo",
+                                  "test"))
+    [answer] = lm.generate_until([request])
+    assert isinstance(answer, str)
+    trace, maps = lm.handle.trace, lm.position_maps
+    assert trace.cuts == ["encoder"] and maps.modality == "video"
+    assert int(maps.cuts["encoder"].kept.sum()) == len(trace.kept[0][0])
+    assert abs(trace.mean_tokens[0] - 0.25 * 280) <= 4  # a quarter of each temporal patch's 70 tokens
