@@ -8,7 +8,9 @@ shipped LLaVA-1.5 script: `--visual_token_num 96 --layer_list [16] --image_token
   6 x 6 windows by the head-mean [CLS] attention of CLIP layer 5; the global scan takes the top T - int(T/2) by the
   head-mean [CLS] attention of the feature layer (22), the local picks zeroed;
 - every other patch is merged into its most cosine-similar kept token (`F.cosine_similarity` on the PROJECTED
-  features, first index on ties); a kept token becomes (itself + its members) / (1 + members), in raster order;
+  features, first index on ties); a kept token becomes (itself + its members) / (1 + members), in raster order
+  (on Qwen3-VL, which the official code does not cover, a kept token carries its own DeepStack rows only: its
+  members' rows are not averaged in, since the merge happens after the projector, outside `Selection.weights`);
 - LLM stage, before decoder layer 16: the last prompt token's attention at layer 16's own q/k (RoPE on the
   contiguous positions, softmax over all keys, head mean) keeps the top `keep` in order, no merging; positions are
   renumbered and decoding continues at each layer's own cache length.
