@@ -190,6 +190,7 @@ class CDPruner(Policy):
         self.questions: list[str] | None = None
         if text == "clip":
             self.encoder_layer, self.eager_encoder, self.native_layout = info.vision_layer, eager_encoder, True
+            self.tower_features = True  # CLIP's post_layernorm and visual_projection on the tower's own features
         else:
             self.cut_layers = (0,)
 

@@ -39,8 +39,9 @@ from visiondrop.methods.shared import newline_choice, whole_count
 if TYPE_CHECKING:
     from visiondrop.core import Cut
 
-#: the official object layer (1-based) of a tower with CLS (CLIP ViT-L, 24 layers) and of one without (Qwen2.5-VL)
-OBJECT_LAYER_CLS, OBJECT_LAYER_NO_CLS = 9, 16
+#: the official object layer and the feature layer it is counted against (1-based) of a tower with CLS (CLIP ViT-L:
+#: 9 of 23) and of one without (Qwen2.5-VL: 16 of 32); other towers take the same relative depth
+OBJECT_LAYER_CLS, OBJECT_LAYER_NO_CLS = (9, 23), (16, 32)
 NEIGHBOURS = 5  # an anchor and its buffers: itself, left, right, above, below
 
 
@@ -77,18 +78,19 @@ class HiPrune(Policy):
 
     def __init__(self, keep: int, info: ModelInfo, alpha: float, object_layer: int | None, eager_encoder: bool,
                  native_layout: bool):
+        if object_layer is None:  # the official layer at the same relative depth of this tower
+            official, feature = OBJECT_LAYER_CLS if info.tower_cls else OBJECT_LAYER_NO_CLS
+            object_layer = max(1, round(official * (info.vision_layer + 1) / feature))
         self.keep, self.crops, self.alpha, self.object_layer = keep, info.crops, alpha, object_layer
         self.encoder_layer = info.vision_layer
         self.eager_encoder, self.native_layout = eager_encoder, native_layout
 
     def select_encoder(self, view: EncoderView) -> Selection:
-        layer = self.object_layer or (OBJECT_LAYER_CLS if view.has_cls else OBJECT_LAYER_NO_CLS)
-        return hiprune_selection(view, self.keep, self.alpha, layer - 1, self.encoder_layer)
+        return hiprune_selection(view, self.keep, self.alpha, self.object_layer - 1, self.encoder_layer)
 
     def describe(self) -> dict:
-        object_layer = self.object_layer or f"{OBJECT_LAYER_CLS} (CLS towers) / {OBJECT_LAYER_NO_CLS} (others)"
         return {"method": self.name, "encoder_layer": self.encoder_layer, "keep": self.keep,
-                "anchors": anchors_for(self.keep, self.alpha), "alpha": self.alpha, "object_layer": object_layer,
+                "anchors": anchors_for(self.keep, self.alpha), "alpha": self.alpha, "object_layer": self.object_layer,
                 "eager_encoder": self.eager_encoder, "equivalent_tokens": self.keep * self.crops}  # NeXT: nominal crops
 
 
@@ -117,9 +119,11 @@ def policy(info: ModelInfo, budget: float | None = None, alpha: float = 0.1, obj
 
 
 def selection_macs(cut: Cut, width: int, eager_encoder: bool = True) -> int:
-    """Without the eager tower's probabilities, the two layers' attention is recomputed: q and k of every token and
-    all the logits, at each layer (`width`: the tower's hidden size on CLIP)."""
-    return 0 if eager_encoder else 2 * (2 * cut.before * width * width + cut.before * cut.before * width)
+    """Without the eager tower's probabilities, the two layers' attention is recomputed: q of every token and all the
+    logits at each layer, and k at the object layer (the feature layer's keys are the encoder stage's own, charged
+    to every encoder stage; `width`: the tower's hidden size on CLIP)."""
+    logits = cut.before * cut.before * width
+    return 0 if eager_encoder else 3 * cut.before * width * width + 2 * logits
 
 
 def overhead(eager_encoder: bool = True, **_) -> Overhead:

@@ -29,7 +29,9 @@ def test_dry_run_runs_every_part_and_writes_the_summary(tmp_path):
     folder = tmp_path / gpu_check.DRY_RUN
     parts = gpu_check.plan()
     assert {p.kind for p in parts} == set(gpu_check.SHARES)
-    assert [p.model for p in parts if p.kind == "latency"] == ["llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b"]
+    latency = [p.model for p in parts if p.kind == "latency"]  # every image family's first checkpoint, registry order
+    assert latency == gpu_check.image_models() and latency[:3] == ["llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b"]
+    assert "qwen3-vl-8b" in latency
     log = json.loads((folder / "parts.json").read_text())
     assert set(log) == {p.name for p in parts}
     ran = [p for p in parts if not log[p.name]["state"].startswith("not run")]  # a loaded machine runs out of time

@@ -108,7 +108,7 @@ def test_qwen_keeps_its_share_of_a_dynamic_resolution_image(tiny_qwen):
         model(**batch)
     assert handle.trace.tokens_per_layer[0] == [16] * 28
     assert len(set(handle.trace.kept[0][0].tolist())) == 16
-    assert handle.policy.describe()["object_layer"] == "9 (CLS towers) / 16 (others)"
+    assert handle.policy.describe()["object_layer"] == 16
 
 
 @pytest.mark.parametrize("options", [{}, {"eager_encoder": False}])

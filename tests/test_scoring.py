@@ -56,7 +56,7 @@ def test_pyramiddrop_visual_scoring_by_hand():
 
 def test_scoring_options_and_overhead():
     assert method("fastv").overhead(scoring="visual").rows == "visual"
-    assert method("fastv").overhead().rows == "last"
+    assert method("fastv").overhead().rows == "text"  # the last prompt token (engine.scoring.RULES)
     assert method("pyramiddrop").overhead(scoring="visual").rows == "visual"
     assert method("pyramiddrop").options["scoring"] == method("fastv").options["scoring"] == "text"
     with pytest.raises(ValueError, match=r"PyramidDrop scoring must be one of \('text', 'visual'\)"):

@@ -62,7 +62,10 @@ def test_no_host_reads_in_the_policy_calls(tiny_batch, name):
         policy_for(info, name, budget)
     except Unreachable as err:  # DyCoke keeps some frames whole: its smallest reachable budget
         budget = err.floor
-    counts = policy_syncs(model, inputs, name, budget, **method(name).example_options(model.config))
+    try:
+        counts = policy_syncs(model, inputs, name, budget, **method(name).example_options(model.config))
+    except NotImplementedError as refusal:  # the family refuses it on this input (tested where it is refused)
+        pytest.skip(f"{name} is refused on this family's example input: {refusal}")
     per = {"forward": 1, "sample": BATCH, "crop": BATCH * info.crops}
     allowed = {op: n * per[unit] for op, (n, unit) in REMAINING.get(name, {}).items()}
     excess = {op: n for op, n in counts.items() if n > allowed.get(op, 0)}

@@ -130,6 +130,9 @@ class Policy:
     #: `output_attentions`; for policies whose selection hangs on float ties. Default: the tower's own attention
     #: (SDPA) with the rows recomputed from one layer's q/k.
     eager_encoder: bool = False
+    #: Encoder stage: the policy reads the tower's own features (`EncoderView.hidden` before the projector, e.g.
+    #: CDPruner's CLIP relevance), not only its rows: a host whose view is already projected cannot serve it.
+    tower_features: bool = False
     #: Encoder stage: further vision-tower layers (0-based) whose importance rows the view carries
     #: (`EncoderView.importance_at`), e.g. a shallow layer's CLS attention.
     scan_layers: tuple[int, ...] = ()

@@ -39,7 +39,7 @@ class Replay(Policy):
         keep, merged, weights = zip(*recorded)
         slots = [self._slots[cut.layer_idx][b] for b in cut.samples if b in self._slots[cut.layer_idx]]
         return Selection(_rows(keep), None if merged[0] is None else _rows(merged),
-                         weights=None if weights[0] is None else torch.stack(weights),
+                         weights=None if weights[0] is None else _rows(weights),
                          slots=_rows(slots) if slots else None)
 
 

@@ -216,11 +216,12 @@ class LlavaOnevision(LlavaNext):
     def unsupported(self, policy: Any, modality: str) -> str | None:
         """Merging inside the tower (ToMe) is not offered: SigLIP has no CLS to protect and a crop's 729 patches are
         not the 196 a frame's counts are given for; on videos, rows of other tower layers (VScan, HiPrune) are not
-        pooled per frame with the feature layer's."""
+        pooled per frame with the feature layer's, and the tower's own features (CDPruner's CLIP relevance) are
+        already projected and pooled."""
         if policy.merges_in_tower:
             return ("merging inside LLaVA-OneVision's SigLIP tower is not supported (no CLS to protect; budgets count "
                     "196 tokens a frame, a crop has 729 patches)")
-        if modality == "video" and (policy.scan_layers or policy.received_attention):
+        if modality == "video" and (policy.scan_layers or policy.received_attention or policy.tower_features):
             return ("on LLaVA-OneVision videos the encoder stage selects among the pooled, projected tokens of each "
                     "frame, and other tower layers' rows are not pooled with them: run this method on its images")
         return None
