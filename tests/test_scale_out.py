@@ -36,7 +36,8 @@ def lmms_eval(tmp_path, launcher: list[str], out: str) -> tuple[dict, dict, str]
 def test_two_gloo_ranks_give_the_answers_and_score_of_one_process(tmp_path):
     assert MULTI_GPU in README
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    ranks, ranks_answers, log = lmms_eval(tmp_path, [torchrun, "--nproc_per_node", "2"], "two_ranks")
+    # --standalone: a free rendezvous port, so a busy 29500 (another run on the machine) cannot break the ranks
+    ranks, ranks_answers, log = lmms_eval(tmp_path, [torchrun, "--standalone", "--nproc_per_node", "2"], "two_ranks")
     assert "Running on rank 1" in log  # two processes shared the docs
     one, one_answers, _ = lmms_eval(tmp_path, [sys.executable], "one_process")
     assert sorted(ranks_answers) == list(range(8)) and ranks_answers == one_answers
