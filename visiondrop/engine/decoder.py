@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
 from ..families.base import Family
-from .attention import causal_mask
-from .compat import cache_kwargs
-from .policy import DecoderCut, Policy, Selection
+from .attention import cached_attention, causal_mask
+from .compat import cache_kwargs, cached_keys
+from .policy import DecodeStep, DecoderCut, Policy, Selection
 from .trace import Trace
 
 
@@ -38,6 +38,27 @@ class Segment:
     layers: list[int]
     mask: Tensor  # [B, kv] real tokens among the cached rows
     next_pos: Tensor  # [..., B] position of the next token
+    visual: list[Tensor]  # per row [n]: the cached rows of its visual tokens
+    kept_later: list[Tensor] | None = None  # per row [n] bool: whether the next cut kept each (None: no later cut)
+
+
+@dataclass
+class Cached:
+    """What the decode steps on a prefill's cache need: its segments and the decode-time KV selection's progress."""
+
+    segments: list[Segment]
+    state: list[dict]  # per row: the policy's memory between decode steps (`DecodeStep.state`)
+    step: int = 0  # decode forwards so far
+
+    def reorder(self, rows: Tensor) -> None:
+        """Follow beam search's reorder of the cache's rows (`rows`: the old row of each new one)."""
+        for seg in self.segments:
+            index = rows.to(seg.mask.device)
+            seg.mask, seg.next_pos = seg.mask[index], seg.next_pos[..., index]
+            seg.visual = [seg.visual[r] for r in rows.tolist()]
+            if seg.kept_later is not None:
+                seg.kept_later = [seg.kept_later[r] for r in rows.tolist()]
+        self.state = [dict(self.state[r]) for r in rows.tolist()]
 
 
 @dataclass
@@ -228,8 +249,10 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
         )
 
 
-def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, layer_idx: int) -> Running:
-    """Ask the policy for a selection per group, record it, and rebuild the batch."""
+def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, layer_idx: int,
+         ) -> tuple[Running, list[Tensor]]:
+    """Ask the policy for a selection per group, record it, and rebuild the batch. Also returns, per row, whether
+    each of its visual tokens before the cut was kept."""
     selections, slots = {}, {}
     for cut in groups:
         sel: Selection = policy.select_decoder(cut)
@@ -240,14 +263,22 @@ def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, lay
                 slots[b] = sel.slots[g]
     trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
                                          for b in range(run.hidden.shape[0])], selections, slots)
-    return apply_selections(family, run, selections, policy.renumbers_at(layer_idx), slots)
+    kept = [torch.zeros(len(at), dtype=torch.bool, device=at.device) for at in run.vis_index]
+    for b, (keep, _, _) in selections.items():
+        kept[b][keep] = True
+    return apply_selections(family, run, selections, policy.renumbers_at(layer_idx), slots), kept
 
 
 def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: DynamicCache | None, trace: Trace,
-            ) -> tuple[Tensor, list[Segment]]:
-    """Run every decoder layer, cutting where the policy says. Returns the final hidden states and the segments."""
+            ) -> tuple[Tensor, Cached]:
+    """Run every decoder layer, cutting where the policy says. Returns the final hidden states and what the decode
+    steps need. A policy's replayed decode-time selections (`Policy.replayed_steps`) mask, at its decode layers, the
+    visual keys each of the last tokens did not attend to when it was decoded."""
     layers = family.decoder_layers(lm)
     cut_layers = set(policy.cut_layers)
+    decode_layers = _check_decode_layers(policy, len(layers))
+    history = policy.replayed_steps(run.hidden.shape[1]) if decode_layers else []
+    trace.prompt_length = run.hidden.shape[1]
     original_visual = run.vis_len.clone()
     scratch: dict = {}
     segments: list[Segment] = []
@@ -260,40 +291,115 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         if cut_here:
             groups = _groups(family, run, i, layers, prev_hidden, rope, original_visual, scratch,
                              family.final_norm(lm))
-            run = _cut(family, policy, run, groups, trace, i)
+            run, kept = _cut(family, policy, run, groups, trace, i)
+            if segments:
+                segments[-1].kept_later = kept
         if cut_here or not segments:
             rope = family.rotary(lm, run.hidden, run.pos)
             mask4d = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype)
-            segments.append(Segment([], run.mask, family.next_position(run.pos)))
+            replayed = mask4d if not history else causal_mask(
+                lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, _blocked(history, run))
+            segments.append(Segment([], run.mask, family.next_position(run.pos), list(run.vis_index)))
         segments[-1].layers.append(i)
         trace.add_layer(run.vis_len)
         prev_hidden = run.hidden
-        run.hidden = layer(run.hidden, attention_mask=mask4d, position_embeddings=rope,
-                           use_cache=cache is not None, **cache_kwargs(cache))
+        run.hidden = layer(run.hidden, attention_mask=replayed if i in decode_layers else mask4d,
+                           position_embeddings=rope, use_cache=cache is not None, **cache_kwargs(cache))
         if run.side is not None and i in run.side_layers:
             run.hidden = add_side(run, i)
             if i == run.side_layers[-1]:
                 run.side = None  # added for the last time: later cuts need no side rows (nor merge weights)
-    return family.final_norm(lm)(run.hidden), segments
+    return family.final_norm(lm)(run.hidden), Cached(segments, [{} for _ in range(run.hidden.shape[0])])
 
 
-def decode(family: Family, lm: nn.Module, hidden: Tensor, attention_mask: Tensor | None, cache: DynamicCache,
-           segments: list[Segment]) -> Tensor:
-    """One decode forward of q new tokens after a pruned prefill: per segment, its own positions and mask."""
+def _check_decode_layers(policy: Policy, n_layers: int) -> set[int]:
+    """The policy's decode layers, checked: existing layers, none straddling a cut, its scoring layer before them."""
+    decode_layers = set(policy.decode_layers)
+    if not decode_layers:
+        return decode_layers
+    scoring = policy.decode_scoring_layer
+    span = decode_layers | ({scoring} if scoring is not None else set())
+    if min(span) < 0 or max(span) >= n_layers:
+        raise ValueError(f"{policy.name}'s decode-time KV selection names layers {sorted(span)}, and this decoder has "
+                         f"{n_layers}")
+    if scoring is not None and scoring >= min(decode_layers):
+        raise ValueError(f"{policy.name} scores its decode-time KV selection at layer {scoring}: it must come before "
+                         f"the layers it applies to ({min(decode_layers)} on)")
+    if any(min(span) < cut <= max(span) for cut in policy.cut_layers):
+        raise NotImplementedError(f"{policy.name}'s decode-time KV selection spans layers {min(span)}-{max(span)} "
+                                  f"across a cut ({sorted(policy.cut_layers)}): its layers must cache the same tokens")
+    return decode_layers
+
+
+def _blocked(history: list[list[Tensor | None]], run: Running) -> Tensor:
+    """[B, r, L]: the visual keys that each of the last r tokens did not attend to at its decode step."""
+    batch, length = run.hidden.shape[:2]
+    blocked = torch.zeros(batch, len(history), length, dtype=torch.bool, device=run.hidden.device)
+    for r, step in enumerate(history):
+        for b, selected in enumerate(step):
+            if selected is None:
+                continue
+            if selected.shape[0] != len(run.vis_index[b]):
+                raise RuntimeError("the replayed decode-time selections do not match this prefill's visual tokens")
+            blocked[b, r, run.vis_index[b][~selected.to(blocked.device)]] = True
+    return blocked
+
+
+def decode(family: Family, lm: nn.Module, policy: Policy, hidden: Tensor, attention_mask: Tensor | None,
+           cache: DynamicCache, cached: Cached, trace: Trace) -> Tensor:
+    """One decode forward of q new tokens after a pruned prefill: per segment, its own positions and mask; at the
+    policy's decode layers, only the visual keys its decode-time selection chose for this step (recorded in
+    `trace`)."""
     batch, q_len, _ = hidden.shape
     layers = family.decoder_layers(lm)
+    decode_layers = set(policy.decode_layers)
     new = torch.ones(batch, q_len, dtype=torch.bool, device=hidden.device)
     if attention_mask is not None:
         new = attention_mask[:, -q_len:].bool()
-    for seg in segments:
+    selection, attended = None, [[] for _ in range(batch)]
+    for seg in cached.segments:
         if cache.get_seq_length(seg.layers[0]) != seg.mask.shape[1]:
             raise RuntimeError("the KV cache no longer matches the pruned prefill (reordered or reused cache?); "
                                "only greedy/sampling decoding on the cache of the last prefill is supported")
         kv_mask = torch.cat([seg.mask, new], dim=1)
         rope = family.rotary(lm, hidden, family.continued(seg.next_pos, q_len))
         mask4d = causal_mask(lm.config, kv_mask, q_len, hidden.dtype)
+        selected_mask = None
         for i in seg.layers:
-            hidden = layers[i](hidden, attention_mask=mask4d, position_embeddings=rope,
-                                  use_cache=True, **cache_kwargs(cache))
+            if i in decode_layers and selection is None:  # no scoring layer: chosen before the first decode layer
+                selection = _select(policy, cached, seg, None)
+            if i in decode_layers and selected_mask is None:
+                selected_mask = causal_mask(lm.config, _attended(kv_mask, seg.visual, selection), q_len, hidden.dtype)
+            for b, (at, chosen) in enumerate(zip(seg.visual, selection or [None] * batch)):
+                attended[b].append(len(at) if i not in decode_layers or chosen is None else int(chosen.sum()))
+            entering = hidden
+            hidden = layers[i](hidden, attention_mask=selected_mask if i in decode_layers else mask4d,
+                               position_embeddings=rope, use_cache=True, **cache_kwargs(cache))
+            if i == policy.decode_scoring_layer:
+                rows = cached_attention(layers[i], entering, *rope, cached_keys(cache, i), kv_mask, family.rotate)
+                selection = _select(policy, cached, seg, rows)
         seg.mask, seg.next_pos = kv_mask, seg.next_pos + q_len
+    if decode_layers:
+        trace.add_decode_step(selection, attended)
+        cached.step += 1
     return family.final_norm(lm)(hidden)
+
+
+def _select(policy: Policy, cached: Cached, seg: Segment, attention: Tensor | None) -> list[Tensor | None]:
+    """The policy's decode-time selection for this step, checked."""
+    step = DecodeStep(cached.step, seg.visual, seg.kept_later or [None] * len(seg.visual), cached.state, attention)
+    selection = policy.select_cached(step)
+    if len(selection) != len(seg.visual) or any(
+            s is not None and (s.dtype != torch.bool or s.shape != at.shape) for s, at in zip(selection, seg.visual)):
+        raise ValueError(f"{policy.name}.select_cached must give each row a bool over its cached visual tokens "
+                         "(or None)")
+    return selection
+
+
+def _attended(kv_mask: Tensor, visual: list[Tensor], selection: list[Tensor | None]) -> Tensor:
+    """The key mask [B, kv] without the visual keys a decode-time selection left out."""
+    allowed = kv_mask.clone()
+    for b, (at, chosen) in enumerate(zip(visual, selection)):
+        if chosen is not None:
+            allowed[b, at[~chosen]] = False
+    return allowed

@@ -112,6 +112,26 @@ class DecoderCut:
         return torch.full((self.hidden.shape[0], 1), self.hidden.shape[1] - 1, device=self.hidden.device)
 
 
+@dataclass
+class DecodeStep:
+    """One decode forward after a prefill, as a policy with a decode-time KV selection sees it (`Policy.decode_layers`).
+
+    `step` counts the decode forwards since the prefill (0: the query is the first generated token). Per row of the
+    batch: `visual`, the cached rows of its visual tokens at the decode layers (ascending; empty: no visual tokens);
+    `kept_later`, whether the first decoder cut after those layers kept each of them (None: no cut after them);
+    `state`, a dict that lives across the decode steps of one generation (what a policy remembers from step to step;
+    it follows beam search's reorders). `attention`: the probabilities [B, H, q, kv] of this step's q new tokens at
+    `Policy.decode_scoring_layer` over that layer's cached rows (the new ones last), as the layer computes them (the
+    softmax in float32); None without a scoring layer.
+    """
+
+    step: int
+    visual: list[Tensor]
+    kept_later: list[Tensor | None]
+    state: list[dict]
+    attention: Tensor | None = None
+
+
 class Policy:
     """Base class of a method's policy. The defaults describe the unpruned model."""
 
@@ -146,6 +166,13 @@ class Policy:
     #: (`merge_in_tower`), where the family's tower supports it (`EncoderView.merged_in_tower`)
     merges_in_tower: bool = False
 
+    #: Decode-time KV selection: decoder layers, caching the same tokens, whose decode steps attend only to the cached
+    #: visual tokens that `select_cached` chooses at each step (and to every other token); (): to all of them.
+    decode_layers: tuple[int, ...] = ()
+    #: The decoder layer whose attention from the decode queries `select_cached` sees (`DecodeStep.attention`): one
+    #: before the decode layers, caching the same tokens; None: no attention rows.
+    decode_scoring_layer: int | None = None
+
     def renumbers_at(self, layer_idx: int) -> bool:
         """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose stages
         differ; default `renumber_positions`)."""
@@ -164,6 +191,17 @@ class Policy:
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         raise NotImplementedError(f"{self.name} has no decoder cuts")
+
+    def select_cached(self, step: DecodeStep) -> list[Tensor | None]:
+        """Per row of the batch, which of its cached visual tokens (`step.visual`) the decode layers attend to at this
+        step: a bool [n], or None for all of them (rows without visual tokens: None)."""
+        raise NotImplementedError(f"{self.name} has no decode-time KV selection")
+
+    def replayed_steps(self, length: int) -> list[list[Tensor | None]]:
+        """For a prefill of `length` tokens whose last ones were generated after a recorded prompt (`Replay`): what
+        `select_cached` chose at the decode step of each of them, oldest first, so that they attend as they did
+        with the cache; [] for a prompt."""
+        return []
 
     def describe(self) -> dict:
         """The resolved schedule, for records and logs."""
