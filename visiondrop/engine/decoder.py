@@ -297,13 +297,14 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         if cut_here or not segments:
             rope = family.rotary(lm, run.hidden, run.pos)
             mask4d = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype)
-            replayed = mask4d if not history else causal_mask(
-                lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, _blocked(history, run))
+            replayed = None
             segments.append(Segment([], run.mask, family.next_position(run.pos), list(run.vis_index)))
         segments[-1].layers.append(i)
         trace.add_layer(run.vis_len)
         prev_hidden = run.hidden
-        run.hidden = layer(run.hidden, attention_mask=replayed if i in decode_layers else mask4d,
+        if history and i in decode_layers and replayed is None:  # the decode layers' segment
+            replayed = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, _blocked(history, run))
+        run.hidden = layer(run.hidden, attention_mask=replayed if history and i in decode_layers else mask4d,
                            position_embeddings=rope, use_cache=cache is not None, **cache_kwargs(cache))
         if run.side is not None and i in run.side_layers:
             run.hidden = add_side(run, i)
