@@ -195,7 +195,7 @@ def test_demo_task_through_the_plugin(request, checkpoint, max_pixels):
 
 @pytest.mark.parametrize("name", ["none", "visionzip", "visiondrop", "fastv"])
 def test_flops_formula_matches_torch_flop_counter(qwen, nominal, name):
-    """The formula (windowed and full-attention tower layers, the merger on what is projected, the encoder stage's
+    """The formula (windowed and full-attention tower layers, the merger on what is projected, the encoder cut's
     scoring) gives what FlopCounterMode counts on the nominal image; the tower without the merger, and the merger,
     as the formula's vision and projector parts."""
     from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops

@@ -106,7 +106,7 @@ def hand_fed_logits(model, batch: dict, kept: list[torch.Tensor], shift_deepstac
 @pytest.mark.parametrize("name,options", [("random", {}), ("divprune", {}),
                                           ("visionzip", {"dominant": 40, "contextual": 0}), ("vispruner", {})])
 def test_pre_decoder_selection_equals_the_stock_decoder_fed_by_hand(qwen3, name, options):
-    """A selection before the decoder (in the decoder's input: random, DivPrune; in the encoder stage: VisionZip
+    """A selection before the decoder (in the decoder's input: random, DivPrune; in the encoder cut: VisionZip
     without merging, VisPruner) equals the stock decoder fed the kept tokens' embeddings, original 3-D positions and
     DeepStack rows by hand; the kept tokens' DeepStack rows shifted by one token change the logits far beyond
     float noise (what the test catches)."""
@@ -214,7 +214,7 @@ def nominal(qwen3):
 @pytest.mark.parametrize("name", ["none", "visionzip", "fastv"])
 def test_flops_formula_matches_torch_flop_counter(qwen3, nominal, name):
     """The formula (27 full-attention tower layers, the merger and the three DeepStack mergers on what is projected,
-    the encoder stage's scoring and DeepStack merge) gives what FlopCounterMode counts on the nominal image."""
+    the encoder cut's scoring and DeepStack merge) gives what FlopCounterMode counts on the nominal image."""
     from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
 
     model, _, _ = qwen3
