@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import IMAGE_METHODS, measure_counts
+from helpers import IMAGE_METHODS, flops_and_counter, measure_counts
 from visiondrop.families import family_of, flops_dims, info_of
 from visiondrop.methods import method
 from visiondrop.testing.tiny import demo_image
@@ -215,16 +215,9 @@ def nominal(qwen3):
 def test_flops_formula_matches_torch_flop_counter(qwen3, nominal, name):
     """The formula (27 full-attention tower layers, the merger and the three DeepStack mergers on what is projected,
     the encoder cut's scoring and DeepStack merge) gives what FlopCounterMode counts on the nominal image."""
-    from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
-
     model, _, _ = qwen3
     assert int((nominal["input_ids"] == model.config.image_token_id).sum()) == 576
-    with flop_counter() as counter:
-        sched = measure_schedule(model, nominal, name, None if name == "none" else 64)
-    dims = flops_dims(model.config)
-    text = nominal["input_ids"].shape[1] - dims.n_visual
-    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected,
-                            overhead=overhead_flops(dims, name, sched.cuts, text))
+    formula, counter = flops_and_counter(model, nominal, name, None if name == "none" else 64)
     assert formula.total == pytest.approx(counter.get_total_flops(), rel=1e-6)
     modules = {key.rsplit(".", 1)[-1]: sum(counts.values()) for key, counts in counter.get_flop_counts().items()}
     assert modules["lm_head"] == pytest.approx(formula.lm_head, rel=1e-6)
