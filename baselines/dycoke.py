@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop.engine import DecodeStep, DecoderCut, Policy, Selection
+from visiondrop.engine import DecodeStep, DecoderCut, Policy
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead, Unreachable
-from visiondrop.methods.shared import nominal_video, retention, video_layout
+from visiondrop.methods.shared import FrameSelection, VideoLayout, nominal_video, retention, video_layout
 
 MERGING_RATIO = 0.7  # K: lmms-eval's default dycoke_k, which the official eval.sh keeps
 PRUNING_RATIO = 0.8  # P: lmms-eval's default dycoke_p, which the official eval.sh keeps
@@ -84,10 +84,10 @@ def temporal_merge(video: Tensor, frames: int, m: int, fix_bugs: bool) -> Tensor
 def kv_selection(attention: Tensor, previous: Tensor | None, kept_before: Tensor | None, dycoke_p: float,
                  fix_bugs: bool) -> tuple[Tensor | None, Tensor]:
     """One decode step of DyCoke's dynamic KV pruning (the official `PrunableDynamicCache.dycoke_pruning` and
-    `update_cache`), on `attention` [n]: the head-averaged attention of the decode query to a video's n cached tokens
-    at layer L - 1. `previous`: the scored row of the previous step (None at the first); `kept_before`: the previous
-    step's selection (used with `fix_bugs` only). Returns (which tokens layers >= L attend to, bool [n], or None for
-    all of them; the scored row to remember)."""
+    `update_cache`), on `attention` [n]: the head-averaged attention of the decode query to a video's n cached frame
+    tokens at layer L - 1. `previous`: the scored row of the previous step (None at the first); `kept_before`: the
+    previous step's selection (used with `fix_bugs` only). Returns (which of the n tokens layers >= L attend to, a
+    bool [n], or None for all of them; the scored row to remember)."""
     scored = attention if fix_bugs else attention[:-1]  # official: image_token_length is one short
     similarity = 0 if previous is None else float(F.cosine_similarity(scored, previous, dim=0))
     if similarity >= SIMILARITY:  # little change: official, the whole cache; fixed: the previous step's selection
@@ -98,8 +98,8 @@ def kv_selection(attention: Tensor, previous: Tensor | None, kept_before: Tensor
     return kept, scored
 
 
-class DyCoke(Policy):
-    name = "dycoke"
+class DyCoke(FrameSelection):
+    name, title = "dycoke", "DyCoke"
 
     def __init__(self, info: ModelInfo, share: float | None, dycoke_k: float | None, fix_bugs: bool,
                  temporal_merging: bool = True, dycoke_p: float | None = PRUNING_RATIO, dycoke_l: int = KV_LAYER):
@@ -115,20 +115,22 @@ class DyCoke(Policy):
 
     def prepare(self, cut: DecoderCut) -> None:
         if not self.temporal_merging:  # the first stage refuses images otherwise
-            video_layout(cut, "DyCoke")
+            video_layout(cut, self.title)
 
     def select_cached(self, step: DecodeStep) -> list[Tensor | None]:
-        """Each video's selection for this decode step, from the last new token's layer L - 1 attention."""
+        """Each video's selection for this decode step, from the last new token's layer L - 1 attention to its frame
+        tokens (the tokens after its frames, `DecodeStep.trailing`, always attended)."""
         selection = []
-        for b, (visual, state) in enumerate(zip(step.visual, step.state)):
+        for b, (visual, trailing, state) in enumerate(zip(step.visual, step.trailing, step.state)):
             if not len(visual):
                 selection.append(None)
                 continue
-            row = step.attention[b].mean(0)[-1][visual]  # the mean over heads, the last query
+            frames = visual[:len(visual) - trailing]
+            row = step.attention[b].mean(0)[-1][frames]  # the mean over heads, the last query
             kept, state["previous"] = kv_selection(row, state.get("previous"), state.get("kept"), self.dycoke_p,
                                                    self.fix_bugs)
             state["kept"] = kept
-            selection.append(kept)
+            selection.append(None if kept is None else torch.cat([kept, kept.new_ones(trailing)]))
         return selection
 
     def pruned_tokens(self, frames: int, per_frame: int) -> int:
@@ -146,11 +148,9 @@ class DyCoke(Policy):
                               f"{self.share:.4g} of it, the smallest share it keeps is {reach:.4g}")
         return min(m, per_frame)
 
-    def select_decoder(self, cut: DecoderCut) -> Selection:
-        frames, per_frame = video_layout(cut, "DyCoke")
-        m = self.pruned_tokens(frames, per_frame)
-        return Selection(torch.stack([temporal_merge(video, frames, m, self.fix_bugs)
-                                      for video in cut.visual_rows(cut.hidden)]))
+    def kept(self, frames: Tensor, layout: VideoLayout) -> Tensor:
+        m = self.pruned_tokens(layout.frames, layout.per_frame)
+        return torch.stack([temporal_merge(video, layout.frames, m, self.fix_bugs) for video in frames])
 
     def describe(self) -> dict:
         described = {"method": self.name, "layers": list(self.cut_layers), "fix_bugs": self.fix_bugs}
