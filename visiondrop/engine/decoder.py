@@ -276,7 +276,7 @@ def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, lay
     trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
                                          for b in range(run.hidden.shape[0])], selections, slots)
     kept = [torch.zeros(len(at), dtype=torch.bool, device=at.device) for at in run.vis_index]
-    for b, (keep, _, _) in selections.items():
+    for b, (keep, *_) in selections.items():
         kept[b][keep] = True
     return apply_selections(family, run, selections, policy.renumbers_at(layer_idx), slots), kept
 
