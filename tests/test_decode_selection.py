@@ -160,3 +160,26 @@ def test_dycoke_decode_stage_alone_and_its_options():
     alone = policy_for(info, "dycoke", temporal_merging=False)
     assert alone.cut_layers == () and alone.decode_layers == tuple(range(3, 28)) and alone.decode_scoring_layer == 2
     assert policy_for(info, "dycoke", 3000).describe()["kv_selection"] == {"dycoke_l": 3, "dycoke_p": 0.8}
+
+
+def test_dycoke_kv_selection_equals_the_official_cache():
+    """baselines.dycoke.kv_selection lets each decode step attend to exactly the tokens DyCoke's own
+    `PrunableDynamicCache` gives layer dycoke_l (tests/parity/dycoke/kv_fixture.pt): the top int((n - 1)(1 - P)) of
+    the first n - 1 frame tokens by the head-averaged layer-2 attention, every other token, and the whole cache at a
+    step whose attention changed little (cosine >= 0.9) since the step before."""
+    from pathlib import Path
+
+    from baselines.dycoke import kv_selection
+
+    fixture = torch.load(Path(__file__).parent / "parity" / "dycoke" / "kv_fixture.pt")
+    start, whole = fixture["start"], 0
+    for case in fixture["cases"]:
+        n, previous, kept = case["ttm_tokens"], None, None
+        for step, (rows, official) in enumerate(zip(case["rows"], case["attended"])):
+            kv = rows.shape[-1]
+            kept, previous = kv_selection(rows.mean(0)[start:start + n], previous, kept, case["dycoke_p"], False)
+            ours = torch.arange(kv) if kept is None else torch.cat(
+                [torch.arange(start), start + kept.nonzero()[:, 0], torch.arange(start + n, kv)])
+            assert torch.equal(ours, official.sort().values), (n, step)
+            whole += kept is None
+    assert whole == 13  # the steps whose attention repeats the step before's
