@@ -1,4 +1,7 @@
-"""DyCoke (CVPR 2025): temporal token merging across frames before the language model (TTM).
+"""DyCoke (CVPR 2025): temporal token merging across frames before the language model (TTM), then a dynamic KV
+selection at decode time; each stage is an option (`temporal_merging`, `dycoke_p=None` turns the second off).
+
+Stage 1, temporal merging (a cut before decoder layer 0):
 
 As the official code does it (github.com/KD-TAO/DyCoke, `llava/model/llava_arch.py::dycole_ttm`, read at 26dc6f4;
 last code change 8df42969), on a video's projected tokens before the language model (LLaVA-OneVision: after the
@@ -18,17 +21,33 @@ Official bugs, reproduced by default; `fix_bugs=True` corrects them:
   pair with the last pair's), so the tokens a frame keeps follow another frame's change; fixed: its own pair's;
 - an odd frame count silently drops the last frame; fixed: it stays whole;
 - F <= 4 fails (`torch.stack` of an empty list in step 2): refused here with a clear error; fixed: step 2 is skipped.
-Its state not being reset between samples concerns the decode-time stage, not implemented here (below).
+Stage 2's bugs are below.
 
 Budgets: a budget (or `ratio=`) keeps that share of each video's own tokens: m is the count that brings the video's
 whole and pruned frames nearest to it (at least one token a pruned frame; a video whose whole frames alone exceed
 the share is refused, naming the share it can reach); option `dycoke_k` gives the official K instead, m = int((1 - K)
 x N). Defaults follow the official eval script (`eval.sh` sets nothing: lmms-eval's dycoke_k = 0.7 when K is given).
 
-Not implemented: the second stage, decode-time KV selection (each decode step at layers >= 3 attends to the visual
-tokens with the top (1 - P) of the layer-2 attention, P = 0.8, unless it changed little since the previous step);
-it changes no prefill count and saves no memory in the official code (the cache is never shrunk). Images are
-refused (the official code compresses videos only).
+Stage 2, dynamic KV pruning at decode time (the official `PrunableDynamicCache` in `llava/model/language_model/
+modeling_qwen2.py` and its hook in `Qwen2Model.forward`, last changed at 2325b63, run since the fixes of 2025-04-08/10),
+through the engine's decode-time KV selection (`Policy.decode_layers`): at every decode step, the head-averaged
+attention of the new token at layer L - 1 (`dycoke_l` = 3, lmms-eval's default) to a video's cached tokens is
+compared (cosine) with the previous step's; below 0.9 (hard-coded) the layers >= L attend, at this step only, to the
+int(n x (1 - P)) tokens of highest attention (P = `dycoke_p`, 0.8 in the eval script's lmms-eval defaults) and to
+every other token; the selection is made anew at each step and the cache keeps every token (no memory saved, as in
+the official code). It changes no prefill count: a budget counts the prefill, and the FLOPs count charges the decode
+step's attention over the keys attended and the layer-(L - 1) row (`visiondrop.efficiency.flops`). Official bugs,
+reproduced by default, corrected by `fix_bugs=True`:
+- the video's scored span is one token short (`image_token_length` is the TTM output's length minus one), so its
+  last frame token is never scored and always attended; fixed: every frame token is scored;
+- a step whose attention changed little (cosine >= 0.9) leaves `kv_cache` None (it is reset below layer L at every
+  step), so that step attends to the whole cache, where the paper keeps the previous selection; fixed: the previous
+  step's selection is kept.
+Not reproduced: the official state (the previous step's attention) is never reset, so the first decode step of a video
+compares with the last step of the video before it; here each generation starts afresh (a batch equals each video
+alone). Tokens after a video's frames (LLaVA-OneVision's newline, `DecodeStep.trailing`) are never scored and always
+attended, as officially. Parity: `tests/parity/dycoke/kv_fixture.pt`, the official cache driven on random attention
+rows. Images are refused (the official code compresses videos only).
 """
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ Stage 2, in the language model: the video tokens' scores are layer 10's attentio
 over every real token) from every token after the video, the maximum over heads and queries; per segment the top
 int(alpha x n) of its static tokens and of each frame's dynamic tokens stay, in order, with their positions (gaps).
 The layer-10 output is pruned: here a cut before layer 11 (relative depth on other decoders: `ModelInfo.
-relative_layers`), scored on what entered layer 10.
+relative_layers`), scored on what entered layer 10. The KV caches of layers 0-10 are pruned to the same tokens
+(`models/pllava/elastic_cache.py::VTPWindowCache.prompt_prefill`), so the decode steps attend there to what layer 11
+keeps (`prune_cache`, below).
 
 Where this differs from the official code:
 - the official DPC-kNN adds `torch.rand(...) * 1e-6` to the densities to break ties; here no noise (deterministic,
