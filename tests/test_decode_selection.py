@@ -183,3 +183,21 @@ def test_dycoke_kv_selection_equals_the_official_cache():
             assert torch.equal(ours, official.sort().values), (n, step)
             whole += kept is None
     assert whole == 13  # the steps whose attention repeats the step before's
+
+
+def test_beam_search_carries_the_selection_state_along(qwen, videos):
+    """Beam search reorders the cache's rows between steps, and the engine reorders each row's decode-time state with
+    them: DyCoke's stage runs on every beam, and where it drops nothing the beams are those without the stage."""
+    model, _ = qwen
+    batch, _ = videos
+    beams = {"num_beams": 2, "num_return_sequences": 2}
+    with visiondrop.apply(model, "dycoke", ratio=RATIO) as handle, torch.no_grad():
+        pruned = greedy(model, batch, NEW_TOKENS, **beams)[0]
+    assert len(handle.trace.decode_steps) == NEW_TOKENS - 1
+    assert all(len(step) == 4 and all(s is not None for s in step[:1]) for step in handle.trace.decode_steps)
+    outs = []
+    for p in (0.0, None):
+        with visiondrop.apply(model, "dycoke", ratio=RATIO, dycoke_p=p), torch.no_grad():
+            outs.append(greedy(model, batch, NEW_TOKENS, **beams))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert pruned.shape == outs[0][0].shape
