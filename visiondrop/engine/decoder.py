@@ -370,7 +370,7 @@ def decode(family: Family, lm: nn.Module, policy: Policy, hidden: Tensor, attent
     new = torch.ones(batch, q_len, dtype=torch.bool, device=hidden.device)
     if attention_mask is not None:
         new = attention_mask[:, -q_len:].bool()
-    selection, attended = None, [[] for _ in range(batch)]
+    selection, cached_visual = None, []  # per layer: each row's cached visual tokens, and whether it selects
     for seg in cached.segments:
         if cache.get_seq_length(seg.layers[0]) != seg.mask.shape[1]:
             raise RuntimeError("the KV cache no longer matches the pruned prefill (reordered or reused cache?); "
@@ -384,8 +384,7 @@ def decode(family: Family, lm: nn.Module, policy: Policy, hidden: Tensor, attent
                 selection = _select(policy, cached, seg, None)
             if i in decode_layers and selected_mask is None:
                 selected_mask = causal_mask(lm.config, _attended(kv_mask, seg.visual, selection), q_len, hidden.dtype)
-            for b, (at, chosen) in enumerate(zip(seg.visual, selection or [None] * batch)):
-                attended[b].append(len(at) if i not in decode_layers or chosen is None else int(chosen.sum()))
+            cached_visual.append(([len(at) for at in seg.visual], i in decode_layers))
             entering = hidden
             hidden = layers[i](hidden, attention_mask=selected_mask if i in decode_layers else mask4d,
                                position_embeddings=rope, use_cache=True, **cache_kwargs(cache))
@@ -393,8 +392,11 @@ def decode(family: Family, lm: nn.Module, policy: Policy, hidden: Tensor, attent
                 rows = cached_attention(layers[i], entering, *rope, cached_keys(cache, i), kv_mask, family.rotate)
                 selection = _select(policy, cached, seg, rows)
         seg.mask, seg.next_pos = kv_mask, seg.next_pos + q_len
-    if decode_layers:
-        trace.add_decode_step(selection, attended)
+    if decode_layers:  # the visual keys each layer attended to, read once a step
+        sums = iter(torch.stack([c.sum() for c in selection if c is not None] or [hidden.new_zeros(())]).tolist())
+        chosen = [None if c is None else int(next(sums)) for c in selection]
+        trace.add_decode_step(selection, [[counts[b] if chosen[b] is None or not selects else chosen[b]
+                                           for counts, selects in cached_visual] for b in range(batch)])
         cached.step += 1
     return family.final_norm(lm)(hidden)
 
@@ -416,5 +418,5 @@ def _attended(kv_mask: Tensor, visual: list[Tensor], selection: list[Tensor | No
     allowed = kv_mask.clone()
     for b, (at, chosen) in enumerate(zip(visual, selection)):
         if chosen is not None:
-            allowed[b, at[~chosen]] = False
+            allowed[b, at] = allowed[b, at] & chosen  # indices, not a boolean index: no read on the host
     return allowed

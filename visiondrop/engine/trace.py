@@ -49,7 +49,7 @@ class Trace:
             sample.append(n)
 
     def add_decode_step(self, selection: list[Tensor | None], attended: list[list[int]]) -> None:
-        self.decode_steps.append([None if s is None else s.cpu() for s in selection])
+        self.decode_steps.append(selection)
         self.decode_tokens.append(attended)
 
     @property
