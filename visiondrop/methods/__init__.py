@@ -36,6 +36,7 @@ METHODS = {
     "fastervlm": "baselines.fastervlm",
     "hiprune": "baselines.hiprune",
     "tome": "baselines.tome",
+    "mustdrop": "baselines.mustdrop",
     "evs": "baselines.evs",
     "vidcom2": "baselines.vidcom2",
     "dycoke": "baselines.dycoke",
