@@ -25,6 +25,11 @@ does it on LLaVA-1.5:
   from the second generated token on, layers 2-14 attend to the tokens that later filters dropped, which the
   official code no longer does (tests/test_parity.py compares the prefill only, and says so).
 
+Thresholds are attention probabilities, which shrink as images grow: they are stated for LLaVA-1.5's image of 576
+patches, and an image of n patches (before the merge; all its crops or frames) takes them times 576 / n (the
+official values on LLaVA-1.5; a fifth of them for a 2,880-patch LLaVA-NeXT image, nine times them for a 64-token
+Qwen2.5-VL image, on which the official values would drop nothing).
+
 Budget: its counts are decided by thresholds and differ from image to image. The paper's 192 / 128 / 64-token rows
 are the thresholds of its scripts (scripts/v1_5/eval/textvqa_{192,128,64}.sh, README): budget 192 -> global_thr
 0.001, individual_thr 0.001; 128 -> 0.0012, 0.001; 64 -> 0.011, 0.01 (scaled as n_visual / 576 on other models);
@@ -131,6 +136,7 @@ class MustDrop(Policy):
         self.encoder_layer = info.vision_layer
         self.cut_layers = tuple(layer + 1 for layer in layers)  # a layer's output = the next layer's input
         self._keys: dict[int, Tensor] = {}  # image (`EncoderView.owners`) -> its key tokens' places in its block
+        self._scale: dict[int, float] = {}  # image -> 576 / its patches before the merge: the thresholds' factor
         self._entering: dict[int, list[int]] = {}  # sample -> visual tokens entering the decoder, then each cut's
 
     def merge_in_tower(self, layer: int, hidden: Tensor, metric: Tensor) -> Tensor:
@@ -144,10 +150,12 @@ class MustDrop(Policy):
                  if view.valid is None else view.valid)
         scores = view.importance_at[KEY_LAYER].masked_fill(~valid[:, None], float("-inf"))
         ranked = key_set(scores, first)
+        before = (view.tokens or view.hidden.shape[1]) - first  # a crop's patches before the merge
         for crop, owner in enumerate(view.owners):
             if crop == 0 or view.owners[crop - 1] != owner:
                 patches = int(valid[crop].sum()) - first
                 self._keys[owner] = ranked[crop, : math.ceil(KEY_RATE * patches)] + cls
+                self._scale[owner] = OFFICIAL_N_VISUAL / (before * view.owners.count(owner))
         keep = torch.arange(first - cls, view.hidden.shape[1], device=view.hidden.device).expand(
             view.hidden.shape[0], -1)
         return Selection(keep.masked_fill(~valid[:, first - cls:], -1))
@@ -175,7 +183,8 @@ class MustDrop(Policy):
             if is_key is None:
                 is_key = torch.zeros(cut.n_visual, dtype=torch.bool, device=visual.device)
                 is_key[self._keys[order.index(b)].to(visual.device)] = True
-            kept = dual_filter(visual[g, : len(rows[g])], self.global_thr, self.individual_thr) | is_key
+            scale = self._scale[order.index(b)]
+            kept = dual_filter(visual[g, : len(rows[g])], self.global_thr * scale, self.individual_thr * scale) | is_key
             keep.append(kept.nonzero()[:, 0])
             cut.scratch[("keys", b)] = is_key[kept]
             self._entering[b].append(len(keep[-1]))
