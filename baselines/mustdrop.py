@@ -45,6 +45,9 @@ unmerged); a sample's key set is its crops' key sets one after another (the comp
 merge inside (Qwen2.5-VL, Qwen3-VL: the 2x2 merger groups; `Family.encoder_view`) skip the spatial merge and take
 the key set from the mean attention received at their last block; LLaVA-OneVision refuses merging inside SigLIP.
 The tower runs eager, image by image (the official code asks it for attentions): the key set is bit-identical.
+The trace names the visual tokens by their places after the spatial merge (merged windows first), as the official
+indices do. The FLOPs count charges the vision tower in full: the merge's savings in layers 1-23 and its window
+cosines are not counted (its cost model merges between a layer's attention and MLP, ToMe's place).
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ low_cpu_mem_usage=True, **kwargs)` + `vision_tower.load_model()`), in float32 on
 as `llava/eval/model_vqa_loader.py` does (greedy, 8 new tokens, the 576 image ids collapsed to one -200). Hooks
 (observation only) record the logits, the tokens entering every decoder layer, the KV lengths, the decode positions,
 the vision tower's attentions and the fork's `encode_images` result; they change nothing the fork computes.
-The fork's own `.cuda()` calls (HiPrune) are made no-ops on this CPU-only machine.
+The fork's own `.cuda()` calls (HiPrune, MustDrop) are made no-ops on this CPU-only machine. MustDrop's fork is
+loaded as its builder does with `--sparse` (`LlavaLlamaDynamicForCausalLM`) and generates with its thresholds first
+(`--thresholds G I`, its scripts' `--global_thr`, `--individual_thr`); its decisions are observed by recomputation.
 """
 from __future__ import annotations
 
