@@ -154,6 +154,8 @@ class MustDrop(Policy):
         scores = view.importance_at[KEY_LAYER].masked_fill(~valid[:, None], float("-inf"))
         ranked = key_set(scores, first)
         before = (view.tokens or view.hidden.shape[1]) - first  # a crop's patches before the merge
+        if view.owners[0] == 0:  # a new encoding: forget the last one's images
+            self._keys, self._scale = {}, {}
         for crop, owner in enumerate(view.owners):
             if crop == 0 or view.owners[crop - 1] != owner:
                 patches = int(valid[crop].sum()) - first
@@ -179,19 +181,29 @@ class MustDrop(Policy):
         queries = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in rows])
         probs = cut.attention(cut.layer_idx - 1, queries, hidden=cut.prev_hidden).mean(1)  # [G, Q, L]
         visual = probs.gather(2, cut.visual.unsqueeze(1).expand(-1, width, -1))
-        order = sorted(cut.scratch["with_images"])
         keep = []
         for g, b in enumerate(cut.samples):
+            image = self.image_of(b, cut.scratch["with_images"])
             is_key = cut.scratch.get(("keys", b))
             if is_key is None:
                 is_key = torch.zeros(cut.n_visual, dtype=torch.bool, device=visual.device)
-                is_key[self._keys[order.index(b)].to(visual.device)] = True
-            scale = self._scale[order.index(b)]
+                is_key[self._keys[image].to(visual.device)] = True
+            scale = self._scale[image]
             kept = dual_filter(visual[g, : len(rows[g])], self.global_thr * scale, self.individual_thr * scale) | is_key
             keep.append(kept.nonzero()[:, 0])
-            cut.scratch[("keys", b)] = is_key[kept]
+            cut.scratch[("keys", b)] = is_key[keep[-1]]
             self._entering[b].append(len(keep[-1]))
         return Selection(keep)
+
+    def image_of(self, sample: int, with_images: set[int]) -> int:
+        """The encoded image (`EncoderView.owners`) of a batch row: the rows with an image take them in order, and
+        where there are more rows than images, generate() has repeated every row alike (num_return_sequences,
+        beams: `repeat_interleave`), so consecutive rows share an image."""
+        rows, images = sorted(with_images), len(self._keys)
+        if len(rows) % images:
+            raise ValueError(f"MustDrop encoded {images} images for {len(rows)} rows with an image: it follows "
+                             "generate()'s repeats of whole batches only")
+        return rows.index(sample) // (len(rows) // images)
 
     def tokens_per_layer(self, sample: int) -> list[int]:
         """The visual tokens entering each decoder layer for `sample` of the last forward."""
@@ -240,4 +252,4 @@ def policy(info: ModelInfo, budget: float | None = None, global_thr: float | Non
 METHOD = Method("mustdrop", "MustDrop", policy, smallest_budget, replaces_budget=("global_thr", "individual_thr"),
                 overhead=lambda **_: Overhead(rows="question", eager_encoder=True),
                 scoring=lambda **_: {"encoder": "similarity", "decoder": "question"},
-                example_budget=64, exact_count=False)
+                example_budget=64, exact_count=False, counts_follow_content=True)
