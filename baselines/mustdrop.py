@@ -39,6 +39,9 @@ thresholds and, after a forward, the visual tokens entering each decoder layer f
 batch (`tokens_per_layer`, their mean `equivalent_tokens`); the budget is the paper's row label. (On the tiny
 parity model the 192 and 128 thresholds keep 357.75 tokens on average, the 64 thresholds 102.6.)
 
+The filters' layers map to other depths by relative depth (`ModelInfo.relative_layers`); a decoder too shallow for
+four distinct ones runs the first that fit (the 4-layer demo: after layers 0, 1, 2).
+
 Other models (no official code beyond LLaVA-1.5 and LLaVA-NeXT's flat crops): the same rules per crop or frame; the
 tiling takes the whole 3 x 3 windows of the grid (a 16 x 16 Video-LLaVA frame leaves its last row and column
 unmerged); a sample's key set is its crops' key sets one after another (the compact layout). Towers that cannot
@@ -230,8 +233,11 @@ def smallest_budget(info: ModelInfo) -> float:
 def policy(info: ModelInfo, budget: float | None = None, global_thr: float | None = None,
            individual_thr: float | None = None, layers: list[int] | None = None) -> Policy:
     """MustDrop with the thresholds of the paper's `budget` row (192, 128, 64 of 576) or given `global_thr` and
-    `individual_thr`; `layers`: the filters' layers (their outputs) of a 32-layer decoder, by relative depth."""
-    layers = info.relative_layers(LAYERS if layers is None else list(layers), "MustDrop layers", lowest=0, spare=1)
+    `individual_thr`; `layers`: the filters' layers (their outputs) of a 32-layer decoder, by relative depth (by
+    default the official four, or as many of the first as a shallower decoder has distinct layers for)."""
+    if layers is None:  # a decoder too shallow for four distinct filters (the 4-layer demo) runs the first ones
+        layers = LAYERS[:max(1, min(len(LAYERS), info.n_layers - 1))]
+    layers = info.relative_layers(list(layers), "MustDrop layers", lowest=0, spare=1)
     if (global_thr is None) != (individual_thr is None):
         raise ValueError("MustDrop takes global_thr= and individual_thr= together (its scripts' --global_thr and "
                          "--individual_thr)")

@@ -10,6 +10,7 @@ import visiondrop
 from baselines.mustdrop import dual_filter, key_set, policy, spatial_merge, window_similarity
 from helpers import inputs, measure_counts
 from parity import load_case, parity_inputs
+from visiondrop.core import ModelInfo
 from visiondrop.families import info_of
 from visiondrop.families.llava import tower_layers
 
@@ -81,6 +82,8 @@ def test_budget_rows_choose_the_scripts_thresholds(tiny):
         assert (built.global_thr, built.individual_thr) == thresholds
         assert built.cut_layers == (3, 7, 11, 15)
     assert policy(info, global_thr=0.005, individual_thr=0.001).global_thr == 0.005
+    shallow = ModelInfo(576, 4, 22, False)  # the demo's 4 layers: the first three filters, after layers 0, 1, 2
+    assert policy(shallow, 64).cut_layers == (1, 2, 3)
     with pytest.raises(ValueError, match="rows 64, 128, 192.*global_thr="):
         policy(info, 100)
     with pytest.raises(ValueError, match="together"):
