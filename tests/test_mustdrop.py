@@ -115,3 +115,16 @@ def test_merge_runs_inside_the_tower_after_layer_zero(parity_model):
         for hook in hooks:
             hook.remove()
     assert seen == official["tower_tokens_per_layer"] == [577] + [369] * 23
+
+
+def test_next_keeps_its_base_images_key_set(tiny_next):
+    """LLaVA-NeXT: with thresholds no token clears, each cut keeps the key set of the base image (the first crop,
+    laid out first as it is): ceil(0.08 x its merged patches) tokens, whatever the sub-crops hold."""
+    model, processor = tiny_next
+    processor.tokenizer.padding_side = "left"
+    batch = inputs(processor, ["What is in the image?"])
+    with visiondrop.apply(model, "mustdrop", global_thr=1.0, individual_thr=1.0) as handle, torch.no_grad():
+        model(**batch)
+    base = handle.policy._keys[0]
+    assert base.numel() > 0 and int(base.max()) < handle.trace.tokens_per_layer[0][0]
+    assert handle.trace.tokens_per_layer[0][3:] == [base.numel()] * 29
