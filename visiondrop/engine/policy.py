@@ -20,7 +20,7 @@ class Selection:
     """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
 
     keep: [G, k] indices into the current visual block, in the order they will appear; at an encoder cut, -1
-    pads a crop that keeps fewer tokens than another of the view (allowed for single-crop images);
+    pads a crop that keeps fewer tokens than another of the view (the crops of one image alike);
     merged: [G, c, D] tokens appended right after the kept ones (None: no merging);
     features: encoder cut only, [G, k, D'] the kept tokens already in the LLM's embedding space (the policy's own
     use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows;
@@ -133,8 +133,9 @@ class DecodeStep:
     `step` counts the decode forwards since the prefill (0: the query is the first generated token). Per row of the
     batch: `visual`, the cached rows of its visual tokens at the decode layers (ascending; empty: no visual tokens);
     `kept_later`, whether the first decoder cut after those layers kept each of them (None: no cut after them);
-    `trailing`, how many of them (the last) are a video's tokens after its frames (`DecoderCut.trailing`); `state`, a dict that lives across the decode steps of one generation (what a policy remembers from step to step;
-    it follows beam search's reorders). `attention`: the probabilities [B, H, q, kv] of this step's q new tokens at
+    `trailing`, how many of them (the last) are a video's tokens after its frames (`DecoderCut.trailing`); `state`,
+    a dict that lives across the decode steps of one generation (what a policy remembers from step to step; it
+    follows beam search's reorders). `attention`: the probabilities [B, H, q, kv] of this step's q new tokens at
     `Policy.decode_scoring_layer` over that layer's cached rows (the new ones last), as the layer computes them (the
     softmax in float32); None without a scoring layer.
     """
@@ -180,6 +181,9 @@ class Policy:
     #: Encoder cut: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
     #: (`merge_in_tower`), where the family's tower supports it (`EncoderView.merged_in_tower`)
     merges_in_tower: bool = False
+    #: Encoder stage: the merge runs after each tower layer on its output (`TowerMerge.at_output`), not between its
+    #: attention and its MLP
+    merges_at_layer_output: bool = False
 
     #: Decode-time KV selection: decoder layers, caching the same tokens, whose decode steps attend only to the cached
     #: visual tokens that `select_cached` chooses at each step (and to every other token); (): to all of them.

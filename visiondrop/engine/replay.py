@@ -31,6 +31,7 @@ class Replay(Policy):
         self.received_attention = policy.received_attention
         self.merges_in_tower = policy.merges_in_tower
         self.merge_in_tower = policy.merge_in_tower
+        self.merges_at_layer_output = policy.merges_at_layer_output
         self.decode_layers = policy.decode_layers
         self.decode_scoring_layer = None  # the recorded selections need no attention rows
         self._policy = policy
@@ -49,7 +50,6 @@ class Replay(Policy):
         return Selection(_rows(keep), None if merged[0] is None else _rows(merged),
                          weights=None if weights[0] is None else _rows(weights),
                          slots=_rows(slots) if slots else None, trailing=trailing[0])
-
 
     def select_cached(self, step: DecodeStep) -> list[torch.Tensor | None]:
         if step.step >= len(self._decode_steps):
