@@ -16,6 +16,7 @@ from test_video_methods import GRIDS, OFFICIAL, QUESTIONS, encode, qwen, run, vi
 from visiondrop.api import Handle
 from visiondrop.core import ModelInfo
 from visiondrop.efficiency.properties import greedy
+from visiondrop.engine import Policy, Selection
 from visiondrop.engine.replay import Replay
 
 RATIO = 0.5
@@ -92,7 +93,7 @@ def test_the_stage_changes_decode_steps_only(qwen, videos, name):
             assert [a - b for a, b in zip(n_off, n)] == [v - a for v, a in zip(cached_visual, attended)], (step, row)
             if name == "prunevid":  # layers 0-10 attend to what layer 11 keeps
                 assert attended[:11] == [cached_visual[11]] * 11 and attended[11:] == cached_visual[11:]
-            elif trace.decode_steps[step][row] is not None:  # layers >= 3: the official count of the scored tokens
+            elif trace.decode_steps[step][3][row] is not None:  # layers >= 3: the official count of the scored tokens
                 scored = cached_visual[3] - 1
                 assert attended[:3] == cached_visual[:3]
                 assert attended[3:] == [int(scored * (1 - 0.8)) + 1] * 25, (step, row)
@@ -119,8 +120,9 @@ def test_each_video_alone_equals_the_batch(qwen, videos, name):
         torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8)
         assert [step[i] for step in trace.decode_tokens] == [step[0] for step in alone.decode_tokens], width
         for step, step_alone in zip(trace.decode_steps, alone.decode_steps):
-            assert (step[i] is None) == (step_alone[0] is None) and (
-                step[i] is None or torch.equal(step[i], step_alone[0]))
+            assert step.keys() == step_alone.keys()
+            for batched, single in zip((s[i] for s in step.values()), (s[0] for s in step_alone.values())):
+                assert (batched is None) == (single is None) and (batched is None or torch.equal(batched, single))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -137,7 +139,8 @@ def test_cached_decoding_equals_replaying_its_selections(qwen, videos, name):
         replayed = greedy(model, batch, NEW_TOKENS, use_cache=False)
     assert torch.equal(cached[0], replayed[0])
     torch.testing.assert_close(cached[1], replayed[1], atol=1e-8, rtol=1e-8)
-    trace.decode_steps = [[None] * len(step) for step in trace.decode_steps]  # every step attending to everything
+    # every step attending to everything
+    trace.decode_steps = [{first: [None] * len(rows) for first, rows in step.items()} for step in trace.decode_steps]
     with Handle(model, Replay(handle.policy, trace)), torch.no_grad():
         forgetful = greedy(model, batch, NEW_TOKENS, use_cache=False)
     assert not torch.allclose(cached[1][:, 1:], forgetful[1][:, 1:], atol=1e-6)
@@ -194,10 +197,45 @@ def test_beam_search_carries_the_selection_state_along(qwen, videos):
     with visiondrop.apply(model, "dycoke", ratio=RATIO) as handle, torch.no_grad():
         pruned = greedy(model, batch, NEW_TOKENS, **beams)[0]
     assert len(handle.trace.decode_steps) == NEW_TOKENS - 1
-    assert all(len(step) == 4 and all(s is not None for s in step[:1]) for step in handle.trace.decode_steps)
+    assert all(list(step) == [3] and len(step[3]) == 4 for step in handle.trace.decode_steps)
     outs = []
     for p in (0.0, None):
         with visiondrop.apply(model, "dycoke", ratio=RATIO, dycoke_p=p), torch.no_grad():
             outs.append(greedy(model, batch, NEW_TOKENS, **beams))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert pruned.shape == outs[0][0].shape
+
+
+class Survivors(Policy):
+    """A toy policy whose decode layers span cuts (as MustDrop's cache stage does): two cuts each keep the first half,
+    and the decode steps of layers 0-3 attend to what survives both."""
+
+    name = "survivors"
+    cut_layers = (2, 4)
+    decode_layers = (0, 1, 2, 3)
+
+    def select_decoder(self, cut):
+        return Selection(torch.arange(cut.n_visual // 2, device=cut.visual.device).expand(len(cut.samples), -1))
+
+    def select_cached(self, step):
+        return step.kept_later
+
+
+def test_decode_layers_across_cuts_attend_to_the_tokens_that_survive_them(qwen, videos):
+    """The engine asks once per segment of decode layers, each with its own cached tokens and which of them survive
+    every later cut; a cached decode equals its replay."""
+    model, _ = qwen
+    batch, _ = videos
+    with Handle(model, Survivors()) as handle, torch.no_grad():
+        cached = greedy(model, batch, NEW_TOKENS)
+    trace = handle.trace
+    for step in trace.decode_steps:
+        assert list(step) == [0, 2]  # the segments of layers 0-1 and 2-3
+        for row, n in enumerate([128, 168]):
+            assert torch.equal(step[0][row], torch.arange(n) < n // 4)
+            assert torch.equal(step[2][row], torch.arange(n // 2) < n // 4)
+    assert all(tokens == [n // 4] * 4 + [n // 4] * 24 for tokens, n in zip(trace.decode_tokens[0], [128, 168]))
+    with Handle(model, Replay(handle.policy, trace)), torch.no_grad():
+        replayed = greedy(model, batch, NEW_TOKENS, use_cache=False)
+    assert torch.equal(cached[0], replayed[0])
+    torch.testing.assert_close(cached[1], replayed[1], atol=1e-8, rtol=1e-8)

@@ -39,7 +39,8 @@ class Segment:
     mask: Tensor  # [B, kv] real tokens among the cached rows
     next_pos: Tensor  # [..., B] position of the next token
     visual: list[Tensor]  # per row [n]: the cached rows of its visual tokens
-    kept_later: list[Tensor] | None = None  # per row [n] bool: whether the next cut kept each (None: no later cut)
+    before_cut: list[Tensor] | None  # per row [n]: each one's index among the previous segment's (-1: made at the cut)
+    kept_later: list[Tensor] | None = None  # per row [n] bool: whether each survives every later cut (None: no cut)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Cached:
             seg.visual = [seg.visual[r] for r in rows.tolist()]
             if seg.kept_later is not None:
                 seg.kept_later = [seg.kept_later[r] for r in rows.tolist()]
+            if seg.before_cut is not None:
+                seg.before_cut = [seg.before_cut[r] for r in rows.tolist()]
         self.trailing = [self.trailing[r] for r in rows.tolist()]
         self.state = [dict(self.state[r]) for r in rows.tolist()]
 
@@ -76,6 +79,8 @@ class Running:
     frames: Tensor  # [B] frames of each sample's video (0: an image or none), `Family.video_frames`
     side: list[Tensor] | None = None  # per sample [vis_len, len(side_layers), D]: each visual token's side rows
     side_layers: tuple[int, ...] = ()  # the decoder layers after which the side rows are added, in order
+    #: per sample [vis_len]: each visual token's index among the visual tokens before the last cut, -1 for one it made
+    before_cut: list[Tensor] | None = None
 
 
 def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
@@ -116,7 +121,7 @@ def apply_selections(family: Family, run: Running,
     renumber = renumber and not family.fixed_positions
     length = run.hidden.shape[1]
     device = run.hidden.device
-    index, sources, positions, visual_at, origins, side = [], [], [], [], [], []
+    index, sources, positions, visual_at, origins, side, before_cut = [], [], [], [], [], [], []
     for b in range(run.hidden.shape[0]):
         first = length - int(run.mask[b].sum())
         source, pos = run.hidden[b], run.pos.select(-2, b)
@@ -124,6 +129,7 @@ def apply_selections(family: Family, run: Running,
             index.append(torch.arange(first, length, device=device))
             visual_at.append(run.vis_index[b] - first)
             origins.append(run.origins[b])
+            before_cut.append(torch.arange(len(run.vis_index[b]), device=device))
             side.append(None if run.side is None else run.side[b])
             positions.append(family.renumbered(pos[..., first], len(index[-1])) if renumber else pos[..., first:])
             sources.append(source)
@@ -144,6 +150,7 @@ def apply_selections(family: Family, run: Running,
         # the visual tokens in their new order: each an entry of (kept..., merged...)
         entry = _visual_entries(order, is_visual, run.vis_index[b], keep, length)
         origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)])[entry])
+        before_cut.append(torch.cat([keep, keep.new_full((n_merged,), -1)])[entry])
         side.append(None if run.side is None else _side_rows(run.side[b], keep, n_merged, weights)[entry])
         if renumber:
             positions.append(family.renumbered(pos[..., first], len(order)))
@@ -164,7 +171,7 @@ def apply_selections(family: Family, run: Running,
     vis_index = [at + p for at, p in zip(visual_at, pads)]
     counts = torch.tensor([len(at) for at in visual_at], device=device)
     return Running(hidden, mask, pos, vis_index, counts, origins, run.frames, None if run.side is None else side,
-                   run.side_layers)
+                   run.side_layers, before_cut)
 
 
 def _packed_order(vis_index: Tensor, keep: Tensor, merged_span: Tensor, trailing: int, first: int,
@@ -260,10 +267,8 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
         )
 
 
-def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, layer_idx: int,
-         ) -> tuple[Running, list[Tensor]]:
-    """Ask the policy for a selection per group, record it, and rebuild the batch. Also returns, per row, whether
-    each of its visual tokens before the cut was kept."""
+def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, layer_idx: int) -> Running:
+    """Ask the policy for a selection per group, record it, and rebuild the batch."""
     selections, slots = {}, {}
     for cut in groups:
         sel: Selection = policy.select_decoder(cut)
@@ -275,10 +280,7 @@ def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, lay
                 slots[b] = sel.slots[g]
     trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
                                          for b in range(run.hidden.shape[0])], selections, slots)
-    kept = [torch.zeros(len(at), dtype=torch.bool, device=at.device) for at in run.vis_index]
-    for b, (keep, *_) in selections.items():
-        kept[b][keep] = True
-    return apply_selections(family, run, selections, policy.renumbers_at(layer_idx), slots), kept
+    return apply_selections(family, run, selections, policy.renumbers_at(layer_idx), slots)
 
 
 def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: DynamicCache | None, trace: Trace,
@@ -303,27 +305,41 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         if cut_here:
             groups = _groups(family, run, i, layers, prev_hidden, rope, original_visual, scratch,
                              family.final_norm(lm))
-            run, kept = _cut(family, policy, run, groups, trace, i)
-            if segments:
-                segments[-1].kept_later = kept
+            run = _cut(family, policy, run, groups, trace, i)
         if cut_here or not segments:
             rope = family.rotary(lm, run.hidden, run.pos)
             mask4d = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype)
             replayed = None
-            segments.append(Segment([], run.mask, family.next_position(run.pos), list(run.vis_index)))
+            segments.append(Segment([], run.mask, family.next_position(run.pos), list(run.vis_index),
+                                    run.before_cut if cut_here else None))
         segments[-1].layers.append(i)
         trace.add_layer(run.vis_len)
         prev_hidden = run.hidden
-        if history and i in decode_layers and replayed is None:  # the decode layers' segment
-            replayed = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, _blocked(history, run))
+        if history and i in decode_layers and replayed is None:  # this segment's first decode layer
+            replayed = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype,
+                                   _blocked([step[i] for step in history], run))
         run.hidden = layer(run.hidden, attention_mask=replayed if history and i in decode_layers else mask4d,
                            position_embeddings=rope, use_cache=cache is not None, **cache_kwargs(cache))
         if run.side is not None and i in run.side_layers:
             run.hidden = add_side(run, i)
             if i == run.side_layers[-1]:
                 run.side = None  # added for the last time: later cuts need no side rows (nor merge weights)
+    _survivals(segments)
     trailing = [family.video_trailing if f else 0 for f in run.frames.tolist()]
     return family.final_norm(lm)(run.hidden), Cached(segments, trailing, [{} for _ in trailing])
+
+
+def _survivals(segments: list[Segment]) -> None:
+    """Set each segment's `kept_later`: whether each of its visual tokens is still cached after every later cut."""
+    alive = None
+    for seg, after in zip(reversed(segments[:-1]), reversed(segments[1:])):
+        alive = [torch.ones(len(at), dtype=torch.bool, device=at.device) for at in after.visual] if alive is None \
+            else alive
+        # scattered to a spare last slot where a token was made at the cut: no boolean index, no read on the host
+        seg.kept_later = alive = [
+            torch.zeros(len(at) + 1, dtype=torch.bool, device=at.device).scatter_(
+                0, torch.where(source >= 0, source, len(at)), survives)[:-1]
+            for at, source, survives in zip(seg.visual, after.before_cut, alive)]
 
 
 def _check_decode_layers(policy: Policy, n_layers: int) -> set[int]:
@@ -339,9 +355,10 @@ def _check_decode_layers(policy: Policy, n_layers: int) -> set[int]:
     if scoring is not None and scoring >= min(decode_layers):
         raise ValueError(f"{policy.name} scores its decode-time KV selection at layer {scoring}: it must come before "
                          f"the layers it applies to ({min(decode_layers)} on)")
-    if any(min(span) < cut <= max(span) for cut in policy.cut_layers):
-        raise NotImplementedError(f"{policy.name}'s decode-time KV selection spans layers {min(span)}-{max(span)} "
-                                  f"across a cut ({sorted(policy.cut_layers)}): its layers must cache the same tokens")
+    if scoring is not None and any(min(span) < cut <= max(span) for cut in policy.cut_layers):
+        raise NotImplementedError(f"{policy.name} scores its decode-time KV selection at layer {scoring} for layers "
+                                  f"up to {max(span)}, across a cut ({sorted(policy.cut_layers)}): a scoring layer's "
+                                  "rows line up with the tokens of its own segment only")
     return decode_layers
 
 
@@ -362,15 +379,16 @@ def _blocked(history: list[list[Tensor | None]], run: Running) -> Tensor:
 def decode(family: Family, lm: nn.Module, policy: Policy, hidden: Tensor, attention_mask: Tensor | None,
            cache: DynamicCache, cached: Cached, trace: Trace) -> Tensor:
     """One decode forward of q new tokens after a pruned prefill: per segment, its own positions and mask; at the
-    policy's decode layers, only the visual keys its decode-time selection chose for this step (recorded in
-    `trace`)."""
+    policy's decode layers, only the visual keys its decode-time selection chose for this step and segment (recorded
+    in `trace`)."""
     batch, q_len, _ = hidden.shape
     layers = family.decoder_layers(lm)
     decode_layers = set(policy.decode_layers)
     new = torch.ones(batch, q_len, dtype=torch.bool, device=hidden.device)
     if attention_mask is not None:
         new = attention_mask[:, -q_len:].bool()
-    selection, cached_visual = None, []  # per layer: each row's cached visual tokens, and whether it selects
+    chosen: dict[int, list[Tensor | None]] = {}  # a segment's first decode layer -> its selection of this step
+    cached_visual = []  # per layer: each row's cached visual tokens, and the selection its keys follow
     for seg in cached.segments:
         if cache.get_seq_length(seg.layers[0]) != seg.mask.shape[1]:
             raise RuntimeError("the KV cache no longer matches the pruned prefill (reordered or reused cache?); "
@@ -378,33 +396,35 @@ def decode(family: Family, lm: nn.Module, policy: Policy, hidden: Tensor, attent
         kv_mask = torch.cat([seg.mask, new], dim=1)
         rope = family.rotary(lm, hidden, family.continued(seg.next_pos, q_len))
         mask4d = causal_mask(lm.config, kv_mask, q_len, hidden.dtype)
-        selected_mask = None
+        own = [i for i in seg.layers if i in decode_layers]
+        selection, selected_mask = None, None
         for i in seg.layers:
-            if i in decode_layers and selection is None:  # no scoring layer: chosen before the first decode layer
-                selection = _select(policy, cached, seg, None)
-            if i in decode_layers and selected_mask is None:
+            if own and i == own[0]:  # chosen at the scoring layer, before, or now
+                selection = chosen[i] = selection or _select(policy, cached, seg, own, None)
                 selected_mask = causal_mask(lm.config, _attended(kv_mask, seg.visual, selection), q_len, hidden.dtype)
-            cached_visual.append(([len(at) for at in seg.visual], i in decode_layers))
+            cached_visual.append(([len(at) for at in seg.visual], selection if i in decode_layers else None))
             entering = hidden
             hidden = layers[i](hidden, attention_mask=selected_mask if i in decode_layers else mask4d,
                                position_embeddings=rope, use_cache=True, **cache_kwargs(cache))
             if i == policy.decode_scoring_layer:
                 rows = cached_attention(layers[i], entering, *rope, cached_keys(cache, i), kv_mask, family.rotate)
-                selection = _select(policy, cached, seg, rows)
+                selection = _select(policy, cached, seg, own, rows)
         seg.mask, seg.next_pos = kv_mask, seg.next_pos + q_len
     if decode_layers:  # the visual keys each layer attended to, read once a step
-        sums = iter(torch.stack([c.sum() for c in selection if c is not None] or [hidden.new_zeros(())]).tolist())
-        chosen = [None if c is None else int(next(sums)) for c in selection]
-        trace.add_decode_step(selection, [[counts[b] if chosen[b] is None or not selects else chosen[b]
-                                           for counts, selects in cached_visual] for b in range(batch)])
+        picked = [c for sel in chosen.values() for c in sel if c is not None]
+        sums = iter(torch.stack([c.sum() for c in picked] or [hidden.new_zeros(())]).tolist())
+        sizes = {id(c): int(next(sums)) for c in picked}
+        trace.add_decode_step(chosen, [[counts[b] if sel is None or sel[b] is None else sizes[id(sel[b])]
+                                        for counts, sel in cached_visual] for b in range(batch)])
         cached.step += 1
     return family.final_norm(lm)(hidden)
 
 
-def _select(policy: Policy, cached: Cached, seg: Segment, attention: Tensor | None) -> list[Tensor | None]:
-    """The policy's decode-time selection for this step, checked."""
-    step = DecodeStep(cached.step, seg.visual, seg.kept_later or [None] * len(seg.visual), cached.trailing,
-                      cached.state, attention)
+def _select(policy: Policy, cached: Cached, seg: Segment, layers: list[int], attention: Tensor | None,
+            ) -> list[Tensor | None]:
+    """The policy's decode-time selection for this step at `layers` of `seg`, checked."""
+    step = DecodeStep(cached.step, tuple(layers), seg.visual, seg.kept_later or [None] * len(seg.visual),
+                      cached.trailing, cached.state, attention)
     selection = policy.select_cached(step)
     if len(selection) != len(seg.visual) or any(
             s is not None and (s.dtype != torch.bool or s.shape != at.shape) for s, at in zip(selection, seg.visual)):

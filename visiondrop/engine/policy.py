@@ -130,9 +130,11 @@ class DecoderCut:
 class DecodeStep:
     """One decode forward after a prefill, as a policy with a decode-time KV selection sees it (`Policy.decode_layers`).
 
-    `step` counts the decode forwards since the prefill (0: the query is the first generated token). Per row of the
-    batch: `visual`, the cached rows of its visual tokens at the decode layers (ascending; empty: no visual tokens);
-    `kept_later`, whether the first decoder cut after those layers kept each of them (None: no cut after them);
+    `step` counts the decode forwards since the prefill (0: the query is the first generated token); `layers`, the
+    decode layers this selection is for: those of one segment, the layers that cache the same tokens (a policy whose
+    decode layers span cuts is asked once per segment). Per row of the batch: `visual`, the cached rows of its visual
+    tokens at these layers (ascending; empty: no visual tokens); `kept_later`, whether each of them is still cached
+    after every later decoder cut (None: no cut after these layers);
     `trailing`, how many of them (the last) are a video's tokens after its frames (`DecoderCut.trailing`); `state`,
     a dict that lives across the decode steps of one generation (what a policy remembers from step to step; it
     follows beam search's reorders). `attention`: the probabilities [B, H, q, kv] of this step's q new tokens at
@@ -141,6 +143,7 @@ class DecodeStep:
     """
 
     step: int
+    layers: tuple[int, ...]
     visual: list[Tensor]
     kept_later: list[Tensor | None]
     trailing: list[int]
@@ -185,11 +188,11 @@ class Policy:
     #: attention and its MLP
     merges_at_layer_output: bool = False
 
-    #: Decode-time KV selection: decoder layers, caching the same tokens, whose decode steps attend only to the cached
-    #: visual tokens that `select_cached` chooses at each step (and to every other token); (): to all of them.
+    #: Decode-time KV selection: decoder layers whose decode steps attend only to the cached visual tokens that
+    #: `select_cached` chooses at each step, per segment of them (and to every other token); (): to all of them.
     decode_layers: tuple[int, ...] = ()
     #: The decoder layer whose attention from the decode queries `select_cached` sees (`DecodeStep.attention`): one
-    #: before the decode layers, caching the same tokens; None: no attention rows.
+    #: before the decode layers, all of them caching the same tokens as it; None: no attention rows.
     decode_scoring_layer: int | None = None
 
     def renumbers_at(self, layer_idx: int) -> bool:
@@ -216,10 +219,10 @@ class Policy:
         step: a bool [n], or None for all of them (rows without visual tokens: None)."""
         raise NotImplementedError(f"{self.name} has no decode-time KV selection")
 
-    def replayed_steps(self, length: int) -> list[list[Tensor | None]]:
+    def replayed_steps(self, length: int) -> list[dict[int, list[Tensor | None]]]:
         """For a prefill of `length` tokens whose last ones were generated after a recorded prompt (`Replay`): what
-        `select_cached` chose at the decode step of each of them, oldest first, so that they attend as they did
-        with the cache; [] for a prompt."""
+        `select_cached` chose at the decode step of each of them, oldest first, per segment (keyed by its first decode
+        layer), so that they attend as they did with the cache; [] for a prompt."""
         return []
 
     def describe(self) -> dict:

@@ -55,9 +55,9 @@ class Replay(Policy):
         if step.step >= len(self._decode_steps):
             raise RuntimeError(f"{self.name} recorded {len(self._decode_steps)} decode steps: it cannot replay step "
                                f"{step.step}")
-        return self._decode_steps[step.step]
+        return self._decode_steps[step.step][step.layers[0]]
 
-    def replayed_steps(self, length: int) -> list[list[torch.Tensor | None]]:
+    def replayed_steps(self, length: int) -> list[dict[int, list[torch.Tensor | None]]]:
         generated = length - self._prompt_length
         if generated > len(self._decode_steps):
             raise RuntimeError(f"{self.name} recorded {len(self._decode_steps)} decode steps: it cannot replay a "

@@ -23,11 +23,12 @@ class Trace:
     #: `Replay` plays it back.
     selections: list[dict] = field(default_factory=list)
     slots: list[dict] = field(default_factory=list)
-    #: the prefill's input length (left-padded rows), and per decode step after it, per sample: the decode-time KV
-    #: selection (`Policy.select_cached`: a bool over the cached visual tokens, None: all of them), which `Replay`
-    #: plays back, and the visual tokens each decoder layer attended to (kept in its cache and selected)
+    #: the prefill's input length (left-padded rows); per decode step after it, the decode-time KV selection of each
+    #: segment with decode layers, keyed by its first (`Policy.select_cached`, per sample: a bool over its cached
+    #: visual tokens, None: all of them), which `Replay` plays back; and per sample the visual tokens each decoder
+    #: layer attended to (kept in its cache and selected)
     prompt_length: int = 0
-    decode_steps: list[list[Tensor | None]] = field(default_factory=list)
+    decode_steps: list[dict[int, list[Tensor | None]]] = field(default_factory=list)
     decode_tokens: list[list[list[int]]] = field(default_factory=list)
 
     @classmethod
@@ -48,7 +49,7 @@ class Trace:
         for sample, n in zip(self.tokens_per_layer, visual_counts.tolist()):
             sample.append(n)
 
-    def add_decode_step(self, selection: list[Tensor | None], attended: list[list[int]]) -> None:
+    def add_decode_step(self, selection: dict[int, list[Tensor | None]], attended: list[list[int]]) -> None:
         self.decode_steps.append(selection)
         self.decode_tokens.append(attended)
 
