@@ -53,13 +53,17 @@ class Running:
     frames: Tensor  # [B] frames of each sample's video (0: an image or none), `Family.video_frames`
     side: list[Tensor] | None = None  # per sample [vis_len, len(side_layers), D]: each visual token's side rows
     side_layers: tuple[int, ...] = ()  # the decoder layers after which the side rows are added, in order
+    #: per sample [its original visual tokens] the tower's attention (`DecoderCut.tower_attention`), or None
+    tower: list[Tensor | None] | None = None
 
 
 def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-          visual: Tensor, frames: Tensor | None = None, side: tuple[tuple[int, ...], Tensor] | None = None) -> Running:
+          visual: Tensor, frames: Tensor | None = None, side: tuple[tuple[int, ...], Tensor] | None = None,
+          tower: list[Tensor] | None = None) -> Running:
     """Initial state from the language model's inputs, the image-token mask [B, L], each sample's video frames [B]
-    (None: no video) and the side features the host gave its language model (`Family.side_features`: layers, rows
-    [n visual tokens of the batch, layers, D])."""
+    (None: no video), the side features the host gave its language model (`Family.side_features`: layers, rows
+    [n visual tokens of the batch, layers, D]) and the tower's attention rows of the samples with images, in order
+    (`Policy.tower_attention`; None: not asked for)."""
     length = visual.shape[1]
     mask = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
     n_real = mask.sum(1)
@@ -76,6 +80,9 @@ def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, positio
     if side is not None:
         run.side_layers, rows = side
         run.side = list(rows.split(vis_len.tolist()))
+    if tower is not None:
+        given = iter(tower)
+        run.tower = [next(given).to(hidden.device) if n else None for n in vis_len.tolist()]
     return run
 
 
@@ -137,7 +144,7 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
     vis_index = [at + p for at, p in zip(visual_at, pads)]
     counts = torch.tensor([len(at) for at in visual_at], device=device)
     return Running(hidden, mask, pos, vis_index, counts, origins, run.frames, None if run.side is None else side,
-                   run.side_layers)
+                   run.side_layers, run.tower)
 
 
 def _packed_order(vis_index: Tensor, keep: Tensor, n_merged: int, first: int, length: int) -> tuple[Tensor, Tensor]:
@@ -225,6 +232,7 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
             visual=torch.stack([run.vis_index[b] for b in rows.tolist()]),
             original_visual=n0, samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
             final_norm=final_norm, frames=f,
+            tower_attention=None if run.tower is None else torch.stack([run.tower[b] for b in rows.tolist()]),
         )
 
 

@@ -2,7 +2,9 @@
 
 Three patches, all on the instance (never on the class, so other models are untouched), at the places the
 model's family adapter names:
-- `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder stage;
+- `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder stage,
+  or observed (the model's own features, and the tower's attention beside them) when its decoder cuts read the
+  tower's attention (`Policy.tower_attention`);
 - a forward pre-hook on the multimodal model notes where the image tokens are, and one on the whole model
   refuses `labels=` when the method shortens the sequence;
 - the language model's `forward` is replaced by the engine's layer loop whenever a forward holds image tokens
@@ -24,7 +26,7 @@ from transformers.utils import ModelOutput
 from ..families import family_of
 from . import decoder
 from .compat import cache_kwargs, pop_cache
-from .encoder import reduce_images
+from .encoder import reduce_images, tower_attention
 from .policy import Policy
 from .trace import Trace
 
@@ -46,6 +48,10 @@ class Pruner:
         self._fingerprints: list[tuple[Tensor, Tensor, Tensor]] = []  # the same, for stacked features
         self._images: list[tuple[Tensor, Tensor]] | None = None
         self._images_modality = "image"
+        # the tower's attention rows per image (`Policy.tower_attention`), found as the features are: by identity, or
+        # by first token for stacked features; and the rows of the forward in flight
+        self._tower: list[tuple[Tensor, weakref.ref | None, Tensor]] = []
+        self._tower_rows: list[Tensor] | None = None
         self._segments: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> segments
         if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model: remove() it first")
@@ -61,6 +67,11 @@ class Pruner:
             for modality, name in self.family.feature_functions.items():
                 setattr(self.multimodal, name, _delegate(getattr(self.multimodal, name),
                                                          functools.partial(self._image_features, modality)))
+        elif self.policy.tower_attention:
+            for modality, name in self.family.feature_functions.items():
+                original = getattr(self.multimodal, name)
+                setattr(self.multimodal, name, _delegate(original, functools.partial(self._observe_tower, original,
+                                                                                     modality)))
 
     def remove(self) -> None:
         """Restore the model exactly: drop the instance attributes and the hook."""
@@ -89,6 +100,7 @@ class Pruner:
         if len(present) > 1 and self.policy.encoder_layer is not None:
             raise NotImplementedError(_MIXED)
         self._images = self._own_images(present[0]) if present else None
+        self._tower_rows = self._own_tower_rows(present[0]) if present and self.policy.tower_attention else None
         if not self.family.has_images(kwargs):
             self._visual = None  # no image in this forward, whatever token ids it holds (decode steps)
             return
@@ -114,6 +126,30 @@ class Pruner:
             self._encoded = {id(f): (weakref.ref(f), v, o) for f, v, o in zip(features, valid, origins)}
         self._images, self._images_modality = list(zip(valid, origins)), modality
         return self.family.encoder_output(features, side)
+
+    def _observe_tower(self, original, modality: str, *args, **kwargs) -> ModelOutput:
+        """The model's own features, and the tower's attention rows of each image noted beside them."""
+        out = original(*args, **kwargs)
+        rows = tower_attention(self.model, self.family, modality, args, kwargs)
+        features = out.pooler_output
+        stacked = isinstance(features, Tensor)
+        self._tower = [(f[0].clone() if stacked else f, None if stacked else weakref.ref(f), r)
+                       for f, r in zip(features, rows)]
+        self._tower_rows = rows
+        return out
+
+    def _own_tower_rows(self, features: list[Tensor] | Tensor) -> list[Tensor] | None:
+        """The tower rows of pre-encoded features (`_observe_tower`), found as `_own_images` finds their bookkeeping."""
+        rows = []
+        for f in features:
+            if isinstance(features, Tensor):
+                found = next((r for first, _, r in self._tower if torch.equal(f[0], first)), None)
+            else:
+                found = next((r for _, ref, r in self._tower if ref is not None and ref() is f), None)
+            if found is None:
+                return None
+            rows.append(found)
+        return rows
 
     def _own_images(self, features: list[Tensor] | Tensor) -> list[tuple[Tensor, Tensor]] | None:
         """The bookkeeping of pre-encoded features, found by identity (repeats are the same tensors; rows of a
@@ -161,7 +197,11 @@ class Pruner:
         use_cache = self.lm.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.lm.config)
-        run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames, side)
+        tower, self._tower_rows = self._tower_rows, None
+        if self.policy.tower_attention and tower is None and self.family.feature_functions.get(
+                "video" if self._frames is not None and bool(self._frames.any()) else "image") is not None:
+            raise RuntimeError("the image features of this forward were not encoded with the applied method")
+        run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames, side, tower)
         trace = Trace.start(embeds.shape[0])
         if self.policy.encoder_layer is not None:
             run = self._drop_empty_slots(run, trace)

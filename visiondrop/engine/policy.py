@@ -57,6 +57,11 @@ class DecoderCut:
     `frames` is the group's video frames (0: its samples hold images): the original visual block is `frames` frames
     of `original_visual / frames` tokens each, frame after frame (what video methods reduce; a cut before layer 0
     still sees that layout).
+    `tower_attention` [G, original_visual], where the policy asks for it (`Policy.tower_attention`) and the family
+    encodes the modality for the tower (`Family.feature_functions`), else None: the attention each original visual
+    token received at the vision tower's feature layer, mean over heads then over every query of its crop or frame
+    (CLS included where the tower has one), pooled as the host pools its tokens (LLaVA-OneVision's video frames);
+    0 for a visual token that is no tower token (a newline). In the original visual order (`Trace` origins).
     """
 
     layer_idx: int
@@ -73,6 +78,7 @@ class DecoderCut:
     rotate: Rotate = Family.rotate
     final_norm: nn.Module | None = None
     frames: int = 0
+    tower_attention: Tensor | None = None
 
     @property
     def n_visual(self) -> int:
@@ -140,6 +146,9 @@ class Policy:
     def instruct(self, questions: list[str] | None) -> None:
         """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
         questions batch by batch); only text-conditioned policies use them (CDPruner)."""
+    #: Decoder cuts see the attention each original visual token received in the vision tower
+    #: (`DecoderCut.tower_attention`), for methods that rank the host's own tokens by it (HoliTom)
+    tower_attention: bool = False
     #: Encoder stage: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
     received_attention: bool = False
     #: Encoder stage: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
