@@ -50,7 +50,7 @@ class Pruner:
         self._images_modality = "image"
         # the tower's attention rows per image (`Policy.tower_attention`), found as the features are: by identity, or
         # by first token for stacked features; and the rows of the forward in flight
-        self._tower: list[tuple[Tensor, weakref.ref | None, Tensor]] = []
+        self._tower: tuple[list[tuple[Tensor | weakref.ref, int]], list[Tensor]] | tuple = ()
         self._tower_rows: list[Tensor] | None = None
         self._segments: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> segments
         if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
@@ -128,28 +128,34 @@ class Pruner:
         return self.family.encoder_output(features, side)
 
     def _observe_tower(self, original, modality: str, *args, **kwargs) -> ModelOutput:
-        """The model's own features, and the tower's attention rows of each image noted beside them."""
+        """The model's own features, and the tower's attention rows of each image noted beside them: each unit of
+        the features (a row of a stacked tensor, known by its first token; an entry of a list, by identity) names
+        its image, as the host splits them (equal units per image: Video-LLaVA's frames)."""
         out = original(*args, **kwargs)
         rows = tower_attention(self.model, self.family, modality, args, kwargs)
         features = out.pooler_output
-        stacked = isinstance(features, Tensor)
-        self._tower = [(f[0].clone() if stacked else f, None if stacked else weakref.ref(f), r)
-                       for f, r in zip(features, rows)]
+        per = len(features) // len(rows)
+        self._tower = [(f[0].clone() if isinstance(features, Tensor) else weakref.ref(f), i // per)
+                       for i, f in enumerate(features)], rows
         self._tower_rows = rows
         return out
 
     def _own_tower_rows(self, features: list[Tensor] | Tensor) -> list[Tensor] | None:
-        """The tower rows of pre-encoded features (`_observe_tower`), found as `_own_images` finds their bookkeeping."""
-        rows = []
+        """The tower rows of pre-encoded features (`_observe_tower`), their units found as `_own_images` finds
+        them (repeated per returned sequence or beam: each repeat keeps its own rows); None if any is not ours."""
+        if not self._tower:
+            return None
+        units, rows = self._tower
+        images = []
         for f in features:
-            if isinstance(features, Tensor):
-                found = next((r for first, _, r in self._tower if torch.equal(f[0], first)), None)
-            else:
-                found = next((r for _, ref, r in self._tower if ref is not None and ref() is f), None)
+            stacked = isinstance(features, Tensor)
+            found = next((image for key, image in units
+                          if (torch.equal(f[0], key) if stacked else key() is f)), None)
             if found is None:
                 return None
-            rows.append(found)
-        return rows
+            images.append(found)
+        per = len(units) // len(rows)
+        return [rows[image] for image in images[::per]]
 
     def _own_images(self, features: list[Tensor] | Tensor) -> list[tuple[Tensor, Tensor]] | None:
         """The bookkeeping of pre-encoded features, found by identity (repeats are the same tensors; rows of a
