@@ -45,8 +45,9 @@ Budgets: `retain_ratio` (option; the official RETAIN_RATIO) sets the outer stage
 solved so that the mean visual tokens over the decoder layers is that share of each video's own tokens, assuming
 both stages keep their nominal shares (the counts depend on the video's windows and per-frame rounding:
 `Method.exact_count` False). `inner=False` runs the outer stage only (the official "w/o M" runs). Images are refused.
-The tower's attention is read where the family's adapter shows its tower for videos (Video-LLaVA: CLIP's feature
-layer, CLS among the tokens; LLaVA-OneVision; Qwen3-VL); elsewhere (Qwen2.5-VL) the method refuses the video.
+The tower's attention is the feature layer's on every video family (`DecoderCut.tower_attention`): Video-LLaVA's CLIP
+(CLS among the tokens and the queries), LLaVA-OneVision's SigLIP pooled 2x2, Qwen2.5-VL's last full-attention block
+and Qwen3-VL's last block, per temporal grid, each token the mean of its 2x2 patches.
 """
 from __future__ import annotations
 
@@ -221,8 +222,7 @@ class HoliTom(Policy):
         frames, per_frame = video_layout(cut, TITLE)
         if cut.tower_attention is None:
             raise NotImplementedError(f"{TITLE} ranks a frame's dynamic tokens by the vision tower's attention, which "
-                                      "this family's adapter does not show for videos: run it on Video-LLaVA, "
-                                      "LLaVA-OneVision or Qwen3-VL videos")
+                                      "this family's adapter does not show for videos (`Family.tower_functions`)")
         merged, slots, weights = [], [], []
         for video, attention in zip(cut.visual_rows(cut.hidden), cut.tower_attention):
             tokens, where, w, _ = outer_merge(video.view(frames, per_frame, -1), attention.view(frames, per_frame),

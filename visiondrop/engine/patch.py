@@ -68,7 +68,7 @@ class Pruner:
                 setattr(self.multimodal, name, _delegate(getattr(self.multimodal, name),
                                                          functools.partial(self._image_features, modality)))
         elif self.policy.tower_attention:
-            for modality, name in self.family.feature_functions.items():
+            for modality, name in (self.family.tower_functions or self.family.feature_functions).items():
                 original = getattr(self.multimodal, name)
                 setattr(self.multimodal, name, _delegate(original, functools.partial(self._observe_tower, original,
                                                                                      modality)))
@@ -80,7 +80,7 @@ class Pruner:
         for hook in self._hooks:
             hook.remove()
         self.lm.__dict__.pop("forward", None)
-        for name in self.family.feature_functions.values():
+        for name in {*self.family.feature_functions.values(), *(self.family.tower_functions or {}).values()}:
             self.multimodal.__dict__.pop(name, None)
         del self.multimodal._visiondrop_pruner
 
@@ -96,7 +96,8 @@ class Pruner:
     def _note_image_tokens(self, module, args, kwargs) -> None:
         encoded = kwargs.get("mm_encoder_outputs") or {}
         # generate() encodes the images before the first forward, then repeats them per returned sequence or beam
-        present = [encoded[m].pooler_output for m in self.family.feature_functions if encoded.get(m) is not None]
+        present = [encoded[m].pooler_output for m in self.family.tower_functions or self.family.feature_functions
+                   if encoded.get(m) is not None]
         if len(present) > 1 and self.policy.encoder_layer is not None:
             raise NotImplementedError(_MIXED)
         self._images = self._own_images(present[0]) if present else None
@@ -204,7 +205,8 @@ class Pruner:
         if use_cache and cache is None:
             cache = DynamicCache(config=self.lm.config)
         tower, self._tower_rows = self._tower_rows, None
-        if self.policy.tower_attention and tower is None and self.family.feature_functions.get(
+        if self.policy.tower_attention and tower is None and (self.family.tower_functions or
+                                                             self.family.feature_functions).get(
                 "video" if self._frames is not None and bool(self._frames.any()) else "image") is not None:
             raise RuntimeError("the image features of this forward were not encoded with the applied method")
         run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames, side, tower)
