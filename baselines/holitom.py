@@ -219,19 +219,20 @@ class HoliTom(Policy):
         return self._inner(cut)
 
     def _outer(self, cut: DecoderCut) -> Selection:
-        frames, per_frame = video_layout(cut, TITLE)
+        layout = video_layout(cut, TITLE)
         if cut.tower_attention is None:
             raise NotImplementedError(f"{TITLE} ranks a frame's dynamic tokens by the vision tower's attention, which "
                                       "this family's adapter does not show for videos (`Family.tower_functions`)")
+        shape = (layout.frames, layout.per_frame)
         merged, slots, weights = [], [], []
-        for video, attention in zip(cut.visual_rows(cut.hidden), cut.tower_attention):
-            tokens, where, w, _ = outer_merge(video.view(frames, per_frame, -1), attention.view(frames, per_frame),
-                                              self.retain_ratio, self.tau, self.beta)
+        for video, attention in zip(layout.frame_rows(cut), cut.tower_attention[:, :layout.frame_tokens]):
+            tokens, where, w, _ = outer_merge(video.view(*shape, -1), attention.view(shape), self.retain_ratio,
+                                              self.tau, self.beta)
             merged.append(tokens)
             slots.append(where)
-            weights.append(w)
-        empty = [cut.visual.new_zeros(0) for _ in cut.samples]
-        return Selection(empty, merged, weights, slots=slots)
+            weights.append(F.pad(w, (0, layout.trailing)))  # over every current visual token
+        trailing = layout.with_trailing(cut.visual.new_zeros(len(cut.samples), 0))  # kept after the video's tokens
+        return Selection(trailing, merged, weights, slots=slots, trailing=layout.trailing)
 
     def _inner(self, cut: DecoderCut) -> Selection:
         rows = cut.attention(self.inner_layer - 1, cut.last_token(), hidden=cut.prev_hidden)  # [G, H, 1, L]

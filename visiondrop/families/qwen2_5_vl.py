@@ -23,10 +23,10 @@ What differs from LLaVA, and how this adapter handles it:
   tokens average groups before the merger's norm and MLP, as LLaVA's merge before the projector); its key the mean
   of its patches' keys (before the rotary embedding: content, not place). The tower orders patches by attention
   window; the view undoes that order (`get_vision_window_index`), as the tower's own output does. The tower runs
-  without its merger there: the encoder stage projects only the tokens it keeps and merges.
+  without its merger there: the encoder cut projects only the tokens it keeps and merges.
 - Images of different sizes are encoded one at a time (`image_groups`), so a policy sees equal token counts.
 Videos: decoder-side cuts see a video's tokens as the sample's visual block (one video per sample), frame (temporal
-grid) after frame (`video_frames`), keeping their M-RoPE positions; encoder-side stages take images only and refuse
+grid) after frame (`video_frames`), keeping their M-RoPE positions; encoder cuts take images only and refuse
 videos; the tower's attention (`tower_functions`) is shown for videos too, per temporal grid at the last
 full-attention block (each grid attends within itself there).
 """
@@ -93,7 +93,7 @@ class Qwen2_5_VL(Family):
     model_class = Qwen2_5_VLForConditionalGeneration
     nominal_side = NOMINAL_SIDE  # pixels of the budgets' reference image's side
     title = "Qwen2.5-VL"  # in error messages
-    #: encoder stages take images only (`feature_functions`); the tower's attention is read for videos too
+    #: encoder cuts take images only (`feature_functions`); the tower's attention is read for videos too
     tower_functions = {"image": "get_image_features", "video": "get_video_features"}
     sample_sizes = ((224, 224), (280, 196), (168, 336))  # 64, 70, 72 visual tokens
     nominal_size = (NOMINAL_SIDE, NOMINAL_SIDE)
@@ -212,7 +212,7 @@ class Qwen2_5_VL(Family):
         """The centre of the block's grid on each axis (for a whole image: its middle row and column)."""
         return (block.amin(-1) + block.amax(-1)) // 2
 
-    # -- encoder stage -------------------------------------------------------------------------------------------
+    # -- encoder cut ---------------------------------------------------------------------------------------------
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         grid = kwargs.get("image_grid_thw", args[0] if args else None)
         if grid is None:
@@ -221,7 +221,7 @@ class Qwen2_5_VL(Family):
 
     def visual_inputs(self, model: nn.Module, modality: str, args: tuple, kwargs: dict[str, Any]) -> Images:
         """Images, or videos whose temporal patches are the crops (`get_video_features(pixel_values_videos,
-        video_grid_thw)`: Qwen3-VL's encoder stages, and on Qwen2.5-VL the tower's attention, `tower_functions`)."""
+        video_grid_thw)`: Qwen3-VL's encoder cuts, and on Qwen2.5-VL the tower's attention, `tower_functions`)."""
         if modality == "image":
             return super().visual_inputs(model, modality, args, kwargs)
         pixels = args[0] if args else kwargs["pixel_values_videos"]
@@ -309,7 +309,7 @@ class Qwen2_5_VL(Family):
         return config.fullatt_block_indexes[-1]
 
     def bypassed_mergers(self, tower: nn.Module) -> dict[nn.Module, Callable[[Tensor], Tensor]]:
-        """The tower's mergers and what they do instead in the encoder view's run (the stage projects later)."""
+        """The tower's mergers and what they do instead in the encoder view's run (the cut projects later)."""
         unit = tower.config.spatial_merge_size ** 2
         return {tower.merger: lambda x: x[::unit]}
 
