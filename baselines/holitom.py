@@ -224,14 +224,15 @@ class HoliTom(Policy):
             raise NotImplementedError(f"{TITLE} ranks a frame's dynamic tokens by the vision tower's attention, which "
                                       "this family's adapter does not show for videos (`Family.tower_functions`)")
         shape = (layout.frames, layout.per_frame)
+        trailing = layout.with_trailing(cut.visual.new_zeros(len(cut.samples), 0))  # kept after the video's tokens
         merged, slots, weights = [], [], []
-        for video, attention in zip(layout.frame_rows(cut), cut.tower_attention[:, :layout.frame_tokens]):
+        for video, attention, kept in zip(layout.frame_rows(cut), cut.tower_attention[:, :layout.frame_tokens],
+                                          trailing):
             tokens, where, w, _ = outer_merge(video.view(*shape, -1), attention.view(shape), self.retain_ratio,
                                               self.tau, self.beta)
             merged.append(tokens)
-            slots.append(where)
+            slots.append(torch.cat([kept, where]))
             weights.append(F.pad(w, (0, layout.trailing)))  # over every current visual token
-        trailing = layout.with_trailing(cut.visual.new_zeros(len(cut.samples), 0))  # kept after the video's tokens
         return Selection(trailing, merged, weights, slots=slots, trailing=layout.trailing)
 
     def _inner(self, cut: DecoderCut) -> Selection:
