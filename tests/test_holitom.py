@@ -110,6 +110,25 @@ def test_outer_stage_equals_the_official_functions():
         torch.testing.assert_close(weights @ case["features"].flatten(0, 1), tokens, atol=1e-5, rtol=0)
 
 
+def test_inner_merge_equals_the_official_forward():
+    """baselines.holitom's inner merge, on what the official `Qwen2Model_holitom.forward` had at its layer 18 (the
+    hidden states and layer-17 attention of a small random decoder, tests/parity/holitom/make_inner_fixture.py),
+    gives bit for bit the hidden states and positions that entered layer 18 there; the text rows are untouched.
+    The official layer 17 ran without a causal mask (its probabilities above the diagonal are not 0): the bug the
+    module docstring states and does not reproduce."""
+    cases = torch.load(Path(__file__).parent / "parity" / "holitom" / "inner_fixture.pt")["cases"]
+    assert len(cases) == 4
+    for case in cases:
+        start, visual, positions = case["start"], case["visual"], case["positions"]
+        assert torch.triu(case["attention"][0], 1).max() > 0
+        scores = case["attention"].mean(0)[-1, start:start + visual]  # the last prompt token, mean over heads
+        keep, states = inner_merge(case["before"][start:start + visual], scores, ratio=0.5)
+        is_visual = (positions >= start) & (positions < start + visual)
+        assert torch.equal(positions[is_visual] - start, keep)
+        assert torch.equal(case["after"][is_visual], states)
+        assert torch.equal(case["after"][~is_visual], case["before"][positions[~is_visual]])
+
+
 def test_options_and_schedule():
     ov = policy(OV_7B, retain_ratio=0.1, tau=0.65)
     assert ov.cut_layers == (0, 18) and ov.retain_ratio == 0.1  # the official HOLITOM_k on OneVision-7B's 28 layers
