@@ -32,8 +32,12 @@ Where this differs from the official code:
   (`tests/parity/holitom/`) runs the official functions with `torch.rand` patched to zeros;
 - the official inner merge runs layer 17 with `output_attentions=True` under SDPA, which transformers serves with
   eager attention, and the model-level causal mask is None under SDPA without padding: layer 17 then attends without
-  a causal mask in the prefill (shared reference, HoliTom [I]); not reproduced here (layer 17 stays causal); its
-  scoring row (the last prompt token's) is the same either way;
+  a causal mask in the prefill (every prompt token sees the whole prompt; verified on the official forward,
+  `tests/parity/holitom/`). By default layer 17 stays causal here (`causal_scoring_layer=True`): the official
+  behaviour is an accident of its attention backend (its eager runs are causal), and a prefill layer that sees later
+  tokens cannot be replayed without a KV cache (the prompt would see the generated tokens), so the contract's
+  cache = replay would not hold. `causal_scoring_layer=False` reproduces it (`Policy.bidirectional_layers`; SDPA or
+  eager attention); the scoring row (the last prompt token's) is the same either way;
 - the official code runs at batch size 1; any batch here equals each video alone;
 - only the official default D = 0 (every dynamic token ranked by attention; the contextual DPC-kNN branch of
   `merge_tokens_by_attention_density` for D > 0 is not offered).
@@ -196,12 +200,13 @@ class HoliTom(Policy):
     tower_attention = True
 
     def __init__(self, info: ModelInfo, share: float | None, retain_ratio: float | None, tau: float, beta: float,
-                 inner: bool, inner_ratio: float):
+                 inner: bool, inner_ratio: float, causal_scoring_layer: bool):
         self.info, self.share, self.tau, self.beta = info, share, tau, beta
         self.inner, self.inner_ratio = inner, inner_ratio
         self.inner_layer = info.relative_layers([INNER_LAYER], "HoliTom's inner layer",
                                                 reference_layers=REFERENCE_LAYERS)[0]
         self.cut_layers = (0, self.inner_layer) if inner else (0,)
+        self.bidirectional_layers = () if causal_scoring_layer or not inner else (self.inner_layer - 1,)
         self.retain_ratio = self._solved() if retain_ratio is None else retain_ratio
 
     def _solved(self) -> float:
@@ -245,14 +250,16 @@ class HoliTom(Policy):
 
     def describe(self) -> dict:
         described = {"method": self.name, "layers": list(self.cut_layers), "retain_ratio": self.retain_ratio,
-                     "tau": self.tau, "beta": self.beta, "inner_ratio": self.inner_ratio if self.inner else None}
+                     "tau": self.tau, "beta": self.beta, "inner_ratio": self.inner_ratio if self.inner else None,
+                     "bidirectional_layers": list(self.bidirectional_layers)}
         if self.share is None:
             return described
         return described | {"share": self.share, "equivalent_tokens": round(self.share * self.info.n_visual)}
 
 
 def policy(info: ModelInfo, budget: float | None = None, retain_ratio: float | None = None, tau: float = TAU,
-           beta: float = BETA, inner: bool = True, inner_ratio: float = INNER_RATIO) -> Policy:
+           beta: float = BETA, inner: bool = True, inner_ratio: float = INNER_RATIO,
+           causal_scoring_layer: bool = True) -> Policy:
     """HoliTom keeping about `budget` of the nominal visual tokens on average over the layers (that share of each
     video), or with the official outer `retain_ratio` (RETAIN_RATIO: 0.10 with tau 0.65; 0.15-0.25 with tau 0.8)."""
     if (retain_ratio is None) == (budget is None):
@@ -266,7 +273,7 @@ def policy(info: ModelInfo, budget: float | None = None, retain_ratio: float | N
     if not 0 <= inner_ratio < 1:
         raise ValueError(f"inner_ratio is the share of tokens the inner stage merges away, in [0, 1); got {inner_ratio}")
     return HoliTom(info, None if budget is None else retention(budget, info), retain_ratio, tau, beta, inner,
-                   inner_ratio)
+                   inner_ratio, causal_scoring_layer)
 
 
 def smallest_budget(info: ModelInfo) -> float:

@@ -181,6 +181,22 @@ def test_decoder_cuts_see_the_attention_each_token_received_in_the_tower(tiny_vi
     torch.testing.assert_close(probe.seen[0], expected)
 
 
+def test_the_official_non_causal_scoring_layer_is_an_option(tiny_video_dir, demo_videos):
+    """causal_scoring_layer=False runs layer 17 (of 28; Video-LLaVA's 32 layers: the layer before the inner cut)
+    over the whole prompt, as the official SDPA run: the logits change, a batch of one still runs."""
+    model, processor = load_tiny(tiny_video_dir, dtype=torch.float64)
+    inputs = dict(processor(text=["USER: <video>\nWhat happens? ASSISTANT:"], videos=[read_frames(demo_videos[0])],
+                            return_tensors="pt"))
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.float64)
+    logits = {}
+    for causal in (True, False):
+        with visiondrop.apply(model, "holitom", ratio=0.25, causal_scoring_layer=causal) as handle, torch.no_grad():
+            logits[causal] = model(**inputs).logits
+        layer = handle.policy.inner_layer
+        assert handle.policy.describe()["bidirectional_layers"] == ([] if causal else [layer - 1])
+    assert not torch.allclose(logits[True], logits[False])
+
+
 def test_images_are_refused(tiny_video_dir):
     model, processor = load_tiny(tiny_video_dir)
     from visiondrop.testing.tiny import demo_image

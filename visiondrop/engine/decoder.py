@@ -286,7 +286,10 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         segments[-1].layers.append(i)
         trace.add_layer(run.vis_len)
         prev_hidden = run.hidden
-        run.hidden = layer(run.hidden, attention_mask=mask4d, position_embeddings=rope,
+        layer_mask = mask4d
+        if i in policy.bidirectional_layers:  # this prefill layer attends over every real token (no causal mask)
+            layer_mask = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, causal=False)
+        run.hidden = layer(run.hidden, attention_mask=layer_mask, position_embeddings=rope,
                            use_cache=cache is not None, **cache_kwargs(cache))
         if run.side is not None and i in run.side_layers:
             run.hidden = add_side(run, i)

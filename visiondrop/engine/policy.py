@@ -160,6 +160,9 @@ class Policy:
     def instruct(self, questions: list[str] | None) -> None:
         """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
         questions batch by batch); only text-conditioned policies use them (CDPruner)."""
+    #: Decoder layers (0-based) that attend without the causal mask in the prefill, every query over every real token
+    #: (decode steps are unaffected), as official code that ran them so (HoliTom's layer 17 under SDPA)
+    bidirectional_layers: tuple[int, ...] = ()
     #: Decoder cuts see the attention each original visual token received in the vision tower
     #: (`DecoderCut.tower_attention`), for methods that rank the host's own tokens by it (HoliTom)
     tower_attention: bool = False

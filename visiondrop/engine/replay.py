@@ -20,6 +20,7 @@ class Replay(Policy):
         self.renumbers_at = policy.renumbers_at
         self.encoder_layer = policy.encoder_layer
         self.cut_layers = policy.cut_layers
+        self.bidirectional_layers = policy.bidirectional_layers
         self.native_layout = policy.native_layout
         self.eager_encoder = policy.eager_encoder
         self.scan_layers = policy.scan_layers
