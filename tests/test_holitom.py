@@ -197,6 +197,26 @@ def test_the_official_non_causal_scoring_layer_is_an_option(tiny_video_dir, demo
     assert not torch.allclose(logits[True], logits[False])
 
 
+def test_beam_search_finds_each_copy_tower_rows(tiny_video_dir, demo_videos):
+    """generate() encodes the videos once and copies their stacked features per beam: each copy's tower rows are found
+    again (`Pruner._own_tower_rows`), so two beams on a batch of two videos give each video's alone."""
+    from helpers import beams_equal_alone
+
+    model, processor = load_tiny(tiny_video_dir, dtype=torch.float64)
+    questions = ["What happens?", "Does the red shape move? Answer briefly."]
+    clips = [read_frames(path) for path in demo_videos[:2]]
+
+    def encode(qs, videos):
+        processor.tokenizer.padding_side = "left"
+        inputs = dict(processor(text=[f"USER: <video>\n{q} ASSISTANT:" for q in qs], videos=videos, padding=True,
+                                return_tensors="pt"))
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.float64)
+        return inputs
+
+    with visiondrop.apply(model, "holitom", ratio=0.25):
+        beams_equal_alone(model, encode(questions, clips), [encode([q], [c]) for q, c in zip(questions, clips)], 3)
+
+
 def test_images_are_refused(tiny_video_dir):
     model, processor = load_tiny(tiny_video_dir)
     from visiondrop.testing.tiny import demo_image
