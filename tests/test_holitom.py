@@ -144,6 +144,11 @@ def test_options_and_schedule():
         policy(OV_7B, budget=0.5)
 
 
+@pytest.fixture(scope="module")
+def video_llava(tiny_video_dir):
+    return load_tiny(tiny_video_dir, dtype=torch.float64)
+
+
 class TowerProbe(Policy):
     """Reads the tower attention at a cut before layer 0 and keeps every token."""
 
@@ -154,12 +159,12 @@ class TowerProbe(Policy):
         return Selection(torch.arange(cut.n_visual).expand(len(cut.samples), -1))
 
 
-def test_decoder_cuts_see_the_attention_each_token_received_in_the_tower(tiny_video_dir, demo_videos):
+def test_decoder_cuts_see_the_attention_each_token_received_in_the_tower(video_llava, demo_videos):
     """Video-LLaVA: the feature layer's attention (eager probabilities, mean over heads then queries) of every frame's
     257 tokens, CLS included, frame after frame."""
     from visiondrop.engine.patch import Pruner
 
-    model, processor = load_tiny(tiny_video_dir, dtype=torch.float64)
+    model, processor = video_llava
     clip = read_frames(demo_videos[0])
     inputs = dict(processor(text=["USER: <video>\nWhat happens? ASSISTANT:"], videos=[clip], return_tensors="pt"))
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.float64)
@@ -181,10 +186,10 @@ def test_decoder_cuts_see_the_attention_each_token_received_in_the_tower(tiny_vi
     torch.testing.assert_close(probe.seen[0], expected)
 
 
-def test_the_official_non_causal_scoring_layer_is_an_option(tiny_video_dir, demo_videos):
+def test_the_official_non_causal_scoring_layer_is_an_option(video_llava, demo_videos):
     """causal_scoring_layer=False runs layer 17 (of 28; Video-LLaVA's 32 layers: the layer before the inner cut)
     over the whole prompt, as the official SDPA run: the logits change, a batch of one still runs."""
-    model, processor = load_tiny(tiny_video_dir, dtype=torch.float64)
+    model, processor = video_llava
     inputs = dict(processor(text=["USER: <video>\nWhat happens? ASSISTANT:"], videos=[read_frames(demo_videos[0])],
                             return_tensors="pt"))
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.float64)
@@ -197,12 +202,12 @@ def test_the_official_non_causal_scoring_layer_is_an_option(tiny_video_dir, demo
     assert not torch.allclose(logits[True], logits[False])
 
 
-def test_beam_search_finds_each_copy_tower_rows(tiny_video_dir, demo_videos):
+def test_beam_search_finds_each_copy_tower_rows(video_llava, demo_videos):
     """generate() encodes the videos once and copies their stacked features per beam: each copy's tower rows are found
     again (`Pruner._own_tower_rows`), so two beams on a batch of two videos give each video's alone."""
     from helpers import beams_equal_alone
 
-    model, processor = load_tiny(tiny_video_dir, dtype=torch.float64)
+    model, processor = video_llava
     questions = ["What happens?", "Does the red shape move? Answer briefly."]
     clips = [read_frames(path) for path in demo_videos[:2]]
 
@@ -217,8 +222,8 @@ def test_beam_search_finds_each_copy_tower_rows(tiny_video_dir, demo_videos):
         beams_equal_alone(model, encode(questions, clips), [encode([q], [c]) for q, c in zip(questions, clips)], 3)
 
 
-def test_images_are_refused(tiny_video_dir):
-    model, processor = load_tiny(tiny_video_dir)
+def test_images_are_refused(video_llava):
+    model, processor = video_llava
     from visiondrop.testing.tiny import demo_image
 
     inputs = dict(processor(text=["USER: <image>\nWhat is it? ASSISTANT:"], images=[demo_image(0, (224, 224))],
