@@ -271,7 +271,8 @@ def policy(info: ModelInfo, budget: float | None = None, retain_ratio: float | N
         raise ValueError(f"retain_ratio is the share of video tokens HoliTom's outer stage keeps, in (0, 1]; got "
                          f"{retain_ratio}")
     if not 0 <= inner_ratio < 1:
-        raise ValueError(f"inner_ratio is the share of tokens the inner stage merges away, in [0, 1); got {inner_ratio}")
+        raise ValueError(f"inner_ratio is the share of tokens the inner stage merges away, in [0, 1); got "
+                         f"{inner_ratio}")
     return HoliTom(info, None if budget is None else retention(budget, info), retain_ratio, tau, beta, inner,
                    inner_ratio, causal_scoring_layer)
 
@@ -284,12 +285,13 @@ def smallest_budget(info: ModelInfo) -> float:
 def selection_macs(cut: Cut, width: int) -> int:
     """Outer stage: the frames' cosine similarities and the static tokens' DPC-kNN distances (at most one token's
     width per pair of the tokens it keeps, about two per token); inner stage: each merged-away token's cosine with
-    every kept one. The tower's attention rows are the tower's own (not charged)."""
+    every kept one. The tower's attention rows are charged by `Overhead.tower_rows`."""
     if cut.layer == 0:
         return 2 * cut.before * width
     return (cut.before - cut.merged) * cut.merged * width
 
 
 METHOD = Method("holitom", TITLE, policy, smallest_budget, replaces_budget=("retain_ratio",), video_only=True,
-                exact_count=False, overhead=lambda **_: Overhead(rows="text", selection=selection_macs),
+                exact_count=False,
+                overhead=lambda **_: Overhead(rows="text", selection=selection_macs, tower_rows=True),
                 scoring=lambda **_: {"decoder": "temporal"})

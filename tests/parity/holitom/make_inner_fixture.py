@@ -42,8 +42,8 @@ def main(path: str, out: str) -> None:
         with torch.no_grad():
             model(inputs_embeds=embeds, use_cache=True)
         cases.append({"start": start, "visual": visual, **seen})
-    torch.save({"cases": cases, "torch": str(torch.__version__), "transformers": sys.modules["transformers"].__version__},
-               out)
+    versions = {"torch": str(torch.__version__), "transformers": sys.modules["transformers"].__version__}
+    torch.save({"cases": cases, **versions}, out)
 
 
 if __name__ == "__main__":
