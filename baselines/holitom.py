@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.core import Cut, ModelInfo
-from visiondrop.engine import DecoderCut, Policy, Selection
+from visiondrop.engine import DecoderCut, Policy, Selection, unmarked
 from visiondrop.methods import Method, Overhead, Unreachable
 from visiondrop.methods.shared import retention, video_layout
 
@@ -84,11 +84,13 @@ def static_windows(similarity: Tensor, tau: float = TAU, max_window: int = MAX_W
     """The temporal windows (first frame, last frame) that save the most tokens, and the tokens they save
     (`select_static_windows`), from the frames' similarities [F - 1, N]."""
     frames = similarity.shape[0] + 1
-    static = similarity > tau
+    static = (similarity > tau).long()
+    # still[s, j]: places static over frames s .. s + j + 1 (every step from s on), read once
+    still = torch.stack([torch.cumprod(F.pad(static[start:], (0, 0, 0, start)), dim=0).sum(-1)
+                         for start in range(frames - 1)]).tolist() if frames > 1 else []
     saved = [[0] * frames for _ in range(frames)]  # saved[s][e]: a window [s, e] merges its static places
-    for start in range(frames - 1):
-        still = torch.cumprod(static[start:].long(), dim=0).sum(-1).tolist()  # places static over [start, start + j]
-        for j, count in enumerate(still):
+    for start, counts in enumerate(still):
+        for j, count in enumerate(counts[:frames - 1 - start]):
             saved[start][start + 1 + j] = count * (j + 1)
     best, first = [0] * frames, [0] * frames
     for i in range(frames):
@@ -124,11 +126,11 @@ def merge_static(x: Tensor, ratio: float, beta: float = BETA, k: int = NEIGHBOUR
     if clusters == 0:
         return x[:0], torch.zeros(0, dtype=torch.long, device=x.device), x.new_zeros(0, x.shape[0])
     centres, dist = dpc_knn_centres(x, clusters, min(k, clusters))
-    is_centre = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    is_centre[centres] = True
-    others = (~is_centre).nonzero()[:, 0]
+    is_centre = torch.zeros(1, x.shape[0], dtype=torch.bool, device=x.device)
+    is_centre[0, centres] = True
+    others = unmarked(is_centre, x.shape[0] - clusters)[0]
     assign = dist[others][:, centres].argmin(-1)  # each other token's nearest centre
-    onehot = F.one_hot(assign, clusters).to(x.dtype).T  # [c, others]
+    onehot = x.new_zeros(clusters, others.numel()).scatter_(0, assign[None], 1.0)  # [c, others]
     count = onehot.sum(-1, keepdim=True)
     members = (onehot @ x[others]) / count.clamp(min=1)
     has = count > 0
@@ -149,25 +151,28 @@ def outer_merge(frames: Tensor, attention: Tensor, ratio: float, tau: float = TA
     windows, saved = static_windows(similarity, tau, max_window)
     total = n_frames * per_frame
     ratio = min(ratio / ((total - saved) / total), 1)
-    places = torch.arange(per_frame, device=frames.device)
+    none = torch.zeros(per_frame, dtype=torch.bool, device=frames.device)
+    static = torch.stack([(similarity[start:end] > tau).all(0) if end > start else none for start, end in windows])
+    counts = static.sum(-1).tolist()  # static places per window, read once
+    # each window's static places, then its dynamic ones, ascending (a stable sort of the mask)
+    order = (~static).to(torch.uint8).argsort(dim=-1, stable=True)
     tokens, slots, weights = [], [], []
-    for start, end in windows:
+    for (start, end), n_static, places in zip(windows, counts, order):
         width = end - start + 1
-        static = (similarity[start:end] > tau).all(0) if width > 1 else torch.zeros_like(places, dtype=torch.bool)
-        if static.any():
-            merged, centres, w = merge_static(frames[start:end + 1, static].mean(0), ratio, beta, k)
+        fixed, moving = places[:n_static].sort().values, places[n_static:]
+        if n_static:
+            merged, centres, w = merge_static(frames[start:end + 1, fixed].mean(0), ratio, beta, k)
             spread = frames.new_zeros(w.shape[0], n_frames, per_frame)
-            spread[:, start:end + 1, static] = (w / width).unsqueeze(1)  # a static token: the mean of its frames
+            spread[:, start:end + 1, fixed] = (w / width).unsqueeze(1)  # a static token: the mean of its frames
             tokens.append(merged)
-            slots.append(start * per_frame + places[static][centres])
+            slots.append(start * per_frame + fixed[centres])
             weights.append(spread.flatten(1))
-        dynamic = places[~static]
-        keep = math.ceil(dynamic.numel() * ratio)
+        keep = math.ceil(moving.numel() * ratio)
         for f in range(start, end + 1):
-            chosen = dynamic[attention[f, dynamic].topk(keep).indices.sort().values] if keep else dynamic[:0]
+            chosen = moving[attention[f, moving].topk(keep).indices.sort().values] if keep else moving[:0]
             tokens.append(frames[f, chosen])
             slots.append(f * per_frame + chosen)
-            weights.append(F.one_hot(slots[-1], total).to(frames.dtype))
+            weights.append(frames.new_zeros(keep, total).scatter_(1, slots[-1][:, None], 1.0))
     return torch.cat(tokens), torch.cat(slots), torch.cat(weights), windows
 
 
@@ -176,21 +181,26 @@ def inner_merge(hidden: Tensor, scores: Tensor, ratio: float = INNER_RATIO) -> t
     their merged states [k, D]). The top round(n (1 - ratio)) stay; every other, in ascending order, is averaged into
     the kept token most similar to it, one after the other."""
     n = hidden.shape[0]
-    top = scores.topk(round(n * (1 - ratio))).indices  # the official order of the kept tokens (similarity columns)
-    is_kept = torch.zeros(n, dtype=torch.bool, device=hidden.device)
-    is_kept[top] = True
-    others = (~is_kept).nonzero()[:, 0]
+    k = round(n * (1 - ratio))
+    top = scores.topk(k).indices  # the official order of the kept tokens (similarity columns)
+    is_kept = torch.zeros(1, n, dtype=torch.bool, device=hidden.device)
+    is_kept[0, top] = True
+    others = unmarked(is_kept, n - k)[0]
     kept, rest = hidden[top], hidden[others]
     similarity = (rest @ kept.T) / (rest.norm(dim=-1, keepdim=True) * kept.norm(dim=-1, keepdim=True).T)
     target = similarity.max(-1).indices
+    # each member's turn among its target's members (ascending): its place in the stable sort by target, less the
+    # place of its target's first member
+    by_target = target.argsort(stable=True)
+    ordered = target[by_target]
+    turn = torch.empty_like(target)
+    turn[by_target] = torch.arange(n - k, device=hidden.device) - torch.searchsorted(ordered, ordered)
     states = kept.clone()
-    rank = torch.zeros_like(target)  # each member's turn among its target's members
-    for j in target.unique().tolist():
-        at = (target == j).nonzero()[:, 0]
-        rank[at] = torch.arange(at.numel(), device=hidden.device)
-    for turn in range(int(rank.max()) + 1 if rank.numel() else 0):  # the t-th member of every target at once
-        now = rank == turn
-        states[target[now]] = (states[target[now]] + rest[now]) / 2
+    for step in range(int(turn.max()) + 1 if n > k else 0):  # the step-th member of every target at once
+        now = (turn == step).to(hidden.dtype).unsqueeze(-1)
+        arriving = states.new_zeros(states.shape).index_add_(0, target, rest * now)
+        hit = states.new_zeros(k, 1).index_add_(0, target, now)
+        states = torch.where(hit > 0, (states + arriving) / 2, states)
     order = top.argsort()
     return top[order], states[order]
 
