@@ -40,6 +40,7 @@ METHODS = {
     "vidcom2": "baselines.vidcom2",
     "dycoke": "baselines.dycoke",
     "prunevid": "baselines.prunevid",
+    "fastvid": "baselines.fastvid",
 }
 
 

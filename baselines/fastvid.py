@@ -1,0 +1,236 @@
+"""FastVID (NeurIPS 2025): cut a video into segments of similar frames, keep each frame's salient tokens and merge
+the rest into density-peak anchors of the segment, at their original positions.
+
+As the official LLaVA-OneVision code does it (github.com/LunarShen/FastVID at a40a109c, `fastvid_llavaonevision/
+LLaVA-NeXT/llava/model/language_model/modeling_qwen2.py::Qwen2Model.forward`, its parallel version; `scripts/eval.sh`:
+retention 0.10, DySeg_c 8, DySeg_tau 0.9, STPrune_d 0.4, DTM_p 4, DTM_beta 0.6), on a video's F frames of N tokens
+entering the first decoder layer (the pooled, projected tokens), with each frame's attention row a_f [N] and global
+feature g_f:
+1. DySeg: s_t = cos(g_t, g_t+1); a segment ends after frame t where s_t is among the c - 1 smallest or below tau;
+2. per frame R = int(N x retention) tokens: S = R - int(R x d) salient, C = R - S context; a segment of L frames
+   has ceil(L / p) anchor frames (every p-th counted from its end), each with (C x L) // ceil(L / p) anchors, and
+   the other frames none;
+3. ATS: each frame's top-S tokens by a_f are kept as they are;
+4. density score of each frame's N - S other tokens (float32): d = cdist / sqrt(D), rho = exp(-mean of the 4
+   smallest d^2, itself included), delta = the distance to the nearest denser token (the largest for the densest),
+   score = rho x delta;
+5. a frame with C anchors (a single-frame segment) takes its top-C tokens by score as anchors; in a longer segment
+   each anchor frame takes its own top tokens by score, and every non-salient token of the whole segment joins its
+   most cosine-similar anchor of that frame (anchor frames independently: a token feeds one anchor of each);
+   anchor <- w x anchor + (1 - w) x mean(its tokens, itself among them), w = max(1 / (count + 1), beta);
+6. the kept tokens in their original order, each at its original position (gaps where tokens went).
+A "frame" is the model's own unit: Video-LLaVA's 257 tokens (CLS included), LLaVA-OneVision's 196, Qwen2.5-VL's
+temporal grid of two input frames (h x w / 4 tokens).
+
+Side information. The official code reads a_f and g_f from the vision tower: on LLaVA-OneVision the attention of the
+SigLIP pooling head's probe (pooled 27x27 -> 14x14) and its pooled output, from a separately loaded original
+google/siglip-so400m-patch14-384 head; on Qwen2.5-VL a pseudo-CLS row of the last ViT block (the mean query of the
+grid against the mean key of each 2x2 merge group) and the mean merged token. The HF LLaVA-OneVision checkpoints have
+no pooling head, and decoder cuts are not given the tower's rows, so here (substitutes, the same on every family):
+g_f is the mean of the frame's tokens entering the decoder (the official Qwen2.5-VL choice), and a_f the pseudo-CLS
+attention of that mean token over the frame's tokens there, softmax(g_f . x / sqrt(D)) (the official Qwen2.5-VL
+rule, on the decoder's input instead of the last ViT block's queries and keys). `prune_video` takes a_f and g_f as
+arguments, so the parity fixture feeds it the official inputs.
+
+Where this differs from the official code (none changes the official setting on 32-frame videos):
+- its DPC-kNN adds `torch.rand(...) * 1e-6` to the densities to break ties; here none (deterministic, a batch equals
+  each video alone), as the parity fixture (`tests/parity/fastvid/`) runs the official code with `torch.rand` zeroed;
+- it raises on videos of fewer than c frames (a top-(c - 1) of F - 1 similarities) and where an anchor frame's
+  anchors outnumber its non-salient tokens (retention above about 0.45 at p = 4): here the cuts are at most F - 1 and
+  the anchors at most the frame's non-salient tokens;
+- it runs at batch size 1 (it indexes [0]); any batch here equals each video alone.
+The official Qwen2.5-VL variant (sub-segments below `DySeg_ignore` 0.95, salient tokens only on each sub-segment's
+last frame, retention 0.27, tau 0.84) is not implemented: every family runs the LLaVA-OneVision algorithm.
+
+Budgets: a budget (or `ratio=`) is the retention times the nominal visual tokens; option `retention` gives the
+official ratio directly. The count kept depends on the segments (the anchors of a segment are floored), so
+`describe()` states F x R of the nominal video (or retention x the nominal tokens where it is an image) and a video
+keeps at most that. Images are refused: FastVID reduces videos.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visiondrop.core import Cut, ModelInfo
+from visiondrop.engine import DecoderCut, Policy, Selection
+from visiondrop.methods import Method, Overhead, Unreachable
+from visiondrop.methods import shared
+from visiondrop.methods.shared import nominal_video, video_layout
+
+RETENTION, SEGMENTS, TAU, CONTEXT_SHARE, ANCHOR_STRIDE, BETA = 0.10, 8, 0.9, 0.4, 4, 0.6  # the official eval.sh
+NEAREST = 4  # neighbours of the density, the token itself included
+COUNT_SLACK = 1e-9  # int(N x retention) of a retention derived from a budget: float noise must not lose a token
+
+
+def dynamic_segments(frame_features: Tensor, segments: int = SEGMENTS, tau: float = TAU) -> list[int]:
+    """DySeg: frames per segment of a video from its frames' global features [F, G]."""
+    g = frame_features / frame_features.norm(dim=1, keepdim=True)
+    similarity = (g[:-1] * g[1:]).sum(dim=1)
+    smallest = torch.topk(similarity, min(segments - 1, similarity.numel()), largest=False).indices
+    below = torch.nonzero(similarity < tau)[:, 0]
+    cuts = torch.unique(torch.cat([smallest, below])).tolist()
+    ends = cuts + [frame_features.shape[0] - 1]
+    return [end - start for start, end in zip([-1] + ends[:-1], ends)]
+
+
+def per_frame_counts(per_frame: int, share: float, context_share: float = CONTEXT_SHARE) -> tuple[int, int]:
+    """(salient S, context C) tokens a frame keeps of its `per_frame` at retention `share`."""
+    retained = int(per_frame * share + COUNT_SLACK)
+    salient = retained - int(retained * context_share)
+    return salient, retained - salient
+
+
+def anchor_counts(sizes: list[int], context: int, stride: int = ANCHOR_STRIDE) -> list[int]:
+    """Anchors of each frame: in a segment of L frames, (C x L) // ceil(L / p) on every p-th frame from its end."""
+    counts = []
+    for length in sizes:
+        per_anchor = context * length // -(-length // stride)
+        counts += [per_anchor if (length - 1 - j) % stride == 0 else 0 for j in range(length)]
+    return counts
+
+
+def density_scores(tokens: Tensor) -> Tensor:
+    """DPC-kNN scores [..., n] of tokens [..., n, D] (float32), without the official tie-breaking noise."""
+    dist = torch.cdist(tokens.float(), tokens.float()) / tokens.shape[-1] ** 0.5
+    nearest = torch.topk(dist, k=min(NEAREST, dist.shape[-1]), dim=-1, largest=False).values
+    density = (-(nearest ** 2).mean(dim=-1)).exp()
+    denser = (density[..., None, :] > density[..., :, None]).to(dist.dtype)
+    farthest = dist.flatten(-2).max(dim=-1).values[..., None, None]
+    return (dist * denser + farthest * (1 - denser)).min(dim=-1).values * density
+
+
+def merge_into(anchors: Tensor, pool: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Every token of `pool` [n, D] joins its most cosine-similar anchor [a, D]: (the anchors updated, and their
+    weights [a, n] over the pool besides the anchor's own share `w` [a, 1], returned as (tokens, (w, weights)))."""
+    similarity = F.normalize(pool, dim=-1) @ F.normalize(anchors, dim=-1).T
+    assign = torch.zeros(pool.shape[0], anchors.shape[0], dtype=pool.dtype, device=pool.device)
+    assign.scatter_(1, similarity.argmax(dim=1, keepdim=True), 1)
+    members = assign.sum(dim=0).unsqueeze(-1)
+    own = (1 / (members + 1)).clamp(min=beta)
+    mean = assign.T / members.clamp(min=1)
+    return own * anchors + (1 - own) * (mean @ pool), (own, (1 - own) * mean)
+
+
+def prune_video(video: Tensor, attention: Tensor, frame_features: Tensor, share: float = RETENTION,
+                segments: int = SEGMENTS, tau: float = TAU, context_share: float = CONTEXT_SHARE,
+                stride: int = ANCHOR_STRIDE, beta: float = BETA) -> tuple[Tensor, Tensor, Tensor]:
+    """FastVID on one video [F, N, D] with its frames' attention rows [F, N] and global features [F, G]:
+    (kept indices [k] into the F x N tokens, ascending; their tokens [k, D], anchors merged; the merge's weights
+    [k, F x N]: each kept token as a combination of the video's tokens)."""
+    frames, per_frame, width = video.shape
+    salient, context = per_frame_counts(per_frame, share, context_share)
+    sizes = dynamic_segments(frame_features, segments, tau)
+    counts = anchor_counts(sizes, context, stride)
+    tops = torch.topk(attention, salient, dim=1).indices
+    place = torch.arange(per_frame, device=video.device).expand(frames, -1)
+    rest = torch.ones(frames, per_frame, dtype=torch.bool, device=video.device).scatter(1, tops, False)
+    others = place[rest].view(frames, per_frame - salient)  # each frame's non-salient places, ascending
+    pooled = torch.gather(video, 1, others[..., None].expand(-1, -1, width))
+    scores = density_scores(pooled)
+    offsets = torch.arange(frames, device=video.device)[:, None] * per_frame
+    kept = [(tops + offsets).flatten()]
+    tokens = [torch.gather(video, 1, tops[..., None].expand(-1, -1, width)).flatten(0, 1)]
+    weights = [F.one_hot(kept[0], frames * per_frame).to(video.dtype)]
+    start = 0
+    for length in sizes:
+        members = range(start, start + length)
+        pool = pooled[start:start + length].flatten(0, 1)  # a single frame's own, or the segment's
+        sources = (others[start:start + length] + offsets[start:start + length]).flatten()
+        for f in members:
+            n = min(counts[f], per_frame - salient)
+            if n == 0 or (length > 1 and counts[f] == context) or (length == 1 and counts[f] != context):
+                continue
+            pick = torch.topk(scores[f], n).indices
+            frame_pool = pooled[f] if counts[f] == context else pool
+            frame_sources = others[f] + offsets[f] if counts[f] == context else sources
+            merged, (own, share_of) = merge_into(pooled[f, pick], frame_pool, beta)
+            anchor = others[f, pick] + offsets[f]
+            kept.append(anchor)
+            tokens.append(merged)
+            row = torch.zeros(n, frames * per_frame, dtype=video.dtype, device=video.device)
+            row[:, frame_sources] = share_of
+            weights.append(row.scatter_add(1, anchor[:, None], own))
+        start += length
+    kept, order = torch.cat(kept).sort()
+    return kept, torch.cat(tokens)[order], torch.cat(weights)[order]
+
+
+def frame_side_information(video: Tensor) -> tuple[Tensor, Tensor]:
+    """The substitutes for the tower's side information of a video [F, N, D] (module docstring): each frame's
+    pseudo-CLS attention row a_f [F, N] and global feature g_f [F, D]."""
+    mean = video.mean(dim=1)
+    attention = torch.softmax((video @ mean[..., None])[..., 0] / video.shape[-1] ** 0.5, dim=-1)
+    return attention, mean
+
+
+class FastVID(Policy):
+    name = "fastvid"
+    cut_layers = (0,)
+    renumber_positions = False  # the kept tokens keep their original positions, with gaps
+
+    def __init__(self, info: ModelInfo, retention: float, segments: int, tau: float, context_share: float,
+                 anchor_stride: int, beta: float):
+        self.info, self.retention = info, retention
+        self.options = dict(segments=segments, tau=tau, context_share=context_share, stride=anchor_stride, beta=beta)
+
+    def select_decoder(self, cut: DecoderCut) -> Selection:
+        frames, per_frame = video_layout(cut, "FastVID")
+        keep, features, weights = [], [], []
+        for video in cut.visual_rows(cut.hidden):
+            video = video.view(frames, per_frame, -1)
+            kept, tokens, combined = prune_video(video, *frame_side_information(video), self.retention,
+                                                 **self.options)
+            keep.append(kept)
+            features.append(tokens)
+            weights.append(combined)
+        return Selection(keep, weights=weights, features=features)
+
+    def describe(self) -> dict:
+        described = {"method": self.name, "retention": self.retention, "layers": list(self.cut_layers),
+                     **self.options}
+        video = nominal_video(self.info)
+        if video is not None:
+            return described | {"equivalent_tokens": video[0] * sum(per_frame_counts(video[1], self.retention,
+                                                                                     self.options["context_share"]))}
+        return described | {"equivalent_tokens": round(self.retention * self.info.n_visual)}
+
+
+def policy(info: ModelInfo, budget: float | None = None, retention: float | None = None, segments: int = SEGMENTS,
+           tau: float = TAU, context_share: float = CONTEXT_SHARE, anchor_stride: int = ANCHOR_STRIDE,
+           beta: float = BETA) -> Policy:
+    """FastVID keeping about `budget` of the nominal visual tokens (that share of each video), or the official
+    `retention` (0.10); `segments` (DySeg_c), `tau` (DySeg_tau), `context_share` (STPrune_d), `anchor_stride`
+    (DTM_p) and `beta` (DTM_beta) as the official eval script sets them."""
+    if retention is None:
+        if budget is None:
+            raise ValueError(f"FastVID needs a budget (or ratio=) or retention= (the official runs use {RETENTION})")
+        if budget < smallest_budget(info):
+            floor = smallest_budget(info)
+            raise Unreachable(f"FastVID keeps at least one token a frame: the smallest reachable budget is {floor:g} "
+                              f"(or {info.n_visual} for the unpruned model)", floor)
+        retention = shared.retention(budget, info)  # the option's name shadows the function
+    elif budget is not None:
+        raise ValueError("give FastVID a budget (or ratio=) or retention=, not both")
+    if not 0 < retention <= 1:
+        raise ValueError(f"retention is the share of video tokens FastVID keeps, in (0, 1]; got {retention}")
+    if segments < 1 or anchor_stride < 1 or not 0 <= context_share <= 1 or not 0 <= beta <= 1:
+        raise ValueError("FastVID needs segments >= 1, anchor_stride >= 1, context_share and beta in [0, 1]")
+    return FastVID(info, retention, segments, tau, context_share, anchor_stride, beta)
+
+
+def smallest_budget(info: ModelInfo) -> float:
+    """A token a frame of the nominal sample (its crops: Video-LLaVA's 8 frames)."""
+    return info.crops
+
+
+def selection_macs(cut: Cut, width: int) -> int:
+    """Per frame of n tokens: the pairwise distances of its non-salient tokens (about n^2 x D), the pseudo-CLS row
+    and the cosines to the anchors (charged as one product a token); counted as n x D per token and frame token."""
+    return 2 * cut.before * width
+
+
+METHOD = Method("fastvid", "FastVID", policy, smallest_budget, replaces_budget=("retention",), video_only=True,
+                exact_count=False, overhead=lambda **_: Overhead(selection=selection_macs),
+                scoring=lambda **_: {"decoder": "density"})
