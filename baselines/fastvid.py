@@ -14,7 +14,8 @@ feature g_f:
 4. density score of each frame's N - S other tokens (float32): d = cdist / sqrt(D), rho = exp(-mean of the 4
    smallest d^2, itself included), delta = the distance to the nearest denser token (the largest for the densest),
    score = rho x delta;
-5. a frame with C anchors (a single-frame segment) takes its top-C tokens by score as anchors; in a longer segment
+5. a frame with C anchors (a single-frame segment; at p = 1 every frame) takes its top-C tokens by score as anchors
+   and merges its own other tokens into them; in a longer segment
    each anchor frame takes its own top tokens by score, and every non-salient token of the whole segment joins its
    most cosine-similar anchor of that frame (anchor frames independently: a token feeds one anchor of each);
    anchor <- w x anchor + (1 - w) x mean(its tokens, itself among them), w = max(1 / (count + 1), beta);
@@ -140,11 +141,12 @@ def prune_video(video: Tensor, attention: Tensor, frame_features: Tensor, share:
         sources = (others[start:start + length] + offsets[start:start + length]).flatten()
         for f in members:
             n = min(counts[f], per_frame - salient)
-            if n == 0 or (length > 1 and counts[f] == context) or (length == 1 and counts[f] != context):
+            if n == 0:
                 continue
             pick = torch.topk(scores[f], n).indices
-            frame_pool = pooled[f] if counts[f] == context else pool
-            frame_sources = others[f] + offsets[f] if counts[f] == context else sources
+            alone = counts[f] == context  # the single-frame rule (also every frame of a segment at p = 1)
+            frame_pool = pooled[f] if alone else pool
+            frame_sources = others[f] + offsets[f] if alone else sources
             merged, (own, share_of) = merge_into(pooled[f, pick], frame_pool, beta)
             anchor = others[f, pick] + offsets[f]
             kept.append(anchor)
