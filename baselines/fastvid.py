@@ -228,11 +228,11 @@ def smallest_budget(info: ModelInfo) -> float:
 
 
 def selection_macs(cut: Cut, width: int) -> int:
-    """Per frame of n tokens: the pairwise distances of its non-salient tokens (about n^2 x D), the pseudo-CLS row
-    and the cosines to the anchors (charged as one product a token); counted as n x D per token and frame token."""
+    """Beside the densities' pairwise distances (`Overhead.frame_pairs`): each frame's mean token and its attention
+    row (two products a token); the cosines to a segment's anchors (about p x C a token) are not charged."""
     return 2 * cut.before * width
 
 
 METHOD = Method("fastvid", "FastVID", policy, smallest_budget, replaces_budget=("retention",), video_only=True,
-                exact_count=False, overhead=lambda **_: Overhead(selection=selection_macs),
+                exact_count=False, overhead=lambda **_: Overhead(frame_pairs=True, selection=selection_macs),
                 scoring=lambda **_: {"decoder": "density"})
