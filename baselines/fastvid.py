@@ -46,7 +46,9 @@ last frame, retention 0.27, tau 0.84) is not implemented: every family runs the 
 Budgets: a budget (or `ratio=`) is the retention times the nominal visual tokens; option `retention` gives the
 official ratio directly. The count kept depends on the segments (the anchors of a segment are floored), so
 `describe()` states F x R of the nominal video (or retention x the nominal tokens where it is an image) and a video
-keeps at most that. Images are refused: FastVID reduces videos.
+keeps at most that. Tokens beside a video's frames (LLaVA-OneVision's newline after them, `VideoLayout.trailing`)
+stay whole after the kept ones, as the official code treats the newline as text. Images are refused: FastVID
+reduces videos.
 """
 from __future__ import annotations
 
@@ -56,9 +58,8 @@ from torch import Tensor
 
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.engine import DecoderCut, Policy, Selection
-from visiondrop.methods import Method, Overhead, Unreachable
-from visiondrop.methods import shared
-from visiondrop.methods.shared import nominal_video, video_layout
+from visiondrop.methods import Method, Overhead
+from visiondrop.methods.shared import nominal_video, video_layout, video_share
 
 RETENTION, SEGMENTS, TAU, CONTEXT_SHARE, ANCHOR_STRIDE, BETA = 0.10, 8, 0.9, 0.4, 4, 0.6  # the official eval.sh
 NEAREST = 4  # neighbours of the density, the token itself included
@@ -178,15 +179,17 @@ class FastVID(Policy):
         self.options = dict(segments=segments, tau=tau, context_share=context_share, stride=anchor_stride, beta=beta)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
-        frames, per_frame = video_layout(cut, "FastVID")
+        layout = video_layout(cut, "FastVID")
         keep, features, weights = [], [], []
-        for video in cut.visual_rows(cut.hidden):
-            video = video.view(frames, per_frame, -1)
+        for rows, video in zip(cut.visual_rows(cut.hidden), layout.frame_rows(cut)):
+            video = video.view(layout.frames, layout.per_frame, -1)
             kept, tokens, combined = prune_video(video, *frame_side_information(video), self.retention,
                                                  **self.options)
-            keep.append(kept)
-            features.append(tokens)
-            weights.append(combined)
+            keep.append(layout.with_trailing(kept))  # the trailing tokens (OneVision's newline) stay, after them
+            features.append(torch.cat([tokens, rows[layout.frame_tokens:]]))
+            trailing = torch.arange(layout.frame_tokens, cut.n_visual, device=combined.device)
+            own = F.one_hot(trailing, cut.n_visual).to(combined.dtype)
+            weights.append(torch.cat([F.pad(combined, (0, layout.trailing)), own]))
         return Selection(keep, weights=weights, features=features)
 
     def describe(self) -> dict:
@@ -205,16 +208,9 @@ def policy(info: ModelInfo, budget: float | None = None, retention: float | None
     """FastVID keeping about `budget` of the nominal visual tokens (that share of each video), or the official
     `retention` (0.10); `segments` (DySeg_c), `tau` (DySeg_tau), `context_share` (STPrune_d), `anchor_stride`
     (DTM_p) and `beta` (DTM_beta) as the official eval script sets them."""
-    if retention is None:
-        if budget is None:
-            raise ValueError(f"FastVID needs a budget (or ratio=) or retention= (the official runs use {RETENTION})")
-        if budget < smallest_budget(info):
-            floor = smallest_budget(info)
-            raise Unreachable(f"FastVID keeps at least one token a frame: the smallest reachable budget is {floor:g} "
-                              f"(or {info.n_visual} for the unpruned model)", floor)
-        retention = shared.retention(budget, info)  # the option's name shadows the function
-    elif budget is not None:
-        raise ValueError("give FastVID a budget (or ratio=) or retention=, not both")
+    share = video_share(info, budget, retention, "retention", "FastVID", smallest_budget(info),
+                        "keeps at least one token a frame")
+    retention = retention if share is None else share
     if not 0 < retention <= 1:
         raise ValueError(f"retention is the share of video tokens FastVID keeps, in (0, 1]; got {retention}")
     if segments < 1 or anchor_stride < 1 or not 0 <= context_share <= 1 or not 0 <= beta <= 1:
