@@ -36,9 +36,11 @@ arguments, so the parity fixture feeds it the official inputs.
 Where this differs from the official code (none changes the official setting on 32-frame videos):
 - its DPC-kNN adds `torch.rand(...) * 1e-6` to the densities to break ties; here none (deterministic, a batch equals
   each video alone), as the parity fixture (`tests/parity/fastvid/`) runs the official code with `torch.rand` zeroed;
-- it raises on videos of fewer than c frames (a top-(c - 1) of F - 1 similarities) and where an anchor frame's
-  anchors outnumber its non-salient tokens (retention above about 0.45 at p = 4): here the cuts are at most F - 1 and
-  the anchors at most the frame's non-salient tokens;
+- it raises on videos of fewer than c frames (a top-(c - 1) of F - 1 similarities), where an anchor frame's
+  anchors outnumber its non-salient tokens (retention above about 0.45 at p = 4), where a frame keeps no context
+  token (C = 0: the merge on no anchors) and on frames of fewer than 4 non-salient tokens (the density's 4
+  nearest): here the cuts are at most F - 1, the anchors at most the frame's non-salient tokens, C = 0 merges
+  nothing and the density takes at most the frame's tokens;
 - it runs at batch size 1 (it indexes [0]); any batch here equals each video alone.
 The official Qwen2.5-VL variant (sub-segments below `DySeg_ignore` 0.95, salient tokens only on each sub-segment's
 last frame, retention 0.27, tau 0.84) is not implemented: every family runs the LLaVA-OneVision algorithm.
