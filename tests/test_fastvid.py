@@ -124,3 +124,18 @@ def test_budget_options_and_refusals():
     with pytest.raises(ValueError, match="segments >= 1"):
         policy(info, retention=0.1, anchor_stride=0)
 
+
+
+def test_settings_the_official_code_raises_on():
+    """Fewer frames than c, frames of fewer than 4 non-salient tokens, no context token: the cuts, the density's
+    neighbours and the merge stay within what there is (the official code raises on each)."""
+    generator = torch.Generator().manual_seed(2)
+    video = torch.randn(3, 5, 4, generator=generator, dtype=DTYPE)
+    attention = torch.rand(3, 5, generator=generator, dtype=DTYPE)
+    features = torch.eye(3, dtype=DTYPE)
+    keep, tokens, weights = prune_video(video, attention, features, share=0.6)  # R = 3: 2 salient + 1 anchor
+    assert torch.equal(torch.bincount(keep // 5, minlength=3), torch.tensor([3, 3, 3]))
+    torch.testing.assert_close(weights @ video.flatten(0, 1), tokens)
+    keep, _, _ = prune_video(video, attention, features, share=0.4)  # R = 2, C = int(0.8) = 0: salient only
+    assert torch.equal(keep, torch.cat([torch.topk(attention[f], 2).indices.sort().values + 5 * f
+                                        for f in range(3)]))
