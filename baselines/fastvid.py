@@ -42,8 +42,14 @@ Where this differs from the official code (none changes the official setting on 
   nearest): here the cuts are at most F - 1, the anchors at most the frame's non-salient tokens, C = 0 merges
   nothing and the density takes at most the frame's tokens;
 - it runs at batch size 1 (it indexes [0]); any batch here equals each video alone.
-The official Qwen2.5-VL variant (sub-segments below `DySeg_ignore` 0.95, salient tokens only on each sub-segment's
-last frame, retention 0.27, tau 0.84) is not implemented: every family runs the LLaVA-OneVision algorithm.
+Option `variant="qwen2_5_vl"` follows the official Qwen2.5-VL code instead (`fastvid_qwen25vl/.../
+modeling_qwen2_5_vl.py::Qwen2_5_VLForConditionalGeneration.forward`, L1888-2099; its eval.sh: retention 0.27,
+tau 0.84, DySeg_ignore 0.95, `configs/method/fastvid_qwen.yaml` without the retention), on any family: a segment of
+L frames keeps R x L tokens, C = max(int(R x L x d), 1) context and the rest salient; a segment of several frames is
+cut again where consecutive frames' cosine is below `ignore`, and only the last frame of each sub-segment keeps
+tokens: the salient ones split evenly over the sub-segments, the context ones over every p-th sub-segment from the
+end, at most half a frame's tokens; each frame's anchors absorb every token of the segment that neither a salient
+token nor one of these anchors is (the anchors not among their members). The default is the LLaVA-OneVision code.
 
 Budgets: a budget (or `ratio=`) is the retention times the nominal visual tokens; option `retention` gives the
 official ratio directly. The count kept depends on the segments (the anchors of a segment are floored), so
@@ -64,6 +70,7 @@ from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import nominal_video, video_layout, video_share
 
 RETENTION, SEGMENTS, TAU, CONTEXT_SHARE, ANCHOR_STRIDE, BETA = 0.10, 8, 0.9, 0.4, 4, 0.6  # the official eval.sh
+RETENTION_QWEN, TAU_QWEN, IGNORE = 0.27, 0.84, 0.95  # its Qwen2.5-VL eval.sh (the rest as above)
 NEAREST = 4  # neighbours of the density, the token itself included
 COUNT_SLACK = 1e-9  # int(N x retention) of a retention derived from a budget: float noise must not lose a token
 
@@ -74,9 +81,7 @@ def dynamic_segments(frame_features: Tensor, segments: int = SEGMENTS, tau: floa
     similarity = (g[:-1] * g[1:]).sum(dim=1)
     smallest = torch.topk(similarity, min(segments - 1, similarity.numel()), largest=False).indices
     below = torch.nonzero(similarity < tau)[:, 0]
-    cuts = torch.unique(torch.cat([smallest, below])).tolist()
-    ends = cuts + [frame_features.shape[0] - 1]
-    return [end - start for start, end in zip([-1] + ends[:-1], ends)]
+    return dynamic_segments_at(torch.unique(torch.cat([smallest, below])).tolist(), frame_features.shape[0])
 
 
 def per_frame_counts(per_frame: int, share: float, context_share: float = CONTEXT_SHARE) -> tuple[int, int]:
@@ -162,6 +167,79 @@ def prune_video(video: Tensor, attention: Tensor, frame_features: Tensor, share:
     return kept, torch.cat(tokens)[order], torch.cat(weights)[order]
 
 
+def even_split(total: int, parts: int) -> list[int]:
+    """`total` in `parts` nearly equal parts, the first ones larger by one where it does not divide."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def qwen_counts(sub_sizes: list[int], retained: int, per_frame: int, context_share: float,
+                stride: int) -> tuple[list[int], list[int]]:
+    """The Qwen2.5-VL variant's (salient, context) tokens of each frame of a segment made of sub-segments of
+    `sub_sizes` frames: only a sub-segment's last frame keeps any, the segment's salient tokens split evenly over the
+    sub-segments (the first ones larger), its context tokens over every p-th sub-segment from the end (the last
+    ones larger), at most half a frame's tokens each."""
+    length = sum(sub_sizes)
+    context = max(int(retained * length * context_share), 1)
+    salient = retained * length - context
+    if length == 1:
+        return [salient], [context]
+    parts, shares = len(sub_sizes), even_split(context, -(-len(sub_sizes) // stride))
+    anchors = [min(shares[i // stride], per_frame // 2) if i % stride == 0 else 0 for i in range(parts)][::-1]
+    salients, contexts = [], []
+    for size, s, c in zip(sub_sizes, even_split(salient, parts), anchors):
+        salients += [0] * (size - 1) + [min(s, per_frame - c)]
+        contexts += [0] * (size - 1) + [c]
+    return salients, contexts
+
+
+def prune_video_qwen(video: Tensor, attention: Tensor, frame_features: Tensor, share: float = RETENTION_QWEN,
+                     segments: int = SEGMENTS, tau: float = TAU_QWEN, ignore: float = IGNORE,
+                     context_share: float = CONTEXT_SHARE, stride: int = ANCHOR_STRIDE,
+                     beta: float = BETA) -> tuple[Tensor, Tensor, Tensor]:
+    """FastVID's Qwen2.5-VL variant on one video [F, N, D] (module docstring), as `prune_video` returns it."""
+    frames, per_frame, width = video.shape
+    retained = int(per_frame * share + COUNT_SLACK)
+    g = frame_features / frame_features.norm(dim=1, keepdim=True)
+    flat = video.flatten(0, 1)
+    kept, tokens, weights, start = [], [], [], 0
+    for length in dynamic_segments(frame_features, segments, tau):
+        within = (g[start:start + length - 1] * g[start + 1:start + length]).sum(dim=1)
+        sub_sizes = dynamic_segments_at((within < ignore).nonzero()[:, 0].tolist(), length)
+        salients, contexts = qwen_counts(sub_sizes, retained, per_frame, context_share, stride)
+        salient, anchor_sets = [], []
+        for f, (s, c) in enumerate(zip(salients, contexts)):
+            frame = start + f
+            tops = torch.topk(attention[frame], s).indices if s else attention.new_zeros(0, dtype=torch.long)
+            salient.append(tops + frame * per_frame)
+            if c:
+                rest = ~torch.isin(torch.arange(per_frame, device=video.device), tops)
+                others = rest.nonzero()[:, 0]
+                pick = torch.topk(density_scores(video[frame, others]), c).indices.sort().values
+                anchor_sets.append(others[pick] + frame * per_frame)
+        salient = torch.cat(salient)
+        kept.append(salient)
+        tokens.append(flat[salient])
+        weights.append(F.one_hot(salient, frames * per_frame).to(video.dtype))
+        members = torch.arange(start * per_frame, (start + length) * per_frame, device=video.device)
+        for anchors in anchor_sets:  # each frame's anchors absorb every other token of the segment kept by none
+            pool = members[~torch.isin(members, torch.cat([salient, anchors]))]
+            merged, (own, share_of) = merge_into(flat[anchors], flat[pool], beta)
+            kept.append(anchors)
+            tokens.append(merged)
+            row = torch.zeros(anchors.numel(), frames * per_frame, dtype=video.dtype, device=video.device)
+            row[:, pool] = share_of
+            weights.append(row.scatter_add(1, anchors[:, None], own))
+        start += length
+    kept, order = torch.cat(kept).sort()
+    return kept, torch.cat(tokens)[order], torch.cat(weights)[order]
+
+
+def dynamic_segments_at(cuts: list[int], frames: int) -> list[int]:
+    """Frames per segment of `frames` frames cut after each frame in `cuts` (ascending)."""
+    ends = cuts + [frames - 1]
+    return [end - start for start, end in zip([-1] + ends[:-1], ends)]
+
+
 def frame_side_information(video: Tensor) -> tuple[Tensor, Tensor]:
     """The substitutes for the tower's side information of a video [F, N, D] (module docstring): each frame's
     pseudo-CLS attention row a_f [F, N] and global feature g_f [F, D]."""
@@ -175,18 +253,20 @@ class FastVID(Policy):
     cut_layers = (0,)
     renumber_positions = False  # the kept tokens keep their original positions, with gaps
 
-    def __init__(self, info: ModelInfo, retention: float, segments: int, tau: float, context_share: float,
-                 anchor_stride: int, beta: float):
-        self.info, self.retention = info, retention
+    def __init__(self, info: ModelInfo, retention: float, variant: str, segments: int, tau: float, ignore: float,
+                 context_share: float, anchor_stride: int, beta: float):
+        self.info, self.retention, self.variant = info, retention, variant
         self.options = dict(segments=segments, tau=tau, context_share=context_share, stride=anchor_stride, beta=beta)
+        if variant == "qwen2_5_vl":
+            self.options["ignore"] = ignore
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         layout = video_layout(cut, "FastVID")
         keep, features, weights = [], [], []
         for rows, video in zip(cut.visual_rows(cut.hidden), layout.frame_rows(cut)):
             video = video.view(layout.frames, layout.per_frame, -1)
-            kept, tokens, combined = prune_video(video, *frame_side_information(video), self.retention,
-                                                 **self.options)
+            prune = prune_video_qwen if self.variant == "qwen2_5_vl" else prune_video
+            kept, tokens, combined = prune(video, *frame_side_information(video), self.retention, **self.options)
             keep.append(layout.with_trailing(kept))  # the trailing tokens (OneVision's newline) stay, after them
             features.append(torch.cat([tokens, rows[layout.frame_tokens:]]))
             trailing = torch.arange(layout.frame_tokens, cut.n_visual, device=combined.device)
@@ -195,8 +275,8 @@ class FastVID(Policy):
         return Selection(keep, weights=weights, features=features)
 
     def describe(self) -> dict:
-        described = {"method": self.name, "retention": self.retention, "layers": list(self.cut_layers),
-                     **self.options}
+        described = {"method": self.name, "retention": self.retention, "variant": self.variant,
+                     "layers": list(self.cut_layers), **self.options}
         video = nominal_video(self.info)
         if video is not None:
             return described | {"equivalent_tokens": video[0] * sum(per_frame_counts(video[1], self.retention,
@@ -204,12 +284,16 @@ class FastVID(Policy):
         return described | {"equivalent_tokens": round(self.retention * self.info.n_visual)}
 
 
-def policy(info: ModelInfo, budget: float | None = None, retention: float | None = None, segments: int = SEGMENTS,
-           tau: float = TAU, context_share: float = CONTEXT_SHARE, anchor_stride: int = ANCHOR_STRIDE,
-           beta: float = BETA) -> Policy:
+def policy(info: ModelInfo, budget: float | None = None, retention: float | None = None, variant: str = "onevision",
+           segments: int = SEGMENTS, tau: float = TAU, ignore: float = IGNORE, context_share: float = CONTEXT_SHARE,
+           anchor_stride: int = ANCHOR_STRIDE, beta: float = BETA) -> Policy:
     """FastVID keeping about `budget` of the nominal visual tokens (that share of each video), or the official
-    `retention` (0.10); `segments` (DySeg_c), `tau` (DySeg_tau), `context_share` (STPrune_d), `anchor_stride`
-    (DTM_p) and `beta` (DTM_beta) as the official eval script sets them."""
+    `retention` (0.10); the official code's `variant` ("onevision", or "qwen2_5_vl" with `ignore`, DySeg_ignore);
+    `segments` (DySeg_c), `tau` (DySeg_tau), `context_share` (STPrune_d), `anchor_stride` (DTM_p) and `beta`
+    (DTM_beta) as the official LLaVA-OneVision eval script sets them (its Qwen2.5-VL script: tau 0.84, retention
+    0.27; `configs/method/fastvid_qwen.yaml`)."""
+    if variant not in ("onevision", "qwen2_5_vl"):
+        raise ValueError(f"variant is the official code FastVID follows, 'onevision' or 'qwen2_5_vl'; got {variant!r}")
     share = video_share(info, budget, retention, "retention", "FastVID", smallest_budget(info),
                         "keeps at least one token a frame")
     retention = retention if share is None else share
@@ -217,7 +301,7 @@ def policy(info: ModelInfo, budget: float | None = None, retention: float | None
         raise ValueError(f"retention is the share of video tokens FastVID keeps, in (0, 1]; got {retention}")
     if segments < 1 or anchor_stride < 1 or not 0 <= context_share <= 1 or not 0 <= beta <= 1:
         raise ValueError("FastVID needs segments >= 1, anchor_stride >= 1, context_share and beta in [0, 1]")
-    return FastVID(info, retention, segments, tau, context_share, anchor_stride, beta)
+    return FastVID(info, retention, variant, segments, tau, ignore, context_share, anchor_stride, beta)
 
 
 def smallest_budget(info: ModelInfo) -> float:

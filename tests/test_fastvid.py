@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from baselines.fastvid import anchor_counts, density_scores, dynamic_segments, merge_into, per_frame_counts, policy, \
-    prune_video
+    prune_video, prune_video_qwen, qwen_counts
 from visiondrop.core import ModelInfo
 from visiondrop.methods import Unreachable
 
@@ -112,6 +112,31 @@ def test_equals_the_official_code():
     assert multi >= 3  # segments of several frames, merged into their anchor frames
 
 
+def test_qwen_variant_counts():
+    """A segment of 7 frames, R = 4, d = 0.4: 28 tokens, C = 11; sub-segments of 2, 3 and 2 frames: only their last
+    frames keep tokens, 17 salient split 6/6/5, the context on every p-th sub-segment from the end (p = 2: the last
+    and the first, 6 and 5, the larger one last), at most half a frame (8 of 16)."""
+    assert qwen_counts([2, 3, 2], 4, 16, 0.4, 2) == ([0, 6, 0, 0, 6, 0, 5], [0, 5, 0, 0, 0, 0, 6])
+    assert qwen_counts([2, 3, 2], 4, 10, 0.4, 4) == ([0, 6, 0, 0, 6, 0, 5], [0, 0, 0, 0, 0, 0, 5])  # 11, at most 5
+    assert qwen_counts([1], 4, 16, 0.4, 4) == ([3], [1])  # a single frame: all of it, C = max(int(1.6), 1)
+
+
+def test_qwen_variant_equals_the_official_code():
+    """`prune_video_qwen` keeps the tokens the official Qwen2.5-VL block keeps (lifted verbatim: its file needs
+    flash-attn), with the same merged anchors (tie-breaking noise zeroed there; tests/parity/fastvid/)."""
+    fixture = torch.load(Path(__file__).parent / "parity" / "fastvid" / "fixture_qwen.pt")
+    settings = [s for case in fixture["cases"] for s in case["kept"]]
+    assert len(settings) > 30 and any(s["stride"] == 1 for s in settings)
+    for case in fixture["cases"]:
+        for s in case["kept"]:
+            keep, tokens, weights = prune_video_qwen(case["video"], case["attention"], case["features"], s["share"],
+                                                     s["segments"], s["tau"], s["ignore"], s["context_share"],
+                                                     s["stride"], s["beta"])
+            assert torch.equal(keep, s["keep"]), s
+            torch.testing.assert_close(tokens, s["tokens"], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(weights @ case["video"].flatten(0, 1), tokens, atol=1e-5, rtol=1e-5)
+
+
 def test_budget_options_and_refusals():
     info = ModelInfo(n_visual=2056, n_layers=32, vision_layer=22, cls_kept=True, crops=8, video=True)
     described = policy(info, budget=514).describe()
@@ -139,3 +164,19 @@ def test_settings_the_official_code_raises_on():
     keep, _, _ = prune_video(video, attention, features, share=0.4)  # R = 2, C = int(0.8) = 0: salient only
     assert torch.equal(keep, torch.cat([torch.topk(attention[f], 2).indices.sort().values + 5 * f
                                         for f in range(3)]))
+
+
+def test_qwen_variant_on_two_videos_of_different_lengths(tiny_qwen):
+    """The Qwen2.5-VL variant on Qwen2.5-VL videos of 8 and 7 temporal grids in one batch: equal to each alone,
+    counts measured with hooks, cached decoding equal to replay."""
+    from helpers import videos_batch_equals_alone
+    from test_video_methods import GRIDS, QUESTIONS, encode, run
+
+    model, processor = tiny_qwen
+    batch = encode(processor, QUESTIONS, GRIDS, [0, 1])
+    singles = [encode(processor, [q], [g], [seed]) for q, g, seed in zip(QUESTIONS, GRIDS, [0, 1])]
+    cast = lambda inputs: {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}  # noqa: E731
+    handle, trace = videos_batch_equals_alone(model, "fastvid", run, cast(batch), [cast(x) for x in singles], 3,
+                                              atol=1e-4, variant="qwen2_5_vl", tau=0.84, ratio=0.27)
+    assert handle.policy.describe()["variant"] == "qwen2_5_vl"
+    assert all(0 < layers[0] < n for layers, n in zip(trace.tokens_per_layer, (128, 168)))
