@@ -15,9 +15,9 @@ feature g_f:
    smallest d^2, itself included), delta = the distance to the nearest denser token (the largest for the densest),
    score = rho x delta;
 5. a frame with C anchors (a single-frame segment; at p = 1 every frame) takes its top-C tokens by score as anchors
-   and merges its own other tokens into them; in a longer segment
-   each anchor frame takes its own top tokens by score, and every non-salient token of the whole segment joins its
-   most cosine-similar anchor of that frame (anchor frames independently: a token feeds one anchor of each);
+   and merges its own other tokens into them; in a longer segment each anchor frame takes its own top tokens by
+   score, and every non-salient token of the whole segment joins its most cosine-similar anchor of that frame
+   (anchor frames independently: a token feeds one anchor of each);
    anchor <- w x anchor + (1 - w) x mean(its tokens, itself among them), w = max(1 / (count + 1), beta);
 6. the kept tokens in their original order, each at its original position (gaps where tokens went).
 A "frame" is the model's own unit: Video-LLaVA's 257 tokens (CLS included), LLaVA-OneVision's 196, Qwen2.5-VL's
@@ -49,7 +49,9 @@ L frames keeps R x L tokens, C = max(int(R x L x d), 1) context and the rest sal
 cut again where consecutive frames' cosine is below `ignore`, and only the last frame of each sub-segment keeps
 tokens: the salient ones split evenly over the sub-segments, the context ones over every p-th sub-segment from the
 end, at most half a frame's tokens; each frame's anchors absorb every token of the segment that neither a salient
-token nor one of these anchors is (the anchors not among their members). The default is the LLaVA-OneVision code.
+token nor one of these anchors is (the anchors not among their members). Its block raises where a segment keeps no
+salient token (a `torch.cat` of nothing); here that segment keeps its anchors. Parity: its block lifted verbatim
+(its file needs flash-attn), `tests/parity/fastvid/`. The default is the LLaVA-OneVision code.
 
 Budgets: a budget (or `ratio=`) is the retention times the nominal visual tokens; option `retention` gives the
 official ratio directly. The count kept depends on the segments (the anchors of a segment are floored), so
@@ -73,6 +75,12 @@ RETENTION, SEGMENTS, TAU, CONTEXT_SHARE, ANCHOR_STRIDE, BETA = 0.10, 8, 0.9, 0.4
 RETENTION_QWEN, TAU_QWEN, IGNORE = 0.27, 0.84, 0.95  # its Qwen2.5-VL eval.sh (the rest as above)
 NEAREST = 4  # neighbours of the density, the token itself included
 COUNT_SLACK = 1e-9  # int(N x retention) of a retention derived from a budget: float noise must not lose a token
+
+
+def dynamic_segments_at(cuts: list[int], frames: int) -> list[int]:
+    """Frames per segment of `frames` frames cut after each frame in `cuts` (ascending)."""
+    ends = cuts + [frames - 1]
+    return [end - start for start, end in zip([-1] + ends[:-1], ends)]
 
 
 def dynamic_segments(frame_features: Tensor, segments: int = SEGMENTS, tau: float = TAU) -> list[int]:
@@ -232,12 +240,6 @@ def prune_video_qwen(video: Tensor, attention: Tensor, frame_features: Tensor, s
         start += length
     kept, order = torch.cat(kept).sort()
     return kept, torch.cat(tokens)[order], torch.cat(weights)[order]
-
-
-def dynamic_segments_at(cuts: list[int], frames: int) -> list[int]:
-    """Frames per segment of `frames` frames cut after each frame in `cuts` (ascending)."""
-    ends = cuts + [frames - 1]
-    return [end - start for start, end in zip([-1] + ends[:-1], ends)]
 
 
 def frame_side_information(video: Tensor) -> tuple[Tensor, Tensor]:
