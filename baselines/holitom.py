@@ -255,8 +255,7 @@ class HoliTom(Policy):
         scores = rows.mean(1)[:, 0].gather(1, cut.visual)
         keep, states = zip(*(inner_merge(h, s, self.inner_ratio)
                              for h, s in zip(cut.visual_rows(cut.hidden), scores)))
-        empty = [cut.visual.new_zeros(0) for _ in cut.samples]
-        return Selection(empty, list(states), slots=list(keep))
+        return Selection(list(keep), features=list(states))  # the kept tokens, in place, with what they absorbed
 
     def describe(self) -> dict:
         described = {"method": self.name, "layers": list(self.cut_layers), "retain_ratio": self.retain_ratio,
