@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function
+from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, and_masks, bidirectional_mask_function,
+                                      causal_mask_function)
 
 from ..core import Rotate
 from ..families.base import Family
@@ -87,18 +88,25 @@ def _probabilities(layer: nn.Module, q: Tensor, k: Tensor, allowed: Tensor, dtyp
     return logits.softmax(dim=-1, dtype=torch.float32).to(dtype)
 
 
-def causal_mask(config, mask: Tensor, q_len: int, dtype: torch.dtype, blocked: Tensor | None = None,
-                ) -> Tensor | None:
+def causal_mask(config, mask: Tensor, q_len: int, dtype: torch.dtype, causal: bool = True,
+                blocked: Tensor | None = None) -> Tensor | None:
     """The 4-D (or 2-D, or None) mask the model's attention implementation expects, from a 2-D key mask.
 
     mask: [B, kv] marks real tokens among the keys; the last `q_len` keys are the queries. Built by the same
     transformers function the unpatched model uses, so SDPA keeps its `is_causal` fast path when it can.
-    blocked: [B, r, kv], keys that each of the last r queries must not see besides (a replayed decode-time KV
-    selection, `Policy.replayed_steps`); eager and SDPA take it, FlashAttention has no per-query masks.
+    `causal=False`: every query attends to every real key (`Policy.bidirectional_layers`), which FlashAttention's
+    causal kernels cannot. blocked: [B, r, kv], keys that each of the last r queries must not see besides (a
+    replayed decode-time KV selection, `Policy.replayed_steps`); eager and SDPA take it, FlashAttention has no
+    per-query masks.
     """
+    if not causal and "flash" in config._attn_implementation:
+        raise NotImplementedError("this method runs a decoder layer without the causal mask (as its official code "
+                                  "does), which FlashAttention cannot: load the model with attn_implementation="
+                                  "'sdpa' or 'eager', or turn that behaviour off in the method's options")
     build = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
     kv_len = mask.shape[1]
-    function, options = causal_mask_function, {}
+    function = causal_mask_function if causal else bidirectional_mask_function
+    options = {} if causal else {"allow_is_causal_skip": False}
     if blocked is not None:
         if "flash" in config._attn_implementation:
             raise NotImplementedError("replaying a decode-time KV selection needs per-query masks, which "
@@ -109,7 +117,7 @@ def causal_mask(config, mask: Tensor, q_len: int, dtype: torch.dtype, blocked: T
             row = (q_idx - first).clamp(min=0)
             return (q_idx < first) | ~blocked[batch_idx, row, kv_idx]
 
-        function, options = and_masks(causal_mask_function, unblocked), {"allow_is_causal_skip": False}
+        function, options = and_masks(function, unblocked), {"allow_is_causal_skip": False}
     return build(
         batch_size=mask.shape[0], q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len, kv_offset=0,
         mask_function=function, attention_mask=mask, dtype=dtype, device=mask.device, **options,

@@ -31,6 +31,9 @@ class Family:
     #: modality (a key of `generate()`'s `mm_encoder_outputs`) -> the multimodal module's method that encodes it;
     #: an encoder-side policy wraps each of them
     feature_functions: dict[str, str] = {"image": "get_image_features"}
+    #: modality -> the method whose inputs a policy that reads the tower's attention (`Policy.tower_attention`) sees
+    #: the tower of, where it is more than `feature_functions` (None: the same)
+    tower_functions: dict[str, str] | None = None
     #: the host takes the encoded features as one tensor [n, slots, D] (it calls `.to()` on them), not a list
     stacked_features: bool = False
     #: True for a family whose positions carry the image layout (M-RoPE): tokens keep their positions at every
