@@ -6,7 +6,9 @@ On two Qwen2.5-VL videos of different lengths in one left-padded batch (tests/te
 changes the decode steps and nothing of the prefill; switched off (or dropping nothing) it is the method without it;
 the visual keys each layer attends to at each decode step, counted from the attention masks the layers receive
 (forward pre-hooks), are the trace's and the official counts; each video alone equals the batch; a cached decode
-equals a no-cache replay of its selections, which a replay that forgets them does not.
+equals a no-cache replay of its selections, which a replay that forgets them does not. A toy policy whose decode
+layers span two cuts (as MustDrop's cache stage) is asked once per segment, with the tokens that survive both cuts.
+DyCoke's selection function against the official `PrunableDynamicCache` (tests/parity/dycoke/kv_fixture.pt).
 """
 import pytest
 import torch
