@@ -115,13 +115,13 @@ def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens
     return cached, replayed
 
 
-def videos_batch_equals_alone(model, name: str, ratio: float, run, batch: dict, singles: list[dict], n_visual: int,
-                              new_tokens: int, atol: float = 1e-8):
+def videos_batch_equals_alone(model, name: str, ratio: float, run, batch: dict, singles: list[dict],
+                              n_visual: int | list[int], new_tokens: int, atol: float = 1e-8):
     """Method `name` at `ratio`: the batch of videos equals each video alone (`singles`, run through
     `run(model, inputs) -> (tokens, logits)`), in kept tokens, counts per layer, logits and greedy tokens; the tokens
     entering the decoder layers of each alone prefill, counted with forward pre-hooks, are the trace's; cached
     decoding of the batch equals re-running the prompt with the prefill's decisions (`Replay`). Returns the handle
-    (removed; its trace is the last video's alone)."""
+    (removed; its trace is the last video's alone). n_visual: the visual tokens of each video (or of all)."""
     import visiondrop
     from visiondrop.api import Handle
     from visiondrop.engine.replay import Replay
@@ -143,7 +143,7 @@ def videos_batch_equals_alone(model, name: str, ratio: float, run, batch: dict, 
             torch.testing.assert_close(logits[i], alone_logits[0], atol=atol, rtol=atol,
                                        msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
             assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
-            n_text = int(batch["attention_mask"][i].sum()) - n_visual
+            n_text = int(batch["attention_mask"][i].sum()) - (n_visual[i] if isinstance(n_visual, list) else n_visual)
             assert [n - n_text for n in counter.lengths[:n_layers]] == handle.trace.tokens_per_layer[0]  # prefill
     if name != "none":  # no decisions to replay: its cached decoding is the stock model's
         with Handle(model, Replay(handle.policy, trace)):

@@ -50,6 +50,7 @@ from transformers import AutoConfig
 import visiondrop
 from visiondrop.families import family_for
 
+from . import stock_tasks
 from .positions import PositionMaps
 from .prompting import ASPECT_RATIOS, CONV_TEMPLATES, build_prompt, expand_to_square, instruction, mean_colour
 from .video import read_frames
@@ -71,6 +72,7 @@ class PrunedLVLM(lmms):
                  conv_template: str | None = None, max_batch_size: int | None = None, min_pixels: int | None = None,
                  max_pixels: int | None = None, frames: int | None = None, **options: Any) -> None:
         super().__init__()
+        stock_tasks.prepare()  # before lmms-eval imports any task module (it builds the model first)
         del max_batch_size  # lmms-eval passes it for batch_size=auto, which this model does not offer
         self._batch_size = _positive_int(batch_size, "batch_size")
         self.family = family = family_for(AutoConfig.from_pretrained(pretrained))
@@ -343,8 +345,9 @@ class PrunedLVLM(lmms):
             size = next(sizes[modality], None)
             cells = self.family.patch_cells(self._model, size, modality)
             self.position_maps.add_sample(cells, trace.cuts, trace.kept[row * stride], modality)
-        visual = self.family.image_token_mask(self._model, batch["input_ids"], None)
-        text = batch["attention_mask"].sum(1) - visual.sum(1)
+        real = batch["attention_mask"].bool()  # placeholders in the padding are padding (a shorter video's frames)
+        visual = self.family.image_token_mask(self._model, batch["input_ids"], None) & real
+        text = real.sum(1) - visual.sum(1)
         self._text_sum += float(text[rows].sum())  # non-visual prompt tokens, for the FLOPs of the run
         self._image_samples += len(rows)
 
