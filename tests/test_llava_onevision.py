@@ -161,7 +161,7 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
             model(**batch)
         return
     singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
-    handle = videos_batch_equals_alone(model, name, ratio, run, batch, singles, VIDEO_TOKENS, NEW_TOKENS)
+    handle, _ = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS, ratio=ratio)
     measured = handle.trace.mean_tokens[0]
     if name == "none":
         assert measured == VIDEO_TOKENS
@@ -258,10 +258,9 @@ def test_every_method_on_videos_of_different_frame_counts(model_and_processor, r
     policy = policy_for(info_of(model), name, ratio=ratio, **method(name).example_options(model.config))
     if policy.encoder_layer is not None and family_of(model).unsupported(policy, "video") is not None:
         pytest.skip("refused on the family's videos (test_every_method_on_videos)")
-    n_visual = [196 * n + 1 for n in RAGGED_FRAMES]
-    handle = videos_batch_equals_alone(model, name, ratio, run, batch, singles, n_visual, NEW_TOKENS)
-    if name == "none":  # the stock model's tokens and logits on the same batch
-        assert handle.trace.tokens_per_layer[0] == [n_visual[-1]] * 28
+    _, trace = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS, ratio=ratio)
+    if name == "none":  # every real visual token of each video, and the stock model's tokens and logits
+        assert trace.tokens_per_layer == [[196 * n + 1] * 28 for n in RAGGED_FRAMES]
         stock_tokens, stock_logits = run(model, batch)
         with visiondrop.apply(model, "none"):
             tokens, logits = run(model, batch)
@@ -314,7 +313,7 @@ def test_beam_search_on_videos_with_an_encoder_stage(model_and_processor, batch,
 def test_flops_formula_matches_torch_flop_counter(model_and_processor, clips):
     """The formula gives what FlopCounterMode counts on a video: the tower on the 729 patches of every frame, the
     projector on all of them (before the 2x2 pooling, no matrix product), 196 tokens a frame and the newline in the
-    decoder; an encoder stage selects among the pooled tokens, so it projects as much."""
+    decoder; an encoder cut selects among the pooled tokens, so it projects as much."""
     from visiondrop.efficiency.flops import (checkpoint_dims, flop_counter, measure_schedule, overhead_flops,
                                              prefill_flops)
     from visiondrop.families import flops_dims
