@@ -272,6 +272,18 @@ def test_every_method_on_videos_of_different_frame_counts(model_and_processor, r
         torch.testing.assert_close(logits, stock_logits, atol=1e-9, rtol=1e-9)
 
 
+def test_two_videos_padded_alike_keep_their_own_encoder_cuts(model_and_processor, demo_videos, monkeypatch):
+    """Two shorter videos padded with the same zero frames in one batch (4, 2 and 2 frames) keep their own
+    encoder-cut decisions through generate()'s pre-encoded features: each row equals its video alone."""
+    model, processor = model_and_processor
+    videos = [read_frames(path, n) for path, n in zip(demo_videos, (4, 2, 2))]
+    questions = QUESTIONS + QUESTIONS[:1]
+    singles = [encode(processor, [q], [v]) for q, v in zip(questions, videos)]
+    monkeypatch.setattr(model.generation_config, "suppress_tokens",
+                        [model.config.image_token_id, model.config.video_token_id])
+    videos_batch_equals_alone(model, "visionzip", run, encode(processor, questions, videos), singles, ratio=0.25)
+
+
 def test_newlines_option_keeps_the_video_newline(model_and_processor, batch):
     """Encoder-side methods drop the trailing newline by default (the compact layout, as on LLaVA-NeXT) and keep it,
     as the model's last visual token, with newlines="keep"."""

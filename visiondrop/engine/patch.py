@@ -95,12 +95,12 @@ class Pruner:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         placeholders = self.family.image_token_mask(self.model, input_ids, kwargs.get("inputs_embeds"))
-        # placeholders in the left padding hold what fills a batch's shorter samples up to the host's one tensor
-        # (LLaVA-OneVision: the padded frames of a shorter video): padding, never visual tokens
-        padding = kwargs.get("attention_mask")
-        padding = None if padding is None or placeholders is None else ~padding.bool()
-        self._visual = placeholders if padding is None else placeholders & ~padding
-        self._padding_slots = None if padding is None else (placeholders & padding).sum(1)
+        # placeholders in the left padding hold what fills a batch's shorter samples up to a host's one tensor (the
+        # padded frames of a shorter video): padding, never visual tokens
+        mask = kwargs.get("attention_mask")
+        real = None if mask is None or placeholders is None else mask.bool()
+        self._visual = placeholders if real is None else placeholders & real
+        self._padding_slots = None if real is None else (placeholders & ~real).sum(1)
         self._frames = self.family.video_frames(self.model, input_ids, kwargs)
         if (self.policy.encoder_layer is not None and "video" not in self.family.feature_functions
                 and self._frames is not None and bool(self._frames.any())):
@@ -113,9 +113,10 @@ class Pruner:
             raise NotImplementedError(_MIXED)
         features, valid, origins, side = reduce_images(self.model, self.family, self.policy, modality, args, kwargs)
         if self.family.stacks_features(modality):
-            # generate() copies the rows of a stacked tensor when it repeats them: known by their first token
+            # generate() copies the rows of a stacked tensor when it repeats them: known by the sum of their tokens
+            # (not the first alone: rows that begin alike, as shorter videos padded with the same frames, differ later)
             self._encoded = {}
-            self._fingerprints = [(f[0].clone(), v, o) for f, v, o in zip(features, valid, origins)]
+            self._fingerprints = [(f.sum(0), v, o) for f, v, o in zip(features, valid, origins)]
             features = torch.stack(features)
         else:
             self._encoded = {id(f): (weakref.ref(f), v, o) for f, v, o in zip(features, valid, origins)}
@@ -124,11 +125,13 @@ class Pruner:
 
     def _own_images(self, features: list[Tensor] | Tensor) -> list[tuple[Tensor, Tensor]] | None:
         """The bookkeeping of pre-encoded features, found by identity (repeats are the same tensors; rows of a
-        stacked tensor by their first token); None if any of them did not come from this method's last encoding."""
+        stacked tensor by the sum of their tokens); None if any of them did not come from this method's last
+        encoding."""
         images = []
         for f in features:
             if isinstance(features, Tensor):
-                found = next(((v, o) for first, v, o in self._fingerprints if torch.equal(f[0], first)), None)
+                total = f.sum(0)
+                found = next(((v, o) for key, v, o in self._fingerprints if torch.equal(total, key)), None)
             else:
                 ref, valid, origins = self._encoded.get(id(f), (None, None, None))
                 found = (valid, origins) if ref is not None and ref() is f else None
