@@ -284,6 +284,38 @@ def test_two_videos_padded_alike_keep_their_own_encoder_cuts(model_and_processor
     videos_batch_equals_alone(model, "visionzip", run, encode(processor, questions, videos), singles, ratio=0.25)
 
 
+def test_the_plugin_batches_videos_of_different_frame_counts(tiny_onevision_dir, demo_videos, monkeypatch):
+    """Through the lmms-eval plugin's batching: two video questions whose videos decode to 4 and 2 frames get the
+    same answers, log-likelihoods and measured tokens (visual and text) at batch size 2 as at 1."""
+    from lmms_eval.api.instance import Instance
+
+    from visiondrop.harness import lmms_model
+
+    frames = {str(demo_videos[0]): 4, str(demo_videos[1]): 2}
+    monkeypatch.setattr(lmms_model, "read_frames", lambda path, _: read_frames(path, frames[str(path)]))
+    docs = [{"video": str(path), "question": q} for path, q in zip(demo_videos[:2], QUESTIONS)]
+
+    def requests(kind):
+        second = {"max_new_tokens": NEW_TOKENS, "temperature": 0} if kind == "generate_until" else " yes"
+        return [Instance(request_type=kind, idx=0, metadata={"task": "ov", "doc_id": i, "repeats": 1},
+                         arguments=(doc["question"], second, lambda d: [d["video"]], i, "ov", "test"))
+                for i, doc in enumerate(docs)]
+
+    outputs = []
+    for batch_size in (1, 2):
+        lm = lmms_model.PrunedLVLM(pretrained=str(tiny_onevision_dir), method="visionzip", budget=0.25 * 6272,
+                                   batch_size=batch_size, dtype=DTYPE, frames=FRAMES)
+        lm.task_dict = {"ov": {"test": docs}}
+        answers = lm.generate_until(requests("generate_until"))
+        nll = [r.text[0] for r in lm.loglikelihood(requests("loglikelihood"))]
+        outputs.append((answers, nll, lm.run_info))
+    (answers_1, nll_1, info_1), (answers_2, nll_2, info_2) = outputs
+    assert answers_1 == answers_2 and nll_1 == pytest.approx(nll_2, rel=1e-9)
+    for key in ("measured_tokens_mean", "text_tokens_mean", "samples_with_image"):
+        assert info_1[key] == pytest.approx(info_2[key]), key
+    assert info_1["measured_tokens_mean"] == pytest.approx((4 + 2) * 49 / 2)  # 25% of each frame's 196, no newline
+
+
 def test_newlines_option_keeps_the_video_newline(model_and_processor, batch):
     """Encoder-side methods drop the trailing newline by default (the compact layout, as on LLaVA-NeXT) and keep it,
     as the model's last visual token, with newlines="keep"."""
