@@ -410,6 +410,7 @@ def test_the_video_ov_experiment_reaches_its_budgets():
     runs_on_videos = {name for name in IMAGE_METHODS if name == "none" or LLAVA_ONEVISION.unsupported(
         policy_for(info, name, ratio=0.25, **options.get(name, {})), "video") is None}  # video methods: not yet
     assert {m.name for m in methods} == runs_on_videos  # every method the family runs on videos
+    assert sweep.benchmarks.split(",") == ["video_mc", "activitynet_qa"]  # the multiple-choice set, ActivityNet-QA
     for chosen in (m for m in methods if m.name != "none"):
         for ratio in (float(r) for r in str(sweep["budget.ratio"]).split(",")):
             if (chosen.name, ratio) == ("sparsevlm", 0.10):
