@@ -7,7 +7,9 @@ Registered through the entry-point group `lmms_eval.models` (visiondrop/harness/
 Model args (`--model_args k=v,...`, or keywords of `PrunedLVLM(...)` for `simple_evaluate(model=instance)`):
 - pretrained: local folder or hub id of a checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
   Video-LLaVA: `visiondrop.families`); video tasks (visuals that are video file paths) need a family that takes
-  videos: each video is decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`);
+  videos: each video is decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`); stock task
+  modules that import decord (LongVideoBench) load with a stand-in that the model installs when it is built
+  (`visiondrop.harness.stock_tasks`);
 - method (default "none") and budget (average visual tokens per decoder layer; "full"/None = the method's own
   setting), passed to `visiondrop.apply`; any other key=value is a method option (`k=3`, `layer_list=[8,16,24]`,
   `schedule={"encoder":[42,6],...}`: values are read as JSON or Python literals, else kept as strings);
