@@ -42,6 +42,7 @@ class Pruner:
         self.trace = Trace()
         self._visual: Tensor | None = None  # image-token mask of the forward in flight
         self._frames: Tensor | None = None  # video frames per sample of the forward in flight
+        self._padding_slots: Tensor | None = None  # placeholders per sample in the left padding of that forward
         # id(features) -> (weak ref, filled slots, origins) per image of the last encoding, and the images of the
         # forward in flight as (filled slots, origins)
         self._encoded: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}
@@ -106,7 +107,13 @@ class Pruner:
             self._visual = None  # no image in this forward, whatever token ids it holds (decode steps)
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._visual = self.family.image_token_mask(self.model, input_ids, kwargs.get("inputs_embeds"))
+        placeholders = self.family.image_token_mask(self.model, input_ids, kwargs.get("inputs_embeds"))
+        # placeholders in the left padding hold what fills a batch's shorter samples up to a host's one tensor (the
+        # padded frames of a shorter video): padding, never visual tokens
+        mask = kwargs.get("attention_mask")
+        real = None if mask is None or placeholders is None else mask.bool()
+        self._visual = placeholders if real is None else placeholders & real
+        self._padding_slots = None if real is None else (placeholders & ~real).sum(1)
         self._frames = self.family.video_frames(self.model, input_ids, kwargs)
         if (self.policy.encoder_layer is not None and "video" not in self.family.feature_functions
                 and self._frames is not None and bool(self._frames.any())):
@@ -119,9 +126,10 @@ class Pruner:
             raise NotImplementedError(_MIXED)
         features, valid, origins, side = reduce_images(self.model, self.family, self.policy, modality, args, kwargs)
         if self.family.stacks_features(modality):
-            # generate() copies the rows of a stacked tensor when it repeats them: known by their first token
+            # generate() copies the rows of a stacked tensor when it repeats them: known by the sum of their tokens
+            # (not the first alone: rows that begin alike, as shorter videos padded with the same frames, differ later)
             self._encoded = {}
-            self._fingerprints = [(f[0].clone(), v, o) for f, v, o in zip(features, valid, origins)]
+            self._fingerprints = [(f.sum(0), v, o) for f, v, o in zip(features, valid, origins)]
             features = torch.stack(features)
         else:
             self._encoded = {id(f): (weakref.ref(f), v, o) for f, v, o in zip(features, valid, origins)}
@@ -160,11 +168,13 @@ class Pruner:
 
     def _own_images(self, features: list[Tensor] | Tensor) -> list[tuple[Tensor, Tensor]] | None:
         """The bookkeeping of pre-encoded features, found by identity (repeats are the same tensors; rows of a
-        stacked tensor by their first token); None if any of them did not come from this method's last encoding."""
+        stacked tensor by the sum of their tokens); None if any of them did not come from this method's last
+        encoding."""
         images = []
         for f in features:
             if isinstance(features, Tensor):
-                found = next(((v, o) for first, v, o in self._fingerprints if torch.equal(f[0], first)), None)
+                total = f.sum(0)
+                found = next(((v, o) for key, v, o in self._fingerprints if torch.equal(total, key)), None)
             else:
                 ref, valid, origins = self._encoded.get(id(f), (None, None, None))
                 found = (valid, origins) if ref is not None and ref() is f else None
@@ -241,6 +251,7 @@ class Pruner:
         if images is None or len(images) != len(samples):
             raise RuntimeError("the image features of this forward were not produced by the applied method")
         device = run.hidden.device
+        images = [self._unpadded(b, *image) for b, image in zip(samples, images)]
         selections = {b: (images[i][0].to(device), None, None, 0, None) for i, b in enumerate(samples)}
         # a family that keeps positions gives each token its original slot's (-1: the family's merged position)
         slots = {b: images[i][1].to(device) for i, b in enumerate(samples)}
@@ -250,6 +261,16 @@ class Pruner:
         trace.add_cut("encoder", [run.origins[b] if b in selections else run.origins[b][:0]
                                   for b in range(len(run.origins))])
         return run
+
+    def _unpadded(self, sample: int, filled: Tensor, origins: Tensor) -> tuple[Tensor, Tensor]:
+        """A sample's filled slots and their origins without the slots that lie in its left padding (the first
+        placeholders of its features, which the host scatters there), counted from its first real placeholder."""
+        skip = 0 if self._padding_slots is None else int(self._padding_slots[sample])
+        if not skip:
+            return filled, origins
+        real = filled >= skip
+        origins = origins[real]
+        return filled[real] - skip, torch.where(origins >= 0, origins - skip, origins)
 
 
 _MIXED = ("a batch that mixes images and videos is not supported with an encoder-side method: the engine lays "

@@ -117,12 +117,16 @@ class Family:
 
     @staticmethod
     def token_count(model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any], token_id: int) -> Tensor:
-        """[B] how many of each sample's tokens are `token_id`, from its ids or, without them, its embeddings."""
+        """[B] how many of each sample's real tokens (its attention mask's) are `token_id`, from its ids or, without
+        them, its embeddings."""
         if input_ids is not None:
-            return (input_ids == token_id).sum(1)
-        embeds = kwargs["inputs_embeds"]
-        token = model.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
-        return (embeds == token).all(-1).sum(1)
+            found = input_ids == token_id
+        else:
+            embeds = kwargs["inputs_embeds"]
+            token = model.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
+            found = (embeds == token).all(-1)
+        mask = kwargs.get("attention_mask")
+        return (found if mask is None else found & mask.bool()).sum(1)
 
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
         """[B] the frames of each sample's video in a forward with `input_ids` and keywords `kwargs` (0 for a sample
