@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.core import ModelInfo
-from visiondrop.engine import DecoderCut, EncoderView, Policy, Selection
+from visiondrop.engine import DecodeStep, DecoderCut, EncoderView, Policy, Selection
 from visiondrop.methods import Method, Overhead
 
 LAYERS = (2, 6, 10, 14)  # the filters run at these layers' outputs (of a 32-layer decoder)
@@ -134,13 +134,16 @@ class MustDrop(Policy):
     merges_in_tower = True
     merges_at_layer_output = True
     scan_layers = (KEY_LAYER,)
+    decode_evicts = True  # official: each layer's cut cache length positions its decode tokens
 
     def __init__(self, info: ModelInfo, layers: tuple[int, ...], global_thr: float, individual_thr: float,
-                 budget: float | None):
-        self.info, self.layers, self.global_thr, self.individual_thr, self.budget = (
-            info, layers, global_thr, individual_thr, budget)
+                 budget: float | None, prune_cache: bool = True):
+        self.info, self.layers, self.global_thr, self.individual_thr, self.budget, self.prune_cache = (
+            info, layers, global_thr, individual_thr, budget, prune_cache)
         self.encoder_layer = info.vision_layer
         self.cut_layers = tuple(layer + 1 for layer in layers)  # a layer's output = the next layer's input
+        if prune_cache:  # the layers from the first filter's to the last's cache only what the last filter kept
+            self.decode_layers = tuple(range(layers[0], layers[-1] + 1))
         self._keys: dict[int, Tensor] = {}  # image (`EncoderView.owners`) -> its key tokens' places in its block
         self._scale: dict[int, float] = {}  # image -> 576 / its patches before the merge: the thresholds' factor
         self._entering: dict[int, list[int]] = {}  # sample -> visual tokens entering the decoder, then each cut's
@@ -198,6 +201,9 @@ class MustDrop(Policy):
             self._entering[b].append(len(keep[-1]))
         return Selection(keep)
 
+    def select_cached(self, step: DecodeStep) -> list[Tensor | None]:
+        return step.kept_later
+
     def image_of(self, sample: int, with_images: set[int]) -> int:
         """The encoded image (`EncoderView.owners`) of a batch row: the rows with an image take them in order, and
         where there are more rows than images, generate() has repeated every row alike (num_return_sequences,
@@ -218,7 +224,7 @@ class MustDrop(Policy):
     def describe(self) -> dict:
         described = {"method": self.name, "layers": list(self.layers), "global_thr": self.global_thr,
                      "individual_thr": self.individual_thr, "merge_threshold": MERGE_THRESHOLD, "key_rate": KEY_RATE,
-                     "budget_row": self.budget, "decode_cache_stage": "not implemented"}
+                     "budget_row": self.budget, "prune_cache": self.prune_cache}
         complete = {b: e for b, e in self._entering.items() if len(e) == len(self.cut_layers) + 1}
         if complete:
             counts = self.tokens_per_layer(min(complete))
@@ -231,10 +237,12 @@ def smallest_budget(info: ModelInfo) -> float:
 
 
 def policy(info: ModelInfo, budget: float | None = None, global_thr: float | None = None,
-           individual_thr: float | None = None, layers: list[int] | None = None) -> Policy:
+           individual_thr: float | None = None, layers: list[int] | None = None, prune_cache: bool = True) -> Policy:
     """MustDrop with the thresholds of the paper's `budget` row (192, 128, 64 of 576) or given `global_thr` and
     `individual_thr`; `layers`: the filters' layers (their outputs) of a 32-layer decoder, by relative depth (by
-    default the official four, or as many of the first as a shallower decoder has distinct layers for)."""
+    default the official four, or as many of the first as a shallower decoder has distinct layers for);
+    `prune_cache=False` turns the decode-time cache stage off (every layer keeps the cache of the tokens it
+    processed)."""
     if layers is None:  # a decoder too shallow for four distinct filters (the 4-layer demo) runs the first ones
         layers = LAYERS[:max(1, min(len(LAYERS), info.n_layers - 1))]
     layers = info.relative_layers(list(layers), "MustDrop layers", lowest=0, spare=1)
@@ -242,7 +250,7 @@ def policy(info: ModelInfo, budget: float | None = None, global_thr: float | Non
         raise ValueError("MustDrop takes global_thr= and individual_thr= together (its scripts' --global_thr and "
                          "--individual_thr)")
     if global_thr is not None:
-        return MustDrop(info, layers, float(global_thr), float(individual_thr), None)
+        return MustDrop(info, layers, float(global_thr), float(individual_thr), None, prune_cache)
     if budget is None:
         raise ValueError("MustDrop needs a budget (192, 128 or 64 of 576) or global_thr= and individual_thr=")
     row = round(budget * OFFICIAL_N_VISUAL / info.n_visual, 9)
@@ -252,7 +260,7 @@ def policy(info: ModelInfo, budget: float | None = None, global_thr: float | Non
                          f"model), whose thresholds its scripts give, got {budget:g}; its counts follow the image, so "
                          f"pass global_thr= and individual_thr= for other settings. The smallest reachable budget is "
                          f"{smallest_budget(info):g}")
-    return MustDrop(info, layers, *THRESHOLDS[int(row)], budget)
+    return MustDrop(info, layers, *THRESHOLDS[int(row)], budget, prune_cache)
 
 
 METHOD = Method("mustdrop", "MustDrop", policy, smallest_budget, replaces_budget=("global_thr", "individual_thr"),

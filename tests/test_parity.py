@@ -256,8 +256,8 @@ CASES = [
            precondition=tome_layer0_metric, robust=lambda run: run.official["fragile"] or None)
       for name, options in (("tome208", {"r": 16}), ("tome192", {"budget": 192}), ("tome128", {"budget": 128}),
                             ("tome64", {"budget": 64}))],
-    # MustDrop's decode-time KV-cache stage is not in the engine: its rows compare the prefill (steps=1)
-    *[Case(f"mustdrop/{name}", "mustdrop", options, variant, steps=1, kept=mustdrop_kept,
+    # the decode steps include MustDrop's cache stage (layers 2-14 cut to the last filter's tokens, shifted positions)
+    *[Case(f"mustdrop/{name}", "mustdrop", options, variant, kept=mustdrop_kept,
            cuts=lambda official: ["encoder", "layer 3", "layer 7", "layer 11", "layer 15"],
            described=lambda official: {"global_thr": official["global_thr"],
                                        "individual_thr": official["individual_thr"],

@@ -328,22 +328,27 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         if cut_here or not segments:
             rope = family.rotary(lm, run.hidden, run.pos)
             mask4d = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype)
-            blocked = replayed = None
+            blocked = replayed = replayed_rope = None
             segments.append(Segment([], run.mask, family.next_position(run.pos), list(run.vis_index),
                                     run.before_cut if cut_here else None))
         segments[-1].layers.append(i)
         trace.add_layer(run.vis_len)
         prev_hidden = run.hidden
-        layer_mask = mask4d
+        layer_mask, layer_rope = mask4d, rope
         if history and i in decode_layers:  # the generated tokens attend as at their decode steps
             if blocked is None:  # this segment's first decode layer
                 blocked = _blocked([step[i] for step in history], run)
                 replayed = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, blocked=blocked)
-            layer_mask = replayed
+                replayed_rope = rope
+                if _evicts(family, policy):  # and at the positions they took there
+                    shifted = run.pos.clone()
+                    shifted[..., -len(history):] -= blocked.sum(-1).to(shifted.dtype)
+                    replayed_rope = family.rotary(lm, run.hidden, shifted)
+            layer_mask, layer_rope = replayed, replayed_rope
         if i in policy.bidirectional_layers:  # this prefill layer attends over every real token (no causal mask)
             layer_mask = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, causal=False,
                                      blocked=blocked if history and i in decode_layers else None)
-        run.hidden = layer(run.hidden, attention_mask=layer_mask, position_embeddings=rope,
+        run.hidden = layer(run.hidden, attention_mask=layer_mask, position_embeddings=layer_rope,
                            use_cache=cache is not None, **cache_kwargs(cache))
         if run.side is not None and i in run.side_layers:
             run.hidden = add_side(run, i)
@@ -387,6 +392,16 @@ def _check_decode_layers(policy: Policy, n_layers: int) -> set[int]:
     return decode_layers
 
 
+def _evicts(family: Family, policy: Policy) -> bool:
+    """Whether the visual keys a decode-time selection leaves out shift the decode positions (`Policy.decode_evicts`)."""
+    return policy.decode_evicts and policy.renumber_positions and not family.fixed_positions
+
+
+def _evicted(selection: list[Tensor | None], like: Tensor) -> Tensor:
+    """[B]: how many cached visual keys each row's decode-time selection left out (as `like`'s dtype and device)."""
+    return torch.stack([like.new_zeros(()) if chosen is None else (~chosen).sum().to(like) for chosen in selection])
+
+
 def _blocked(history: list[list[Tensor | None]], run: Running) -> Tensor:
     """[B, r, L]: the visual keys that each of the last r tokens did not attend to at its decode step."""
     batch, length = run.hidden.shape[:2]
@@ -422,15 +437,19 @@ def decode(family: Family, lm: nn.Module, policy: Policy, hidden: Tensor, attent
         rope = family.rotary(lm, hidden, family.continued(seg.next_pos, q_len))
         mask4d = causal_mask(lm.config, kv_mask, q_len, hidden.dtype)
         own = [i for i in seg.layers if i in decode_layers]
-        selection, selected_mask = None, None
+        selection, selected_mask, selected_rope = None, None, rope
         for i in seg.layers:
             if own and i == own[0]:  # chosen at the scoring layer, before, or now
                 selection = chosen[i] = selection or _select(policy, cached, seg, own, None)
                 selected_mask = causal_mask(lm.config, _attended(kv_mask, seg.visual, selection), q_len, hidden.dtype)
+                if _evicts(family, policy):  # the positions that follow the cache without the keys left out
+                    evicted = _evicted(selection, seg.next_pos)
+                    selected_rope = family.rotary(lm, hidden, family.continued(seg.next_pos - evicted, q_len))
             cached_visual.append(([len(at) for at in seg.visual], selection if i in decode_layers else None))
             entering = hidden
             hidden = layers[i](hidden, attention_mask=selected_mask if i in decode_layers else mask4d,
-                               position_embeddings=rope, use_cache=True, **cache_kwargs(cache))
+                               position_embeddings=selected_rope if i in decode_layers else rope, use_cache=True,
+                               **cache_kwargs(cache))
             if i == policy.decode_scoring_layer:
                 rows = cached_attention(layers[i], entering, *rope, cached_keys(cache, i), kv_mask, family.rotate)
                 selection = _select(policy, cached, seg, own, rows)

@@ -208,6 +208,12 @@ class Policy:
     #: The decoder layer whose attention from the decode queries `select_cached` sees (`DecodeStep.attention`): one
     #: before the decode layers, all of them caching the same tokens as it; None: no attention rows.
     decode_scoring_layer: int | None = None
+    #: Decode-time KV selection: the visual keys `select_cached` leaves out count as evicted from the cache, so the new
+    #: tokens at the decode layers take the positions that follow a cache without them (the segment's next position
+    #: minus the tokens left out at that step), as official code that physically cuts its caches and positions each
+    #: decode token by its layer's cache length (MustDrop); only where positions are renumbered (a policy that
+    #: renumbers on a family without `fixed_positions`). False: every decode layer of a segment takes its position.
+    decode_evicts: bool = False
 
     def renumbers_at(self, layer_idx: int) -> bool:
         """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose cuts

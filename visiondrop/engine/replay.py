@@ -34,6 +34,7 @@ class Replay(Policy):
         self.merge_in_tower = policy.merge_in_tower
         self.merges_at_layer_output = policy.merges_at_layer_output
         self.decode_layers = policy.decode_layers
+        self.decode_evicts = policy.decode_evicts
         self.decode_scoring_layer = None  # the recorded selections need no attention rows
         self._policy = policy
         self._prompt_length, self._decode_steps = trace.prompt_length, trace.decode_steps
