@@ -159,7 +159,7 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
             model(**batch)
         return
     singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
-    handle = videos_batch_equals_alone(model, name, ratio, run, batch, singles, VIDEO_TOKENS, NEW_TOKENS)
+    handle, _ = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS, ratio=ratio)
     measured = handle.trace.mean_tokens[0]
     if name == "none":
         assert measured == VIDEO_TOKENS
@@ -264,7 +264,7 @@ def test_beam_search_on_videos_with_an_encoder_stage(model_and_processor, batch,
 def test_flops_formula_matches_torch_flop_counter(model_and_processor, clips):
     """The formula gives what FlopCounterMode counts on a video: the tower on the 729 patches of every frame, the
     projector on all of them (before the 2x2 pooling, no matrix product), 196 tokens a frame and the newline in the
-    decoder; an encoder stage selects among the pooled tokens, so it projects as much."""
+    decoder; an encoder cut selects among the pooled tokens, so it projects as much."""
     from visiondrop.efficiency.flops import (checkpoint_dims, flop_counter, measure_schedule, overhead_flops,
                                              prefill_flops)
     from visiondrop.families import flops_dims

@@ -4,13 +4,14 @@ separate spans of the prompt, each after its text timestamp (`<t seconds><|visio
 The tiny model has the real structure (tests/test_qwen3_vl.py); float64, so that a batch and each sample alone give
 the same scores to the last bit among hundreds of tokens. Methods run at a retention ratio.
 """
+from contextlib import contextmanager
+from functools import partial
+
 import pytest
 import torch
 
 import visiondrop
-from helpers import IMAGE_METHODS, LayerCounter, greedy
-from visiondrop.api import Handle
-from visiondrop.engine.replay import Replay
+from helpers import IMAGE_METHODS, videos_batch_equals_alone
 from visiondrop.harness.video import read_frames
 from visiondrop.methods import method
 from visiondrop.testing.tiny import load_tiny
@@ -93,51 +94,43 @@ def ratio_of(name: str) -> float:
     return method(name).example_budget / 576
 
 
+@contextmanager
+def keeps_the_timestamps(model, name: str, single: dict, handle):
+    """Around a video's run alone: every text token (the timestamps) is still there after every cut of its prefill,
+    in its order, and every kept frame token stays between its own timestamps (temporal positions never decrease)."""
+    positions = Positions(model)
+    try:
+        yield
+    finally:
+        positions.close()
+    stock = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"],
+                                       video_grid_thw=single["video_grid_thw"])[0][:, 0]
+    is_text = single["mm_token_type_ids"][0] == 0
+    for pos in [p[:, 0] for p in positions.seen[:len(handle.trace.cuts) + 1]]:  # the prompt's, then after each cut
+        text_rows = _subsequence(pos, stock[:, is_text])
+        assert text_rows is not None, f"{name}: a text token (a timestamp?) is missing or moved"
+        assert pos.shape[1] - len(text_rows) in {280, *handle.trace.tokens_per_layer[0]}
+        assert bool((pos[0].diff() >= 0).all()), f"{name}: a frame's token left its span"
+
+
 @pytest.mark.parametrize("name", IMAGE_METHODS)  # the video methods: not yet on Qwen3-VL's timestamped spans
 def test_every_method_on_videos(model_and_processor, batch, clips, name):
     """A batch of two videos with prompts of different lengths equals each alone; cached decoding equals re-running
     the prompt with the prefill's decisions; the tokens entering each decoder layer, counted with forward pre-hooks,
-    are the trace's, and meet the ratio; every text token (the timestamps) is still there after every cut, in its
-    order, and every kept frame token stays between its own timestamps (temporal positions never decrease)."""
+    are the trace's, and meet the ratio; the timestamps and spans hold after every cut (`keeps_the_timestamps`)."""
     model, processor = model_and_processor
     ratio = ratio_of(name)
-    with visiondrop.apply(model, name, **({} if name == "none" else {"ratio": ratio})) as handle:
-        tokens, logits = run(model, batch)
-        trace = handle.trace
-        for i, question in enumerate(QUESTIONS):
-            single = encode(processor, [question], clips[i:i + 1])
-            counter, positions = LayerCounter(model), Positions(model)
-            try:
-                alone_tokens, alone_logits = run(model, single)
-            finally:
-                counter.close()
-                positions.close()
-            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
-            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
-            torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8,
-                                       msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
-            assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
-            n_text = int(single["attention_mask"].sum()) - 280
-            measured = [n - n_text for n in counter.lengths[:36]]  # the prefill
-            assert measured == handle.trace.tokens_per_layer[0]
-            if name != "none":  # the method's share of the nominal image, of the video's own 280 tokens (within one
-                # token per temporal patch: whole counts per frame)
-                described = handle.policy.describe()
-                share = described.get("mean_tokens_entering_layers", described.get("equivalent_tokens")) / 576
-                assert abs(sum(measured) / 36 - share * 280) <= 4 + 1, (name, measured)
-                assert abs(share - ratio) < 0.05, (name, described)
-            stock = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"],
-                                               video_grid_thw=single["video_grid_thw"])[0][:, 0]
-            is_text = single["mm_token_type_ids"][0] == 0
-            prefill = [p[:, 0] for p in positions.seen[:len(trace.cuts) + 1]]
-            for pos in prefill:  # the prompt's, then after each cut
-                text_rows = _subsequence(pos, stock[:, is_text])
-                assert text_rows is not None, f"{name}: a text token (a timestamp?) is missing or moved"
-                assert pos.shape[1] - len(text_rows) in {280, *handle.trace.tokens_per_layer[0]}
-                assert bool((pos[0].diff() >= 0).all()), f"{name}: a frame's token left its span"
-    if name != "none":  # no decisions to replay: its cached decoding is the stock model's (test above)
-        with Handle(model, Replay(handle.policy, trace)):
-            assert torch.equal(greedy(model, batch, NEW_TOKENS, use_cache=False), tokens), f"{name}: cached vs replayed"
+    singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
+    handle, trace = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS,
+                                              during_alone=partial(keeps_the_timestamps, model, name),
+                                              **({} if name == "none" else {"ratio": ratio}))
+    if name != "none":  # the method's share of the nominal image, of each video's own 280 tokens (within one token
+        # per temporal patch: whole counts per frame)
+        described = handle.policy.describe()
+        share = described.get("mean_tokens_entering_layers", described.get("equivalent_tokens")) / 576
+        assert all(abs(sum(measured) / 36 - share * 280) <= 4 + 1 for measured in trace.tokens_per_layer), \
+            (name, trace.tokens_per_layer)
+        assert abs(share - ratio) < 0.05, (name, described)
 
 
 def _subsequence(positions: torch.Tensor, text: torch.Tensor) -> list[int] | None:

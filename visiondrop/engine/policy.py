@@ -31,14 +31,26 @@ class Selection:
     vectors), so that the features that travel with the tokens (`Family.side_features`: Qwen3-VL's DeepStack
     rows) merge alike; a policy that merges before the host's last side-feature layer must give them.
     At decoder cuts keep, merged and slots may each be a list of G rows instead, where the samples keep different
-    counts (methods whose counts depend on the content).
+    counts (methods whose counts depend on the content), and keep may be a boolean mask [G, n] over the current
+    visual tokens (those kept, in their order), so that a policy whose counts depend on the content reads no count
+    on the host (the engine turns it into indices, `indices`);
+    trailing: decoder cuts, the last `trailing` entries of each sample's keep are laid out after its merged tokens
+    instead of before them (a video's tokens after its frames, `DecoderCut.trailing`, which a merging video method
+    keeps after what it made of the frames, as LLaVA-NeXT appends its newline after them).
     """
 
     keep: Tensor | list[Tensor]
     merged: Tensor | list[Tensor] | None = None
-    weights: Tensor | None = None
+    weights: Tensor | list[Tensor] | None = None
     features: Tensor | None = None
     slots: Tensor | list[Tensor] | None = None
+    trailing: int = 0
+
+    def indices(self) -> Tensor | list[Tensor]:
+        """keep as indices: a boolean mask's kept tokens per sample (a host read, the engine's), else keep."""
+        if isinstance(keep := self.keep, Tensor) and keep.dtype == torch.bool:
+            return [row.nonzero()[:, 0] for row in keep]
+        return keep
 
 
 @dataclass
@@ -55,8 +67,9 @@ class DecoderCut:
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.
     `frames` is the group's video frames (0: its samples hold images): the original visual block is `frames` frames
-    of `original_visual / frames` tokens each, frame after frame (what video methods reduce; a cut before layer 0
-    still sees that layout).
+    of `(original_visual - trailing) / frames` tokens each, frame after frame, then `trailing` tokens that belong to no frame
+    (`Family.video_trailing`: LLaVA-OneVision's newline after the video); what video methods reduce
+    (`methods.shared.video_layout`; a cut before layer 0 still sees that layout).
     """
 
     layer_idx: int
@@ -73,6 +86,7 @@ class DecoderCut:
     rotate: Rotate = Family.rotate
     final_norm: nn.Module | None = None
     frames: int = 0
+    trailing: int = 0
 
     @property
     def n_visual(self) -> int:
@@ -118,36 +132,36 @@ class Policy:
     name: str = "none"
     #: True: positions are renumbered contiguously after a cut; False: tokens keep their original positions.
     renumber_positions: bool = True
-    #: Vision-tower layer (0-based) whose output an encoder-side stage reduces; None: no encoder stage.
+    #: Vision-tower layer (0-based) whose output an encoder cut reduces; None: no encoder cut.
     encoder_layer: int | None = None
     #: Decoder layers (0-based) before which the policy cuts.
     cut_layers: tuple[int, ...] = ()
-    #: Encoder stage: lay the kept tokens out in the host's own layout (`Family.lay_out`; LLaVA-NeXT: unpadding
+    #: Encoder cut: lay the kept tokens out in the host's own layout (`Family.lay_out`; LLaVA-NeXT: unpadding
     #: and image-newline tokens) instead of the compact one of the official VisionDrop/VisionZip code.
     native_layout: bool = False
-    #: Encoder stage: the vision tower runs with eager attention and the importance rows are its own attention
+    #: Encoder cut: the vision tower runs with eager attention and the importance rows are its own attention
     #: probabilities (`Family.encoder_view(eager_encoder=True)`), bit-identical to official code that asks for
     #: `output_attentions`; for policies whose selection hangs on float ties. Default: the tower's own attention
     #: (SDPA) with the rows recomputed from one layer's q/k.
     eager_encoder: bool = False
-    #: Encoder stage: the policy reads the tower's own features (`EncoderView.hidden` before the projector, e.g.
+    #: Encoder cut: the policy reads the tower's own features (`EncoderView.hidden` before the projector, e.g.
     #: CDPruner's CLIP relevance), not only its rows: a host whose view is already projected cannot serve it.
     tower_features: bool = False
-    #: Encoder stage: further vision-tower layers (0-based) whose importance rows the view carries
+    #: Encoder cut: further vision-tower layers (0-based) whose importance rows the view carries
     #: (`EncoderView.importance_at`), e.g. a shallow layer's CLS attention.
     scan_layers: tuple[int, ...] = ()
 
     def instruct(self, questions: list[str] | None) -> None:
         """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
         questions batch by batch); only text-conditioned policies use them (CDPruner)."""
-    #: Encoder stage: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
+    #: Encoder cut: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
     received_attention: bool = False
-    #: Encoder stage: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
+    #: Encoder cut: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
     #: (`merge_in_tower`), where the family's tower supports it (`EncoderView.merged_in_tower`)
     merges_in_tower: bool = False
 
     def renumbers_at(self, layer_idx: int) -> bool:
-        """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose stages
+        """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose cuts
         differ; default `renumber_positions`)."""
         return self.renumber_positions
 
@@ -155,7 +169,7 @@ class Policy:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""
 
     def select_encoder(self, view: EncoderView) -> Selection:
-        raise NotImplementedError(f"{self.name} has no encoder stage")
+        raise NotImplementedError(f"{self.name} has no encoder cut")
 
     def merge_in_tower(self, layer: int, hidden: Tensor, metric: Tensor) -> Tensor:
         """Inside tower layer `layer`, between its attention and its MLP: the tokens [N, T, D] merged into fewer,

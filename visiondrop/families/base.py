@@ -39,6 +39,9 @@ class Family:
     #: a sample's visual tokens may lie in several spans separated by text (Qwen3-VL: a video's frames, each after
     #: its timestamp): decoder cuts treat them as one set, and each kept token stays in its span
     visual_spans: bool = False
+    #: tokens a video's visual block holds after its frames that belong to no frame (LLaVA-OneVision: the one
+    #: image-newline token after the whole video); the video methods see them apart (`DecoderCut.trailing`)
+    video_trailing: int = 0
     image_token: str = "<image>"  # the placeholder its processor expands
     special_tokens: tuple[str, ...] = ()  # tokens its prompts need beyond LLaVA's (tiny tokenizers add them)
     #: image sizes (width, height) of different token counts or layouts on this family: the sizes a batch mixes in
@@ -186,7 +189,7 @@ class Family:
         family's token count depends on it (anyres grids); None for the family's default benchmark image."""
         raise NotImplementedError
 
-    # -- the encoder stage -------------------------------------------------------------------------------------
+    # -- the encoder cut ---------------------------------------------------------------------------------------
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         """The images of a `get_image_features(pixel_values, *args, **kwargs)` call, with the model's defaults."""
         raise NotImplementedError
@@ -222,7 +225,7 @@ class Family:
         raise NotImplementedError
 
     def encoder_output(self, features: list[Tensor], side: list[Tensor] | None) -> ModelOutput:
-        """What the host's image-feature function returns, from the encoder stage's features per image (and their
+        """What the host's image-feature function returns, from the encoder cut's features per image (and their
         side rows [slots, S, D], where the family has side features)."""
         return BaseModelOutputWithPooling(last_hidden_state=features[0], pooler_output=features)
 
@@ -238,7 +241,7 @@ class Family:
         The engine carries each token's rows through the cuts and adds them after those layers (`engine.decoder`)."""
 
     def unsupported(self, policy: Any, modality: str) -> str | None:
-        """Why this family cannot run the encoder stage of `policy` (an `engine.Policy`) on `modality`, or None: the
+        """Why this family cannot run the encoder cut of `policy` (an `engine.Policy`) on `modality`, or None: the
         engine refuses such a forward with NotImplementedError naming the reason."""
         return None
 
