@@ -112,7 +112,8 @@ class VScan(Policy):
         chosen = torch.cat([local, deep.topk(n_global, dim=1).indices], dim=1)
         kept = chosen.sort(dim=1).values
         projected = view.project(view.hidden[:, first:])
-        merged = merge_into_nearest(projected, kept, self.eager_encoder)
+        # crop by crop: the official cosine materialises [dropped, kept, D] (at LLaVA's width 0.75 GB a crop)
+        merged = torch.cat([merge_into_nearest(p[None], k[None], self.eager_encoder) for p, k in zip(projected, kept)])
         return Selection(kept + first, features=merged)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
