@@ -20,12 +20,15 @@ BATCH = 2
 #: method -> {"<policy call>: <operation>": (reads allowed, per "forward" / "sample" / "crop" (of every sample))}
 REMAINING = {
     # one per cut: that every prompt has pivot_text tokens after the image (a clear error otherwise), and the
-    # official pivot order, which is Python's iteration order of a set of ints (emulated on the host)
+    # official pivot order, which is Python's iteration order of a set of ints (emulated on the host; inherent to
+    # the official order: pivot_order="position" sorts on the device)
     "dart": {"select_decoder: __int__": (1, "forward"), "select_decoder: tolist": (1, "forward")},
     # per sample, once per forward: its raters, the text tokens after its image whose relevance is above their mean
-    # (a count that differs per sample)
+    # (a count that differs per sample; a mask instead would change the float order of the official raters' mean,
+    # on which the parity case's kept sets hang)
     "sparsevlm": {"prepare: __int__": (1, "sample"), "prepare: nonzero": (1, "sample")},
-    # once per image batch on LLaVA-NeXT: its crops grouped by their count of valid (unpadded) patches
+    # once per image batch on LLaVA-NeXT: its crops grouped by their count of valid (unpadded) patches, the length
+    # of the list its diverse rounds thin (a padded list would pair other tokens than the official rounds)
     "vispruner": {"select_encoder: tolist": (1, "forward")},
     # per sample, once per forward: the per-frame budgets (a count per frame, each a top-k size)
     "vidcom2": {"select_decoder: tolist": (1, "sample")},
