@@ -30,6 +30,10 @@ REMAINING = {
     # once per image batch on LLaVA-NeXT: its crops grouped by their count of valid (unpadded) patches, the length
     # of the list its diverse rounds thin (a padded list would pair other tokens than the official rounds)
     "vispruner": {"select_encoder: tolist": (1, "forward")},
+    # per sample: the patches its image kept (its key set's size), and at each of the 4 cuts where its text starts
+    # (the filter's rows) and the tokens it keeps (thresholds: a count that differs per sample)
+    "mustdrop": {"select_encoder: __int__": (1, "sample"), "select_decoder: __int__": (4, "sample"),
+                 "select_decoder: nonzero": (4, "sample")},
     # per sample, once per forward: the per-frame budgets (a count per frame, each a top-k size)
     "vidcom2": {"select_decoder: tolist": (1, "sample")},
     # not yet vectorised: its temporal segmentation and per-segment clustering read segment boundaries and

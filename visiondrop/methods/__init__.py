@@ -36,10 +36,12 @@ METHODS = {
     "fastervlm": "baselines.fastervlm",
     "hiprune": "baselines.hiprune",
     "tome": "baselines.tome",
+    "mustdrop": "baselines.mustdrop",
     "evs": "baselines.evs",
     "vidcom2": "baselines.vidcom2",
     "dycoke": "baselines.dycoke",
     "prunevid": "baselines.prunevid",
+    "fastvid": "baselines.fastvid",
 }
 
 
@@ -64,6 +66,8 @@ class Overhead:
     rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters);
     key_norms: the keys of every token at a decoder cut, for their norms, where no attention rows need them (DART);
     pivots: tokens whose similarity to every visual token is computed at a decoder cut (DART's pivots);
+    frame_pairs: the distance between every two tokens of a video frame at a decoder cut (FastVID's densities; frames
+    of `Dims.visual_per_crop` tokens);
     selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
     at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
     eager_encoder: the encoder cut reads its CLS row from an eager tower's own probabilities (False: it
@@ -80,6 +84,7 @@ class Overhead:
     rater_choice: bool = False
     key_norms: bool = False
     pivots: int = 0
+    frame_pairs: bool = False
     selection: Callable[[Cut, int], int] | None = None
     eager_encoder: bool = False
     projected: Callable[[Cut, int], int] | None = None
@@ -120,6 +125,9 @@ class Method:
     #: keeps exactly the count `describe()` states; False where the count depends on the video (per-frame budgets
     #: rounded per frame, as VidCom2's official code does): within a token a frame of it
     exact_count: bool = True
+    #: its counts follow each image's content (thresholds: MustDrop): a budget names a setting, not a count, and
+    #: `describe()` states what the last forward measured; a ratio keeps no share of an image
+    counts_follow_content: bool = False
 
     @property
     def options(self) -> dict[str, Any]:
