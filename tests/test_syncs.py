@@ -40,6 +40,9 @@ REMAINING = {
     # cluster sizes on the host, per frame (a crop of a video)
     "prunevid": {"select_decoder: tolist": (1, "sample"), "select_decoder: __getitem__": (3, "crop"),
                  "select_decoder: __int__": (2, "crop")},
+    # per sample: the frames' static-place counts for its windows' dynamic programme (run on the host, as the
+    # official one), the static places of each window, and the inner merge's rounds (its most members of a target)
+    "holitom": {"select_decoder: tolist": (2, "sample"), "select_decoder: __int__": (1, "sample")},
 }
 
 
