@@ -1,5 +1,5 @@
 """MustDrop (arXiv 2411.10803, "Multi-stage vision token dropping"): spatial merging in the vision tower, a text-guided
-dual attention filter in prefill that always keeps a key set, and (official, not implemented here) a KV-cache stage.
+dual attention filter in prefill that always keeps a key set, and a KV-cache stage for the decode steps.
 
 As the official code (github.com/liuting20/MustDrop 909afa5, a fork of SparseVLM's LLaVA code: `clip_encoder.py`
 `CLIPVisionModelAcc.custom_forward`, `local_merge.py` `conditional_pooling`, `modelling_sparse_llama.py`
@@ -18,12 +18,15 @@ does it on LLaVA-1.5:
   (question and the prompt's suffix), columns = the current visual tokens, a token is dropped where both its sum over
   the rows is below global_thr x the sum over all visual tokens and its largest row value is below individual_thr;
   the key set is added back; the kept tokens stay in order, positions are renumbered;
-- decoding (the "output-aware cache policy"): after prefill, the KV caches of layers 2-14 are cut down to the tokens
-  that survive the last filter, and decode steps take each layer's cache length as position.
-  NOT IMPLEMENTED HERE: the engine has no decode-time KV selection yet (it is being added for DyCoke); here every
-  layer keeps the cache of the tokens it processed. Prefill (logits, first token, counts) equals the official code;
-  from the second generated token on, layers 2-14 attend to the tokens that later filters dropped, which the
-  official code no longer does (tests/test_parity.py compares the prefill only, and says so).
+- decoding (the "output-aware cache policy", `prune_cache`, on by default): after prefill, the KV caches of the
+  layers from the first filter's (2) to the last's (14) are cut down to the tokens that survive the last filter
+  (`LlamaDynamicvitModel.forward`'s "Sparse kv cache" block: layer 2's by the composed indices of all four filters,
+  3-6's by those of the last three, ...; layers 0-1 keep every token, 15-31 hold the last filter's already), and
+  each decode token takes its layer's cache length as position (`LlamaDynamicvitSdpaAttention.forward`): the whole
+  prompt's length plus the tokens generated at layers 0-1, the last filter's at 2-31. Here: the engine's decode-time
+  KV selection at `decode_layers` 2-14, each segment's `kept_later` (a key mask: the memory is not freed), with
+  `decode_evicts` for the positions. `prune_cache=False`: every layer attends to the tokens it processed, at the
+  positions after them.
 
 Thresholds are attention probabilities, which shrink as images grow: they are stated for LLaVA-1.5's image of 576
 patches, and an image of n patches (before the merge; all its crops or frames) takes them times 576 / n (the
@@ -47,6 +50,8 @@ tiling takes the whole 3 x 3 windows of the grid (a 16 x 16 Video-LLaVA frame le
 unmerged); a sample's key set is its crops' key sets one after another (the compact layout). Towers that cannot
 merge inside (Qwen2.5-VL, Qwen3-VL: the 2x2 merger groups; `Family.encoder_view`) skip the spatial merge and take
 the key set from the mean attention received at their last block; LLaVA-OneVision refuses merging inside SigLIP.
+The cache stage runs on every family; where positions are fixed (the Qwen families' M-RoPE,
+`Family.fixed_positions`) the decode tokens keep their positions, as the prefill's cuts do.
 The tower runs eager, image by image (the official code asks it for attentions): the key set is bit-identical.
 The trace names the visual tokens by their places after the spatial merge (merged windows first), as the official
 indices do. The FLOPs count charges the vision tower in full: the merge's savings in layers 1-23 and its window

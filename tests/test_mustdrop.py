@@ -1,6 +1,8 @@
 """MustDrop: the window similarity, the spatial merge, the key set and the dual filter by hand; budgets and
-thresholds; the key set protected at every cut; the merge inside the tower measured with hooks (parity with the
-official code on the prefill: tests/test_parity.py, fixtures tests/parity/mustdrop)."""
+thresholds; the key set protected at every cut; the merge inside the tower measured with hooks; the decode-time
+cache stage (keys counted from the layers' masks, batch == alone, cache == replay with its shifted positions).
+Parity with the official code on the prefill and every decode step: tests/test_parity.py, fixtures
+tests/parity/mustdrop."""
 import math
 
 import pytest

@@ -393,7 +393,7 @@ def _check_decode_layers(policy: Policy, n_layers: int) -> set[int]:
 
 
 def _evicts(family: Family, policy: Policy) -> bool:
-    """Whether the visual keys a decode-time selection leaves out shift the decode positions (`Policy.decode_evicts`)."""
+    """Whether the keys a decode-time selection leaves out shift the decode positions (`Policy.decode_evicts`)."""
     return policy.decode_evicts and policy.renumber_positions and not family.fixed_positions
 
 
