@@ -27,6 +27,8 @@ CPU whose eager CLIP tower differs in the last bits (its stored layer-22 CLS row
 fixture's row of the same tower and input in 548 of 576 values, by up to 2.4e-8, while the VisPruner row reproduces
 bit for bit on AVX-512), so its merge cosines reproduce on no AVX-512 machine; the official code run here on AVX-512
 (tests/parity/vscan) stored exactly the cosines the harness computes, and the same merge assignments as the shared run.
+CDPruner's cd32 likewise: the shared run's projected tokens and CLIP embeds differ from AVX-512's in the last bits (up
+to 8.6e-5), the run made here (tests/parity/cdpruner) stored the harness's bit for bit, with the same picks.
 """
 from __future__ import annotations
 

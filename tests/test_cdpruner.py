@@ -42,7 +42,8 @@ def parity_kernel(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict
 def test_kernel_and_greedy_map_match_official(parity_model):
     """Relevance and kernel within float noise of the official run's, and the 32 picks in the official order (cd32
     is not fragile: its smallest gap, 2.6e-5, is far above the noise of other kernels, `robustness` in
-    official.json); bit for bit where this CPU reproduces the kernel's inputs."""
+    official.json); bit for bit where this CPU reproduces the kernel's inputs (on AVX-512: cd32 as run again here,
+    tests/parity/cdpruner)."""
     official, logits = load_case("cdpruner", "cd32")
     scores, projected, kernel, inputs = parity_kernel(parity_model)
     torch.testing.assert_close(scores[0], logits["relevance"], rtol=0, atol=1e-5)

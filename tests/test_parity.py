@@ -231,6 +231,7 @@ CASES = [
                                      "eager_encoder": True, "equivalent_tokens": 128},
          precondition=lambda model, inputs: {"cls_attention_head_mean": cls_row(vispruner_view(model, inputs))},
          robust=vispruner_important_kept),
+    # cd32: not fragile, strict against the shared run on any CPU (its kernel bit for bit: tests/test_cdpruner.py)
     Case("cdpruner/cd32", "cdpruner", cdpruner_options, cuts=lambda official: ["encoder"],
          kept=lambda official: [official["kept_indices_sorted"]],
          described=lambda official: {"per_crop": 32, "text": "clip", "guard": False, "equivalent_tokens": 32}),
