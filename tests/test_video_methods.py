@@ -251,3 +251,33 @@ def test_evs_at_rate_zero_is_the_stock_video_llava(tiny_video, demo_videos):
             logits = model(**video).logits
     assert handle.trace.tokens_per_layer == [[2056] * 32]
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_vidcom2_on_llava_onevision_equals_the_official_model(tiny_onevision_dir):
+    """VidCom2 on the tiny LLaVA-OneVision gives the logits (prefill and decode steps, within 1e-3), the greedy
+    tokens, the visual tokens entering every decoder layer and the kept tokens that the official LLaVA-NeXT code of
+    github.com/xuyang-liu16/VidCom2 gives on the same model and video (tests/parity/vidcom2/ov_fixture.pt)."""
+    import importlib.util
+    from pathlib import Path
+
+    from helpers import greedy_with_logits, measure_counts
+
+    folder = Path(__file__).parent / "parity" / "vidcom2"
+    spec = importlib.util.spec_from_file_location("vidcom2_official_ov", folder / "official_ov.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    official = torch.load(folder / "ov_fixture.pt")
+    model, processor = load_tiny(tiny_onevision_dir)
+    batch = runner.video_inputs(processor)
+    ids = batch["input_ids"][0]
+    video = ids == model.config.video_token_id
+    assert ids[~video].tolist() == [t for t in official["input_ids"] if t != runner.IMAGE_TOKEN_INDEX]
+    with visiondrop.apply(model, "vidcom2", base_scale=runner.R_RATIO) as handle:
+        tokens, logits = greedy_with_logits(model, batch, runner.NEW_TOKENS)
+        kept = handle.trace.kept[0][0]
+    assert tokens[0].tolist() == official["tokens"]
+    torch.testing.assert_close(logits[0], official["logits"], atol=1e-3, rtol=0)
+    frame_tokens = official["video_tokens_before"]
+    assert kept[kept < frame_tokens].tolist() == official["kept_indices"]
+    counts, _ = measure_counts(model, batch, "vidcom2", base_scale=runner.R_RATIO)
+    assert counts == official["visual_tokens_per_layer"]
