@@ -139,20 +139,30 @@ def segments(frames: Tensor) -> list[int]:
     return lengths + [count]
 
 
-def spatial_merge(x: Tensor, places: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
-    """Tokens x [n, C] at `places` [n] (slots) clustered when more than 14: (tokens, the slot each stands for)."""
+def spatial_merge(x: Tensor, places: Tensor, clusters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens x [n, C] at `places` [n] (slots) clustered when more than 14: (tokens, the slot each stands for, the
+    weights [m, n] that make each of x)."""
     if x.shape[0] <= MIN_CLUSTERED:
-        return x, places
+        return x, places, torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
     assign, centres = dpc_knn(x, clusters)
-    return cluster_means(x, assign, clusters), places[centres]
+    onehot = F.one_hot(assign, clusters).to(x.dtype).T
+    return cluster_means(x, assign, clusters), places[centres], onehot / onehot.sum(1, keepdim=True).clamp(min=1)
 
 
-def merge_video(video: Tensor, frames: int, tau: float = TAU) -> tuple[Tensor, Tensor, list[list[int]]]:
+def spread(weights: Tensor, members: Tensor, total: int) -> Tensor:
+    """Weights [m, n] over n tokens that are each the mean of the video's tokens `members` [n, r] (of `total`), as
+    weights [m, total] over the video's tokens."""
+    full = weights.new_zeros(weights.shape[0], total)
+    return full.index_add_(1, members.flatten(), (weights / members.shape[1]).repeat_interleave(members.shape[1], 1))
+
+
+def merge_video(video: Tensor, frames: int, tau: float = TAU) -> tuple[Tensor, Tensor, list[list[int]], Tensor]:
     """Stage 1 on one video [F x N, C]: (tokens [m, C], the slot each stands for [m], per segment the sizes of its
-    groups [static, dynamic of each frame])."""
+    groups [static, dynamic of each frame], the weights [m, F x N] that make each token of the video's: a merged
+    token's side rows merge alike, `Selection.weights`)."""
     x = video.view(frames, -1, video.shape[-1])
     per_frame = x.shape[1]
-    tokens, slots, groups = [], [], []
+    tokens, slots, groups, weights = [], [], [], []
     start = 0
     for width in segments(x):
         window = x[start:start + width]
@@ -161,20 +171,23 @@ def merge_video(video: Tensor, frames: int, tau: float = TAU) -> tuple[Tensor, T
         similarity = (similarity.sum(dim=-2) - 1).sum(dim=-2) / (width * (width - 1))
         static = similarity > tau
         place = torch.arange(per_frame, device=video.device)
-        merged, where = spatial_merge(window[:, static].mean(0), start * per_frame + place[static],
-                                      int(static.sum()) // 2)
+        first = start * per_frame + place[static]
+        merged, where, weight = spatial_merge(window[:, static].mean(0), first, int(static.sum()) // 2)
         sizes = [merged.shape[0]]
         tokens.append(merged)
         slots.append(where)
+        weights.append(spread(weight, first[:, None] + per_frame * torch.arange(width, device=video.device),
+                              video.shape[0]))
         for f in range(width):
-            merged, where = spatial_merge(window[f, ~static], (start + f) * per_frame + place[~static],
-                                          int(int((~static).sum()) * CLUSTER_RATIO))
+            own = (start + f) * per_frame + place[~static]
+            merged, where, weight = spatial_merge(window[f, ~static], own, int(int((~static).sum()) * CLUSTER_RATIO))
             sizes.append(merged.shape[0])
             tokens.append(merged)
             slots.append(where)
+            weights.append(spread(weight, own[:, None], video.shape[0]))
         groups.append(sizes)
         start += width
-    return torch.cat(tokens).to(video.dtype), torch.cat(slots), groups
+    return torch.cat(tokens).to(video.dtype), torch.cat(slots), groups, torch.cat(weights)
 
 
 def stage_two(scores: Tensor, groups: list[list[int]], alpha: float) -> Tensor:
@@ -206,42 +219,47 @@ class PruneVid(Policy):
         return self._prune(cut)
 
     def _merge(self, cut: DecoderCut) -> Selection:
-        frames = video_layout(cut, "PruneVid").frames
-        if frames < NEIGHBOURS:
+        layout = video_layout(cut, "PruneVid")
+        if layout.frames < NEIGHBOURS:
             raise ValueError(f"PruneVid clusters a video's frames with their {NEIGHBOURS} nearest: it needs at least "
-                             f"{NEIGHBOURS} frames, this video has {frames}")
-        merged, slots = [], []
-        for b, video in zip(cut.samples, cut.visual_rows(cut.hidden)):
-            tokens, where, groups = merge_video(video, frames, self.tau)
+                             f"{NEIGHBOURS} frames, this video has {layout.frames}")
+        trailing = layout.with_trailing(cut.visual.new_zeros(0))  # kept after the merged tokens
+        merged, slots, weights = [], [], []
+        for b, video in zip(cut.samples, layout.frame_rows(cut)):
+            tokens, where, groups, weight = merge_video(video, layout.frames, self.tau)
             cut.scratch[b] = groups
             merged.append(tokens)
-            slots.append(where)
-        empty = [cut.visual.new_zeros(0) for _ in cut.samples]
-        return Selection(empty, merged, slots)
+            slots.append(torch.cat([trailing, where]))
+            weights.append(torch.cat([weight, weight.new_zeros(weight.shape[0], layout.trailing)], 1))
+        return Selection([trailing] * len(cut.samples), merged, weights, slots=slots, trailing=layout.trailing)
 
     def _prune(self, cut: DecoderCut) -> Selection:
         identity = lambda x, cos, sin: x  # noqa: E731  (scored without RoPE, as the official layer returns it)
+        stage_one = cut.n_visual - cut.trailing  # the trailing tokens (a newline) are not the video's: kept after
+        trailing = torch.arange(stage_one, cut.n_visual, device=cut.visual.device)
         keep = []
         for g, b in enumerate(cut.samples):
             end = int(cut.visual[g, -1]) + 1
             after = torch.arange(end, cut.hidden.shape[1], device=cut.visual.device)[None]  # every token after it
             rows = decoder_attention(cut.layers[self.selected_layer], cut.prev_hidden[g:g + 1], cut.cos[g:g + 1],
                                      cut.sin[g:g + 1], cut.mask[g:g + 1], after, rotate=identity, causal=False)
-            scores = rows[0].amax(dim=(0, 1))[cut.visual[g]]  # the maximum over heads and queries
-            keep.append(stage_two(scores, cut.scratch[b], self._alpha(cut, g)))
+            scores = rows[0].amax(dim=(0, 1))[cut.visual[g, :stage_one]]  # the maximum over heads and queries
+            keep.append(torch.cat([stage_two(scores, cut.scratch[b], self._alpha(cut, g)), trailing]))
         return Selection(keep)
 
     def _alpha(self, cut: DecoderCut, g: int) -> float:
-        """The official alpha, or the one that brings this video's mean over the layers to its share."""
+        """The official alpha, or the one that brings this video's mean over the layers to its share (of its frame
+        tokens: the trailing ones are beside them, kept in every layer)."""
         if self.alpha is not None:
             return self.alpha
         layers, before = self.info.n_layers, self.selected_layer + 1
-        target = self.share * cut.original_visual * layers
-        needed = (target - before * cut.n_visual) / ((layers - before) * cut.n_visual)
+        stage_one, frame_tokens = cut.n_visual - cut.trailing, cut.original_visual - cut.trailing
+        target = self.share * frame_tokens * layers
+        needed = (target - before * stage_one) / ((layers - before) * stage_one)
         if needed <= 0:
-            reach = before * cut.n_visual / layers / cut.original_visual
-            raise Unreachable(f"PruneVid's first stage keeps {cut.n_visual} of this video's "
-                              f"{cut.original_visual} tokens through its first {before} layers: it cannot keep "
+            reach = before * stage_one / layers / frame_tokens
+            raise Unreachable(f"PruneVid's first stage keeps {stage_one} of this video's "
+                              f"{frame_tokens} tokens through its first {before} layers: it cannot keep "
                               f"{self.share:.4g} of them on average, the least it keeps is {reach:.4g}")
         return min(needed, 1.0)
 
