@@ -12,7 +12,7 @@ from helpers import IMAGE_METHODS, LayerCounter, greedy
 from visiondrop.api import Handle
 from visiondrop.engine.replay import Replay
 from visiondrop.harness.video import read_frames
-from visiondrop.methods import method
+from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import load_tiny
 
 QUESTIONS = ["What happens in the video?", "Is the red shape moving to the left or to the right? Answer briefly."]
@@ -93,15 +93,114 @@ def ratio_of(name: str) -> float:
     return method(name).example_budget / 576
 
 
-@pytest.mark.parametrize("name", IMAGE_METHODS)  # the video methods: not yet on Qwen3-VL's timestamped spans
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_every_method_on_videos(model_and_processor, batch, clips, name):
     """A batch of two videos with prompts of different lengths equals each alone; cached decoding equals re-running
     the prompt with the prefill's decisions; the tokens entering each decoder layer, counted with forward pre-hooks,
     are the trace's, and meet the ratio; every text token (the timestamps) is still there after every cut, in its
-    order, and every kept frame token stays between its own timestamps (temporal positions never decrease)."""
+    order, and every kept frame token stays between its own timestamps (temporal positions never decrease).
+    (The video methods, which need more frames: `test_video_methods_on_videos`.)"""
     model, processor = model_and_processor
     ratio = ratio_of(name)
-    with visiondrop.apply(model, name, **({} if name == "none" else {"ratio": ratio})) as handle:
+    handle = each_alone_equals_the_batch(model, processor, batch, clips, name, {} if name == "none" else
+                                         {"ratio": ratio}, 280)
+    if name != "none":  # the method's share of the nominal image, of the video's own 280 tokens (within one token
+        # per temporal patch: whole counts per frame)
+        described = handle.policy.describe()
+        share = described.get("mean_tokens_entering_layers", described.get("equivalent_tokens")) / 576
+        assert abs(sum(handle.trace.tokens_per_layer[0]) / 36 - share * 280) <= 4 + 1, (name, handle.trace)
+        assert abs(share - ratio) < 0.05, (name, described)
+
+
+LONG_FRAMES = 16  # 8 temporal patches of 70 tokens: DyCoke's official code needs more than 4, PruneVid 7
+VIDEO_METHODS = [name for name in METHODS if method(name).video_only]
+
+
+@pytest.fixture(scope="module")
+def long_clips(demo_videos):
+    return [read_frames(path, LONG_FRAMES) for path in demo_videos[:2]]
+
+
+def video_ratio(name: str) -> float:
+    """The video papers' 25%; DyCoke's official layout of 8 temporal patches keeps 3 of them whole (its floor is
+    40%); PruneVid at 10%: its first stage keeps about 1/7 of these tiny random videos' tokens."""
+    return {"dycoke": 0.5, "prunevid": 0.1}.get(name, 0.25)
+
+
+@pytest.mark.parametrize("name", VIDEO_METHODS)
+def test_video_methods_on_videos(model_and_processor, long_clips, name):
+    """Every video method on videos of 8 temporal patches, each after its timestamp: a sample's visual tokens are one
+    set across the spans (a temporal patch is a frame), the timestamps are never cut, every kept token stays in its
+    own span, PruneVid's merged tokens in the span of the place they stand for; the batch equals each video alone
+    (DeepStack rows carried: a merged token's are its members' by its weights); counts measured with pre-hooks
+    meet the ratio of each video's own 560 tokens (the video papers' retention ratios)."""
+    model, processor = model_and_processor
+    batch = encode(processor, QUESTIONS, long_clips)
+    ratio = video_ratio(name)
+    handle = each_alone_equals_the_batch(model, processor, batch, long_clips, name, {"ratio": ratio}, 560)
+    counts = handle.trace.tokens_per_layer[0]
+    mean = sum(counts) / 36
+    if name == "prunevid":  # stage 1 then alpha of its tokens: each group's count rounded down (18 groups at most)
+        assert counts[-1] < counts[0] and abs(mean - ratio * 560) <= 18 * 26 / 36, counts
+        assert handle.trace.selections[0][0][2].shape[1] == 560  # the merged tokens' weights over the video's tokens
+    elif name == "dycoke":  # frames 0, 4, 6 whole, 5 pruned of m each
+        assert counts == [3 * 70 + 5 * round((ratio * 560 - 3 * 70) / 5)] * 36
+    elif name == "evs":
+        assert counts == [int(ratio * 560)] * 36
+    else:  # VidCom2: within half a token a frame
+        assert counts == [counts[0]] * 36 and abs(mean - ratio * 560) <= 4, counts
+
+
+def hand_fed_logits(model, single: dict, kept: torch.Tensor, shift_deepstack: bool = False) -> torch.Tensor:
+    """The stock decoder's last logits [1, V] on a one-video prompt with only its `kept` video tokens: their stock
+    embeddings, 3-D positions and DeepStack rows, with every text token (the timestamps) between them, fed by hand.
+    shift_deepstack: give each kept token the DeepStack rows of the token after it instead (a misalignment)."""
+    ids = single["input_ids"][0]
+    with torch.no_grad():
+        encoded = model.model.get_video_features(single["pixel_values_videos"], single["video_grid_thw"])
+        embeds = model.get_input_embeddings()(ids)
+        positions = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"],
+                                               video_grid_thw=single["video_grid_thw"])[0]
+    is_video = ids == model.config.video_token_id
+    slots = is_video.nonzero()[:, 0]
+    embeds[slots] = encoded.pooler_output[0].to(embeds.dtype)
+    # the kept tokens in the method's order, each in its own span (at the span's first slot), the text in between
+    span_start = torch.cummax(torch.where(is_video & ~torch.cat([is_video.new_zeros(1), is_video[:-1]]),
+                                          torch.arange(len(ids)), 0), 0).values
+    text = (~is_video).nonzero()[:, 0]
+    step = 2 * len(ids)
+    keys = torch.cat([text * step, span_start[slots[kept]] * step + 1 + torch.arange(kept.numel())])
+    chosen = torch.cat([text, slots[kept]])[keys.argsort()]
+    visual = is_video[chosen]
+    rows = (kept + 1).clamp(max=len(slots) - 1) if shift_deepstack else kept
+    with torch.no_grad():
+        hidden = model.model.language_model(
+            inputs_embeds=embeds[chosen][None], position_ids=positions[:, :, chosen], visual_pos_masks=visual[None],
+            deepstack_visual_embeds=[level[0][rows] for level in encoded.deepstack_features]).last_hidden_state
+        return model.lm_head(hidden[:, -1])
+
+
+@pytest.mark.parametrize("name", ["evs", "vidcom2", "dycoke"])
+def test_video_selection_equals_the_stock_decoder_fed_by_hand(model_and_processor, long_clips, name):
+    """A video method's cut before the first decoder layer equals the stock decoder fed the kept video tokens'
+    embeddings, original 3-D positions and DeepStack rows by hand, with all the timestamps; the kept tokens'
+    DeepStack rows shifted by one token change the logits far beyond float noise (what the test catches)."""
+    model, processor = model_and_processor
+    single = encode(processor, QUESTIONS[:1], long_clips[:1])
+    with visiondrop.apply(model, name, ratio=video_ratio(name)) as handle, torch.no_grad():
+        pruned = model(**single).logits[:, -1]
+    kept = handle.trace.kept[0][0]
+    assert 0 < kept.numel() < 560
+    torch.testing.assert_close(pruned, hand_fed_logits(model, single, kept), atol=1e-9, rtol=1e-9)
+    assert (hand_fed_logits(model, single, kept, shift_deepstack=True) - pruned).abs().max() > 1e-2
+
+
+def each_alone_equals_the_batch(model, processor, batch: dict, clips, name: str, options: dict, n_visual: int):
+    """Method `name` with `options` on `batch` (the two `clips` with QUESTIONS): each video alone gives the batch's
+    kept tokens, counts, logits and tokens; the prefill's counts measured with pre-hooks are the trace's; every
+    text token (the timestamps) is there after every cut, in order, and temporal positions never decrease; cached
+    decoding equals replaying the prefill's decisions. Returns the handle (its trace: the last video alone)."""
+    with visiondrop.apply(model, name, **options) as handle:
         tokens, logits = run(model, batch)
         trace = handle.trace
         for i, question in enumerate(QUESTIONS):
@@ -117,15 +216,9 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
             torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8,
                                        msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
             assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
-            n_text = int(single["attention_mask"].sum()) - 280
+            n_text = int(single["attention_mask"].sum()) - n_visual
             measured = [n - n_text for n in counter.lengths[:36]]  # the prefill
             assert measured == handle.trace.tokens_per_layer[0]
-            if name != "none":  # the method's share of the nominal image, of the video's own 280 tokens (within one
-                # token per temporal patch: whole counts per frame)
-                described = handle.policy.describe()
-                share = described.get("mean_tokens_entering_layers", described.get("equivalent_tokens")) / 576
-                assert abs(sum(measured) / 36 - share * 280) <= 4 + 1, (name, measured)
-                assert abs(share - ratio) < 0.05, (name, described)
             stock = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"],
                                                video_grid_thw=single["video_grid_thw"])[0][:, 0]
             is_text = single["mm_token_type_ids"][0] == 0
@@ -133,11 +226,12 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
             for pos in prefill:  # the prompt's, then after each cut
                 text_rows = _subsequence(pos, stock[:, is_text])
                 assert text_rows is not None, f"{name}: a text token (a timestamp?) is missing or moved"
-                assert pos.shape[1] - len(text_rows) in {280, *handle.trace.tokens_per_layer[0]}
+                assert pos.shape[1] - len(text_rows) in {n_visual, *handle.trace.tokens_per_layer[0]}
                 assert bool((pos[0].diff() >= 0).all()), f"{name}: a frame's token left its span"
     if name != "none":  # no decisions to replay: its cached decoding is the stock model's (test above)
         with Handle(model, Replay(handle.policy, trace)):
             assert torch.equal(greedy(model, batch, NEW_TOKENS, use_cache=False), tokens), f"{name}: cached vs replayed"
+    return handle
 
 
 def _subsequence(positions: torch.Tensor, text: torch.Tensor) -> list[int] | None:
