@@ -69,28 +69,6 @@ class LayerCounter:
             h.remove()
 
 
-def assert_each_alone_equals_the_batch(model, handle, run, singles: list[dict], batch_out: tuple, trace,
-                                       name: str, atol: float = 1e-8) -> list[list[int]]:
-    """Run each sample of a batch alone under the applied `handle` (`run(model, inputs)` -> (tokens, logits)): its
-    kept tokens, visual tokens per layer, logits and tokens equal the batch's (`batch_out`, `trace`). Returns, per
-    sample, the sequence length entering each decoder layer of its alone prefill, counted with forward pre-hooks."""
-    tokens, logits = batch_out
-    lengths = []
-    for i, single in enumerate(singles):
-        counter = LayerCounter(model)
-        try:
-            alone_tokens, alone_logits = run(model, single)
-        finally:
-            counter.close()
-        assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
-        assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
-        torch.testing.assert_close(logits[i], alone_logits[0], atol=atol, rtol=atol,
-                                   msg=lambda m: f"{name}: sample {i} in the batch vs alone: {m}")
-        assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: sample {i} generates other tokens in a batch"
-        lengths.append(counter.lengths[:len(handle.trace.tokens_per_layer[0])])
-    return lengths
-
-
 def measure_counts(model, batch: dict, method: str, budget=None, **options):
     """Visual tokens entering each decoder layer of a one-sample batch, counted with pre-hooks (not the trace)."""
     import visiondrop
@@ -115,27 +93,31 @@ def cached_and_replayed(model, batch: dict, method: str, budget=None, new_tokens
     return cached, replayed
 
 
-def videos_batch_equals_alone(model, name: str, ratio: float, run, batch: dict, singles: list[dict], n_visual: int,
-                              new_tokens: int, atol: float = 1e-8):
-    """Method `name` at `ratio`: the batch of videos equals each video alone (`singles`, run through
-    `run(model, inputs) -> (tokens, logits)`), in kept tokens, counts per layer, logits and greedy tokens; the tokens
-    entering the decoder layers of each alone prefill, counted with forward pre-hooks, are the trace's; cached
-    decoding of the batch equals re-running the prompt with the prefill's decisions (`Replay`). Returns the handle
-    (removed; its trace is the last video's alone)."""
+def videos_batch_equals_alone(model, name: str, run, batch: dict, singles: list[dict], new_tokens: int | None = None,
+                              atol: float = 1e-8, during_alone=None, **given):
+    """Method `name` applied with `given` (a budget, `ratio=` or options; its example options added): the batch of
+    videos equals each video alone (`singles`, run through `run(model, inputs) -> (tokens, logits)`) in kept tokens,
+    counts per layer, logits and greedy tokens; the visual tokens entering the decoder layers of each alone prefill,
+    counted with forward pre-hooks, are the trace's; with `new_tokens`, cached decoding of the batch equals re-running
+    the prompt with the prefill's decisions (`Replay`). `during_alone(single, handle)`: a context manager around each
+    alone run, for a test's own checks. Returns the handle (removed) and the batch's trace."""
+    from contextlib import nullcontext
+
     import visiondrop
     from visiondrop.api import Handle
     from visiondrop.engine.replay import Replay
-
-    n_layers = len(model.model.language_model.layers)
+    from visiondrop.families import family_of
     from visiondrop.methods import method
 
-    with visiondrop.apply(model, name, ratio=ratio, **method(name).example_options(model.config)) as handle:
+    n_layers = len(model.model.language_model.layers)
+    with visiondrop.apply(model, name, **{**method(name).example_options(model.config), **given}) as handle:
         tokens, logits = run(model, batch)
         trace = handle.trace
         for i, single in enumerate(singles):
             counter = LayerCounter(model)
             try:
-                alone_tokens, alone_logits = run(model, single)
+                with during_alone(single, handle) if during_alone else nullcontext():
+                    alone_tokens, alone_logits = run(model, single)
             finally:
                 counter.close()
             assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
@@ -143,12 +125,12 @@ def videos_batch_equals_alone(model, name: str, ratio: float, run, batch: dict, 
             torch.testing.assert_close(logits[i], alone_logits[0], atol=atol, rtol=atol,
                                        msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
             assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
-            n_text = int(batch["attention_mask"][i].sum()) - n_visual
-            assert [n - n_text for n in counter.lengths[:n_layers]] == handle.trace.tokens_per_layer[0]  # prefill
-    if name != "none":  # no decisions to replay: its cached decoding is the stock model's
+            n_text = int((~family_of(model).image_token_mask(model, single["input_ids"], None)).sum())
+            assert [n - n_text for n in counter.lengths[:n_layers]] == trace.tokens_per_layer[i]  # prefill
+    if new_tokens is not None and name != "none":  # none makes no decisions: its cached decoding is the stock model's
         with Handle(model, Replay(handle.policy, trace)):
             assert torch.equal(greedy(model, batch, new_tokens, use_cache=False), tokens), f"{name}: cached vs replayed"
-    return handle
+    return handle, trace
 
 
 def stock_and_pruned_means(model, video: dict, ratio: float) -> dict[str, float]:
@@ -177,9 +159,9 @@ def beams_equal_alone(model, batch: dict, singles: list[dict], new_tokens: int) 
             assert torch.equal(beams[i, -new_tokens:], alone[0, -new_tokens:])
 
 
-def flops_by_formula_and_counter(model, batch: dict, method: str, budget=None, **options) -> tuple[float, int]:
-    """A one-image prefill's FLOPs by the analytic count (schedule, overhead, a tower that merges inside) and as
-    torch's FlopCounterMode counts the real forward."""
+def flops_and_counter(model, batch: dict, method: str, budget=None, **options):
+    """A one-image prefill's FLOPs by the analytic count (schedule, overhead, a tower that merges inside), as its
+    parts (`Flops`), and torch's FlopCounterMode after counting the real forward (its total and per-module counts)."""
     from visiondrop.efficiency.flops import (flop_counter, measure_schedule, overhead_flops, prefill_flops,
                                              tower_flops)
     from visiondrop.families import flops_dims
@@ -191,4 +173,10 @@ def flops_by_formula_and_counter(model, batch: dict, method: str, budget=None, *
     overhead = overhead_flops(dims, method, sched.cuts, text, **options)
     formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead,
                             tower_tokens=tower_flops(dims, method, sched.cuts, **options))
+    return formula, counter
+
+
+def flops_by_formula_and_counter(model, batch: dict, method: str, budget=None, **options) -> tuple[float, int]:
+    """A one-image prefill's FLOPs by the analytic count and as torch's FlopCounterMode counts the real forward."""
+    formula, counter = flops_and_counter(model, batch, method, budget, **options)
     return formula.total, counter.get_total_flops()

@@ -204,7 +204,7 @@ def test_the_plugin_gives_each_sample_with_an_image_its_question():
 
 def test_flops_count_the_kernel_and_the_greedy_map():
     """The kernel on the 576 projected patches and 64 greedy steps, the projector on the 512 dropped patches
-    (CDPruner projects them all) and the encoder layer's keys every encoder stage is charged; the rest is DivPrune's
+    (CDPruner projects them all) and the encoder layer's keys every encoder cut is charged; the rest is DivPrune's
     count at the same budget (64 tokens in every layer)."""
     flops, divprune = method_flops("llava-1.5-7b", "cdpruner", 64), method_flops("llava-1.5-7b", "divprune", 64)
     n, d = 576, 4096

@@ -149,7 +149,7 @@ STOCK_TEXT_ONLY = {}  # model type -> the stock model's run of its batch's text-
 
 
 def refused(model, name: str, inputs: dict, modality: str = "image") -> bool:
-    """Whether the family refuses the method's encoder stage on `modality` (`Family.unsupported`): then a forward
+    """Whether the family refuses the method's encoder cut on `modality` (`Family.unsupported`): then a forward
     raises NotImplementedError with the family's reason, and the model is left untouched."""
     policy = policy_for(info_of(model), name, example_budget(name, info_of(model)), **example_options(name, model))
     reason = family_of(model).unsupported(policy, modality) if policy.encoder_layer is not None else None

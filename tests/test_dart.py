@@ -8,9 +8,8 @@ from torch import nn
 
 import visiondrop
 from baselines.dart import DART, policy, smallest_budget, truncation_for_budget
-from helpers import inputs, measure_counts, prompt
+from helpers import flops_and_counter, inputs, measure_counts, prompt
 from parity import load_case, parity_inputs
-from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
 from visiondrop.engine import DecoderCut
 from visiondrop.families import ModelInfo, flops_dims, info_of
 from visiondrop.testing.tiny import demo_image
@@ -167,14 +166,10 @@ def test_flops_count_the_scoring_as_torch_counts_it(tiny):
     on a real pruned forward, the policy's own products included."""
     model, processor = tiny
     batch = inputs(processor, ["What is in the image?"])
-    with flop_counter() as counter:
-        sched = measure_schedule(model, batch, "dart", 64)
+    formula, counter = flops_and_counter(model, batch, "dart", 64)
     dims = flops_dims(model.config)
-    text = batch["input_ids"].shape[1] - dims.n_visual
-    overhead = overhead_flops(dims, "dart", sched.cuts, text)
-    n = 576 + text
-    assert overhead == 2 * (n * dims.hidden * dims.n_kv_heads * dims.head_dim + 8 * 576 * dims.hidden)
-    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead)
+    n = batch["input_ids"].shape[1]  # every token, the 576 visual ones and the text
+    assert formula.overhead == 2 * (n * dims.hidden * dims.n_kv_heads * dims.head_dim + 8 * 576 * dims.hidden)
     assert formula.total == counter.get_total_flops()
 
 

@@ -5,9 +5,8 @@ import torch
 
 import visiondrop
 from baselines.divprune import max_min_diverse
-from helpers import inputs, measure_counts
+from helpers import flops_and_counter, inputs, measure_counts
 from parity import load_case, parity_inputs
-from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
 from visiondrop.families import flops_dims, info_of
 from visiondrop.methods import policy_for
 from visiondrop.testing.tiny import demo_image
@@ -85,11 +84,6 @@ def test_overhead_formula_matches_torch_flop_counter(tiny):
     """The pairwise similarities (n^2 x d on the projected tokens) as FlopCounterMode counts a real forward."""
     model, processor = tiny
     batch = inputs(processor, QUESTIONS[:1])
-    with flop_counter() as counter:
-        sched = measure_schedule(model, batch, "divprune", 64)
-    dims = flops_dims(model.config)
-    text = batch["input_ids"].shape[1] - dims.n_visual
-    overhead = overhead_flops(dims, "divprune", sched.cuts, text)
-    assert overhead == 2 * 576 * 576 * dims.hidden
-    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead)
+    formula, counter = flops_and_counter(model, batch, "divprune", 64)
+    assert formula.overhead == 2 * 576 * 576 * flops_dims(model.config).hidden
     assert formula.total == counter.get_total_flops()

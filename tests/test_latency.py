@@ -106,7 +106,7 @@ def test_measure_once_runs_the_whole_batch(tiny_llava, method, budget):
     finally:
         hook.remove()
     # the prefill, generate(1)'s prefill, generate(N)'s prefill and its N - 1 decode steps: all B samples each
-    prefill_len = 639 if method == "none" else 63 + 84 + 12  # budget 64's encoder stage: 84 dominant + 12 merged
+    prefill_len = 639 if method == "none" else 63 + 84 + 12  # budget 64's encoder cut: 84 dominant + 12 merged
     assert seen == [(batch, prefill_len)] * 3 + [(batch, 1)] * (new_tokens - 1)
     assert sample["prefill"] > 0 and sample["e2e"] > 0 and sample["e2e_1"] > 0
     assert (sample["tokens"] is None) == (method == "none")
@@ -118,7 +118,7 @@ def test_measure_once_runs_the_whole_batch(tiny_llava, method, budget):
 def test_profile_shows_the_policy_and_the_gathers_as_ranges(tiny_llava):
     inputs = make_inputs(tiny_llava.config, torch.device("cpu"), torch.float32, batch=2)
     table = profile_prefill(tiny_llava, inputs, "visiondrop", 64)
-    # one encoder stage (its gather, then the re-packing that drops the empty slots), three decoder cuts
+    # one encoder cut (its gather, then the re-packing that drops the empty slots), three decoder cuts
     for name, calls in [("policy.select_encoder", 1), ("gathers.gather_rows", 1), ("policy.select_decoder", 3),
                         ("gathers.apply_selections", 4)]:
         assert f"- visiondrop.{name}: {calls} calls" in table

@@ -155,7 +155,7 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
             model(**batch)
         return
     singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
-    handle = videos_batch_equals_alone(model, name, ratio, run, batch, singles, VIDEO_TOKENS, NEW_TOKENS)
+    handle, _ = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS, ratio=ratio)
     measured = handle.trace.mean_tokens[0]
     if name == "none":
         assert measured == VIDEO_TOKENS
@@ -200,10 +200,10 @@ def test_video_methods_on_videos(model_and_processor, long_videos, name):
     config = model.generation_config
     config.suppress_tokens = [model.config.video_token_id, model.config.image_token_id]
     try:
-        handle = videos_batch_equals_alone(model, name, ratio, run, batch, singles, LONG_TOKENS, NEW_TOKENS)
+        handle, trace = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS, ratio=ratio)
     finally:
         config.suppress_tokens = None
-    trace, frame_tokens = handle.trace, LONG_FRAMES * 196
+    frame_tokens = LONG_FRAMES * 196
     for kept in trace.kept[0]:  # after every cut: the newline (original index 1568) still there, last
         assert kept[-1] == frame_tokens and (kept[:-1] < frame_tokens).all(), name
     counts = trace.tokens_per_layer[0]
@@ -342,7 +342,7 @@ def test_beam_search_on_videos_with_an_encoder_stage(model_and_processor, batch,
 def test_flops_formula_matches_torch_flop_counter(model_and_processor, clips):
     """The formula gives what FlopCounterMode counts on a video: the tower on the 729 patches of every frame, the
     projector on all of them (before the 2x2 pooling, no matrix product), 196 tokens a frame and the newline in the
-    decoder; an encoder stage selects among the pooled tokens, so it projects as much."""
+    decoder; an encoder cut selects among the pooled tokens, so it projects as much."""
     from visiondrop.efficiency.flops import (checkpoint_dims, flop_counter, measure_schedule, overhead_flops,
                                              prefill_flops)
     from visiondrop.families import flops_dims

@@ -133,7 +133,7 @@ def cdpruner_stable_picks(run: Run) -> None:
 
 
 def vscan_kept(official: dict) -> list[list[int]]:
-    """The kept patch indices at the encoder stage and after layer 16 (the shared fixture's layout, or this repo's)."""
+    """The kept patch indices at the encoder cut and after layer 16 (the shared fixture's layout, or this repo's)."""
     if "encoder_stage" in official:
         return [official["encoder_stage"]["kept_indices_sorted"], official["llm_stage"]["kept_indices_0_575"]]
     return [official["encoder_kept_indices_sorted"], official["llm_kept_indices_0_575"]]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import IMAGE_METHODS, assert_equal_up_to_reordering, greedy, measure_counts
+from helpers import IMAGE_METHODS, assert_equal_up_to_reordering, flops_and_counter, greedy, measure_counts
 from visiondrop.families import family_of, flops_dims
 from visiondrop.families.qwen2_5_vl import NOMINAL_SIDE
 from visiondrop.methods import method
@@ -195,18 +195,11 @@ def test_demo_task_through_the_plugin(request, checkpoint, max_pixels):
 
 @pytest.mark.parametrize("name", ["none", "visionzip", "visiondrop", "fastv"])
 def test_flops_formula_matches_torch_flop_counter(qwen, nominal, name):
-    """The formula (windowed and full-attention tower layers, the merger on what is projected, the encoder stage's
+    """The formula (windowed and full-attention tower layers, the merger on what is projected, the encoder cut's
     scoring) gives what FlopCounterMode counts on the nominal image; the tower without the merger, and the merger,
     as the formula's vision and projector parts."""
-    from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
-
     model, _, _ = qwen
-    with flop_counter() as counter:
-        sched = measure_schedule(model, nominal, name, None if name == "none" else 64)
-    dims = flops_dims(model.config)
-    text = nominal["input_ids"].shape[1] - dims.n_visual
-    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected,
-                            overhead=overhead_flops(dims, name, sched.cuts, text))
+    formula, counter = flops_and_counter(model, nominal, name, None if name == "none" else 64)
     assert formula.total == pytest.approx(counter.get_total_flops(), rel=1e-6)
     modules = {key.rsplit(".", 1)[-1]: sum(counts.values()) for key, counts in counter.get_flop_counts().items()}
     tower = modules["visual"] - (modules["merger"] if name in ("none", "fastv") else 0)  # the merger inside it

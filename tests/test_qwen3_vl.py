@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import IMAGE_METHODS, measure_counts
+from helpers import IMAGE_METHODS, flops_and_counter, measure_counts
 from visiondrop.families import family_of, flops_dims, info_of
 from visiondrop.methods import method
 from visiondrop.testing.tiny import demo_image
@@ -106,7 +106,7 @@ def hand_fed_logits(model, batch: dict, kept: list[torch.Tensor], shift_deepstac
 @pytest.mark.parametrize("name,options", [("random", {}), ("divprune", {}),
                                           ("visionzip", {"dominant": 40, "contextual": 0}), ("vispruner", {})])
 def test_pre_decoder_selection_equals_the_stock_decoder_fed_by_hand(qwen3, name, options):
-    """A selection before the decoder (in the decoder's input: random, DivPrune; in the encoder stage: VisionZip
+    """A selection before the decoder (in the decoder's input: random, DivPrune; in the encoder cut: VisionZip
     without merging, VisPruner) equals the stock decoder fed the kept tokens' embeddings, original 3-D positions and
     DeepStack rows by hand; the kept tokens' DeepStack rows shifted by one token change the logits far beyond
     float noise (what the test catches)."""
@@ -214,17 +214,10 @@ def nominal(qwen3):
 @pytest.mark.parametrize("name", ["none", "visionzip", "fastv"])
 def test_flops_formula_matches_torch_flop_counter(qwen3, nominal, name):
     """The formula (27 full-attention tower layers, the merger and the three DeepStack mergers on what is projected,
-    the encoder stage's scoring and DeepStack merge) gives what FlopCounterMode counts on the nominal image."""
-    from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
-
+    the encoder cut's scoring and DeepStack merge) gives what FlopCounterMode counts on the nominal image."""
     model, _, _ = qwen3
     assert int((nominal["input_ids"] == model.config.image_token_id).sum()) == 576
-    with flop_counter() as counter:
-        sched = measure_schedule(model, nominal, name, None if name == "none" else 64)
-    dims = flops_dims(model.config)
-    text = nominal["input_ids"].shape[1] - dims.n_visual
-    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected,
-                            overhead=overhead_flops(dims, name, sched.cuts, text))
+    formula, counter = flops_and_counter(model, nominal, name, None if name == "none" else 64)
     assert formula.total == pytest.approx(counter.get_total_flops(), rel=1e-6)
     modules = {key.rsplit(".", 1)[-1]: sum(counts.values()) for key, counts in counter.get_flop_counts().items()}
     assert modules["lm_head"] == pytest.approx(formula.lm_head, rel=1e-6)

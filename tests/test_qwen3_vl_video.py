@@ -4,13 +4,14 @@ separate spans of the prompt, each after its text timestamp (`<t seconds><|visio
 The tiny model has the real structure (tests/test_qwen3_vl.py); float64, so that a batch and each sample alone give
 the same scores to the last bit among hundreds of tokens. Methods run at a retention ratio.
 """
+from contextlib import contextmanager
+from functools import partial
+
 import pytest
 import torch
 
 import visiondrop
-from helpers import IMAGE_METHODS, LayerCounter, greedy
-from visiondrop.api import Handle
-from visiondrop.engine.replay import Replay
+from helpers import IMAGE_METHODS, videos_batch_equals_alone
 from visiondrop.harness.video import read_frames
 from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import load_tiny
@@ -93,22 +94,43 @@ def ratio_of(name: str) -> float:
     return method(name).example_budget / 576
 
 
+@contextmanager
+def keeps_the_timestamps(model, name: str, n_visual: int, single: dict, handle):
+    """Around a video's run alone: every text token (the timestamps) is still there after every cut of its prefill,
+    in its order, and every kept frame token stays between its own timestamps (temporal positions never decrease)."""
+    positions = Positions(model)
+    try:
+        yield
+    finally:
+        positions.close()
+    stock = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"],
+                                       video_grid_thw=single["video_grid_thw"])[0][:, 0]
+    is_text = single["mm_token_type_ids"][0] == 0
+    for pos in [p[:, 0] for p in positions.seen[:len(handle.trace.cuts) + 1]]:  # the prompt's, then after each cut
+        text_rows = _subsequence(pos, stock[:, is_text])
+        assert text_rows is not None, f"{name}: a text token (a timestamp?) is missing or moved"
+        assert pos.shape[1] - len(text_rows) in {n_visual, *handle.trace.tokens_per_layer[0]}
+        assert bool((pos[0].diff() >= 0).all()), f"{name}: a frame's token left its span"
+
+
 @pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_every_method_on_videos(model_and_processor, batch, clips, name):
     """A batch of two videos with prompts of different lengths equals each alone; cached decoding equals re-running
     the prompt with the prefill's decisions; the tokens entering each decoder layer, counted with forward pre-hooks,
-    are the trace's, and meet the ratio; every text token (the timestamps) is still there after every cut, in its
-    order, and every kept frame token stays between its own timestamps (temporal positions never decrease).
+    are the trace's, and meet the ratio; the timestamps and spans hold after every cut (`keeps_the_timestamps`).
     (The video methods, which need more frames: `test_video_methods_on_videos`.)"""
     model, processor = model_and_processor
     ratio = ratio_of(name)
-    handle = each_alone_equals_the_batch(model, processor, batch, clips, name, {} if name == "none" else
-                                         {"ratio": ratio}, 280)
-    if name != "none":  # the method's share of the nominal image, of the video's own 280 tokens (within one token
+    singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
+    handle, trace = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS,
+                                              during_alone=partial(keeps_the_timestamps, model, name, 280),
+                                              **({} if name == "none" else {"ratio": ratio}))
+    if name != "none":  # the method's share of the nominal image, of each video's own 280 tokens (within one token
         # per temporal patch: whole counts per frame)
         described = handle.policy.describe()
         share = described.get("mean_tokens_entering_layers", described.get("equivalent_tokens")) / 576
-        assert abs(sum(handle.trace.tokens_per_layer[0]) / 36 - share * 280) <= 4 + 1, (name, handle.trace)
+        assert all(abs(sum(measured) / 36 - share * 280) <= 4 + 1 for measured in trace.tokens_per_layer), \
+            (name, trace.tokens_per_layer)
         assert abs(share - ratio) < 0.05, (name, described)
 
 
@@ -131,24 +153,27 @@ def video_ratio(name: str) -> float:
 def test_video_methods_on_videos(model_and_processor, long_clips, name):
     """Every video method on videos of 8 temporal patches, each after its timestamp: a sample's visual tokens are one
     set across the spans (a temporal patch is a frame), the timestamps are never cut, every kept token stays in its
-    own span, PruneVid's merged tokens in the span of the place they stand for; the batch equals each video alone
-    (DeepStack rows carried: a merged token's are its members' by its weights); counts measured with pre-hooks
-    meet the ratio of each video's own 560 tokens (the video papers' retention ratios)."""
+    own span, PruneVid's merged tokens in the span of the place they stand for (`keeps_the_timestamps`); the batch
+    equals each video alone (DeepStack rows carried: a merged token's are its members' by its weights); counts
+    measured with pre-hooks meet the ratio of each video's own 560 tokens (the video papers' retention ratios)."""
     model, processor = model_and_processor
     batch = encode(processor, QUESTIONS, long_clips)
+    singles = [encode(processor, [question], long_clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
     ratio = video_ratio(name)
-    handle = each_alone_equals_the_batch(model, processor, batch, long_clips, name, {"ratio": ratio}, 560)
-    counts = handle.trace.tokens_per_layer[0]
-    mean = sum(counts) / 36
-    if name == "prunevid":  # stage 1 then alpha of its tokens: each group's count rounded down (18 groups at most)
-        assert counts[-1] < counts[0] and abs(mean - ratio * 560) <= 18 * 26 / 36, counts
-        assert handle.trace.selections[0][0][2].shape[1] == 560  # the merged tokens' weights over the video's tokens
-    elif name == "dycoke":  # frames 0, 4, 6 whole, 5 pruned of m each
-        assert counts == [3 * 70 + 5 * round((ratio * 560 - 3 * 70) / 5)] * 36
-    elif name == "evs":
-        assert counts == [int(ratio * 560)] * 36
-    else:  # VidCom2: within half a token a frame
-        assert counts == [counts[0]] * 36 and abs(mean - ratio * 560) <= 4, counts
+    handle, trace = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS, ratio=ratio,
+                                              during_alone=partial(keeps_the_timestamps, model, name, 560))
+    for counts in trace.tokens_per_layer:
+        mean = sum(counts) / 36
+        if name == "prunevid":  # stage 1 then alpha of its tokens: each group's count rounded down (18 at most)
+            assert counts[-1] < counts[0] and abs(mean - ratio * 560) <= 18 * 26 / 36, counts
+        elif name == "dycoke":  # frames 0, 4, 6 whole, 5 pruned of m each
+            assert counts == [3 * 70 + 5 * round((ratio * 560 - 3 * 70) / 5)] * 36
+        elif name == "evs":
+            assert counts == [int(ratio * 560)] * 36
+        else:  # VidCom2: within half a token a frame
+            assert counts == [counts[0]] * 36 and abs(mean - ratio * 560) <= 4, counts
+    if name == "prunevid":  # the merged tokens' weights over the video's tokens (their DeepStack rows merge alike)
+        assert all(selection[2].shape[1] == 560 for selection in trace.selections[0].values())
 
 
 def hand_fed_logits(model, single: dict, kept: torch.Tensor, shift_deepstack: bool = False) -> torch.Tensor:
@@ -171,11 +196,11 @@ def hand_fed_logits(model, single: dict, kept: torch.Tensor, shift_deepstack: bo
     step = 2 * len(ids)
     keys = torch.cat([text * step, span_start[slots[kept]] * step + 1 + torch.arange(kept.numel())])
     chosen = torch.cat([text, slots[kept]])[keys.argsort()]
-    visual = is_video[chosen]
     rows = (kept + 1).clamp(max=len(slots) - 1) if shift_deepstack else kept
     with torch.no_grad():
         hidden = model.model.language_model(
-            inputs_embeds=embeds[chosen][None], position_ids=positions[:, :, chosen], visual_pos_masks=visual[None],
+            inputs_embeds=embeds[chosen][None], position_ids=positions[:, :, chosen],
+            visual_pos_masks=is_video[chosen][None],
             deepstack_visual_embeds=[level[0][rows] for level in encoded.deepstack_features]).last_hidden_state
         return model.lm_head(hidden[:, -1])
 
@@ -193,45 +218,6 @@ def test_video_selection_equals_the_stock_decoder_fed_by_hand(model_and_processo
     assert 0 < kept.numel() < 560
     torch.testing.assert_close(pruned, hand_fed_logits(model, single, kept), atol=1e-9, rtol=1e-9)
     assert (hand_fed_logits(model, single, kept, shift_deepstack=True) - pruned).abs().max() > 1e-2
-
-
-def each_alone_equals_the_batch(model, processor, batch: dict, clips, name: str, options: dict, n_visual: int):
-    """Method `name` with `options` on `batch` (the two `clips` with QUESTIONS): each video alone gives the batch's
-    kept tokens, counts, logits and tokens; the prefill's counts measured with pre-hooks are the trace's; every
-    text token (the timestamps) is there after every cut, in order, and temporal positions never decrease; cached
-    decoding equals replaying the prefill's decisions. Returns the handle (its trace: the last video alone)."""
-    with visiondrop.apply(model, name, **options) as handle:
-        tokens, logits = run(model, batch)
-        trace = handle.trace
-        for i, question in enumerate(QUESTIONS):
-            single = encode(processor, [question], clips[i:i + 1])
-            counter, positions = LayerCounter(model), Positions(model)
-            try:
-                alone_tokens, alone_logits = run(model, single)
-            finally:
-                counter.close()
-                positions.close()
-            assert [k.tolist() for k in trace.kept[i]] == [k.tolist() for k in handle.trace.kept[0]]
-            assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
-            torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8,
-                                       msg=lambda m: f"{name}: video {i} in the batch vs alone: {m}")
-            assert torch.equal(tokens[i], alone_tokens[0]), f"{name}: video {i} generates other tokens in a batch"
-            n_text = int(single["attention_mask"].sum()) - n_visual
-            measured = [n - n_text for n in counter.lengths[:36]]  # the prefill
-            assert measured == handle.trace.tokens_per_layer[0]
-            stock = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"],
-                                               video_grid_thw=single["video_grid_thw"])[0][:, 0]
-            is_text = single["mm_token_type_ids"][0] == 0
-            prefill = [p[:, 0] for p in positions.seen[:len(trace.cuts) + 1]]
-            for pos in prefill:  # the prompt's, then after each cut
-                text_rows = _subsequence(pos, stock[:, is_text])
-                assert text_rows is not None, f"{name}: a text token (a timestamp?) is missing or moved"
-                assert pos.shape[1] - len(text_rows) in {n_visual, *handle.trace.tokens_per_layer[0]}
-                assert bool((pos[0].diff() >= 0).all()), f"{name}: a frame's token left its span"
-    if name != "none":  # no decisions to replay: its cached decoding is the stock model's (test above)
-        with Handle(model, Replay(handle.policy, trace)):
-            assert torch.equal(greedy(model, batch, NEW_TOKENS, use_cache=False), tokens), f"{name}: cached vs replayed"
-    return handle
 
 
 def _subsequence(positions: torch.Tensor, text: torch.Tensor) -> list[int] | None:

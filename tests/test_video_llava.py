@@ -101,7 +101,7 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     model, processor = model_and_processor
     ratio = ratio_of(name)
     singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
-    handle = videos_batch_equals_alone(model, name, ratio, run, batch, singles, 2056, NEW_TOKENS)
+    handle, _ = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS, ratio=ratio)
     measured = handle.trace.tokens_per_layer[0]
     described = handle.policy.describe()
     if method(name).exact_count:

@@ -5,10 +5,9 @@ import torch
 
 import visiondrop
 from baselines.vispruner import diverse_rounds, split_budget
-from helpers import inputs, measure_counts
+from helpers import flops_and_counter, inputs, measure_counts
 from parity import load_case, parity_inputs
-from visiondrop.efficiency.flops import flop_counter, measure_schedule, overhead_flops, prefill_flops
-from visiondrop.families import ModelInfo, flops_dims, info_of
+from visiondrop.families import ModelInfo, info_of
 from visiondrop.families.llava_next import packed_positions
 from visiondrop.methods import policy_for
 from visiondrop.testing.tiny import demo_image
@@ -89,14 +88,9 @@ def test_overhead_formula_matches_torch_flop_counter(tiny, options):
     FlopCounterMode counts a real forward."""
     model, processor = tiny
     batch = inputs(processor, QUESTIONS[:1])
-    with flop_counter() as counter:
-        sched = measure_schedule(model, batch, "vispruner", 128, **options)
-    dims = flops_dims(model.config)
-    text = batch["input_ids"].shape[1] - dims.n_visual
-    overhead = overhead_flops(dims, "vispruner", sched.cuts, text, **options)
-    formula = prefill_flops(dims, sched.tokens_per_layer, text, projected_tokens=sched.projected, overhead=overhead)
+    formula, counter = flops_and_counter(model, batch, "vispruner", 128, **options)
     assert formula.total == counter.get_total_flops()
-    assert overhead > 0
+    assert formula.overhead > 0
 
 
 def test_clear_errors(tiny):

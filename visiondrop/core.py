@@ -29,7 +29,7 @@ class ModelInfo:
     cls_kept: bool  # whether the model's own visual tokens include CLS
     crops: int = 1  # vision-tower crops per image, nominal (a video's frames)
     #: the budgets' reference is a video whose crops are its frames (Video-LLaVA): methods with a video setting
-    #: use it (VisionDrop: tokens leaving its encoder stage at 3x the budget instead of 1.5x)
+    #: use it (VisionDrop: tokens leaving its encoder cut at 3x the budget instead of 1.5x)
     video: bool = False
     #: the vision tower has a CLS token (CLIP); False for towers without (Qwen2.5-VL's)
     tower_cls: bool = True
@@ -90,7 +90,7 @@ class TokenIds:
     special: dict[str, int] = field(default_factory=dict)  # ids of the family's `special_tokens`
 
 
-#: the origin of a placeholder slot that an encoder stage leaves empty (`Family.lay_out`), dropped before the decoder
+#: the origin of a placeholder slot that an encoder cut leaves empty (`Family.lay_out`), dropped before the decoder
 EMPTY_SLOT = -2
 
 
@@ -200,9 +200,9 @@ class Dims:
     #: tokens per crop the projector runs on, unpruned (None: visual_per_crop; LLaVA-OneVision's video frames: all
     #: 729 patches, pooled to 196 after the projector)
     projected_per_crop: int | None = None
-    #: an encoder stage without CLS projects these per patch for its rows (Qwen2.5-VL's fused qkv: 3; SigLIP: q, k)
+    #: an encoder cut without CLS projects these per patch for its rows (Qwen2.5-VL's fused qkv: 3; SigLIP: q, k)
     vision_row_projections: int = 3
-    #: the nominal sample's encoder stage selects among tokens already projected (LLaVA-OneVision's pooled video
+    #: the nominal sample's encoder cut selects among tokens already projected (LLaVA-OneVision's pooled video
     #: frames): its merged tokens sum in the decoder's width
     encoder_projected: bool = False
     side_projectors: int = 0  # projectors of the same shape run beside it on each projected token (DeepStack: 3)
@@ -215,7 +215,7 @@ class Dims:
 
 @dataclass(frozen=True)
 class Cut:
-    """One reduction: `layer` None is an encoder stage (one per crop), else the decoder layer it precedes.
+    """One reduction: `layer` None is an encoder cut (one per crop), else the decoder layer it precedes.
 
     `before` tokens go in; `kept` of them stay and `merged` new tokens are made from the others.
     """

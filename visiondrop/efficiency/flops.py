@@ -23,7 +23,7 @@ embedding is a 2-frame 3-D convolution (6 x 14 x 14 inputs per patch); each of t
 o and runs a gated MLP (3 matrices) on every patch; the attention matmuls cover windows of 8 x 8 patches (112
 pixels) in 28 layers, 2 t w d MACs for windows of w patches, and all t x t patch pairs in the 4 full-attention
 layers (7, 15, 23, 31); the merger (the projector) runs 5120 -> 5120 -> 3584 on each 2x2 group that enters the
-decoder. Its encoder stage (VisionZip, VisionDrop) scores with the attention each patch receives at the last
+decoder. Its encoder cut (VisionZip, VisionDrop) scores with the attention each patch receives at the last
 full-attention layer: q, k, v of every patch and all patch-pair logits. Its decoder has grouped-query attention
 (4 key-value heads of 28).
 
@@ -31,7 +31,7 @@ Qwen3-VL (checkpoints qwen3-vl-8b, qwen3-vl-30b-a3b, on the nominal 768x768 imag
 tokens): the 27 tower layers attend to all patches and run a two-matrix GELU MLP; the projector part counts the
 merger and the three DeepStack mergers (each 4608 -> 4608 -> d on every projected 2x2 group: 4x the merger alone);
 DeepStack's additions to the visual hidden states after decoder layers 0-2 are elementwise (3 x n x d additions,
-no matrix product) and not counted; an encoder stage that merges combines the tokens' DeepStack vectors by the
+no matrix product) and not counted; an encoder cut that merges combines the tokens' DeepStack vectors by the
 merge's weights (one [merged, tokens] x [tokens, 3 x 4608] product, in the overhead). The decoder's per-head q/k
 norms are not products either. The MoE (30B-A3B) counts the active parameters of a token: its 8 routed experts of
 128 (3 matrices of 2048 x 768 each, `intermediate` 8 x 768) and the router (2048 x 128 logits); the other 120
@@ -48,13 +48,13 @@ Assumptions written down:
 - Per-layer visual counts are MEASURED: the method runs on a tiny random LLaVA-1.5 proxy with the same depths and
   576 visual tokens (`visiondrop.testing.tiny`, width 32) and its trace is read. All methods' schedules are fixed by the
   budget, so the proxy's weights do not change them. LLaVA-NeXT: VisionDrop's counts are analytic, at the
-  nominal 2880 (methods.md 1(f): per-crop encoder stage of the budget/5 schedule, then decoder segments
+  nominal 2880 (methods.md 1(f): per-crop encoder cut of the budget/5 schedule, then decoder segments
   n0 x (1, 35/48, 26/48, 19/48)), the comparison the paper's 7.70 T asks for; the other methods are measured on
   a tiny LLaVA-NeXT proxy with a square 672-pixel image (5 crops: 2880 patches plus 48 image-newline tokens).
   Decoder-side methods see (and prune) the newline tokens, so those count as visual tokens there and leave the
   preset's 49 extra tokens as 1; encoder-side methods drop them (official layout) and keep the 49, except where
   they keep the model's own layout (VisPruner): the newline tokens they keep count as visual, the rest as extra.
-- Overhead counted (the harness's computation, not the official codes'): an encoder stage recomputes, per crop, the
+- Overhead counted (the harness's computation, not the official codes'): an encoder cut recomputes, per crop, the
   CLS query and all keys of its vision layer and the CLS logits; a decoder cut on N tokens projects the keys of all
   N tokens, the queries of the scoring rows and their logits against all keys, where the rows (each method's
   `methods.Overhead`) are the n visual tokens (VisionDrop), the last prompt token (FastV, PyramidDrop; all N for
@@ -231,14 +231,14 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
         _record_cuts(handle.policy, cuts, premade)
         model(**inputs)
         counts = tuple(handle.trace.tokens_per_layer[0])
-    encoder = [c for c in cuts if c.layer is None]  # an encoder stage projects only what it keeps and merges,
+    encoder = [c for c in cuts if c.layer is None]  # an encoder cut projects only what it keeps and merges,
     # unless it selects among tokens the model projected already (LLaVA-OneVision's pooled video frames)
     projected = sum(c.kept + c.merged for c in encoder) if encoder and not any(premade) else None
     return TokenCounts(counts, projected, tuple(cuts))
 
 
 def _record_cuts(policy: Any, cuts: list[Cut], premade: list[bool]) -> None:
-    """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample; an encoder stage
+    """Wrap the policy's select methods (on the instance) to note each cut's sizes (first sample; an encoder cut
     once per crop of the one image measured, as `Cut` counts it) and whether an encoder view was projected already
     (`premade`)."""
     select_encoder, select_decoder = policy.select_encoder, policy.select_decoder
@@ -312,7 +312,7 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
         sched = measure_schedule(model, inputs, method, budget,
                                  **{**registered(method).example_options(model.config), **options})
         placeholders = int(family_by_type(dims.model_type).image_token_mask(model, inputs["input_ids"], None).sum())
-        # decoder-side methods see every newline token; an encoder stage lays out what it projects, plus the newline
+        # decoder-side methods see every newline token; an encoder cut lays out what it projects, plus the newline
         # tokens of the model's own layout where it keeps that (VisPruner), none in the compact one (VisionDrop)
         encoder_side = any(c.layer is None for c in sched.cuts)
         laid_out = sum(c.kept + c.merged for c in sched.cuts if c.layer is None)

@@ -2,7 +2,7 @@
 
 Three patches, all on the instance (never on the class, so other models are untouched), at the places the
 model's family adapter names:
-- `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder stage;
+- `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder cut;
 - a forward pre-hook on the multimodal model notes where the image tokens are, and one on the whole model
   refuses `labels=` when the method shortens the sequence;
 - the language model's `forward` is replaced by the engine's layer loop whenever a forward holds image tokens
@@ -187,7 +187,7 @@ class Pruner:
         cache.reorder_cache = reorder_cache
 
     def _drop_empty_slots(self, run: decoder.Running, trace: Trace) -> decoder.Running:
-        """Remove the placeholder rows the encoder stage left empty, before the first decoder layer."""
+        """Remove the placeholder rows the encoder cut left empty, before the first decoder layer."""
         samples = run.vis_len.nonzero()[:, 0].tolist()
         images, self._images = self._images, None
         if images is None or len(images) != len(samples):

@@ -132,36 +132,36 @@ class Policy:
     name: str = "none"
     #: True: positions are renumbered contiguously after a cut; False: tokens keep their original positions.
     renumber_positions: bool = True
-    #: Vision-tower layer (0-based) whose output an encoder-side stage reduces; None: no encoder stage.
+    #: Vision-tower layer (0-based) whose output an encoder cut reduces; None: no encoder cut.
     encoder_layer: int | None = None
     #: Decoder layers (0-based) before which the policy cuts.
     cut_layers: tuple[int, ...] = ()
-    #: Encoder stage: lay the kept tokens out in the host's own layout (`Family.lay_out`; LLaVA-NeXT: unpadding
+    #: Encoder cut: lay the kept tokens out in the host's own layout (`Family.lay_out`; LLaVA-NeXT: unpadding
     #: and image-newline tokens) instead of the compact one of the official VisionDrop/VisionZip code.
     native_layout: bool = False
-    #: Encoder stage: the vision tower runs with eager attention and the importance rows are its own attention
+    #: Encoder cut: the vision tower runs with eager attention and the importance rows are its own attention
     #: probabilities (`Family.encoder_view(eager_encoder=True)`), bit-identical to official code that asks for
     #: `output_attentions`; for policies whose selection hangs on float ties. Default: the tower's own attention
     #: (SDPA) with the rows recomputed from one layer's q/k.
     eager_encoder: bool = False
-    #: Encoder stage: the policy reads the tower's own features (`EncoderView.hidden` before the projector, e.g.
+    #: Encoder cut: the policy reads the tower's own features (`EncoderView.hidden` before the projector, e.g.
     #: CDPruner's CLIP relevance), not only its rows: a host whose view is already projected cannot serve it.
     tower_features: bool = False
-    #: Encoder stage: further vision-tower layers (0-based) whose importance rows the view carries
+    #: Encoder cut: further vision-tower layers (0-based) whose importance rows the view carries
     #: (`EncoderView.importance_at`), e.g. a shallow layer's CLS attention.
     scan_layers: tuple[int, ...] = ()
 
     def instruct(self, questions: list[str] | None) -> None:
         """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
         questions batch by batch); only text-conditioned policies use them (CDPruner)."""
-    #: Encoder stage: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
+    #: Encoder cut: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
     received_attention: bool = False
-    #: Encoder stage: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
+    #: Encoder cut: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
     #: (`merge_in_tower`), where the family's tower supports it (`EncoderView.merged_in_tower`)
     merges_in_tower: bool = False
 
     def renumbers_at(self, layer_idx: int) -> bool:
-        """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose stages
+        """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose cuts
         differ; default `renumber_positions`)."""
         return self.renumber_positions
 
@@ -169,7 +169,7 @@ class Policy:
         """Called before decoder layer 0 with the decoder's input, for policies that decide something up front."""
 
     def select_encoder(self, view: EncoderView) -> Selection:
-        raise NotImplementedError(f"{self.name} has no encoder stage")
+        raise NotImplementedError(f"{self.name} has no encoder cut")
 
     def merge_in_tower(self, layer: int, hidden: Tensor, metric: Tensor) -> Tensor:
         """Inside tower layer `layer`, between its attention and its MLP: the tokens [N, T, D] merged into fewer,

@@ -189,7 +189,7 @@ class Family:
         family's token count depends on it (anyres grids); None for the family's default benchmark image."""
         raise NotImplementedError
 
-    # -- the encoder stage -------------------------------------------------------------------------------------
+    # -- the encoder cut ---------------------------------------------------------------------------------------
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         """The images of a `get_image_features(pixel_values, *args, **kwargs)` call, with the model's defaults."""
         raise NotImplementedError
@@ -225,7 +225,7 @@ class Family:
         raise NotImplementedError
 
     def encoder_output(self, features: list[Tensor], side: list[Tensor] | None) -> ModelOutput:
-        """What the host's image-feature function returns, from the encoder stage's features per image (and their
+        """What the host's image-feature function returns, from the encoder cut's features per image (and their
         side rows [slots, S, D], where the family has side features)."""
         return BaseModelOutputWithPooling(last_hidden_state=features[0], pooler_output=features)
 
@@ -241,7 +241,7 @@ class Family:
         The engine carries each token's rows through the cuts and adds them after those layers (`engine.decoder`)."""
 
     def unsupported(self, policy: Any, modality: str) -> str | None:
-        """Why this family cannot run the encoder stage of `policy` (an `engine.Policy`) on `modality`, or None: the
+        """Why this family cannot run the encoder cut of `policy` (an `engine.Policy`) on `modality`, or None: the
         engine refuses such a forward with NotImplementedError naming the reason."""
         return None
 

@@ -257,7 +257,7 @@ class Llava(Family):
     def renumbered(self, first: Tensor, length: int) -> Tensor:
         return first + torch.arange(length, device=first.device)
 
-    # -- encoder stage -------------------------------------------------------------------------------------------
+    # -- encoder cut ---------------------------------------------------------------------------------------------
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         kwargs = {**kwargs, **dict(zip(self.image_feature_args, args))}
         layer = kwargs.get("vision_feature_layer")

@@ -1,7 +1,7 @@
 """LLaVA-NeXT (`LlavaNextForConditionalGeneration`): LLaVA-1.5 plus anyres crops and image-newline tokens.
 
 An image is a base crop plus a grid of crops chosen from `image_grid_pinpoints`; transformers packs the grid's
-patches without its padding and closes each grid row with the learned image-newline token. The encoder stage
+patches without its padding and closes each grid row with the learned image-newline token. The encoder cut
 reduces crop by crop and arranges the result as the official VisionDrop/VisionZip code does (`arrange_anyres`).
 """
 from __future__ import annotations

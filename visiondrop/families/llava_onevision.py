@@ -24,7 +24,7 @@ FastVID's official OV code reads instead the attention of SigLIP's pooling-head 
 separately loaded original google/siglip-so400m-patch14-384 head (the OV checkpoints have no head: not available
 here). Rows are recomputed from that layer's own q/k, crop by crop (the tower keeps SDPA), or read from an eager
 tower (`eager_encoder`).
-- Images: stages run per crop on the 729 patches before the projector, counts scaled to 729 of the nominal 196 a
+- Images: encoder cuts run per crop on the 729 patches before the projector, counts scaled to 729 of the nominal 196 a
   frame (`EncoderView.share`). The kept tokens are laid out as on LLaVA-NeXT: by default the compact layout of the
   official VisionZip/VisionDrop code (base view first, then the crops' kept patches in raster order of the whole
   grid, then the merged tokens; no newline tokens), or with a method's `newlines="keep"` the model's own layout
@@ -169,7 +169,7 @@ class LlavaOnevision(LlavaNext):
                        extra_tokens=VIDEO_NEWLINES, projected_per_crop=patches, vision_row_projections=2,
                        encoder_projected=True)
 
-    # -- the encoder stage ---------------------------------------------------------------------------------------
+    # -- the encoder cut -----------------------------------------------------------------------------------------
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         counts = {**kwargs, **dict(zip(self.image_feature_args, args))}.get("batch_num_images")
         if counts is not None and any(int(n) != 1 for n in counts):
@@ -223,7 +223,7 @@ class LlavaOnevision(LlavaNext):
             return ("merging inside LLaVA-OneVision's SigLIP tower is not supported (no CLS to protect; budgets count "
                     "196 tokens a frame, a crop has 729 patches)")
         if modality == "video" and (policy.scan_layers or policy.received_attention or policy.tower_features):
-            return ("on LLaVA-OneVision videos the encoder stage selects among the pooled, projected tokens of each "
+            return ("on LLaVA-OneVision videos the encoder cut selects among the pooled, projected tokens of each "
                     "frame, and other tower layers' rows are not pooled with them: run this method on its images")
         return None
 

@@ -23,10 +23,10 @@ What differs from LLaVA, and how this adapter handles it:
   tokens average groups before the merger's norm and MLP, as LLaVA's merge before the projector); its key the mean
   of its patches' keys (before the rotary embedding: content, not place). The tower orders patches by attention
   window; the view undoes that order (`get_vision_window_index`), as the tower's own output does. The tower runs
-  without its merger there: the encoder stage projects only the tokens it keeps and merges.
+  without its merger there: the encoder cut projects only the tokens it keeps and merges.
 - Images of different sizes are encoded one at a time (`image_groups`), so a policy sees equal token counts.
 Videos: decoder-side cuts see a video's tokens as the sample's visual block (one video per sample), frame (temporal
-grid) after frame (`video_frames`), keeping their M-RoPE positions; encoder-side stages take images only and refuse
+grid) after frame (`video_frames`), keeping their M-RoPE positions; encoder cuts take images only and refuse
 videos.
 """
 from __future__ import annotations
@@ -209,7 +209,7 @@ class Qwen2_5_VL(Family):
         """The centre of the block's grid on each axis (for a whole image: its middle row and column)."""
         return (block.amin(-1) + block.amax(-1)) // 2
 
-    # -- encoder stage -------------------------------------------------------------------------------------------
+    # -- encoder cut ---------------------------------------------------------------------------------------------
     def images(self, model: nn.Module, pixel_values: Tensor, args: tuple, kwargs: dict[str, Any]) -> Images:
         grid = kwargs.get("image_grid_thw", args[0] if args else None)
         if grid is None:
@@ -294,7 +294,7 @@ class Qwen2_5_VL(Family):
         return config.fullatt_block_indexes[-1]
 
     def bypassed_mergers(self, tower: nn.Module) -> dict[nn.Module, Callable[[Tensor], Tensor]]:
-        """The tower's mergers and what they do instead in the encoder view's run (the stage projects later)."""
+        """The tower's mergers and what they do instead in the encoder view's run (the cut projects later)."""
         unit = tower.config.spatial_merge_size ** 2
         return {tower.merger: lambda x: x[::unit]}
 

@@ -2,7 +2,7 @@
 CLS or windows, a 2x2 patch merger, DeepStack, and a Qwen3 decoder with interleaved M-RoPE.
 
 Built on the Qwen2.5-VL adapter (`qwen2_5_vl`: dynamic resolution, M-RoPE positions kept at every cut, merged
-tokens at the centre of the grid, one image at a time in the encoder stage); what differs, and how it is handled:
+tokens at the centre of the grid, one image at a time in the encoder cut); what differs, and how it is handled:
 - The ViT: patch 16, a 2x2 merger (32 pixels a visual token), a learned position embedding interpolated to each
   image's grid plus a 2-D rotary embedding, full attention in all 27 blocks (no windows: the tower keeps the
   processor's patch order, each 2x2 group contiguous, groups in raster order). The budgets' reference
@@ -22,7 +22,7 @@ tokens at the centre of the grid, one image at a time in the encoder stage); wha
   added to the hidden states of the visual tokens after decoder layers 0, 1 and 2. They are the engine's side
   features (`Family.side_features`): each kept token carries its own three rows through every cut before layer 3,
   and a merged (contextual) token gets its members' rows combined with the weights that made the token itself
-  (`Selection.weights`: anchor + mean of members for VisionZip/VisionDrop). In the encoder stage the combination
+  (`Selection.weights`: anchor + mean of members for VisionZip/VisionDrop). In the encoder cut the combination
   is taken before the DeepStack mergers, as the main features merge before the main merger; in a decoder cut,
   on the rows as the decoder adds them. Cuts from layer 3 on need no rows.
 - The decoder: Qwen3 layers with per-head q/k norms (which the engine's attention rows apply, `engine.attention`),
@@ -37,9 +37,9 @@ tokens at the centre of the grid, one image at a time in the encoder stage); wha
   wraps the patch's tokens in `<|vision_start|> ... <|vision_end|>`, so a video is several visual spans separated by
   text (`visual_spans`). Decoder cuts treat a sample's visual tokens as one set across the spans, keep each kept
   token in its own span and never touch the timestamps (vLLM's EVS for Qwen3-VL had to be reworked for this
-  layout: vllm-project/vllm#30847, fixed by #33607); encoder-side stages run per temporal patch (the tower attends
+  layout: vllm-project/vllm#30847, fixed by #33607); encoder cuts run per temporal patch (the tower attends
   within each one), each keeping its share of its own tokens, laid out in its own span. A merged token takes the
-  centre of the grid of the span it lies in (an encoder stage's: its own frame's; a decoder cut's, which follow the
+  centre of the grid of the span it lies in (an encoder cut's: its own frame's; a decoder cut's, which follow the
   last span's kept tokens: the last frame's), as an image's takes the image's. Without torchvision, `FramePairProcessor`
   resizes every frame with the image processor (its pixel bounds per frame, not the video processor's per clip)
   and stacks consecutive frames into temporal patches; frames come sampled (`harness.video.read_frames`), without
@@ -264,7 +264,7 @@ class Qwen3_VL(Qwen2_5_VL):
         video = input_ids == model.config.video_token_id
         return (video & ~torch.nn.functional.pad(video, (1, 0))[:, :-1]).sum(1)
 
-    # -- encoder stage -------------------------------------------------------------------------------------------
+    # -- encoder cut ---------------------------------------------------------------------------------------------
     def visual_inputs(self, model: nn.Module, modality: str, args: tuple, kwargs: dict[str, Any]) -> Images:
         """Images, or videos whose temporal patches are the crops (`get_video_features(pixel_values_videos,
         video_grid_thw)`)."""

@@ -3,7 +3,7 @@ Llama decoder, 1-D RoPE.
 
 A video is 8 frames at 224/14, each encoded by the video tower with its CLS kept (257 tokens a frame, 2,056 a
 video: the budgets' reference, `ModelInfo.video`); an image goes through the image tower and drops CLS (256
-tokens). Encoder-side stages run per frame, a video's frames being the crops of one sample, and lay the reduced
+tokens). Encoder cuts run per frame, a video's frames being the crops of one sample, and lay the reduced
 frames out in order ([CLS, dominant patches, merged tokens] per frame); decoder-side cuts see all the frames'
 tokens of a sample as one visual block (`<video>` placeholders, or `<image>` ones).
 
@@ -155,7 +155,7 @@ class VideoLlava(Llava):
         tokens = self.token_count(model, input_ids, kwargs, model.config.video_token_id)
         return tokens // self._frame_tokens(model.config)
 
-    # -- encoder stage -------------------------------------------------------------------------------------------
+    # -- encoder cut ---------------------------------------------------------------------------------------------
     def visual_inputs(self, model: nn.Module, modality: str, args: tuple, kwargs: dict[str, Any]) -> Images:
         if modality == "image":
             if not args and kwargs.get("pixel_values") is None:  # the deprecated name

@@ -1,6 +1,6 @@
 """Positional-bias maps: where in the image the kept visual tokens come from, per cut, over a run's samples.
 
-For each cut of a method's trace (the encoder stage, each decoder cut) a map counts, per patch-grid cell
+For each cut of a method's trace (each encoder and decoder cut) a map counts, per patch-grid cell
 (LLaVA-1.5: one 24x24 crop; LLaVA-NeXT: the base crop and each grid crop), how often the cell's token was kept
 and how often it was there to keep; their quotient is the keep frequency drawn in the heatmaps. The family says
 which cell each original visual index is (`Family.patch_cells`), so nothing here knows a layout.

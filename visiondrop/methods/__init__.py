@@ -54,7 +54,7 @@ class Unreachable(ValueError):
 @dataclass(frozen=True)
 class Overhead:
     """The matrix products of a method's own scoring and merging, as the FLOPs count charges them
-    (`visiondrop.efficiency.flops.overhead_flops`; an encoder stage's keys, and its CLS row unless `eager_encoder`
+    (`visiondrop.efficiency.flops.overhead_flops`; an encoder cut's keys, and its CLS row unless `eager_encoder`
     reads it from the tower, are charged to every method that has one).
 
     rows: the query rows that score a decoder cut, by the scoring rule's name (`engine.scoring.RULES`): "visual"
@@ -66,10 +66,10 @@ class Overhead:
     pivots: tokens whose similarity to every visual token is computed at a decoder cut (DART's pivots);
     selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
     at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
-    eager_encoder: the encoder stage reads its CLS row from an eager tower's own probabilities (False: it
+    eager_encoder: the encoder cut reads its CLS row from an eager tower's own probabilities (False: it
     recomputes the row from the layer's q/k); the layer's keys are computed either way;
     projected: (encoder cut, the decoder's width) -> multiply-accumulates of a method's own products on the
-    projected tokens at an encoder stage (CDPruner's kernel and greedy MAP, VScan's merge); such a method projects
+    projected tokens at an encoder cut (CDPruner's kernel and greedy MAP, VScan's merge); such a method projects
     every patch, so the projector on the dropped ones is charged too.
     tower: (dims, encoder cut) -> (tokens entering each vision-tower layer, multiply-accumulates of the method's
     own matching there), for a method that merges inside the tower (ToMe); None: the tower runs all its tokens.

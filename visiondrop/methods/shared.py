@@ -1,4 +1,4 @@
-"""Pieces several methods share: the CLS-attention encoder stage (VisionDrop, VisionZip), its LLaVA-NeXT layout, the
+"""Pieces several methods share: the CLS-attention encoder cut (VisionDrop, VisionZip), its LLaVA-NeXT layout, the
 whole token counts of the methods that keep exactly their budget, and the video methods' frame layout
 (`VideoLayout`, declared by each family) and their common cut before the first decoder layer (`FrameSelection`)."""
 from __future__ import annotations
