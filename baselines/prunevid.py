@@ -28,9 +28,15 @@ Where this differs from the official code:
   them; here layers 0-10 keep every stage-1 token in their caches (decode steps see what the prefill saw, and a cached
   decode equals replaying the prefill's decisions);
 - the official code runs at batch size 1 (it asserts it); any batch here equals each video alone.
-Positions: stage 1 shortens the sequence (contiguous on Video-LLaVA, as in PLLaVA); on Qwen2.5-VL every stage-1 token
-takes the M-RoPE position of a token it stands for (a static mean: its place in the segment's first frame; a cluster
-mean: its centre). Stage 2 keeps positions with gaps.
+Positions: stage 1 shortens the sequence (contiguous on Video-LLaVA and OneVision, as in PLLaVA); on Qwen2.5-VL and
+Qwen3-VL every stage-1 token takes the M-RoPE position of a token it stands for (a static mean: its place in the
+segment's first frame; a cluster mean: its centre), and on Qwen3-VL lies in that frame's span (after its timestamp,
+which is text and never cut), with its members' DeepStack rows by the weights that made it (`merge_video`). Stage 2
+keeps positions with gaps.
+OneVision's newline after the video (`shared.VideoLayout`): the released code is PLLaVA's, which has none;
+LightCompress runs stage 1 where the LLaVA-NeXT code appends the newline after it (a hook on `get_2dPool`), so the
+newline is kept after the stage-1 tokens (`Selection.trailing`), and stage 2 scores and prunes only those (the
+newline stays, and is not counted in the video's share).
 
 Budgets: alpha (option `alpha`, official 0.4) sets stage 2; with a budget (or `ratio=`) alpha is solved per video from
 its stage-1 count so that the mean visual tokens over the decoder layers is that share of the video's own tokens (at
