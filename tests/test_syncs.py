@@ -34,10 +34,6 @@ REMAINING = {
     "vscan": {"select_encoder: __getitem__": (2, "crop")},
     # not yet looked at: per crop, the registers' count (anchor neighbourhoods overlap) and the kept indices
     "hiprune": {"select_encoder: __int__": (1, "crop"), "select_encoder: nonzero": (1, "crop")},
-    # not yet vectorised: its temporal segmentation and per-segment clustering read segment boundaries and
-    # cluster sizes on the host, per frame (a crop of a video)
-    "prunevid": {"select_decoder: tolist": (1, "sample"), "select_decoder: __getitem__": (3, "crop"),
-                 "select_decoder: __int__": (2, "crop")},
 }
 
 

@@ -45,12 +45,29 @@ class Selection:
     features: Tensor | None = None
     slots: Tensor | list[Tensor] | None = None
     trailing: int = 0
+    #: decoder cuts, [G, c] which merged tokens are real (the others padding: a count that depends on the content,
+    #: which the engine reads instead of the policy), or None: all of them; their weights and slots alike
+    merged_valid: Tensor | None = None
 
     def indices(self) -> Tensor | list[Tensor]:
         """keep as indices: a boolean mask's kept tokens per sample (a host read, the engine's), else keep."""
         if isinstance(keep := self.keep, Tensor) and keep.dtype == torch.bool:
             return [row.nonzero()[:, 0] for row in keep]
         return keep
+
+    def of_sample(self, g: int) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Sample g's (keep indices, merged tokens, their weights, slots), the padding of `merged_valid` dropped."""
+        keep = self.indices()[g]
+        merged = None if self.merged is None else self.merged[g]
+        weights = None if self.weights is None else self.weights[g]
+        slots = None if self.slots is None else self.slots[g]
+        if self.merged_valid is not None:
+            valid = self.merged_valid[g]
+            merged = merged[valid]
+            weights = None if weights is None else weights[valid]
+            if slots is not None:
+                slots = torch.cat([slots[:keep.numel()], slots[keep.numel():][valid]])
+        return keep, merged, weights, slots
 
 
 @dataclass
@@ -87,6 +104,9 @@ class DecoderCut:
     final_norm: nn.Module | None = None
     frames: int = 0
     trailing: int = 0
+    #: the visual tokens carry side rows at this cut (`Family.side_features`): a policy that merges gives their
+    #: merge weights (`Selection.weights`)
+    side_rows: bool = False
 
     @property
     def n_visual(self) -> int:
