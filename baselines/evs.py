@@ -18,11 +18,11 @@ visual tokens; option `pruning_rate` gives vLLM's q directly instead. A video ke
 a model whose nominal sample is a video (Video-LLaVA: 8 frames) a budget below one frame is refused; a shorter
 video than the nominal keeps its first frame whatever the rate, as in vLLM.
 
-Positions: the kept tokens keep their M-RoPE positions on Qwen2.5-VL and Qwen3-VL (with their DeepStack rows) (vLLM's `compute_mrope_for_media`); the text
-after the video keeps transformers' unpruned positions, which start max(h, w) / 2 after the video's first position,
-where vLLM's `recompute_mrope_positions` starts them w / 2 after it: the same unless the video is taller than wide.
-On Video-LLaVA and OneVision (1-D RoPE) the shortened sequence is numbered contiguously, as a model served with the pruned
-placeholder count is.
+Positions: the kept tokens keep their M-RoPE positions on Qwen2.5-VL and Qwen3-VL, with their DeepStack rows
+(vLLM's `compute_mrope_for_media`); the text after the video keeps transformers' unpruned positions, which start
+max(h, w) / 2 after the video's first position, where vLLM's `recompute_mrope_positions` starts them w / 2 after it:
+the same unless the video is taller than wide. On Video-LLaVA and OneVision (1-D RoPE) the shortened sequence is
+numbered contiguously, as a model served with the pruned placeholder count is.
 EVS is deterministic (stable sort) and per video, so a batch equals each video alone. Images are refused: vLLM
 applies EVS to videos only. Parity: `tests/parity/evs/` holds vLLM's own function's masks on random embeddings.
 """
@@ -56,20 +56,14 @@ def retained(video: Tensor, frames: int, pruning_rate: float) -> Tensor:
 
 
 class EVS(FrameSelection):
-    name, title = "evs", "EVS"
-
-    def __init__(self, info: ModelInfo, pruning_rate: float):
-        self.info, self.pruning_rate = info, pruning_rate
+    name, title, knob = "evs", "EVS", "pruning_rate"
 
     def kept(self, frames: Tensor, layout: VideoLayout) -> Tensor:
-        return retained(frames, layout.frames, self.pruning_rate)
+        return retained(frames, layout.frames, self.setting)
 
-    def describe(self) -> dict:
-        described = {"method": self.name, "pruning_rate": self.pruning_rate, "layers": list(self.cut_layers)}
+    def equivalent_tokens(self) -> int | None:
         video = nominal_video(self.info)
-        if video is not None:
-            described["equivalent_tokens"] = retained_count(video[1], video[0], self.pruning_rate)
-        return described
+        return None if video is None else retained_count(video[1], video[0], self.setting)
 
 
 def policy(info: ModelInfo, budget: float | None = None, pruning_rate: float | None = None) -> Policy:

@@ -132,7 +132,8 @@ def dpc_knn_masked(x: Tensor, member: Tensor, clusters: Tensor, k: int = NEIGHBO
     return assign, order
 
 
-def group_merge(x: Tensor, member: Tensor, clusters: Tensor, clustered: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def group_merge(x: Tensor, member: Tensor, clusters: Tensor,
+                clustered: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each of P groups' members [P, N] of tokens x [P, N, C]: where `clustered`, DPC-kNN into `clusters` cluster means
     in the order of their centres' scores (`compute_cluster_vectors`); else the members themselves, in order. Returns
     (tokens [P, N, C], how many are real [P] (the first), the place each stands for [P, N], the weights [P, N, N]

@@ -80,17 +80,13 @@ def retained(video: Tensor, frames: int, base: float) -> Tensor:
 
 
 class VidCom2(FrameSelection):
-    name, title = "vidcom2", "VidCom2"
-
-    def __init__(self, info: ModelInfo, base_scale: float):
-        self.info, self.base_scale = info, base_scale
+    name, title, knob = "vidcom2", "VidCom2", "base_scale"
 
     def kept(self, frames: Tensor, layout: VideoLayout) -> Tensor:
-        return kept_mask(frames, layout.frames, self.base_scale)
+        return kept_mask(frames, layout.frames, self.setting)
 
-    def describe(self) -> dict:
-        return {"method": self.name, "base_scale": self.base_scale, "layers": list(self.cut_layers),
-                "equivalent_tokens": round(self.base_scale * self.info.n_visual)}
+    def equivalent_tokens(self) -> int | None:
+        return round(self.setting * self.info.n_visual)
 
 
 def policy(info: ModelInfo, budget: float | None = None, base_scale: float | None = None) -> Policy:

@@ -241,7 +241,8 @@ def test_video_selection_equals_the_stock_decoder_fed_the_kept_tokens(model_and_
         pruned = model(**single).logits[0, -1]
     visual = (single["input_ids"][0] == model.config.video_token_id).nonzero()[:, 0]
     kept = handle.trace.kept[0][0]
-    rows = torch.cat([torch.arange(visual[0]), visual[kept], torch.arange(visual[-1] + 1, single["input_ids"].shape[1])])
+    length = single["input_ids"].shape[1]
+    rows = torch.cat([torch.arange(visual[0]), visual[kept], torch.arange(visual[-1] + 1, length)])
     with torch.no_grad():
         hidden = model.model.language_model(inputs_embeds=embeds[0][:, rows]).last_hidden_state
         fed = model.lm_head(hidden)[0, -1]

@@ -57,7 +57,9 @@ class Selection:
 
     def of_sample(self, g: int) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """Sample g's (keep indices, merged tokens, their weights, slots), the padding of `merged_valid` dropped."""
-        keep = self.indices()[g]
+        keep = self.keep[g]
+        if keep.dtype == torch.bool:
+            keep = keep.nonzero()[:, 0]
         merged = None if self.merged is None else self.merged[g]
         weights = None if self.weights is None else self.weights[g]
         slots = None if self.slots is None else self.slots[g]
@@ -84,8 +86,8 @@ class DecoderCut:
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.
     `frames` is the group's video frames (0: its samples hold images): the original visual block is `frames` frames
-    of `(original_visual - trailing) / frames` tokens each, frame after frame, then `trailing` tokens that belong to no frame
-    (`Family.video_trailing`: LLaVA-OneVision's newline after the video); what video methods reduce
+    of `(original_visual - trailing) / frames` tokens each, frame after frame, then `trailing` tokens that belong to
+    no frame (`Family.video_trailing`: LLaVA-OneVision's newline after the video); what video methods reduce
     (`methods.shared.video_layout`; a cut before layer 0 still sees that layout).
     """
 
