@@ -27,7 +27,11 @@ Where this differs from the official code:
 - the official stage 2 also prunes the KV caches of layers 0-10 to the kept tokens, so decode steps there see only
   them; here layers 0-10 keep every stage-1 token in their caches (decode steps see what the prefill saw, and a cached
   decode equals replaying the prefill's decisions);
-- the official code runs at batch size 1 (it asserts it); any batch here equals each video alone.
+- the official code runs at batch size 1 (it asserts it); any batch here equals each video alone;
+- the official code loops on the host over segments, frames and clusters; here both stages run on the device
+  without reading a value on the host (`first_stage`: the segmentation, and every segment's and frame's clustering
+  as masked groups at once, padded; stage 2's per-group top-k as ranks within the groups), with the same results
+  (the parity fixture runs through `merge_video`, which unpads `first_stage`'s).
 Positions: stage 1 shortens the sequence (contiguous on Video-LLaVA and OneVision, as in PLLaVA); on Qwen2.5-VL and
 Qwen3-VL every stage-1 token takes the M-RoPE position of a token it stands for (a static mean: its place in the
 segment's first frame; a cluster mean: its centre), and on Qwen3-VL lies in that frame's span (after its timestamp,
