@@ -34,6 +34,10 @@ REMAINING = {
     "vscan": {"select_encoder: __getitem__": (2, "crop")},
     # not yet looked at: per crop, the registers' count (anchor neighbourhoods overlap) and the kept indices
     "hiprune": {"select_encoder: __int__": (1, "crop"), "select_encoder: nonzero": (1, "crop")},
+    # per sample: the patches its image kept (its key set's size), and at each of the 4 cuts where its text starts
+    # (the filter's rows) and the tokens it keeps (thresholds: a count that differs per sample)
+    "mustdrop": {"select_encoder: __int__": (1, "sample"), "select_decoder: __int__": (4, "sample"),
+                 "select_decoder: nonzero": (4, "sample")},
 }
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..families.base import Family
 from .attention import gather_rows
-from ..core import EMPTY_SLOT
+from ..core import EMPTY_SLOT, TowerMerge
 from .policy import Policy, Selection
 
 
@@ -32,7 +32,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     padded, valid, origins, side = [], [], [], []
     project, first_image = family.projector(model), 0
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
-        merge = policy.merge_in_tower if policy.merges_in_tower else None
+        merge = TowerMerge(policy.merge_in_tower, policy.merges_at_layer_output) if policy.merges_in_tower else None
         view = family.encoder_view(model, images, policy.eager_encoder, policy.scan_layers, policy.received_attention,
                                    merge)
         view.project = (lambda rows: rows) if view.projected else project  # a host's own projected tokens
@@ -55,7 +55,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
         for i, (feats, keep) in enumerate(zip(features.split(images.crops), sel.keep.split(images.crops))):
             crop = crop_rows[i]
             if (keep < 0).any():  # a crop that keeps fewer tokens than others of the view
-                if keep.shape[0] > 1:
+                if not torch.equal(keep < 0, (keep[:1] < 0).expand_as(keep)):
                     raise NotImplementedError(f"{policy.name} kept different counts on the crops of one image")
                 real = torch.cat([keep[0] >= 0, keep.new_ones(n_merged, dtype=torch.bool)])
                 feats, keep = feats[:, real], keep[:, keep[0] >= 0]

@@ -20,7 +20,7 @@ class Selection:
     """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
 
     keep: [G, k] indices into the current visual block, in the order they will appear; at an encoder cut, -1
-    pads a crop that keeps fewer tokens than another of the view (allowed for single-crop images);
+    pads a crop that keeps fewer tokens than another of the view (the crops of one image alike);
     merged: [G, c, D] tokens appended right after the kept ones (None: no merging);
     features: encoder cut only, [G, k, D'] the kept tokens already in the LLM's embedding space (the policy's own
     use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows;
@@ -181,6 +181,9 @@ class Policy:
     #: Encoder cut: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
     #: (`merge_in_tower`), where the family's tower supports it (`EncoderView.merged_in_tower`)
     merges_in_tower: bool = False
+    #: Encoder stage: the merge runs after each tower layer on its output (`TowerMerge.at_output`), not between its
+    #: attention and its MLP
+    merges_at_layer_output: bool = False
 
     def renumbers_at(self, layer_idx: int) -> bool:
         """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose cuts

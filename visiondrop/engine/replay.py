@@ -26,6 +26,7 @@ class Replay(Policy):
         self.received_attention = policy.received_attention
         self.merges_in_tower = policy.merges_in_tower
         self.merge_in_tower = policy.merge_in_tower
+        self.merges_at_layer_output = policy.merges_at_layer_output
         self._policy = policy
         self._selections = dict(zip(policy.cut_layers, trace.selections))
         self._slots = dict(zip(policy.cut_layers, trace.slots))

@@ -36,6 +36,7 @@ METHODS = {
     "fastervlm": "baselines.fastervlm",
     "hiprune": "baselines.hiprune",
     "tome": "baselines.tome",
+    "mustdrop": "baselines.mustdrop",
     "evs": "baselines.evs",
     "vidcom2": "baselines.vidcom2",
     "dycoke": "baselines.dycoke",
@@ -120,6 +121,9 @@ class Method:
     #: keeps exactly the count `describe()` states; False where the count depends on the video (per-frame budgets
     #: rounded per frame, as VidCom2's official code does): within a token a frame of it
     exact_count: bool = True
+    #: its counts follow each image's content (thresholds: MustDrop): a budget names a setting, not a count, and
+    #: `describe()` states what the last forward measured; a ratio keeps no share of an image
+    counts_follow_content: bool = False
 
     @property
     def options(self) -> dict[str, Any]:
