@@ -251,3 +251,22 @@ def test_plugin_runs_videos_with_timestamps(tiny_qwen3_dir, demo_videos):
     assert trace.cuts == ["encoder"] and maps.modality == "video"
     assert int(maps.cuts["encoder"].kept.sum()) == len(trace.kept[0][0])
     assert abs(trace.mean_tokens[0] - 0.25 * 280) <= 4  # a quarter of each temporal patch's 70 tokens
+
+
+@pytest.mark.parametrize("name", ["evs", "prunevid"])
+def test_video_methods_on_the_moe(tiny_dir_of, long_clips, name):
+    """The MoE variant (the same adapter; decoder layers that differ only in their MLP) runs the video methods on
+    timestamped videos too: a cut that keeps (EVS) and one that merges then prunes inside (PruneVid) give each video
+    alone the batch's answers, with the timestamps kept and counts measured with pre-hooks."""
+    model, processor = load_tiny(tiny_dir_of("qwen3_vl_moe"))  # float32: its grouped expert matmuls take no float64
+    processor.tokenizer.padding_side = "left"
+    as_float = lambda inputs: {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}  # noqa: E731
+    batch = as_float(encode(processor, QUESTIONS, long_clips))
+    singles = [as_float(encode(processor, [question], long_clips[i:i + 1])) for i, question in enumerate(QUESTIONS)]
+    ratio = video_ratio(name)
+    _, trace = videos_batch_equals_alone(model, name, run, batch, singles, atol=1e-4, ratio=ratio,
+                                         during_alone=partial(keeps_the_timestamps, model, name, 560))
+    for counts in trace.tokens_per_layer:
+        assert len(counts) == 48 and counts[-1] < 560
+        if name == "evs":
+            assert counts == [int(ratio * 560)] * 48
