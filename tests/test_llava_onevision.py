@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import (IMAGE_METHODS, beams_equal_alone, greedy_with_logits, measure_counts, stock_and_pruned_means,
+from helpers import (IMAGE_METHODS, SHARE_METHODS, beams_equal_alone, greedy_with_logits, measure_counts, stock_and_pruned_means,
                      videos_batch_equals_alone)
 from visiondrop.families import ModelInfo, family_of, info_of
 from visiondrop.families.llava_onevision import grid_positions
@@ -389,9 +389,12 @@ def test_the_video_ov_experiment_reaches_its_budgets():
     from visiondrop.families.llava_onevision import LLAVA_ONEVISION
 
     options = {"sparsevlm": {"lists": "interpolated"}}
-    runs_on_videos = {name for name in IMAGE_METHODS if name == "none" or LLAVA_ONEVISION.unsupported(
-        policy_for(info, name, ratio=0.25, **options.get(name, {})), "video") is None}  # video methods: not yet
-    assert {m.name for m in methods} == runs_on_videos  # every method the family runs on videos
+    runs_on_videos = {name for name in ["none", *SHARE_METHODS] if name == "none" or LLAVA_ONEVISION.unsupported(
+        policy_for(info, name, ratio=0.25, **options.get(name, {})), "video") is None}
+    # every method the family runs on videos; DyCoke apart (its whole frames: at least 28.5% of 32 frames)
+    assert {m.name for m in methods} == runs_on_videos | set(VIDEO_METHODS) - {"dycoke"}
+    with pytest.raises(ValueError, match="smallest reachable budget"):
+        policy_for(info, "dycoke", ratio=0.25)
     for chosen in (m for m in methods if m.name != "none"):
         for ratio in (float(r) for r in str(sweep["budget.ratio"]).split(",")):
             if (chosen.name, ratio) == ("sparsevlm", 0.10):
