@@ -185,6 +185,7 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             elif recipe.key_norms:
                 macs += n * d * kv_dim
             macs += recipe.pivots * cut.before * d  # cosine of each pivot against every visual token
+            macs += recipe.frame_pairs * cut.before * dims.visual_per_crop * d  # each token against its frame's
             metric, width = dims.head_dim, d
         if recipe.merges:
             macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it

@@ -80,10 +80,11 @@ def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, positio
 
 
 def apply_selections(family: Family, run: Running,
-                     selections: dict[int, tuple[Tensor, Tensor | None, Tensor | None, int]],
+                     selections: dict[int, tuple[Tensor, Tensor | None, Tensor | None, int, Tensor | None]],
                      renumber: bool, slots: dict[int, Tensor] | None = None) -> Running:
     """Rebuild the batch after a cut. selections: sample -> (keep [k], merged [c, D] or None, their weights [c, n]
-    over the current visual tokens or None, the entries of keep laid out after the merged tokens; `Selection`).
+    over the current visual tokens or None, the entries of keep laid out after the merged tokens, the kept tokens'
+    new hidden states [k, D] or None; `Selection`).
 
     Positions are renumbered contiguously when the policy asks for it (`renumber`) and the family allows it
     (unless `Family.fixed_positions`); otherwise every token keeps its position: a visual token the one of its slot in
@@ -105,8 +106,10 @@ def apply_selections(family: Family, run: Running,
             positions.append(family.renumbered(pos[..., first], len(index[-1])) if renumber else pos[..., first:])
             sources.append(source)
             continue
-        keep, merged, weights, trailing = selections[b]
+        keep, merged, weights, trailing, features = selections[b]
         n_merged = 0 if merged is None else merged.shape[0]
+        if features is not None:  # kept tokens that absorbed others (FastVID's anchors)
+            source = source.index_put((run.vis_index[b][keep],), features.to(source.dtype))
         if n_merged:
             source = torch.cat([source, merged.to(source.dtype)])
         span = _spans(run.vis_index[b])
@@ -121,7 +124,8 @@ def apply_selections(family: Family, run: Running,
         # the visual tokens in their new order: each an entry of (kept..., merged...)
         entry = _visual_entries(order, is_visual, run.vis_index[b], keep, length)
         origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)])[entry])
-        side.append(None if run.side is None else _side_rows(run.side[b], keep, n_merged, weights)[entry])
+        side.append(None if run.side is None else _side_rows(run.side[b], keep, n_merged, weights,
+                                                             features is not None)[entry])
         if renumber:
             positions.append(family.renumbered(pos[..., first], len(order)))
         else:
@@ -179,9 +183,15 @@ def _visual_entries(order: Tensor, is_visual: Tensor, vis_index: Tensor, keep: T
     return torch.where(rows < length, position_in_keep[rows.clamp(max=length - 1)], keep.numel() + rows - length)
 
 
-def _side_rows(rows: Tensor, keep: Tensor, n_merged: int, weights: Tensor | None) -> Tensor:
+def _side_rows(rows: Tensor, keep: Tensor, n_merged: int, weights: Tensor | None, new_kept: bool = False) -> Tensor:
     """The side rows [k + c, ...] of a cut's visual tokens: the kept tokens' own, then each merged token's
-    combination of the current tokens' rows `rows` [n, ...] by its weights [c, n]."""
+    combination of the current tokens' rows `rows` [n, ...] by its weights [c, n]; where the kept tokens have new
+    hidden states (`new_kept`), every token's combination by the weights [k + c, n]."""
+    if new_kept:
+        if weights is None:
+            raise ValueError("this method changes kept visual tokens before the model's last side-feature layer "
+                             "(Qwen3-VL's DeepStack layers) without stating their weights (`Selection.weights`)")
+        return (weights.to(rows.dtype) @ rows.flatten(1)).view(weights.shape[0], *rows.shape[1:])
     if not n_merged:
         return rows[keep]
     if weights is None:
@@ -244,7 +254,7 @@ def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, lay
         sel: Selection = policy.select_decoder(cut)
         for g, b in enumerate(cut.samples):
             keep, merged, weights, sample_slots = sel.of_sample(g)
-            selections[b] = (keep, merged, weights, sel.trailing)
+            selections[b] = (keep, merged, weights, sel.trailing, None if sel.features is None else sel.features[g])
             if sample_slots is not None:
                 slots[b] = sample_slots
     trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]

@@ -22,16 +22,18 @@ class Selection:
     keep: [G, k] indices into the current visual block, in the order they will appear; at an encoder cut, -1
     pads a crop that keeps fewer tokens than another of the view (the crops of one image alike);
     merged: [G, c, D] tokens appended right after the kept ones (None: no merging);
-    features: encoder cut only, [G, k, D'] the kept tokens already in the LLM's embedding space (the policy's own
-    use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows;
+    features: at an encoder cut, [G, k, D'] the kept tokens already in the LLM's embedding space (the policy's own
+    use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows; at a
+    decoder cut, [G, k, D] the kept tokens' new hidden states, where tokens are merged into kept ones that keep
+    their place (FastVID's anchors; their `weights` are then [G, k + c, n], every kept token's and merged one's);
     slots: decoder cuts, [G, k + c] per token, the current visual slot whose position it takes where positions are
     kept (not renumbered), -1 for the family's merged position (None: the kept tokens their own, merged tokens -1),
     for methods whose merged tokens stand for a place (a cluster's centre);
     weights: [G, c, n] how each merged token combines the n current visual tokens (merged = weights @ their
     vectors), so that the features that travel with the tokens (`Family.side_features`: Qwen3-VL's DeepStack
     rows) merge alike; a policy that merges before the host's last side-feature layer must give them.
-    At decoder cuts keep, merged and slots may each be a list of G rows instead, where the samples keep different
-    counts (methods whose counts depend on the content), and keep may be a boolean mask [G, n] over the current
+    At decoder cuts keep, merged, weights, features and slots may each be a list of G rows instead, where the
+    samples keep different counts (methods whose counts depend on the content), and keep may be a boolean mask [G, n] over the current
     visual tokens (those kept, in their order), so that a policy whose counts depend on the content reads no count
     on the host (the engine turns it into indices, `indices`);
     trailing: decoder cuts, the last `trailing` entries of each sample's keep are laid out after its merged tokens
@@ -42,7 +44,7 @@ class Selection:
     keep: Tensor | list[Tensor]
     merged: Tensor | list[Tensor] | None = None
     weights: Tensor | list[Tensor] | None = None
-    features: Tensor | None = None
+    features: Tensor | list[Tensor] | None = None
     slots: Tensor | list[Tensor] | None = None
     trailing: int = 0
     #: decoder cuts, [G, c] which merged tokens are real (the others padding: a count that depends on the content,

@@ -41,6 +41,7 @@ METHODS = {
     "vidcom2": "baselines.vidcom2",
     "dycoke": "baselines.dycoke",
     "prunevid": "baselines.prunevid",
+    "fastvid": "baselines.fastvid",
 }
 
 
@@ -65,6 +66,8 @@ class Overhead:
     rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters);
     key_norms: the keys of every token at a decoder cut, for their norms, where no attention rows need them (DART);
     pivots: tokens whose similarity to every visual token is computed at a decoder cut (DART's pivots);
+    frame_pairs: the distance between every two tokens of a video frame at a decoder cut (FastVID's densities; frames
+    of `Dims.visual_per_crop` tokens);
     selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
     at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
     eager_encoder: the encoder cut reads its CLS row from an eager tower's own probabilities (False: it
@@ -81,6 +84,7 @@ class Overhead:
     rater_choice: bool = False
     key_norms: bool = False
     pivots: int = 0
+    frame_pairs: bool = False
     selection: Callable[[Cut, int], int] | None = None
     eager_encoder: bool = False
     projected: Callable[[Cut, int], int] | None = None
