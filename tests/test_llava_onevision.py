@@ -218,7 +218,7 @@ def test_video_methods_on_videos(model_and_processor, long_videos, name):
         assert kept == 3 * 196 + 5 * round((ratio * frame_tokens - 3 * 196) / 5)
     elif name == "evs":
         assert kept == int(frame_tokens * ratio)
-    else:  # VidCom2: base x tokens, within half a token a frame (per-frame rounding)
+    else:  # VidCom2 (base x tokens), FastVID (each frame's share): within half a token a frame (per-frame rounding)
         assert abs(kept - ratio * frame_tokens) <= LONG_FRAMES / 2, kept
 
 

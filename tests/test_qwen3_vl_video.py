@@ -170,7 +170,7 @@ def test_video_methods_on_videos(model_and_processor, long_clips, name):
             assert counts == [3 * 70 + 5 * round((ratio * 560 - 3 * 70) / 5)] * 36
         elif name == "evs":
             assert counts == [int(ratio * 560)] * 36
-        else:  # VidCom2: within half a token a frame
+        else:  # VidCom2, FastVID: within half a token a frame
             assert counts == [counts[0]] * 36 and abs(mean - ratio * 560) <= 4, counts
     if name == "prunevid":  # the merged tokens' weights over the video's tokens (their DeepStack rows merge alike)
         assert all(selection[2].shape[1] == 560 for selection in trace.selections[0].values())
