@@ -18,15 +18,19 @@ Stage 2, in the language model: the video tokens' scores are layer 10's attentio
 over every real token) from every token after the video, the maximum over heads and queries; per segment the top
 int(alpha x n) of its static tokens and of each frame's dynamic tokens stay, in order, with their positions (gaps).
 The layer-10 output is pruned: here a cut before layer 11 (relative depth on other decoders: `ModelInfo.
-relative_layers`), scored on what entered layer 10.
+relative_layers`), scored on what entered layer 10. The KV caches of layers 0-10 are pruned to the same tokens
+(`models/pllava/elastic_cache.py::VTPWindowCache.prompt_prefill`), so the decode steps attend there to what layer 11
+keeps (`prune_cache`, below).
 
 Where this differs from the official code:
 - the official DPC-kNN adds `torch.rand(...) * 1e-6` to the densities to break ties; here no noise (deterministic,
   the same in a batch and alone): ties fall as torch's comparisons and topk break them. The parity fixture
   (`tests/parity/prunevid/`) runs the official functions with `torch.rand` patched to zeros;
-- the official stage 2 also prunes the KV caches of layers 0-10 to the kept tokens, so decode steps there see only
-  them; here layers 0-10 keep every stage-1 token in their caches (decode steps see what the prefill saw, and a cached
-  decode equals replaying the prefill's decisions);
+- the official stage 2 also prunes the KV caches of layers 0-10 to the kept tokens (`VTPWindowCache.prompt_prefill`
+  slices them), so decode steps there attend to those only; here too by default (`prune_cache`), through the engine's
+  decode-time KV selection: the decode steps at layers 0 to the selected one attend to the visual tokens stage 2 kept
+  (and to all text), with the dropped ones masked in the cache rather than sliced out of it (the attention is the
+  same; the memory of those layers' caches is not freed). `prune_cache=False`: they attend to every stage-1 token;
 - the official code runs at batch size 1 (it asserts it); any batch here equals each video alone;
 - the official code loops on the host over segments, frames and clusters; here both stages run on the device
   without reading a value on the host (`first_stage`: the segmentation, and every segment's and frame's clustering
@@ -55,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.core import Cut, ModelInfo
-from visiondrop.engine import DecoderCut, Policy, Selection
+from visiondrop.engine import DecodeStep, DecoderCut, Policy, Selection
 from visiondrop.engine.attention import decoder_attention
 from visiondrop.methods import Method, Overhead, Unreachable
 from visiondrop.methods.shared import retention, video_layout
@@ -234,10 +238,15 @@ def stage_two(scores: Tensor, group: Tensor, alpha: float, groups: int) -> Tenso
 class PruneVid(Policy):
     name = "prunevid"
 
-    def __init__(self, info: ModelInfo, share: float | None, alpha: float | None, tau: float):
-        self.info, self.share, self.alpha, self.tau = info, share, alpha, tau
+    def __init__(self, info: ModelInfo, share: float | None, alpha: float | None, tau: float, prune_cache: bool = True):
+        self.info, self.share, self.alpha, self.tau, self.prune_cache = info, share, alpha, tau, prune_cache
         self.selected_layer = info.relative_layers([SELECTED_LAYER], "PruneVid's selected layer")[0]
         self.cut_layers = (0, self.selected_layer + 1)
+        if prune_cache:  # decode steps at the layers up to the selected one see only what stage 2 kept
+            self.decode_layers = tuple(range(self.selected_layer + 1))
+
+    def select_cached(self, step: DecodeStep) -> list[Tensor | None]:
+        return step.kept_later
 
     def renumbers_at(self, layer_idx: int) -> bool:
         return layer_idx == 0  # stage 1 shortens the sequence; stage 2 keeps positions with gaps
@@ -296,15 +305,18 @@ class PruneVid(Policy):
         return min(needed, 1.0)
 
     def describe(self) -> dict:
-        described = {"method": self.name, "layers": list(self.cut_layers), "tau": self.tau}
+        described = {"method": self.name, "layers": list(self.cut_layers), "tau": self.tau,
+                     "prune_cache": self.prune_cache}
         if self.alpha is not None:
             return described | {"alpha": self.alpha}
         return described | {"share": self.share, "equivalent_tokens": round(self.share * self.info.n_visual)}
 
 
-def policy(info: ModelInfo, budget: float | None = None, alpha: float | None = None, tau: float = TAU) -> Policy:
+def policy(info: ModelInfo, budget: float | None = None, alpha: float | None = None, tau: float = TAU,
+           prune_cache: bool = True) -> Policy:
     """PruneVid keeping about `budget` of the nominal visual tokens on average over the layers (that share of each
-    video), or with the official `alpha` (0.4)."""
+    video), or with the official `alpha` (0.4); `prune_cache=False` keeps every stage-1 token in the KV caches of
+    the layers up to the selected one (decode steps there attend to them all)."""
     if (alpha is None) == (budget is None):
         raise ValueError(f"give PruneVid a budget (or ratio=) or alpha= (the official runs use {ALPHA}), one of them")
     if budget is not None and budget < smallest_budget(info):
@@ -312,7 +324,7 @@ def policy(info: ModelInfo, budget: float | None = None, alpha: float | None = N
                           f"(or {info.n_visual} for the unpruned model)", smallest_budget(info))
     if alpha is not None and not 0 < alpha <= 1:
         raise ValueError(f"alpha is the share of stage-1 tokens PruneVid keeps in the LLM, in (0, 1]; got {alpha}")
-    return PruneVid(info, None if budget is None else retention(budget, info), alpha, tau)
+    return PruneVid(info, None if budget is None else retention(budget, info), alpha, tau, prune_cache)
 
 
 def selection_macs(cut: Cut, width: int) -> int:

@@ -91,6 +91,11 @@ class DecoderCut:
     of `(original_visual - trailing) / frames` tokens each, frame after frame, then `trailing` tokens that belong to
     no frame (`Family.video_trailing`: LLaVA-OneVision's newline after the video); what video methods reduce
     (`methods.shared.video_layout`; a cut before layer 0 still sees that layout).
+    `tower_attention` [G, original_visual], where the policy asks for it (`Policy.tower_attention`) and the family
+    shows the tower for the modality (`Family.tower_functions`), else None: the attention each original visual
+    token received at the vision tower's feature layer, mean over heads then over every query of its crop or frame
+    (CLS included where the tower has one), pooled as the host pools its tokens (LLaVA-OneVision's video frames);
+    0 for a visual token that is no tower token (a newline). In the original visual order (`Trace` origins).
     """
 
     layer_idx: int
@@ -111,6 +116,7 @@ class DecoderCut:
     #: the visual tokens carry side rows at this cut (`Family.side_features`): a policy that merges gives their
     #: merge weights (`Selection.weights`)
     side_rows: bool = False
+    tower_attention: Tensor | None = None
 
     @property
     def n_visual(self) -> int:
@@ -150,6 +156,31 @@ class DecoderCut:
         return torch.full((self.hidden.shape[0], 1), self.hidden.shape[1] - 1, device=self.hidden.device)
 
 
+@dataclass
+class DecodeStep:
+    """One decode forward after a prefill, as a policy with a decode-time KV selection sees it (`Policy.decode_layers`).
+
+    `step` counts the decode forwards since the prefill (0: the query is the first generated token); `layers`, the
+    decode layers this selection is for: those of one segment, the layers that cache the same tokens (a policy whose
+    decode layers span cuts is asked once per segment). Per row of the batch: `visual`, the cached rows of its visual
+    tokens at these layers (ascending; empty: no visual tokens); `kept_later`, whether each of them is still cached
+    after every later decoder cut (None: no cut after these layers);
+    `trailing`, how many of them (the last) are a video's tokens after its frames (`DecoderCut.trailing`); `state`,
+    a dict that lives across the decode steps of one generation (what a policy remembers from step to step; it
+    follows beam search's reorders). `attention`: the probabilities [B, H, q, kv] of this step's q new tokens at
+    `Policy.decode_scoring_layer` over that layer's cached rows (the new ones last), as the layer computes them (the
+    softmax in float32); None without a scoring layer.
+    """
+
+    step: int
+    layers: tuple[int, ...]
+    visual: list[Tensor]
+    kept_later: list[Tensor | None]
+    trailing: list[int]
+    state: list[dict]
+    attention: Tensor | None = None
+
+
 class Policy:
     """Base class of a method's policy. The defaults describe the unpruned model."""
 
@@ -178,6 +209,12 @@ class Policy:
     def instruct(self, questions: list[str] | None) -> None:
         """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
         questions batch by batch); only text-conditioned policies use them (CDPruner)."""
+    #: Decoder layers (0-based) that attend without the causal mask in the prefill, every query over every real token
+    #: (decode steps are unaffected), as official code that ran them so (HoliTom's layer 17 under SDPA)
+    bidirectional_layers: tuple[int, ...] = ()
+    #: Decoder cuts see the attention each original visual token received in the vision tower
+    #: (`DecoderCut.tower_attention`), for methods that rank the host's own tokens by it (HoliTom)
+    tower_attention: bool = False
     #: Encoder cut: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
     received_attention: bool = False
     #: Encoder cut: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
@@ -186,6 +223,13 @@ class Policy:
     #: Encoder stage: the merge runs after each tower layer on its output (`TowerMerge.at_output`), not between its
     #: attention and its MLP
     merges_at_layer_output: bool = False
+
+    #: Decode-time KV selection: decoder layers whose decode steps attend only to the cached visual tokens that
+    #: `select_cached` chooses at each step, per segment of them (and to every other token); (): to all of them.
+    decode_layers: tuple[int, ...] = ()
+    #: The decoder layer whose attention from the decode queries `select_cached` sees (`DecodeStep.attention`): one
+    #: before the decode layers, all of them caching the same tokens as it; None: no attention rows.
+    decode_scoring_layer: int | None = None
 
     def renumbers_at(self, layer_idx: int) -> bool:
         """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose cuts
@@ -205,6 +249,17 @@ class Policy:
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         raise NotImplementedError(f"{self.name} has no decoder cuts")
+
+    def select_cached(self, step: DecodeStep) -> list[Tensor | None]:
+        """Per row of the batch, which of its cached visual tokens (`step.visual`) the decode layers attend to at this
+        step: a bool [n], or None for all of them (rows without visual tokens: None)."""
+        raise NotImplementedError(f"{self.name} has no decode-time KV selection")
+
+    def replayed_steps(self, length: int) -> list[dict[int, list[Tensor | None]]]:
+        """For a prefill of `length` tokens whose last ones were generated after a recorded prompt (`Replay`): what
+        `select_cached` chose at the decode step of each of them, oldest first, per segment (keyed by its first decode
+        layer), so that they attend as they did with the cache; [] for a prompt."""
+        return []
 
     def describe(self) -> dict:
         """The resolved schedule, for records and logs."""

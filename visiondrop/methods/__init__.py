@@ -42,6 +42,7 @@ METHODS = {
     "dycoke": "baselines.dycoke",
     "prunevid": "baselines.prunevid",
     "fastvid": "baselines.fastvid",
+    "holitom": "baselines.holitom",
 }
 
 
@@ -75,6 +76,8 @@ class Overhead:
     projected: (encoder cut, the decoder's width) -> multiply-accumulates of a method's own products on the
     projected tokens at an encoder cut (CDPruner's kernel and greedy MAP, VScan's merge); such a method projects
     every patch, so the projector on the dropped ones is charged too.
+    tower_rows: a decoder-side method that reads the tower's attention (`Policy.tower_attention`): at its first cut,
+    every frame's (or crop's) attention each token receives at the feature layer, from the q and k of its tokens;
     tower: (dims, encoder cut) -> (tokens entering each vision-tower layer, multiply-accumulates of the method's
     own matching there), for a method that merges inside the tower (ToMe); None: the tower runs all its tokens.
     """
@@ -88,6 +91,7 @@ class Overhead:
     selection: Callable[[Cut, int], int] | None = None
     eager_encoder: bool = False
     projected: Callable[[Cut, int], int] | None = None
+    tower_rows: bool = False
     tower: Callable[[Dims, Cut], tuple[list[int], int]] | None = None
 
 
