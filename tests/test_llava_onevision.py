@@ -214,6 +214,9 @@ def test_video_methods_on_videos(model_and_processor, long_videos, name):
         assert counts == [counts[0]] * second + [counts[-1]] * (28 - second) and counts[-1] < counts[0]
         assert abs(sum(counts) / 28 - 1 - ratio * frame_tokens) <= LONG_FRAMES * 18 / 28, counts
         return
+    if name == "holitom":  # its outer merge before the LLM, then its inner merge at layer 18's depth (its docstring)
+        assert counts == sorted(counts, reverse=True) and len(set(counts)) == 2, counts
+        return
     assert counts == [counts[0]] * 28 and counts[0] == len(trace.kept[0][0])
     kept = counts[0] - 1
     if name == "dycoke":  # 8 frames: pairs (0, 1) .. (6, 7) and (0, 2): frames 0, 4, 6 whole, 5 pruned of m each
