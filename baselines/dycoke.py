@@ -12,9 +12,12 @@ with m = int((1 - K) x N) tokens kept of a pruned frame (K = `dycoke_k`, 0.7 in 
    sorted), not in spatial order;
 2. (0, 2), (4, 6), ... for i in range(0, F - 4, 4): frame i + 2 keeps the m tokens least similar to frame i;
 3. the other frames (0, 4, 8, ... and the last even ones) stay whole; frames in order. Pruning, not averaging.
-On 32 frames at K = 0.7: 9 whole frames and 23 of 58 tokens (49.4%). A "frame" is the model's own unit:
-Video-LLaVA's 257 tokens (CLS included), Qwen2.5-VL's temporal grid. Positions: contiguous on Video-LLaVA (the
-shortened sequence, as the official one); on Qwen2.5-VL the kept tokens keep their M-RoPE positions.
+On 32 frames at K = 0.7: 9 whole frames and 23 of 58 tokens (49.4%). A "frame" is the model's own unit
+(`shared.VideoLayout`): Video-LLaVA's 257 tokens (CLS included), Qwen2.5-VL's and Qwen3-VL's temporal grid (on
+Qwen3-VL each in its span after its timestamp, never cut), LLaVA-OneVision's 196 pooled tokens. OneVision: as the
+official code (TTM on the pooled frames, then the one newline appended), the newline is kept after the frames'
+tokens, never pruned or counted. Positions: contiguous on Video-LLaVA and OneVision (the shortened sequence, as the
+official one); on Qwen2.5-VL and Qwen3-VL the kept tokens keep their M-RoPE positions (and DeepStack rows).
 
 Official bugs, reproduced by default; `fix_bugs=True` corrects them:
 - step 1 scores pair (i, i + 1) with the similarities of the previous pair (`similarities[(i - 2) // 2]`: the first

@@ -275,7 +275,7 @@ def _record_cuts(policy: Any, cuts: list[Cut], premade: list[bool]) -> None:
     once per crop of the one image measured, as `Cut` counts it) and whether an encoder view was projected already
     (`premade`)."""
     select_encoder, select_decoder = policy.select_encoder, policy.select_decoder
-    merged = lambda sel: 0 if sel.merged is None else len(sel.merged[0])  # noqa: E731
+    merged = lambda sel: 0 if sel.merged is None else len(sel.of_sample(0)[1])  # noqa: E731
 
     def encoder(view):
         sel = select_encoder(view)

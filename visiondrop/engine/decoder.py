@@ -280,7 +280,7 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
             cos=rope[0][rows], sin=rope[1][rows],
             visual=torch.stack([run.vis_index[b] for b in rows.tolist()]),
             original_visual=n0, samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
-            final_norm=final_norm, frames=f, trailing=family.video_trailing if f else 0,
+            final_norm=final_norm, frames=f, trailing=family.video_trailing if f else 0, side_rows=run.side is not None,
             tower_attention=None if run.tower is None else torch.stack([run.tower[b] for b in rows.tolist()]),
         )
 
@@ -290,13 +290,11 @@ def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, lay
     selections, slots = {}, {}
     for cut in groups:
         sel: Selection = policy.select_decoder(cut)
-        keep = sel.indices()
         for g, b in enumerate(cut.samples):
-            selections[b] = (keep[g], None if sel.merged is None else sel.merged[g],
-                             None if sel.weights is None else sel.weights[g], sel.trailing,
-                             None if sel.features is None else sel.features[g])
-            if sel.slots is not None:
-                slots[b] = sel.slots[g]
+            keep, merged, weights, sample_slots = sel.of_sample(g)
+            selections[b] = (keep, merged, weights, sel.trailing, None if sel.features is None else sel.features[g])
+            if sample_slots is not None:
+                slots[b] = sample_slots
     trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
                                          for b in range(run.hidden.shape[0])], selections, slots)
     return apply_selections(family, run, selections, policy.renumbers_at(layer_idx), slots)

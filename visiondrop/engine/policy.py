@@ -47,12 +47,31 @@ class Selection:
     features: Tensor | list[Tensor] | None = None
     slots: Tensor | list[Tensor] | None = None
     trailing: int = 0
+    #: decoder cuts, [G, c] which merged tokens are real (the others padding: a count that depends on the content,
+    #: which the engine reads instead of the policy), or None: all of them; their weights and slots alike
+    merged_valid: Tensor | None = None
 
     def indices(self) -> Tensor | list[Tensor]:
         """keep as indices: a boolean mask's kept tokens per sample (a host read, the engine's), else keep."""
         if isinstance(keep := self.keep, Tensor) and keep.dtype == torch.bool:
             return [row.nonzero()[:, 0] for row in keep]
         return keep
+
+    def of_sample(self, g: int) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Sample g's (keep indices, merged tokens, their weights, slots), the padding of `merged_valid` dropped."""
+        keep = self.keep[g]
+        if keep.dtype == torch.bool:
+            keep = keep.nonzero()[:, 0]
+        merged = None if self.merged is None else self.merged[g]
+        weights = None if self.weights is None else self.weights[g]
+        slots = None if self.slots is None else self.slots[g]
+        if self.merged_valid is not None:
+            valid = self.merged_valid[g]
+            merged = merged[valid]
+            weights = None if weights is None else weights[valid]
+            if slots is not None:
+                slots = torch.cat([slots[:keep.numel()], slots[keep.numel():][valid]])
+        return keep, merged, weights, slots
 
 
 @dataclass
@@ -69,8 +88,8 @@ class DecoderCut:
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.
     `frames` is the group's video frames (0: its samples hold images): the original visual block is `frames` frames
-    of `(original_visual - trailing) / frames` tokens each, frame after frame, then `trailing` tokens that belong to no frame
-    (`Family.video_trailing`: LLaVA-OneVision's newline after the video); what video methods reduce
+    of `(original_visual - trailing) / frames` tokens each, frame after frame, then `trailing` tokens that belong to
+    no frame (`Family.video_trailing`: LLaVA-OneVision's newline after the video); what video methods reduce
     (`methods.shared.video_layout`; a cut before layer 0 still sees that layout).
     `tower_attention` [G, original_visual], where the policy asks for it (`Policy.tower_attention`) and the family
     shows the tower for the modality (`Family.tower_functions`), else None: the attention each original visual
@@ -94,6 +113,9 @@ class DecoderCut:
     final_norm: nn.Module | None = None
     frames: int = 0
     trailing: int = 0
+    #: the visual tokens carry side rows at this cut (`Family.side_features`): a policy that merges gives their
+    #: merge weights (`Selection.weights`)
+    side_rows: bool = False
     tower_attention: Tensor | None = None
 
     @property
