@@ -254,31 +254,44 @@ def test_evs_at_rate_zero_is_the_stock_video_llava(tiny_video, demo_videos):
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_vidcom2_on_llava_onevision_equals_the_official_model(tiny_onevision_dir):
-    """VidCom2 on the tiny LLaVA-OneVision gives the logits (prefill and decode steps, within 1e-3), the greedy
-    tokens, the visual tokens entering every decoder layer and the kept tokens that the official LLaVA-NeXT code of
-    github.com/xuyang-liu16/VidCom2 gives on the same model and video (tests/parity/vidcom2/ov_fixture.pt)."""
+def equals_the_official_onevision_run(folder: str, fixture: str, model_dir, method_name: str, **options) -> None:
+    """The harness on the tiny LLaVA-OneVision gives the official run's (tests/parity/<folder>/<fixture>, made by
+    tests/parity/official_onevision.py) greedy tokens, logits of the prefill and every decode step within 1e-3,
+    kept frame tokens (in the official output order), and visual tokens entering every decoder layer (forward pre-hooks)."""
     import importlib.util
     from pathlib import Path
 
     from helpers import greedy_with_logits, measure_counts
 
-    folder = Path(__file__).parent / "parity" / "vidcom2"
-    spec = importlib.util.spec_from_file_location("vidcom2_official_ov", folder / "official_ov.py")
+    parity = Path(__file__).parent / "parity"
+    spec = importlib.util.spec_from_file_location("official_onevision", parity / "official_onevision.py")
     runner = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runner)
-    official = torch.load(folder / "ov_fixture.pt")
-    model, processor = load_tiny(tiny_onevision_dir)
-    batch = runner.video_inputs(processor)
+    official = torch.load(parity / folder / fixture)
+    model, processor = load_tiny(model_dir)
+    batch = runner.video_inputs(processor, official["settings"]["frames"])
     ids = batch["input_ids"][0]
     video = ids == model.config.video_token_id
     assert ids[~video].tolist() == [t for t in official["input_ids"] if t != runner.IMAGE_TOKEN_INDEX]
-    with visiondrop.apply(model, "vidcom2", base_scale=runner.R_RATIO) as handle:
+    with visiondrop.apply(model, method_name, **options) as handle:
         tokens, logits = greedy_with_logits(model, batch, runner.NEW_TOKENS)
         kept = handle.trace.kept[0][0]
     assert tokens[0].tolist() == official["tokens"]
     torch.testing.assert_close(logits[0], official["logits"], atol=1e-3, rtol=0)
-    frame_tokens = official["video_tokens_before"]
-    assert kept[kept < frame_tokens].tolist() == official["kept_indices"]
-    counts, _ = measure_counts(model, batch, "vidcom2", base_scale=runner.R_RATIO)
+    frame_tokens = official["video_tokens_before"]  # the newline after them is kept by both
+    assert kept[kept < frame_tokens].tolist() == official["kept_indices"]  # in the official output order
+    counts, _ = measure_counts(model, batch, method_name, **options)
     assert counts == official["visual_tokens_per_layer"]
+
+
+def test_vidcom2_on_llava_onevision_equals_the_official_model(tiny_onevision_dir):
+    """VidCom2 at R_RATIO 0.25 through github.com/xuyang-liu16/VidCom2's LLaVA-NeXT code (tests/parity/vidcom2)."""
+    equals_the_official_onevision_run("vidcom2", "ov_fixture.pt", tiny_onevision_dir, "vidcom2", base_scale=0.25)
+
+
+def test_dycoke_merging_on_llava_onevision_equals_the_official_model(tiny_onevision_dir):
+    """DyCoke's temporal merging (K = 0.7) through github.com/KD-TAO/DyCoke's LLaVA-NeXT code at its HEAD, whose
+    decode-time stage keeps every token there (dycoke_p = 0): the official code has scored each pair with its own
+    similarities since 35cc532, which the harness does with fix_bugs=True (tests/parity/dycoke/README.md)."""
+    equals_the_official_onevision_run("dycoke", "ov_ttm_fixture.pt", tiny_onevision_dir, "dycoke", dycoke_k=0.7,
+                                      dycoke_p=None, fix_bugs=True)
