@@ -37,6 +37,9 @@ REMAINING = {
     # per sample: the frames' static-place counts for its windows' dynamic programme (run on the host, as the
     # official one), the static places of each window, and the inner merge's rounds (its most members of a target)
     "holitom": {"select_decoder: tolist": (2, "sample"), "select_decoder: __int__": (1, "sample")},
+    # once per forward: every video's segment cuts (DySeg; and the Qwen2.5-VL variant's sub-segment splits), as the
+    # anchors are floored per segment, so the segments set how many tokens each video keeps
+    "fastvid": {"select_decoder: tolist": (1, "forward")},
 }
 
 
