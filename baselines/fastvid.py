@@ -71,7 +71,7 @@ from torch import Tensor
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.methods import Method, Overhead
-from visiondrop.methods.shared import nominal_video, video_layout, video_share
+from visiondrop.methods.shared import density_peaks, nominal_video, video_layout, video_share
 
 RETENTION, SEGMENTS, TAU, CONTEXT_SHARE, ANCHOR_STRIDE, BETA = 0.10, 8, 0.9, 0.4, 4, 0.6  # the official eval.sh
 RETENTION_QWEN, TAU_QWEN, IGNORE = 0.27, 0.84, 0.95  # its Qwen2.5-VL eval.sh (the rest as above)
@@ -126,16 +126,6 @@ def anchor_counts(sizes: list[int], context: int, stride: int = ANCHOR_STRIDE) -
     return counts
 
 
-def density_scores(tokens: Tensor) -> Tensor:
-    """DPC-kNN scores [..., n] of tokens [..., n, D] (float32), without the official tie-breaking noise."""
-    dist = torch.cdist(tokens.float(), tokens.float()) / tokens.shape[-1] ** 0.5
-    nearest = torch.topk(dist, k=min(NEAREST, dist.shape[-1]), dim=-1, largest=False).values
-    density = (-(nearest ** 2).mean(dim=-1)).exp()
-    denser = (density[..., None, :] > density[..., :, None]).to(dist.dtype)
-    farthest = dist.flatten(-2).max(dim=-1).values[..., None, None]
-    return (dist * denser + farthest * (1 - denser)).min(dim=-1).values * density
-
-
 def merge_into(anchors: Tensor, pool: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """Every token of `pool` [n, D] joins its most cosine-similar anchor [a, D]: (the anchors updated, and their
     weights [a, n] over the pool besides the anchor's own share `w` [a, 1], returned as (tokens, (w, weights)))."""
@@ -166,7 +156,7 @@ def prune_video(video: Tensor, attention: Tensor, frame_features: Tensor, share:
     salient_mask = torch.zeros(frames, per_frame, dtype=torch.bool, device=video.device).scatter(1, tops, True)
     others = places_outside(salient_mask, per_frame - salient)  # each frame's non-salient places, ascending
     pooled = torch.gather(video, 1, others[..., None].expand(-1, -1, width))
-    scores = density_scores(pooled)
+    scores = density_peaks(pooled, NEAREST)[1]
     offsets = torch.arange(frames, device=video.device)[:, None] * per_frame
     kept = [(tops + offsets).flatten()]
     tokens = [torch.gather(video, 1, tops[..., None].expand(-1, -1, width)).flatten(0, 1)]
@@ -246,7 +236,7 @@ def prune_video_qwen(video: Tensor, attention: Tensor, frame_features: Tensor, s
             if c:
                 taken = torch.zeros(per_frame, dtype=torch.bool, device=video.device).scatter(0, tops, True)
                 others = places_outside(taken, per_frame - s)
-                pick = torch.topk(density_scores(video[frame, others]), c).indices.sort().values
+                pick = torch.topk(density_peaks(video[frame, others], NEAREST)[1], c).indices.sort().values
                 anchor_sets.append(others[pick] + frame * per_frame)
         salient = torch.cat(salient)
         kept.append(salient)
