@@ -31,7 +31,10 @@ no pooling head, and decoder cuts are not given the tower's rows, so here (subst
 g_f is the mean of the frame's tokens entering the decoder (the official Qwen2.5-VL choice), and a_f the pseudo-CLS
 attention of that mean token over the frame's tokens there, softmax(g_f . x / sqrt(D)) (the official Qwen2.5-VL
 rule, on the decoder's input instead of the last ViT block's queries and keys). `prune_video` takes a_f and g_f as
-arguments, so the parity fixture feeds it the official inputs.
+arguments, so the parity fixture feeds it the official inputs. The engine's `DecoderCut.tower_attention` (HoliTom's) is not used: it is
+the mean over the queries of the feature layer's attention rows (and over a merge group's 2x2 patches), where the
+official Qwen2.5-VL code takes one softmax of the mean query against each merge group's mean key, and OneVision's
+probe exists in no HF checkpoint; using it would swap one substitute for another on some families only.
 
 Where this differs from the official code (none changes the official setting on 32-frame videos):
 - its DPC-kNN adds `torch.rand(...) * 1e-6` to the densities to break ties; here none (deterministic, a batch equals
