@@ -31,7 +31,10 @@ no pooling head, and decoder cuts are not given the tower's rows, so here (subst
 g_f is the mean of the frame's tokens entering the decoder (the official Qwen2.5-VL choice), and a_f the pseudo-CLS
 attention of that mean token over the frame's tokens there, softmax(g_f . x / sqrt(D)) (the official Qwen2.5-VL
 rule, on the decoder's input instead of the last ViT block's queries and keys). `prune_video` takes a_f and g_f as
-arguments, so the parity fixture feeds it the official inputs.
+arguments, so the parity fixture feeds it the official inputs. The engine's `DecoderCut.tower_attention` (HoliTom's) is not used: it is
+the mean over the queries of the feature layer's attention rows (and over a merge group's 2x2 patches), where the
+official Qwen2.5-VL code takes one softmax of the mean query against each merge group's mean key, and OneVision's
+probe exists in no HF checkpoint; using it would swap one substitute for another on some families only.
 
 Where this differs from the official code (none changes the official setting on 32-frame videos):
 - its DPC-kNN adds `torch.rand(...) * 1e-6` to the densities to break ties; here none (deterministic, a batch equals
@@ -42,6 +45,8 @@ Where this differs from the official code (none changes the official setting on 
   nearest): here the cuts are at most F - 1, the anchors at most the frame's non-salient tokens, C = 0 merges
   nothing and the density takes at most the frame's tokens;
 - it runs at batch size 1 (it indexes [0]); any batch here equals each video alone.
+Host reads: one per forward, every video's segment cuts (their count of kept tokens hangs on them); the rest runs
+on the device.
 Option `variant="qwen2_5_vl"` follows the official Qwen2.5-VL code instead (`fastvid_qwen25vl/.../
 modeling_qwen2_5_vl.py::Qwen2_5_VLForConditionalGeneration.forward`, L1888-2099; its eval.sh: retention 0.27,
 tau 0.84, DySeg_ignore 0.95, `configs/method/fastvid_qwen.yaml` without the retention), on any family: a segment of
@@ -69,7 +74,7 @@ from torch import Tensor
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.methods import Method, Overhead
-from visiondrop.methods.shared import nominal_video, video_layout, video_share
+from visiondrop.methods.shared import density_peaks, nominal_video, video_layout, video_share
 
 RETENTION, SEGMENTS, TAU, CONTEXT_SHARE, ANCHOR_STRIDE, BETA = 0.10, 8, 0.9, 0.4, 4, 0.6  # the official eval.sh
 RETENTION_QWEN, TAU_QWEN, IGNORE = 0.27, 0.84, 0.95  # its Qwen2.5-VL eval.sh (the rest as above)
@@ -77,19 +82,35 @@ NEAREST = 4  # neighbours of the density, the token itself included
 COUNT_SLACK = 1e-9  # int(N x retention) of a retention derived from a budget: float noise must not lose a token
 
 
-def dynamic_segments_at(cuts: list[int], frames: int) -> list[int]:
-    """Frames per segment of `frames` frames cut after each frame in `cuts` (ascending)."""
-    ends = cuts + [frames - 1]
+def dynamic_segments_at(cuts: list[bool], frames: int) -> list[int]:
+    """Frames per segment of `frames` frames cut after each frame t where cuts[t] (F - 1 flags)."""
+    ends = [t for t, cut in enumerate(cuts) if cut] + [frames - 1]
     return [end - start for start, end in zip([-1] + ends[:-1], ends)]
 
 
+def consecutive_cosine(frame_features: Tensor) -> Tensor:
+    """The cosine of each frame's global feature with the next one's: [..., F - 1] of [..., F, G]."""
+    g = frame_features / frame_features.norm(dim=-1, keepdim=True)
+    return (g[..., :-1, :] * g[..., 1:, :]).sum(dim=-1)
+
+
+def segment_cuts(frame_features: Tensor, segments: int = SEGMENTS, tau: float = TAU) -> Tensor:
+    """DySeg on the device: whether a segment ends after each frame [..., F - 1] of frames' global features
+    [..., F, G] (among the c - 1 smallest cosines to the next frame, or below tau)."""
+    similarity = consecutive_cosine(frame_features)
+    smallest = torch.topk(similarity, min(segments - 1, similarity.shape[-1]), dim=-1, largest=False).indices
+    return (similarity < tau).scatter(-1, smallest, True)
+
+
 def dynamic_segments(frame_features: Tensor, segments: int = SEGMENTS, tau: float = TAU) -> list[int]:
-    """DySeg: frames per segment of a video from its frames' global features [F, G]."""
-    g = frame_features / frame_features.norm(dim=1, keepdim=True)
-    similarity = (g[:-1] * g[1:]).sum(dim=1)
-    smallest = torch.topk(similarity, min(segments - 1, similarity.numel()), largest=False).indices
-    below = torch.nonzero(similarity < tau)[:, 0]
-    return dynamic_segments_at(torch.unique(torch.cat([smallest, below])).tolist(), frame_features.shape[0])
+    """DySeg: frames per segment of a video from its frames' global features [F, G] (one read of its cuts)."""
+    return dynamic_segments_at(segment_cuts(frame_features, segments, tau).tolist(), frame_features.shape[0])
+
+
+def places_outside(taken: Tensor, count: int) -> Tensor:
+    """The `count` places [..., count] where `taken` [..., n] is False, ascending, without reading the mask on the
+    host (the caller knows how many there are)."""
+    return torch.argsort(taken.to(torch.uint8), dim=-1, stable=True)[..., :count]
 
 
 def per_frame_counts(per_frame: int, share: float, context_share: float = CONTEXT_SHARE) -> tuple[int, int]:
@@ -108,16 +129,6 @@ def anchor_counts(sizes: list[int], context: int, stride: int = ANCHOR_STRIDE) -
     return counts
 
 
-def density_scores(tokens: Tensor) -> Tensor:
-    """DPC-kNN scores [..., n] of tokens [..., n, D] (float32), without the official tie-breaking noise."""
-    dist = torch.cdist(tokens.float(), tokens.float()) / tokens.shape[-1] ** 0.5
-    nearest = torch.topk(dist, k=min(NEAREST, dist.shape[-1]), dim=-1, largest=False).values
-    density = (-(nearest ** 2).mean(dim=-1)).exp()
-    denser = (density[..., None, :] > density[..., :, None]).to(dist.dtype)
-    farthest = dist.flatten(-2).max(dim=-1).values[..., None, None]
-    return (dist * denser + farthest * (1 - denser)).min(dim=-1).values * density
-
-
 def merge_into(anchors: Tensor, pool: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """Every token of `pool` [n, D] joins its most cosine-similar anchor [a, D]: (the anchors updated, and their
     weights [a, n] over the pool besides the anchor's own share `w` [a, 1], returned as (tokens, (w, weights)))."""
@@ -132,20 +143,23 @@ def merge_into(anchors: Tensor, pool: Tensor, beta: float) -> tuple[Tensor, Tens
 
 def prune_video(video: Tensor, attention: Tensor, frame_features: Tensor, share: float = RETENTION,
                 segments: int = SEGMENTS, tau: float = TAU, context_share: float = CONTEXT_SHARE,
-                stride: int = ANCHOR_STRIDE, beta: float = BETA) -> tuple[Tensor, Tensor, Tensor]:
+                stride: int = ANCHOR_STRIDE, beta: float = BETA,
+                cuts: list[bool] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """FastVID on one video [F, N, D] with its frames' attention rows [F, N] and global features [F, G]:
     (kept indices [k] into the F x N tokens, ascending; their tokens [k, D], anchors merged; the merge's weights
-    [k, F x N]: each kept token as a combination of the video's tokens)."""
+    [k, F x N]: each kept token as a combination of the video's tokens). `cuts`: its `segment_cuts` read on the
+    host already (they set how many tokens it keeps), computed here when None."""
     frames, per_frame, width = video.shape
     salient, context = per_frame_counts(per_frame, share, context_share)
-    sizes = dynamic_segments(frame_features, segments, tau)
+    if cuts is None:
+        cuts = segment_cuts(frame_features, segments, tau).tolist()
+    sizes = dynamic_segments_at(cuts, frames)
     counts = anchor_counts(sizes, context, stride)
     tops = torch.topk(attention, salient, dim=1).indices
-    place = torch.arange(per_frame, device=video.device).expand(frames, -1)
-    rest = torch.ones(frames, per_frame, dtype=torch.bool, device=video.device).scatter(1, tops, False)
-    others = place[rest].view(frames, per_frame - salient)  # each frame's non-salient places, ascending
+    salient_mask = torch.zeros(frames, per_frame, dtype=torch.bool, device=video.device).scatter(1, tops, True)
+    others = places_outside(salient_mask, per_frame - salient)  # each frame's non-salient places, ascending
     pooled = torch.gather(video, 1, others[..., None].expand(-1, -1, width))
-    scores = density_scores(pooled)
+    scores = density_peaks(pooled, NEAREST)[1]
     offsets = torch.arange(frames, device=video.device)[:, None] * per_frame
     kept = [(tops + offsets).flatten()]
     tokens = [torch.gather(video, 1, tops[..., None].expand(-1, -1, width)).flatten(0, 1)]
@@ -203,16 +217,19 @@ def qwen_counts(sub_sizes: list[int], retained: int, per_frame: int, context_sha
 def prune_video_qwen(video: Tensor, attention: Tensor, frame_features: Tensor, share: float = RETENTION_QWEN,
                      segments: int = SEGMENTS, tau: float = TAU_QWEN, ignore: float = IGNORE,
                      context_share: float = CONTEXT_SHARE, stride: int = ANCHOR_STRIDE,
-                     beta: float = BETA) -> tuple[Tensor, Tensor, Tensor]:
-    """FastVID's Qwen2.5-VL variant on one video [F, N, D] (module docstring), as `prune_video` returns it."""
+                     beta: float = BETA, cuts: list[bool] | None = None,
+                     splits: list[bool] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """FastVID's Qwen2.5-VL variant on one video [F, N, D] (module docstring), as `prune_video` returns it; `cuts`
+    and `splits` (each frame's cosine to the next below `ignore`) read on the host already, or computed here."""
     frames, per_frame, width = video.shape
     retained = int(per_frame * share + COUNT_SLACK)
-    g = frame_features / frame_features.norm(dim=1, keepdim=True)
+    if cuts is None or splits is None:
+        cuts, splits = torch.stack([segment_cuts(frame_features, segments, tau),
+                                    consecutive_cosine(frame_features) < ignore]).tolist()
     flat = video.flatten(0, 1)
     kept, tokens, weights, start = [], [], [], 0
-    for length in dynamic_segments(frame_features, segments, tau):
-        within = (g[start:start + length - 1] * g[start + 1:start + length]).sum(dim=1)
-        sub_sizes = dynamic_segments_at((within < ignore).nonzero()[:, 0].tolist(), length)
+    for length in dynamic_segments_at(cuts, frames):
+        sub_sizes = dynamic_segments_at(splits[start:start + length - 1], length)
         salients, contexts = qwen_counts(sub_sizes, retained, per_frame, context_share, stride)
         salient, anchor_sets = [], []
         for f, (s, c) in enumerate(zip(salients, contexts)):
@@ -220,9 +237,9 @@ def prune_video_qwen(video: Tensor, attention: Tensor, frame_features: Tensor, s
             tops = torch.topk(attention[frame], s).indices if s else attention.new_zeros(0, dtype=torch.long)
             salient.append(tops + frame * per_frame)
             if c:
-                rest = ~torch.isin(torch.arange(per_frame, device=video.device), tops)
-                others = rest.nonzero()[:, 0]
-                pick = torch.topk(density_scores(video[frame, others]), c).indices.sort().values
+                taken = torch.zeros(per_frame, dtype=torch.bool, device=video.device).scatter(0, tops, True)
+                others = places_outside(taken, per_frame - s)
+                pick = torch.topk(density_peaks(video[frame, others], NEAREST)[1], c).indices.sort().values
                 anchor_sets.append(others[pick] + frame * per_frame)
         salient = torch.cat(salient)
         kept.append(salient)
@@ -230,7 +247,8 @@ def prune_video_qwen(video: Tensor, attention: Tensor, frame_features: Tensor, s
         weights.append(F.one_hot(salient, frames * per_frame).to(video.dtype))
         members = torch.arange(start * per_frame, (start + length) * per_frame, device=video.device)
         for anchors in anchor_sets:  # each frame's anchors absorb every other token of the segment kept by none
-            pool = members[~torch.isin(members, torch.cat([salient, anchors]))]
+            pool = members[places_outside(torch.isin(members, torch.cat([salient, anchors])),
+                                          members.numel() - salient.numel() - anchors.numel())]
             merged, (own, share_of) = merge_into(flat[anchors], flat[pool], beta)
             kept.append(anchors)
             tokens.append(merged)
@@ -243,9 +261,9 @@ def prune_video_qwen(video: Tensor, attention: Tensor, frame_features: Tensor, s
 
 
 def frame_side_information(video: Tensor) -> tuple[Tensor, Tensor]:
-    """The substitutes for the tower's side information of a video [F, N, D] (module docstring): each frame's
-    pseudo-CLS attention row a_f [F, N] and global feature g_f [F, D]."""
-    mean = video.mean(dim=1)
+    """The substitutes for the tower's side information of videos [..., F, N, D] (module docstring): each frame's
+    pseudo-CLS attention row a_f [..., F, N] and global feature g_f [..., F, D]."""
+    mean = video.mean(dim=-2)
     attention = torch.softmax((video @ mean[..., None])[..., 0] / video.shape[-1] ** 0.5, dim=-1)
     return attention, mean
 
@@ -264,17 +282,25 @@ class FastVID(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         layout = video_layout(cut, "FastVID")
-        keep, features, weights = [], [], []
-        for rows, video in zip(cut.visual_rows(cut.hidden), layout.frame_rows(cut)):
-            video = video.view(layout.frames, layout.per_frame, -1)
-            prune = prune_video_qwen if self.variant == "qwen2_5_vl" else prune_video
-            kept, tokens, combined = prune(video, *frame_side_information(video), self.retention, **self.options)
+        videos = layout.frame_rows(cut).unflatten(1, (layout.frames, layout.per_frame))
+        attention, features = frame_side_information(videos)
+        segmentation = [segment_cuts(features, self.options["segments"], self.options["tau"])]
+        if self.variant == "qwen2_5_vl":
+            segmentation.append(consecutive_cosine(features) < self.options["ignore"])
+        # the one host read, once per forward: the segments set how many tokens each video keeps (a shape)
+        segmentation = torch.stack(segmentation, dim=1).tolist()
+        prune = prune_video_qwen if self.variant == "qwen2_5_vl" else prune_video
+        keep, kept_features, weights = [], [], []
+        for rows, video, a, g, (cuts, *splits) in zip(cut.visual_rows(cut.hidden), videos, attention, features,
+                                                     segmentation):
+            read = dict(cuts=cuts, splits=splits[0]) if splits else dict(cuts=cuts)
+            kept, tokens, combined = prune(video, a, g, self.retention, **self.options, **read)
             keep.append(layout.with_trailing(kept))  # the trailing tokens (OneVision's newline) stay, after them
-            features.append(torch.cat([tokens, rows[layout.frame_tokens:]]))
+            kept_features.append(torch.cat([tokens, rows[layout.frame_tokens:]]))
             trailing = torch.arange(layout.frame_tokens, cut.n_visual, device=combined.device)
             own = F.one_hot(trailing, cut.n_visual).to(combined.dtype)
             weights.append(torch.cat([F.pad(combined, (0, layout.trailing)), own]))
-        return Selection(keep, weights=weights, features=features)
+        return Selection(keep, weights=weights, features=kept_features)
 
     def describe(self) -> dict:
         described = {"method": self.name, "retention": self.retention, "variant": self.variant,

@@ -64,7 +64,7 @@ from torch import Tensor
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.engine import DecoderCut, Policy, Selection, unmarked
 from visiondrop.methods import Method, Overhead, Unreachable
-from visiondrop.methods.shared import retention, video_layout
+from visiondrop.methods.shared import density_peaks, retention, video_layout
 
 TAU, BETA, NEIGHBOURS, MAX_WINDOW = 0.8, 0.6, 7, 1024  # T, BETA, K, MAX_WINDOW_SIZE (the official code's defaults)
 INNER_LAYER, INNER_RATIO = 18, 0.5  # HOLITOM_k, HOLITOM_r of the official eval scripts
@@ -108,24 +108,14 @@ def static_windows(similarity: Tensor, tau: float = TAU, max_window: int = MAX_W
     return windows[::-1], best[-1]
 
 
-def dpc_knn_centres(x: Tensor, clusters: int, k: int) -> tuple[Tensor, Tensor]:
-    """DPC-kNN centres of tokens x [n, D], ascending, and the tokens' distances [n, n] (`cluster_dpc_knn` without
-    its tie-breaking noise, centres sorted as the official caller sorts them)."""
-    dist = torch.cdist(x.float()[None], x.float()[None])[0] / x.shape[-1] ** 0.5
-    nearest = dist.topk(k, dim=-1, largest=False).values
-    density = (-(nearest ** 2).mean(-1)).exp()
-    higher = (density[None, :] > density[:, None]).to(x.dtype)
-    delta = (dist * higher + dist.max() * (1 - higher)).min(-1).values
-    return (delta * density).topk(clusters).indices.sort().values, dist
-
-
 def merge_static(x: Tensor, ratio: float, beta: float = BETA, k: int = NEIGHBOURS) -> tuple[Tensor, Tensor, Tensor]:
     """A window's static tokens x [n, D] merged into round(n ratio) (`merge_tokens_by_density`): (the merged tokens
     [c, D], their centres [c] among x, the merge's weights [c, n])."""
     clusters = round(x.shape[0] * ratio)
     if clusters == 0:
         return x[:0], torch.zeros(0, dtype=torch.long, device=x.device), x.new_zeros(0, x.shape[0])
-    centres, dist = dpc_knn_centres(x, clusters, min(k, clusters))
+    dist, score = density_peaks(x, min(k, clusters))  # `cluster_dpc_knn` (no tie-breaking noise)
+    centres = score.topk(clusters).indices.sort().values  # ascending, as the official caller sorts them
     is_centre = torch.zeros(1, x.shape[0], dtype=torch.bool, device=x.device)
     is_centre[0, centres] = True
     others = unmarked(is_centre, x.shape[0] - clusters)[0]

@@ -62,7 +62,7 @@ from visiondrop.core import Cut, ModelInfo
 from visiondrop.engine import DecodeStep, DecoderCut, Policy, Selection
 from visiondrop.engine.attention import decoder_attention
 from visiondrop.methods import Method, Overhead, Unreachable
-from visiondrop.methods.shared import retention, video_layout
+from visiondrop.methods.shared import density_peaks, retention, video_layout
 
 TAU, SEGMENT_RATIO, CLUSTER_RATIO, ALPHA = 0.8, 0.25, 0.5, 0.4  # the official eval.sh
 SELECTED_LAYER = 10  # of PLLaVA's 32-layer decoder
@@ -73,12 +73,8 @@ MIN_CLUSTERED = 14  # a group of more tokens than this is clustered
 def dpc_knn(x: Tensor, clusters: int, k: int = NEIGHBOURS) -> tuple[Tensor, Tensor]:
     """DPC-kNN of tokens x [N, C]: (each token's cluster [N], the clusters' centres [clusters] by score), as the
     official `cluster_dpc_knn` without its tie-breaking noise."""
-    dist = torch.cdist(x.float()[None], x.float()[None])[0] / x.shape[-1] ** 0.5
-    nearest = dist.topk(k, dim=-1, largest=False).values
-    density = (-(nearest ** 2).mean(-1)).exp()
-    higher = (density[None, :] > density[:, None]).to(dist.dtype)
-    delta = (dist * higher + dist.max() * (1 - higher)).min(-1).values
-    centres = (delta * density).topk(clusters).indices
+    dist, score = density_peaks(x, k)
+    centres = score.topk(clusters).indices
     assign = dist[centres].argmin(0)
     assign[centres] = torch.arange(clusters, device=x.device)
     return assign, centres
@@ -122,14 +118,7 @@ def dpc_knn_masked(x: Tensor, member: Tensor, clusters: Tensor, k: int = NEIGHBO
     """`dpc_knn` on the members of each of P groups at once: x [P, N, C], member [P, N], clusters [P] (on the
     device). Returns (each member's cluster [P, N], as the rank of its centre by score; the place of the centre of
     rank r [P, N], valid for r < clusters)."""
-    dist = torch.cdist(x.float(), x.float()) / x.shape[-1] ** 0.5
-    pair = member[:, :, None] & member[:, None, :]
-    nearest = dist.masked_fill(~pair, float("inf")).topk(k, dim=-1, largest=False).values
-    density = (-(nearest ** 2).mean(-1)).exp()
-    higher = (density[:, None, :] > density[:, :, None]) & pair
-    top = dist.masked_fill(~pair, float("-inf")).amax(dim=(1, 2))
-    delta = torch.where(higher, dist, top[:, None, None]).masked_fill(~pair, float("inf")).min(-1).values
-    score = (delta * density).masked_fill(~member, float("-inf"))
+    dist, score = density_peaks(x, k, member)
     order = score.argsort(dim=-1, descending=True, stable=True)
     rank = order.argsort(dim=-1)
     centre = member & (rank < clusters[:, None])

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines.fastvid import anchor_counts, density_scores, dynamic_segments, merge_into, per_frame_counts, policy, \
+from baselines.fastvid import NEAREST, anchor_counts, dynamic_segments, merge_into, per_frame_counts, policy, \
     prune_video, prune_video_qwen, qwen_counts
 from visiondrop.core import ModelInfo
 from visiondrop.methods import Unreachable
+from visiondrop.methods.shared import density_peaks
 
 DTYPE = torch.float64
 
@@ -38,7 +39,7 @@ def test_budget_split_and_anchor_frames():
 def test_density_score_by_hand():
     """Three tokens on a line at 0, 1 and 3 (D = 1): rho = exp(-mean squared distance to all three), delta the
     distance to the nearest denser token, the largest distance (3) for the densest."""
-    scores = density_scores(torch.tensor([[0.0], [1.0], [3.0]], dtype=DTYPE))
+    _, scores = density_peaks(torch.tensor([[0.0], [1.0], [3.0]], dtype=DTYPE), NEAREST)
     expected = [math.exp(-10 / 3) * 1, math.exp(-5 / 3) * 3, math.exp(-13 / 3) * 2]
     torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float32))
 

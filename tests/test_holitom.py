@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import visiondrop
-from baselines.holitom import (dpc_knn_centres, frame_similarity, inner_merge, merge_static, outer_merge, policy,
+from baselines.holitom import (frame_similarity, inner_merge, merge_static, outer_merge, policy,
                                static_windows)
 from visiondrop.core import ModelInfo
 from visiondrop.engine import Policy, Selection
 from visiondrop.families import info_of
+from visiondrop.methods.shared import density_peaks
 from visiondrop.harness.video import read_frames
 from visiondrop.testing.tiny import load_tiny
 
@@ -55,9 +56,15 @@ def test_static_tokens_merge_into_their_centre_with_beta():
 
 def test_dpc_knn_centres_are_the_density_peaks():
     x = torch.tensor([[0.0], [0.1], [0.2], [10.0], [10.1], [10.2]])
-    centres, dist = dpc_knn_centres(x, 2, k=3)
-    assert centres.tolist() == [1, 4]  # each group's middle token: densest, and far from any denser one
+    dist, score = density_peaks(x, k=3)
+    assert score.topk(2).indices.sort().values.tolist() == [1, 4]  # each group's middle: densest, far from denser
     assert dist.shape == (6, 6)
+    # members only: the same scores as the members alone, the others -inf
+    member = torch.tensor([True, True, True, False, True, False])
+    _, masked = density_peaks(torch.cat([x, x + 5]).view(2, 6, 1), k=3, member=member.expand(2, 6))
+    _, alone = density_peaks(x[member], k=3)
+    torch.testing.assert_close(masked[0, member], alone)
+    assert masked[:, ~member].eq(float("-inf")).all()
 
 
 def test_outer_stage_by_hand():

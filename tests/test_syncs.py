@@ -37,6 +37,9 @@ REMAINING = {
     # per sample: the frames' static-place counts for its windows' dynamic programme (run on the host, as the
     # official one), the static places of each window, and the inner merge's rounds (its most members of a target)
     "holitom": {"select_decoder: tolist": (2, "sample"), "select_decoder: __int__": (1, "sample")},
+    # once per forward: every video's segment cuts (DySeg; and the Qwen2.5-VL variant's sub-segment splits), as the
+    # anchors are floored per segment, so the segments set how many tokens each video keeps
+    "fastvid": {"select_decoder: tolist": (1, "forward")},
 }
 
 
@@ -88,3 +91,12 @@ def test_cdpruner_official_quirk_reads_its_kept_count_once():
     counts = policy_syncs(model, make_inputs(config, torch.device("cpu"), torch.float32, batch=BATCH), "cdpruner",
                           32, **options)
     assert counts == {"select_encoder: __int__": 1}
+
+
+def test_fastvid_qwen_variant_reads_its_segments_once():
+    """The Qwen2.5-VL variant's sub-segment splits are read with its segment cuts: still one read per forward."""
+    config = checkpoint_config("video-llava-7b", "tiny")
+    model = build_model(config, torch.device("cpu"), torch.float32)
+    counts = policy_syncs(model, make_inputs(config, torch.device("cpu"), torch.float32, batch=BATCH), "fastvid",
+                          info_of(model).n_visual / 4, variant="qwen2_5_vl")
+    assert counts == {"select_decoder: tolist": 1}

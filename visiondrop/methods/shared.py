@@ -1,6 +1,7 @@
 """Pieces several methods share: the CLS-attention encoder cut (VisionDrop, VisionZip), its LLaVA-NeXT layout, the
 whole token counts of the methods that keep exactly their budget, and the video methods' frame layout
-(`VideoLayout`, declared by each family) and their common cut before the first decoder layer (`FrameSelection`)."""
+(`VideoLayout`, declared by each family), their common cut before the first decoder layer (`FrameSelection`) and
+their DPC-kNN clustering scores (`density_peaks`: PruneVid, FastVID, HoliTom)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -169,3 +170,22 @@ def nominal_video(info: ModelInfo) -> tuple[int, int] | None:
     """(frames, tokens per frame) of the model's nominal sample where it is a video (Video-LLaVA: 8 x 257), else None
     (the nominal sample is an image, as on Qwen2.5-VL: a video method's count then depends on each video)."""
     return (info.crops, info.per_crop) if info.video else None
+
+
+def density_peaks(x: Tensor, k: int, member: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """DPC-kNN (density peaks of k nearest neighbours) of tokens x [..., n, D] in float32, as the official
+    `cluster_dpc_knn` of PruneVid, FastVID and HoliTom computes it without its tie-breaking noise: (the distances
+    [..., n, n], cdist / sqrt(D); each token's score [..., n], its density exp(-mean of the squared distances to its
+    k nearest, itself included) times its distance to the nearest denser token, the largest distance for the
+    densest). With `member` [..., n] only members count, and the others score -inf."""
+    dist = torch.cdist(x.float(), x.float()) / x.shape[-1] ** 0.5
+    pair = None if member is None else member[..., :, None] & member[..., None, :]
+    near = dist if pair is None else dist.masked_fill(~pair, float("inf"))
+    density = (-(near.topk(min(k, x.shape[-2]), dim=-1, largest=False).values ** 2).mean(-1)).exp()
+    higher = density[..., None, :] > density[..., :, None]
+    farthest = (dist if pair is None else dist.masked_fill(~pair, float("-inf"))).flatten(-2).amax(-1)
+    if pair is None:
+        delta = torch.where(higher, dist, farthest[..., None, None])
+        return dist, delta.min(-1).values * density
+    delta = torch.where(higher & pair, dist, farthest[..., None, None]).masked_fill(~pair, float("inf"))
+    return dist, (delta.min(-1).values * density).masked_fill(~member, float("-inf"))
