@@ -177,8 +177,8 @@ def test_vidcom2_equals_the_official_function():
 
 
 def test_dycoke_equals_the_official_function():
-    """baselines.dycoke keeps exactly the tokens, in the order, the official `dycole_ttm` keeps (its bugs included:
-    the previous pair's similarities, the last frame of an odd count dropped), and refuses what it fails on."""
+    """baselines.dycoke keeps exactly the tokens, in the order, the official `dycole_ttm` (at its HEAD) keeps (its bug
+    included: the last frame of an odd count dropped), and refuses what it fails on."""
     from pathlib import Path
 
     from baselines.dycoke import DyCoke, temporal_merge
@@ -194,8 +194,8 @@ def test_dycoke_equals_the_official_function():
             m = DyCoke(None, None, k, fix_bugs=False).pruned_tokens(case["frames"], per_frame)
             assert torch.equal(temporal_merge(case["features"], case["frames"], m, fix_bugs=False), kept), k
     fixed = temporal_merge(cases[2]["features"], 5, 7, fix_bugs=True)  # 5 frames: the last one stays whole
-    assert fixed[-24:].tolist() == list(range(96, 120)) and not torch.equal(fixed[:len(cases[2]["kept"][0.7])],
-                                                                            cases[2]["kept"][0.7])
+    official = cases[2]["kept"][0.7]
+    assert torch.equal(fixed[:len(official)], official) and fixed[len(official):].tolist() == list(range(96, 120))
 
 
 def test_prunevid_first_stage_equals_the_official_function():
@@ -254,10 +254,11 @@ def test_evs_at_rate_zero_is_the_stock_video_llava(tiny_video, demo_videos):
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
 
 
-def equals_the_official_onevision_run(folder: str, fixture: str, model_dir, method_name: str, **options) -> None:
+def equals_the_official_onevision_run(folder: str, fixture: str, model_dir, method_name: str, **options):
     """The harness on the tiny LLaVA-OneVision gives the official run's (tests/parity/<folder>/<fixture>, made by
     tests/parity/official_onevision.py) greedy tokens, logits of the prefill and every decode step within 1e-3,
-    kept frame tokens (in the official output order), and visual tokens entering every decoder layer (forward pre-hooks)."""
+    kept frame tokens (in the official output order), and visual tokens entering every decoder layer (forward
+    pre-hooks). Returns the official record and the harness's trace of the generation."""
     import importlib.util
     from pathlib import Path
 
@@ -282,6 +283,7 @@ def equals_the_official_onevision_run(folder: str, fixture: str, model_dir, meth
     assert kept[kept < frame_tokens].tolist() == official["kept_indices"]  # in the official output order
     counts, _ = measure_counts(model, batch, method_name, **options)
     assert counts == official["visual_tokens_per_layer"]
+    return official, handle.trace
 
 
 def test_vidcom2_on_llava_onevision_equals_the_official_model(tiny_onevision_dir):
@@ -289,9 +291,22 @@ def test_vidcom2_on_llava_onevision_equals_the_official_model(tiny_onevision_dir
     equals_the_official_onevision_run("vidcom2", "ov_fixture.pt", tiny_onevision_dir, "vidcom2", base_scale=0.25)
 
 
-def test_dycoke_merging_on_llava_onevision_equals_the_official_model(tiny_onevision_dir):
-    """DyCoke's temporal merging (K = 0.7) through github.com/KD-TAO/DyCoke's LLaVA-NeXT code at its HEAD, whose
-    decode-time stage keeps every token there (dycoke_p = 0): the official code has scored each pair with its own
-    similarities since 35cc532, which the harness does with fix_bugs=True (tests/parity/dycoke/README.md)."""
-    equals_the_official_onevision_run("dycoke", "ov_ttm_fixture.pt", tiny_onevision_dir, "dycoke", dycoke_k=0.7,
-                                      dycoke_p=None, fix_bugs=True)
+@pytest.mark.parametrize("fixture,stages", [("ov_fixture.pt", {}), ("ov_ttm_fixture.pt", {"dycoke_p": None})],
+                         ids=["both_stages", "merging_alone"])
+def test_dycoke_on_llava_onevision_equals_the_official_model(tiny_onevision_dir, fixture, stages):
+    """DyCoke (K = 0.7, P = 0.8, L = 3) through github.com/KD-TAO/DyCoke's LLaVA-NeXT fork at its HEAD: both stages,
+    and the temporal merging alone (the official run with dycoke_p = 0 keeps every token at decode time; here the
+    decode-time stage is off) (tests/parity/dycoke/README.md)."""
+    official, trace = equals_the_official_onevision_run("dycoke", fixture, tiny_onevision_dir, "dycoke", dycoke_k=0.7,
+                                                        **stages)
+    if stages:  # the official stage keeps every key (in a permuted order); here none is selected
+        prefill = official["step_lengths"][0]
+        assert all(len(set(positions)) == prefill + step + 1  # the cache, the new token included
+                   for step, positions in enumerate(official["key_selections"]) if positions is not None)
+        return
+    # the visual tokens layers >= dycoke_l attend to at each decode step (None: all), as positions in the video
+    start, n = official["settings"]["image_token_start_index"], official["visual_tokens_per_layer"][0]
+    theirs = [None if positions is None else sorted(p - start for p in positions if start <= p < start + n)
+              for positions in official["key_selections"]]
+    ours = [None if step[3][0] is None else step[3][0].nonzero().flatten().tolist() for step in trace.decode_steps]
+    assert ours == theirs and None in ours and any(ours)  # a step attends to all (similarity >= 0.9), others select

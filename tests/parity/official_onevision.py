@@ -10,16 +10,18 @@ METHOD: vidcom2 (github.com/xuyang-liu16/VidCom2) or dycoke (github.com/KD-TAO/D
 
 `prepare` builds `build_tiny("llava_onevision", seed=0)` (SigLIP 26 layers at 384/14, Qwen2 28 layers, random weights)
 and writes it in the original LLaVA-NeXT format the official code loads: `LlavaQwenForCausalLM` weights
-(`model.vision_tower.vision_tower.*`, `model.mm_projector` mlp2x_gelu, `model.image_newline`) and a SigLIP folder
-named by `mm_vision_tower` (in an offline Hugging Face cache under WORK/hf_home) with 27 layers, since `SigLipVisionTower.load_model` deletes the last one (a copy of layer
-25 here; the checkpoint's own tower weights replace the other 26 anyway). It also writes the inputs of every method's frame count (`video_inputs`, `inputs_F.pt`).
-`run` loads the model as the fork's `llava/model/builder.py` does for `llava_qwen` (`from_pretrained`, in float32 on
-the CPU with sdpa attention), switches the method on as the fork's `lmms_eval/models/llava_onevision.py` does
-(VidCom2: `cus_prepare_inputs_labels_for_multimodal` bound with COMPRESSOR=vidcom2, R_RATIO; DyCoke: the builder's
-`dycoke*` attributes and `image_token_start_index`), and generates greedily with `images=[video]`,
-`modalities=["video"]`. VidCom2's generate times itself with CUDA events: they get CPU stand-ins. Hooks (observation only) record the tokens entering every decoder layer and what
-the method's stage before the LLM received and returned (`vidcom2_compression`, `dycole_ttm`), and DyCoke's
-decode-time key selection (`kv_cache` as layer `dycoke_l` reads it); they change nothing the official code computes.
+(`model.vision_tower.vision_tower.*`, `model.mm_projector` mlp2x_gelu, `model.image_newline`) and a SigLIP folder named
+by `mm_vision_tower` (in an offline Hugging Face cache under WORK/hf_home) with 27 layers, since
+`SigLipVisionTower.load_model` deletes the last one (a copy of layer 25 here; the checkpoint's own tower weights replace
+the other 26 anyway). It also writes the inputs of every method's frame count (`video_inputs`, `inputs_F.pt`). `run`
+loads the model as the fork's `llava/model/builder.py` does for `llava_qwen` (`from_pretrained`, in float32 on the CPU
+with sdpa attention), switches the method on as the fork's `lmms_eval/models/llava_onevision.py` does (VidCom2:
+`cus_prepare_inputs_labels_for_multimodal` bound with COMPRESSOR=vidcom2, R_RATIO; DyCoke: the builder's `dycoke*`
+attributes and `image_token_start_index`), and generates greedily with `images=[video]`, `modalities=["video"]`.
+VidCom2's generate times itself with CUDA events: they get CPU stand-ins. Hooks (observation only) record the tokens
+entering every decoder layer and what the method's stage before the LLM received and returned (`vidcom2_compression`,
+`dycole_ttm`), and DyCoke's decode-time key selection (`kv_cache` as layer `dycoke_l` reads it); they change nothing the
+official code computes.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import torch
 SHIFT, NEW_TOKENS = 24, 6
 #: per method: frames of the video, the official settings (VidCom2's R_RATIO; DyCoke's lmms-eval defaults)
 SETTINGS = {"vidcom2": {"frames": 4, "R_RATIO": 0.25},
-            "dycoke": {"frames": 8, "dycoke_k": 0.7, "dycoke_p": 0.8, "dycoke_l": 3, "dycoke_num_tokens_per_frame": 196}}
+            "dycoke": {"frames": 8, "dycoke_k": 0.7, "dycoke_p": 0.8, "dycoke_l": 3,
+                       "dycoke_num_tokens_per_frame": 196}}
 QUESTION = "What moves in the video? Answer briefly."
 IMAGE_TOKEN_INDEX = -200
 # The real checkpoints' tower name: the builder picks SigLipVisionTower by it (an existing path would be CLIP), so
@@ -175,7 +178,8 @@ def run(method: str, work: Path, checkout: Path, out: Path, dycoke_p: float | No
         model.prepare_inputs_labels_for_multimodal = types.MethodType(
             official_ov.cus_prepare_inputs_labels_for_multimodal, model)
         observe(official_ov, "vidcom2_compression", compressions)
-    else:  # llava/model/builder.py's load_pretrained_model(..., dycoke=True, ...) as lmms-eval's llava_onevision calls it
+    else:  # llava/model/builder.py's load_pretrained_model(..., dycoke=True, ...), as lmms-eval's llava_onevision calls
+        # it
         model.dycoke = True
         for key in ("dycoke_l", "dycoke_p", "dycoke_num_tokens_per_frame", "dycoke_k"):
             setattr(model, key, settings[key])
