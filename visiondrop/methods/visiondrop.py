@@ -253,4 +253,4 @@ def nominal_counts(dims: Dims, budget: float) -> TokenCounts:
 METHOD = Method("visiondrop", "VisionDrop", policy, smallest_budget,
                 overhead=lambda **_: Overhead(rows="visual", merges=True),
                 scoring=lambda **_: {"encoder": "vision_tower", "decoder": "visual"}, replaces_budget=("schedule",),
-                nominal_counts=nominal_counts)
+                nominal_counts=nominal_counts, second_example=(128, {"stages": "decoder"}))
