@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop.engine import DecoderCut, Policy, Selection
+from visiondrop.engine import Policy
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead, Unreachable
-from visiondrop.methods.shared import nominal_video, retention, video_layout
+from visiondrop.methods.shared import FrameSelection, VideoLayout, nominal_video, retention
 
 MERGING_RATIO = 0.7  # K: lmms-eval's default dycoke_k, which the official eval.sh keeps
 
@@ -78,9 +78,8 @@ def temporal_merge(video: Tensor, frames: int, m: int, fix_bugs: bool) -> Tensor
     return torch.cat([own[f] + f * per_frame for f in sorted(own)])
 
 
-class DyCoke(Policy):
-    name = "dycoke"
-    cut_layers = (0,)
+class DyCoke(FrameSelection):
+    name, title = "dycoke", "DyCoke"
 
     def __init__(self, info: ModelInfo, share: float | None, dycoke_k: float | None, fix_bugs: bool):
         self.info, self.share, self.dycoke_k, self.fix_bugs = info, share, dycoke_k, fix_bugs
@@ -100,11 +99,9 @@ class DyCoke(Policy):
                               f"{self.share:.4g} of it, the smallest share it keeps is {reach:.4g}")
         return min(m, per_frame)
 
-    def select_decoder(self, cut: DecoderCut) -> Selection:
-        frames, per_frame = video_layout(cut, "DyCoke")
-        m = self.pruned_tokens(frames, per_frame)
-        return Selection(torch.stack([temporal_merge(video, frames, m, self.fix_bugs)
-                                      for video in cut.visual_rows(cut.hidden)]))
+    def kept(self, frames: Tensor, layout: VideoLayout) -> Tensor:
+        m = self.pruned_tokens(layout.frames, layout.per_frame)
+        return torch.stack([temporal_merge(video, layout.frames, m, self.fix_bugs) for video in frames])
 
     def describe(self) -> dict:
         described = {"method": self.name, "layers": list(self.cut_layers), "fix_bugs": self.fix_bugs}

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop.engine import DecoderCut, Policy, Selection
+from visiondrop.engine import Policy
 from visiondrop.core import Cut, ModelInfo
-from visiondrop.methods import Method, Overhead, Unreachable
-from visiondrop.methods.shared import nominal_video, retention, video_layout
+from visiondrop.methods import Method, Overhead
+from visiondrop.methods.shared import FrameSelection, VideoLayout, nominal_video, video_share
 
 FIRST_FRAME = 255.0  # vLLM's sentinel dissimilarity of the first frame's tokens: above any 1 - cosine (at most 2)
 
@@ -43,25 +43,23 @@ def retained_count(per_frame: int, frames: int, pruning_rate: float) -> int:
 
 
 def retained(video: Tensor, frames: int, pruning_rate: float) -> Tensor:
-    """Indices (ascending) of the tokens EVS keeps of one video [frames x per_frame, D], frame after frame."""
-    x = video.view(frames, -1, video.shape[-1])
-    dissimilarity = 1 - F.cosine_similarity(x[1:], x[:-1], dim=-1)
-    dissimilarity = torch.cat([dissimilarity.new_full((1, x.shape[1]), FIRST_FRAME), dissimilarity])
-    order = dissimilarity.flatten().argsort(descending=True, stable=True)
-    return order[:retained_count(x.shape[1], frames, pruning_rate)].sort().values
+    """Indices (ascending) [..., k] of the tokens EVS keeps of videos [..., frames x per_frame, D], frame after
+    frame."""
+    x = video.unflatten(-2, (frames, -1))
+    dissimilarity = 1 - F.cosine_similarity(x[..., 1:, :, :], x[..., :-1, :, :], dim=-1)
+    first = dissimilarity.new_full((*x.shape[:-3], 1, x.shape[-2]), FIRST_FRAME)
+    order = torch.cat([first, dissimilarity], -2).flatten(-2).argsort(dim=-1, descending=True, stable=True)
+    return order[..., :retained_count(x.shape[-2], frames, pruning_rate)].sort(dim=-1).values
 
 
-class EVS(Policy):
-    name = "evs"
-    cut_layers = (0,)
+class EVS(FrameSelection):
+    name, title = "evs", "EVS"
 
     def __init__(self, info: ModelInfo, pruning_rate: float):
         self.info, self.pruning_rate = info, pruning_rate
 
-    def select_decoder(self, cut: DecoderCut) -> Selection:
-        frames, _ = video_layout(cut, "EVS")
-        return Selection(torch.stack([retained(video, frames, self.pruning_rate)
-                                      for video in cut.visual_rows(cut.hidden)]))
+    def kept(self, frames: Tensor, layout: VideoLayout) -> Tensor:
+        return retained(frames, layout.frames, self.pruning_rate)
 
     def describe(self) -> dict:
         described = {"method": self.name, "pruning_rate": self.pruning_rate, "layers": list(self.cut_layers)}
@@ -73,16 +71,9 @@ class EVS(Policy):
 
 def policy(info: ModelInfo, budget: float | None = None, pruning_rate: float | None = None) -> Policy:
     """EVS keeping `budget` of the nominal visual tokens (that share of each video), or at vLLM's `pruning_rate`."""
-    if pruning_rate is None:
-        if budget is None:
-            raise ValueError("EVS needs a budget (or ratio=) or pruning_rate=")
-        if budget < smallest_budget(info):
-            floor = smallest_budget(info)
-            raise Unreachable(f"EVS keeps every video's first frame: the smallest reachable budget is {floor:g} (or "
-                              f"{info.n_visual} for the unpruned model)", floor)
-        pruning_rate = 1 - retention(budget, info)
-    elif budget is not None:
-        raise ValueError("give EVS a budget (or ratio=) or pruning_rate=, not both")
+    share = video_share(info, budget, pruning_rate, "pruning_rate", "EVS", smallest_budget(info),
+                        "keeps every video's first frame")
+    pruning_rate = pruning_rate if share is None else 1 - share
     if not 0 <= pruning_rate < 1:
         raise ValueError(f"pruning_rate is the share of video tokens EVS drops, in [0, 1); got {pruning_rate}")
     return EVS(info, pruning_rate)

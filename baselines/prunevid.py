@@ -206,7 +206,7 @@ class PruneVid(Policy):
         return self._prune(cut)
 
     def _merge(self, cut: DecoderCut) -> Selection:
-        frames, _ = video_layout(cut, "PruneVid")
+        frames = video_layout(cut, "PruneVid").frames
         if frames < NEIGHBOURS:
             raise ValueError(f"PruneVid clusters a video's frames with their {NEIGHBOURS} nearest: it needs at least "
                              f"{NEIGHBOURS} frames, this video has {frames}")

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop.engine import DecoderCut, Policy, Selection
+from visiondrop.engine import Policy
 from visiondrop.core import Cut, ModelInfo
-from visiondrop.methods import Method, Overhead, Unreachable
-from visiondrop.methods.shared import retention, video_layout
+from visiondrop.methods import Method, Overhead
+from visiondrop.methods.shared import FrameSelection, VideoLayout, video_share
 
 CHANNEL_SHARE = 0.5  # channels kept for scoring: the lowest-variance half
 SCALES = [2.0 ** k for k in range(-3, 2)]  # the Gaussian kernels' a: 1/8 .. 2
@@ -48,35 +48,40 @@ def gaussian(x: Tensor, centre: Tensor) -> Tensor:
 
 
 def frame_budgets(uniqueness: Tensor, base: float, per_frame: int) -> Tensor:
-    """Tokens each frame keeps [F] from its uniqueness [F]: base x (1 + p_f - mean p), at most all, at least 1."""
-    p = F.softmax((uniqueness - uniqueness.max()) / TEMPERATURE, dim=0)
-    scales = (base * (1 + p - p.mean())).clamp(max=1.0)
+    """Tokens each frame keeps [..., F] from its uniqueness [..., F]: base x (1 + p_f - mean p), at most all, at
+    least 1."""
+    p = F.softmax((uniqueness - uniqueness.amax(-1, keepdim=True)) / TEMPERATURE, dim=-1)
+    scales = (base * (1 + p - p.mean(-1, keepdim=True))).clamp(max=1.0)
     return (scales * per_frame).round().long().clamp(min=1)
 
 
+def kept_mask(videos: Tensor, frames: int, base: float) -> Tensor:
+    """The tokens VidCom2 keeps [G, F x N] of videos [G, F x N, D], all on the device: each frame's k_f lowest-scored
+    (the official per-frame `topk(k_f, largest=False)`, as the rank of each score within its frame below k_f)."""
+    variance = videos.var(dim=-2, unbiased=False)
+    channels = torch.topk(variance, k=int(videos.shape[-1] * CHANNEL_SHARE), largest=False).indices
+    x = videos.gather(-1, channels.unsqueeze(-2).expand(-1, videos.shape[-2], -1))
+    x = F.normalize(x.unflatten(-2, (frames, -1)), dim=-1)  # [G, F, N, D / 2]
+    per_video = gaussian(x, x.mean(dim=(1, 2), keepdim=True))
+    per_frame = gaussian(x, x.mean(dim=2, keepdim=True))
+    budgets = frame_budgets(-per_video.mean(-1), base, x.shape[2])
+    rank = (per_video + per_frame).argsort(dim=-1).argsort(dim=-1)
+    return (rank < budgets.unsqueeze(-1)).flatten(1)
+
+
 def retained(video: Tensor, frames: int, base: float) -> Tensor:
-    """Indices of the tokens VidCom2 keeps of one video [F x N, D], frame after frame, ascending within a frame."""
-    variance = video.var(dim=0, unbiased=False)
-    channels = torch.topk(variance, k=int(video.shape[-1] * CHANNEL_SHARE), largest=False).indices
-    x = F.normalize(video[:, channels].view(frames, -1, channels.numel()), dim=-1)
-    per_video = gaussian(x, x.mean(dim=(0, 1), keepdim=True))
-    per_frame = gaussian(x, x.mean(dim=1, keepdim=True))
-    budgets = frame_budgets(-per_video.mean(-1), base, x.shape[1])
-    scores = per_video + per_frame
-    return torch.cat([torch.topk(scores[f], k=int(k), largest=False, sorted=False).indices.sort().values
-                      + f * x.shape[1] for f, k in enumerate(budgets.tolist())])
+    """Indices (ascending) of the tokens VidCom2 keeps of one video [F x N, D], frame after frame."""
+    return kept_mask(video[None], frames, base)[0].nonzero()[:, 0]
 
 
-class VidCom2(Policy):
-    name = "vidcom2"
-    cut_layers = (0,)
+class VidCom2(FrameSelection):
+    name, title = "vidcom2", "VidCom2"
 
     def __init__(self, info: ModelInfo, base_scale: float):
         self.info, self.base_scale = info, base_scale
 
-    def select_decoder(self, cut: DecoderCut) -> Selection:
-        frames, _ = video_layout(cut, "VidCom2")
-        return Selection([retained(video, frames, self.base_scale) for video in cut.visual_rows(cut.hidden)])
+    def kept(self, frames: Tensor, layout: VideoLayout) -> Tensor:
+        return kept_mask(frames, layout.frames, self.base_scale)
 
     def describe(self) -> dict:
         return {"method": self.name, "base_scale": self.base_scale, "layers": list(self.cut_layers),
@@ -86,16 +91,9 @@ class VidCom2(Policy):
 def policy(info: ModelInfo, budget: float | None = None, base_scale: float | None = None) -> Policy:
     """VidCom2 keeping about `budget` of the nominal visual tokens (that share of each video), or at the official
     `base_scale` (R_RATIO)."""
-    if base_scale is None:
-        if budget is None:
-            raise ValueError("VidCom2 needs a budget (or ratio=) or base_scale=")
-        if budget < smallest_budget(info):
-            floor = smallest_budget(info)
-            raise Unreachable(f"VidCom2 keeps at least one token a frame: the smallest reachable budget is {floor:g} (or "
-                              f"{info.n_visual} for the unpruned model)", floor)
-        base_scale = retention(budget, info)
-    elif budget is not None:
-        raise ValueError("give VidCom2 a budget (or ratio=) or base_scale=, not both")
+    share = video_share(info, budget, base_scale, "base_scale", "VidCom2", smallest_budget(info),
+                        "keeps at least one token a frame")
+    base_scale = base_scale if share is None else share
     if not 0 < base_scale <= 1:
         raise ValueError(f"base_scale is the share of video tokens VidCom2 keeps, in (0, 1]; got {base_scale}")
     return VidCom2(info, base_scale)

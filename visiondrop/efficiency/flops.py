@@ -252,7 +252,7 @@ def _record_cuts(policy: Any, cuts: list[Cut], premade: list[bool]) -> None:
 
     def decoder(cut):
         sel = select_decoder(cut)
-        cuts.append(Cut(cut.layer_idx, cut.n_visual, len(sel.keep[0]), merged(sel)))  # keep: [G, k] or G rows
+        cuts.append(Cut(cut.layer_idx, cut.n_visual, len(sel.indices()[0]), merged(sel)))  # [G, k] or G rows
         return sel
 
     policy.select_encoder, policy.select_decoder = encoder, decoder

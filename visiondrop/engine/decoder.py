@@ -79,10 +79,11 @@ def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, positio
     return run
 
 
-def apply_selections(family: Family, run: Running, selections: dict[int, tuple[Tensor, Tensor | None, Tensor | None]],
+def apply_selections(family: Family, run: Running,
+                     selections: dict[int, tuple[Tensor, Tensor | None, Tensor | None, int]],
                      renumber: bool, slots: dict[int, Tensor] | None = None) -> Running:
     """Rebuild the batch after a cut. selections: sample -> (keep [k], merged [c, D] or None, their weights [c, n]
-    over the current visual tokens or None; `Selection`).
+    over the current visual tokens or None, the entries of keep laid out after the merged tokens; `Selection`).
 
     Positions are renumbered contiguously when the policy asks for it (`renumber`) and the family allows it
     (unless `Family.fixed_positions`); otherwise every token keeps its position: a visual token the one of its slot in
@@ -104,11 +105,16 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
             positions.append(family.renumbered(pos[..., first], len(index[-1])) if renumber else pos[..., first:])
             sources.append(source)
             continue
-        keep, merged, weights = selections[b]
+        keep, merged, weights, trailing = selections[b]
         n_merged = 0 if merged is None else merged.shape[0]
         if n_merged:
             source = torch.cat([source, merged.to(source.dtype)])
-        order, is_visual = _packed_order(run.vis_index[b], keep, n_merged, first, length)
+        span = _spans(run.vis_index[b])
+        slot = slots[b] if slots and b in slots else torch.cat([keep, keep.new_full((n_merged,), -1)])
+        # a merged token standing for a slot lies in that slot's span; the others after the last span's kept tokens
+        merged_slot = slot[keep.numel():]
+        merged_span = torch.where(merged_slot >= 0, span[merged_slot.clamp(min=0)], span[-1:].expand(n_merged))
+        order, is_visual = _packed_order(run.vis_index[b], keep, merged_span, trailing, first, length)
         sources.append(source)
         index.append(order)
         visual_at.append(is_visual.nonzero()[:, 0])
@@ -119,9 +125,7 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
         if renumber:
             positions.append(family.renumbered(pos[..., first], len(order)))
         else:
-            slot = slots[b] if slots and b in slots else torch.cat([keep, keep.new_full((n_merged,), -1)])
-            span = _spans(run.vis_index[b])
-            entry_span = torch.cat([span[keep], span[-1:].expand(n_merged)])  # merged: after the last span
+            entry_span = torch.cat([span[keep], merged_span])
             visual = _kept_positions(family, pos[..., run.vis_index[b]], slot, span, entry_span)[..., entry]
             kept_pos = pos[..., order.clamp(max=length - 1)].clone()
             kept_pos[..., is_visual] = visual
@@ -140,21 +144,26 @@ def apply_selections(family: Family, run: Running, selections: dict[int, tuple[T
                    run.side_layers)
 
 
-def _packed_order(vis_index: Tensor, keep: Tensor, n_merged: int, first: int, length: int) -> tuple[Tensor, Tensor]:
+def _packed_order(vis_index: Tensor, keep: Tensor, merged_span: Tensor, trailing: int, first: int,
+                  length: int) -> tuple[Tensor, Tensor]:
     """A sample's rows after a cut, as indices into its rows then its merged tokens (length + j), and which of
     them are visual: its real text tokens in order, each span's kept tokens where the span was (in `keep`'s order
-    within a span), the merged tokens after the last span's kept tokens."""
+    within a span), the merged tokens after the kept tokens of their span (`merged_span` [c]), then the last
+    `trailing` entries of keep."""
     device = vis_index.device
+    n_merged = merged_span.numel()
     text = torch.ones(length, dtype=torch.bool, device=device)
     text[:first] = False
     text[vis_index] = False
     text_rows = text.nonzero()[:, 0]
     span = _spans(vis_index)
-    anchor = vis_index[torch.cat([span.new_ones(1, dtype=torch.bool), span[1:] != span[:-1]])][span]  # span starts
-    step = vis_index.numel() + n_merged + 1  # sub-ranks within an anchor
+    starts = vis_index[torch.cat([span.new_ones(1, dtype=torch.bool), span[1:] != span[:-1]])]
+    anchor = starts[span]  # each visual token's span start
+    step = 2 * (vis_index.numel() + n_merged + 1)  # sub-ranks within an anchor
     kept_rank = torch.arange(keep.numel(), device=device)
+    kept_rank = torch.where(kept_rank >= keep.numel() - trailing, kept_rank + keep.numel() + n_merged, kept_rank)
     keys = torch.cat([text_rows * step, anchor[keep] * step + 1 + kept_rank,
-                      anchor[-1] * step + 1 + keep.numel() + torch.arange(n_merged, device=device)])
+                      starts[merged_span] * step + 1 + keep.numel() + torch.arange(n_merged, device=device)])
     rows = torch.cat([text_rows, vis_index[keep], length + torch.arange(n_merged, device=device)])
     is_visual = torch.cat([torch.zeros_like(text_rows, dtype=torch.bool),
                            torch.ones(keep.numel() + n_merged, dtype=torch.bool, device=device)])
@@ -224,7 +233,7 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
             cos=rope[0][rows], sin=rope[1][rows],
             visual=torch.stack([run.vis_index[b] for b in rows.tolist()]),
             original_visual=n0, samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
-            final_norm=final_norm, frames=f,
+            final_norm=final_norm, frames=f, trailing=family.video_trailing if f else 0,
         )
 
 
@@ -233,9 +242,10 @@ def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, lay
     selections, slots = {}, {}
     for cut in groups:
         sel: Selection = policy.select_decoder(cut)
+        keep = sel.indices()
         for g, b in enumerate(cut.samples):
-            selections[b] = (sel.keep[g], None if sel.merged is None else sel.merged[g],
-                             None if sel.weights is None else sel.weights[g])
+            selections[b] = (keep[g], None if sel.merged is None else sel.merged[g],
+                             None if sel.weights is None else sel.weights[g], sel.trailing)
             if sel.slots is not None:
                 slots[b] = sel.slots[g]
     trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]

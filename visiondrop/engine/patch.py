@@ -193,7 +193,7 @@ class Pruner:
         if images is None or len(images) != len(samples):
             raise RuntimeError("the image features of this forward were not produced by the applied method")
         device = run.hidden.device
-        selections = {b: (images[i][0].to(device), None, None) for i, b in enumerate(samples)}
+        selections = {b: (images[i][0].to(device), None, None, 0) for i, b in enumerate(samples)}
         # a family that keeps positions gives each token its original slot's (-1: the family's merged position)
         slots = {b: images[i][1].to(device) for i, b in enumerate(samples)}
         run = decoder.apply_selections(self.family, run, selections, renumber=True, slots=slots)

@@ -31,14 +31,26 @@ class Selection:
     vectors), so that the features that travel with the tokens (`Family.side_features`: Qwen3-VL's DeepStack
     rows) merge alike; a policy that merges before the host's last side-feature layer must give them.
     At decoder cuts keep, merged and slots may each be a list of G rows instead, where the samples keep different
-    counts (methods whose counts depend on the content).
+    counts (methods whose counts depend on the content), and keep may be a boolean mask [G, n] over the current
+    visual tokens (those kept, in their order), so that a policy whose counts depend on the content reads no count
+    on the host (the engine turns it into indices, `indices`);
+    trailing: decoder cuts, the last `trailing` entries of each sample's keep are laid out after its merged tokens
+    instead of before them (a video's tokens after its frames, `DecoderCut.trailing`, which a merging video method
+    keeps after what it made of the frames, as LLaVA-NeXT appends its newline after them).
     """
 
     keep: Tensor | list[Tensor]
     merged: Tensor | list[Tensor] | None = None
-    weights: Tensor | None = None
+    weights: Tensor | list[Tensor] | None = None
     features: Tensor | None = None
     slots: Tensor | list[Tensor] | None = None
+    trailing: int = 0
+
+    def indices(self) -> Tensor | list[Tensor]:
+        """keep as indices: a boolean mask's kept tokens per sample (a host read, the engine's), else keep."""
+        if isinstance(keep := self.keep, Tensor) and keep.dtype == torch.bool:
+            return [row.nonzero()[:, 0] for row in keep]
+        return keep
 
 
 @dataclass
@@ -55,8 +67,9 @@ class DecoderCut:
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.
     `frames` is the group's video frames (0: its samples hold images): the original visual block is `frames` frames
-    of `original_visual / frames` tokens each, frame after frame (what video methods reduce; a cut before layer 0
-    still sees that layout).
+    of `(original_visual - trailing) / frames` tokens each, frame after frame, then `trailing` tokens that belong to no frame
+    (`Family.video_trailing`: LLaVA-OneVision's newline after the video); what video methods reduce
+    (`methods.shared.video_layout`; a cut before layer 0 still sees that layout).
     """
 
     layer_idx: int
@@ -73,6 +86,7 @@ class DecoderCut:
     rotate: Rotate = Family.rotate
     final_norm: nn.Module | None = None
     frames: int = 0
+    trailing: int = 0
 
     @property
     def n_visual(self) -> int:

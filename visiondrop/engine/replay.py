@@ -36,11 +36,11 @@ class Replay(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         recorded = [self._selections[cut.layer_idx][b] for b in cut.samples]
-        keep, merged, weights = zip(*recorded)
+        keep, merged, weights, trailing = zip(*recorded)
         slots = [self._slots[cut.layer_idx][b] for b in cut.samples if b in self._slots[cut.layer_idx]]
         return Selection(_rows(keep), None if merged[0] is None else _rows(merged),
                          weights=None if weights[0] is None else _rows(weights),
-                         slots=_rows(slots) if slots else None)
+                         slots=_rows(slots) if slots else None, trailing=trailing[0])
 
 
 def _rows(rows: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

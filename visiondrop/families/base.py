@@ -39,6 +39,9 @@ class Family:
     #: a sample's visual tokens may lie in several spans separated by text (Qwen3-VL: a video's frames, each after
     #: its timestamp): decoder cuts treat them as one set, and each kept token stays in its span
     visual_spans: bool = False
+    #: tokens a video's visual block holds after its frames that belong to no frame (LLaVA-OneVision: the one
+    #: image-newline token after the whole video); the video methods see them apart (`DecoderCut.trailing`)
+    video_trailing: int = 0
     image_token: str = "<image>"  # the placeholder its processor expands
     special_tokens: tuple[str, ...] = ()  # tokens its prompts need beyond LLaVA's (tiny tokenizers add them)
     #: image sizes (width, height) of different token counts or layouts on this family: the sizes a batch mixes in

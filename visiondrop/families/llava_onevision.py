@@ -128,6 +128,7 @@ class LlavaOnevision(LlavaNext):
     tower_cls = False
     special_tokens = SPECIAL_TOKENS
     text_before_image = 3  # "<|im_start|>user\n"
+    video_trailing = VIDEO_NEWLINES
 
     def stacks_features(self, modality: str) -> bool:
         return modality == "video"  # [B, F x 196 + 1, D]; an image's features are a list

@@ -1,11 +1,16 @@
 """Pieces several methods share: the CLS-attention encoder cut (VisionDrop, VisionZip), its LLaVA-NeXT layout, the
-whole token counts of the methods that keep exactly their budget, and the frame layout the video methods reduce."""
+whole token counts of the methods that keep exactly their budget, and the video methods' frame layout
+(`VideoLayout`, declared by each family) and their common cut before the first decoder layer (`FrameSelection`)."""
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from ..engine import DecoderCut, EncoderView, Selection, complement, contextual_merge, topk_in_order
+import torch
+from torch import Tensor
+
+from ..engine import DecoderCut, EncoderView, Policy, Selection, complement, contextual_merge, topk_in_order
 from ..core import ModelInfo
+from . import Unreachable
 
 
 def encoder_selection(view: EncoderView, dominant: int, contextual: int) -> Selection:
@@ -56,18 +61,90 @@ def whole_count(budget: float, info: ModelInfo, title: str, parts: int = 1, smal
     return min(round(budget / parts), info.n_visual // parts - 1)
 
 
-def video_layout(cut: DecoderCut, title: str) -> tuple[int, int]:
-    """(frames, tokens per frame) of a decoder cut's videos, for video methods that cut before the first layer (on
-    the projected tokens, as the official video methods do); images are refused with a clear error."""
+@dataclass(frozen=True)
+class VideoLayout:
+    """A decoder cut's videos as the video methods reduce them: `frames` frames of `per_frame` tokens, frame after
+    frame, then `trailing` tokens that belong to no frame (the family's `Family.video_trailing`: LLaVA-OneVision's
+    one newline after the whole video), which stay whole after what a method keeps or makes of the frames, as the
+    official LLaVA-NeXT-based code of the video methods appends the newline after compressing the frames.
+
+    The frames' tokens may lie in several spans separated by text (Qwen3-VL: each temporal patch after its
+    timestamp): `frame_rows` are the visual tokens only, so the timestamps are never among what a method scores,
+    and every kept token stays in its own frame's span (`engine.decoder`).
+    """
+
+    frames: int
+    per_frame: int
+    trailing: int
+
+    @property
+    def frame_tokens(self) -> int:
+        """The tokens of all the frames (what a video's budget counts: `ModelInfo.n_visual`)."""
+        return self.frames * self.per_frame
+
+    def frame_rows(self, cut: DecoderCut) -> Tensor:
+        """The frames' tokens [G, frames x per_frame, D] of the cut's videos, frame after frame."""
+        return cut.visual_rows(cut.hidden)[:, :self.frame_tokens]
+
+    def with_trailing(self, keep: Tensor) -> Tensor:
+        """Indices [..., k] into the frames' tokens, then the trailing tokens' own [..., k + trailing]."""
+        after = torch.arange(self.frame_tokens, self.frame_tokens + self.trailing, device=keep.device)
+        return torch.cat([keep, after.expand(*keep.shape[:-1], self.trailing)], -1)
+
+    def mask_with_trailing(self, keep: Tensor) -> Tensor:
+        """A boolean mask [G, frames x per_frame] of kept frame tokens, the trailing tokens kept after them."""
+        return torch.cat([keep, keep.new_ones(keep.shape[0], self.trailing)], -1)
+
+
+def video_layout(cut: DecoderCut, title: str) -> VideoLayout:
+    """The layout of a decoder cut's videos, for video methods that cut before the first layer (on the projected
+    tokens, as the official video methods do); images are refused with a clear error."""
     if not cut.frames:
         raise ValueError(f"{title} reduces videos (it uses the redundancy between frames), and this batch holds an "
                          "image: run images with an image method, or method='none'")
     if cut.n_visual != cut.original_visual:
         raise RuntimeError(f"{title} needs a video's own layout of equal frames, before any other cut")
-    if cut.n_visual % cut.frames:
-        raise NotImplementedError(f"{title} does not yet handle the {cut.n_visual % cut.frames} token(s) this family "
-                                  "lays out beside a video's frames (LLaVA-OneVision's newline after the video)")
-    return cut.frames, cut.n_visual // cut.frames
+    frame_tokens = cut.n_visual - cut.trailing
+    if frame_tokens % cut.frames:
+        raise RuntimeError(f"{title}: {frame_tokens} frame tokens do not split into {cut.frames} equal frames")
+    return VideoLayout(cut.frames, frame_tokens // cut.frames, cut.trailing)
+
+
+class FrameSelection(Policy):
+    """A video method that keeps, before the first decoder layer, a subset of each video's frame tokens and drops the
+    rest (EVS, VidCom2, DyCoke's temporal merging): `kept` picks them from the frames' tokens of the cut's videos;
+    the trailing tokens stay after them (`VideoLayout`). Positions follow the family (contiguous, or M-RoPE kept)."""
+
+    cut_layers = (0,)
+    title = "?"
+
+    def kept(self, frames: Tensor, layout: VideoLayout) -> Tensor:
+        """The tokens kept of the frames' tokens [G, F x N, D]: a boolean mask [G, F x N], or indices [G, k] in the
+        order they will appear."""
+        raise NotImplementedError
+
+    def select_decoder(self, cut: DecoderCut) -> Selection:
+        layout = video_layout(cut, self.title)
+        keep = self.kept(layout.frame_rows(cut), layout)
+        if keep.dtype == torch.bool:
+            return Selection(layout.mask_with_trailing(keep))
+        return Selection(layout.with_trailing(keep))
+
+
+def video_share(info: ModelInfo, budget: float | None, setting: float | None, name: str, title: str,
+                smallest: float, why: str) -> float | None:
+    """The share of each video's own frame tokens a video method keeps at `budget` (`retention`), or None where its
+    own setting `name` is given instead; refuses neither or both, and a budget below `smallest` (`why` it is)."""
+    if setting is not None:
+        if budget is not None:
+            raise ValueError(f"give {title} a budget (or ratio=) or {name}=, not both")
+        return None
+    if budget is None:
+        raise ValueError(f"{title} needs a budget (or ratio=) or {name}=")
+    if budget < smallest:
+        raise Unreachable(f"{title} {why}: the smallest reachable budget is {smallest:g} (or {info.n_visual} for the "
+                          "unpruned model)", smallest)
+    return retention(budget, info)
 
 
 def retention(budget: float, info: ModelInfo) -> float:
