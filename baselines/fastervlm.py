@@ -73,4 +73,4 @@ def overhead(eager_encoder: bool = True, **_) -> Overhead:
 
 METHOD = Method("fastervlm", "FasterVLM", policy, smallest_budget=lambda info: info.crops, overhead=overhead,
                 example_budget=144, scoring=lambda **_: {"encoder": "vision_tower"},
-                second_example=(64, {"eager_encoder": False}))
+                second_example=(64, {"newlines": "drop"}))
