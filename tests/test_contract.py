@@ -83,8 +83,9 @@ def encode_nominal(request, family: str, model, processor) -> dict:
 NEW_TOKENS = 4
 
 
-SETTINGS = [pytest.param(name, i, id=name if i == 0 else "-".join([f"{name}@{budget:g}", *map("{0[0]}={0[1]}".format,
-                                                                                               options.items())]))
+#: (method, which of its settings): every image method at each setting it declares, the second named by its values
+SETTINGS = [pytest.param(name, i, id=name if i == 0 else f"{name}@{budget:g}" + "".join(f"-{k}={v}" for k, v in
+                                                                                      options.items()))
             for name in IMAGE_METHODS for i, (budget, options) in enumerate(method(name).examples)]
 
 
