@@ -61,7 +61,7 @@ def test_counts_follow_each_samples_own_grid(tiny_next, image, crops, n0):
     assert [counts[0], counts[2], counts[8], counts[16]] == [n0] + [int(n0 * decay ** s) for s in (1, 2, 3)]
 
 
-def test_encoder_stage_is_text_independent_and_reports_the_samples_own_indices(tiny_next):
+def test_encoder_cut_is_text_independent_and_reports_the_samples_own_indices(tiny_next):
     model, processor = tiny_next
     for method in ("visiondrop", "visionzip"):
         kept = []
