@@ -8,6 +8,8 @@ from visiondrop.testing.tiny import demo_image
 
 #: the registered methods that take images (video-only ones refuse them: tests/test_contract.py)
 IMAGE_METHODS = [name for name in METHODS if not method(name).video_only]
+#: the image methods whose budget is a count, so that a ratio keeps that share of every image
+SHARE_METHODS = [name for name in IMAGE_METHODS if name != "none" and not method(name).counts_follow_content]
 
 #: How far float32 reordering moves one computation done two ways (SDPA or eager attention, in a batch or alone, with
 #: or without a cache, AVX-512, AVX2 or scalar kernels): the rounding of every sum enters each layer at the last bit

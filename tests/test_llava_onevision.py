@@ -8,6 +8,7 @@ have 4 frames (785 visual tokens) so that each test takes seconds; budgets are g
 the video papers use, and count against each video's own tokens.
 """
 import re
+import sys
 from dataclasses import replace
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import visiondrop
 from helpers import (IMAGE_METHODS, beams_equal_alone, greedy_with_logits, measure_counts, stock_and_pruned_means,
                      videos_batch_equals_alone)
+from test_video_qa import endpoint  # noqa: F401  (the loopback judge's fixture)
 from visiondrop.families import ModelInfo, family_of, info_of
 from visiondrop.families.llava_onevision import grid_positions
 from visiondrop.harness.prompting import build_prompt
@@ -211,12 +213,107 @@ def test_other_frame_counts_keep_the_ratio_of_their_own_tokens(model_and_process
         assert abs(mean - 0.25 * n_visual) <= frames + 1, (name, mean)
 
 
-def test_a_batch_of_videos_shares_one_frame_count(model_and_processor, demo_videos):
-    """transformers' LLaVA-OneVision takes a batch's videos as one [B, F, 3, H, W] tensor, so videos of different
-    frame counts cannot share a batch of the stock model (nor of any method): the processor says so."""
-    _, processor = model_and_processor
-    with pytest.raises(ValueError, match=r"as many frames each .* \[2, 6\]"):
-        encode(processor, QUESTIONS, [read_frames(demo_videos[0], 2), read_frames(demo_videos[1], 6)])
+RAGGED_FRAMES = (4, 2)  # a batch of videos with different frame counts (785 and 393 visual tokens)
+
+
+@pytest.fixture(scope="module")
+def ragged(model_and_processor, demo_videos):
+    """Two videos of 4 and 2 frames with prompts of different lengths: the batch and each alone."""
+    processor = model_and_processor[1]
+    videos = [read_frames(path, n) for path, n in zip(demo_videos, RAGGED_FRAMES)]
+    singles = [encode(processor, [q], [v]) for q, v in zip(QUESTIONS, videos)]
+    return encode(processor, QUESTIONS, videos), singles
+
+
+def test_videos_of_different_frame_counts_share_a_batch(model_and_processor, ragged):
+    """The host takes a batch's videos as one [B, F, 3, H, W] tensor: the shorter video's frames are padded at the
+    front and their placeholders lie in its row's left padding, so each row's real tokens are its prompt alone;
+    the stock model never attends to the padded frames' tokens (each row's logits are its video's alone)."""
+    model, _ = model_and_processor
+    batch, singles = ragged
+    assert batch["pixel_values_videos"].shape == (2, 4, 3, 384, 384)
+    assert not batch["pixel_values_videos"][1, :2].any(), "the shorter video is padded with zero frames in front"
+    assert torch.equal(batch["pixel_values_videos"][1, 2:], singles[1]["pixel_values_videos"][0])
+    video = model.config.video_token_id
+    for row, single in zip(batch["input_ids"], singles):
+        assert torch.equal(row[-single["input_ids"].shape[1]:], single["input_ids"][0])
+    real = batch["attention_mask"].bool()
+    assert ((batch["input_ids"] == video) & real).sum(1).tolist() == [196 * n + 1 for n in RAGGED_FRAMES]
+    assert ((batch["input_ids"] == video) & ~real).sum(1).tolist() == [0, 2 * 196]  # the padded frames' tokens
+    tokens, logits = run(model, batch)
+    for i, single in enumerate(singles):
+        alone_tokens, alone_logits = run(model, single)
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-8, rtol=1e-8)
+        assert torch.equal(tokens[i], alone_tokens[0])
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if not method(n).video_only])
+def test_every_method_on_videos_of_different_frame_counts(model_and_processor, ragged, name, monkeypatch):
+    """A batch of a 4-frame and a 2-frame video equals each alone under every method that runs on the family's
+    videos (kept tokens, counts per layer, logits, greedy tokens, cache == replay), the tokens entering each decoder
+    layer counted with forward pre-hooks; `none` is the stock model."""
+    model, _ = model_and_processor
+    batch, singles = ragged
+    # random weights may generate a placeholder id, which the replay (the whole sequence fed again) would take for a
+    # visual token: never generated, as by a trained checkpoint
+    monkeypatch.setattr(model.generation_config, "suppress_tokens",
+                        [model.config.image_token_id, model.config.video_token_id])
+    ratio = ratio_of(name)
+    policy = policy_for(info_of(model), name, ratio=ratio, **method(name).example_options(model.config))
+    if policy.encoder_layer is not None and family_of(model).unsupported(policy, "video") is not None:
+        pytest.skip("refused on the family's videos (test_every_method_on_videos)")
+    _, trace = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS, ratio=ratio)
+    if name == "none":  # every real visual token of each video, and the stock model's tokens and logits
+        assert trace.tokens_per_layer == [[196 * n + 1] * 28 for n in RAGGED_FRAMES]
+        stock_tokens, stock_logits = run(model, batch)
+        with visiondrop.apply(model, "none"):
+            tokens, logits = run(model, batch)
+        assert torch.equal(tokens, stock_tokens)
+        torch.testing.assert_close(logits, stock_logits, atol=1e-9, rtol=1e-9)
+
+
+def test_two_videos_padded_alike_keep_their_own_encoder_cuts(model_and_processor, demo_videos, monkeypatch):
+    """Two shorter videos padded with the same zero frames in one batch (4, 2 and 2 frames) keep their own
+    encoder-cut decisions through generate()'s pre-encoded features: each row equals its video alone."""
+    model, processor = model_and_processor
+    videos = [read_frames(path, n) for path, n in zip(demo_videos, (4, 2, 2))]
+    questions = QUESTIONS + QUESTIONS[:1]
+    singles = [encode(processor, [q], [v]) for q, v in zip(questions, videos)]
+    monkeypatch.setattr(model.generation_config, "suppress_tokens",
+                        [model.config.image_token_id, model.config.video_token_id])
+    videos_batch_equals_alone(model, "visionzip", run, encode(processor, questions, videos), singles, ratio=0.25)
+
+
+def test_the_plugin_batches_videos_of_different_frame_counts(tiny_onevision_dir, demo_videos, monkeypatch):
+    """Through the lmms-eval plugin's batching: two video questions whose videos decode to 4 and 2 frames get the
+    same answers, log-likelihoods and measured tokens (visual and text) at batch size 2 as at 1."""
+    from lmms_eval.api.instance import Instance
+
+    from visiondrop.harness import lmms_model
+
+    frames = {str(demo_videos[0]): 4, str(demo_videos[1]): 2}
+    monkeypatch.setattr(lmms_model, "read_frames", lambda path, _: read_frames(path, frames[str(path)]))
+    docs = [{"video": str(path), "question": q} for path, q in zip(demo_videos[:2], QUESTIONS)]
+
+    def requests(kind):
+        second = {"max_new_tokens": NEW_TOKENS, "temperature": 0} if kind == "generate_until" else " yes"
+        return [Instance(request_type=kind, idx=0, metadata={"task": "ov", "doc_id": i, "repeats": 1},
+                         arguments=(doc["question"], second, lambda d: [d["video"]], i, "ov", "test"))
+                for i, doc in enumerate(docs)]
+
+    outputs = []
+    for batch_size in (1, 2):
+        lm = lmms_model.PrunedLVLM(pretrained=str(tiny_onevision_dir), method="visionzip", budget=0.25 * 6272,
+                                   batch_size=batch_size, dtype=DTYPE, frames=FRAMES)
+        lm.task_dict = {"ov": {"test": docs}}
+        answers = lm.generate_until(requests("generate_until"))
+        nll = [r.text[0] for r in lm.loglikelihood(requests("loglikelihood"))]
+        outputs.append((answers, nll, lm.run_info))
+    (answers_1, nll_1, info_1), (answers_2, nll_2, info_2) = outputs
+    assert answers_1 == answers_2 and nll_1 == pytest.approx(nll_2, rel=1e-9)
+    for key in ("measured_tokens_mean", "text_tokens_mean", "samples_with_image"):
+        assert info_1[key] == pytest.approx(info_2[key]), key
+    assert info_1["measured_tokens_mean"] == pytest.approx((4 + 2) * 49 / 2)  # 25% of each frame's 196, no newline
 
 
 def test_newlines_option_keeps_the_video_newline(model_and_processor, batch):
@@ -313,6 +410,7 @@ def test_the_video_ov_experiment_reaches_its_budgets():
     runs_on_videos = {name for name in IMAGE_METHODS if name == "none" or LLAVA_ONEVISION.unsupported(
         policy_for(info, name, ratio=0.25, **options.get(name, {})), "video") is None}  # video methods: not yet
     assert {m.name for m in methods} == runs_on_videos  # every method the family runs on videos
+    assert sweep.benchmarks.split(",") == ["video_mc", "activitynet_qa"]  # the multiple-choice set, ActivityNet-QA
     for chosen in (m for m in methods if m.name != "none"):
         for ratio in (float(r) for r in str(sweep["budget.ratio"]).split(",")):
             if (chosen.name, ratio) == ("sparsevlm", 0.10):
@@ -324,7 +422,8 @@ def test_the_video_ov_experiment_reaches_its_budgets():
 
 
 def test_stock_long_video_tasks_run_on_local_stand_ins(tmp_path, tiny_onevision_dir, monkeypatch):
-    """EgoSchema (its public 500-question subset), NExT-QA (multiple choice) and MLVU (dev) through their stock
+    """EgoSchema (its public 500-question subset), NExT-QA (multiple choice), MLVU (dev) and LongVideoBench (val,
+    whose stock module imports decord: the plugin's stand-in, videos decoded with PyAV) through their stock
     lmms-eval tasks in one job: annotations in each release's format from local
     files, videos where each stock task looks under $HF_HOME. A model that answers "B" gets each task's question
     whose answer is B right and the other wrong; MLVU's stock score averages its 7 task types, absent ones as 0."""
@@ -354,10 +453,18 @@ def test_stock_long_video_tasks_run_on_local_stand_ins(tmp_path, tiny_onevision_
             {"video_name": f"mlvu{i}.mp4", "duration": 1.0, "task_type": ("count", "order")[i],
              "question": "What does the shape do?\n(A) It stops.\n(B) It moves right.\n(C) It turns red.\n"
                          "(D) It vanishes.", "answer": "BA"[i]} for i in range(2)]),
+        "longvideobench_val_v": ("validation", [  # lvb_val.json's fields (subtitles unused by the _v task)
+            {"id": f"lvb{i}", "video_id": f"lvb{i}", "video_path": f"lvb{i}.mp4", "duration": 1.0,
+             "duration_group": 15, "question_category": "T2E", "topic_category": "NP-News-Programs",
+             "question": "What does the shape do?", "question_wo_referring_query": "What does the shape do?",
+             "subtitle_path": f"lvb{i}_en.json", "starting_timestamp_for_subtitles": 0, "level": "L1-Perception",
+             "correct_choice": 1 - i, **{f"option{k}": option[3:] for k, option in enumerate(options[:4])},
+             "option4": "N/A"} for i in range(2)]),
     }
     videos = {"egoschema_subset": lambda d: hf / "egoschema" / "videos" / f"{d['video_idx']}.mp4",
               "nextqa_mc_test": lambda d: hf / "nextqa" / "NExTVideo" / f"{d['video']}.mp4",
-              "mlvu_dev": lambda d: hf / "mlvu" / d["video_name"]}
+              "mlvu_dev": lambda d: hf / "mlvu" / d["video_name"],
+              "longvideobench_val_v": lambda d: hf / "datasets" / "longvideobench" / "videos" / d["video_path"]}
     for task, (split, rows) in docs.items():
         for seed, row in enumerate(rows):
             write_demo_video(videos[task](row), seed=seed, length=10)
@@ -374,11 +481,57 @@ def test_stock_long_video_tasks_run_on_local_stand_ins(tmp_path, tiny_onevision_
     cfg.benchmarks = benches
     records = {r["task"]: r for r in job.run_job(cfg)}
     assert set(records) == set(docs)
-    expected = {"egoschema_subset": 50.0, "nextqa_mc_test": 50.0, "mlvu_dev": 100 / 7}
+    expected = {"egoschema_subset": 50.0, "nextqa_mc_test": 50.0, "mlvu_dev": 100 / 7, "longvideobench_val_v": 50.0}
     for task, record in records.items():
         assert [s["response"] for s in read_samples(record["path"])] == ["B", "B"], task
         assert record["docs"] == 2 and record["score"] == pytest.approx(expected[task]), (task, record["score"])
         assert abs(record["measured_tokens"] - VIDEO_TOKENS / 4) < 2
+    from visiondrop.harness.stock_tasks import StandInVideoReader
+
+    assert sys.modules["decord"].VideoReader is StandInVideoReader  # the lock has no decord
+
+
+def test_activitynet_qa_runs_on_a_local_stand_in_and_is_judged_after(tmp_path, tiny_onevision_dir, endpoint,
+                                                                       monkeypatch):
+    """ActivityNet-QA through the project's `activitynet_qa` task (the stock `activitynetqa` prompt and video lookup)
+    on docs in lmms-eval/ActivityNetQA's format and videos where the stock task looks: the answers are stored before
+    the judge (a loopback stub) is asked, one request per answer, and the record is judged completely."""
+    import json
+
+    from test_video_qa import KEY, StubJudge, answering, config, offline
+
+    from visiondrop.harness import job, judge
+    from visiondrop.harness.store import read_samples
+    from visiondrop.testing.videos import write_demo_video
+
+    for name in (judge.ENV_MODEL, judge.ENV_BASE_URL, judge.ENV_KEY_NAME, judge.DEFAULT_KEY_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(judge.DEFAULT_KEY_ENV, KEY)
+    offline(monkeypatch)
+    hf = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(hf))
+    monkeypatch.delitem(sys.modules, "lmms_eval.tasks.activitynetqa.utils", raising=False)  # reads HF_HOME at import
+    questions = [("Is the shape red?", "yes"), ("what moves", "a circle")]  # the stub judges only the first right
+    docs = [{"video_name": f"anet{i}", "question_id": f"v_anet{i}_{i}", "question": question, "answer": answer,
+             "type": 3} for i, (question, answer) in enumerate(questions)]
+    for seed, doc in enumerate(docs):
+        write_demo_video(hf / "activitynetqa" / "all_test" / f"v_{doc['video_name']}.mp4", seed=seed, length=10)
+    (tmp_path / "anet_test.json").write_text(json.dumps(docs))
+    model = answering("B", tiny_onevision_dir, tmp_path / "answers_b")
+    cfg = config(tmp_path, "model=llava-onevision-7b", f"model.pretrained={model}", "model.device=cpu",
+                 "model.dtype=float32", "method=visionzip", "budget.ratio=0.25", "benchmarks=activitynet_qa",
+                 "limit=null", f"model.frames={FRAMES}")
+    cfg.judge.model, cfg.judge.base_url = "stub-judge-1", endpoint
+    cfg.benchmarks[0].data = {"dataset_path": "json",
+                              "dataset_kwargs": {"data_files": {"test": str(tmp_path / "anet_test.json")}}}
+    [record] = job.run_job(cfg)
+    samples = read_samples(record["path"])
+    assert [s["response"] for s in samples] == ["B", "B"]
+    assert [s["accuracy"]["question"] for s in samples] == [d["question"] for d in docs]
+    assert record["task"] == "activitynet_qa" and record["judging"]["state"] == "complete"
+    assert record["score"] == 50.0 and record["metrics"]["score,none"] == 2.5  # the stub: yes (4), no (1)
+    assert len(StubJudge.requests) == 2 and record["judge"]["model"] == "stub-judge-1"
+    assert abs(record["measured_tokens"] - VIDEO_TOKENS / 4) < 2
 
 
 def test_latency_benchmark_builds_the_7b_architecture():

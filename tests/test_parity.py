@@ -171,6 +171,25 @@ def not_fragile(run: Run) -> None:
     assert not run.official["fragile"]
 
 
+def mustdrop_kept(official: dict) -> list[list[int]]:
+    """Every token the spatial merge left, then each filter's survivors with the key set added back, as places
+    after the merge (official: each filter's own indices and the key set's places, stage by stage)."""
+    block, keys, kept = list(range(official["encoder_tokens"])), official["key_set"], []
+    kept.append(list(block))
+    for cut in official["filters"]:
+        local = sorted(set(cut["filter_kept_indices"]) | set(keys))
+        keys = [local.index(k) for k in keys]
+        block = [block[i] for i in local]
+        kept.append(list(block))
+    return kept
+
+
+def mustdrop_key_set(run: Run) -> None:
+    """The key set, in the official topk order: the tower's last layer's CLS row after the merge."""
+    assert run.handle.policy._keys[0].tolist() == run.official["key_set"]
+    not_fragile(run)
+
+
 CASES = [
     Case("visiondrop/none", "none", {}),
     *[Case("visiondrop/vd32", "visiondrop", options, variant,
@@ -237,6 +256,17 @@ CASES = [
            precondition=tome_layer0_metric, robust=lambda run: run.official["fragile"] or None)
       for name, options in (("tome208", {"r": 16}), ("tome192", {"budget": 192}), ("tome128", {"budget": 128}),
                             ("tome64", {"budget": 64}))],
+    # MustDrop's decode-time KV-cache stage is not in the engine: its rows compare the prefill (steps=1)
+    *[Case(f"mustdrop/{name}", "mustdrop", options, variant, steps=1, kept=mustdrop_kept,
+           cuts=lambda official: ["encoder", "layer 3", "layer 7", "layer 11", "layer 15"],
+           described=lambda official: {"global_thr": official["global_thr"],
+                                       "individual_thr": official["individual_thr"],
+                                       "tokens_per_layer": official["visual_tokens_per_layer"]},
+           robust=mustdrop_key_set)
+      for name, variant, options in (("md192", "budget", {"budget": 192}), ("md128", "budget", {"budget": 128}),
+                                     ("md64", "budget", {"budget": 64}),
+                                     ("md64", "thresholds", {"global_thr": 0.011, "individual_thr": 0.01}),
+                                     ("md64vizwiz", "", {"global_thr": 0.005, "individual_thr": 0.001}))],
 ]
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import IMAGE_METHODS, assert_equal_up_to_reordering, flops_and_counter, greedy, measure_counts
+from helpers import IMAGE_METHODS, SHARE_METHODS, assert_equal_up_to_reordering, flops_and_counter, greedy, measure_counts
 from visiondrop.families import family_of, flops_dims
 from visiondrop.families.qwen2_5_vl import NOMINAL_SIDE
 from visiondrop.methods import method
@@ -81,7 +81,7 @@ def described_mean(described: dict) -> float:
     return described.get("mean_tokens_entering_layers", described.get("equivalent_tokens", 576))
 
 
-@pytest.mark.parametrize("name", [n for n in IMAGE_METHODS if n != "none"])
+@pytest.mark.parametrize("name", SHARE_METHODS)
 def test_ratio_keeps_that_share_of_each_image(qwen, name):
     """ratio=r: every image keeps about r of its own visual tokens (mean over the layers, counted with hooks)."""
     model, processor, images = qwen

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import IMAGE_METHODS, flops_and_counter, measure_counts
+from helpers import SHARE_METHODS, flops_and_counter, measure_counts
 from visiondrop.families import family_of, flops_dims, info_of
 from visiondrop.methods import method
 from visiondrop.testing.tiny import demo_image
@@ -121,7 +121,7 @@ def test_pre_decoder_selection_equals_the_stock_decoder_fed_by_hand(qwen3, name,
     assert (misaligned - pruned).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("name", [n for n in IMAGE_METHODS if n != "none"])
+@pytest.mark.parametrize("name", SHARE_METHODS)
 def test_ratio_keeps_that_share_of_each_image(qwen3, name):
     """ratio=r: every image keeps about r of its own visual tokens (mean over the 36 layers, counted with forward
     pre-hooks on the decoder layers)."""

@@ -124,7 +124,7 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
     handle, trace = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS,
                                               during_alone=partial(keeps_the_timestamps, model, name),
                                               **({} if name == "none" else {"ratio": ratio}))
-    if name != "none":  # the method's share of the nominal image, of each video's own 280 tokens (within one token
+    if name != "none" and not method(name).counts_follow_content:  # the method's share of the nominal image, of each video's own 280 tokens (within one token
         # per temporal patch: whole counts per frame)
         described = handle.policy.describe()
         share = described.get("mean_tokens_entering_layers", described.get("equivalent_tokens")) / 576

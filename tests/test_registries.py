@@ -153,3 +153,18 @@ def test_the_contract_reaches_the_new_method_on_the_new_family(registered, tmp_p
     host = (model, processor, batch_images("throwaway_llava"))
     for which in range(len(METHOD.examples)):
         test_batch_equals_each_sample_alone_and_cache_equals_replay(host, "first_tokens", which)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_with_the_configs_it_sweeps(experiment):
+    """An experiment names models, benchmarks and method configs by hand in places: each must exist (a renamed
+    model config once left `experiment=video_methods` unable to start)."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", [f"experiment={experiment}"], return_hydra_config=True)
+        params = cfg.hydra.sweeper.params or {}
+        for name in str(params.get("method", "")).split(",") if "method" in params else []:
+            swept = compose("config", [f"experiment={experiment}", f"method={name}"])
+            assert swept.method.name in METHODS, (experiment, name)
+    assert cfg.model.pretrained and cfg.benchmarks

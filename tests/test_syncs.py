@@ -34,12 +34,19 @@ REMAINING = {
     "vscan": {"select_encoder: __getitem__": (2, "crop")},
     # not yet looked at: per crop, the registers' count (anchor neighbourhoods overlap) and the kept indices
     "hiprune": {"select_encoder: __int__": (1, "crop"), "select_encoder: nonzero": (1, "crop")},
+    # per sample: the patches its image kept (its key set's size), and at each of the 4 cuts where its text starts
+    # (the filter's rows) and the tokens it keeps (thresholds: a count that differs per sample)
+    "mustdrop": {"select_encoder: __int__": (1, "sample"), "select_decoder: __int__": (4, "sample"),
+                 "select_decoder: nonzero": (4, "sample")},
     # per sample, once per forward: the per-frame budgets (a count per frame, each a top-k size)
     "vidcom2": {"select_decoder: tolist": (1, "sample")},
     # not yet vectorised: its temporal segmentation and per-segment clustering read segment boundaries and
     # cluster sizes on the host, per frame (a crop of a video)
     "prunevid": {"select_decoder: tolist": (1, "sample"), "select_decoder: __getitem__": (3, "crop"),
                  "select_decoder: __int__": (2, "crop")},
+    # per sample: the frames' static-place counts for its windows' dynamic programme (run on the host, as the
+    # official one), the static places of each window, and the inner merge's rounds (its most members of a target)
+    "holitom": {"select_decoder: tolist": (2, "sample"), "select_decoder: __int__": (1, "sample")},
 }
 
 

@@ -111,16 +111,21 @@ def test_batch_of_two_videos_equals_each_alone(qwen, videos, name):
         assert name in OFFICIAL or abs(mean - ratio * n_visual) <= tolerance, f"{name}: {measured}"
 
 
-def test_kept_video_tokens_keep_their_positions(qwen, videos):
-    """EVS keeps whole the first frame and the same positions as the stock model gives the kept tokens: masking the
-    dropped tokens out of the stock model gives the pruned logits."""
+@pytest.mark.parametrize("name, options", [("evs", {"ratio": 0.5}), ("fastvid", {"retention": 0.5, "beta": 1.0})])
+def test_kept_video_tokens_keep_their_positions(qwen, videos, name, options):
+    """EVS (which keeps whole the first frame) and FastVID (its anchors absorbing nothing at beta = 1) keep the same
+    positions as the stock model gives the kept tokens: masking the dropped tokens out of the stock model gives the
+    pruned logits."""
     model, _ = qwen
     _, singles = videos
     single = singles[0]
-    with visiondrop.apply(model, "evs", ratio=0.5) as handle, torch.no_grad():
+    with visiondrop.apply(model, name, **options) as handle, torch.no_grad():
         pruned = model(**single).logits[:, -1]
     kept = handle.trace.kept[0][0]
-    assert kept[:16].tolist() == list(range(16)) and kept.numel() == 64
+    if name == "evs":
+        assert kept[:16].tolist() == list(range(16)) and kept.numel() == 64
+    else:  # 8 of 16 tokens a grid: 5 salient, 3 anchors, where DySeg cuts every pair of the 8 grids (c = 8)
+        assert kept.numel() == 64 and sorted(set((kept // 16).tolist())) == list(range(8))
     video = single["input_ids"][0] == model.config.video_token_id
     mask = single["attention_mask"].clone()
     mask[0, video.nonzero()[:, 0][~torch.isin(torch.arange(128), kept)]] = 0

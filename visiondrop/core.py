@@ -170,6 +170,20 @@ class EncoderView:
 
 
 @dataclass(frozen=True)
+class TowerMerge:
+    """A policy's merge inside the vision tower (`Policy.merge_in_tower`: (layer, tokens [N, T, D], metric) -> fewer
+    tokens) and where it runs in each layer: between the attention and the MLP with the keys averaged over heads as
+    the metric (ToMe), or with `at_output` after the whole layer, on its output, which is then the metric too
+    (MustDrop's spatial merge)."""
+
+    merge: Callable[[int, Tensor, Tensor], Tensor]
+    at_output: bool = False
+
+    def __call__(self, layer: int, hidden: Tensor, metric: Tensor) -> Tensor:
+        return self.merge(layer, hidden, metric)
+
+
+@dataclass(frozen=True)
 class Dims:
     """The sizes the FLOPs depend on."""
 

@@ -14,7 +14,9 @@ low_cpu_mem_usage=True, **kwargs)` + `vision_tower.load_model()`), in float32 on
 as `llava/eval/model_vqa_loader.py` does (greedy, 8 new tokens, the 576 image ids collapsed to one -200). Hooks
 (observation only) record the logits, the tokens entering every decoder layer, the KV lengths, the decode positions,
 the vision tower's attentions and the fork's `encode_images` result; they change nothing the fork computes.
-The fork's own `.cuda()` calls (HiPrune) are made no-ops on this CPU-only machine.
+The fork's own `.cuda()` calls (HiPrune, MustDrop) are made no-ops on this CPU-only machine. MustDrop's fork is
+loaded as its builder does with `--sparse` (`LlavaLlamaDynamicForCausalLM`) and generates with its thresholds first
+(`--thresholds G I`, its scripts' `--global_thr`, `--individual_thr`); its decisions are observed by recomputation.
 """
 from __future__ import annotations
 
@@ -123,7 +125,10 @@ def run(args) -> None:
         os.environ[key] = value
     torch.Tensor.cuda = lambda self, *a, **k: self  # the fork's .cuda() calls: this machine has no GPU
     sys.path.insert(0, str(Path(args.repo).resolve()))
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    if args.method == "mustdrop":  # its builder loads the sparse class with --sparse, as its eval scripts pass
+        from llava.model.language_model.sparse_llava_llama import LlavaLlamaDynamicForCausalLM as LlavaLlamaForCausalLM
+    else:
+        from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 
     kwargs = {}
     for item in args.kwarg:
@@ -155,7 +160,7 @@ def run(args) -> None:
 
     def tower_capture(*a, **k):
         out = tower_forward(*a, **k)
-        if getattr(out, "attentions", None) is not None:
+        if isinstance(getattr(out, "attentions", None), (tuple, list)):  # MustDrop returns its key set there
             captured["attentions"] = [t.detach().clone() for t in out.attentions]
             captured["hidden_states"] = [t.detach().clone() for t in out.hidden_states]
         return out
@@ -169,10 +174,13 @@ def run(args) -> None:
     tower_tokens = []
     tower_hooks = [layer.register_forward_pre_hook(lambda m, a: tower_tokens.append(a[0].shape[1])) for layer in layers]
 
+    mustdrop = mustdrop_observer(model) if args.method == "mustdrop" else None
+    # MustDrop's generate takes its thresholds first (`model.generate(args.global_thr, args.individual_thr, ...)`)
+    thresholds = tuple(args.thresholds) if args.method == "mustdrop" else ()
     recorder = Recorder(model, n_text)
     recorder.first_layer = model.model.layers[0]
     with torch.inference_mode():
-        out = model.generate(official_ids, images=raw["pixel_values"].float(), image_sizes=[(336, 336)],
+        out = model.generate(*thresholds, official_ids, images=raw["pixel_values"].float(), image_sizes=[(336, 336)],
                              do_sample=False, temperature=0, top_p=None, num_beams=1, max_new_tokens=8, use_cache=True)
     recorder.close()
     for hook in tower_hooks:
@@ -188,7 +196,7 @@ def run(args) -> None:
         "seq_len_per_layer_prefill": recorder.prefill_lengths,
         "decode_position_ids_per_layer": recorder.decode_positions,
     }
-    if isinstance(encoded, tuple):  # the forks that prune return an index mask beside the features
+    if isinstance(encoded, tuple) and mustdrop is None:  # the forks that prune return an index mask beside the features
         record["kept_indices_sorted"] = encoded[1][0].nonzero()[:, 0].tolist()
     if tome_margins:
         record["merge_decisions"] = tome_margins
@@ -198,7 +206,10 @@ def run(args) -> None:
                "cls_attention_head_mean": [a[:, :, 0, 1:].mean(dim=1)[0] for a in captured.get("attentions", [])],
                "received_attention_mean": [a.mean(dim=1).mean(dim=1)[0, 1:] for a in captured.get("attentions", [])],
                "layer0_key_mean": first_metric[0] if first_metric else None}
-    record["settings"] = {"from_pretrained": kwargs, "environment": dict(item.split("=", 1) for item in args.env)}
+    if mustdrop is not None:
+        record |= mustdrop.record(encoded[1], thresholds)
+        tensors |= mustdrop.tensors
+    record["settings"] = {"from_pretrained": kwargs, "generate_thresholds": list(thresholds), "environment": dict(item.split("=", 1) for item in args.env)}
     record["settings"]["tome_r"] = kwargs_tome(args) if args.method == "tome" else None
     record["margins"] = margins(args.method, record, tensors, kwargs)
     out_dir = Path(args.out)
@@ -206,6 +217,77 @@ def run(args) -> None:
     (out_dir / f"{args.case}.json").write_text(json.dumps(record))
     torch.save(tensors, out_dir / f"{args.case}.pt")
     print(args.case, tokens, record["visual_tokens_per_layer"][:3], record["tower_tokens_per_layer"], record["margins"])
+
+
+class mustdrop_observer:
+    """Observation of MustDrop's three decisions, recomputed beside the fork's own calls (which run unchanged): the
+    spatial merge after CLIP layer 0 (each 3x3 window's mean pairwise cosine against the 0.8 threshold, the merged
+    windows in the fork's topk order), the key set (top ceil(0.08 (N - 1)) of CLIP layer 23's head-mean CLS row over
+    the merged tokens) and every dual attention filter (the head-mean attention of the text rows on the visual
+    tokens: its sum over the rows against global_thr x the total, its max against individual_thr)."""
+
+    def __init__(self, model):
+        from llava.model.multimodal_encoder import clip_encoder
+
+        self.tensors, self.windows, self.filters = {}, {}, []
+        pooling = clip_encoder.conditional_pooling
+
+        def observed_pooling(feat, threshold, window_size):
+            patches = feat[0, 1:]
+            side, w = int(patches.shape[0] ** 0.5), int(window_size[0])
+            grid = patches.view(side // w, w, side // w, w, -1).permute(0, 2, 1, 3, 4).reshape(-1, w * w, patches.shape[-1])
+            unit = grid / grid.norm(dim=-1, keepdim=True)
+            cos = unit @ unit.transpose(1, 2)
+            similarity = (cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(1)) / (w * w * (w * w - 1))
+            self.tensors["window_similarity"] = similarity
+            self.windows = {"threshold": threshold, "window": w, "merged": int((similarity >= threshold).sum())}
+            return pooling(feat, threshold, window_size)
+
+        clip_encoder.conditional_pooling = observed_pooling
+        last = model.get_vision_tower().vision_tower.vision_model.encoder.layers[-1].self_attn
+        last.register_forward_hook(lambda m, a, out: self.tensors.__setitem__(
+            "key_layer_cls_attention_head_mean", out[1][0, :, 0, 1:].mean(0).detach().clone()))
+        decoder, dual = model.model, model.model.dual_attention_filter
+
+        def observed_filter(attn, v_token_start, img_seq, global_thr=1.0, individual_thr=0.0):
+            text = attn.shape[2] - img_seq - v_token_start
+            rows = attn[0, :, v_token_start + img_seq:, v_token_start:v_token_start + img_seq].mean(0)
+            total, peak = rows.sum(0), rows.max(0).values
+            bar = total.sum() * global_thr
+            dropped = (total < bar) & (peak < individual_thr)
+            # a token's decision rests on its nearest threshold: dropped, both below; kept, the one it clears
+            dist = torch.where(dropped, torch.minimum((bar - total) / bar, (individual_thr - peak) / individual_thr),
+                               torch.maximum((total - bar) / bar, (peak - individual_thr) / individual_thr))
+            self.tensors[f"cut{len(self.filters)}_global_attention"] = total.detach().clone()
+            self.tensors[f"cut{len(self.filters)}_individual_attention"] = peak.detach().clone()
+            result = dual(attn, v_token_start, img_seq, global_thr, individual_thr)
+            self.filters.append({"tokens": img_seq, "text_rows": text, "kept_by_filter": int((~dropped).sum()),
+                                 "filter_kept_indices": result[0].tolist(), "gap_rel": float(dist.abs().min())})
+            return result
+
+        decoder.dual_attention_filter = observed_filter
+
+    def record(self, key_set, thresholds) -> dict:
+        from math import ceil
+
+        similarity = self.tensors["window_similarity"]
+        merged = similarity >= self.windows["threshold"]
+        order = similarity.topk(int(merged.sum())).indices
+        cls_row = self.tensors["key_layer_cls_attention_head_mean"]
+        key = ceil(0.08 * cls_row.shape[0])
+        top = similarity[order]
+        return {"merged_windows_in_order": order.tolist(), "key_set": key_set[0].tolist(),
+                "encoder_tokens": 576 - 8 * int(merged.sum()), "filters": self.filters,
+                "global_thr": thresholds[0], "individual_thr": thresholds[1],
+                "mustdrop_margins": {
+                    "what": "relative gaps: window similarity to the 0.8 threshold; between the merged windows' "
+                            "similarities (their topk order is the merged tokens' order); the key set's top-k of "
+                            "layer 23's CLS row; every dual-filter token to its deciding threshold",
+                    "window_threshold": {"gap_rel": float(((similarity - 0.8).abs() / 0.8).min())},
+                    "merged_window_order": {"gap_rel": float((top[:-1] - top[1:]).min() / top[0]) if len(top) > 1
+                                            else None, "exact_ties": int((top[:-1] == top[1:]).sum())},
+                    "key_set": topk_gap(cls_row, key),
+                    "filters": [{"gap_rel": f["gap_rel"]} for f in self.filters]}}
 
 
 def kwargs_tome(args) -> object:
@@ -272,6 +354,8 @@ def margins(method: str, record: dict, tensors: dict, kwargs: dict) -> dict:
     if method == "fastervlm":
         return {"what": "topk of layer 22's head-mean CLS attention: gap between the T-th and (T+1)-th score",
                 "cls_topk": topk_gap(tensors["cls_attention_head_mean"][22], kwargs["visual_token_num"])}
+    if method == "mustdrop":
+        return record.pop("mustdrop_margins")
     if method == "tome":
         decisions = record["merge_decisions"][:23]  # layers 0..22 make LLaVA's features; layer 23's are unused
         return {"what": "per CLIP layer 0..22: gap between the r-th and (r+1)-th best edge (which a-tokens merge) "
@@ -376,7 +460,9 @@ def main() -> None:
     go.add_argument("--repo", required=True, help="the fork's root (the folder holding llava/)")
     go.add_argument("--model", required=True, help="the converted model folder")
     go.add_argument("--case", required=True)
-    go.add_argument("--method", required=True, choices=["fastervlm", "hiprune", "tome", "none"])
+    go.add_argument("--method", required=True, choices=["fastervlm", "hiprune", "tome", "mustdrop", "none"])
+    go.add_argument("--thresholds", nargs=2, type=float, metavar=("GLOBAL_THR", "INDIVIDUAL_THR"),
+                    help="MustDrop's --global_thr and --individual_thr (its generate's first two arguments)")
     go.add_argument("--lightcompress", help="ModelTC/LightCompress root (ToMe as it configures it for LLaVA)")
     go.add_argument("--tome-r", help="LightCompress's r: an int or a JSON list, one per CLIP layer")
     go.add_argument("--out", required=True)

@@ -179,12 +179,17 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
             metric, width = dv // dims.vision_heads, dims.hidden if dims.encoder_projected else dims.projector_in
         else:
             n = cut.before + text_tokens + dims.extra_tokens
+            if recipe.tower_rows and cut is cuts[0]:  # every crop's attention received, all of its tokens' rows
+                dv, crops = dims.vision_hidden, max(1, cut.before // dims.visual_per_crop)
+                macs += crops * (dims.vision_row_projections * dims.vision_tokens * dv * dv
+                                 + dims.vision_tokens * dims.vision_tokens * dv)
             if recipe.rows is not None:
                 queries = {"visual": cut.before, "text": 1, "question": text_tokens, "all_queries": n}[recipe.rows]
                 macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim
             elif recipe.key_norms:
                 macs += n * d * kv_dim
             macs += recipe.pivots * cut.before * d  # cosine of each pivot against every visual token
+            macs += recipe.frame_pairs * cut.before * dims.visual_per_crop * d  # each token against its frame's
             metric, width = dims.head_dim, d
         if recipe.merges:
             macs += cut.members * cut.merged * (metric + width)  # similarity to each anchor, sum into it

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, bidirectional_mask_function, causal_mask_function
 
 from ..core import Rotate
 from ..families.base import Family
@@ -62,15 +62,23 @@ def decoder_attention(
     return logits.softmax(dim=-1, dtype=torch.float32).to(hidden.dtype)
 
 
-def causal_mask(config, mask: Tensor, q_len: int, dtype: torch.dtype) -> Tensor | None:
+def causal_mask(config, mask: Tensor, q_len: int, dtype: torch.dtype, causal: bool = True) -> Tensor | None:
     """The 4-D (or 2-D, or None) mask the model's attention implementation expects, from a 2-D key mask.
 
     mask: [B, kv] marks real tokens among the keys; the last `q_len` keys are the queries. Built by the same
     transformers function the unpatched model uses, so SDPA keeps its `is_causal` fast path when it can.
+    `causal=False`: every query attends to every real key (`Policy.bidirectional_layers`), which FlashAttention's
+    causal kernels cannot.
     """
+    if not causal and "flash" in config._attn_implementation:
+        raise NotImplementedError("this method runs a decoder layer without the causal mask (as its official code "
+                                  "does), which FlashAttention cannot: load the model with attn_implementation="
+                                  "'sdpa' or 'eager', or turn that behaviour off in the method's options")
     build = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
     kv_len = mask.shape[1]
+    extra = {} if causal else {"allow_is_causal_skip": False}
     return build(
         batch_size=mask.shape[0], q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len, kv_offset=0,
-        mask_function=causal_mask_function, attention_mask=mask, dtype=dtype, device=mask.device,
+        mask_function=causal_mask_function if causal else bidirectional_mask_function, attention_mask=mask,
+        dtype=dtype, device=mask.device, **extra,
     )

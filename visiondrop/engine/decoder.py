@@ -53,13 +53,17 @@ class Running:
     frames: Tensor  # [B] frames of each sample's video (0: an image or none), `Family.video_frames`
     side: list[Tensor] | None = None  # per sample [vis_len, len(side_layers), D]: each visual token's side rows
     side_layers: tuple[int, ...] = ()  # the decoder layers after which the side rows are added, in order
+    #: per sample [its original visual tokens] the tower's attention (`DecoderCut.tower_attention`), or None
+    tower: list[Tensor | None] | None = None
 
 
 def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-          visual: Tensor, frames: Tensor | None = None, side: tuple[tuple[int, ...], Tensor] | None = None) -> Running:
+          visual: Tensor, frames: Tensor | None = None, side: tuple[tuple[int, ...], Tensor] | None = None,
+          tower: list[Tensor] | None = None) -> Running:
     """Initial state from the language model's inputs, the image-token mask [B, L], each sample's video frames [B]
-    (None: no video) and the side features the host gave its language model (`Family.side_features`: layers, rows
-    [n visual tokens of the batch, layers, D])."""
+    (None: no video), the side features the host gave its language model (`Family.side_features`: layers, rows
+    [n visual tokens of the batch, layers, D]) and the tower's attention rows of the samples with images, in order
+    (`Policy.tower_attention`; None: not asked for)."""
     length = visual.shape[1]
     mask = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
     n_real = mask.sum(1)
@@ -76,14 +80,18 @@ def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, positio
     if side is not None:
         run.side_layers, rows = side
         run.side = list(rows.split(vis_len.tolist()))
+    if tower is not None:
+        given = iter(tower)
+        run.tower = [next(given).to(hidden.device) if n else None for n in vis_len.tolist()]
     return run
 
 
 def apply_selections(family: Family, run: Running,
-                     selections: dict[int, tuple[Tensor, Tensor | None, Tensor | None, int]],
+                     selections: dict[int, tuple[Tensor, Tensor | None, Tensor | None, int, Tensor | None]],
                      renumber: bool, slots: dict[int, Tensor] | None = None) -> Running:
     """Rebuild the batch after a cut. selections: sample -> (keep [k], merged [c, D] or None, their weights [c, n]
-    over the current visual tokens or None, the entries of keep laid out after the merged tokens; `Selection`).
+    over the current visual tokens or None, the entries of keep laid out after the merged tokens, the kept tokens'
+    new hidden states [k, D] or None; `Selection`).
 
     Positions are renumbered contiguously when the policy asks for it (`renumber`) and the family allows it
     (unless `Family.fixed_positions`); otherwise every token keeps its position: a visual token the one of its slot in
@@ -105,8 +113,10 @@ def apply_selections(family: Family, run: Running,
             positions.append(family.renumbered(pos[..., first], len(index[-1])) if renumber else pos[..., first:])
             sources.append(source)
             continue
-        keep, merged, weights, trailing = selections[b]
+        keep, merged, weights, trailing, features = selections[b]
         n_merged = 0 if merged is None else merged.shape[0]
+        if features is not None:  # kept tokens that absorbed others (FastVID's anchors)
+            source = source.index_put((run.vis_index[b][keep],), features.to(source.dtype))
         if n_merged:
             source = torch.cat([source, merged.to(source.dtype)])
         span = _spans(run.vis_index[b])
@@ -121,7 +131,8 @@ def apply_selections(family: Family, run: Running,
         # the visual tokens in their new order: each an entry of (kept..., merged...)
         entry = _visual_entries(order, is_visual, run.vis_index[b], keep, length)
         origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)])[entry])
-        side.append(None if run.side is None else _side_rows(run.side[b], keep, n_merged, weights)[entry])
+        side.append(None if run.side is None else _side_rows(run.side[b], keep, n_merged, weights,
+                                                             features is not None)[entry])
         if renumber:
             positions.append(family.renumbered(pos[..., first], len(order)))
         else:
@@ -141,7 +152,7 @@ def apply_selections(family: Family, run: Running,
     vis_index = [at + p for at, p in zip(visual_at, pads)]
     counts = torch.tensor([len(at) for at in visual_at], device=device)
     return Running(hidden, mask, pos, vis_index, counts, origins, run.frames, None if run.side is None else side,
-                   run.side_layers)
+                   run.side_layers, run.tower)
 
 
 def _packed_order(vis_index: Tensor, keep: Tensor, merged_span: Tensor, trailing: int, first: int,
@@ -179,9 +190,15 @@ def _visual_entries(order: Tensor, is_visual: Tensor, vis_index: Tensor, keep: T
     return torch.where(rows < length, position_in_keep[rows.clamp(max=length - 1)], keep.numel() + rows - length)
 
 
-def _side_rows(rows: Tensor, keep: Tensor, n_merged: int, weights: Tensor | None) -> Tensor:
+def _side_rows(rows: Tensor, keep: Tensor, n_merged: int, weights: Tensor | None, new_kept: bool = False) -> Tensor:
     """The side rows [k + c, ...] of a cut's visual tokens: the kept tokens' own, then each merged token's
-    combination of the current tokens' rows `rows` [n, ...] by its weights [c, n]."""
+    combination of the current tokens' rows `rows` [n, ...] by its weights [c, n]; where the kept tokens have new
+    hidden states (`new_kept`), every token's combination by the weights [k + c, n]."""
+    if new_kept:
+        if weights is None:
+            raise ValueError("this method changes kept visual tokens before the model's last side-feature layer "
+                             "(Qwen3-VL's DeepStack layers) without stating their weights (`Selection.weights`)")
+        return (weights.to(rows.dtype) @ rows.flatten(1)).view(weights.shape[0], *rows.shape[1:])
     if not n_merged:
         return rows[keep]
     if weights is None:
@@ -234,6 +251,7 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
             visual=torch.stack([run.vis_index[b] for b in rows.tolist()]),
             original_visual=n0, samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
             final_norm=final_norm, frames=f, trailing=family.video_trailing if f else 0,
+            tower_attention=None if run.tower is None else torch.stack([run.tower[b] for b in rows.tolist()]),
         )
 
 
@@ -245,7 +263,8 @@ def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, lay
         keep = sel.indices()
         for g, b in enumerate(cut.samples):
             selections[b] = (keep[g], None if sel.merged is None else sel.merged[g],
-                             None if sel.weights is None else sel.weights[g], sel.trailing)
+                             None if sel.weights is None else sel.weights[g], sel.trailing,
+                             None if sel.features is None else sel.features[g])
             if sel.slots is not None:
                 slots[b] = sel.slots[g]
     trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
@@ -278,7 +297,10 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         segments[-1].layers.append(i)
         trace.add_layer(run.vis_len)
         prev_hidden = run.hidden
-        run.hidden = layer(run.hidden, attention_mask=mask4d, position_embeddings=rope,
+        layer_mask = mask4d
+        if i in policy.bidirectional_layers:  # this prefill layer attends over every real token (no causal mask)
+            layer_mask = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, causal=False)
+        run.hidden = layer(run.hidden, attention_mask=layer_mask, position_embeddings=rope,
                            use_cache=cache is not None, **cache_kwargs(cache))
         if run.side is not None and i in run.side_layers:
             run.hidden = add_side(run, i)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..families.base import Family
 from .attention import gather_rows
-from ..core import EMPTY_SLOT
+from ..core import EMPTY_SLOT, TowerMerge
 from .policy import Policy, Selection
 
 
@@ -32,7 +32,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
     padded, valid, origins, side = [], [], [], []
     project, first_image = family.projector(model), 0
     for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
-        merge = policy.merge_in_tower if policy.merges_in_tower else None
+        merge = TowerMerge(policy.merge_in_tower, policy.merges_at_layer_output) if policy.merges_in_tower else None
         view = family.encoder_view(model, images, policy.eager_encoder, policy.scan_layers, policy.received_attention,
                                    merge)
         view.project = (lambda rows: rows) if view.projected else project  # a host's own projected tokens
@@ -55,7 +55,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
         for i, (feats, keep) in enumerate(zip(features.split(images.crops), sel.keep.split(images.crops))):
             crop = crop_rows[i]
             if (keep < 0).any():  # a crop that keeps fewer tokens than others of the view
-                if keep.shape[0] > 1:
+                if not torch.equal(keep < 0, (keep[:1] < 0).expand_as(keep)):
                     raise NotImplementedError(f"{policy.name} kept different counts on the crops of one image")
                 real = torch.cat([keep[0] >= 0, keep.new_ones(n_merged, dtype=torch.bool)])
                 feats, keep = feats[:, real], keep[:, keep[0] >= 0]
@@ -84,3 +84,28 @@ def _kept_side(side: Tensor, sel: Selection) -> Tensor:
                          "which the model's side features (Qwen3-VL's DeepStack) need to follow the merged tokens")
     merged = (sel.weights.to(side.dtype) @ side.flatten(2)).view(*sel.weights.shape[:2], *side.shape[2:])
     return torch.cat([kept, merged], dim=1)
+
+
+def tower_attention(model: nn.Module, family: Family, modality: str, args: tuple, kwargs: dict) -> list[Tensor]:
+    """Per image (or video) of a call `feature_function(*args, **kwargs)` of `modality`: the attention each of its
+    visual tokens received at the tower's feature layer [slots], in the model's own visual-token order
+    (`DecoderCut.tower_attention`): mean over heads, then over every query of its crop (the tower's importance row
+    where it has no CLS, `EncoderView.received` at that layer where it has one), laid out as the family lays out a
+    crop's every token, 0 in slots that hold no tower token."""
+    info = family.model_info(model.config)
+    rows = []
+    with torch.no_grad():
+        for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
+            view = family.encoder_view(model, images, received=info.tower_cls)
+            received = view.received(info.vision_layer) if view.has_cls else view.importance.float().mean(1)
+            tokens = received.shape[1]
+            every = torch.arange(tokens, device=received.device)
+            for i, crop_rows in enumerate(received.split(images.crops)):
+                keep = every.expand(crop_rows.shape[0], -1)
+                laid, origins, slots = family.lay_out(model, images, i, crop_rows.unsqueeze(-1), keep, 0, tokens,
+                                                      False)
+                row = laid.new_zeros(slots)
+                real = origins >= 0
+                row[origins[real]] = laid[real, 0]
+                rows.append(row)
+    return rows

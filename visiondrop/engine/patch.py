@@ -2,7 +2,9 @@
 
 Three patches, all on the instance (never on the class, so other models are untouched), at the places the
 model's family adapter names:
-- `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder cut;
+- `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder cut,
+  or observed (the model's own features, and the tower's attention beside them) when its decoder cuts read the
+  tower's attention (`Policy.tower_attention`);
 - a forward pre-hook on the multimodal model notes where the image tokens are, and one on the whole model
   refuses `labels=` when the method shortens the sequence;
 - the language model's `forward` is replaced by the engine's layer loop whenever a forward holds image tokens
@@ -24,7 +26,7 @@ from transformers.utils import ModelOutput
 from ..families import family_of
 from . import decoder
 from .compat import cache_kwargs, pop_cache
-from .encoder import reduce_images
+from .encoder import reduce_images, tower_attention
 from .policy import Policy
 from .trace import Trace
 
@@ -40,12 +42,17 @@ class Pruner:
         self.trace = Trace()
         self._visual: Tensor | None = None  # image-token mask of the forward in flight
         self._frames: Tensor | None = None  # video frames per sample of the forward in flight
+        self._padding_slots: Tensor | None = None  # placeholders per sample in the left padding of that forward
         # id(features) -> (weak ref, filled slots, origins) per image of the last encoding, and the images of the
         # forward in flight as (filled slots, origins)
         self._encoded: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}
         self._fingerprints: list[tuple[Tensor, Tensor, Tensor]] = []  # the same, for stacked features
         self._images: list[tuple[Tensor, Tensor]] | None = None
         self._images_modality = "image"
+        # the tower's attention rows per image (`Policy.tower_attention`), found as the features are: by identity, or
+        # by first token for stacked features; and the rows of the forward in flight
+        self._tower: tuple[list[tuple[Tensor | weakref.ref, int]], list[Tensor]] | tuple = ()
+        self._tower_rows: list[Tensor] | None = None
         self._segments: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> segments
         if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model: remove() it first")
@@ -61,6 +68,11 @@ class Pruner:
             for modality, name in self.family.feature_functions.items():
                 setattr(self.multimodal, name, _delegate(getattr(self.multimodal, name),
                                                          functools.partial(self._image_features, modality)))
+        elif self.policy.tower_attention:
+            for modality, name in (self.family.tower_functions or self.family.feature_functions).items():
+                original = getattr(self.multimodal, name)
+                setattr(self.multimodal, name, _delegate(original, functools.partial(self._observe_tower, original,
+                                                                                     modality)))
 
     def remove(self) -> None:
         """Restore the model exactly: drop the instance attributes and the hook."""
@@ -69,7 +81,7 @@ class Pruner:
         for hook in self._hooks:
             hook.remove()
         self.lm.__dict__.pop("forward", None)
-        for name in self.family.feature_functions.values():
+        for name in {*self.family.feature_functions.values(), *(self.family.tower_functions or {}).values()}:
             self.multimodal.__dict__.pop(name, None)
         del self.multimodal._visiondrop_pruner
 
@@ -85,15 +97,23 @@ class Pruner:
     def _note_image_tokens(self, module, args, kwargs) -> None:
         encoded = kwargs.get("mm_encoder_outputs") or {}
         # generate() encodes the images before the first forward, then repeats them per returned sequence or beam
-        present = [encoded[m].pooler_output for m in self.family.feature_functions if encoded.get(m) is not None]
+        present = [encoded[m].pooler_output for m in self.family.tower_functions or self.family.feature_functions
+                   if encoded.get(m) is not None]
         if len(present) > 1 and self.policy.encoder_layer is not None:
             raise NotImplementedError(_MIXED)
         self._images = self._own_images(present[0]) if present else None
+        self._tower_rows = self._own_tower_rows(present[0]) if present and self.policy.tower_attention else None
         if not self.family.has_images(kwargs):
             self._visual = None  # no image in this forward, whatever token ids it holds (decode steps)
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._visual = self.family.image_token_mask(self.model, input_ids, kwargs.get("inputs_embeds"))
+        placeholders = self.family.image_token_mask(self.model, input_ids, kwargs.get("inputs_embeds"))
+        # placeholders in the left padding hold what fills a batch's shorter samples up to a host's one tensor (the
+        # padded frames of a shorter video): padding, never visual tokens
+        mask = kwargs.get("attention_mask")
+        real = None if mask is None or placeholders is None else mask.bool()
+        self._visual = placeholders if real is None else placeholders & real
+        self._padding_slots = None if real is None else (placeholders & ~real).sum(1)
         self._frames = self.family.video_frames(self.model, input_ids, kwargs)
         if (self.policy.encoder_layer is not None and "video" not in self.family.feature_functions
                 and self._frames is not None and bool(self._frames.any())):
@@ -106,22 +126,55 @@ class Pruner:
             raise NotImplementedError(_MIXED)
         features, valid, origins, side = reduce_images(self.model, self.family, self.policy, modality, args, kwargs)
         if self.family.stacks_features(modality):
-            # generate() copies the rows of a stacked tensor when it repeats them: known by their first token
+            # generate() copies the rows of a stacked tensor when it repeats them: known by the sum of their tokens
+            # (not the first alone: rows that begin alike, as shorter videos padded with the same frames, differ later)
             self._encoded = {}
-            self._fingerprints = [(f[0].clone(), v, o) for f, v, o in zip(features, valid, origins)]
+            self._fingerprints = [(f.sum(0), v, o) for f, v, o in zip(features, valid, origins)]
             features = torch.stack(features)
         else:
             self._encoded = {id(f): (weakref.ref(f), v, o) for f, v, o in zip(features, valid, origins)}
         self._images, self._images_modality = list(zip(valid, origins)), modality
         return self.family.encoder_output(features, side)
 
+    def _observe_tower(self, original, modality: str, *args, **kwargs) -> ModelOutput:
+        """The model's own features, and the tower's attention rows of each image noted beside them: each unit of
+        the features (a row of a stacked tensor, known by its first token; an entry of a list, by identity) names
+        its image, as the host splits them (equal units per image: Video-LLaVA's frames)."""
+        out = original(*args, **kwargs)
+        rows = tower_attention(self.model, self.family, modality, args, kwargs)
+        features = out.pooler_output
+        per = len(features) // len(rows)
+        self._tower = [(f[0].clone() if isinstance(features, Tensor) else weakref.ref(f), i // per)
+                       for i, f in enumerate(features)], rows
+        self._tower_rows = rows
+        return out
+
+    def _own_tower_rows(self, features: list[Tensor] | Tensor) -> list[Tensor] | None:
+        """The tower rows of pre-encoded features (`_observe_tower`), their units found as `_own_images` finds
+        them (repeated per returned sequence or beam: each repeat keeps its own rows); None if any is not ours."""
+        if not self._tower:
+            return None
+        units, rows = self._tower
+        images = []
+        for f in features:
+            stacked = isinstance(features, Tensor)
+            found = next((image for key, image in units
+                          if (torch.equal(f[0], key) if stacked else key() is f)), None)
+            if found is None:
+                return None
+            images.append(found)
+        per = len(units) // len(rows)
+        return [rows[image] for image in images[::per]]
+
     def _own_images(self, features: list[Tensor] | Tensor) -> list[tuple[Tensor, Tensor]] | None:
         """The bookkeeping of pre-encoded features, found by identity (repeats are the same tensors; rows of a
-        stacked tensor by their first token); None if any of them did not come from this method's last encoding."""
+        stacked tensor by the sum of their tokens); None if any of them did not come from this method's last
+        encoding."""
         images = []
         for f in features:
             if isinstance(features, Tensor):
-                found = next(((v, o) for first, v, o in self._fingerprints if torch.equal(f[0], first)), None)
+                total = f.sum(0)
+                found = next(((v, o) for key, v, o in self._fingerprints if torch.equal(total, key)), None)
             else:
                 ref, valid, origins = self._encoded.get(id(f), (None, None, None))
                 found = (valid, origins) if ref is not None and ref() is f else None
@@ -161,7 +214,12 @@ class Pruner:
         use_cache = self.lm.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.lm.config)
-        run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames, side)
+        tower, self._tower_rows = self._tower_rows, None
+        if self.policy.tower_attention and tower is None and (self.family.tower_functions or
+                                                             self.family.feature_functions).get(
+                "video" if self._frames is not None and bool(self._frames.any()) else "image") is not None:
+            raise RuntimeError("the image features of this forward were not encoded with the applied method")
+        run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames, side, tower)
         trace = Trace.start(embeds.shape[0])
         if self.policy.encoder_layer is not None:
             run = self._drop_empty_slots(run, trace)
@@ -193,7 +251,8 @@ class Pruner:
         if images is None or len(images) != len(samples):
             raise RuntimeError("the image features of this forward were not produced by the applied method")
         device = run.hidden.device
-        selections = {b: (images[i][0].to(device), None, None, 0) for i, b in enumerate(samples)}
+        images = [self._unpadded(b, *image) for b, image in zip(samples, images)]
+        selections = {b: (images[i][0].to(device), None, None, 0, None) for i, b in enumerate(samples)}
         # a family that keeps positions gives each token its original slot's (-1: the family's merged position)
         slots = {b: images[i][1].to(device) for i, b in enumerate(samples)}
         run = decoder.apply_selections(self.family, run, selections, renumber=True, slots=slots)
@@ -202,6 +261,16 @@ class Pruner:
         trace.add_cut("encoder", [run.origins[b] if b in selections else run.origins[b][:0]
                                   for b in range(len(run.origins))])
         return run
+
+    def _unpadded(self, sample: int, filled: Tensor, origins: Tensor) -> tuple[Tensor, Tensor]:
+        """A sample's filled slots and their origins without the slots that lie in its left padding (the first
+        placeholders of its features, which the host scatters there), counted from its first real placeholder."""
+        skip = 0 if self._padding_slots is None else int(self._padding_slots[sample])
+        if not skip:
+            return filled, origins
+        real = filled >= skip
+        origins = origins[real]
+        return filled[real] - skip, torch.where(origins >= 0, origins - skip, origins)
 
 
 _MIXED = ("a batch that mixes images and videos is not supported with an encoder-side method: the engine lays "

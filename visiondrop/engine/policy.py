@@ -20,18 +20,20 @@ class Selection:
     """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
 
     keep: [G, k] indices into the current visual block, in the order they will appear; at an encoder cut, -1
-    pads a crop that keeps fewer tokens than another of the view (allowed for single-crop images);
+    pads a crop that keeps fewer tokens than another of the view (the crops of one image alike);
     merged: [G, c, D] tokens appended right after the kept ones (None: no merging);
-    features: encoder cut only, [G, k, D'] the kept tokens already in the LLM's embedding space (the policy's own
-    use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows;
+    features: at an encoder cut, [G, k, D'] the kept tokens already in the LLM's embedding space (the policy's own
+    use of `EncoderView.project`, e.g. merged after the projector), instead of the projector on the kept rows; at a
+    decoder cut, [G, k, D] the kept tokens' new hidden states, where tokens are merged into kept ones that keep
+    their place (FastVID's anchors; their `weights` are then [G, k + c, n], every kept token's and merged one's);
     slots: decoder cuts, [G, k + c] per token, the current visual slot whose position it takes where positions are
     kept (not renumbered), -1 for the family's merged position (None: the kept tokens their own, merged tokens -1),
     for methods whose merged tokens stand for a place (a cluster's centre);
     weights: [G, c, n] how each merged token combines the n current visual tokens (merged = weights @ their
     vectors), so that the features that travel with the tokens (`Family.side_features`: Qwen3-VL's DeepStack
     rows) merge alike; a policy that merges before the host's last side-feature layer must give them.
-    At decoder cuts keep, merged and slots may each be a list of G rows instead, where the samples keep different
-    counts (methods whose counts depend on the content), and keep may be a boolean mask [G, n] over the current
+    At decoder cuts keep, merged, weights, features and slots may each be a list of G rows instead, where the
+    samples keep different counts (methods whose counts depend on the content), and keep may be a boolean mask [G, n] over the current
     visual tokens (those kept, in their order), so that a policy whose counts depend on the content reads no count
     on the host (the engine turns it into indices, `indices`);
     trailing: decoder cuts, the last `trailing` entries of each sample's keep are laid out after its merged tokens
@@ -42,7 +44,7 @@ class Selection:
     keep: Tensor | list[Tensor]
     merged: Tensor | list[Tensor] | None = None
     weights: Tensor | list[Tensor] | None = None
-    features: Tensor | None = None
+    features: Tensor | list[Tensor] | None = None
     slots: Tensor | list[Tensor] | None = None
     trailing: int = 0
 
@@ -70,6 +72,11 @@ class DecoderCut:
     of `(original_visual - trailing) / frames` tokens each, frame after frame, then `trailing` tokens that belong to no frame
     (`Family.video_trailing`: LLaVA-OneVision's newline after the video); what video methods reduce
     (`methods.shared.video_layout`; a cut before layer 0 still sees that layout).
+    `tower_attention` [G, original_visual], where the policy asks for it (`Policy.tower_attention`) and the family
+    shows the tower for the modality (`Family.tower_functions`), else None: the attention each original visual
+    token received at the vision tower's feature layer, mean over heads then over every query of its crop or frame
+    (CLS included where the tower has one), pooled as the host pools its tokens (LLaVA-OneVision's video frames);
+    0 for a visual token that is no tower token (a newline). In the original visual order (`Trace` origins).
     """
 
     layer_idx: int
@@ -87,6 +94,7 @@ class DecoderCut:
     final_norm: nn.Module | None = None
     frames: int = 0
     trailing: int = 0
+    tower_attention: Tensor | None = None
 
     @property
     def n_visual(self) -> int:
@@ -154,11 +162,20 @@ class Policy:
     def instruct(self, questions: list[str] | None) -> None:
         """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
         questions batch by batch); only text-conditioned policies use them (CDPruner)."""
+    #: Decoder layers (0-based) that attend without the causal mask in the prefill, every query over every real token
+    #: (decode steps are unaffected), as official code that ran them so (HoliTom's layer 17 under SDPA)
+    bidirectional_layers: tuple[int, ...] = ()
+    #: Decoder cuts see the attention each original visual token received in the vision tower
+    #: (`DecoderCut.tower_attention`), for methods that rank the host's own tokens by it (HoliTom)
+    tower_attention: bool = False
     #: Encoder cut: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
     received_attention: bool = False
     #: Encoder cut: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
     #: (`merge_in_tower`), where the family's tower supports it (`EncoderView.merged_in_tower`)
     merges_in_tower: bool = False
+    #: Encoder stage: the merge runs after each tower layer on its output (`TowerMerge.at_output`), not between its
+    #: attention and its MLP
+    merges_at_layer_output: bool = False
 
     def renumbers_at(self, layer_idx: int) -> bool:
         """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose cuts

@@ -20,12 +20,14 @@ class Replay(Policy):
         self.renumbers_at = policy.renumbers_at
         self.encoder_layer = policy.encoder_layer
         self.cut_layers = policy.cut_layers
+        self.bidirectional_layers = policy.bidirectional_layers
         self.native_layout = policy.native_layout
         self.eager_encoder = policy.eager_encoder
         self.scan_layers = policy.scan_layers
         self.received_attention = policy.received_attention
         self.merges_in_tower = policy.merges_in_tower
         self.merge_in_tower = policy.merge_in_tower
+        self.merges_at_layer_output = policy.merges_at_layer_output
         self._policy = policy
         self._selections = dict(zip(policy.cut_layers, trace.selections))
         self._slots = dict(zip(policy.cut_layers, trace.slots))
@@ -36,10 +38,11 @@ class Replay(Policy):
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         recorded = [self._selections[cut.layer_idx][b] for b in cut.samples]
-        keep, merged, weights, trailing = zip(*recorded)
+        keep, merged, weights, trailing, features = zip(*recorded)
         slots = [self._slots[cut.layer_idx][b] for b in cut.samples if b in self._slots[cut.layer_idx]]
         return Selection(_rows(keep), None if merged[0] is None else _rows(merged),
                          weights=None if weights[0] is None else _rows(weights),
+                         features=None if features[0] is None else _rows(features),
                          slots=_rows(slots) if slots else None, trailing=trailing[0])
 
 

@@ -60,6 +60,7 @@ RULES = {
     "random": "none (random control)",
     "temporal": "temporal redundancy (similarity to the same place in other frames)",
     "uniqueness": "visual-only (distinctiveness from the video's and the frame's mean token)",
+    "density": "visual-only (salient by a frame's attention row, anchors at density peaks of segments)",
 }
 
 #: The rules written here, by the `scoring` option values that choose them: "text" is the last instruction token's row.

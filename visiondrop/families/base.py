@@ -31,6 +31,9 @@ class Family:
     #: modality (a key of `generate()`'s `mm_encoder_outputs`) -> the multimodal module's method that encodes it;
     #: an encoder-side policy wraps each of them
     feature_functions: dict[str, str] = {"image": "get_image_features"}
+    #: modality -> the method whose inputs a policy that reads the tower's attention (`Policy.tower_attention`) sees
+    #: the tower of, where it is more than `feature_functions` (None: the same)
+    tower_functions: dict[str, str] | None = None
     #: the host takes the encoded features as one tensor [n, slots, D] (it calls `.to()` on them), not a list
     stacked_features: bool = False
     #: True for a family whose positions carry the image layout (M-RoPE): tokens keep their positions at every
@@ -114,12 +117,16 @@ class Family:
 
     @staticmethod
     def token_count(model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any], token_id: int) -> Tensor:
-        """[B] how many of each sample's tokens are `token_id`, from its ids or, without them, its embeddings."""
+        """[B] how many of each sample's real tokens (its attention mask's) are `token_id`, from its ids or, without
+        them, its embeddings."""
         if input_ids is not None:
-            return (input_ids == token_id).sum(1)
-        embeds = kwargs["inputs_embeds"]
-        token = model.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
-        return (embeds == token).all(-1).sum(1)
+            found = input_ids == token_id
+        else:
+            embeds = kwargs["inputs_embeds"]
+            token = model.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
+            found = (embeds == token).all(-1)
+        mask = kwargs.get("attention_mask")
+        return (found if mask is None else found & mask.bool()).sum(1)
 
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
         """[B] the frames of each sample's video in a forward with `input_ids` and keywords `kwargs` (0 for a sample

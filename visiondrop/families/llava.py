@@ -133,15 +133,27 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
                        tokens=out.hidden_states[0].shape[1] if merge is not None else None, has_cls=cls)
 
 
+def padded_cat(parts: Sequence[Tensor], dim: int) -> Tensor:
+    """The images' tensors concatenated along the crops, zero-padded at the end of `dim` (their tokens) to the
+    longest: a merge inside the tower (`Policy.merge_in_tower`) may leave each image its own count."""
+    longest = max(t.shape[dim] for t in parts)
+    return torch.cat([torch.cat([t, t.new_zeros(*t.shape[:dim], longest - t.shape[dim], *t.shape[dim + 1:])], dim)
+                      for t in parts])
+
+
 @contextlib.contextmanager
 def merging_layers(layers: Sequence[nn.Module], merge: Callable[[int, Tensor, Tensor], Tensor] | None):
     """Inside, CLIP layer i runs attention, `merge(i, tokens, keys averaged over heads)`, then its MLP on the merged
-    tokens (ToMe's place for the merge); the layers' own forward again afterwards. No-op for `merge` None."""
+    tokens (ToMe's place for the merge), or, for a `TowerMerge.at_output`, the whole layer and then
+    `merge(i, output, output)`; the layers' own forward again afterwards. No-op for `merge` None."""
     if merge is None:
         yield
         return
 
     def merging_forward(layer: nn.Module, index: int, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if getattr(merge, "at_output", False):  # `TowerMerge.at_output`: the whole layer, then the merge
+            out = type(layer).forward(layer, hidden_states, *args, **kwargs)
+            return merge(index, out, out)
         keys = {}
         hook = layer.self_attn.k_proj.register_forward_hook(lambda m, a, out: keys.setdefault("k", out))
         try:
@@ -286,9 +298,14 @@ class Llava(Family):
         # image by image (its crops together), as the official evaluations run: bit-exact whatever the batch
         views = [clip_encoder_view(tower, pixels, layer, True, scan_layers, received, merge, self.tower_cls)
                  for pixels in images.pixels.split(images.crops)]
-        view = EncoderView(*(torch.cat(parts) for parts in zip(*((v.hidden, v.importance, v.keys) for v in views))),
-                           importance_at={i: torch.cat([v.importance_at[i] for v in views]) for i in scan_layers},
+        view = EncoderView(*(padded_cat(parts, dim) for parts, dim in zip(
+                               zip(*((v.hidden, v.importance, v.keys) for v in views)), (1, 2, 2))),
+                           importance_at={i: padded_cat([v.importance_at[i] for v in views], 2) for i in scan_layers},
                            merged_in_tower=merge is not None, tokens=views[0].tokens, has_cls=self.tower_cls)
+        counts = [v.hidden.shape[1] for v in views]
+        if len(set(counts)) > 1:  # a merge inside the tower left the images different counts: the rest is padding
+            view.valid = torch.arange(max(counts), device=view.hidden.device) < torch.tensor(
+                [n for n, v in zip(counts, views) for _ in range(v.hidden.shape[0])], device=view.hidden.device)[:, None]
         if received:
             view.received = lambda at: torch.cat([v.received(at) for v in views])
         return view

@@ -38,8 +38,12 @@ tower (`eager_encoder`).
 Decoder side: a sample's visual tokens are one set (an image's base view, crops and row newlines; a video's frames
 and its newline), and cuts may drop newline tokens as any other, as on LLaVA-NeXT.
 
-Batches: a batch's videos share one frame count (the host takes `pixel_values_videos` as one [B, F, 3, H, W]
-tensor); samples with several images (`batch_num_images` > 1) are refused by the engine's one-block rule.
+Batches: the host takes a batch's videos as one [B, F, 3, H, W] tensor; videos of different frame counts go in it
+with the shorter ones' frames padded at the front, their tokens' placeholders in the row's left padding
+(`with_padded_frames`, which the processor applies), so each row's real tokens are the video's alone and the
+padded frames' tokens are padding (for the stock model and the engine; a video's encoder-side tokens lie frame by
+frame in spans of 196 slots, so the padded frames' fill exactly the padding's). Samples with several images
+(`batch_num_images` > 1) are refused by the engine's one-block rule.
 transformers' video processor needs torchvision: `FrameProcessor` (families.video_llava) resizes every frame to
 384x384 with SigLIP's normalisation, as `LlavaOnevisionVideoProcessor` does; sampling frames is the caller's.
 """
@@ -57,6 +61,7 @@ from torch import Tensor, nn
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
+    BatchFeature,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
@@ -68,9 +73,9 @@ from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_S
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
 from transformers.utils import cached_file
 
-from ..core import Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
+from ..core import EMPTY_SLOT, Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
 from .llava_next import LlavaNext, with_newlines
-from .video_llava import FrameProcessor, TakesFrameProcessor, with_video_placeholders
+from .video_llava import FrameProcessor, TakesFrameProcessor, is_one_video, with_video_placeholders
 
 FRAMES = 32  # frames per video, sampled uniformly (lmms-eval's llava_onevision max_frames_num, the papers' setting)
 VIDEO_NEWLINES = 1  # one image-newline token after the whole video (LLaVA-NeXT's mm_newline_position "one_token")
@@ -98,7 +103,23 @@ CHAT_TEMPLATE = (  # llava-hf/llava-onevision-qwen2-*-ov-hf's (transformers' con
 
 
 class FramesOnevisionProcessor(TakesFrameProcessor, LlavaOnevisionProcessor):
-    """`LlavaOnevisionProcessor` with a `FrameProcessor` for videos (no torchvision)."""
+    """`LlavaOnevisionProcessor` with a `FrameProcessor` for videos (no torchvision), that also takes a batch of
+    videos with different frame counts (`with_padded_frames`)."""
+
+    def __call__(self, images: Any = None, text: Any = None, videos: Any = None, **kwargs: Any) -> BatchFeature:
+        frames = None if videos is None or is_one_video(videos) else [len(video) for video in videos]
+        if frames is None or len(set(frames)) == 1:
+            return super().__call__(images=images, text=text, videos=videos, **kwargs)
+        texts = [text] if isinstance(text, str) else list(text or ())
+        if images is not None or len(texts) != len(videos):
+            raise ValueError(f"videos of different frame counts ({frames}) take one prompt each and no images: "
+                             f"got {len(texts)} prompt(s) and {'images' if images is not None else 'no images'}")
+        if kwargs.get("return_tensors") != "pt" or self.tokenizer.padding_side != "left":
+            raise ValueError("videos of different frame counts need return_tensors='pt' and a left-padding tokenizer "
+                             "(their padded frames' tokens lie in the left padding)")
+        alone = [super(FramesOnevisionProcessor, self).__call__(text=[prompt], videos=[video], **kwargs)
+                 for prompt, video in zip(texts, videos)]
+        return with_padded_frames(alone, self.video_token_id, self.tokenizer.pad_token_id)
 
 
 class LlavaOnevision(LlavaNext):
@@ -239,10 +260,13 @@ class LlavaOnevision(LlavaNext):
         if images.modality != "video":
             return arrange_onevision(self.multimodal(model), feats, keep, n_merged, images.sizes[image],
                                      native_layout)
-        frames = keep.shape[0]
+        # each frame in its own span of `tokens` slots (the rest of the span empty), so that a batch's padded frames
+        # (`with_padded_frames`) fill exactly the slots the host scatters into its padding
+        frames, filled = feats.shape[:2]
         frame = torch.arange(frames, device=keep.device).unsqueeze(1)
-        origins = torch.cat([keep + frame * tokens, keep.new_full((frames, n_merged), -1)], dim=1).flatten()
-        feats = feats.flatten(0, 1)
+        origins = torch.cat([keep + frame * tokens, keep.new_full((frames, n_merged), -1),
+                             keep.new_full((frames, tokens - filled), EMPTY_SLOT)], dim=1).flatten()
+        feats = torch.cat([feats, feats.new_zeros(frames, tokens - filled, feats.shape[-1])], 1).flatten(0, 1)
         if native_layout:  # the trailing newline, as the model lays it out
             newline = self.multimodal(model).image_newline.to(feats.dtype)
             feats = torch.cat([feats, newline[None]])
@@ -337,6 +361,32 @@ class LlavaOnevision(LlavaNext):
 
 
 LLAVA_ONEVISION = LlavaOnevision()
+
+
+def with_padded_frames(alone: list[BatchFeature], video_token_id: int, pad_token_id: int) -> BatchFeature:
+    """One batch of prompts with one video each (`alone`: each processed on its own, batch of one) whose videos
+    have different frame counts, as the host takes a batch: one [B, F, 3, H, W] tensor and as many `<video>`
+    placeholders in each row as its video gives tokens.
+
+    A shorter video's frames are padded at the front with zero frames, and their tokens' placeholders go into its
+    row's left padding (attention mask 0), so that the host's scatter, which fills each row's placeholders in order,
+    puts the padded frames' tokens there and the real ones where the video stands alone: the model never attends to
+    them (the engine treats placeholders in the padding as padding), and each row's real tokens are its alone prompt.
+    """
+    frames = [sample["pixel_values_videos"].shape[1] for sample in alone]
+    most = max(frames)
+    per_frame = [int(((s["input_ids"] == video_token_id).sum() - VIDEO_NEWLINES) // f) for s, f in zip(alone, frames)]
+    padded = [(most - f) * n for f, n in zip(frames, per_frame)]
+    width = max(s["input_ids"].shape[1] + n for s, n in zip(alone, padded))
+    ids, masks, pixels = [], [], []
+    for sample, n_padded, n_frames in zip(alone, padded, frames):
+        real, mask, video = sample["input_ids"][0], sample["attention_mask"][0], sample["pixel_values_videos"][0]
+        pad = width - real.numel() - n_padded
+        ids.append(torch.cat([real.new_full((pad,), pad_token_id), real.new_full((n_padded,), video_token_id), real]))
+        masks.append(torch.cat([mask.new_zeros(pad + n_padded), mask]))
+        pixels.append(torch.cat([video.new_zeros(most - n_frames, *video.shape[1:]), video]))
+    return BatchFeature({"input_ids": torch.stack(ids), "attention_mask": torch.stack(masks),
+                         "pixel_values_videos": torch.stack(pixels)})
 
 
 def grid_positions(config: Any, n_crops: int, image_size: Tensor) -> tuple[Tensor, int, Tensor]:

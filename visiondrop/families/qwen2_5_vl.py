@@ -27,7 +27,8 @@ What differs from LLaVA, and how this adapter handles it:
 - Images of different sizes are encoded one at a time (`image_groups`), so a policy sees equal token counts.
 Videos: decoder-side cuts see a video's tokens as the sample's visual block (one video per sample), frame (temporal
 grid) after frame (`video_frames`), keeping their M-RoPE positions; encoder cuts take images only and refuse
-videos.
+videos; the tower's attention (`tower_functions`) is shown for videos too, per temporal grid at the last
+full-attention block (each grid attends within itself there).
 """
 from __future__ import annotations
 
@@ -92,6 +93,8 @@ class Qwen2_5_VL(Family):
     model_class = Qwen2_5_VLForConditionalGeneration
     nominal_side = NOMINAL_SIDE  # pixels of the budgets' reference image's side
     title = "Qwen2.5-VL"  # in error messages
+    #: encoder cuts take images only (`feature_functions`); the tower's attention is read for videos too
+    tower_functions = {"image": "get_image_features", "video": "get_video_features"}
     sample_sizes = ((224, 224), (280, 196), (168, 336))  # 64, 70, 72 visual tokens
     nominal_size = (NOMINAL_SIDE, NOMINAL_SIDE)
     checkpoints = (Checkpoint(
@@ -216,11 +219,23 @@ class Qwen2_5_VL(Family):
             raise ValueError(f"{self.title} image features need image_grid_thw (the processor returns it)")
         return Images(pixel_values, [1] * grid.shape[0], self.vision_tower(model).config.depth - 1, "full", grid)
 
+    def visual_inputs(self, model: nn.Module, modality: str, args: tuple, kwargs: dict[str, Any]) -> Images:
+        """Images, or videos whose temporal patches are the crops (`get_video_features(pixel_values_videos,
+        video_grid_thw)`: Qwen3-VL's encoder cuts, and on Qwen2.5-VL the tower's attention, `tower_functions`)."""
+        if modality == "image":
+            return super().visual_inputs(model, modality, args, kwargs)
+        pixels = args[0] if args else kwargs["pixel_values_videos"]
+        grid = args[1] if len(args) > 1 else kwargs.get("video_grid_thw")
+        if grid is None:
+            raise ValueError("video features need video_grid_thw (the processor returns it)")
+        return Images(pixels, grid[:, 0].tolist(), self.vision_tower(model).config.depth - 1, "full", grid, "video")
+
     def image_groups(self, images: Images) -> list[Images]:
-        """One image at a time: its patches (rows of pixel_values) and its grid."""
+        """One image (or video) at a time: its patches (rows of the pixels), its grid, its temporal patches."""
         patches = images.sizes.prod(-1).tolist()
-        return [Images(pixels, [1], images.feature_layer, images.select_strategy, images.sizes[i:i + 1])
-                for i, pixels in enumerate(images.pixels.split(patches))]
+        return [Images(pixels, [crops], images.feature_layer, images.select_strategy, images.sizes[i:i + 1],
+                       images.modality)
+                for i, (pixels, crops) in enumerate(zip(images.pixels.split(patches), images.crops))]
 
     def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False,
                      scan_layers: tuple[int, ...] = (), received: bool = False, merge: Any = None) -> EncoderView:
@@ -332,7 +347,10 @@ class Qwen2_5_VL(Family):
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
-        return feats[0], torch.cat([keep[0], keep.new_full((n_merged,), -1)]), tokens
+        """An image's tokens, or a video's temporal patches one after the other, each [kept, merged]."""
+        frame = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1) * tokens
+        origins = torch.cat([keep + frame, keep.new_full((keep.shape[0], n_merged), -1)], 1).flatten()
+        return feats.flatten(0, 1), origins, keep.shape[0] * tokens
 
     def example_image(self, config: Any, generator: torch.Generator,
                       size: tuple[int, int] | None = None) -> tuple[int, dict[str, Tensor]]:

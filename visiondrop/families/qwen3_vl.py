@@ -256,24 +256,6 @@ class Qwen3_VL(Qwen2_5_VL):
         return FRAMES
 
     # -- encoder cut ---------------------------------------------------------------------------------------------
-    def visual_inputs(self, model: nn.Module, modality: str, args: tuple, kwargs: dict[str, Any]) -> Images:
-        """Images, or videos whose temporal patches are the crops (`get_video_features(pixel_values_videos,
-        video_grid_thw)`)."""
-        if modality == "image":
-            return super().visual_inputs(model, modality, args, kwargs)
-        pixels = args[0] if args else kwargs["pixel_values_videos"]
-        grid = args[1] if len(args) > 1 else kwargs.get("video_grid_thw")
-        if grid is None:
-            raise ValueError("Qwen3-VL video features need video_grid_thw (the processor returns it)")
-        return Images(pixels, grid[:, 0].tolist(), self.vision_tower(model).config.depth - 1, "full", grid, "video")
-
-    def image_groups(self, images: Images) -> list[Images]:
-        """One image (or video) at a time: its patches (rows of the pixels), its grid, its temporal patches."""
-        patches = images.sizes.prod(-1).tolist()
-        return [Images(pixels, [crops], images.feature_layer, images.select_strategy, images.sizes[i:i + 1],
-                       images.modality)
-                for i, (pixels, crops) in enumerate(zip(images.pixels.split(patches), images.crops))]
-
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:
         """An image's tokens fill its first slots; a video's temporal patches each fill the first slots of its own

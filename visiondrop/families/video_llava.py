@@ -56,7 +56,7 @@ class FrameProcessor(VideoProcessorMixin):
 
     def preprocess(self, videos: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
         frames = VideoLlavaImageProcessor(**self.frame_kwargs)
-        batch = [videos] if _is_one_video(videos) else list(videos)
+        batch = [videos] if is_one_video(videos) else list(videos)
         pixels = [frames.preprocess(list(video), return_tensors="np", return_legacy_image_output=False)["pixel_values"]
                   for video in batch]
         if len({len(p) for p in pixels}) > 1:
@@ -97,7 +97,7 @@ _FRAME_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "
                "do_normalize", "image_mean", "image_std", "do_convert_rgb")
 
 
-def _is_one_video(videos: Any) -> bool:
+def is_one_video(videos: Any) -> bool:
     if isinstance(videos, np.ndarray) or isinstance(videos, Tensor):
         return videos.ndim == 4
     return isinstance(videos, (list, tuple)) and bool(videos) and isinstance(videos[0], Image.Image)

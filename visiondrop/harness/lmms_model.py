@@ -7,7 +7,9 @@ Registered through the entry-point group `lmms_eval.models` (visiondrop/harness/
 Model args (`--model_args k=v,...`, or keywords of `PrunedLVLM(...)` for `simple_evaluate(model=instance)`):
 - pretrained: local folder or hub id of a checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
   Video-LLaVA: `visiondrop.families`); video tasks (visuals that are video file paths) need a family that takes
-  videos: each video is decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`);
+  videos: each video is decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`); stock task
+  modules that import decord (LongVideoBench) load with a stand-in that the model installs when it is built
+  (`visiondrop.harness.stock_tasks`);
 - method (default "none") and budget (average visual tokens per decoder layer; "full"/None = the method's own
   setting), passed to `visiondrop.apply`; any other key=value is a method option (`k=3`, `layer_list=[8,16,24]`,
   `schedule={"encoder":[42,6],...}`: values are read as JSON or Python literals, else kept as strings);
@@ -50,6 +52,7 @@ from transformers import AutoConfig
 import visiondrop
 from visiondrop.families import family_for
 
+from . import stock_tasks
 from .positions import PositionMaps
 from .prompting import ASPECT_RATIOS, CONV_TEMPLATES, build_prompt, expand_to_square, instruction, mean_colour
 from .video import read_frames
@@ -71,6 +74,7 @@ class PrunedLVLM(lmms):
                  conv_template: str | None = None, max_batch_size: int | None = None, min_pixels: int | None = None,
                  max_pixels: int | None = None, frames: int | None = None, **options: Any) -> None:
         super().__init__()
+        stock_tasks.prepare()  # before lmms-eval imports any task module (it builds the model first)
         del max_batch_size  # lmms-eval passes it for batch_size=auto, which this model does not offer
         self._batch_size = _positive_int(batch_size, "batch_size")
         self.family = family = family_for(AutoConfig.from_pretrained(pretrained))
@@ -343,8 +347,9 @@ class PrunedLVLM(lmms):
             size = next(sizes[modality], None)
             cells = self.family.patch_cells(self._model, size, modality)
             self.position_maps.add_sample(cells, trace.cuts, trace.kept[row * stride], modality)
-        visual = self.family.image_token_mask(self._model, batch["input_ids"], None)
-        text = batch["attention_mask"].sum(1) - visual.sum(1)
+        real = batch["attention_mask"].bool()  # placeholders in the padding are padding (a shorter video's frames)
+        visual = self.family.image_token_mask(self._model, batch["input_ids"], None) & real
+        text = real.sum(1) - visual.sum(1)
         self._text_sum += float(text[rows].sum())  # non-visual prompt tokens, for the FLOPs of the run
         self._image_samples += len(rows)
 

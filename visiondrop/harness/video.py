@@ -20,11 +20,21 @@ def frame_indices(total: int, frames: int = FRAMES) -> np.ndarray:
 def read_frames(path: str | Path, frames: int = FRAMES) -> np.ndarray:
     """[frames, H, W, 3] uint8 RGB frames of the video at `path`, sampled uniformly (`frame_indices`).
 
-    The clip is decoded once from the start (its container's frame count is not trusted: many files leave it 0).
+    The clip is decoded twice from the start: once to count its frames (its container's count is not trusted: many
+    files leave it 0), then up to the last sampled frame, converting only the sampled ones, so that memory holds
+    `frames` images whatever the length (LongVideoBench's videos last up to an hour).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
     with av.open(str(path)) as container:
-        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    return np.stack([decoded[i] for i in frame_indices(len(decoded), frames)])
+        total = sum(1 for _ in container.decode(video=0))
+    wanted = frame_indices(total, frames).tolist()
+    kept, last = {}, wanted[-1]
+    with av.open(str(path)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in wanted:
+                kept[index] = frame.to_ndarray(format="rgb24")
+            if index == last:
+                break
+    return np.stack([kept[i] for i in wanted])

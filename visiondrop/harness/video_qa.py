@@ -13,6 +13,8 @@ Layouts read (found by their files under the root):
 - MSRVTT-QA: `test_qa.json` with numeric video_id, videos `video<id>.mp4` in `videos/` (or the root);
 - TGIF-QA (Jang et al. 2017): `Test_frameqa_question.tsv` (gif_name, question, answer, ...), videos
   `<gif_name>.gif` in `gifs/` (or `videos/`).
+ActivityNet-QA (`activitynet_qa`) reads lmms-eval/ActivityNetQA's docs as released, with the stock `activitynetqa`
+prompt and video lookup, and scores with `process_results` below.
 Videos are decoded with PyAV, 8 frames sampled uniformly (`visiondrop.harness.video`). The tasks never call the
 judge: the harness stores the answers first and judges the stored record after (`visiondrop.harness.judge`), or
 `scripts/judge.py` does later, so a judge fault loses no answer and lmms-eval's retries repeat no judge call.

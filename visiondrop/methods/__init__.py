@@ -36,10 +36,13 @@ METHODS = {
     "fastervlm": "baselines.fastervlm",
     "hiprune": "baselines.hiprune",
     "tome": "baselines.tome",
+    "mustdrop": "baselines.mustdrop",
     "evs": "baselines.evs",
     "vidcom2": "baselines.vidcom2",
     "dycoke": "baselines.dycoke",
     "prunevid": "baselines.prunevid",
+    "fastvid": "baselines.fastvid",
+    "holitom": "baselines.holitom",
 }
 
 
@@ -64,6 +67,8 @@ class Overhead:
     rater_choice: the visual rows against the text once before the first cut (SparseVLM's raters);
     key_norms: the keys of every token at a decoder cut, for their norms, where no attention rows need them (DART);
     pivots: tokens whose similarity to every visual token is computed at a decoder cut (DART's pivots);
+    frame_pairs: the distance between every two tokens of a video frame at a decoder cut (FastVID's densities; frames
+    of `Dims.visual_per_crop` tokens);
     selection: (cut, width of the tokens it selects among) -> multiply-accumulates of the method's own selection
     at that cut beyond attention rows and merging (DivPrune's pairwise similarities, VisPruner's rounds);
     eager_encoder: the encoder cut reads its CLS row from an eager tower's own probabilities (False: it
@@ -71,6 +76,8 @@ class Overhead:
     projected: (encoder cut, the decoder's width) -> multiply-accumulates of a method's own products on the
     projected tokens at an encoder cut (CDPruner's kernel and greedy MAP, VScan's merge); such a method projects
     every patch, so the projector on the dropped ones is charged too.
+    tower_rows: a decoder-side method that reads the tower's attention (`Policy.tower_attention`): at its first cut,
+    every frame's (or crop's) attention each token receives at the feature layer, from the q and k of its tokens;
     tower: (dims, encoder cut) -> (tokens entering each vision-tower layer, multiply-accumulates of the method's
     own matching there), for a method that merges inside the tower (ToMe); None: the tower runs all its tokens.
     """
@@ -80,9 +87,11 @@ class Overhead:
     rater_choice: bool = False
     key_norms: bool = False
     pivots: int = 0
+    frame_pairs: bool = False
     selection: Callable[[Cut, int], int] | None = None
     eager_encoder: bool = False
     projected: Callable[[Cut, int], int] | None = None
+    tower_rows: bool = False
     tower: Callable[[Dims, Cut], tuple[list[int], int]] | None = None
 
 
@@ -123,6 +132,9 @@ class Method:
     #: keeps exactly the count `describe()` states; False where the count depends on the video (per-frame budgets
     #: rounded per frame, as VidCom2's official code does): within a token a frame of it
     exact_count: bool = True
+    #: its counts follow each image's content (thresholds: MustDrop): a budget names a setting, not a count, and
+    #: `describe()` states what the last forward measured; a ratio keeps no share of an image
+    counts_follow_content: bool = False
 
     @property
     def examples(self) -> tuple[tuple[float, dict[str, Any]], ...]:

@@ -1,4 +1,4 @@
-"""lmms-eval hooks of the video-QA tasks (msvd_qa, msrvtt_qa, tgif_qa): see visiondrop/harness/video_qa.py."""
+"""lmms-eval hooks of the video-QA tasks (msvd_qa, msrvtt_qa, tgif_qa, activitynet_qa): see harness/video_qa.py."""
 from visiondrop.harness.video_qa import (  # noqa: F401
     aggregate_accuracy,
     aggregate_score,
