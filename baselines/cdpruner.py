@@ -15,7 +15,9 @@ As the official code (github.com/Theia-4869/CDPruner 9541616, `LlavaMetaForCausa
 **Quirk reproduced by default**: the greedy loop has no guard for a non-positive residual. Once the kernel's rank is
 spent (a 64-wide projector on the parity model: rank <= 64; on real LLaVA not measured), sqrt gives NaN and the loop
 picks tokens 0 and 1 alternately, so fewer than T distinct tokens survive. `guard=True` instead continues with the
-most relevant tokens not yet picked (the kernel's diagonal), so exactly T survive.
+most relevant tokens not yet picked (the kernel's diagonal), so exactly T survive. The loop runs on the device and
+reads nothing back; only the quirk's count of distinct picks, which the engine needs to size the sequence, is read
+once per forward where the guard is off.
 
 **The text side** (`text_tower=`): LLaVA checkpoints hold no CLIP text tower, tokenizer or `visual_projection`; the
 official code loads them from the vision tower's CLIP checkpoint (`openai/clip-vit-large-patch14-336` for
@@ -45,6 +47,7 @@ LanguageBind's, whose text side is not OpenAI CLIP's: pass a matching `text_towe
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 import torch
@@ -155,14 +158,18 @@ def greedy_map(kernel: Tensor, steps: int, guard: bool = False) -> Tensor:
     return picks.t()
 
 
-def distinct_sorted(picks: Tensor) -> Tensor:
-    """[B, k]: each row's distinct picks ascending, -1 after them where a row has fewer than the longest."""
-    mask = torch.zeros(picks.shape[0], int(picks.max()) + 1, dtype=torch.bool, device=picks.device)
+def distinct_sorted(picks: Tensor, n: int, distinct: bool) -> Tensor:
+    """[B, k]: each row's distinct picks among `n` candidates ascending, -1 after them where a row has fewer than
+    the longest. `distinct`: the picks are known to be distinct (the guarded loop), so k is their count; otherwise
+    (the official loop's NaN quirk repeats picks) k is read from the device, once."""
+    if distinct:
+        return picks.sort(dim=1).values
+    mask = torch.zeros(picks.shape[0], n, dtype=torch.bool, device=picks.device)
     mask.scatter_(1, picks, True)
     k = int(mask.sum(1).max())
-    index = torch.arange(mask.shape[1], device=picks.device).expand_as(mask)
-    ordered = torch.where(mask, index, mask.shape[1]).sort(dim=1).values[:, :k]
-    return ordered.masked_fill(ordered == mask.shape[1], -1)
+    index = torch.arange(n, device=picks.device).expand_as(mask)
+    ordered = torch.where(mask, index, n).sort(dim=1).values[:, :k]
+    return ordered.masked_fill(ordered == n, -1)
 
 
 def dpp_selection(projected: Tensor, relevance_of: Callable[[slice], Tensor], steps: int, guard: bool,
@@ -171,13 +178,15 @@ def dpp_selection(projected: Tensor, relevance_of: Callable[[slice], Tensor], st
     with relevance `relevance_of(part)` [N, P'] for the tokens `part`. dpp="paper": one kernel over all P; "split"
     (OpenVINO GenAI's): the tokens cut at P // 2 into two halves with a kernel each (relevance normalised within
     the half), steps // 2 picks in the first and the rest in the second."""
+    n = projected.shape[1]
     if dpp == "paper":
-        return distinct_sorted(greedy_map(conditional_kernel(projected, relevance_of(slice(None)), theta), steps, guard))
-    half = projected.shape[1] // 2
+        picks = greedy_map(conditional_kernel(projected, relevance_of(slice(None)), theta), steps, guard)
+        return distinct_sorted(picks, n, guard)
+    half = n // 2
     first = greedy_map(conditional_kernel(projected[:, :half], relevance_of(slice(0, half)), theta), steps // 2, guard)
     second = greedy_map(conditional_kernel(projected[:, half:], relevance_of(slice(half, None)), theta),
                         steps - steps // 2, guard)
-    return distinct_sorted(torch.cat([first, second + half], dim=1))
+    return distinct_sorted(torch.cat([first, second + half], dim=1), n, guard)
 
 
 class CDPruner(Policy):
@@ -215,14 +224,17 @@ class CDPruner(Policy):
         projected = view.project(patches)
         tower = load_text_tower(self.text_tower)
         image_embeds = tower.image_embeds(patches)
-        owners = torch.tensor(view.owners, device=patches.device)
-        texts = {image: tower.text_embeds(self._instruction(image), patches.device) for image in dict.fromkeys(view.owners)}
+        # each image's crops are consecutive rows of the view, and share the relevance's min-max normalisation
+        crops, start = {}, 0
+        for image, rows in itertools.groupby(view.owners):
+            count = len(list(rows))
+            crops[image], start = slice(start, start + count), start + count
+        texts = {image: tower.text_embeds(self._instruction(image), patches.device) for image in crops}
 
         def relevance_of(part: slice) -> Tensor:
             scores = torch.empty(image_embeds[:, part].shape[:2], device=patches.device)
-            for image, text_embeds in texts.items():
-                rows = owners == image  # an image's crops share the min-max normalisation
-                scores[rows] = relevance(image_embeds[rows][:, part], text_embeds)
+            for image, rows in crops.items():
+                scores[rows] = relevance(image_embeds[rows, part], texts[image])
             return scores
 
         kept = dpp_selection(projected, relevance_of, view.scaled(self.per_crop), self.guard, self.theta, self.dpp)
@@ -241,7 +253,7 @@ class CDPruner(Policy):
 
         kept = dpp_selection(visual, relevance_of, cut.scaled(self.per_crop * self.info.crops, self.info.n_visual),
                              self.guard, self.theta, self.dpp)
-        if (kept < 0).any():
+        if not self.guard and (kept < 0).any():  # guarded picks are distinct: every sample keeps all
             raise NotImplementedError("CDPruner kept different counts for samples of one batch (its kernel's rank is "
                                       "spent): use guard=True, or run them one at a time")
         return Selection(kept)

@@ -1,4 +1,7 @@
-"""DyCoke (CVPR 2025): temporal token merging across frames before the language model (TTM).
+"""DyCoke (CVPR 2025): temporal token merging across frames before the language model (TTM), then a dynamic KV
+selection at decode time; each stage is an option (`temporal_merging`, `dycoke_p=None` turns the second off).
+
+Stage 1, temporal merging (a cut before decoder layer 0):
 
 As the official code does it (github.com/KD-TAO/DyCoke, `llava/model/llava_arch.py::dycole_ttm`, read at 26dc6f4;
 last code change 8df42969), on a video's projected tokens before the language model (LLaVA-OneVision: after the
@@ -9,26 +12,45 @@ with m = int((1 - K) x N) tokens kept of a pruned frame (K = `dycoke_k`, 0.7 in 
    sorted), not in spatial order;
 2. (0, 2), (4, 6), ... for i in range(0, F - 4, 4): frame i + 2 keeps the m tokens least similar to frame i;
 3. the other frames (0, 4, 8, ... and the last even ones) stay whole; frames in order. Pruning, not averaging.
-On 32 frames at K = 0.7: 9 whole frames and 23 of 58 tokens (49.4%). A "frame" is the model's own unit:
-Video-LLaVA's 257 tokens (CLS included), Qwen2.5-VL's temporal grid. Positions: contiguous on Video-LLaVA (the
-shortened sequence, as the official one); on Qwen2.5-VL the kept tokens keep their M-RoPE positions.
+On 32 frames at K = 0.7: 9 whole frames and 23 of 58 tokens (49.4%). A "frame" is the model's own unit
+(`shared.VideoLayout`): Video-LLaVA's 257 tokens (CLS included), Qwen2.5-VL's and Qwen3-VL's temporal grid (on
+Qwen3-VL each in its span after its timestamp, never cut), LLaVA-OneVision's 196 pooled tokens. OneVision: as the
+official code (TTM on the pooled frames, then the one newline appended), the newline is kept after the frames'
+tokens, never pruned or counted. Positions: contiguous on Video-LLaVA and OneVision (the shortened sequence, as the
+official one); on Qwen2.5-VL and Qwen3-VL the kept tokens keep their M-RoPE positions (and DeepStack rows).
 
 Official bugs, reproduced by default; `fix_bugs=True` corrects them:
 - step 1 scores pair (i, i + 1) with the similarities of the previous pair (`similarities[(i - 2) // 2]`: the first
   pair with the last pair's), so the tokens a frame keeps follow another frame's change; fixed: its own pair's;
 - an odd frame count silently drops the last frame; fixed: it stays whole;
 - F <= 4 fails (`torch.stack` of an empty list in step 2): refused here with a clear error; fixed: step 2 is skipped.
-Its state not being reset between samples concerns the decode-time stage, not implemented here (below).
+Stage 2's bugs are below.
 
 Budgets: a budget (or `ratio=`) keeps that share of each video's own tokens: m is the count that brings the video's
 whole and pruned frames nearest to it (at least one token a pruned frame; a video whose whole frames alone exceed
 the share is refused, naming the share it can reach); option `dycoke_k` gives the official K instead, m = int((1 - K)
 x N). Defaults follow the official eval script (`eval.sh` sets nothing: lmms-eval's dycoke_k = 0.7 when K is given).
 
-Not implemented: the second stage, decode-time KV selection (each decode step at layers >= 3 attends to the visual
-tokens with the top (1 - P) of the layer-2 attention, P = 0.8, unless it changed little since the previous step);
-it changes no prefill count and saves no memory in the official code (the cache is never shrunk). Images are
-refused (the official code compresses videos only).
+Stage 2, dynamic KV pruning at decode time (the official `PrunableDynamicCache` in `llava/model/language_model/
+modeling_qwen2.py` and its hook in `Qwen2Model.forward`, last changed at 2325b63, run since the fixes of 2025-04-08/10),
+through the engine's decode-time KV selection (`Policy.decode_layers`): at every decode step, the head-averaged
+attention of the new token at layer L - 1 (`dycoke_l` = 3, lmms-eval's default) to a video's cached tokens is
+compared (cosine) with the previous step's; below 0.9 (hard-coded) the layers >= L attend, at this step only, to the
+int(n x (1 - P)) tokens of highest attention (P = `dycoke_p`, 0.8 in the eval script's lmms-eval defaults) and to
+every other token; the selection is made anew at each step and the cache keeps every token (no memory saved, as in
+the official code). It changes no prefill count: a budget counts the prefill, and the FLOPs count charges the decode
+step's attention over the keys attended and the layer-(L - 1) row (`visiondrop.efficiency.flops`). Official bugs,
+reproduced by default, corrected by `fix_bugs=True`:
+- the video's scored span is one token short (`image_token_length` is the TTM output's length minus one), so its
+  last frame token is never scored and always attended; fixed: every frame token is scored;
+- a step whose attention changed little (cosine >= 0.9) leaves `kv_cache` None (it is reset below layer L at every
+  step), so that step attends to the whole cache, where the paper keeps the previous selection; fixed: the previous
+  step's selection is kept.
+Not reproduced: the official state (the previous step's attention) is never reset, so the first decode step of a video
+compares with the last step of the video before it; here each generation starts afresh (a batch equals each video
+alone). Tokens after a video's frames (LLaVA-OneVision's newline, `DecodeStep.trailing`) are never scored and always
+attended, as officially. Parity: `tests/parity/dycoke/kv_fixture.pt`, the official cache driven on random attention
+rows. Images are refused (the official code compresses videos only).
 """
 from __future__ import annotations
 
@@ -36,12 +58,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop.engine import Policy
+from visiondrop.engine import DecodeStep, DecoderCut, Policy
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead, Unreachable
-from visiondrop.methods.shared import FrameSelection, VideoLayout, nominal_video, retention
+from visiondrop.methods.shared import FrameSelection, VideoLayout, nominal_video, retention, video_layout
 
 MERGING_RATIO = 0.7  # K: lmms-eval's default dycoke_k, which the official eval.sh keeps
+PRUNING_RATIO = 0.8  # P: lmms-eval's default dycoke_p, which the official eval.sh keeps
+KV_LAYER = 3  # L: lmms-eval's default dycoke_l
+SIMILARITY = 0.9  # the official code's hard-coded threshold on the change of the attention between steps
 
 
 def pruned_frames(frames: int, fix_bugs: bool) -> tuple[list[tuple[int, int]], list[tuple[int, int]], bool]:
@@ -78,11 +103,57 @@ def temporal_merge(video: Tensor, frames: int, m: int, fix_bugs: bool) -> Tensor
     return torch.cat([own[f] + f * per_frame for f in sorted(own)])
 
 
+def kv_selection(attention: Tensor, previous: Tensor | None, kept_before: Tensor | None, dycoke_p: float,
+                 fix_bugs: bool) -> tuple[Tensor | None, Tensor]:
+    """One decode step of DyCoke's dynamic KV pruning (the official `PrunableDynamicCache.dycoke_pruning` and
+    `update_cache`), on `attention` [n]: the head-averaged attention of the decode query to a video's n cached frame
+    tokens at layer L - 1. `previous`: the scored row of the previous step (None at the first); `kept_before`: the
+    previous step's selection (used with `fix_bugs` only). Returns (which of the n tokens layers >= L attend to, a
+    bool [n], or None for all of them; the scored row to remember)."""
+    scored = attention if fix_bugs else attention[:-1]  # official: image_token_length is one short
+    similarity = 0 if previous is None else float(F.cosine_similarity(scored, previous, dim=0))
+    if similarity >= SIMILARITY:  # little change: official, the whole cache; fixed: the previous step's selection
+        return (kept_before if fix_bugs else None), scored
+    kept = torch.zeros_like(attention, dtype=torch.bool)
+    kept[scored.topk(int(scored.shape[0] * (1 - dycoke_p)), sorted=False).indices] = True
+    kept[scored.shape[0]:] = True  # official: the token it does not score stays
+    return kept, scored
+
+
 class DyCoke(FrameSelection):
     name, title = "dycoke", "DyCoke"
 
-    def __init__(self, info: ModelInfo, share: float | None, dycoke_k: float | None, fix_bugs: bool):
+    def __init__(self, info: ModelInfo, share: float | None, dycoke_k: float | None, fix_bugs: bool,
+                 temporal_merging: bool = True, dycoke_p: float | None = PRUNING_RATIO, dycoke_l: int = KV_LAYER):
         self.info, self.share, self.dycoke_k, self.fix_bugs = info, share, dycoke_k, fix_bugs
+        self.temporal_merging, self.dycoke_p, self.dycoke_l = temporal_merging, dycoke_p, dycoke_l
+        self.cut_layers = (0,) if temporal_merging else ()
+        self.decode_scoring_layer = None if dycoke_p is None else dycoke_l - 1
+
+    @property
+    def decode_layers(self) -> tuple[int, ...]:
+        """The decode-time stage's layers: L and every later one."""
+        return () if self.dycoke_p is None else tuple(range(self.dycoke_l, self.info.n_layers))
+
+    def prepare(self, cut: DecoderCut) -> None:
+        if not self.temporal_merging:  # the first stage refuses images otherwise
+            video_layout(cut, self.title)
+
+    def select_cached(self, step: DecodeStep) -> list[Tensor | None]:
+        """Each video's selection for this decode step, from the last new token's layer L - 1 attention to its frame
+        tokens (the tokens after its frames, `DecodeStep.trailing`, always attended)."""
+        selection = []
+        for b, (visual, trailing, state) in enumerate(zip(step.visual, step.trailing, step.state)):
+            if not len(visual):
+                selection.append(None)
+                continue
+            frames = visual[:len(visual) - trailing]
+            row = step.attention[b].mean(0)[-1][frames]  # the mean over heads, the last query
+            kept, state["previous"] = kv_selection(row, state.get("previous"), state.get("kept"), self.dycoke_p,
+                                                   self.fix_bugs)
+            state["kept"] = kept
+            selection.append(None if kept is None else torch.cat([kept, kept.new_ones(trailing)]))
+        return selection
 
     def pruned_tokens(self, frames: int, per_frame: int) -> int:
         """m: tokens a pruned frame keeps in a video of `frames` x `per_frame`."""
@@ -105,6 +176,10 @@ class DyCoke(FrameSelection):
 
     def describe(self) -> dict:
         described = {"method": self.name, "layers": list(self.cut_layers), "fix_bugs": self.fix_bugs}
+        if self.dycoke_p is not None:
+            described |= {"kv_selection": {"dycoke_l": self.dycoke_l, "dycoke_p": self.dycoke_p}}
+        if not self.temporal_merging:
+            return described
         described |= {"dycoke_k": self.dycoke_k} if self.dycoke_k is not None else {"share": self.share}
         video = nominal_video(self.info)
         if video is not None:
@@ -113,17 +188,33 @@ class DyCoke(FrameSelection):
         return described
 
 
-def policy(info: ModelInfo, budget: float | None = None, dycoke_k: float | None = None,
-           fix_bugs: bool = False) -> Policy:
+def policy(info: ModelInfo, budget: float | None = None, dycoke_k: float | None = None, fix_bugs: bool = False,
+           temporal_merging: bool = True, dycoke_p: float | None = PRUNING_RATIO, dycoke_l: int = KV_LAYER) -> Policy:
     """DyCoke's temporal merging keeping about `budget` of the nominal visual tokens (that share of each video), or
-    with the official merging ratio `dycoke_k`; `fix_bugs` corrects the official code's bugs (module docstring)."""
+    with the official merging ratio `dycoke_k`, then its decode-time KV selection dropping the share `dycoke_p` of a
+    video's cached tokens from layer `dycoke_l` on (None: no decode-time stage); `temporal_merging=False`: the
+    decode-time stage alone; `fix_bugs` corrects the official code's bugs (module docstring)."""
+    if dycoke_p is not None and not 0 <= dycoke_p < 1:
+        raise ValueError(f"dycoke_p is the share of a video's cached tokens DyCoke's decode steps drop, in [0, 1) (or "
+                         f"None: no decode-time stage); got {dycoke_p}")
+    if dycoke_p is not None and not 1 <= dycoke_l < info.n_layers:
+        raise ValueError(f"dycoke_l is the first decoder layer whose decode steps DyCoke prunes (scored at the layer "
+                         f"before), from 1 to {info.n_layers - 1} on this model; got {dycoke_l}")
+    if not temporal_merging:
+        if dycoke_p is None:
+            raise ValueError("DyCoke with both stages off is the unpruned model: use method='none'")
+        if budget is not None or dycoke_k is not None:
+            raise ValueError("DyCoke without temporal merging keeps every visual token in the prefill: give no budget "
+                             "(or ratio=) nor dycoke_k (its decode-time stage is set by dycoke_p)")
+        return DyCoke(info, None, None, fix_bugs, False, dycoke_p, dycoke_l)
     if dycoke_k is None and budget is None:
         raise ValueError(f"DyCoke needs a budget (or ratio=) or dycoke_k= (the official runs use {MERGING_RATIO})")
     if dycoke_k is not None and budget is not None:
         raise ValueError("give DyCoke a budget (or ratio=) or dycoke_k=, not both")
     if dycoke_k is not None and not 0 <= dycoke_k < 1:
         raise ValueError(f"dycoke_k is the share of a pruned frame's tokens DyCoke drops, in [0, 1); got {dycoke_k}")
-    dycoke = DyCoke(info, None if budget is None else retention(budget, info), dycoke_k, fix_bugs)
+    dycoke = DyCoke(info, None if budget is None else retention(budget, info), dycoke_k, fix_bugs, True, dycoke_p,
+                    dycoke_l)
     if budget is not None and budget < smallest_budget(info):
         raise Unreachable(f"DyCoke keeps some frames whole: the smallest reachable budget is {smallest_budget(info):g} "
                           f"(or {info.n_visual} for the unpruned model)", smallest_budget(info))

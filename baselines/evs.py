@@ -7,19 +7,22 @@ merger; here the tokens entering decoder layer 0, the same tensor), per video:
   token of the first frame gets 255, so the whole first frame is always kept;
 - the tokens are ranked by dissimilarity, descending, with a stable sort (ties keep the earlier token), and the
   first max(tokens per frame, int(frames x tokens per frame x (1 - q))) are kept, in their original order.
-A "frame" is the model's own unit: Video-LLaVA's 257 tokens of a sampled frame (CLS included), Qwen2.5-VL's
-temporal grid of two input frames (h x w / 4 tokens).
+A "frame" is the model's own unit (`shared.VideoLayout`): Video-LLaVA's 257 tokens of a sampled frame (CLS
+included), Qwen2.5-VL's and Qwen3-VL's temporal grid of two input frames (h x w / 4 tokens; on Qwen3-VL each in its
+own span after its timestamp, which is text and never cut), LLaVA-OneVision's 196 pooled tokens. OneVision's newline
+after the video: vLLM has no OneVision path; it is kept after the kept frame tokens, never ranked or counted, as
+the official LLaVA-NeXT-based code of the other video methods appends it after compressing the frames.
 
 Budgets: a budget (or `ratio=`) keeps that share of each video's own tokens, q = 1 - budget / the model's nominal
 visual tokens; option `pruning_rate` gives vLLM's q directly instead. A video keeps at least its first frame, so on
 a model whose nominal sample is a video (Video-LLaVA: 8 frames) a budget below one frame is refused; a shorter
 video than the nominal keeps its first frame whatever the rate, as in vLLM.
 
-Positions: the kept tokens keep their M-RoPE positions on Qwen2.5-VL (vLLM's `compute_mrope_for_media`); the text
-after the video keeps transformers' unpruned positions, which start max(h, w) / 2 after the video's first position,
-where vLLM's `recompute_mrope_positions` starts them w / 2 after it: the same unless the video is taller than wide.
-On Video-LLaVA (1-D RoPE) the shortened sequence is numbered contiguously, as a model served with the pruned
-placeholder count is.
+Positions: the kept tokens keep their M-RoPE positions on Qwen2.5-VL and Qwen3-VL, with their DeepStack rows
+(vLLM's `compute_mrope_for_media`); the text after the video keeps transformers' unpruned positions, which start
+max(h, w) / 2 after the video's first position, where vLLM's `recompute_mrope_positions` starts them w / 2 after it:
+the same unless the video is taller than wide. On Video-LLaVA and OneVision (1-D RoPE) the shortened sequence is
+numbered contiguously, as a model served with the pruned placeholder count is.
 EVS is deterministic (stable sort) and per video, so a batch equals each video alone. Images are refused: vLLM
 applies EVS to videos only. Parity: `tests/parity/evs/` holds vLLM's own function's masks on random embeddings.
 """
@@ -53,20 +56,14 @@ def retained(video: Tensor, frames: int, pruning_rate: float) -> Tensor:
 
 
 class EVS(FrameSelection):
-    name, title = "evs", "EVS"
-
-    def __init__(self, info: ModelInfo, pruning_rate: float):
-        self.info, self.pruning_rate = info, pruning_rate
+    name, title, knob = "evs", "EVS", "pruning_rate"
 
     def kept(self, frames: Tensor, layout: VideoLayout) -> Tensor:
-        return retained(frames, layout.frames, self.pruning_rate)
+        return retained(frames, layout.frames, self.setting)
 
-    def describe(self) -> dict:
-        described = {"method": self.name, "pruning_rate": self.pruning_rate, "layers": list(self.cut_layers)}
+    def equivalent_tokens(self) -> int | None:
         video = nominal_video(self.info)
-        if video is not None:
-            described["equivalent_tokens"] = retained_count(video[1], video[0], self.pruning_rate)
-        return described
+        return None if video is None else retained_count(video[1], video[0], self.setting)
 
 
 def policy(info: ModelInfo, budget: float | None = None, pruning_rate: float | None = None) -> Policy:

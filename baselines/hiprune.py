@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from visiondrop.engine import EncoderView, Policy, Selection
+from visiondrop.engine import EncoderView, Policy, Selection, unmarked
 from visiondrop.families import ModelInfo
 from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import newline_choice, whole_count
@@ -60,16 +60,15 @@ def hiprune_selection(view: EncoderView, keep: int, alpha: float, object_layer: 
     if view.valid is not None:  # patches the layout discards are never anchors nor registers
         invalid = ~view.valid[:, first:]
         shallow, deep = shallow.masked_fill(invalid, float("-inf")), deep.masked_fill(invalid, float("-inf"))
-    kept = []
-    for row in range(shallow.shape[0]):
-        anchors = shallow[row].topk(anchors_for(keep, alpha)).indices
-        near = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width]).clamp(0, n - 1)
-        taken = torch.zeros(n, dtype=torch.bool, device=near.device)
-        taken[near] = True
-        registers = (deep[row] - taken.int()).topk(keep - int(taken.sum())).indices  # the official subtraction
-        taken[registers] = True
-        kept.append(taken.nonzero()[:, 0])
-    return Selection(torch.stack(kept) + first)
+    anchors = shallow.topk(anchors_for(keep, alpha), dim=1).indices
+    near = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width], dim=1).clamp(0, n - 1)
+    taken = torch.zeros(shallow.shape, dtype=torch.bool, device=shallow.device).scatter_(1, near, True)
+    # the official registers are the top (keep - taken) by the deep score less 1 where taken, a count that differs
+    # per crop (neighbourhoods overlap): the first that many of each row's top keep, so nothing is read to the host
+    ranked = (deep - taken.int()).topk(keep, dim=1).indices  # the official subtraction
+    wanted = torch.arange(keep, device=shallow.device) < keep - taken.sum(dim=1, keepdim=True)
+    taken |= torch.zeros_like(taken).scatter_(1, ranked, wanted)
+    return Selection(unmarked(~taken, keep) + first)  # the taken patches in raster order (the official mask)
 
 
 class HiPrune(Policy):

@@ -1,5 +1,5 @@
 """MustDrop (arXiv 2411.10803, "Multi-stage vision token dropping"): spatial merging in the vision tower, a text-guided
-dual attention filter in prefill that always keeps a key set, and (official, not implemented here) a KV-cache stage.
+dual attention filter in prefill that always keeps a key set, and a KV-cache stage for the decode steps.
 
 As the official code (github.com/liuting20/MustDrop 909afa5, a fork of SparseVLM's LLaVA code: `clip_encoder.py`
 `CLIPVisionModelAcc.custom_forward`, `local_merge.py` `conditional_pooling`, `modelling_sparse_llama.py`
@@ -18,12 +18,15 @@ does it on LLaVA-1.5:
   (question and the prompt's suffix), columns = the current visual tokens, a token is dropped where both its sum over
   the rows is below global_thr x the sum over all visual tokens and its largest row value is below individual_thr;
   the key set is added back; the kept tokens stay in order, positions are renumbered;
-- decoding (the "output-aware cache policy"): after prefill, the KV caches of layers 2-14 are cut down to the tokens
-  that survive the last filter, and decode steps take each layer's cache length as position.
-  NOT IMPLEMENTED HERE: the engine has no decode-time KV selection yet (it is being added for DyCoke); here every
-  layer keeps the cache of the tokens it processed. Prefill (logits, first token, counts) equals the official code;
-  from the second generated token on, layers 2-14 attend to the tokens that later filters dropped, which the
-  official code no longer does (tests/test_parity.py compares the prefill only, and says so).
+- decoding (the "output-aware cache policy", `prune_cache`, on by default): after prefill, the KV caches of the
+  layers from the first filter's (2) to the last's (14) are cut down to the tokens that survive the last filter
+  (`LlamaDynamicvitModel.forward`'s "Sparse kv cache" block: layer 2's by the composed indices of all four filters,
+  3-6's by those of the last three, ...; layers 0-1 keep every token, 15-31 hold the last filter's already), and
+  each decode token takes its layer's cache length as position (`LlamaDynamicvitSdpaAttention.forward`): the whole
+  prompt's length plus the tokens generated at layers 0-1, the last filter's at 2-31. Here: the engine's decode-time
+  KV selection at `decode_layers` 2-14, each segment's `kept_later` (a key mask: the memory is not freed), with
+  `decode_evicts` for the positions. `prune_cache=False`: every layer attends to the tokens it processed, at the
+  positions after them.
 
 Thresholds are attention probabilities, which shrink as images grow: they are stated for LLaVA-1.5's image of 576
 patches, and an image of n patches (before the merge; all its crops or frames) takes them times 576 / n (the
@@ -47,6 +50,8 @@ tiling takes the whole 3 x 3 windows of the grid (a 16 x 16 Video-LLaVA frame le
 unmerged); a sample's key set is its crops' key sets one after another (the compact layout). Towers that cannot
 merge inside (Qwen2.5-VL, Qwen3-VL: the 2x2 merger groups; `Family.encoder_view`) skip the spatial merge and take
 the key set from the mean attention received at their last block; LLaVA-OneVision refuses merging inside SigLIP.
+The cache stage runs on every family; where positions are fixed (the Qwen families' M-RoPE,
+`Family.fixed_positions`) the decode tokens keep their positions, as the prefill's cuts do.
 The tower runs eager, image by image (the official code asks it for attentions): the key set is bit-identical.
 The trace names the visual tokens by their places after the spatial merge (merged windows first), as the official
 indices do. The FLOPs count charges the vision tower in full: the merge's savings in layers 1-23 and its window
@@ -61,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.core import ModelInfo
-from visiondrop.engine import DecoderCut, EncoderView, Policy, Selection
+from visiondrop.engine import DecodeStep, DecoderCut, EncoderView, Policy, Selection
 from visiondrop.methods import Method, Overhead
 
 LAYERS = (2, 6, 10, 14)  # the filters run at these layers' outputs (of a 32-layer decoder)
@@ -134,13 +139,16 @@ class MustDrop(Policy):
     merges_in_tower = True
     merges_at_layer_output = True
     scan_layers = (KEY_LAYER,)
+    decode_evicts = True  # official: each layer's cut cache length positions its decode tokens
 
     def __init__(self, info: ModelInfo, layers: tuple[int, ...], global_thr: float, individual_thr: float,
-                 budget: float | None):
-        self.info, self.layers, self.global_thr, self.individual_thr, self.budget = (
-            info, layers, global_thr, individual_thr, budget)
+                 budget: float | None, prune_cache: bool = True):
+        self.info, self.layers, self.global_thr, self.individual_thr, self.budget, self.prune_cache = (
+            info, layers, global_thr, individual_thr, budget, prune_cache)
         self.encoder_layer = info.vision_layer
         self.cut_layers = tuple(layer + 1 for layer in layers)  # a layer's output = the next layer's input
+        if prune_cache:  # the layers from the first filter's to the last's cache only what the last filter kept
+            self.decode_layers = tuple(range(layers[0], layers[-1] + 1))
         self._keys: dict[int, Tensor] = {}  # image (`EncoderView.owners`) -> its key tokens' places in its block
         self._scale: dict[int, float] = {}  # image -> 576 / its patches before the merge: the thresholds' factor
         self._entering: dict[int, list[int]] = {}  # sample -> visual tokens entering the decoder, then each cut's
@@ -198,6 +206,9 @@ class MustDrop(Policy):
             self._entering[b].append(len(keep[-1]))
         return Selection(keep)
 
+    def select_cached(self, step: DecodeStep) -> list[Tensor | None]:
+        return step.kept_later
+
     def image_of(self, sample: int, with_images: set[int]) -> int:
         """The encoded image (`EncoderView.owners`) of a batch row: the rows with an image take them in order, and
         where there are more rows than images, generate() has repeated every row alike (num_return_sequences,
@@ -218,7 +229,7 @@ class MustDrop(Policy):
     def describe(self) -> dict:
         described = {"method": self.name, "layers": list(self.layers), "global_thr": self.global_thr,
                      "individual_thr": self.individual_thr, "merge_threshold": MERGE_THRESHOLD, "key_rate": KEY_RATE,
-                     "budget_row": self.budget, "decode_cache_stage": "not implemented"}
+                     "budget_row": self.budget, "prune_cache": self.prune_cache}
         complete = {b: e for b, e in self._entering.items() if len(e) == len(self.cut_layers) + 1}
         if complete:
             counts = self.tokens_per_layer(min(complete))
@@ -231,10 +242,12 @@ def smallest_budget(info: ModelInfo) -> float:
 
 
 def policy(info: ModelInfo, budget: float | None = None, global_thr: float | None = None,
-           individual_thr: float | None = None, layers: list[int] | None = None) -> Policy:
+           individual_thr: float | None = None, layers: list[int] | None = None, prune_cache: bool = True) -> Policy:
     """MustDrop with the thresholds of the paper's `budget` row (192, 128, 64 of 576) or given `global_thr` and
     `individual_thr`; `layers`: the filters' layers (their outputs) of a 32-layer decoder, by relative depth (by
-    default the official four, or as many of the first as a shallower decoder has distinct layers for)."""
+    default the official four, or as many of the first as a shallower decoder has distinct layers for);
+    `prune_cache=False` turns the decode-time cache stage off (every layer keeps the cache of the tokens it
+    processed)."""
     if layers is None:  # a decoder too shallow for four distinct filters (the 4-layer demo) runs the first ones
         layers = LAYERS[:max(1, min(len(LAYERS), info.n_layers - 1))]
     layers = info.relative_layers(list(layers), "MustDrop layers", lowest=0, spare=1)
@@ -242,7 +255,7 @@ def policy(info: ModelInfo, budget: float | None = None, global_thr: float | Non
         raise ValueError("MustDrop takes global_thr= and individual_thr= together (its scripts' --global_thr and "
                          "--individual_thr)")
     if global_thr is not None:
-        return MustDrop(info, layers, float(global_thr), float(individual_thr), None)
+        return MustDrop(info, layers, float(global_thr), float(individual_thr), None, prune_cache)
     if budget is None:
         raise ValueError("MustDrop needs a budget (192, 128 or 64 of 576) or global_thr= and individual_thr=")
     row = round(budget * OFFICIAL_N_VISUAL / info.n_visual, 9)
@@ -252,7 +265,7 @@ def policy(info: ModelInfo, budget: float | None = None, global_thr: float | Non
                          f"model), whose thresholds its scripts give, got {budget:g}; its counts follow the image, so "
                          f"pass global_thr= and individual_thr= for other settings. The smallest reachable budget is "
                          f"{smallest_budget(info):g}")
-    return MustDrop(info, layers, *THRESHOLDS[int(row)], budget)
+    return MustDrop(info, layers, *THRESHOLDS[int(row)], budget, prune_cache)
 
 
 METHOD = Method("mustdrop", "MustDrop", policy, smallest_budget, replaces_budget=("global_thr", "individual_thr"),

@@ -13,17 +13,22 @@ entering decoder layer 0, the same tensor), per video of F frames of N tokens, w
    even): unique frames keep more, the total stays near base x F x N;
 4. per frame the k_f tokens with the lowest G(x, video mean) + G(x, frame mean) (the most distinctive), in their
    original order.
-A "frame" is the model's own unit: Video-LLaVA's 257 tokens of a sampled frame (CLS included), Qwen2.5-VL's
-temporal grid (h x w / 4 tokens). Positions: contiguous on Video-LLaVA (the shortened sequence); on Qwen2.5-VL the
-kept tokens keep their M-RoPE positions and the text its unpruned ones, as the official Qwen port slices
+A "frame" is the model's own unit (`shared.VideoLayout`): Video-LLaVA's 257 tokens of a sampled frame (CLS
+included), Qwen2.5-VL's and Qwen3-VL's temporal grid (h x w / 4 tokens), LLaVA-OneVision's 196 pooled tokens.
+OneVision: as the official code (`flat[idx]`, then the newline appended), the newline after the video is kept after
+the kept frame tokens, never scored or counted. Qwen3-VL: as the official port, the video tokens across the
+timestamps (`video_mask` positions) are one video, and the DeepStack rows of the kept tokens go with them.
+Positions: contiguous on Video-LLaVA and OneVision (the shortened sequence); on Qwen2.5-VL and Qwen3-VL the kept
+tokens keep their M-RoPE positions and the text its unpruned ones, as the official Qwen port slices
 `position_ids[:, :, keep]` with `rope_deltas` from the unpruned sequence.
 
 Budgets: a budget (or `ratio=`) is base x the nominal visual tokens; option `base_scale` gives the official
 `R_RATIO` directly. The count kept depends on the video (per-frame rounding and the clamp at 1), so `describe()`
 states base x the nominal tokens and a video keeps within half a token a frame of it (`Method.exact_count`).
 The official code compresses videos only (its LLaVA and Qwen entries skip images, and its Qwen port turns off at
-batch sizes above one); here images are refused and any batch equals each video alone. Deterministic (its
-`topk(sorted=False)` is re-sorted; ties between equal scores fall as torch's topk breaks them).
+batch sizes above one); here images are refused and any batch equals each video alone, computed for the batch at
+once on the device (each frame's k_f lowest scores as a rank below k_f: no count read on the host). Deterministic
+(its `topk(sorted=False)` is re-sorted; ties between equal scores fall as a stable sort breaks them).
 """
 from __future__ import annotations
 
@@ -65,7 +70,7 @@ def kept_mask(videos: Tensor, frames: int, base: float) -> Tensor:
     per_video = gaussian(x, x.mean(dim=(1, 2), keepdim=True))
     per_frame = gaussian(x, x.mean(dim=2, keepdim=True))
     budgets = frame_budgets(-per_video.mean(-1), base, x.shape[2])
-    rank = (per_video + per_frame).argsort(dim=-1).argsort(dim=-1)
+    rank = (per_video + per_frame).argsort(dim=-1, stable=True).argsort(dim=-1)
     return (rank < budgets.unsqueeze(-1)).flatten(1)
 
 
@@ -75,17 +80,13 @@ def retained(video: Tensor, frames: int, base: float) -> Tensor:
 
 
 class VidCom2(FrameSelection):
-    name, title = "vidcom2", "VidCom2"
-
-    def __init__(self, info: ModelInfo, base_scale: float):
-        self.info, self.base_scale = info, base_scale
+    name, title, knob = "vidcom2", "VidCom2", "base_scale"
 
     def kept(self, frames: Tensor, layout: VideoLayout) -> Tensor:
-        return kept_mask(frames, layout.frames, self.base_scale)
+        return kept_mask(frames, layout.frames, self.setting)
 
-    def describe(self) -> dict:
-        return {"method": self.name, "base_scale": self.base_scale, "layers": list(self.cut_layers),
-                "equivalent_tokens": round(self.base_scale * self.info.n_visual)}
+    def equivalent_tokens(self) -> int | None:
+        return round(self.setting * self.info.n_visual)
 
 
 def policy(info: ModelInfo, budget: float | None = None, base_scale: float | None = None) -> Policy:

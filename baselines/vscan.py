@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop.engine import DecoderCut, EncoderView, Policy, Selection, topk_in_order
+from visiondrop.engine import DecoderCut, EncoderView, Policy, Selection, complement, topk_in_order
+from visiondrop.engine.attention import gather_rows
 from visiondrop.engine.scoring import text_last_token
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.methods import Method, Overhead
@@ -65,24 +66,24 @@ def window_picks(scores: Tensor, grid: tuple[int, int], per_window: int) -> Tens
 
 
 def merge_into_nearest(projected: Tensor, kept: Tensor, official_cosine: bool = True) -> Tensor:
-    """[k, D]: the kept rows of `projected` [P, D] (ascending indices `kept`), each averaged with the other rows
-    whose most cosine-similar kept row it is (`official_cosine`: the official `F.cosine_similarity`, else one
-    product of normalised vectors)."""
-    mask = torch.zeros(projected.shape[0], dtype=torch.bool, device=projected.device)
-    mask[kept] = True
-    retained, others = projected[mask], projected[~mask]
-    if others.shape[0] == 0:
+    """[N, k, D]: the kept rows of `projected` [N, P, D] (ascending indices `kept` [N, k]), each averaged with the
+    other rows whose most cosine-similar kept row it is (`official_cosine`: the official `F.cosine_similarity` on the
+    official shapes, else one product of normalised vectors). Gathers by index, in ascending order as the official
+    boolean masks select, so that nothing is read back to the host."""
+    retained = gather_rows(projected, kept)
+    others = gather_rows(projected, complement(kept, projected.shape[1]))
+    if others.shape[1] == 0:
         return retained
     if official_cosine:
-        cosine = F.cosine_similarity(others.unsqueeze(1), retained.unsqueeze(0), dim=2)
+        cosine = F.cosine_similarity(others.unsqueeze(2), retained.unsqueeze(1), dim=3)
     else:
-        cosine = F.normalize(others, dim=-1) @ F.normalize(retained, dim=-1).t()
-    nearest = cosine.argmax(dim=1)
+        cosine = F.normalize(others, dim=-1) @ F.normalize(retained, dim=-1).transpose(1, 2)
+    nearest = cosine.argmax(dim=2)
     merged = torch.zeros_like(retained) + retained
-    merged.scatter_add_(0, nearest.unsqueeze(-1).expand(-1, projected.shape[1]), others)
-    count = torch.zeros(retained.shape[0], dtype=torch.int, device=projected.device)
-    count.scatter_add_(0, nearest, torch.ones_like(nearest, dtype=torch.int))
-    return merged / (1 + count.unsqueeze(1))
+    merged.scatter_add_(1, nearest.unsqueeze(-1).expand(-1, -1, projected.shape[2]), others)
+    count = torch.zeros(kept.shape, dtype=torch.int, device=projected.device)
+    count.scatter_add_(1, nearest, torch.ones_like(nearest, dtype=torch.int))
+    return merged / (1 + count.unsqueeze(2))
 
 
 class VScan(Policy):
@@ -111,7 +112,8 @@ class VScan(Policy):
         chosen = torch.cat([local, deep.topk(n_global, dim=1).indices], dim=1)
         kept = chosen.sort(dim=1).values
         projected = view.project(view.hidden[:, first:])
-        merged = torch.stack([merge_into_nearest(p, k, self.eager_encoder) for p, k in zip(projected, kept)])
+        # crop by crop: the official cosine materialises [dropped, kept, D] (at LLaVA's width 0.75 GB a crop)
+        merged = torch.cat([merge_into_nearest(p[None], k[None], self.eager_encoder) for p, k in zip(projected, kept)])
         return Selection(kept + first, features=merged)
 
     def select_decoder(self, cut: DecoderCut) -> Selection:

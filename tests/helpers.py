@@ -71,6 +71,35 @@ class LayerCounter:
             h.remove()
 
 
+class KeyCounter:
+    """The keys each decoder layer's attention may see from the last query row, at every decode step (q = 1), read
+    from the attention mask the layer receives: [step][row][layer]."""
+
+    def __init__(self, model):
+        self.steps: list[list[list[int]]] = []
+        layers = model.model.language_model.layers
+        self._hooks = [layer.self_attn.register_forward_pre_hook(self._record, with_kwargs=True) for layer in layers]
+        self._first = layers[0].self_attn
+
+    def _record(self, module, args, kwargs):
+        hidden, mask = kwargs.get("hidden_states", args[0] if args else None), kwargs["attention_mask"]
+        if hidden.shape[1] != 1:
+            return
+        if module is self._first:
+            self.steps.append([[] for _ in range(hidden.shape[0])])
+        if mask is None:  # SDPA's causal fast path: every cached key and the new one
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            counts = [cache.get_seq_length(module.layer_idx) + 1] * hidden.shape[0]
+        else:
+            counts = (mask[:, 0, -1] if mask.dtype == torch.bool else mask[:, 0, -1] == 0).sum(-1).tolist()
+        for row, count in zip(self.steps[-1], counts):
+            row.append(count)
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
 #: two questions about one image that lead text-guided methods to other tokens
 TWO_QUESTIONS = ["What is in the image?", "How many red shapes are on the left side of the picture?"]
 

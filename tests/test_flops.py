@@ -12,8 +12,8 @@ from helpers import inputs
 from visiondrop.families import flops_dims
 from visiondrop.api import METHODS
 from visiondrop.methods import method as registered
-from visiondrop.efficiency.flops import (checkpoint_dims, flop_counter, main, measure_schedule, method_flops, overhead_flops,
-                              prefill_flops, schedule)
+from visiondrop.efficiency.flops import (checkpoint_dims, decode_step_flops, flop_counter, main, measure_schedule,
+                                         method_decode_flops, method_flops, overhead_flops, prefill_flops, schedule)
 
 ROOT = Path(__file__).resolve().parents[1]
 VD64 = (96,) * 8 + (70,) * 8 + (52,) * 8 + (38,) * 8  # methods.md 1(f)
@@ -79,6 +79,43 @@ def test_formula_matches_torch_flop_counter(tiny, method, budget):
         assert getattr(formula, part) == pytest.approx(modules[module], rel=0.02), part
     assert sched.tokens_per_layer == ((576,) * 32 if method == "none" else VD64)
     assert (formula.overhead > 0) == (method != "none")
+
+
+def test_decode_step_formula_matches_torch_flop_counter(tiny):
+    """One decode step after an unpruned prefill: the formula gives what FlopCounterMode counts."""
+    import torch
+
+    from visiondrop.engine.compat import CACHE_ARG, cache_kwargs
+
+    model, processor = tiny
+    batch = inputs(processor, ["What is in the image?"])
+    dims = flops_dims(model.config)
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+        step = {"input_ids": out.logits[:, -1:].argmax(-1), **cache_kwargs(getattr(out, CACHE_ARG)),
+                "attention_mask": torch.cat([batch["attention_mask"], batch["attention_mask"][:, :1]], 1)}
+        with flop_counter() as counter:
+            model(**step)
+    text = batch["input_ids"].shape[1] - dims.n_visual
+    formula = decode_step_flops(dims, schedule(dims, "none"), text)
+    assert formula.total == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_decode_time_selections_are_counted():
+    """DyCoke's decode steps attend, from layer 3 on, to the int((n - 1) x 0.2) best-scored video tokens and its last
+    one (Video-LLaVA's 8 frames, TTM at half the tokens), and pay for the layer-2 attention row; PruneVid's pruned
+    caches leave its layers 0-10 the tokens layer 11 keeps."""
+    dims = checkpoint_dims("video-llava-7b")
+    dycoke = schedule(dims, "dycoke", 1028)
+    kept = dycoke.tokens_per_layer[0]
+    assert dycoke.decode_keys == (kept,) * 3 + (int((kept - 1) * (1 - 0.8)) + 1,) * 29 and dycoke.decode_scoring == 2
+    with_stage, without = (method_decode_flops(dims, "dycoke", 1028, dycoke_p=p) for p in (0.8, None))
+    assert with_stage.decoder < without.decoder and with_stage.overhead > 0 == without.overhead
+    assert without.total == decode_step_flops(dims, replace(dycoke, decode_keys=None, decode_scoring=None), 63).total
+    prunevid = schedule(dims, "prunevid", alpha=0.4)
+    assert prunevid.decode_keys == (prunevid.tokens_per_layer[11],) * 11 + prunevid.tokens_per_layer[11:]
+    assert method_decode_flops(dims, "prunevid", alpha=0.4).decoder < method_decode_flops(
+        dims, "prunevid", alpha=0.4, prune_cache=False).decoder
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])

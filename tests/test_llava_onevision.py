@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import (IMAGE_METHODS, beams_equal_alone, greedy_with_logits, measure_counts, stock_and_pruned_means,
+from helpers import (IMAGE_METHODS, SHARE_METHODS, beams_equal_alone, greedy_with_logits, measure_counts, stock_and_pruned_means,
                      videos_batch_equals_alone)
 from test_video_qa import endpoint  # noqa: F401  (the loopback judge's fixture)
 from visiondrop.families import ModelInfo, family_of, info_of
@@ -141,17 +141,13 @@ def test_none_is_the_stock_model(model_and_processor, batch):
         assert handle.trace.tokens_per_layer == [[n] * 28 for n in originals]
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [name for name in METHODS if not method(name).video_only])
 def test_every_method_on_videos(model_and_processor, batch, clips, name):
     """A batch of videos with prompts of different lengths equals each alone; cached decoding equals re-running
     the prompt with the prefill's decisions; the tokens entering each decoder layer, counted with forward
-    pre-hooks, are the trace's; the retention ratio of each video's own tokens holds."""
+    pre-hooks, are the trace's; the retention ratio of each video's own tokens holds. (The video methods, which
+    need more frames: `test_video_methods_on_videos`.)"""
     model, processor = model_and_processor
-    if method(name).video_only:  # not yet: the newline after the video belongs to no frame (docs/methods.md)
-        with visiondrop.apply(model, name, ratio=0.5), torch.no_grad(), \
-                pytest.raises(NotImplementedError, match="beside a video's frames"):
-            model(**batch)
-        return
     ratio = ratio_of(name)
     policy = policy_for(info_of(model), name, ratio=ratio, **method(name).example_options(model.config))
     reason = family_of(model).unsupported(policy, "video") if policy.encoder_layer is not None else None
@@ -171,6 +167,92 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
         assert abs(described["equivalent_tokens"] - ratio * 6272) <= 32, described
         target = described.get("mean_tokens_entering_layers", described["equivalent_tokens"]) * VIDEO_TOKENS / 6272
         assert abs(measured - target) <= FRAMES + 1, f"{name}: {measured} of {VIDEO_TOKENS}, {described}"
+
+
+VIDEO_METHODS = [name for name in METHODS if method(name).video_only]
+LONG_FRAMES = 8  # the video methods need more than 4 frames (DyCoke's official code), 7 (PruneVid's clustering)
+LONG_TOKENS = LONG_FRAMES * 196 + 1
+
+
+@pytest.fixture(scope="module")
+def long_videos(model_and_processor, demo_videos):
+    """Two 8-frame videos with prompts of different lengths, in one batch and each alone."""
+    processor = model_and_processor[1]
+    clips = [read_frames(path, LONG_FRAMES) for path in demo_videos[:2]]
+    return encode(processor, QUESTIONS, clips), [encode(processor, [q], [c]) for q, c in zip(QUESTIONS, clips)]
+
+
+def video_ratio(name: str) -> float:
+    """The video papers' 25%; DyCoke's official layout of 8 frames keeps 3 of them whole (its floor is 40%); PruneVid
+    at 10%: its first stage keeps 1/8 of these tiny random videos' tokens, which its second stage halves."""
+    return {"dycoke": 0.5, "prunevid": 0.1}.get(name, 0.25)
+
+
+@pytest.mark.parametrize("name", VIDEO_METHODS)
+def test_video_methods_on_videos(model_and_processor, long_videos, name):
+    """Every video method on OneVision's 8 x 196 frame tokens and the newline after them: the batch equals each
+    video alone (kept tokens, counts, logits, tokens; cached decoding equals replaying the prefill's decisions);
+    the tokens entering each decoder layer, counted with forward pre-hooks, are the frame tokens the method keeps
+    plus the newline, which every method keeps after the frames' tokens (as the official LLaVA-NeXT-based code
+    appends it after compressing them); budgets count the frame tokens (6,272 of the nominal 32 frames)."""
+    model, _ = model_and_processor
+    batch, singles = long_videos
+    ratio = video_ratio(name)
+    # the random tiny model may pick a placeholder id, which a replay without cache would read as a video
+    config = model.generation_config
+    config.suppress_tokens = [model.config.video_token_id, model.config.image_token_id]
+    try:
+        handle, trace = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS, ratio=ratio)
+    finally:
+        config.suppress_tokens = None
+    frame_tokens = LONG_FRAMES * 196
+    for kept in trace.kept[0]:  # after every cut: the newline (original index 1568) still there, last
+        assert kept[-1] == frame_tokens and (kept[:-1] < frame_tokens).all(), name
+    counts = trace.tokens_per_layer[0]
+    if name == "prunevid":  # stage 1's tokens up to the cut after layer 10's relative depth, then alpha of them,
+        second = handle.policy.cut_layers[1]  # the newline beside them in every layer
+        assert counts == [counts[0]] * second + [counts[-1]] * (28 - second) and counts[-1] < counts[0]
+        assert abs(sum(counts) / 28 - 1 - ratio * frame_tokens) <= LONG_FRAMES * 18 / 28, counts
+        return
+    if name == "holitom":  # its outer merge before the LLM, then its inner merge at layer 18's depth (its docstring)
+        assert counts == sorted(counts, reverse=True) and len(set(counts)) == 2, counts
+        return
+    assert counts == [counts[0]] * 28 and counts[0] == len(trace.kept[0][0])
+    kept = counts[0] - 1
+    if name == "dycoke":  # 8 frames: pairs (0, 1) .. (6, 7) and (0, 2): frames 0, 4, 6 whole, 5 pruned of m each
+        assert kept == 3 * 196 + 5 * round((ratio * frame_tokens - 3 * 196) / 5)
+    elif name == "evs":
+        assert kept == int(frame_tokens * ratio)
+    else:  # VidCom2 (base x tokens), FastVID (each frame's share): within half a token a frame (per-frame rounding)
+        assert abs(kept - ratio * frame_tokens) <= LONG_FRAMES / 2, kept
+
+
+@pytest.mark.parametrize("name", ["evs", "vidcom2", "dycoke"])
+def test_video_selection_equals_the_stock_decoder_fed_the_kept_tokens(model_and_processor, long_videos, name):
+    """A cut before the first layer is the stock language model fed by hand the kept frame tokens' embeddings, in
+    the method's order, then the newline, with the prompt's text around them (positions contiguous, as the official
+    code shortens the sequence)."""
+    model, _ = model_and_processor
+    single = long_videos[1][1]
+    embeds = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embeds.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**single)
+    finally:
+        hook.remove()
+    with visiondrop.apply(model, name, ratio=video_ratio(name)) as handle, torch.no_grad():
+        pruned = model(**single).logits[0, -1]
+    visual = (single["input_ids"][0] == model.config.video_token_id).nonzero()[:, 0]
+    kept = handle.trace.kept[0][0]
+    length = single["input_ids"].shape[1]
+    rows = torch.cat([torch.arange(visual[0]), visual[kept], torch.arange(visual[-1] + 1, length)])
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=embeds[0][:, rows]).last_hidden_state
+        fed = model.lm_head(hidden)[0, -1]
+    torch.testing.assert_close(pruned, fed, atol=1e-9, rtol=1e-9)
+    assert kept[-1] == LONG_FRAMES * 196 and kept.numel() < LONG_TOKENS
 
 
 @pytest.mark.parametrize("name", IMAGE_METHODS)
@@ -407,9 +489,12 @@ def test_the_video_ov_experiment_reaches_its_budgets():
     from visiondrop.families.llava_onevision import LLAVA_ONEVISION
 
     options = {"sparsevlm": {"lists": "interpolated"}}
-    runs_on_videos = {name for name in IMAGE_METHODS if name == "none" or LLAVA_ONEVISION.unsupported(
-        policy_for(info, name, ratio=0.25, **options.get(name, {})), "video") is None}  # video methods: not yet
-    assert {m.name for m in methods} == runs_on_videos  # every method the family runs on videos
+    runs_on_videos = {name for name in ["none", *SHARE_METHODS] if name == "none" or LLAVA_ONEVISION.unsupported(
+        policy_for(info, name, ratio=0.25, **options.get(name, {})), "video") is None}
+    # every method the family runs on videos; DyCoke apart (its whole frames: at least 28.5% of 32 frames)
+    assert {m.name for m in methods} == runs_on_videos | set(VIDEO_METHODS) - {"dycoke"}
+    with pytest.raises(ValueError, match="smallest reachable budget"):
+        policy_for(info, "dycoke", ratio=0.25)
     assert sweep.benchmarks.split(",") == ["video_mc", "activitynet_qa"]  # the multiple-choice set, ActivityNet-QA
     for chosen in (m for m in methods if m.name != "none"):
         for ratio in (float(r) for r in str(sweep["budget.ratio"]).split(",")):

@@ -1,6 +1,8 @@
 """MustDrop: the window similarity, the spatial merge, the key set and the dual filter by hand; budgets and
-thresholds; the key set protected at every cut; the merge inside the tower measured with hooks (parity with the
-official code on the prefill: tests/test_parity.py, fixtures tests/parity/mustdrop)."""
+thresholds; the key set protected at every cut; the merge inside the tower measured with hooks; the decode-time
+cache stage (keys counted from the layers' masks, batch == alone, cache == replay with its shifted positions).
+Parity with the official code on the prefill and every decode step: tests/test_parity.py, fixtures
+tests/parity/mustdrop."""
 import math
 
 import pytest
@@ -8,9 +10,13 @@ import torch
 
 import visiondrop
 from baselines.mustdrop import dual_filter, key_set, policy, spatial_merge, window_similarity
-from helpers import inputs, measure_counts
+from helpers import (KeyCounter, assert_equal_up_to_reordering, demo_image, greedy_with_logits, inputs,
+                     measure_counts)
 from parity import load_case, parity_inputs
+from visiondrop.api import Handle
 from visiondrop.core import ModelInfo
+from visiondrop.efficiency.properties import greedy as greedy_run
+from visiondrop.engine.replay import Replay
 from visiondrop.families import info_of
 from visiondrop.families.llava import tower_layers
 
@@ -128,3 +134,67 @@ def test_next_keeps_its_base_images_key_set(tiny_next):
     base = handle.policy._keys[0]
     assert base.numel() > 0 and int(base.max()) < handle.trace.tokens_per_layer[0][0]
     assert handle.trace.tokens_per_layer[0][3:] == [base.numel()] * 29
+
+
+NEW_TOKENS = 5
+QUESTIONS = ["What is in the image?", "Describe the colours of every object you can see in it."]
+
+
+def generate(model, batch: dict, **options):
+    """(tokens, logits, trace, visual keys counted per decode step, row and layer)."""
+    counter = KeyCounter(model)
+    try:
+        with visiondrop.apply(model, "mustdrop", **options) as handle:
+            tokens, logits = greedy_with_logits(model, batch, NEW_TOKENS)
+    finally:
+        counter.close()
+    return tokens, logits, handle, counter.steps
+
+
+def test_cache_stage_changes_the_decode_steps_only_and_batch_equals_alone(tiny):
+    """The decode steps at layers 2-14 attend to the visual tokens the last filter kept (counted from the masks the
+    layers receive), as the trace records; layers 0-1 to every visual token; the prefill is the stage's without it
+    (`prune_cache=False`); each prompt alone equals the batch."""
+    model, processor = tiny
+    processor.tokenizer.padding_side = "left"
+    batch = inputs(processor, QUESTIONS)
+    tokens, logits, handle, keys = generate(model, batch, budget=64)
+    _, logits_off, handle_off, keys_off = generate(model, batch, budget=64, prune_cache=False)
+    trace = handle.trace
+    assert handle.policy.decode_layers == tuple(range(2, 15)) and not handle_off.policy.decode_layers
+    assert trace.tokens_per_layer == handle_off.trace.tokens_per_layer
+    torch.testing.assert_close(logits[:, 0], logits_off[:, 0], atol=0, rtol=0)
+    assert not torch.allclose(logits[:, 1:], logits_off[:, 1:], atol=1e-4)
+    assert len(keys) == len(trace.decode_tokens) == NEW_TOKENS - 1 and not handle_off.trace.decode_tokens
+    for step, (counted, counted_off, attended) in enumerate(zip(keys, keys_off, trace.decode_tokens)):
+        for row, (n, n_off, visual) in enumerate(zip(counted, counted_off, attended)):
+            cached, last = trace.tokens_per_layer[row], trace.tokens_per_layer[row][15]
+            assert len(set(cached[3:15])) > 1, "the filters after layer 2 dropped nothing: the case tests too little"
+            assert visual == cached[:2] + [last] * 30, (step, row)
+            assert [a - b for a, b in zip(n_off, n)] == [c - v for c, v in zip(cached, visual)], (step, row)
+    for i, question in enumerate(QUESTIONS):
+        alone_tokens, alone_logits, alone, _ = generate(model, inputs(processor, [question], [demo_image(i)]),
+                                                        budget=64)
+        assert torch.equal(tokens[i], alone_tokens[0])
+        assert_equal_up_to_reordering(logits[i], alone_logits[0], f"prompt {i} alone")
+        assert [step[i] for step in trace.decode_tokens] == [step[0] for step in alone.trace.decode_tokens]
+
+
+def test_cached_decoding_equals_replaying_its_cut_caches_and_positions(tiny):
+    """Without a cache, each generated token attends at layers 2-14 to the last filter's tokens and takes there the
+    position that follows them (`Policy.decode_evicts`), as with the cut cache; a replay that keeps every layer's
+    positions gives other logits."""
+    model, processor = tiny
+    processor.tokenizer.padding_side = "left"
+    batch = inputs(processor, QUESTIONS)
+    with visiondrop.apply(model, "mustdrop", 64) as handle, torch.no_grad():
+        cached = greedy_run(model, batch, NEW_TOKENS)
+    with Handle(model, Replay(handle.policy, handle.trace)), torch.no_grad():
+        replayed = greedy_run(model, batch, NEW_TOKENS, use_cache=False)
+    assert torch.equal(cached[0], replayed[0])
+    assert_equal_up_to_reordering(replayed[1], cached[1], "replay")
+    unshifted = Replay(handle.policy, handle.trace)
+    unshifted.decode_evicts = False
+    with Handle(model, unshifted), torch.no_grad():
+        forgetful = greedy_run(model, batch, NEW_TOKENS, use_cache=False)
+    assert not torch.allclose(cached[1][:, 1:], forgetful[1][:, 1:], atol=1e-4)

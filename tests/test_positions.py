@@ -124,6 +124,24 @@ def test_position_bias_experiment_on_the_demo_setup(tmp_path, monkeypatch):
     assert png.stat().st_size > 10_000
 
 
+def test_unreadable_maps_are_named_and_left_out_of_the_report(tmp_path, caplog):
+    """A truncated or foreign `.positions.json` beside a record is warned about, naming the file, and its run left
+    out (as the store does with unreadable records); the others' maps still make the report."""
+    records = []
+    for method, text in (("fastv", json.dumps(_maps([575, 574]).to_dict())), ("visiondrop", None), ("dart", "[1, 2]")):
+        record = {"model": "m", "benchmark": "B", "method": method, "options": {}, "budget": 64.0,
+                  "path": str(tmp_path / f"{method}.json")}
+        maps = positions_path(record["path"])
+        maps.write_text(text or json.dumps(_maps([0]).to_dict())[:50])  # as a full disk or a killed copy leaves it
+        records.append(record)
+    with caplog.at_level("WARNING"):
+        entries = collect(records, "m", "B")
+    assert [record["method"] for record, _ in entries] == ["fastv"]
+    assert entries[0][1].cuts["layer 2"].kept_tokens == 2
+    for method in ("visiondrop", "dart"):
+        assert f"{tmp_path / method}.positions.json: not readable positional-bias maps" in caplog.text
+
+
 def test_video_llava_cells_of_an_image_and_of_a_video(tiny_video):
     """An image's 256 tokens (CLS dropped) are one 16x16 grid; a video's 8 x 257 are 8 frames, CLS first in each."""
     model, processor = tiny_video

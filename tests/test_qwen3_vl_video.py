@@ -13,7 +13,7 @@ import torch
 import visiondrop
 from helpers import IMAGE_METHODS, videos_batch_equals_alone
 from visiondrop.harness.video import read_frames
-from visiondrop.methods import method
+from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import load_tiny
 
 QUESTIONS = ["What happens in the video?", "Is the red shape moving to the left or to the right? Answer briefly."]
@@ -95,7 +95,7 @@ def ratio_of(name: str) -> float:
 
 
 @contextmanager
-def keeps_the_timestamps(model, name: str, single: dict, handle):
+def keeps_the_timestamps(model, name: str, n_visual: int, single: dict, handle):
     """Around a video's run alone: every text token (the timestamps) is still there after every cut of its prefill,
     in its order, and every kept frame token stays between its own timestamps (temporal positions never decrease)."""
     positions = Positions(model)
@@ -109,20 +109,21 @@ def keeps_the_timestamps(model, name: str, single: dict, handle):
     for pos in [p[:, 0] for p in positions.seen[:len(handle.trace.cuts) + 1]]:  # the prompt's, then after each cut
         text_rows = _subsequence(pos, stock[:, is_text])
         assert text_rows is not None, f"{name}: a text token (a timestamp?) is missing or moved"
-        assert pos.shape[1] - len(text_rows) in {280, *handle.trace.tokens_per_layer[0]}
+        assert pos.shape[1] - len(text_rows) in {n_visual, *handle.trace.tokens_per_layer[0]}
         assert bool((pos[0].diff() >= 0).all()), f"{name}: a frame's token left its span"
 
 
-@pytest.mark.parametrize("name", IMAGE_METHODS)  # the video methods: not yet on Qwen3-VL's timestamped spans
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_every_method_on_videos(model_and_processor, batch, clips, name):
     """A batch of two videos with prompts of different lengths equals each alone; cached decoding equals re-running
     the prompt with the prefill's decisions; the tokens entering each decoder layer, counted with forward pre-hooks,
-    are the trace's, and meet the ratio; the timestamps and spans hold after every cut (`keeps_the_timestamps`)."""
+    are the trace's, and meet the ratio; the timestamps and spans hold after every cut (`keeps_the_timestamps`).
+    (The video methods, which need more frames: `test_video_methods_on_videos`.)"""
     model, processor = model_and_processor
     ratio = ratio_of(name)
     singles = [encode(processor, [question], clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
     handle, trace = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS,
-                                              during_alone=partial(keeps_the_timestamps, model, name),
+                                              during_alone=partial(keeps_the_timestamps, model, name, 280),
                                               **({} if name == "none" else {"ratio": ratio}))
     if name != "none" and not method(name).counts_follow_content:  # the method's share of the nominal image, of each video's own 280 tokens (within one token
         # per temporal patch: whole counts per frame)
@@ -131,6 +132,94 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name):
         assert all(abs(sum(measured) / 36 - share * 280) <= 4 + 1 for measured in trace.tokens_per_layer), \
             (name, trace.tokens_per_layer)
         assert abs(share - ratio) < 0.05, (name, described)
+
+
+LONG_FRAMES = 16  # 8 temporal patches of 70 tokens: DyCoke's official code needs more than 4, PruneVid 7
+VIDEO_METHODS = [name for name in METHODS if method(name).video_only]
+
+
+@pytest.fixture(scope="module")
+def long_clips(demo_videos):
+    return [read_frames(path, LONG_FRAMES) for path in demo_videos[:2]]
+
+
+def video_ratio(name: str) -> float:
+    """The video papers' 25%; DyCoke's official layout of 8 temporal patches keeps 3 of them whole (its floor is
+    40%); PruneVid at 10%: its first stage keeps about 1/7 of these tiny random videos' tokens."""
+    return {"dycoke": 0.5, "prunevid": 0.1}.get(name, 0.25)
+
+
+@pytest.mark.parametrize("name", VIDEO_METHODS)
+def test_video_methods_on_videos(model_and_processor, long_clips, name):
+    """Every video method on videos of 8 temporal patches, each after its timestamp: a sample's visual tokens are one
+    set across the spans (a temporal patch is a frame), the timestamps are never cut, every kept token stays in its
+    own span, PruneVid's merged tokens in the span of the place they stand for (`keeps_the_timestamps`); the batch
+    equals each video alone (DeepStack rows carried: a merged token's are its members' by its weights); counts
+    measured with pre-hooks meet the ratio of each video's own 560 tokens (the video papers' retention ratios)."""
+    model, processor = model_and_processor
+    batch = encode(processor, QUESTIONS, long_clips)
+    singles = [encode(processor, [question], long_clips[i:i + 1]) for i, question in enumerate(QUESTIONS)]
+    ratio = video_ratio(name)
+    handle, trace = videos_batch_equals_alone(model, name, run, batch, singles, NEW_TOKENS, ratio=ratio,
+                                              during_alone=partial(keeps_the_timestamps, model, name, 560))
+    for counts in trace.tokens_per_layer:
+        mean = sum(counts) / 36
+        if name == "prunevid":  # stage 1 then alpha of its tokens: each group's count rounded down (18 at most)
+            assert counts[-1] < counts[0] and abs(mean - ratio * 560) <= 18 * 26 / 36, counts
+        elif name == "dycoke":  # frames 0, 4, 6 whole, 5 pruned of m each
+            assert counts == [3 * 70 + 5 * round((ratio * 560 - 3 * 70) / 5)] * 36
+        elif name == "evs":
+            assert counts == [int(ratio * 560)] * 36
+        elif name == "holitom":  # its outer merge before the LLM, then its inner merge at layer 18's depth
+            assert counts == sorted(counts, reverse=True) and len(set(counts)) == 2, counts
+        else:  # VidCom2, FastVID: within half a token a frame
+            assert counts == [counts[0]] * 36 and abs(mean - ratio * 560) <= 4, counts
+    if name == "prunevid":  # the merged tokens' weights over the video's tokens (their DeepStack rows merge alike)
+        assert all(selection[2].shape[1] == 560 for selection in trace.selections[0].values())
+
+
+def hand_fed_logits(model, single: dict, kept: torch.Tensor, shift_deepstack: bool = False) -> torch.Tensor:
+    """The stock decoder's last logits [1, V] on a one-video prompt with only its `kept` video tokens: their stock
+    embeddings, 3-D positions and DeepStack rows, with every text token (the timestamps) between them, fed by hand.
+    shift_deepstack: give each kept token the DeepStack rows of the token after it instead (a misalignment)."""
+    ids = single["input_ids"][0]
+    with torch.no_grad():
+        encoded = model.model.get_video_features(single["pixel_values_videos"], single["video_grid_thw"])
+        embeds = model.get_input_embeddings()(ids)
+        positions = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"],
+                                               video_grid_thw=single["video_grid_thw"])[0]
+    is_video = ids == model.config.video_token_id
+    slots = is_video.nonzero()[:, 0]
+    embeds[slots] = encoded.pooler_output[0].to(embeds.dtype)
+    # the kept tokens in the method's order, each in its own span (at the span's first slot), the text in between
+    span_start = torch.cummax(torch.where(is_video & ~torch.cat([is_video.new_zeros(1), is_video[:-1]]),
+                                          torch.arange(len(ids)), 0), 0).values
+    text = (~is_video).nonzero()[:, 0]
+    step = 2 * len(ids)
+    keys = torch.cat([text * step, span_start[slots[kept]] * step + 1 + torch.arange(kept.numel())])
+    chosen = torch.cat([text, slots[kept]])[keys.argsort()]
+    rows = (kept + 1).clamp(max=len(slots) - 1) if shift_deepstack else kept
+    with torch.no_grad():
+        hidden = model.model.language_model(
+            inputs_embeds=embeds[chosen][None], position_ids=positions[:, :, chosen],
+            visual_pos_masks=is_video[chosen][None],
+            deepstack_visual_embeds=[level[0][rows] for level in encoded.deepstack_features]).last_hidden_state
+        return model.lm_head(hidden[:, -1])
+
+
+@pytest.mark.parametrize("name", ["evs", "vidcom2", "dycoke"])
+def test_video_selection_equals_the_stock_decoder_fed_by_hand(model_and_processor, long_clips, name):
+    """A video method's cut before the first decoder layer equals the stock decoder fed the kept video tokens'
+    embeddings, original 3-D positions and DeepStack rows by hand, with all the timestamps; the kept tokens'
+    DeepStack rows shifted by one token change the logits far beyond float noise (what the test catches)."""
+    model, processor = model_and_processor
+    single = encode(processor, QUESTIONS[:1], long_clips[:1])
+    with visiondrop.apply(model, name, ratio=video_ratio(name)) as handle, torch.no_grad():
+        pruned = model(**single).logits[:, -1]
+    kept = handle.trace.kept[0][0]
+    assert 0 < kept.numel() < 560
+    torch.testing.assert_close(pruned, hand_fed_logits(model, single, kept), atol=1e-9, rtol=1e-9)
+    assert (hand_fed_logits(model, single, kept, shift_deepstack=True) - pruned).abs().max() > 1e-2
 
 
 def _subsequence(positions: torch.Tensor, text: torch.Tensor) -> list[int] | None:
@@ -164,3 +253,22 @@ def test_plugin_runs_videos_with_timestamps(tiny_qwen3_dir, demo_videos):
     assert trace.cuts == ["encoder"] and maps.modality == "video"
     assert int(maps.cuts["encoder"].kept.sum()) == len(trace.kept[0][0])
     assert abs(trace.mean_tokens[0] - 0.25 * 280) <= 4  # a quarter of each temporal patch's 70 tokens
+
+
+@pytest.mark.parametrize("name", ["evs", "prunevid"])
+def test_video_methods_on_the_moe(tiny_dir_of, long_clips, name):
+    """The MoE variant (the same adapter; decoder layers that differ only in their MLP) runs the video methods on
+    timestamped videos too: a cut that keeps (EVS) and one that merges then prunes inside (PruneVid) give each video
+    alone the batch's answers, with the timestamps kept and counts measured with pre-hooks."""
+    model, processor = load_tiny(tiny_dir_of("qwen3_vl_moe"))  # float32: its grouped expert matmuls take no float64
+    processor.tokenizer.padding_side = "left"
+    as_float = lambda inputs: {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}  # noqa: E731
+    batch = as_float(encode(processor, QUESTIONS, long_clips))
+    singles = [as_float(encode(processor, [question], long_clips[i:i + 1])) for i, question in enumerate(QUESTIONS)]
+    ratio = video_ratio(name)
+    _, trace = videos_batch_equals_alone(model, name, run, batch, singles, atol=1e-4, ratio=ratio,
+                                         during_alone=partial(keeps_the_timestamps, model, name, 560))
+    for counts in trace.tokens_per_layer:
+        assert len(counts) == 48 and counts[-1] < 560
+        if name == "evs":
+            assert counts == [int(ratio * 560)] * 48

@@ -200,7 +200,8 @@ def test_prunevid_first_stage_equals_the_official_function():
     cases = torch.load(Path(__file__).parent / "parity" / "prunevid" / "fixture.pt")["cases"]
     assert any(sum(c["static_sizes"]) for c in cases) and any(len(c["window_sizes"]) > 1 for c in cases)
     for case in cases:
-        tokens, slots, groups = merge_video(case["features"], case["frames"], case["tau"])
+        tokens, slots, groups, weights = merge_video(case["features"], case["frames"], case["tau"])
+        torch.testing.assert_close(weights @ case["features"], tokens)  # each token is its weights' mean
         assert [sum(g[1:]) + g[0] for g in groups] == [s + d for s, d in zip(case["static_sizes"],
                                                                                case["dynamic_sizes"])]
         assert [g[0] for g in groups] == case["static_sizes"]

@@ -38,11 +38,15 @@ def test_window_picks_by_hand():
 
 def test_merge_into_nearest_by_hand():
     """Kept 0 and 2; 1 is nearest 0 (cosine 0.9), 3 nearest 2: each kept token the mean of itself and members."""
-    x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 2.0]])
-    merged = merge_into_nearest(x, torch.tensor([0, 2]))
-    torch.testing.assert_close(merged, torch.tensor([[0.95, 0.05], [0.05, 1.5]]))
-    torch.testing.assert_close(merge_into_nearest(x, torch.tensor([0, 2]), official_cosine=False), merged)
-    assert torch.equal(merge_into_nearest(x, torch.arange(4)), x)
+    x = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 2.0]]])
+    merged = merge_into_nearest(x, torch.tensor([[0, 2]]))
+    torch.testing.assert_close(merged, torch.tensor([[[0.95, 0.05], [0.05, 1.5]]]))
+    torch.testing.assert_close(merge_into_nearest(x, torch.tensor([[0, 2]]), official_cosine=False), merged)
+    assert torch.equal(merge_into_nearest(x, torch.arange(4)[None]), x)
+    # each crop merges among its own rows: the second keeps 1 and 3 (0 joins 1, 2 joins 3)
+    two = merge_into_nearest(torch.cat([x, x]), torch.tensor([[0, 2], [1, 3]]))
+    torch.testing.assert_close(two[0], merged[0])
+    torch.testing.assert_close(two[1], torch.tensor([[0.95, 0.05], [0.05, 1.5]]))
 
 
 @pytest.mark.parametrize("budget,tokens,keep", [(64, 96, 32), (128, 192, 64), (192, 288, 96)])

@@ -254,6 +254,10 @@ class TokenCounts:
     cuts: tuple[Cut, ...] = ()
     crops: int = 1
     newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")
+    #: the visual keys each decoder layer attends to at the first decode step, where a decode-time KV selection
+    #: chooses them (`Policy.decode_layers`), and the layer whose attention row it scores with; None: every cached one
+    decode_keys: tuple[int, ...] | None = None
+    decode_scoring: int | None = None
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,13 @@ Assumptions written down:
   distances (no matrix product, about cand^2 x d = 0.1 GFLOPs, not counted). The official VisionDrop code projects
   q, k and v of every token at each cut where the engine projects k of every token and q of the visual rows:
   counting the official way would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
+- decode step (`decode_step_flops`, `method_decode_flops`; the CLI prints it apart from the prefill total): the first
+  decode step after the prefill, one new token: each layer's projections and MLP on it; Q K^T and A V over the keys
+  it attends to: the visual tokens the layer cached or, under a decode-time KV selection (`Policy.decode_layers`:
+  DyCoke's, PruneVid's cache pruning), those the step chose (measured on the proxy's first decode step), as the
+  official codes count after gathering them (the engine masks the others, and its kernels still run over them),
+  plus the prompt's other tokens and the new one; the LM head on it; and where the selection scores with one layer's
+  attention row (DyCoke), that row's query projection and logits.
 """
 from __future__ import annotations
 
@@ -83,6 +90,7 @@ from ..api import apply
 from ..core import Cut, Dims, Shape, TokenCounts, TokenIds
 from ..families import checkpoint_config, checkpoints, family_by_type, flops_dims
 from ..methods import METHODS, method as registered
+from .properties import greedy
 
 TEXT_TOKENS = 63  # the paper's text length (methods.md 7)
 
@@ -117,11 +125,12 @@ class Breakdown:
         return "\n".join([f"{'component':<16} {'TFLOPs':>9}", *rows])
 
 
-def _decoder_layer_macs(dims: Dims, n: int) -> int:
+def _decoder_layer_macs(dims: Dims, n: int, keys: int | None = None) -> int:
+    """n tokens through a decoder layer attending to `keys` keys each (default: the n themselves)."""
     q_dim, kv_dim = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
     linears = (2 * dims.hidden * q_dim + 2 * dims.hidden * kv_dim + 3 * dims.hidden * dims.intermediate
                + dims.hidden * dims.router)
-    return n * linears + 2 * n * n * q_dim  # Q K^T and A V over the full square
+    return n * linears + 2 * n * (n if keys is None else keys) * q_dim  # Q K^T and A V over the full square
 
 
 def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int, n_crops: int | None = None,
@@ -158,6 +167,18 @@ def prefill_flops(dims: Dims, tokens_per_layer: Sequence[int], text_tokens: int,
         lm_head=2.0 * (tokens_per_layer[-1] + other) * dims.hidden * dims.vocab,
         overhead=float(overhead),
     )
+
+
+def decode_step_flops(dims: Dims, sched: TokenCounts, text_tokens: int) -> Breakdown:
+    """FLOPs of the first decode step after the prefill (one new token, `decode_step` in the module docstring)."""
+    other = text_tokens + dims.extra_tokens + 1  # the prompt's other tokens and the new one
+    keys = sched.decode_keys or sched.tokens_per_layer
+    overhead = 0
+    if sched.decode_scoring is not None:  # the engine's attention row: the query's projection, its logits
+        q_dim = dims.n_heads * dims.head_dim
+        overhead = dims.hidden * q_dim + (sched.tokens_per_layer[sched.decode_scoring] + other) * q_dim
+    return Breakdown(vision=0.0, projector=0.0, decoder=2.0 * sum(_decoder_layer_macs(dims, 1, n + other) for n in keys),
+                     lm_head=2.0 * dims.hidden * dims.vocab, overhead=2.0 * overhead)
 
 
 def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: int, **options: Any) -> float:
@@ -234,12 +255,19 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
     premade: list[bool] = []
     with apply(model, method, budget, **options) as handle, torch.no_grad():
         _record_cuts(handle.policy, cuts, premade)
-        model(**inputs)
+        decodes = bool(handle.policy.decode_layers)
+        if decodes:  # the prefill and one decode step, whose selection the trace records
+            greedy(model, inputs, new_tokens=2)
+        else:
+            model(**inputs)
         counts = tuple(handle.trace.tokens_per_layer[0])
     encoder = [c for c in cuts if c.layer is None]  # an encoder cut projects only what it keeps and merges,
     # unless it selects among tokens the model projected already (LLaVA-OneVision's pooled video frames)
     projected = sum(c.kept + c.merged for c in encoder) if encoder and not any(premade) else None
-    return TokenCounts(counts, projected, tuple(cuts))
+    if not decodes:
+        return TokenCounts(counts, projected, tuple(cuts))
+    return TokenCounts(counts, projected, tuple(cuts), decode_keys=tuple(handle.trace.decode_tokens[0][0]),
+                       decode_scoring=handle.policy.decode_scoring_layer)
 
 
 def _record_cuts(policy: Any, cuts: list[Cut], premade: list[bool]) -> None:
@@ -247,7 +275,7 @@ def _record_cuts(policy: Any, cuts: list[Cut], premade: list[bool]) -> None:
     once per crop of the one image measured, as `Cut` counts it) and whether an encoder view was projected already
     (`premade`)."""
     select_encoder, select_decoder = policy.select_encoder, policy.select_decoder
-    merged = lambda sel: 0 if sel.merged is None else len(sel.merged[0])  # noqa: E731
+    merged = lambda sel: 0 if sel.merged is None else len(sel.of_sample(0)[1])  # noqa: E731
 
     def encoder(view):
         sel = select_encoder(view)
@@ -326,6 +354,15 @@ def schedule(dims: Dims, method: str, budget: float | None = None, **options: An
     return _measured[key]
 
 
+def method_decode_flops(model: str | Dims, method: str = "none", budget: float | None = None,
+                        text_tokens: int = TEXT_TOKENS, **options: Any) -> Breakdown:
+    """FLOPs of the first decode step after the prefill of `method` at `budget` (`decode_step_flops`)."""
+    dims = checkpoint_dims(model) if isinstance(model, str) else model
+    sched = schedule(dims, method, budget, **options)
+    dims = replace(dims, extra_tokens=max(0, dims.extra_tokens - sched.newlines))  # measured, not extra
+    return decode_step_flops(dims, sched, text_tokens)
+
+
 def method_flops(model: str | Dims, method: str = "none", budget: float | None = None,
                  text_tokens: int = TEXT_TOKENS, **options: Any) -> Breakdown:
     """Prefill FLOPs of `method` at `budget` on a preset name or Dims, with `text_tokens` non-visual tokens."""
@@ -371,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"visual tokens per decoder layer: {_runs(sched.tokens_per_layer)} (mean {mean:.2f}); "
           f"{'all' if sched.projected is None else sched.projected} of "
           f"{(dims.projected_per_crop or dims.visual_per_crop) * dims.crops} projected; {sched.crops} vision crop(s)")
+    step = method_decode_flops(dims, args.method, budget, args.text_tokens)
+    if sched.decode_keys is not None:
+        print(f"visual keys attended at the first decode step: {_runs(sched.decode_keys)}")
+    print(f"first decode step: {step.total / 1e9:.2f} GFLOPs (not in the total below)")
     print(result.table())
     print(f"total {result.total / 1e12:.2f} TFLOPs")
 

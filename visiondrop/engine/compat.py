@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from torch import Tensor
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -18,6 +19,11 @@ CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).p
 def cache_kwargs(cache: Cache | None) -> dict[str, Any]:
     """The keyword that hands `cache` to a model, a decoder layer or a model output under this release."""
     return {CACHE_ARG: cache}
+
+
+def cached_keys(cache: Cache, layer_idx: int) -> Tensor:
+    """The post-RoPE keys [B, H_kv, kv, hd] a `DynamicCache` holds for decoder layer `layer_idx`."""
+    return cache.layers[layer_idx].keys
 
 
 def pop_cache(kwargs: dict[str, Any]) -> Cache | None:

@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
 from ..families.base import Family
-from .attention import causal_mask
-from .compat import cache_kwargs
-from .policy import DecoderCut, Policy, Selection
+from .attention import cached_attention, causal_mask
+from .compat import cache_kwargs, cached_keys
+from .policy import DecodeStep, DecoderCut, Policy, Selection
 from .trace import Trace
 
 
@@ -38,6 +38,32 @@ class Segment:
     layers: list[int]
     mask: Tensor  # [B, kv] real tokens among the cached rows
     next_pos: Tensor  # [..., B] position of the next token
+    visual: list[Tensor]  # per row [n]: the cached rows of its visual tokens
+    before_cut: list[Tensor] | None  # per row [n]: each one's index among the previous segment's (-1: made at the cut)
+    kept_later: list[Tensor] | None = None  # per row [n] bool: whether each survives every later cut (None: no cut)
+
+
+@dataclass
+class Cached:
+    """What the decode steps on a prefill's cache need: its segments and the decode-time KV selection's progress."""
+
+    segments: list[Segment]
+    trailing: list[int]  # per row: its visual tokens after a video's frames (`DecoderCut.trailing`)
+    state: list[dict]  # per row: the policy's memory between decode steps (`DecodeStep.state`)
+    step: int = 0  # decode forwards so far
+
+    def reorder(self, rows: Tensor) -> None:
+        """Follow beam search's reorder of the cache's rows (`rows`: the old row of each new one)."""
+        for seg in self.segments:
+            index = rows.to(seg.mask.device)
+            seg.mask, seg.next_pos = seg.mask[index], seg.next_pos[..., index]
+            seg.visual = [seg.visual[r] for r in rows.tolist()]
+            if seg.kept_later is not None:
+                seg.kept_later = [seg.kept_later[r] for r in rows.tolist()]
+            if seg.before_cut is not None:
+                seg.before_cut = [seg.before_cut[r] for r in rows.tolist()]
+        self.trailing = [self.trailing[r] for r in rows.tolist()]
+        self.state = [dict(self.state[r]) for r in rows.tolist()]
 
 
 @dataclass
@@ -55,6 +81,8 @@ class Running:
     side_layers: tuple[int, ...] = ()  # the decoder layers after which the side rows are added, in order
     #: per sample [its original visual tokens] the tower's attention (`DecoderCut.tower_attention`), or None
     tower: list[Tensor | None] | None = None
+    #: per sample [vis_len]: each visual token's index among the visual tokens before the last cut, -1 for one it made
+    before_cut: list[Tensor] | None = None
 
 
 def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
@@ -101,7 +129,7 @@ def apply_selections(family: Family, run: Running,
     renumber = renumber and not family.fixed_positions
     length = run.hidden.shape[1]
     device = run.hidden.device
-    index, sources, positions, visual_at, origins, side = [], [], [], [], [], []
+    index, sources, positions, visual_at, origins, side, before_cut = [], [], [], [], [], [], []
     for b in range(run.hidden.shape[0]):
         first = length - int(run.mask[b].sum())
         source, pos = run.hidden[b], run.pos.select(-2, b)
@@ -109,6 +137,7 @@ def apply_selections(family: Family, run: Running,
             index.append(torch.arange(first, length, device=device))
             visual_at.append(run.vis_index[b] - first)
             origins.append(run.origins[b])
+            before_cut.append(torch.arange(len(run.vis_index[b]), device=device))
             side.append(None if run.side is None else run.side[b])
             positions.append(family.renumbered(pos[..., first], len(index[-1])) if renumber else pos[..., first:])
             sources.append(source)
@@ -131,6 +160,7 @@ def apply_selections(family: Family, run: Running,
         # the visual tokens in their new order: each an entry of (kept..., merged...)
         entry = _visual_entries(order, is_visual, run.vis_index[b], keep, length)
         origins.append(torch.cat([run.origins[b][keep], keep.new_full((n_merged,), -1)])[entry])
+        before_cut.append(torch.cat([keep, keep.new_full((n_merged,), -1)])[entry])
         side.append(None if run.side is None else _side_rows(run.side[b], keep, n_merged, weights,
                                                              features is not None)[entry])
         if renumber:
@@ -152,7 +182,7 @@ def apply_selections(family: Family, run: Running,
     vis_index = [at + p for at, p in zip(visual_at, pads)]
     counts = torch.tensor([len(at) for at in visual_at], device=device)
     return Running(hidden, mask, pos, vis_index, counts, origins, run.frames, None if run.side is None else side,
-                   run.side_layers, run.tower)
+                   run.side_layers, run.tower, before_cut)
 
 
 def _packed_order(vis_index: Tensor, keep: Tensor, merged_span: Tensor, trailing: int, first: int,
@@ -250,7 +280,7 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
             cos=rope[0][rows], sin=rope[1][rows],
             visual=torch.stack([run.vis_index[b] for b in rows.tolist()]),
             original_visual=n0, samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
-            final_norm=final_norm, frames=f, trailing=family.video_trailing if f else 0,
+            final_norm=final_norm, frames=f, trailing=family.video_trailing if f else 0, side_rows=run.side is not None,
             tower_attention=None if run.tower is None else torch.stack([run.tower[b] for b in rows.tolist()]),
         )
 
@@ -260,23 +290,26 @@ def _cut(family: Family, policy: Policy, run: Running, groups, trace: Trace, lay
     selections, slots = {}, {}
     for cut in groups:
         sel: Selection = policy.select_decoder(cut)
-        keep = sel.indices()
         for g, b in enumerate(cut.samples):
-            selections[b] = (keep[g], None if sel.merged is None else sel.merged[g],
-                             None if sel.weights is None else sel.weights[g], sel.trailing,
-                             None if sel.features is None else sel.features[g])
-            if sel.slots is not None:
-                slots[b] = sel.slots[g]
+            keep, merged, weights, sample_slots = sel.of_sample(g)
+            selections[b] = (keep, merged, weights, sel.trailing, None if sel.features is None else sel.features[g])
+            if sample_slots is not None:
+                slots[b] = sample_slots
     trace.add_cut(f"layer {layer_idx}", [run.origins[b][selections[b][0]] if b in selections else run.origins[b][:0]
                                          for b in range(run.hidden.shape[0])], selections, slots)
     return apply_selections(family, run, selections, policy.renumbers_at(layer_idx), slots)
 
 
 def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: DynamicCache | None, trace: Trace,
-            ) -> tuple[Tensor, list[Segment]]:
-    """Run every decoder layer, cutting where the policy says. Returns the final hidden states and the segments."""
+            ) -> tuple[Tensor, Cached]:
+    """Run every decoder layer, cutting where the policy says. Returns the final hidden states and what the decode
+    steps need. A policy's replayed decode-time selections (`Policy.replayed_steps`) mask, at its decode layers, the
+    visual keys each of the last tokens did not attend to when it was decoded."""
     layers = family.decoder_layers(lm)
     cut_layers = set(policy.cut_layers)
+    decode_layers = _check_decode_layers(policy, len(layers))
+    history = policy.replayed_steps(run.hidden.shape[1]) if decode_layers else []
+    trace.prompt_length = run.hidden.shape[1]
     original_visual = run.vis_len.clone()
     scratch: dict = {}
     segments: list[Segment] = []
@@ -293,39 +326,159 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         if cut_here or not segments:
             rope = family.rotary(lm, run.hidden, run.pos)
             mask4d = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype)
-            segments.append(Segment([], run.mask, family.next_position(run.pos)))
+            blocked = replayed = replayed_rope = None
+            segments.append(Segment([], run.mask, family.next_position(run.pos), list(run.vis_index),
+                                    run.before_cut if cut_here else None))
         segments[-1].layers.append(i)
         trace.add_layer(run.vis_len)
         prev_hidden = run.hidden
-        layer_mask = mask4d
+        layer_mask, layer_rope = mask4d, rope
+        if history and i in decode_layers:  # the generated tokens attend as at their decode steps
+            if blocked is None:  # this segment's first decode layer
+                blocked = _blocked([step[i] for step in history], run)
+                replayed = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, blocked=blocked)
+                replayed_rope = rope
+                if _evicts(family, policy):  # and at the positions they took there
+                    shifted = run.pos.clone()
+                    shifted[..., -len(history):] -= blocked.sum(-1).to(shifted.dtype)
+                    replayed_rope = family.rotary(lm, run.hidden, shifted)
+            layer_mask, layer_rope = replayed, replayed_rope
         if i in policy.bidirectional_layers:  # this prefill layer attends over every real token (no causal mask)
-            layer_mask = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, causal=False)
-        run.hidden = layer(run.hidden, attention_mask=layer_mask, position_embeddings=rope,
+            layer_mask = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, causal=False,
+                                     blocked=blocked if history and i in decode_layers else None)
+        run.hidden = layer(run.hidden, attention_mask=layer_mask, position_embeddings=layer_rope,
                            use_cache=cache is not None, **cache_kwargs(cache))
         if run.side is not None and i in run.side_layers:
             run.hidden = add_side(run, i)
             if i == run.side_layers[-1]:
                 run.side = None  # added for the last time: later cuts need no side rows (nor merge weights)
-    return family.final_norm(lm)(run.hidden), segments
+    _survivals(segments)
+    trailing = [family.video_trailing if f else 0 for f in run.frames.tolist()]
+    return family.final_norm(lm)(run.hidden), Cached(segments, trailing, [{} for _ in trailing])
 
 
-def decode(family: Family, lm: nn.Module, hidden: Tensor, attention_mask: Tensor | None, cache: DynamicCache,
-           segments: list[Segment]) -> Tensor:
-    """One decode forward of q new tokens after a pruned prefill: per segment, its own positions and mask."""
+def _survivals(segments: list[Segment]) -> None:
+    """Set each segment's `kept_later`: whether each of its visual tokens is still cached after every later cut."""
+    alive = None
+    for seg, after in zip(reversed(segments[:-1]), reversed(segments[1:])):
+        alive = [torch.ones(len(at), dtype=torch.bool, device=at.device) for at in after.visual] if alive is None \
+            else alive
+        # scattered to a spare last slot where a token was made at the cut: no boolean index, no read on the host
+        seg.kept_later = alive = [
+            torch.zeros(len(at) + 1, dtype=torch.bool, device=at.device).scatter_(
+                0, torch.where(source >= 0, source, len(at)), survives)[:-1]
+            for at, source, survives in zip(seg.visual, after.before_cut, alive)]
+
+
+def _check_decode_layers(policy: Policy, n_layers: int) -> set[int]:
+    """The policy's decode layers, checked: existing layers, none straddling a cut, its scoring layer before them."""
+    decode_layers = set(policy.decode_layers)
+    if not decode_layers:
+        return decode_layers
+    scoring = policy.decode_scoring_layer
+    span = decode_layers | ({scoring} if scoring is not None else set())
+    if min(span) < 0 or max(span) >= n_layers:
+        raise ValueError(f"{policy.name}'s decode-time KV selection names layers {sorted(span)}, and this decoder has "
+                         f"{n_layers}")
+    if scoring is not None and scoring >= min(decode_layers):
+        raise ValueError(f"{policy.name} scores its decode-time KV selection at layer {scoring}: it must come before "
+                         f"the layers it applies to ({min(decode_layers)} on)")
+    if scoring is not None and any(min(span) < cut <= max(span) for cut in policy.cut_layers):
+        raise NotImplementedError(f"{policy.name} scores its decode-time KV selection at layer {scoring} for layers "
+                                  f"up to {max(span)}, across a cut ({sorted(policy.cut_layers)}): a scoring layer's "
+                                  "rows line up with the tokens of its own segment only")
+    return decode_layers
+
+
+def _evicts(family: Family, policy: Policy) -> bool:
+    """Whether the keys a decode-time selection leaves out shift the decode positions (`Policy.decode_evicts`)."""
+    return policy.decode_evicts and policy.renumber_positions and not family.fixed_positions
+
+
+def _evicted(selection: list[Tensor | None], like: Tensor) -> Tensor:
+    """[B]: how many cached visual keys each row's decode-time selection left out (as `like`'s dtype and device)."""
+    return torch.stack([like.new_zeros(()) if chosen is None else (~chosen).sum().to(like) for chosen in selection])
+
+
+def _blocked(history: list[list[Tensor | None]], run: Running) -> Tensor:
+    """[B, r, L]: the visual keys that each of the last r tokens did not attend to at its decode step."""
+    batch, length = run.hidden.shape[:2]
+    blocked = torch.zeros(batch, len(history), length, dtype=torch.bool, device=run.hidden.device)
+    for r, step in enumerate(history):
+        for b, selected in enumerate(step):
+            if selected is None:
+                continue
+            if selected.shape[0] != len(run.vis_index[b]):
+                raise RuntimeError("the replayed decode-time selections do not match this prefill's visual tokens")
+            blocked[b, r, run.vis_index[b][~selected.to(blocked.device)]] = True
+    return blocked
+
+
+def decode(family: Family, lm: nn.Module, policy: Policy, hidden: Tensor, attention_mask: Tensor | None,
+           cache: DynamicCache, cached: Cached, trace: Trace) -> Tensor:
+    """One decode forward of q new tokens after a pruned prefill: per segment, its own positions and mask; at the
+    policy's decode layers, only the visual keys its decode-time selection chose for this step and segment (recorded
+    in `trace`)."""
     batch, q_len, _ = hidden.shape
     layers = family.decoder_layers(lm)
+    decode_layers = set(policy.decode_layers)
     new = torch.ones(batch, q_len, dtype=torch.bool, device=hidden.device)
     if attention_mask is not None:
         new = attention_mask[:, -q_len:].bool()
-    for seg in segments:
+    chosen: dict[int, list[Tensor | None]] = {}  # a segment's first decode layer -> its selection of this step
+    cached_visual = []  # per layer: each row's cached visual tokens, and the selection its keys follow
+    for seg in cached.segments:
         if cache.get_seq_length(seg.layers[0]) != seg.mask.shape[1]:
             raise RuntimeError("the KV cache no longer matches the pruned prefill (reordered or reused cache?); "
                                "only greedy/sampling decoding on the cache of the last prefill is supported")
         kv_mask = torch.cat([seg.mask, new], dim=1)
         rope = family.rotary(lm, hidden, family.continued(seg.next_pos, q_len))
         mask4d = causal_mask(lm.config, kv_mask, q_len, hidden.dtype)
+        own = [i for i in seg.layers if i in decode_layers]
+        selection, selected_mask, selected_rope = None, None, rope
         for i in seg.layers:
-            hidden = layers[i](hidden, attention_mask=mask4d, position_embeddings=rope,
-                                  use_cache=True, **cache_kwargs(cache))
+            if own and i == own[0]:  # chosen at the scoring layer, before, or now
+                selection = chosen[i] = selection or _select(policy, cached, seg, own, None)
+                selected_mask = causal_mask(lm.config, _attended(kv_mask, seg.visual, selection), q_len, hidden.dtype)
+                if _evicts(family, policy):  # the positions that follow the cache without the keys left out
+                    evicted = _evicted(selection, seg.next_pos)
+                    selected_rope = family.rotary(lm, hidden, family.continued(seg.next_pos - evicted, q_len))
+            cached_visual.append(([len(at) for at in seg.visual], selection if i in decode_layers else None))
+            entering = hidden
+            hidden = layers[i](hidden, attention_mask=selected_mask if i in decode_layers else mask4d,
+                               position_embeddings=selected_rope if i in decode_layers else rope, use_cache=True,
+                               **cache_kwargs(cache))
+            if i == policy.decode_scoring_layer:
+                rows = cached_attention(layers[i], entering, *rope, cached_keys(cache, i), kv_mask, family.rotate)
+                selection = _select(policy, cached, seg, own, rows)
         seg.mask, seg.next_pos = kv_mask, seg.next_pos + q_len
+    if decode_layers:  # the visual keys each layer attended to, read once a step
+        picked = [c for sel in chosen.values() for c in sel if c is not None]
+        sums = iter(torch.stack([c.sum() for c in picked] or [hidden.new_zeros(())]).tolist())
+        sizes = {id(c): int(next(sums)) for c in picked}
+        trace.add_decode_step(chosen, [[counts[b] if sel is None or sel[b] is None else sizes[id(sel[b])]
+                                        for counts, sel in cached_visual] for b in range(batch)])
+        cached.step += 1
     return family.final_norm(lm)(hidden)
+
+
+def _select(policy: Policy, cached: Cached, seg: Segment, layers: list[int], attention: Tensor | None,
+            ) -> list[Tensor | None]:
+    """The policy's decode-time selection for this step at `layers` of `seg`, checked."""
+    step = DecodeStep(cached.step, tuple(layers), seg.visual, seg.kept_later or [None] * len(seg.visual),
+                      cached.trailing, cached.state, attention)
+    selection = policy.select_cached(step)
+    if len(selection) != len(seg.visual) or any(
+            s is not None and (s.dtype != torch.bool or s.shape != at.shape) for s, at in zip(selection, seg.visual)):
+        raise ValueError(f"{policy.name}.select_cached must give each row a bool over its cached visual tokens "
+                         "(or None)")
+    return selection
+
+
+def _attended(kv_mask: Tensor, visual: list[Tensor], selection: list[Tensor | None]) -> Tensor:
+    """The key mask [B, kv] without the visual keys a decode-time selection left out."""
+    allowed = kv_mask.clone()
+    for b, (at, chosen) in enumerate(zip(visual, selection)):
+        if chosen is not None:
+            allowed[b, at] = allowed[b, at] & chosen  # indices, not a boolean index: no read on the host
+    return allowed

@@ -53,7 +53,7 @@ class Pruner:
         # by first token for stacked features; and the rows of the forward in flight
         self._tower: tuple[list[tuple[Tensor | weakref.ref, int]], list[Tensor]] | tuple = ()
         self._tower_rows: list[Tensor] | None = None
-        self._segments: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> segments
+        self._cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> decoder.Cached
         if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model: remove() it first")
         self._install()
@@ -189,8 +189,8 @@ class Pruner:
         visual, self._visual = self._visual, None
         if inputs_embeds is None:
             inputs_embeds = self.lm.get_input_embeddings()(input_ids)
-        segments = self._segments.get(past_key_values) if past_key_values is not None else None
-        if (segments is not None or (visual is not None and visual.any())) and any(
+        cached = self._cached.get(past_key_values) if past_key_values is not None else None
+        if (cached is not None or (visual is not None and visual.any())) and any(
                 kwargs.get(f"output_{k}", getattr(self.lm.config, f"output_{k}", False))
                 for k in ("attentions", "hidden_states")):
             # the layers see different token sets after each cut: no per-layer tensors a caller could line up
@@ -201,8 +201,9 @@ class Pruner:
         if visual is not None and visual.any():
             side = self.family.side_features(kwargs, visual)
             return self._prefill(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, visual, side)
-        if segments is not None:
-            hidden = decoder.decode(self.family, self.lm, inputs_embeds, attention_mask, past_key_values, segments)
+        if cached is not None:
+            hidden = decoder.decode(self.family, self.lm, self.policy, inputs_embeds, attention_mask, past_key_values,
+                                    cached, self.trace)
             return BaseModelOutputWithPast(last_hidden_state=hidden, **cache_kwargs(past_key_values))
         return type(self.lm).forward(self.lm, attention_mask=attention_mask, position_ids=position_ids,
                                      inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -223,24 +224,23 @@ class Pruner:
         trace = Trace.start(embeds.shape[0])
         if self.policy.encoder_layer is not None:
             run = self._drop_empty_slots(run, trace)
-        hidden, segments = decoder.prefill(self.family, self.lm, self.policy, run, cache if use_cache else None, trace)
+        hidden, cached = decoder.prefill(self.family, self.lm, self.policy, run, cache if use_cache else None, trace)
         self.trace = trace
         if use_cache:
-            self._segments[cache] = segments
+            self._cached[cache] = cached
             self._follow_reorders(cache)
         return BaseModelOutputWithPast(last_hidden_state=hidden, **cache_kwargs(cache if use_cache else None))
 
     def _follow_reorders(self, cache: DynamicCache) -> None:
-        """Beam search reorders the cache's rows between steps: reorder the segments' per-row bookkeeping too."""
+        """Beam search reorders the cache's rows between steps: reorder the engine's per-row bookkeeping too."""
         if "reorder_cache" in cache.__dict__:
             return
         reorder = cache.reorder_cache
 
         def reorder_cache(beam_idx: Tensor) -> None:
             reorder(beam_idx)
-            for seg in self._segments.get(cache, []):
-                rows = beam_idx.to(seg.mask.device)
-                seg.mask, seg.next_pos = seg.mask[rows], seg.next_pos[..., rows]
+            if cache in self._cached:
+                self._cached[cache].reorder(beam_idx)
 
         cache.reorder_cache = reorder_cache
 

@@ -47,12 +47,31 @@ class Selection:
     features: Tensor | list[Tensor] | None = None
     slots: Tensor | list[Tensor] | None = None
     trailing: int = 0
+    #: decoder cuts, [G, c] which merged tokens are real (the others padding: a count that depends on the content,
+    #: which the engine reads instead of the policy), or None: all of them; their weights and slots alike
+    merged_valid: Tensor | None = None
 
     def indices(self) -> Tensor | list[Tensor]:
         """keep as indices: a boolean mask's kept tokens per sample (a host read, the engine's), else keep."""
         if isinstance(keep := self.keep, Tensor) and keep.dtype == torch.bool:
             return [row.nonzero()[:, 0] for row in keep]
         return keep
+
+    def of_sample(self, g: int) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Sample g's (keep indices, merged tokens, their weights, slots), the padding of `merged_valid` dropped."""
+        keep = self.keep[g]
+        if keep.dtype == torch.bool:
+            keep = keep.nonzero()[:, 0]
+        merged = None if self.merged is None else self.merged[g]
+        weights = None if self.weights is None else self.weights[g]
+        slots = None if self.slots is None else self.slots[g]
+        if self.merged_valid is not None:
+            valid = self.merged_valid[g]
+            merged = merged[valid]
+            weights = None if weights is None else weights[valid]
+            if slots is not None:
+                slots = torch.cat([slots[:keep.numel()], slots[keep.numel():][valid]])
+        return keep, merged, weights, slots
 
 
 @dataclass
@@ -69,8 +88,8 @@ class DecoderCut:
     are the rotary embeddings of the current tokens and `rotate` the model family's RoPE, for the attention rows.
     `final_norm` is the decoder's last norm (before the LM head), for methods that compare tokens in that space.
     `frames` is the group's video frames (0: its samples hold images): the original visual block is `frames` frames
-    of `(original_visual - trailing) / frames` tokens each, frame after frame, then `trailing` tokens that belong to no frame
-    (`Family.video_trailing`: LLaVA-OneVision's newline after the video); what video methods reduce
+    of `(original_visual - trailing) / frames` tokens each, frame after frame, then `trailing` tokens that belong to
+    no frame (`Family.video_trailing`: LLaVA-OneVision's newline after the video); what video methods reduce
     (`methods.shared.video_layout`; a cut before layer 0 still sees that layout).
     `tower_attention` [G, original_visual], where the policy asks for it (`Policy.tower_attention`) and the family
     shows the tower for the modality (`Family.tower_functions`), else None: the attention each original visual
@@ -94,6 +113,9 @@ class DecoderCut:
     final_norm: nn.Module | None = None
     frames: int = 0
     trailing: int = 0
+    #: the visual tokens carry side rows at this cut (`Family.side_features`): a policy that merges gives their
+    #: merge weights (`Selection.weights`)
+    side_rows: bool = False
     tower_attention: Tensor | None = None
 
     @property
@@ -132,6 +154,31 @@ class DecoderCut:
     def last_token(self) -> Tensor:
         """Sequence index [G, 1] of the last prompt token (sequences are left-padded)."""
         return torch.full((self.hidden.shape[0], 1), self.hidden.shape[1] - 1, device=self.hidden.device)
+
+
+@dataclass
+class DecodeStep:
+    """One decode forward after a prefill, as a policy with a decode-time KV selection sees it (`Policy.decode_layers`).
+
+    `step` counts the decode forwards since the prefill (0: the query is the first generated token); `layers`, the
+    decode layers this selection is for: those of one segment, the layers that cache the same tokens (a policy whose
+    decode layers span cuts is asked once per segment). Per row of the batch: `visual`, the cached rows of its visual
+    tokens at these layers (ascending; empty: no visual tokens); `kept_later`, whether each of them is still cached
+    after every later decoder cut (None: no cut after these layers);
+    `trailing`, how many of them (the last) are a video's tokens after its frames (`DecoderCut.trailing`); `state`,
+    a dict that lives across the decode steps of one generation (what a policy remembers from step to step; it
+    follows beam search's reorders). `attention`: the probabilities [B, H, q, kv] of this step's q new tokens at
+    `Policy.decode_scoring_layer` over that layer's cached rows (the new ones last), as the layer computes them (the
+    softmax in float32); None without a scoring layer.
+    """
+
+    step: int
+    layers: tuple[int, ...]
+    visual: list[Tensor]
+    kept_later: list[Tensor | None]
+    trailing: list[int]
+    state: list[dict]
+    attention: Tensor | None = None
 
 
 class Policy:
@@ -177,6 +224,19 @@ class Policy:
     #: attention and its MLP
     merges_at_layer_output: bool = False
 
+    #: Decode-time KV selection: decoder layers whose decode steps attend only to the cached visual tokens that
+    #: `select_cached` chooses at each step, per segment of them (and to every other token); (): to all of them.
+    decode_layers: tuple[int, ...] = ()
+    #: The decoder layer whose attention from the decode queries `select_cached` sees (`DecodeStep.attention`): one
+    #: before the decode layers, all of them caching the same tokens as it; None: no attention rows.
+    decode_scoring_layer: int | None = None
+    #: Decode-time KV selection: the visual keys `select_cached` leaves out count as evicted from the cache, so the new
+    #: tokens at the decode layers take the positions that follow a cache without them (the segment's next position
+    #: minus the tokens left out at that step), as official code that physically cuts its caches and positions each
+    #: decode token by its layer's cache length (MustDrop); only where positions are renumbered (a policy that
+    #: renumbers on a family without `fixed_positions`). False: every decode layer of a segment takes its position.
+    decode_evicts: bool = False
+
     def renumbers_at(self, layer_idx: int) -> bool:
         """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose cuts
         differ; default `renumber_positions`)."""
@@ -195,6 +255,17 @@ class Policy:
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         raise NotImplementedError(f"{self.name} has no decoder cuts")
+
+    def select_cached(self, step: DecodeStep) -> list[Tensor | None]:
+        """Per row of the batch, which of its cached visual tokens (`step.visual`) the decode layers attend to at this
+        step: a bool [n], or None for all of them (rows without visual tokens: None)."""
+        raise NotImplementedError(f"{self.name} has no decode-time KV selection")
+
+    def replayed_steps(self, length: int) -> list[dict[int, list[Tensor | None]]]:
+        """For a prefill of `length` tokens whose last ones were generated after a recorded prompt (`Replay`): what
+        `select_cached` chose at the decode step of each of them, oldest first, per segment (keyed by its first decode
+        layer), so that they attend as they did with the cache; [] for a prompt."""
+        return []
 
     def describe(self) -> dict:
         """The resolved schedule, for records and logs."""

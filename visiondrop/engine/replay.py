@@ -3,13 +3,18 @@
 Text-guided methods re-score when the prompt grows (as it does in generation without a KV cache); replaying the
 prefill's selections holds the kept sets fixed, which is what the cached decode steps see. Also handy for
 analysis: apply one run's selections to another input with the same image.
+
+A decode-time KV selection (`Policy.decode_layers`) chooses anew at each decode step. Replaying it means: in a
+prefill of the recorded prompt followed by the tokens generated from it, each generated token attends, at the
+decode layers, to the visual tokens its own decode step chose (and to every other token), as it did with the cache;
+cached decode steps of a replay take the recorded choices too.
 """
 from __future__ import annotations
 
 import torch
 
 from ..core import EncoderView
-from .policy import DecoderCut, Policy, Selection
+from .policy import DecodeStep, DecoderCut, Policy, Selection
 from .trace import Trace
 
 
@@ -28,7 +33,11 @@ class Replay(Policy):
         self.merges_in_tower = policy.merges_in_tower
         self.merge_in_tower = policy.merge_in_tower
         self.merges_at_layer_output = policy.merges_at_layer_output
+        self.decode_layers = policy.decode_layers
+        self.decode_evicts = policy.decode_evicts
+        self.decode_scoring_layer = None  # the recorded selections need no attention rows
         self._policy = policy
+        self._prompt_length, self._decode_steps = trace.prompt_length, trace.decode_steps
         self._selections = dict(zip(policy.cut_layers, trace.selections))
         self._slots = dict(zip(policy.cut_layers, trace.slots))
 
@@ -44,6 +53,19 @@ class Replay(Policy):
                          weights=None if weights[0] is None else _rows(weights),
                          features=None if features[0] is None else _rows(features),
                          slots=_rows(slots) if slots else None, trailing=trailing[0])
+
+    def select_cached(self, step: DecodeStep) -> list[torch.Tensor | None]:
+        if step.step >= len(self._decode_steps):
+            raise RuntimeError(f"{self.name} recorded {len(self._decode_steps)} decode steps: it cannot replay step "
+                               f"{step.step}")
+        return self._decode_steps[step.step][step.layers[0]]
+
+    def replayed_steps(self, length: int) -> list[dict[int, list[torch.Tensor | None]]]:
+        generated = length - self._prompt_length
+        if generated > len(self._decode_steps):
+            raise RuntimeError(f"{self.name} recorded {len(self._decode_steps)} decode steps: it cannot replay a "
+                               f"prefill that ends with {generated} generated tokens")
+        return self._decode_steps[:max(generated, 0)]
 
 
 def _rows(rows: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

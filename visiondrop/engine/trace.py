@@ -23,6 +23,13 @@ class Trace:
     #: `Replay` plays it back.
     selections: list[dict] = field(default_factory=list)
     slots: list[dict] = field(default_factory=list)
+    #: the prefill's input length (left-padded rows); per decode step after it, the decode-time KV selection of each
+    #: segment with decode layers, keyed by its first (`Policy.select_cached`, per sample: a bool over its cached
+    #: visual tokens, None: all of them), which `Replay` plays back; and per sample the visual tokens each decoder
+    #: layer attended to (kept in its cache and selected)
+    prompt_length: int = 0
+    decode_steps: list[dict[int, list[Tensor | None]]] = field(default_factory=list)
+    decode_tokens: list[list[list[int]]] = field(default_factory=list)
 
     @classmethod
     def start(cls, batch_size: int) -> "Trace":
@@ -42,6 +49,10 @@ class Trace:
         for sample, n in zip(self.tokens_per_layer, visual_counts.tolist()):
             sample.append(n)
 
+    def add_decode_step(self, selection: dict[int, list[Tensor | None]], attended: list[list[int]]) -> None:
+        self.decode_steps.append(selection)
+        self.decode_tokens.append(attended)
+
     @property
     def mean_tokens(self) -> list[float]:
         """The measured "# Tokens" of each sample: mean visual tokens over the decoder layers."""
@@ -52,6 +63,7 @@ class Trace:
             "cuts": self.cuts,
             "tokens_per_layer": self.tokens_per_layer,
             "kept": [[k.tolist() for k in sample] for sample in self.kept],
+            **({"decode_tokens_per_layer": self.decode_tokens} if self.decode_tokens else {}),
         }
 
 

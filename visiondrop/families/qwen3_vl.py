@@ -255,6 +255,15 @@ class Qwen3_VL(Qwen2_5_VL):
     def frames(self, config: Any) -> int:
         return FRAMES
 
+    def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
+        """A video's temporal patches (two frames each, the video methods' frames): its spans of video placeholders,
+        one after each timestamp. (Qwen2.5-VL's count from the M-RoPE positions does not apply: each temporal patch
+        is positioned as an image of its own, after its timestamp's text.)"""
+        if input_ids is None:
+            return None
+        video = input_ids == model.config.video_token_id
+        return (video & ~torch.nn.functional.pad(video, (1, 0))[:, :-1]).sum(1)
+
     # -- encoder cut ---------------------------------------------------------------------------------------------
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:

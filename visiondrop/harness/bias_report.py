@@ -10,6 +10,7 @@ kept row / its value under uniform selection: 1.0 none, above 1 bottom-heavy), b
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ import pandas as pd
 from .positions import PositionMaps
 from .store import positions_path
 from ..methods import method_title
+
+log = logging.getLogger(__name__)
 
 #: the paper's expectation of the vertical bias, by the kind of scoring (the first word of its label)
 CLAIM = {"text-guided": "bottom-heavy (> 1) after a shallow cut", "visual-only": "no vertical bias (about 1)",
@@ -48,8 +51,11 @@ def collect(records: list[dict], model: str, benchmark: str) -> list[tuple[dict,
         path = positions_path(record["path"])
         if record.get("model") != model or record.get("benchmark") != benchmark or not path.exists():
             continue
+        maps = read_maps(path)
+        if maps is None:
+            continue
         key = (record["method"], json.dumps(record.get("options"), sort_keys=True), record.get("budget"))
-        found[key] = (record, PositionMaps.from_dict(json.loads(path.read_text())))
+        found[key] = (record, maps)
     if not found:
         raise ValueError(f"no records of {model} on {benchmark} with positional-bias maps: run the experiment "
                          "first (scripts/run.py experiment=position_bias ...)")
@@ -59,6 +65,17 @@ def collect(records: list[dict], model: str, benchmark: str) -> list[tuple[dict,
     return sorted((entry for entry in found.values() if entry[1].cuts),
                   key=lambda e: (order.index(e[0]["method"]) if e[0]["method"] in order else len(order),
                                  -(e[0].get("budget") or 0)))
+
+
+def read_maps(path: Path) -> PositionMaps | None:
+    """The maps stored at `path`; None, with a warning naming the file, if they are not readable (a truncated or
+    invalid JSON file, as a full disk or a killed copy leaves it, or one without the maps' fields)."""
+    try:
+        return PositionMaps.from_dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:  # JSON errors too
+        log.warning("%s: not readable positional-bias maps, ignored (%s: %s); the report leaves this run out",
+                    path, type(err).__name__, err)
+        return None
 
 
 def _label(record: dict) -> str:

@@ -117,11 +117,24 @@ class FrameSelection(Policy):
 
     cut_layers = (0,)
     title = "?"
+    knob = "?"  # the name of the method's own setting, which a budget replaces (EVS: pruning_rate)
+
+    def __init__(self, info: ModelInfo, setting: float):
+        self.info, self.setting = info, setting
 
     def kept(self, frames: Tensor, layout: VideoLayout) -> Tensor:
         """The tokens kept of the frames' tokens [G, F x N, D]: a boolean mask [G, F x N], or indices [G, k] in the
         order they will appear."""
         raise NotImplementedError
+
+    def equivalent_tokens(self) -> int | None:
+        """The tokens kept of the nominal sample, where they follow from the setting alone."""
+        return None
+
+    def describe(self) -> dict:
+        described = {"method": self.name, self.knob: self.setting, "layers": list(self.cut_layers)}
+        tokens = self.equivalent_tokens()
+        return described if tokens is None else described | {"equivalent_tokens": tokens}
 
     def select_decoder(self, cut: DecoderCut) -> Selection:
         layout = video_layout(cut, self.title)

@@ -4,7 +4,9 @@ on the tiny parity model in original LLaVA format, float32 on CPU, as the shared
 Environment shims only (no change to the official code): torch.cuda.Stream / stream / synchronize are no-ops on
 this CPU-only torch (the official tower schedules the text and image towers on two CUDA streams). Instrumentation:
 encode_images' returned mask (the kept set), torch.argmax inside encode_images (the greedy MAP's residual gains),
-forward pre-hooks on the decoder layers (tokens per layer)."""
+forward pre-hooks on the decoder layers (tokens per layer), a forward hook on the vision tower (its image and text
+embeds, which encode_images normalises) and a forward pre-hook on the CLIP text tower (its input ids). The relevance
+stored is the official formula (encode_images' lines, same shapes) applied to the recorded embeds."""
 import contextlib
 import json
 import os
@@ -60,6 +62,9 @@ for budget in budgets:
     model.encode_images = encode_images
     projector_hook = model.get_model().mm_projector.register_forward_hook(
         lambda m, a, out: captured.__setitem__("projected", out[0].detach().clone()))
+    tower_hook = tower.register_forward_hook(lambda m, a, out: captured.update(embeds=(out[1].clone(), out[2].clone())))
+    text_hook = tower.text_tower.register_forward_pre_hook(
+        lambda m, a, kw: captured.__setitem__("text_ids", kw["input_ids"].clone()), with_kwargs=True)
     lengths = []
     hooks = [layer.register_forward_pre_hook(lambda m, a, kw: lengths.append((kw["hidden_states"] if "hidden_states" in kw else a[0]).shape[1]),
                                              with_kwargs=True) for layer in model.model.layers]
@@ -67,7 +72,7 @@ for budget in budgets:
         out, n_visual = model.generate(input_ids, images=pixels, image_sizes=[(336, 336)], texts=instruction,
                                        do_sample=False, temperature=0, top_p=None, num_beams=1, max_new_tokens=8,
                                        use_cache=True, return_dict_in_generate=True, output_scores=True)
-    for h in hooks + [projector_hook]:
+    for h in hooks + [projector_hook, tower_hook, text_hook]:
         h.remove()
     tokens = out.sequences[0].tolist()[-8:] if out.sequences.shape[1] > 8 else out.sequences[0].tolist()
     step_logits = torch.stack([s[0] for s in out.scores])
@@ -77,6 +82,13 @@ for budget in budgets:
     gap = (top2[:, 0] - top2[:, 1]).tolist()
     picks = [int(argmax(g)) for g in gains]
     nan_from = next((i for i, g in enumerate(top2[:, 0].tolist()) if not g > 0), None)
+    image_embeds, text_embeds = captured["embeds"]
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)  # as encode_images
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = (-torch.matmul(image_embeds, text_embeds.t())).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    fragile_steps = [i for i, g in enumerate(gap[:nan_from]) if g < 1e-6]
+    stable = min(fragile_steps + [len(picks) if nan_from is None else nan_from])
     prefill = lengths[:32]
     name = f"cd{budget}"
     results[name] = {
@@ -87,12 +99,17 @@ for budget in budgets:
         "dpp_nan_from_step": nan_from,
         "margins": {"gain": top2[:, 0].tolist(), "gap_abs": gap,
                     "min_gap_abs": min(g for g in gap[:nan_from]) if nan_from != 0 else None,
-                    "min_gap_step": min(range(len(gap[:nan_from])), key=lambda i: gap[i]) if nan_from != 0 else None},
+                    "min_gap_step": min(range(len(gap[:nan_from])), key=lambda i: gap[i]) if nan_from != 0 else None,
+                    "fragile_steps_gap_below_1e-6": fragile_steps},
+        "fragile": bool(fragile_steps) or nan_from is not None, "stable_prefix_picks": stable,
         "generate_returned_visual_token_num": int(n_visual),
         "settings": {"visual_token_num": budget, "instruction": instruction},
     }
     logits_out[name] = {"step_logits": step_logits, "prefill_last_logits": step_logits[0],
-                        "projected_visual_tokens": captured["projected"], "kernel_diag": gains[0]}
+                        "projected_visual_tokens": captured["projected"], "kernel_diag": gains[0],
+                        "image_embeds_normalized": image_embeds[0], "text_embeds_normalized": text_embeds,
+                        "relevance": relevance[0], "clip_text_input_ids": captured["text_ids"],
+                        "selected_order": torch.tensor(picks), "dpp_gains": top2[:, 0].clone()}
     print(name, tokens, len(kept), nan_from, min(gap[:nan_from] or [None]) if nan_from != 0 else None, flush=True)
 
 json.dump(results, open(out_path + ".json", "w"), indent=1)
