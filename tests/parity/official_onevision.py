@@ -37,7 +37,9 @@ SHIFT, NEW_TOKENS = 24, 6
 #: per method: frames of the video, the official settings (VidCom2's R_RATIO; DyCoke's lmms-eval defaults)
 SETTINGS = {"vidcom2": {"frames": 4, "R_RATIO": 0.25},
             "dycoke": {"frames": 8, "dycoke_k": 0.7, "dycoke_p": 0.8, "dycoke_l": 3,
-                       "dycoke_num_tokens_per_frame": 196}}
+                       "dycoke_num_tokens_per_frame": 196},
+            # scripts/eval_ov-7b_holitom.sh's second setting (full HoliTom: HOLITOM_k/r switch the inner merge on)
+            "holitom": {"frames": 8, "RETAIN_RATIO": 0.15, "T": 0.80, "HOLITOM_k": 18, "HOLITOM_r": 0.5}}
 QUESTION = "What moves in the video? Answer briefly."
 IMAGE_TOKEN_INDEX = -200
 # The real checkpoints' tower name: the builder picks SigLipVisionTower by it (an existing path would be CLIP), so
@@ -178,6 +180,15 @@ def run(method: str, work: Path, checkout: Path, out: Path, dycoke_p: float | No
         model.prepare_inputs_labels_for_multimodal = types.MethodType(
             official_ov.cus_prepare_inputs_labels_for_multimodal, model)
         observe(official_ov, "vidcom2_compression", compressions)
+    elif method == "holitom":  # lmms_eval/models/llava_onevision.py with WRAPPER=holitom: `holitom(model)`
+        os.environ.update(WRAPPER="holitom", **{k: str(settings[k]) for k in ("RETAIN_RATIO", "T", "HOLITOM_k", "HOLITOM_r")})
+        sys.path.insert(0, str(checkout.parent))
+        from holitom import holitom
+        model = holitom(model)
+        observe(model, "holitom", compressions)
+        # the sequence positions the inner merge keeps (its `keep_indexs`, the position ids of layers >= HOLITOM_k)
+        model.model.layers[settings["HOLITOM_k"]].register_forward_pre_hook(
+            lambda m, a, kw: key_selections.append(kw["position_ids"][0].clone()), with_kwargs=True)
     else:  # llava/model/builder.py's load_pretrained_model(..., dycoke=True, ...), as lmms-eval's llava_onevision calls
         # it
         model.dycoke = True
@@ -199,22 +210,31 @@ def run(method: str, work: Path, checkout: Path, out: Path, dycoke_p: float | No
                                 use_cache=True, pad_token_id=0)
     for h in hooks:
         h.remove()
-    (features, kept, args, kwargs), = compressions
-    # the output rows are input rows (a gather), in the official output order; their input indices are what it kept
-    matches = (kept[:, None, :] == features[None, :, :]).all(-1)
-    assert (matches.sum(1) == 1).all(), "every kept row must be exactly one input row"
-    kept_indices = matches.float().argmax(1)
+    if method == "holitom":  # one `holitom` call per window; it merges (averages) tokens: its outputs are recorded
+        kept = torch.cat([window for _, window, _, _ in compressions])
+        features, args, kwargs = inputs["video"], (), {"windows": len(compressions)}
+        kept_indices = torch.zeros(0)
+    else:
+        (features, kept, args, kwargs), = compressions
+        # the output rows are input rows (a gather), in the official output order; their input indices are what it kept
+        matches = (kept[:, None, :] == features[None, :, :]).all(-1)
+        assert (matches.sum(1) == 1).all(), "every kept row must be exactly one input row"
+        kept_indices = matches.float().argmax(1)
     layers = len(model.model.layers)
     n_text = inputs["input_ids"].shape[1] - 1
     per_layer = [n - n_text for n in lengths[:layers]]
     steps = [lengths[i * layers:(i + 1) * layers] for i in range(len(lengths) // layers)]
-    assert all(len(set(s)) == 1 for s in steps), "every decoder layer sees the same tokens at each step"
+    # HoliTom's inner merge shortens the prefill from layer HOLITOM_k on; the decode steps are one token everywhere
+    assert all(len(set(s)) == 1 for s in steps[method == "holitom":]), "every decoder layer sees the same tokens"
     torch.save({
         "method": method, "tokens": result.sequences[0].tolist(), "logits": torch.stack(result.logits, 1)[0].float(),
         "visual_tokens_per_layer": per_layer, "kept_indices": kept_indices.tolist(),
-        "video_tokens_before": features.shape[0], "step_lengths": [s[0] for s in steps],
+        "video_tokens_before": inputs["video_tokens"] if method == "holitom" else features.shape[0], "step_lengths": [s[-1] for s in steps],
+        "stage_output": kept.float() if method == "holitom" else None,
         # DyCoke: per decode step, the sequence positions layers >= dycoke_l attend to (None: all)
-        "key_selections": key_selections[1:],
+        "key_selections": key_selections[1:] if method == "dycoke" else [],
+        # HoliTom: the sequence positions entering layer HOLITOM_k in the prefill (the inner merge's keep_indexs)
+        "inner_positions": key_selections[0].tolist() if method == "holitom" else None,
         "settings": {**settings, "shift": SHIFT, "question": QUESTION, "new_tokens": NEW_TOKENS,
                      "stage_args": [list(map(str, args)), {k: str(v) for k, v in kwargs.items()}]},
         "versions": {"torch": str(torch.__version__), "transformers": transformers.__version__},
