@@ -271,8 +271,9 @@ def equals_the_official_onevision_run(folder: str, fixture: str, model_dir, meth
         kept = handle.trace.kept[0][0]
     assert tokens[0].tolist() == official["tokens"]
     torch.testing.assert_close(logits[0], official["logits"], atol=1e-3, rtol=0)
-    frame_tokens = official["video_tokens_before"]  # the newline after them is kept by both
-    assert kept[kept < frame_tokens].tolist() == official["kept_indices"]  # in the official output order
+    if official["kept_indices"]:  # pruning methods: the kept frame tokens (a merging method's are averages)
+        frame_tokens = official["video_tokens_before"]  # the newline after them is kept by both
+        assert kept[kept < frame_tokens].tolist() == official["kept_indices"]  # in the official output order
     counts, _ = measure_counts(model, batch, method_name, **options)
     assert counts == official["visual_tokens_per_layer"]
     return official, handle.trace
@@ -302,3 +303,15 @@ def test_dycoke_on_llava_onevision_equals_the_official_model(tiny_onevision_dir,
               for positions in official["key_selections"]]
     ours = [None if step[3][0] is None else step[3][0].nonzero().flatten().tolist() for step in trace.decode_steps]
     assert ours == theirs and None in ours and any(ours)  # a step attends to all (similarity >= 0.9), others select
+
+
+def test_holitom_on_llava_onevision_equals_the_official_model(tiny_onevision_dir):
+    """HoliTom as scripts/eval_ov-7b_holitom.sh runs it (RETAIN_RATIO 0.15, T 0.8, HOLITOM_k 18, HOLITOM_r 0.5) through
+    github.com/cokeshao/HoliTom's LLaVA-NeXT code, whose layer 17 attends without a causal mask in the prefill
+    (causal_scoring_layer=False reproduces it) (tests/parity/holitom/README.md)."""
+    official, trace = equals_the_official_onevision_run("holitom", "ov_fixture.pt", tiny_onevision_dir, "holitom",
+                                                        retain_ratio=0.15, tau=0.8, causal_scoring_layer=False)
+    start, visual = official["input_ids"].index(-200), official["visual_tokens_per_layer"][0]
+    inner = [p - start for p in official["inner_positions"] if start <= p < start + visual]
+    # the inner merge keeps the same visual tokens (positions among the 197 entering layer 18: merged tokens, newline)
+    assert trace.selections[1][0][0].tolist() == inner
