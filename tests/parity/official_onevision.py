@@ -4,9 +4,10 @@ and record what it computes.
 Not a test. Two steps, two environments (vidcom2/README.md, dycoke/README.md):
 
     PYTHONPATH=. python tests/parity/official_onevision.py prepare WORK    # the project's stack, at the repo root
-    $SCRATCH/venv/bin/python official_onevision.py run METHOD WORK CHECKOUT OUT [P]   # the official environment
+    $SCRATCH/venv/bin/python official_onevision.py run METHOD WORK CHECKOUT OUT [OPTION]   # the official environment
 
-METHOD: vidcom2 (github.com/xuyang-liu16/VidCom2) or dycoke (github.com/KD-TAO/DyCoke; P: its dycoke_p).
+METHOD: vidcom2 (github.com/xuyang-liu16/VidCom2), dycoke (github.com/KD-TAO/DyCoke; OPTION: its dycoke_p) or holitom
+(github.com/cokeshao/HoliTom, in its own venv with transformers 4.51.3, holitom/README.md; OPTION: its T).
 
 `prepare` builds `build_tiny("llava_onevision", seed=0)` (SigLIP 26 layers at 384/14, Qwen2 28 layers, random weights)
 and writes it in the original LLaVA-NeXT format the official code loads: `LlavaQwenForCausalLM` weights
@@ -17,11 +18,12 @@ the other 26 anyway). It also writes the inputs of every method's frame count (`
 loads the model as the fork's `llava/model/builder.py` does for `llava_qwen` (`from_pretrained`, in float32 on the CPU
 with sdpa attention), switches the method on as the fork's `lmms_eval/models/llava_onevision.py` does (VidCom2:
 `cus_prepare_inputs_labels_for_multimodal` bound with COMPRESSOR=vidcom2, R_RATIO; DyCoke: the builder's `dycoke*`
-attributes and `image_token_start_index`), and generates greedily with `images=[video]`, `modalities=["video"]`.
+attributes and `image_token_start_index`; HoliTom: WRAPPER=holitom and its variables, `model = holitom(model)`), and
+generates greedily with `images=[video]`, `modalities=["video"]`.
 VidCom2's generate times itself with CUDA events: they get CPU stand-ins. Hooks (observation only) record the tokens
 entering every decoder layer and what the method's stage before the LLM received and returned (`vidcom2_compression`,
-`dycole_ttm`), and DyCoke's decode-time key selection (`kv_cache` as layer `dycoke_l` reads it); they change nothing the
-official code computes.
+`dycole_ttm`, HoliTom's `holitom` per window), HoliTom's positions entering layer HOLITOM_k, and DyCoke's decode-time
+key selection (`kv_cache` as layer `dycoke_l` reads it); they change nothing the official code computes.
 """
 from __future__ import annotations
 
@@ -152,10 +154,14 @@ def observe(module, name: str, calls: list) -> None:
     setattr(module, name, observed)
 
 
-def run(method: str, work: Path, checkout: Path, out: Path, dycoke_p: float | None = None) -> None:
+#: the setting the optional last argument of `run` replaces
+OPTION = {"dycoke": "dycoke_p", "holitom": "T"}
+
+
+def run(method: str, work: Path, checkout: Path, out: Path, option: float | None = None) -> None:
     settings = dict(SETTINGS[method])
-    if dycoke_p is not None:
-        settings["dycoke_p"] = dycoke_p
+    if option is not None:
+        settings[OPTION[method]] = option
     os.environ.update(HF_HOME=str((work / "hf_home").resolve()), HF_HUB_OFFLINE="1")
     import transformers
 
@@ -253,4 +259,4 @@ if __name__ == "__main__":
             float(sys.argv[6]) if len(sys.argv) == 7 else None)
     else:
         raise SystemExit(f"usage: official_onevision.py prepare WORK | run {{{','.join(SETTINGS)}}} WORK CHECKOUT OUT "
-                         "[dycoke_p]")
+                         "[dycoke_p | T]")
