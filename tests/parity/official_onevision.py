@@ -187,7 +187,8 @@ def run(method: str, work: Path, checkout: Path, out: Path, option: float | None
             official_ov.cus_prepare_inputs_labels_for_multimodal, model)
         observe(official_ov, "vidcom2_compression", compressions)
     elif method == "holitom":  # lmms_eval/models/llava_onevision.py with WRAPPER=holitom: `holitom(model)`
-        os.environ.update(WRAPPER="holitom", **{k: str(settings[k]) for k in ("RETAIN_RATIO", "T", "HOLITOM_k", "HOLITOM_r")})
+        os.environ.update(WRAPPER="holitom",
+                          **{k: str(settings[k]) for k in ("RETAIN_RATIO", "T", "HOLITOM_k", "HOLITOM_r")})
         sys.path.insert(0, str(checkout.parent))
         from holitom import holitom
         model = holitom(model)
@@ -235,7 +236,8 @@ def run(method: str, work: Path, checkout: Path, out: Path, option: float | None
     torch.save({
         "method": method, "tokens": result.sequences[0].tolist(), "logits": torch.stack(result.logits, 1)[0].float(),
         "visual_tokens_per_layer": per_layer, "kept_indices": kept_indices.tolist(),
-        "video_tokens_before": inputs["video_tokens"] if method == "holitom" else features.shape[0], "step_lengths": [s[-1] for s in steps],
+        "video_tokens_before": inputs["video_tokens"] if method == "holitom" else features.shape[0],
+        "step_lengths": [s[-1] for s in steps],
         "stage_output": kept.float() if method == "holitom" else None,
         # DyCoke: per decode step, the sequence positions layers >= dycoke_l attend to (None: all)
         "key_selections": key_selections[1:] if method == "dycoke" else [],
