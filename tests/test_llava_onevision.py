@@ -173,6 +173,22 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name, monkeyp
         assert abs(measured - target) <= FRAMES + 1, f"{name}: {measured} of {VIDEO_TOKENS}, {described}"
 
 
+def test_cdpruner_runs_on_videos_with_its_prompt_relevance(model_and_processor, batch, clips):
+    """A video's view holds no tower features, so CDPruner's CLIP relevance is refused there, naming the way out;
+    with `text="prompt"` (its relevance on the decoder's inputs, as on the Qwen families) a video keeps the ratio of
+    its own tokens from decoder layer 0 on, counted with forward pre-hooks. (Batch against alone is not asserted:
+    the tiny model's 64-wide kernel spends its rank long before 196 picks, where the guarded picks follow
+    near-zero residuals that float reordering flips.)"""
+    model, processor = model_and_processor
+    with visiondrop.apply(model, "cdpruner", ratio=0.25, **method("cdpruner").example_options(model.config)), \
+            pytest.raises(NotImplementedError, match="text='prompt'"), torch.no_grad():
+        model(**batch)
+    video = encode(processor, QUESTIONS[:1], clips[:1])
+    measured, handle = measure_counts(model, video, "cdpruner", 0.25 * 6272, text="prompt", guard=True)
+    assert handle.trace.tokens_per_layer == [measured]
+    assert measured == [round(0.25 * 6272 / 32) * FRAMES] * 28, measured
+
+
 VIDEO_METHODS = [name for name in METHODS if method(name).video_only]
 LONG_FRAMES = 8  # the video methods need more than 4 frames (DyCoke's official code), 7 (PruneVid's clustering)
 LONG_TOKENS = LONG_FRAMES * 196 + 1
