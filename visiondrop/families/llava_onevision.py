@@ -249,12 +249,14 @@ class LlavaOnevision(LlavaNext):
 
     def unsupported(self, policy: Any, modality: str) -> str | None:
         """A merge at a tower layer's output (MustDrop's spatial merge) is not offered: without it such a policy
-        keeps every patch, more than an image's compact layout holds (unpadded, resized crops). On videos the
-        tower's own features (CDPruner's CLIP relevance) are not in the view: a frame's tokens exist only projected
-        and pooled."""
+        keeps every patch, more than an image's compact layout holds (unpadded, resized crops), and on videos its
+        per-video state (thresholds scaled by the frame count, the key set of the first frame) would take a batch's
+        padded frames (`with_padded_frames`) for the video's own. On videos the tower's own features (CDPruner's CLIP
+        relevance) are not in the view: a frame's tokens exist only projected and pooled."""
         if policy.merges_at_layer_output:
             return ("a merge at a tower layer's output is not supported in LLaVA-OneVision's SigLIP tower (no CLS; "
-                    "unmerged, a crop's 729 patches exceed what an image's compact layout holds)")
+                    "unmerged, a crop's 729 patches exceed what an image's compact layout holds, and a batch's "
+                    "padded video frames would count as the video's)")
         if modality == "video" and policy.tower_features:
             return ("on LLaVA-OneVision videos the encoder cut selects among the pooled, projected tokens of each "
                     "frame: the tower's own features are not pooled per frame; run it on images, or with the "
