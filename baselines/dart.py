@@ -195,4 +195,5 @@ def overhead(pivot_image: int = DEFAULT_PIVOTS[0], pivot_text: int = DEFAULT_PIV
 
 
 METHOD = Method("dart", "DART", policy, smallest_budget, overhead=overhead, replaces_budget=("truncation",),
-                scoring=lambda **_: {"decoder": "key_norms"})
+                scoring=lambda **_: {"decoder": "key_norms"},
+                second_example=(128, {"pivot_order": "position", "similarity": "hidden"}))

@@ -74,4 +74,5 @@ def selection_macs(cut: Cut, width: int) -> int:
 
 
 METHOD = Method("divprune", "DivPrune", policy, smallest_budget=lambda info: 1,
-                overhead=lambda **_: Overhead(selection=selection_macs), scoring=lambda **_: {"decoder": "diversity"})
+                overhead=lambda **_: Overhead(selection=selection_macs), scoring=lambda **_: {"decoder": "diversity"},
+                second_example=(192, {}))

@@ -3,10 +3,11 @@ selection at decode time; each stage is an option (`temporal_merging`, `dycoke_p
 
 Stage 1, temporal merging (a cut before decoder layer 0):
 
-As the official code does it (github.com/KD-TAO/DyCoke, `llava/model/llava_arch.py::dycole_ttm`, read at 26dc6f4;
-last code change 8df42969), on a video's projected tokens before the language model (LLaVA-OneVision: after the
-projector and pooling; here the tokens entering decoder layer 0, the same tensor), per video of F frames of N tokens,
-with m = int((1 - K) x N) tokens kept of a pruned frame (K = `dycoke_k`, 0.7 in its lmms-eval runs):
+As the official code does it (github.com/KD-TAO/DyCoke, `llava/model/llava_arch.py::dycole_ttm`, read at HEAD
+dd74634; last change 35cc532 of 2025-03-01, which made each pair score with its own similarities, not the previous
+pair's), on a video's projected tokens before the language model (LLaVA-OneVision: after the projector and pooling;
+here the tokens entering decoder layer 0, the same tensor), per video of F frames of N tokens, with m = int((1 - K) x N)
+tokens kept of a pruned frame (K = `dycoke_k`, 0.7 in its lmms-eval runs):
 1. pairs (0, 1), (2, 3), ...: the second frame of a pair keeps the m tokens least similar (cosine, on L2-normalised
    tokens) to the token at the same place in a first frame, in ascending-similarity order (`topk(largest=False)`,
    sorted), not in spatial order;
@@ -20,8 +21,6 @@ tokens, never pruned or counted. Positions: contiguous on Video-LLaVA and OneVis
 official one); on Qwen2.5-VL and Qwen3-VL the kept tokens keep their M-RoPE positions (and DeepStack rows).
 
 Official bugs, reproduced by default; `fix_bugs=True` corrects them:
-- step 1 scores pair (i, i + 1) with the similarities of the previous pair (`similarities[(i - 2) // 2]`: the first
-  pair with the last pair's), so the tokens a frame keeps follow another frame's change; fixed: its own pair's;
 - an odd frame count silently drops the last frame; fixed: it stays whole;
 - F <= 4 fails (`torch.stack` of an empty list in step 2): refused here with a clear error; fixed: step 2 is skipped.
 Stage 2's bugs are below.
@@ -96,8 +95,7 @@ def temporal_merge(video: Tensor, frames: int, m: int, fix_bugs: bool) -> Tensor
     similarity = [F.cosine_similarity(normed[a], normed[b], dim=1) for a, b in first]
     own = {b: torch.arange(per_frame, device=video.device) for b in range(frames - int(dropped))}
     for j, (_, b) in enumerate(first):
-        scores = similarity[j] if fix_bugs else similarity[(2 * j - 2) // 2]  # official: similarities[(i - 2) // 2]
-        own[b] = scores.topk(m, largest=False).indices
+        own[b] = similarity[j].topk(m, largest=False).indices
     for a, b in second:
         own[b] = F.cosine_similarity(x[a], x[b], dim=1).topk(m, largest=False).indices
     return torch.cat([own[f] + f * per_frame for f in sorted(own)])

@@ -72,4 +72,5 @@ def overhead(eager_encoder: bool = True, **_) -> Overhead:
 
 
 METHOD = Method("fastervlm", "FasterVLM", policy, smallest_budget=lambda info: info.crops, overhead=overhead,
-                example_budget=144, scoring=lambda **_: {"encoder": "vision_tower"})
+                example_budget=144, scoring=lambda **_: {"encoder": "vision_tower"},
+                second_example=(64, {"newlines": "drop"}))

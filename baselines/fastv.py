@@ -90,4 +90,4 @@ def policy(info: ModelInfo, budget: float | None = None, k: int = DEFAULT_K, kee
 
 METHOD = Method("fastv", "FastV", policy, smallest_budget, replaces_budget=("keep",),
                 overhead=lambda scoring="text", **_: Overhead(rows=scoring),
-                scoring=lambda scoring="text", **_: {"decoder": scoring})
+                scoring=lambda scoring="text", **_: {"decoder": scoring}, second_example=(128, {"k": 3, "scoring": "all_queries"}))

@@ -123,4 +123,4 @@ def policy(info: ModelInfo, budget: float | None = None, layer_list: list[int] |
 
 METHOD = Method("pyramiddrop", "PDrop", policy, smallest_budget, replaces_budget=("decay",),
                 overhead=lambda scoring="text", **_: Overhead(rows=scoring),
-                scoring=lambda scoring="text", **_: {"decoder": scoring})
+                scoring=lambda scoring="text", **_: {"decoder": scoring}, second_example=(192, {"scoring": "visual"}))

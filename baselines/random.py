@@ -50,4 +50,4 @@ def policy(info: ModelInfo, budget: float | None = None, seed: int = 0) -> Polic
 
 
 METHOD = Method("random", "Random", policy, smallest_budget=lambda info: 1,
-                scoring=lambda **_: {"decoder": "random"})
+                scoring=lambda **_: {"decoder": "random"}, second_example=(128, {"seed": 1}))

@@ -324,4 +324,5 @@ def policy(info: ModelInfo, budget: float | None = None, keep_lists: list[int] |
 METHOD = Method("sparsevlm", "SparseVLM", policy, smallest_budget, replaces_budget=("keep_lists",),
                 overhead=lambda **_: Overhead(rows="question", rater_choice=True),
                 scoring=lambda **_: {"decoder": "question"},
-                example_budget=192)  # there the clustering noise decides the tiny model's clusters: a test of `seed`
+                # at 192 the clustering noise decides the tiny model's clusters: a test of `seed`
+                example_budget=192, second_example=(128, {"recycle": False}))

@@ -164,4 +164,4 @@ def overhead(**_) -> Overhead:
 
 
 METHOD = Method("tome", "ToMe", policy, smallest_budget, overhead=overhead, replaces_budget=("r",),
-                example_budget=192, scoring=lambda **_: {"encoder": "similarity"})
+                example_budget=192, scoring=lambda **_: {"encoder": "similarity"}, second_example=(128, {}))

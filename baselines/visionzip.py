@@ -96,4 +96,5 @@ def policy(info: ModelInfo, budget: float | None = None, dominant: int | None = 
 
 
 METHOD = Method("visionzip", "VisionZip", policy, smallest_budget, replaces_budget=("dominant", "contextual"),
-                overhead=lambda **_: Overhead(merges=True), scoring=lambda **_: {"encoder": "vision_tower"})
+                overhead=lambda **_: Overhead(merges=True), scoring=lambda **_: {"encoder": "vision_tower"},
+                second_example=(128, {"newlines": "keep"}))

@@ -143,4 +143,5 @@ def overhead(important_ratio: float = 0.5, eager_encoder: bool = True, **_) -> O
 
 
 METHOD = Method("vispruner", "VisPruner", policy, smallest_budget=lambda info: info.crops, overhead=overhead,
-                example_budget=128, scoring=lambda **_: {"encoder": "vision_tower"})
+                example_budget=128, scoring=lambda **_: {"encoder": "vision_tower"},
+                second_example=(64, {"important_ratio": 0.25}))

@@ -100,6 +100,23 @@ class KeyCounter:
             hook.remove()
 
 
+#: two questions about one image that lead text-guided methods to other tokens
+TWO_QUESTIONS = ["What is in the image?", "How many red shapes are on the left side of the picture?"]
+
+
+def kept_per_question(model, processor, method: str, budget=None, questions: list[str] = TWO_QUESTIONS,
+                      **options) -> list[list[list[int]]]:
+    """Per question, the original visual tokens each cut keeps of one image (`demo_image(5)`) asked it alone."""
+    import visiondrop
+
+    kept = []
+    with visiondrop.apply(model, method, budget, **options) as handle, torch.no_grad():
+        for question in questions:
+            model(**inputs(processor, [question], [demo_image(5)]))
+            kept.append([k.tolist() for k in handle.trace.kept[0]])
+    return kept
+
+
 def measure_counts(model, batch: dict, method: str, budget=None, **options):
     """Visual tokens entering each decoder layer of a one-sample batch, counted with pre-hooks (not the trace)."""
     import visiondrop

@@ -1,16 +1,16 @@
 """The contract every registered method keeps, on a tiny model of every registered family (LLaVA-1.5, LLaVA-NeXT
 with mixed crop grids, Qwen2.5-VL and Qwen3-VL (and its MoE) with images of different sizes and M-RoPE, Qwen3-VL's
-DeepStack, Video-LLaVA's images, whose budgets
-count against a video's 2,056 tokens, so every method meets budgets between whole counts; counts on its nominal
-8-frame video); Video-LLaVA's batches of videos keep it in tests/test_video_llava.py. Six properties, each on every family: the full budget is the stock
-model, a batch equals each sample alone, cached decoding equals replay, counts measured with hooks equal
+DeepStack, Video-LLaVA's images, whose budgets count against a video's 2,056 tokens, so every method meets budgets
+between whole counts; counts on its nominal 8-frame video); Video-LLaVA's batches of videos keep it in
+tests/test_video_llava.py. Six properties, each on every family: the full budget is the stock model, a batch equals
+each sample alone, cached decoding equals replay (checked on the same batch's run), counts measured with hooks equal
 `describe()`, `remove()` restores the model, an unreachable budget names the smallest reachable one.
 
-Methods and families come from their registries, each method at the budget it declares (`Method.example_budget`)
-with its default options, each family with the image sizes it declares (`Family.sample_sizes`, `nominal_size`), so
-a new method or family is tested here without editing this file. The per-method files test what is the method's own.
-Video-only methods (`Method.video_only`) refuse these images, clearly; their contract on videos is in
-tests/test_video_llava.py and tests/test_video_methods.py.
+Methods and families come from their registries, each method at the settings it declares (`Method.examples`: its
+example budget with its default options, then a second budget or option set), each family with the image sizes it
+declares (`Family.sample_sizes`, `nominal_size`), so a new method or family is tested here without editing this file.
+The per-method files test what is the method's own. Video-only methods (`Method.video_only`) refuse these images,
+clearly; their contract on videos is in tests/test_video_llava.py and tests/test_video_methods.py.
 """
 import re
 
@@ -18,11 +18,13 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import IMAGE_METHODS, assert_equal_up_to_reordering, cached_and_replayed, greedy, measure_counts
+from helpers import IMAGE_METHODS, assert_equal_up_to_reordering, greedy, measure_counts
+from visiondrop.api import Handle
 from visiondrop.engine import Policy
+from visiondrop.engine.replay import Replay
 from visiondrop.harness.prompting import build_prompt
 from visiondrop.methods import METHODS, method, policy_for
-from visiondrop.families import FAMILIES, ModelInfo, family_by_type, family_of, info_of
+from visiondrop.families import FAMILIES, family_by_type, family_of, info_of
 from visiondrop.harness.video import read_frames
 from visiondrop.testing.tiny import demo_image
 
@@ -81,20 +83,25 @@ def encode_nominal(request, family: str, model, processor) -> dict:
 NEW_TOKENS = 4
 
 
-def example_budget(name: str, info: ModelInfo) -> float:
-    """The method's declared budget, scaled from a 576-token LLaVA-1.5 to this model's visual tokens."""
-    return method(name).example_budget * info.n_visual / 576
+#: (method, which of its settings): every image method at each setting it declares, the second named by its values
+SETTINGS = [pytest.param(name, i, id=name if i == 0 else f"{name}@{budget:g}" + "".join(f"-{k}={v}" for k, v in
+                                                                                      options.items()))
+            for name in IMAGE_METHODS for i, (budget, options) in enumerate(method(name).examples)]
 
 
-def example_options(name: str, model) -> dict:
-    """The options the method declares for tiny models (`Method.example_options`)."""
-    return method(name).example_options(model.config)
+def setting(name: str, which: int, model) -> tuple[float, dict]:
+    """The method's declared setting `which` (`Method.examples`): its budget, scaled from a 576-token LLaVA-1.5 to
+    this model's visual tokens, and its options with those it declares for tiny models (`Method.example_options`)."""
+    budget, options = method(name).examples[which]
+    return budget * info_of(model).n_visual / 576, {**method(name).example_options(model.config), **options}
 
 
-def run(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens [B, T] and the logits of every step [B, T, V] (as many steps for every sample)."""
+def run(model, batch: dict, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens [B, T] and the logits of every step [B, T, V] (as many steps for every sample). A tiny random
+    model may pick a visual placeholder token, which a run without the cache would take for an image's: never."""
     out = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
+                         output_logits=True, return_dict_in_generate=True,
+                         suppress_tokens=list(family_of(model).placeholder_ids(model.config)), **kwargs)
     return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, 1)
 
 
@@ -148,34 +155,38 @@ def host(request) -> tuple:
 STOCK_TEXT_ONLY = {}  # model type -> the stock model's run of its batch's text-only sample
 
 
-def refused(model, name: str, inputs: dict, modality: str = "image") -> bool:
+def refused(model, name: str, which: int, inputs: dict, modality: str = "image") -> bool:
     """Whether the family refuses the method's encoder cut on `modality` (`Family.unsupported`): then a forward
     raises NotImplementedError with the family's reason, and the model is left untouched."""
-    policy = policy_for(info_of(model), name, example_budget(name, info_of(model)), **example_options(name, model))
+    budget, options = setting(name, which, model)
+    policy = policy_for(info_of(model), name, budget, **options)
     reason = family_of(model).unsupported(policy, modality) if policy.encoder_layer is not None else None
     if reason is None:
         return False
-    with visiondrop.apply(model, name, example_budget(name, info_of(model)), **example_options(name, model)), \
+    with visiondrop.apply(model, name, budget, **options), \
             pytest.raises(NotImplementedError, match=re.escape(reason)), torch.no_grad():
         model(**inputs)
     assert getattr(model.model, "_visiondrop_pruner", None) is None
     return True
 
 
-@pytest.mark.parametrize("name", IMAGE_METHODS)
-def test_batch_equals_each_sample_alone(host, name):
-    """Deterministic, and independent of the batch (left padding, a text-only sample, other images or crop grids)
-    with the default options."""
+@pytest.mark.parametrize("name, which", SETTINGS)
+def test_batch_equals_each_sample_alone_and_cache_equals_replay(host, name, which):
+    """Deterministic, and independent of the batch (left padding, a text-only sample, other images or crop grids);
+    the batch's decode steps on the pruned cache give what re-running the prompt with the prefill's decisions gives
+    (`engine.replay.Replay`; `none` makes no decisions, and its cached generation is the stock model's:
+    test_full_budget_is_the_stock_model)."""
     model, processor, images = host
     questions = QUESTIONS[:len(images)]
     batch = encode(model, processor, questions, images)
     singles = [encode(model, processor, [q], [img]) for q, img in zip(questions, images)]
     assert batch["attention_mask"].min() == 0, "prompts must differ in length to test left padding"
-    if refused(model, name, batch):
+    if refused(model, name, which, batch):
         return
     if model.config.model_type not in STOCK_TEXT_ONLY:
         STOCK_TEXT_ONLY[model.config.model_type] = run(model, singles[TEXT_ONLY])
-    with visiondrop.apply(model, name, example_budget(name, info_of(model)), **example_options(name, model)) as handle:
+    budget, options = setting(name, which, model)
+    with visiondrop.apply(model, name, budget, **options) as handle:
         tokens, logits = run(model, batch)
         trace = handle.trace
         alone = []
@@ -194,20 +205,10 @@ def test_batch_equals_each_sample_alone(host, name):
     assert trace.tokens_per_layer[TEXT_ONLY] == [0] * len(trace.tokens_per_layer[0])
     assert torch.equal(alone[TEXT_ONLY][0], STOCK_TEXT_ONLY[model.config.model_type][0]), \
         f"{name}: a text-only sample is not left untouched"
-
-
-@pytest.mark.parametrize("name", [n for n in IMAGE_METHODS if n != "none"])
-def test_generation_with_cache_equals_replay_without(host, name):
-    """Decode steps on the pruned cache give what re-running the prompt with the prefill's decisions gives. (`none`
-    makes no decisions: its replay would be the stock model without a cache, a fifth of the matrix's time on
-    LLaVA-NeXT; its cached generation is the stock model's, test_full_budget_is_the_stock_model.)"""
-    model, processor, images = host
-    budget = example_budget(name, info_of(model))
-    batch = encode(model, processor, QUESTIONS[:2], [img for img in images if img is not None][:2])
-    if refused(model, name, batch):
-        return
-    cached, replayed = cached_and_replayed(model, batch, name, budget, new_tokens=10, **example_options(name, model))
-    assert torch.equal(cached, replayed)
+    if name != "none":
+        with Handle(model, Replay(handle.policy, trace)):
+            replayed, _ = run(model, batch, use_cache=False)
+        assert torch.equal(replayed, tokens), f"{name}: decoding on the pruned cache differs from the replay"
 
 
 def described_mean(described: dict, n_visual: int) -> float:
@@ -222,16 +223,18 @@ def nominal(request) -> tuple:
     return tiny_model(request, request.param)[0], nominal_sample(request, request.param)
 
 
-@pytest.mark.parametrize("name", IMAGE_METHODS)
-def test_counts_measured_with_hooks_match_describe(nominal, name):
+@pytest.mark.parametrize("name, which", SETTINGS)
+def test_counts_measured_with_hooks_match_describe(nominal, name, which):
     """The description's mean count is what enters the decoder layers, counted with forward pre-hooks; LLaVA-NeXT's
     newline tokens come on top of the patches it counts (as many as the image has, or fewer where pruned)."""
     model, sample = nominal
-    if refused(model, name, sample, "image" if family_by_type(model.config.model_type).nominal_size else "video"):
+    modality = "image" if family_by_type(model.config.model_type).nominal_size else "video"
+    if refused(model, name, which, sample, modality):
         return
     info = info_of(model)
     newlines = int(family_of(model).image_token_mask(model, sample["input_ids"], None).sum()) - info.n_visual
-    measured, handle = measure_counts(model, sample, name, example_budget(name, info), **example_options(name, model))
+    budget, options = setting(name, which, model)
+    measured, handle = measure_counts(model, sample, name, budget, **options)
     assert len(measured) == info.n_layers
     assert handle.trace.tokens_per_layer == [measured]
     described = described_mean(handle.policy.describe(), info.n_visual)
@@ -251,16 +254,16 @@ def same_attributes(before: dict, after: dict) -> bool:
         for k in before)
 
 
-@pytest.mark.parametrize("name", IMAGE_METHODS)
-def test_remove_restores_bit_identical_outputs(family, name):
+@pytest.mark.parametrize("name, which", SETTINGS)
+def test_remove_restores_bit_identical_outputs(family, name, which):
     model, _, single, _ = family
-    if refused(model, name, single):
+    if refused(model, name, which, single):
         return
     with torch.no_grad():
         before = model(**single).logits
     patched = state(model)  # after the stock forward: the stock model keeps some of its inputs' (Qwen's rope_deltas)
-    budget = example_budget(name, info_of(model))
-    handle = visiondrop.apply(model, name, budget, **example_options(name, model))
+    budget, options = setting(name, which, model)
+    handle = visiondrop.apply(model, name, budget, **options)
     if name != "none":
         with torch.no_grad():
             assert not torch.equal(model(**single).logits[:, -1], before[:, -1])
@@ -270,8 +273,19 @@ def test_remove_restores_bit_identical_outputs(family, name):
     restored = state(model)
     assert same_attributes(patched[0], restored[0]) and same_attributes(patched[1], restored[1]), name
     assert patched[2] == restored[2], f"{name}: forward still patched on {restored[2] - patched[2]}"
-    with visiondrop.apply(model, name, budget, **example_options(name, model)):  # can be applied again afterwards
+    with visiondrop.apply(model, name, budget, **options):  # can be applied again afterwards
         pass
+
+
+def reaches(info, name: str, budget: float, **options) -> bool:
+    try:
+        return policy_for(info, name, budget, **options) is not None
+    except ValueError:
+        return False
+
+
+#: how a refusal names the reachable budgets' lower bound
+FLOOR = re.compile(r"smallest reachable budget is (\d+(?:\.\d+)?)|budgets above (\d+(?:\.\d+)?) are reachable")
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -283,12 +297,21 @@ def test_unreachable_budget_names_the_smallest_reachable(family, name):
     with pytest.raises(ValueError, match=rf"(?<![\d.]){re.escape(f'{smallest:g}')}(?![\d.])"):
         visiondrop.apply(model, name, smallest / 4)
     assert getattr(model.model, "_visiondrop_pruner", None) is None
+    for _, options in method(name).examples[1:]:  # other options, other reach: the bound named is reachable with them
+        options = {**method(name).example_options(model.config), **options}
+        with pytest.raises(ValueError) as refusal:
+            visiondrop.apply(model, name, smallest / 4, **options)
+        floor = FLOOR.search(str(refusal.value))  # else a list of budgets (SparseVLM's official ones): the smallest
+        assert floor or re.search(rf"(?<![\d.]){re.escape(f'{smallest:g}')}(?![\d.])", str(refusal.value))
+        named = float(floor.group(1) or floor.group(2)) if floor else smallest
+        assert reaches(info, name, named, **options) or reaches(info, name, named * (1 + 1e-5), **options), \
+            f"{name}: {named:g} (as printed, to 6 digits) is out of reach with {options}"
 
 
 @pytest.mark.parametrize("name", [name for name in METHODS if name not in IMAGE_METHODS])
 def test_video_methods_refuse_images(host, name):
     model, processor, images = host
     single = encode(model, processor, QUESTIONS[:1], [img for img in images if img is not None][:1])
-    with visiondrop.apply(model, name, example_budget(name, info_of(model))), torch.no_grad():
+    with visiondrop.apply(model, name, method(name).example_budget * info_of(model).n_visual / 576), torch.no_grad():
         with pytest.raises(ValueError, match="reduces videos.*holds an image: run images with an image method"):
             model(**single)

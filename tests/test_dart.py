@@ -8,7 +8,7 @@ from torch import nn
 
 import visiondrop
 from baselines.dart import DART, policy, smallest_budget, truncation_for_budget
-from helpers import flops_and_counter, inputs, measure_counts, prompt
+from helpers import flops_and_counter, inputs, kept_per_question, measure_counts, prompt
 from parity import load_case, parity_inputs
 from visiondrop.engine import DecoderCut
 from visiondrop.families import ModelInfo, flops_dims, info_of
@@ -175,13 +175,8 @@ def test_flops_count_the_scoring_as_torch_counts_it(tiny):
 
 def test_question_changes_the_kept_set(tiny):
     model, processor = tiny
-    image = demo_image(5)
-    kept = []
-    with visiondrop.apply(model, "dart", budget=64) as handle, torch.no_grad():
-        for question in ["What is in the image?", "How many red shapes are on the left side of the picture?"]:
-            model(**inputs(processor, [question], [image]))
-            kept.append(handle.trace.kept[0][0].tolist())
-    assert len(kept[0]) == len(kept[1]) == 28 and kept[0] != kept[1]
+    kept = kept_per_question(model, processor, "dart", 64)
+    assert len(kept[0][0]) == len(kept[1][0]) == 28 and kept[0] != kept[1]
 
 
 def test_k_maps_by_relative_depth():

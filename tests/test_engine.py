@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import greedy, inputs, measure_counts
+from helpers import greedy, inputs, kept_per_question, measure_counts
 from visiondrop.testing.tiny import demo_image, load_tiny
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
@@ -21,23 +21,9 @@ def test_measured_tokens_per_layer_follow_schedule(tiny, budget, segments):
     assert handle.trace.mean_tokens == [budget]
 
 
-def test_generation_with_cache_equals_without(tiny):
-    model, processor = tiny
-    batch = inputs(processor, QUESTIONS[:2])
-    with visiondrop.apply(model, "visiondrop", budget=64):
-        cached = greedy(model, batch, new_tokens=10)
-        uncached = greedy(model, batch, new_tokens=10, use_cache=False)
-    assert torch.equal(cached, uncached)
-
-
 def test_selection_ignores_the_question(tiny):
     model, processor = tiny
-    image = demo_image(5)
-    kept = []
-    with visiondrop.apply(model, "visiondrop", budget=64) as handle, torch.no_grad():
-        for question in ["What is in the image?", "How many red shapes are on the left side of the picture?"]:
-            model(**inputs(processor, [question], [image]))
-            kept.append([k.tolist() for k in handle.trace.kept[0]])
+    kept = kept_per_question(model, processor, "visiondrop", 64)
     assert kept[0] == kept[1]
     assert len(kept[0]) == 4 and len(kept[0][0]) == 83  # encoder: 84 dominant incl. CLS -> 83 patches
 

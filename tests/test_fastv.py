@@ -6,11 +6,10 @@ import torch
 
 import visiondrop
 from baselines.fastv import FastV, keep_for_budget
-from helpers import greedy, inputs, measure_counts
+from helpers import greedy, inputs, kept_per_question, measure_counts
 from parity import load_case, parity_inputs
 from visiondrop.engine import DecoderCut
 from visiondrop.families import ModelInfo
-from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 LLAVA_7B = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
@@ -90,33 +89,10 @@ def test_measured_tokens_per_layer_follow_schedule(tiny, budget, keep):
     assert handle.policy.describe()["equivalent_tokens"] == handle.trace.mean_tokens[0]
 
 
-def test_batch_equals_each_prompt_alone_with_all_queries_scoring(tiny):
-    """The contract (tests/test_contract.py) runs the default scoring; the paper's reads every query row."""
-    model, processor = tiny
-    images = [demo_image(0), None, demo_image(2)]  # a text-only sample in the middle passes untouched
-    batch = inputs(processor, QUESTIONS, images)
-    assert batch["attention_mask"].min() == 0, "prompts must differ in length to test padding"
-    with visiondrop.apply(model, "fastv", 64, scoring="all_queries") as handle:
-        together = greedy(model, batch)
-        kept_together = [handle.trace.kept[b][0].tolist() for b in (0, 2)]
-        alone, kept_alone = [], []
-        for q, img in zip(QUESTIONS, images):
-            alone.append(greedy(model, inputs(processor, [q], [img]))[0])
-            kept_alone += [handle.trace.kept[0][0].tolist()] if img is not None else []
-    assert torch.equal(together, torch.stack(alone))
-    assert kept_together == kept_alone
-    assert handle.trace.tokens_per_layer[0] == [576] * 2 + [30] * 30
-
-
 def test_question_changes_the_kept_set(tiny):
     model, processor = tiny
-    image = demo_image(5)
-    kept = []
-    with visiondrop.apply(model, "fastv", budget=64) as handle, torch.no_grad():
-        for question in ["What is in the image?", "How many red shapes are on the left side of the picture?"]:
-            model(**inputs(processor, [question], [image]))
-            kept.append(handle.trace.kept[0][0].tolist())
-    assert len(kept[0]) == len(kept[1]) == 30 and kept[0] != kept[1]
+    kept = kept_per_question(model, processor, "fastv", 64)
+    assert len(kept[0][0]) == len(kept[1][0]) == 30 and kept[0] != kept[1]
 
 
 def test_clear_errors(tiny):

@@ -135,7 +135,7 @@ def test_next_baselines_are_measured_on_a_next_proxy():
     assert method_flops("llava-next-7b", "visionzip", 320).total < method_flops("llava-next-7b", "visionzip", 640).total < full
 
 
-def test_next_newlines_an_encoder_stage_keeps_count_as_visual_once():
+def test_next_newlines_an_encoder_cut_keeps_count_as_visual_once():
     """VisPruner keeps NeXT's own layout (newline tokens of the rows it keeps): they move from the preset's extra
     tokens to the visual ones, so its decoder sees as many tokens as VisionZip's compact layout at the same budget."""
     vispruner, visionzip = (method_flops("llava-next-7b", m, 320) for m in ("vispruner", "visionzip"))

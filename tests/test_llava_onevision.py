@@ -451,7 +451,7 @@ def test_remove_restores_bit_identical_outputs(tiny_onevision_dir, clips):
         assert (dict(model.model.__dict__), dict(model.model.language_model.__dict__)) == state
 
 
-def test_beam_search_on_videos_with_an_encoder_stage(model_and_processor, batch, clips):
+def test_beam_search_on_videos_with_an_encoder_cut(model_and_processor, batch, clips):
     """generate() copies the stacked video features per beam (an image's are a list): the engine finds each copy's
     bookkeeping again."""
     model, processor = model_and_processor

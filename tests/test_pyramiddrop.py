@@ -3,12 +3,10 @@ options and errors."""
 import pytest
 import torch
 
-import visiondrop
 from baselines.pyramiddrop import policy as pyramiddrop_policy
-from helpers import inputs, measure_counts
+from helpers import inputs, kept_per_question, measure_counts
 from visiondrop.engine import DecoderCut
 from visiondrop.families import ModelInfo
-from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 INFO = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
@@ -66,12 +64,7 @@ def test_measured_tokens_per_layer_follow_schedule(tiny, options, segments):
 
 def test_selection_depends_on_the_question(tiny):
     model, processor = tiny
-    image = demo_image(5)
-    kept = []
-    with visiondrop.apply(model, "pyramiddrop", budget=64) as handle, torch.no_grad():
-        for question in ["What is in the image?", "How many red shapes are on the left side of the picture?"]:
-            model(**inputs(processor, [question], [image]))
-            kept.append([k.tolist() for k in handle.trace.kept[0]])
+    kept = kept_per_question(model, processor, "pyramiddrop", 64)
     assert [len(k) for k in kept[0]] == [110, 21, 4]
     assert kept[0] != kept[1]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import IMAGE_METHODS, SHARE_METHODS, flops_and_counter, measure_counts
+from helpers import SHARE_METHODS, flops_and_counter, measure_counts
 from visiondrop.families import family_of, flops_dims, info_of
 from visiondrop.methods import method
 from visiondrop.testing.tiny import demo_image

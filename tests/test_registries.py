@@ -141,9 +141,9 @@ def test_a_model_has_one_name_in_configs_records_and_checkpoints():
 
 def test_the_contract_reaches_the_new_method_on_the_new_family(registered, tmp_path):
     """The contract's own properties, on the family's tiny model (built from the registry alone) with the images its
-    adapter declares: batch == each sample alone, cached decoding == replay, the full budget is the stock model."""
-    from test_contract import (batch_images, test_batch_equals_each_sample_alone,
-                               test_generation_with_cache_equals_replay_without)
+    adapter declares, at both its settings (`Method.examples`): batch == each sample alone, cached decoding ==
+    replay."""
+    from test_contract import batch_images, test_batch_equals_each_sample_alone_and_cache_equals_replay
     from visiondrop.testing.tiny import build_tiny
 
     folder = build_tiny("throwaway_llava", tmp_path / "throwaway", seed=0)  # transformers' Auto classes know no
@@ -151,8 +151,8 @@ def test_the_contract_reaches_the_new_method_on_the_new_family(registered, tmp_p
     processor = THROWAWAY.load_processor(folder)
     processor.tokenizer.padding_side = "left"
     host = (model, processor, batch_images("throwaway_llava"))
-    test_batch_equals_each_sample_alone(host, "first_tokens")
-    test_generation_with_cache_equals_replay_without(host, "first_tokens")
+    for which in range(len(METHOD.examples)):
+        test_batch_equals_each_sample_alone_and_cache_equals_replay(host, "first_tokens", which)
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))

@@ -6,7 +6,7 @@ import torch
 import visiondrop
 from baselines.sparsevlm import (KEEP_LISTS, LAYERS, SparseVLM, cluster_and_merge, official_mean, policy,
                                  reference_lists, schedule, tokens_per_layer)
-from helpers import inputs, measure_counts, prompt
+from helpers import inputs, kept_per_question, measure_counts, prompt
 from parity import load_case, parity_inputs
 from visiondrop.engine import DecoderCut
 from visiondrop.families import ModelInfo
@@ -155,12 +155,7 @@ def test_options_recycle_keep_lists_layers():
 
 def test_the_question_changes_raters_and_kept_tokens(tiny):
     model, processor = tiny
-    image = demo_image(5)
-    kept = []
-    with visiondrop.apply(model, "sparsevlm", budget=64, seed=0) as handle, torch.no_grad():
-        for question in ["What is in the image?", "How many red shapes are on the left side of the picture?"]:
-            model(**inputs(processor, [question], [image]))
-            kept.append([k.tolist() for k in handle.trace.kept[0]])
+    kept = kept_per_question(model, processor, "sparsevlm", 64, seed=0)
     assert kept[0][0] != kept[1][0]
 
 

@@ -205,7 +205,7 @@ def test_flops_of_an_8_frame_video(model_and_processor):
     assert 5 < full / pruned < 6.5  # the first two layers still see all 2,056 tokens
 
 
-def test_beam_search_on_videos_with_an_encoder_stage(model_and_processor, batch, clips):
+def test_beam_search_on_videos_with_an_encoder_cut(model_and_processor, batch, clips):
     """generate() copies the stacked video features per beam: the engine finds each copy's bookkeeping again."""
     model, processor = model_and_processor
     with visiondrop.apply(model, "visionzip", ratio=0.25):

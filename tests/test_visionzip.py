@@ -3,16 +3,14 @@ schedules, options."""
 import pytest
 import torch
 
-import visiondrop
 from visiondrop.methods.shared import encoder_selection
 from baselines.visionzip import split_budget
 from baselines.visionzip import policy as visionzip_policy
-from helpers import inputs, measure_counts
+from helpers import inputs, kept_per_question, measure_counts
 from parity import load_case, parity_inputs
 from visiondrop.engine import EncoderView
 from visiondrop.families.llava import clip_encoder_view as encoder_view
 from visiondrop.families import ModelInfo
-from visiondrop.testing.tiny import demo_image
 
 QUESTIONS = ["What is in the image?", "Is there a red circle in the picture? Answer yes or no.", "Colour?"]
 LLAVA15 = ModelInfo(n_visual=576, n_layers=32, vision_layer=22, cls_kept=False)
@@ -80,12 +78,7 @@ def test_measured_tokens_per_layer_equal_budget(tiny, budget):
 
 def test_selection_never_depends_on_the_question(tiny):
     model, processor = tiny
-    image = demo_image(5)
-    kept = []
-    with visiondrop.apply(model, "visionzip", budget=64) as handle, torch.no_grad():
-        for question in QUESTIONS:
-            model(**inputs(processor, [question], [image]))
-            kept.append([k.tolist() for k in handle.trace.kept[0]])
+    kept = kept_per_question(model, processor, "visionzip", 64, QUESTIONS)
     assert kept[0] == kept[1] == kept[2] and len(kept[0][0]) == 53
 
 

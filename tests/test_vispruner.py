@@ -5,7 +5,7 @@ import torch
 
 import visiondrop
 from baselines.vispruner import diverse_rounds, split_budget
-from helpers import flops_and_counter, inputs, measure_counts
+from helpers import flops_and_counter, inputs, kept_per_question, measure_counts
 from parity import load_case, parity_inputs
 from visiondrop.families import ModelInfo, info_of
 from visiondrop.families.llava_next import packed_positions
@@ -62,8 +62,8 @@ def test_measured_tokens_per_layer_equal_budget(tiny, budget, options):
 
 def test_selection_never_depends_on_the_question(tiny):
     model, processor = tiny
-    sets = [kept(model, inputs(processor, [q], [demo_image(5)]), 64) for q in QUESTIONS]
-    assert sets[0] == sets[1] == sets[2] and len(sets[0]) == 64
+    sets = kept_per_question(model, processor, "vispruner", 64, QUESTIONS)
+    assert sets[0] == sets[1] == sets[2] and len(sets[0][0]) == 64
 
 
 @pytest.mark.parametrize("newlines", ["keep", "drop"])

@@ -121,6 +121,10 @@ class Method:
     #: (the model's config) -> options the tests, the FLOPs count's proxy and the latency benchmark add to the
     #: defaults where those need what a tiny or random model lacks (CDPruner: a CLIP text side and an instruction)
     example_options: Callable[[Any], dict[str, Any]] = lambda config: {}
+    #: the second setting the contract tests run it at: (a budget counted as `example_budget` is, options added to
+    #: `example_options`), its paper's other budget or alternative options; None: twice the example budget, unless
+    #: its counts follow the content (`counts_follow_content`), where a budget names no count to double
+    second_example: tuple[float, dict[str, Any]] | None = None
     #: (dims, budget) -> the FLOPs count's schedule on a multi-crop model at its nominal crops, where one measured
     #: proxy image would not give the paper's comparison; None: measured
     nominal_counts: Callable[[Dims, float], TokenCounts] | None = None
@@ -132,6 +136,14 @@ class Method:
     #: its counts follow each image's content (thresholds: MustDrop): a budget names a setting, not a count, and
     #: `describe()` states what the last forward measured; a ratio keeps no share of an image
     counts_follow_content: bool = False
+
+    @property
+    def examples(self) -> tuple[tuple[float, dict[str, Any]], ...]:
+        """The settings the contract tests run: the example budget with the defaults, then the second example where
+        there is one that prunes (a budget of all of a LLaVA-1.5's 576 visual tokens, without options, is the
+        unpruned model)."""
+        second = self.second_example or (None if self.counts_follow_content else (2 * self.example_budget, {}))
+        return ((self.example_budget, {}),) + ((second,) if second and (second[0] < 576 or second[1]) else ())
 
     @property
     def options(self) -> dict[str, Any]:

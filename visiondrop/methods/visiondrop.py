@@ -124,7 +124,8 @@ def schedule_for_budget(budget: float, info: ModelInfo, first_stage: float | Non
     per_crop = Fraction(budget) / info.crops
     knobs = f" with stages={stages!r}" + ("" if first_stage is None else f", first_stage={first_stage:g}")
     unpruned = f" (or {info.n_visual} for the unpruned model)"
-    if per_crop < 1:  # below, stages of a few tokens per crop round away from the budget (to none on video)
+    if per_crop < 1 and stages != "decoder":  # below, stages of a few tokens per crop round away from the budget
+        # (to none on video); without an encoder stage the first decoder segment bounds the budget (below)
         raise ValueError(f"VisionDrop cannot reach budget {budget}: it keeps at least one token per crop "
                          f"({info.crops} per image), so the smallest reachable budget is {smallest_budget(info):g}"
                          f"{unpruned}")
@@ -253,4 +254,4 @@ def nominal_counts(dims: Dims, budget: float) -> TokenCounts:
 METHOD = Method("visiondrop", "VisionDrop", policy, smallest_budget,
                 overhead=lambda **_: Overhead(rows="visual", merges=True),
                 scoring=lambda **_: {"encoder": "vision_tower", "decoder": "visual"}, replaces_budget=("schedule",),
-                nominal_counts=nominal_counts)
+                nominal_counts=nominal_counts, second_example=(128, {"stages": "decoder"}))

@@ -1,0 +1,236 @@
+"""Run a video method's official LLaVA-OneVision code (a LLaVA-NeXT fork), unmodified, on the tiny LLaVA-OneVision,
+and record what it computes.
+
+Not a test. Two steps, two environments (vidcom2/README.md, dycoke/README.md):
+
+    PYTHONPATH=. python tests/parity/official_onevision.py prepare WORK    # the project's stack, at the repo root
+    $SCRATCH/venv/bin/python official_onevision.py run METHOD WORK CHECKOUT OUT [P]   # the official environment
+
+METHOD: vidcom2 (github.com/xuyang-liu16/VidCom2) or dycoke (github.com/KD-TAO/DyCoke; P: its dycoke_p).
+
+`prepare` builds `build_tiny("llava_onevision", seed=0)` (SigLIP 26 layers at 384/14, Qwen2 28 layers, random weights)
+and writes it in the original LLaVA-NeXT format the official code loads: `LlavaQwenForCausalLM` weights
+(`model.vision_tower.vision_tower.*`, `model.mm_projector` mlp2x_gelu, `model.image_newline`) and a SigLIP folder named
+by `mm_vision_tower` (in an offline Hugging Face cache under WORK/hf_home) with 27 layers, since
+`SigLipVisionTower.load_model` deletes the last one (a copy of layer 25 here; the checkpoint's own tower weights replace
+the other 26 anyway). It also writes the inputs of every method's frame count (`video_inputs`, `inputs_F.pt`). `run`
+loads the model as the fork's `llava/model/builder.py` does for `llava_qwen` (`from_pretrained`, in float32 on the CPU
+with sdpa attention), switches the method on as the fork's `lmms_eval/models/llava_onevision.py` does (VidCom2:
+`cus_prepare_inputs_labels_for_multimodal` bound with COMPRESSOR=vidcom2, R_RATIO; DyCoke: the builder's `dycoke*`
+attributes and `image_token_start_index`), and generates greedily with `images=[video]`, `modalities=["video"]`.
+VidCom2's generate times itself with CUDA events: they get CPU stand-ins. Hooks (observation only) record the tokens
+entering every decoder layer and what the method's stage before the LLM received and returned (`vidcom2_compression`,
+`dycole_ttm`), and DyCoke's decode-time key selection (`kv_cache` as layer `dycoke_l` reads it); they change nothing the
+official code computes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHIFT, NEW_TOKENS = 24, 6
+#: per method: frames of the video, the official settings (VidCom2's R_RATIO; DyCoke's lmms-eval defaults)
+SETTINGS = {"vidcom2": {"frames": 4, "R_RATIO": 0.25},
+            "dycoke": {"frames": 8, "dycoke_k": 0.7, "dycoke_p": 0.8, "dycoke_l": 3,
+                       "dycoke_num_tokens_per_frame": 196}}
+QUESTION = "What moves in the video? Answer briefly."
+IMAGE_TOKEN_INDEX = -200
+# The real checkpoints' tower name: the builder picks SigLipVisionTower by it (an existing path would be CLIP), so
+# the tiny tower is stored under this name in an offline Hugging Face cache (WORK/hf_home).
+SIGLIP = "google/siglip-so400m-patch14-384"
+
+
+def video_inputs(processor, frames: int) -> dict:
+    """A video of `frames` frames (one synthetic scene panned by 24 pixels a frame) and the chat-template prompt, as the
+    project's processor encodes them."""
+    from visiondrop.harness.prompting import build_prompt
+    from visiondrop.testing.tiny import demo_image
+
+    scene = np.asarray(demo_image(0, (384, 384)))
+    frames = np.stack([np.roll(scene, SHIFT * f, axis=1) for f in range(frames)])
+    text = build_prompt(processor, QUESTION, True, "chat_template", "video")
+    return dict(processor(text=[text], videos=[frames], return_tensors="pt"))
+
+
+def prepare(work: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from visiondrop.testing.tiny import build_tiny, load_tiny
+
+    hf = build_tiny("llava_onevision", work / "hf", seed=0)
+    config = json.loads((hf / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    weights = {k: v.float().contiguous() for k, v in load_file(hf / "model.safetensors").items()}
+
+    tower = {"vision_model." + k.removeprefix("vision_tower."): v for k, v in weights.items()
+             if k.startswith("vision_tower.")}
+    last = vision["num_hidden_layers"] - 1
+    for k in [k for k in tower if f".layers.{last}." in k]:  # the layer load_model deletes
+        tower[k.replace(f".layers.{last}.", f".layers.{last + 1}.")] = tower[k].clone()
+    siglip = work / "hf_home" / "hub" / f"models--{SIGLIP.replace('/', '--')}"
+    (siglip / "refs").mkdir(parents=True, exist_ok=True)
+    (siglip / "refs" / "main").write_text("0" * 40)
+    siglip = siglip / "snapshots" / ("0" * 40)
+    siglip.mkdir(parents=True, exist_ok=True)
+    save_file(tower, siglip / "model.safetensors", metadata={"format": "pt"})
+    (siglip / "config.json").write_text(json.dumps({
+        **{k: vision[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "image_size",
+                                  "patch_size", "layer_norm_eps", "hidden_act", "num_channels", "attention_dropout")},
+        "num_hidden_layers": vision["num_hidden_layers"] + 1, "model_type": "siglip_vision_model"}, indent=1))
+
+    renamed = {}
+    for k, v in weights.items():
+        if k.startswith("vision_tower."):
+            renamed["model.vision_tower.vision_tower.vision_model." + k.removeprefix("vision_tower.")] = v
+        elif k.startswith("language_model.model."):
+            renamed["model." + k.removeprefix("language_model.model.")] = v
+        elif k == "language_model.lm_head.weight":
+            renamed["lm_head.weight"] = v
+        elif k.startswith("multi_modal_projector.linear_"):
+            layer = {"1": "0", "2": "2"}[k.split(".")[1].removeprefix("linear_")]
+            renamed[f"model.mm_projector.{layer}.{k.split('.')[-1]}"] = v
+        elif k == "image_newline":
+            renamed["model.image_newline"] = v
+        else:
+            raise KeyError(f"unexpected weight {k}")
+    (work / "llava").mkdir(parents=True, exist_ok=True)
+    save_file(renamed, work / "llava" / "model.safetensors", metadata={"format": "pt"})
+    (work / "llava" / "config.json").write_text(json.dumps({
+        "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava_qwen", "torch_dtype": "float32",
+        **{k: text[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                                "num_hidden_layers", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+                                "hidden_act", "bos_token_id", "eos_token_id", "tie_word_embeddings")},
+        "rope_theta": text["rope_parameters"]["rope_theta"], "use_sliding_window": False, "sliding_window": 32768,
+        "max_window_layers": text["max_window_layers"], "attention_dropout": 0.0, "use_cache": True,
+        "mm_vision_tower": SIGLIP, "mm_hidden_size": vision["hidden_size"],
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "spatial_unpad", "mm_newline_position": "one_token", "image_aspect_ratio": config[
+            "vision_aspect_ratio"], "image_grid_pinpoints": config["image_grid_pinpoints"],
+        "mm_spatial_pool_mode": "bilinear", "mm_spatial_pool_stride": 2, "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False, "add_faster_video": False, "delay_load": False}, indent=1))
+
+    _, processor = load_tiny(hf)
+    for frames in sorted({s["frames"] for s in SETTINGS.values()}):
+        inputs = video_inputs(processor, frames)
+        ids = inputs["input_ids"][0].tolist()
+        video = [i for i, t in enumerate(ids) if t == config["video_token_index"]]
+        assert video == list(range(video[0], video[-1] + 1)), "one contiguous video block expected"
+        collapsed = ids[:video[0]] + [IMAGE_TOKEN_INDEX] + ids[video[-1] + 1:]  # as tokenizer_image_token gives it
+        torch.save({"input_ids": torch.tensor([collapsed]), "video": inputs["pixel_values_videos"][0].float(),
+                    "video_tokens": len(video)}, work / f"inputs_{frames}.pt")
+
+
+class CpuEvent:
+    """Stands in for torch.cuda.Event in the fork's timing code (it measures, it computes nothing)."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def record(self) -> None:
+        pass
+
+    def elapsed_time(self, other: "CpuEvent") -> float:
+        return 0.0
+
+
+def observe(module, name: str, calls: list) -> None:
+    """Wrap `module.name` so that each call's input and output are recorded; what it returns is unchanged."""
+    original = getattr(module, name)
+
+    def observed(features, *args, **kwargs):
+        kept = original(features, *args, **kwargs)
+        calls.append((features.detach().clone(), kept.detach().clone(), args, kwargs))
+        return kept
+
+    setattr(module, name, observed)
+
+
+def run(method: str, work: Path, checkout: Path, out: Path, dycoke_p: float | None = None) -> None:
+    settings = dict(SETTINGS[method])
+    if dycoke_p is not None:
+        settings["dycoke_p"] = dycoke_p
+    os.environ.update(HF_HOME=str((work / "hf_home").resolve()), HF_HUB_OFFLINE="1")
+    import transformers
+
+    sys.path.insert(0, str(checkout))
+    import types
+
+    import llava.model.llava_arch as arch
+    from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+
+    # VidCom2's generate times itself with CUDA events; on this CPU-only machine they are no-op stand-ins.
+    torch.cuda.Event, torch.cuda.synchronize = CpuEvent, lambda *a, **k: None
+    model = LlavaQwenForCausalLM.from_pretrained(work / "llava", low_cpu_mem_usage=True, torch_dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    vision_tower = model.get_vision_tower()
+    if not vision_tower.is_loaded:
+        vision_tower.load_model()
+    inputs = torch.load(work / f"inputs_{settings['frames']}.pt")
+    compressions, lengths, key_selections = [], [], []
+    if method == "vidcom2":  # lmms_eval/models/llava_onevision.py with COMPRESSOR=vidcom2
+        os.environ["R_RATIO"] = str(settings["R_RATIO"])
+        import token_compressor.vidcom2.models.llava as official_ov
+        model.prepare_inputs_labels_for_multimodal = types.MethodType(
+            official_ov.cus_prepare_inputs_labels_for_multimodal, model)
+        observe(official_ov, "vidcom2_compression", compressions)
+    else:  # llava/model/builder.py's load_pretrained_model(..., dycoke=True, ...), as lmms-eval's llava_onevision calls
+        # it
+        model.dycoke = True
+        for key in ("dycoke_l", "dycoke_p", "dycoke_num_tokens_per_frame", "dycoke_k"):
+            setattr(model, key, settings[key])
+        # the video's first position (lmms-eval's default 14 is the length of the real Qwen2 system prompt before it)
+        model.image_token_start_index = settings["image_token_start_index"] = \
+            inputs["input_ids"][0].tolist().index(IMAGE_TOKEN_INDEX)
+        observe(arch, "dycole_ttm", compressions)
+        model.model.layers[settings["dycoke_l"]].register_forward_pre_hook(
+            lambda m, a, kw: key_selections.append(kw["past_key_value"].kv_cache), with_kwargs=True)
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: lengths.append(
+        (kw["hidden_states"] if "hidden_states" in kw else a[0]).shape[1]), with_kwargs=True)
+        for layer in model.model.layers]
+    with torch.no_grad():
+        result = model.generate(inputs["input_ids"], images=[inputs["video"]], modalities=["video"],
+                                image_sizes=[(384, 384)], do_sample=False, max_new_tokens=NEW_TOKENS,
+                                min_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True,
+                                use_cache=True, pad_token_id=0)
+    for h in hooks:
+        h.remove()
+    (features, kept, args, kwargs), = compressions
+    # the output rows are input rows (a gather), in the official output order; their input indices are what it kept
+    matches = (kept[:, None, :] == features[None, :, :]).all(-1)
+    assert (matches.sum(1) == 1).all(), "every kept row must be exactly one input row"
+    kept_indices = matches.float().argmax(1)
+    layers = len(model.model.layers)
+    n_text = inputs["input_ids"].shape[1] - 1
+    per_layer = [n - n_text for n in lengths[:layers]]
+    steps = [lengths[i * layers:(i + 1) * layers] for i in range(len(lengths) // layers)]
+    assert all(len(set(s)) == 1 for s in steps), "every decoder layer sees the same tokens at each step"
+    torch.save({
+        "method": method, "tokens": result.sequences[0].tolist(), "logits": torch.stack(result.logits, 1)[0].float(),
+        "visual_tokens_per_layer": per_layer, "kept_indices": kept_indices.tolist(),
+        "video_tokens_before": features.shape[0], "step_lengths": [s[0] for s in steps],
+        # DyCoke: per decode step, the sequence positions layers >= dycoke_l attend to (None: all)
+        "key_selections": key_selections[1:],
+        "settings": {**settings, "shift": SHIFT, "question": QUESTION, "new_tokens": NEW_TOKENS,
+                     "stage_args": [list(map(str, args)), {k: str(v) for k, v in kwargs.items()}]},
+        "versions": {"torch": str(torch.__version__), "transformers": transformers.__version__},
+        "input_ids": inputs["input_ids"][0].tolist(),
+    }, out)
+    print(json.dumps({"tokens": result.sequences[0].tolist(), "visual_tokens_per_layer": per_layer[:3],
+                      "kept": len(kept_indices), "of": features.shape[0],
+                      "key_selections": [None if k is None else len(k) for k in key_selections[1:]]}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["prepare"] and len(sys.argv) == 3:
+        prepare(Path(sys.argv[2]))
+    elif sys.argv[1:2] == ["run"] and len(sys.argv) in (6, 7) and sys.argv[2] in SETTINGS:
+        run(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]),
+            float(sys.argv[6]) if len(sys.argv) == 7 else None)
+    else:
+        raise SystemExit(f"usage: official_onevision.py prepare WORK | run {{{','.join(SETTINGS)}}} WORK CHECKOUT OUT "
+                         "[dycoke_p]")
