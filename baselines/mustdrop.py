@@ -49,7 +49,8 @@ Other models (no official code beyond LLaVA-1.5 and LLaVA-NeXT's flat crops): th
 tiling takes the whole 3 x 3 windows of the grid (a 16 x 16 Video-LLaVA frame leaves its last row and column
 unmerged); a sample's key set is its crops' key sets one after another (the compact layout). Towers that cannot
 merge inside (Qwen2.5-VL, Qwen3-VL: the 2x2 merger groups; `Family.encoder_view`) skip the spatial merge and take
-the key set from the mean attention received at their last block; LLaVA-OneVision refuses merging inside SigLIP.
+the key set from the mean attention received at their last block; LLaVA-OneVision refuses MustDrop
+(`Family.unsupported`: its images' compact layout, its batches' padded frames).
 The cache stage runs on every family; where positions are fixed (the Qwen families' M-RoPE,
 `Family.fixed_positions`) the decode tokens keep their positions, as the prefill's cuts do.
 The tower runs eager, image by image (the official code asks it for attentions): the key set is bit-identical.

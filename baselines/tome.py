@@ -18,7 +18,9 @@ first (576 - T) % 23); `r=` (an int per layer, or one per layer) replaces the bu
 LLaVA-NeXT and Video-LLaVA: per crop or frame (budget / crops), compact layout. Qwen2.5-VL's windowed tower groups
 patches 2x2 for its merger, so merging inside it would break the groups: there the same schedule runs as
 successive rounds at the tower's output on the last full-attention block's keys (the project's adaptation; neither
-ToMe nor LightCompress covers Qwen2.5-VL).
+ToMe nor LightCompress covers Qwen2.5-VL). LLaVA-OneVision's SigLIP has no CLS to protect and pools its video frames
+after the projector: the same rounds at the tower's output (images: per crop, counts scaled to its 729 patches;
+videos: per frame among the 196 pooled, projected tokens on the pooled keys, merging in LLM space).
 """
 from __future__ import annotations
 

@@ -32,9 +32,15 @@ tower (`eager_encoder`).
   anyres_max_9 resize folds together keep the token they are resized into, so such a row may hold one twice).
 - Videos: the host pools after its projector, so a frame's tokens exist only in LLM space: the view shows the
   196 pooled, projected tokens of each frame (`EncoderView.projected`), with the importance and the keys pooled
-  2x2 the same bilinear way (as HoliTom pools its attention); kept tokens are the model's own, bit for bit; merged
-  tokens average in LLM space. Frames in order, each [kept, merged]; the trailing newline is dropped by default
-  (as the compact image layout drops newlines) and kept with `newlines="keep"`.
+  2x2 the same bilinear way (as HoliTom pools its attention), and so are the rows of further tower layers
+  (`importance_at`, `received`: VScan's shallow scan, HiPrune's anchors), one row per pooled token; kept tokens are
+  the model's own, bit for bit; merged tokens average in LLM space. Frames in order, each [kept, merged]; the
+  trailing newline is dropped by default (as the compact image layout drops newlines) and kept with
+  `newlines="keep"`. The tower's own features are not in this view: a policy that reads them (CDPruner's CLIP
+  relevance) is refused on videos.
+- The tower does not merge inside (no CLS to protect; merged tower tokens would not give a frame its 196 pooled
+  tokens): ToMe runs its rounds at the tower's output, as on Qwen2.5-VL (no official OneVision code for it); a
+  merge at a layer's output (MustDrop's spatial merge) is refused.
 Decoder side: a sample's visual tokens are one set (an image's base view, crops and row newlines; a video's frames
 and its newline), and cuts may drop newline tokens as any other, as on LLaVA-NeXT.
 
@@ -216,19 +222,25 @@ class LlavaOnevision(LlavaNext):
                      scan_layers: tuple[int, ...] = (), received: bool = False,
                      merge: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> EncoderView:
         """SigLIP's last layer with the mean attention each patch receives; a video's frames pooled 2x2 after the
-        projector, as the model pools them (module docstring)."""
-        view = super().encoder_view(model, images, eager_encoder, scan_layers, received, merge)
+        projector, as the model pools them, with every row the view carries (module docstring). The tower does not
+        merge inside (`merge` is ignored): a merge in tower space has no CLS to protect and would not give a frame
+        its 196 pooled tokens; a policy's merging then runs at the tower's output, as on Qwen2.5-VL's."""
+        view = super().encoder_view(model, images, eager_encoder, scan_layers, received)
         per_frame = self.frame_tokens(model.config)
         if images.modality != "video":
             view.share = view.hidden.shape[1] / per_frame  # a crop's 729 patches against a frame's 196 tokens
             return view
         llava = self.multimodal(model)
         pool = lambda x: llava.apply_pooling(x.contiguous())  # noqa: E731  [N, 729, C] -> [N, 196, C]
+        pool_rows = lambda rows: pool(rows.transpose(1, 2)).transpose(1, 2)  # noqa: E731  [N, H, 729] -> [N, H, 196]
         heads = view.importance.shape[1]
-        importance = pool(view.importance.transpose(1, 2)).transpose(1, 2)
         keys = pool(view.keys.transpose(1, 2).flatten(2)).unflatten(2, (heads, -1)).transpose(1, 2)
         hidden = pool(llava.multi_modal_projector(view.hidden))
-        return EncoderView(hidden, importance, keys, has_cls=False, projected=True)
+        tower_received = view.received
+        return EncoderView(hidden, pool_rows(view.importance), keys, has_cls=False, projected=True,
+                           importance_at={layer: pool_rows(rows) for layer, rows in view.importance_at.items()},
+                           received=None if tower_received is None else
+                           lambda layer: pool_rows(tower_received(layer)[:, None])[:, 0])
 
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
         """A sample's video tokens, less the newline after the video, over a frame's 196 (0 for an image)."""
@@ -236,16 +248,19 @@ class LlavaOnevision(LlavaNext):
         return (tokens - VIDEO_NEWLINES).clamp(min=0) // self.frame_tokens(model.config)
 
     def unsupported(self, policy: Any, modality: str) -> str | None:
-        """Merging inside the tower (ToMe) is not offered: SigLIP has no CLS to protect and a crop's 729 patches are
-        not the 196 a frame's counts are given for; on videos, rows of other tower layers (VScan, HiPrune) are not
-        pooled per frame with the feature layer's, and the tower's own features (CDPruner's CLIP relevance) are
-        already projected and pooled."""
-        if policy.merges_in_tower:
-            return ("merging inside LLaVA-OneVision's SigLIP tower is not supported (no CLS to protect; budgets count "
-                    "196 tokens a frame, a crop has 729 patches)")
-        if modality == "video" and (policy.scan_layers or policy.received_attention or policy.tower_features):
+        """A merge at a tower layer's output (MustDrop's spatial merge) is not offered: without it such a policy
+        keeps every patch, more than an image's compact layout holds (unpadded, resized crops), and on videos its
+        per-video state (thresholds scaled by the frame count, the key set of the first frame) would take a batch's
+        padded frames (`with_padded_frames`) for the video's own. On videos the tower's own features (CDPruner's CLIP
+        relevance) are not in the view: a frame's tokens exist only projected and pooled."""
+        if policy.merges_at_layer_output:
+            return ("a merge at a tower layer's output is not supported in LLaVA-OneVision's SigLIP tower (no CLS; "
+                    "unmerged, a crop's 729 patches exceed what an image's compact layout holds, and a batch's "
+                    "padded video frames would count as the video's)")
+        if modality == "video" and policy.tower_features:
             return ("on LLaVA-OneVision videos the encoder cut selects among the pooled, projected tokens of each "
-                    "frame, and other tower layers' rows are not pooled with them: run this method on its images")
+                    "frame: the tower's own features are not pooled per frame; run it on images, or with the "
+                    "method's relevance on the decoder's inputs where it has one (CDPruner: text='prompt')")
         return None
 
     def valid_tokens(self, model: nn.Module, images: Images, tokens: int) -> Tensor | None:
