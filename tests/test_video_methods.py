@@ -262,7 +262,7 @@ def equals_the_official_onevision_run(folder: str, fixture: str, model_dir, meth
     spec.loader.exec_module(runner)
     official = torch.load(parity / folder / fixture)
     model, processor = load_tiny(model_dir)
-    batch = runner.video_inputs(processor, official["settings"]["frames"])
+    batch = runner.video_inputs(processor, official["settings"]["frames"], official["settings"].get("scenes", 1))
     ids = batch["input_ids"][0]
     video = ids == model.config.video_token_id
     assert ids[~video].tolist() == [t for t in official["input_ids"] if t != runner.IMAGE_TOKEN_INDEX]
@@ -305,11 +305,13 @@ def test_dycoke_on_llava_onevision_equals_the_official_model(tiny_onevision_dir,
     assert ours == theirs and None in ours and any(ours)  # a step attends to all (similarity >= 0.9), others select
 
 
-def test_holitom_on_llava_onevision_equals_the_official_model(tiny_onevision_dir):
+@pytest.mark.parametrize("fixture", ["ov_fixture.pt", "ov_two_scenes_fixture.pt"], ids=["one_window", "two_windows"])
+def test_holitom_on_llava_onevision_equals_the_official_model(tiny_onevision_dir, fixture):
     """HoliTom as scripts/eval_ov-7b_holitom.sh runs it (RETAIN_RATIO 0.15, T 0.8, HOLITOM_k 18, HOLITOM_r 0.5) through
     github.com/cokeshao/HoliTom's LLaVA-NeXT code, whose layer 17 attends without a causal mask in the prefill
-    (causal_scoring_layer=False reproduces it) (tests/parity/holitom/README.md)."""
-    official, trace = equals_the_official_onevision_run("holitom", "ov_fixture.pt", tiny_onevision_dir, "holitom",
+    (causal_scoring_layer=False reproduces it); a video of one panned scene (one window) and of two (two windows, the
+    density merges at retention below 1) (tests/parity/holitom/README.md)."""
+    official, trace = equals_the_official_onevision_run("holitom", fixture, tiny_onevision_dir, "holitom",
                                                         retain_ratio=0.15, tau=0.8, causal_scoring_layer=False)
     start, visual = official["input_ids"].index(-200), official["visual_tokens_per_layer"][0]
     inner = [p - start for p in official["inner_positions"] if start <= p < start + visual]

@@ -7,7 +7,7 @@ Not a test. Two steps, two environments (vidcom2/README.md, dycoke/README.md):
     $SCRATCH/venv/bin/python official_onevision.py run METHOD WORK CHECKOUT OUT [OPTION]   # the official environment
 
 METHOD: vidcom2 (github.com/xuyang-liu16/VidCom2), dycoke (github.com/KD-TAO/DyCoke; OPTION: its dycoke_p) or holitom
-(github.com/cokeshao/HoliTom, in its own venv with transformers 4.51.3, holitom/README.md; OPTION: its T).
+(github.com/cokeshao/HoliTom, in its own venv with transformers 4.51.3, holitom/README.md; OPTION: the video's scenes).
 
 `prepare` builds `build_tiny("llava_onevision", seed=0)` (SigLIP 26 layers at 384/14, Qwen2 28 layers, random weights)
 and writes it in the original LLaVA-NeXT format the official code loads: `LlavaQwenForCausalLM` weights
@@ -41,7 +41,7 @@ SETTINGS = {"vidcom2": {"frames": 4, "R_RATIO": 0.25},
             "dycoke": {"frames": 8, "dycoke_k": 0.7, "dycoke_p": 0.8, "dycoke_l": 3,
                        "dycoke_num_tokens_per_frame": 196},
             # scripts/eval_ov-7b_holitom.sh's second setting (full HoliTom: HOLITOM_k/r switch the inner merge on)
-            "holitom": {"frames": 8, "RETAIN_RATIO": 0.15, "T": 0.80, "HOLITOM_k": 18, "HOLITOM_r": 0.5}}
+            "holitom": {"frames": 8, "scenes": 1, "RETAIN_RATIO": 0.15, "T": 0.80, "HOLITOM_k": 18, "HOLITOM_r": 0.5}}
 QUESTION = "What moves in the video? Answer briefly."
 IMAGE_TOKEN_INDEX = -200
 # The real checkpoints' tower name: the builder picks SigLipVisionTower by it (an existing path would be CLIP), so
@@ -49,16 +49,20 @@ IMAGE_TOKEN_INDEX = -200
 SIGLIP = "google/siglip-so400m-patch14-384"
 
 
-def video_inputs(processor, frames: int) -> dict:
-    """A video of `frames` frames (one synthetic scene panned by 24 pixels a frame) and the chat-template prompt, as the
-    project's processor encodes them."""
+def video_inputs(processor, frames: int, scenes: int = 1) -> dict:
+    """A video of `frames` frames (synthetic scenes, `scenes` consecutive runs of equally many frames, panned by 24 pixels
+    a frame) and the chat-template prompt, as the project's processor encodes them."""
     from visiondrop.harness.prompting import build_prompt
     from visiondrop.testing.tiny import demo_image
 
-    scene = np.asarray(demo_image(0, (384, 384)))
-    frames = np.stack([np.roll(scene, SHIFT * f, axis=1) for f in range(frames)])
+    scene = [np.asarray(demo_image(s, (384, 384))) for s in range(scenes)]
+    frames = np.stack([np.roll(scene[f * scenes // frames], SHIFT * f, axis=1) for f in range(frames)])
     text = build_prompt(processor, QUESTION, True, "chat_template", "video")
     return dict(processor(text=[text], videos=[frames], return_tensors="pt"))
+
+
+def inputs_file(frames: int, scenes: int) -> str:
+    return f"inputs_{frames}.pt" if scenes == 1 else f"inputs_{frames}x{scenes}.pt"
 
 
 def prepare(work: Path) -> None:
@@ -119,14 +123,14 @@ def prepare(work: Path) -> None:
         "mm_use_im_patch_token": False, "add_faster_video": False, "delay_load": False}, indent=1))
 
     _, processor = load_tiny(hf)
-    for frames in sorted({s["frames"] for s in SETTINGS.values()}):
-        inputs = video_inputs(processor, frames)
+    for frames, scenes in sorted({(s["frames"], s.get("scenes", 1)) for s in SETTINGS.values()} | {(8, 2)}):
+        inputs = video_inputs(processor, frames, scenes)
         ids = inputs["input_ids"][0].tolist()
         video = [i for i, t in enumerate(ids) if t == config["video_token_index"]]
         assert video == list(range(video[0], video[-1] + 1)), "one contiguous video block expected"
         collapsed = ids[:video[0]] + [IMAGE_TOKEN_INDEX] + ids[video[-1] + 1:]  # as tokenizer_image_token gives it
         torch.save({"input_ids": torch.tensor([collapsed]), "video": inputs["pixel_values_videos"][0].float(),
-                    "video_tokens": len(video)}, work / f"inputs_{frames}.pt")
+                    "video_tokens": len(video)}, work / inputs_file(frames, scenes))
 
 
 class CpuEvent:
@@ -155,13 +159,13 @@ def observe(module, name: str, calls: list) -> None:
 
 
 #: the setting the optional last argument of `run` replaces
-OPTION = {"dycoke": "dycoke_p", "holitom": "T"}
+OPTION = {"dycoke": "dycoke_p", "holitom": "scenes"}
 
 
 def run(method: str, work: Path, checkout: Path, out: Path, option: float | None = None) -> None:
     settings = dict(SETTINGS[method])
     if option is not None:
-        settings[OPTION[method]] = option
+        settings[OPTION[method]] = type(settings[OPTION[method]])(option)
     os.environ.update(HF_HOME=str((work / "hf_home").resolve()), HF_HUB_OFFLINE="1")
     import transformers
 
@@ -178,7 +182,7 @@ def run(method: str, work: Path, checkout: Path, out: Path, option: float | None
     vision_tower = model.get_vision_tower()
     if not vision_tower.is_loaded:
         vision_tower.load_model()
-    inputs = torch.load(work / f"inputs_{settings['frames']}.pt")
+    inputs = torch.load(work / inputs_file(settings["frames"], settings.get("scenes", 1)))
     compressions, lengths, key_selections = [], [], []
     if method == "vidcom2":  # lmms_eval/models/llava_onevision.py with COMPRESSOR=vidcom2
         os.environ["R_RATIO"] = str(settings["R_RATIO"])
@@ -261,4 +265,4 @@ if __name__ == "__main__":
             float(sys.argv[6]) if len(sys.argv) == 7 else None)
     else:
         raise SystemExit(f"usage: official_onevision.py prepare WORK | run {{{','.join(SETTINGS)}}} WORK CHECKOUT OUT "
-                         "[dycoke_p | T]")
+                         "[dycoke_p | scenes]")
