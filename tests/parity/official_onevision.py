@@ -123,6 +123,7 @@ def prepare(work: Path) -> None:
         "mm_use_im_patch_token": False, "add_faster_video": False, "delay_load": False}, indent=1))
 
     _, processor = load_tiny(hf)
+    # every method's video, and HoliTom's two-scene one (`run holitom ... 2`: two windows)
     for frames, scenes in sorted({(s["frames"], s.get("scenes", 1)) for s in SETTINGS.values()} | {(8, 2)}):
         inputs = video_inputs(processor, frames, scenes)
         ids = inputs["input_ids"][0].tolist()
