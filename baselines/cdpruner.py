@@ -327,5 +327,5 @@ def example_options(config) -> dict:
 
 # a budget below the tiny models' kernel rank (their 64-wide projectors), where the NaN quirk does not arise
 METHOD = Method("cdpruner", "CDPruner", policy, smallest_budget=lambda info: info.crops,
-                overhead=overhead, example_budget=32,
+                overhead=overhead, example_budget=32, second_example=(48, {"guard": True}),
                 example_options=example_options)
