@@ -3,7 +3,6 @@ and the position_bias experiment end to end on the demo setup."""
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
