@@ -35,6 +35,7 @@ every such sample's trace into positional-bias maps (where in the image the kept
 from __future__ import annotations
 
 import ast
+import atexit
 import gc
 import json
 import logging
@@ -242,6 +243,7 @@ class PrunedLVLM(lmms):
             from accelerate import Accelerator
 
             self.accelerator = Accelerator()
+            atexit.register(_leave_process_group)
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             if device in (None, "cuda"):
                 return self.accelerator.device
@@ -424,3 +426,10 @@ def _positive_int(value: int | str, name: str) -> int:
     if number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return number
+
+
+def _leave_process_group() -> None:
+    """A rank that exits with its gloo process group alive can abort in the group's destructor ("terminate called
+    without an active exception", exit -6) after its answers are written: leave the group first."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
