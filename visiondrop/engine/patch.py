@@ -220,6 +220,9 @@ class Pruner:
                                                              self.family.feature_functions).get(
                 "video" if self._frames is not None and bool(self._frames.any()) else "image") is not None:
             raise RuntimeError("the image features of this forward were not encoded with the applied method")
+        if tower is not None and self._padding_slots is not None:  # rows of a shorter video's padded frames first
+            samples = visual.any(1).nonzero()[:, 0].tolist()
+            tower = [row[int(self._padding_slots[b]):] for row, b in zip(tower, samples)]
         run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames, side, tower)
         trace = Trace.start(embeds.shape[0])
         if self.policy.encoder_layer is not None:
