@@ -374,6 +374,15 @@ def test_every_method_on_videos_of_different_frame_counts(model_and_processor, r
         torch.testing.assert_close(logits, stock_logits, atol=1e-9, rtol=1e-9)
 
 
+def test_tower_attention_of_videos_of_different_frame_counts(model_and_processor, ragged, monkeypatch):
+    """HoliTom ranks a video's tokens by the tower's attention: in a batch the shorter video's rows are its own frames',
+    not its padded frames' (the batch equals each alone)."""
+    model, _ = model_and_processor
+    monkeypatch.setattr(model.generation_config, "suppress_tokens",
+                        [model.config.image_token_id, model.config.video_token_id])
+    videos_batch_equals_alone(model, "holitom", run, *ragged, NEW_TOKENS, ratio=0.25)
+
+
 def test_two_videos_padded_alike_keep_their_own_encoder_cuts(model_and_processor, demo_videos, monkeypatch):
     """Two shorter videos padded with the same zero frames in one batch (4, 2 and 2 frames) keep their own
     encoder-cut decisions through generate()'s pre-encoded features: each row equals its video alone."""

@@ -122,3 +122,17 @@ def test_a_mistral_decoder_with_grouped_query_attention(tiny_next_mistral, metho
             assert trace.tokens_per_layer[i] == handle.trace.tokens_per_layer[0]
     cached, replayed = cached_and_replayed(model, inputs, method, budget, new_tokens=4)
     assert torch.equal(cached, replayed)
+
+
+def test_a_count_beyond_a_wide_images_own_layout_says_what_to_do(tiny_next):
+    """A 1000x100 image fills a 1x3 grid mostly with padding, which the model's layout removes (1,160 tokens for 4
+    crops of 576): per-crop counts that exceed it are refused with the most a crop may keep, and that count runs."""
+    model, processor = tiny_next
+    inputs = batch(processor, QUESTIONS[:1], [demo_image(1, (1000, 100))])
+    with visiondrop.apply(model, "visionzip", ratio=0.9), torch.no_grad(), \
+            pytest.raises(ValueError, match=r"keeps 2072 visual tokens \(518 a crop x 4 crops\) of an image that the "
+                                            r"model lays out in 1160 tokens.*at most 290 tokens a crop"):
+        model(**inputs)
+    with visiondrop.apply(model, "visionzip", 290 * 5) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.trace.tokens_per_layer[0] == [1160] * 32

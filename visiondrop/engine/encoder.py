@@ -61,8 +61,12 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
                 feats, keep = feats[:, real], keep[:, keep[0] >= 0]
                 crop = None if crop is None else crop[:, real]
             feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.native_layout)
-            if feats.shape[0] > slots:
-                raise ValueError(f"{policy.name} keeps {feats.shape[0]} tokens for an image with {slots} image slots")
+            if feats.shape[0] > slots:  # an anyres image whose crops are mostly padding (a very wide or tall image)
+                raise ValueError(
+                    f"{policy.name} keeps {feats.shape[0]} visual tokens ({keep.shape[1] + n_merged} a crop x "
+                    f"{keep.shape[0]} crops) of an image that the model lays out in {slots} tokens (its crops hold "
+                    "padding that the model's own layout removes, as for a very wide or tall image): give a smaller "
+                    f"budget or ratio (at most {slots // keep.shape[0]} tokens a crop for this image)")
             padded.append(torch.cat([feats, feats.new_zeros(slots - feats.shape[0], feats.shape[1])]))
             filled = (orig != EMPTY_SLOT).nonzero()[:, 0]
             valid.append(filled)
