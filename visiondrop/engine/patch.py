@@ -140,8 +140,8 @@ class Pruner:
         """The model's own features, and the tower's attention rows of each image noted beside them: each unit of
         the features (a row of a stacked tensor, known by its first token; an entry of a list, by identity) names
         its image, as the host splits them (equal units per image: Video-LLaVA's frames)."""
-        out = original(*args, **kwargs)
-        rows = tower_attention(self.model, self.family, modality, args, kwargs)
+        out, rows = tower_attention(self.model, self.family, modality, args, kwargs,
+                                    functools.partial(original, *args, **kwargs))
         features = out.pooler_output
         per = len(features) // len(rows)
         self._tower = [(f[0].clone() if isinstance(features, Tensor) else weakref.ref(f), i // per)
