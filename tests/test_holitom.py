@@ -11,7 +11,7 @@ from baselines.holitom import (frame_similarity, inner_merge, merge_static, oute
                                static_windows)
 from visiondrop.core import ModelInfo
 from visiondrop.engine import Policy, Selection
-from visiondrop.families import info_of
+from visiondrop.families import family_of, info_of
 from visiondrop.methods.shared import density_peaks
 from visiondrop.harness.video import read_frames
 from visiondrop.testing.tiny import load_tiny
@@ -237,3 +237,76 @@ def test_images_are_refused(video_llava):
                             return_tensors="pt"))
     with visiondrop.apply(model, "holitom", ratio=0.25), torch.no_grad(), pytest.raises(ValueError, match="videos"):
         model(**inputs)
+
+
+#: the families whose videos HoliTom runs on, each with its tower's module
+TOWERS = {"video_llava": "video_tower", "llava_onevision": "vision_tower", "qwen2_5_vl": "visual", "qwen3_vl": "visual"}
+
+
+def one_video(model_type: str, model, processor, path) -> dict:
+    """A one-video prompt in the family's own format (Qwen2.5-VL's patches by hand: its video processor needs
+    torchvision), in the model's dtype."""
+    from visiondrop.harness.prompting import build_prompt
+
+    if model_type == "qwen2_5_vl":
+        from test_video_methods import encode
+
+        inputs = encode(processor, ["What happens?"], [(4, 8, 8)], [0])
+    else:
+        prompt = build_prompt(processor, "What happens?", True, family_of(model).conv_template, "video")
+        inputs = dict(processor(text=[prompt], videos=[read_frames(path, 4)], return_tensors="pt"))
+    return {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("model_type", TOWERS)
+def test_the_tower_runs_once_a_forward(tiny_of, demo_videos, model_type):
+    """The tower's attention is read in the host's own encoding (`Family.tower_attention`): the tower runs once a
+    forward (counted with a forward hook), and once in a generation (the video encoded before the first step)."""
+    model, processor = tiny_of(model_type)
+    inputs = one_video(model_type, model, processor, demo_videos[0])
+    n_visual = int(family_of(model).image_token_mask(model, inputs["input_ids"], None).sum())
+    runs = []
+    hook = getattr(model.model, TOWERS[model_type]).register_forward_hook(lambda *_: runs.append(1))
+    try:
+        with visiondrop.apply(model, "holitom", ratio=0.25) as handle, torch.no_grad():
+            model(**inputs)
+            assert len(runs) == 1
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        hook.remove()
+    assert len(runs) == 2
+    assert handle.trace.tokens_per_layer[0][0] < n_visual  # the outer stage ranked the frames' tokens by the rows
+
+
+def test_onevision_tower_attention_is_the_official_pooled_mean(tiny_of, demo_videos):
+    """LLaVA-OneVision: each frame's attention received at SigLIP's last layer, mean over heads and queries, pooled
+    2x2 as HoliTom's official code reads it (eager `attentions[-1]`; checked on the first and last of 4 frames), and
+    0 at the trailing newline."""
+    from visiondrop.engine.patch import Pruner
+    from visiondrop.families.llava import tower_layers
+
+    model, processor = tiny_of("llava_onevision")
+    inputs = one_video("llava_onevision", model, processor, demo_videos[0])
+    probe = TowerProbe()
+    pruner = Pruner(model, probe)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        pruner.remove()
+    tower = model.model.vision_tower
+    attentions = []  # the eager probabilities of the feature layer alone
+    hook = tower_layers(tower)[info_of(model).vision_layer].self_attn.register_forward_hook(
+        lambda module, args, out: attentions.append(out[1]))
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            tower(inputs["pixel_values_videos"][0, [0, -1]])
+    finally:
+        tower.config._attn_implementation = "sdpa"
+        hook.remove()
+    received = attentions[0].mean(1).mean(1)  # [2, 729]
+    pooled = model.model.apply_pooling(received.unsqueeze(-1))[..., 0]  # [2, 196]
+    seen = probe.seen[0]
+    torch.testing.assert_close(seen[:-1].view(4, 196)[[0, -1]], pooled, rtol=1e-5, atol=1e-9)
+    assert seen[-1] == 0

@@ -91,7 +91,8 @@ class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
 
 
 @contextlib.contextmanager
-def captured_blocks(tower: nn.Module, blocks: Iterable[int]) -> Iterator[dict[int, tuple[Tensor, tuple[Tensor, Tensor]]]]:
+def captured_blocks(tower: nn.Module,
+                    blocks: Iterable[int]) -> Iterator[dict[int, tuple[Tensor, tuple[Tensor, Tensor]]]]:
     """Inside, the tower's runs note each of `blocks`' attention inputs: block -> (hidden states [P, D], rotary
     (cos, sin)), filled as the tower runs (once)."""
     captured = {}
