@@ -166,15 +166,10 @@ class TowerProbe(Policy):
         return Selection(torch.arange(cut.n_visual).expand(len(cut.samples), -1))
 
 
-def test_decoder_cuts_see_the_attention_each_token_received_in_the_tower(video_llava, demo_videos):
-    """Video-LLaVA: the feature layer's attention (eager probabilities, mean over heads then queries) of every frame's
-    257 tokens, CLS included, frame after frame."""
+def probed_tower_attention(model, inputs: dict) -> torch.Tensor:
+    """The tower attention [samples, visual tokens] a decoder cut before layer 0 sees in one forward."""
     from visiondrop.engine.patch import Pruner
 
-    model, processor = video_llava
-    clip = read_frames(demo_videos[0])
-    inputs = dict(processor(text=["USER: <video>\nWhat happens? ASSISTANT:"], videos=[clip], return_tensors="pt"))
-    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.float64)
     probe = TowerProbe()
     pruner = Pruner(model, probe)
     try:
@@ -182,15 +177,37 @@ def test_decoder_cuts_see_the_attention_each_token_received_in_the_tower(video_l
             model(**inputs)
     finally:
         pruner.remove()
-    tower = model.model.video_tower
-    tower.config._attn_implementation = "eager"
+    return probe.seen
+
+
+def eager_attention(tower, layer: int, pixels: torch.Tensor) -> torch.Tensor:
+    """A CLIP-style tower's eager attention probabilities at `layer` [N, H, T, T] (that layer's alone: every layer's,
+    as `output_attentions` gives them, would take a gigabyte on 4 OneVision frames)."""
+    from visiondrop.families.llava import tower_layers
+
+    probabilities = []
+    attention = tower_layers(tower)[layer].self_attn
+    hook = attention.register_forward_hook(lambda module, args, out: probabilities.append(out[1]))
+    own, tower.config._attn_implementation = tower.config._attn_implementation, "eager"
     try:
         with torch.no_grad():
-            out = tower(inputs["pixel_values_videos"].flatten(0, 1), output_attentions=True)
+            tower(pixels)
     finally:
-        tower.config._attn_implementation = "sdpa"
-    expected = out.attentions[info_of(model).vision_layer].mean(1).mean(1).flatten()
-    torch.testing.assert_close(probe.seen[0], expected)
+        tower.config._attn_implementation = own
+        hook.remove()
+    return probabilities[0]
+
+
+def test_decoder_cuts_see_the_attention_each_token_received_in_the_tower(video_llava, demo_videos):
+    """Video-LLaVA: the feature layer's attention (eager probabilities, mean over heads then queries) of every frame's
+    257 tokens, CLS included, frame after frame."""
+    model, processor = video_llava
+    clip = read_frames(demo_videos[0])
+    inputs = dict(processor(text=["USER: <video>\nWhat happens? ASSISTANT:"], videos=[clip], return_tensors="pt"))
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.float64)
+    probabilities = eager_attention(model.model.video_tower, info_of(model).vision_layer,
+                                    inputs["pixel_values_videos"].flatten(0, 1))
+    torch.testing.assert_close(probed_tower_attention(model, inputs)[0], probabilities.mean(1).mean(1).flatten())
 
 
 def test_the_official_non_causal_scoring_layer_is_an_option(video_llava, demo_videos):
@@ -282,31 +299,11 @@ def test_onevision_tower_attention_is_the_official_pooled_mean(tiny_of, demo_vid
     """LLaVA-OneVision: each frame's attention received at SigLIP's last layer, mean over heads and queries, pooled
     2x2 as HoliTom's official code reads it (eager `attentions[-1]`; checked on the first and last of 4 frames), and
     0 at the trailing newline."""
-    from visiondrop.engine.patch import Pruner
-    from visiondrop.families.llava import tower_layers
-
     model, processor = tiny_of("llava_onevision")
     inputs = one_video("llava_onevision", model, processor, demo_videos[0])
-    probe = TowerProbe()
-    pruner = Pruner(model, probe)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        pruner.remove()
-    tower = model.model.vision_tower
-    attentions = []  # the eager probabilities of the feature layer alone
-    hook = tower_layers(tower)[info_of(model).vision_layer].self_attn.register_forward_hook(
-        lambda module, args, out: attentions.append(out[1]))
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            tower(inputs["pixel_values_videos"][0, [0, -1]])
-    finally:
-        tower.config._attn_implementation = "sdpa"
-        hook.remove()
-    received = attentions[0].mean(1).mean(1)  # [2, 729]
-    pooled = model.model.apply_pooling(received.unsqueeze(-1))[..., 0]  # [2, 196]
-    seen = probe.seen[0]
+    seen = probed_tower_attention(model, inputs)[0]
+    probabilities = eager_attention(model.model.vision_tower, info_of(model).vision_layer,
+                                    inputs["pixel_values_videos"][0, [0, -1]])
+    pooled = model.model.apply_pooling(probabilities.mean(1).mean(1).unsqueeze(-1))[..., 0]  # [2, 196]
     torch.testing.assert_close(seen[:-1].view(4, 196)[[0, -1]], pooled, rtol=1e-5, atol=1e-9)
     assert seen[-1] == 0
