@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.core import Cut, ModelInfo
-from visiondrop.engine import DecodeStep, DecoderCut, Policy, Selection
+from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.engine.attention import decoder_attention
 from visiondrop.methods import Method, Overhead, Unreachable
 from visiondrop.methods.shared import density_peaks, retention, video_layout
@@ -231,11 +231,8 @@ class PruneVid(Policy):
         self.info, self.share, self.alpha, self.tau, self.prune_cache = info, share, alpha, tau, prune_cache
         self.selected_layer = info.relative_layers([SELECTED_LAYER], "PruneVid's selected layer")[0]
         self.cut_layers = (0, self.selected_layer + 1)
-        if prune_cache:  # decode steps at the layers up to the selected one see only what stage 2 kept
-            self.decode_layers = tuple(range(self.selected_layer + 1))
-
-    def select_cached(self, step: DecodeStep) -> list[Tensor | None]:
-        return step.kept_later
+        if prune_cache:  # the caches of the layers up to the selected one keep only what stage 2 kept
+            self.pruned_cache_layers = tuple(range(self.selected_layer + 1))
 
     def renumbers_at(self, layer_idx: int) -> bool:
         return layer_idx == 0  # stage 1 shortens the sequence; stage 2 keeps positions with gaps

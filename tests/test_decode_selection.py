@@ -115,6 +115,7 @@ def test_cached_decoding_equals_replaying_its_selections(qwen, videos, name):
     torch.testing.assert_close(cached[1], replayed[1], atol=1e-8, rtol=1e-8)
     # every step attending to everything
     trace.decode_steps = [{first: [None] * len(rows) for first, rows in step.items()} for step in trace.decode_steps]
+    trace.pruned_cache = {first: [None] * len(rows) for first, rows in trace.pruned_cache.items()}
     with Handle(model, Replay(handle.policy, trace)), torch.no_grad():
         forgetful = greedy(model, batch, NEW_TOKENS, use_cache=False)
     assert not torch.allclose(cached[1][:, 1:], forgetful[1][:, 1:], atol=1e-6)

@@ -255,7 +255,7 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
     premade: list[bool] = []
     with apply(model, method, budget, **options) as handle, torch.no_grad():
         _record_cuts(handle.policy, cuts, premade)
-        decodes = bool(handle.policy.decode_layers)
+        decodes = bool(handle.policy.decode_layers or handle.policy.pruned_cache_layers)
         if decodes:  # the prefill and one decode step, whose selection the trace records
             greedy(model, inputs, new_tokens=2)
         else:
