@@ -26,6 +26,11 @@ def cached_keys(cache: Cache, layer_idx: int) -> Tensor:
     return cache.layers[layer_idx].keys
 
 
+def cache_bytes(cache: Cache) -> int:
+    """The bytes of the keys and values a `DynamicCache` holds, all layers."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
 def keep_cached(cache: Cache, layer_idx: int, rows: Tensor) -> None:
     """Cut the keys and values a `DynamicCache` holds for decoder layer `layer_idx` to the cached rows `rows` [B, kv']
     of each batch row (new tensors: the old ones' memory is freed)."""

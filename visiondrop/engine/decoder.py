@@ -10,8 +10,8 @@ different segments have different lengths; a `Segment` remembers, for the layers
 cached rows are real tokens and which position the next token takes, so decode steps stay consistent with
 whatever the prefill did. A policy's pruned cache (`Policy.pruned_cache_layers`) is one more cut after the prefill,
 on the caches alone: the layers' cached rows are re-packed and left-padded as a cut re-packs the sequence, and they
-become a segment of their own, with the positions the prompt's layers continue from. Everything about the host (its layers, positions, rotary embeddings) comes from its
-family adapter; positions are opaque tensors [..., B, L] gathered along their last axis.
+become a segment of their own, with the positions the prompt's layers continue from. Everything about the host (its
+layers, positions, rotary embeddings) comes from its family adapter; positions are opaque tensors [..., B, L] gathered along their last axis.
 
 Side features (`Family.side_features`: Qwen3-VL's DeepStack rows) are vectors that the host adds to the visual
 tokens' hidden states after a few early decoder layers. Each visual token carries its own rows through every cut
