@@ -23,8 +23,8 @@ relative_layers`), scored on what entered layer 10. The KV caches of layers 0-10
 steps attend there to what layer 11 keeps, and the memory is freed. Here too (`prune_cache`, on by default), through
 the engine's pruned caches (`Policy.pruned_cache_layers`): once the prefill is done, the caches of layers 0 to the
 selected one keep the text and the kept tokens only (in a batch each row's cache is left-padded to the longest
-row's count, the padding masked), and decode positions continue from the prompt's length (the official
-`original_number`). `prune_cache=False`: those layers keep every stage-1 token in their caches, and the decode steps
+row's count, the padding masked), and decode positions continue from the prompt's length as the language model
+received it after stage 1 (the official `original_number`). `prune_cache=False`: those layers keep every stage-1 token in their caches, and the decode steps
 there attend to them all.
 
 Where this differs from the official code:
