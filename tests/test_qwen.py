@@ -293,3 +293,21 @@ def test_patch_cells_scale_each_grid_onto_the_nominal_one(qwen):
     assert cells.shape == (70, 3) and set(cells[:, 0].tolist()) == {0}
     assert cells[0].tolist() == [0, 0, 0] and cells[9].tolist() == [0, 0, 21] and cells[69].tolist() == [0, 20, 21]
     assert cells[10].tolist() == [0, 3, 0]  # row 1 of 7 -> 24 // 7
+
+
+@pytest.mark.parametrize("name", ["visiondrop", "vispruner"])
+def test_an_image_of_one_visual_token_beside_a_wide_one(tiny_qwen, name):
+    """A 28x28 image is one visual token: an encoder cut may keep none of it (VisPruner at 25%), and decoder cuts
+    may find none left (VisionDrop's later stages); beside a 1000x56 image in a batch it keeps what it keeps alone."""
+    model, processor = tiny_qwen
+    processor.tokenizer.padding_side = "left"
+    images = [demo_image(1, (28, 28)), demo_image(2, (1000, 56))]
+    batch = batch_of(processor, QUESTIONS[:2], images)
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 72]]  # min_pixels: one 2x2 group of patches
+    with visiondrop.apply(model, name, ratio=0.25) as handle, torch.no_grad():
+        model(**batch)
+        together = handle.trace
+        for i, (question, image) in enumerate(zip(QUESTIONS, images)):
+            model(**batch_of(processor, [question], [image]))
+            assert [k.tolist() for k in together.kept[i]] == [k.tolist() for k in handle.trace.kept[0]], i
+            assert together.tokens_per_layer[i] == handle.trace.tokens_per_layer[0], i

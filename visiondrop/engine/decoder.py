@@ -329,6 +329,8 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
             groups = _groups(family, run, i, layers, prev_hidden, rope, original_visual, scratch,
                              family.final_norm(lm))
             run = _cut(family, policy, run, groups, trace, i)
+        elif i in cut_layers:  # no visual token left: recorded as the batch records a sample that has none left
+            trace.add_cut(f"layer {i}", [origins[:0] for origins in run.origins], {}, {})
         if cut_here or not segments:
             rope = family.rotary(lm, run.hidden, run.pos)
             mask4d = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype)

@@ -176,7 +176,8 @@ class Qwen2_5_VL(Family):
         width = merger.ln_q.weight.shape[0]  # D, one patch's
 
         def project(groups: Tensor) -> Tensor:
-            return merger(groups.reshape(-1, width)).view(*groups.shape[:2], -1)
+            projected = merger(groups.reshape(-1, width))
+            return projected.view(*groups.shape[:2], projected.shape[-1])  # also where a small image keeps no token
 
         return project
 

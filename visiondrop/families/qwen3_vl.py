@@ -367,7 +367,8 @@ def _grouped(merger: nn.Module) -> Callable[[Tensor], Tensor]:
     D']."""
 
     def project(groups: Tensor) -> Tensor:
-        return merger(groups.reshape(-1, merger.norm.normalized_shape[0])).view(*groups.shape[:2], -1)
+        projected = merger(groups.reshape(-1, merger.norm.normalized_shape[0]))
+        return projected.view(*groups.shape[:2], projected.shape[-1])  # also where a small image keeps no token
 
     return project
 
