@@ -158,8 +158,10 @@ class MustDrop(Policy):
         return spatial_merge(hidden, int(self.info.tower_cls)) if layer == MERGE_LAYER else hidden
 
     def select_encoder(self, view: EncoderView) -> Selection:
-        """Every token the merge left (CLS too where the model keeps it), and each image's key set: its first
-        crop's (the one every layout puts first as it is: LLaVA-NeXT's base image, a video's first frame)."""
+        """Every token the merge left (CLS too where the model keeps it), and each image's key set: its first real
+        crop's (the one every layout puts first as it is: LLaVA-NeXT's base image, a video's first frame; frames
+        that only pad a shorter video in a batch, `EncoderView.padded`, count for neither the key set nor the
+        thresholds' scale)."""
         first, cls = int(view.has_cls), int(view.has_cls and self.info.cls_kept)
         valid = (torch.ones(view.hidden.shape[:2], dtype=torch.bool, device=view.hidden.device)
                  if view.valid is None else view.valid)
@@ -168,11 +170,13 @@ class MustDrop(Policy):
         before = (view.tokens or view.hidden.shape[1]) - first  # a crop's patches before the merge
         if view.owners[0] == 0:  # a new encoding: forget the last one's images
             self._keys, self._scale = {}, {}
+        real = [not padded for padded in view.padded or [False] * len(view.owners)]
         for crop, owner in enumerate(view.owners):
-            if crop == 0 or view.owners[crop - 1] != owner:
+            if real[crop] and owner not in self._keys:
                 patches = int(valid[crop].sum()) - first
                 self._keys[owner] = ranked[crop, : math.ceil(KEY_RATE * patches)] + cls
-                self._scale[owner] = OFFICIAL_N_VISUAL / (before * view.owners.count(owner))
+                crops = sum(r for o, r in zip(view.owners, real) if o == owner)
+                self._scale[owner] = OFFICIAL_N_VISUAL / (before * crops)
         keep = torch.arange(first - cls, view.hidden.shape[1], device=view.hidden.device).expand(
             view.hidden.shape[0], -1)
         return Selection(keep.masked_fill(~valid[:, first - cls:], -1))

@@ -37,6 +37,8 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
                                    merge)
         view.project = (lambda rows: rows) if view.projected else project  # a host's own projected tokens
         view.owners = [first_image + i for i, n in enumerate(images.crops) for _ in range(n)]
+        if images.padded is not None and any(images.padded):
+            view.padded = [frame < padded for padded, n in zip(images.padded, images.crops) for frame in range(n)]
         first_image += len(images.crops)
         tokens = view.tokens or view.hidden.shape[1]  # before any merging inside the tower
         if policy.native_layout:

@@ -216,7 +216,8 @@ class LlavaOnevision(LlavaNext):
             raise NotImplementedError("encoder-side pruning of LLaVA-OneVision needs vision_feature_select_strategy "
                                       "'full' (SigLIP has no CLS to drop)")
         videos, frames = pixel_values.shape[:2]
-        return Images(pixel_values.flatten(0, 1), [frames] * videos, layer, strategy, modality="video")
+        return Images(pixel_values.flatten(0, 1), [frames] * videos, layer, strategy, modality="video",
+                      padded=padded_frames(pixel_values) if videos > 1 else None)
 
     def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False,
                      scan_layers: tuple[int, ...] = (), received: bool = False,
@@ -248,15 +249,8 @@ class LlavaOnevision(LlavaNext):
         return (tokens - VIDEO_NEWLINES).clamp(min=0) // self.frame_tokens(model.config)
 
     def unsupported(self, policy: Any, modality: str) -> str | None:
-        """A merge at a tower layer's output (MustDrop's spatial merge) is not offered: without it such a policy
-        keeps every patch, more than an image's compact layout holds (unpadded, resized crops), and on videos its
-        per-video state (thresholds scaled by the frame count, the key set of the first frame) would take a batch's
-        padded frames (`with_padded_frames`) for the video's own. On videos the tower's own features (CDPruner's CLIP
-        relevance) are not in the view: a frame's tokens exist only projected and pooled."""
-        if policy.merges_at_layer_output:
-            return ("a merge at a tower layer's output is not supported in LLaVA-OneVision's SigLIP tower (no CLS; "
-                    "unmerged, a crop's 729 patches exceed what an image's compact layout holds, and a batch's "
-                    "padded video frames would count as the video's)")
+        """On videos the tower's own features (CDPruner's CLIP relevance) are not in the view: a frame's tokens exist
+        only projected and pooled."""
         if modality == "video" and policy.tower_features:
             return ("on LLaVA-OneVision videos the encoder cut selects among the pooled, projected tokens of each "
                     "frame: the tower's own features are not pooled per frame; run it on images, or with the "
@@ -278,6 +272,7 @@ class LlavaOnevision(LlavaNext):
         # each frame in its own span of `tokens` slots (the rest of the span empty), so that a batch's padded frames
         # (`with_padded_frames`) fill exactly the slots the host scatters into its padding
         frames, filled = feats.shape[:2]
+        native_layout |= filled == tokens and not n_merged  # every token kept: the host's own layout
         frame = torch.arange(frames, device=keep.device).unsqueeze(1)
         origins = torch.cat([keep + frame * tokens, keep.new_full((frames, n_merged), -1),
                              keep.new_full((frames, tokens - filled), EMPTY_SLOT)], dim=1).flatten()
@@ -404,6 +399,13 @@ def with_padded_frames(alone: list[BatchFeature], video_token_id: int, pad_token
                          "pixel_values_videos": torch.stack(pixels)})
 
 
+def padded_frames(pixel_values: Tensor) -> list[int]:
+    """How many of each video's first frames [B, F, 3, H, W] are `with_padded_frames`' zero frames: padding, since no
+    frame of 8-bit pixels is all zeros after SigLIP's normalisation (a zero needs a pixel value of 127.5)."""
+    real = pixel_values.flatten(2).ne(0).any(-1)  # [B, F]
+    return (real.cumsum(1) == 0).sum(1).tolist()
+
+
 def grid_positions(config: Any, n_crops: int, image_size: Tensor) -> tuple[Tensor, int, Tensor]:
     """Where each crop patch of one image lands in the model's packed visual tokens (`pack_image_features`).
 
@@ -444,6 +446,12 @@ def arrange_onevision(llava: nn.Module, feats: Tensor, keep: Tensor, n_merged: i
     config = llava.config
     side = config.vision_config.image_size // config.vision_config.patch_size
     n_crops, k = keep.shape
+    if k == side * side and not n_merged:  # every patch kept (MustDrop's encoder stage): the host's own layout
+        raster = feats.gather(1, keep.argsort(1).unsqueeze(-1).expand_as(feats))
+        packed = llava.pack_image_features([raster], torch.as_tensor(image_size).view(1, 2).cpu(),
+                                           image_newline=llava.image_newline,
+                                           vision_aspect_ratio=config.vision_aspect_ratio)[0][0]
+        return packed, torch.arange(packed.shape[0], device=keep.device), packed.shape[0]
     position, slots, newline_at = grid_positions(config, n_crops, image_size)
     crop = torch.arange(n_crops, device=keep.device).unsqueeze(1)
     origin = position.to(keep.device)[crop * side * side + keep]
