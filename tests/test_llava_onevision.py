@@ -7,6 +7,7 @@ projector to 196 tokens, one newline after the video; Qwen2 28 layers with group
 have 4 frames (785 visual tokens) so that each test takes seconds; budgets are given as retention ratios, the form
 the video papers use, and count against each video's own tokens.
 """
+import math
 import re
 import sys
 from dataclasses import replace
@@ -165,6 +166,12 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name, monkeyp
     measured = handle.trace.mean_tokens[0]
     if name == "none":
         assert measured == VIDEO_TOKENS
+    elif method(name).counts_follow_content:  # MustDrop: its thresholds decide, so its description states what the
+        # layers took, counted with pre-hooks; every video token enters (no merge in SigLIP: the host's own layout),
+        # and every cut keeps at least the key set, 8% of the first frame's 196 tokens
+        counts, alone = measure_counts(model, singles[0], name, ratio=ratio)
+        assert alone.policy.describe()["tokens_per_layer"] == counts == alone.trace.tokens_per_layer[0]
+        assert counts[0] == VIDEO_TOKENS and VIDEO_TOKENS > counts[-1] >= math.ceil(0.08 * 196), counts
     else:  # the method's own count at the nominal 6,272 tokens, scaled to this video's: within one token a frame
         # (whole counts per frame) and the newline. SparseVLM's own count is what enters the layers, not the budget.
         described = handle.policy.describe()

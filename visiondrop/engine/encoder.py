@@ -62,7 +62,10 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
                 real = torch.cat([keep[0] >= 0, keep.new_ones(n_merged, dtype=torch.bool)])
                 feats, keep = feats[:, real], keep[:, keep[0] >= 0]
                 crop = None if crop is None else crop[:, real]
-            feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.native_layout)
+            # every token of a view the tower did not merge, none merged (MustDrop's encoder stage on a tower that
+            # cannot merge inside): nothing reduced, so the host's own layout, newlines included
+            native = policy.native_layout or (keep.shape[1] == tokens and not n_merged and not view.merged_in_tower)
+            feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, native)
             if feats.shape[0] > slots:
                 raise ValueError(f"{policy.name} keeps {feats.shape[0]} tokens for an image with {slots} image slots")
             padded.append(torch.cat([feats, feats.new_zeros(slots - feats.shape[0], feats.shape[1])]))
@@ -71,7 +74,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
             origins.append(orig[filled])
             if crop is not None:  # laid out as the tokens, their S rows side by side
                 laid = family.lay_out(model, images, i, crop.flatten(2), keep, n_merged, tokens,
-                                      policy.native_layout)[0].view(-1, *crop.shape[2:])
+                                      native)[0].view(-1, *crop.shape[2:])
                 side.append(torch.cat([laid, laid.new_zeros(slots - laid.shape[0], *laid.shape[1:])]))
     return padded, valid, origins, side if side else None
 

@@ -272,7 +272,6 @@ class LlavaOnevision(LlavaNext):
         # each frame in its own span of `tokens` slots (the rest of the span empty), so that a batch's padded frames
         # (`with_padded_frames`) fill exactly the slots the host scatters into its padding
         frames, filled = feats.shape[:2]
-        native_layout |= filled == tokens and not n_merged  # every token kept: the host's own layout
         frame = torch.arange(frames, device=keep.device).unsqueeze(1)
         origins = torch.cat([keep + frame * tokens, keep.new_full((frames, n_merged), -1),
                              keep.new_full((frames, tokens - filled), EMPTY_SLOT)], dim=1).flatten()
@@ -446,7 +445,7 @@ def arrange_onevision(llava: nn.Module, feats: Tensor, keep: Tensor, n_merged: i
     config = llava.config
     side = config.vision_config.image_size // config.vision_config.patch_size
     n_crops, k = keep.shape
-    if k == side * side and not n_merged:  # every patch kept (MustDrop's encoder stage): the host's own layout
+    if native_layout and k == side * side and not n_merged:  # every patch kept: exactly as the host packs them
         raster = feats.gather(1, keep.argsort(1).unsqueeze(-1).expand_as(feats))
         packed = llava.pack_image_features([raster], torch.as_tensor(image_size).view(1, 2).cpu(),
                                            image_newline=llava.image_newline,
