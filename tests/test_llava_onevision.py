@@ -19,6 +19,7 @@ import visiondrop
 from helpers import (IMAGE_METHODS, SHARE_METHODS, beams_equal_alone, greedy_with_logits, measure_counts, stock_and_pruned_means,
                      videos_batch_equals_alone)
 from test_video_qa import endpoint  # noqa: F401  (the loopback judge's fixture)
+from visiondrop.core import Images
 from visiondrop.families import ModelInfo, family_of, info_of
 from visiondrop.families.llava_onevision import grid_positions
 from visiondrop.harness.prompting import build_prompt
@@ -100,6 +101,26 @@ def test_video_and_image_layout(model_and_processor, batch):
             assert set(position[position >= 0].tolist()) == set((packed >= 0).nonzero()[:, 0].tolist())
 
 
+def test_an_image_kept_whole_is_laid_out_as_the_host_packs_it(model_and_processor):
+    """An encoder cut that keeps every patch of every crop, merging none (MustDrop's encoder stage: SigLIP does not
+    merge inside), lays an image out exactly as the host packs it, in whatever order the patches come: the base
+    view, the unpadded grid (resized to anyres_max_9 where larger) and its row newlines, every placeholder filled."""
+    model, processor = model_and_processor
+    family = family_of(model)
+    for width, height in ((300, 200), (2000, 1500)):  # the second one is resized
+        inputs = processor(text="<image>", images=[demo_image(0, (width, height))], return_tensors="pt")
+        crops = inputs["pixel_values"].shape[1]
+        feats = torch.randn(crops, 729, model.config.text_config.hidden_size, dtype=DTYPE)
+        keep = torch.stack([torch.randperm(729) for _ in range(crops)])
+        images = Images(inputs["pixel_values"][0], [crops], -1, "full", sizes=inputs["image_sizes"])
+        laid, origins, slots = family.lay_out(model, images, 0, feats.gather(1, keep[..., None].expand_as(feats)),
+                                              keep, 0, 729, True)
+        packed = model.model.pack_image_features([feats], inputs["image_sizes"], image_newline=model.model.image_newline,
+                                                 vision_aspect_ratio=model.config.vision_aspect_ratio)[0][0]
+        assert slots == int((inputs["input_ids"] == model.config.image_token_id).sum()) == packed.shape[0]
+        assert torch.equal(laid, packed) and torch.equal(origins, torch.arange(slots))
+
+
 def test_encoder_view_of_a_video(model_and_processor, batch):
     """Each frame's tokens are the model's own (projected, pooled 2x2: bit for bit); the importance is the mean
     attention each patch receives at SigLIP's last layer, pooled the same way (HoliTom's CLS substitute), whether
@@ -167,10 +188,11 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name, monkeyp
     if name == "none":
         assert measured == VIDEO_TOKENS
     elif method(name).counts_follow_content:  # MustDrop: its thresholds decide, so its description states what the
-        # layers took, counted with pre-hooks; every video token enters (no merge in SigLIP: the host's own layout),
-        # and every cut keeps at least the key set, 8% of the first frame's 196 tokens
-        counts, alone = measure_counts(model, singles[0], name, ratio=ratio)
-        assert alone.policy.describe()["tokens_per_layer"] == counts == alone.trace.tokens_per_layer[0]
+        # layers of its last forward (the last video alone) took, which pre-hooks counted above; every video token
+        # enters (no merge in SigLIP: the host's own layout), and every cut keeps at least the key set, 8% of the
+        # first frame's 196 tokens
+        counts = handle.trace.tokens_per_layer[0]
+        assert handle.policy.describe()["tokens_per_layer"] == counts
         assert counts[0] == VIDEO_TOKENS and VIDEO_TOKENS > counts[-1] >= math.ceil(0.08 * 196), counts
     else:  # the method's own count at the nominal 6,272 tokens, scaled to this video's: within one token a frame
         # (whole counts per frame) and the newline. SparseVLM's own count is what enters the layers, not the budget.
@@ -306,6 +328,9 @@ def test_counts_on_an_image_measured_with_hooks(model_and_processor, name):
         assert measured == [own] * 28
     elif handle.policy.encoder_layer is None and name != "sparsevlm":  # one schedule scaled to the image
         assert abs(mean - ratio * own) <= 2, (name, mean, ratio * own)
+    elif method(name).counts_follow_content:  # MustDrop: no merge in SigLIP, every token in the host's layout enters;
+        # its thresholds decide the rest, every cut keeping at least the key set (8% of the base view's 729)
+        assert measured[0] == own and own > measured[-1] >= math.ceil(0.08 * 729), measured
     elif name in ("visionzip", "vispruner"):  # per crop, a whole count; VisPruner keeps the rows' newlines
         assert abs(mean - ratio * 3 * 729) <= 3 * 3 + 54, (name, mean, ratio * 3 * 729)
 
