@@ -115,7 +115,8 @@ def test_an_image_kept_whole_is_laid_out_as_the_host_packs_it(model_and_processo
         images = Images(inputs["pixel_values"][0], [crops], -1, "full", sizes=inputs["image_sizes"])
         laid, origins, slots = family.lay_out(model, images, 0, feats.gather(1, keep[..., None].expand_as(feats)),
                                               keep, 0, 729, True)
-        packed = model.model.pack_image_features([feats], inputs["image_sizes"], image_newline=model.model.image_newline,
+        packed = model.model.pack_image_features([feats], inputs["image_sizes"],
+                                                 image_newline=model.model.image_newline,
                                                  vision_aspect_ratio=model.config.vision_aspect_ratio)[0][0]
         assert slots == int((inputs["input_ids"] == model.config.image_token_id).sum()) == packed.shape[0]
         assert torch.equal(laid, packed) and torch.equal(origins, torch.arange(slots))

@@ -29,18 +29,20 @@ tower (`eager_encoder`).
   official VisionZip/VisionDrop code (base view first, then the crops' kept patches in raster order of the whole
   grid, then the merged tokens; no newline tokens), or with a method's `newlines="keep"` the model's own layout
   (patches that unpadding removes dropped, a newline closing every grid row that keeps a patch; patches that the
-  anyres_max_9 resize folds together keep the token they are resized into, so such a row may hold one twice).
+  anyres_max_9 resize folds together keep the token they are resized into, so such a row may hold one twice; a cut
+  that keeps every patch of every crop, merging none, gets exactly the host's packing, resize included).
 - Videos: the host pools after its projector, so a frame's tokens exist only in LLM space: the view shows the
   196 pooled, projected tokens of each frame (`EncoderView.projected`), with the importance and the keys pooled
   2x2 the same bilinear way (as HoliTom pools its attention), and so are the rows of further tower layers
   (`importance_at`, `received`: VScan's shallow scan, HiPrune's anchors), one row per pooled token; kept tokens are
   the model's own, bit for bit; merged tokens average in LLM space. Frames in order, each [kept, merged]; the
   trailing newline is dropped by default (as the compact image layout drops newlines) and kept with
-  `newlines="keep"`. The tower's own features are not in this view: a policy that reads them (CDPruner's CLIP
-  relevance) is refused on videos.
+  `newlines="keep"` or where a cut keeps every token. The tower's own features are not in this view: a policy that
+  reads them (CDPruner's CLIP relevance) is refused on videos.
 - The tower does not merge inside (no CLS to protect; merged tower tokens would not give a frame its 196 pooled
-  tokens): ToMe runs its rounds at the tower's output, as on Qwen2.5-VL (no official OneVision code for it); a
-  merge at a layer's output (MustDrop's spatial merge) is refused.
+  tokens, nor an image's crops the grid the host unpads and resizes): ToMe runs its rounds at the tower's output, as
+  on Qwen2.5-VL (no official OneVision code for it); MustDrop skips its spatial merge, as on the Qwen towers, and
+  keeps every token for its decoder filters (its key set from the last layer, per crop or frame).
 Decoder side: a sample's visual tokens are one set (an image's base view, crops and row newlines; a video's frames
 and its newline), and cuts may drop newline tokens as any other, as on LLaVA-NeXT.
 
@@ -48,8 +50,10 @@ Batches: the host takes a batch's videos as one [B, F, 3, H, W] tensor; videos o
 with the shorter ones' frames padded at the front, their tokens' placeholders in the row's left padding
 (`with_padded_frames`, which the processor applies), so each row's real tokens are the video's alone and the
 padded frames' tokens are padding (for the stock model and the engine; a video's encoder-side tokens lie frame by
-frame in spans of 196 slots, so the padded frames' fill exactly the padding's). Samples with several images
-(`batch_num_images` > 1) are refused by the engine's one-block rule.
+frame in spans of 196 slots, so the padded frames' fill exactly the padding's). The encoder view names those
+frames (`Images.padded`, `EncoderView.padded`: a video's leading zero frames, in a batch of several), so that a
+policy that keeps state per video (MustDrop's key set and thresholds) takes it from the real frames only. Samples
+with several images (`batch_num_images` > 1) are refused by the engine's one-block rule.
 transformers' video processor needs torchvision: `FrameProcessor` (families.video_llava) resizes every frame to
 384x384 with SigLIP's normalisation, as `LlavaOnevisionVideoProcessor` does; sampling frames is the caller's.
 """
@@ -225,7 +229,8 @@ class LlavaOnevision(LlavaNext):
         """SigLIP's last layer with the mean attention each patch receives; a video's frames pooled 2x2 after the
         projector, as the model pools them, with every row the view carries (module docstring). The tower does not
         merge inside (`merge` is ignored): a merge in tower space has no CLS to protect and would not give a frame
-        its 196 pooled tokens; a policy's merging then runs at the tower's output, as on Qwen2.5-VL's."""
+        its 196 pooled tokens, nor an image's crops their grid; a policy's merging then runs at the tower's output,
+        as on Qwen2.5-VL's, or is skipped (MustDrop's spatial merge)."""
         view = super().encoder_view(model, images, eager_encoder, scan_layers, received)
         per_frame = self.frame_tokens(model.config)
         if images.modality != "video":
