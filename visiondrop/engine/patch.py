@@ -3,8 +3,8 @@
 Three patches, all on the instance (never on the class, so other models are untouched), at the places the
 model's family adapter names:
 - `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder cut,
-  or observed (the model's own features, and the tower's attention beside them) when its decoder cuts read the
-  tower's attention (`Policy.tower_attention`);
+  or observed (the model's own features, and the tower's attention captured in the same tower pass) when its
+  decoder cuts read the tower's attention (`Policy.tower_attention`);
 - a forward pre-hook on the multimodal model notes where the image tokens are, and one on the whole model
   refuses `labels=` when the method shortens the sequence;
 - the language model's `forward` is replaced by the engine's layer loop whenever a forward holds image tokens
@@ -137,11 +137,12 @@ class Pruner:
         return self.family.encoder_output(features, side)
 
     def _observe_tower(self, original, modality: str, *args, **kwargs) -> ModelOutput:
-        """The model's own features, and the tower's attention rows of each image noted beside them: each unit of
-        the features (a row of a stacked tensor, known by its first token; an entry of a list, by identity) names
-        its image, as the host splits them (equal units per image: Video-LLaVA's frames)."""
-        out = original(*args, **kwargs)
-        rows = tower_attention(self.model, self.family, modality, args, kwargs)
+        """The model's own features, and the tower's attention rows of each image, observed in the same pass of the
+        tower (`Family.tower_attention`), noted beside them: each unit of the features (a row of a stacked tensor,
+        known by its first token; an entry of a list, by identity) names its image, as the host splits them (equal
+        units per image: Video-LLaVA's frames)."""
+        out, rows = tower_attention(self.model, self.family, modality, args, kwargs,
+                                    functools.partial(original, *args, **kwargs))
         features = out.pooler_output
         per = len(features) // len(rows)
         self._tower = [(f[0].clone() if isinstance(features, Tensor) else weakref.ref(f), i // per)

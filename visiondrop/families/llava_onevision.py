@@ -59,6 +59,7 @@ transformers' video processor needs torchvision: `FrameProcessor` (families.vide
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import replace
@@ -238,7 +239,7 @@ class LlavaOnevision(LlavaNext):
             return view
         llava = self.multimodal(model)
         pool = lambda x: llava.apply_pooling(x.contiguous())  # noqa: E731  [N, 729, C] -> [N, 196, C]
-        pool_rows = lambda rows: pool(rows.transpose(1, 2)).transpose(1, 2)  # noqa: E731  [N, H, 729] -> [N, H, 196]
+        pool_rows = functools.partial(self.crop_rows, model, images)
         heads = view.importance.shape[1]
         keys = pool(view.keys.transpose(1, 2).flatten(2)).unflatten(2, (heads, -1)).transpose(1, 2)
         hidden = pool(llava.multi_modal_projector(view.hidden))
@@ -247,6 +248,12 @@ class LlavaOnevision(LlavaNext):
                            importance_at={layer: pool_rows(rows) for layer, rows in view.importance_at.items()},
                            received=None if tower_received is None else
                            lambda layer: pool_rows(tower_received(layer)[:, None])[:, 0])
+
+    def crop_rows(self, model: nn.Module, images: Images, rows: Tensor) -> Tensor:
+        """A video frame's rows [N, H, 729] pooled 2x2 as the model pools its tokens: [N, H, 196]."""
+        if images.modality != "video":
+            return rows
+        return self.multimodal(model).apply_pooling(rows.transpose(1, 2).contiguous()).transpose(1, 2)
 
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
         """A sample's video tokens, less the newline after the video, over a frame's 196 (0 for an image)."""
