@@ -29,9 +29,9 @@ does it on LLaVA-1.5:
   positions after them.
 
 Thresholds are attention probabilities, which shrink as images grow: they are stated for LLaVA-1.5's image of 576
-patches, and an image of n patches (before the merge; all its crops or frames) takes them times 576 / n (the
-official values on LLaVA-1.5; a fifth of them for a 2,880-patch LLaVA-NeXT image, nine times them for a 64-token
-Qwen2.5-VL image, on which the official values would drop nothing).
+patches, and an image of n patches (before the merge; all its crops or frames; a OneVision frame's 196 pooled tokens)
+takes them times 576 / n (the official values on LLaVA-1.5; a fifth of them for a 2,880-patch LLaVA-NeXT image, nine
+times them for a 64-token Qwen2.5-VL image, on which the official values would drop nothing).
 
 Budget: its counts are decided by thresholds and differ from image to image. The paper's 192 / 128 / 64-token rows
 are the thresholds of its scripts (scripts/v1_5/eval/textvqa_{192,128,64}.sh, README): budget 192 -> global_thr
@@ -45,12 +45,22 @@ parity model the 192 and 128 thresholds keep 357.75 tokens on average, the 64 th
 The filters' layers map to other depths by relative depth (`ModelInfo.relative_layers`); a decoder too shallow for
 four distinct ones runs the first that fit (the 4-layer demo: after layers 0, 1, 2).
 
-Other models (no official code beyond LLaVA-1.5 and LLaVA-NeXT's flat crops): the same rules per crop or frame; the
-tiling takes the whole 3 x 3 windows of the grid (a 16 x 16 Video-LLaVA frame leaves its last row and column
-unmerged); a sample's key set is its crops' key sets one after another (the compact layout). Towers that cannot
-merge inside (Qwen2.5-VL, Qwen3-VL: the 2x2 merger groups; `Family.encoder_view`) skip the spatial merge and take
-the key set from the mean attention received at their last block; LLaVA-OneVision refuses MustDrop
-(`Family.unsupported`: its images' compact layout, its batches' padded frames).
+Other models (no official code beyond LLaVA-1.5, and LLaVA-NeXT's crops, which its
+`prepare_sparse_inputs_labels_for_multimodal` lays out flat): the vision-side stage acts where the official code has
+it, in the tower, per tower input: per crop (LLaVA-NeXT's and LLaVA-OneVision's anyres crops) and per frame
+(Video-LLaVA, LLaVA-OneVision); the tiling takes the whole 3 x 3 windows of the grid (a 16 x 16 Video-LLaVA frame
+leaves its last row and column unmerged). A sample's key set is its first crop's (the one every layout puts first as
+it is: the base view, a video's first frame; the official flat NeXT layout offsets every crop's key set, which the
+compact layout's reordered crops do not allow). Towers that cannot merge inside skip the spatial merge and take the
+key set from the mean attention received at their last block (`Family.encoder_view`): Qwen2.5-VL and Qwen3-VL (their
+2x2 merger groups), and LLaVA-OneVision's SigLIP, whose host needs every patch in its place after the tower (it pools
+a video frame's 27 x 27 patches 2x2 bilinearly to 196 tokens, and unpads, resizes and closes with newlines an image's
+crop grid): merged windows would give a frame more tokens than its 196, and the official flat layout of an image's
+merged crops more than its packed grid holds. There the encoder stage keeps every token, laid out as the host lays it
+out (a cut that keeps every token of a view the tower did not merge, `engine.encoder`: a OneVision video's newline
+too), and the decoder filters and the cache stage prune. Videos of a batch padded to one frame count
+(`with_padded_frames`): the padding frames (`EncoderView.padded`) count neither for the key set (the first real
+frame's) nor for the thresholds' scale (the video's real frames), so a video keeps in a batch what it keeps alone.
 The cache stage runs on every family; where positions are fixed (the Qwen families' M-RoPE,
 `Family.fixed_positions`) the decode tokens keep their positions, as the prefill's cuts do.
 The tower runs eager, image by image (the official code asks it for attentions): the key set is bit-identical.
@@ -158,8 +168,10 @@ class MustDrop(Policy):
         return spatial_merge(hidden, int(self.info.tower_cls)) if layer == MERGE_LAYER else hidden
 
     def select_encoder(self, view: EncoderView) -> Selection:
-        """Every token the merge left (CLS too where the model keeps it), and each image's key set: its first
-        crop's (the one every layout puts first as it is: LLaVA-NeXT's base image, a video's first frame)."""
+        """Every token the merge left (CLS too where the model keeps it), and each image's key set: its first real
+        crop's (the one every layout puts first as it is: LLaVA-NeXT's base image, a video's first frame; frames
+        that only pad a shorter video in a batch, `EncoderView.padded`, count for neither the key set nor the
+        thresholds' scale)."""
         first, cls = int(view.has_cls), int(view.has_cls and self.info.cls_kept)
         valid = (torch.ones(view.hidden.shape[:2], dtype=torch.bool, device=view.hidden.device)
                  if view.valid is None else view.valid)
@@ -168,11 +180,13 @@ class MustDrop(Policy):
         before = (view.tokens or view.hidden.shape[1]) - first  # a crop's patches before the merge
         if view.owners[0] == 0:  # a new encoding: forget the last one's images
             self._keys, self._scale = {}, {}
+        real = [not padded for padded in view.padded or [False] * len(view.owners)]
         for crop, owner in enumerate(view.owners):
-            if crop == 0 or view.owners[crop - 1] != owner:
+            if real[crop] and owner not in self._keys:
                 patches = int(valid[crop].sum()) - first
                 self._keys[owner] = ranked[crop, : math.ceil(KEY_RATE * patches)] + cls
-                self._scale[owner] = OFFICIAL_N_VISUAL / (before * view.owners.count(owner))
+                crops = sum(r for o, r in zip(view.owners, real) if o == owner)
+                self._scale[owner] = OFFICIAL_N_VISUAL / (before * crops)
         keep = torch.arange(first - cls, view.hidden.shape[1], device=view.hidden.device).expand(
             view.hidden.shape[0], -1)
         return Selection(keep.masked_fill(~valid[:, first - cls:], -1))

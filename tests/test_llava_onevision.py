@@ -7,6 +7,7 @@ projector to 196 tokens, one newline after the video; Qwen2 28 layers with group
 have 4 frames (785 visual tokens) so that each test takes seconds; budgets are given as retention ratios, the form
 the video papers use, and count against each video's own tokens.
 """
+import math
 import re
 import sys
 from dataclasses import replace
@@ -18,6 +19,7 @@ import visiondrop
 from helpers import (IMAGE_METHODS, SHARE_METHODS, beams_equal_alone, greedy_with_logits, measure_counts, stock_and_pruned_means,
                      none_is_the_stock_model, videos_batch_equals_alone)
 from test_video_qa import endpoint  # noqa: F401  (the loopback judge's fixture)
+from visiondrop.core import Images
 from visiondrop.families import ModelInfo, family_of, info_of
 from visiondrop.families.llava_onevision import grid_positions
 from visiondrop.harness.prompting import build_prompt
@@ -99,6 +101,27 @@ def test_video_and_image_layout(model_and_processor, batch):
             assert set(position[position >= 0].tolist()) == set((packed >= 0).nonzero()[:, 0].tolist())
 
 
+def test_an_image_kept_whole_is_laid_out_as_the_host_packs_it(model_and_processor):
+    """An encoder cut that keeps every patch of every crop, merging none (MustDrop's encoder stage: SigLIP does not
+    merge inside), lays an image out exactly as the host packs it, in whatever order the patches come: the base
+    view, the unpadded grid (resized to anyres_max_9 where larger) and its row newlines, every placeholder filled."""
+    model, processor = model_and_processor
+    family = family_of(model)
+    for width, height in ((300, 200), (2000, 1500)):  # the second one is resized
+        inputs = processor(text="<image>", images=[demo_image(0, (width, height))], return_tensors="pt")
+        crops = inputs["pixel_values"].shape[1]
+        feats = torch.randn(crops, 729, model.config.text_config.hidden_size, dtype=DTYPE)
+        keep = torch.stack([torch.randperm(729) for _ in range(crops)])
+        images = Images(inputs["pixel_values"][0], [crops], -1, "full", sizes=inputs["image_sizes"])
+        laid, origins, slots = family.lay_out(model, images, 0, feats.gather(1, keep[..., None].expand_as(feats)),
+                                              keep, 0, 729, True)
+        packed = model.model.pack_image_features([feats], inputs["image_sizes"],
+                                                 image_newline=model.model.image_newline,
+                                                 vision_aspect_ratio=model.config.vision_aspect_ratio)[0][0]
+        assert slots == int((inputs["input_ids"] == model.config.image_token_id).sum()) == packed.shape[0]
+        assert torch.equal(laid, packed) and torch.equal(origins, torch.arange(slots))
+
+
 def test_encoder_view_of_a_video(model_and_processor, batch):
     """Each frame's tokens are the model's own (projected, pooled 2x2: bit for bit); the importance is the mean
     attention each patch receives at SigLIP's last layer, pooled the same way (HoliTom's CLS substitute), whether
@@ -160,6 +183,13 @@ def test_every_method_on_videos(model_and_processor, batch, clips, name, monkeyp
     measured = handle.trace.mean_tokens[0]
     if name == "none":
         assert measured == VIDEO_TOKENS
+    elif method(name).counts_follow_content:  # MustDrop: its thresholds decide, so its description states what the
+        # layers of its last forward (the last video alone) took, which pre-hooks counted above; every video token
+        # enters (no merge in SigLIP: the host's own layout), and every cut keeps at least the key set, 8% of the
+        # first frame's 196 tokens
+        counts = handle.trace.tokens_per_layer[0]
+        assert handle.policy.describe()["tokens_per_layer"] == counts
+        assert counts[0] == VIDEO_TOKENS and VIDEO_TOKENS > counts[-1] >= math.ceil(0.08 * 196), counts
     else:  # the method's own count at the nominal 6,272 tokens, scaled to this video's: within one token a frame
         # (whole counts per frame) and the newline. SparseVLM's own count is what enters the layers, not the budget.
         described = handle.policy.describe()
@@ -274,19 +304,13 @@ def test_video_selection_equals_the_stock_decoder_fed_the_kept_tokens(model_and_
 def test_counts_on_an_image_measured_with_hooks(model_and_processor, name):
     """On an anyres_max_9 image (3 crops, 1,728 tokens) the tokens entering each decoder layer, counted with forward
     pre-hooks, are the trace's; decoder-side methods keep the ratio of the image's own tokens, encoder-side ones
-    of each crop's 729 patches."""
+    of each crop's 729 patches. The family refuses no method on its images."""
     model, processor = model_and_processor
     image = encode(processor, QUESTIONS[:1], images=[demo_image(1, (400, 300))])
     own = int((image["input_ids"] == model.config.image_token_id).sum())
     ratio = ratio_of(name)
     options = method(name).example_options(model.config)
-    policy = policy_for(info_of(model), name, ratio * 6272, **options)
-    reason = family_of(model).unsupported(policy, "image") if policy.encoder_layer is not None else None
-    if reason is not None:
-        with visiondrop.apply(model, name, ratio * 6272, **options), pytest.raises(NotImplementedError), \
-                torch.no_grad():
-            model(**image)
-        return
+    assert family_of(model).unsupported(policy_for(info_of(model), name, ratio * 6272, **options), "image") is None
     measured, handle = measure_counts(model, image, name, ratio * 6272, **options)
     assert own == 1728 and handle.trace.tokens_per_layer == [measured]
     mean = sum(measured) / len(measured)
@@ -294,6 +318,9 @@ def test_counts_on_an_image_measured_with_hooks(model_and_processor, name):
         assert measured == [own] * 28
     elif handle.policy.encoder_layer is None and name != "sparsevlm":  # one schedule scaled to the image
         assert abs(mean - ratio * own) <= 2, (name, mean, ratio * own)
+    elif method(name).counts_follow_content:  # MustDrop: no merge in SigLIP, every token in the host's layout enters;
+        # its thresholds decide the rest, every cut keeping at least the key set (8% of the base view's 729)
+        assert measured[0] == own and own > measured[-1] >= math.ceil(0.08 * 729), measured
     elif name in ("visionzip", "vispruner"):  # per crop, a whole count; VisPruner keeps the rows' newlines
         assert abs(mean - ratio * 3 * 729) <= 3 * 3 + 54, (name, mean, ratio * 3 * 729)
 

@@ -101,7 +101,9 @@ class Images:
     pixels: [N, ...] every crop (or frame) of every image, one batch for the tower; crops: how many belong to
     each image (frames to each video), in order; sizes: each image's (height, width) where the layout depends on
     it (anyres), or its patch grid (t, h, w) (Qwen2.5-VL's image_grid_thw), else None; modality: the
-    `Family.feature_functions` key of the call ("image", "video").
+    `Family.feature_functions` key of the call ("image", "video"); padded: how many of each video's first frames
+    only pad it to the batch's frame count (a host that takes a batch's videos as one tensor: LLaVA-OneVision's
+    `with_padded_frames`), or None where none are.
     """
 
     pixels: Tensor
@@ -110,6 +112,7 @@ class Images:
     select_strategy: str
     sizes: Tensor | None = None
     modality: str = "image"
+    padded: list[int] | None = None
 
 
 @dataclass
@@ -134,7 +137,11 @@ class EncoderView:
     compare or merge tokens there; the engine sets it;
     grid: (rows, cols) of the patch tokens (after CLS) where they are not a square grid, else None;
     owners: [N] which image of the forward (0, 1, ... in the order of the samples with images) each row is a crop
-    of; the engine sets it, for policies conditioned on each sample's own text (`Policy.instruct`).
+    of; the engine sets it, for policies conditioned on each sample's own text (`Policy.instruct`), or that keep
+    state per image (MustDrop's key set and thresholds);
+    padded: [N] whether each row only pads a shorter video to the batch's frame count (`Images.padded`): its tokens
+    land in the row's left padding and never reach the decoder, so a policy that keeps state per video (MustDrop)
+    takes it from the other rows, the video's real frames; the engine sets it (None: no row is padding).
     received: for policies that ask (`Policy.received_attention`), tower layer (0-based) -> [N, T] the attention
     each token receives there, mean over the heads, then over every query (HiPrune's "global attention"), CLS
     included where the tower has it; computed on demand;
@@ -159,6 +166,7 @@ class EncoderView:
     project: Callable[[Tensor], Tensor] | None = None
     grid: tuple[int, int] | None = None
     owners: list[int] | None = None
+    padded: list[bool] | None = None
     received: Callable[[int], Tensor] | None = None
     merged_in_tower: bool = False
     tokens: int | None = None

@@ -40,6 +40,8 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
                                    merge)
         view.project = (lambda rows: rows) if view.projected else project  # a host's own projected tokens
         view.owners = [first_image + i for i, n in enumerate(images.crops) for _ in range(n)]
+        if images.padded is not None and any(images.padded):
+            view.padded = [frame < padded for padded, n in zip(images.padded, images.crops) for frame in range(n)]
         first_image += len(images.crops)
         tokens = view.tokens or view.hidden.shape[1]  # before any merging inside the tower
         if policy.native_layout:
@@ -63,7 +65,10 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
                 real = torch.cat([keep[0] >= 0, keep.new_ones(n_merged, dtype=torch.bool)])
                 feats, keep = feats[:, real], keep[:, keep[0] >= 0]
                 crop = None if crop is None else crop[:, real]
-            feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, policy.native_layout)
+            # every token of a view the tower did not merge, none merged (MustDrop's encoder stage on a tower that
+            # cannot merge inside): nothing reduced, so the host's own layout, newlines included
+            native = policy.native_layout or (keep.shape[1] == tokens and not n_merged and not view.merged_in_tower)
+            feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, native)
             if feats.shape[0] > slots:  # an anyres image whose crops are mostly padding (a very wide or tall image)
                 raise ValueError(
                     f"{policy.name} keeps {feats.shape[0]} visual tokens ({keep.shape[1] + n_merged} a crop x "
@@ -76,7 +81,7 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
             origins.append(orig[filled])
             if crop is not None:  # laid out as the tokens, their S rows side by side
                 laid = family.lay_out(model, images, i, crop.flatten(2), keep, n_merged, tokens,
-                                      policy.native_layout)[0].view(-1, *crop.shape[2:])
+                                      native)[0].view(-1, *crop.shape[2:])
                 side.append(torch.cat([laid, laid.new_zeros(slots - laid.shape[0], *laid.shape[1:])]))
     return padded, valid, origins, side if side else None
 

@@ -29,18 +29,20 @@ tower (`eager_encoder`).
   official VisionZip/VisionDrop code (base view first, then the crops' kept patches in raster order of the whole
   grid, then the merged tokens; no newline tokens), or with a method's `newlines="keep"` the model's own layout
   (patches that unpadding removes dropped, a newline closing every grid row that keeps a patch; patches that the
-  anyres_max_9 resize folds together keep the token they are resized into, so such a row may hold one twice).
+  anyres_max_9 resize folds together keep the token they are resized into, so such a row may hold one twice; a cut
+  that keeps every patch of every crop, merging none, gets exactly the host's packing, resize included).
 - Videos: the host pools after its projector, so a frame's tokens exist only in LLM space: the view shows the
   196 pooled, projected tokens of each frame (`EncoderView.projected`), with the importance and the keys pooled
   2x2 the same bilinear way (as HoliTom pools its attention), and so are the rows of further tower layers
   (`importance_at`, `received`: VScan's shallow scan, HiPrune's anchors), one row per pooled token; kept tokens are
   the model's own, bit for bit; merged tokens average in LLM space. Frames in order, each [kept, merged]; the
   trailing newline is dropped by default (as the compact image layout drops newlines) and kept with
-  `newlines="keep"`. The tower's own features are not in this view: a policy that reads them (CDPruner's CLIP
-  relevance) is refused on videos.
+  `newlines="keep"` or where a cut keeps every token. The tower's own features are not in this view: a policy that
+  reads them (CDPruner's CLIP relevance) is refused on videos.
 - The tower does not merge inside (no CLS to protect; merged tower tokens would not give a frame its 196 pooled
-  tokens): ToMe runs its rounds at the tower's output, as on Qwen2.5-VL (no official OneVision code for it); a
-  merge at a layer's output (MustDrop's spatial merge) is refused.
+  tokens, nor an image's crops the grid the host unpads and resizes): ToMe runs its rounds at the tower's output, as
+  on Qwen2.5-VL (no official OneVision code for it); MustDrop skips its spatial merge, as on the Qwen towers, and
+  keeps every token for its decoder filters (its key set from the last layer, per crop or frame).
 Decoder side: a sample's visual tokens are one set (an image's base view, crops and row newlines; a video's frames
 and its newline), and cuts may drop newline tokens as any other, as on LLaVA-NeXT.
 
@@ -48,8 +50,10 @@ Batches: the host takes a batch's videos as one [B, F, 3, H, W] tensor; videos o
 with the shorter ones' frames padded at the front, their tokens' placeholders in the row's left padding
 (`with_padded_frames`, which the processor applies), so each row's real tokens are the video's alone and the
 padded frames' tokens are padding (for the stock model and the engine; a video's encoder-side tokens lie frame by
-frame in spans of 196 slots, so the padded frames' fill exactly the padding's). Samples with several images
-(`batch_num_images` > 1) are refused by the engine's one-block rule.
+frame in spans of 196 slots, so the padded frames' fill exactly the padding's). The encoder view names those
+frames (`Images.padded`, `EncoderView.padded`: a video's leading zero frames, in a batch of several), so that a
+policy that keeps state per video (MustDrop's key set and thresholds) takes it from the real frames only. Samples
+with several images (`batch_num_images` > 1) are refused by the engine's one-block rule.
 transformers' video processor needs torchvision: `FrameProcessor` (families.video_llava) resizes every frame to
 384x384 with SigLIP's normalisation, as `LlavaOnevisionVideoProcessor` does; sampling frames is the caller's.
 """
@@ -217,7 +221,8 @@ class LlavaOnevision(LlavaNext):
             raise NotImplementedError("encoder-side pruning of LLaVA-OneVision needs vision_feature_select_strategy "
                                       "'full' (SigLIP has no CLS to drop)")
         videos, frames = pixel_values.shape[:2]
-        return Images(pixel_values.flatten(0, 1), [frames] * videos, layer, strategy, modality="video")
+        return Images(pixel_values.flatten(0, 1), [frames] * videos, layer, strategy, modality="video",
+                      padded=padded_frames(pixel_values) if videos > 1 else None)
 
     def encoder_view(self, model: nn.Module, images: Images, eager_encoder: bool = False,
                      scan_layers: tuple[int, ...] = (), received: bool = False,
@@ -225,7 +230,8 @@ class LlavaOnevision(LlavaNext):
         """SigLIP's last layer with the mean attention each patch receives; a video's frames pooled 2x2 after the
         projector, as the model pools them, with every row the view carries (module docstring). The tower does not
         merge inside (`merge` is ignored): a merge in tower space has no CLS to protect and would not give a frame
-        its 196 pooled tokens; a policy's merging then runs at the tower's output, as on Qwen2.5-VL's."""
+        its 196 pooled tokens, nor an image's crops their grid; a policy's merging then runs at the tower's output,
+        as on Qwen2.5-VL's, or is skipped (MustDrop's spatial merge)."""
         view = super().encoder_view(model, images, eager_encoder, scan_layers, received)
         per_frame = self.frame_tokens(model.config)
         if images.modality != "video":
@@ -255,15 +261,8 @@ class LlavaOnevision(LlavaNext):
         return (tokens - VIDEO_NEWLINES).clamp(min=0) // self.frame_tokens(model.config)
 
     def unsupported(self, policy: Any, modality: str) -> str | None:
-        """A merge at a tower layer's output (MustDrop's spatial merge) is not offered: without it such a policy
-        keeps every patch, more than an image's compact layout holds (unpadded, resized crops), and on videos its
-        per-video state (thresholds scaled by the frame count, the key set of the first frame) would take a batch's
-        padded frames (`with_padded_frames`) for the video's own. On videos the tower's own features (CDPruner's CLIP
-        relevance) are not in the view: a frame's tokens exist only projected and pooled."""
-        if policy.merges_at_layer_output:
-            return ("a merge at a tower layer's output is not supported in LLaVA-OneVision's SigLIP tower (no CLS; "
-                    "unmerged, a crop's 729 patches exceed what an image's compact layout holds, and a batch's "
-                    "padded video frames would count as the video's)")
+        """On videos the tower's own features (CDPruner's CLIP relevance) are not in the view: a frame's tokens exist
+        only projected and pooled."""
         if modality == "video" and policy.tower_features:
             return ("on LLaVA-OneVision videos the encoder cut selects among the pooled, projected tokens of each "
                     "frame: the tower's own features are not pooled per frame; run it on images, or with the "
@@ -411,6 +410,13 @@ def with_padded_frames(alone: list[BatchFeature], video_token_id: int, pad_token
                          "pixel_values_videos": torch.stack(pixels)})
 
 
+def padded_frames(pixel_values: Tensor) -> list[int]:
+    """How many of each video's first frames [B, F, 3, H, W] are `with_padded_frames`' zero frames: padding, since no
+    frame of 8-bit pixels is all zeros after SigLIP's normalisation (a zero needs a pixel value of 127.5)."""
+    real = pixel_values.flatten(2).ne(0).any(-1)  # [B, F]
+    return (real.cumsum(1) == 0).sum(1).tolist()
+
+
 def grid_positions(config: Any, n_crops: int, image_size: Tensor) -> tuple[Tensor, int, Tensor]:
     """Where each crop patch of one image lands in the model's packed visual tokens (`pack_image_features`).
 
@@ -451,6 +457,12 @@ def arrange_onevision(llava: nn.Module, feats: Tensor, keep: Tensor, n_merged: i
     config = llava.config
     side = config.vision_config.image_size // config.vision_config.patch_size
     n_crops, k = keep.shape
+    if native_layout and k == side * side and not n_merged:  # every patch kept: exactly as the host packs them
+        raster = feats.gather(1, keep.argsort(1).unsqueeze(-1).expand_as(feats))
+        packed = llava.pack_image_features([raster], torch.as_tensor(image_size).view(1, 2).cpu(),
+                                           image_newline=llava.image_newline,
+                                           vision_aspect_ratio=config.vision_aspect_ratio)[0][0]
+        return packed, torch.arange(packed.shape[0], device=keep.device), packed.shape[0]
     position, slots, newline_at = grid_positions(config, n_crops, image_size)
     crop = torch.arange(n_crops, device=keep.device).unsqueeze(1)
     origin = position.to(keep.device)[crop * side * side + keep]
