@@ -6,7 +6,8 @@ LAYER_INDEX=0 SUBSET_RATIO=r`) does it on LLaVA-1.5 (methods.md section 10):
   embeddings); every decoder layer sees the same k tokens, so the budget ("# Tokens") is simply k;
 - D = 1 - cos between all pairs of those tokens (`x / x.norm`, one matrix product); the first pick is the token
   whose nearest other token is farthest (the second smallest of its column, the smallest being itself), each
-  next pick the token whose minimum distance to the picked ones is largest (first index on ties);
+  next pick the token whose minimum distance to the picked ones is largest (first index on ties; here ties
+  within rounding, `TIE_ULPS`, so that an image whose tokens repeat exactly keeps the same ones in a batch as alone);
 - the kept tokens enter the LLM in their original order, positions renumbered contiguously. The selection
   ignores the text.
 The official keep count is int(round(SUBSET_RATIO x 576)); `budget=k` is SUBSET_RATIO = k / 576 (the scripts'
@@ -29,6 +30,10 @@ from visiondrop.methods import Method, Overhead
 from visiondrop.methods.shared import whole_count
 
 
+#: distances (1 - cos, of scale 1) within this many ulps of the largest are a tie
+TIE_ULPS = 64
+
+
 def max_min_diverse(features: Tensor, k: int) -> Tensor:
     """The k rows of `features` [G, n, D] DivPrune picks, in pick order [G, k] (its official operations)."""
     unit = features / features.norm(dim=-1, keepdim=True)
@@ -37,8 +42,11 @@ def max_min_diverse(features: Tensor, k: int) -> Tensor:
     picks = torch.empty(features.shape[0], k, dtype=torch.long, device=features.device)
     scores = distance.topk(2, dim=1, largest=False).values[:, 1]  # distance to the nearest other token
     nearest_picked = torch.full_like(scores, float("inf"))
+    # rounding-level ties go to the first index: where an image repeats tokens exactly (LLaVA-OneVision's square
+    # images, whose 1x1 grid crop is their base view) the host's features differ in a batch and alone by rounding
+    tie = TIE_ULPS * torch.finfo(torch.promote_types(distance.dtype, torch.float32)).eps
     for i in range(k):
-        picks[:, i] = scores.argmax(dim=-1)
+        picks[:, i] = (scores >= scores.max(dim=-1, keepdim=True).values - tie).int().argmax(dim=-1)
         nearest_picked = torch.minimum(nearest_picked, distance[rows, picks[:, i]])
         scores = nearest_picked  # the minimum over the picked rows, as the official min over their stack
     return picks

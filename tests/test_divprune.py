@@ -87,3 +87,15 @@ def test_overhead_formula_matches_torch_flop_counter(tiny):
     formula, counter = flops_and_counter(model, batch, "divprune", 64)
     assert formula.overhead == 2 * 576 * 576 * flops_dims(model.config).hidden
     assert formula.total == counter.get_total_flops()
+
+
+def test_ties_within_rounding_go_to_the_first_token():
+    """An image whose tokens repeat exactly (a square image on LLaVA-OneVision: its 1x1 grid crop is its base view):
+    the host's features of the copies differ by rounding (in a batch and alone), and the picks do not follow it."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, 20, 16, generator=generator, dtype=torch.float64)
+    noise = 1 + 4 * torch.finfo(torch.float64).eps * torch.randn(1, 20, 16, generator=generator, dtype=torch.float64)
+    exact, rounded = torch.cat([tokens, tokens], 1), torch.cat([tokens, tokens * noise], 1)
+    picks = max_min_diverse(exact, 10)
+    assert (picks < 20).all()  # each repeated token's first copy
+    assert torch.equal(max_min_diverse(rounded, 10), picks)
