@@ -3,8 +3,8 @@
 Three patches, all on the instance (never on the class, so other models are untouched), at the places the
 model's family adapter names:
 - `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder cut,
-  or observed (the model's own features, and the tower's attention beside them) when its decoder cuts read the
-  tower's attention (`Policy.tower_attention`);
+  or observed (the model's own features, and beside them the tower's attention or the policy's reading of the
+  tower's output) when its decoder cuts read the tower (`Policy.tower_attention`, `Policy.reads_tower`);
 - a forward pre-hook on the multimodal model notes where the image tokens are, and one on the whole model
   refuses `labels=` when the method shortens the sequence;
 - the language model's `forward` is replaced by the engine's layer loop whenever a forward holds image tokens
@@ -26,8 +26,8 @@ from transformers.utils import ModelOutput
 from ..families import family_of
 from . import decoder
 from .compat import cache_kwargs, pop_cache
-from .encoder import reduce_images, tower_attention
-from .policy import Policy
+from .encoder import reduce_images, tower_attention, tower_reading
+from .policy import Policy, TowerSeen
 from .trace import Trace
 
 
@@ -49,10 +49,11 @@ class Pruner:
         self._fingerprints: list[tuple[Tensor, Tensor, Tensor]] = []  # the same, for stacked features
         self._images: list[tuple[Tensor, Tensor]] | None = None
         self._images_modality = "image"
-        # the tower's attention rows per image (`Policy.tower_attention`), found as the features are: by identity, or
-        # by first token for stacked features; and the rows of the forward in flight
-        self._tower: tuple[list[tuple[Tensor | weakref.ref, int]], list[Tensor]] | tuple = ()
-        self._tower_rows: list[Tensor] | None = None
+        # what the decoder cuts see of the tower per image (`Policy.tower_attention`, `reads_tower`), found as the
+        # features are: by identity, or by first token for stacked features; and that of the forward in flight
+        self._tower: tuple[list[tuple[Tensor | weakref.ref, int]], list[TowerSeen]] | tuple = ()
+        self._tower_rows: list[TowerSeen] | None = None
+        self._sees_tower = policy.tower_attention or policy.reads_tower
         self._cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> decoder.Cached
         if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model: remove() it first")
@@ -68,7 +69,7 @@ class Pruner:
             for modality, name in self.family.feature_functions.items():
                 setattr(self.multimodal, name, _delegate(getattr(self.multimodal, name),
                                                          functools.partial(self._image_features, modality)))
-        elif self.policy.tower_attention:
+        elif self._sees_tower:
             for modality, name in (self.family.tower_functions or self.family.feature_functions).items():
                 original = getattr(self.multimodal, name)
                 setattr(self.multimodal, name, _delegate(original, functools.partial(self._observe_tower, original,
@@ -102,7 +103,7 @@ class Pruner:
         if len(present) > 1 and self.policy.encoder_layer is not None:
             raise NotImplementedError(_MIXED)
         self._images = self._own_images(present[0]) if present else None
-        self._tower_rows = self._own_tower_rows(present[0]) if present and self.policy.tower_attention else None
+        self._tower_rows = self._own_tower_rows(present[0]) if present and self._sees_tower else None
         if not self.family.has_images(kwargs):
             self._visual = None  # no image in this forward, whatever token ids it holds (decode steps)
             return
@@ -137,11 +138,16 @@ class Pruner:
         return self.family.encoder_output(features, side)
 
     def _observe_tower(self, original, modality: str, *args, **kwargs) -> ModelOutput:
-        """The model's own features, and the tower's attention rows of each image noted beside them: each unit of
-        the features (a row of a stacked tensor, known by its first token; an entry of a list, by identity) names
-        its image, as the host splits them (equal units per image: Video-LLaVA's frames)."""
+        """The model's own features, and what the decoder cuts see of the tower for each image noted beside them
+        (`TowerSeen`): each unit of the features (a row of a stacked tensor, known by its first token; an entry of a
+        list, by identity) names its image, as the host splits them (equal units per image: Video-LLaVA's frames)."""
         out = original(*args, **kwargs)
-        rows = tower_attention(self.model, self.family, modality, args, kwargs)
+        attention = tower_attention(self.model, self.family, modality, args, kwargs) \
+            if self.policy.tower_attention else None
+        reading = tower_reading(self.model, self.family, modality, args, kwargs, out, self.policy.read_tower) \
+            if self.policy.reads_tower else None
+        rows = [TowerSeen(None if attention is None else attention[i], *(reading[i] if reading else (None, None)))
+                for i in range(len(attention if attention is not None else reading))]
         features = out.pooler_output
         per = len(features) // len(rows)
         self._tower = [(f[0].clone() if isinstance(features, Tensor) else weakref.ref(f), i // per)
@@ -149,8 +155,8 @@ class Pruner:
         self._tower_rows = rows
         return out
 
-    def _own_tower_rows(self, features: list[Tensor] | Tensor) -> list[Tensor] | None:
-        """The tower rows of pre-encoded features (`_observe_tower`), their units found as `_own_images` finds
+    def _own_tower_rows(self, features: list[Tensor] | Tensor) -> list[TowerSeen] | None:
+        """What the decoder cuts see of the tower for pre-encoded features (`_observe_tower`), their units found as `_own_images` finds
         them (repeated per returned sequence or beam: each repeat keeps its own rows); None if any is not ours."""
         if not self._tower:
             return None
@@ -216,7 +222,7 @@ class Pruner:
         if use_cache and cache is None:
             cache = DynamicCache(config=self.lm.config)
         tower, self._tower_rows = self._tower_rows, None
-        if self.policy.tower_attention and tower is None and (self.family.tower_functions or
+        if self._sees_tower and tower is None and (self.family.tower_functions or
                                                              self.family.feature_functions).get(
                 "video" if self._frames is not None and bool(self._frames.any()) else "image") is not None:
             raise RuntimeError("the image features of this forward were not encoded with the applied method")
