@@ -291,7 +291,7 @@ class SiglipHead:
                 module.to(*key)
         post_layernorm, head = self.copies[key]
         tokens = post_layernorm(features)
-        pooled, attention = head.attention(head.probe.expand(tokens.shape[0], -1, -1), tokens, tokens)
+        pooled, attention = head.attention(head.probe.repeat(tokens.shape[0], 1, 1), tokens, tokens)
         pooled = pooled + head.mlp(head.layernorm(pooled))
         return pooled[:, 0], attention[:, 0]
 
@@ -316,6 +316,7 @@ def load_siglip_head(path: str) -> SiglipHead:
     if getattr(vision, "head", None) is None:
         raise ValueError(f"FastVID's head={path!r} is a SigLIP checkpoint without a pooling head (vision_use_head is "
                          "False, as in the LLaVA-OneVision checkpoints): pass the tower's original checkpoint")
+    # frozen, as the official `SigLipVisionAbstract` (nn.MultiheadAttention takes another kernel with trainable weights)
     return SiglipHead(vision.post_layernorm.eval().requires_grad_(False), vision.head.eval().requires_grad_(False))
 
 

@@ -276,8 +276,8 @@ def run(method: str, work: Path, checkout: Path, out: Path, option: float | None
     torch.save({
         "method": method, "tokens": result.sequences[0].tolist(), "logits": torch.stack(result.logits, 1)[0].float(),
         "visual_tokens_per_layer": per_layer, "kept_indices": kept_indices.tolist(),
-        "video_tokens_before": {"holitom": inputs["video_tokens"], "fastvid": side["video_token_len"]}.get(
-            method, features.shape[0]),
+        "video_tokens_before": inputs["video_tokens"] if method == "holitom" else side["video_token_len"]
+        if method == "fastvid" else features.shape[0],
         "step_lengths": [s[-1] for s in steps],
         "stage_output": kept.float() if method == "holitom" else None,
         # DyCoke: per decode step, the sequence positions layers >= dycoke_l attend to (None: all)
