@@ -336,7 +336,7 @@ class FastVID(Policy):
     def __init__(self, info: ModelInfo, retention: float, variant: str, side: str, head: str | None, segments: int,
                  tau: float, ignore: float, context_share: float, anchor_stride: int, beta: float):
         self.info, self.retention, self.variant, self.side, self.head = info, retention, variant, side, head
-        self.reads_tower = side == "siglip_head"
+        self.reads_tower = ("video",) if side == "siglip_head" else ()
         self.options = dict(segments=segments, tau=tau, context_share=context_share, stride=anchor_stride, beta=beta)
         if variant == "qwen2_5_vl":
             self.options["ignore"] = ignore

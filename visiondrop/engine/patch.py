@@ -53,7 +53,6 @@ class Pruner:
         # features are: by identity, or by first token for stacked features; and that of the forward in flight
         self._tower: tuple[list[tuple[Tensor | weakref.ref, int]], list[TowerSeen]] | tuple = ()
         self._tower_rows: list[TowerSeen] | None = None
-        self._sees_tower = policy.tower_attention or policy.reads_tower
         self._cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> decoder.Cached
         if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model: remove() it first")
@@ -69,8 +68,10 @@ class Pruner:
             for modality, name in self.family.feature_functions.items():
                 setattr(self.multimodal, name, _delegate(getattr(self.multimodal, name),
                                                          functools.partial(self._image_features, modality)))
-        elif self._sees_tower:
+        else:
             for modality, name in (self.family.tower_functions or self.family.feature_functions).items():
+                if not self._sees_tower(modality):
+                    continue
                 original = getattr(self.multimodal, name)
                 setattr(self.multimodal, name, _delegate(original, functools.partial(self._observe_tower, original,
                                                                                      modality)))
@@ -85,6 +86,10 @@ class Pruner:
         for name in {*self.family.feature_functions.values(), *(self.family.tower_functions or {}).values()}:
             self.multimodal.__dict__.pop(name, None)
         del self.multimodal._visiondrop_pruner
+
+    def _sees_tower(self, modality: str) -> bool:
+        """Whether the policy's decoder cuts see the tower for `modality` (`Policy.tower_attention`, `reads_tower`)."""
+        return self.policy.tower_attention or modality in self.policy.reads_tower
 
     # -- the patched pieces --------------------------------------------------------------------------------
     def _refuse_labels(self, module, args, kwargs) -> None:
@@ -103,7 +108,7 @@ class Pruner:
         if len(present) > 1 and self.policy.encoder_layer is not None:
             raise NotImplementedError(_MIXED)
         self._images = self._own_images(present[0]) if present else None
-        self._tower_rows = self._own_tower_rows(present[0]) if present and self._sees_tower else None
+        self._tower_rows = self._own_tower_rows(present[0]) if present else None
         if not self.family.has_images(kwargs):
             self._visual = None  # no image in this forward, whatever token ids it holds (decode steps)
             return
@@ -145,7 +150,7 @@ class Pruner:
         attention = tower_attention(self.model, self.family, modality, args, kwargs) \
             if self.policy.tower_attention else None
         reading = tower_reading(self.model, self.family, modality, args, kwargs, out, self.policy.read_tower) \
-            if self.policy.reads_tower else None
+            if modality in self.policy.reads_tower else None
         rows = [TowerSeen(None if attention is None else attention[i], *(reading[i] if reading else (None, None)))
                 for i in range(len(attention if attention is not None else reading))]
         features = out.pooler_output
@@ -222,9 +227,9 @@ class Pruner:
         if use_cache and cache is None:
             cache = DynamicCache(config=self.lm.config)
         tower, self._tower_rows = self._tower_rows, None
-        if self._sees_tower and tower is None and (self.family.tower_functions or
-                                                             self.family.feature_functions).get(
-                "video" if self._frames is not None and bool(self._frames.any()) else "image") is not None:
+        modality = "video" if self._frames is not None and bool(self._frames.any()) else "image"
+        if self._sees_tower(modality) and tower is None and \
+                (self.family.tower_functions or self.family.feature_functions).get(modality) is not None:
             raise RuntimeError("the image features of this forward were not encoded with the applied method")
         run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames, side, tower)
         trace = Trace.start(embeds.shape[0])

@@ -235,10 +235,10 @@ class Policy:
     scan_layers: tuple[int, ...] = ()
 
     def read_tower(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Where `reads_tower`: from the vision tower's own output at its feature layer for the crops (a video's
-        frames) of one image [N, T, D] (`Family.tower_output`: before the projector and any pooling), rows over each
-        crop's tower tokens [N, T], which the engine pools and lays out as the host does its tokens, and one vector
-        per crop [N, E]."""
+        """For the modalities in `reads_tower`: from the vision tower's own output at its feature layer for the
+        crops (a video's frames) of one image [N, T, D] (`Family.tower_output`: before the projector and any pooling),
+        rows over each crop's tower tokens [N, T], which the engine pools and lays out as the host does its tokens,
+        and one vector per crop [N, E]."""
         raise NotImplementedError(f"{self.name} reads nothing from the vision tower")
 
     def instruct(self, questions: list[str] | None) -> None:
@@ -250,10 +250,10 @@ class Policy:
     #: Decoder cuts see the attention each original visual token received in the vision tower
     #: (`DecoderCut.tower_attention`), for methods that rank the host's own tokens by it (HoliTom)
     tower_attention: bool = False
-    #: Decoder cuts see what the policy reads from the vision tower's own output at its feature layer (`read_tower`;
-    #: `DecoderCut.tower_rows`, `tower_crops`), for methods that run a part of the tower the host lacks (FastVID's
-    #: SigLIP pooling head)
-    reads_tower: bool = False
+    #: The modalities (`Family.feature_functions` keys) whose decoder cuts see what the policy reads from the vision
+    #: tower's own output at its feature layer (`read_tower`; `DecoderCut.tower_rows`, `tower_crops`), for methods
+    #: that run a part of the tower the host lacks (FastVID's SigLIP pooling head, on videos)
+    reads_tower: tuple[str, ...] = ()
     #: Encoder cut: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
     received_attention: bool = False
     #: Encoder cut: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`
