@@ -10,6 +10,7 @@ sees the same shapes, layer counts and token layout as the real model while runn
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -223,28 +224,24 @@ def tiny_siglip_head(vision_config: Any) -> Path:
     """A `build_tiny_siglip_head` checkpoint (random tower layers) for towers of `vision_config`, built once into the
     temporary folder."""
     import hashlib
-    import tempfile
 
     digest = hashlib.sha256(vision_config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / f"visiondrop-tiny-siglip-head-{digest}"
-    if not (path / "model.safetensors").exists():
-        staging = Path(tempfile.mkdtemp(prefix=path.name, dir=path.parent))
-        build_tiny_siglip_head(staging, vision_config)
-        try:
-            staging.rename(path)  # atomic: a concurrent builder's copy is as good
-        except OSError:
-            pass
-    return path
+    return built_once(f"visiondrop-tiny-siglip-head-{digest}", lambda out: build_tiny_siglip_head(out, vision_config))
 
 
 def tiny_clip_text(vision_hidden: int = 64) -> Path:
     """A `build_tiny_clip_text` checkpoint for towers `vision_hidden` wide, built once into the temporary folder."""
+    return built_once(f"visiondrop-tiny-clip-text-{vision_hidden}", lambda out: build_tiny_clip_text(out, vision_hidden))
+
+
+def built_once(name: str, build: Callable[[Path], Path]) -> Path:
+    """The checkpoint folder `name` in the temporary folder, built by `build` into it the first time."""
     import tempfile
 
-    path = Path(tempfile.gettempdir()) / f"visiondrop-tiny-clip-text-{vision_hidden}"
+    path = Path(tempfile.gettempdir()) / name
     if not (path / "model.safetensors").exists():
         staging = Path(tempfile.mkdtemp(prefix=path.name, dir=path.parent))
-        build_tiny_clip_text(staging, vision_hidden)
+        build(staging)
         try:
             staging.rename(path)  # atomic: a concurrent builder's copy is as good
         except OSError:
