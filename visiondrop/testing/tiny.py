@@ -221,12 +221,15 @@ def build_tiny_siglip_head(out_dir: str | Path, vision_config: Any, tower: str |
 
 
 def tiny_siglip_head(vision_config: Any) -> Path:
-    """A `build_tiny_siglip_head` checkpoint (random tower layers) for towers of `vision_config`, built once into the
+    """A `build_tiny_siglip_head` checkpoint for towers of `vision_config` with one random tower layer (FastVID reads
+    its head only; a full-size tower's width stays cheap: the latency benchmark's random models), built once into the
     temporary folder."""
     import hashlib
 
-    digest = hashlib.sha256(vision_config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
-    return built_once(f"visiondrop-tiny-siglip-head-{digest}", lambda out: build_tiny_siglip_head(out, vision_config))
+    one_layer = copy.deepcopy(vision_config)
+    one_layer.num_hidden_layers = 0  # the builder adds the one a OneVision conversion drops
+    digest = hashlib.sha256(one_layer.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+    return built_once(f"visiondrop-tiny-siglip-head-{digest}", lambda out: build_tiny_siglip_head(out, one_layer))
 
 
 def tiny_clip_text(vision_hidden: int = 64) -> Path:
