@@ -54,10 +54,12 @@ def test_dry_run_runs_every_part_and_writes_the_summary(tmp_path):
 
     complete = [p.name for p in ran if json.loads((folder / f"{p.name}.json").read_text())["complete"]]
     assert complete, "no part completed within its cap"
-    again = run(["--dry-run", "--out", str(tmp_path)])
+    again = run(["--dry-run", "--out", str(tmp_path), "--seconds", "5"])  # too little time to start a part
     assert again.returncode == 0, again.stderr[-3000:]
     for name in complete:
         assert f"gpu-check: {name} already complete" in again.stdout
+    log = json.loads((folder / "parts.json").read_text())
+    assert all(log[p.name]["state"] == "not run: no time left" for p in parts if p.name not in complete)
 
 
 def test_a_part_in_its_own_process_is_stopped_at_its_cap(tmp_path, monkeypatch):

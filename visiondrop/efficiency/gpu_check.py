@@ -154,9 +154,12 @@ def run_properties(part: Part, settings: Settings, folder: Path, deadline: float
         prompts = [latency.make_inputs(config, device, settings.dtype, n, seed=i)
                    for i, n in enumerate((latency.TEXT_TOKENS, latency.TEXT_TOKENS - 9, latency.TEXT_TOKENS - 17))]
         budget_of = lambda name: method(name).example_budget * info.n_visual / 576  # noqa: E731
-        checks = check_model(model, f"{model_name} ({width})", prompts, settings.methods(properties=True), budget_of,
-                             lambda name: method(name).example_options(config))
+        methods = settings.methods(properties=True)
+        checks = check_model(model, f"{model_name} ({width})", prompts, methods, budget_of,
+                             lambda name: method(name).example_options(config), deadline=deadline)
         done["checks"] += [c.to_json() for c in checks]
+        if missing := [m for m in methods if m not in {c.method for c in checks}]:
+            done["skipped"].append(f"{model_name}: {', '.join(missing)}: time cap reached")
         _write_json(out, done)
         del model
         if device.type == "cuda":

@@ -15,6 +15,7 @@ Exact properties stay exact: `remove()` restores bit-identical logits.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -110,10 +111,10 @@ def left_padded(model: nn.Module, prompts: Sequence[dict[str, Tensor]]) -> dict[
 
 def check_model(model: nn.Module, name: str, prompts: Sequence[dict[str, Tensor]], methods: Sequence[str],
                 budget_of: Callable[[str], float], options_of: Callable[[str], dict[str, Any]] = lambda _: {},
-                tolerance: float = TOLERANCE) -> list[Check]:
+                tolerance: float = TOLERANCE, deadline: float | None = None) -> list[Check]:
     """The five properties of `model` (called `name`) for each of `methods` at `budget_of(method)` with
     `options_of(method)`, on a left-padded batch of `prompts` (one-sample inputs of different lengths) and each
-    prompt alone."""
+    prompt alone. Past `deadline` (`time.monotonic()`) no further method is started: its checks are missing."""
     from ..api import apply
 
     batch = left_padded(model, prompts)
@@ -143,6 +144,8 @@ def check_model(model: nn.Module, name: str, prompts: Sequence[dict[str, Tensor]
     kernel_note = (f"tolerance {kernel_tolerance:.3g} x the largest logit: twice the stock model's own {attention} vs "
                    f"eager difference ({kernels:.3g})" if kernel_tolerance > tolerance else "")
     for method in methods:
+        if deadline is not None and time.monotonic() > deadline:
+            break
         budget = None if method == "none" else budget_of(method)
         options = options_of(method)
         with apply(model, method, budget, **options), torch.inference_mode():
