@@ -144,8 +144,9 @@ class Pruner:
 
     def _observe_tower(self, original, modality: str, *args, **kwargs) -> ModelOutput:
         """The model's own features, and what the decoder cuts see of the tower for each image noted beside them
-        (`TowerSeen`): each unit of the features (a row of a stacked tensor, known by its first token; an entry of a
-        list, by identity) names its image, as the host splits them (equal units per image: Video-LLaVA's frames)."""
+        (`TowerSeen`): each unit of the features (a row of a stacked tensor, known by the sum of its tokens, as
+        `_own_images` knows it: shorter videos padded with the same frames begin alike; an entry of a list, by
+        identity) names its image, as the host splits them (equal units per image: Video-LLaVA's frames)."""
         out = original(*args, **kwargs)
         attention = tower_attention(self.model, self.family, modality, args, kwargs) \
             if self.policy.tower_attention else None
@@ -155,14 +156,15 @@ class Pruner:
                 for i in range(len(attention if attention is not None else reading))]
         features = out.pooler_output
         per = len(features) // len(rows)
-        self._tower = [(f[0].clone() if isinstance(features, Tensor) else weakref.ref(f), i // per)
+        self._tower = [(f.sum(0) if isinstance(features, Tensor) else weakref.ref(f), i // per)
                        for i, f in enumerate(features)], rows
         self._tower_rows = rows
         return out
 
     def _own_tower_rows(self, features: list[Tensor] | Tensor) -> list[TowerSeen] | None:
-        """What the decoder cuts see of the tower for pre-encoded features (`_observe_tower`), their units found as `_own_images` finds
-        them (repeated per returned sequence or beam: each repeat keeps its own rows); None if any is not ours."""
+        """What the decoder cuts see of the tower for pre-encoded features (`_observe_tower`), their units found as
+        `_own_images` finds them (repeated per returned sequence or beam: each repeat keeps its own rows); None if any
+        is not ours."""
         if not self._tower:
             return None
         units, rows = self._tower
@@ -170,7 +172,7 @@ class Pruner:
         for f in features:
             stacked = isinstance(features, Tensor)
             found = next((image for key, image in units
-                          if (torch.equal(f[0], key) if stacked else key() is f)), None)
+                          if (torch.equal(f.sum(0), key) if stacked else key() is f)), None)
             if found is None:
                 return None
             images.append(found)
