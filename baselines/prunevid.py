@@ -19,18 +19,18 @@ over every real token) from every token after the video, the maximum over heads 
 int(alpha x n) of its static tokens and of each frame's dynamic tokens stay, in order, with their positions (gaps).
 The layer-10 output is pruned: here a cut before layer 11 (relative depth on other decoders: `ModelInfo.
 relative_layers`), scored on what entered layer 10. The KV caches of layers 0-10 are pruned to the same tokens
-(`models/pllava/elastic_cache.py::VTPWindowCache.prompt_prefill`), so the decode steps attend there to what layer 11
-keeps (`prune_cache`, below).
+(`models/pllava/elastic_cache.py::VTPWindowCache.prompt_prefill` slices them by the kept indices), so the decode
+steps attend there to what layer 11 keeps, and the memory is freed. Here too (`prune_cache`, on by default), through
+the engine's pruned caches (`Policy.pruned_cache_layers`): once the prefill is done, the caches of layers 0 to the
+selected one keep the text and the kept tokens only (in a batch each row's cache is left-padded to the longest
+row's count, the padding masked), and decode positions continue from the prompt's length as the language model
+received it after stage 1 (the official `original_number`). `prune_cache=False`: those layers keep every stage-1 token in their caches, and the decode steps
+there attend to them all.
 
 Where this differs from the official code:
 - the official DPC-kNN adds `torch.rand(...) * 1e-6` to the densities to break ties; here no noise (deterministic,
   the same in a batch and alone): ties fall as torch's comparisons and topk break them. The parity fixture
   (`tests/parity/prunevid/`) runs the official functions with `torch.rand` patched to zeros;
-- the official stage 2 also prunes the KV caches of layers 0-10 to the kept tokens (`VTPWindowCache.prompt_prefill`
-  slices them), so decode steps there attend to those only; here too by default (`prune_cache`), through the engine's
-  decode-time KV selection: the decode steps at layers 0 to the selected one attend to the visual tokens stage 2 kept
-  (and to all text), with the dropped ones masked in the cache rather than sliced out of it (the attention is the
-  same; the memory of those layers' caches is not freed). `prune_cache=False`: they attend to every stage-1 token;
 - the official code runs at batch size 1 (it asserts it); any batch here equals each video alone;
 - the official code loops on the host over segments, frames and clusters; here both stages run on the device
   without reading a value on the host (`first_stage`: the segmentation, and every segment's and frame's clustering
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visiondrop.core import Cut, ModelInfo
-from visiondrop.engine import DecodeStep, DecoderCut, Policy, Selection
+from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.engine.attention import decoder_attention
 from visiondrop.methods import Method, Overhead, Unreachable
 from visiondrop.methods.shared import density_peaks, retention, video_layout
@@ -231,11 +231,8 @@ class PruneVid(Policy):
         self.info, self.share, self.alpha, self.tau, self.prune_cache = info, share, alpha, tau, prune_cache
         self.selected_layer = info.relative_layers([SELECTED_LAYER], "PruneVid's selected layer")[0]
         self.cut_layers = (0, self.selected_layer + 1)
-        if prune_cache:  # decode steps at the layers up to the selected one see only what stage 2 kept
-            self.decode_layers = tuple(range(self.selected_layer + 1))
-
-    def select_cached(self, step: DecodeStep) -> list[Tensor | None]:
-        return step.kept_later
+        if prune_cache:  # the caches of the layers up to the selected one keep only what stage 2 kept
+            self.pruned_cache_layers = tuple(range(self.selected_layer + 1))
 
     def renumbers_at(self, layer_idx: int) -> bool:
         return layer_idx == 0  # stage 1 shortens the sequence; stage 2 keeps positions with gaps

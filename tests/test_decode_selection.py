@@ -1,15 +1,21 @@
-"""The engine's decode-time KV selection (`Policy.decode_layers`) through the two methods that use it: DyCoke's dynamic
-KV pruning (layers >= 3 attend to the video tokens with the top layer-2 attention of each decode query) and PruneVid's
-in-LLM stage (the decode steps at layers 0-10 attend only to the tokens its cut after layer 10 kept).
+"""What the decode steps after a prefill attend to, chosen by the policy: the engine's decode-time KV selection
+(`Policy.decode_layers`: DyCoke's dynamic KV pruning, layers >= 3 attending to the video tokens with the top layer-2
+attention of each decode query; keys masked in a cache that keeps them) and its pruned caches
+(`Policy.pruned_cache_layers`: PruneVid's in-LLM stage, whose layers up to the selected one (10 of 32) keep in their
+caches only the tokens its cut after that layer kept, the others removed).
 
 On two Qwen2.5-VL videos of different lengths in one left-padded batch (tests/test_video_methods.py): the stage
 changes the decode steps and nothing of the prefill; switched off (or dropping nothing) it is the method without it;
 the visual keys each layer attends to at each decode step, counted from the attention masks the layers receive
 (forward pre-hooks), are the trace's and the official counts; each video alone equals the batch; a cached decode
-equals a no-cache replay of its selections, which a replay that forgets them does not. A toy policy whose decode
+equals a no-cache replay of its selections, which a replay that forgets them does not. The pruned caches hold the
+kept tokens' rows only (measured on the cache tensors) and decode as masking the dropped keys does, greedy and in
+beam search. A toy policy whose decode
 layers span two cuts (as MustDrop's cache stage) is asked once per segment, with the tokens that survive both cuts.
 DyCoke's selection function against the official `PrunableDynamicCache` (tests/parity/dycoke/kv_fixture.pt).
 """
+import copy
+
 import pytest
 import torch
 
@@ -20,6 +26,8 @@ from visiondrop.api import Handle
 from visiondrop.core import ModelInfo
 from visiondrop.efficiency.properties import greedy
 from visiondrop.engine import Policy, Selection
+from visiondrop.engine import decoder
+from visiondrop.engine.compat import CACHE_ARG
 from visiondrop.engine.replay import Replay
 
 RATIO = 0.5
@@ -65,8 +73,9 @@ def test_the_stage_changes_decode_steps_only(qwen, videos, name):
             cached_visual = trace.tokens_per_layer[row]
             # the keys a layer drops are the visual tokens its decode-time selection left out, and only those
             assert [a - b for a, b in zip(n_off, n)] == [v - a for v, a in zip(cached_visual, attended)], (step, row)
-            if name == "prunevid":  # layers 0-10 attend to what layer 11 keeps
-                assert attended[:11] == [cached_visual[11]] * 11 and attended[11:] == cached_visual[11:]
+            if name == "prunevid":  # the layers before the cut (0-9 of 28) attend to what the cut keeps
+                cut = cached_visual.index(cached_visual[-1])
+                assert cut == 10 and attended == [cached_visual[cut]] * cut + cached_visual[cut:]
             elif trace.decode_steps[step][3][row] is not None:  # layers >= 3: the official count of the scored tokens
                 scored = cached_visual[3] - 1
                 assert attended[:3] == cached_visual[:3]
@@ -115,6 +124,7 @@ def test_cached_decoding_equals_replaying_its_selections(qwen, videos, name):
     torch.testing.assert_close(cached[1], replayed[1], atol=1e-8, rtol=1e-8)
     # every step attending to everything
     trace.decode_steps = [{first: [None] * len(rows) for first, rows in step.items()} for step in trace.decode_steps]
+    trace.pruned_cache = {first: [None] * len(rows) for first, rows in trace.pruned_cache.items()}
     with Handle(model, Replay(handle.policy, trace)), torch.no_grad():
         forgetful = greedy(model, batch, NEW_TOKENS, use_cache=False)
     assert not torch.allclose(cached[1][:, 1:], forgetful[1][:, 1:], atol=1e-6)
@@ -178,6 +188,89 @@ def test_beam_search_carries_the_selection_state_along(qwen, videos):
             outs.append(greedy(model, batch, NEW_TOKENS, **beams))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert pruned.shape == outs[0][0].shape
+
+
+def prefill_cache(model, inputs, **options):
+    """The KV cache after one prefill under PruneVid (official alpha), the trace, and the layer of its cut in the
+    language model (after its selected layer)."""
+    with visiondrop.apply(model, "prunevid", **OFFICIAL["prunevid"], **options) as handle, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    return getattr(out, CACHE_ARG), handle.trace, handle.policy.cut_layers[-1]
+
+
+def test_prunevid_caches_up_to_the_selected_layer_hold_the_kept_tokens_only(qwen, videos):
+    """After the prefill, the KV caches of the layers up to the selected one (10 of 32; 9 of Qwen2.5-VL's 28) hold as
+    many rows as the layer after the cut (the text and the tokens stage 2 kept; in a batch the longest row's count,
+    the other rows left-padded), measured on the cache tensors: fewer than with `prune_cache=False`, whose layers
+    there cache every stage-1 token. A video alone: its pruned caches are the unpruned caches' rows of its text and
+    kept tokens, in order; in the batch, each row ends with them."""
+    model, _ = qwen
+    batch, singles = videos
+    lengths = lambda cache: [layer.keys.shape[2] for layer in cache.layers]  # noqa: E731
+    alone = []
+    for inputs in [*singles, batch]:
+        pruned, trace, cut = prefill_cache(model, inputs)
+        whole, _, _ = prefill_cache(model, inputs, prune_cache=False)
+        assert lengths(pruned)[:cut] == [lengths(pruned)[cut]] * cut and lengths(pruned)[cut:] == lengths(whole)[cut:]
+        assert all(layer.values.shape == layer.keys.shape for layer in pruned.layers)
+        assert lengths(whole)[:cut] == [lengths(whole)[0]] * cut and lengths(whole)[0] > lengths(whole)[cut]
+        if inputs is batch:
+            reals = [lengths(cache)[0] for cache in alone]
+            assert lengths(pruned)[0] == max(reals) and len(set(reals)) > 1
+            for row, (cache, real) in enumerate(zip(alone, reals)):
+                for i in range(cut):
+                    for part in ("keys", "values"):
+                        torch.testing.assert_close(getattr(pruned.layers[i], part)[row, :, -real:],
+                                                   getattr(cache.layers[i], part)[0], atol=1e-8, rtol=1e-8)
+            continue
+        kept = trace.pruned_cache[0][0]
+        first = int(inputs["input_ids"][0].tolist().index(model.config.video_token_id))  # the video's first row
+        rows = torch.cat([torch.arange(first), first + kept.nonzero()[:, 0],
+                          torch.arange(first + len(kept), lengths(whole)[0])])
+        assert len(rows) == lengths(pruned)[cut] and trace.tokens_per_layer[0][cut] == int(kept.sum())
+        for i in range(cut):
+            assert torch.equal(pruned.layers[i].keys, whole.layers[i].keys[:, :, rows])
+            assert torch.equal(pruned.layers[i].values, whole.layers[i].values[:, :, rows])
+        alone.append(pruned)
+
+
+def masked(policy: Policy) -> Policy:
+    """The policy with its pruned cache as a decode-time KV selection instead: the keys the pruned cache removes
+    masked in a cache that keeps them all (as the engine did before it pruned caches)."""
+    twin = copy.copy(policy)
+    twin.decode_layers, twin.pruned_cache_layers = policy.pruned_cache_layers, ()
+    twin.select_cached = lambda step: step.kept_later
+    return twin
+
+
+@pytest.mark.parametrize("search", [{}, {"num_beams": 2, "num_return_sequences": 2}], ids=["greedy", "beams"])
+def test_a_pruned_cache_decodes_as_masking_its_dropped_keys(qwen, videos, search):
+    """PruneVid's pruned caches decode the batch as masking the keys they dropped in the whole caches does, greedy
+    and in beam search (whose reorders move the compacted rows and their bookkeeping): the same tokens and logits."""
+    model, _ = qwen
+    batch, _ = videos
+    with visiondrop.apply(model, "prunevid", **OFFICIAL["prunevid"]) as handle, torch.no_grad():
+        pruned = greedy(model, batch, NEW_TOKENS, **search)
+    assert len(handle.trace.decode_tokens) == NEW_TOKENS - 1
+    assert handle.policy.pruned_cache_layers == tuple(range(handle.policy.cut_layers[-1]))
+    with Handle(model, masked(handle.policy)) as masking, torch.no_grad():
+        masks = greedy(model, batch, NEW_TOKENS, **search)
+    assert masking.trace.decode_tokens == handle.trace.decode_tokens
+    assert torch.equal(pruned[0], masks[0])
+    torch.testing.assert_close(pruned[1], masks[1], atol=1e-6, rtol=1e-6)
+
+
+def test_pruned_cache_layers_are_checked():
+    """Pruned cache layers must exist and share no segment with a decode-time KV selection."""
+    survivors = Survivors()
+    survivors.pruned_cache_layers = (40,)
+    with pytest.raises(ValueError, match="this decoder has 28"):
+        decoder._check_pruned_cache(survivors, 28)
+    survivors.pruned_cache_layers = (3,)
+    with pytest.raises(NotImplementedError, match="between the same two cuts"):
+        decoder._check_pruned_cache(survivors, 28)
+    survivors.pruned_cache_layers = (5, 6)
+    assert decoder._check_pruned_cache(survivors, 28) == {5, 6}
 
 
 class Survivors(Policy):

@@ -21,7 +21,7 @@ from visiondrop.families import checkpoint_config, family_for, flops_dims
 COLUMNS = ["method", "budget", "batch", "avg visual tokens", "TFLOPs", "FLOPs ratio", "prefill ms",
            "prefill samples/s", "prefill speedup", "speedup / FLOPs ratio", "overhead % prefill",
            "gathers % prefill", "decode ms/token", "e2e ms (2 tok)", "e2e samples/s", "e2e speedup",
-           "peak RSS growth MiB", "paper TFLOPs", "paper ms", "paper speedup"]
+           "peak RSS growth MiB", "KV cache MiB", "paper TFLOPs", "paper ms", "paper speedup"]
 
 
 def _table(markdown: str) -> list[list[str]]:
@@ -49,6 +49,7 @@ def test_cli_measures_full_and_visiondrop_per_batch_size_and_writes_the_tables(t
         assert f.overhead_ms is None and f.gathers_ms is None  # the stock model has neither
         assert v.overhead_ms > 0 and v.gathers_ms > 0  # the policy's own calls and the engine's gathers timed
         assert (f.tokens, v.tokens) == (576, 64.0)  # measured by the trace for the method, mean of the batch
+        assert f.cache_mib > v.cache_mib > 0  # the cache the prefill leaves: fewer tokens after the cuts
 
     dims = flops_dims(checkpoint_config("llava-1.5-7b", "tiny"))
     assert full.tflops == full2.tflops == method_flops(dims, "none").total / 1e12
@@ -208,3 +209,26 @@ def test_video_llava_header_counts_the_video_tokens():
     assert dims.n_visual == 2056 and full.tflops == method_flops(dims, "none").total / 1e12  # no extra tokens
     assert vd.tflops == method_flops(dims, "visiondrop", 257).total / 1e12
     assert "| full | 2056 | 1 |" in result.markdown
+
+
+def test_method_options_make_rows_and_the_kv_cache_column_measures_pruned_caches():
+    """`name:key=value` gives a method's options a row of their own: PruneVid with its pruned caches and without. The
+    KV cache column reads the cache a prefill leaves: every layer's keys and values of the tokens it processed (the
+    stock model, PruneVid without pruned caches), less where PruneVid's layers up to the selected one keep only what
+    its cut keeps."""
+    config = checkpoint_config("video-llava-7b", "tiny")
+    result = benchmark("video-llava-7b", width="tiny", device="cpu", methods=["prunevid", "prunevid:prune_cache=false"],
+                       budgets=[514], repeats=1, warmup=0, new_tokens=2, batch_sizes=[1], out=None)
+    full, pruned, whole = result.rows
+    assert [(r.label, r.options, r.status) for r in result.rows] == [
+        ("full", {}, "ok"), ("prunevid", {}, "ok"), ("prunevid prune_cache=False", {"prune_cache": False}, "ok")]
+    text = config.text_config
+    per_token = 2 * text.num_key_value_heads * text.head_dim * 4 / 2 ** 20  # keys and values, float32, a layer
+    layers = text.num_hidden_layers
+    assert full.cache_mib == pytest.approx(layers * (2056 + TEXT_TOKENS) * per_token)
+    assert whole.tokens == pruned.tokens < 514 * 1.01  # the same prefill
+    assert whole.cache_mib == pytest.approx(layers * (whole.tokens + TEXT_TOKENS) * per_token)
+    assert pruned.cache_mib < whole.cache_mib
+    assert "| prunevid prune_cache=False | 514 | 1 |" in result.markdown
+    with pytest.raises(ValueError, match="name:key=value"):
+        latency.method_spec("prunevid:prune_cache")

@@ -258,7 +258,9 @@ class TokenCounts:
     crops: int = 1
     newlines: int = 0  # LLaVA-NeXT image-newline tokens counted among the visual tokens (they are not "extra")
     #: the visual keys each decoder layer attends to at the first decode step, where a decode-time KV selection
-    #: chooses them (`Policy.decode_layers`), and the layer whose attention row it scores with; None: every cached one
+    #: chooses them (`Policy.decode_layers`) or a pruned cache left fewer than the layer processed
+    #: (`Policy.pruned_cache_layers`), and the layer whose attention row a selection scores with; None: every one
+    #: the layer processed
     decode_keys: tuple[int, ...] | None = None
     decode_scoring: int | None = None
 

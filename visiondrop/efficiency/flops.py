@@ -70,10 +70,10 @@ Assumptions written down:
   counting the official way would add 0.020 T at budget 64 (2.11 T instead of 2.09 T).
 - decode step (`decode_step_flops`, `method_decode_flops`; the CLI prints it apart from the prefill total): the first
   decode step after the prefill, one new token: each layer's projections and MLP on it; Q K^T and A V over the keys
-  it attends to: the visual tokens the layer cached or, under a decode-time KV selection (`Policy.decode_layers`:
-  DyCoke's, PruneVid's cache pruning), those the step chose (measured on the proxy's first decode step), as the
-  official codes count after gathering them (the engine masks the others, and its kernels still run over them),
-  plus the prompt's other tokens and the new one; the LM head on it; and where the selection scores with one layer's
+  it attends to: the visual tokens the layer cached (after a pruned cache, `Policy.pruned_cache_layers`: PruneVid's,
+  those it kept) or, under a decode-time KV selection (`Policy.decode_layers`: DyCoke's), those the step chose
+  (measured on the proxy's first decode step), as the official codes count after gathering them (the engine masks
+  the others, and its kernels still run over them), plus the prompt's other tokens and the new one; the LM head on it; and where the selection scores with one layer's
   attention row (DyCoke), that row's query projection and logits.
 """
 from __future__ import annotations
@@ -258,7 +258,7 @@ def measure_schedule(model: torch.nn.Module, inputs: dict, method: str, budget: 
     premade: list[bool] = []
     with apply(model, method, budget, **options) as handle, torch.no_grad():
         _record_cuts(handle.policy, cuts, premade)
-        decodes = bool(handle.policy.decode_layers)
+        decodes = bool(handle.policy.decode_layers or handle.policy.pruned_cache_layers)
         if decodes:  # the prefill and one decode step, whose selection the trace records
             greedy(model, inputs, new_tokens=2)
         else:

@@ -4,6 +4,8 @@
     python -m visiondrop.efficiency.latency --model llava-1.5-7b --width reduced --methods none visiondrop --budgets 64
     python -m visiondrop.efficiency.latency --batch-sizes 1 8 --methods none visiondrop   # throughput by batch
     python -m visiondrop.efficiency.latency --scaling            # make scaling: cost versus visual tokens
+    python -m visiondrop.efficiency.latency --model llava-onevision-0.5b --width tiny --methods prunevid \
+        prunevid:prune_cache=false --budgets 1500 --batch-sizes 1 2   # a method's option as a row of its own
     benchmark("llava-1.5-7b", width="reduced", methods=["none", "visiondrop"], budgets=[64]).markdown
 
 Speed does not depend on weight values, so the architectures are built from configs written here (no download)
@@ -27,10 +29,14 @@ around every timed region; medians reported):
   CLS-row recomputation of the encoder cut inside the tower hook (one key projection);
 - peak memory: GPU `max_memory_allocated` (weights included) over the measured rounds; CPU the growth of the
   resident set (glibc's free memory trimmed, VmHWM reset through /proc/self/clear_refs, minus VmRSS before),
-  or n/a off Linux.
+  or n/a off Linux;
+- KV cache: the keys and values the cache holds after the prefill, every layer's (read from the tensors' shapes):
+  what a method's decoder cuts and pruned caches (`Policy.pruned_cache_layers`) leave for the decode steps.
 "full" is the stock Hugging Face model (no `apply`), the baseline every speedup is taken against, at the same
-batch size; every other row runs under `visiondrop.apply(model, method, budget)`. A method that cannot run (not
-importable yet, budget out of reach, a model type the engine does not support yet) gets a row saying why.
+batch size; every other row runs under `visiondrop.apply(model, method, budget)`, with the options a method is given
+as `name:key=value,...` in `methods` (values read as YAML: `prunevid:prune_cache=false`), a row of its own. A method
+that cannot run (not importable yet, budget out of reach, a model type the engine does not support yet) gets a row
+saying why.
 
 The scaling run (`scaling`) times the prefill and peak memory of the full model and of VisionDrop at one retention
 ratio (`apply(..., ratio=)`) while the visual tokens grow: LLaVA-1.5's 576, then LLaVA-NeXT images filling grids of
@@ -53,10 +59,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
 from ..engine import decoder as engine_decoder, encoder as engine_encoder
+from ..engine.compat import CACHE_ARG, cache_bytes
 from ..families import Dims, checkpoint_config, checkpoints, family_by_type, family_for, flops_dims
 from .flops import TEXT_TOKENS, method_flops
 from ..methods import METHODS, method as registered, method_title
@@ -223,6 +231,7 @@ class Row:
     new_tokens: int = 32  # 0: prefill only
     batch: int = 1
     ratio: float | None = None  # the budget as a retention ratio (`apply(..., ratio=)`)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options (`method_spec`)
     status: str = "ok"
     tflops: float | None = None  # of one sample's prefill
     tokens: float | None = None  # measured average visual tokens per decoder layer (the trace, mean of the batch)
@@ -270,13 +279,38 @@ class Row:
         values = [v for v in self.samples.get("peak", []) if v is not None]
         return max(values) if values else None
 
+    @property
+    def cache_mib(self) -> float | None:
+        """The KV cache after the prefill, MiB (the same every round)."""
+        return self.median("cache")
+
+    @property
+    def label(self) -> str:
+        """The method as the table names it: "full", or its name and the options it was given."""
+        if self.method == "none":
+            return "full"
+        return " ".join([self.method, *(f"{k}={v}" for k, v in self.options.items())])
+
+
+def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A method named for the benchmark, `name` or `name:key=value,...` (values read as YAML), as (name, options)."""
+    name, _, given = spec.partition(":")
+    options = {}
+    for item in filter(None, given.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"give a method's options as name:key=value,key=value; got {item!r} in {spec!r}")
+        options[key] = yaml.safe_load(value)
+    return name, options
+
 
 def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | None,
-                 new_tokens: int = 32, ratio: float | None = None, clock: str = "wall") -> dict[str, float | None]:
-    """One round of one (method, budget or ratio) on the batch `inputs`: prefill, then (unless `new_tokens` is 0)
-    generate 1 and `new_tokens` tokens; peak memory, and the measured visual tokens per layer. "none" is the
-    stock model; otherwise the method is applied for the round and removed after it. Times on `clock` (`CLOCKS`).
-    Raises what `apply` raises."""
+                 new_tokens: int = 32, ratio: float | None = None, clock: str = "wall",
+                 options: dict[str, Any] | None = None) -> dict[str, float | None]:
+    """One round of one (method with `options`, budget or ratio) on the batch `inputs`: prefill, then (unless
+    `new_tokens` is 0) generate 1 and `new_tokens` tokens; peak memory, the KV cache after the prefill (MiB), and the
+    measured visual tokens per layer. "none" is the stock model; otherwise the method is applied for the round and
+    removed after it. Times on `clock` (`CLOCKS`). Raises what `apply` raises."""
     from ..api import apply
 
     device = inputs["input_ids"].device
@@ -285,13 +319,14 @@ def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | No
     memory = _PeakMemory(device)
     out: dict[str, float | None] = {"overhead": None, "gathers": None, "tokens": None}
 
-    def prefill() -> None:
-        model(**inputs, use_cache=True)
+    def prefill() -> None:  # the cache's size from its shapes (no sync), its memory let go at once
+        out["cache"] = cache_bytes(getattr(model(**inputs, use_cache=True), CACHE_ARG)) / 2 ** 20
 
     def generate(n: int) -> None:
         model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **gen)
 
-    handle = None if method == "none" else apply(model, method, budget, ratio, **example_options(method, model))
+    handle = None if method == "none" else apply(model, method, budget, ratio, **example_options(method, model),
+                                                 **(options or {}))
     try:
         memory.reset()
         if handle is None:
@@ -312,7 +347,7 @@ def measure_once(model: nn.Module, inputs: dict, method: str, budget: float | No
 
 
 def profile_prefill(model: nn.Module, inputs: dict, method: str, budget: float | None, ratio: float | None = None,
-                    row_limit: int = 25) -> str:
+                    row_limit: int = 25, options: dict[str, Any] | None = None) -> str:
     """torch.profiler's table of one prefill (after one unprofiled warm-up), ops by self time; under a method the
     policy's calls and the engine's gathers are ranges of their own (`_overhead_clock`), so the table shows what
     they spend and on which ops."""
@@ -322,7 +357,8 @@ def profile_prefill(model: nn.Module, inputs: dict, method: str, budget: float |
 
     cuda = inputs["input_ids"].device.type == "cuda"
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-    handle = None if method == "none" else apply(model, method, budget, ratio, **example_options(method, model))
+    handle = None if method == "none" else apply(model, method, budget, ratio, **example_options(method, model),
+                                                 **(options or {}))
     try:
         clock = _overhead_clock(handle.policy, cuda) if handle else nullcontext()
         with torch.inference_mode(), clock:
@@ -461,11 +497,12 @@ def benchmark(model: str = "llava-1.5-7b", *, width: str | None = None, pretrain
         net = load_model(pretrained, dev, torch_dtype, setup.attn) if pretrained \
             else build_model(checkpoint_config(model, setup.width), dev, torch_dtype, setup.attn)
         inputs = {b: make_inputs(net.config, dev, torch_dtype, text_tokens, batch=b) for b in batch_sizes}
-        rows = [Row(m, b, new_tokens, batch) for batch in batch_sizes
-                for m, b in [("none", None)] + [(m, b) for m in methods if m != "none" for b in budgets]]
+        specs = [method_spec(m) for m in methods if m != "none"]
+        rows = [Row(m, b, new_tokens, batch, options=o) for batch in batch_sizes
+                for m, o, b in [("none", {}, None)] + [(m, o, b) for m, o in specs for b in budgets]]
         _run(net, inputs, rows, warmup, setup.repeats, f"table2 {model} ({setup.width})", setup.clock)
-        profiles = [f"## {r.method} {'' if r.budget is None else f'{r.budget:g} '}at batch {r.batch}\n\n"
-                    + profile_prefill(net, inputs[r.batch], r.method, r.budget, r.ratio)
+        profiles = [f"## {r.label} {'' if r.budget is None else f'{r.budget:g} '}at batch {r.batch}\n\n"
+                    + profile_prefill(net, inputs[r.batch], r.method, r.budget, r.ratio, options=r.options)
                     for r in rows if profile and r.status == "ok"]
     config = net.config
     n_visual, modality, dims = count_flops(net, inputs[batch_sizes[0]], rows, text_tokens)
@@ -498,7 +535,7 @@ def count_flops(model: nn.Module, inputs: dict, rows: list[Row], text_tokens: in
     for row in rows:
         row.tokens = dims.n_visual if row.method == "none" else row.median("tokens")
         try:
-            row.tflops = method_flops(dims, row.method, row.budget, text_tokens).total / 1e12
+            row.tflops = method_flops(dims, row.method, row.budget, text_tokens, **row.options).total / 1e12
         except (ValueError, NotImplementedError):
             pass
     return n_visual, modality, dims
@@ -522,7 +559,7 @@ def _run(model: nn.Module, inputs: dict[int, dict], rows: list[Row], warmup: int
                     continue
                 try:
                     sample = measure_once(model, inputs[row.batch], row.method, row.budget, row.new_tokens,
-                                          row.ratio, clock)
+                                          row.ratio, clock, row.options)
                 except TypeError as err:  # the engine rejects the model type
                     row.status = f"not supported yet: {err}"
                 except torch.OutOfMemoryError:
@@ -557,7 +594,7 @@ def render(title: str, rows: list[Row], model: str, device: torch.device, width:
     head = ["method", "budget", "batch", "avg visual tokens", "TFLOPs", "FLOPs ratio", "prefill ms",
             "prefill samples/s", "prefill speedup", "speedup / FLOPs ratio", "overhead % prefill",
             "gathers % prefill", "decode ms/token", f"e2e ms ({new_tokens} tok)", "e2e samples/s", "e2e speedup",
-            "peak MiB (allocated)" if device.type == "cuda" else "peak RSS growth MiB",
+            "peak MiB (allocated)" if device.type == "cuda" else "peak RSS growth MiB", "KV cache MiB",
             "paper TFLOPs", "paper ms", "paper speedup"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     checks = []
@@ -572,12 +609,12 @@ def render(title: str, rows: list[Row], model: str, device: torch.device, width:
         e2e = full.e2e_ms / r.e2e_ms if ok else None
         efficiency = speedup / ratio if speedup and ratio else None
         overhead, gathers = _share(r.overhead_ms, r.prefill_ms), _share(r.gathers_ms, r.prefill_ms)
-        cells = ["full" if r.method == "none" else r.method, f"{budget:g}", str(r.batch), _fmt(r.tokens),
+        cells = [r.label, f"{budget:g}", str(r.batch), _fmt(r.tokens),
                  _fmt(r.tflops, ".3f"), _fmt(ratio, ".2f", "x")]
         cells += [_fmt(r.prefill_ms) + _range(r, "prefill"), _fmt(r.prefill_per_s, ".2f"), _fmt(speedup, ".2f", "x"),
                   _fmt(efficiency, ".2f"), _fmt(overhead, ".2f"), _fmt(gathers, ".2f"), _fmt(r.decode_ms, ".2f"),
                   _fmt(r.e2e_ms) + _range(r, "e2e"), _fmt(r.e2e_per_s, ".2f"), _fmt(e2e, ".2f", "x"),
-                  _fmt(r.peak_mib, ".0f")] if r.status == "ok" else [r.status] + [""] * 10
+                  _fmt(r.peak_mib, ".0f"), _fmt(r.cache_mib, ".2f")] if r.status == "ok" else [r.status] + [""] * 11
         cells += [_fmt(ref.get("TFLOPs"), ".2f"), _fmt(ref.get("Latency"), "g"), _fmt(ref.get("Speedup"), ".1f", "x")]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         if r.method != "none" and r.status == "ok":
@@ -587,7 +624,8 @@ def render(title: str, rows: list[Row], model: str, device: torch.device, width:
               "the rounds, (min-max) beside; prefill = one forward of the batch with all logits; samples/s = batch "
               f"/ time; decode ms/token = (e2e({new_tokens}) - e2e(1)) / {new_tokens - 1}, one step of the whole "
               "batch; speedups against 'full' (the stock model) at the same batch size; overhead = time in the "
-              "policy's own calls during the prefill, gathers = the engine's applying of its selections. Paper "
+              "policy's own calls during the prefill, gathers = the engine's applying of its selections; KV cache "
+              "= the keys and values cached after the prefill, all layers. Paper "
               "columns (batch 1 only): LLaVA-7B on the paper's GPU (protocol unknown), shown beside whatever this "
               "run measured."]
     if checks:

@@ -26,6 +26,20 @@ def cached_keys(cache: Cache, layer_idx: int) -> Tensor:
     return cache.layers[layer_idx].keys
 
 
+def cache_bytes(cache: Cache) -> int:
+    """The bytes of the keys and values a `DynamicCache` holds, all layers."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def keep_cached(cache: Cache, layer_idx: int, rows: Tensor) -> None:
+    """Cut the keys and values a `DynamicCache` holds for decoder layer `layer_idx` to the cached rows `rows` [B, kv']
+    of each batch row (new tensors: the old ones' memory is freed)."""
+    layer = cache.layers[layer_idx]
+    index = rows[:, None, :, None]
+    layer.keys = layer.keys.gather(2, index.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+    layer.values = layer.values.gather(2, index.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+
+
 def pop_cache(kwargs: dict[str, Any]) -> Cache | None:
     """Take the cache out of a forward's keywords, under either name (callers may still use the old one)."""
     new, old = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)

@@ -8,8 +8,10 @@ tokens follow the last span's kept tokens (at the centre of that span's position
 Every layer caches exactly the tokens it processed, so the KV caches of
 different segments have different lengths; a `Segment` remembers, for the layers that share one token set, which
 cached rows are real tokens and which position the next token takes, so decode steps stay consistent with
-whatever the prefill did. Everything about the host (its layers, positions, rotary embeddings) comes from its
-family adapter; positions are opaque tensors [..., B, L] gathered along their last axis.
+whatever the prefill did. A policy's pruned cache (`Policy.pruned_cache_layers`) is one more cut after the prefill,
+on the caches alone: the layers' cached rows are re-packed and left-padded as a cut re-packs the sequence, and they
+become a segment of their own, with the positions the prompt's layers continue from. Everything about the host (its
+layers, positions, rotary embeddings) comes from its family adapter; positions are opaque tensors [..., B, L] gathered along their last axis.
 
 Side features (`Family.side_features`: Qwen3-VL's DeepStack rows) are vectors that the host adds to the visual
 tokens' hidden states after a few early decoder layers. Each visual token carries its own rows through every cut
@@ -18,7 +20,8 @@ after those layers to the tokens present then, as the host adds them to all of i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +29,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..families.base import Family
 from .attention import cached_attention, causal_mask
-from .compat import cache_kwargs, cached_keys
+from .compat import cache_kwargs, cached_keys, keep_cached
 from .policy import DecodeStep, DecoderCut, Policy, Selection, TowerSeen
 from .trace import Trace
 
@@ -308,11 +311,14 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
             ) -> tuple[Tensor, Cached]:
     """Run every decoder layer, cutting where the policy says. Returns the final hidden states and what the decode
     steps need. A policy's replayed decode-time selections (`Policy.replayed_steps`) mask, at its decode layers, the
-    visual keys each of the last tokens did not attend to when it was decoded."""
+    visual keys each of the last tokens did not attend to when it was decoded, and at its pruned cache layers those
+    the caches left out (`Trace.pruned_cache`). With a cache, the pruned cache layers' caches are cut after the last
+    layer (`_pruned`)."""
     layers = family.decoder_layers(lm)
     cut_layers = set(policy.cut_layers)
     decode_layers = _check_decode_layers(policy, len(layers))
-    history = policy.replayed_steps(run.hidden.shape[1]) if decode_layers else []
+    replayed_layers = decode_layers | _check_pruned_cache(policy, len(layers))
+    history = policy.replayed_steps(run.hidden.shape[1]) if replayed_layers else []
     trace.prompt_length = run.hidden.shape[1]
     original_visual = run.vis_len.clone()
     scratch: dict = {}
@@ -337,19 +343,19 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
         trace.add_layer(run.vis_len)
         prev_hidden = run.hidden
         layer_mask, layer_rope = mask4d, rope
-        if history and i in decode_layers:  # the generated tokens attend as at their decode steps
-            if blocked is None:  # this segment's first decode layer
+        if history and i in replayed_layers:  # the generated tokens attend as at their decode steps
+            if blocked is None:  # this segment's first decode (or pruned cache) layer
                 blocked = _blocked([step[i] for step in history], run)
                 replayed = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, blocked=blocked)
                 replayed_rope = rope
-                if _evicts(family, policy):  # and at the positions they took there
+                if _evicts(family, policy) and i in decode_layers:  # and at the positions they took there
                     shifted = run.pos.clone()
                     shifted[..., -len(history):] -= blocked.sum(-1).to(shifted.dtype)
                     replayed_rope = family.rotary(lm, run.hidden, shifted)
             layer_mask, layer_rope = replayed, replayed_rope
         if i in policy.bidirectional_layers:  # this prefill layer attends over every real token (no causal mask)
             layer_mask = causal_mask(lm.config, run.mask, run.hidden.shape[1], run.hidden.dtype, causal=False,
-                                     blocked=blocked if history and i in decode_layers else None)
+                                     blocked=blocked if history and i in replayed_layers else None)
         run.hidden = layer(run.hidden, attention_mask=layer_mask, position_embeddings=layer_rope,
                            use_cache=cache is not None, **cache_kwargs(cache))
         if run.side is not None and i in run.side_layers:
@@ -357,8 +363,46 @@ def prefill(family: Family, lm: nn.Module, policy: Policy, run: Running, cache: 
             if i == run.side_layers[-1]:
                 run.side = None  # added for the last time: later cuts need no side rows (nor merge weights)
     _survivals(segments)
+    pruned = set(policy.pruned_cache_layers)
+    for seg in segments:  # what each pruned cache keeps, keyed as the decode-time selections are (`Replay`)
+        if seg.kept_later is not None and pruned & set(seg.layers):
+            trace.pruned_cache[min(pruned & set(seg.layers))] = seg.kept_later
+    if cache is not None and trace.pruned_cache:
+        segments = _pruned(segments, pruned, cache)
     trailing = [family.video_trailing if f else 0 for f in run.frames.tolist()]
     return family.final_norm(lm)(run.hidden), Cached(segments, trailing, [{} for _ in trailing])
+
+
+def _pruned(segments: list[Segment], pruned: set[int], cache: DynamicCache) -> list[Segment]:
+    """The segments once the caches of the `pruned` layers keep only the visual tokens each row still caches after
+    every later cut (`Policy.pruned_cache_layers`): a segment splits into runs of pruned and other layers, and a
+    pruned run's cache keeps each row's real tokens but the visual ones no later cut keeps, in order, left-padded
+    to the longest row's count (its mask marks the padding), as a cut re-packs the sequence. Positions go on from
+    the prompt's (`next_pos` unchanged)."""
+    out = []
+    for seg in segments:
+        for prunes, run in itertools.groupby(seg.layers, key=lambda i: i in pruned):
+            part = replace(seg, layers=list(run))
+            out.append(_compacted(part, cache) if prunes and seg.kept_later is not None else part)
+    return out
+
+
+def _compacted(seg: Segment, cache: DynamicCache) -> Segment:
+    """`seg` with its layers' caches cut to the real tokens and the visual tokens that survive every later cut."""
+    kv = seg.mask.shape[1]
+    kept = seg.mask.clone()
+    for b, (at, alive) in enumerate(zip(seg.visual, seg.kept_later)):
+        kept[b, at] = kept[b, at] & alive  # indices, not a boolean index: no read on the host
+    counts = kept.sum(1, keepdim=True)
+    length = int(counts.max())
+    ranked = torch.where(kept, torch.arange(kv, device=kept.device), -1).sort(dim=1)  # the kept rows last, in order
+    rows, mask = ranked.indices[:, kv - length:], ranked.values[:, kv - length:] >= 0
+    place = kept.long().cumsum(1) - 1 + (length - counts)  # each kept row's place in the compacted cache
+    visual = [place[b, at[alive]] for b, (at, alive) in enumerate(zip(seg.visual, seg.kept_later))]
+    for i in seg.layers:
+        keep_cached(cache, i, rows)
+    return Segment(seg.layers, mask, seg.next_pos, visual, None, [torch.ones_like(at, dtype=torch.bool)
+                                                                  for at in visual])
 
 
 def _survivals(segments: list[Segment]) -> None:
@@ -394,6 +438,22 @@ def _check_decode_layers(policy: Policy, n_layers: int) -> set[int]:
     return decode_layers
 
 
+def _check_pruned_cache(policy: Policy, n_layers: int) -> set[int]:
+    """The policy's pruned cache layers, checked: existing layers, in no segment of its decode-time KV selection."""
+    pruned = set(policy.pruned_cache_layers)
+    if not pruned:
+        return pruned
+    if min(pruned) < 0 or max(pruned) >= n_layers:
+        raise ValueError(f"{policy.name} prunes the caches of layers {sorted(pruned)}, and this decoder has {n_layers}")
+    selecting = set(policy.decode_layers) | ({policy.decode_scoring_layer} - {None})
+    segment = lambda i: sum(0 < cut <= i for cut in policy.cut_layers)  # noqa: E731 (the prefill segment of layer i)
+    if {segment(i) for i in pruned} & {segment(i) for i in selecting}:
+        raise NotImplementedError(f"{policy.name} prunes the caches of layers {sorted(pruned)} and selects among the "
+                                  f"cached tokens of layers {sorted(selecting)} between the same two cuts: a segment "
+                                  "does one or the other")
+    return pruned
+
+
 def _evicts(family: Family, policy: Policy) -> bool:
     """Whether the keys a decode-time selection leaves out shift the decode positions (`Policy.decode_evicts`)."""
     return policy.decode_evicts and policy.renumber_positions and not family.fixed_positions
@@ -422,7 +482,8 @@ def decode(family: Family, lm: nn.Module, policy: Policy, hidden: Tensor, attent
            cache: DynamicCache, cached: Cached, trace: Trace) -> Tensor:
     """One decode forward of q new tokens after a pruned prefill: per segment, its own positions and mask; at the
     policy's decode layers, only the visual keys its decode-time selection chose for this step and segment (recorded
-    in `trace`)."""
+    in `trace`, with the visual keys each layer attended to, where a selection or a pruned cache made them fewer
+    than the prefill processed)."""
     batch, q_len, _ = hidden.shape
     layers = family.decoder_layers(lm)
     decode_layers = set(policy.decode_layers)
@@ -456,7 +517,7 @@ def decode(family: Family, lm: nn.Module, policy: Policy, hidden: Tensor, attent
                 rows = cached_attention(layers[i], entering, *rope, cached_keys(cache, i), kv_mask, family.rotate)
                 selection = _select(policy, cached, seg, own, rows)
         seg.mask, seg.next_pos = kv_mask, seg.next_pos + q_len
-    if decode_layers:  # the visual keys each layer attended to, read once a step
+    if decode_layers or policy.pruned_cache_layers:  # the visual keys each layer attended to, read once a step
         picked = [c for sel in chosen.values() for c in sel if c is not None]
         sums = iter(torch.stack([c.sum() for c in picked] or [hidden.new_zeros(())]).tolist())
         sizes = {id(c): int(next(sums)) for c in picked}

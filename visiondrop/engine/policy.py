@@ -275,6 +275,13 @@ class Policy:
     #: decode token by its layer's cache length (MustDrop); only where positions are renumbered (a policy that
     #: renumbers on a family without `fixed_positions`). False: every decode layer of a segment takes its position.
     decode_evicts: bool = False
+    #: Pruned cache: decoder layers whose KV caches keep, once the prefill is done, only the visual tokens still cached
+    #: after every later cut (`DecodeStep.kept_later`): the others are removed from the cache and their memory freed,
+    #: each row's cache left-padded to the longest row's; the decode steps there attend to what is left, at the
+    #: positions that follow the prompt (PruneVid's layers 0-10, whose official code slices their caches to what its
+    #: layer-10 cut keeps). A prefill segment (the layers between two cuts) that holds any of them holds no layer of
+    #: the decode-time KV selection (`decode_layers`, `decode_scoring_layer`). (): every layer keeps its cache.
+    pruned_cache_layers: tuple[int, ...] = ()
 
     def renumbers_at(self, layer_idx: int) -> bool:
         """Whether positions are renumbered after the cut before decoder layer `layer_idx` (for methods whose cuts

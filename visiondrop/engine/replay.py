@@ -7,7 +7,8 @@ analysis: apply one run's selections to another input with the same image.
 A decode-time KV selection (`Policy.decode_layers`) chooses anew at each decode step. Replaying it means: in a
 prefill of the recorded prompt followed by the tokens generated from it, each generated token attends, at the
 decode layers, to the visual tokens its own decode step chose (and to every other token), as it did with the cache;
-cached decode steps of a replay take the recorded choices too.
+cached decode steps of a replay take the recorded choices too. Likewise a pruned cache (`Policy.pruned_cache_layers`):
+the generated tokens attend, at its layers, to the visual tokens the cache kept (`Trace.pruned_cache`).
 """
 from __future__ import annotations
 
@@ -35,9 +36,11 @@ class Replay(Policy):
         self.merges_at_layer_output = policy.merges_at_layer_output
         self.decode_layers = policy.decode_layers
         self.decode_evicts = policy.decode_evicts
+        self.pruned_cache_layers = policy.pruned_cache_layers
         self.decode_scoring_layer = None  # the recorded selections need no attention rows
         self._policy = policy
         self._prompt_length, self._decode_steps = trace.prompt_length, trace.decode_steps
+        self._pruned_cache = trace.pruned_cache
         self._selections = dict(zip(policy.cut_layers, trace.selections))
         self._slots = dict(zip(policy.cut_layers, trace.slots))
 
@@ -65,7 +68,7 @@ class Replay(Policy):
         if generated > len(self._decode_steps):
             raise RuntimeError(f"{self.name} recorded {len(self._decode_steps)} decode steps: it cannot replay a "
                                f"prefill that ends with {generated} generated tokens")
-        return self._decode_steps[:max(generated, 0)]
+        return [{**self._pruned_cache, **step} for step in self._decode_steps[:max(generated, 0)]]
 
 
 def _rows(rows: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

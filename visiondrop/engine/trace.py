@@ -30,6 +30,9 @@ class Trace:
     prompt_length: int = 0
     decode_steps: list[dict[int, list[Tensor | None]]] = field(default_factory=list)
     decode_tokens: list[list[list[int]]] = field(default_factory=list)
+    #: what the pruned caches keep (`Policy.pruned_cache_layers`), keyed by the first pruned layer of each prefill
+    #: segment: per sample a bool over the visual tokens the segment processed (True: still in its layers' caches)
+    pruned_cache: dict[int, list[Tensor]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, batch_size: int) -> "Trace":
