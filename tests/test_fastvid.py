@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines.fastvid import NEAREST, anchor_counts, dynamic_segments, load_siglip_head, merge_into, per_frame_counts, \
-    policy, prune_video, prune_video_qwen, qwen_counts
+from baselines.fastvid import NEAREST, anchor_counts, dynamic_segments, load_siglip_head, merge_into, \
+    per_frame_counts, policy, prune_video, prune_video_qwen, qwen_counts
 from visiondrop.core import ModelInfo
 from visiondrop.methods import Unreachable
 from visiondrop.methods.shared import density_peaks

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import ModelOutput
 
 from ..families.base import Family
 from .attention import gather_rows
@@ -105,7 +106,7 @@ def tower_attention(model: nn.Module, family: Family, modality: str, args: tuple
     return rows
 
 
-def tower_reading(model: nn.Module, family: Family, modality: str, args: tuple, kwargs: dict, output,
+def tower_reading(model: nn.Module, family: Family, modality: str, args: tuple, kwargs: dict, output: ModelOutput,
                   read: Callable[[Tensor], tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
     """Per image (or video) of a call `feature_function(*args, **kwargs)` of `modality` that returned `output`: what
     `read` (`Policy.read_tower`) makes of the tower's own output at the feature layer for its crops

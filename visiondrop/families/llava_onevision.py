@@ -247,14 +247,14 @@ class LlavaOnevision(LlavaNext):
 
     def tower_output(self, model: nn.Module, images: Images,
                      output: ModelOutput) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """The tower's `hidden_states[vision_feature_layer]` of the host's own call (the 729 patches of each crop or
-        frame, before the projector); a video frame's rows pooled 27x27 -> 14x14 as the host pools its tokens (the
-        bilinear `apply_pooling`, as FastVID's official `get_attn_2dPool` pools the probe's attention)."""
-        features = output.hidden_states[images.feature_layer]
+        """Videos: the tower's `hidden_states[vision_feature_layer]` of the host's own call (the 729 patches of each
+        frame, before the projector); a frame's rows pooled 27x27 -> 14x14 as the host pools its tokens (the bilinear
+        `apply_pooling`, as FastVID's official `get_attn_2dPool` pools the probe's attention). Images (anyres crops,
+        resized and unpadded into the packed layout) are not shown."""
         if images.modality != "video":
-            return features, lambda rows: rows
+            raise NotImplementedError("LLaVA-OneVision's adapter shows the tower's own output for videos only")
         llava = self.multimodal(model)
-        return features, lambda rows: llava.apply_pooling(rows.unsqueeze(-1))[..., 0]
+        return output.hidden_states[images.feature_layer], lambda rows: llava.apply_pooling(rows.unsqueeze(-1))[..., 0]
 
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
         """A sample's video tokens, less the newline after the video, over a frame's 196 (0 for an image)."""

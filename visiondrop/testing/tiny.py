@@ -234,7 +234,8 @@ def tiny_siglip_head(vision_config: Any) -> Path:
 
 def tiny_clip_text(vision_hidden: int = 64) -> Path:
     """A `build_tiny_clip_text` checkpoint for towers `vision_hidden` wide, built once into the temporary folder."""
-    return built_once(f"visiondrop-tiny-clip-text-{vision_hidden}", lambda out: build_tiny_clip_text(out, vision_hidden))
+    return built_once(f"visiondrop-tiny-clip-text-{vision_hidden}",
+                      lambda out: build_tiny_clip_text(out, vision_hidden))
 
 
 def built_once(name: str, build: Callable[[Path], Path]) -> Path:
