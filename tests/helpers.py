@@ -181,6 +181,19 @@ def videos_batch_equals_alone(model, name: str, run, batch: dict, singles: list[
     return handle, trace
 
 
+def none_is_the_stock_model(model, run, inputs: dict, tokens_per_layer: list[list[int]]) -> None:
+    """`none` applied: `run(model, inputs) -> (tokens, logits)` gives the stock model's tokens, and its logits within
+    1e-9; the trace's visual tokens entering each decoder layer, per sample, are `tokens_per_layer`."""
+    import visiondrop
+
+    reference, reference_logits = run(model, inputs)
+    with visiondrop.apply(model, "none") as handle:
+        tokens, logits = run(model, inputs)
+    assert torch.equal(tokens, reference)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-9, rtol=1e-9)
+    assert handle.trace.tokens_per_layer == tokens_per_layer
+
+
 def stock_and_pruned_means(model, video: dict, ratio: float) -> dict[str, float]:
     """On one `video`: `none` gives the stock model's last logits (asserted); returns the mean visual tokens per
     decoder layer that VisionDrop, FastV, VisionZip and random keep at `ratio` (each test knows its tolerance)."""

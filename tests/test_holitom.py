@@ -11,7 +11,7 @@ from baselines.holitom import (frame_similarity, inner_merge, merge_static, oute
                                static_windows)
 from visiondrop.core import ModelInfo
 from visiondrop.engine import Policy, Selection
-from visiondrop.families import info_of
+from visiondrop.families import family_of, info_of
 from visiondrop.methods.shared import density_peaks
 from visiondrop.harness.video import read_frames
 from visiondrop.testing.tiny import load_tiny
@@ -166,15 +166,10 @@ class TowerProbe(Policy):
         return Selection(torch.arange(cut.n_visual).expand(len(cut.samples), -1))
 
 
-def test_decoder_cuts_see_the_attention_each_token_received_in_the_tower(video_llava, demo_videos):
-    """Video-LLaVA: the feature layer's attention (eager probabilities, mean over heads then queries) of every frame's
-    257 tokens, CLS included, frame after frame."""
+def probed_tower_attention(model, inputs: dict) -> torch.Tensor:
+    """The tower attention [samples, visual tokens] a decoder cut before layer 0 sees in one forward."""
     from visiondrop.engine.patch import Pruner
 
-    model, processor = video_llava
-    clip = read_frames(demo_videos[0])
-    inputs = dict(processor(text=["USER: <video>\nWhat happens? ASSISTANT:"], videos=[clip], return_tensors="pt"))
-    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.float64)
     probe = TowerProbe()
     pruner = Pruner(model, probe)
     try:
@@ -182,15 +177,37 @@ def test_decoder_cuts_see_the_attention_each_token_received_in_the_tower(video_l
             model(**inputs)
     finally:
         pruner.remove()
-    tower = model.model.video_tower
-    tower.config._attn_implementation = "eager"
+    return probe.seen
+
+
+def eager_attention(tower, layer: int, pixels: torch.Tensor) -> torch.Tensor:
+    """A CLIP-style tower's eager attention probabilities at `layer` [N, H, T, T] (that layer's alone: every layer's,
+    as `output_attentions` gives them, would take a gigabyte on 4 OneVision frames)."""
+    from visiondrop.families.llava import tower_layers
+
+    probabilities = []
+    attention = tower_layers(tower)[layer].self_attn
+    hook = attention.register_forward_hook(lambda module, args, out: probabilities.append(out[1]))
+    own, tower.config._attn_implementation = tower.config._attn_implementation, "eager"
     try:
         with torch.no_grad():
-            out = tower(inputs["pixel_values_videos"].flatten(0, 1), output_attentions=True)
+            tower(pixels)
     finally:
-        tower.config._attn_implementation = "sdpa"
-    expected = out.attentions[info_of(model).vision_layer].mean(1).mean(1).flatten()
-    torch.testing.assert_close(probe.seen[0], expected)
+        tower.config._attn_implementation = own
+        hook.remove()
+    return probabilities[0]
+
+
+def test_decoder_cuts_see_the_attention_each_token_received_in_the_tower(video_llava, demo_videos):
+    """Video-LLaVA: the feature layer's attention (eager probabilities, mean over heads then queries) of every frame's
+    257 tokens, CLS included, frame after frame."""
+    model, processor = video_llava
+    clip = read_frames(demo_videos[0])
+    inputs = dict(processor(text=["USER: <video>\nWhat happens? ASSISTANT:"], videos=[clip], return_tensors="pt"))
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.float64)
+    probabilities = eager_attention(model.model.video_tower, info_of(model).vision_layer,
+                                    inputs["pixel_values_videos"].flatten(0, 1))
+    torch.testing.assert_close(probed_tower_attention(model, inputs)[0], probabilities.mean(1).mean(1).flatten())
 
 
 def test_the_official_non_causal_scoring_layer_is_an_option(video_llava, demo_videos):
@@ -237,3 +254,56 @@ def test_images_are_refused(video_llava):
                             return_tensors="pt"))
     with visiondrop.apply(model, "holitom", ratio=0.25), torch.no_grad(), pytest.raises(ValueError, match="videos"):
         model(**inputs)
+
+
+#: the families whose videos HoliTom runs on, each with its tower's module
+TOWERS = {"video_llava": "video_tower", "llava_onevision": "vision_tower", "qwen2_5_vl": "visual", "qwen3_vl": "visual"}
+
+
+def one_video(model_type: str, model, processor, path) -> dict:
+    """A one-video prompt in the family's own format (Qwen2.5-VL's patches by hand: its video processor needs
+    torchvision), in the model's dtype."""
+    from visiondrop.harness.prompting import build_prompt
+
+    if model_type == "qwen2_5_vl":
+        from test_video_methods import encode
+
+        inputs = encode(processor, ["What happens?"], [(4, 8, 8)], [0])
+    else:
+        prompt = build_prompt(processor, "What happens?", True, family_of(model).conv_template, "video")
+        inputs = dict(processor(text=[prompt], videos=[read_frames(path, 4)], return_tensors="pt"))
+    return {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("model_type", TOWERS)
+def test_the_tower_runs_once_a_forward(tiny_of, demo_videos, model_type):
+    """The tower's attention is read in the host's own encoding (`Family.tower_attention`): the tower runs once a
+    forward (counted with a forward hook), and once in a generation (the video encoded before the first step)."""
+    model, processor = tiny_of(model_type)
+    inputs = one_video(model_type, model, processor, demo_videos[0])
+    n_visual = int(family_of(model).image_token_mask(model, inputs["input_ids"], None).sum())
+    runs = []
+    hook = getattr(model.model, TOWERS[model_type]).register_forward_hook(lambda *_: runs.append(1))
+    try:
+        with visiondrop.apply(model, "holitom", ratio=0.25) as handle, torch.no_grad():
+            model(**inputs)
+            assert len(runs) == 1
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        hook.remove()
+    assert len(runs) == 2
+    assert handle.trace.tokens_per_layer[0][0] < n_visual  # the outer stage ranked the frames' tokens by the rows
+
+
+def test_onevision_tower_attention_is_the_official_pooled_mean(tiny_of, demo_videos):
+    """LLaVA-OneVision: each frame's attention received at SigLIP's last layer, mean over heads and queries, pooled
+    2x2 as HoliTom's official code reads it (eager `attentions[-1]`; checked on the first and last of 4 frames), and
+    0 at the trailing newline."""
+    model, processor = tiny_of("llava_onevision")
+    inputs = one_video("llava_onevision", model, processor, demo_videos[0])
+    seen = probed_tower_attention(model, inputs)[0]
+    probabilities = eager_attention(model.model.vision_tower, info_of(model).vision_layer,
+                                    inputs["pixel_values_videos"][0, [0, -1]])
+    pooled = model.model.apply_pooling(probabilities.mean(1).mean(1).unsqueeze(-1))[..., 0]  # [2, 196]
+    torch.testing.assert_close(seen[:-1].view(4, 196)[[0, -1]], pooled, rtol=1e-5, atol=1e-9)
+    assert seen[-1] == 0

@@ -16,7 +16,7 @@ import torch
 
 import visiondrop
 from helpers import (IMAGE_METHODS, SHARE_METHODS, beams_equal_alone, greedy_with_logits, measure_counts, stock_and_pruned_means,
-                     videos_batch_equals_alone)
+                     none_is_the_stock_model, videos_batch_equals_alone)
 from test_video_qa import endpoint  # noqa: F401  (the loopback judge's fixture)
 from visiondrop.families import ModelInfo, family_of, info_of
 from visiondrop.families.llava_onevision import grid_positions
@@ -132,13 +132,8 @@ def test_none_is_the_stock_model(model_and_processor, batch):
     model, processor = model_and_processor
     images = encode(processor, QUESTIONS, images=[demo_image(0, (300, 200)), demo_image(1, (400, 300))])
     for inputs in (batch, images):
-        reference, reference_logits = run(model, inputs)
-        with visiondrop.apply(model, "none") as handle:
-            tokens, logits = run(model, inputs)
-        assert torch.equal(tokens, reference)
-        torch.testing.assert_close(logits, reference_logits, atol=1e-9, rtol=1e-9)
         originals = family_of(model).image_token_mask(model, inputs["input_ids"], None).sum(1).tolist()
-        assert handle.trace.tokens_per_layer == [[n] * 28 for n in originals]
+        none_is_the_stock_model(model, run, inputs, [[n] * 28 for n in originals])
 
 
 @pytest.mark.parametrize("name", [name for name in METHODS if not method(name).video_only])

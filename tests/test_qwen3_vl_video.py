@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import visiondrop
-from helpers import IMAGE_METHODS, videos_batch_equals_alone
+from helpers import IMAGE_METHODS, none_is_the_stock_model, videos_batch_equals_alone
 from visiondrop.harness.video import read_frames
 from visiondrop.methods import METHODS, method
 from visiondrop.testing.tiny import load_tiny
@@ -68,13 +68,7 @@ def test_a_video_is_spans_of_frames_after_their_timestamps(model_and_processor, 
 
 
 def test_none_is_the_stock_model(model_and_processor, batch):
-    model, _ = model_and_processor
-    reference, reference_logits = run(model, batch)
-    with visiondrop.apply(model, "none") as handle:
-        tokens, logits = run(model, batch)
-    assert torch.equal(tokens, reference)
-    torch.testing.assert_close(logits, reference_logits, atol=1e-9, rtol=1e-9)
-    assert handle.trace.tokens_per_layer == [[280] * 36] * 2
+    none_is_the_stock_model(model_and_processor[0], run, batch, [[280] * 36] * 2)
 
 
 class Positions:

@@ -9,7 +9,7 @@ import torch
 
 import visiondrop
 from helpers import (SYSTEM, LayerCounter, beams_equal_alone, greedy, greedy_with_logits, stock_and_pruned_means,
-                     videos_batch_equals_alone)
+                     none_is_the_stock_model, videos_batch_equals_alone)
 from visiondrop.families import ModelInfo, flops_dims, info_of
 from visiondrop.harness.video import read_frames
 from visiondrop.methods import METHODS, method, policy_for
@@ -101,13 +101,7 @@ def run(model, inputs):
 
 
 def test_none_is_the_stock_model(model_and_processor, batch):
-    model, _ = model_and_processor
-    reference, reference_logits = run(model, batch)
-    with visiondrop.apply(model, "none") as handle:
-        tokens, logits = run(model, batch)
-    assert torch.equal(tokens, reference)
-    torch.testing.assert_close(logits, reference_logits, atol=1e-9, rtol=1e-9)
-    assert handle.trace.tokens_per_layer == [[2056] * 32] * 2
+    none_is_the_stock_model(model_and_processor[0], run, batch, [[2056] * 32] * 2)
 
 
 def described_mean(described: dict, n_visual: int) -> float:

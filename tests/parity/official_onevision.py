@@ -79,6 +79,7 @@ def inputs_file(frames: int, scenes: int) -> str:
 def prepare(work: Path) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
+    from to_original_llava import original_llava_name  # beside this file
 
     from visiondrop.testing.tiny import build_tiny, build_tiny_siglip_head, load_tiny
 
@@ -96,15 +97,10 @@ def prepare(work: Path) -> None:
     for k, v in weights.items():
         if k.startswith("vision_tower."):
             renamed["model.vision_tower.vision_tower.vision_model." + k.removeprefix("vision_tower.")] = v
-        elif k.startswith("language_model.model."):
-            renamed["model." + k.removeprefix("language_model.model.")] = v
-        elif k == "language_model.lm_head.weight":
-            renamed["lm_head.weight"] = v
-        elif k.startswith("multi_modal_projector.linear_"):
-            layer = {"1": "0", "2": "2"}[k.split(".")[1].removeprefix("linear_")]
-            renamed[f"model.mm_projector.{layer}.{k.split('.')[-1]}"] = v
         elif k == "image_newline":
             renamed["model.image_newline"] = v
+        elif (name := original_llava_name(k)) is not None:  # the language model, its head, the projector
+            renamed[name] = v
         else:
             raise KeyError(f"unexpected weight {k}")
     (work / "llava").mkdir(parents=True, exist_ok=True)

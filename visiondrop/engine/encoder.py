@@ -89,21 +89,22 @@ def _kept_side(side: Tensor, sel: Selection) -> Tensor:
     return torch.cat([kept, merged], dim=1)
 
 
-def tower_attention(model: nn.Module, family: Family, modality: str, args: tuple, kwargs: dict) -> list[Tensor]:
-    """Per image (or video) of a call `feature_function(*args, **kwargs)` of `modality`: the attention each of its
-    visual tokens received at the tower's feature layer [slots], in the model's own visual-token order
-    (`DecoderCut.tower_attention`): mean over heads, then over every query of its crop (the tower's importance row
-    where it has no CLS, `EncoderView.received` at that layer where it has one), laid out as the family lays out a
-    crop's every token, 0 in slots that hold no tower token."""
-    info = family.model_info(model.config)
+def tower_attention(model: nn.Module, family: Family, modality: str, args: tuple, kwargs: dict,
+                    encode: Callable[[], ModelOutput]) -> tuple[ModelOutput, list[Tensor]]:
+    """Encode a call `feature_function(*args, **kwargs)` of `modality` with `encode()` (the host's own call: its tower
+    runs once) and observe the tower's feature layer as it runs (`Family.tower_attention`). Returns what `encode`
+    returned and, per image (or video) of the call, the attention each of its visual tokens received at that layer
+    [slots], in the model's own visual-token order (`DecoderCut.tower_attention`): mean over heads, then over every
+    query of its crop (the tower's importance row where it has no CLS, the attention received where it has one),
+    laid out as the family lays out a crop's every token, 0 in slots that hold no tower token."""
+    images = family.visual_inputs(model, modality, args, kwargs)
+    out, received = family.tower_attention(model, images, encode)
     rows = []
     with torch.no_grad():
-        for images in family.image_groups(family.visual_inputs(model, modality, args, kwargs)):
-            view = family.encoder_view(model, images, received=info.tower_cls)
-            received = view.received(info.vision_layer) if view.has_cls else view.importance.float().mean(1)
-            rows += [laid_out_row(model, family, images, i, crop_rows)
-                     for i, crop_rows in enumerate(received.split(images.crops))]
-    return rows
+        for group, group_rows in zip(family.image_groups(images), received):
+            rows += [laid_out_row(model, family, group, i, crop_rows)
+                     for i, crop_rows in enumerate(group_rows.split(group.crops))]
+    return out, rows
 
 
 def tower_reading(model: nn.Module, family: Family, modality: str, args: tuple, kwargs: dict, output: ModelOutput,

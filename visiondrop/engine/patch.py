@@ -3,8 +3,9 @@
 Three patches, all on the instance (never on the class, so other models are untouched), at the places the
 model's family adapter names:
 - `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder cut,
-  or observed (the model's own features, and beside them the tower's attention or the policy's reading of the
-  tower's output) when its decoder cuts read the tower (`Policy.tower_attention`, `Policy.reads_tower`);
+  or observed (the model's own features, and beside them the tower's attention captured in the same tower pass or
+  the policy's reading of the tower's output) when its decoder cuts read the tower (`Policy.tower_attention`,
+  `Policy.reads_tower`);
 - a forward pre-hook on the multimodal model notes where the image tokens are, and one on the whole model
   refuses `labels=` when the method shortens the sequence;
 - the language model's `forward` is replaced by the engine's layer loop whenever a forward holds image tokens
@@ -143,13 +144,17 @@ class Pruner:
         return self.family.encoder_output(features, side)
 
     def _observe_tower(self, original, modality: str, *args, **kwargs) -> ModelOutput:
-        """The model's own features, and what the decoder cuts see of the tower for each image noted beside them
-        (`TowerSeen`): each unit of the features (a row of a stacked tensor, known by the sum of its tokens, as
-        `_own_images` knows it: shorter videos padded with the same frames begin alike; an entry of a list, by
-        identity) names its image, as the host splits them (equal units per image: Video-LLaVA's frames)."""
-        out = original(*args, **kwargs)
-        attention = tower_attention(self.model, self.family, modality, args, kwargs) \
-            if self.policy.tower_attention else None
+        """The model's own features, and what the decoder cuts see of the tower for each image (`TowerSeen`: the
+        tower's attention rows observed in the same pass of the tower, `Family.tower_attention`; the policy's reading
+        of the tower's output, `Policy.read_tower`) noted beside them: each unit of the features (a row of a stacked
+        tensor, known by the sum of its tokens, as `_own_images` knows it: shorter videos padded with the same frames
+        begin alike; an entry of a list, by identity) names its image, as the host splits them (equal units per image:
+        Video-LLaVA's frames)."""
+        if self.policy.tower_attention:
+            out, attention = tower_attention(self.model, self.family, modality, args, kwargs,
+                                             functools.partial(original, *args, **kwargs))
+        else:
+            out, attention = original(*args, **kwargs), None
         reading = tower_reading(self.model, self.family, modality, args, kwargs, out, self.policy.read_tower) \
             if modality in self.policy.reads_tower else None
         rows = [TowerSeen(None if attention is None else attention[i], *(reading[i] if reading else (None, None)))

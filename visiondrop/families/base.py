@@ -234,6 +234,13 @@ class Family:
         """
         raise NotImplementedError
 
+    def tower_attention(self, model: nn.Module, images: Images, encode: Callable[[], Any]) -> tuple[Any, list[Tensor]]:
+        """Run `encode()`, the host's own encoding of `images` (its tower runs once, on all of them), observing the
+        tower as it runs: returns what `encode` returned and, per group of `image_groups(images)`, the attention each
+        tower token of each crop received at the layer `encoder_view` scores by [N, T] (mean over heads, then over
+        every query of its crop), for decoder-side policies that read it (`Policy.tower_attention`)."""
+        raise NotImplementedError
+
     def tower_output(self, model: nn.Module, images: Images,
                      output: ModelOutput) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """What the vision tower itself gave for `images` in the host's feature-function call that returned

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,92 @@ def feature_layer_index(vision_tower: nn.Module, vision_feature_layer: int) -> i
     return vision_feature_layer % (len(tower_layers(vision_tower)) + 1) - 1
 
 
+class TowerCapture:
+    """The inputs of some layers' attention in a CLIP-style tower, captured with forward pre-hooks while the tower runs
+    inside `with` (the engine's own call, or the host's encoding: `Family.tower_attention`), and their attention rows
+    computed from them afterwards.
+
+    By default the rows are recomputed from each layer's own q/k projections, so the tower keeps its SDPA attention;
+    with `eager` (the tower running eager attention), the CLS rows, or the mean attention received at every layer
+    where `received`, are the layers' own attention probabilities. `received`: every layer's input (or eager mean) is
+    captured, for `received_at` at any layer. `cls`: token 0 is CLS, whose row `importance` gives; without (SigLIP),
+    `importance` is the mean attention each token receives from all tokens of its crop.
+    """
+
+    def __init__(self, layers: nn.ModuleList, indices: Iterable[int], eager: bool = False, received: bool = False,
+                 cls: bool = True):
+        self.layers, self.indices, self.eager, self.received, self.cls = layers, set(indices), eager, received, cls
+        self.captured: dict[tuple[str, int], Tensor] = {}
+        self.means: dict[int, Tensor] = {}
+        self.projected_keys: dict[int, Tensor] = {}
+        self.hooks: list = []
+
+    def __enter__(self) -> "TowerCapture":
+        for index in self.indices:
+            attn = self.layers[index].self_attn
+            self.hooks.append(attn.register_forward_pre_hook(functools.partial(self._grab_input, index),
+                                                             with_kwargs=True))
+            if self.eager:
+                self.hooks.append(attn.register_forward_hook(functools.partial(self._grab_probabilities, index)))
+        if self.received:
+            self.hooks += [
+                layer.self_attn.register_forward_hook(functools.partial(self._grab_mean, i)) if self.eager else
+                layer.self_attn.register_forward_pre_hook(functools.partial(self._grab_input, i), with_kwargs=True)
+                for i, layer in enumerate(self.layers) if self.eager or i not in self.indices]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def _grab_input(self, index, module, args, kwargs):
+        if ("x", index) in self.captured:  # the rows would describe one of the runs only
+            raise RuntimeError("the vision tower ran more than once in one captured encoding")
+        self.captured["x", index] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def _grab_probabilities(self, index, module, args, output):
+        self.captured["cls", index] = output[1][:, :, 0] if self.cls else output[1].mean(2)  # [N, H, T]
+
+    def _grab_mean(self, index, module, args, output):
+        self.means[index] = output[1].mean(dim=1).mean(dim=1)  # the official order: heads, then queries
+
+    @staticmethod
+    def _heads(attn: nn.Module, t: Tensor) -> Tensor:
+        return t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)
+
+    def probabilities(self, index: int, queries: slice) -> Tensor:
+        """Layer `index`'s attention probabilities of the query rows `queries`, recomputed from its own q/k."""
+        attn, x = self.layers[index].self_attn, self.captured["x", index]
+        scores = (self._heads(attn, attn.q_proj(x[:, queries])) @ self.keys_of(index).transpose(-1, -2)) * attn.scale
+        return scores.softmax(-1, dtype=torch.float32).to(x.dtype)
+
+    def importance(self, index: int) -> Tensor:
+        """Layer `index`'s importance rows [N, H, T] (`EncoderView.importance`): CLS's attention, or without CLS the
+        mean attention each token receives from its crop (recomputed crop by crop: bounded memory)."""
+        if self.eager:
+            return self.captured["cls", index]
+        if self.cls:
+            return self.probabilities(index, slice(0, 1))[:, :, 0]
+        attn, x = self.layers[index].self_attn, self.captured["x", index]
+        rows = [((self._heads(attn, attn.q_proj(crop)) @ crop_keys.transpose(-1, -2)) * attn.scale).softmax(
+            -1, dtype=torch.float32).mean(2) for crop, crop_keys in zip(x.split(1), self.keys_of(index).split(1))]
+        return torch.cat(rows).to(x.dtype)
+
+    def keys_of(self, index: int) -> Tensor:
+        """Layer `index`'s keys [N, H, T, hd]."""
+        if index not in self.projected_keys:
+            attn = self.layers[index].self_attn
+            self.projected_keys[index] = self._heads(attn, attn.k_proj(self.captured["x", index]))
+        return self.projected_keys[index]
+
+    def received_at(self, index: int) -> Tensor:
+        """The attention each token receives at layer `index` [N, T], mean over the heads, then over every query."""
+        if index not in self.means:  # recomputed from the layer's own q/k (the SDPA tower gives no probabilities)
+            self.means[index] = self.probabilities(index, slice(None)).mean(dim=1).mean(dim=1)
+        return self.means[index]
+
+
 def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: int, eager_encoder: bool = False,
                       scan_layers: tuple[int, ...] = (), received: bool = False,
                       merge: Callable[[int, Tensor, Tensor], Tensor] | None = None, cls: bool = True) -> EncoderView:
@@ -53,83 +139,24 @@ def clip_encoder_view(vision_tower: nn.Module, pixel_values: Tensor, layer_idx: 
     of the `scan_layers` too, in `importance_at`).
 
     By default the CLS rows and the keys are recomputed from the layers' own projections (their inputs captured
-    with forward pre-hooks), so the tower keeps its SDPA attention. With `eager_encoder`, every layer runs eager
-    attention and the CLS rows are the layers' own attention probabilities: bit-identical to official code that
-    asks the tower for `output_attentions` (VisPruner, VScan), at the cost of the eager tower's speed and memory.
+    with forward pre-hooks, `TowerCapture`), so the tower keeps its SDPA attention. With `eager_encoder`, every layer
+    runs eager attention and the CLS rows are the layers' own attention probabilities: bit-identical to official code
+    that asks the tower for `output_attentions` (VisPruner, VScan), at the cost of the eager tower's speed and memory.
     `received`: the view also gives the attention each token receives at any layer (`EncoderView.received`), as
     `attentions[l].mean(1).mean(1)` of the eager probabilities, or recomputed on demand from the layer's input.
     `merge` (`Policy.merge_in_tower`): every layer up to `layer_idx` merges its tokens between its attention and
     its MLP (`merging_layers`), on its keys averaged over heads.
     A tower without CLS (`cls=False`: SigLIP) gives the mean attention each token receives from all tokens of its
-    crop instead of the CLS row, the CLS substitute of `EncoderView` (recomputed crop by crop: bounded memory).
+    crop instead of the CLS row, the CLS substitute of `EncoderView`.
     """
     layers = tower_layers(vision_tower)
-    captured: dict[tuple[str, int], Tensor] = {}
-    means: dict[int, Tensor] = {}
-
-    def grab_input(index, module, args, kwargs):
-        captured["x", index] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-    def grab_probabilities(index, module, args, output):
-        captured["cls", index] = output[1][:, :, 0] if cls else output[1].mean(2)  # [N, H, T]
-
-    def grab_mean(index, module, args, output):
-        means[index] = output[1].mean(dim=1).mean(dim=1)  # the official order: heads, then queries
-
-    hooks = []
-    for index in {layer_idx, *scan_layers}:
-        attn = layers[index].self_attn
-        hooks.append(attn.register_forward_pre_hook(functools.partial(grab_input, index), with_kwargs=True))
-        if eager_encoder:
-            hooks.append(attn.register_forward_hook(functools.partial(grab_probabilities, index)))
-    if received:
-        hooks += [layer.self_attn.register_forward_hook(functools.partial(grab_mean, i)) if eager_encoder else
-                  layer.self_attn.register_forward_pre_hook(functools.partial(grab_input, i), with_kwargs=True)
-                  for i, layer in enumerate(layers) if eager_encoder or i not in {layer_idx, *scan_layers}]
-    try:
-        with _attention_implementation(vision_tower, "eager" if eager_encoder else None), \
-                merging_layers(layers[:layer_idx + 1], merge):
-            out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    def heads(attn: nn.Module, t: Tensor) -> Tensor:
-        return t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2)
-
-    def probabilities(index: int, queries: slice) -> Tensor:
-        """Layer `index`'s attention probabilities of the query rows `queries`, recomputed from its own q/k."""
-        attn, x = layers[index].self_attn, captured["x", index]
-        scores = (heads(attn, attn.q_proj(x[:, queries])) @ keys_of(index).transpose(-1, -2)) * attn.scale
-        return scores.softmax(-1, dtype=torch.float32).to(x.dtype)
-
-    def cls_row(index: int) -> Tensor:
-        if eager_encoder:
-            return captured["cls", index]
-        if cls:
-            return probabilities(index, slice(0, 1))[:, :, 0]
-        attn, x = layers[index].self_attn, captured["x", index]
-        rows = [((heads(attn, attn.q_proj(crop)) @ crop_keys.transpose(-1, -2)) * attn.scale).softmax(
-            -1, dtype=torch.float32).mean(2) for crop, crop_keys in zip(x.split(1), keys_of(index).split(1))]
-        return torch.cat(rows).to(x.dtype)
-
-    projected_keys: dict[int, Tensor] = {}
-
-    def keys_of(index: int) -> Tensor:
-        if index not in projected_keys:
-            attn = layers[index].self_attn
-            projected_keys[index] = heads(attn, attn.k_proj(captured["x", index]))
-        return projected_keys[index]
-
-    def received_at(index: int) -> Tensor:
-        if index not in means:  # recomputed from the layer's own q/k (the SDPA tower gives no probabilities)
-            means[index] = probabilities(index, slice(None)).mean(dim=1).mean(dim=1)
-        return means[index]
-
-    keys = keys_of(layer_idx)
-    return EncoderView(out.hidden_states[layer_idx + 1], cls_row(layer_idx), keys,
-                       importance_at={index: cls_row(index) for index in scan_layers},
-                       received=received_at if received else None, merged_in_tower=merge is not None,
+    capture = TowerCapture(layers, {layer_idx, *scan_layers}, eager_encoder, received, cls)
+    with capture, _attention_implementation(vision_tower, "eager" if eager_encoder else None), \
+            merging_layers(layers[:layer_idx + 1], merge):
+        out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    return EncoderView(out.hidden_states[layer_idx + 1], capture.importance(layer_idx), capture.keys_of(layer_idx),
+                       importance_at={index: capture.importance(index) for index in scan_layers},
+                       received=capture.received_at if received else None, merged_in_tower=merge is not None,
                        tokens=out.hidden_states[0].shape[1] if merge is not None else None, has_cls=cls)
 
 
@@ -309,6 +336,24 @@ class Llava(Family):
         if received:
             view.received = lambda at: torch.cat([v.received(at) for v in views])
         return view
+
+    def tower_attention(self, model: nn.Module, images: Images, encode: Callable[[], Any]) -> tuple[Any, list[Tensor]]:
+        """The feature layer's input captured in the host's own tower pass; with CLS, the mean attention each token
+        receives from every query (CLS included); without, the importance rows as the view scores by
+        (`crop_rows`), mean over heads."""
+        tower = self.vision_tower(model, images.modality)
+        layer = feature_layer_index(tower, images.feature_layer)
+        with TowerCapture(tower_layers(tower), (layer,), cls=self.tower_cls) as capture:
+            out = encode()
+        with torch.no_grad():
+            if self.tower_cls:
+                return out, [capture.received_at(layer)]
+            return out, [self.crop_rows(model, images, capture.importance(layer)).float().mean(1)]
+
+    def crop_rows(self, model: nn.Module, images: Images, rows: Tensor) -> Tensor:
+        """Rows [N, H, T] over each crop's tower tokens as rows over the crop's visual tokens (the same here;
+        LLaVA-OneVision pools a video's frames)."""
+        return rows
 
     def lay_out(self, model: nn.Module, images: Images, image: int, feats: Tensor, keep: Tensor, n_merged: int,
                 tokens: int, native_layout: bool) -> tuple[Tensor, Tensor, int]:

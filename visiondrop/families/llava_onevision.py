@@ -57,6 +57,7 @@ transformers' video processor needs torchvision: `FrameProcessor` (families.vide
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import replace
@@ -235,7 +236,7 @@ class LlavaOnevision(LlavaNext):
             return view
         llava = self.multimodal(model)
         pool = lambda x: llava.apply_pooling(x.contiguous())  # noqa: E731  [N, 729, C] -> [N, 196, C]
-        pool_rows = lambda rows: pool(rows.transpose(1, 2)).transpose(1, 2)  # noqa: E731  [N, H, 729] -> [N, H, 196]
+        pool_rows = functools.partial(self.crop_rows, model, images)
         heads = view.importance.shape[1]
         keys = pool(view.keys.transpose(1, 2).flatten(2)).unflatten(2, (heads, -1)).transpose(1, 2)
         hidden = pool(llava.multi_modal_projector(view.hidden))
@@ -245,16 +246,22 @@ class LlavaOnevision(LlavaNext):
                            received=None if tower_received is None else
                            lambda layer: pool_rows(tower_received(layer)[:, None])[:, 0])
 
+    def crop_rows(self, model: nn.Module, images: Images, rows: Tensor) -> Tensor:
+        """A video frame's rows [N, H, 729] pooled 2x2 as the model pools its tokens: [N, H, 196]."""
+        if images.modality != "video":
+            return rows
+        return self.multimodal(model).apply_pooling(rows.transpose(1, 2).contiguous()).transpose(1, 2)
+
     def tower_output(self, model: nn.Module, images: Images,
                      output: ModelOutput) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """Videos: the tower's `hidden_states[vision_feature_layer]` of the host's own call (the 729 patches of each
-        frame, before the projector); a frame's rows pooled 27x27 -> 14x14 as the host pools its tokens (the bilinear
-        `apply_pooling`, as FastVID's official `get_attn_2dPool` pools the probe's attention). Images (anyres crops,
-        resized and unpadded into the packed layout) are not shown."""
+        frame, before the projector); a frame's rows pooled 27x27 -> 14x14 as the host pools its tokens (`crop_rows`:
+        the bilinear `apply_pooling`, as FastVID's official `get_attn_2dPool` pools the probe's attention). Images
+        (anyres crops, resized and unpadded into the packed layout) are not shown."""
         if images.modality != "video":
             raise NotImplementedError("LLaVA-OneVision's adapter shows the tower's own output for videos only")
-        llava = self.multimodal(model)
-        return output.hidden_states[images.feature_layer], lambda rows: llava.apply_pooling(rows.unsqueeze(-1))[..., 0]
+        return (output.hidden_states[images.feature_layer],
+                lambda rows: self.crop_rows(model, images, rows[:, None])[:, 0])
 
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
         """A sample's video tokens, less the newline after the video, over a frame's 196 (0 for an image)."""

@@ -32,8 +32,9 @@ full-attention block (each grid attends within itself there).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -87,6 +88,49 @@ class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+@contextlib.contextmanager
+def captured_blocks(tower: nn.Module,
+                    blocks: Iterable[int]) -> Iterator[dict[int, tuple[Tensor, tuple[Tensor, Tensor]]]]:
+    """Inside, the tower's runs note each of `blocks`' attention inputs: block -> (hidden states [P, D], rotary
+    (cos, sin)), filled as the tower runs (once)."""
+    captured = {}
+
+    def grab(index, module, args, kwargs):
+        if index in captured:  # the rows would describe one of the runs only
+            raise RuntimeError("the vision tower ran more than once in one captured encoding")
+        captured[index] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                           kwargs["position_embeddings"])
+
+    hooks = [tower.blocks[i].attn.register_forward_pre_hook(functools.partial(grab, i), with_kwargs=True)
+             for i in blocks]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def received_heads(attn: nn.Module, x: Tensor, rotary: tuple[Tensor, Tensor], crops: int, unit: int,
+                   raster: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean attention each visual token receives from its crop at a tower block [N, H, T] (raster order), and
+    its keys [N, H, T, hd], from the block's attention input x [P, D] and rotary (cos, sin) of one image's `crops`
+    (temporal patches, each attending within itself); a token is `unit` patches, `raster` undoes the window order."""
+    cos, sin = rotary
+    n_patches, heads = x.shape[0] // crops, attn.num_heads
+    q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
+    total = q.new_zeros(crops, heads, n_patches, dtype=torch.float32)
+    for crop, (q_crop, k_crop) in enumerate(zip(q_rot.split(n_patches, 1), k_rot.split(n_patches, 1))):
+        for rows in q_crop.split(QUERY_CHUNK, dim=1):  # every patch attends to every patch of its crop
+            total[crop] += ((rows @ k_crop.transpose(-1, -2)) * attn.scaling).softmax(-1, dtype=torch.float32).sum(1)
+    total /= n_patches
+    n_tokens = n_patches // unit
+    keys = k.reshape(crops * n_tokens, unit, heads, -1).mean(1)[raster]
+    importance = total.view(crops, heads, n_tokens, unit).mean(-1).transpose(0, 1).reshape(heads, -1)
+    return (importance[:, raster].view(heads, crops, n_tokens).transpose(0, 1).to(x.dtype),
+            keys.view(crops, n_tokens, heads, -1).transpose(1, 2))
 
 
 class Qwen2_5_VL(Family):
@@ -252,57 +296,53 @@ class Qwen2_5_VL(Family):
         tower = self.vision_tower(model)
         config = tower.config
         last_full = self.scoring_block(config)
-        captured = {}
-
-        def grab(index, module, args, kwargs):
-            captured[index] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
-                               kwargs["position_embeddings"])
-
-        blocks = range(len(tower.blocks)) if received else {last_full, *scan_layers}
-        hooks = [tower.blocks[i].attn.register_forward_pre_hook(functools.partial(grab, i), with_kwargs=True)
-                 for i in blocks]
         bypassed = self.bypassed_mergers(tower)
         for merger, forward in bypassed.items():  # projected later: only what is kept
             merger.forward = forward
         try:
-            out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
+            blocks = range(len(tower.blocks)) if received else {last_full, *scan_layers}
+            with captured_blocks(tower, blocks) as captured:
+                out = tower(images.pixels.type(tower.dtype), grid_thw=images.sizes)
         finally:
-            for hook in hooks:
-                hook.remove()
             for merger in bypassed:
                 del merger.forward
         unit, crops = config.spatial_merge_size ** 2, images.crops[0]
         raster = self.raster_order(images, config).to(out.last_hidden_state.device)
 
-        def received_heads(index: int) -> tuple[Tensor, Tensor]:
-            """Mean attention each token receives from its crop at block `index` [N, H, T] (raster order), and its
-            keys [N, H, T, hd]."""
-            attn, (x, (cos, sin)) = tower.blocks[index].attn, captured[index]
-            n_patches, heads = x.shape[0] // crops, attn.num_heads
-            q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q_rot, k_rot = (t.transpose(0, 1) for t in apply_rotary_pos_emb_vision(q, k, cos, sin))  # [H, P, hd]
-            total = q.new_zeros(crops, heads, n_patches, dtype=torch.float32)
-            for crop, (q_crop, k_crop) in enumerate(zip(q_rot.split(n_patches, 1), k_rot.split(n_patches, 1))):
-                for rows in q_crop.split(QUERY_CHUNK, dim=1):  # every patch attends to every patch of its crop
-                    total[crop] += ((rows @ k_crop.transpose(-1, -2)) * attn.scaling).softmax(
-                        -1, dtype=torch.float32).sum(1)
-            total /= n_patches
-            n_tokens = n_patches // unit
-            keys = k.reshape(crops * n_tokens, unit, heads, -1).mean(1)[raster]
-            importance = total.view(crops, heads, n_tokens, unit).mean(-1).transpose(0, 1).reshape(heads, -1)
-            return (importance[:, raster].view(heads, crops, n_tokens).transpose(0, 1).to(x.dtype),
-                    keys.view(crops, n_tokens, heads, -1).transpose(1, 2))
+        def heads_at(index: int) -> tuple[Tensor, Tensor]:
+            return received_heads(tower.blocks[index].attn, *captured[index], crops, unit, raster)
 
-        importance, keys = received_heads(last_full)
+        importance, keys = heads_at(last_full)
         n_tokens = importance.shape[-1]
         hidden = out.last_hidden_state.reshape(crops * n_tokens, -1)[raster].view(crops, n_tokens, -1)  # [N, T, 4 D]
         nominal = self.model_info(model.config).per_crop
         _, _, cols = (int(n) // config.spatial_merge_size for n in images.sizes[0])
         return EncoderView(hidden, importance, keys, has_cls=False, share=n_tokens / nominal,
-                           importance_at={i: received_heads(i)[0] for i in scan_layers},
+                           importance_at={i: heads_at(i)[0] for i in scan_layers},
                            grid=(n_tokens // cols, cols),
-                           received=(lambda block: received_heads(block)[0].mean(1)) if received else None,
+                           received=(lambda block: heads_at(block)[0].mean(1)) if received else None,
                            side=self.side_of(out, raster, crops, n_tokens))
+
+    def tower_attention(self, model: nn.Module, images: Images, encode: Callable[[], Any]) -> tuple[Any, list[Tensor]]:
+        """The scoring block's input captured in the host's own tower pass over every image of the call, split per
+        image (each image's patches lie together, in its own window order), each scored as `encoder_view` scores
+        it alone."""
+        tower = self.vision_tower(model)
+        config = tower.config
+        block = self.scoring_block(config)
+        with captured_blocks(tower, (block,)) as captured:
+            out = encode()
+        x, (cos, sin) = captured[block]
+        patches = images.sizes.prod(-1).tolist()
+        rows = []
+        with torch.no_grad():
+            for group, x_image, cos_image, sin_image in zip(self.image_groups(images), x.split(patches),
+                                                            cos.split(patches), sin.split(patches)):
+                raster = self.raster_order(group, config).to(x.device)
+                importance, _ = received_heads(tower.blocks[block].attn, x_image, (cos_image, sin_image),
+                                               group.crops[0], config.spatial_merge_size ** 2, raster)
+                rows.append(importance.float().mean(1))
+        return out, rows
 
     def scoring_block(self, config: Any) -> int:
         """The tower block whose attention received scores the tokens: the last full-attention one (31 of 32)."""
