@@ -23,18 +23,25 @@ feature g_f:
 A "frame" is the model's own unit: Video-LLaVA's 257 tokens (CLS included), LLaVA-OneVision's 196, Qwen2.5-VL's
 temporal grid of two input frames (h x w / 4 tokens).
 
-Side information. The official code reads a_f and g_f from the vision tower: on LLaVA-OneVision the attention of the
-SigLIP pooling head's probe (pooled 27x27 -> 14x14) and its pooled output, from a separately loaded original
-google/siglip-so400m-patch14-384 head; on Qwen2.5-VL a pseudo-CLS row of the last ViT block (the mean query of the
-grid against the mean key of each 2x2 merge group) and the mean merged token. The HF LLaVA-OneVision checkpoints have
-no pooling head, and decoder cuts are not given the tower's rows, so here (substitutes, the same on every family):
-g_f is the mean of the frame's tokens entering the decoder (the official Qwen2.5-VL choice), and a_f the pseudo-CLS
-attention of that mean token over the frame's tokens there, softmax(g_f . x / sqrt(D)) (the official Qwen2.5-VL
-rule, on the decoder's input instead of the last ViT block's queries and keys). `prune_video` takes a_f and g_f as
-arguments, so the parity fixture feeds it the official inputs. The engine's `DecoderCut.tower_attention` (HoliTom's) is not used: it is
-the mean over the queries of the feature layer's attention rows (and over a merge group's 2x2 patches), where the
-official Qwen2.5-VL code takes one softmax of the mean query against each merge group's mean key, and OneVision's
-probe exists in no HF checkpoint; using it would swap one substitute for another on some families only.
+Side information (`side=`). The official code reads a_f and g_f from the vision tower. On LLaVA-OneVision
+(`side="siglip_head"`, the default where the family names its tower's original checkpoint, `ModelInfo.tower_head`)
+its `SigLipVisionAbstract` loads `SigLipVisionModel.from_pretrained(mm_vision_tower)`, the original
+google/siglip-so400m-patch14-384, and runs its `post_layernorm` and pooling (MAP) head on the tower's output that
+the model projects (the 26-layer tower's `hidden_states[-1]`, 729 patches a frame): g_f is the pooled output, a_f the
+probe's `nn.MultiheadAttention` weights (mean over heads) bilinearly pooled 27x27 -> 14x14 (`get_attn_2dPool`). The HF
+LLaVA-OneVision checkpoints have no head (`vision_use_head=False`), so here too it is loaded from `head=` (default
+that checkpoint; a local folder offline), once per path (`load_siglip_head`), and run in the tower's dtype (the
+official run: the tower's fp16) on the tower's output of the host's own call (`Family.tower_output`: which output
+and how the host pools a frame are the family's; `Policy.read_tower`); parity with the official OV code at model level,
+`tests/parity/fastvid/`. Elsewhere (`side="decoder"`, the default on the other families; Video-LLaVA's
+LanguageBind tower has no SigLIP head, and the official Qwen2.5-VL code reads a pseudo-CLS row of its last ViT block,
+which decoder cuts are not given) substitutes, the same on every family: g_f is the mean of the frame's tokens
+entering the decoder (the official Qwen2.5-VL choice), and a_f the pseudo-CLS attention of that mean token over the
+frame's tokens there, softmax(g_f . x / sqrt(D)) (the official Qwen2.5-VL rule, on the decoder's input instead of
+the last ViT block's queries and keys). `prune_video` takes a_f and g_f as arguments, so the function-level parity
+fixture feeds it the official inputs. The engine's `DecoderCut.tower_attention` (HoliTom's) is not used: it is the
+mean over the queries of the feature layer's attention rows (and over a merge group's 2x2 patches), where the
+official Qwen2.5-VL code takes one softmax of the mean query against each merge group's mean key.
 
 Where this differs from the official code (none changes the official setting on 32-frame videos):
 - its DPC-kNN adds `torch.rand(...) * 1e-6` to the densities to break ties; here none (deterministic, a batch equals
@@ -67,9 +74,13 @@ reduces videos.
 """
 from __future__ import annotations
 
+import copy
+import functools
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.engine import DecoderCut, Policy, Selection
@@ -78,6 +89,7 @@ from visiondrop.methods.shared import density_peaks, nominal_video, video_layout
 
 RETENTION, SEGMENTS, TAU, CONTEXT_SHARE, ANCHOR_STRIDE, BETA = 0.10, 8, 0.9, 0.4, 4, 0.6  # the official eval.sh
 RETENTION_QWEN, TAU_QWEN, IGNORE = 0.27, 0.84, 0.95  # its Qwen2.5-VL eval.sh (the rest as above)
+SIDES = ("siglip_head", "decoder")  # where a_f and g_f come from (module docstring)
 NEAREST = 4  # neighbours of the density, the token itself included
 COUNT_SLACK = 1e-9  # int(N x retention) of a retention derived from a budget: float noise must not lose a token
 
@@ -260,6 +272,54 @@ def prune_video_qwen(video: Tensor, attention: Tensor, frame_features: Tensor, s
     return kept, torch.cat(tokens)[order], torch.cat(weights)[order]
 
 
+@dataclass(frozen=True)
+class SiglipHead:
+    """A SigLIP checkpoint's `post_layernorm` and pooling (MAP) head, as FastVID's official OV code runs them on the
+    tower's output (its `SigLipVisionAbstract.forward` and `SigLipMultiheadAttentionPoolingHead.forward`)."""
+
+    post_layernorm: nn.Module
+    head: nn.Module  # transformers' SiglipMultiheadAttentionPoolingHead: probe, attention, layernorm, mlp
+    copies: dict = field(default_factory=dict, compare=False)  # (device, dtype) -> the two modules there
+
+    def __call__(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Of the tower's output for N frames [N, T, D]: each frame's pooled output g_f [N, D] and the probe's
+        attention over its tokens, mean over heads, a_f [N, T]; in the features' dtype."""
+        key = (features.device, features.dtype)
+        if key not in self.copies:
+            self.copies[key] = copy.deepcopy((self.post_layernorm, self.head))
+            for module in self.copies[key]:
+                module.to(*key)
+        post_layernorm, head = self.copies[key]
+        tokens = post_layernorm(features)
+        pooled, attention = head.attention(head.probe.repeat(tokens.shape[0], 1, 1), tokens, tokens)
+        pooled = pooled + head.mlp(head.layernorm(pooled))
+        return pooled[:, 0], attention[:, 0]
+
+
+@functools.cache
+def load_siglip_head(path: str) -> SiglipHead:
+    """The post-layernorm and pooling head of the SigLIP checkpoint `path` (a folder or hub id), once."""
+    from transformers import SiglipVisionModel
+    from transformers.utils import logging
+
+    try:  # a whole SiglipModel checkpoint holds a text tower too: not worth a loading report
+        logging.set_verbosity_error()
+        model = SiglipVisionModel.from_pretrained(path, dtype=torch.float32)
+        vision = getattr(model, "vision_model", model)  # transformers 4 wraps the transformer, 5 does not
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"FastVID could not load its SigLIP pooling head head={path!r} ({error}). Its official LLaVA-OneVision "
+            "code runs the head of the vision tower's original checkpoint (google/siglip-so400m-patch14-384 for "
+            "LLaVA-OneVision): download it and pass head=<local folder>, or use side='decoder'") from error
+    finally:
+        logging.set_verbosity_warning()
+    if getattr(vision, "head", None) is None:
+        raise ValueError(f"FastVID's head={path!r} is a SigLIP checkpoint without a pooling head (vision_use_head is "
+                         "False, as in the LLaVA-OneVision checkpoints): pass the tower's original checkpoint")
+    # frozen, as the official `SigLipVisionAbstract` (nn.MultiheadAttention takes another kernel with trainable weights)
+    return SiglipHead(vision.post_layernorm.eval().requires_grad_(False), vision.head.eval().requires_grad_(False))
+
+
 def frame_side_information(video: Tensor) -> tuple[Tensor, Tensor]:
     """The substitutes for the tower's side information of videos [..., F, N, D] (module docstring): each frame's
     pseudo-CLS attention row a_f [..., F, N] and global feature g_f [..., F, D]."""
@@ -273,17 +333,27 @@ class FastVID(Policy):
     cut_layers = (0,)
     renumber_positions = False  # the kept tokens keep their original positions, with gaps
 
-    def __init__(self, info: ModelInfo, retention: float, variant: str, segments: int, tau: float, ignore: float,
-                 context_share: float, anchor_stride: int, beta: float):
-        self.info, self.retention, self.variant = info, retention, variant
+    def __init__(self, info: ModelInfo, retention: float, variant: str, side: str, head: str | None, segments: int,
+                 tau: float, ignore: float, context_share: float, anchor_stride: int, beta: float):
+        self.info, self.retention, self.variant, self.side, self.head = info, retention, variant, side, head
+        self.reads_tower = ("video",) if side == "siglip_head" else ()
         self.options = dict(segments=segments, tau=tau, context_share=context_share, stride=anchor_stride, beta=beta)
         if variant == "qwen2_5_vl":
             self.options["ignore"] = ignore
 
+    def read_tower(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """a_f over each frame's tower tokens (the engine pools it as the host pools the frame) and g_f."""
+        pooled, attention = load_siglip_head(self.head)(features)
+        return attention, pooled
+
     def select_decoder(self, cut: DecoderCut) -> Selection:
         layout = video_layout(cut, "FastVID")
         videos = layout.frame_rows(cut).unflatten(1, (layout.frames, layout.per_frame))
-        attention, features = frame_side_information(videos)
+        if self.reads_tower:
+            attention = cut.tower_rows[:, :layout.frame_tokens].unflatten(1, (layout.frames, layout.per_frame))
+            features = cut.tower_crops
+        else:
+            attention, features = frame_side_information(videos)
         segmentation = [segment_cuts(features, self.options["segments"], self.options["tau"])]
         if self.variant == "qwen2_5_vl":
             segmentation.append(consecutive_cosine(features) < self.options["ignore"])
@@ -303,8 +373,9 @@ class FastVID(Policy):
         return Selection(keep, weights=weights, features=kept_features)
 
     def describe(self) -> dict:
-        described = {"method": self.name, "retention": self.retention, "variant": self.variant,
-                     "layers": list(self.cut_layers), **self.options}
+        described = {"method": self.name, "retention": self.retention, "variant": self.variant, "side": self.side,
+                     **({"head": self.head} if self.reads_tower else {}), "layers": list(self.cut_layers),
+                     **self.options}
         video = nominal_video(self.info)
         if video is not None:
             return described | {"equivalent_tokens": video[0] * sum(per_frame_counts(video[1], self.retention,
@@ -313,15 +384,28 @@ class FastVID(Policy):
 
 
 def policy(info: ModelInfo, budget: float | None = None, retention: float | None = None, variant: str = "onevision",
-           segments: int = SEGMENTS, tau: float = TAU, ignore: float = IGNORE, context_share: float = CONTEXT_SHARE,
-           anchor_stride: int = ANCHOR_STRIDE, beta: float = BETA) -> Policy:
+           side: str | None = None, head: str | None = None, segments: int = SEGMENTS, tau: float = TAU,
+           ignore: float = IGNORE, context_share: float = CONTEXT_SHARE, anchor_stride: int = ANCHOR_STRIDE,
+           beta: float = BETA) -> Policy:
     """FastVID keeping about `budget` of the nominal visual tokens (that share of each video), or the official
     `retention` (0.10); the official code's `variant` ("onevision", or "qwen2_5_vl" with `ignore`, DySeg_ignore);
-    `segments` (DySeg_c), `tau` (DySeg_tau), `context_share` (STPrune_d), `anchor_stride` (DTM_p) and `beta`
-    (DTM_beta) as the official LLaVA-OneVision eval script sets them (its Qwen2.5-VL script: tau 0.84, retention
-    0.27; `configs/method/fastvid_qwen.yaml`)."""
+    `side`: where a_f and g_f come from, "siglip_head" (the official OV code: the pooling head of the SigLIP
+    checkpoint `head`, default the tower's original one, `ModelInfo.tower_head`; the default on the onevision
+    variant where the family names one) or "decoder" (the substitutes; module docstring); `segments` (DySeg_c),
+    `tau` (DySeg_tau), `context_share` (STPrune_d), `anchor_stride` (DTM_p) and `beta` (DTM_beta) as the official
+    LLaVA-OneVision eval script sets them (its Qwen2.5-VL script: tau 0.84, retention 0.27;
+    `configs/method/fastvid_qwen.yaml`)."""
     if variant not in ("onevision", "qwen2_5_vl"):
         raise ValueError(f"variant is the official code FastVID follows, 'onevision' or 'qwen2_5_vl'; got {variant!r}")
+    side = side or ("siglip_head" if info.tower_head and variant == "onevision" else "decoder")
+    if side not in SIDES:
+        raise ValueError(f"FastVID side is where its frames' attention and features come from, one of {SIDES}; "
+                         f"got {side!r}")
+    head = head or info.tower_head
+    if side == "siglip_head" and head is None:
+        raise ValueError("FastVID side='siglip_head' needs the SigLIP checkpoint whose pooling head it runs: this "
+                         "model names none (its tower is no SigLIP with a head); pass head=<checkpoint> or use "
+                         "side='decoder'")
     share = video_share(info, budget, retention, "retention", "FastVID", smallest_budget(info),
                         "keeps at least one token a frame")
     retention = retention if share is None else share
@@ -329,7 +413,8 @@ def policy(info: ModelInfo, budget: float | None = None, retention: float | None
         raise ValueError(f"retention is the share of video tokens FastVID keeps, in (0, 1]; got {retention}")
     if segments < 1 or anchor_stride < 1 or not 0 <= context_share <= 1 or not 0 <= beta <= 1:
         raise ValueError("FastVID needs segments >= 1, anchor_stride >= 1, context_share and beta in [0, 1]")
-    return FastVID(info, retention, variant, segments, tau, ignore, context_share, anchor_stride, beta)
+    return FastVID(info, retention, variant, side, str(head) if side == "siglip_head" else None, segments, tau, ignore,
+                   context_share, anchor_stride, beta)
 
 
 def smallest_budget(info: ModelInfo) -> float:
@@ -339,10 +424,23 @@ def smallest_budget(info: ModelInfo) -> float:
 
 def selection_macs(cut: Cut, width: int) -> int:
     """Beside the densities' pairwise distances (`Overhead.frame_pairs`): each frame's mean token and its attention
-    row (two products a token); the cosines to a segment's anchors (about p x C a token) are not charged."""
+    row (two products a token: the substitutes, `side="decoder"`; charged on every side, small beside the SigLIP
+    head's `Overhead.tower_head`); the cosines to a segment's anchors (about p x C a token) are not charged."""
     return 2 * cut.before * width
 
 
+def example_options(config) -> dict:
+    """Where the family names its tower's original SigLIP checkpoint (LLaVA-OneVision): a tiny one with a pooling
+    head as wide as the model's tower (tests, the FLOPs count's proxy, the latency benchmark)."""
+    from visiondrop.families import family_for
+    from visiondrop.testing.tiny import tiny_siglip_head
+
+    if family_for(config).tower_head is None:
+        return {}
+    return {"head": str(tiny_siglip_head(config.vision_config))}
+
+
 METHOD = Method("fastvid", "FastVID", policy, smallest_budget, replaces_budget=("retention",), video_only=True,
-                exact_count=False, overhead=lambda **_: Overhead(frame_pairs=True, selection=selection_macs),
-                scoring=lambda **_: {"decoder": "density"})
+                exact_count=False, scoring=lambda **_: {"decoder": "density"}, example_options=example_options,
+                overhead=lambda side=None, **_: Overhead(frame_pairs=True, selection=selection_macs,
+                                                         tower_head=side != "decoder"))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines.fastvid import NEAREST, anchor_counts, dynamic_segments, merge_into, per_frame_counts, policy, \
-    prune_video, prune_video_qwen, qwen_counts
+from baselines.fastvid import NEAREST, anchor_counts, dynamic_segments, load_siglip_head, merge_into, \
+    per_frame_counts, policy, prune_video, prune_video_qwen, qwen_counts
 from visiondrop.core import ModelInfo
 from visiondrop.methods import Unreachable
 from visiondrop.methods.shared import density_peaks
@@ -150,6 +150,66 @@ def test_budget_options_and_refusals():
     with pytest.raises(ValueError, match="segments >= 1"):
         policy(info, retention=0.1, anchor_stride=0)
 
+
+
+def test_side_options_and_refusals(tmp_path):
+    """The SigLIP head is the default where the model names its tower's original checkpoint (LLaVA-OneVision), the
+    decoder substitutes elsewhere and on the Qwen2.5-VL variant; a head that is missing or has no pooling head is
+    refused, naming the way out."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    video = ModelInfo(n_visual=2056, n_layers=32, vision_layer=22, cls_kept=True, crops=8, video=True)
+    onevision = ModelInfo(n_visual=6272, n_layers=28, vision_layer=25, cls_kept=False, crops=32, video=True,
+                          tower_cls=False, tower_head="google/siglip-so400m-patch14-384")
+    assert policy(video, retention=0.1).describe()["side"] == "decoder"
+    described = policy(onevision, retention=0.1).describe()
+    assert (described["side"], described["head"]) == ("siglip_head", "google/siglip-so400m-patch14-384")
+    assert policy(onevision, retention=0.1).reads_tower and not policy(video, retention=0.1).reads_tower
+    assert policy(onevision, retention=0.1, variant="qwen2_5_vl").describe()["side"] == "decoder"
+    assert "head" not in policy(onevision, retention=0.1, side="decoder").describe()
+    with pytest.raises(ValueError, match="side is where"):
+        policy(onevision, retention=0.1, side="tower")
+    with pytest.raises(ValueError, match="pass head="):
+        policy(video, retention=0.1, side="siglip_head")
+    with pytest.raises(OSError, match="pass head=<local folder>, or use side='decoder'"):
+        load_siglip_head(str(tmp_path / "absent"))
+    headless = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14, vision_use_head=False)
+    SiglipVisionModel(headless).save_pretrained(tmp_path / "headless")
+    with pytest.raises(ValueError, match="without a pooling head"):
+        load_siglip_head(str(tmp_path / "headless"))
+
+
+def test_siglip_head_is_the_checkpoint_pooled_output_and_probe_attention(tmp_path):
+    """g_f is the SigLIP checkpoint's pooled output of the tower's features (its post_layernorm, then its MAP head),
+    a_f the head's probe attention over the tokens, mean over heads (the `nn.MultiheadAttention` weights the
+    official `SigLipMultiheadAttentionPoolingHead` returns), in the features' dtype."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from visiondrop.testing.tiny import build_tiny_siglip_head
+
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=384, patch_size=14)
+    path = build_tiny_siglip_head(tmp_path / "head", config)
+    # frozen, as the official SigLipVisionAbstract (nn.MultiheadAttention takes another kernel with trainable weights)
+    model = SiglipVisionModel.from_pretrained(path).eval().requires_grad_(False)
+    vision = getattr(model, "vision_model", model)
+    features = torch.randn(3, 729, 32, generator=torch.Generator().manual_seed(0))
+    weights = []
+    hook = vision.head.attention.register_forward_hook(lambda module, args, out: weights.append(out[1]))
+    with torch.no_grad():
+        pooled = vision.head(vision.post_layernorm(features))
+        pooled = getattr(pooled, "pooler_output", pooled)  # the pooled token (transformers 4: a tensor)
+        ours, attention = load_siglip_head(str(path))(features)
+    hook.remove()
+    torch.testing.assert_close(ours, pooled, atol=0, rtol=0)
+    torch.testing.assert_close(attention, weights[0][:, 0], atol=0, rtol=0)
+    assert attention.shape == (3, 729) and torch.allclose(attention.sum(-1), torch.ones(3))
+    assert not torch.allclose(vision.post_layernorm.weight, torch.ones(32))  # a head that is not the identity
+    with torch.no_grad():
+        as_double = load_siglip_head(str(path))(features.double())
+    assert as_double[0].dtype == torch.float64
+    torch.testing.assert_close(as_double[0].float(), ours, atol=1e-5, rtol=0)
 
 
 def test_settings_the_official_code_raises_on():

@@ -396,13 +396,19 @@ def test_every_method_on_videos_of_different_frame_counts(model_and_processor, r
         torch.testing.assert_close(logits, stock_logits, atol=1e-9, rtol=1e-9)
 
 
-def test_tower_attention_of_videos_of_different_frame_counts(model_and_processor, ragged, monkeypatch):
-    """HoliTom ranks a video's tokens by the tower's attention: in a batch the shorter video's rows are its own frames',
-    not its padded frames' (the batch equals each alone)."""
-    model, _ = model_and_processor
+@pytest.mark.parametrize("name", ["fastvid", "holitom"])
+def test_methods_reading_the_tower_see_each_video_own_frames(model_and_processor, demo_videos, name, monkeypatch):
+    """Methods whose decoder cut reads the tower (FastVID's SigLIP head, HoliTom's tower attention) on a batch of a
+    4-frame and two 2-frame videos: the shorter ones' frames padded in front are not their own
+    (`TowerSeen.of_sample`), and the two padded alike keep their own tower readings through generate()'s pre-encoded
+    features, so the batch equals each alone (kept tokens, counts, logits, tokens, cache == replay)."""
+    model, processor = model_and_processor
+    videos = [read_frames(path, n) for path, n in zip(demo_videos, (4, 2, 2))]
+    questions = QUESTIONS + ["Colour?"]
+    singles = [encode(processor, [q], [v]) for q, v in zip(questions, videos)]
     monkeypatch.setattr(model.generation_config, "suppress_tokens",
                         [model.config.image_token_id, model.config.video_token_id])
-    videos_batch_equals_alone(model, "holitom", run, *ragged, NEW_TOKENS, ratio=0.25)
+    videos_batch_equals_alone(model, name, run, encode(processor, questions, videos), singles, NEW_TOKENS, ratio=0.25)
 
 
 def test_two_videos_padded_alike_keep_their_own_encoder_cuts(model_and_processor, demo_videos, monkeypatch):

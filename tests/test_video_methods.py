@@ -317,3 +317,24 @@ def test_holitom_on_llava_onevision_equals_the_official_model(tiny_onevision_dir
     inner = [p - start for p in official["inner_positions"] if start <= p < start + visual]
     # the inner merge keeps the same visual tokens (positions among the 197 entering layer 18: merged tokens, newline)
     assert trace.selections[1][0][0].tolist() == inner
+
+
+def test_fastvid_on_llava_onevision_equals_the_official_model(tiny_onevision_dir, tmp_path, monkeypatch):
+    """FastVID as scripts/eval.sh runs it (retention 0.10, DySeg_c 8, tau 0.9, STPrune_d 0.4, DTM_p 4, DTM_beta 0.6)
+    through github.com/LunarShen/FastVID's LLaVA-NeXT code, a_f and g_f from the pooling head of the tower's SigLIP
+    checkpoint (a tiny one holding the model's tower, as the official run loads it), on a 16-frame video: segments of
+    1 to 4 frames (tests/parity/fastvid/README.md). The decoder cut sees the official a_f (pooled 14 x 14) and g_f."""
+    from transformers import AutoConfig
+
+    from baselines.fastvid import FastVID
+    from visiondrop.testing.tiny import build_tiny_siglip_head
+
+    head = build_tiny_siglip_head(tmp_path / "siglip", AutoConfig.from_pretrained(tiny_onevision_dir).vision_config,
+                                  tower=tiny_onevision_dir)
+    seen, select = [], FastVID.select_decoder
+    monkeypatch.setattr(FastVID, "select_decoder", lambda self, cut: seen.append(cut) or select(self, cut))
+    official, _ = equals_the_official_onevision_run("fastvid", "ov_fixture.pt", tiny_onevision_dir, "fastvid",
+                                                    retention=0.1, head=str(head))
+    frame_tokens = official["video_tokens_before"]
+    torch.testing.assert_close(seen[0].tower_rows[0, :frame_tokens], official["frame_attn_weights"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(seen[0].tower_crops[0], official["frame_global_features"], atol=1e-6, rtol=0)

@@ -33,6 +33,9 @@ class ModelInfo:
     video: bool = False
     #: the vision tower has a CLS token (CLIP); False for towers without (Qwen2.5-VL's)
     tower_cls: bool = True
+    #: the original checkpoint of the vision tower with the pooling head the host dropped (`Family.tower_head`), or
+    #: None: where a method's official code reads that head (FastVID on LLaVA-OneVision)
+    tower_head: str | None = None
 
     @property
     def per_crop(self) -> int:

@@ -6,24 +6,31 @@ Not a test. Two steps, two environments (vidcom2/README.md, dycoke/README.md):
     PYTHONPATH=. python tests/parity/official_onevision.py prepare WORK    # the project's stack, at the repo root
     $SCRATCH/venv/bin/python official_onevision.py run METHOD WORK CHECKOUT OUT [OPTION]   # the official environment
 
-METHOD: vidcom2 (github.com/xuyang-liu16/VidCom2), dycoke (github.com/KD-TAO/DyCoke; OPTION: its dycoke_p) or holitom
-(github.com/cokeshao/HoliTom, in its own venv with transformers 4.51.3, holitom/README.md; OPTION: the video's scenes).
+METHOD: vidcom2 (github.com/xuyang-liu16/VidCom2), dycoke (github.com/KD-TAO/DyCoke; OPTION: its dycoke_p), holitom
+(github.com/cokeshao/HoliTom, in its own venv with transformers 4.51.3, holitom/README.md; OPTION: the video's scenes)
+or fastvid (github.com/LunarShen/FastVID's fastvid_llavaonevision/LLaVA-NeXT, transformers 4.51.3, fastvid/README.md;
+OPTION: the video's scenes).
 
 `prepare` builds `build_tiny("llava_onevision", seed=0)` (SigLIP 26 layers at 384/14, Qwen2 28 layers, random weights)
 and writes it in the original LLaVA-NeXT format the official code loads: `LlavaQwenForCausalLM` weights
 (`model.vision_tower.vision_tower.*`, `model.mm_projector` mlp2x_gelu, `model.image_newline`) and a SigLIP folder named
-by `mm_vision_tower` (in an offline Hugging Face cache under WORK/hf_home) with 27 layers, since
-`SigLipVisionTower.load_model` deletes the last one (a copy of layer 25 here; the checkpoint's own tower weights replace
-the other 26 anyway). It also writes the inputs of every method's frame count (`video_inputs`, `inputs_F.pt`). `run`
+by `mm_vision_tower` (in an offline Hugging Face cache under WORK/hf_home): `testing.tiny.build_tiny_siglip_head` of
+the tiny model's tower, 27 layers, since `SigLipVisionTower.load_model` deletes the last one (a copy of layer 25; the
+checkpoint's own tower weights replace the other 26 anyway), with a random post-layernorm and pooling head, which
+FastVID's `SigLipVisionAbstract` loads from it (the harness: `head=` that folder). It also writes the inputs of every method's frame count (`video_inputs`, `inputs_F.pt`). `run`
 loads the model as the fork's `llava/model/builder.py` does for `llava_qwen` (`from_pretrained`, in float32 on the CPU
 with sdpa attention), switches the method on as the fork's `lmms_eval/models/llava_onevision.py` does (VidCom2:
 `cus_prepare_inputs_labels_for_multimodal` bound with COMPRESSOR=vidcom2, R_RATIO; DyCoke: the builder's `dycoke*`
-attributes and `image_token_start_index`; HoliTom: WRAPPER=holitom and its variables, `model = holitom(model)`), and
-generates greedily with `images=[video]`, `modalities=["video"]`.
+attributes and `image_token_start_index`; HoliTom: WRAPPER=holitom and its variables, `model = holitom(model)`; FastVID:
+its builder's `overwrite_config` of lmms-eval's `fastvid_*` settings, then `model.build_vision_abstract()`), and
+generates greedily with `images=[video]`, `modalities=["video"]`. FastVID's DPC-kNN tie-breaking noise (`torch.rand`)
+returns zeros during the run, as the harness adds none (fastvid/README.md).
 VidCom2's generate times itself with CUDA events: they get CPU stand-ins. Hooks (observation only) record the tokens
 entering every decoder layer and what the method's stage before the LLM received and returned (`vidcom2_compression`,
 `dycole_ttm`, HoliTom's `holitom` per window), HoliTom's positions entering layer HOLITOM_k, and DyCoke's decode-time
-key selection (`kv_cache` as layer `dycoke_l` reads it); they change nothing the official code computes.
+key selection (`kv_cache` as layer `dycoke_l` reads it), FastVID's side information (`set_my_kwargs`: the frames'
+pooled probe attention and global features) and the positions entering layer 0 (its `keep_indexs`); they change
+nothing the official code computes.
 """
 from __future__ import annotations
 
@@ -41,7 +48,11 @@ SETTINGS = {"vidcom2": {"frames": 4, "R_RATIO": 0.25},
             "dycoke": {"frames": 8, "dycoke_k": 0.7, "dycoke_p": 0.8, "dycoke_l": 3,
                        "dycoke_num_tokens_per_frame": 196},
             # scripts/eval_ov-7b_holitom.sh's second setting (full HoliTom: HOLITOM_k/r switch the inner merge on)
-            "holitom": {"frames": 8, "scenes": 1, "RETAIN_RATIO": 0.15, "T": 0.80, "HOLITOM_k": 18, "HOLITOM_r": 0.5}}
+            "holitom": {"frames": 8, "scenes": 1, "RETAIN_RATIO": 0.15, "T": 0.80, "HOLITOM_k": 18, "HOLITOM_r": 0.5},
+            # scripts/eval.sh's settings; 16 frames, so that DySeg's c - 1 = 7 cuts leave segments of several frames
+            "fastvid": {"frames": 16, "scenes": 1, "fastvid_retention_ratio": 0.10, "fastvid_DySeg_c": 8,
+                        "fastvid_DySeg_tau": 0.9, "fastvid_STPrune_d": 0.4, "fastvid_DTM_p": 4,
+                        "fastvid_DTM_beta": 0.6}}
 QUESTION = "What moves in the video? Answer briefly."
 IMAGE_TOKEN_INDEX = -200
 # The real checkpoints' tower name: the builder picks SigLipVisionTower by it (an existing path would be CLIP), so
@@ -67,30 +78,20 @@ def inputs_file(frames: int, scenes: int) -> str:
 
 def prepare(work: Path) -> None:
     from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
     from to_original_llava import original_llava_name  # beside this file
 
-    from visiondrop.testing.tiny import build_tiny, load_tiny
+    from visiondrop.testing.tiny import build_tiny, build_tiny_siglip_head, load_tiny
 
     hf = build_tiny("llava_onevision", work / "hf", seed=0)
     config = json.loads((hf / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
     weights = {k: v.float().contiguous() for k, v in load_file(hf / "model.safetensors").items()}
 
-    tower = {"vision_model." + k.removeprefix("vision_tower."): v for k, v in weights.items()
-             if k.startswith("vision_tower.")}
-    last = vision["num_hidden_layers"] - 1
-    for k in [k for k in tower if f".layers.{last}." in k]:  # the layer load_model deletes
-        tower[k.replace(f".layers.{last}.", f".layers.{last + 1}.")] = tower[k].clone()
     siglip = work / "hf_home" / "hub" / f"models--{SIGLIP.replace('/', '--')}"
     (siglip / "refs").mkdir(parents=True, exist_ok=True)
     (siglip / "refs" / "main").write_text("0" * 40)
-    siglip = siglip / "snapshots" / ("0" * 40)
-    siglip.mkdir(parents=True, exist_ok=True)
-    save_file(tower, siglip / "model.safetensors", metadata={"format": "pt"})
-    (siglip / "config.json").write_text(json.dumps({
-        **{k: vision[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "image_size",
-                                  "patch_size", "layer_norm_eps", "hidden_act", "num_channels", "attention_dropout")},
-        "num_hidden_layers": vision["num_hidden_layers"] + 1, "model_type": "siglip_vision_model"}, indent=1))
+    build_tiny_siglip_head(siglip / "snapshots" / ("0" * 40), AutoConfig.from_pretrained(hf).vision_config, tower=hf)
 
     renamed = {}
     for k, v in weights.items():
@@ -155,8 +156,19 @@ def observe(module, name: str, calls: list) -> None:
     setattr(module, name, observed)
 
 
+def observe_side(qwen2, calls: list) -> None:
+    """Record what FastVID's `generate` passes to `Qwen2Model.set_my_kwargs` (its side information); unchanged."""
+    original = qwen2.set_my_kwargs
+
+    def observed(**kwargs):
+        calls.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        return original(**kwargs)
+
+    qwen2.set_my_kwargs = observed
+
+
 #: the setting the optional last argument of `run` replaces
-OPTION = {"dycoke": "dycoke_p", "holitom": "scenes"}
+OPTION = {"dycoke": "dycoke_p", "holitom": "scenes", "fastvid": "scenes"}
 
 
 def run(method: str, work: Path, checkout: Path, out: Path, option: float | None = None) -> None:
@@ -174,8 +186,19 @@ def run(method: str, work: Path, checkout: Path, out: Path, option: float | None
 
     # VidCom2's generate times itself with CUDA events; on this CPU-only machine they are no-op stand-ins.
     torch.cuda.Event, torch.cuda.synchronize = CpuEvent, lambda *a, **k: None
+    config = {}
+    if method == "fastvid":  # llava/model/builder.py with the overwrite_config lmms-eval's llava_onevision passes
+        from llava.model.language_model.llava_qwen import LlavaQwenConfig
+
+        config = LlavaQwenConfig.from_pretrained(work / "llava")
+        for key, value in {"mm_spatial_pool_stride": 2, "mm_spatial_pool_mode": "bilinear",
+                           **{k: v for k, v in settings.items() if k.startswith("fastvid_")}}.items():
+            setattr(config, key, value)
+        config = {"config": config}
     model = LlavaQwenForCausalLM.from_pretrained(work / "llava", low_cpu_mem_usage=True, torch_dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+                                                 attn_implementation="sdpa", **config).eval()
+    if method == "fastvid":
+        model.build_vision_abstract()  # SigLipVisionAbstract: the head of SigLipVisionModel.from_pretrained(SIGLIP)
     vision_tower = model.get_vision_tower()
     if not vision_tower.is_loaded:
         vision_tower.load_model()
@@ -197,6 +220,10 @@ def run(method: str, work: Path, checkout: Path, out: Path, option: float | None
         # the sequence positions the inner merge keeps (its `keep_indexs`, the position ids of layers >= HOLITOM_k)
         model.model.layers[settings["HOLITOM_k"]].register_forward_pre_hook(
             lambda m, a, kw: key_selections.append(kw["position_ids"][0].clone()), with_kwargs=True)
+    elif method == "fastvid":  # its side information as generate passes it on, and the positions entering layer 0
+        observe_side(model.model, compressions)
+        model.model.layers[0].register_forward_pre_hook(
+            lambda m, a, kw: key_selections.append(kw["position_ids"][0].clone()), with_kwargs=True)
     else:  # llava/model/builder.py's load_pretrained_model(..., dycoke=True, ...), as lmms-eval's llava_onevision calls
         # it
         model.dycoke = True
@@ -211,17 +238,25 @@ def run(method: str, work: Path, checkout: Path, out: Path, option: float | None
     hooks = [layer.register_forward_pre_hook(lambda m, a, kw: lengths.append(
         (kw["hidden_states"] if "hidden_states" in kw else a[0]).shape[1]), with_kwargs=True)
         for layer in model.model.layers]
+    rand = torch.rand  # FastVID's DPC-kNN tie-breaking noise: zeros (the harness adds none)
+    torch.rand = lambda *args, **kwargs: torch.zeros(*args, **{k: v for k, v in kwargs.items() if k != "generator"})
     with torch.no_grad():
         result = model.generate(inputs["input_ids"], images=[inputs["video"]], modalities=["video"],
                                 image_sizes=[(384, 384)], do_sample=False, max_new_tokens=NEW_TOKENS,
                                 min_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True,
                                 use_cache=True, pad_token_id=0)
+    torch.rand = rand
     for h in hooks:
         h.remove()
     if method == "holitom":  # one `holitom` call per window; it merges (averages) tokens: its outputs are recorded
         kept = torch.cat([window for _, window, _, _ in compressions])
         features, args, kwargs = inputs["video"], (), {"windows": len(compressions)}
         kept_indices = torch.zeros(0)
+    elif method == "fastvid":  # the video positions entering layer 0 in the prefill (its sorted keep_indexs)
+        (side,), start = compressions, inputs["input_ids"][0].tolist().index(IMAGE_TOKEN_INDEX)
+        positions = key_selections[0]
+        kept_indices = positions[(positions >= start) & (positions < start + side["video_token_len"])] - start
+        features, kept, args, kwargs = positions, None, (), {}
     else:
         (features, kept, args, kwargs), = compressions
         # the output rows are input rows (a gather), in the official output order; their input indices are what it kept
@@ -237,13 +272,17 @@ def run(method: str, work: Path, checkout: Path, out: Path, option: float | None
     torch.save({
         "method": method, "tokens": result.sequences[0].tolist(), "logits": torch.stack(result.logits, 1)[0].float(),
         "visual_tokens_per_layer": per_layer, "kept_indices": kept_indices.tolist(),
-        "video_tokens_before": inputs["video_tokens"] if method == "holitom" else features.shape[0],
+        "video_tokens_before": inputs["video_tokens"] if method == "holitom" else side["video_token_len"]
+        if method == "fastvid" else features.shape[0],
         "step_lengths": [s[-1] for s in steps],
         "stage_output": kept.float() if method == "holitom" else None,
         # DyCoke: per decode step, the sequence positions layers >= dycoke_l attend to (None: all)
         "key_selections": key_selections[1:] if method == "dycoke" else [],
         # HoliTom: the sequence positions entering layer HOLITOM_k in the prefill (the inner merge's keep_indexs)
         "inner_positions": key_selections[0].tolist() if method == "holitom" else None,
+        # FastVID: what its generate passed to `set_my_kwargs` (a_f pooled 14x14 per frame, g_f per frame)
+        "frame_attn_weights": side["frame_attn_weights"].float() if method == "fastvid" else None,
+        "frame_global_features": side["frame_global_features"].float() if method == "fastvid" else None,
         "settings": {**settings, "shift": SHIFT, "question": QUESTION, "new_tokens": NEW_TOKENS,
                      "stage_args": [list(map(str, args)), {k: str(v) for k, v in kwargs.items()}]},
         "versions": {"torch": str(torch.__version__), "transformers": transformers.__version__},

@@ -204,6 +204,9 @@ def overhead_flops(dims: Dims, method: str, cuts: Sequence[Cut], text_tokens: in
                 dv, crops = dims.vision_hidden, max(1, cut.before // dims.visual_per_crop)
                 macs += crops * (dims.vision_row_projections * dims.vision_tokens * dv * dv
                                  + dims.vision_tokens * dims.vision_tokens * dv)
+            if recipe.tower_head and cut is cuts[0] and family_by_type(dims.model_type).tower_head is not None:
+                dv, t, crops = dims.vision_hidden, dims.vision_tokens, max(1, cut.before // dims.visual_per_crop)
+                macs += crops * (2 * t * dv * dv + 2 * t * dv + 2 * dv * dv + 2 * dv * dims.vision_intermediate)
             if recipe.rows is not None:
                 queries = {"visual": cut.before, "text": 1, "question": text_tokens, "all_queries": n}[recipe.rows]
                 macs += queries * d * q_dim + n * d * kv_dim + queries * n * q_dim

@@ -30,7 +30,7 @@ from transformers.cache_utils import DynamicCache
 from ..families.base import Family
 from .attention import cached_attention, causal_mask
 from .compat import cache_kwargs, cached_keys, keep_cached
-from .policy import DecodeStep, DecoderCut, Policy, Selection
+from .policy import DecodeStep, DecoderCut, Policy, Selection, TowerSeen
 from .trace import Trace
 
 
@@ -82,19 +82,20 @@ class Running:
     frames: Tensor  # [B] frames of each sample's video (0: an image or none), `Family.video_frames`
     side: list[Tensor] | None = None  # per sample [vis_len, len(side_layers), D]: each visual token's side rows
     side_layers: tuple[int, ...] = ()  # the decoder layers after which the side rows are added, in order
-    #: per sample [its original visual tokens] the tower's attention (`DecoderCut.tower_attention`), or None
-    tower: list[Tensor | None] | None = None
+    #: per sample what its decoder cuts see of the tower (`DecoderCut.tower_attention`, `tower_rows`, `tower_crops`),
+    #: or None
+    tower: list[TowerSeen | None] | None = None
     #: per sample [vis_len]: each visual token's index among the visual tokens before the last cut, -1 for one it made
     before_cut: list[Tensor] | None = None
 
 
 def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
           visual: Tensor, frames: Tensor | None = None, side: tuple[tuple[int, ...], Tensor] | None = None,
-          tower: list[Tensor] | None = None) -> Running:
+          tower: list[TowerSeen] | None = None) -> Running:
     """Initial state from the language model's inputs, the image-token mask [B, L], each sample's video frames [B]
     (None: no video), the side features the host gave its language model (`Family.side_features`: layers, rows
-    [n visual tokens of the batch, layers, D]) and the tower's attention rows of the samples with images, in order
-    (`Policy.tower_attention`; None: not asked for)."""
+    [n visual tokens of the batch, layers, D]) and what the policy sees of the tower for the samples with images, in
+    order (`Policy.tower_attention`, `Policy.reads_tower`; None: not asked for)."""
     length = visual.shape[1]
     mask = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
     n_real = mask.sum(1)
@@ -113,7 +114,8 @@ def start(family: Family, hidden: Tensor, attention_mask: Tensor | None, positio
         run.side = list(rows.split(vis_len.tolist()))
     if tower is not None:
         given = iter(tower)
-        run.tower = [next(given).to(hidden.device) if n else None for n in vis_len.tolist()]
+        run.tower = [next(given).of_sample(n, f, hidden.device) if n else None
+                     for n, f in zip(vis_len.tolist(), frames.tolist())]
     return run
 
 
@@ -277,6 +279,7 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
     keys = {k for k in zip(run.vis_len.tolist(), original_visual.tolist(), run.frames.tolist()) if k[0]}
     for n, n0, f in sorted(keys):
         rows = ((run.vis_len == n) & (original_visual == n0) & (run.frames == f)).nonzero()[:, 0]
+        tower = None if run.tower is None else [run.tower[b] for b in rows.tolist()]
         yield DecoderCut(
             layer_idx=layer_idx, layers=layers, hidden=run.hidden[rows],
             prev_hidden=None if prev_hidden is None else prev_hidden[rows], mask=run.mask[rows],
@@ -284,7 +287,8 @@ def _groups(family: Family, run: Running, layer_idx: int, layers: nn.ModuleList,
             visual=torch.stack([run.vis_index[b] for b in rows.tolist()]),
             original_visual=n0, samples=rows.tolist(), scratch=scratch, rotate=family.rotate,
             final_norm=final_norm, frames=f, trailing=family.video_trailing if f else 0, side_rows=run.side is not None,
-            tower_attention=None if run.tower is None else torch.stack([run.tower[b] for b in rows.tolist()]),
+            **{f"tower_{part}": None if tower is None or getattr(tower[0], part) is None else
+               torch.stack([getattr(seen, part) for seen in tower]) for part in ("attention", "rows", "crops")},
         )
 
 

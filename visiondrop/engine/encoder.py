@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from ..families.base import Family
 from .attention import gather_rows
-from ..core import EMPTY_SLOT, TowerMerge
+from ..core import EMPTY_SLOT, Images, TowerMerge
 from .policy import Policy, Selection
 
 
@@ -111,13 +111,34 @@ def tower_attention(model: nn.Module, family: Family, modality: str, args: tuple
     rows = []
     with torch.no_grad():
         for group, group_rows in zip(family.image_groups(images), received):
-            tokens = group_rows.shape[1]
-            every = torch.arange(tokens, device=group_rows.device)
-            for i, crop_rows in enumerate(group_rows.split(group.crops)):
-                keep = every.expand(crop_rows.shape[0], -1)
-                laid, origins, slots = family.lay_out(model, group, i, crop_rows.unsqueeze(-1), keep, 0, tokens, False)
-                row = laid.new_zeros(slots)
-                real = origins >= 0
-                row[origins[real]] = laid[real, 0]
-                rows.append(row)
+            rows += [laid_out_row(model, family, group, i, crop_rows)
+                     for i, crop_rows in enumerate(group_rows.split(group.crops))]
     return out, rows
+
+
+def tower_reading(model: nn.Module, family: Family, modality: str, args: tuple, kwargs: dict, output: ModelOutput,
+                  read: Callable[[Tensor], tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Per image (or video) of a call `feature_function(*args, **kwargs)` of `modality` that returned `output`: what
+    `read` (`Policy.read_tower`) makes of the tower's own output at the feature layer for its crops
+    (`Family.tower_output`): its rows pooled as the host pools its tokens and laid out as `tower_attention`'s
+    [slots], and its vectors [crops, E] (`DecoderCut.tower_rows`, `tower_crops`)."""
+    images = family.visual_inputs(model, modality, args, kwargs)
+    features, pool = family.tower_output(model, images, output)
+    with torch.no_grad():
+        rows, vectors = read(features)
+        rows = pool(rows)
+        return [(laid_out_row(model, family, images, i, crop_rows), crop_vectors)
+                for i, (crop_rows, crop_vectors) in enumerate(zip(rows.split(images.crops),
+                                                                   vectors.split(images.crops)))]
+
+
+def laid_out_row(model: nn.Module, family: Family, images: Images, image: int, crop_rows: Tensor) -> Tensor:
+    """One value per token of each crop of image `image` [crops, tokens] as one row over the image's placeholder
+    slots, laid out as the family lays out its visual tokens, 0 in slots that hold no tower token."""
+    tokens = crop_rows.shape[1]
+    keep = torch.arange(tokens, device=crop_rows.device).expand(crop_rows.shape[0], -1)
+    laid, origins, slots = family.lay_out(model, images, image, crop_rows.unsqueeze(-1), keep, 0, tokens, False)
+    row = laid.new_zeros(slots)
+    real = origins >= 0
+    row[origins[real]] = laid[real, 0]
+    return row

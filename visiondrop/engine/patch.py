@@ -3,8 +3,9 @@
 Three patches, all on the instance (never on the class, so other models are untouched), at the places the
 model's family adapter names:
 - `get_image_features` is wrapped (signature kept: `generate()` inspects it) when the policy has an encoder cut,
-  or observed (the model's own features, and the tower's attention captured in the same tower pass) when its
-  decoder cuts read the tower's attention (`Policy.tower_attention`);
+  or observed (the model's own features, and beside them the tower's attention captured in the same tower pass or
+  the policy's reading of the tower's output) when its decoder cuts read the tower (`Policy.tower_attention`,
+  `Policy.reads_tower`);
 - a forward pre-hook on the multimodal model notes where the image tokens are, and one on the whole model
   refuses `labels=` when the method shortens the sequence;
 - the language model's `forward` is replaced by the engine's layer loop whenever a forward holds image tokens
@@ -26,8 +27,8 @@ from transformers.utils import ModelOutput
 from ..families import family_of
 from . import decoder
 from .compat import cache_kwargs, pop_cache
-from .encoder import reduce_images, tower_attention
-from .policy import Policy
+from .encoder import reduce_images, tower_attention, tower_reading
+from .policy import Policy, TowerSeen
 from .trace import Trace
 
 
@@ -49,10 +50,10 @@ class Pruner:
         self._fingerprints: list[tuple[Tensor, Tensor, Tensor]] = []  # the same, for stacked features
         self._images: list[tuple[Tensor, Tensor]] | None = None
         self._images_modality = "image"
-        # the tower's attention rows per image (`Policy.tower_attention`), found as the features are: by identity, or
-        # by first token for stacked features; and the rows of the forward in flight
-        self._tower: tuple[list[tuple[Tensor | weakref.ref, int]], list[Tensor]] | tuple = ()
-        self._tower_rows: list[Tensor] | None = None
+        # what the decoder cuts see of the tower per image (`Policy.tower_attention`, `reads_tower`), found as the
+        # features are: by identity, or by first token for stacked features; and that of the forward in flight
+        self._tower: tuple[list[tuple[Tensor | weakref.ref, int]], list[TowerSeen]] | tuple = ()
+        self._tower_rows: list[TowerSeen] | None = None
         self._cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> decoder.Cached
         if getattr(self.multimodal, "_visiondrop_pruner", None) is not None:
             raise RuntimeError("a pruning method is already applied to this model: remove() it first")
@@ -68,8 +69,10 @@ class Pruner:
             for modality, name in self.family.feature_functions.items():
                 setattr(self.multimodal, name, _delegate(getattr(self.multimodal, name),
                                                          functools.partial(self._image_features, modality)))
-        elif self.policy.tower_attention:
+        else:
             for modality, name in (self.family.tower_functions or self.family.feature_functions).items():
+                if not self._sees_tower(modality):
+                    continue
                 original = getattr(self.multimodal, name)
                 setattr(self.multimodal, name, _delegate(original, functools.partial(self._observe_tower, original,
                                                                                      modality)))
@@ -84,6 +87,10 @@ class Pruner:
         for name in {*self.family.feature_functions.values(), *(self.family.tower_functions or {}).values()}:
             self.multimodal.__dict__.pop(name, None)
         del self.multimodal._visiondrop_pruner
+
+    def _sees_tower(self, modality: str) -> bool:
+        """Whether the policy's decoder cuts see the tower for `modality` (`Policy.tower_attention`, `reads_tower`)."""
+        return self.policy.tower_attention or modality in self.policy.reads_tower
 
     # -- the patched pieces --------------------------------------------------------------------------------
     def _refuse_labels(self, module, args, kwargs) -> None:
@@ -102,7 +109,7 @@ class Pruner:
         if len(present) > 1 and self.policy.encoder_layer is not None:
             raise NotImplementedError(_MIXED)
         self._images = self._own_images(present[0]) if present else None
-        self._tower_rows = self._own_tower_rows(present[0]) if present and self.policy.tower_attention else None
+        self._tower_rows = self._own_tower_rows(present[0]) if present else None
         if not self.family.has_images(kwargs):
             self._visual = None  # no image in this forward, whatever token ids it holds (decode steps)
             return
@@ -137,22 +144,32 @@ class Pruner:
         return self.family.encoder_output(features, side)
 
     def _observe_tower(self, original, modality: str, *args, **kwargs) -> ModelOutput:
-        """The model's own features, and the tower's attention rows of each image, observed in the same pass of the
-        tower (`Family.tower_attention`), noted beside them: each unit of the features (a row of a stacked tensor,
-        known by its first token; an entry of a list, by identity) names its image, as the host splits them (equal
-        units per image: Video-LLaVA's frames)."""
-        out, rows = tower_attention(self.model, self.family, modality, args, kwargs,
-                                    functools.partial(original, *args, **kwargs))
+        """The model's own features, and what the decoder cuts see of the tower for each image (`TowerSeen`: the
+        tower's attention rows observed in the same pass of the tower, `Family.tower_attention`; the policy's reading
+        of the tower's output, `Policy.read_tower`) noted beside them: each unit of the features (a row of a stacked
+        tensor, known by the sum of its tokens, as `_own_images` knows it: shorter videos padded with the same frames
+        begin alike; an entry of a list, by identity) names its image, as the host splits them (equal units per image:
+        Video-LLaVA's frames)."""
+        if self.policy.tower_attention:
+            out, attention = tower_attention(self.model, self.family, modality, args, kwargs,
+                                             functools.partial(original, *args, **kwargs))
+        else:
+            out, attention = original(*args, **kwargs), None
+        reading = tower_reading(self.model, self.family, modality, args, kwargs, out, self.policy.read_tower) \
+            if modality in self.policy.reads_tower else None
+        rows = [TowerSeen(None if attention is None else attention[i], *(reading[i] if reading else (None, None)))
+                for i in range(len(attention if attention is not None else reading))]
         features = out.pooler_output
         per = len(features) // len(rows)
-        self._tower = [(f[0].clone() if isinstance(features, Tensor) else weakref.ref(f), i // per)
+        self._tower = [(f.sum(0) if isinstance(features, Tensor) else weakref.ref(f), i // per)
                        for i, f in enumerate(features)], rows
         self._tower_rows = rows
         return out
 
-    def _own_tower_rows(self, features: list[Tensor] | Tensor) -> list[Tensor] | None:
-        """The tower rows of pre-encoded features (`_observe_tower`), their units found as `_own_images` finds
-        them (repeated per returned sequence or beam: each repeat keeps its own rows); None if any is not ours."""
+    def _own_tower_rows(self, features: list[Tensor] | Tensor) -> list[TowerSeen] | None:
+        """What the decoder cuts see of the tower for pre-encoded features (`_observe_tower`), their units found as
+        `_own_images` finds them (repeated per returned sequence or beam: each repeat keeps its own rows); None if any
+        is not ours."""
         if not self._tower:
             return None
         units, rows = self._tower
@@ -160,7 +177,7 @@ class Pruner:
         for f in features:
             stacked = isinstance(features, Tensor)
             found = next((image for key, image in units
-                          if (torch.equal(f[0], key) if stacked else key() is f)), None)
+                          if (torch.equal(f.sum(0), key) if stacked else key() is f)), None)
             if found is None:
                 return None
             images.append(found)
@@ -217,13 +234,10 @@ class Pruner:
         if use_cache and cache is None:
             cache = DynamicCache(config=self.lm.config)
         tower, self._tower_rows = self._tower_rows, None
-        if self.policy.tower_attention and tower is None and (self.family.tower_functions or
-                                                             self.family.feature_functions).get(
-                "video" if self._frames is not None and bool(self._frames.any()) else "image") is not None:
+        modality = "video" if self._frames is not None and bool(self._frames.any()) else "image"
+        if self._sees_tower(modality) and tower is None and \
+                (self.family.tower_functions or self.family.feature_functions).get(modality) is not None:
             raise RuntimeError("the image features of this forward were not encoded with the applied method")
-        if tower is not None and self._padding_slots is not None:  # rows of a shorter video's padded frames first
-            samples = visual.any(1).nonzero()[:, 0].tolist()
-            tower = [row[int(self._padding_slots[b]):] for row, b in zip(tower, samples)]
         run = decoder.start(self.family, embeds, attention_mask, position_ids, visual, self._frames, side, tower)
         trace = Trace.start(embeds.shape[0])
         if self.policy.encoder_layer is not None:

@@ -15,6 +15,29 @@ from ..families.base import Family
 from .attention import gather_rows, decoder_attention, decoder_keys
 
 
+@dataclass(frozen=True)
+class TowerSeen:
+    """What decoder cuts see of one image's (or video's) pass through the vision tower, as its policy asks: the
+    attention its tokens received at the feature layer [slots] (`Policy.tower_attention`), the policy's reading of
+    the tower's own output (`Policy.read_tower`): rows [slots] and one vector per crop [crops, E]; None where not
+    asked for. Rows are in the image's visual-token order (its placeholder slots), 0 in slots that hold no tower
+    token (a newline)."""
+
+    attention: Tensor | None = None
+    rows: Tensor | None = None
+    crops: Tensor | None = None
+
+    def of_sample(self, tokens: int, frames: int, device: torch.device) -> "TowerSeen":
+        """On `device`, of a sample whose real visual block is `tokens` tokens of `frames` frames (0: an image):
+        without the slots and frames a shorter video of a batch was padded with in front
+        (`families.llava_onevision.with_padded_frames`: the host scatters their tokens into the left padding)."""
+        def last(x: Tensor | None, n: int) -> Tensor | None:
+            return None if x is None else x[x.shape[0] - n:].to(device)
+
+        return TowerSeen(last(self.attention, tokens), last(self.rows, tokens),
+                         last(self.crops, frames or (0 if self.crops is None else self.crops.shape[0])))
+
+
 @dataclass
 class Selection:
     """The outcome of one cut, per sample of the group: which current visual tokens stay, and new merged ones.
@@ -96,6 +119,9 @@ class DecoderCut:
     token received at the vision tower's feature layer, mean over heads then over every query of its crop or frame
     (CLS included where the tower has one), pooled as the host pools its tokens (LLaVA-OneVision's video frames);
     0 for a visual token that is no tower token (a newline). In the original visual order (`Trace` origins).
+    `tower_rows` [G, original_visual] and `tower_crops` [G, crops, E], where the policy reads the tower's own output
+    (`Policy.read_tower`; else None): its rows pooled and laid out as the tower attention, and its vectors, one per
+    crop (a video's frames, in order).
     """
 
     layer_idx: int
@@ -117,6 +143,8 @@ class DecoderCut:
     #: merge weights (`Selection.weights`)
     side_rows: bool = False
     tower_attention: Tensor | None = None
+    tower_rows: Tensor | None = None
+    tower_crops: Tensor | None = None
 
     @property
     def n_visual(self) -> int:
@@ -206,6 +234,13 @@ class Policy:
     #: (`EncoderView.importance_at`), e.g. a shallow layer's CLS attention.
     scan_layers: tuple[int, ...] = ()
 
+    def read_tower(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """For the modalities in `reads_tower`: from the vision tower's own output at its feature layer for the
+        crops (a video's frames) of one image [N, T, D] (`Family.tower_output`: before the projector and any pooling),
+        rows over each crop's tower tokens [N, T], which the engine pools and lays out as the host does its tokens,
+        and one vector per crop [N, E]."""
+        raise NotImplementedError(f"{self.name} reads nothing from the vision tower")
+
     def instruct(self, questions: list[str] | None) -> None:
         """The instruction of each sample with an image in the next forwards (the evaluation plugin passes its
         questions batch by batch); only text-conditioned policies use them (CDPruner)."""
@@ -215,6 +250,10 @@ class Policy:
     #: Decoder cuts see the attention each original visual token received in the vision tower
     #: (`DecoderCut.tower_attention`), for methods that rank the host's own tokens by it (HoliTom)
     tower_attention: bool = False
+    #: The modalities (`Family.feature_functions` keys) whose decoder cuts see what the policy reads from the vision
+    #: tower's own output at its feature layer (`read_tower`; `DecoderCut.tower_rows`, `tower_crops`), for methods
+    #: that run a part of the tower the host lacks (FastVID's SigLIP pooling head, on videos)
+    reads_tower: tuple[str, ...] = ()
     #: Encoder cut: the view carries the attention each token receives at any tower layer (`EncoderView.received`)
     received_attention: bool = False
     #: Encoder cut: the policy merges tokens inside the vision tower, at every layer up to `encoder_layer`

@@ -54,6 +54,9 @@ class Family:
     nominal_size: tuple[int, int] | None = (336, 336)
     #: its released checkpoints that the FLOPs count and the latency benchmark rebuild (`families.checkpoints()`)
     checkpoints: tuple[Checkpoint, ...] = ()
+    #: the hub id of the original checkpoint of its vision tower, with the pooling head the host's checkpoints lack
+    #: (`ModelInfo.tower_head`; LLaVA-OneVision's SigLIP), or None
+    tower_head: str | None = None
 
     def stacks_features(self, modality: str) -> bool:
         """Whether the host takes the encoded features of `modality` as one tensor (`stacked_features`)."""
@@ -237,6 +240,15 @@ class Family:
         tower token of each crop received at the layer `encoder_view` scores by [N, T] (mean over heads, then over
         every query of its crop), for decoder-side policies that read it (`Policy.tower_attention`)."""
         raise NotImplementedError
+
+    def tower_output(self, model: nn.Module, images: Images,
+                     output: ModelOutput) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """What the vision tower itself gave for `images` in the host's feature-function call that returned
+        `output`: its output at the feature layer for every crop [N, T, D] (what the model projects, before any
+        pooling), and the host's pooling of rows over those tokens [N, T] into rows over each crop's visual tokens, as
+        `lay_out` takes them (`Policy.read_tower`)."""
+        raise NotImplementedError(f"{type(self).__name__}'s adapter does not show its vision tower's own output to "
+                                  "decoder-side methods (`Family.tower_output`)")
 
     def encoder_output(self, features: list[Tensor], side: list[Tensor] | None) -> ModelOutput:
         """What the host's image-feature function returns, from the encoder cut's features per image (and their

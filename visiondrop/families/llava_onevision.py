@@ -21,8 +21,10 @@ crop (or frame), at SigLIP's last layer (the 26th, index 25): the layer whose ou
 (`vision_feature_layer=-1`), as CLS attention is read at the projected layer on CLIP towers, and the layer HoliTom's
 official code reads (`attentions[-1]` of the 26-layer tower, averaged over heads and queries, then pooled 2x2).
 FastVID's official OV code reads instead the attention of SigLIP's pooling-head probe and its pooled output, from a
-separately loaded original google/siglip-so400m-patch14-384 head (the OV checkpoints have no head: not available
-here). Rows are recomputed from that layer's own q/k, crop by crop (the tower keeps SDPA), or read from an eager
+separately loaded original google/siglip-so400m-patch14-384 head (the OV checkpoints have none: `tower_head` names
+that checkpoint, and `tower_output` shows a decoder-side policy the tower's own output at the feature layer, read
+from the host's own call, `hidden_states[vision_feature_layer]`, with the bilinear 2x2 pooling of video frames for
+its rows). Rows are recomputed from that layer's own q/k, crop by crop (the tower keeps SDPA), or read from an eager
 tower (`eager_encoder`).
 - Images: encoder cuts run per crop on the 729 patches before the projector, counts scaled to 729 of the nominal 196 a
   frame (`EncoderView.share`). The kept tokens are laid out as on LLaVA-NeXT: by default the compact layout of the
@@ -82,7 +84,7 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
-from transformers.utils import cached_file
+from transformers.utils import ModelOutput, cached_file
 
 from ..core import EMPTY_SLOT, Checkpoint, Dims, EncoderView, Images, ModelInfo, Shape, TokenIds
 from .llava_next import LlavaNext, with_newlines
@@ -161,6 +163,7 @@ class LlavaOnevision(LlavaNext):
     special_tokens = SPECIAL_TOKENS
     text_before_image = 3  # "<|im_start|>user\n"
     video_trailing = VIDEO_NEWLINES
+    tower_head = "google/siglip-so400m-patch14-384"  # the released checkpoints' tower (with head, 27 layers)
 
     def stacks_features(self, modality: str) -> bool:
         return modality == "video"  # [B, F x 196 + 1, D]; an image's features are a list
@@ -190,7 +193,7 @@ class LlavaOnevision(LlavaNext):
         return ModelInfo(n_visual=self.frames(config) * self.frame_tokens(config),
                          n_layers=config.text_config.num_hidden_layers,
                          vision_layer=layer % (config.vision_config.num_hidden_layers + 1) - 1, cls_kept=False,
-                         crops=self.frames(config), video=True)
+                         crops=self.frames(config), video=True, tower_head=self.tower_head)
 
     def flops_dims(self, config: Any) -> Dims:
         """The nominal video: the tower on the 729 patches of each of its 32 frames, the projector on all of them
@@ -254,6 +257,17 @@ class LlavaOnevision(LlavaNext):
         if images.modality != "video":
             return rows
         return self.multimodal(model).apply_pooling(rows.transpose(1, 2).contiguous()).transpose(1, 2)
+
+    def tower_output(self, model: nn.Module, images: Images,
+                     output: ModelOutput) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """Videos: the tower's `hidden_states[vision_feature_layer]` of the host's own call (the 729 patches of each
+        frame, before the projector); a frame's rows pooled 27x27 -> 14x14 as the host pools its tokens (`crop_rows`:
+        the bilinear `apply_pooling`, as FastVID's official `get_attn_2dPool` pools the probe's attention). Images
+        (anyres crops, resized and unpadded into the packed layout) are not shown."""
+        if images.modality != "video":
+            raise NotImplementedError("LLaVA-OneVision's adapter shows the tower's own output for videos only")
+        return (output.hidden_states[images.feature_layer],
+                lambda rows: self.crop_rows(model, images, rows[:, None])[:, 0])
 
     def video_frames(self, model: nn.Module, input_ids: Tensor | None, kwargs: dict[str, Any]) -> Tensor | None:
         """A sample's video tokens, less the newline after the video, over a frame's 196 (0 for an image)."""

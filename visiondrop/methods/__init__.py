@@ -79,7 +79,10 @@ class Overhead:
     tower_rows: a decoder-side method that reads the tower's attention (`Policy.tower_attention`): at its first cut,
     every frame's (or crop's) attention each token receives at the feature layer, from the q and k of its tokens;
     tower: (dims, encoder cut) -> (tokens entering each vision-tower layer, multiply-accumulates of the method's
-    own matching there), for a method that merges inside the tower (ToMe); None: the tower runs all its tokens.
+    own matching there), for a method that merges inside the tower (ToMe); None: the tower runs all its tokens;
+    tower_head: a decoder-side method that runs the pooling head of the tower's original checkpoint on every frame
+    (or crop) where the family names one (`Family.tower_head`; FastVID's SigLIP head): the probe's key and value
+    projections of every tower token, its logits and weighted sum, its query and output projections, and the MLP.
     """
 
     rows: str | None = None
@@ -93,6 +96,7 @@ class Overhead:
     projected: Callable[[Cut, int], int] | None = None
     tower_rows: bool = False
     tower: Callable[[Dims, Cut], tuple[list[int], int]] | None = None
+    tower_head: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ sees the same shapes, layer counts and token layout as the real model while runn
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,14 +182,70 @@ def build_tiny_clip_text(out_dir: str | Path, vision_hidden: int = 64, seed: int
     return out_dir
 
 
+def build_tiny_siglip_head(out_dir: str | Path, vision_config: Any, tower: str | Path | None = None,
+                           seed: int = 0) -> Path:
+    """Build, save and return the path of a tiny SigLIP checkpoint with its pooling head, for FastVID's `head=`: to a
+    tiny LLaVA-OneVision (`vision_config`, its tower's config) what google/siglip-so400m-patch14-384 is to the real
+    ones: one layer more (the one the OneVision conversion drops), `vision_use_head`, stored as that checkpoint stores
+    it (`vision_model.*`, the names the official LLaVA-NeXT code and every transformers version load). With `tower`
+    (a tiny LLaVA-OneVision folder) its embeddings and layers are that model's tower's (the last one twice), so that
+    official code loading the tower from this checkpoint (`from_pretrained(mm_vision_tower)`) gets the model's; else
+    random. Its `post_layernorm` and head are random at `seed` either way (the layer norms too, not ones and zeros),
+    so every checkpoint built from one config and seed has the same head."""
+    from safetensors.torch import load_file, save_file
+    from transformers import SiglipVisionModel
+
+    out_dir = Path(out_dir)
+    config = copy.deepcopy(vision_config)
+    config.num_hidden_layers, config.vision_use_head = vision_config.num_hidden_layers + 1, True
+    torch.manual_seed(seed)
+    model = SiglipVisionModel(config)
+    vision = getattr(model, "vision_model", model)
+    with torch.no_grad():
+        for norm in (vision.post_layernorm, vision.head.layernorm):
+            norm.weight.normal_(1.0, 0.2)
+            norm.bias.normal_(0.0, 0.2)
+    weights = {"vision_model." + k.removeprefix("vision_model."): v.contiguous() for k, v in model.state_dict().items()}
+    if tower is not None:
+        last = vision_config.num_hidden_layers - 1
+        own = {"vision_model." + k.removeprefix("vision_tower."): v.float() for k, v in
+               load_file(Path(tower) / "model.safetensors").items()
+               if k.startswith("vision_tower.") and ".post_layernorm." not in k}
+        own.update({k.replace(f".layers.{last}.", f".layers.{last + 1}."): v.clone() for k, v in own.items()
+                    if f".layers.{last}." in k})
+        weights.update(own)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_siglip_head(vision_config: Any) -> Path:
+    """A `build_tiny_siglip_head` checkpoint for towers of `vision_config` with one random tower layer (FastVID reads
+    its head only; a full-size tower's width stays cheap: the latency benchmark's random models), built once into the
+    temporary folder."""
+    import hashlib
+
+    one_layer = copy.deepcopy(vision_config)
+    one_layer.num_hidden_layers = 0  # the builder adds the one a OneVision conversion drops
+    digest = hashlib.sha256(one_layer.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+    return built_once(f"visiondrop-tiny-siglip-head-{digest}", lambda out: build_tiny_siglip_head(out, one_layer))
+
+
 def tiny_clip_text(vision_hidden: int = 64) -> Path:
     """A `build_tiny_clip_text` checkpoint for towers `vision_hidden` wide, built once into the temporary folder."""
+    return built_once(f"visiondrop-tiny-clip-text-{vision_hidden}",
+                      lambda out: build_tiny_clip_text(out, vision_hidden))
+
+
+def built_once(name: str, build: Callable[[Path], Path]) -> Path:
+    """The checkpoint folder `name` in the temporary folder, built by `build` into it the first time."""
     import tempfile
 
-    path = Path(tempfile.gettempdir()) / f"visiondrop-tiny-clip-text-{vision_hidden}"
+    path = Path(tempfile.gettempdir()) / name
     if not (path / "model.safetensors").exists():
         staging = Path(tempfile.mkdtemp(prefix=path.name, dir=path.parent))
-        build_tiny_clip_text(staging, vision_hidden)
+        build(staging)
         try:
             staging.rename(path)  # atomic: a concurrent builder's copy is as good
         except OSError:
