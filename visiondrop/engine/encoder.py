@@ -69,12 +69,12 @@ def reduce_images(model: nn.Module, family: Family, policy: Policy, modality: st
             # cannot merge inside): nothing reduced, so the host's own layout, newlines included
             native = policy.native_layout or (keep.shape[1] == tokens and not n_merged and not view.merged_in_tower)
             feats, orig, slots = family.lay_out(model, images, i, feats, keep, n_merged, tokens, native)
-            if feats.shape[0] > slots:  # an anyres image whose crops are mostly padding (a very wide or tall image)
+            if feats.shape[0] > slots:  # anyres: the model's own layout removes the crops' padding (and resizes)
                 raise ValueError(
                     f"{policy.name} keeps {feats.shape[0]} visual tokens ({keep.shape[1] + n_merged} a crop x "
-                    f"{keep.shape[0]} crops) of an image that the model lays out in {slots} tokens (its crops hold "
-                    "padding that the model's own layout removes, as for a very wide or tall image): give a smaller "
-                    f"budget or ratio (at most {slots // keep.shape[0]} tokens a crop for this image)")
+                    f"{keep.shape[0]} crops) of an image that the model lays out in {slots} tokens (without its "
+                    "crops' padding): give a smaller budget or ratio (at most "
+                    f"{slots // keep.shape[0]} tokens a crop for this image)")
             padded.append(torch.cat([feats, feats.new_zeros(slots - feats.shape[0], feats.shape[1])]))
             filled = (orig != EMPTY_SLOT).nonzero()[:, 0]
             valid.append(filled)
