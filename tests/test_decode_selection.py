@@ -21,7 +21,7 @@ import torch
 
 import visiondrop
 from helpers import KeyCounter
-from test_video_methods import GRIDS, OFFICIAL, QUESTIONS, encode, qwen, run, videos  # noqa: F401 (fixtures)
+from test_video_methods import OFFICIAL, qwen, videos  # noqa: F401 (fixtures)
 from visiondrop.api import Handle
 from visiondrop.core import ModelInfo
 from visiondrop.efficiency.properties import greedy
