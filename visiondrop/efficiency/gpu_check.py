@@ -40,7 +40,7 @@ from .latency import Row
 
 DRY_RUN = "dry-run"  # the folder of a --dry-run
 SECONDS = 450  # the parts' time in all, their processes' starts included: 7.5 minutes, the summary within 8
-DRY_RUN_SECONDS = 240  # the dry run's: it needs about a minute of one idle core; generous for a loaded CI machine
+DRY_RUN_SECONDS = 240  # the dry run's: a few minutes of one core; the caps cut it short on a loaded machine
 MIN_CAP = 3  # seconds: a part with less is not started
 GRACE = 20  # seconds past its cap before a part's process is stopped (it stops itself at the cap)
 BATCH_SIZES = (1, 8, 32)
@@ -448,8 +448,8 @@ def run_part(part: Part, settings: Settings, folder: Path, cap: float, own_proce
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/gpu_check.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="every part at tiny size on the CPU (about a "
-                        "minute), under results/gpu/dry-run/")
+    parser.add_argument("--dry-run", action="store_true", help="every part at tiny size on the CPU (a few "
+                        "minutes), under results/gpu/dry-run/")
     parser.add_argument("--force", action="store_true", help="run the parts that completed before again")
     parser.add_argument("--out", default="results/gpu", help="the results' parent folder")
     parser.add_argument("--seconds", type=float, help=f"the parts' time in all (default {SECONDS}; dry run "
