@@ -57,7 +57,7 @@ from visiondrop.engine import DecoderCut, EncoderView, Policy, Selection
 from visiondrop.engine.attention import gather_rows
 from visiondrop.core import ModelInfo
 from visiondrop.methods import Method, Overhead
-from visiondrop.methods.shared import whole_count
+from visiondrop.methods.shared import quiet_loading, whole_count
 
 #: The CLIP checkpoint whose text side the official code loads for LLaVA-1.5 (its vision tower's)
 DEFAULT_TEXT_TOWER = "openai/clip-vit-large-patch14-336"
@@ -95,20 +95,17 @@ class TextTower:
 def load_text_tower(path: str) -> TextTower:
     """The text tower, tokenizer and vision head of the CLIP checkpoint `path` (a folder or hub id), once."""
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-    from transformers.utils import logging
 
-    try:  # a full CLIPModel folder holds the other side's weights too: not worth a loading report
-        logging.set_verbosity_error()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        text = CLIPTextModelWithProjection.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-        vision = CLIPVisionModelWithProjection.from_pretrained(path, dtype=torch.float32)
+    try:
+        with quiet_loading():  # a full CLIPModel folder holds the other side's weights too
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            text = CLIPTextModelWithProjection.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+            vision = CLIPVisionModelWithProjection.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise OSError(
             f"CDPruner could not load its CLIP text tower text_tower={path!r} ({error}). It needs a CLIP checkpoint "
             "with a text tower, tokenizer and visual_projection matching the model's vision tower (for LLaVA-1.5: "
             f"{DEFAULT_TEXT_TOWER}): download it and pass text_tower=<local folder>, or use text='prompt'") from error
-    finally:
-        logging.set_verbosity_warning()
     return TextTower(tokenizer, text.eval(), vision.vision_model.post_layernorm.eval(), vision.visual_projection.eval())
 
 

@@ -85,7 +85,7 @@ from torch import Tensor, nn
 from visiondrop.core import Cut, ModelInfo
 from visiondrop.engine import DecoderCut, Policy, Selection
 from visiondrop.methods import Method, Overhead
-from visiondrop.methods.shared import density_peaks, nominal_video, video_layout, video_share
+from visiondrop.methods.shared import density_peaks, nominal_video, quiet_loading, video_layout, video_share
 
 RETENTION, SEGMENTS, TAU, CONTEXT_SHARE, ANCHOR_STRIDE, BETA = 0.10, 8, 0.9, 0.4, 4, 0.6  # the official eval.sh
 RETENTION_QWEN, TAU_QWEN, IGNORE = 0.27, 0.84, 0.95  # its Qwen2.5-VL eval.sh (the rest as above)
@@ -300,19 +300,16 @@ class SiglipHead:
 def load_siglip_head(path: str) -> SiglipHead:
     """The post-layernorm and pooling head of the SigLIP checkpoint `path` (a folder or hub id), once."""
     from transformers import SiglipVisionModel
-    from transformers.utils import logging
 
-    try:  # a whole SiglipModel checkpoint holds a text tower too: not worth a loading report
-        logging.set_verbosity_error()
-        model = SiglipVisionModel.from_pretrained(path, dtype=torch.float32)
+    try:
+        with quiet_loading():  # a whole SiglipModel checkpoint holds a text tower too
+            model = SiglipVisionModel.from_pretrained(path, dtype=torch.float32)
         vision = getattr(model, "vision_model", model)  # transformers 4 wraps the transformer, 5 does not
     except (OSError, ValueError) as error:
         raise OSError(
             f"FastVID could not load its SigLIP pooling head head={path!r} ({error}). Its official LLaVA-OneVision "
             "code runs the head of the vision tower's original checkpoint (google/siglip-so400m-patch14-384 for "
             "LLaVA-OneVision): download it and pass head=<local folder>, or use side='decoder'") from error
-    finally:
-        logging.set_verbosity_warning()
     if getattr(vision, "head", None) is None:
         raise ValueError(f"FastVID's head={path!r} is a SigLIP checkpoint without a pooling head (vision_use_head is "
                          "False, as in the LLaVA-OneVision checkpoints): pass the tower's original checkpoint")

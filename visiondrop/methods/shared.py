@@ -4,6 +4,8 @@ whole token counts of the methods that keep exactly their budget, and the video 
 their DPC-kNN clustering scores (`density_peaks`: PruneVid, FastVID, HoliTom)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -189,3 +191,17 @@ def density_peaks(x: Tensor, k: int, member: Tensor | None = None) -> tuple[Tens
         return dist, delta.min(-1).values * density
     delta = torch.where(higher & pair, dist, farthest[..., None, None]).masked_fill(~pair, float("inf"))
     return dist, (delta.min(-1).values * density).masked_fill(~member, float("-inf"))
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' loading reports silenced (errors only) while a method loads a checkpoint of its own (a whole
+    checkpoint holds weights the method does not take: not worth a report); the caller's verbosity restored after."""
+    from transformers.utils import logging
+
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
